@@ -1,0 +1,220 @@
+"""Block-causal sampling with Block Cascading: the run loop.
+
+Guarantees:
+- At parallelism 1 the order of work is the reference's: each block runs its S denoising steps
+  (re-noised with fresh Gaussian noise between steps), then one clean pass at ``context_noise`` that
+  writes its clean K/V, then the next block starts.
+- At parallelism P, :class:`CascadeSchedule` decides which (block, stage) pairs share a tick; all
+  pairs of a tick run in ONE model forward (one segment per block).
+- Randomness: the initial noise comes from ``seed`` (or is given); the re-noising noise of block b
+  after step j is drawn from its own generator seeded from (seed, b, j), so every parallelism level
+  uses the same noise for the same block and step, and the same seed on the same device gives
+  identical latents.
+- A prompt schedule assigns each block the prompt of the last entry starting at or before it; every
+  prompt's text K/V is computed once per run, so a switch costs no model forward.
+- The KV pool is allocated once per run (see :mod:`kv_pool`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .kv_pool import KVPool, PoolLayout
+from .model import WanModel
+from .schedule import CascadeSchedule, FlowSchedule, Tick
+
+ATTENTION_MODES = ("causal", "bidirectional")
+LATENT_SCALE = 8  # VAE: pixels per latent in height and width
+LATENT_CHANNELS = 16
+
+
+class Interrupted(Exception):
+    """The caller asked the run to stop (raised between ticks)."""
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    steps: tuple[int, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+    warp: bool = True
+    frames_per_block: int = 3
+    context_noise: float = 0.0
+    parallel: int = 1
+    attention: str = "causal"  # in-flight visibility: causal or bidirectional
+    window: int | None = None  # latent frames attended (sink and own block included); None = all
+    sink: int = 0  # latent frames at the start that the window never drops
+
+    def validate(self) -> None:
+        """Raise ValueError with the allowed range for anything out of range."""
+        FlowSchedule(self.steps, self.shift, self.warp)
+        if self.frames_per_block < 1:
+            raise ValueError(f"frames per block must be >= 1, got {self.frames_per_block}")
+        if not 1 <= self.parallel <= len(self.steps) + 1:
+            raise ValueError(f"parallelism must lie in 1..{len(self.steps) + 1} (steps + 1), got {self.parallel}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"in-flight attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0 latent frames, got {self.sink}")
+        if self.window is not None and self.window < self.sink + self.frames_per_block:
+            raise ValueError(f"window must hold the sink and one block: at least "
+                             f"{self.sink + self.frames_per_block} latent frames, got {self.window}")
+        if self.context_noise < 0 or self.context_noise > 1000:
+            raise ValueError(f"context noise must lie in 0..1000, got {self.context_noise}")
+
+
+@dataclass
+class PromptSchedule:
+    """(start block, prompt embeddings [L, text_dim]) entries; the first must start at block 0."""
+
+    entries: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def single(cls, embeds: torch.Tensor) -> "PromptSchedule":
+        return cls([(0, embeds)])
+
+    def validate(self, blocks: int, text_dim: int | None = None) -> None:
+        if not self.entries:
+            raise ValueError("the prompt schedule is empty")
+        starts = [s for s, _ in self.entries]
+        if starts[0] != 0:
+            raise ValueError(f"the first prompt must start at block 0, got {starts[0]}")
+        if any(a >= b for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"prompt switches must be at increasing blocks, got {starts}")
+        if starts[-1] >= blocks:
+            raise ValueError(f"a prompt switch at block {starts[-1]} is beyond the video "
+                             f"(blocks 0..{blocks - 1})")
+        for s, e in self.entries:
+            if text_dim is not None and e.shape[-1] != text_dim:
+                raise ValueError(f"the prompt at block {s} has width {e.shape[-1]}; the model "
+                                 f"expects {text_dim} (umt5-xxl embeddings)")
+
+    def index_for(self, block: int) -> int:
+        return max(i for i, (s, _) in enumerate(self.entries) if s <= block)
+
+
+@dataclass(frozen=True)
+class TickEvent:
+    tick: int
+    ticks: int
+    pairs: tuple[tuple[int, int], ...]
+    done_blocks: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BlockEvent:
+    block: int
+    latents: torch.Tensor  # [1, 16, frames_per_block, h, w], normalised latents
+    tick: int
+    seconds: float
+
+
+@dataclass
+class Result:
+    latents: torch.Tensor  # [1, 16, T, h, w]
+    blocks: int
+    ticks: int
+    forwards: int
+    seconds: float
+    first_block_seconds: float
+
+
+def latent_size(width: int, height: int, patch: Sequence[int] = (1, 2, 2)) -> tuple[int, int]:
+    """Latent (h, w) of a video size; width and height must be multiples of 8*patch (16 for Wan)."""
+    mult = LATENT_SCALE * max(patch[1], patch[2])
+    for name, v in (("width", width), ("height", height)):
+        if v < mult or v % mult:
+            raise ValueError(f"{name} must be a positive multiple of {mult}, got {v}")
+    return height // LATENT_SCALE, width // LATENT_SCALE
+
+
+def derived_seed(seed: int, block: int, step: int) -> int:
+    """A distinct 63-bit seed per (run seed, block, step), independent of the order of work."""
+    x = (seed * 0x9E3779B97F4A7C15 + (block + 1) * 0xBF58476D1CE4E5B9 + (step + 1) * 0x94D049BB133111EB)
+    x ^= x >> 31
+    return x & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def initial_noise(seed: int, shape: Sequence[int], device: torch.device | str,
+                  dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+
+def step_noise(seed: int, block: int, step: int, like: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator(device=like.device).manual_seed(derived_seed(seed, block, step))
+    return torch.randn(like.shape, generator=g, device=like.device, dtype=torch.float32).to(like.dtype)
+
+
+def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int,
+             width: int, height: int, seed: int = 0, noise: torch.Tensor | None = None,
+             on_tick: Callable[[TickEvent], None] | None = None,
+             on_block: Callable[[BlockEvent], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> Result:
+    """Generate ``blocks`` blocks of latent video; see the module docstring for the guarantees."""
+    cfg.validate()
+    flow = FlowSchedule(cfg.steps, cfg.shift, cfg.warp)
+    plan = CascadeSchedule(blocks, len(flow), cfg.parallel)
+    prompts.validate(blocks, model.cfg.text_dim)
+    h, w = latent_size(width, height, model.cfg.patch_size)
+    fpb = cfg.frames_per_block
+    frames = blocks * fpb
+    shape = (1, LATENT_CHANNELS, frames, h, w)
+    device, dtype = model.device, model.dtype
+    if noise is None:
+        noise = initial_noise(seed, shape, device, dtype)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"the initial noise must be {list(shape)}, got {list(noise.shape)}")
+    noise = noise.to(device, dtype)
+
+    p = model.cfg.patch_size
+    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=(h // p[1]) * (w // p[2]),
+                        total_frames=frames, window=cfg.window, sink=cfg.sink, max_in_flight=cfg.parallel)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        pool = KVPool(layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device)
+        text = [model.encode_prompt(e) for _, e in prompts.entries]
+        prompt_of = [text[prompts.index_for(b)] for b in range(blocks)]
+        out = torch.empty(shape, device=device, dtype=dtype)
+        x_t: dict[int, torch.Tensor] = {}  # in-flight blocks: current noisy input (or x0 for the clean pass)
+        clean_t = torch.full((fpb,), float(cfg.context_noise), device=device)
+        step_t = flow.timesteps.to(device)
+        done, first_block = 0, None
+        ticks = plan.ticks()
+        for tick in ticks:
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped at tick {tick.index} of {len(ticks)}")
+            blocks_now = [b for b, _ in tick.pairs]
+            for b, stage in tick.pairs:
+                if stage == 0:
+                    x_t[b] = noise[:, :, b * fpb:(b + 1) * fpb]
+            pool.make_room(blocks_now[0], blocks_now[-1])
+            newest_end = (blocks_now[-1] + 1) * fpb
+            his = [newest_end if cfg.attention == "bidirectional" and s < plan.clean_stage else (b + 1) * fpb
+                   for b, s in tick.pairs]
+            t = torch.stack([clean_t if s == plan.clean_stage else step_t[s].expand(fpb)
+                             for _, s in tick.pairs])  # [n, fpb]
+            v = model(torch.cat([x_t[b] for b in blocks_now]), t, [b * fpb for b in blocks_now],
+                      [prompt_of[b] for b in blocks_now], pool.attention(blocks_now, his))
+            for i, (b, stage) in enumerate(tick.pairs):
+                if stage == plan.clean_stage:
+                    del x_t[b]
+                    continue
+                x0 = flow.x0(x_t[b], v[i:i + 1].to(dtype), stage)
+                if stage + 1 < len(flow):
+                    x_t[b] = flow.renoise(x0, stage + 1, step_noise(seed, b, stage, x0))
+                    continue
+                x_t[b] = x0  # the clean pass runs on it next
+                out[:, :, b * fpb:(b + 1) * fpb] = x0
+                done += 1
+                elapsed = time.perf_counter() - start
+                first_block = elapsed if first_block is None else first_block
+                if on_block is not None:
+                    on_block(BlockEvent(b, x0, tick.index, elapsed))
+            if on_tick is not None:
+                on_tick(TickEvent(tick.index, len(ticks), tick.pairs, done, time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    return Result(out, blocks, len(ticks), plan.forwards, seconds, first_block or seconds)

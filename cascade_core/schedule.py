@@ -1,0 +1,103 @@
+"""Noise levels of the flow-matching sampler and the tick plan of Block Cascading.
+
+Guarantees:
+- :class:`FlowSchedule` reproduces the reference's numbers: sigma(s) = shift*s / (1 + (shift-1)*s) on
+  1000 training steps (float32 table), the step list warped through that table (1000, 750, 500, 250
+  at shift 5 -> t = 1000, 937.5, 833.3, 625), x0 = x_t - sigma*v in float64, and re-noising
+  x = (1-sigma')*x0 + sigma'*eps in float32.
+- :class:`CascadeSchedule` is pure bookkeeping (no tensors): it lists the ticks of a video of n blocks,
+  each tick a set of (block, stage) pairs, stage 0..S-1 a denoising step and stage S the clean pass.
+  Block b enters at tick floor(b*(S+1)/P), so at most P blocks are in flight; P=1 is the reference's
+  sequential order and P=S+1 emits one block per tick.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+TRAIN_STEPS = 1000
+
+
+class FlowSchedule:
+    """Timesteps and sigmas of a denoising step list (see module docstring)."""
+
+    def __init__(self, steps: Sequence[int] = (1000, 750, 500, 250), shift: float = 5.0, warp: bool = True):
+        steps = [int(s) for s in steps]
+        if not steps:
+            raise ValueError("the step list is empty")
+        if any(not 1 <= s <= TRAIN_STEPS for s in steps):
+            raise ValueError(f"steps must lie in 1..{TRAIN_STEPS}, got {steps}")
+        if any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"steps must strictly decrease, got {steps}")
+        if shift <= 0:
+            raise ValueError(f"shift must be positive, got {shift}")
+        self.steps = tuple(steps)
+        s = torch.linspace(1.0, 0.0, TRAIN_STEPS + 1)[:-1]  # float32, as the reference builds it
+        table_sigma = shift * s / (1 + (shift - 1) * s)
+        table_t = table_sigma * TRAIN_STEPS
+        if warp:
+            idx = torch.tensor([TRAIN_STEPS - st for st in steps])
+            self.timesteps = table_t[idx]
+        else:
+            self.timesteps = torch.tensor(steps, dtype=torch.float32)
+        # sigma of a timestep: the nearest table entry, as the reference looks it up
+        nearest = (table_t.unsqueeze(0) - self.timesteps.unsqueeze(1)).abs().argmin(1)
+        self.sigmas = table_sigma[nearest]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def x0(self, x_t: torch.Tensor, velocity: torch.Tensor, step: int) -> torch.Tensor:
+        """Clean estimate x_t - sigma*v, computed in float64, returned in x_t's dtype."""
+        sigma = float(self.sigmas[step].double())
+        return (x_t.double() - sigma * velocity.double()).to(x_t.dtype)
+
+    def renoise(self, x0: torch.Tensor, step: int, eps: torch.Tensor) -> torch.Tensor:
+        """x0 taken to the noise level of ``step`` with fresh noise eps, in float32, x0's dtype out."""
+        sigma = self.sigmas[step]
+        return ((1 - sigma) * x0.float() + sigma * eps.float()).to(x0.dtype)
+
+
+@dataclass(frozen=True)
+class Tick:
+    index: int
+    pairs: tuple[tuple[int, int], ...]  # (block, stage), oldest block first
+
+
+class CascadeSchedule:
+    """Which (block, stage) pairs run together; see the module docstring."""
+
+    def __init__(self, blocks: int, steps: int, parallel: int = 1):
+        if blocks < 1:
+            raise ValueError(f"the video needs at least 1 block, got {blocks}")
+        if steps < 1:
+            raise ValueError(f"at least 1 denoising step is needed, got {steps}")
+        if not 1 <= parallel <= steps + 1:
+            raise ValueError(f"parallelism must lie in 1..{steps + 1} (steps + 1), got {parallel}")
+        self.blocks, self.steps, self.parallel = blocks, steps, parallel
+        self.stages = steps + 1
+
+    @property
+    def clean_stage(self) -> int:
+        return self.steps
+
+    def entry(self, block: int) -> int:
+        """The tick at which ``block`` runs its first denoising step."""
+        return block * self.stages // self.parallel
+
+    def __len__(self) -> int:
+        return self.entry(self.blocks - 1) + self.stages
+
+    def ticks(self) -> list[Tick]:
+        plan: list[list[tuple[int, int]]] = [[] for _ in range(len(self))]
+        for b in range(self.blocks):
+            for stage in range(self.stages):
+                plan[self.entry(b) + stage].append((b, stage))
+        return [Tick(i, tuple(pairs)) for i, pairs in enumerate(plan)]
+
+    @property
+    def forwards(self) -> int:
+        """Model forwards of one run: one per tick."""
+        return len(self)
