@@ -1,0 +1,172 @@
+"""``python -m cascade_core generate``: block-causal text-to-video latents from the command line.
+
+Without ``--checkpoint`` a small built-in model with random weights runs (labelled untrained in the
+summary), so the command works on any machine. Bad arguments print one line and exit with code 2.
+Progress goes to stderr, one JSON summary line to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from . import attention
+from .model import WanConfig, WanModel
+from .safe_io import CheckpointError, read_tensor_file, save_safetensors
+from .sampler import ATTENTION_MODES, CascadeConfig, PromptSchedule, Result, generate
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BUILTIN = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2)  # untrained demo model
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default prints the whole usage block
+        raise UsageError(message)
+
+
+def video_frames(latent_frames: int) -> int:
+    """Wan's VAE: the first latent frame gives 1 video frame, each later one 4."""
+    return 1 + 4 * (latent_frames - 1)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m cascade_core", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    g = sub.add_parser("generate", help="generate latent video")
+    g.add_argument("--checkpoint", help="Wan2.1 T2V DiT weights (.safetensors, or .pt read with weights_only)")
+    g.add_argument("--embeds", help=".safetensors holding one [L, 4096] prompt embedding (random if absent)")
+    g.add_argument("--width", type=int, default=832)
+    g.add_argument("--height", type=int, default=480)
+    g.add_argument("--blocks", type=int, default=7, help="latent blocks (7 x 3 latent frames = 81 video frames)")
+    g.add_argument("--frames-per-block", type=int, default=3)
+    g.add_argument("--steps", type=int_list, default=(1000, 750, 500, 250), help="denoising step list")
+    g.add_argument("--shift", type=float, default=5.0)
+    g.add_argument("--context-noise", type=float, default=0.0, help="timestep of the clean pass")
+    g.add_argument("--parallel", type=int, default=1, help="blocks in flight, 1..steps+1")
+    g.add_argument("--attention", choices=ATTENTION_MODES, default="causal", help="in-flight visibility")
+    g.add_argument("--window", type=int, help="latent frames attended, sink and own block included")
+    g.add_argument("--sink", type=int, default=0, help="first latent frames the window always keeps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=DTYPES, default="bf16")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when present)")
+    g.add_argument("--attention-backend", choices=attention.BACKENDS, default="auto")
+    g.add_argument("--noise", help=".safetensors with the initial noise [1, 16, T, H/8, W/8]")
+    g.add_argument("--latents-out", help="write the latents [1, 16, T, H/8, W/8] to this .safetensors")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def single_tensor(path: str, what: str) -> torch.Tensor:
+    tensors = read_tensor_file(path)
+    if not isinstance(tensors, dict) or len(tensors) != 1:
+        raise CheckpointError(path, f"expected exactly one tensor ({what})")
+    return next(iter(tensors.values()))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.index or 0
+        if index >= count:
+            raise UsageError(f"device {name} is not present ({count} CUDA device(s) visible)")
+    return device
+
+
+def load_model(args, device: torch.device, dtype: torch.dtype) -> tuple[WanModel, str]:
+    if args.checkpoint is None:
+        return WanModel.random(BUILTIN, seed=0).to(device, dtype), "built-in untrained model (random weights)"
+    sd = read_tensor_file(args.checkpoint)
+    try:
+        model = WanModel.from_state_dict(sd, dtype=dtype, device=device)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(args.checkpoint, f"not a usable Wan2.1 T2V DiT ({str(exc).splitlines()[0]})") from None
+    return model, args.checkpoint
+
+
+class BlockProgress:
+    """A one-line progress bar on stderr, advanced per finished block."""
+
+    def __init__(self, blocks: int, enabled: bool):
+        self.blocks, self.enabled, self.start = blocks, enabled, time.perf_counter()
+
+    def __call__(self, event) -> None:
+        if not self.enabled:
+            return
+        done = event.block + 1
+        bar = "#" * (20 * done // self.blocks)
+        sys.stderr.write(f"\rblock {done}/{self.blocks} [{bar:<20}] {time.perf_counter() - self.start:6.1f} s")
+        if done == self.blocks:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def summary(result: Result, args, model_label: str, device: torch.device) -> dict:
+    frames = video_frames(result.latents.shape[2])
+    return {
+        "model": model_label,
+        "device": str(device),
+        "blocks": result.blocks,
+        "ticks": result.ticks,
+        "forwards": result.forwards,
+        "parallel": args.parallel,
+        "latent_shape": list(result.latents.shape),
+        "video_frames": frames,
+        "seconds": round(result.seconds, 4),
+        "first_block_seconds": round(result.first_block_seconds, 4),
+        "frames_per_second": round(frames / result.seconds, 2),
+        "latents_out": args.latents_out,
+    }
+
+
+def run_generate(args) -> dict:
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    attention.set_backend(args.attention_backend)
+    cfg = CascadeConfig(steps=args.steps, shift=args.shift, frames_per_block=args.frames_per_block,
+                        context_noise=args.context_noise, parallel=args.parallel, attention=args.attention,
+                        window=args.window, sink=args.sink)
+    cfg.validate()
+    if args.blocks < 1:
+        raise UsageError(f"--blocks must be >= 1, got {args.blocks}")
+    model, label = load_model(args, device, dtype)
+    if args.embeds:
+        embeds = single_tensor(args.embeds, "a [L, 4096] prompt embedding")
+    else:
+        embeds = torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(args.seed))
+    noise = single_tensor(args.noise, "the initial noise") if args.noise else None
+    progress = BlockProgress(args.blocks, not args.quiet)
+    result = generate(model, PromptSchedule.single(embeds), cfg, blocks=args.blocks, width=args.width,
+                      height=args.height, seed=args.seed, noise=noise, on_block=progress)
+    if args.latents_out:
+        save_safetensors({"latents": result.latents}, args.latents_out)
+    return summary(result, args, label, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        print(json.dumps(run_generate(args)))
+        return 0
+    except (UsageError, ValueError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
