@@ -178,23 +178,31 @@ class WanModel(nn.Module):
         return model.eval().requires_grad_(False)
 
     @classmethod
-    def random(cls, cfg: WanConfig, seed: int = 0) -> "WanModel":
-        """A model with seeded random weights (for tests, benchmarks and the untrained demo).
+    def random(cls, cfg: WanConfig, seed: int = 0, *, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> "WanModel":
+        """A model with seeded random weights (tests, benchmarks, the untrained demo).
 
-        Linear weights ~ N(0, 1/fan_in), biases and norms as built, so activations stay O(1) through
-        any depth; the same seed gives the same weights on every machine.
+        Matrix weights ~ N(0, 1/fan_in), modulations ~ N(0, 1/dim), biases ~ N(0, 0.02^2), norms 1,
+        so activations stay O(1) at any depth. Drawn on ``device`` (the same seed gives the same
+        weights on every machine of that device type), then cast to ``dtype``.
         """
-        model = cls(cfg)
-        g = torch.Generator().manual_seed(seed)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        g = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith("weight") and p.dim() >= 2:
-                    p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+                if p.dim() >= 2 and name.endswith("weight"):
+                    scale = p[0].numel() ** -0.5
                 elif name.endswith("modulation"):
-                    p.copy_(torch.randn(p.shape, generator=g) / cfg.dim ** 0.5)
+                    scale = cfg.dim ** -0.5
                 elif name.endswith("bias"):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        return model.eval().requires_grad_(False)
+                    scale = 0.02
+                else:  # norm weights
+                    p.fill_(1.0)
+                    continue
+                p.copy_(torch.randn(p.shape, generator=g, device=device) * scale)
+        return model.to(dtype).eval().requires_grad_(False)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,95 @@
+"""``python -m cascade_core.bench``: DiT-only speed of the engine at every parallelism level.
+
+Random weights of the real shapes (speed does not depend on the values): 1.3B = 1536/12/30/8960,
+14B = 5120/40/40/13824; on a machine without CUDA a tiny configuration. For each level P it prints
+one JSON line: seconds for the whole video, video frames per second, latency to the first finished
+block, peak GPU memory, and the relative L2 deviation of the latents from P1 (same seed and noise:
+the cascade's approximation, reported rather than hidden).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from . import attention
+from .cli import video_frames
+from .model import WanConfig, WanModel
+from .sampler import ATTENTION_MODES, CascadeConfig, PromptSchedule, generate
+
+SIZES = {
+    "1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "tiny": WanConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2),
+}
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m cascade_core.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=SIZES, help="model shape (default: 1.3B on CUDA, tiny on CPU)")
+    ap.add_argument("--parallel", default="all", help="levels to run, e.g. 1,3,5 (default: 1..steps+1)")
+    ap.add_argument("--blocks", type=int, default=7)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--steps", default="1000,750,500,250")
+    ap.add_argument("--attention", choices=ATTENTION_MODES, default="causal")
+    ap.add_argument("--window", type=int)
+    ap.add_argument("--sink", type=int, default=0)
+    ap.add_argument("--backend", default="auto", help="attention backends to compare, e.g. auto,cudnn,flash")
+    ap.add_argument("--runs", type=int, default=2, help="timed runs per level (after one warm-up)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+
+    device = torch.device(a.device)
+    size = a.size or ("1.3B" if device.type == "cuda" else "tiny")
+    if device.type == "cpu" and size != "tiny":
+        ap.error("the real shapes need a GPU; use --size tiny on the CPU")
+    steps = tuple(int(s) for s in a.steps.split(","))
+    levels = range(1, len(steps) + 2) if a.parallel == "all" else [int(p) for p in a.parallel.split(",")]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = WanModel.random(SIZES[size], seed=0, device=device, dtype=dtype)
+    embeds = torch.randn(512, model.cfg.text_dim, generator=torch.Generator().manual_seed(1))
+    emit(figure="env", torch=torch.__version__, device=str(device),
+         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", size=size)
+
+    reference = None
+    for backend in a.backend.split(","):
+        attention.set_backend(backend)
+        for p in levels:
+            cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window, sink=a.sink)
+            run = dict(blocks=a.blocks, width=a.width, height=a.height, seed=0)
+            generate(model, PromptSchedule.single(embeds), cfg, **run)  # warm-up (kernels, allocator)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for r in range(a.runs):
+                sync(device)
+                t0 = time.perf_counter()
+                res = generate(model, PromptSchedule.single(embeds), cfg, **run)
+                sync(device)
+                seconds = time.perf_counter() - t0
+                lat = res.latents.float()
+                if reference is None:
+                    reference = lat
+                deviation = float((lat - reference).norm() / reference.norm())
+                frames = video_frames(lat.shape[2])
+                emit(figure="cascade_dit", size=size, backend=backend, parallel=p, attention=a.attention,
+                     run=r, ticks=res.ticks, seconds=round(seconds, 4), frames=frames,
+                     fps=round(frames / seconds, 2), first_block_s=round(res.first_block_seconds, 4),
+                     peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                     if device.type == "cuda" else None,
+                     rel_l2_vs_p1=round(deviation, 5))
+
+
+if __name__ == "__main__":
+    main()
