@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", default="auto", help="attention backends to compare, e.g. auto,cudnn,flash")
     ap.add_argument("--runs", type=int, default=2, help="timed runs per level (after one warm-up)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the layers' non-attention regions")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of one run of the first level")
     a = ap.parse_args(argv)
 
     device = torch.device(a.device)
@@ -56,9 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu" and size != "tiny":
         ap.error("the real shapes need a GPU; use --size tiny on the CPU")
     steps = tuple(int(s) for s in a.steps.split(","))
-    levels = range(1, len(steps) + 2) if a.parallel == "all" else [int(p) for p in a.parallel.split(",")]
+    levels = list(range(1, len(steps) + 2)) if a.parallel == "all" else [int(p) for p in a.parallel.split(",")]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = WanModel.random(SIZES[size], seed=0, device=device, dtype=dtype)
+    model = WanModel.random(SIZES[size], seed=0, device=device, dtype=dtype).compile_layers(a.compile)
     embeds = torch.randn(512, model.cfg.text_dim, generator=torch.Generator().manual_seed(1))
     emit(figure="env", torch=torch.__version__, device=str(device),
          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", size=size)
@@ -69,7 +71,11 @@ def main(argv: list[str] | None = None) -> None:
         for p in levels:
             cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window, sink=a.sink)
             run = dict(blocks=a.blocks, width=a.width, height=a.height, seed=0)
-            generate(model, PromptSchedule.single(embeds), cfg, **run)  # warm-up (kernels, allocator)
+            t0 = time.perf_counter()
+            generate(model, PromptSchedule.single(embeds), cfg, **run)  # warm-up (kernels, compilation)
+            sync(device)
+            emit(figure="warmup", size=size, backend=backend, parallel=p, compile=a.compile,
+                 seconds=round(time.perf_counter() - t0, 2))
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             for r in range(a.runs):
@@ -84,11 +90,23 @@ def main(argv: list[str] | None = None) -> None:
                 deviation = float((lat - reference).norm() / reference.norm())
                 frames = video_frames(lat.shape[2])
                 emit(figure="cascade_dit", size=size, backend=backend, parallel=p, attention=a.attention,
+                     compile=a.compile,
                      run=r, ticks=res.ticks, seconds=round(seconds, 4), frames=frames,
                      fps=round(frames / seconds, 2), first_block_s=round(res.first_block_seconds, 4),
                      peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                      if device.type == "cuda" else None,
                      rel_l2_vs_p1=round(deviation, 5))
+
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        attention.set_backend(a.backend.split(",")[0])
+        cfg = CascadeConfig(steps=steps, parallel=levels[0], attention=a.attention, window=a.window, sink=a.sink)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            generate(model, PromptSchedule.single(embeds), cfg, blocks=a.blocks, width=a.width,
+                     height=a.height, seed=0)
+            sync(device)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
 
 
 if __name__ == "__main__":

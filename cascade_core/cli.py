@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="bf16")
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when present)")
     g.add_argument("--attention-backend", choices=attention.BACKENDS, default="auto")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the layers (auto: on CUDA); the first run pays the compilation")
     g.add_argument("--noise", help=".safetensors with the initial noise [1, 16, T, H/8, W/8]")
     g.add_argument("--latents-out", help="write the latents [1, 16, T, H/8, W/8] to this .safetensors")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -149,6 +151,7 @@ def run_generate(args) -> dict:
     if args.blocks < 1:
         raise UsageError(f"--blocks must be >= 1, got {args.blocks}")
     model, label = load_model(args, device, dtype)
+    model.compile_layers(args.compile == "on" or (args.compile == "auto" and device.type == "cuda"))
     if args.embeds:
         embeds = single_tensor(args.embeds, "a [L, 4096] prompt embedding")
     else:

@@ -98,13 +98,6 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def layer_norm(x: torch.Tensor, eps: float, norm: nn.Module | None = None) -> torch.Tensor:
-    """LayerNorm over the last dim (affine only when ``norm`` holds weights), result in x's dtype."""
-    if norm is None:
-        return F.layer_norm(x, x.shape[-1:], eps=eps)
-    return norm(x)
-
-
 class Attention(nn.Module):
     """q/k/v/o projections with RMS q/k norms; the self- and cross-attention of a Wan block."""
 
@@ -139,6 +132,50 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+        self.eps = cfg.eps
+
+    def modulations(self, e6: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Six adaLN tensors [n, gf, 1, dim] (shift, scale, gate of attention; then of the FFN)."""
+        return (self.modulation.unsqueeze(1) + e6).unsqueeze(3).unbind(2)
+
+    def self_attention_inputs(self, h: torch.Tensor, e6: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [n, L, dim] -> q, k, v [n, L, heads, hd] (modulated LayerNorm, RMS q/k norms, RoPE)."""
+        shift, scale = self.modulations(e6)[:2]
+        a = self.self_attn
+        y = (per_frame(F.layer_norm(h, h.shape[-1:], eps=self.eps), e6) * (1 + scale) + shift).flatten(1, 2)
+        q = apply_rope(a.split_heads(a.norm_q(a.q(y))), cos, sin)
+        k = apply_rope(a.split_heads(a.norm_k(a.k(y))), cos, sin)
+        return q, k, a.split_heads(a.v(y))
+
+    def after_self_attention(self, h: torch.Tensor, attn: torch.Tensor, e6: torch.Tensor,
+                             text: list[tuple[list[int], tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+        """Gated residual of the attention output [n, L, heads, hd], then cross-attention and FFN."""
+        _, _, gate1, shift2, scale2, gate2 = self.modulations(e6)
+        h = h + (per_frame(self.self_attn.o(attn.flatten(2)), e6) * gate1).flatten(1, 2)
+        c = self.cross_attn
+        q = c.split_heads(c.norm_q(c.q(self.norm3(h) if self.norm3 is not None else h)))
+        if len(text) == 1:
+            y = _cross_attend(q, text[0][1])
+        else:
+            y = torch.empty_like(q)
+            for members, kv in text:
+                y[members] = _cross_attend(q[members], kv)
+        h = h + c.o(y.flatten(2))
+        y = (per_frame(F.layer_norm(h, h.shape[-1:], eps=self.eps), e6) * (1 + scale2) + shift2).flatten(1, 2)
+        return h + (per_frame(self.ffn(y), e6) * gate2).flatten(1, 2)
+
+
+def per_frame(y: torch.Tensor, e6: torch.Tensor) -> torch.Tensor:
+    """[n, L, dim] -> [n, gf, L/gf, dim], to broadcast per-frame modulation e6 [n, gf, 6, dim]."""
+    return y.unflatten(1, (e6.shape[1], -1))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x [n, L, heads, hd] by per-token angles; float32 math, x's dtype out."""
+    xp = x.float().unflatten(-1, (-1, 2))  # [n, L, heads, hd/2, 2]
+    re, im = xp[..., 0], xp[..., 1]
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), -1).flatten(-2).type_as(x)
 
 
 class WanModel(nn.Module):
@@ -158,6 +195,17 @@ class WanModel(nn.Module):
         self.head.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.head.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._regions = (Block.self_attention_inputs, Block.after_self_attention)
+
+    def compile_layers(self, enabled: bool = True) -> "WanModel":
+        """Compile the two regions of a layer around self-attention (torch.compile, static shapes).
+
+        Every layer shares one compiled version of each region (one per segment count), so the cost
+        is a few compilations, not one per layer. Self-attention itself stays eager (the KV pool).
+        """
+        regions = (Block.self_attention_inputs, Block.after_self_attention)
+        self._regions = tuple(torch.compile(r, dynamic=False) for r in regions) if enabled else regions
+        return self
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -253,14 +301,6 @@ class WanModel(nn.Module):
             self._rope_cache[key] = (ang.cos().float().to(self.device), ang.sin().float().to(self.device))
         return self._rope_cache[key]
 
-    @staticmethod
-    def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate adjacent pairs of x [n, L, heads, hd] by per-token angles; float32 math, x's dtype out."""
-        xp = x.float().unflatten(-1, (-1, 2))  # [n, L, heads, hd/2, 2]
-        re, im = xp[..., 0], xp[..., 1]
-        out = torch.stack((re * cos - im * sin, re * sin + im * cos), -1)
-        return out.flatten(-2).type_as(x)
-
     # ---- forward ---------------------------------------------------------------------------------
     def time_embed(self, t: torch.Tensor) -> torch.Tensor:
         """Sinusoidal embedding (float64, cos then sin) of timesteps t [...] -> [..., dim] via the MLP."""
@@ -284,7 +324,6 @@ class WanModel(nn.Module):
         n, _, frames, height, width = x.shape
         pt, ph, pw = cfg.patch_size
         gf, gh, gw = frames // pt, height // ph, width // pw
-        tokens_per_frame = gh * gw
 
         h = self.patch_embedding(x.to(self.dtype))  # [n, dim, gf, gh, gw]
         h = h.flatten(2).transpose(1, 2)  # [n, L, dim], L = gf*gh*gw, frame-major
@@ -294,38 +333,13 @@ class WanModel(nn.Module):
         cos, sin = zip(*(self.rope(s, gf, gh, gw) for s in frame_starts))
         cos, sin = torch.stack(cos), torch.stack(sin)  # [n, L, 1, hd/2]
         groups = _group_by_identity(prompts)
-
-        def per_frame(y: torch.Tensor) -> torch.Tensor:
-            return y.unflatten(1, (gf, tokens_per_frame))  # [n, L, dim] -> [n, gf, tpf, dim]
-
+        inputs, after = self._regions
         for i, blk in enumerate(self.blocks):
-            mod = (blk.modulation.unsqueeze(1) + e6).unsqueeze(3).unbind(2)  # 6 x [n, gf, 1, dim]
-            shift1, scale1, gate1, shift2, scale2, gate2 = mod
-            a = blk.self_attn
-            y = per_frame(layer_norm(h, self.cfg.eps)) * (1 + scale1) + shift1
-            y = y.flatten(1, 2)
-            q = self.apply_rope(a.split_heads(a.norm_q(a.q(y))), cos, sin)
-            k = self.apply_rope(a.split_heads(a.norm_k(a.k(y))), cos, sin)
-            v = a.split_heads(a.v(y))
-            y = a.o(attention(i, q, k, v).flatten(2))
-            h = h + (per_frame(y) * gate1).flatten(1, 2)
-
-            c = blk.cross_attn
-            q = c.split_heads(c.norm_q(c.q(layer_norm(h, cfg.eps, blk.norm3))))  # [n, L, heads, hd]
-            if len(groups) == 1:
-                y = _cross_attend(q, groups[0][1][i])
-            else:
-                y = torch.empty_like(q)
-                for members, text in groups:
-                    y[members] = _cross_attend(q[members], text[i])
-            h = h + c.o(y.flatten(2))
-
-            y = per_frame(layer_norm(h, cfg.eps)) * (1 + scale2) + shift2
-            y = blk.ffn(y.flatten(1, 2))
-            h = h + (per_frame(y) * gate2).flatten(1, 2)
+            q, k, v = inputs(blk, h, e6, cos, sin)
+            h = after(blk, h, attention(i, q, k, v), e6, [(m, text[i]) for m, text in groups])
 
         shift, scale = (self.head.modulation.unsqueeze(1) + e.unsqueeze(2)).unsqueeze(3).unbind(2)
-        y = self.head.head(per_frame(layer_norm(h, cfg.eps)) * (1 + scale) + shift)  # [n, gf, tpf, p*c]
+        y = self.head.head(per_frame(F.layer_norm(h, h.shape[-1:], eps=cfg.eps), e6) * (1 + scale) + shift)  # [n, gf, tpf, p*c]
         # unpatchify: [n, gf, gh*gw, pt*ph*pw*c] -> [n, c, gf*pt, gh*ph, gw*pw]
         y = y.view(n, gf, gh, gw, pt, ph, pw, cfg.out_dim)
         y = y.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(n, cfg.out_dim, gf * pt, gh * ph, gw * pw)
