@@ -3,10 +3,15 @@
 Guarantees: every backend computes softmax(q k^T / sqrt(d)) v for q [B, H, Lq, d] and k, v
 [B, H, Lk, d] (any strides with a contiguous last dim); the choice changes speed, not the function.
 ``set_backend`` picks one by name; "auto" lets torch dispatch.
+
+:func:`attend_lse` also returns the log-sum-exp of the scores [B, H, Lq] (float32, natural log), so
+attention over disjoint key sets can be computed piecewise and combined exactly by
+:func:`merge_attention` (the FlashBlock split into block-external and in-block keys).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -42,3 +47,52 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         [SDPA_BACKENDS[_backend]])
     with ctx:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _lse_cuda(q, k, v):
+    """(out, lse) from a fused CUDA kernel: cuDNN first (fastest on Hopper), then flash."""
+    order = ("cudnn", "flash") if _backend in ("auto", "cudnn") else (_backend,)
+    for name in order:
+        try:
+            if name == "cudnn":
+                r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
+            elif name == "flash":
+                r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+            elif name == "efficient":
+                r = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False)
+            else:
+                break
+            return r[0], r[1].reshape(q.shape[:3]).float()
+        except RuntimeError:
+            continue
+    return _lse_math(q, k, v)
+
+
+def _lse_math(q, k, v):
+    """Reference path in float32: exact, any device, slow."""
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    lse = torch.logsumexp(s, -1)
+    return (torch.exp(s - lse.unsqueeze(-1)) @ v.float()).to(q.dtype), lse
+
+
+def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output [B, H, Lq, d] and the log-sum-exp of the scaled scores [B, H, Lq] (float32)."""
+    if q.device.type == "cuda" and _backend != "math":
+        return _lse_cuda(q, k, v)
+    if q.device.type == "cpu" and _backend in ("auto", "flash"):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+        return out, lse.float()
+    return _lse_math(q, k, v)
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention over disjoint key sets: softmax weights renormalised by their log-sum-exps.
+
+    parts: (out [B, H, L, d], lse [B, H, L]) each. Returns the attention over the union of the key
+    sets and its log-sum-exp (float32 arithmetic, out in the parts' dtype).
+    """
+    if len(parts) == 1:
+        return parts[0]
+    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), 0)  # [B, H, L]
+    out = sum(p[0].float() * torch.exp(p[1] - lse).unsqueeze(-1) for p in parts)
+    return out.to(parts[0][0].dtype), lse

@@ -17,7 +17,7 @@ import torch
 from . import attention
 from .cli import video_frames
 from .model import WanConfig, WanModel
-from .sampler import ATTENTION_MODES, CascadeConfig, PromptSchedule, generate
+from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule, generate
 
 SIZES = {
     "1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
@@ -35,6 +35,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_runs(model, embeds, cfg, a, device, tag):
+    """One warm-up run (kernels, compilation; its time is printed), then ``a.runs`` timed runs."""
+    run = dict(blocks=a.blocks, width=a.width, height=a.height, seed=0)
+    t0 = time.perf_counter()
+    generate(model, PromptSchedule.single(embeds), cfg, **run)
+    sync(device)
+    emit(figure="warmup", **tag, seconds=round(time.perf_counter() - t0, 2))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(a.runs):
+        sync(device)
+        t0 = time.perf_counter()
+        res = generate(model, PromptSchedule.single(embeds), cfg, **run)
+        sync(device)
+        yield res, time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cascade_core.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=SIZES, help="model shape (default: 1.3B on CUDA, tiny on CPU)")
@@ -47,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=int)
     ap.add_argument("--sink", type=int, default=0)
     ap.add_argument("--backend", default="auto", help="attention backends to compare, e.g. auto,cudnn,flash")
+    ap.add_argument("--flashblock", default="off", help=f"modes to compare, of {FLASHBLOCK_MODES}")
     ap.add_argument("--runs", type=int, default=2, help="timed runs per level (after one warm-up)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile the layers' non-attention regions")
@@ -65,37 +83,24 @@ def main(argv: list[str] | None = None) -> None:
     emit(figure="env", torch=torch.__version__, device=str(device),
          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", size=size)
 
-    reference = None
+    reference = None  # P1 latents of the first configuration: every row's deviation is against it
     for backend in a.backend.split(","):
-        attention.set_backend(backend)
-        for p in levels:
-            cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window, sink=a.sink)
-            run = dict(blocks=a.blocks, width=a.width, height=a.height, seed=0)
-            t0 = time.perf_counter()
-            generate(model, PromptSchedule.single(embeds), cfg, **run)  # warm-up (kernels, compilation)
-            sync(device)
-            emit(figure="warmup", size=size, backend=backend, parallel=p, compile=a.compile,
-                 seconds=round(time.perf_counter() - t0, 2))
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            for r in range(a.runs):
-                sync(device)
-                t0 = time.perf_counter()
-                res = generate(model, PromptSchedule.single(embeds), cfg, **run)
-                sync(device)
-                seconds = time.perf_counter() - t0
-                lat = res.latents.float()
-                if reference is None:
-                    reference = lat
-                deviation = float((lat - reference).norm() / reference.norm())
-                frames = video_frames(lat.shape[2])
-                emit(figure="cascade_dit", size=size, backend=backend, parallel=p, attention=a.attention,
-                     compile=a.compile,
-                     run=r, ticks=res.ticks, seconds=round(seconds, 4), frames=frames,
-                     fps=round(frames / seconds, 2), first_block_s=round(res.first_block_seconds, 4),
-                     peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                     if device.type == "cuda" else None,
-                     rel_l2_vs_p1=round(deviation, 5))
+        for flashblock in a.flashblock.split(","):
+            for p in levels:
+                attention.set_backend(backend)
+                cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window,
+                                    sink=a.sink, flashblock=flashblock)
+                tag = dict(size=size, backend=backend, flashblock=flashblock, parallel=p, compile=a.compile)
+                for r, (res, seconds) in enumerate(timed_runs(model, embeds, cfg, a, device, tag)):
+                    lat = res.latents.float()
+                    reference = lat if reference is None else reference
+                    frames = video_frames(lat.shape[2])
+                    emit(figure="cascade_dit", **tag, attention=a.attention, run=r, ticks=res.ticks,
+                         seconds=round(seconds, 4), frames=frames, fps=round(frames / seconds, 2),
+                         first_block_s=round(res.first_block_seconds, 4),
+                         peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                         if device.type == "cuda" else None,
+                         rel_l2_vs_p1=round(float((lat - reference).norm() / reference.norm()), 5))
 
     if a.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -16,7 +16,7 @@ import torch
 from . import attention
 from .model import WanConfig, WanModel
 from .safe_io import CheckpointError, read_tensor_file, save_safetensors
-from .sampler import ATTENTION_MODES, CascadeConfig, PromptSchedule, Result, generate
+from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule, Result, generate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BUILTIN = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2)  # untrained demo model
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention", choices=ATTENTION_MODES, default="causal", help="in-flight visibility")
     g.add_argument("--window", type=int, help="latent frames attended, sink and own block included")
     g.add_argument("--sink", type=int, default=0, help="first latent frames the window always keeps")
+    g.add_argument("--flashblock", choices=FLASHBLOCK_MODES, default="off",
+                   help="reuse block-external attention across a block's steps (reuse), or split exactly (exact)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=DTYPES, default="bf16")
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when present)")
@@ -146,7 +148,7 @@ def run_generate(args) -> dict:
     attention.set_backend(args.attention_backend)
     cfg = CascadeConfig(steps=args.steps, shift=args.shift, frames_per_block=args.frames_per_block,
                         context_noise=args.context_noise, parallel=args.parallel, attention=args.attention,
-                        window=args.window, sink=args.sink)
+                        window=args.window, sink=args.sink, flashblock=args.flashblock)
     cfg.validate()
     if args.blocks < 1:
         raise UsageError(f"--blocks must be >= 1, got {args.blocks}")

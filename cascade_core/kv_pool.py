@@ -14,6 +14,8 @@ What a block's queries see (frames, absolute indices; W = window, S = sink, end 
 
 Guarantees: no allocation after construction; when the run of recent frames would overflow, frames no
 in-flight block can see any more are dropped by moving the others down (whole frames, in place).
+With ``keep_external`` the pool also holds, per in-flight block and layer, the attention output and
+log-sum-exp of its queries over the keys outside the block (FlashBlock reuse).
 """
 from __future__ import annotations
 
@@ -21,7 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import attend
+from .attention import attend, attend_lse, merge_attention
+
+# How a segment's self-attention is computed (FlashBlock: arXiv 2602.05305):
+FULL = "full"  # all visible keys at once
+SPLIT = "split"  # block-external keys and in-block keys apart, merged by log-sum-exp (exact)
+STORE = "store"  # like SPLIT, and keep the block-external part for later steps of this block
+REUSE = "reuse"  # fresh in-block attention merged with the block-external part kept earlier
+MODES = (FULL, SPLIT, STORE, REUSE)
 
 
 @dataclass(frozen=True)
@@ -63,11 +72,17 @@ class KVPool:
     """Preallocated per-layer K/V [layers, slots*tokens_per_frame, heads, head_dim] (see module doc)."""
 
     def __init__(self, layout: PoolLayout, layers: int, heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, keep_external: bool = False):
         self.layout = layout
         tokens = layout.capacity_frames * layout.tokens_per_frame
         self.k = torch.zeros(layers, tokens, heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        if keep_external:  # [in-flight slot, layer, 1, heads, block tokens, (head_dim)]
+            block_tokens = layout.frames_per_block * layout.tokens_per_frame
+            shape = (layout.max_in_flight, layers, 1, heads, block_tokens)
+            self.ext_out = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+            self.ext_lse = torch.zeros(*shape, dtype=torch.float32, device=device)
+            self.ext_present = [False] * layout.max_in_flight
         self.base = layout.sink  # frame held in the first slot after the sink
         self.stored_end = 0  # frames [.., stored_end) have been written at least once
 
@@ -116,18 +131,29 @@ class KVPool:
         self.base = keep_from
 
     # ---- attention --------------------------------------------------------------------------------
-    def attention(self, blocks: list[int], hi_frames: list[int]) -> "PoolAttention":
+    def attention(self, blocks: list[int], hi_frames: list[int], modes: list[str] | None = None) -> "PoolAttention":
         """Self-attention context for a forward of segments ``blocks`` (one block each).
 
         hi_frames[i]: end of the run of frames segment i sees (its own end for causal attention and
         clean passes; the newest in-flight block's end for bidirectional attention).
+        modes[i]: how segment i attends (FULL, SPLIT, STORE, REUSE; default FULL).
         """
         fpb = self.layout.frames_per_block
         writes = [self.token_range(b * fpb, (b + 1) * fpb) for b in blocks]
         self.stored_end = max(self.stored_end, max((b + 1) * fpb for b in blocks))
         reads = [[self.token_range(lo, hi) for lo, hi in self.layout.visible_frames(b, hi)]
                  for b, hi in zip(blocks, hi_frames)]
-        return PoolAttention(self, writes, reads)
+        modes = modes or [FULL] * len(blocks)
+        slots = [b % self.layout.max_in_flight for b in blocks]
+        return PoolAttention(self, writes, reads, modes, slots)
+
+
+def _without(spans: list[tuple[int, int]], own: tuple[int, int]) -> list[tuple[int, int]]:
+    """Token spans minus the span ``own`` (the block-external keys)."""
+    out = []
+    for a, b in spans:
+        out += [(lo, hi) for lo, hi in ((a, min(b, own[0])), (max(a, own[1]), b)) if hi > lo]
+    return out
 
 
 class PoolAttention:
@@ -137,23 +163,40 @@ class PoolAttention:
     that the other segments of the same forward computed (the in-flight blocks' current state).
     """
 
-    def __init__(self, pool: KVPool, writes: list[tuple[int, int]], reads: list[list[tuple[int, int]]]):
-        self.pool, self.writes, self.reads = pool, writes, reads
+    def __init__(self, pool: KVPool, writes, reads, modes, slots):
+        self.pool, self.writes, self.reads, self.modes, self.slots = pool, writes, reads, modes, slots
 
+    @torch.compiler.disable
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        pk, pv = self.pool.k[layer], self.pool.v[layer]  # [tokens, heads, hd]
+        pool = self.pool
+        pk, pv = pool.k[layer], pool.v[layer]  # [tokens, heads, hd]
         for i, (a, b) in enumerate(self.writes):
             pk[a:b] = k[i]
             pv[a:b] = v[i]
+
+        def keys(a: int, b: int):  # pool span -> [1, heads, b-a, hd] views
+            return pk[a:b].unsqueeze(0).transpose(1, 2), pv[a:b].unsqueeze(0).transpose(1, 2)
+
         out = torch.empty_like(q)
         for i, spans in enumerate(self.reads):
-            if len(spans) == 1:
-                (a, b), = spans
-                ks, vs = pk[a:b], pv[a:b]
-            else:  # sink + recent window: two spans of the pool
-                ks = torch.cat([pk[a:b] for a, b in spans])
-                vs = torch.cat([pv[a:b] for a, b in spans])
-            o = attend(q[i].unsqueeze(0).transpose(1, 2), ks.unsqueeze(0).transpose(1, 2),
-                       vs.unsqueeze(0).transpose(1, 2))  # [1, heads, L, hd]
+            qi = q[i].unsqueeze(0).transpose(1, 2)  # [1, heads, L, hd]
+            mode, slot = self.modes[i], self.slots[i]
+            if mode == FULL and len(spans) == 1:
+                o = attend(qi, *keys(*spans[0]))
+            elif mode == FULL:  # sink + recent window: two spans, merged exactly
+                o = merge_attention([attend_lse(qi, *keys(a, b)) for a, b in spans])[0]
+            else:
+                own = self.writes[i]
+                if mode == REUSE:
+                    ext = [(pool.ext_out[slot, layer], pool.ext_lse[slot, layer])] if pool.ext_present[slot] else []
+                else:
+                    ext_spans = _without(spans, own)
+                    ext = [merge_attention([attend_lse(qi, *keys(a, b)) for a, b in ext_spans])] if ext_spans else []
+                    if mode == STORE:
+                        pool.ext_present[slot] = bool(ext)
+                        if ext:
+                            pool.ext_out[slot, layer].copy_(ext[0][0])
+                            pool.ext_lse[slot, layer].copy_(ext[0][1])
+                o = merge_attention(ext + [attend_lse(qi, *keys(*own))])[0]
             out[i] = o[0].transpose(0, 1)
         return out

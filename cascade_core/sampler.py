@@ -22,11 +22,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from .kv_pool import KVPool, PoolLayout
+from .kv_pool import FULL, REUSE, SPLIT, STORE, KVPool, PoolLayout
 from .model import WanModel
 from .schedule import CascadeSchedule, FlowSchedule, Tick
 
 ATTENTION_MODES = ("causal", "bidirectional")
+FLASHBLOCK_MODES = ("off", "exact", "reuse")
 LATENT_SCALE = 8  # VAE: pixels per latent in height and width
 LATENT_CHANNELS = 16
 
@@ -46,6 +47,10 @@ class CascadeConfig:
     attention: str = "causal"  # in-flight visibility: causal or bidirectional
     window: int | None = None  # latent frames attended (sink and own block included); None = all
     sink: int = 0  # latent frames at the start that the window never drops
+    # FlashBlock: "reuse" computes a block's attention to keys outside it at its first step and reuses
+    # it (merged by log-sum-exp with fresh in-block attention) at its later steps; clean passes stay
+    # exact. "exact" splits and merges at every step (equal to "off"; for tests).
+    flashblock: str = "off"
 
     def validate(self) -> None:
         """Raise ValueError with the allowed range for anything out of range."""
@@ -61,6 +66,8 @@ class CascadeConfig:
         if self.window is not None and self.window < self.sink + self.frames_per_block:
             raise ValueError(f"window must hold the sink and one block: at least "
                              f"{self.sink + self.frames_per_block} latent frames, got {self.window}")
+        if self.flashblock not in FLASHBLOCK_MODES:
+            raise ValueError(f"flashblock must be one of {FLASHBLOCK_MODES}, got {self.flashblock!r}")
         if self.context_noise < 0 or self.context_noise > 1000:
             raise ValueError(f"context noise must lie in 0..1000, got {self.context_noise}")
 
@@ -149,6 +156,15 @@ def step_noise(seed: int, block: int, step: int, like: torch.Tensor) -> torch.Te
     return torch.randn(like.shape, generator=g, device=like.device, dtype=torch.float32).to(like.dtype)
 
 
+def attention_mode(flashblock: str, stage: int, clean_stage: int) -> str:
+    """The KV pool's attention mode for one (block, stage) pair under a FlashBlock setting."""
+    if flashblock == "off" or stage == clean_stage:
+        return FULL
+    if flashblock == "exact":
+        return SPLIT
+    return STORE if stage == 0 else REUSE
+
+
 def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int,
              width: int, height: int, seed: int = 0, noise: torch.Tensor | None = None,
              on_tick: Callable[[TickEvent], None] | None = None,
@@ -175,7 +191,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                         total_frames=frames, window=cfg.window, sink=cfg.sink, max_in_flight=cfg.parallel)
     start = time.perf_counter()
     with torch.inference_mode():
-        pool = KVPool(layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device)
+        pool = KVPool(layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
+                      keep_external=cfg.flashblock == "reuse")
         text = [model.encode_prompt(e) for _, e in prompts.entries]
         prompt_of = [text[prompts.index_for(b)] for b in range(blocks)]
         out = torch.empty(shape, device=device, dtype=dtype)
@@ -197,8 +214,9 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                    for b, s in tick.pairs]
             t = torch.stack([clean_t if s == plan.clean_stage else step_t[s].expand(fpb)
                              for _, s in tick.pairs])  # [n, fpb]
+            modes = [attention_mode(cfg.flashblock, s, plan.clean_stage) for _, s in tick.pairs]
             v = model(torch.cat([x_t[b] for b in blocks_now]), t, [b * fpb for b in blocks_now],
-                      [prompt_of[b] for b in blocks_now], pool.attention(blocks_now, his))
+                      [prompt_of[b] for b in blocks_now], pool.attention(blocks_now, his, modes))
             for i, (b, stage) in enumerate(tick.pairs):
                 if stage == plan.clean_stage:
                     del x_t[b]
