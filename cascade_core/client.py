@@ -1,0 +1,303 @@
+"""``python -m cascade_core.client``: queue an API-format workflow on a ComfyUI server and watch it.
+
+    python -m cascade_core.client workflows/api/<file>.json --server 127.0.0.1:8188 \\
+        [--set NODE.INPUT=VALUE ...] [--out DIR] [--timeout S]
+
+NODE is a node id of the API json or a node's ``_meta.title``; VALUE is parsed as JSON when it
+parses, else taken as a string. Streamed frames (``block_cascade.frames`` events) are saved as
+``DIR/stream/<node>_<frame>.jpg``, the prompt's output files (from ``/history``) into DIR (default
+``out/<prompt id>``). A progress bar goes to stderr, one JSON summary line to stdout.
+Exit codes: 0 success, 1 failed (execution error, interrupted, server unreachable), 2 rejected
+(or bad arguments), 3 timeout. Standard library plus ``websocket-client``; never imports ComfyUI.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_TIMEOUT = 0, 1, 2, 3
+
+
+class ClientError(Exception):
+    """Ends the run: ``str()`` is the message for the user, ``code`` the exit code, ``status`` for the summary."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED, status: str = "failed"):
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+def parse_value(text: str):
+    """JSON when it parses (numbers, true/false/null, lists, quoted strings), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def find_node(prompt: dict, ref: str) -> str:
+    """Node id for ``ref``: an id of the prompt, else the one node whose ``_meta.title`` is ``ref``."""
+    if ref in prompt:
+        return ref
+    hits = [nid for nid, node in prompt.items() if isinstance(node, dict) and (node.get("_meta") or {}).get("title") == ref]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise ClientError(f"--set: title {ref!r} names several nodes ({', '.join(hits)}); use a node id", EXIT_REJECTED, "usage")
+    raise ClientError(f"--set: no node with id or title {ref!r}", EXIT_REJECTED, "usage")
+
+
+def apply_override(prompt: dict, spec: str) -> tuple[str, str, object]:
+    """Apply one ``NODE.INPUT=VALUE`` to ``prompt`` in place; returns (node id, input, value)."""
+    key, eq, raw = spec.partition("=")
+    ref, dot, name = key.rpartition(".")  # titles may hold dots, input names do not
+    if not eq or not dot or not ref or not name:
+        raise ClientError(f"--set: expected NODE.INPUT=VALUE, got {spec!r}", EXIT_REJECTED, "usage")
+    nid = find_node(prompt, ref)
+    value = parse_value(raw)
+    prompt[nid].setdefault("inputs", {})[name] = value
+    return nid, name, value
+
+
+# ---------------------------------------------------------------------------------------------- server I/O
+
+class Server:
+    def __init__(self, address: str, timeout: float = 30.0):
+        address = address.rstrip("/")
+        if "://" not in address:
+            address = "http://" + address
+        self.http = address
+        self.ws = re.sub(r"^http", "ws", address)
+        self.timeout = timeout
+
+    def request(self, path: str, body=None) -> bytes:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.http + path, data=data,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            return r.read()
+
+    def json(self, path: str, body=None):
+        return json.loads(self.request(path, body))
+
+
+def rejection_message(payload: dict) -> str:
+    """ComfyUI's own words for a rejected prompt: the error and each node's errors."""
+    err = payload.get("error")
+    lines = []
+    if isinstance(err, dict):
+        msg = err.get("message") or err.get("type") or "prompt rejected"
+        details = err.get("details")
+        lines.append(f"{msg}: {details}" if details and details != msg else msg)
+    elif err:
+        lines.append(str(err))
+    for nid, ne in (payload.get("node_errors") or {}).items():
+        for e in (ne or {}).get("errors", []):
+            text = e.get("message", "")
+            if e.get("details"):
+                text += f": {e['details']}"
+            lines.append(f"node {nid} ({ne.get('class_type', '?')}): {text}")
+    return "\n".join(lines) or "prompt rejected"
+
+
+class ProgressBar:
+    """A plain text bar on stderr; on a non-terminal only every 10 % and the end, one line each."""
+
+    def __init__(self, stream=None, width: int = 30):
+        self.out = stream or sys.stderr
+        self.tty = hasattr(self.out, "isatty") and self.out.isatty()
+        self.width, self.last, self.open = width, None, False
+
+    def update(self, value: float, maximum: float, label: str = ""):
+        maximum = max(float(maximum), 1e-9)
+        frac = min(max(float(value) / maximum, 0.0), 1.0)
+        if not self.tty:
+            key = (label, int(frac * 10))
+            if key == self.last:
+                return
+            self.last = key
+        fill = int(round(frac * self.width))
+        line = f"[{'#' * fill}{'.' * (self.width - fill)}] {value:g}/{maximum:g} {label}".rstrip()
+        if self.tty:
+            self.out.write("\r" + line + "\x1b[K")
+            self.open = True
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def note(self, text: str):
+        self.close()
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def close(self):
+        if self.open:
+            self.out.write("\n")
+            self.open = False
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "x"
+
+
+def output_files(history_entry: dict):
+    """Every ``{filename, subfolder, type}`` in a history entry's outputs (images, videos, gifs, ...)."""
+    for node_out in (history_entry.get("outputs") or {}).values():
+        for items in (node_out or {}).values():
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, dict) and item.get("filename"):
+                    yield item
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def run(args) -> dict:
+    try:
+        import websocket  # websocket-client
+    except ImportError:
+        raise ClientError("the client needs the websocket-client package (pip install websocket-client)") from None
+
+    with open(args.workflow) as f:
+        prompt = json.load(f)
+    if not isinstance(prompt, dict) or "nodes" in prompt:
+        raise ClientError(f"{args.workflow}: not an API-format workflow (export it with 'Save (API)')", EXIT_REJECTED, "usage")
+    for spec in args.set:
+        apply_override(prompt, spec)
+
+    server = Server(args.server)
+    bar = ProgressBar()
+    client_id = str(uuid.uuid4())
+    started = time.monotonic()
+    deadline = started + args.timeout
+    try:
+        ws = websocket.create_connection(f"{server.ws}/ws?clientId={client_id}", timeout=min(args.timeout, 30))
+    except Exception as e:
+        raise ClientError(f"cannot reach ComfyUI at {server.http}: {e}") from None
+    try:
+        try:
+            answer = server.json("/prompt", {"prompt": prompt, "client_id": client_id})
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                payload = {"error": body.decode(errors="replace").strip() or f"HTTP {e.code}"}
+            raise ClientError(rejection_message(payload), EXIT_REJECTED if e.code == 400 else EXIT_FAILED,
+                              "rejected" if e.code == 400 else "failed") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ClientError(f"cannot reach ComfyUI at {server.http}: {e}") from None
+        prompt_id = answer["prompt_id"]
+        out_dir = args.out or os.path.join("out", prompt_id)
+        stream_dir = os.path.join(out_dir, "stream")
+        frames_saved = 0
+        bar.note(f"queued prompt {prompt_id}")
+
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClientError(f"timed out after {args.timeout:g} s waiting for prompt {prompt_id} "
+                                  "(it may still be running on the server)", EXIT_TIMEOUT, "timeout")
+            ws.settimeout(min(remaining, 1.0))
+            try:
+                raw = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except (websocket.WebSocketConnectionClosedException, OSError) as e:
+                raise ClientError(f"lost the connection to ComfyUI: {e or 'closed'}") from None
+            if not isinstance(raw, str):
+                continue  # binary: latent previews
+            msg = json.loads(raw)
+            kind, data = msg.get("type"), msg.get("data")
+            if not isinstance(data, dict):
+                continue
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            if kind == "progress":
+                bar.update(data.get("value", 0), data.get("max", 1), f"node {data.get('node', '')}")
+            elif kind == "block_cascade.start":
+                bar.note(f"node {data.get('node')}: streaming {data.get('frames_total')} frames "
+                         f"({data.get('width')}x{data.get('height')} at {data.get('fps')} fps)")
+            elif kind == "block_cascade.frames":
+                os.makedirs(stream_dir, exist_ok=True)
+                first = int(data.get("first_frame", 0))
+                for i, b64 in enumerate(data.get("frames") or []):
+                    name = f"{safe_name(data.get('node'))}_{first + i:05d}.jpg"
+                    with open(os.path.join(stream_dir, name), "wb") as f:
+                        f.write(base64.b64decode(b64))
+                    frames_saved += 1
+            elif kind == "block_cascade.done" and data.get("error"):
+                bar.note(f"node {data.get('node')}: stream ended with an error: {data['error']}")
+            elif kind == "execution_error":
+                text = "\n".join(str(data.get("exception_message", "")).strip().splitlines()[:6])
+                etype = data.get("exception_type")
+                raise ClientError(f"execution error in node {data.get('node_id')} ({data.get('node_type')}): "
+                                  f"{etype + ': ' if etype else ''}{text}", EXIT_FAILED, "error")
+            elif kind == "execution_interrupted":
+                raise ClientError(f"interrupted in node {data.get('node_id')} ({data.get('node_type')})",
+                                  EXIT_FAILED, "interrupted")
+            elif kind == "execution_success" or (kind == "executing" and data.get("node") is None
+                                                  and data.get("prompt_id") == prompt_id):
+                break
+    finally:
+        bar.close()
+        try:
+            ws.close()
+        except Exception:
+            pass
+
+    history = server.json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id, {})
+    outputs = []
+    for item in output_files(history):
+        query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+                                        "type": item.get("type", "output")})
+        sub = item.get("subfolder") or ""
+        name = (safe_name(sub) + "_" if sub else "") + os.path.basename(item["filename"])
+        path = os.path.join(out_dir, name)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(server.request(f"/view?{query}"))
+        outputs.append(path)
+    return {"status": "success", "prompt_id": prompt_id, "seconds": round(time.monotonic() - started, 3),
+            "stream_frames": frames_saved, "stream_dir": stream_dir if frames_saved else None,
+            "outputs": outputs, "out": out_dir}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cascade_core.client", description=__doc__.splitlines()[0])
+    p.add_argument("workflow", help="API-format workflow json")
+    p.add_argument("--server", default="127.0.0.1:8188", help="host:port of ComfyUI (default 127.0.0.1:8188)")
+    p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                   help="override an input; NODE is an id or a _meta.title; VALUE JSON or a string (repeatable)")
+    p.add_argument("--out", help="output folder (default out/<prompt id>)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt (default 3600)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except ClientError as e:
+        print(str(e), file=sys.stderr)
+        print(json.dumps({"status": e.status, "error": str(e).splitlines()[0] if str(e) else ""}))
+        return e.code
+    except (OSError, ValueError, KeyError) as e:  # unreadable workflow, bad JSON, odd server answers
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        print(json.dumps({"status": "failed", "error": str(e)}))
+        return EXIT_FAILED
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

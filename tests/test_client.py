@@ -1,0 +1,296 @@
+"""cascade_core.client against a tiny fake ComfyUI (loopback only): /prompt, /ws, /history, /view.
+
+The fake speaks just enough of ComfyUI's protocol: a websocket handshake at /ws?clientId=..., JSON
+text messages {"type", "data"} (plus one binary preview frame the client must skip), HTTP 400 with
+error/node_errors for a rejected prompt, and history entries whose outputs list files for /view.
+"""
+import base64
+import hashlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+pytest.importorskip("websocket")  # websocket-client, the client's one dependency
+
+from cascade_core import client  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+PID = "prompt-1"
+FAKE_JPEGS = [b"\xff\xd8\xff\xe0" + bytes([i]) * 20 + b"\xff\xd9" for i in range(6)]
+OUTPUT_BYTES = b"\x89PNG\r\n\x1a\nfake final output"
+
+WORKFLOW = {
+    "3": {"class_type": "BlockCascadeSampler", "inputs": {"seed": 1, "steps": 4, "prompt": "a dog"},
+          "_meta": {"title": "Cascade.Sampler"}},
+    "9": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "bc"}, "_meta": {"title": "Save"}},
+    "10": {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}, "_meta": {"title": "Save"}},
+}
+
+
+def ws_frame(payload, opcode=0x1):
+    n = len(payload)
+    head = bytes([0x80 | opcode])
+    if n < 126:
+        head += bytes([n])
+    elif n < 1 << 16:
+        head += bytes([126]) + struct.pack(">H", n)
+    else:
+        head += bytes([127]) + struct.pack(">Q", n)
+    return head + payload
+
+
+class FakeComfy:
+    """State of the fake server; a test sets `on_prompt(body) -> (http status, json, [ws messages])`."""
+
+    def __init__(self):
+        self.sockets, self.prompts, self.stop = {}, [], threading.Event()
+        self.on_prompt = None
+        self.history = {}
+        self.files = {("bc_00001_.png", "", "output"): OUTPUT_BYTES}
+
+    def push(self, client_id, messages):
+        conn = self.sockets[client_id]
+        for m in messages:
+            time.sleep(0.01)
+            try:
+                conn.sendall(ws_frame(m, 0x2) if isinstance(m, bytes) else ws_frame(json.dumps(m).encode()))
+            except OSError:
+                return  # the client stopped listening (it is done, or failed as the test wants)
+
+
+class Handler(BaseHTTPRequestHandler):
+    fake: FakeComfy = None
+
+    def log_message(self, *a):
+        pass
+
+    def reply(self, status, body, ctype="application/json"):
+        data = json.dumps(body).encode() if ctype == "application/json" else body
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        url = urllib.parse.urlparse(self.path)
+        q = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+        if url.path == "/ws":
+            return self.websocket(q.get("clientId", ""))
+        if url.path.startswith("/history/"):
+            pid = urllib.parse.unquote(url.path[len("/history/"):])
+            return self.reply(200, {pid: self.fake.history[pid]} if pid in self.fake.history else {})
+        if url.path == "/view":
+            data = self.fake.files.get((q.get("filename"), q.get("subfolder", ""), q.get("type", "output")))
+            return self.reply(200, data, "image/png") if data else self.reply(404, {})
+        self.reply(404, {})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/prompt":
+            return self.reply(404, {})
+        self.fake.prompts.append(body)
+        status, answer, messages = self.fake.on_prompt(body)
+        self.reply(status, answer)
+        if messages:
+            threading.Thread(target=self.fake.push, args=(body["client_id"], messages), daemon=True).start()
+
+    def websocket(self, client_id):
+        key = self.headers["Sec-WebSocket-Key"]
+        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
+        self.wfile.flush()
+        conn = self.connection
+        self.fake.sockets[client_id] = conn
+        conn.sendall(ws_frame(json.dumps({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}},
+                                                                     "sid": client_id}}).encode()))
+        conn.settimeout(0.2)
+        while not self.fake.stop.is_set():  # read client frames until it closes; answer its close frame
+            try:
+                head = conn.recv(2)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if len(head) < 2 or head[0] & 0x0F == 0x8:
+                try:
+                    conn.sendall(ws_frame(b"", 0x8))
+                except OSError:
+                    pass
+                break
+            n = head[1] & 0x7F
+            n = struct.unpack(">H", conn.recv(2))[0] if n == 126 else struct.unpack(">Q", conn.recv(8))[0] if n == 127 else n
+            conn.recv(4 + n)  # mask + payload (small control/text frames only)
+        self.close_connection = True
+
+
+@pytest.fixture
+def fake():
+    state = FakeComfy()
+    handler = type("BoundHandler", (Handler,), {"fake": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    state.address = f"127.0.0.1:{server.server_address[1]}"
+    yield state
+    state.stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def workflow(tmp_path):
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(WORKFLOW))
+    return str(path)
+
+
+def run_client(fake, workflow, *extra, timeout="20"):
+    return client.main([workflow, "--server", fake.address, "--timeout", timeout, *extra])
+
+
+def summary(capsys):
+    out, err = capsys.readouterr()
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+def success_messages():
+    b64 = [base64.b64encode(j).decode() for j in FAKE_JPEGS]
+    start = {"node": "3", "run": "r1", "blocks": 2, "frames_total": 6, "fps": 16, "width": 8, "height": 8,
+             "stages": 5, "parallel": 2}
+    return [
+        {"type": "execution_start", "data": {"prompt_id": PID}},
+        {"type": "executing", "data": {"node": "3", "prompt_id": PID}},
+        {"type": "block_cascade.start", "data": start},
+        {"type": "progress", "data": {"value": 1, "max": 3, "prompt_id": PID, "node": "3"}},
+        {"type": "block_cascade.frames", "data": {"node": "3", "run": "r1", "block": 0, "first_frame": 0, "frames": b64[:3], "elapsed": 0.2}},
+        b"\x00\x00\x00\x01binary preview",
+        {"type": "progress", "data": {"value": 9, "max": 9, "prompt_id": "someone-else", "node": "5"}},
+        {"type": "progress", "data": {"value": 2, "max": 3, "prompt_id": PID, "node": "3"}},
+        {"type": "block_cascade.frames", "data": {"node": "3", "run": "r1", "block": 1, "first_frame": 3, "frames": b64[3:], "elapsed": 0.4}},
+        {"type": "progress", "data": {"value": 3, "max": 3, "prompt_id": PID, "node": "3"}},
+        {"type": "block_cascade.done", "data": {"node": "3", "run": "r1", "seconds": 0.5, "frames": 6}},
+        {"type": "execution_error", "data": {"prompt_id": "someone-else", "node_id": "1", "exception_message": "not ours"}},
+        {"type": "executed", "data": {"node": "9", "prompt_id": PID, "output": {}}},
+        {"type": "execution_success", "data": {"prompt_id": PID}},
+        {"type": "executing", "data": {"node": None, "prompt_id": PID}},
+    ]
+
+
+def test_success_saves_stream_and_outputs(fake, workflow, tmp_path, capsys):
+    fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}}, success_messages())
+    fake.history[PID] = {"outputs": {"9": {"images": [{"filename": "bc_00001_.png", "subfolder": "", "type": "output"}]},
+                                     "3": {"text": ["not a file"]}},
+                         "status": {"status_str": "success", "completed": True}}
+    out = tmp_path / "out"
+    rc = run_client(fake, workflow, "--out", str(out), "--set", "Cascade.Sampler.seed=42", "--set", "3.prompt=a cat")
+    result, err = summary(capsys)
+    assert rc == 0, err
+    body = fake.prompts[0]
+    assert body["prompt"]["3"]["inputs"]["seed"] == 42 and body["prompt"]["3"]["inputs"]["prompt"] == "a cat"
+    assert body["client_id"] in fake.sockets, "the websocket was opened with the same clientId"
+    assert result["status"] == "success" and result["prompt_id"] == PID and result["stream_frames"] == 6
+    frames = sorted(os.listdir(out / "stream"))
+    assert frames == [f"3_{i:05d}.jpg" for i in range(6)]
+    assert [(out / "stream" / f).read_bytes() for f in frames] == FAKE_JPEGS
+    assert result["outputs"] == [str(out / "bc_00001_.png")]
+    assert (out / "bc_00001_.png").read_bytes() == OUTPUT_BYTES
+    assert "3/3" in err and "[" in err  # the progress bar
+    assert "not ours" not in err
+
+
+def test_default_out_dir_is_per_prompt(fake, workflow, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}}, success_messages())
+    fake.history[PID] = {"outputs": {}}
+    assert run_client(fake, workflow) == 0
+    result, _ = summary(capsys)
+    assert result["out"] == os.path.join("out", PID)
+    assert len(os.listdir(tmp_path / "out" / PID / "stream")) == 6
+
+
+def test_rejected_prompt_exits_2_with_the_servers_message(fake, workflow):
+    error = {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+             "details": "", "extra_info": {}}
+    node_errors = {"3": {"errors": [{"type": "value_smaller_than_min", "message": "Value 0 smaller than min of 1",
+                                     "details": "steps", "extra_info": {}}],
+                         "dependent_outputs": ["9"], "class_type": "BlockCascadeSampler"}}
+    fake.on_prompt = lambda body: (400, {"error": error, "node_errors": node_errors}, [])
+    r = subprocess.run([sys.executable, "-m", "cascade_core.client", workflow, "--server", fake.address,
+                        "--set", "3.steps=0", "--timeout", "20"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "Prompt outputs failed validation" in r.stderr
+    assert "node 3 (BlockCascadeSampler): Value 0 smaller than min of 1: steps" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["status"] == "rejected"
+    assert fake.prompts[0]["prompt"]["3"]["inputs"]["steps"] == 0
+
+
+@pytest.mark.parametrize("kind", ["execution_error", "execution_interrupted"])
+def test_failed_execution_exits_1(fake, workflow, capsys, kind):
+    data = {"prompt_id": PID, "node_id": "3", "node_type": "BlockCascadeSampler", "executed": []}
+    if kind == "execution_error":
+        data.update(exception_type="torch.OutOfMemoryError", exception_message="CUDA out of memory.\nTry fewer blocks.",
+                    traceback=["..."], current_inputs={}, current_outputs=[])
+    msgs = [{"type": "execution_start", "data": {"prompt_id": PID}},
+            {"type": "progress", "data": {"value": 1, "max": 4, "prompt_id": PID, "node": "3"}},
+            {"type": kind, "data": data}]
+    fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}}, msgs)
+    rc = run_client(fake, workflow)
+    result, err = summary(capsys)
+    assert rc == 1
+    if kind == "execution_error":
+        assert "execution error in node 3 (BlockCascadeSampler): torch.OutOfMemoryError: CUDA out of memory." in err
+        assert result["status"] == "error"
+    else:
+        assert "interrupted in node 3" in err and result["status"] == "interrupted"
+
+
+def test_timeout_exits_3(fake, workflow, capsys):
+    fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}}, [])
+    t = time.monotonic()
+    assert run_client(fake, workflow, timeout="1") == 3
+    assert time.monotonic() - t < 10
+    result, err = summary(capsys)
+    assert result["status"] == "timeout" and "timed out" in err
+
+
+def test_unreachable_server_exits_1(workflow, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    assert client.main([workflow, "--server", f"127.0.0.1:{port}", "--timeout", "5"]) == 1
+    assert "cannot reach ComfyUI" in capsys.readouterr().err
+
+
+def test_set_override_parsing():
+    assert client.parse_value("42") == 42
+    assert client.parse_value("0.5") == 0.5
+    assert client.parse_value("true") is True
+    assert client.parse_value("null") is None
+    assert client.parse_value("[1, 2]") == [1, 2]
+    assert client.parse_value('"42"') == "42"
+    assert client.parse_value("a cat, 4k") == "a cat, 4k"
+    assert client.parse_value("") == ""
+
+    p = json.loads(json.dumps(WORKFLOW))
+    assert client.apply_override(p, "3.seed=7") == ("3", "seed", 7)
+    assert client.apply_override(p, "Cascade.Sampler.steps=2") == ("3", "steps", 2)  # a title with a dot
+    assert client.apply_override(p, "3.prompt=x=y") == ("3", "prompt", "x=y")  # only the first '=' splits
+    assert client.apply_override(p, "3.new_input={\"a\": 1}") == ("3", "new_input", {"a": 1})
+    assert p["3"]["inputs"] == {"seed": 7, "steps": 2, "prompt": "x=y", "new_input": {"a": 1}}
+    for bad, words in [("nope.seed=1", "no node"), ("Save.filename_prefix=x", "several nodes"),
+                       ("3seed=1", "NODE.INPUT=VALUE"), ("3.seed", "NODE.INPUT=VALUE"), (".seed=1", "NODE.INPUT")]:
+        with pytest.raises(client.ClientError, match=words) as e:
+            client.apply_override(p, bad)
+        assert e.value.code == 2

@@ -1,0 +1,121 @@
+"""The web extension: node's unit tests of the player logic, and the real player in headless Chromium.
+
+The browser test serves the repository on a loopback port, opens tests/web_fixtures/harness.html
+(the same player_core.js / player_view.js the node widget uses, without ComfyUI), which replays the
+recorded events in tests/web_fixtures/events.json and posts back every frame it drew with the canvas
+pixel read right after drawing. Regenerate the fixture with tests/web_fixtures/make_events.py.
+"""
+import functools
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "web_fixtures")
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_node_unit_tests():
+    node = shutil.which("node")
+    if not node:
+        pytest.skip("node is not installed")
+    r = subprocess.run([node, "--test", "web/tests/"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def find_chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Static files from the repository, plus /__hold (answered once a result came) and /__result."""
+
+    def __init__(self, *a, box, **kw):
+        self.box = box
+        super().__init__(*a, **kw)
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        if self.path == "/__hold":
+            self.box["event"].wait(30)
+            self.send_response(204)
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def do_POST(self):
+        if self.path != "/__result":
+            self.send_error(404)
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.box["result"] = json.loads(body)
+        self.send_response(204)
+        self.end_headers()
+        self.box["event"].set()
+
+
+def run_harness(chromium, query="", extra_flags=()):
+    """Open the harness (`query`: e.g. "?until=400"); returns (posted result, dumped DOM)."""
+    box = {"event": threading.Event(), "result": None}
+    handler = functools.partial(_Handler, box=box, directory=ROOT)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/tests/web_fixtures/harness.html{query}"
+    try:
+        with tempfile.TemporaryDirectory() as profile:
+            proc = subprocess.run([chromium, *CHROME_FLAGS, *extra_flags, f"--user-data-dir={profile}", "--dump-dom", url],
+                                  capture_output=True, text=True, timeout=60)
+    finally:
+        box["event"].set()
+        server.shutdown()
+        server.server_close()
+    assert box["result"] is not None, f"the harness posted no result; chromium said:\n{proc.stderr[-3000:]}"
+    return box["result"], proc.stdout
+
+
+def test_player_draws_streamed_frames_in_chromium():
+    chromium = find_chromium()
+    if not chromium:
+        pytest.skip("no chromium binary")
+    with open(os.path.join(FIXTURES, "events.json")) as f:
+        rec = json.load(f)
+    res, dom = run_harness(chromium)
+    assert "error" not in res, res["error"]
+    assert "No stream yet" in res["emptyText"]
+    assert res["canvas"] == [rec["width"], rec["height"]]
+    # every real frame drawn, once, in order; the foreign node and the superseded run were ignored
+    n = len(rec["colors"])
+    assert [d["i"] for d in res["draws"]] == list(range(n))
+    assert res["received"] == n and res["foreign"] is False
+    # each drawn canvas shows that frame's colour (JPEG: a few levels off), never the stale run's white/black
+    for d in res["draws"]:
+        want = rec["colors"][d["i"]]
+        assert max(abs(a - b) for a, b in zip(d["rgb"], want)) <= 24, (d, want)
+    # played at the video's fps, not faster: the k-th frame put up at least k intervals after the first
+    interval = 1000 / rec["fps"]
+    shown = [d["shownAt"] for d in res["draws"]]
+    for k in range(1, n):
+        assert shown[k] - shown[0] >= k * interval - 0.5, (k, shown)
+    # and painted promptly (decoding the JPEG is the only lag)
+    assert all(d["t"] - d["shownAt"] < 250 for d in res["draws"]), res["draws"]
+    # the last block arrives late (1 s): the player waited for it instead of skipping or stalling
+    assert shown[8] - res["t0"] >= 950 and shown[8] - shown[7] > 2 * interval
+    assert shown[11] - shown[8] < 4 * interval + 100
+    assert res["status"].startswith("Done"), res["status"]
+    assert f"{n}/{n} frames" in res["stats"]
+    assert '"draws"' in dom  # the page's own copy of the result is in the dumped DOM as well

@@ -1,0 +1,72 @@
+// Block Cascade: a live player widget on every BlockCascadeSampler node.
+// Streamed frames come over the websocket as block_cascade.* events (see player_core.js).
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { EVENTS, Hub } from "./player_core.js";
+import { createPlayerView } from "./player_view.js";
+
+const NODE_TYPE = "BlockCascadeSampler";
+const views = new Set();
+
+function samplerNode(id) {
+  const node = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
+  return node && node.comfyClass === NODE_TYPE ? node : null;
+}
+
+// one Hub for the page; a node's stream is looked up by its current id at each frame, so a node
+// whose id is assigned after creation (workflow load) still finds its events
+const hub = new Hub({ accept: (id) => samplerNode(id) !== null });
+
+let looping = false;
+function loop(now) {
+  for (const v of views) v.update(now);
+  if (views.size) requestAnimationFrame(loop);
+  else looping = false;
+}
+function ensureLoop() {
+  if (!looping && views.size) {
+    looping = true;
+    requestAnimationFrame(loop);
+  }
+}
+
+function attachPlayer(node) {
+  const view = createPlayerView(document, () => hub.get(node.id));
+  views.add(view);
+  ensureLoop();
+  const widget = node.addDOMWidget("block_cascade_player", "block_cascade_player", view.element, {
+    serialize: false,
+    hideOnZoom: false,
+    getMinHeight: () => 220,
+  });
+  node.bcPlayerView = view;
+  widget.onRemove = () => views.delete(view);
+  const [w, h] = node.size;
+  node.setSize([Math.max(w, 360), Math.max(h, 420)]);
+}
+
+app.registerExtension({
+  name: "block_cascade.player",
+  setup() {
+    for (const name of EVENTS) {
+      api.addEventListener(name, (e) => {
+        if (hub.handle(name, e.detail)) ensureLoop();
+      });
+    }
+  },
+  beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name !== NODE_TYPE) return;
+    const created = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = created?.apply(this, arguments);
+      attachPlayer(this);
+      return r;
+    };
+    const removed = nodeType.prototype.onRemoved;
+    nodeType.prototype.onRemoved = function () {
+      hub.forget(this.id);
+      views.delete(this.bcPlayerView);
+      return removed?.apply(this, arguments);
+    };
+  },
+});

@@ -1,0 +1,223 @@
+// Block Cascade player: pure bookkeeping (no DOM, no ComfyUI), so `node --test` can exercise it.
+//
+// Events (websocket, JSON; `detail` is the event's data):
+//   block_cascade.start  {node, run, blocks, frames_total, fps, width, height, stages, parallel}
+//   block_cascade.state  {node, run, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
+//   block_cascade.frames {node, run, block, first_frame, frames: [base64 JPEG, ...], elapsed}
+//   block_cascade.done   {node, run, seconds, frames, error?}
+// A Hub keeps one Stream per sampler node id; a Stream holds one run's frames, stats, cascade state
+// and the playback clock (frames are shown at the video's fps, never faster).
+
+export const EVENT_PREFIX = "block_cascade.";
+export const EVENTS = ["start", "state", "frames", "done"].map((k) => EVENT_PREFIX + k);
+
+const num = (v, fallback) => (Number.isFinite(Number(v)) && Number(v) > 0 ? Number(v) : fallback);
+
+export class Stream {
+  constructor(start) {
+    this.node = String(start.node);
+    this.run = String(start.run);
+    this.blocks = num(start.blocks, 0);
+    this.framesTotal = num(start.frames_total, 0);
+    this.fps = num(start.fps, 16);
+    this.width = num(start.width, 0);
+    this.height = num(start.height, 0);
+    this.stages = num(start.stages, 1);
+    this.parallel = num(start.parallel, 1);
+    this.frames = []; // base64 JPEG by frame index (sparse until every block arrived)
+    this.received = 0; // distinct frames received
+    this.elapsed = 0; // seconds since run start, latest the backend told us
+    this.firstFrameAt = null; // seconds from run start to the first frames message
+    this.state = null; // {tick, ticks, pairs, doneBlocks}
+    this.status = "running"; // running | done | error
+    this.error = null;
+    this.seconds = null;
+    // playback
+    this.playing = true;
+    this.shown = -1; // frame index on screen
+    this.shownAt = null; // clock time (ms) tick() put it there
+    this.playhead = 0; // next frame index to show
+    this.nextDue = null; // ms timestamp before which the next frame may not be shown
+    this.version = 0; // bumped on any change the view should re-render
+  }
+
+  get interval() {
+    return 1000 / this.fps;
+  }
+
+  onState(d) {
+    this.state = {
+      tick: Number(d.tick) || 0,
+      ticks: Number(d.ticks) || 0,
+      pairs: Array.isArray(d.pairs) ? d.pairs.map(([b, s]) => [Number(b), Number(s)]) : [],
+      doneBlocks: Number(d.done_blocks) || 0,
+    };
+    this._seen(d.elapsed);
+    this.version++;
+  }
+
+  onFrames(d) {
+    const first = Number(d.first_frame) || 0;
+    const list = Array.isArray(d.frames) ? d.frames : [];
+    list.forEach((f, i) => {
+      if (typeof f !== "string" || !f) return;
+      if (this.frames[first + i] === undefined) this.received++;
+      this.frames[first + i] = f;
+    });
+    if (list.length && this.firstFrameAt === null) this.firstFrameAt = Number(d.elapsed) || 0;
+    this._seen(d.elapsed);
+    this.version++;
+  }
+
+  onDone(d) {
+    this.status = d.error ? "error" : "done";
+    this.error = d.error ? String(d.error) : null;
+    this.seconds = Number.isFinite(Number(d.seconds)) ? Number(d.seconds) : this.elapsed;
+    if (this.state) {
+      this.state = { ...this.state, pairs: [] };
+      if (!d.error) Object.assign(this.state, { tick: this.state.ticks, doneBlocks: this.blocks });
+    }
+    this.version++;
+  }
+
+  _seen(elapsed) {
+    const e = Number(elapsed);
+    if (Number.isFinite(e) && e > this.elapsed) this.elapsed = e;
+  }
+
+  /** Frames received per second of generation time (0 until known). */
+  get genFps() {
+    return this.elapsed > 0 ? this.received / this.elapsed : 0;
+  }
+
+  get lastIndex() {
+    return this.frames.length - 1;
+  }
+
+  /** Frames ready to play after the one on screen (contiguous). */
+  get buffered() {
+    let n = 0;
+    while (this.frames[this.playhead + n] !== undefined) n++;
+    return n;
+  }
+
+  /** In-flight blocks as [{block, stage, clean}] (stage 0..stages-2 = step, stages-1 = clean pass). */
+  get cascade() {
+    if (!this.state) return [];
+    return this.state.pairs.map(([block, stage]) => ({ block, stage, clean: stage >= this.stages - 1 }));
+  }
+
+  /**
+   * Advance the playback clock to `now` (ms). Returns true when `shown` changed.
+   * Frames are shown in index order, one per interval at most; when the next frame is not there yet
+   * the clock waits and shows it as soon as it arrives. A finished run stops at its last frame.
+   */
+  tick(now) {
+    if (!this.playing) return false;
+    if (this.nextDue !== null && now < this.nextDue) return false;
+    if (this.status !== "running") {
+      // finished: skip frames that never came, stop after the last one
+      while (this.playhead <= this.lastIndex && this.frames[this.playhead] === undefined) this.playhead++;
+      if (this.playhead > this.lastIndex) {
+        this.playing = false;
+        this.version++;
+        return false;
+      }
+    }
+    if (this.frames[this.playhead] === undefined) return false; // waiting for the generator
+    this.shown = this.playhead++;
+    this.shownAt = now;
+    // keep a steady cadence, but after a stall restart from now instead of catching up in a burst
+    const late = this.nextDue === null || now - this.nextDue > this.interval;
+    this.nextDue = (late ? now : this.nextDue) + this.interval;
+    this.version++;
+    return true;
+  }
+
+  /** Show frame `i` now (clamped); playback continues from the next one. */
+  seek(i) {
+    if (this.frames.length === 0) return;
+    this.shown = Math.max(0, Math.min(this.lastIndex, Math.round(Number(i) || 0)));
+    this.playhead = this.shown + 1;
+    this.shownAt = null;
+    this.nextDue = null;
+    this.version++;
+  }
+
+  play() {
+    if (this.status !== "running" && this.playhead > this.lastIndex) {
+      this.playhead = 0; // replay from the start
+    }
+    this.playing = true;
+    this.nextDue = null;
+    this.version++;
+  }
+
+  pause() {
+    this.playing = false;
+    this.version++;
+  }
+
+  toggle() {
+    if (this.playing) this.pause();
+    else this.play();
+  }
+}
+
+/** Routes events to per-node Streams. `accept(nodeId)` says whether a node id is one of ours. */
+export class Hub {
+  constructor({ accept = () => true } = {}) {
+    this.accept = accept;
+    this.streams = new Map();
+  }
+
+  get(nodeId) {
+    return this.streams.get(String(nodeId)) || null;
+  }
+
+  forget(nodeId) {
+    this.streams.delete(String(nodeId));
+  }
+
+  /** Apply one event; returns the Stream it changed, or null when the event was ignored. */
+  handle(type, detail) {
+    if (!detail || typeof detail !== "object" || detail.node === undefined || detail.run === undefined) return null;
+    const node = String(detail.node);
+    const kind = type.startsWith(EVENT_PREFIX) ? type.slice(EVENT_PREFIX.length) : type;
+    if (kind === "start") {
+      if (!this.accept(node)) return null;
+      const s = new Stream(detail); // a new run supersedes whatever this node showed before
+      this.streams.set(node, s);
+      return s;
+    }
+    const s = this.streams.get(node);
+    if (!s || s.run !== String(detail.run)) return null; // unknown node or superseded run
+    if (kind === "state") s.onState(detail);
+    else if (kind === "frames") s.onFrames(detail);
+    else if (kind === "done") s.onDone(detail);
+    else return null;
+    return s;
+  }
+}
+
+/** Short status lines for a Stream (or null), shared by the widget and the test harness. */
+export function describe(s) {
+  if (!s) return { status: "No stream yet: queue the workflow to watch frames arrive here.", stats: "", cascade: "" };
+  const f1 = (x) => x.toFixed(1);
+  let status;
+  if (s.status === "error") status = `Error: ${s.error}`;
+  else if (s.status === "done") status = s.received ? `Done in ${f1(s.seconds)} s` : `Done in ${f1(s.seconds)} s, no frames received`;
+  else status = s.received ? "Streaming" : "Waiting for the first frame…";
+  const total = s.framesTotal ? `/${s.framesTotal}` : "";
+  const stats = [
+    `${s.received}${total} frames`,
+    `gen ${f1(s.genFps)} fps (play ${s.fps})`,
+    s.firstFrameAt === null ? "first frame –" : `first frame ${s.firstFrameAt.toFixed(2)} s`,
+    `buffer ${s.buffered}`,
+  ].join(" · ");
+  let cascade = "";
+  if (s.state) {
+    cascade = `tick ${s.state.tick}/${s.state.ticks} · blocks done ${s.state.doneBlocks}/${s.blocks}`;
+  }
+  return { status, stats, cascade };
+}

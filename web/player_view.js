@@ -1,0 +1,151 @@
+// Block Cascade player: the DOM part (canvas, stats, cascade grid, controls). No ComfyUI imports:
+// the node widget (block_cascade.js) and the test harness (tests/web_fixtures) both build it from here.
+import { describe } from "./player_core.js";
+
+const CSS = `
+.bc-player { display: flex; flex-direction: column; gap: 4px; font: 11px sans-serif; color: #ccc; width: 100%; height: 100%; box-sizing: border-box; }
+.bc-player canvas { width: 100%; flex: 1 1 auto; min-height: 0; object-fit: contain; background: #111; border-radius: 4px; }
+.bc-player .bc-status { color: #eee; }
+.bc-player .bc-grid { display: flex; flex-direction: column; gap: 2px; }
+.bc-player .bc-row { display: flex; align-items: center; gap: 2px; }
+.bc-player .bc-row span { width: 3.5em; }
+.bc-player .bc-cell { width: 10px; height: 8px; background: #333; border-radius: 1px; }
+.bc-player .bc-cell.on { background: #4a8; }
+.bc-player .bc-cell.clean { background: #8cf; }
+.bc-player .bc-controls { display: flex; gap: 6px; align-items: center; }
+.bc-player .bc-controls input { flex: 1; }
+`;
+
+/** Draw `img` into the canvas, letterboxed to keep its aspect ratio. */
+export function drawFit(ctx, img) {
+  const { width: W, height: H } = ctx.canvas;
+  const iw = img.naturalWidth || img.width, ih = img.naturalHeight || img.height;
+  if (!iw || !ih) return;
+  const k = Math.min(W / iw, H / ih);
+  const w = Math.round(iw * k), h = Math.round(ih * k);
+  ctx.fillStyle = "#111";
+  ctx.fillRect(0, 0, W, H);
+  ctx.drawImage(img, Math.floor((W - w) / 2), Math.floor((H - h) / 2), w, h);
+}
+
+function el(doc, tag, cls, parent) {
+  const e = doc.createElement(tag);
+  if (cls) e.className = cls;
+  if (parent) parent.appendChild(e);
+  return e;
+}
+
+/**
+ * Build a player bound to `getStream()` (returns the node's current Stream or null).
+ * Call `update(nowMs)` every animation frame; `onDraw(index, shownAt)` is told each frame drawn.
+ */
+export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4 } = {}) {
+  if (!doc.getElementById("bc-player-style")) {
+    const style = el(doc, "style", null, doc.head);
+    style.id = "bc-player-style";
+    style.textContent = CSS;
+  }
+  const root = el(doc, "div", "bc-player");
+  const canvas = el(doc, "canvas", null, root);
+  canvas.width = 320;
+  canvas.height = 180;
+  const ctx = canvas.getContext("2d");
+  const status = el(doc, "div", "bc-status", root);
+  const stats = el(doc, "div", "bc-stats", root);
+  const cascadeLine = el(doc, "div", "bc-cascade", root);
+  const grid = el(doc, "div", "bc-grid", root);
+  const controls = el(doc, "div", "bc-controls", root);
+  const button = el(doc, "button", null, controls);
+  const slider = el(doc, "input", null, controls);
+  const position = el(doc, "span", null, controls);
+  slider.type = "range";
+  slider.min = "0";
+  // keep canvas clicks from dragging the node
+  for (const e of ["pointerdown", "mousedown", "wheel"]) controls.addEventListener(e, (ev) => ev.stopPropagation());
+
+  let stream = null, version = -1, drawn = -1, images = new Map();
+  button.onclick = () => stream && stream.toggle();
+  slider.oninput = () => {
+    if (!stream) return;
+    stream.pause();
+    stream.seek(Number(slider.value));
+  };
+
+  // decoded <img> per frame index, kept for the frames around the playhead only
+  function image(i) {
+    let img = images.get(i);
+    if (!img && stream && stream.frames[i] !== undefined) {
+      img = new (doc.defaultView.Image)();
+      img.src = "data:image/jpeg;base64," + stream.frames[i];
+      images.set(i, img);
+    }
+    return img || null;
+  }
+
+  function draw(i) {
+    const img = image(i);
+    for (let k = 1; k <= prefetch; k++) image(i + k);
+    for (const key of images.keys()) if (key < i - 1 || key > i + prefetch) images.delete(key);
+    if (!img) return;
+    const paint = () => {
+      if (stream && stream.shown === i) {
+        drawFit(ctx, img);
+        drawn = i;
+        if (onDraw) onDraw(i, stream.shownAt);
+      }
+    };
+    if (img.complete && img.naturalWidth) paint();
+    else img.onload = paint;
+  }
+
+  function reset(s) {
+    stream = s;
+    images = new Map();
+    drawn = -1;
+    version = -1;
+    if (s && s.width && s.height) {
+      canvas.width = s.width;
+      canvas.height = s.height;
+    }
+    ctx.fillStyle = "#111";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+  }
+
+  function renderGrid(s) {
+    grid.replaceChildren();
+    for (const { block, stage, clean } of s ? s.cascade : []) {
+      const row = el(doc, "div", "bc-row", grid);
+      el(doc, "span", null, row).textContent = `B${block}`;
+      for (let k = 0; k < s.stages; k++) {
+        const cell = el(doc, "div", "bc-cell", row);
+        if (k <= stage) cell.classList.add(k === s.stages - 1 ? "clean" : "on");
+      }
+      el(doc, "span", null, row).textContent = clean ? "clean" : `${stage + 1}/${s.stages - 1}`;
+    }
+  }
+
+  function update(now) {
+    const s = getStream();
+    if (s !== stream) reset(s);
+    if (s) {
+      s.tick(now);
+      if (s.shown >= 0 && s.shown !== drawn) draw(s.shown);
+    }
+    if (s && s.version === version) return;
+    version = s ? s.version : -1;
+    const d = describe(s);
+    status.textContent = d.status;
+    stats.textContent = d.stats;
+    cascadeLine.textContent = d.cascade;
+    renderGrid(s);
+    const n = s ? s.frames.length : 0;
+    controls.style.display = n ? "" : "none";
+    button.textContent = s && s.playing ? "❚❚" : "▶";
+    slider.max = String(Math.max(0, n - 1));
+    slider.value = String(Math.max(0, s ? s.shown : 0));
+    position.textContent = n ? `${s.shown + 1}/${n}` : "";
+  }
+
+  update(0);
+  return { element: root, canvas, update, get drawn() { return drawn; } };
+}

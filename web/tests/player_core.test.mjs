@@ -1,0 +1,158 @@
+// node --test web/tests/
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { EVENTS, Hub, Stream, describe } from "../player_core.js";
+
+const START = { node: "7", run: "r1", blocks: 3, frames_total: 12, fps: 16, width: 64, height: 40, stages: 5, parallel: 2 };
+const frames = (node, run, first, n, elapsed = 1) =>
+  ({ node, run, block: first / 4, first_frame: first, frames: Array.from({ length: n }, (_, i) => `f${first + i}`), elapsed });
+
+function started(accept) {
+  const hub = new Hub(accept ? { accept } : undefined);
+  hub.handle("block_cascade.start", START);
+  return [hub, hub.get("7")];
+}
+
+test("event names", () => {
+  assert.deepEqual(EVENTS, ["block_cascade.start", "block_cascade.state", "block_cascade.frames", "block_cascade.done"]);
+});
+
+test("start creates a stream per node with its metadata", () => {
+  const [hub, s] = started();
+  assert.equal(s.fps, 16);
+  assert.equal(s.framesTotal, 12);
+  assert.equal(s.status, "running");
+  assert.equal(hub.get(7), s, "numeric node ids find the same stream");
+  assert.equal(hub.get("8"), null);
+});
+
+test("events for unknown nodes, superseded runs and malformed payloads are ignored", () => {
+  const [hub, s] = started((id) => id === "7");
+  assert.equal(hub.handle("block_cascade.start", { ...START, node: "99" }), null, "accept() refuses node 99");
+  assert.equal(hub.handle("block_cascade.frames", frames("99", "r1", 0, 4)), null);
+  assert.equal(hub.handle("block_cascade.frames", frames("7", "old", 0, 4)), null);
+  assert.equal(hub.handle("block_cascade.frames", null), null);
+  assert.equal(hub.handle("block_cascade.frames", { node: "7" }), null);
+  assert.equal(hub.handle("block_cascade.bogus", { node: "7", run: "r1" }), null);
+  assert.equal(s.received, 0);
+  // a new run on the same node replaces the stream; the old run's late frames do not leak in
+  hub.handle("block_cascade.start", { ...START, run: "r2" });
+  const s2 = hub.get("7");
+  assert.notEqual(s2, s);
+  assert.equal(hub.handle("block_cascade.frames", frames("7", "r1", 0, 4)), null);
+  assert.equal(hub.handle("block_cascade.frames", frames("7", "r2", 0, 4)), s2);
+  assert.equal(s2.received, 4);
+});
+
+test("several nodes keep separate streams", () => {
+  const hub = new Hub();
+  hub.handle("block_cascade.start", START);
+  hub.handle("block_cascade.start", { ...START, node: "8", run: "x", fps: 8 });
+  hub.handle("block_cascade.frames", frames("8", "x", 0, 2));
+  assert.equal(hub.get("7").received, 0);
+  assert.equal(hub.get("8").received, 2);
+  assert.equal(hub.get("8").fps, 8);
+  hub.forget("8");
+  assert.equal(hub.get("8"), null);
+});
+
+test("frames, generation fps, time to first frame, duplicates", () => {
+  const [hub, s] = started();
+  hub.handle("block_cascade.frames", frames("7", "r1", 0, 4, 0.5));
+  hub.handle("block_cascade.frames", frames("7", "r1", 4, 4, 1.0));
+  hub.handle("block_cascade.frames", frames("7", "r1", 4, 4, 1.0)); // repeated message
+  assert.equal(s.received, 8);
+  assert.equal(s.firstFrameAt, 0.5);
+  assert.equal(s.genFps, 8);
+  assert.equal(s.frames[5], "f5");
+});
+
+test("cascade state rows: steps and the clean pass", () => {
+  const [hub, s] = started();
+  hub.handle("block_cascade.state", { node: "7", run: "r1", tick: 3, ticks: 10, pairs: [[0, 4], [1, 2]], done_blocks: 0, elapsed: 0.3 });
+  assert.deepEqual(s.cascade, [{ block: 0, stage: 4, clean: true }, { block: 1, stage: 2, clean: false }]);
+  assert.equal(s.elapsed, 0.3);
+  assert.match(describe(s).cascade, /tick 3\/10 · blocks done 0\/3/);
+  hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 2, frames: 0 });
+  assert.deepEqual(s.cascade, [], "nothing in flight after done");
+});
+
+test("playback never runs faster than fps and buffers when frames arrive early", () => {
+  const [hub, s] = started();
+  hub.handle("block_cascade.frames", frames("7", "r1", 0, 8)); // 8 frames at once
+  const shownAt = [];
+  for (let t = 0; t <= 1000; t += 4) if (s.tick(t)) shownAt.push([t, s.shown]);
+  assert.equal(shownAt.length, 8);
+  assert.deepEqual(shownAt.map(([, i]) => i), [0, 1, 2, 3, 4, 5, 6, 7]);
+  // the k-th frame never comes before k intervals (62.5 ms at 16 fps) after the first
+  for (let k = 1; k < shownAt.length; k++) assert.ok(shownAt[k][0] - shownAt[0][0] >= k * 62.5, `frame ${k} too early`);
+  assert.ok(shownAt[7][0] <= 7 * 62.5 + 4);
+});
+
+test("playback waits for late frames and resumes without a burst", () => {
+  const [hub, s] = started();
+  hub.handle("block_cascade.frames", frames("7", "r1", 0, 2));
+  assert.ok(s.tick(0));
+  assert.ok(!s.tick(30));
+  assert.ok(s.tick(63));
+  assert.equal(s.buffered, 0);
+  assert.ok(!s.tick(500), "nothing to show: wait");
+  assert.equal(s.shown, 1);
+  hub.handle("block_cascade.frames", frames("7", "r1", 2, 4));
+  assert.ok(s.tick(1000), "shown as soon as it arrives");
+  assert.ok(!s.tick(1001), "then back to the fps cadence, no catch-up burst");
+  assert.ok(s.tick(1063));
+  assert.equal(s.shown, 3);
+});
+
+test("out-of-order blocks play in index order", () => {
+  const [hub, s] = started();
+  hub.handle("block_cascade.frames", frames("7", "r1", 4, 4));
+  assert.ok(!s.tick(0), "frame 0 missing: wait");
+  hub.handle("block_cascade.frames", frames("7", "r1", 0, 4));
+  assert.ok(s.tick(10));
+  assert.equal(s.shown, 0);
+});
+
+test("after done: stop at the end, replay, pause, seek", () => {
+  const [hub, s] = started();
+  hub.handle("block_cascade.frames", frames("7", "r1", 0, 4));
+  hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 1.5, frames: 4 });
+  let t = 0;
+  while (s.playing && t < 2000) s.tick((t += 10));
+  assert.equal(s.shown, 3);
+  assert.equal(s.playing, false, "stops after the last frame");
+  s.play();
+  assert.ok(s.tick(t + 100));
+  assert.equal(s.shown, 0, "play at the end restarts");
+  s.pause();
+  assert.ok(!s.tick(t + 1000));
+  s.seek(2);
+  assert.equal(s.shown, 2);
+  s.seek(99);
+  assert.equal(s.shown, 3, "clamped");
+  assert.match(describe(s).status, /Done in 1\.5 s/);
+});
+
+test("done with an error, with no frames, and the empty state", () => {
+  const [hub, s] = started();
+  assert.match(describe(s).status, /Waiting for the first frame/);
+  hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 0.2, frames: 0, error: "CUDA out of memory" });
+  assert.equal(s.status, "error");
+  assert.match(describe(s).status, /Error: CUDA out of memory/);
+  assert.ok(!s.tick(0));
+  assert.equal(s.playing, false);
+  s.seek(3); // no frames: no-op
+  assert.equal(s.shown, -1);
+  assert.match(describe(null).status, /No stream yet/);
+});
+
+test("finished runs skip frames that never came", () => {
+  const [hub, s] = started();
+  hub.handle("block_cascade.frames", frames("7", "r1", 0, 2));
+  hub.handle("block_cascade.frames", frames("7", "r1", 4, 2));
+  hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 1, frames: 4 });
+  const seen = [];
+  for (let t = 0; t < 1000; t += 10) if (s.tick(t)) seen.push(s.shown);
+  assert.deepEqual(seen, [0, 1, 4, 5]);
+});
