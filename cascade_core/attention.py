@@ -77,8 +77,8 @@ def _lse_math(q, k, v):
 
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output [B, H, Lq, d] and the log-sum-exp of the scaled scores [B, H, Lq] (float32)."""
-    if q.device.type == "cuda" and _backend != "math":
-        return _lse_cuda(q, k, v)
+    if q.device.type == "cuda" and _backend != "math" and q.dtype in (torch.float16, torch.bfloat16):
+        return _lse_cuda(q, k, v)  # the fused kernels take half precision only
     if q.device.type == "cpu" and _backend in ("auto", "flash"):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
         return out, lse.float()
