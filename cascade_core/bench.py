@@ -16,6 +16,7 @@ import torch
 
 from . import attention
 from .cli import video_frames
+from .fp8 import quantize_layers
 from .model import WanConfig, WanModel
 from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule, generate
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=2, help="timed runs per level (after one warm-up)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile the layers' non-attention regions")
+    ap.add_argument("--fp8", action="store_true", help="fp8 matrix products in the layers")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one run of the first level")
     a = ap.parse_args(argv)
 
@@ -78,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     steps = tuple(int(s) for s in a.steps.split(","))
     levels = list(range(1, len(steps) + 2)) if a.parallel == "all" else [int(p) for p in a.parallel.split(",")]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = WanModel.random(SIZES[size], seed=0, device=device, dtype=dtype).compile_layers(a.compile)
+    model = WanModel.random(SIZES[size], seed=0, device=device, dtype=dtype)
+    if a.fp8:
+        quantize_layers(model)
+    model.compile_layers(a.compile)
     embeds = torch.randn(512, model.cfg.text_dim, generator=torch.Generator().manual_seed(1))
     emit(figure="env", torch=torch.__version__, device=str(device),
          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", size=size)
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                 attention.set_backend(backend)
                 cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window,
                                     sink=a.sink, flashblock=flashblock)
-                tag = dict(size=size, backend=backend, flashblock=flashblock, parallel=p, compile=a.compile)
+                tag = dict(size=size, backend=backend, flashblock=flashblock, parallel=p, compile=a.compile,
+                           fp8=a.fp8)
                 for r, (res, seconds) in enumerate(timed_runs(model, embeds, cfg, a, device, tag)):
                     lat = res.latents.float()
                     reference = lat if reference is None else reference

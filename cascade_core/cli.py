@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import attention
+from .fp8 import quantize_layers
 from .model import WanConfig, WanModel
 from .safe_io import CheckpointError, read_tensor_file, save_safetensors
 from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule, Result, generate
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="bf16")
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when present)")
     g.add_argument("--attention-backend", choices=attention.BACKENDS, default="auto")
+    g.add_argument("--fp8", action="store_true",
+                   help="fp8 matrix products in the transformer layers (faster on GPUs with fp8 units; approximate)")
     g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the layers (auto: on CUDA); the first run pays the compilation")
     g.add_argument("--noise", help=".safetensors with the initial noise [1, 16, T, H/8, W/8]")
@@ -153,6 +156,8 @@ def run_generate(args) -> dict:
     if args.blocks < 1:
         raise UsageError(f"--blocks must be >= 1, got {args.blocks}")
     model, label = load_model(args, device, dtype)
+    if args.fp8:
+        quantize_layers(model)
     model.compile_layers(args.compile == "on" or (args.compile == "auto" and device.type == "cuda"))
     if args.embeds:
         embeds = single_tensor(args.embeds, "a [L, 4096] prompt embedding")
