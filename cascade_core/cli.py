@@ -1,7 +1,9 @@
 """``python -m cascade_core generate``: block-causal text-to-video latents from the command line.
 
 Without ``--checkpoint`` a small built-in model with random weights runs (labelled untrained in the
-summary), so the command works on any machine. Bad arguments print one line and exit with code 2.
+summary), so the command works on any machine. ``--checkpoint`` reads any Wan2.1 T2V DiT layout
+(:mod:`checkpoint`), ``--lora`` merges a LoRA into it, ``--prompt`` embeds a text with a local umt5-xxl
+encoder (:mod:`text`). Bad arguments print one line and exit with code 2.
 Progress goes to stderr, one JSON summary line to stdout.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 import torch
 
 from . import attention
+from .checkpoint import EMA_MODES, load_dit
 from .fp8 import quantize_layers
 from .model import WanConfig, WanModel
 from .safe_io import CheckpointError, read_tensor_file, save_safetensors
@@ -48,8 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m cascade_core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     g = sub.add_parser("generate", help="generate latent video")
-    g.add_argument("--checkpoint", help="Wan2.1 T2V DiT weights (.safetensors, or .pt read with weights_only)")
-    g.add_argument("--embeds", help=".safetensors holding one [L, 4096] prompt embedding (random if absent)")
+    g.add_argument("--checkpoint", help="Wan2.1 T2V DiT weights: .safetensors (ComfyUI, diffusers, fp8), "
+                                        "a training .pt (read with weights_only) or a diffusers/Wan folder")
+    g.add_argument("--ema", choices=EMA_MODES, default="auto",
+                   help="EMA weights of a training checkpoint (auto: when present and no --lora)")
+    g.add_argument("--lora", help="LoRA merged into --checkpoint at load (LongLive, peft, ComfyUI/kohya keys)")
+    g.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora")
+    text = g.add_mutually_exclusive_group()
+    text.add_argument("--embeds", help=".safetensors holding one [L, 4096] prompt embedding (random if absent)")
+    text.add_argument("--prompt", help="prompt text, embedded with --text-encoder")
+    g.add_argument("--text-encoder", help="umt5-xxl encoder weights (ComfyUI text_encoders/umt5_xxl_*.safetensors "
+                                          "or Wan's models_t5_umt5-xxl-enc-bf16.pth)")
+    g.add_argument("--tokenizer", help="local umt5-xxl tokenizer folder (optional when the encoder file "
+                                       "carries its tokenizer, as ComfyUI's do)")
     g.add_argument("--width", type=int, default=832)
     g.add_argument("--height", type=int, default=480)
     g.add_argument("--blocks", type=int, default=7, help="latent blocks (7 x 3 latent frames = 81 video frames)")
@@ -99,15 +113,41 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_model(args, device: torch.device, dtype: torch.dtype) -> tuple[WanModel, str]:
+def load_weights(args, dtype: torch.dtype):
+    """(state dict on the CPU, CheckpointInfo) of --checkpoint with --lora merged; None without one."""
     if args.checkpoint is None:
+        return None
+    return load_dit(args.checkpoint, dtype=dtype, ema=args.ema, lora=args.lora, lora_scale=args.lora_scale)
+
+
+def build_model(weights, device: torch.device, dtype: torch.dtype) -> tuple[WanModel, str]:
+    if weights is None:
         return WanModel.random(BUILTIN, seed=0).to(device, dtype), "built-in untrained model (random weights)"
-    sd = read_tensor_file(args.checkpoint)
-    try:
-        model = WanModel.from_state_dict(sd, dtype=dtype, device=device)
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(args.checkpoint, f"not a usable Wan2.1 T2V DiT ({str(exc).splitlines()[0]})") from None
-    return model, args.checkpoint
+    sd, info = weights
+    return WanModel.from_state_dict(sd, device=device, num_heads=info.num_heads), info.describe()
+
+
+def check_text_arguments(args) -> None:
+    if args.lora and not args.checkpoint:
+        raise UsageError("--lora needs --checkpoint (the base weights it is merged into)")
+    if args.prompt is not None and not args.text_encoder:
+        raise UsageError("--prompt needs --text-encoder FILE (umt5-xxl weights) and, unless that file carries "
+                         "its tokenizer, --tokenizer DIR")
+    if args.prompt is None and (args.text_encoder or args.tokenizer):
+        raise UsageError("--text-encoder and --tokenizer are used only with --prompt")
+
+
+def prompt_embeddings(args, device: torch.device) -> tuple[torch.Tensor, str]:
+    """The --prompt text through the umt5 encoder, which is freed before the DiT loads."""
+    from .text import TextEncoder
+
+    encoder = TextEncoder.load(args.text_encoder, args.tokenizer, device=device,
+                               dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+    embeds = encoder([args.prompt])[0]
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return embeds, f"{len(embeds)} tokens"
 
 
 class BlockProgress:
@@ -155,13 +195,19 @@ def run_generate(args) -> dict:
     cfg.validate()
     if args.blocks < 1:
         raise UsageError(f"--blocks must be >= 1, got {args.blocks}")
-    model, label = load_model(args, device, dtype)
+    check_text_arguments(args)
+    weights = load_weights(args, dtype)  # checked (and kept on the CPU) before the text encoder runs
+    embeds, prompt_label = None, None
+    if args.prompt is not None:
+        embeds, prompt_label = prompt_embeddings(args, device)
+    model, label = build_model(weights, device, dtype)
+    del weights
     if args.fp8:
         quantize_layers(model)
     model.compile_layers(args.compile == "on" or (args.compile == "auto" and device.type == "cuda"))
     if args.embeds:
         embeds = single_tensor(args.embeds, "a [L, 4096] prompt embedding")
-    else:
+    elif embeds is None:
         embeds = torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(args.seed))
     noise = single_tensor(args.noise, "the initial noise") if args.noise else None
     progress = BlockProgress(args.blocks, not args.quiet)
@@ -169,7 +215,10 @@ def run_generate(args) -> dict:
                       height=args.height, seed=args.seed, noise=noise, on_block=progress)
     if args.latents_out:
         save_safetensors({"latents": result.latents}, args.latents_out)
-    return summary(result, args, label, device)
+    out = summary(result, args, label, device)
+    if prompt_label:
+        out["prompt"] = prompt_label
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
