@@ -1,0 +1,121 @@
+"""Input checks shared by validate_inputs (at queue time) and execute (before any GPU work).
+
+Each check raises ValueError whose message states the allowed range; ``as_validation`` turns that
+into the string ComfyUI shows for a failed validation.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from cascade_core.sampler import CascadeConfig, PromptSchedule, latent_size
+
+log = logging.getLogger("block_cascade")
+
+SIZE_MULTIPLE = 16
+MAX_SIZE = 4096
+MAX_BLOCKS = 1000
+MAX_STEPS = 16
+MAX_LATENT_FRAMES = 10000
+TEXT_LEN = 512
+
+
+def as_validation(check: Callable[[], object]) -> bool | str:
+    try:
+        check()
+    except ValueError as exc:
+        return str(exc)
+    return True
+
+
+def int_range(name: str, value, lo: int, hi: int, hint: str = "") -> int:
+    if value is None:  # linked input: checked again at execution
+        return value
+    v = int(value)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must lie in {lo}..{hi}{hint}, got {v}")
+    return v
+
+
+def video_size(width, height) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v is None:
+            continue
+        if not SIZE_MULTIPLE <= int(v) <= MAX_SIZE or int(v) % SIZE_MULTIPLE:
+            raise ValueError(f"{name} must be a multiple of {SIZE_MULTIPLE} in {SIZE_MULTIPLE}..{MAX_SIZE} "
+                             f"(e.g. 832 x 480), got {v}")
+    if width is not None and height is not None:
+        latent_size(int(width), int(height))
+
+
+def blocks(value) -> None:
+    int_range("length (blocks)", value, 1, MAX_BLOCKS, " (1 block = 12 video frames = 0.75 s at 16 fps)")
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(s) for s in str(text).replace(" ", "").split(",") if s)
+    except ValueError:
+        raise ValueError(f"steps must be comma-separated integers in 1..1000, strictly decreasing "
+                         f"(e.g. 1000,750,500,250), got {text!r}") from None
+    if not 1 <= len(steps) <= MAX_STEPS:
+        raise ValueError(f"steps must list 1..{MAX_STEPS} denoising steps (e.g. 1000,750,500,250), got {text!r}")
+    return steps
+
+
+def cascade_config(steps: str, parallel: int, attention: str, window: int, sink: int,
+                   shift: float = 5.0, flashblock: bool = False) -> CascadeConfig:
+    """The engine configuration of the config node's widgets; every range is checked."""
+    st = parse_steps(steps)
+    int_range("parallelism", parallel, 1, len(st) + 1, f" (1 = sequential, {len(st) + 1} = steps + 1 for "
+              f"the {len(st)}-step list)")
+    int_range("sink", sink, 0, MAX_LATENT_FRAMES, " latent frames")
+    int_range("window", window, 0, MAX_LATENT_FRAMES, " latent frames (0 = unlimited)")
+    cfg = CascadeConfig(steps=st, shift=float(shift), parallel=int(parallel), attention=attention,
+                        window=int(window) or None, sink=int(sink), flashblock="reuse" if flashblock else "off")
+    if cfg.window is not None and cfg.window < cfg.sink + cfg.frames_per_block:
+        raise ValueError(f"window must be 0 (unlimited) or at least sink + one block = "
+                         f"{cfg.sink + cfg.frames_per_block} latent frames (sink {cfg.sink}, blocks of "
+                         f"{cfg.frames_per_block}), got {cfg.window}")
+    cfg.validate()
+    return cfg
+
+
+def conditioning_embeds(cond, what: str) -> torch.Tensor:
+    """Core CONDITIONING [[tensor [1, L, D], {...}]] -> prompt embeddings [L, D]."""
+    if not isinstance(cond, (list, tuple)) or len(cond) == 0:
+        raise ValueError(f"{what}: the CONDITIONING is empty; connect a CLIPTextEncode (CLIPLoader type wan)")
+    if len(cond) != 1:
+        raise ValueError(f"{what}: the CONDITIONING holds {len(cond)} prompts; Block Cascade takes one per "
+                         f"entry (use Prompt Schedule to switch prompts)")
+    entry = cond[0]
+    t = entry[0] if isinstance(entry, (list, tuple)) and entry else None
+    if not torch.is_tensor(t) or t.dim() != 3 or t.shape[0] != 1 or t.shape[1] < 1:
+        shape = list(t.shape) if torch.is_tensor(t) else type(t).__name__
+        raise ValueError(f"{what}: expected prompt embeddings [1, L, 4096], got {shape}")
+    if t.shape[1] > TEXT_LEN:  # the reference's text encoder keeps the first 512 tokens too
+        log.warning("Block Cascade: %s has %d tokens; the model reads the first %d", what, t.shape[1], TEXT_LEN)
+        return t[0, :TEXT_LEN]
+    return t[0]
+
+
+def prompt_width(embeds: torch.Tensor, text_dim: int, what: str) -> None:
+    if embeds.shape[-1] != text_dim:
+        hint = " (a CLIP/SD text encoder?)" if embeds.shape[-1] in (768, 1024, 1280, 2048) else ""
+        raise ValueError(f"{what}: the conditioning has width {embeds.shape[-1]}{hint}; the model expects "
+                         f"{text_dim} (umt5-xxl: CLIPLoader with type wan, then CLIPTextEncode)")
+
+
+def schedule(entries, blocks_: int, text_dim: int) -> PromptSchedule:
+    if not entries:
+        raise ValueError("the prompt schedule is empty; add a Prompt Schedule entry at block 0")
+    sched = PromptSchedule([(int(s), e) for s, e in entries])
+    for s, e in sched.entries:
+        prompt_width(e, text_dim, f"prompt at block {s}")
+    try:
+        sched.validate(blocks_, text_dim)
+    except ValueError as exc:
+        raise ValueError(f"prompt schedule: {exc} (switch blocks must lie in 0..{blocks_ - 1}, the first at 0)") from None
+    return sched

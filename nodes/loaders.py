@@ -1,0 +1,131 @@
+"""Where the engine model and prompt embeddings come from."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+import folder_paths
+from cascade_core.model import WanConfig, WanModel
+from cascade_core.safe_io import CheckpointError, read_tensor_file
+
+from .checks import TEXT_LEN
+from .sockets import CATEGORY, EMBEDS_FOLDER, EngineModelType, register_folders
+from .values import CoreModel, FileModel
+
+log = logging.getLogger("block_cascade")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EMA_CHOICES = ("auto", "ema", "base")
+
+
+class BlockCascadeModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlockCascadeModelLoader",
+            display_name="Load Causal Video Model",
+            category=CATEGORY,
+            description="Loads a block-causal Wan2.1 T2V DiT (Self-Forcing, CausVid, LongLive, Causal Forcing; "
+                        "1.3B or 14B) from models/diffusion_models: Self-Forcing .pt, ComfyUI or diffusers "
+                        ".safetensors, fp8. Pickles are read with weights_only.",
+            inputs=[
+                io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models")),
+                io.Combo.Input("dtype", options=list(DTYPES), default="bf16",
+                               tooltip="Compute precision of the weights (fp8 files are widened to it)."),
+                io.Combo.Input("ema", options=list(EMA_CHOICES), default="auto",
+                               tooltip="Training checkpoints hold EMA and base weights: auto takes EMA when present."),
+                io.Combo.Input("lora", options=["none", *folder_paths.get_filename_list("loras")], default="none",
+                               tooltip="A LoRA merged into the weights at load (LongLive ships its model as base + "
+                                       "LoRA). For core LoRA nodes use Causal Model from MODEL."),
+            ],
+            outputs=[EngineModelType.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model_name, dtype, ema, lora="none") -> io.NodeOutput:
+        from cascade_core.checkpoint import load_dit
+
+        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        lora_path = None if lora in (None, "", "none") else folder_paths.get_full_path_or_raise("loras", lora)
+        sd, info = load_dit(path, dtype=DTYPES[dtype], ema=ema, lora=lora_path)
+        try:
+            model = WanModel.from_state_dict(sd, dtype=DTYPES[dtype])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(path, f"not a usable Wan2.1 T2V DiT ({str(exc).splitlines()[0]})") from None
+        log.info("Block Cascade: %s", info.describe())
+        return io.NodeOutput(FileModel(model, model_name, info.describe()))
+
+
+def expected_keys(cfg: WanConfig) -> set[str]:
+    with torch.device("meta"):
+        return set(WanModel(cfg).state_dict())
+
+
+class BlockCascadeFromModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlockCascadeFromModel",
+            display_name="Causal Model from MODEL",
+            category=CATEGORY,
+            description="Uses a core MODEL (e.g. from Load Diffusion Model, after LoRA nodes) as the causal "
+                        "video model. ComfyUI loads and patches it first; its weights are shared, not copied.",
+            inputs=[io.Model.Input("model", tooltip="A Wan2.1 T2V diffusion model (block-causal checkpoint).")],
+            outputs=[EngineModelType.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        inner = getattr(model, "model", None)
+        module = getattr(inner, "diffusion_model", None)
+        kind = type(inner).__name__ if inner is not None else type(model).__name__
+        if not isinstance(module, torch.nn.Module):
+            raise ValueError(f"MODEL: expected a core diffusion MODEL (ModelPatcher), got {kind}")
+        keys = {k for k in module.state_dict() if not k.endswith((".scale_weight", ".scale_input"))}
+        try:
+            cfg = WanConfig.from_state_dict(module.state_dict())
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ValueError(f"MODEL: {kind} is not a Wan2.1 T2V DiT (missing {exc})") from None
+        extra = sorted(keys - expected_keys(cfg))
+        missing = sorted(expected_keys(cfg) - keys)
+        if cfg.in_dim != 16 or extra or missing:
+            found = (f"input channels {cfg.in_dim}" if cfg.in_dim != 16 else
+                     f"unexpected parameters {', '.join(extra[:3])}" if extra else
+                     f"missing parameters {', '.join(missing[:3])}")
+            raise ValueError(f"MODEL: {kind} is not a Wan2.1 text-to-video DiT ({found}; image-to-video, "
+                             f"VACE, Fun and Wan2.2 models are not supported)")
+        return io.NodeOutput(CoreModel(model, label=kind))
+
+
+class BlockCascadeEmbedsLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        register_folders()
+        return io.Schema(
+            node_id="BlockCascadeEmbedsLoader",
+            display_name="Prompt Embeddings from File",
+            category=CATEGORY,
+            description="A precomputed umt5-xxl prompt embedding [L, 4096] (one tensor in a .safetensors under "
+                        "models/prompt_embeds) as CONDITIONING, like the command line's --embeds.",
+            inputs=[io.Combo.Input("embeds", options=folder_paths.get_filename_list(EMBEDS_FOLDER))],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, embeds) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(EMBEDS_FOLDER, embeds)
+        if not path.lower().endswith(".safetensors"):
+            raise CheckpointError(path, "prompt embeddings must be a .safetensors file")
+        tensors = read_tensor_file(path)
+        if len(tensors) != 1:
+            raise CheckpointError(path, f"expected exactly one tensor [L, 4096], found {len(tensors)}: "
+                                        f"{', '.join(list(tensors)[:4])}")
+        t = next(iter(tensors.values()))
+        if t.dim() == 3 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() != 2 or not t.is_floating_point() or not 1 <= t.shape[0] <= TEXT_LEN:
+            raise CheckpointError(path, f"expected prompt embeddings [L, 4096] with L in 1..{TEXT_LEN}, "
+                                        f"got {list(t.shape)} {t.dtype}")
+        return io.NodeOutput([[t.float().unsqueeze(0).contiguous(), {}]])

@@ -1,0 +1,216 @@
+"""Block Cascade Sampler: checks everything, then streams a video block by block."""
+from __future__ import annotations
+
+import gc
+import logging
+import traceback
+import warnings
+
+import torch
+from comfy_api.latest import io
+
+from cascade_core import attention as attention_backends
+from cascade_core.kv_pool import PoolLayout
+from cascade_core.sampler import Interrupted, generate, latent_size
+
+from . import checks, devices, stream
+from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
+
+log = logging.getLogger("block_cascade")
+
+GIB = 1024 ** 3
+
+
+def _mm():
+    import comfy.model_management as mm
+    return mm
+
+
+def estimate_run_bytes(model, cfg, blocks: int, width: int, height: int, prompts: int,
+                       vae_bytes: int) -> tuple[int, str]:
+    """About how much device memory a run needs besides the DiT weights, and what it is made of."""
+    c = model.cfg
+    h, w = latent_size(width, height, c.patch_size)
+    tpf = (h // c.patch_size[1]) * (w // c.patch_size[2])
+    fpb = cfg.frames_per_block
+    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=blocks * fpb,
+                        window=cfg.window, sink=cfg.sink, max_in_flight=cfg.parallel)
+    elem = 4 if model.dtype == torch.float32 else 2
+    kv = 2 * c.num_layers * layout.capacity_frames * tpf * c.dim * elem
+    tokens = cfg.parallel * fpb * tpf
+    activations = tokens * (c.ffn_dim + 8 * c.dim) * elem * 2
+    if cfg.flashblock != "off":
+        activations += c.num_layers * tokens * c.dim * 4 * 2  # kept block-external outputs + log-sum-exp
+    text = prompts * c.num_layers * 2 * checks.TEXT_LEN * c.dim * elem
+    latents = 3 * 16 * blocks * fpb * h * w * 4
+    vae_work = (vae_bytes + 3000 * h * w * 64 * elem) if vae_bytes else 0
+    total = int((kv + activations + text + latents + vae_work) * 1.2) + 256 * 1024 ** 2
+    what = (f"KV cache {kv / GIB:.2f} GiB, activations {activations / GIB:.2f} GiB, "
+            f"VAE {vae_work / GIB:.2f} GiB")
+    return total, what
+
+
+def vae_weights(vae):
+    """(state dict, dtype) of a core VAE that holds the Wan2.1 VAE; checked without allocating anything."""
+    if vae is None:
+        return None
+    from cascade_core.vae import WanVAEDecoder
+
+    get_sd = getattr(vae, "get_sd", None)
+    if get_sd is None:
+        raise ValueError(f"vae: expected a core VAE (VAELoader), got {type(vae).__name__}")
+    channels = getattr(vae, "latent_channels", 16)
+    if channels != 16:
+        raise ValueError(f"vae: this VAE has {channels} latent channels; Block Cascade needs the Wan2.1 VAE "
+                         f"(16 channels, e.g. wan_2.1_vae.safetensors)")
+    sd = get_sd()
+    dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+    try:
+        with warnings.catch_warnings():  # loading into meta tensors checks names and shapes, copies nothing
+            warnings.simplefilter("ignore")
+            WanVAEDecoder.from_state_dict(sd, dtype=dtype, device="meta", source="vae")
+    except Exception as exc:  # noqa: BLE001 - any mismatch means: not a Wan2.1 VAE
+        reason = getattr(exc, "reason", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise ValueError(f"vae: not a usable Wan2.1 VAE: {reason} (use wan_2.1_vae.safetensors)") from None
+    return sd, dtype
+
+
+def _vae_bytes(weights) -> int:
+    if weights is None:
+        return 0
+    sd, dtype = weights
+    elem = torch.empty((), dtype=dtype).element_size()
+    return sum(t.numel() for k, t in sd.items() if k.startswith(("decoder.", "conv2."))) * elem
+
+
+def _interrupted() -> bool:
+    mm = _mm()
+    return bool(mm.processing_interrupted()) if hasattr(mm, "processing_interrupted") else False
+
+
+def _raise_interrupt() -> None:
+    mm = _mm()
+    mm.throw_exception_if_processing_interrupted()  # clears ComfyUI's flag and raises its own exception
+    raise mm.InterruptProcessingException()
+
+
+class BlockCascadeSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BlockCascadeSampler",
+            display_name="Block Cascade Sampler",
+            category=CATEGORY,
+            description="Streams text-to-video from a block-causal Wan2.1 model, several blocks denoising at "
+                        "once (Block Cascading). Frames appear on the node as blocks finish.",
+            inputs=[
+                EngineModelType.Input("model"),
+                ConfigType.Input("config"),
+                io.Int.Input("width", default=832, min=checks.SIZE_MULTIPLE, max=checks.MAX_SIZE,
+                             step=checks.SIZE_MULTIPLE),
+                io.Int.Input("height", default=480, min=checks.SIZE_MULTIPLE, max=checks.MAX_SIZE,
+                             step=checks.SIZE_MULTIPLE),
+                io.Int.Input("blocks", display_name="length (blocks of 0.75 s)", default=7, min=1,
+                             max=checks.MAX_BLOCKS,
+                             tooltip="Video length in blocks of 3 latent frames: 12 video frames = 0.75 s at "
+                                     "16 fps each (the first gives 9). 7 blocks = 81 frames = 5.1 s; "
+                                     "80 blocks = 1 min."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="One prompt (CLIPTextEncode with a wan CLIPLoader). Connect this "
+                                              "or a schedule."),
+                ScheduleType.Input("schedule", optional=True, tooltip="Prompts switching at blocks."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Wan2.1 VAE: frames are decoded block by block as they finish. Without it "
+                                     "the IMAGE output and the live view are a cheap latent-RGB preview "
+                                     "(upscaled), not decoded video."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT",
+                                 tooltip="Raw Wan2.1 latents [1, 16, T, H/8, W/8] (core VAEDecode takes them)."),
+                io.Image.Output(display_name="IMAGE",
+                                tooltip="Frames (decoded with the VAE, else the latent-RGB preview)."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, width, height, blocks):
+        return checks.as_validation(lambda: (checks.video_size(width, height), checks.blocks(blocks)))
+
+    @classmethod
+    def execute(cls, model, config, width, height, blocks, seed, positive=None, schedule=None,
+                vae=None) -> io.NodeOutput:
+        # ---- every check, before anything touches a GPU ------------------------------------------------
+        cfg = config.cascade
+        cfg.validate()
+        checks.video_size(width, height)
+        checks.blocks(blocks)
+        device = devices.check(config.devices)
+        if config.attention_backend not in attention_backends.BACKENDS:
+            raise ValueError(f"attention backend must be one of {', '.join(attention_backends.BACKENDS)}")
+        if (positive is None) == (schedule is None):
+            raise ValueError("connect either positive (one prompt) or schedule (Prompt Schedule), not "
+                             + ("both" if positive is not None else "neither"))
+        if positive is not None:
+            entries = [(0, checks.conditioning_embeds(positive, "positive"))]
+        else:
+            entries = list(schedule.entries)
+        prompts = checks.schedule(entries, blocks, model.cfg.text_dim)
+        vae_sd = vae_weights(vae)
+        run_bytes, what = estimate_run_bytes(model, cfg, blocks, width, height, len(prompts.entries),
+                                             _vae_bytes(vae_sd))
+        devices.make_room(device, run_bytes + (0 if model.resident_on(device) else model.weight_bytes()))
+        weights = 0 if model.resident_on(device) else model.weight_bytes()  # making room may unload them
+        devices.check_free_memory([device], run_bytes + weights, f"weights {weights / GIB:.2f} GiB, {what}")
+
+        # ---- the run ------------------------------------------------------------------------------
+        import comfy.utils
+
+        attention_backends.set_backend(config.attention_backend)
+        node_id = cls.hidden.unique_id if cls.hidden is not None and cls.hidden.unique_id is not None else ""
+        progress = comfy.utils.ProgressBar(blocks, node_id=node_id or None)
+        wan = frames_of = reporter = result = None
+        try:
+            wan = model.acquire(device, run_bytes)
+            if vae_sd is not None:
+                from cascade_core.vae import WanVAEDecoder
+
+                frames_of = stream.VAEFrames(WanVAEDecoder.from_state_dict(vae_sd[0], dtype=vae_sd[1], device=device,
+                                                                           source="vae"))
+            else:
+                frames_of = stream.LatentPreview(width, height, cfg.frames_per_block)
+            reporter = stream.Reporter(node_id, blocks, cfg.frames_per_block, len(cfg.steps) + 1, cfg.parallel,
+                                       width, height, frames_of, progress=progress)
+            reporter.start()
+            result = generate(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,
+                              on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted)
+            from cascade_core.vae import normalized_to_raw
+
+            raw = normalized_to_raw(result.latents.float()).cpu()
+            reporter.finish()  # frames still being decoded
+            images = reporter.images()
+            seconds = result.seconds
+            log.info("Block Cascade: %d blocks, %d frames in %.2f s (%d ticks, first block after %.2f s)",
+                     blocks, images.shape[0], seconds, result.ticks, result.first_block_seconds)
+            reporter.done()
+            return io.NodeOutput({"samples": raw}, images)
+        except Interrupted as exc:
+            traceback.clear_frames(exc.__traceback__)  # the engine's frames hold the KV cache
+            if reporter is not None:
+                reporter.done(error="interrupted")
+            _raise_interrupt()
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)
+            if reporter is not None:
+                interrupted = type(exc).__name__ == "InterruptProcessingException"
+                reporter.done(error="interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            # Drop every reference to device tensors of this run, then give cached blocks back.
+            del wan, frames_of, result, vae_sd
+            if reporter is not None:
+                reporter.frames, reporter.pending = [], []
+            gc.collect()
+            devices.empty_cache()

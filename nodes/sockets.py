@@ -1,0 +1,21 @@
+"""The pack's own socket types and shared schema constants."""
+from comfy_api.latest import io
+
+CATEGORY = "video/block cascade"
+
+EngineModelType = io.Custom("BLOCK_CASCADE_MODEL")
+ConfigType = io.Custom("BLOCK_CASCADE_CONFIG")
+ScheduleType = io.Custom("BLOCK_CASCADE_PROMPT_SCHEDULE")
+
+EMBEDS_FOLDER = "prompt_embeds"
+
+
+def register_folders() -> None:
+    """models/prompt_embeds: precomputed [L, 4096] prompt embeddings (.safetensors)."""
+    import os
+
+    import folder_paths
+
+    if EMBEDS_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[EMBEDS_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, EMBEDS_FOLDER)], {".safetensors"})

@@ -1,0 +1,197 @@
+"""The values that travel on the pack's own sockets, and the engine-model handles.
+
+A ``BLOCK_CASCADE_MODEL`` is an :class:`EngineModel`: it knows the model's configuration without
+touching a GPU, and hands out a :class:`cascade_core.model.WanModel` on a device for one run
+(:meth:`EngineModel.acquire`). Two kinds:
+
+- :class:`FileModel` (Load Causal Video Model): the weights live on the offload device and are
+  managed by ComfyUI's model management like any core model (so ComfyUI can unload them when it needs
+  room), loaded fully before a run.
+- :class:`CoreModel` (Causal Model from MODEL): a core ``MODEL``; ComfyUI loads and patches it first
+  (LoRAs and other weight patches applied), then a WanModel is built around its very tensors (no
+  copy) for the run and dropped after it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from cascade_core.model import WanConfig, WanModel
+from cascade_core.sampler import CascadeConfig
+
+log = logging.getLogger("block_cascade")
+
+FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+          if hasattr(torch, n)}
+
+
+def state_dict_bytes(sd: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def _mm():
+    try:
+        import comfy.model_management as mm
+        return mm
+    except ImportError:
+        return None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the Block Cascade Config node produces."""
+
+    cascade: CascadeConfig = CascadeConfig()
+    devices: str = "auto"
+    attention_backend: str = "auto"
+    flashblock: bool = False
+
+
+@dataclass(frozen=True)
+class ScheduleValue:
+    """A prompt schedule: (start block, prompt embeddings [L, text_dim]) sorted by start block."""
+
+    entries: tuple[tuple[int, torch.Tensor], ...] = field(default_factory=tuple)
+
+    def with_entry(self, start: int, embeds: torch.Tensor) -> "ScheduleValue":
+        if any(s == start for s, _ in self.entries):
+            raise ValueError(f"the prompt schedule already has a prompt at block {start}; each start "
+                             f"block may hold one prompt")
+        return ScheduleValue(tuple(sorted(self.entries + ((start, embeds),), key=lambda e: e[0])))
+
+
+class EngineModel:
+    """Base of the BLOCK_CASCADE_MODEL values (see the module docstring)."""
+
+    label: str = "model"
+    cfg: WanConfig
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        raise NotImplementedError
+
+    def resident_on(self, device: torch.device) -> bool:
+        return False
+
+    def acquire(self, device: torch.device, extra_bytes: int) -> WanModel:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"{self.label}: Wan2.1 DiT, width {c.dim}, {c.num_layers} layers, {c.num_heads} heads, "
+                f"text width {c.text_dim}")
+
+
+class _Holder(torch.nn.Module):
+    """Wraps a WanModel for ComfyUI's ModelPatcher (which sets attributes such as ``device`` on it)."""
+
+    def __init__(self, model: WanModel):
+        super().__init__()
+        self.diffusion_model = model
+
+
+class FileModel(EngineModel):
+    def __init__(self, model: WanModel, label: str, info: str = ""):
+        self.model, self.label, self.info = model, label, info
+        self.cfg = model.cfg
+        self._patcher = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def weight_bytes(self) -> int:
+        return state_dict_bytes(self.model.state_dict())
+
+    def resident_on(self, device: torch.device) -> bool:
+        return self.model.device == device
+
+    def _patcher_for(self, device: torch.device, mm):
+        try:
+            from comfy.model_patcher import ModelPatcher
+        except ImportError:
+            return None
+        if self._patcher is not None and torch.device(self._patcher.load_device) != device:
+            for loaded in list(getattr(mm, "current_loaded_models", [])):
+                if getattr(loaded, "model", None) is self._patcher:
+                    loaded.model_unload()
+                    mm.current_loaded_models.remove(loaded)
+            self._patcher = None
+        if self._patcher is None:
+            offload = mm.unet_offload_device() if hasattr(mm, "unet_offload_device") else torch.device("cpu")
+            self._patcher = ModelPatcher(_Holder(self.model), load_device=device, offload_device=offload)
+        return self._patcher
+
+    def acquire(self, device: torch.device, extra_bytes: int) -> WanModel:
+        mm = _mm()
+        patcher = self._patcher_for(device, mm) if mm is not None else None
+        if patcher is not None:
+            mm.load_models_gpu([patcher], memory_required=extra_bytes, force_full_load=True)
+        if self.model.device != device:  # no ModelPatcher (outside ComfyUI), or it left the weights elsewhere
+            self.model.to(device)
+        return self.model
+
+
+class CoreModel(EngineModel):
+    def __init__(self, patcher, label: str = "MODEL"):
+        self.patcher, self.label = patcher, label
+        sd = self._module().state_dict()  # shapes only; nothing moves
+        self.cfg = WanConfig.from_state_dict(sd)
+        self._bytes = state_dict_bytes(sd)
+
+    def _module(self) -> torch.nn.Module:
+        return self.patcher.model.diffusion_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._module().patch_embedding.weight.dtype
+
+    def weight_bytes(self) -> int:
+        return self._bytes
+
+    def resident_on(self, device: torch.device) -> bool:
+        return self._module().patch_embedding.weight.device == device
+
+    def acquire(self, device: torch.device, extra_bytes: int) -> WanModel:
+        mm = _mm()
+        if mm is not None and hasattr(mm, "load_models_gpu"):
+            # Loads the weights onto the patcher's device with every weight patch (LoRA, ...) applied.
+            mm.load_models_gpu([self.patcher], memory_required=extra_bytes, force_patch_weights=True,
+                               force_full_load=True)
+        sd, dtype = compute_weights(self._module().state_dict(),  # the live (patched) tensors, shared
+                                    getattr(self.patcher.model, "manual_cast_dtype", None))
+        first = next(iter(sd.values()))
+        return WanModel.from_state_dict(sd, dtype=dtype, device=device if first.device != device else None)
+
+
+def compute_weights(sd: dict[str, torch.Tensor], cast_dtype: torch.dtype | None
+                    ) -> tuple[dict[str, torch.Tensor], torch.dtype | None]:
+    """Make a core model's state dict usable by the engine: one compute dtype, no fp8 storage.
+
+    Returns the state dict (the same tensors where nothing changes) and the dtype to cast to (None
+    when the weights already share one usable dtype). Scaled fp8 weights (``*.scale_weight``) are
+    dequantised; ``scale_input`` entries are dropped.
+    """
+    dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
+    scaled = any(k.endswith(".scale_weight") for k in sd)
+    if not (dtypes & FLOAT8) and len(dtypes) == 1 and not scaled:
+        return sd, None
+    target = cast_dtype if cast_dtype is not None and cast_dtype not in FLOAT8 else None
+    if target is None:
+        usable = [d for d in dtypes if d not in FLOAT8]
+        target = sd["patch_embedding.weight"].dtype if sd["patch_embedding.weight"].dtype in usable else (
+            usable[0] if len(usable) == 1 else torch.bfloat16)
+    out = {}
+    for k, t in sd.items():
+        if k.endswith((".scale_weight", ".scale_input")):
+            continue
+        scale = sd.get(k[: -len("weight")] + "scale_weight") if k.endswith(".weight") else None
+        t = t.to(target) if t.is_floating_point() else t
+        out[k] = t * scale.to(target) if scale is not None else t
+    log.info("Block Cascade: the model's weights are used as %s for the run", target)
+    return out, target

@@ -1,0 +1,340 @@
+"""The pack inside a real ComfyUI (CPU): skipped unless COMFYUI_DIR points at a ComfyUI checkout.
+
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/its/venv/bin/python python -m pytest -q tests/test_comfy_host.py
+
+It starts ComfyUI (``main.py --cpu``) on a free local port with a throwaway base directory whose
+custom_nodes/ holds a link to this pack and whose models/ holds tiny test models written by
+scripts/make_tiny_models.py (a 128-wide DiT, a full-width random Wan2.1 VAE decoder, two prompt
+embeddings), then checks over HTTP and the websocket:
+- the pack imports without error and /object_info lists every node with its inputs;
+- a bad input is refused by /prompt (HTTP 400) with the allowed range in the message;
+- an API workflow runs to execution_success: embeddings file -> prompt schedule -> sampler with the
+  core VAELoader's VAE -> CreateVideo -> SaveVideo, core VAEDecode of the sampler's LATENT, and a
+  second sampler on a core MODEL (UNETLoader -> Causal Model from MODEL); the websocket carries
+  block_cascade.start/state/frames/done for both samplers and a progress bar per block;
+- POST /interrupt mid-run ends it (execution_interrupted) and the next run succeeds.
+COMFYUI_PYTHON defaults to the interpreter running the tests; the host needs the pack's requirements.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the real host")
+
+OUR_NODES = {
+    "BlockCascadeModelLoader": {"model_name", "dtype", "ema", "lora"},
+    "BlockCascadeFromModel": {"model"},
+    "BlockCascadeConfig": {"parallel", "attention", "window", "sink", "steps", "shift", "devices",
+                           "attention_backend", "flashblock"},
+    "BlockCascadePromptSchedule": {"conditioning", "start_block", "previous"},
+    "BlockCascadeEmbedsLoader": {"embeds"},
+    "BlockCascadeSampler": {"model", "config", "width", "height", "blocks", "seed", "positive", "schedule", "vae"},
+}
+DIT = "block_cascade_tiny_dit.safetensors"
+EMBEDS = ("block_cascade_tiny_a.safetensors", "block_cascade_tiny_b.safetensors")
+VAE = "block_cascade_tiny_vae.safetensors"
+
+
+# ---- a small websocket client (stdlib only) ---------------------------------------------------------
+class WebSocket:
+    def __init__(self, host: str, port: int, path: str, timeout: float = 10):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("websocket handshake: connection closed")
+            self.buf += chunk
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        if b" 101 " not in head.split(b"\r\n")[0]:
+            raise ConnectionError(f"websocket handshake refused: {head[:200]!r}")
+
+    def _exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        head = bytes([0x80 | opcode]) + (bytes([0x80 | len(payload)]) if len(payload) < 126
+                                         else bytes([0x80 | 126]) + struct.pack(">H", len(payload)))
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def recv(self, timeout: float):
+        """(opcode, payload) of the next whole message (1 text, 2 binary); raises socket.timeout."""
+        self.sock.settimeout(timeout)
+        parts, first_op = [], None
+        while True:
+            b0, b1 = self._exact(2)
+            op, n = b0 & 0x0F, b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._exact(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._exact(8))[0]
+            mask = self._exact(4) if b1 & 0x80 else None
+            data = self._exact(n)
+            if mask:
+                data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+            if op == 9:
+                self._send(10, data)
+                continue
+            if op == 8:
+                raise ConnectionError("websocket closed by the server")
+            if op in (1, 2):
+                first_op = op
+            if op == 10:
+                continue
+            parts.append(data)
+            if b0 & 0x80:
+                return first_op, b"".join(parts)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# ---- the host ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Host:
+    def __init__(self, base: str):
+        self.base, self.port = base, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(base, "comfyui.log")
+        python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+        cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", base, "--disable-auto-launch"]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited ({self.proc.returncode}):\n{self.log_text()[-3000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        raise RuntimeError(f"ComfyUI did not answer:\n{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict | None):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body or {}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                text = r.read()
+                return r.status, (json.loads(text) if text.strip() else {})
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, workflow: dict, timeout: float = 300, on_message=None):
+        """Queue through a fresh websocket client; -> (final message type, [messages of this prompt])."""
+        client = uuid.uuid4().hex
+        ws = WebSocket("127.0.0.1", self.port, f"/ws?clientId={client}")
+        try:
+            status, reply = self.post("/prompt", {"prompt": workflow, "client_id": client})
+            assert status == 200, reply
+            pid, msgs = reply["prompt_id"], []
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                try:
+                    op, data = ws.recv(max(0.1, deadline - time.time()))
+                except socket.timeout:
+                    break
+                if op != 1:
+                    continue
+                msg = json.loads(data)
+                msgs.append(msg)
+                if on_message is not None:
+                    on_message(msg)
+                d = msg.get("data") or {}
+                if msg["type"] in ("execution_success", "execution_error", "execution_interrupted") \
+                        and d.get("prompt_id") == pid:
+                    return msg["type"], msgs, pid
+            return "timeout", msgs, pid
+        finally:
+            ws.close()
+
+    def history(self, prompt_id: str, timeout: float = 30) -> dict:
+        """/history of a prompt (written just after execution_success is sent, so poll for it)."""
+        deadline = time.time() + timeout
+        while True:
+            found = self.get(f"/history/{prompt_id}")
+            if prompt_id in found or time.time() > deadline:
+                return found[prompt_id]
+            time.sleep(0.2)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("comfy-base"))
+    os.makedirs(os.path.join(base, "custom_nodes"))
+    os.symlink(ROOT, os.path.join(base, "custom_nodes", "block_cascade"))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tiny_models.py"),
+                          os.path.join(base, "models"), "--vae", "full"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    h = Host(base)
+    try:
+        yield h
+    finally:
+        h.stop()
+        if os.environ.get("BLOCK_CASCADE_KEEP_HOST_LOG"):
+            shutil.copy(h.log_path, os.environ["BLOCK_CASCADE_KEEP_HOST_LOG"])
+
+
+def workflow(seed: int, blocks: int = 2, width: int = 32, height: int = 32) -> dict:
+    def link(node, slot=0):
+        return [str(node), slot]
+
+    return {
+        "1": {"class_type": "BlockCascadeModelLoader", "inputs": {"model_name": DIT, "dtype": "fp32", "ema": "auto",
+                                                                  "lora": "none"}},
+        "2": {"class_type": "BlockCascadeEmbedsLoader", "inputs": {"embeds": EMBEDS[0]}},
+        "3": {"class_type": "BlockCascadeEmbedsLoader", "inputs": {"embeds": EMBEDS[1]}},
+        "4": {"class_type": "BlockCascadePromptSchedule", "inputs": {"conditioning": link(2), "start_block": 0}},
+        "5": {"class_type": "BlockCascadePromptSchedule", "inputs": {"conditioning": link(3), "start_block": 1,
+                                                                     "previous": link(4)}},
+        "6": {"class_type": "BlockCascadeConfig", "inputs": {
+            "parallel": 3, "attention": "bidirectional", "window": 0, "sink": 0, "steps": "1000,750,500,250",
+            "shift": 5.0, "devices": "auto", "attention_backend": "auto", "flashblock": False}},
+        "7": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
+        "8": {"class_type": "BlockCascadeSampler", "inputs": {
+            "model": link(1), "config": link(6), "schedule": link(5), "vae": link(7), "width": width,
+            "height": height, "blocks": blocks, "seed": seed}},
+        "9": {"class_type": "CreateVideo", "inputs": {"images": link(8, 1), "fps": 16.0}},
+        "10": {"class_type": "SaveVideo", "inputs": {"video": link(9), "filename_prefix": "block_cascade_test/tiny",
+                                                     "format": "auto", "codec": "auto"}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": link(8, 0), "vae": link(7)}},
+        "12": {"class_type": "PreviewImage", "inputs": {"images": link(11)}},
+        "13": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT, "weight_dtype": "default"}},
+        "14": {"class_type": "BlockCascadeFromModel", "inputs": {"model": link(13)}},
+        "15": {"class_type": "BlockCascadeSampler", "inputs": {
+            "model": link(14), "config": link(6), "positive": link(2), "width": width, "height": height,
+            "blocks": 2, "seed": seed}},
+    }
+
+
+def events(msgs, name, node=None):
+    return [m["data"] for m in msgs if m["type"] == "block_cascade." + name
+            and (node is None or m["data"]["node"] == node)]
+
+
+def test_pack_imports_and_object_info_lists_every_node(host):
+    log = host.log_text()
+    assert "IMPORT FAILED" not in log, log[-3000:]
+    assert "custom_nodes/block_cascade" in log  # listed among the imported custom nodes
+    info = host.get("/object_info")
+    for node, inputs in OUR_NODES.items():
+        assert node in info, f"{node} missing from /object_info"
+        spec = info[node]["input"]
+        assert set(spec.get("required", {})) | set(spec.get("optional", {})) == inputs
+        assert info[node]["category"] == "video/block cascade"
+    assert info["BlockCascadeSampler"]["output"] == ["LATENT", "IMAGE"]
+    assert DIT in combo_options(info["BlockCascadeModelLoader"]["input"]["required"]["model_name"])
+    assert set(EMBEDS) <= set(combo_options(info["BlockCascadeEmbedsLoader"]["input"]["required"]["embeds"]))
+
+
+def combo_options(spec) -> list:
+    """A combo input of /object_info: [[options...], {...}] (V1) or ["COMBO", {"options": [...]}] (V3)."""
+    return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+
+
+def test_bad_input_is_refused_at_queue_time_with_the_allowed_range(host):
+    wf = workflow(seed=1, width=830)
+    status, reply = host.post("/prompt", {"prompt": wf, "client_id": "x"})
+    assert status == 400
+    text = json.dumps(reply["node_errors"])
+    assert "width must be a multiple of 16 in 16..4096" in text
+    wf = workflow(seed=1)
+    wf["6"]["inputs"]["parallel"] = 6
+    status, reply = host.post("/prompt", {"prompt": wf, "client_id": "x"})
+    assert status == 400 and "parallelism must lie in 1..5" in json.dumps(reply["node_errors"])
+
+
+def test_workflow_with_tiny_models_runs_to_success_and_streams_frames(host):
+    final, msgs, pid = host.run(workflow(seed=random.randrange(1 << 30)))
+    errors = [m for m in msgs if m["type"] == "execution_error"]
+    assert final == "execution_success", errors or host.log_text()[-3000:]
+    for node, blocks in (("8", 2), ("15", 2)):
+        (start,) = events(msgs, "start", node)
+        assert start["blocks"] == blocks and start["fps"] == 16 and start["stages"] == 5
+        frames = events(msgs, "frames", node)
+        assert [f["block"] for f in frames] == list(range(blocks))
+        assert sum(len(f["frames"]) for f in frames) == start["frames_total"] == 1 + 4 * (3 * blocks - 1)
+        assert base64.b64decode(frames[0]["frames"][0])[:2] == b"\xff\xd8"  # JPEG
+        assert events(msgs, "state", node) and "error" not in events(msgs, "done", node)[0]
+        progress = [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"]["node"] == node]
+        assert progress[-blocks:] == list(range(1, blocks + 1))
+    history = host.history(pid)
+    saved = history["outputs"]["10"]
+    files = [x for v in saved.values() if isinstance(v, list) for x in v if isinstance(x, dict) and "filename" in x]
+    assert files and os.path.isfile(os.path.join(host.base, "output", files[0]["subfolder"], files[0]["filename"]))
+    assert history["outputs"]["12"]["images"]  # core VAEDecode took the sampler's LATENT
+
+
+def test_interrupt_stops_the_run_and_the_next_run_works(host):
+    sent = {}
+
+    def on_message(msg):
+        if msg["type"] == "block_cascade.frames" and not sent:
+            sent["at"] = msg["data"]["block"]
+            host.post("/interrupt", {})
+
+    wf = workflow(seed=random.randrange(1 << 30), blocks=40, width=256, height=256)
+    for n in ("11", "12", "13", "14", "15", "9", "10"):
+        del wf[n]
+    wf["8"]["inputs"].pop("vae")
+    wf["6"]["inputs"]["parallel"] = 1
+    final, msgs, _ = host.run(wf, on_message=on_message)
+    assert sent and final == "execution_interrupted", [m["type"] for m in msgs][-10:]
+    frames = events(msgs, "frames", "8")
+    assert len(frames) < 40 and events(msgs, "done", "8")[0]["error"] == "interrupted"
+    final, msgs, _ = host.run(workflow(seed=random.randrange(1 << 30)))
+    assert final == "execution_success"

@@ -1,0 +1,550 @@
+"""The ComfyUI nodes, run through the stand-in comfy modules (tests/comfy_stub) on a tiny model (CPU).
+
+What this proves: the schemas build (V3 entry point, no V1 mappings); Load Causal Video Model, Prompt
+Embeddings from File, Block Cascade Config, Prompt Schedule and the Sampler run end to end and give
+the engine's own latents (RAW, core Wan2.1 layout) and frames; the widget events (start/state/frames/
+done) are JSON, go to the queuing client, carry decodable JPEGs and consistent frame indices; progress
+advances once per block; Cancel stops within one tick and the next run works; a core MODEL is
+loaded/patched by ComfyUI first and its tensors are shared; and every bad input of the design's
+section 6 is refused before the engine runs, with the allowed range in the message.
+"""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io as _io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "comfy_stub"))
+os.environ.setdefault("BLOCK_CASCADE_TEST_ROOT", tempfile.mkdtemp(prefix="bc-comfy-"))
+
+import comfy.model_management as mm  # noqa: E402  (the stand-in)
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+import server  # noqa: E402
+from custom_node_loader import load_pack  # noqa: E402
+
+from cascade_core.model import WanModel  # noqa: E402
+from cascade_core.sampler import CascadeConfig, PromptSchedule, generate  # noqa: E402
+
+PACK, NODES = load_pack(ROOT)
+PKG = PACK.__name__
+sampler_mod = sys.modules[f"{PKG}.nodes.sampler"]
+devices_mod = sys.modules[f"{PKG}.nodes.devices"]
+stream_mod = sys.modules[f"{PKG}.nodes.stream"]
+values_mod = sys.modules[f"{PKG}.nodes.values"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("make_tiny_models", os.path.join(ROOT, "scripts", "make_tiny_models.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+tiny = _load_script()
+MODELS = folder_paths.models_dir
+WRITTEN = tiny.write(MODELS, vae_width="tiny")
+folder_paths.folder_names_and_paths.setdefault("prompt_embeds", ([os.path.join(MODELS, "prompt_embeds")], {".safetensors"}))
+
+W, H, BLOCKS = 64, 32, 3
+
+
+def run(node_id: str, unique_id: str = "7", **kwargs):
+    cls = NODES[node_id].PREPARE_CLASS_CLONE({"UNIQUE_ID": unique_id})
+    out = cls.execute(**kwargs)
+    return out.args
+
+
+class Recorder:
+    """PromptServer.instance and the progress hook of ComfyUI, recording what the nodes send."""
+
+    def __init__(self, on_event=None):
+        self.server = server.PromptServer()
+        self.progress = []
+        self.on_event = on_event
+        sent = self.server.sent
+
+        def send_sync(event, data, sid=None):
+            json.dumps(data)  # JSON only, or this raises
+            sent.append((event, data, sid))
+            if self.on_event is not None:
+                self.on_event(event, data)
+
+        self.server.send_sync = send_sync
+
+    def __enter__(self):
+        server.PromptServer.instance = self.server
+        comfy.utils.PROGRESS_BAR_HOOK = lambda v, t, p, node_id=None: self.progress.append((v, t, node_id))
+        return self
+
+    def __exit__(self, *exc):
+        server.PromptServer.instance = None
+        comfy.utils.PROGRESS_BAR_HOOK = None
+
+    def events(self, name=None):
+        return [(e, d) for e, d, _ in self.server.sent if name is None or e == "block_cascade." + name]
+
+
+@pytest.fixture(scope="module")
+def model():
+    (m,) = run("BlockCascadeModelLoader", model_name=tiny.DIT_NAME, dtype="fp32", ema="auto")
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    (a,) = run("BlockCascadeEmbedsLoader", embeds=tiny.EMBEDS_NAMES[0])
+    (b,) = run("BlockCascadeEmbedsLoader", embeds=tiny.EMBEDS_NAMES[1])
+    return a, b
+
+
+def config(**kw):
+    args = dict(parallel=3, attention="bidirectional", window=0, sink=0, steps="1000,750,500,250", shift=5.0,
+                devices="auto", attention_backend="auto", flashblock=False)
+    args.update(kw)
+    (settings,) = run("BlockCascadeConfig", **args)
+    return settings
+
+
+@pytest.fixture(autouse=True)
+def fast_state_events(monkeypatch):
+    monkeypatch.setattr(stream_mod, "STATE_INTERVAL", 0.0)  # every tick's state event, to check them all
+    mm.interrupt_current_processing(False)
+    yield
+    mm.interrupt_current_processing(False)
+
+
+# ---- schemas ---------------------------------------------------------------------------------------
+def test_schemas_build_and_register_through_the_v3_entry_point():
+    assert set(NODES) == {"BlockCascadeModelLoader", "BlockCascadeFromModel", "BlockCascadeConfig",
+                          "BlockCascadePromptSchedule", "BlockCascadeEmbedsLoader", "BlockCascadeSampler"}
+    assert not hasattr(PACK, "NODE_CLASS_MAPPINGS") and PACK.WEB_DIRECTORY == "./web"
+    for cls in NODES.values():
+        s = cls.GET_SCHEMA()
+        assert s.category == "video/block cascade" and s.display_name and s.description
+    s = NODES["BlockCascadeSampler"].GET_SCHEMA()
+    assert [o.io_type for o in s.outputs] == ["LATENT", "IMAGE"]
+    assert "UNIQUE_ID" in [h.value for h in s.hidden]
+    ins = s.input_types()
+    assert set(ins["optional"]) == {"positive", "schedule", "vae"}
+    assert "0.75 s" in ins["required"]["blocks"][1]["display_name"] and "16 fps" in ins["required"]["blocks"][1]["tooltip"]
+    assert "latent-RGB preview" in ins["optional"]["vae"][1]["tooltip"]
+    assert NODES["BlockCascadeModelLoader"].INPUT_TYPES()["required"]["model_name"][0] == [tiny.DIT_NAME]
+
+
+def test_root_module_imports_nothing_heavy_and_exposes_the_engine_by_name():
+    code = ("import importlib.util, sys; p = sys.argv[1]; "
+            "s = importlib.util.spec_from_file_location(p.replace('.', '_x_'), p + '/__init__.py'); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "print('torch' in sys.modules, hasattr(m, 'comfy_entrypoint'), hasattr(m, 'NODE_CLASS_MAPPINGS')); "
+            "import cascade_core; print(cascade_core.__file__.startswith(p))")
+    out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, cwd="/",
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "False", "True"]
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+def test_sampler_end_to_end_events_progress_and_outputs(model, prompts):
+    from cascade_core.vae import normalized_to_raw
+
+    settings = config()
+    with Recorder() as rec:
+        latent, images = run("BlockCascadeSampler", unique_id="12", model=model, config=settings, width=W,
+                             height=H, blocks=BLOCKS, seed=5, positive=prompts[0])
+    # the engine's own result, untouched but for the RAW conversion of core Wan2.1 LATENTs
+    ref = generate(model.model, PromptSchedule.single(prompts[0][0][0]), settings.cascade, blocks=BLOCKS,
+                   width=W, height=H, seed=5)
+    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    assert latent["samples"].shape == (1, 16, 3 * BLOCKS, H // 8, W // 8)
+    frames = 1 + 4 * (3 * BLOCKS - 1)
+    assert images.shape == (frames, H, W, 3) and images.dtype == torch.float32
+    assert 0 <= float(images.min()) and float(images.max()) <= 1
+
+    names = [e for e, _ in rec.events()]
+    assert names[0] == "block_cascade.start" and names[-1] == "block_cascade.done"
+    assert all(sid == "client-1" for _, _, sid in rec.server.sent)
+    (_, start), = rec.events("start")
+    assert start == {"node": "12", "run": start["run"], "blocks": BLOCKS, "frames_total": frames, "fps": 16,
+                     "width": W, "height": H, "stages": 5, "parallel": 3}
+    states = [d for _, d in rec.events("state")]
+    assert [s["tick"] for s in states] == list(range(ref.ticks)) and states[-1]["done_blocks"] == BLOCKS
+    assert all(isinstance(p, list) and len(p) == 2 for s in states for p in s["pairs"])
+    assert max(len(s["pairs"]) for s in states) == 3  # three blocks in flight
+    got = [d for _, d in rec.events("frames")]
+    assert [d["block"] for d in got] == list(range(BLOCKS))
+    assert [d["first_frame"] for d in got] == [0, 9, 21]
+    assert sum(len(d["frames"]) for d in got) == frames
+    from PIL import Image
+    img = Image.open(_io.BytesIO(base64.b64decode(got[1]["frames"][0])))
+    assert img.format == "JPEG" and img.size == (W, H)
+    assert {d["run"] for _, d in rec.events()} == {start["run"]}
+    (_, done), = rec.events("done")
+    assert done["frames"] == frames and "error" not in done
+    assert rec.progress == [(i, BLOCKS, "12") for i in range(1, BLOCKS + 1)]
+
+
+def test_prompt_schedule_switches_prompts_at_blocks(model, prompts):
+    (s0,) = run("BlockCascadePromptSchedule", conditioning=prompts[0], start_block=0)
+    (s1,) = run("BlockCascadePromptSchedule", conditioning=prompts[1], start_block=2, previous=s0)
+    settings = config(parallel=2, attention="causal")
+    with Recorder():
+        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=BLOCKS,
+                        seed=1, schedule=s1)
+    e0, e1 = prompts[0][0][0][0], prompts[1][0][0][0]
+    ref = generate(model.model, PromptSchedule([(0, e0), (2, e1)]), settings.cascade, blocks=BLOCKS, width=W,
+                   height=H, seed=1)
+    from cascade_core.vae import normalized_to_raw
+    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    # order of chaining does not matter; a second prompt at one block is refused
+    (t1,) = run("BlockCascadePromptSchedule", conditioning=prompts[1], start_block=2)
+    (t0,) = run("BlockCascadePromptSchedule", conditioning=prompts[0], start_block=0, previous=t1)
+    assert [s for s, _ in t0.entries] == [0, 2]
+    with pytest.raises(ValueError, match="already has a prompt at block 2"):
+        run("BlockCascadePromptSchedule", conditioning=prompts[0], start_block=2, previous=t0)
+
+
+def test_sampler_with_a_core_vae_streams_decoded_frames(model, prompts):
+    from cascade_core.vae import WanVAEDecoder
+
+    sd = {k: v for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(WRITTEN["vae"]).items()}
+
+    class CoreVAE:  # what VAELoader returns, as far as the pack uses it
+        latent_channels = 16
+
+        def get_sd(self):
+            return sd
+
+    with Recorder() as rec:
+        latent, images = run("BlockCascadeSampler", model=model, config=config(), width=W, height=H,
+                             blocks=BLOCKS, seed=2, vae=CoreVAE(), positive=prompts[0])
+    from cascade_core.vae import raw_to_normalized
+    z = raw_to_normalized(latent["samples"])
+    stream = WanVAEDecoder.from_state_dict(sd, dtype=torch.float32, device="cpu").stream()
+    ref = torch.cat([stream.decode(z[:, :, 3 * b:3 * b + 3]) for b in range(BLOCKS)], 2)
+    ref = ((ref[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
+    assert images.shape == ref.shape
+    assert torch.allclose(images, ref, atol=1e-4)
+    assert sum(len(d["frames"]) for _, d in rec.events("frames")) == images.shape[0]
+
+
+def test_core_model_is_loaded_and_patched_by_comfy_first_and_shared(prompts):
+    inner = WanModel.random(tiny.TINY_DIT, seed=3)
+
+    class Patcher:  # a core MODEL: ComfyUI's loading applies the LoRA patch to the weights in place
+        def __init__(self):
+            self.model = type("WAN21", (), {})()
+            self.model.diffusion_model = inner
+            self.patched = False
+
+        def patch_model(self):
+            if not self.patched:
+                with torch.no_grad():
+                    inner.head.head.weight.add_(0.25)
+                self.patched = True
+
+    patcher = Patcher()
+    before = inner.head.head.weight.clone()
+    (m,) = run("BlockCascadeFromModel", model=patcher)
+    mm.calls.clear()
+    wan = m.acquire(torch.device("cpu"), 0)
+    assert any(c[0] == "load_models_gpu" and c[2] and c[3] for c in mm.calls)  # force patch + full load
+    assert torch.equal(wan.head.head.weight, before + 0.25)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(wan.state_dict().values(), inner.state_dict().values()))
+    with Recorder() as rec:
+        latent, _ = run("BlockCascadeSampler", model=m, config=config(parallel=1, attention="causal"), width=W,
+                        height=H, blocks=2, seed=0, positive=prompts[0])
+    assert latent["samples"].shape[2] == 6 and len(rec.events("frames")) == 2
+
+
+def test_core_model_that_is_not_wan_t2v_is_refused():
+    i2v = WanModel.random(tiny.TINY_DIT, seed=0)
+    i2v.register_parameter("img_emb_weight", torch.nn.Parameter(torch.zeros(1)))
+    patcher = type("P", (), {})()
+    patcher.model = type("WAN21", (), {})()
+    patcher.model.diffusion_model = i2v
+    with pytest.raises(ValueError, match="not a Wan2.1 text-to-video DiT.*image-to-video"):
+        run("BlockCascadeFromModel", model=patcher)
+    patcher.model.diffusion_model = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="not a Wan2.1 T2V DiT"):
+        run("BlockCascadeFromModel", model=patcher)
+
+
+# ---- cancel ----------------------------------------------------------------------------------------
+def test_cancel_stops_within_one_tick_frees_memory_and_the_next_run_works(model, prompts):
+    stop_at = {}
+
+    def on_event(event, data):
+        if event == "block_cascade.state" and data["tick"] == 2:
+            mm.interrupt_current_processing(True)  # what POST /interrupt does
+            stop_at["tick"] = 2
+
+    mm.calls.clear()
+    with Recorder(on_event) as rec:
+        with pytest.raises(mm.InterruptProcessingException):
+            run("BlockCascadeSampler", model=model, config=config(), width=W, height=H, blocks=BLOCKS, seed=3,
+                positive=prompts[0])
+    assert stop_at and max(d["tick"] for _, d in rec.events("state")) == 2  # no tick after the one it saw
+    (_, done), = rec.events("done")
+    assert done["error"] == "interrupted"
+    assert not mm.processing_interrupted()  # ComfyUI's flag is consumed
+    assert ("soft_empty_cache",) in mm.calls
+    with Recorder() as rec:
+        latent, _ = run("BlockCascadeSampler", model=model, config=config(), width=W, height=H, blocks=BLOCKS,
+                        seed=3, positive=prompts[0])
+    assert latent["samples"].shape[2] == 3 * BLOCKS and "error" not in rec.events("done")[0][1]
+
+
+def test_comfy_progress_hook_raising_on_interrupt_also_ends_the_run_cleanly(model, prompts):
+    def hook(value, total, preview, node_id=None):
+        mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()  # ComfyUI's hook does exactly this
+
+    with Recorder() as rec:
+        comfy.utils.PROGRESS_BAR_HOOK = hook
+        with pytest.raises(mm.InterruptProcessingException):
+            run("BlockCascadeSampler", model=model, config=config(), width=W, height=H, blocks=BLOCKS, seed=3,
+                positive=prompts[0])
+    assert rec.events("done")[0][1]["error"] == "interrupted"
+    assert len(rec.events("frames")) == 1
+
+
+# ---- bad input: refused before any engine work -----------------------------------------------------
+@pytest.fixture
+def no_engine(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("the engine ran although the input is bad")
+
+    monkeypatch.setattr(sampler_mod, "generate", forbidden)
+    monkeypatch.setattr(values_mod.FileModel, "acquire", forbidden)
+    monkeypatch.setattr(values_mod.CoreModel, "acquire", forbidden)
+
+
+def sample(model, **kw):
+    args = dict(model=model, config=config(), width=W, height=H, blocks=BLOCKS, seed=0)
+    args.update(kw)
+    with Recorder() as rec:
+        run("BlockCascadeSampler", **args)
+    return rec
+
+
+def cond(width=4096, tokens=8, n=1):
+    return [[torch.randn(1, tokens, width), {}] for _ in range(n)]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(positive=cond(768)), r"width 768.*expects 4096"),
+    (dict(positive=cond(n=2)), r"holds 2 prompts"),
+    (dict(positive=[]), r"CONDITIONING is empty"),
+    (dict(), r"either positive .* or schedule .*neither"),
+    (dict(schedule="EMPTY"), r"prompt schedule is empty"),
+    (dict(schedule="BEYOND"), r"block 5 is beyond the video.*0\.\.2"),
+    (dict(schedule="LATE_START"), r"first prompt must start at block 0"),
+    (dict(schedule="WIDE"), r"prompt at block 0: .*width 1024"),
+    (dict(positive=cond(), width=830), r"width must be a multiple of 16 in 16\.\.4096"),
+    (dict(positive=cond(), height=0), r"height must be a multiple of 16"),
+    (dict(positive=cond(), blocks=0), r"length \(blocks\) must lie in 1\.\.1000"),
+])
+def test_bad_sampler_inputs_are_refused_before_the_engine_runs(model, no_engine, kw, message):
+    ScheduleValue = values_mod.ScheduleValue
+    special = {"EMPTY": ScheduleValue(), "BEYOND": ScheduleValue(((0, torch.randn(4, 4096)), (5, torch.randn(4, 4096)))),
+               "LATE_START": ScheduleValue(((1, torch.randn(4, 4096)),)),
+               "WIDE": ScheduleValue(((0, torch.randn(4, 1024)),))}
+    if kw.get("schedule") in special:
+        kw["schedule"] = special[kw["schedule"]]
+    with pytest.raises(ValueError, match=message):
+        sample(model, **kw)
+
+
+def test_validate_inputs_reports_ranges_at_queue_time():
+    s, c, p = NODES["BlockCascadeSampler"], NODES["BlockCascadeConfig"], NODES["BlockCascadePromptSchedule"]
+    assert s.validate_inputs(width=832, height=480, blocks=7) is True
+    assert "multiple of 16" in s.validate_inputs(width=830, height=480, blocks=7)
+    assert "1..1000" in s.validate_inputs(width=832, height=480, blocks=0)
+    assert s.validate_inputs(width=None, height=480, blocks=None) is True  # linked widgets: checked at run
+    base = dict(parallel=1, attention="causal", window=0, sink=0, steps="1000,750,500,250", shift=5.0,
+                devices="auto", attention_backend="auto", flashblock=False)
+    assert c.validate_inputs(**base) is True
+    msg = c.validate_inputs(**{**base, "parallel": 6})
+    assert "parallelism must lie in 1..5" in msg and "steps + 1" in msg
+    assert "1..4" in c.validate_inputs(**{**base, "parallel": 5, "steps": "1000,750,500"})
+    msg = c.validate_inputs(**{**base, "window": 2})
+    assert "at least sink + one block = 3" in msg and "0 (unlimited)" in msg
+    assert "at least sink + one block = 6" in c.validate_inputs(**{**base, "window": 5, "sink": 3})
+    assert c.validate_inputs(**{**base, "window": 12, "sink": 3}) is True
+    assert "strictly decrease" in c.validate_inputs(**{**base, "steps": "250,500"})
+    assert "comma-separated integers" in c.validate_inputs(**{**base, "steps": "a,b"})
+    assert "attention backend must be one of" in c.validate_inputs(**{**base, "attention_backend": "nope"})
+    assert "in-flight attention" in c.validate_inputs(**{**base, "attention": "sideways"})
+    assert "0..999" in p.validate_inputs(start_block=1000)
+    with pytest.raises(ValueError, match="parallelism must lie in 1..5"):
+        config(parallel=6)
+
+
+def test_devices_absent_several_or_full_are_named_with_their_free_memory(model, monkeypatch, no_engine):
+    GIB = 1024 ** 3
+    monkeypatch.setattr(devices_mod, "cuda_count", lambda: 0)
+    base = dict(parallel=1, attention="causal", window=0, sink=0, steps="1000,750,500,250", shift=5.0,
+                attention_backend="auto", flashblock=False)
+    msg = NODES["BlockCascadeConfig"].validate_inputs(devices="cuda:0", **base)
+    assert "cuda:0 is not present" in msg and "0 CUDA device" in msg
+    assert "not a device" in NODES["BlockCascadeConfig"].validate_inputs(devices="gpu zero", **base)
+    # two present GPUs: several devices need the distributed engine (one gate: devices.single_device)
+    monkeypatch.setattr(devices_mod, "cuda_count", lambda: 2)
+    monkeypatch.setattr(devices_mod, "free_bytes", lambda d: (3 * GIB) // (1 + d.index))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Test GPU")
+    msg = NODES["BlockCascadeConfig"].validate_inputs(devices="cuda:0,cuda:1", **base)
+    assert "multi-GPU needs the distributed engine" in msg
+    msg = NODES["BlockCascadeConfig"].validate_inputs(devices="cuda:0,cuda:2", **base)
+    assert "cuda:2 is not present" in msg and "cuda:0 (Test GPU, 3.0 GiB free), cuda:1 (Test GPU, 1.5 GiB free)" in msg
+    # a GPU already full: refused before anything moves, naming the GPU and its free memory
+    monkeypatch.setattr(devices_mod, "free_bytes", lambda d: GIB // 10)
+    mm.calls.clear()
+    settings = values_mod.Settings(cascade=CascadeConfig(parallel=2), devices="cuda:1")
+    with pytest.raises(ValueError, match=r"not enough GPU memory on cuda:1.*cuda:1 0\.10 GiB free"):
+        sample(model, config=settings, positive=cond())
+    assert mm.calls[0][0] == "free_memory"  # ComfyUI was asked to unload its own models first
+    monkeypatch.setattr(devices_mod, "cuda_count", lambda: 0)
+
+
+def test_bad_vae_is_refused_before_the_engine_runs(model, no_engine):
+    class Wan22VAE:
+        latent_channels = 48
+
+        def get_sd(self):
+            return {}
+
+    class SDVAE:
+        latent_channels = 16
+
+        def get_sd(self):
+            return {"decoder.conv_in.weight": torch.zeros(8, 16, 3, 3)}
+
+    with pytest.raises(ValueError, match="48 latent channels.*Wan2.1 VAE"):
+        sample(model, positive=cond(), vae=Wan22VAE())
+    with pytest.raises(ValueError, match="not a Wan2.1 VAE"):
+        sample(model, positive=cond(), vae=SDVAE())
+
+
+def _write(path, data: bytes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return os.path.basename(path)
+
+
+def test_bad_checkpoint_files_are_refused_naming_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = os.path.join(MODELS, "diffusion_models")
+    good = open(os.path.join(folder, tiny.DIT_NAME), "rb").read()
+    truncated = _write(os.path.join(folder, "bc_truncated.safetensors"), good[: len(good) // 2])
+    others = {  # not a Wan2.1 T2V DiT: the message names the file and what it looks like
+        "bc_sd15_like.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
+                                     "Stable Diffusion"),
+        "bc_vae_like.safetensors": (tiny.vae_state_dict("tiny"), "VAE"),
+        "bc_i2v_like.safetensors": ({**tiny.tiny_dit_state_dict(), "img_emb.proj.0.bias": torch.zeros(3)},
+                                    "image-to-video"),
+        "bc_t5_like.safetensors": ({"shared.weight": torch.zeros(4, 4),
+                                    "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4)},
+                                   "text encoder"),
+    }
+    for name, (sd, what) in others.items():
+        save_file(sd, os.path.join(folder, name))
+        with pytest.raises(ValueError, match=f"{name}: not a Wan2.1 .*{what}"):
+            run("BlockCascadeModelLoader", model_name=name, dtype="fp32", ema="auto")
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = os.path.join(folder, "bc_evil.pt")
+    torch.save({"w": Evil()}, evil)
+    for name in (truncated, os.path.basename(evil)):
+        with pytest.raises(ValueError) as err:
+            run("BlockCascadeModelLoader", model_name=name, dtype="fp32", ema="auto")
+        assert name in str(err.value)
+    assert not marker.exists()  # the pickle's code never ran
+    with pytest.raises(ValueError, match="refused"):
+        run("BlockCascadeModelLoader", model_name=os.path.basename(evil), dtype="fp32", ema="auto")
+    # nothing else broke: the good file still loads
+    (m,) = run("BlockCascadeModelLoader", model_name=tiny.DIT_NAME, dtype="fp32", ema="auto")
+    assert m.cfg.text_dim == 4096
+
+
+def test_bad_embeddings_files_are_refused_naming_the_file():
+    from safetensors.torch import save_file
+
+    folder = os.path.join(MODELS, "prompt_embeds")
+    save_file({"a": torch.zeros(4, 4096), "b": torch.zeros(4, 4096)}, os.path.join(folder, "bc_two.safetensors"))
+    save_file({"a": torch.zeros(4, 4, 4096)}, os.path.join(folder, "bc_3d.safetensors"))
+    with pytest.raises(ValueError, match="bc_two.safetensors: expected exactly one tensor"):
+        run("BlockCascadeEmbedsLoader", embeds="bc_two.safetensors")
+    with pytest.raises(ValueError, match=r"bc_3d.safetensors: expected prompt embeddings \[L, 4096\]"):
+        run("BlockCascadeEmbedsLoader", embeds="bc_3d.safetensors")
+    (c,) = run("BlockCascadeEmbedsLoader", embeds=tiny.EMBEDS_NAMES[0])
+    assert c[0][0].shape == (1, tiny.EMBED_TOKENS, 4096)
+
+
+# ---- the event stream on its own ------------------------------------------------------------------
+def test_state_events_are_rate_limited_but_the_last_tick_always_goes(monkeypatch):
+    monkeypatch.setattr(stream_mod, "STATE_INTERVAL", 0.1)
+    now = [0.0]
+    sent = []
+    r = stream_mod.Reporter("3", 40, 3, 5, 5, 64, 32, lambda b, z: None, send=lambda e, d: sent.append((e, d)),
+                            clock=lambda: now[0])
+    r.start()
+    ev = type("Tick", (), {})
+    for t in range(44):
+        now[0] = 0.01 * t
+        e = ev()
+        e.tick, e.ticks, e.pairs, e.done_blocks = t, 44, ((t, 0),), 0
+        r.on_tick(e)
+    ticks = [d["tick"] for e, d in sent if e == "block_cascade.state"]
+    assert ticks[0] == 0 and ticks[-1] == 43 and len(ticks) <= 7  # 0.44 s of ticks: at most ~10/s, plus the last
+    assert stream_mod.preview_size(832, 480) == (320, 184) and stream_mod.preview_size(64, 32) == (64, 32)
+    assert stream_mod.block_frame_range(0, 3) == (0, 9) and stream_mod.block_frame_range(6, 3) == (69, 12)
+
+
+def test_model_loader_merges_a_lora_from_the_loras_folder():
+    from safetensors.torch import save_file
+
+    rank, dim = 4, tiny.TINY_DIT.dim
+    lora = {"blocks.0.self_attn.q.lora_A.weight": torch.randn(rank, dim),
+            "blocks.0.self_attn.q.lora_B.weight": torch.randn(dim, rank)}
+    os.makedirs(os.path.join(MODELS, "loras"), exist_ok=True)
+    save_file(lora, os.path.join(MODELS, "loras", "bc_tiny_lora.safetensors"))
+    options = NODES["BlockCascadeModelLoader"].INPUT_TYPES()["required"]["lora"][0]
+    assert options[0] == "none" and "bc_tiny_lora.safetensors" in options
+    (plain,) = run("BlockCascadeModelLoader", model_name=tiny.DIT_NAME, dtype="fp32", ema="auto", lora="none")
+    (merged,) = run("BlockCascadeModelLoader", model_name=tiny.DIT_NAME, dtype="fp32", ema="auto",
+                    lora="bc_tiny_lora.safetensors")
+    delta = merged.model.blocks[0].self_attn.q.weight - plain.model.blocks[0].self_attn.q.weight
+    assert torch.allclose(delta, lora["blocks.0.self_attn.q.lora_B.weight"] @ lora["blocks.0.self_attn.q.lora_A.weight"],
+                          atol=1e-4)
+    assert torch.equal(merged.model.blocks[1].self_attn.q.weight, plain.model.blocks[1].self_attn.q.weight)
+    assert "bc_tiny_lora.safetensors" in merged.info
+
+
+def test_window_sink_and_flashblock_settings_reach_the_engine(model, prompts):
+    settings = config(parallel=2, window=6, sink=3, flashblock=True, attention_backend="math")
+    c = settings.cascade
+    assert (c.window, c.sink, c.flashblock, c.parallel, settings.attention_backend) == (6, 3, "reuse", 2, "math")
+    assert config(window=0).cascade.window is None  # 0 = unlimited
+    with Recorder() as rec:
+        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=4, seed=9,
+                        positive=prompts[0])
+    ref = generate(model.model, PromptSchedule.single(prompts[0][0][0][0]), c, blocks=4, width=W, height=H, seed=9)
+    from cascade_core.vae import normalized_to_raw
+    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    assert len(rec.events("frames")) == 4

@@ -1,0 +1,187 @@
+"""The shipped workflows: UI format (workflows/*.json) and API format (workflows/api/*.json).
+
+What this proves: every UI workflow has an API twin and vice versa; each UI file is a consistent
+LiteGraph graph (links agree with the nodes' inputs and outputs, types match on both ends); twin and
+UI hold the same nodes, the same links and the same widget values by name; every class_type is one
+of ours or a core node of ComfyUI 0.3.64 listed below (as facts), every input name exists in that
+node's schema and every required input is given; and each workflow is the one it claims to be.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "comfy_stub"))
+os.environ.setdefault("BLOCK_CASCADE_TEST_ROOT", tempfile.mkdtemp(prefix="bc-comfy-"))
+
+from custom_node_loader import load_pack  # noqa: E402
+
+_, OURS = load_pack(ROOT)
+
+# Core nodes of ComfyUI 0.3.64 that the workflows use (facts read from its nodes.py and
+# comfy_extras/nodes_video.py): socket inputs {name: (type, optional)}, widget names in widget order
+# (optional ones last), output types.
+CORE = {
+    "CLIPLoader": {"sockets": {}, "widgets": ["clip_name", "type", "device"], "optional": {"device"},
+                   "outputs": ["CLIP"]},
+    "CLIPTextEncode": {"sockets": {"clip": "CLIP"}, "widgets": ["text"], "optional": set(),
+                       "outputs": ["CONDITIONING"]},
+    "VAELoader": {"sockets": {}, "widgets": ["vae_name"], "optional": set(), "outputs": ["VAE"]},
+    "CreateVideo": {"sockets": {"images": "IMAGE", "audio": "AUDIO"}, "widgets": ["fps"], "optional": {"audio"},
+                    "outputs": ["VIDEO"]},
+    "SaveVideo": {"sockets": {"video": "VIDEO"}, "widgets": ["filename_prefix", "format", "codec"],
+                  "optional": set(), "outputs": []},
+}
+CLIP_TYPES_064 = {"stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
+                  "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL = "control_after_generate"
+
+
+def node_facts(class_type: str) -> dict:
+    """sockets {name: type}, widgets (in order, with CONTROL after a seed-like INT), optional names, outputs."""
+    if class_type in CORE:
+        return CORE[class_type]
+    schema = OURS[class_type].GET_SCHEMA()
+    sockets, widgets, optional = {}, [], set()
+    for i in schema.inputs:
+        if i.optional:
+            optional.add(i.id)
+        if i.io_type in WIDGET_TYPES:
+            widgets.append(i.id)
+            if getattr(i, "control_after_generate", None):
+                widgets.append(CONTROL)
+        else:
+            sockets[i.id] = i.io_type
+    return {"sockets": sockets, "widgets": widgets, "optional": optional,
+            "outputs": [o.io_type for o in schema.outputs]}
+
+
+UI_FILES = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+NAMES = [os.path.basename(p) for p in UI_FILES]
+
+
+def load(name):
+    with open(os.path.join(ROOT, "workflows", name)) as f:
+        ui = json.load(f)
+    with open(os.path.join(ROOT, "workflows", "api", name)) as f:
+        api = json.load(f)
+    return ui, api
+
+
+def test_every_ui_workflow_has_an_api_twin_and_the_four_are_there():
+    api_names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "workflows", "api", "*.json")))
+    assert NAMES == api_names
+    assert set(NAMES) >= {"text_to_video_cascade.json", "prompt_switching.json", "long_video_window_sink.json",
+                          "multi_gpu.json"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_is_a_consistent_litegraph_graph(name):
+    ui, _ = load(name)
+    assert ui["version"] == 0.4 and isinstance(ui["extra"], dict)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]) and ui["last_node_id"] >= max(nodes)
+    links = {l[0]: l for l in ui["links"]}
+    assert len(links) == len(ui["links"]) and ui["last_link_id"] >= max(links)
+    for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        out = nodes[src]["outputs"][src_slot]
+        inp = nodes[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id
+        assert out["type"] == inp["type"] == typ
+    for n in ui["nodes"]:
+        facts = node_facts(n["type"])
+        assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
+                "widgets_values"} <= set(n)
+        assert n["properties"]["Node name for S&R"] == n["type"]
+        for i in n["inputs"]:
+            assert facts["sockets"][i["name"]] == i["type"]
+            assert i["link"] is None or i["link"] in links
+            assert (i.get("shape") == 7) == (i["name"] in facts["optional"])
+        assert [o["type"] for o in n["outputs"]] == facts["outputs"]
+        for o in n["outputs"]:
+            assert all(links[l][1] == n["id"] for l in o["links"])
+        assert len(n["widgets_values"]) == len(facts["widgets"])
+
+
+def ui_as_api(ui: dict) -> dict:
+    """What the frontend's 'Export (API)' makes of a UI workflow (links + named widget values)."""
+    links = {l[0]: l for l in ui["links"]}
+    out = {}
+    for n in ui["nodes"]:
+        facts = node_facts(n["type"])
+        inputs = {w: v for w, v in zip(facts["widgets"], n["widgets_values"]) if w != CONTROL}
+        for i in n["inputs"]:
+            if i["link"] is not None:
+                _, src, slot, _, _, _ = links[i["link"]]
+                inputs[i["name"]] = [str(src), slot]
+        out[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_twin_holds_the_same_nodes_links_and_values(name):
+    ui, api = load(name)
+    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()} == ui_as_api(ui)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_uses_known_nodes_and_input_names(name):
+    _, api = load(name)
+    for node_id, node in api.items():
+        ct = node["class_type"]
+        assert ct in CORE or ct in OURS, f"{name}: node {node_id} has unknown class_type {ct}"
+        facts = node_facts(ct)
+        known = set(facts["sockets"]) | set(facts["widgets"]) - {CONTROL}
+        assert set(node["inputs"]) <= known, f"{name}: {ct} has no input(s) {set(node['inputs']) - known}"
+        required = known - facts["optional"]
+        if ct == "BlockCascadeSampler":  # positive or schedule (checked at run), VAE optional
+            required -= {"positive", "schedule", "vae"}
+        assert required <= set(node["inputs"]), f"{name}: {ct} lacks {required - set(node['inputs'])}"
+        for inp, value in node["inputs"].items():
+            if isinstance(value, list):
+                src = api[value[0]]
+                assert node_facts(src["class_type"])["outputs"][value[1]] == facts["sockets"][inp]
+        if ct == "CLIPLoader":
+            assert node["inputs"]["type"] in CLIP_TYPES_064 and node["inputs"]["type"] == "wan"
+        if ct in OURS:  # our own validation accepts every value
+            cls = OURS[ct]
+            if ct == "BlockCascadeConfig":
+                values = dict(node["inputs"], devices="auto")  # the device list is checked on the machine
+                assert cls.validate_inputs(**values) is True
+            elif ct == "BlockCascadeSampler":
+                ins = node["inputs"]
+                assert cls.validate_inputs(width=ins["width"], height=ins["height"], blocks=ins["blocks"]) is True
+                assert ("positive" in ins) != ("schedule" in ins)
+
+
+def _by_type(api, class_type):
+    return [n["inputs"] for n in api.values() if n["class_type"] == class_type]
+
+
+def test_each_workflow_is_what_it_claims():
+    _, t2v = load("text_to_video_cascade.json")
+    (cfg,) = _by_type(t2v, "BlockCascadeConfig")
+    assert cfg["parallel"] > 1 and cfg["devices"] == "auto"
+    _, sw = load("prompt_switching.json")
+    starts = sorted(s["start_block"] for s in _by_type(sw, "BlockCascadePromptSchedule"))
+    (smp,) = _by_type(sw, "BlockCascadeSampler")
+    assert starts[0] == 0 and len(starts) >= 2 and starts[-1] < smp["blocks"]
+    _, long = load("long_video_window_sink.json")
+    (cfg,) = _by_type(long, "BlockCascadeConfig")
+    assert (cfg["window"], cfg["sink"]) == (12, 3)
+    _, multi = load("multi_gpu.json")
+    (cfg,) = _by_type(multi, "BlockCascadeConfig")
+    assert cfg["devices"] == "cuda:0,cuda:1"
+    for name in NAMES:
+        _, api = load(name)
+        types = {n["class_type"] for n in api.values()}
+        assert {"CLIPLoader", "CLIPTextEncode", "VAELoader", "CreateVideo", "SaveVideo", "BlockCascadeSampler"} <= types
+        (cv,) = _by_type(api, "CreateVideo")
+        assert cv["fps"] == 16.0
