@@ -1,0 +1,339 @@
+"""The streaming decoders (Wan2.1 VAE, taew2_1 preview) on tiny random configs of the real architectures.
+
+Proves: block-by-block decoding equals one decode of everything (fp32, 1e-5) for several block sizes;
+the frame counts 1+4(n-1) then 4n; causality (a latent frame changes no earlier frame) and that the
+memory between blocks matters; loading from .safetensors / .pt (encoder keys, prefixes ignored);
+clear CheckpointErrors for wrong files; the latent normalisation; and, through reference values
+computed once with the original implementations on the same seeded weights, that the architecture
+and parameter names are the original ones.
+"""
+import pytest
+import torch
+
+from cascade_core.safe_io import CheckpointError, save_safetensors
+from cascade_core.taew import TAEW2_1_WIDTHS, TinyWanDecoder
+from cascade_core.vae import (LATENT_MEAN, LATENT_STD, WanVAEDecoder, normalized_to_raw,
+                              raw_to_normalized)
+
+DIM = 8  # Wan VAE base width (96 when released)
+WIDTHS = (16, 8, 8, 8)  # taew2_1 widths (256, 128, 64, 64 when released)
+H, W = 4, 6  # latent height, width
+
+
+def seeded_weights(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Weights for ``model``'s parameter names and shapes, drawn in sorted-name order (so they depend on
+    the names and shapes only): matrices ~ N(0, 1/fan_in), norm gains ~ N(1, 0.1^2), biases ~ N(0, 0.05^2)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in sorted(model.state_dict().items()):
+        x = torch.randn(p.shape, generator=g)
+        if p.dim() > 1:
+            out[name] = x * p[0].numel() ** -0.5
+        elif name.endswith("gamma"):
+            out[name] = 1 + 0.1 * x
+        else:
+            out[name] = 0.05 * x
+    return out
+
+
+def latents(t: int, seed: int = 1, h: int = H, w: int = W) -> torch.Tensor:
+    return torch.randn(1, 16, t, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def vae_weights(dim: int = DIM) -> dict[str, torch.Tensor]:
+    sd = seeded_weights(WanVAEDecoder(dim), seed=0)
+    sd["decoder.head.2.weight"] = sd["decoder.head.2.weight"] * 0.3  # few pixels clipped to [-1, 1]
+    return sd
+
+
+def tiny_weights(widths=WIDTHS) -> dict[str, torch.Tensor]:
+    sd = seeded_weights(TinyWanDecoder(widths), seed=0)
+    # Centre the output on the [0, 1] scale so that few pixels are clipped (comparisons stay meaningful).
+    sd["decoder.22.weight"] = sd["decoder.22.weight"] * 0.3
+    sd["decoder.22.bias"] = torch.full_like(sd["decoder.22.bias"], 0.5)
+    return sd
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These small convolutions run no faster on more threads, and far slower on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return WanVAEDecoder.from_state_dict(vae_weights())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return TinyWanDecoder.from_state_dict(tiny_weights())
+
+
+def decode_in_blocks(decoder, z: torch.Tensor, sizes: list[int], frames_per_pass=None) -> list[torch.Tensor]:
+    stream = decoder.stream(frames_per_pass)
+    out, at = [], 0
+    for n in sizes:
+        out.append(stream.decode(z[:, :, at:at + n]))
+        at += n
+    assert at == z.shape[2]
+    return out
+
+
+def expected_counts(sizes: list[int]) -> list[int]:
+    return [1 + 4 * (n - 1) if i == 0 else 4 * n for i, n in enumerate(sizes)]
+
+
+# ---- values of the original implementations (Wan2.1's WanVAE_.decode, TAEHV.decode_video) ----------
+# Same seeded weights as here; z = latents(3); pixels (y, x) of every channel and frame, [c][frame].
+
+VAE_REFERENCE = {
+    (5, 7): [[-0.129913, -0.038207, 0.098495, 0.144249, 0.010600, 0.014377, 0.052769, -0.093286, -0.085581],
+             [0.145265, -0.080764, -0.043499, 0.132527, -0.031864, 0.086442, 0.082839, 0.202734, -0.200707],
+             [-0.466809, 0.122640, -0.287827, -0.366984, -0.249988, -0.426244, -0.050900, -0.308639, -0.316053]],
+    (20, 40): [[0.075533, 0.045168, 0.182944, -0.260468, 0.024910, -0.021771, 0.179723, 0.401463, -0.251398],
+               [0.197668, -0.249979, -0.006896, -0.135002, 0.290585, 0.053331, 0.100947, 0.293222, -0.145755],
+               [-0.381156, 0.230465, -0.316349, -0.003979, -0.366459, -0.282479, -0.286218, -0.175472, -0.180576]],
+}
+# Released widths (the original class has no others), latents(3, h=2, w=3).
+TINY_REFERENCE = {
+    (5, 7): [[-0.126858, -0.213578, -0.207336, -0.129338, 0.065308, -0.185233, -0.388306, -0.207252, -0.084146],
+             [-0.165491, -0.077548, -0.123132, -0.020330, -0.199182, -0.062621, -0.107552, 0.009722, -0.223795],
+             [-0.245700, -0.106755, -0.261340, -0.232014, -0.209947, -0.108450, -0.300121, -0.296479, -0.196180]],
+    (12, 20): [[-0.160142, -0.171808, -0.108731, -0.021595, -0.142262, -0.194185, -0.239746, -0.103066, -0.148439],
+               [0.036356, -0.129225, -0.014555, -0.061672, -0.064003, -0.106221, 0.010311, -0.034223, 0.019346],
+               [-0.177320, -0.111632, -0.097065, -0.240154, -0.180949, -0.113689, -0.219272, -0.165494, -0.174212]],
+}
+
+
+def check_reference(frames: torch.Tensor, reference: dict) -> None:
+    assert reference, "reference values missing"
+    for (y, x), values in reference.items():
+        torch.testing.assert_close(frames[0, :, :, y, x], torch.tensor(values), atol=1e-4, rtol=0)
+
+
+# ---- Wan2.1 VAE -----------------------------------------------------------------------------------
+
+def test_vae_matches_the_original_implementation(vae):
+    check_reference(vae.decode(latents(3)), VAE_REFERENCE)
+
+
+@pytest.mark.parametrize("sizes", [[3], [3, 3], [3] * 5, [1] * 5, [2] * 4, [1, 3, 2]])
+def test_vae_streaming_equals_one_shot(vae, sizes):
+    z = latents(sum(sizes))
+    whole = vae.decode(z, frames_per_pass=None)
+    blocks = decode_in_blocks(vae, z, sizes)
+    assert [b.shape[2] for b in blocks] == expected_counts(sizes)
+    assert all(b.shape[-2:] == (8 * H, 8 * W) and b.dtype == torch.float32 for b in blocks)
+    assert (torch.cat(blocks, dim=2) - whole).abs().max() <= 1e-5
+    assert (whole.abs() < 0.99).float().mean() > 0.9  # mostly unclipped: the comparison sees real values
+
+
+def test_vae_pass_size_does_not_change_frames(vae):
+    z = latents(5)
+    whole = vae.decode(z, frames_per_pass=None)
+    for per_pass in (1, 2):
+        assert (vae.decode(z, frames_per_pass=per_pass) - whole).abs().max() <= 1e-5
+    streamed = decode_in_blocks(vae, z, [3, 2], frames_per_pass=None)
+    assert (torch.cat(streamed, dim=2) - whole).abs().max() <= 1e-5
+
+
+def test_vae_is_causal_and_its_memory_matters(vae):
+    z = latents(5)
+    base = vae.decode(z)
+    changed = z.clone()
+    changed[:, :, 3] += 1.0
+    other = vae.decode(changed)
+    first = 1 + 4 * (3 - 1)  # first frame of latent frame 3
+    assert torch.equal(other[:, :, :first], base[:, :, :first])
+    assert (other[:, :, first:] - base[:, :, first:]).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-4
+    # The second block decoded after the first differs from the same latents decoded as a video start.
+    stream = vae.stream()
+    stream.decode(z[:, :, :3])
+    second = stream.decode(z[:, :, 3:])
+    alone = vae.decode(z[:, :, 3:])
+    assert (second[:, :, -4:] - alone[:, :, -4:]).abs().max() > 1e-3
+    stream.reset()
+    assert (stream.decode(z[:, :, :3]) - base[:, :, :9]).abs().max() <= 1e-5
+
+
+def test_vae_stream_keeps_its_shape_until_reset(vae):
+    stream = vae.stream()
+    stream.decode(latents(1))
+    with pytest.raises(ValueError, match="reset"):
+        stream.decode(latents(1, h=2))
+    stream.reset()
+    assert stream.decode(latents(2, h=2)).shape == (1, 3, 5, 16, 8 * W)
+    with pytest.raises(ValueError):
+        stream.decode(torch.zeros(1, 48, 1, H, W))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vae_low_precision_runs_close_to_fp32(vae, dtype):
+    z = latents(2)
+    reference = vae.decode(z)
+    half = WanVAEDecoder.from_state_dict(vae_weights(), dtype=dtype)
+    assert half.dtype == dtype
+    out = half.decode(z)
+    assert out.dtype == torch.float32 and out.shape == reference.shape
+    assert (out - reference).abs().max() < 0.05
+
+
+def test_vae_loads_files_and_ignores_the_encoder(tmp_path, vae):
+    sd = vae_weights()
+    full = {**sd, "encoder.conv1.weight": torch.randn(DIM, 3, 3, 3, 3), "conv1.weight": torch.randn(32, 32, 1, 1, 1),
+            "conv1.bias": torch.randn(32)}
+    z = latents(4)
+    expected = vae.decode(z)
+    paths = [tmp_path / "wan_2.1_vae.safetensors", tmp_path / "Wan2.1_VAE.pth", tmp_path / "prefixed.safetensors"]
+    save_safetensors(full, str(paths[0]))
+    torch.save(full, paths[1])
+    save_safetensors({f"first_stage_model.{k}": v for k, v in full.items()}, str(paths[2]))
+    for path in paths:
+        loaded = WanVAEDecoder.from_file(path)
+        assert loaded.dim == DIM
+        assert torch.equal(loaded.decode(z), expected), path.name
+
+
+def wrong_vae_files():
+    good = vae_weights()
+    wan22 = dict(good)
+    wan22["conv2.weight"] = torch.randn(48, 48, 1, 1, 1)
+    wan22["decoder.conv1.weight"] = torch.randn(4 * DIM, 48, 3, 3, 3)
+    missing = {k: v for k, v in good.items() if not k.startswith("decoder.upsamples.7.")}
+    narrow = dict(good)
+    narrow["decoder.head.2.weight"] = torch.randn(3, DIM + 1, 3, 3, 3)
+    return {
+        "unrelated": ({"alpha": torch.zeros(3), "beta": torch.ones(2, 2)}, "keys are unlike"),
+        "dit": ({"patch_embedding.weight": torch.zeros(4, 16, 1, 2, 2), "blocks.0.self_attn.q.weight": torch.zeros(4, 4)},
+                "diffusion model"),
+        "wan22": (wan22, "48 latent channels"),
+        "missing": (missing, "decoder.upsamples.7.resample.1.weight"),
+        "narrow": (narrow, "decoder.head.2.weight"),
+        "tiny": (tiny_weights(), "tiny"),
+    }
+
+
+@pytest.mark.parametrize("case", list(wrong_vae_files()))
+def test_vae_rejects_other_files(tmp_path, case):
+    sd, reason = wrong_vae_files()[case]
+    path = tmp_path / f"{case}.safetensors"
+    save_safetensors(sd, str(path))
+    with pytest.raises(CheckpointError) as err:
+        WanVAEDecoder.from_file(path)
+    assert err.value.path == str(path) and path.name in str(err.value)
+    assert reason in str(err.value)
+
+
+def test_vae_rejects_a_file_that_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(CheckpointError, match="list.pt: not a dictionary of tensors"):
+        WanVAEDecoder.from_file(path)
+
+
+def test_latent_normalisation():
+    z = latents(3)
+    raw = normalized_to_raw(z)
+    torch.testing.assert_close(raw_to_normalized(raw), z, atol=1e-6, rtol=0)
+    zero, one = torch.zeros(1, 16, 1, 1, 1), torch.ones(1, 16, 1, 1, 1)
+    assert torch.allclose(normalized_to_raw(zero).flatten(), torch.tensor(LATENT_MEAN))
+    assert torch.allclose(normalized_to_raw(one).flatten(), torch.tensor(LATENT_MEAN) + torch.tensor(LATENT_STD))
+    assert normalized_to_raw(z.half()).dtype == torch.float16
+    with pytest.raises(ValueError):
+        normalized_to_raw(torch.zeros(1, 4, 1, 2, 2))
+
+
+# ---- taew2_1 preview decoder -------------------------------------------------------------------
+
+def test_tiny_matches_the_original_implementation():
+    decoder = TinyWanDecoder.from_state_dict(tiny_weights(TAEW2_1_WIDTHS))
+    check_reference(decoder.decode(latents(3, h=2, w=3)), TINY_REFERENCE)
+
+
+@pytest.mark.parametrize("sizes", [[3], [3, 3, 3], [1] * 4, [2, 1, 3]])
+def test_tiny_streaming_equals_one_shot(tiny, sizes):
+    z = latents(sum(sizes))
+    whole = tiny.decode(z, frames_per_pass=None)
+    blocks = decode_in_blocks(tiny, z, sizes, frames_per_pass=1)
+    assert [b.shape[2] for b in blocks] == expected_counts(sizes)
+    assert all(b.shape[-2:] == (8 * H, 8 * W) for b in blocks)
+    assert (torch.cat(blocks, dim=2) - whole).abs().max() <= 1e-5
+    assert (whole.abs() < 0.99).float().mean() > 0.9
+
+
+def test_tiny_is_causal_and_its_memory_matters(tiny):
+    z = latents(4)
+    base = tiny.decode(z)
+    changed = z.clone()
+    changed[:, :, 2] += 1.0
+    other = tiny.decode(changed)
+    first = 1 + 4 * (2 - 1)
+    assert torch.equal(other[:, :, :first], base[:, :, :first])
+    assert (other[:, :, first:] - base[:, :, first:]).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-4
+    stream = tiny.stream()
+    stream.decode(z[:, :, :2])
+    second = stream.decode(z[:, :, 2:])
+    alone = tiny.decode(z[:, :, 2:])
+    assert (second[:, :, -4:] - alone[:, :, -4:]).abs().max() > 1e-3
+
+
+def test_tiny_loads_files_and_keeps_the_last_step_of_a_wide_time_layer(tmp_path, tiny):
+    sd = tiny_weights()
+    z = latents(3)
+    expected = tiny.decode(z)
+    full = {**sd, "encoder.0.weight": torch.randn(64, 3, 3, 3)}
+    save_safetensors(full, str(tmp_path / "taew2_1.safetensors"))
+    torch.save(full, tmp_path / "taew2_1.pth")
+    save_safetensors({f"taehv_{k}": v for k, v in sd.items()}, str(tmp_path / "comfy.safetensors"))
+    for name in ("taew2_1.safetensors", "taew2_1.pth", "comfy.safetensors"):
+        loaded = TinyWanDecoder.from_file(tmp_path / name)
+        assert loaded.widths == WIDTHS
+        assert torch.equal(loaded.decode(z), expected), name
+    wide = dict(sd)
+    wide["decoder.7.conv.weight"] = torch.cat([torch.randn_like(sd["decoder.7.conv.weight"]), sd["decoder.7.conv.weight"]])
+    assert torch.equal(TinyWanDecoder.from_state_dict(wide).decode(z), expected)
+
+
+@pytest.mark.parametrize("case", ["full_vae", "wan22", "unrelated"])
+def test_tiny_rejects_other_files(tmp_path, case):
+    if case == "full_vae":
+        sd, reason = vae_weights(), "full Wan VAE"
+    elif case == "wan22":
+        sd = tiny_weights()
+        sd["decoder.1.weight"] = torch.randn(WIDTHS[0], 48, 3, 3)
+        reason = "48-channel"
+    else:
+        sd, reason = {"alpha": torch.zeros(3)}, "keys are unlike"
+    path = tmp_path / f"{case}.pt"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError) as err:
+        TinyWanDecoder.from_file(path)
+    assert path.name in str(err.value) and reason in str(err.value)
+
+
+# ---- CUDA: the decode runs on its own stream, after the caller's work --------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls, weights", [(WanVAEDecoder, vae_weights), (TinyWanDecoder, tiny_weights)])
+def test_cuda_stream_decode_waits_for_the_latents(cls, weights):
+    z = latents(6)
+    expected = torch.cat(decode_in_blocks(cls.from_state_dict(weights()), z, [3, 3]), dim=2)
+    decoder = cls.from_state_dict(weights(), dtype=torch.float16, device="cuda")
+    stream = decoder.stream()
+    handles = []
+    for block in (z[:, :, :3], z[:, :, 3:]):
+        slow = torch.zeros(4096, 4096, device="cuda")
+        for _ in range(20):  # keep the default stream busy before the latents exist
+            slow = slow @ slow
+        block = block.cuda() + slow[0, 0]  # produced on the default stream, last
+        handles.append(stream.decode_async(block))
+        del block  # freed at once: the decode must still read the right values
+    frames = torch.cat([h.result() for h in handles], dim=2)
+    assert frames.device.type == "cuda" and frames.dtype == torch.float32
+    assert (frames.cpu() - expected).abs().max() < 0.05
+    stream.synchronize()
+    assert all(h.ready() for h in handles)
