@@ -18,8 +18,10 @@ import torch
 from . import attention
 from .cli import video_frames
 from .fp8 import quantize_layers
+from .frames import FrameStream
 from .model import WanConfig, WanModel
 from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule, generate
+from .vae import WanVAEDecoder
 
 SIZES = {
     "1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
@@ -54,6 +56,38 @@ def timed_runs(model, embeds, cfg, a, device, tag):
         yield res, time.perf_counter() - t0
 
 
+def end_to_end(model, embeds, levels, a, device, size) -> None:
+    """Streaming VAE (random weights; released width on the GPU) alone, then DiT + overlapped decode."""
+    gpu = device.type == "cuda"
+    decoder = WanVAEDecoder(dim=96 if gpu else 8).to(device, torch.float16 if gpu else torch.float32).eval()
+    lat = generate(model, PromptSchedule.single(embeds), CascadeConfig(parallel=levels[0]), blocks=a.blocks,
+                   width=a.width, height=a.height, seed=0).latents
+    fpb = CascadeConfig().frames_per_block
+    for r in range(a.runs + 1):  # the first is the warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        stream = decoder.stream()
+        for b in range(a.blocks):
+            stream.decode(lat[:, :, b * fpb:(b + 1) * fpb])
+        stream.synchronize()
+        emit(figure="vae_stream", size=size, run=r - 1, seconds=round(time.perf_counter() - t0, 4),
+             latent_frames=lat.shape[2])
+    for p in levels:
+        cfg = CascadeConfig(parallel=p, flashblock=a.flashblock.split(",")[-1])
+        for r in range(a.runs + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            frames = FrameStream(decoder)
+            res = generate(model, PromptSchedule.single(embeds), cfg, blocks=a.blocks, width=a.width,
+                           height=a.height, seed=0, on_block=frames.push, on_tick=frames.poll)
+            video = frames.finish()
+            sync(device)
+            seconds = time.perf_counter() - t0
+            emit(figure="end_to_end", size=size, parallel=p, flashblock=cfg.flashblock, run=r - 1,
+                 seconds=round(seconds, 4), frames=video.shape[2], fps=round(video.shape[2] / seconds, 2),
+                 dit_seconds=round(res.seconds, 4))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cascade_core.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=SIZES, help="model shape (default: 1.3B on CUDA, tiny on CPU)")
@@ -71,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile the layers' non-attention regions")
     ap.add_argument("--fp8", action="store_true", help="fp8 matrix products in the layers")
+    ap.add_argument("--vae", action="store_true",
+                    help="also time the streaming VAE alone and end to end (frames out, decode overlapped)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one run of the first level")
     a = ap.parse_args(argv)
 
@@ -111,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
                          if device.type == "cuda" else None,
                          rel_l2_vs_exact=round(float((lat - reference).norm() / reference.norm()), 5))
 
+    if a.vae:
+        end_to_end(model, embeds, levels, a, device, size)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
         attention.set_backend(a.backend.split(",")[0])
