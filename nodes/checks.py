@@ -73,6 +73,8 @@ def cascade_config(steps: str, parallel: int, attention: str, window: int, sink:
               f"the {len(st)}-step list)")
     int_range("sink", sink, 0, MAX_LATENT_FRAMES, " latent frames")
     int_range("window", window, 0, MAX_LATENT_FRAMES, " latent frames (0 = unlimited)")
+    if not 0.1 <= float(shift) <= 20.0:
+        raise ValueError(f"shift must lie in 0.1..20 (5 for Self-Forcing), got {shift}")
     cfg = CascadeConfig(steps=st, shift=float(shift), parallel=int(parallel), attention=attention,
                         window=int(window) or None, sink=int(sink), flashblock="reuse" if flashblock else "off")
     if cfg.window is not None and cfg.window < cfg.sink + cfg.frames_per_block:

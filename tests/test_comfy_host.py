@@ -253,6 +253,7 @@ def workflow(seed: int, blocks: int = 2, width: int = 32, height: int = 32) -> d
                                                      "format": "auto", "codec": "auto"}},
         "11": {"class_type": "VAEDecode", "inputs": {"samples": link(8, 0), "vae": link(7)}},
         "12": {"class_type": "PreviewImage", "inputs": {"images": link(11)}},
+        "16": {"class_type": "PreviewImage", "inputs": {"images": link(8, 1)}},
         "13": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT, "weight_dtype": "default"}},
         "14": {"class_type": "BlockCascadeFromModel", "inputs": {"model": link(13)}},
         "15": {"class_type": "BlockCascadeSampler", "inputs": {
@@ -316,7 +317,22 @@ def test_workflow_with_tiny_models_runs_to_success_and_streams_frames(host):
     saved = history["outputs"]["10"]
     files = [x for v in saved.values() if isinstance(v, list) for x in v if isinstance(x, dict) and "filename" in x]
     assert files and os.path.isfile(os.path.join(host.base, "output", files[0]["subfolder"], files[0]["filename"]))
-    assert history["outputs"]["12"]["images"]  # core VAEDecode took the sampler's LATENT
+    import numpy as np
+
+    # core VAEDecode took the sampler's LATENT and gives the frames the sampler streamed (8-bit PNGs)
+    core, ours = (preview_frames(host, history["outputs"][n]["images"]) for n in ("12", "16"))
+    assert len(core) == len(ours) == 21
+    worst = max(float(abs(a - b).max()) for a, b in zip(core, ours))
+    assert worst <= 3 / 255, worst
+    assert float(np.std(core)) > 0.02 and 0.02 < float(np.mean(core)) < 0.98  # real pictures, not saturated
+
+
+def preview_frames(host, images: list) -> list:
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(os.path.join(host.base, im["type"], im["subfolder"], im["filename"])),
+                       dtype=np.float32) / 255 for im in images]
 
 
 def test_interrupt_stops_the_run_and_the_next_run_works(host):
@@ -328,7 +344,7 @@ def test_interrupt_stops_the_run_and_the_next_run_works(host):
             host.post("/interrupt", {})
 
     wf = workflow(seed=random.randrange(1 << 30), blocks=40, width=256, height=256)
-    for n in ("11", "12", "13", "14", "15", "9", "10"):
+    for n in ("11", "12", "13", "14", "15", "16", "9", "10"):
         del wf[n]
     wf["8"]["inputs"].pop("vae")
     wf["6"]["inputs"]["parallel"] = 1

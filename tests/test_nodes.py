@@ -382,6 +382,7 @@ def test_validate_inputs_reports_ranges_at_queue_time():
     assert "at least sink + one block = 6" in c.validate_inputs(**{**base, "window": 5, "sink": 3})
     assert c.validate_inputs(**{**base, "window": 12, "sink": 3}) is True
     assert "strictly decrease" in c.validate_inputs(**{**base, "steps": "250,500"})
+    assert "shift must lie in 0.1..20" in c.validate_inputs(**{**base, "shift": 0.0})
     assert "comma-separated integers" in c.validate_inputs(**{**base, "steps": "a,b"})
     assert "attention backend must be one of" in c.validate_inputs(**{**base, "attention_backend": "nope"})
     assert "in-flight attention" in c.validate_inputs(**{**base, "attention": "sideways"})
