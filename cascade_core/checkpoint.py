@@ -32,14 +32,15 @@ import json
 import math
 import os
 import re
+import zipfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
-from .model import HEAD_DIM, WanConfig, WanModel
-from .safe_io import SAFETENSORS_EXT, CheckpointError, read_tensor_file
+from .model import WanConfig, WanModel
+from .safe_io import PICKLE_EXT, SAFETENSORS_EXT, CheckpointError, read_tensor_file
 
 EMA_MODES = ("auto", "ema", "base")
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -72,7 +73,6 @@ class CheckpointInfo:
     lora_scale: float = 0.0
     lora_layers: int = 0
     ignored_tensors: int = 0  # tensors outside the DiT (VAE, text encoder of a bundled file)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def dim(self) -> int:
@@ -248,6 +248,7 @@ def _select(obj: Any, path: str, ema: str, prefer_base: bool) -> tuple[dict, lis
     """The tensor dict of a (possibly nested) checkpoint: (tensors, container trail, ema used, ema available)."""
     trail: list[str] = []
     ema_used = ema_available = False
+    outer: list[str] = []  # the containers of the first level, for messages
     while True:
         if not isinstance(obj, Mapping):
             raise CheckpointError(path, f"holds a {type(obj).__name__}, not a dict of tensors")
@@ -256,12 +257,10 @@ def _select(obj: Any, path: str, ema: str, prefer_base: bool) -> tuple[dict, lis
         base_key = next((k for k in BASE_KEYS if k in containers), None)
         if ema_key is None and base_key is None:
             break
+        outer = outer or [str(k) for k in containers]
         ema_available |= ema_key is not None
         if ema == "ema":
-            if ema_key is None:
-                raise CheckpointError(path, f"has no EMA weights (it holds {_keys(containers)}); "
-                                            "use ema 'auto' or 'base'")
-            key = ema_key
+            key = ema_key or base_key  # an EMA container may sit deeper
         elif ema == "base":
             if base_key is None:
                 raise CheckpointError(path, f"holds only EMA weights ({ema_key}); use ema 'auto' or 'ema'")
@@ -278,7 +277,8 @@ def _select(obj: Any, path: str, ema: str, prefer_base: bool) -> tuple[dict, lis
                                         "of a base checkpoint")
         raise CheckpointError(path, f"holds no tensors where weights were expected (keys: {_keys(obj)})")
     if ema == "ema" and not ema_used:
-        raise CheckpointError(path, "has no EMA weights (a plain state dict); use ema 'auto' or 'base'")
+        what = f"it holds {_keys(outer)}" if outer else "a plain state dict"
+        raise CheckpointError(path, f"has no EMA weights ({what}); use ema 'auto' or 'base'")
     return tensors, trail, ema_used, ema_available
 
 
@@ -302,10 +302,21 @@ def _unwrap_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_weights_file(path: str) -> Any:
+    """:func:`safe_io.read_tensor_file`, after telling a torch file from junk by its first bytes
+    (a torch .pt is a zip archive, or a pickle starting with the protocol byte 0x80)."""
+    if str(path).lower().endswith(PICKLE_EXT) and os.path.isfile(path) and os.path.getsize(path) > 0:
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                if f.read(1) != b"\x80":
+                    raise CheckpointError(path, "truncated or corrupt file (neither a torch zip archive nor a pickle)")
+    return read_tensor_file(path)
+
+
 def _read(path: str) -> tuple[Any, str, dict]:
     """File or folder -> (raw object, kind, folder config). A folder holds (sharded) safetensors."""
     if not os.path.isdir(path):
-        return read_tensor_file(path), "file", {}
+        return read_weights_file(path), "file", {}
     names = sorted(os.listdir(path))
     index = [n for n in names if n.endswith(".safetensors.index.json")]
     files: list[str] = []
@@ -396,7 +407,6 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     raw, kind, folder_cfg = _read(path)
     tensors, trail, ema_used, ema_available = _select(raw, path, ema, prefer_base=lora is not None)
     del raw
-    source_dtypes = dict(Counter(str(v.dtype).removeprefix("torch.") for v in tensors.values()).most_common())
     sd = _unwrap_names(tensors)
 
     # Where the DiT is inside the file: the prefix of its attention weights.
@@ -411,6 +421,7 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     prefix = next(iter(prefixes))
     ignored = sum(1 for k in sd if not k.startswith(prefix))
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    source_dtypes = dict(Counter(str(v.dtype).removeprefix("torch.") for v in sd.values()).most_common())
     diffusers = any((m := _ANCHOR.match(k)) and m.group(2) == "attn1.to_q" for k in sd)
     variant = _wan_variant(sd)
     if variant:
@@ -529,9 +540,9 @@ def _lora_layer_names(names: Mapping[str, torch.Size]) -> dict[str, str]:
     """Every accepted spelling of a layer name -> canonical layer name (``blocks.0.self_attn.q``)."""
     table: dict[str, str] = {}
     for p in names:
-        if not p.endswith(".weight"):
+        if p.endswith(".bias"):
             continue
-        layer = p[: -len(".weight")]
+        layer = p.removesuffix(".weight")  # a layer, or a bare parameter such as blocks.0.modulation
         for spelling in (layer, diffusers_name(layer)):
             table[spelling] = layer
             table[spelling.replace(".", "_")] = layer
@@ -556,7 +567,7 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
     :class:`CheckpointError` naming the LoRA file.
     """
     lora_path = os.fspath(lora_path)
-    obj = read_tensor_file(lora_path)
+    obj = read_weights_file(lora_path)
     while isinstance(obj, Mapping):
         inner = next((k for k in LORA_CONTAINERS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
@@ -590,7 +601,7 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
                                          f"{first_keys(unknown)}{looks}")
     changed = 0
     for layer, parts in groups.items():
-        wkey = layer + ".weight"
+        wkey = layer + ".weight" if layer + ".weight" in sd else layer
         out_dtype = dtype or sd[wkey].dtype
         if "down" in parts or "up" in parts:
             if "down" not in parts or "up" not in parts:
