@@ -365,9 +365,9 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], path: str, dtype: torch.d
     fp8 = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values() if v.dtype in FP8_DTYPES)
     ints = [k for k, v in sd.items() if not (v.is_floating_point() or v.dtype in FP8_DTYPES)]
     if ints:
-        raise CheckpointError(path, f"integer-packed weights ({sd[ints[0]].dtype} in {first_keys(ints)}): a quantisation "
-                                    "format (int8 / nvfp4 / GGUF-style) this loader does not read; use a bf16, "
-                                    "fp16 or fp8 file")
+        raise CheckpointError(path, f"integer-packed weights ({sd[ints[0]].dtype} in {first_keys(ints)}): a "
+                                    "quantisation format (int8 / nvfp4 / GGUF-style) this loader does not read; "
+                                    "use a bf16, fp16 or fp8 file")
     out = {}
     for k, v in sd.items():
         scale = scales.get(k)
@@ -413,7 +413,8 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     prefixes = Counter(m.group(1) for k in sd if (m := _ANCHOR.match(k)) and m.group(1)[-1:] in ("", "."))
     if not prefixes:
         looks = looks_like(list(sd))
-        what = f"it looks like {looks}" if looks else f"none of its {len(sd)} tensors has Wan DiT names (first: {first_keys(list(sd)[:SHOW], len(sd))})"
+        what = f"it looks like {looks}" if looks else \
+            f"none of its {len(sd)} tensors has Wan DiT names (first: {first_keys(list(sd)[:SHOW], len(sd))})"
         raise CheckpointError(path, f"not a Wan2.1 T2V DiT: {what}")
     if len(prefixes) > 1:
         raise CheckpointError(path, f"holds several DiTs (prefixes {', '.join(repr(p) for p in prefixes)}); "
@@ -429,8 +430,9 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
 
     sd, quant = dequantize_state_dict(sd, path, dtype)
     heads = num_heads or folder_cfg.get("num_heads") or folder_cfg.get("num_attention_heads")
+    heads = int(heads) if isinstance(heads, (int, float)) and heads > 0 else None
     if diffusers:
-        sd = _from_diffusers(sd, path, heads)
+        sd = _from_diffusers(sd, path)
     sd = {k: v for k, v in sd.items() if not k.startswith("rope.") and k != "freqs"}  # recomputed, never stored weights
     cfg = _config(sd, path, heads)
     _check_keys_and_shapes(sd, cfg, path)
@@ -466,7 +468,7 @@ def _format_label(path: str, kind: str, trail: list[str], prefix: str, diffusers
     return label + (f", {quant}" if quant else "")
 
 
-def _from_diffusers(sd: dict[str, torch.Tensor], path: str, heads: int | None) -> dict[str, torch.Tensor]:
+def _from_diffusers(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """Rename diffusers keys to Wan keys (exact lookups; anything unknown is reported)."""
     try:
         layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
@@ -514,7 +516,8 @@ def _check_keys_and_shapes(sd: dict[str, torch.Tensor], cfg: WanConfig, path: st
             parts.append(f"missing keys: {first_keys(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {first_keys(unexpected)}")
-        raise CheckpointError(path, "; ".join(parts) + f" (a Wan2.1 T2V DiT of width {cfg.dim}, {cfg.num_layers} layers)")
+        raise CheckpointError(path, "; ".join(parts) + f" (a Wan2.1 T2V DiT of width {cfg.dim}, "
+                                                       f"{cfg.num_layers} layers)")
     for k, shape in expected.items():
         if sd[k].shape != shape:
             raise CheckpointError(path, f"inconsistent shapes: {k} is {list(sd[k].shape)} but the model read from "

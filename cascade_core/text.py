@@ -60,7 +60,8 @@ def _from_wan_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_umt5(path: str, dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, torch.Tensor], dict, bytes | None, str]:
+def read_umt5(path: str, dtype: torch.dtype = torch.bfloat16
+              ) -> tuple[dict[str, torch.Tensor], dict, bytes | None, str]:
     """A umt5 encoder file -> (HF-named state dict in ``dtype``, UMT5Config arguments,
     embedded sentencepiece model or None, one-line description)."""
     raw = read_weights_file(path)

@@ -248,7 +248,8 @@ def test_diffusers_transformer_gives_the_same_output(tmp_path):
     context[:, :7] = text  # the reference pads the prompt with zeros to 512 tokens
     tokens_per_frame = 4 * 6
     with torch.no_grad():
-        for t in (torch.tensor([[700.0] * 3, [250.0] * 3]), torch.tensor([[900.0, 500.0, 100.0], [250.0, 250.0, 10.0]])):
+        uniform, per_frame = torch.tensor([[700.0] * 3, [250.0] * 3]), torch.tensor([[900.0, 500, 100], [250, 250, 10]])
+        for t in (uniform, per_frame):
             a = ours(x, t, [0, 0], [ours.encode_prompt(text)] * 2, FullAttention())
             # per-frame timesteps through diffusers' per-token timestep path
             b = theirs(x, t.repeat_interleave(tokens_per_frame, dim=1), context, return_dict=False)[0]
