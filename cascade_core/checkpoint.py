@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -40,7 +39,7 @@ from typing import Any, Mapping
 import torch
 
 from .model import WanConfig, WanModel
-from .safe_io import PICKLE_EXT, SAFETENSORS_EXT, CheckpointError, read_tensor_file
+from .safe_io import SAFETENSORS_EXT, CheckpointError, read_tensor_file
 
 EMA_MODES = ("auto", "ema", "base")
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -302,21 +301,10 @@ def _unwrap_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_weights_file(path: str) -> Any:
-    """:func:`safe_io.read_tensor_file`, after telling a torch file from junk by its first bytes
-    (a torch .pt is a zip archive, or a pickle starting with the protocol byte 0x80)."""
-    if str(path).lower().endswith(PICKLE_EXT) and os.path.isfile(path) and os.path.getsize(path) > 0:
-        if not zipfile.is_zipfile(path):
-            with open(path, "rb") as f:
-                if f.read(1) != b"\x80":
-                    raise CheckpointError(path, "truncated or corrupt file (neither a torch zip archive nor a pickle)")
-    return read_tensor_file(path)
-
-
 def _read(path: str) -> tuple[Any, str, dict]:
     """File or folder -> (raw object, kind, folder config). A folder holds (sharded) safetensors."""
     if not os.path.isdir(path):
-        return read_weights_file(path), "file", {}
+        return read_tensor_file(path), "file", {}
     names = sorted(os.listdir(path))
     index = [n for n in names if n.endswith(".safetensors.index.json")]
     files: list[str] = []
@@ -570,7 +558,7 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
     :class:`CheckpointError` naming the LoRA file.
     """
     lora_path = os.fspath(lora_path)
-    obj = read_weights_file(lora_path)
+    obj = read_tensor_file(lora_path)
     while isinstance(obj, Mapping):
         inner = next((k for k in LORA_CONTAINERS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:

@@ -43,10 +43,17 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 def read_pickle(path: str) -> Any:
     """A .pt/.pth object through ``torch.load(weights_only=True)``; code-running pickles are refused."""
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:  # a legacy torch file is a pickle, which starts with the protocol byte 0x80
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":
+                raise CheckpointError(path, "truncated or corrupt file (neither a torch zip archive nor a pickle)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
         text = str(exc)
+        if "unsupported operand" in text.lower():  # a byte that is no pickle opcode: damage, not code
+            raise CheckpointError(path, "truncated or corrupt file (not a readable pickle)") from None
         if "weights only load failed" in text.lower():
             # torch names the blocked global on one of its lines ("... GLOBAL posix.system ...").
             what = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")

@@ -24,7 +24,7 @@ import torch
 
 from .kv_pool import FULL, REUSE, SPLIT, STORE, KVPool, PoolLayout
 from .model import WanModel
-from .schedule import CascadeSchedule, FlowSchedule, Tick
+from .schedule import CascadeSchedule, FlowSchedule
 
 ATTENTION_MODES = ("causal", "bidirectional")
 FLASHBLOCK_MODES = ("off", "exact", "reuse")

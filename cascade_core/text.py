@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import dequantize_state_dict, first_keys, looks_like, read_weights_file
-from .safe_io import CheckpointError
+from .checkpoint import dequantize_state_dict, first_keys, looks_like
+from .safe_io import CheckpointError, read_tensor_file
 
 MAX_TOKENS = 512
 _ANCHOR = re.compile(r"^(.*?)encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight$")
@@ -64,7 +64,7 @@ def read_umt5(path: str, dtype: torch.dtype = torch.bfloat16
               ) -> tuple[dict[str, torch.Tensor], dict, bytes | None, str]:
     """A umt5 encoder file -> (HF-named state dict in ``dtype``, UMT5Config arguments,
     embedded sentencepiece model or None, one-line description)."""
-    raw = read_weights_file(path)
+    raw = read_tensor_file(path)
     if not isinstance(raw, dict) or not any(isinstance(v, torch.Tensor) for v in raw.values()):
         raise CheckpointError(path, "holds no tensors where umt5 weights were expected")
     sd = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
