@@ -16,9 +16,8 @@ import time
 import torch
 
 from . import attention
-from .cli import video_frames
 from .fp8 import quantize_layers
-from .frames import FrameStream
+from .frames import FrameStream, video_frames
 from .model import WanConfig, WanModel
 from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule, generate
 from .vae import WanVAEDecoder

@@ -18,6 +18,7 @@ import torch
 from . import attention
 from .checkpoint import EMA_MODES, load_dit
 from .fp8 import quantize_layers
+from .frames import video_frames
 from .model import WanConfig, WanModel
 from .safe_io import CheckpointError, read_tensor_file, save_safetensors
 from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule, Result, generate
@@ -33,11 +34,6 @@ class UsageError(Exception):
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse's default prints the whole usage block
         raise UsageError(message)
-
-
-def video_frames(latent_frames: int) -> int:
-    """Wan's VAE: the first latent frame gives 1 video frame, each later one 4."""
-    return 1 + 4 * (latent_frames - 1)
 
 
 def int_list(text: str) -> tuple[int, ...]:

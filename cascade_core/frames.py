@@ -24,6 +24,11 @@ import torch
 from .sampler import BlockEvent
 
 
+def video_frames(latent_frames: int) -> int:
+    """Wan's VAE: the first latent frame gives 1 video frame, each later one 4."""
+    return 1 + 4 * (latent_frames - 1) if latent_frames > 0 else 0
+
+
 @dataclass(frozen=True)
 class FramesEvent:
     block: int
@@ -63,6 +68,60 @@ class FrameStream:
         """Wait for the last decodes; with ``keep``, all frames [1, 3, F, H, W] (else None)."""
         self.poll(wait=True)
         return torch.cat(self.kept, 2) if self.keep and self.kept else None
+
+
+class LatentRGBDecoder:
+    """A decoder-shaped cheap preview: a linear map of the 16 latent channels to RGB, upscaled 8x.
+
+    ``factors`` [16, 3] and ``bias`` [3] map normalised (DiT-space) latents to RGB in [-1, 1]
+    (ComfyUI's latent formats carry such tables for their sampler previews, in that space). Same streaming interface and frame counts as
+    the real decoders (first latent frame -> 1 frame, later ones -> 4 by repetition), so FrameStream
+    takes it unchanged; without factors it shows the channel mean in grey.
+    """
+
+    def __init__(self, factors=None, bias=None, device: torch.device | str = "cpu"):
+        self.factors = None if factors is None else torch.as_tensor(factors, dtype=torch.float32)
+        self.bias = None if bias is None else torch.as_tensor(bias, dtype=torch.float32)
+        self.device = torch.device(device)
+
+    def stream(self, frames_per_pass=None) -> "LatentRGBDecoder._Stream":
+        return LatentRGBDecoder._Stream(self)
+
+    def rgb(self, z: torch.Tensor, first_block: bool) -> torch.Tensor:
+        """Normalised latents [1, 16, T, h, w] -> frames [1, 3, F, 8h, 8w] in [-1, 1]."""
+        z = z[0].float().cpu()  # [16, T, h, w]
+        if self.factors is not None and self.factors.shape[0] == z.shape[0]:
+            rgb = torch.einsum("cthw,cr->trhw", z, self.factors)
+            rgb = rgb if self.bias is None else rgb + self.bias.view(1, 3, 1, 1)
+        else:
+            rgb = z.mean(0, keepdim=True).transpose(0, 1).expand(-1, 3, -1, -1) * 0.5
+        rgb = torch.nn.functional.interpolate(rgb, scale_factor=8, mode="bilinear", align_corners=False)
+        repeats = torch.full((rgb.shape[0],), 4, dtype=torch.long)
+        repeats[0] = 1 if first_block else 4
+        frames = rgb.repeat_interleave(repeats, dim=0)  # [F, 3, H, W]
+        return frames.permute(1, 0, 2, 3).unsqueeze(0).clamp(-1, 1).to(self.device)
+
+    class _Stream:
+        def __init__(self, decoder: "LatentRGBDecoder"):
+            self.decoder, self.started = decoder, False
+
+        def decode_async(self, z: torch.Tensor) -> "_Done":
+            frames = self.decoder.rgb(z, first_block=not self.started)
+            self.started = True
+            return _Done(frames)
+
+
+class _Done:
+    """A decode that finished at once (the DecodeHandle interface)."""
+
+    def __init__(self, frames: torch.Tensor):
+        self.frames = frames
+
+    def ready(self) -> bool:
+        return True
+
+    def result(self) -> torch.Tensor:
+        return self.frames
 
 
 def to_uint8_frames(frames: torch.Tensor) -> torch.Tensor:

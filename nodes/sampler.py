@@ -171,18 +171,17 @@ class BlockCascadeSampler(io.ComfyNode):
         attention_backends.set_backend(config.attention_backend)
         node_id = cls.hidden.unique_id if cls.hidden is not None and cls.hidden.unique_id is not None else ""
         progress = comfy.utils.ProgressBar(blocks, node_id=node_id or None)
-        wan = frames_of = reporter = result = None
+        wan = decoder = reporter = result = None
         try:
             wan = model.acquire(device, run_bytes)
             if vae_sd is not None:
                 from cascade_core.vae import WanVAEDecoder
 
-                frames_of = stream.VAEFrames(WanVAEDecoder.from_state_dict(vae_sd[0], dtype=vae_sd[1], device=device,
-                                                                           source="vae"))
+                decoder = WanVAEDecoder.from_state_dict(vae_sd[0], dtype=vae_sd[1], device=device, source="vae")
             else:
-                frames_of = stream.LatentPreview(width, height, cfg.frames_per_block)
+                decoder = stream.preview_decoder()
             reporter = stream.Reporter(node_id, blocks, cfg.frames_per_block, len(cfg.steps) + 1, cfg.parallel,
-                                       width, height, frames_of, progress=progress)
+                                       width, height, decoder, progress=progress)
             reporter.start()
             result = generate(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,
                               on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted)
@@ -209,8 +208,8 @@ class BlockCascadeSampler(io.ComfyNode):
             raise
         finally:
             # Drop every reference to device tensors of this run, then give cached blocks back.
-            del wan, frames_of, result, vae_sd
+            del wan, decoder, result, vae_sd
             if reporter is not None:
-                reporter.frames, reporter.pending = [], []
+                reporter.frames, reporter.decoding = [], None
             gc.collect()
             devices.empty_cache()

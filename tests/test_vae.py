@@ -337,3 +337,22 @@ def test_cuda_stream_decode_waits_for_the_latents(cls, weights):
     assert (frames.cpu() - expected).abs().max() < 0.05
     stream.synchronize()
     assert all(h.ready() for h in handles)
+
+
+def test_latent_rgb_preview_streams_like_a_decoder():
+    from cascade_core.frames import FrameStream, LatentRGBDecoder
+    from cascade_core.sampler import BlockEvent
+
+    factors = torch.randn(16, 3, generator=torch.Generator().manual_seed(0)) * 0.1
+    dec = LatentRGBDecoder(factors, torch.zeros(3))
+    z = torch.randn(1, 16, 6, 4, 5)
+    seen = []
+    frames = FrameStream(dec, on_frames=lambda e: seen.append((e.block, e.first_frame, e.frames.shape[2])))
+    for b in range(2):
+        frames.push(BlockEvent(b, z[:, :, 3 * b:3 * b + 3], b, 0.0))
+    video = frames.finish()
+    assert seen == [(0, 0, 9), (1, 9, 12)]  # 1 + 4*2 frames, then 4*3, numbered as one video
+    assert video.shape == (1, 3, 21, 32, 40) and video.abs().max() <= 1
+    # the colour of a latent pixel is its channels times the factors (bilinear upscaling keeps the mean)
+    expected = torch.einsum("c,cr->r", z[0, :, 0].mean((1, 2)), factors)
+    assert torch.allclose(video[0, :, 0].mean((1, 2)), expected.clamp(-1, 1), atol=1e-4)
