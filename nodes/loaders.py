@@ -49,11 +49,8 @@ class BlockCascadeModelLoader(io.ComfyNode):
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         lora_path = None if lora in (None, "", "none") else folder_paths.get_full_path_or_raise("loras", lora)
-        sd, info = load_dit(path, dtype=DTYPES[dtype], ema=ema, lora=lora_path)
-        try:
-            model = WanModel.from_state_dict(sd, dtype=DTYPES[dtype])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(path, f"not a usable Wan2.1 T2V DiT ({str(exc).splitlines()[0]})") from None
+        sd, info = load_dit(path, dtype=DTYPES[dtype], ema=ema, lora=lora_path)  # names and shapes checked
+        model = WanModel.from_state_dict(sd, num_heads=info.num_heads)
         log.info("Block Cascade: %s", info.describe())
         return io.NodeOutput(FileModel(model, model_name, info.describe()))
 
