@@ -18,7 +18,7 @@ import torch
 from . import attention
 from .checkpoint import EMA_MODES, load_dit
 from .fp8 import quantize_layers
-from .frames import video_frames
+from .frames import FrameStream, VideoWriter, load_decoder, video_frames
 from .model import WanConfig, WanModel
 from .safe_io import CheckpointError, read_tensor_file, save_safetensors
 from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule, Result, generate
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the layers (auto: on CUDA); the first run pays the compilation")
     g.add_argument("--noise", help=".safetensors with the initial noise [1, 16, T, H/8, W/8]")
     g.add_argument("--latents-out", help="write the latents [1, 16, T, H/8, W/8] to this .safetensors")
+    g.add_argument("--vae", help="Wan2.1 VAE (or taew2_1 preview decoder) weights: decode each block as it "
+                                 "finishes, on its own CUDA stream")
+    g.add_argument("--video-out", help="MP4 to write (with --vae; default out/video.mp4)")
+    g.add_argument("--frames-dir", help="also write each frame as a PNG into this folder as it is decoded")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -192,6 +196,8 @@ def run_generate(args) -> dict:
     if args.blocks < 1:
         raise UsageError(f"--blocks must be >= 1, got {args.blocks}")
     check_text_arguments(args)
+    if (args.video_out or args.frames_dir) and not args.vae:
+        raise UsageError("--video-out and --frames-dir need --vae FILE (the decoder)")
     weights = load_weights(args, dtype)  # checked (and kept on the CPU) before the text encoder runs
     embeds, prompt_label = None, None
     if args.prompt is not None:
@@ -207,11 +213,35 @@ def run_generate(args) -> dict:
         embeds = torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(args.seed))
     noise = single_tensor(args.noise, "the initial noise") if args.noise else None
     progress = BlockProgress(args.blocks, not args.quiet)
-    result = generate(model, PromptSchedule.single(embeds), cfg, blocks=args.blocks, width=args.width,
-                      height=args.height, seed=args.seed, noise=noise, on_block=progress)
+    writer = frames = None
+    if args.vae:
+        vae_dtype = torch.float32 if device.type == "cpu" or dtype == torch.float32 else torch.float16
+        decoder = load_decoder(args.vae, vae_dtype, device)
+        writer = VideoWriter(args.video_out or "out/video.mp4", frames_dir=args.frames_dir)
+        frames = FrameStream(decoder, on_frames=writer.write, keep=False)
+
+    def on_block(event):
+        if frames is not None:
+            frames.push(event)
+        progress(event)
+
+    start = time.perf_counter()
+    try:
+        result = generate(model, PromptSchedule.single(embeds), cfg, blocks=args.blocks, width=args.width,
+                          height=args.height, seed=args.seed, noise=noise, on_block=on_block,
+                          on_tick=None if frames is None else frames.poll)
+        if frames is not None:
+            frames.finish()
+    finally:
+        if writer is not None:
+            writer.close()
     if args.latents_out:
         save_safetensors({"latents": result.latents}, args.latents_out)
     out = summary(result, args, label, device)
+    if writer is not None:
+        seconds = time.perf_counter() - start
+        out.update(video_out=writer.path, frames_dir=args.frames_dir, frames_written=writer.count,
+                   end_to_end_seconds=round(seconds, 4), frames_out_per_second=round(writer.count / seconds, 2))
     if prompt_label:
         out["prompt"] = prompt_label
     return out

@@ -70,6 +70,18 @@ class FrameStream:
         return torch.cat(self.kept, 2) if self.keep and self.kept else None
 
 
+def load_decoder(path: str, dtype: torch.dtype, device: torch.device | str):
+    """A Wan2.1 VAE file -> WanVAEDecoder; a taew2_1 file -> the tiny preview decoder."""
+    from .safe_io import read_tensor_file
+    from .taew import TinyWanDecoder
+    from .vae import WanVAEDecoder
+
+    sd = read_tensor_file(path)
+    full = isinstance(sd, dict) and any(k.endswith("decoder.conv1.weight") for k in sd)
+    cls = WanVAEDecoder if full else TinyWanDecoder
+    return cls.from_state_dict(sd, dtype=dtype, device=device, source=path)
+
+
 class LatentRGBDecoder:
     """A decoder-shaped cheap preview: a linear map of the 16 latent channels to RGB, upscaled 8x.
 

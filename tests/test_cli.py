@@ -78,3 +78,28 @@ def test_bad_files_give_one_line_and_exit_2(tmp_path, capsys):
         assert main(["generate", *SMALL, flag, str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err and path.name in err, err
+
+
+def test_vae_streams_frames_into_an_mp4_and_pngs(tmp_path):
+    import av
+
+    from cascade_core.taew import TinyWanDecoder
+    from cascade_core.vae import WanVAEDecoder
+
+    for name, decoder in (("wan", WanVAEDecoder(dim=8)), ("taew", TinyWanDecoder(widths=(8, 8, 8, 8)))):
+        vae = tmp_path / f"{name}.safetensors"
+        save_safetensors(decoder.state_dict(), str(vae))
+        video, pngs = tmp_path / f"{name}.mp4", tmp_path / f"{name}_frames"
+        r = run_cli("generate", *SMALL, "--vae", str(vae), "--video-out", str(video), "--frames-dir", str(pngs))
+        assert r.returncode == 0, r.stderr
+        summary = json.loads(r.stdout.strip().splitlines()[-1])
+        assert summary["frames_written"] == summary["video_frames"] == 21
+        assert sorted(os.listdir(pngs)) == [f"{i:05d}.png" for i in range(21)]
+        with av.open(str(video)) as container:
+            frames = list(container.decode(video=0))
+        assert len(frames) == 21 and (frames[0].width, frames[0].height) == (64, 32)
+
+
+def test_video_flags_need_a_vae(capsys):
+    assert main(["generate", *SMALL, "--video-out", "x.mp4"]) == 2
+    assert "need --vae" in capsys.readouterr().err
