@@ -62,15 +62,16 @@ def end_to_end(model, embeds, levels, a, device, size) -> None:
     lat = generate(model, PromptSchedule.single(embeds), CascadeConfig(parallel=levels[0]), blocks=a.blocks,
                    width=a.width, height=a.height, seed=0).latents
     fpb = CascadeConfig().frames_per_block
-    for r in range(a.runs + 1):  # the first is the warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        stream = decoder.stream()
-        for b in range(a.blocks):
-            stream.decode(lat[:, :, b * fpb:(b + 1) * fpb])
-        stream.synchronize()
-        emit(figure="vae_stream", size=size, run=r - 1, seconds=round(time.perf_counter() - t0, 4),
-             latent_frames=lat.shape[2])
+    for per_pass in (1, None):  # one latent frame per decoder pass, or a whole block
+        for r in range(a.runs + 1):  # the first is the warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            stream = decoder.stream(per_pass)
+            for b in range(a.blocks):
+                stream.decode(lat[:, :, b * fpb:(b + 1) * fpb])
+            stream.synchronize()
+            emit(figure="vae_stream", size=size, frames_per_pass=per_pass or fpb, run=r - 1,
+                 seconds=round(time.perf_counter() - t0, 4), latent_frames=lat.shape[2])
     for p in levels:
         cfg = CascadeConfig(parallel=p, flashblock=a.flashblock.split(",")[-1])
         for r in range(a.runs + 1):

@@ -42,8 +42,8 @@ class FrameStream:
 
     def __init__(self, decoder, on_frames: Callable[[FramesEvent], None] | None = None, keep: bool = True,
                  frames_per_pass: int | None = None):
-        # a whole block per decoder pass: 7 % faster than one latent frame per pass on an H100 at
-        # 832x480 (BENCHMARKS.md), for a few GB more activation memory
+        # a whole block per decoder pass: faster than one latent frame per pass on an H100 at 832x480
+        # (bench --vae times both), for a few GB more activation memory
         self.stream = decoder.stream(frames_per_pass)
         self.on_frames, self.keep = on_frames, keep
         self.pending: list[tuple[int, object]] = []  # (block, DecodeHandle), in block order
