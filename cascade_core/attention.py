@@ -2,7 +2,9 @@
 
 Guarantees: every backend computes softmax(q k^T / sqrt(d)) v for q [B, H, Lq, d] and k, v
 [B, H, Lk, d] (any strides with a contiguous last dim); the choice changes speed, not the function.
-``set_backend`` picks one by name; "auto" lets torch dispatch.
+``set_backend`` picks one by name. "auto" on a CUDA device times every fused backend once per
+(device, heads, head width, dtype) on the first call of that kind, at that call's shape, and uses the
+fastest from then on; elsewhere it lets torch dispatch.
 
 :func:`attend_lse` also returns the log-sum-exp of the scores [B, H, Lq] (float32, natural log), so
 attention over disjoint key sets can be computed piecewise and combined exactly by
@@ -26,6 +28,7 @@ SDPA_BACKENDS = {
 BACKENDS = ("auto", *SDPA_BACKENDS)
 
 _backend = "auto"
+_measured: dict[tuple, str | None] = {}  # (device, heads, head_dim, dtype) -> fastest fused backend
 
 
 def set_backend(name: str) -> None:
@@ -43,15 +46,53 @@ def get_backend() -> str:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention output [B, H, Lq, d]; ``mask`` (bool, True = attend) broadcasts to [B, H, Lq, Lk]."""
-    ctx = contextlib.nullcontext() if _backend == "auto" or mask is not None else sdpa_kernel(
-        [SDPA_BACKENDS[_backend]])
+    name = _backend if _backend != "auto" or mask is not None else fastest(q, k, v)
+    ctx = contextlib.nullcontext() if name in ("auto", None) or mask is not None else sdpa_kernel(
+        [SDPA_BACKENDS[name]])
     with ctx:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def fastest(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """The fused backend that ran this kind of call fastest on this device (None: let torch choose)."""
+    if q.device.type != "cuda":
+        return None
+    key = (q.device, q.shape[1], q.shape[-1], q.dtype)
+    if key not in _measured:
+        _measured[key] = _time_backends(q, k, v)
+    return _measured[key]
+
+
+def _time_backends(q, k, v, repeats: int = 5) -> str | None:
+    """Quick timing of each fused backend: one warm-up call, then ``repeats`` calls between events."""
+    times = {}
+    for name in ("cudnn", "flash", "efficient"):
+        try:
+            with sdpa_kernel([SDPA_BACKENDS[name]]):
+                F.scaled_dot_product_attention(q, k, v)  # warm-up (and: does this backend take it?)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(repeats):
+                    F.scaled_dot_product_attention(q, k, v)
+                end.record()
+            end.synchronize()
+            times[name] = start.elapsed_time(end)
+        except RuntimeError:
+            continue
+    return min(times, key=times.get) if times else None
+
+
+def measured_backends() -> dict[str, str | None]:
+    """What "auto" chose so far, for reports: "device heads x head_dim dtype" -> backend."""
+    return {f"{d} {h}x{hd} {str(t).removeprefix('torch.')}": b for (d, h, hd, t), b in _measured.items()}
+
+
 def _lse_cuda(q, k, v):
     """(out, lse) from a fused CUDA kernel: cuDNN first (fastest on Hopper), then flash."""
-    order = ("cudnn", "flash") if _backend in ("auto", "cudnn") else (_backend,)
+    if _backend == "auto":  # the measured fastest first, then the usual order on Hopper
+        order = tuple(dict.fromkeys(n for n in (fastest(q, k, v), "cudnn", "flash") if n))
+    else:
+        order = (_backend,)
     for name in order:
         try:
             if name == "cudnn":

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                          if device.type == "cuda" else None,
                          rel_l2_vs_exact=round(float((lat - reference).norm() / reference.norm()), 5))
 
+    emit(figure="attention_backends", chosen=attention.measured_backends())
     if a.vae:
         end_to_end(model, embeds, levels, a, device, size)
     if a.profile:

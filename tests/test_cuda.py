@@ -65,3 +65,13 @@ def test_fp8_scaled_mm_matches_the_reference_product():
         exact = lin(x)
     assert rel(fast, slow) < 1e-2
     assert rel(fast, exact) < 5e-2
+
+
+def test_auto_backend_is_measured_once_per_kind_of_call():
+    g = torch.Generator("cuda").manual_seed(1)
+    q, k, v = (torch.randn(1, 12, n, 128, generator=g, device="cuda", dtype=torch.bfloat16) for n in (4680,) * 3)
+    out = attention.attend(q, k, v)
+    chosen = attention.measured_backends()
+    assert any(key.startswith("cuda") and "12x128 bfloat16" in key for key in chosen)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert rel(out, ref) < 1e-2
