@@ -8,7 +8,8 @@ Guarantees:
 - :class:`CascadeSchedule` is pure bookkeeping (no tensors): it lists the ticks of a video of n blocks,
   each tick a set of (block, stage) pairs, stage 0..S-1 a denoising step and stage S the clean pass.
   Block b enters at tick floor(b*(S+1)/P), so at most P blocks are in flight; P=1 is the reference's
-  sequential order and P=S+1 emits one block per tick.
+  sequential order and P=S+1 emits one block per tick. ``fold_clean`` (P1 only) runs a block's clean
+  pass in the same forward as the next block's first step: the same result, S ticks per block.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class Tick:
 class CascadeSchedule:
     """Which (block, stage) pairs run together; see the module docstring."""
 
-    def __init__(self, blocks: int, steps: int, parallel: int = 1):
+    def __init__(self, blocks: int, steps: int, parallel: int = 1, fold_clean: bool = False):
         if blocks < 1:
             raise ValueError(f"the video needs at least 1 block, got {blocks}")
         if steps < 1:
@@ -78,6 +79,10 @@ class CascadeSchedule:
             raise ValueError(f"parallelism must lie in 1..{steps + 1} (steps + 1), got {parallel}")
         self.blocks, self.steps, self.parallel = blocks, steps, parallel
         self.stages = steps + 1
+        # P1 only: the clean pass of block b shares a tick with the first step of block b+1. Exact,
+        # since in one forward every segment's K/V are written before any is read (block b+1 sees
+        # block b's clean K/V at every layer, as in the sequential order); one tick fewer per block.
+        self.fold_clean = fold_clean and parallel == 1
 
     @property
     def clean_stage(self) -> int:
@@ -85,7 +90,14 @@ class CascadeSchedule:
 
     def entry(self, block: int) -> int:
         """The tick at which ``block`` runs its first denoising step."""
+        if self.fold_clean:
+            return block * self.steps
         return block * self.stages // self.parallel
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most blocks any tick holds."""
+        return 2 if self.fold_clean and self.blocks > 1 else self.parallel
 
     def __len__(self) -> int:
         return self.entry(self.blocks - 1) + self.stages

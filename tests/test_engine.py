@@ -297,3 +297,12 @@ def test_real_shapes_are_read_from_weights():
         cfg = WanConfig.from_state_dict(sd)
         assert (cfg.dim, cfg.num_heads, cfg.num_layers, cfg.ffn_dim, cfg.head_dim) == (dim, heads, layers, ffn, 128)
         assert math.prod(cfg.patch_size) == 4
+
+
+def test_folded_clean_pass_schedule():
+    plan = CascadeSchedule(blocks=4, steps=4, parallel=1, fold_clean=True)
+    ticks = plan.ticks()
+    assert len(ticks) == 4 * 4 + 1 and plan.max_in_flight == 2
+    shared = [t.pairs for t in ticks if len(t.pairs) == 2]
+    assert shared == [((b, 4), (b + 1, 0)) for b in range(3)]  # clean pass of b with step 0 of b+1
+    assert CascadeSchedule(blocks=4, steps=4, parallel=3, fold_clean=True).entry(1) == 1  # P>1: unchanged
