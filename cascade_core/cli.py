@@ -9,13 +9,14 @@ Progress goes to stderr, one JSON summary line to stdout.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 
 import torch
 
-from . import attention
+from . import attention, distributed
 from .checkpoint import EMA_MODES, load_dit
 from .fp8 import quantize_layers
 from .frames import FrameStream, VideoWriter, load_decoder, video_frames
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=DTYPES, default="bf16")
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when present)")
+    g.add_argument("--devices", help="several devices sharing the KV pool, one worker process each: "
+                                     "cuda:0,cuda:1,... (NCCL) or cpu,cpu (gloo); torchrun: the ranks torchrun "
+                                     "started (several machines; see the README)")
     g.add_argument("--attention-backend", choices=attention.BACKENDS, default="auto")
     g.add_argument("--fp8", action="store_true",
                    help="fp8 matrix products in the transformer layers (faster on GPUs with fp8 units; approximate)")
@@ -111,6 +115,21 @@ def resolve_device(name: str) -> torch.device:
         if index >= count:
             raise UsageError(f"device {name} is not present ({count} CUDA device(s) visible)")
     return device
+
+
+def several_devices(args):
+    """None (one device, --device), "torchrun", or the two or more devices of --devices."""
+    if args.devices is None:
+        return None
+    if args.device != "auto":
+        raise UsageError("--device and --devices exclude each other")
+    if args.devices.strip().lower() == "torchrun":
+        return "torchrun"
+    devices = distributed.parse_devices(args.devices)
+    if len(devices) == 1:
+        args.device = str(devices[0])
+        return None
+    return devices
 
 
 def load_weights(args, dtype: torch.dtype):
@@ -167,7 +186,7 @@ class BlockProgress:
         sys.stderr.flush()
 
 
-def summary(result: Result, args, model_label: str, device: torch.device) -> dict:
+def summary(result: Result, args, model_label: str, device: torch.device | str) -> dict:
     frames = video_frames(result.latents.shape[2])
     return {
         "model": model_label,
@@ -185,8 +204,17 @@ def summary(result: Result, args, model_label: str, device: torch.device) -> dic
     }
 
 
-def run_generate(args) -> dict:
-    device = resolve_device(args.device)
+def run_generate(args) -> dict | None:
+    devices = several_devices(args)
+    if devices == "torchrun":
+        device = distributed.init_from_env()
+        if torch.distributed.get_rank() != 0:  # weights, prompt and noise come from rank 0
+            distributed.generate_collective(None, None, None, device=device)
+            return None
+        where = f"{torch.distributed.get_world_size()} ranks (torchrun)"
+    else:
+        device = resolve_device(args.device) if devices is None else devices[0]
+        where = str(device) if devices is None else ",".join(map(str, devices))
     dtype = DTYPES[args.dtype]
     attention.set_backend(args.attention_backend)
     cfg = CascadeConfig(steps=args.steps, shift=args.shift, frames_per_block=args.frames_per_block,
@@ -202,7 +230,8 @@ def run_generate(args) -> dict:
     embeds, prompt_label = None, None
     if args.prompt is not None:
         embeds, prompt_label = prompt_embeddings(args, device)
-    model, label = build_model(weights, device, dtype)
+    # several local devices: the weights stay on the CPU here and go to the workers once
+    model, label = build_model(weights, torch.device("cpu") if isinstance(devices, list) else device, dtype)
     del weights
     if args.fp8:
         quantize_layers(model)
@@ -225,19 +254,27 @@ def run_generate(args) -> dict:
             frames.push(event)
         progress(event)
 
+    run, pool = generate, None
+    if devices == "torchrun":
+        run = functools.partial(distributed.generate_collective, device=device)
+    elif devices is not None:
+        pool = distributed.WorkerPool(devices)
+        run = pool.generate
     start = time.perf_counter()
     try:
-        result = generate(model, PromptSchedule.single(embeds), cfg, blocks=args.blocks, width=args.width,
-                          height=args.height, seed=args.seed, noise=noise, on_block=on_block,
-                          on_tick=None if frames is None else frames.poll)
+        result = run(model, PromptSchedule.single(embeds), cfg, blocks=args.blocks, width=args.width,
+                     height=args.height, seed=args.seed, noise=noise, on_block=on_block,
+                     on_tick=None if frames is None else frames.poll)
         if frames is not None:
             frames.finish()
     finally:
         if writer is not None:
             writer.close()
+        if pool is not None:
+            pool.close()
     if args.latents_out:
         save_safetensors({"latents": result.latents}, args.latents_out)
-    out = summary(result, args, label, device)
+    out = summary(result, args, label, where)
     if writer is not None:
         seconds = time.perf_counter() - start
         out.update(video_out=writer.path, frames_dir=args.frames_dir, frames_written=writer.count,
@@ -250,8 +287,16 @@ def run_generate(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        print(json.dumps(run_generate(args)))
+        out = run_generate(args)
+        if out is not None:  # ranks other than 0 of a torchrun job print nothing
+            print(json.dumps(out))
         return 0
     except (UsageError, ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except distributed.WorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -16,10 +16,17 @@ Guarantees: no allocation after construction; when the run of recent frames woul
 in-flight block can see any more are dropped by moving the others down (whole frames, in place).
 With ``keep_external`` the pool also holds, per in-flight block and layer, the attention output and
 log-sum-exp of its queries over the keys outside the block (FlashBlock reuse).
+
+Several processes (:mod:`distributed`): each holds a full replica of the pool and computes only its
+*local* segments of a forward. An :class:`Exchange` brings the other segments' K/V of each layer;
+while it is in flight a local segment attends to what is already final (committed frames, local
+segments) and merges the rest in by log-sum-exp when it arrives. A segment that sees no remote keys
+takes exactly the single-process path; so does everything when no exchange is given.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 import torch
 
@@ -131,12 +138,16 @@ class KVPool:
         self.base = keep_from
 
     # ---- attention --------------------------------------------------------------------------------
-    def attention(self, blocks: list[int], hi_frames: list[int], modes: list[str] | None = None) -> "PoolAttention":
+    def attention(self, blocks: list[int], hi_frames: list[int], modes: list[str] | None = None,
+                  local: Sequence[int] | None = None, exchange: "Exchange | None" = None) -> "PoolAttention":
         """Self-attention context for a forward of segments ``blocks`` (one block each).
 
         hi_frames[i]: end of the run of frames segment i sees (its own end for causal attention and
         clean passes; the newest in-flight block's end for bidirectional attention).
         modes[i]: how segment i attends (FULL, SPLIT, STORE, REUSE; default FULL).
+        local: indices of the segments this process computes (default: all); the forward's q/k/v hold
+        only those, in this order. exchange: brings the other segments' K/V (required when some
+        segments are not local).
         """
         fpb = self.layout.frames_per_block
         writes = [self.token_range(b * fpb, (b + 1) * fpb) for b in blocks]
@@ -145,7 +156,7 @@ class KVPool:
                  for b, hi in zip(blocks, hi_frames)]
         modes = modes or [FULL] * len(blocks)
         slots = [b % self.layout.max_in_flight for b in blocks]
-        return PoolAttention(self, writes, reads, modes, slots)
+        return PoolAttention(self, writes, reads, modes, slots, local, exchange)
 
 
 def _without(spans: list[tuple[int, int]], own: tuple[int, int]) -> list[tuple[int, int]]:
@@ -156,47 +167,147 @@ def _without(spans: list[tuple[int, int]], own: tuple[int, int]) -> list[tuple[i
     return out
 
 
+def _coalesce(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with touching spans joined (fewer, longer attention calls)."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _minus(spans: list[tuple[int, int]], cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token spans minus every span of ``cuts``."""
+    for cut in cuts:
+        spans = _without(spans, cut)
+    return _coalesce(spans)
+
+
+def _within(spans: list[tuple[int, int]], cuts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``spans`` that lie inside some span of ``cuts`` (cuts are disjoint)."""
+    return _coalesce([(max(a, c), min(b, d)) for a, b in spans for c, d in cuts if min(b, d) > max(a, c)])
+
+
+class Exchange(Protocol):
+    """How the K/V of segments computed by other processes arrive (one forward).
+
+    ``start(layer, k, v)`` sends the local segments' k, v [n_local, L, heads, hd] of one layer and
+    returns a handle whose ``wait()`` gives (segment index, k [L, heads, hd], v) for every segment
+    of the forward that another process computes. Several layers never overlap: each handle is
+    waited for before the next start.
+    """
+
+    def start(self, layer: int, k: torch.Tensor, v: torch.Tensor): ...
+
+
 class PoolAttention:
     """Writes each segment's K/V into its slots, then attends each segment over its visible spans.
 
     All writes of a layer happen before its reads, so within one forward a segment sees the K/V
     that the other segments of the same forward computed (the in-flight blocks' current state).
+    With an exchange (several processes), the K/V of non-local segments arrive from it; a local
+    segment's attention to keys that are final before they arrive runs while they are in flight.
     """
 
-    def __init__(self, pool: KVPool, writes, reads, modes, slots):
+    def __init__(self, pool: KVPool, writes, reads, modes, slots, local: Sequence[int] | None = None,
+                 exchange: Exchange | None = None):
         self.pool, self.writes, self.reads, self.modes, self.slots = pool, writes, reads, modes, slots
+        self.local = list(range(len(writes))) if local is None else list(local)
+        mine = set(self.local)
+        self.remote = [w for i, w in enumerate(writes) if i not in mine]  # written by other processes
+        if self.remote and exchange is None:
+            raise ValueError("segments computed elsewhere need an exchange that brings their K/V")
+        self.exchange = exchange
+
+    def _keys(self, layer: int, a: int, b: int):  # pool span -> [1, heads, b-a, hd] views
+        return (self.pool.k[layer, a:b].unsqueeze(0).transpose(1, 2),
+                self.pool.v[layer, a:b].unsqueeze(0).transpose(1, 2))
+
+    def _receive(self, layer: int, pending) -> None:
+        pk, pv = self.pool.k[layer], self.pool.v[layer]
+        for i, ki, vi in pending.wait():
+            a, b = self.writes[i]
+            pk[a:b] = ki
+            pv[a:b] = vi
 
     @torch.compiler.disable
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pool = self.pool
+        pending = self.exchange.start(layer, k, v) if self.exchange is not None else None
         pk, pv = pool.k[layer], pool.v[layer]  # [tokens, heads, hd]
-        for i, (a, b) in enumerate(self.writes):
-            pk[a:b] = k[i]
-            pv[a:b] = v[i]
-
-        def keys(a: int, b: int):  # pool span -> [1, heads, b-a, hd] views
-            return pk[a:b].unsqueeze(0).transpose(1, 2), pv[a:b].unsqueeze(0).transpose(1, 2)
+        for j, i in enumerate(self.local):
+            a, b = self.writes[i]
+            pk[a:b] = k[j]
+            pv[a:b] = v[j]
 
         out = torch.empty_like(q)
-        for i, spans in enumerate(self.reads):
-            qi = q[i].unsqueeze(0).transpose(1, 2)  # [1, heads, L, hd]
-            mode, slot = self.modes[i], self.slots[i]
-            if mode == FULL and len(spans) == 1:
-                o = attend(qi, *keys(*spans[0]))
-            elif mode == FULL:  # sink + recent window: two spans, merged exactly
-                o = merge_attention([attend_lse(qi, *keys(a, b)) for a, b in spans])[0]
+        later = []  # segments that also see keys still in flight from other processes
+        for j, i in enumerate(self.local):
+            qi = q[j].unsqueeze(0).transpose(1, 2)  # [1, heads, L, hd]
+            waiting = _within(self.reads[i], self.remote) if self.modes[i] != REUSE else []
+            if waiting:
+                later.append((j, i, qi, waiting, self._ready_part(layer, i, qi)))
             else:
-                own = self.writes[i]
-                if mode == REUSE:
-                    ext = [(pool.ext_out[slot, layer], pool.ext_lse[slot, layer])] if pool.ext_present[slot] else []
-                else:
-                    ext_spans = _without(spans, own)
-                    ext = [merge_attention([attend_lse(qi, *keys(a, b)) for a, b in ext_spans])] if ext_spans else []
-                    if mode == STORE:
-                        pool.ext_present[slot] = bool(ext)
-                        if ext:
-                            pool.ext_out[slot, layer].copy_(ext[0][0])
-                            pool.ext_lse[slot, layer].copy_(ext[0][1])
-                o = merge_attention(ext + [attend_lse(qi, *keys(*own))])[0]
-            out[i] = o[0].transpose(0, 1)
+                out[j] = self._attend(layer, i, qi)[0].transpose(0, 1)
+        if pending is not None:
+            self._receive(layer, pending)
+        for j, i, qi, waiting, ready in later:
+            out[j] = self._finish(layer, i, qi, waiting, ready)[0].transpose(0, 1)
         return out
+
+    def _attend(self, layer: int, i: int, qi: torch.Tensor) -> torch.Tensor:
+        """Segment i over its visible spans, every key already in the pool (the single-process path)."""
+        pool, spans, mode, slot = self.pool, self.reads[i], self.modes[i], self.slots[i]
+        keys = lambda a, b: self._keys(layer, a, b)  # noqa: E731
+        if mode == FULL and len(spans) == 1:
+            return attend(qi, *keys(*spans[0]))
+        if mode == FULL:  # sink + recent window: two spans, merged exactly
+            return merge_attention([attend_lse(qi, *keys(a, b)) for a, b in spans])[0]
+        own = self.writes[i]
+        if mode == REUSE:
+            ext = [(pool.ext_out[slot, layer], pool.ext_lse[slot, layer])] if pool.ext_present[slot] else []
+        else:
+            ext_spans = _without(spans, own)
+            ext = [merge_attention([attend_lse(qi, *keys(a, b)) for a, b in ext_spans])] if ext_spans else []
+            if mode == STORE:
+                self._store(layer, slot, ext)
+        return merge_attention(ext + [attend_lse(qi, *keys(*own))])[0]
+
+    def _store(self, layer: int, slot: int, ext: list) -> None:
+        pool = self.pool
+        pool.ext_present[slot] = bool(ext)
+        if ext:
+            pool.ext_out[slot, layer].copy_(ext[0][0])
+            pool.ext_lse[slot, layer].copy_(ext[0][1])
+
+    def _ready_part(self, layer: int, i: int, qi: torch.Tensor):
+        """Segment i's (out, lse) pieces over the keys that are final before the exchange ends:
+        ([pieces outside the block], the in-block piece or None for FULL)."""
+        keys = lambda a, b: self._keys(layer, a, b)  # noqa: E731
+        if self.modes[i] == FULL:
+            return [attend_lse(qi, *keys(a, b)) for a, b in _minus(self.reads[i], self.remote)], None
+        own = self.writes[i]
+        ext_spans = _minus(_without(self.reads[i], own), self.remote)
+        return [attend_lse(qi, *keys(a, b)) for a, b in ext_spans], attend_lse(qi, *keys(*own))
+
+    def _finish(self, layer: int, i: int, qi: torch.Tensor, waiting, ready) -> torch.Tensor:
+        """Segment i's attention once the keys of other processes' segments are in the pool."""
+        pieces, own = ready
+        parts = pieces + [attend_lse(qi, *self._keys(layer, a, b)) for a, b in waiting]
+        if own is None:  # FULL
+            return merge_attention(parts)[0]
+        ext = [merge_attention(parts)]  # SPLIT / STORE: everything outside the block
+        if self.modes[i] == STORE:
+            self._store(layer, self.slots[i], ext)
+        return merge_attention(ext + [own])[0]
+
+    def skip(self, layers: int) -> None:
+        """Take part in the exchange of every layer of a forward none of whose segments is local."""
+        if self.exchange is None:
+            return
+        a, b = self.writes[0]
+        empty = self.pool.k.new_empty(0, b - a, *self.pool.k.shape[2:])
+        for layer in range(layers):
+            self._receive(layer, self.exchange.start(layer, empty, empty))

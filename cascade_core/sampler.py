@@ -13,6 +13,10 @@ Guarantees:
 - A prompt schedule assigns each block the prompt of the last entry starting at or before it; every
   prompt's text K/V is computed once per run, so a switch costs no model forward.
 - The KV pool is allocated once per run (see :mod:`kv_pool`).
+- One loop for one process and for each rank of several (:mod:`distributed`): a :class:`Partition`
+  says which segments of a tick this process computes, how the other segments' K/V of each layer
+  arrive, where finished blocks are reported, and whether the processes agree to stop. The default
+  (one process) computes everything, receives nothing and reports every block where it finishes.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .kv_pool import FULL, REUSE, SPLIT, STORE, KVPool, PoolLayout
+from .kv_pool import FULL, REUSE, SPLIT, STORE, Exchange, KVPool, PoolLayout
 from .model import WanModel
 from .schedule import CascadeSchedule, FlowSchedule
 
@@ -165,12 +169,42 @@ def attention_mode(flashblock: str, stage: int, clean_stage: int) -> str:
     return STORE if stage == 0 else REUSE
 
 
+class Partition:
+    """How the segments of each tick are shared among processes; this base class is one process.
+
+    Every process runs the same loop over every tick and keeps the same KV pool; only the segments it
+    owns go through its model. A block keeps one owner for its whole life (its x_t never moves).
+    """
+
+    def owns(self, block: int) -> bool:
+        """Whether this process computes ``block``'s segments."""
+        return True
+
+    def exchange(self, blocks: list[int], local: list[int]) -> Exchange | None:
+        """How the K/V of the tick's non-local segments arrive (None: every segment is local)."""
+        return None
+
+    def collect(self, block: int, x0: torch.Tensor | None) -> torch.Tensor | None:
+        """A finished block's latents where it is reported (None elsewhere); ``x0`` where owned."""
+        return x0
+
+    def stop(self, tick: Tick, requested: bool) -> bool:
+        """Whether every process stops before ``tick`` (``requested``: this process's own wish)."""
+        return requested
+
+
 def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int,
              width: int, height: int, seed: int = 0, noise: torch.Tensor | None = None,
              on_tick: Callable[[TickEvent], None] | None = None,
              on_block: Callable[[BlockEvent], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> Result:
-    """Generate ``blocks`` blocks of latent video; see the module docstring for the guarantees."""
+             should_stop: Callable[[], bool] | None = None,
+             partition: Partition | None = None) -> Result:
+    """Generate ``blocks`` blocks of latent video; see the module docstring for the guarantees.
+
+    ``partition``: this process's share of the work when several run the same video (used by
+    :mod:`distributed`); the default computes everything here.
+    """
+    part = partition or Partition()
     cfg.validate()
     flow = FlowSchedule(cfg.steps, cfg.shift, cfg.warp)
     plan = CascadeSchedule(blocks, len(flow), cfg.parallel)
@@ -202,36 +236,50 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         done, first_block = 0, None
         ticks = plan.ticks()
         for tick in ticks:
-            if should_stop is not None and should_stop():
+            if part.stop(tick, should_stop is not None and should_stop()):
                 raise Interrupted(f"stopped at tick {tick.index} of {len(ticks)}")
             blocks_now = [b for b, _ in tick.pairs]
-            for b, stage in tick.pairs:
-                if stage == 0:
+            local = [i for i, b in enumerate(blocks_now) if part.owns(b)]
+            for i in local:
+                if tick.pairs[i][1] == 0:
+                    b = blocks_now[i]
                     x_t[b] = noise[:, :, b * fpb:(b + 1) * fpb]
             pool.make_room(blocks_now[0], blocks_now[-1])
             newest_end = (blocks_now[-1] + 1) * fpb
             his = [newest_end if cfg.attention == "bidirectional" and s < plan.clean_stage else (b + 1) * fpb
                    for b, s in tick.pairs]
-            t = torch.stack([clean_t if s == plan.clean_stage else step_t[s].expand(fpb)
-                             for _, s in tick.pairs])  # [n, fpb]
             modes = [attention_mode(cfg.flashblock, s, plan.clean_stage) for _, s in tick.pairs]
-            v = model(torch.cat([x_t[b] for b in blocks_now]), t, [b * fpb for b in blocks_now],
-                      [prompt_of[b] for b in blocks_now], pool.attention(blocks_now, his, modes))
+            context = pool.attention(blocks_now, his, modes, local, part.exchange(blocks_now, local))
+            if local:
+                t = torch.stack([clean_t if s == plan.clean_stage else step_t[s].expand(fpb)
+                                 for s in (tick.pairs[i][1] for i in local)])  # [n, fpb]
+                mine = [blocks_now[i] for i in local]
+                v = model(torch.cat([x_t[b] for b in mine]), t, [b * fpb for b in mine],
+                          [prompt_of[b] for b in mine], context)
+            else:  # nothing to compute here this tick: only take part in the K/V exchange
+                context.skip(model.cfg.num_layers)
+            row = {i: j for j, i in enumerate(local)}  # segment index -> row of v
             for i, (b, stage) in enumerate(tick.pairs):
                 if stage == plan.clean_stage:
-                    del x_t[b]
+                    x_t.pop(b, None)
                     continue
-                x0 = flow.x0(x_t[b], v[i:i + 1].to(dtype), stage)
-                if stage + 1 < len(flow):
-                    x_t[b] = flow.renoise(x0, stage + 1, step_noise(seed, b, stage, x0))
+                last = stage + 1 == len(flow)
+                x0 = None
+                if i in row:
+                    x0 = flow.x0(x_t[b], v[row[i]:row[i] + 1].to(dtype), stage)
+                    # after the last step the clean pass runs on x0 itself
+                    x_t[b] = x0 if last else flow.renoise(x0, stage + 1, step_noise(seed, b, stage, x0))
+                if not last:
                     continue
-                x_t[b] = x0  # the clean pass runs on it next
-                out[:, :, b * fpb:(b + 1) * fpb] = x0
                 done += 1
+                latents = part.collect(b, x0)
+                if latents is None:  # finished on another process, reported there
+                    continue
+                out[:, :, b * fpb:(b + 1) * fpb] = latents
                 elapsed = time.perf_counter() - start
                 first_block = elapsed if first_block is None else first_block
                 if on_block is not None:
-                    on_block(BlockEvent(b, x0, tick.index, elapsed))
+                    on_block(BlockEvent(b, latents, tick.index, elapsed))
             if on_tick is not None:
                 on_tick(TickEvent(tick.index, len(ticks), tick.pairs, done, time.perf_counter() - start))
     seconds = time.perf_counter() - start

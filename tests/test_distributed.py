@@ -1,0 +1,376 @@
+"""The KV pool shared across processes (gloo on the CPU): equal results, faults, interrupts, the CLI.
+
+Tolerance. One segment per tick (P1), and a pool of one rank at any P, give bit-identical latents:
+the owner then runs exactly the single-process forward. With several segments per tick on several
+ranks the results agree to fp32 rounding only: each rank's matrix products see fewer segments than
+the single process's batched forward (other blocking, other summation order), and attention to
+another rank's in-flight segment is merged in by log-sum-exp instead of one softmax. Both are exact
+in real arithmetic; we observe at most ~1.5e-6 absolute on latents of magnitude ~5 (a few ulps) and
+assert <= 1e-4: a wide margin for the rounding to accumulate over steps and blocks, yet three orders
+of magnitude below what cascading itself changes (~1e-1, see test_engine).
+"""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from cascade_core import distributed
+from cascade_core.cli import main
+from cascade_core.distributed import TEST_FAULT_ENV, WorkerError, WorkerPool, parse_devices
+from cascade_core.model import WanConfig, WanModel
+from cascade_core.safe_io import read_tensor_file
+from cascade_core.sampler import CascadeConfig, Interrupted, PromptSchedule, generate
+
+TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4
+RUN = dict(width=64, height=32, seed=7)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The references run one thread, like the workers (threads=1): on the CPU the thread count
+    changes the rounding of larger matrix products (see the CLI test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return WanModel.random(TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    pool = WorkerPool("cpu,cpu", threads=1, timeout=60)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def pool3():
+    pool = WorkerPool("cpu,cpu,cpu", threads=1, timeout=60)
+    yield pool
+    pool.close()
+
+
+def gone(pid: int) -> bool:
+    """No such process (reaped), or only a zombie left by someone else's parent."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def single(model, prompts, cfg, blocks, **kw):
+    return generate(model, prompts, cfg, blocks=blocks, **{**RUN, **kw})
+
+
+# ---- equal results --------------------------------------------------------------------------------
+
+CASES = [  # (parallel, attention, flashblock, window, sink)
+    (3, "causal", "off", None, 0),
+    (5, "bidirectional", "off", None, 0),
+    (2, "causal", "exact", None, 0),
+    (4, "causal", "reuse", None, 0),
+    (3, "bidirectional", "off", 6, 2),
+]
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_one_segment_per_tick_is_bit_identical(model, prompt, pool2, pool3, ranks):
+    pool = pool2 if ranks == 2 else pool3
+    cfg = CascadeConfig(frames_per_block=2, parallel=1)
+    ref = single(model, PromptSchedule.single(prompt), cfg, 4)
+    ticks, blocks = [], []
+    res = pool.generate(model, PromptSchedule.single(prompt), cfg, blocks=4, on_tick=ticks.append,
+                        on_block=blocks.append, **RUN)
+    assert torch.equal(res.latents, ref.latents)
+    assert (res.ticks, res.forwards, res.blocks) == (ref.ticks, ref.forwards, 4)
+    assert [t.tick for t in ticks] == list(range(ref.ticks)) and ticks[-1].done_blocks == 4
+    assert [b.block for b in blocks] == [0, 1, 2, 3]
+    for b in blocks:
+        assert torch.equal(b.latents, ref.latents[:, :, 2 * b.block:2 * b.block + 2])
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("parallel,attn,flashblock,window,sink", CASES)
+def test_every_setting_equals_the_single_process_cascade(model, prompt, pool2, pool3, ranks, parallel, attn,
+                                                         flashblock, window, sink):
+    pool = pool2 if ranks == 2 else pool3
+    cfg = CascadeConfig(frames_per_block=2, parallel=parallel, attention=attn, flashblock=flashblock,
+                        window=window, sink=sink)
+    ref = single(model, PromptSchedule.single(prompt), cfg, 6)
+    res = pool.generate(model, PromptSchedule.single(prompt), cfg, blocks=6, **RUN)
+    assert (res.latents - ref.latents).abs().max() <= TOL
+    assert res.ticks == ref.ticks
+
+
+def test_prompt_switch_given_noise_and_new_weights(model, prompt, pool3):
+    other = torch.randn(9, TINY.text_dim, generator=torch.Generator().manual_seed(4))
+    prompts = PromptSchedule([(0, prompt), (2, other)])
+    cfg = CascadeConfig(frames_per_block=2, parallel=3)
+    noise = torch.randn(1, 16, 10, 4, 8, generator=torch.Generator().manual_seed(5))
+    ref = single(model, prompts, cfg, 5, noise=noise)
+    res = pool3.generate(model, prompts, cfg, blocks=5, noise=noise, **RUN)
+    assert (res.latents - ref.latents).abs().max() <= TOL
+    # weights changed in place (as a LoRA patch does) are uploaded again before the next run
+    bias = model.blocks[0].ffn[0].bias
+    with torch.no_grad():
+        bias.add_(0.5)
+    try:
+        ref2 = single(model, prompts, cfg, 5, noise=noise)
+        res2 = pool3.generate(model, prompts, cfg, blocks=5, noise=noise, **RUN)
+    finally:
+        with torch.no_grad():
+            bias.sub_(0.5)
+    assert (res2.latents - ref2.latents).abs().max() <= TOL
+    assert (ref2.latents - ref.latents).abs().max() > 1e-3
+    # and so is another model
+    fresh = WanModel.random(TINY, seed=1)
+    res3 = pool3.generate(fresh, prompts, cfg, blocks=5, noise=noise, **RUN)
+    assert (res3.latents - single(fresh, prompts, cfg, 5, noise=noise).latents).abs().max() <= TOL
+
+
+def test_one_rank_is_bit_identical_at_every_level(model, prompt):
+    """A pool of one rank runs the distributed code path with nothing remote: the seam adds nothing."""
+    pool = WorkerPool("cpu", threads=1, timeout=60)
+    try:
+        for parallel, attn, flashblock, window, sink in CASES:
+            cfg = CascadeConfig(frames_per_block=2, parallel=parallel, attention=attn, flashblock=flashblock,
+                                window=window, sink=sink)
+            res = pool.generate(model, PromptSchedule.single(prompt), cfg, blocks=5, **RUN)
+            assert torch.equal(res.latents, single(model, PromptSchedule.single(prompt), cfg, 5).latents)
+    finally:
+        pool.close()
+
+
+# ---- faults ---------------------------------------------------------------------------------------
+
+def test_killed_worker_gives_a_clear_error_leaves_nothing_and_the_next_run_works(model, prompt, pool2):
+    cfg = CascadeConfig(frames_per_block=2, parallel=2)
+    pids = pool2.pids
+    victim = pids[1]
+
+    def kill_at_tick_2(event):
+        if event.tick == 2:
+            os.kill(victim, signal.SIGKILL)
+
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rank 1 \(cpu\) died: killed by SIGKILL") as info:
+        pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=6, on_tick=kill_at_tick_2, **RUN)
+    assert time.monotonic() - t0 < 20
+    assert info.value.rank == 1 and info.value.device == "cpu"
+    assert "the next run starts the pool again" in str(info.value)
+    assert all(gone(p) for p in pids), [p for p in pids if not gone(p)]
+    res = pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=4, **RUN)
+    assert (res.latents - single(model, PromptSchedule.single(prompt), cfg, 4).latents).abs().max() <= TOL
+    assert set(pool2.pids).isdisjoint(pids)
+
+
+@pytest.mark.parametrize("kind,message", [("oom", r"rank 1 \(cpu\) ran out of memory: .*simulated out of memory"),
+                                          ("exit", r"rank 1 \(cpu\) died: exit code 3")])
+def test_worker_failure_names_rank_and_device(model, prompt, pool2, monkeypatch, kind, message):
+    cfg = CascadeConfig(frames_per_block=2, parallel=2)
+    pids = pool2.pids
+    monkeypatch.setenv(TEST_FAULT_ENV, f"1:3:{kind}")
+    with pytest.raises(WorkerError, match=message):
+        pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=4, **RUN)
+    assert all(gone(p) for p in pids)
+    monkeypatch.delenv(TEST_FAULT_ENV)
+    res = pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=3, **RUN)
+    assert (res.latents - single(model, PromptSchedule.single(prompt), cfg, 3).latents).abs().max() <= TOL
+
+
+def test_interrupt_stops_every_rank_within_a_tick_and_the_pool_stays(model, prompt, pool3):
+    cfg = CascadeConfig(frames_per_block=2, parallel=3)
+    pids = pool3.pids
+    seen = {"last": -1, "asked_at": None}
+
+    def on_tick(e):
+        seen["last"] = e.tick
+
+    def should_stop():
+        if seen["last"] >= 2 and seen["asked_at"] is None:
+            seen["asked_at"] = seen["last"]
+        return seen["asked_at"] is not None
+
+    slower = WanModel.random(WanConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=8, text_dim=32))
+    with pytest.raises(Interrupted, match="stopped at tick") as info:  # ticks of ~0.1 s
+        pool3.generate(slower, PromptSchedule.single(prompt), cfg, blocks=10, on_tick=on_tick,
+                       should_stop=should_stop, width=256, height=128, seed=7)
+    # every rank stopped before the same tick (the pool checks that they agree), at most two ticks
+    # after the last one the caller had seen when it asked: the one running then, and the next check
+    assert seen["asked_at"] < info.value.tick <= seen["asked_at"] + 2, (seen, info.value.tick)
+    assert seen["last"] < info.value.tick
+    assert pool3.pids == pids  # nobody restarted
+    res = pool3.generate(model, PromptSchedule.single(prompt), cfg, blocks=4, **RUN)
+    assert (res.latents - single(model, PromptSchedule.single(prompt), cfg, 4).latents).abs().max() <= TOL
+
+
+def test_a_failing_callback_stops_the_ranks_and_is_raised(model, prompt, pool3):
+    cfg = CascadeConfig(frames_per_block=2, parallel=2)
+    pids = pool3.pids
+
+    def on_block(e):
+        raise KeyError("the caller's own failure")
+
+    with pytest.raises(KeyError, match="the caller's own failure"):
+        pool3.generate(model, PromptSchedule.single(prompt), cfg, blocks=8, on_block=on_block, **RUN)
+    assert pool3.pids == pids and pool3.alive
+    res = pool3.generate(model, PromptSchedule.single(prompt), cfg, blocks=2, **RUN)
+    assert (res.latents - single(model, PromptSchedule.single(prompt), cfg, 2).latents).abs().max() <= TOL
+
+
+def test_full_device_is_refused_naming_devices_and_free_memory(model, prompt, pool2):
+    for w in pool2._workers:  # what a CUDA worker reports: (usable, total) bytes
+        w.memory = (1 << 20, 80 << 30)
+    try:
+        with pytest.raises(ValueError, match=r"not enough GPU memory on cpu, cpu: .*cpu 0.00 of 80.0 GiB free"):
+            pool2.generate(model, PromptSchedule.single(prompt), CascadeConfig(frames_per_block=2), blocks=2, **RUN)
+    finally:
+        for w in pool2._workers:
+            w.memory = None
+    assert pool2.alive
+
+
+def test_device_lists_are_checked():
+    assert parse_devices("cpu, cpu,cpu") == [torch.device("cpu")] * 3
+    assert parse_devices(["cpu", torch.device("cpu")]) == [torch.device("cpu")] * 2
+    for spec, message in (("cpu,cuda:0", "mixes CPU and CUDA"), ("cuda:1,cuda:1", "listed twice"),
+                          ("tpu", "not a device|not supported"), ("", "none given")):
+        with pytest.raises(ValueError, match=message):
+            parse_devices(spec)
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(ValueError, match=r"cuda:7 not present; .* CUDA device\(s\)"):
+            parse_devices("cuda:0,cuda:7")
+
+
+def test_get_pool_reuses_one_pool(model, prompt):
+    pool = distributed.get_pool("cpu")
+    try:
+        assert distributed.get_pool(["cpu"]) is pool
+        cfg = CascadeConfig(frames_per_block=2, parallel=3)
+        res = distributed.generate(model, PromptSchedule.single(prompt), cfg, devices="cpu", blocks=3, **RUN)
+        assert torch.equal(res.latents, single(model, PromptSchedule.single(prompt), cfg, 3).latents)
+        assert distributed.get_pool("cpu") is pool
+    finally:
+        distributed.close_pools()
+    assert pool.closed and not pool.alive
+
+
+# ---- processes ------------------------------------------------------------------------------------
+
+def test_workers_exit_with_their_host_and_import_the_pack_by_its_stable_name(tmp_path):
+    """A host that imported the pack under a path-derived name (as ComfyUI does) and lacks it on
+    sys.path runs a pool; when the host is killed, its workers go too."""
+    script = tmp_path / "host.py"
+    script.write_text(textwrap.dedent(f"""
+        import importlib.util, sys, torch
+        sys.path = [p for p in sys.path if p not in ({ROOT!r}, "")]
+        spec = importlib.util.spec_from_file_location("custom_nodes_x1", {os.path.join(ROOT, "__init__.py")!r},
+                                                      submodule_search_locations=[{ROOT!r}])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules["custom_nodes_x1"] = pack
+        spec.loader.exec_module(pack)
+        sys.path.remove({ROOT!r})  # the pack's __init__ put it there; a host may not have it
+        import custom_nodes_x1.cascade_core.distributed as d
+        from custom_nodes_x1.cascade_core.model import WanConfig, WanModel
+        from custom_nodes_x1.cascade_core.sampler import CascadeConfig, PromptSchedule, generate
+        assert "cascade_core" not in sys.modules
+        m = WanModel.random(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32))
+        p = PromptSchedule.single(torch.ones(3, 32))
+        cfg = CascadeConfig(frames_per_block=2, parallel=2)
+        pool = d.WorkerPool("cpu,cpu", threads=1, timeout=60)
+        r = pool.generate(m, p, cfg, blocks=3, width=64, height=32)
+        ref = generate(m, p, cfg, blocks=3, width=64, height=32)
+        print("PIDS", *pool.pids, float((r.latents - ref.latents).abs().max()), flush=True)
+        sys.stdin.read()
+    """))
+    host = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    try:
+        line = host.stdout.readline()
+        assert line.startswith("PIDS"), host.stderr.read() if host.poll() is not None else line
+        *pids, dev = line.split()[1:]
+        pids = [int(p) for p in pids]
+        assert float(dev) <= TOL
+        assert not any(gone(p) for p in pids)
+        host.kill()  # no atexit, no cleanup: only the lifeline tells the workers
+        host.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(gone(p) for p in pids):
+            time.sleep(0.1)
+        assert all(gone(p) for p in pids)
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+
+
+# ---- the command line -----------------------------------------------------------------------------
+
+def test_cli_devices_gives_the_latents_of_one_device(tmp_path):
+    """Bit for bit at P1. On the CPU the thread count changes the rounding of matrix products, so
+    both sides run one thread (the workers take OMP_NUM_THREADS)."""
+    args = ["generate", "--width", "64", "--height", "32", "--blocks", "3", "--quiet", "--dtype", "fp32",
+            "--seed", "5"]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    assert torch.get_num_threads() == 1  # the module's fixture
+    assert main([*args, "--device", "cpu", "--latents-out", str(one)]) == 0
+    r = subprocess.run([sys.executable, "-m", "cascade_core", *args, "--devices", "cpu,cpu",
+                        "--latents-out", str(two)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["device"] == "cpu,cpu" and summary["ticks"] == 15
+    assert torch.equal(read_tensor_file(str(one))["latents"], read_tensor_file(str(two))["latents"])
+
+
+def test_cli_under_torchrun_matches_one_device(tmp_path):
+    """The same per-rank engine in a process group torchrun made (how it runs across machines)."""
+    args = ["generate", "--width", "64", "--height", "32", "--blocks", "3", "--quiet", "--dtype", "fp32",
+            "--seed", "5", "--parallel", "2"]
+    one, many = tmp_path / "one.safetensors", tmp_path / "many.safetensors"
+    assert main([*args, "--device", "cpu", "--latents-out", str(one)]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "cascade_core", *args, "--devices", "torchrun", "--latents-out", str(many)]
+    r = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        stdout, stderr = r.communicate(timeout=180)
+    finally:
+        if r.poll() is None:  # torchrun and its ranks form one session: leave nothing behind
+            os.killpg(r.pid, signal.SIGKILL)
+            r.wait()
+    assert r.returncode == 0, stderr[-3000:]
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["device"] == "2 ranks (torchrun)"  # rank 0 reports
+    a, b = read_tensor_file(str(one))["latents"], read_tensor_file(str(many))["latents"]
+    assert (a - b).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--devices", "cpu,cuda:0"], "mixes CPU and CUDA"),
+    (["--devices", "cuda:0,cuda:0"], "listed twice"),
+    (["--devices", "cpu,cpu", "--device", "cpu"], "--device and --devices exclude each other"),
+])
+def test_bad_device_lists_give_one_line_and_exit_2(args, message, capsys):
+    assert main(["generate", "--width", "64", "--height", "32", "--blocks", "1", "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
