@@ -1008,7 +1008,7 @@ def _compose_error(workers: list[_Worker], phase: str, errors: dict, dead: dict,
         if code < 0:
             with contextlib.suppress(ValueError):
                 how = f"killed by {signal.Signals(-code).name}"
-            if code == -signal.SIGKILL:
+            if code == -getattr(signal, "SIGKILL", 9):
                 how += " (from outside, e.g. the system ran out of host memory)"
         notes.append((1, rank, f"rank {rank} ({device[rank]}) died: {how}", None))
     for rank, d in sorted(errors.items()):

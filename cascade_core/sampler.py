@@ -28,7 +28,7 @@ import torch
 
 from .kv_pool import FULL, REUSE, SPLIT, STORE, Exchange, KVPool, PoolLayout
 from .model import WanModel
-from .schedule import CascadeSchedule, FlowSchedule
+from .schedule import CascadeSchedule, FlowSchedule, Tick
 
 ATTENTION_MODES = ("causal", "bidirectional")
 FLASHBLOCK_MODES = ("off", "exact", "reuse")

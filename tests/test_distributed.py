@@ -9,7 +9,6 @@ in real arithmetic; we observe at most ~1.5e-6 absolute on latents of magnitude 
 assert <= 1e-4: a wide margin for the rounding to accumulate over steps and blocks, yet three orders
 of magnitude below what cascading itself changes (~1e-1, see test_engine).
 """
-import importlib.util
 import json
 import os
 import signal
