@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sink", type=int, default=0)
     ap.add_argument("--backend", default="auto", help="attention backends to compare, e.g. auto,cudnn,flash")
     ap.add_argument("--flashblock", default="off", help=f"modes to compare, of {FLASHBLOCK_MODES}")
+    ap.add_argument("--fold-clean", action="store_true", help="fold clean passes into the next block's tick (P1)")
     ap.add_argument("--runs", type=int, default=2, help="timed runs per level (after one warm-up)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile the layers' non-attention regions")
@@ -134,9 +135,9 @@ def main(argv: list[str] | None = None) -> None:
             for p in levels:
                 attention.set_backend(backend)
                 cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window,
-                                    sink=a.sink, flashblock=flashblock)
+                                    sink=a.sink, flashblock=flashblock, fold_clean=a.fold_clean)
                 tag = dict(size=size, backend=backend, flashblock=flashblock, parallel=p, compile=a.compile,
-                           fp8=a.fp8)
+                           fp8=a.fp8, fold_clean=a.fold_clean)
                 for r, (res, seconds) in enumerate(timed_runs(model, embeds, cfg, a, device, tag)):
                     lat = res.latents.float()
                     frames = video_frames(lat.shape[2])

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sink", type=int, default=0, help="first latent frames the window always keeps")
     g.add_argument("--flashblock", choices=FLASHBLOCK_MODES, default="off",
                    help="reuse block-external attention across a block's steps (reuse), or split exactly (exact)")
+    g.add_argument("--fold-clean", action="store_true",
+                   help="P1: run each clean pass in the next block's first forward (same result, fewer forwards)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=DTYPES, default="bf16")
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when present)")
@@ -219,7 +221,8 @@ def run_generate(args) -> dict | None:
     attention.set_backend(args.attention_backend)
     cfg = CascadeConfig(steps=args.steps, shift=args.shift, frames_per_block=args.frames_per_block,
                         context_noise=args.context_noise, parallel=args.parallel, attention=args.attention,
-                        window=args.window, sink=args.sink, flashblock=args.flashblock)
+                        window=args.window, sink=args.sink, flashblock=args.flashblock,
+                        fold_clean=args.fold_clean)
     cfg.validate()
     if args.blocks < 1:
         raise UsageError(f"--blocks must be >= 1, got {args.blocks}")

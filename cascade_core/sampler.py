@@ -55,6 +55,9 @@ class CascadeConfig:
     # it (merged by log-sum-exp with fresh in-block attention) at its later steps; clean passes stay
     # exact. "exact" splits and merges at every step (equal to "off"; for tests).
     flashblock: str = "off"
+    # P1 only: run a block's clean pass in the same forward as the next block's first step (the same
+    # result up to float rounding, one forward fewer per block); see CascadeSchedule
+    fold_clean: bool = False
 
     def validate(self) -> None:
         """Raise ValueError with the allowed range for anything out of range."""
@@ -207,7 +210,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     part = partition or Partition()
     cfg.validate()
     flow = FlowSchedule(cfg.steps, cfg.shift, cfg.warp)
-    plan = CascadeSchedule(blocks, len(flow), cfg.parallel)
+    plan = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean)
     prompts.validate(blocks, model.cfg.text_dim)
     h, w = latent_size(width, height, model.cfg.patch_size)
     fpb = cfg.frames_per_block
@@ -222,7 +225,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
 
     p = model.cfg.patch_size
     layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=(h // p[1]) * (w // p[2]),
-                        total_frames=frames, window=cfg.window, sink=cfg.sink, max_in_flight=cfg.parallel)
+                        total_frames=frames, window=cfg.window, sink=cfg.sink, max_in_flight=plan.max_in_flight)
     start = time.perf_counter()
     with torch.inference_mode():
         pool = KVPool(layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,

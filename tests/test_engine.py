@@ -306,3 +306,13 @@ def test_folded_clean_pass_schedule():
     shared = [t.pairs for t in ticks if len(t.pairs) == 2]
     assert shared == [((b, 4), (b + 1, 0)) for b in range(3)]  # clean pass of b with step 0 of b+1
     assert CascadeSchedule(blocks=4, steps=4, parallel=3, fold_clean=True).entry(1) == 1  # P>1: unchanged
+
+
+@pytest.mark.parametrize("window,sink,flashblock", [(None, 0, "off"), (6, 2, "off"), (None, 0, "reuse")])
+def test_folded_clean_pass_gives_the_p1_result_in_fewer_forwards(model, prompt, window, sink, flashblock):
+    run = dict(blocks=5, width=W, height=H, seed=3)
+    base = dict(frames_per_block=2, window=window, sink=sink, flashblock=flashblock)
+    plain = generate(model, PromptSchedule.single(prompt), CascadeConfig(**base), **run)
+    folded = generate(model, PromptSchedule.single(prompt), CascadeConfig(**base, fold_clean=True), **run)
+    assert (plain.latents - folded.latents).abs().max() <= 1e-5
+    assert (plain.forwards, folded.forwards) == (5 * 5, 5 * 4 + 1)
