@@ -46,8 +46,8 @@ class BlockCascadeConfig(io.ComfyNode):
                 io.Float.Input("shift", default=5.0, min=0.1, max=20.0, step=0.1,
                                tooltip="Flow-matching timestep shift (5 for Self-Forcing)."),
                 io.String.Input("devices", default="auto",
-                                tooltip="auto (ComfyUI's device), cpu, cuda:N; several (cuda:0,cuda:1) need the "
-                                        "multi-GPU engine."),
+                                tooltip="auto (ComfyUI's device), cpu, cuda:N; several (cuda:0,cuda:1) share "
+                                        "the cascade: one process per GPU, kept alive between runs."),
                 io.Combo.Input("attention_backend", options=list(attention.BACKENDS), default="auto",
                                tooltip="Attention kernel (auto: torch's choice)."),
                 io.Boolean.Input("flashblock", default=False,

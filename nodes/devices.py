@@ -3,8 +3,9 @@
 - :func:`parse` turns the config's ``devices`` text ("auto", "cpu", "cuda:0", "cuda:0,cuda:1") into a
   list of torch devices, checking that each is present (a pure function of the text and of what is
   installed, so it runs at validation time).
-- :func:`single_device` is the one gate for several devices: today it refuses them (the distributed
-  engine is not wired yet); that is the function to change when it is.
+- :func:`runner` is the one place where one device and several part: one device runs the engine in
+  ComfyUI's process, several run through cascade_core.distributed's persistent worker pool (one
+  process per GPU, the KV pool shared over NCCL), with the same arguments and result.
 - :func:`check_free_memory` refuses a run whose estimate does not fit, naming every GPU and its free
   memory.
 """
@@ -87,7 +88,7 @@ def parse(spec: str, count: int | None = None) -> list[torch.device]:
             if d.index >= count:
                 raise ValueError(f"devices: {item} is not present; this machine has {count} CUDA "
                                  f"device(s): {describe_cuda(count) if count else 'none'}")
-        if d in devices:
+        if d.type == "cuda" and d in devices:  # cpu,cpu is fine: several CPU processes (gloo)
             raise ValueError(f"devices: {item} is listed twice")
         devices.append(d)
     if not devices:
@@ -95,18 +96,21 @@ def parse(spec: str, count: int | None = None) -> list[torch.device]:
     return devices
 
 
-def single_device(devices: Sequence[torch.device]) -> torch.device:
-    """The one device a run uses. Several devices need the distributed engine (not wired yet)."""
-    if len(devices) > 1:
-        names = ",".join(str(d) for d in devices)
-        raise ValueError(f"devices: {names} asks for {len(devices)} GPUs; multi-GPU needs the distributed "
-                         f"engine, which this version does not have yet. Use one device (auto or cuda:N).")
-    return devices[0]
+def check(spec: str) -> list[torch.device]:
+    """parse, plus what several devices need: all of one kind (cuda or cpu)."""
+    devices = parse(spec)
+    if len({d.type for d in devices}) > 1:
+        raise ValueError(f"devices: {spec} mixes CPU and GPUs; list only cuda:N devices, or only cpu")
+    return devices
 
 
-def check(spec: str) -> torch.device:
-    """parse + single_device: what a validation step calls."""
-    return single_device(parse(spec))
+def runner(devices: Sequence[torch.device]):
+    """The engine's generate for these devices (same signature and result for one or several)."""
+    if len(devices) == 1:
+        from cascade_core.sampler import generate
+        return generate
+    from cascade_core.distributed import get_pool
+    return get_pool([str(d) for d in devices]).generate
 
 
 def check_free_memory(devices: Sequence[torch.device], required: int, what: str,

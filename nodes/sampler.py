@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from cascade_core import attention as attention_backends
 from cascade_core.kv_pool import PoolLayout
-from cascade_core.sampler import Interrupted, generate, latent_size
+from cascade_core.sampler import Interrupted, latent_size
 
 from . import checks, devices, stream
 from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
@@ -147,7 +147,8 @@ class BlockCascadeSampler(io.ComfyNode):
         cfg.validate()
         checks.video_size(width, height)
         checks.blocks(blocks)
-        device = devices.check(config.devices)
+        run_devices = devices.check(config.devices)
+        device = run_devices[0]  # one device: the run's; several: where the weights are taken from
         if config.attention_backend not in attention_backends.BACKENDS:
             raise ValueError(f"attention backend must be one of {', '.join(attention_backends.BACKENDS)}")
         if (positive is None) == (schedule is None):
@@ -163,6 +164,7 @@ class BlockCascadeSampler(io.ComfyNode):
                                              _vae_bytes(vae_sd))
         devices.make_room(device, run_bytes + (0 if model.resident_on(device) else model.weight_bytes()))
         weights = 0 if model.resident_on(device) else model.weight_bytes()  # making room may unload them
+        # several devices: the worker pool checks each GPU itself (its own share of the run)
         devices.check_free_memory([device], run_bytes + weights, f"weights {weights / GIB:.2f} GiB, {what}")
 
         # ---- the run ------------------------------------------------------------------------------
@@ -183,8 +185,9 @@ class BlockCascadeSampler(io.ComfyNode):
             reporter = stream.Reporter(node_id, blocks, cfg.frames_per_block, len(cfg.steps) + 1, cfg.parallel,
                                        width, height, decoder, progress=progress)
             reporter.start()
-            result = generate(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,
-                              on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted)
+            run = devices.runner(run_devices)
+            result = run(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,
+                         on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted)
             from cascade_core.vae import normalized_to_raw
 
             raw = normalized_to_raw(result.latents.float()).cpu()

@@ -325,7 +325,7 @@ def no_engine(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("the engine ran although the input is bad")
 
-    monkeypatch.setattr(sampler_mod, "generate", forbidden)
+    monkeypatch.setattr(devices_mod, "runner", lambda run_devices: forbidden)
     monkeypatch.setattr(values_mod.FileModel, "acquire", forbidden)
     monkeypatch.setattr(values_mod.CoreModel, "acquire", forbidden)
 
@@ -336,6 +336,24 @@ def sample(model, **kw):
     with Recorder() as rec:
         run("BlockCascadeSampler", **args)
     return rec
+
+
+def test_several_devices_run_through_the_worker_pool_with_the_same_latents(model):
+    from cascade_core import distributed
+
+    conditioning = cond()
+    outs = {}
+    try:
+        for spec in ("cpu", "cpu,cpu"):
+            settings = values_mod.Settings(cascade=CascadeConfig(parallel=2, frames_per_block=3), devices=spec)
+            with Recorder():
+                outs[spec] = run("BlockCascadeSampler", model=model, config=settings, positive=conditioning,
+                                 width=W, height=H, blocks=BLOCKS, seed=5)
+        assert distributed.get_pool(["cpu", "cpu"]).world_size == 2  # the pool really ran two ranks
+    finally:
+        distributed.close_pools()
+    one, two = (outs[s][0]["samples"] for s in ("cpu", "cpu,cpu"))
+    assert one.shape == two.shape and (one - two).abs().max() <= 1e-4
 
 
 def cond(width=4096, tokens=8, n=1):
@@ -400,12 +418,12 @@ def test_devices_absent_several_or_full_are_named_with_their_free_memory(model, 
     msg = NODES["BlockCascadeConfig"].validate_inputs(devices="cuda:0", **base)
     assert "cuda:0 is not present" in msg and "0 CUDA device" in msg
     assert "not a device" in NODES["BlockCascadeConfig"].validate_inputs(devices="gpu zero", **base)
-    # two present GPUs: several devices need the distributed engine (one gate: devices.single_device)
+    # two present GPUs: several devices are accepted (the worker pool runs them), CPU and GPU mixed are not
     monkeypatch.setattr(devices_mod, "cuda_count", lambda: 2)
     monkeypatch.setattr(devices_mod, "free_bytes", lambda d: (3 * GIB) // (1 + d.index))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Test GPU")
-    msg = NODES["BlockCascadeConfig"].validate_inputs(devices="cuda:0,cuda:1", **base)
-    assert "multi-GPU needs the distributed engine" in msg
+    assert NODES["BlockCascadeConfig"].validate_inputs(devices="cuda:0,cuda:1", **base) is True
+    assert "mixes CPU and GPUs" in NODES["BlockCascadeConfig"].validate_inputs(devices="cpu,cuda:0", **base)
     msg = NODES["BlockCascadeConfig"].validate_inputs(devices="cuda:0,cuda:2", **base)
     assert "cuda:2 is not present" in msg and "cuda:0 (Test GPU, 3.0 GiB free), cuda:1 (Test GPU, 1.5 GiB free)" in msg
     # a GPU already full: refused before anything moves, naming the GPU and its free memory
