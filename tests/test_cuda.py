@@ -75,3 +75,23 @@ def test_auto_backend_is_measured_once_per_kind_of_call():
     assert any(key.startswith("cuda") and "12x128 bfloat16" in key for key in chosen)
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert rel(out, ref) < 1e-2
+
+
+def test_one_gpu_worker_pool_equals_the_in_process_run():
+    """The NCCL path end to end on one GPU: spawn, weight upload, broadcasts, streaming back."""
+    from cascade_core.distributed import WorkerPool
+
+    model = WanModel.random(SMALL, seed=0, device="cuda", dtype=torch.float32)
+    embeds = torch.randn(20, 64)
+    cfg = CascadeConfig(parallel=3)
+    run = dict(blocks=3, width=128, height=64, seed=1)
+    local = generate(model, PromptSchedule.single(embeds), cfg, **run).latents
+    pool = WorkerPool(["cuda:0"])
+    try:
+        blocks = []
+        pooled = pool.generate(model, PromptSchedule.single(embeds), cfg, on_block=lambda e: blocks.append(e.block),
+                               **run).latents
+    finally:
+        pool.close()
+    assert blocks == [0, 1, 2]
+    assert rel(pooled, local) < 1e-4
