@@ -5,8 +5,15 @@ Pure PyTorch; never imports ComfyUI. Modules:
   model       the Wan2.1 T2V DiT (original parameter names, config read from the weights)
   schedule    flow-matching step list (FlowSchedule) and the cascade tick plan (CascadeSchedule)
   kv_pool     preallocated self-attention K/V: sink, rolling window, in-flight blocks
-  attention   one attention function over several backends
+  attention   one attention function over several backends (log-sum-exp for exact merges)
   sampler     runs the ticks: noise, batched forwards, re-noising, clean passes, prompt switches
-  cli         ``python -m cascade_core generate``
+  fp8         optional fp8 matrix products
+  checkpoint  one loader for every DiT layout, with named errors
+  vae, taew   streaming Wan2.1 VAE decoder and the tiny preview decoder
+  frames      frames out while the DiT goes on (decode per finished block; MP4/PNG)
+  text        umt5-xxl prompt embeddings from local files
+  distributed several devices sharing the KV pool (torch.distributed)
+  cli, bench  ``python -m cascade_core generate`` and ``python -m cascade_core.bench``
+  client      the headless ComfyUI client
 """
 __version__ = "0.1.0"
