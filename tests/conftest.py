@@ -1,7 +1,29 @@
-"""Test setup: the repository root is importable, so ``import cascade_core`` works from a clone."""
+"""Test setup: the repository root is importable (``import cascade_core`` works from a clone), and the
+tiny random model of the real architecture that the engine tests share.
+
+Fixtures: ``model`` (WanModel.random(TINY, seed 0), fp32) and ``prompt`` (a seeded [5, text_dim]
+embedding); ``TINY`` itself is importable as ``from conftest import TINY``.
+"""
 import os
 import sys
+
+import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from cascade_core.model import WanConfig, WanModel  # noqa: E402
+
+TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return WanModel.random(TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))

@@ -24,10 +24,10 @@ from cascade_core import distributed
 from cascade_core.cli import main
 from cascade_core.distributed import TEST_FAULT_ENV, WorkerError, WorkerPool, parse_devices
 from cascade_core.model import WanConfig, WanModel
+from conftest import TINY
 from cascade_core.safe_io import read_tensor_file
 from cascade_core.sampler import CascadeConfig, Interrupted, PromptSchedule, generate
 
-TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 RUN = dict(width=64, height=32, seed=7)
@@ -41,16 +41,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return WanModel.random(TINY, seed=0)
-
-
-@pytest.fixture(scope="module")
-def prompt():
-    return torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))
 
 
 @pytest.fixture(scope="module")

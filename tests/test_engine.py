@@ -7,21 +7,11 @@ import torch.nn.functional as F
 
 from cascade_core.kv_pool import KVPool, PoolLayout
 from cascade_core.model import WanConfig, WanModel
+from conftest import TINY
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate, initial_noise, step_noise
 from cascade_core.schedule import CascadeSchedule, FlowSchedule
 
-TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32)
 W, H = 64, 32  # pixels -> latent 4 x 8 -> 2 x 4 = 8 tokens per frame
-
-
-@pytest.fixture(scope="module")
-def model():
-    return WanModel.random(TINY, seed=0)
-
-
-@pytest.fixture(scope="module")
-def prompt(model):
-    return torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))
 
 
 # ---- an oracle written independently of the pool: one full sequence with an explicit mask ---------

@@ -3,20 +3,7 @@ import pytest
 import torch
 
 from cascade_core import attention
-from cascade_core.model import WanConfig, WanModel
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
-
-TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return WanModel.random(TINY, seed=0)
-
-
-@pytest.fixture(scope="module")
-def prompt():
-    return torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))
 
 
 @pytest.mark.parametrize("backend", ["auto", "math"])
