@@ -39,10 +39,17 @@ def sync(device: torch.device) -> None:
 
 
 def timed_runs(model, embeds, cfg, a, device, tag):
-    """One warm-up run (kernels, compilation; its time is printed), then ``a.runs`` timed runs."""
+    """One warm-up run (kernels, compilation; its time is printed), then ``a.runs`` timed runs.
+
+    With ``--devices`` the runs go through the distributed worker pool (one process per device)."""
     run = dict(blocks=a.blocks, width=a.width, height=a.height, seed=0)
+    if a.devices:
+        from .distributed import get_pool
+        generate_run = get_pool(a.devices).generate
+    else:
+        generate_run = generate
     t0 = time.perf_counter()
-    generate(model, PromptSchedule.single(embeds), cfg, **run)
+    generate_run(model, PromptSchedule.single(embeds), cfg, **run)
     sync(device)
     emit(figure="warmup", **tag, seconds=round(time.perf_counter() - t0, 2))
     if device.type == "cuda":
@@ -50,7 +57,7 @@ def timed_runs(model, embeds, cfg, a, device, tag):
     for _ in range(a.runs):
         sync(device)
         t0 = time.perf_counter()
-        res = generate(model, PromptSchedule.single(embeds), cfg, **run)
+        res = generate_run(model, PromptSchedule.single(embeds), cfg, **run)
         sync(device)
         yield res, time.perf_counter() - t0
 
@@ -104,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fold-clean", action="store_true", help="fold clean passes into the next block's tick (P1)")
     ap.add_argument("--runs", type=int, default=2, help="timed runs per level (after one warm-up)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--devices", help="several devices through the worker pool, e.g. cuda:0,cuda:1 (the "
+                                      "exact reference still runs on --device); peak memory is then --device's")
     ap.add_argument("--compile", action="store_true", help="torch.compile the layers' non-attention regions")
     ap.add_argument("--fp8", action="store_true", help="fp8 matrix products in the layers")
     ap.add_argument("--vae", action="store_true",
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                 cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window,
                                     sink=a.sink, flashblock=flashblock, fold_clean=a.fold_clean)
                 tag = dict(size=size, backend=backend, flashblock=flashblock, parallel=p, compile=a.compile,
-                           fp8=a.fp8, fold_clean=a.fold_clean)
+                           fp8=a.fp8, fold_clean=a.fold_clean, devices=a.devices or str(device))
                 for r, (res, seconds) in enumerate(timed_runs(model, embeds, cfg, a, device, tag)):
                     lat = res.latents.float()
                     frames = video_frames(lat.shape[2])
