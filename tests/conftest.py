@@ -1,8 +1,9 @@
 """Test setup: the repository root is importable (``import cascade_core`` works from a clone), and the
 tiny random model of the real architecture that the engine tests share.
 
-Fixtures: ``model`` (WanModel.random(TINY, seed 0), fp32) and ``prompt`` (a seeded [5, text_dim]
-embedding); ``TINY`` itself is importable as ``from conftest import TINY``.
+Fixtures: ``model`` (WanModel.random(TINY, seed 0), fp32), ``prompt`` (a seeded [5, text_dim]
+embedding) and ``one_thread`` (torch on one CPU thread for a module); ``TINY`` itself is importable
+as ``from conftest import TINY``.
 """
 import os
 import sys
@@ -27,3 +28,14 @@ def model():
 @pytest.fixture(scope="module")
 def prompt():
     return torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread for a module: the thread count changes the rounding of larger matrix products
+    (comparisons with one-thread worker processes need the same), and small convolutions run no
+    faster on more threads but far slower on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,14 +33,7 @@ TOL = 1e-4
 RUN = dict(width=64, height=32, seed=7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The references run one thread, like the workers (threads=1): on the CPU the thread count
-    changes the rounding of larger matrix products (see the CLI test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -54,13 +54,7 @@ def tiny_weights(widths=WIDTHS) -> dict[str, torch.Tensor]:
     return sd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These small convolutions run no faster on more threads, and far slower on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
