@@ -89,7 +89,7 @@ import torch.distributed as dist
 from . import attention
 from .fp8 import Fp8Linear, quantize_layers
 from .kv_pool import PoolLayout
-from .model import Block, WanConfig, WanModel
+from .model import WanConfig, WanModel
 from .sampler import (LATENT_CHANNELS, BlockEvent, CascadeConfig, Interrupted, Partition, PromptSchedule, Result,
                       TickEvent, generate as run_loop, initial_noise, latent_size)
 from .schedule import CascadeSchedule, FlowSchedule, Tick
@@ -220,10 +220,6 @@ def _from_wire(w: dict) -> torch.Tensor:
     return torch.frombuffer(bytearray(w["data"]), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-def _is_compiled(model: WanModel) -> bool:
-    return tuple(model._regions) != (Block.self_attention_inputs, Block.after_self_attention)
-
-
 def _weights_plan(model: WanModel) -> tuple[dict, dict[str, torch.Tensor]]:
     """The spec every rank builds the model from, and the state dict it describes."""
     sd = model.state_dict()
@@ -238,7 +234,7 @@ def _weights_plan(model: WanModel) -> tuple[dict, dict[str, torch.Tensor]]:
         size += -(-n // ALIGN) * ALIGN
         sizes[-1] = size
     spec = {"cfg": dataclasses.asdict(model.cfg), "fp8": any(isinstance(m, Fp8Linear) for m in model.modules()),
-            "compile": _is_compiled(model), "chunks": chunks, "sizes": sizes, "bytes": sum(sizes)}
+            "compile": model.compiled, "chunks": chunks, "sizes": sizes, "bytes": sum(sizes)}
     return spec, sd
 
 
@@ -255,7 +251,7 @@ def _pack(sd: dict[str, torch.Tensor], metas: list, size: int, device: torch.dev
 
 def _fingerprint(model: WanModel) -> tuple:
     """Changes when the model's tensors are replaced or modified in place (version counters)."""
-    out = [_is_compiled(model)]
+    out = [model.compiled]
     for name, t in model.state_dict().items():
         try:
             version = t._version

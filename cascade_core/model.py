@@ -195,7 +195,7 @@ class WanModel(nn.Module):
         self.head.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.head.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._regions = (Block.self_attention_inputs, Block.after_self_attention)
+        self.compile_layers(False)
 
     def compile_layers(self, enabled: bool = True) -> "WanModel":
         """Compile the two regions of a layer around self-attention (torch.compile, static shapes).
@@ -205,6 +205,7 @@ class WanModel(nn.Module):
         """
         regions = (Block.self_attention_inputs, Block.after_self_attention)
         self._regions = tuple(torch.compile(r, dynamic=False) for r in regions) if enabled else regions
+        self.compiled = enabled
         return self
 
     # ---- construction -------------------------------------------------------------------------
