@@ -107,16 +107,10 @@ def single_tensor(path: str, what: str) -> torch.Tensor:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = device.index or 0
-        if index >= count:
-            raise UsageError(f"device {name} is not present ({count} CUDA device(s) visible)")
-    return device
+    devices = distributed.parse_devices(name)  # the one parser of device names: type, presence
+    if len(devices) > 1:
+        raise UsageError(f"--device takes one device; for several use --devices {name}")
+    return devices[0]
 
 
 def several_devices(args):
