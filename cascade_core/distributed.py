@@ -6,14 +6,15 @@ Public API
     A persistent pool of worker processes (torch.multiprocessing, spawn), one rank per device,
     alive between prompts. ``devices``: "cuda:0,cuda:1,..." (NCCL) or "cpu,cpu,..." (gloo), or a
     list of such names / torch devices. ``timeout``: seconds any collective may wait (a stuck rank
-    turns into an error after it). ``threads``: CPU threads per worker (default: OMP_NUM_THREADS, else
-    cores / ranks; on the CPU the thread count changes the rounding of matrix products).
+    turns into an error after it). ``threads``: CPU threads per worker (default: the caller's
+    ``torch.get_num_threads()`` at each run, so every rank does the caller's arithmetic: on some
+    CPUs the thread count changes the rounding of matrix products).
 ``WorkerPool.generate(model, prompts, cfg, *, blocks, width, height, seed=0, noise=None,
 on_tick=None, on_block=None, should_stop=None) -> Result``
     Same signature and result as :func:`sampler.generate`; the callbacks run in the caller's thread,
     the latents land on ``model.device``. The weights go to the workers on the first run and again
     only when the model (or any of its tensors) changed; ``drop_weights()`` forces a new upload.
-``WorkerPool.close()``; ``.devices``, ``.world_size``, ``.pids``, ``.alive``.
+``WorkerPool.close()``; ``.devices``, ``.world_size``, ``.pids``, ``.worker_threads``, ``.alive``.
 ``get_pool(devices, **options) -> WorkerPool``
     The module's pool for this device list, reused between calls; asking for other devices closes
     the old pool first. ``generate(model, prompts, cfg, *, devices, **kw)`` runs through it.
@@ -553,7 +554,6 @@ def _worker_main(rank: int, devices: list[str], port: int, cmd, events, lifeline
     outbox = _Outbox(events, device)
     timeout = datetime.timedelta(seconds=options["timeout"])
     try:
-        torch.set_num_threads(options["threads"])
         info = {}
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -593,6 +593,7 @@ def _worker_main(rank: int, devices: list[str], port: int, cmd, events, lifeline
                 engine.drop_model()
             elif msg[0] == "run":
                 job, tensors = msg[1], msg[2]
+                torch.set_num_threads(job["threads"])
                 if tensors is not None:
                     tensors = {"embeds": [_from_wire(e) for e in tensors["embeds"]],
                                "noise": None if tensors["noise"] is None else _from_wire(tensors["noise"])}
@@ -602,7 +603,7 @@ def _worker_main(rank: int, devices: list[str], port: int, cmd, events, lifeline
                                      should_stop=lambda: bool(stop_flag.value))
                 result = engine.run(job, tensors, **callbacks)
                 stats = None if rank else (result.ticks, result.forwards, result.seconds, result.first_block_seconds)
-                outbox.send(("done", rank, stats, _free_bytes(device)))
+                outbox.send(("done", rank, stats, _free_bytes(device), torch.get_num_threads()))
         except Interrupted as exc:
             outbox.send(("interrupted", rank, getattr(exc, "tick", None), str(exc)))
         except BaseException as exc:  # noqa: BLE001 - reported; the caller tears the pool down
@@ -616,13 +617,6 @@ def _worker_main(rank: int, devices: list[str], port: int, cmd, events, lifeline
 
 
 # ---- the pool (the caller's side) -----------------------------------------------------------------
-
-def _default_threads(ranks: int) -> int:
-    """CPU threads per worker: OMP_NUM_THREADS when set, else the cores shared among the ranks."""
-    with contextlib.suppress(KeyError, ValueError):
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return max(1, (os.cpu_count() or 1) // ranks)
-
 
 @contextlib.contextmanager
 def _spawn_without_main():
@@ -663,6 +657,7 @@ class _Worker:
         self.rank, self.device, self.process = rank, device, process
         self.cmd, self.events, self.lifeline = cmd, events, lifeline
         self.memory = None  # (usable, total) bytes on its GPU, as last reported
+        self.threads = None  # CPU threads it ran its last job with
 
 
 class WorkerPool:
@@ -672,7 +667,7 @@ class WorkerPool:
                  threads: int | None = None):
         self.devices = parse_devices(devices)
         self.timeout = float(timeout)
-        self.threads = threads or _default_threads(len(self.devices))
+        self.threads = threads  # None: the caller's thread count at each run
         self._workers: list[_Worker] = []
         self._lock = threading.RLock()
         self._weights = None  # (weakref to the model, fingerprint) of the weights the workers hold
@@ -692,6 +687,11 @@ class WorkerPool:
     @property
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers]
+
+    @property
+    def worker_threads(self) -> list[int | None]:
+        """CPU threads each worker ran its last run with (None before its first run)."""
+        return [w.threads for w in self._workers]
 
     @property
     def alive(self) -> bool:
@@ -714,7 +714,7 @@ class WorkerPool:
         self._store = dist.TCPStore("127.0.0.1", port, None, True, datetime.timedelta(seconds=self.timeout),
                                     wait_for_workers=False, master_listen_fd=sock.detach())
         self._stop_flag = ctx.Value("b", 0, lock=False)
-        options = {"env": _worker_env(), "timeout": self.timeout, "threads": self.threads}
+        options = {"env": _worker_env(), "timeout": self.timeout}
         names = [str(d) for d in self.devices]
         self._weights = None
         try:
@@ -921,6 +921,7 @@ class WorkerPool:
                 "noise": None if tensors["noise"] is None else _to_wire(tensors["noise"])}
         self._stop_flag.value = 0
         self._busy = True
+        job = {**job, "threads": self.threads or torch.get_num_threads()}
         for w in self._workers:
             w.cmd.send(("run", job, wire if w.rank == 0 else None))
         fpb = job["cfg"]["frames_per_block"]
@@ -938,6 +939,7 @@ class WorkerPool:
             if tag == "done":
                 finished.add(msg[1])
                 self._workers[msg[1]].memory = msg[3]
+                self._workers[msg[1]].threads = msg[4]
                 if msg[1] == 0:
                     state["stats"] = msg[2]
             elif tag == "interrupted":

@@ -256,6 +256,29 @@ def test_get_pool_reuses_one_pool(model, prompt):
     assert pool.closed and not pool.alive
 
 
+def test_workers_run_the_callers_thread_count_at_every_run(model, prompt):
+    """On some CPUs the thread count changes the rounding of matrix products, so a default pool's
+    workers take the caller's count at each run (whatever the machine's core count): a pool of one
+    rank then does the caller's arithmetic. An explicit ``threads`` wins."""
+    cfg = CascadeConfig(frames_per_block=2, parallel=3)
+    pool = WorkerPool("cpu,cpu", timeout=60)
+    try:
+        for threads in (1, 3, 2):
+            torch.set_num_threads(threads)
+            res = pool.generate(model, PromptSchedule.single(prompt), cfg, blocks=3, **RUN)
+            assert pool.worker_threads == [threads, threads]
+            assert (res.latents - single(model, PromptSchedule.single(prompt), cfg, 3).latents).abs().max() <= TOL
+    finally:
+        torch.set_num_threads(1)
+        pool.close()
+    fixed = WorkerPool("cpu", threads=2, timeout=60)
+    try:
+        fixed.generate(model, PromptSchedule.single(prompt), cfg, blocks=2, **RUN)
+        assert fixed.worker_threads == [2]
+    finally:
+        fixed.close()
+
+
 # ---- processes ------------------------------------------------------------------------------------
 
 def test_workers_exit_with_their_host_and_import_the_pack_by_its_stable_name(tmp_path):
@@ -308,8 +331,8 @@ def test_workers_exit_with_their_host_and_import_the_pack_by_its_stable_name(tmp
 # ---- the command line -----------------------------------------------------------------------------
 
 def test_cli_devices_gives_the_latents_of_one_device(tmp_path):
-    """Bit for bit at P1. On the CPU the thread count changes the rounding of matrix products, so
-    both sides run one thread (the workers take OMP_NUM_THREADS)."""
+    """Bit for bit at P1. On some CPUs the thread count changes the rounding of matrix products, so
+    both sides run one thread (the workers take the CLI process's count)."""
     args = ["generate", "--width", "64", "--height", "32", "--blocks", "3", "--quiet", "--dtype", "fp32",
             "--seed", "5"]
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
