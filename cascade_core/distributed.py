@@ -101,6 +101,7 @@ STABLE_NAME = "cascade_core.distributed"
 DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait
 START_TIMEOUT = 180.0  # seconds for every worker to start and meet
 GRACE = 2.0  # seconds to gather what the other ranks say after a failure
+CLOSE_WAIT = 10.0  # seconds close() waits for an interrupted run to end before killing the workers
 CHUNK_BYTES = 256 << 20  # weights travel in chunks of about this size
 ALIGN = 64
 GIB = 1 << 30
@@ -744,11 +745,23 @@ class WorkerPool:
             log.warning("Block Cascade: some of %s lack peer access; NCCL_P2P_DISABLE=1 in the workers",
                         ",".join(names))
 
-    def close(self) -> None:
-        """Stop every worker (politely, then by force) and wait for them; idempotent."""
-        with self._lock:
-            self._closed = True
+    def close(self, wait: float = CLOSE_WAIT) -> None:
+        """Stop every worker and wait for them; idempotent. A run in progress (in another thread) is
+        interrupted at its next tick and given ``wait`` seconds to end (it raises
+        :class:`sampler.Interrupted`); if it has not by then (a rank stuck in a collective), the
+        workers are killed, which ends that run with a :class:`WorkerError`."""
+        self._closed = True
+        if self._workers:
+            self._stop_flag.value = 1
+        if not self._lock.acquire(timeout=wait):
+            for w in list(self._workers):  # the running thread sees the deaths and tears down
+                with contextlib.suppress(OSError, ValueError):
+                    w.process.kill()
+            return
+        try:
             self._shutdown(graceful=True)
+        finally:
+            self._lock.release()
 
     def drop_weights(self) -> None:
         """Forget the uploaded weights; the next run uploads them again (for in-place edits the
@@ -919,7 +932,7 @@ class WorkerPool:
     def _run(self, model, job, tensors, on_tick, on_block, should_stop) -> Result:
         wire = {"embeds": [_to_wire(e) for e in tensors["embeds"]],
                 "noise": None if tensors["noise"] is None else _to_wire(tensors["noise"])}
-        self._stop_flag.value = 0
+        self._stop_flag.value = int(self._closed)  # a close() from another thread stops it at once
         self._busy = True
         job = {**job, "threads": self.threads or torch.get_num_threads()}
         for w in self._workers:
