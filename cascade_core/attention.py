@@ -13,6 +13,7 @@ attention over disjoint key sets can be computed piecewise and combined exactly 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -26,6 +27,8 @@ SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
 }
 BACKENDS = ("auto", *SDPA_BACKENDS)
+
+log = logging.getLogger("block_cascade")
 
 _backend = "auto"
 _measured: dict[tuple, str | None] = {}  # (device, heads, head_dim, dtype) -> fastest fused backend
@@ -103,10 +106,27 @@ def _lse_cuda(q, k, v):
                 r = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False)
             else:
                 break
-            return r[0], r[1].reshape(q.shape[:3]).float()
-        except RuntimeError:
-            continue
+            # cuDNN gives [B, H, Lq, 1], flash [B, H, Lq], efficient [B, H, Lq rounded up to 32]
+            return r[0], r[1].reshape(*q.shape[:2], -1)[..., :q.shape[2]].float()
+        except RuntimeError as exc:
+            _fell_back(name, q, exc)
+    _fell_back("fused kernels", q, None)
     return _lse_math(q, k, v)
+
+
+_warned: set[tuple] = set()
+
+
+def _fell_back(name: str, q: torch.Tensor, exc: Exception | None) -> None:
+    """Log once per (backend, device, shape kind) that a log-sum-exp kernel was skipped: the next
+    one, or in the end the float32 reference path (score matrices of Lq x Lk floats), runs instead."""
+    key = (name, q.device, q.shape[1], q.shape[-1], q.dtype)
+    if key not in _warned:
+        _warned.add(key)
+        why = f": {str(exc).splitlines()[0][:160]}" if exc is not None else ""
+        nxt = "trying the next" if exc is not None else "using the float32 reference path (slow, large)"
+        log.warning("attention with log-sum-exp: %s unavailable for %d heads x %d %s on %s%s; %s",
+                    name, q.shape[1], q.shape[-1], str(q.dtype).removeprefix("torch."), q.device, why, nxt)
 
 
 def _lse_math(q, k, v):

@@ -43,3 +43,21 @@ def test_reuse_mode_is_an_approximation_that_spares_the_first_block(model, promp
     assert (reuse[:, :, :2] - exact[:, :, :2]).abs().max() <= 1e-5
     dev = float((reuse - exact).norm() / exact.norm())
     assert 0 < dev < 0.5  # later blocks reuse stale block-external attention
+
+
+def test_a_fused_kernel_that_cannot_run_falls_back_with_one_warning(caplog):
+    """A log-sum-exp kernel that refuses the call (here: a CUDA kernel given CPU tensors) is named in
+    one warning per kind of call, never silently replaced by the float32 path; the result stays exact."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (5, 9, 9))
+    attention.set_backend("cudnn")
+    try:
+        with caplog.at_level("WARNING", logger="block_cascade"):
+            first = attention._lse_cuda(q, k, v)
+            second = attention._lse_cuda(q, k, v)
+    finally:
+        attention.set_backend("auto")
+    warnings = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 2 and "cudnn" in warnings[0] and "float32 reference path" in warnings[1], warnings
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(first[0], ref, atol=1e-6) and torch.equal(first[0], second[0])
