@@ -24,7 +24,9 @@ on_tick=None, on_block=None, should_stop=None) -> Result``
 ``generate_collective(model, prompts, cfg, *, blocks, width, height, ...) -> Result | None`` and
 ``init_from_env()``: the same per-rank engine for a process group made by someone else (torchrun,
 across machines): every rank calls it, rank 0 passes the model, prompts and config and gets the
-Result; the other ranks may pass None and get None.
+Result; the other ranks may pass None and get None. A run rank 0 refuses (or
+``refuse_collective(message)``, for a failure before it) ends the others at once with
+``CollectiveRefused``.
 
 How the work is shared
 ----------------------
@@ -1114,6 +1116,26 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT) -> torch.device:
     return device
 
 
+class CollectiveRefused(ValueError):
+    """Raised on the ranks other than 0 when rank 0 refused the run (rank 0 reports the reason)."""
+
+
+def refuse_collective(message: str) -> None:
+    """Rank 0 tells the other ranks, which wait in :func:`generate_collective`, that there is no run
+    (a bad argument, an unreadable file): they raise :class:`CollectiveRefused` at once instead of
+    waiting out the collective timeout."""
+    ctrl = _control_group()
+    try:
+        dist.broadcast_object_list([("refused", message)], src=0, group=ctrl)
+    finally:
+        _destroy(ctrl)
+
+
+def _destroy(group) -> None:
+    if group is not dist.group.WORLD:
+        dist.destroy_process_group(group)
+
+
 def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, cfg: CascadeConfig | None, *,
                         blocks: int = 0, width: int = 0, height: int = 0, seed: int = 0,
                         noise: torch.Tensor | None = None, on_tick=None, on_block=None, should_stop=None,
@@ -1121,28 +1143,38 @@ def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, 
     """Every rank of the initialised default process group calls this; rank 0 passes the model,
     prompts, config and run arguments (the others' are ignored: the weights, prompt embeddings and
     noise come from rank 0) and gets the Result, the others get None. ``device``: this rank's device
-    (default: cuda:LOCAL_RANK or the CPU). The weights are broadcast on every call."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    (default: cuda:LOCAL_RANK or the CPU). The weights are broadcast on every call; the caller's model
+    is never moved or changed (rank 0 runs it in place only when it already lies on ``device``).
+
+    Raises on rank 0 what :func:`sampler.generate` raises for bad arguments, before any collective
+    but the one that tells the other ranks (they raise :class:`CollectiveRefused`, see also
+    :func:`refuse_collective`)."""
+    rank = dist.get_rank()
     device = device or _rank_device(int(os.environ.get("LOCAL_RANK", "0")))
     ctrl = _control_group()
-    engine = _Rank(rank, world, device, ctrl)
-    head = [None]
-    if rank == 0:
-        if model is None or prompts is None or cfg is None:
-            raise ValueError("rank 0 needs the model, the prompts and the config")
-        job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise)
-        model = model.to(device)
-        spec, sd = _weights_plan(model)
-        head = [(spec, job)]
-    dist.broadcast_object_list(head, src=0, group=ctrl)
-    spec, job = head[0]
-    if rank == 0:
-        chunks = (_pack(sd, metas, size, device) for metas, size in zip(spec["chunks"], spec["sizes"]))
-        engine.load(spec, chunks, own_model=model)
-        result = engine.run(job, tensors, on_tick=on_tick, on_block=on_block, should_stop=should_stop)
-    else:
+    try:
+        head: list = [None]
+        if rank == 0:
+            try:
+                if model is None or prompts is None or cfg is None:
+                    raise ValueError("rank 0 needs the model, the prompts and the config")
+                job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise)
+            except Exception as exc:
+                dist.broadcast_object_list([("refused", str(exc))], src=0, group=ctrl)
+                raise
+            spec, sd = _weights_plan(model)
+            head = [("run", spec, job)]
+        dist.broadcast_object_list(head, src=0, group=ctrl)
+        if head[0][0] == "refused":
+            raise CollectiveRefused(head[0][1])
+        _, spec, job = head[0]
+        engine = _Rank(rank, dist.get_world_size(), device, ctrl)
+        if rank == 0:
+            chunks = (_pack(sd, metas, size, device) for metas, size in zip(spec["chunks"], spec["sizes"]))
+            engine.load(spec, chunks, own_model=model if model.device == device else None)
+            return engine.run(job, tensors, on_tick=on_tick, on_block=on_block, should_stop=should_stop)
         engine.load(spec)
-        result = engine.run(job, None)
-    if ctrl is not dist.group.WORLD:
-        dist.destroy_process_group(ctrl)
-    return result if rank == 0 else None
+        engine.run(job, None)
+        return None
+    finally:
+        _destroy(ctrl)

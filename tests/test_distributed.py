@@ -405,6 +405,50 @@ def test_cli_under_torchrun_matches_one_device(tmp_path):
     assert (a - b).abs().max() <= TOL
 
 
+def test_a_run_rank_0_refuses_ends_every_rank_at_once(tmp_path):
+    """Under torchrun, a bad run on rank 0 reaches the other ranks as CollectiveRefused right away
+    (not after the collective timeout), and no process group is left behind on any rank."""
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {ROOT!r})
+        import torch.distributed as dist
+        from cascade_core import distributed as d
+        from cascade_core.model import WanConfig, WanModel
+        from cascade_core.sampler import CascadeConfig, PromptSchedule
+        d.init_from_env(timeout=120)
+        start = time.monotonic()
+        model = WanModel.random(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32))
+        try:
+            if dist.get_rank() == 0:
+                d.generate_collective(model, PromptSchedule.single(torch.ones(3, 32)), CascadeConfig(),
+                                      blocks=0, width=64, height=32)
+            else:
+                d.generate_collective(None, None, None)
+        except ValueError as exc:
+            print(dist.get_rank(), type(exc).__name__, exc, round(time.monotonic() - start, 1), flush=True)
+        groups = len(dist.distributed_c10d._world.pg_map)
+        dist.destroy_process_group()
+        print("groups", groups, flush=True)
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    r = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        stdout, stderr = r.communicate(timeout=100)
+    finally:
+        if r.poll() is None:
+            os.killpg(r.pid, signal.SIGKILL)
+            r.wait()
+    assert r.returncode == 0, stderr[-3000:]
+    lines = sorted(stdout.splitlines())
+    refused = [line for line in lines if line[:1] in "01"]
+    assert [line.split()[:2] for line in refused] == [["0", "ValueError"], ["1", "CollectiveRefused"]], stdout
+    assert all("at least 1 block" in line for line in refused), stdout
+    assert all(float(line.split()[-1]) < 60 for line in refused), stdout  # not the 120 s timeout
+    assert [line for line in lines if line.startswith("groups")] == ["groups 1"] * 2, stdout  # only WORLD
+
+
 @pytest.mark.parametrize("args,message", [
     (["--devices", "cpu,cuda:0"], "mixes CPU and CUDA"),
     (["--devices", "cuda:0,cuda:0"], "listed twice"),
