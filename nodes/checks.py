@@ -1,7 +1,10 @@
 """Input checks shared by validate_inputs (at queue time) and execute (before any GPU work).
 
 Each check raises ValueError whose message states the allowed range; ``as_validation`` turns that
-into the string ComfyUI shows for a failed validation.
+into the string ComfyUI shows for a failed validation. ComfyUI reports such a string once for every
+input a node's ``validate_inputs`` takes, so a node's ``validate_inputs`` takes one input only; the
+other ranges are schema limits (ComfyUI checks those itself, each on its own input), and checks
+across inputs run when the node executes, still before any model work.
 """
 from __future__ import annotations
 
@@ -65,10 +68,17 @@ def parse_steps(text: str) -> tuple[int, ...]:
     return steps
 
 
+def step_list(text: str) -> tuple[int, ...]:
+    """The config's step list on its own (the queue-time check of the ``steps`` input)."""
+    steps = parse_steps(text)
+    CascadeConfig(steps=steps).validate()  # in 1..1000, strictly decreasing
+    return steps
+
+
 def cascade_config(steps: str, parallel: int, attention: str, window: int, sink: int,
                    shift: float = 5.0, flashblock: bool = False) -> CascadeConfig:
     """The engine configuration of the config node's widgets; every range is checked."""
-    st = parse_steps(steps)
+    st = step_list(steps)
     int_range("parallelism", parallel, 1, len(st) + 1, f" (1 = sequential, {len(st) + 1} = steps + 1 for "
               f"the {len(st)}-step list)")
     int_range("sink", sink, 0, MAX_LATENT_FRAMES, " latent frames")

@@ -58,13 +58,11 @@ class BlockCascadeConfig(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, parallel, attention, window, sink, steps, shift, devices, attention_backend,
-                        flashblock):
-        values = (parallel, attention, window, sink, steps, shift, devices, attention_backend, flashblock)
-        if any(v is None for v in values):  # a linked widget: checked when the node runs
+    def validate_inputs(cls, steps):
+        """Queue-time check of the step list (the other inputs: schema limits, and at execution)."""
+        if steps is None:  # a linked widget: checked when the node runs
             return True
-        return checks.as_validation(lambda: _settings(steps, parallel, attention, window, sink, shift, devices,
-                                                      attention_backend, flashblock))
+        return checks.as_validation(lambda: checks.step_list(steps))
 
     @classmethod
     def execute(cls, parallel, attention, window, sink, steps, shift, devices, attention_backend,

@@ -136,10 +136,6 @@ class BlockCascadeSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width, height, blocks):
-        return checks.as_validation(lambda: (checks.video_size(width, height), checks.blocks(blocks)))
-
-    @classmethod
     def execute(cls, model, config, width, height, blocks, seed, positive=None, schedule=None,
                 vae=None) -> io.NodeOutput:
         # ---- every check, before anything touches a GPU ------------------------------------------------

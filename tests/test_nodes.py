@@ -28,6 +28,7 @@ os.environ.setdefault("BLOCK_CASCADE_TEST_ROOT", tempfile.mkdtemp(prefix="bc-com
 
 import comfy.model_management as mm  # noqa: E402  (the stand-in)
 import comfy.utils  # noqa: E402
+import execution  # noqa: E402  (the stand-in's queue-time validation)
 import folder_paths  # noqa: E402
 import server  # noqa: E402
 from custom_node_loader import load_pack  # noqa: E402
@@ -384,47 +385,72 @@ def test_bad_sampler_inputs_are_refused_before_the_engine_runs(model, no_engine,
         sample(model, **kw)
 
 
-def test_validate_inputs_reports_ranges_at_queue_time():
-    s, c, p = NODES["BlockCascadeSampler"], NODES["BlockCascadeConfig"], NODES["BlockCascadePromptSchedule"]
-    assert s.validate_inputs(width=832, height=480, blocks=7) is True
-    assert "multiple of 16" in s.validate_inputs(width=830, height=480, blocks=7)
-    assert "1..1000" in s.validate_inputs(width=832, height=480, blocks=0)
-    assert s.validate_inputs(width=None, height=480, blocks=None) is True  # linked widgets: checked at run
-    base = dict(parallel=1, attention="causal", window=0, sink=0, steps="1000,750,500,250", shift=5.0,
-                devices="auto", attention_backend="auto", flashblock=False)
-    assert c.validate_inputs(**base) is True
-    msg = c.validate_inputs(**{**base, "parallel": 6})
-    assert "parallelism must lie in 1..5" in msg and "steps + 1" in msg
-    assert "1..4" in c.validate_inputs(**{**base, "parallel": 5, "steps": "1000,750,500"})
-    msg = c.validate_inputs(**{**base, "window": 2})
-    assert "at least sink + one block = 3" in msg and "0 (unlimited)" in msg
-    assert "at least sink + one block = 6" in c.validate_inputs(**{**base, "window": 5, "sink": 3})
-    assert c.validate_inputs(**{**base, "window": 12, "sink": 3}) is True
-    assert "strictly decrease" in c.validate_inputs(**{**base, "steps": "250,500"})
-    assert "shift must lie in 0.1..20" in c.validate_inputs(**{**base, "shift": 0.0})
-    assert "comma-separated integers" in c.validate_inputs(**{**base, "steps": "a,b"})
-    assert "attention backend must be one of" in c.validate_inputs(**{**base, "attention_backend": "nope"})
-    assert "in-flight attention" in c.validate_inputs(**{**base, "attention": "sideways"})
-    assert "0..999" in p.validate_inputs(start_block=1000)
-    with pytest.raises(ValueError, match="parallelism must lie in 1..5"):
+CONFIG_WIDGETS = dict(parallel=1, attention="causal", window=0, sink=0, steps="1000,750,500,250", shift=5.0,
+                      devices="auto", attention_backend="auto", flashblock=False)
+SAMPLER_WIDGETS = dict(model=["1", 0], config=["2", 0], width=832, height=480, blocks=7, seed=0)
+
+
+def queue_errors(node: str, **inputs) -> list[tuple[str, str]]:
+    """(input name, details) of every error ComfyUI's queue-time validation reports for one node."""
+    return [(e["extra_info"]["input_name"], e["details"]) for e in execution.node_errors(NODES[node], inputs)]
+
+
+@pytest.mark.parametrize("node, bad, fault, text", [
+    ("BlockCascadeConfig", dict(steps="250,500"), "steps", "strictly decrease"),
+    ("BlockCascadeConfig", dict(steps="a,b"), "steps", "comma-separated integers"),
+    ("BlockCascadeConfig", dict(parallel=18), "parallel", ""),
+    ("BlockCascadeConfig", dict(shift=0.0), "shift", ""),
+    ("BlockCascadeConfig", dict(attention_backend="nope"), "attention_backend", "nope"),
+    ("BlockCascadeConfig", dict(attention="sideways"), "attention", "sideways"),
+    ("BlockCascadeSampler", dict(width=3), "width", ""),
+    ("BlockCascadeSampler", dict(blocks=0), "blocks", ""),
+    ("BlockCascadePromptSchedule", dict(conditioning=["3", 0], start_block=1000), "start_block", "0..999"),
+])
+def test_a_refused_input_is_reported_once_on_the_input_at_fault(node, bad, fault, text):
+    base = {"BlockCascadeConfig": CONFIG_WIDGETS, "BlockCascadeSampler": SAMPLER_WIDGETS,
+            "BlockCascadePromptSchedule": dict(conditioning=["3", 0], start_block=0)}[node]
+    assert queue_errors(node, **base) == []
+    errors = queue_errors(node, **{**base, **bad})
+    assert len(errors) == 1 and errors[0][0] == fault and text in errors[0][1], errors
+
+
+def test_checks_across_inputs_are_reported_once_when_the_config_runs():
+    # a linked steps widget is checked when the node runs
+    assert queue_errors("BlockCascadeConfig", **{**CONFIG_WIDGETS, "steps": ["5", 0]}) == []
+    with pytest.raises(ValueError, match=r"parallelism must lie in 1\.\.5 .*steps \+ 1"):
         config(parallel=6)
+    with pytest.raises(ValueError, match=r"1\.\.4"):
+        config(parallel=5, steps="1000,750,500")
+    with pytest.raises(ValueError, match=r"window must be 0 \(unlimited\) or at least sink \+ one block = 3"):
+        config(window=2)
+    with pytest.raises(ValueError, match=r"at least sink \+ one block = 6"):
+        config(window=5, sink=3)
+    assert config(window=12, sink=3).cascade.window == 12
+    with pytest.raises(ValueError, match="shift must lie in 0.1..20"):
+        config(shift=0.0)
+    with pytest.raises(ValueError, match="in-flight attention"):
+        config(attention="sideways")
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        config(attention_backend="nope")
 
 
 def test_devices_absent_several_or_full_are_named_with_their_free_memory(model, monkeypatch, no_engine):
     GIB = 1024 ** 3
     monkeypatch.setattr(devices_mod, "cuda_count", lambda: 0)
-    base = dict(parallel=1, attention="causal", window=0, sink=0, steps="1000,750,500,250", shift=5.0,
-                attention_backend="auto", flashblock=False)
-    msg = NODES["BlockCascadeConfig"].validate_inputs(devices="cuda:0", **base)
-    assert "cuda:0 is not present" in msg and "0 CUDA device" in msg
-    assert "not a device" in NODES["BlockCascadeConfig"].validate_inputs(devices="gpu zero", **base)
+    with pytest.raises(ValueError, match=r"cuda:0 is not present.*0 CUDA device"):
+        config(devices="cuda:0")
+    with pytest.raises(ValueError, match="not a device"):
+        config(devices="gpu zero")
     # two present GPUs: several devices are accepted (the worker pool runs them), CPU and GPU mixed are not
     monkeypatch.setattr(devices_mod, "cuda_count", lambda: 2)
     monkeypatch.setattr(devices_mod, "free_bytes", lambda d: (3 * GIB) // (1 + d.index))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Test GPU")
-    assert NODES["BlockCascadeConfig"].validate_inputs(devices="cuda:0,cuda:1", **base) is True
-    assert "mixes CPU and GPUs" in NODES["BlockCascadeConfig"].validate_inputs(devices="cpu,cuda:0", **base)
-    msg = NODES["BlockCascadeConfig"].validate_inputs(devices="cuda:0,cuda:2", **base)
+    assert config(devices="cuda:0,cuda:1").devices == "cuda:0,cuda:1"
+    with pytest.raises(ValueError, match="mixes CPU and GPUs"):
+        config(devices="cpu,cuda:0")
+    with pytest.raises(ValueError) as exc:
+        config(devices="cuda:0,cuda:2")
+    msg = str(exc.value)
     assert "cuda:2 is not present" in msg and "cuda:0 (Test GPU, 3.0 GiB free), cuda:1 (Test GPU, 1.5 GiB free)" in msg
     # a GPU already full: refused before anything moves, naming the GPU and its free memory
     monkeypatch.setattr(devices_mod, "free_bytes", lambda d: GIB // 10)
