@@ -41,10 +41,14 @@ class FrameStream:
     """See the module docstring."""
 
     def __init__(self, decoder, on_frames: Callable[[FramesEvent], None] | None = None, keep: bool = True,
-                 frames_per_pass: int | None = None):
+                 frames_per_pass: int | None = None, should_stop: Callable[[], bool] | None = None):
         # a whole block per decoder pass: faster than one latent frame per pass on an H100 at 832x480
-        # (bench --vae times both), for a few GB more activation memory
-        self.stream = decoder.stream(frames_per_pass)
+        # (bench --vae times both), for a few GB more activation memory. With ``should_stop`` on the
+        # CPU, where a decode holds the caller, one latent frame per pass, and a stop is looked for
+        # between passes (raising cascade_core.sampler.Interrupted).
+        if should_stop is not None and frames_per_pass is None and torch.device(decoder.device).type == "cpu":
+            frames_per_pass = 1
+        self.stream = decoder.stream(frames_per_pass, should_stop)
         self.on_frames, self.keep = on_frames, keep
         self.pending: list[tuple[int, object]] = []  # (block, DecodeHandle), in block order
         self.kept: list[torch.Tensor] = []
@@ -98,7 +102,8 @@ class LatentRGBDecoder:
         self.bias = None if bias is None else torch.as_tensor(bias, dtype=torch.float32)
         self.device = torch.device(device)
 
-    def stream(self, frames_per_pass=None) -> "LatentRGBDecoder._Stream":
+    def stream(self, frames_per_pass=None, should_stop=None) -> "LatentRGBDecoder._Stream":
+        """A new video (a preview decode is instant: nothing to stop)."""
         return LatentRGBDecoder._Stream(self)
 
     def rgb(self, z: torch.Tensor, first_block: bool) -> torch.Tensor:

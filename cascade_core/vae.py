@@ -32,7 +32,7 @@ the first two also double the frame count (except for the video's first frame)::
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from einops import rearrange
 from torch import nn
 
 from .safe_io import CheckpointError, read_tensor_file
+from .sampler import Interrupted
 
 LATENT_CHANNELS = 16
 TIME_FACTOR = 4  # frames per latent frame after the first
@@ -351,11 +352,13 @@ class StreamingDecode:
     CPU everything runs at once and ``result()`` returns immediately.
     """
 
-    def __init__(self, decoder: "LatentVideoDecoder", frames_per_pass: int | None = 1):
+    def __init__(self, decoder: "LatentVideoDecoder", frames_per_pass: int | None = 1,
+                 should_stop: Callable[[], bool] | None = None):
         if frames_per_pass is not None and frames_per_pass < 1:
             raise ValueError("frames_per_pass must be a positive number of latent frames, or None")
         self.decoder = decoder
         self.frames_per_pass = frames_per_pass
+        self.should_stop = should_stop
         self.state = CausalState()
         self.latent_frames = 0  # decoded so far in this video
         self._shape: tuple[int, int, int] | None = None  # (B, h, w) of this video
@@ -423,6 +426,8 @@ class StreamingDecode:
         step = self.frames_per_pass or t
         at = 0
         for start in range(0, t, step):
+            if start and self.should_stop is not None and self.should_stop():
+                raise Interrupted(f"stopped while decoding, after {start} of {t} latent frames")
             y = dec.decode_pass(z[:, :, start:start + step], self.state)
             self.state.started = True
             frames[:, :, at:at + y.shape[2]] = y.clamp(-1.0, 1.0)
@@ -479,9 +484,11 @@ class LatentVideoDecoder(nn.Module):
         path = os.fspath(path)
         return cls.from_state_dict(read_tensor_file(path), dtype=dtype, device=device, source=path)
 
-    def stream(self, frames_per_pass: int | None = 1) -> StreamingDecode:
-        """A new video to decode block by block (see :class:`StreamingDecode`)."""
-        return StreamingDecode(self, frames_per_pass)
+    def stream(self, frames_per_pass: int | None = 1,
+               should_stop: Callable[[], bool] | None = None) -> StreamingDecode:
+        """A new video to decode block by block (see :class:`StreamingDecode`); ``should_stop`` is
+        asked between decoder passes and raises :class:`cascade_core.sampler.Interrupted` when true."""
+        return StreamingDecode(self, frames_per_pass, should_stop)
 
     def decode(self, z: torch.Tensor, frames_per_pass: int | None = 1) -> torch.Tensor:
         """All of a video's normalised latents at once: [B,16,T,h,w] -> [B,3,1+4(T-1),8h,8w] float32 in [-1, 1]."""

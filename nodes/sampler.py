@@ -179,7 +179,7 @@ class BlockCascadeSampler(io.ComfyNode):
             else:
                 decoder = stream.preview_decoder()
             reporter = stream.Reporter(node_id, blocks, cfg.frames_per_block, len(cfg.steps) + 1, cfg.parallel,
-                                       width, height, decoder, progress=progress)
+                                       width, height, decoder, progress=progress, should_stop=_interrupted)
             reporter.start()
             run = devices.runner(run_devices)
             result = run(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,

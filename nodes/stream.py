@@ -89,13 +89,15 @@ class Reporter:
 
     def __init__(self, node: str, blocks: int, frames_per_block: int, stages: int, parallel: int,
                  width: int, height: int, decoder, send: Callable[[str, dict], None] | None = None,
-                 progress=None, clock: Callable[[], float] = time.perf_counter):
+                 progress=None, clock: Callable[[], float] = time.perf_counter,
+                 should_stop: Callable[[], bool] | None = None):
         self.node, self.run = str(node), uuid.uuid4().hex[:12]
         self.blocks, self.fpb, self.stages, self.parallel = blocks, frames_per_block, stages, parallel
         self.width, self.height = width, height
         self.preview_w, self.preview_h = preview_size(width, height)
         self.send, self.progress, self.clock = send or client_sender(), progress, clock
-        self.decoding = FrameStream(decoder, on_frames=self._send_frames, keep=False)
+        self.decoding = FrameStream(decoder, on_frames=self._send_frames, keep=False,
+                                    should_stop=should_stop)
         self.frames: list[torch.Tensor] = []
         self.frame_count = 0
         self.done_blocks = 0

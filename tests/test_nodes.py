@@ -320,6 +320,37 @@ def test_comfy_progress_hook_raising_on_interrupt_also_ends_the_run_cleanly(mode
     assert len(rec.events("frames")) == 1
 
 
+def test_cancel_while_a_block_is_being_decoded_stops_after_one_latent_frame(model, prompts, monkeypatch):
+    from safetensors.torch import load_file
+
+    from cascade_core.vae import WanVAEDecoder
+
+    sd = load_file(WRITTEN["vae"])
+
+    class CoreVAE:
+        latent_channels = 16
+
+        def get_sd(self):
+            return sd
+
+    decoded = []  # latent frames through the decoder, per pass
+    real_pass = WanVAEDecoder.decode_pass
+
+    def decode_pass(self, z, state):
+        decoded.append(z.shape[2])
+        mm.interrupt_current_processing(True)  # Cancel pressed during the decode of the first block
+        return real_pass(self, z, state)
+
+    monkeypatch.setattr(WanVAEDecoder, "decode_pass", decode_pass)
+    with Recorder() as rec:
+        with pytest.raises(mm.InterruptProcessingException):
+            run("BlockCascadeSampler", model=model, config=config(), width=W, height=H, blocks=BLOCKS, seed=3,
+                vae=CoreVAE(), positive=prompts[0])
+    assert decoded == [1]  # the block's other latent frames were not decoded
+    assert rec.events("done")[0][1]["error"] == "interrupted" and not rec.events("frames")
+    assert not mm.processing_interrupted()
+
+
 # ---- bad input: refused before any engine work -----------------------------------------------------
 @pytest.fixture
 def no_engine(monkeypatch):
