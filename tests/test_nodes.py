@@ -351,6 +351,29 @@ def test_cancel_while_a_block_is_being_decoded_stops_after_one_latent_frame(mode
     assert not mm.processing_interrupted()
 
 
+def test_the_log_gives_the_runs_real_duration_also_through_a_worker_pool(model, prompts, monkeypatch, caplog):
+    import dataclasses
+    import logging
+    import re
+    import time
+
+    def pool_like(run_devices):  # a worker pool reports only its own compute time
+        def run(*a, **k):
+            time.sleep(0.3)
+            return dataclasses.replace(generate(*a, **k), seconds=0.001)
+        return run
+
+    monkeypatch.setattr(devices_mod, "runner", pool_like)
+    with caplog.at_level(logging.INFO, logger="block_cascade"):
+        with Recorder() as rec:
+            run("BlockCascadeSampler", model=model, config=config(), width=W, height=H, blocks=BLOCKS, seed=3,
+                positive=prompts[0])
+    (line,) = [r.getMessage() for r in caplog.records if " frames in " in r.getMessage()]
+    seconds = float(re.search(r"frames in ([0-9.]+) s", line).group(1))
+    assert seconds >= 0.3, line
+    assert rec.events("done")[0][1]["seconds"] >= 0.3  # the widget's summary
+
+
 # ---- bad input: refused before any engine work -----------------------------------------------------
 @pytest.fixture
 def no_engine(monkeypatch):
