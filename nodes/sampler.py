@@ -147,9 +147,10 @@ class BlockCascadeSampler(io.ComfyNode):
         device = run_devices[0]  # one device: the run's; several: where the weights are taken from
         if config.attention_backend not in attention_backends.BACKENDS:
             raise ValueError(f"attention backend must be one of {', '.join(attention_backends.BACKENDS)}")
-        if (positive is None) == (schedule is None):
-            raise ValueError("connect either positive (one prompt) or schedule (Prompt Schedule), not "
-                             + ("both" if positive is not None else "neither"))
+        if positive is not None and schedule is not None:
+            raise ValueError("connect either positive (one prompt) or schedule (Prompt Schedule), not both")
+        if positive is None and schedule is None:
+            raise ValueError("no prompt: connect positive (one prompt) or schedule (Prompt Schedule)")
         if positive is not None:
             entries = [(0, checks.conditioning_embeds(positive, "positive"))]
         else:
