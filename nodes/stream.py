@@ -1,10 +1,11 @@
 """Frames out of finished blocks, and the widget events that carry them.
 
-Event contract (JSON only, sent to the client that queued the prompt):
-  block_cascade.start  {node, run, blocks, frames_total, fps, width, height, stages, parallel}
-  block_cascade.state  {node, run, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
-  block_cascade.frames {node, run, block, first_frame, frames: [base64 JPEG, ...], elapsed}
-  block_cascade.done   {node, run, seconds, frames, error?}
+Event contract (JSON only, sent to the client that queued the prompt; META is {node, run, blocks,
+frames_total, fps, width, height, stages, parallel}, repeated so that a page reloaded mid-run joins):
+  block_cascade.start  {META}
+  block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
+  block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
+  block_cascade.done   {node, run, seconds, frames, blocks (whose frames were sent), error?}
 ``width``/``height`` are those of the preview JPEGs (longest side <= PREVIEW_MAX). State events are
 rate-limited (at most one per STATE_INTERVAL seconds, the last tick always); frames go once per block.
 Frames come from cascade_core.frames.FrameStream (in block order, decoded on the VAE's own CUDA
@@ -100,6 +101,7 @@ class Reporter:
                                     should_stop=should_stop)
         self.frames: list[torch.Tensor] = []
         self.frame_count = 0
+        self.frame_blocks = 0  # blocks whose frames were sent
         self.done_blocks = 0
         self.start_time = clock()
         self._last_state = None
@@ -114,12 +116,16 @@ class Reporter:
     def elapsed(self) -> float:
         return round(self.clock() - self.start_time, 4)
 
+    def meta(self) -> dict:
+        """What a client needs to show this run; every event carries it, so a page reloaded during a
+        run picks the stream up at its next event."""
+        return {"node": self.node, "run": self.run, "blocks": self.blocks,
+                "frames_total": video_frames(self.blocks * self.fpb), "fps": FPS, "width": self.preview_w,
+                "height": self.preview_h, "stages": self.stages, "parallel": self.parallel}
+
     def start(self) -> None:
         self.start_time = self.clock()
-        self._emit("start", {"node": self.node, "run": self.run, "blocks": self.blocks,
-                             "frames_total": video_frames(self.blocks * self.fpb), "fps": FPS,
-                             "width": self.preview_w, "height": self.preview_h, "stages": self.stages,
-                             "parallel": self.parallel})
+        self._emit("start", self.meta())
 
     def on_tick(self, ev) -> None:
         self.flush()
@@ -128,7 +134,7 @@ class Reporter:
         if not last and self._last_state is not None and now - self._last_state < STATE_INTERVAL:
             return
         self._last_state = now
-        self._emit("state", {"node": self.node, "run": self.run, "tick": int(ev.tick), "ticks": int(ev.ticks),
+        self._emit("state", {**self.meta(), "tick": int(ev.tick), "ticks": int(ev.ticks),
                              "pairs": [[int(b), int(s)] for b, s in ev.pairs],
                              "done_blocks": int(ev.done_blocks), "elapsed": self.elapsed()})
 
@@ -152,7 +158,8 @@ class Reporter:
         self.frames.append(frames)
         self.frame_count += frames.shape[0]
         small = resize_frames(frames, self.preview_w, self.preview_h)
-        self._emit("frames", {"node": self.node, "run": self.run, "block": int(ev.block),
+        self.frame_blocks += 1
+        self._emit("frames", {**self.meta(), "block": int(ev.block),
                               "first_frame": int(ev.first_frame), "frames": [encode_jpeg(f) for f in small],
                               "elapsed": self.elapsed()})
 
@@ -160,7 +167,8 @@ class Reporter:
         if self.finished:
             return
         self.finished = True
-        data = {"node": self.node, "run": self.run, "seconds": self.elapsed(), "frames": self.frame_count}
+        data = {"node": self.node, "run": self.run, "seconds": self.elapsed(), "frames": self.frame_count,
+                "blocks": self.frame_blocks}
         if error is not None:
             data["error"] = error
         self._emit("done", data)

@@ -374,6 +374,18 @@ def test_the_log_gives_the_runs_real_duration_also_through_a_worker_pool(model, 
     assert rec.events("done")[0][1]["seconds"] >= 0.3  # the widget's summary
 
 
+def test_every_event_carries_the_run_so_a_reloaded_page_can_join(model, prompts):
+    with Recorder() as rec:
+        run("BlockCascadeSampler", model=model, config=config(), width=W, height=H, blocks=BLOCKS, seed=1,
+            positive=prompts[0])
+    (_, start), = rec.events("start")
+    for kind in ("state", "frames"):
+        for _, data in rec.events(kind):
+            assert {k: data[k] for k in start} == start
+    (_, done), = rec.events("done")
+    assert done["blocks"] == len(rec.events("frames")) == BLOCKS
+
+
 # ---- bad input: refused before any engine work -----------------------------------------------------
 @pytest.fixture
 def no_engine(monkeypatch):

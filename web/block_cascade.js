@@ -2,7 +2,7 @@
 // Streamed frames come over the websocket as block_cascade.* events (see player_core.js).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { EVENTS, Hub } from "./player_core.js";
+import { COMFY_EVENTS, EVENTS, Hub } from "./player_core.js";
 import { createPlayerView } from "./player_view.js";
 
 const NODE_TYPE = "BlockCascadeSampler";
@@ -31,7 +31,7 @@ function ensureLoop() {
 }
 
 function attachPlayer(node) {
-  const view = createPlayerView(document, () => hub.get(node.id));
+  const view = createPlayerView(document, () => hub.get(node.id), { getNote: () => hub.note(node.id) });
   views.add(view);
   ensureLoop();
   const widget = node.addDOMWidget("block_cascade_player", "block_cascade_player", view.element, {
@@ -51,6 +51,17 @@ app.registerExtension({
     for (const name of EVENTS) {
       api.addEventListener(name, (e) => {
         if (hub.handle(name, e.detail)) ensureLoop();
+      });
+    }
+    // ComfyUI's own events: what a sampler waits for, and outputs answered from the cache
+    const samplers = () => (app.graph?.nodes ?? []).filter((n) => n.comfyClass === NODE_TYPE).map((n) => String(n.id));
+    const title = (id) => {
+      const n = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
+      return n ? `“${n.title || n.type}”` : `node ${id}`;
+    };
+    for (const name of COMFY_EVENTS) {
+      api.addEventListener(name, (e) => {
+        if (hub.comfy(name, e.detail, { samplers: samplers(), title })) ensureLoop();
       });
     }
   },

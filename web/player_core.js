@@ -1,15 +1,21 @@
 // Block Cascade player: pure bookkeeping (no DOM, no ComfyUI), so `node --test` can exercise it.
 //
-// Events (websocket, JSON; `detail` is the event's data):
-//   block_cascade.start  {node, run, blocks, frames_total, fps, width, height, stages, parallel}
-//   block_cascade.state  {node, run, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
-//   block_cascade.frames {node, run, block, first_frame, frames: [base64 JPEG, ...], elapsed}
-//   block_cascade.done   {node, run, seconds, frames, error?}
+// Events (websocket, JSON; `detail` is the event's data; META = node, run, blocks, frames_total, fps,
+// width, height, stages, parallel, repeated in state and frames so a page reloaded mid-run joins):
+//   block_cascade.start  {META}
+//   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
+//   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
+//   block_cascade.done   {node, run, seconds, frames, blocks, error?}
 // A Hub keeps one Stream per sampler node id; a Stream holds one run's frames, stats, cascade state
-// and the playback clock (frames are shown at the video's fps, never faster).
+// and the playback clock (frames are shown at the video's fps, never faster). The Hub also follows
+// ComfyUI's own execution events (Hub.comfy) to say what a sampler waits for, or that its outputs
+// came from the cache.
 
 export const EVENT_PREFIX = "block_cascade.";
 export const EVENTS = ["start", "state", "frames", "done"].map((k) => EVENT_PREFIX + k);
+/** ComfyUI's own websocket events that Hub.comfy follows. */
+export const COMFY_EVENTS = ["execution_start", "executing", "execution_cached", "execution_success",
+  "execution_error", "execution_interrupted"];
 
 const num = (v, fallback) => (Number.isFinite(Number(v)) && Number(v) > 0 ? Number(v) : fallback);
 
@@ -30,6 +36,8 @@ export class Stream {
     this.firstFrameAt = null; // seconds from run start to the first frames message
     this.state = null; // {tick, ticks, pairs, doneBlocks}
     this.status = "running"; // running | done | error
+    this.joined = false; // picked up mid-run (page reloaded): frames before the join are missing
+    this.cached = false; // ComfyUI answered a later prompt from the cache: these are that run's frames
     this.error = null;
     this.seconds = null;
     // playback
@@ -59,6 +67,7 @@ export class Stream {
   onFrames(d) {
     const first = Number(d.first_frame) || 0;
     const list = Array.isArray(d.frames) ? d.frames : [];
+    if (this.joined && this.received === 0 && list.length) this.playhead = first; // play from the join
     list.forEach((f, i) => {
       if (typeof f !== "string" || !f) return;
       if (this.frames[first + i] === undefined) this.received++;
@@ -76,6 +85,7 @@ export class Stream {
     if (this.state) {
       this.state = { ...this.state, pairs: [] };
       if (!d.error) Object.assign(this.state, { tick: this.state.ticks, doneBlocks: this.blocks });
+      else if (Number.isFinite(Number(d.blocks))) this.state.doneBlocks = Number(d.blocks); // = frames shown
     }
     this.version++;
   }
@@ -169,6 +179,61 @@ export class Hub {
   constructor({ accept = () => true } = {}) {
     this.accept = accept;
     this.streams = new Map();
+    this.notes = new Map(); // node id -> what the node waits for while it has no running stream
+    this.pending = new Set(); // sampler ids of the prompt being run that have not started yet
+    this.seen = new Map(); // node id -> runs this page has had a Stream for (never joined again)
+  }
+
+  _adopt(node, s) {
+    if (!this.seen.has(node)) this.seen.set(node, new Set());
+    this.seen.get(node).add(s.run);
+    this.streams.set(node, s);
+    this.notes.delete(node);
+    return s;
+  }
+
+  /** The note for a node (or null): {kind: "waiting", on} | {kind: "running"} | {kind: "cached"}. */
+  note(nodeId) {
+    return this.notes.get(String(nodeId)) || null;
+  }
+
+  /**
+   * Apply one of ComfyUI's own events: execution_start (with `samplers`, this page's sampler ids),
+   * executing (detail: a node id, an object with `node`, or null when the prompt ends),
+   * execution_cached ({nodes}), execution_success / execution_error / execution_interrupted.
+   * `title(id)` names a node. Returns true when a note changed.
+   */
+  comfy(type, detail, { samplers = [], title = (id) => `node ${id}` } = {}) {
+    const before = JSON.stringify([...this.notes]);
+    const end = () => {
+      this.pending.clear();
+      for (const [id, n] of this.notes) if (n.kind !== "cached") this.notes.delete(id);
+    };
+    if (type === "execution_start") {
+      this.pending = new Set(samplers.map(String));
+      for (const id of this.pending) this.notes.set(id, { kind: "waiting", on: null });
+    } else if (type === "execution_cached") {
+      for (const id of (detail && detail.nodes) || []) {
+        const key = String(id);
+        if (!this.accept(key)) continue;
+        this.pending.delete(key);
+        const s = this.get(key);
+        if (s) {
+          s.cached = true;
+          s.version++;
+          this.notes.delete(key);
+        } else this.notes.set(key, { kind: "cached" });
+      }
+    } else if (type === "executing") {
+      const raw = detail !== null && typeof detail === "object" ? detail.node : detail;
+      if (raw === null || raw === undefined) end();
+      else if (this.accept(String(raw))) {
+        this.pending.delete(String(raw));
+        const s = this.get(raw);
+        if (!s || s.status !== "running") this.notes.set(String(raw), { kind: "running" });
+      } else for (const id of this.pending) this.notes.set(id, { kind: "waiting", on: title(String(raw)) });
+    } else if (["execution_success", "execution_error", "execution_interrupted"].includes(type)) end();
+    return JSON.stringify([...this.notes]) !== before;
   }
 
   get(nodeId) {
@@ -177,6 +242,7 @@ export class Hub {
 
   forget(nodeId) {
     this.streams.delete(String(nodeId));
+    this.notes.delete(String(nodeId));
   }
 
   /** Apply one event; returns the Stream it changed, or null when the event was ignored. */
@@ -186,11 +252,14 @@ export class Hub {
     const kind = type.startsWith(EVENT_PREFIX) ? type.slice(EVENT_PREFIX.length) : type;
     if (kind === "start") {
       if (!this.accept(node)) return null;
-      const s = new Stream(detail); // a new run supersedes whatever this node showed before
-      this.streams.set(node, s);
-      return s;
+      return this._adopt(node, new Stream(detail)); // a new run supersedes what this node showed before
     }
-    const s = this.streams.get(node);
+    let s = this.streams.get(node);
+    if ((!s || s.run !== String(detail.run)) && (kind === "state" || kind === "frames") &&
+        detail.frames_total !== undefined && this.accept(node) && !this.seen.get(node)?.has(String(detail.run))) {
+      s = this._adopt(node, new Stream(detail)); // a run already going when this page (re)loaded: join it
+      s.joined = true;
+    }
     if (!s || s.run !== String(detail.run)) return null; // unknown node or superseded run
     if (kind === "state") s.onState(detail);
     else if (kind === "frames") s.onFrames(detail);
@@ -200,14 +269,25 @@ export class Hub {
   }
 }
 
-/** Short status lines for a Stream (or null), shared by the widget and the test harness. */
-export function describe(s) {
-  if (!s) return { status: "No stream yet: queue the workflow to watch frames arrive here.", stats: "", cascade: "" };
+/** What a note from Hub.comfy says (or null). */
+function noteText(note) {
+  if (!note) return null;
+  if (note.kind === "waiting") return note.on ? `Waiting for ${note.on} (runs before this node)…` : "Queued: waiting for the nodes before this one…";
+  if (note.kind === "running") return "Running: frames appear here as blocks finish…";
+  return "From the cache: ComfyUI reused an earlier run's outputs (same inputs) and this page has not seen its frames; change the seed or an input to stream again.";
+}
+
+/** Short status lines for a Stream (or null) and the node's note (Hub.note), shared by the widget and the test harness. */
+export function describe(s, note = null) {
+  if (!s) return { status: noteText(note) || "No stream yet: queue the workflow to watch frames arrive here.", stats: "", cascade: "" };
   const f1 = (x) => x.toFixed(1);
   let status;
   if (s.status === "error") status = `Error: ${s.error}`;
   else if (s.status === "done") status = s.received ? `Done in ${f1(s.seconds)} s` : `Done in ${f1(s.seconds)} s, no frames received`;
   else status = s.received ? "Streaming" : "Waiting for the first frame…";
+  if (s.joined && s.received) status += ` (joined during the run: from frame ${s.frames.findIndex((f) => f !== undefined) + 1})`;
+  if (s.cached) status = `From the cache (same inputs): the last run's frames. ${status}`;
+  status = noteText(note) || status;
   const total = s.framesTotal ? `/${s.framesTotal}` : "";
   const stats = [
     `${s.received}${total} frames`,

@@ -36,10 +36,11 @@ function el(doc, tag, cls, parent) {
 }
 
 /**
- * Build a player bound to `getStream()` (returns the node's current Stream or null).
+ * Build a player bound to `getStream()` (returns the node's current Stream or null) and `getNote()`
+ * (the node's Hub.note: what it waits for, or null).
  * Call `update(nowMs)` every animation frame; `onDraw(index, shownAt)` is told each frame drawn.
  */
-export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4 } = {}) {
+export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, getNote = () => null } = {}) {
   if (!doc.getElementById("bc-player-style")) {
     const style = el(doc, "style", null, doc.head);
     style.id = "bc-player-style";
@@ -63,7 +64,7 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4 }
   // keep canvas clicks from dragging the node
   for (const e of ["pointerdown", "mousedown", "wheel"]) controls.addEventListener(e, (ev) => ev.stopPropagation());
 
-  let stream = null, version = -1, drawn = -1, images = new Map();
+  let stream = null, version = -1, noted = null, drawn = -1, images = new Map();
   button.onclick = () => stream && stream.toggle();
   slider.oninput = () => {
     if (!stream) return;
@@ -131,9 +132,11 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4 }
       s.tick(now);
       if (s.shown >= 0 && s.shown !== drawn) draw(s.shown);
     }
-    if (s && s.version === version) return;
+    const note = getNote();
+    if (s && s.version === version && note === noted) return;
     version = s ? s.version : -1;
-    const d = describe(s);
+    noted = note;
+    const d = describe(s, note);
     status.textContent = d.status;
     stats.textContent = d.stats;
     cascadeLine.textContent = d.cascade;

@@ -156,3 +156,68 @@ test("finished runs skip frames that never came", () => {
   for (let t = 0; t < 1000; t += 10) if (s.tick(t)) seen.push(s.shown);
   assert.deepEqual(seen, [0, 1, 4, 5]);
 });
+
+const META = { blocks: 3, frames_total: 12, fps: 16, width: 64, height: 40, stages: 5, parallel: 2 };
+
+test("a cached re-run keeps the last run's frames and says they come from the cache", () => {
+  const [hub, s] = started();
+  hub.handle("block_cascade.frames", frames("7", "r1", 0, 4));
+  hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 1, frames: 4, blocks: 1 });
+  hub.comfy("execution_start", { prompt_id: "p2" }, { samplers: ["7"] });
+  hub.comfy("execution_cached", { nodes: ["1", "7"] });
+  hub.comfy("execution_success", {});
+  hub.comfy("executing", null);
+  assert.equal(hub.get("7"), s, "the stream and its frames stay");
+  assert.equal(s.received, 4);
+  assert.match(describe(s, hub.note("7")).status, /^From the cache \(same inputs\): the last run's frames\. Done in 1\.0 s/);
+  // a page that never saw the run (reloaded) says where the outputs came from instead of "No stream yet"
+  const fresh = new Hub();
+  fresh.comfy("execution_cached", { nodes: ["7"] });
+  assert.equal(fresh.get("7"), null);
+  assert.match(describe(null, fresh.note("7")).status, /^From the cache: ComfyUI reused an earlier run's outputs/);
+  // the next real run replaces the cached view
+  fresh.handle("block_cascade.start", START);
+  assert.doesNotMatch(describe(fresh.get("7"), fresh.note("7")).status, /cache/);
+});
+
+test("a page reloaded during a run picks the running stream up at its next event", () => {
+  const hub = new Hub({ accept: (id) => id === "7" });
+  hub.comfy("executing", "7"); // ComfyUI tells a reconnecting client which node runs
+  assert.match(describe(hub.get("7"), hub.note("7")).status, /^Running/);
+  hub.handle("block_cascade.state", { ...META, node: "7", run: "r1", tick: 3, ticks: 9, pairs: [[1, 0]], done_blocks: 1, elapsed: 2 });
+  const s = hub.get("7");
+  assert.ok(s && s.joined && s.framesTotal === 12 && s.state.tick === 3);
+  assert.equal(hub.handle("block_cascade.frames", { ...META, ...frames("7", "r1", 4, 4, 2.5) }), s);
+  assert.ok(s.tick(0) && s.shown === 4, "playback starts at the first frame received, not at a missing frame 0");
+  assert.match(describe(s, hub.note("7")).status, /^Streaming \(joined during the run: from frame 5\)/);
+  // a superseded run's late events are not joined
+  hub.handle("block_cascade.start", { ...START, run: "r2" });
+  assert.equal(hub.handle("block_cascade.frames", { ...META, ...frames("7", "r1", 8, 4) }), null);
+  assert.equal(hub.get("7").run, "r2");
+});
+
+test("while upstream nodes run, the widget says what it waits for", () => {
+  const hub = new Hub({ accept: (id) => id === "7" });
+  const names = { 3: "“Load Causal Video Model”" };
+  hub.comfy("execution_start", { prompt_id: "p" }, { samplers: ["7"] });
+  assert.match(describe(null, hub.note("7")).status, /^Queued: waiting for the nodes before this one/);
+  hub.comfy("executing", { node: "3", display_node: "3", prompt_id: "p" }, { title: (id) => names[id] });
+  assert.equal(describe(null, hub.note("7")).status, "Waiting for “Load Causal Video Model” (runs before this node)…");
+  hub.comfy("executing", "7");
+  assert.match(describe(null, hub.note("7")).status, /^Running/);
+  hub.handle("block_cascade.start", START);
+  assert.equal(describe(hub.get("7"), hub.note("7")).status, "Waiting for the first frame…");
+  hub.comfy("execution_interrupted", {});
+  assert.equal(hub.note("7"), null);
+});
+
+test("after a Cancel the block and frame counters agree with the frames shown", () => {
+  const [hub, s] = started();
+  hub.handle("block_cascade.state", { node: "7", run: "r1", tick: 5, ticks: 9, pairs: [[1, 4], [2, 2]], done_blocks: 2, elapsed: 1 });
+  hub.handle("block_cascade.frames", frames("7", "r1", 0, 4));
+  // block 1 finished in the engine, but Cancel came during its decode: its frames never came
+  hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 1.2, frames: 4, blocks: 1, error: "interrupted" });
+  const d = describe(s);
+  assert.match(d.stats, /^4\/12 frames/);
+  assert.equal(d.cascade, "tick 5/9 · blocks done 1/3");
+});
