@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,18 +149,17 @@ class Block(nn.Module):
         return q, k, a.split_heads(a.v(y))
 
     def after_self_attention(self, h: torch.Tensor, attn: torch.Tensor, e6: torch.Tensor,
-                             text: list[tuple[list[int], tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
-        """Gated residual of the attention output [n, L, heads, hd], then cross-attention and FFN."""
+                             text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor:
+        """Gated residual of the attention output [n, L, heads, hd], then cross-attention and FFN.
+
+        text_k, text_v: [n, heads, text_len, hd], each segment's prompt K/V (a fixed shape whatever
+        the prompts, so a compiled region never sees a prompt's identity).
+        """
         _, _, gate1, shift2, scale2, gate2 = self.modulations(e6)
         h = h + (per_frame(self.self_attn.o(attn.flatten(2)), e6) * gate1).flatten(1, 2)
         c = self.cross_attn
         q = c.split_heads(c.norm_q(c.q(self.norm3(h) if self.norm3 is not None else h)))
-        if len(text) == 1:
-            y = _cross_attend(q, text[0][1])
-        else:
-            y = torch.empty_like(q)
-            for members, kv in text:
-                y[members] = _cross_attend(q[members], kv)
+        y = attend(q.transpose(1, 2), text_k, text_v).transpose(1, 2)  # [n, L, heads, hd]
         h = h + c.o(y.flatten(2))
         y = (per_frame(F.layer_norm(h, h.shape[-1:], eps=self.eps), e6) * (1 + scale2) + shift2).flatten(1, 2)
         return h + (per_frame(self.ffn(y), e6) * gate2).flatten(1, 2)
@@ -197,14 +196,18 @@ class WanModel(nn.Module):
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.compile_layers(False)
 
-    def compile_layers(self, enabled: bool = True) -> "WanModel":
+    def compile_layers(self, enabled: bool = True, backend: str | Callable = "inductor") -> "WanModel":
         """Compile the two regions of a layer around self-attention (torch.compile, static shapes).
 
-        Every layer shares one compiled version of each region (one per segment count), so the cost
-        is a few compilations, not one per layer. Self-attention itself stays eager (the KV pool).
+        Every layer shares one compiled version of each region per segment count: the regions take
+        only tensors whose shapes depend on the segment count and the video size (prompts enter as
+        gathered [n, heads, text_len, hd] K/V), so neither a prompt switch nor a new mix of prompts
+        in a forward compiles anything. Self-attention itself stays eager (the KV pool).
+        ``backend``: torch.compile's backend (a name or a callable, e.g. a graph counter in tests).
         """
         regions = (Block.self_attention_inputs, Block.after_self_attention)
-        self._regions = tuple(torch.compile(r, dynamic=False) for r in regions) if enabled else regions
+        self._regions = (tuple(torch.compile(r, dynamic=False, backend=backend) for r in regions)
+                         if enabled else regions)
         self.compiled = enabled
         return self
 
@@ -318,8 +321,9 @@ class WanModel(nn.Module):
         """Predict the flow velocity of n segments at once.
 
         x: [n, in_dim, F, H, W] latents; t: [n, F] timesteps per frame; frame_starts: n absolute frame
-        indices (RoPE offset); prompts: n per-layer text K/V lists (from :meth:`encode_prompt`; segments
-        sharing one list share one cross-attention call). Returns [n, out_dim, F, H, W].
+        indices (RoPE offset); prompts: n per-layer text K/V lists (from :meth:`encode_prompt`), gathered
+        per layer into one [n, heads, text_len, hd] K/V, so one cross-attention call serves every
+        segment whatever its prompt. Returns [n, out_dim, F, H, W].
         """
         cfg = self.cfg
         n, _, frames, height, width = x.shape
@@ -333,11 +337,12 @@ class WanModel(nn.Module):
         e6 = self.time_projection(e).unflatten(-1, (6, cfg.dim))  # [n, gf, 6, dim]
         cos, sin = zip(*(self.rope(s, gf, gh, gw) for s in frame_starts))
         cos, sin = torch.stack(cos), torch.stack(sin)  # [n, L, 1, hd/2]
-        groups = _group_by_identity(prompts)
         inputs, after = self._regions
         for i, blk in enumerate(self.blocks):
             q, k, v = inputs(blk, h, e6, cos, sin)
-            h = after(blk, h, attention(i, q, k, v), e6, [(m, text[i]) for m, text in groups])
+            text_k = torch.cat([p[i][0] for p in prompts])  # [n, heads, text_len, hd]
+            text_v = torch.cat([p[i][1] for p in prompts])
+            h = after(blk, h, attention(i, q, k, v), e6, text_k, text_v)
 
         shift, scale = (self.head.modulation.unsqueeze(1) + e.unsqueeze(2)).unsqueeze(3).unbind(2)
         y = self.head.head(per_frame(F.layer_norm(h, h.shape[-1:], eps=cfg.eps), e6) * (1 + scale) + shift)  # [n, gf, tpf, p*c]
@@ -345,18 +350,3 @@ class WanModel(nn.Module):
         y = y.view(n, gf, gh, gw, pt, ph, pw, cfg.out_dim)
         y = y.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(n, cfg.out_dim, gf * pt, gh * ph, gw * pw)
         return y
-
-
-def _cross_attend(q: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """q [m, L, heads, hd] against one prompt's K/V; cross-attention has no positions, so the m
-    segments go as one query sequence of m*L tokens."""
-    qs = q.reshape(1, -1, *q.shape[2:]).transpose(1, 2)  # [1, heads, m*L, hd]
-    return attend(qs, *text_kv).transpose(1, 2).reshape(q.shape)
-
-
-def _group_by_identity(prompts: Sequence[list]) -> list[tuple[list[int], list]]:
-    """Segments that share one prompt object share one cross-attention call."""
-    groups: dict[int, tuple[list[int], list]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(id(p), ([], p))[0].append(i)
-    return list(groups.values())
