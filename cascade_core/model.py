@@ -193,7 +193,7 @@ class WanModel(nn.Module):
         self.head = nn.Module()
         self.head.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.head.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
-        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}  # see rope()
         self.compile_layers(False)
 
     def compile_layers(self, enabled: bool = True, backend: str | Callable = "inductor") -> "WanModel":
@@ -283,27 +283,37 @@ class WanModel(nn.Module):
         return [blk.cross_attn.text_kv(context) for blk in self.blocks]
 
     # ---- positions -------------------------------------------------------------------------------
-    def rope(self, frame_start: int, frames: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [frames*h*w, 1, head_dim/2] (float32) for token grid (frames, h, w) from ``frame_start``.
+    def rope(self, frame_starts: Sequence[int], frames: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [n, frames*h*w, 1, head_dim/2] (float32) of n segments' token grids (frames, h, w),
+        segment i starting at absolute frame ``frame_starts[i]``.
 
         Head-dim pairs are split into time/height/width groups of c-2(c//3), c//3, c//3 pairs
-        (c = head_dim/2), each with frequencies theta^(-2i/d_axis), theta = 10000.
+        (c = head_dim/2), each with frequencies theta^(-2i/d_axis), theta = 10000; the angle of a pair
+        is its axis position times its frequency (float64, then cos/sin rounded to float32).
+        Memory stays bounded over endless videos: only the last grid size's height/width table and
+        the time frequencies are cached (one entry, about 0.5 MB at 832x480); the time rows are
+        computed on the device for the frames this forward covers.
         """
-        key = (frame_start, frames, h, w, self.device)
+        c = self.cfg.head_dim // 2
+        sizes = (c - 2 * (c // 3), c // 3, c // 3)
+        key = (h, w, self.device)
         if key not in self._rope_cache:
-            c = self.cfg.head_dim // 2
-            sizes = (c - 2 * (c // 3), c // 3, c // 3)
-            positions = (torch.arange(frame_start, frame_start + frames), torch.arange(h), torch.arange(w))
-            angles = []
-            for axis, (n_pairs, pos) in enumerate(zip(sizes, positions)):
-                inv = 1.0 / torch.pow(10000.0, torch.arange(0, 2 * n_pairs, 2, dtype=torch.float64) / (2 * n_pairs))
-                a = torch.outer(pos.double(), inv)  # [len(axis), n_pairs]
-                shape = [1, 1, 1, n_pairs]
-                shape[axis] = a.shape[0]
-                angles.append(a.view(shape).expand(frames, h, w, n_pairs))
-            ang = torch.cat(angles, -1).reshape(frames * h * w, 1, c)
-            self._rope_cache[key] = (ang.cos().float().to(self.device), ang.sin().float().to(self.device))
-        return self._rope_cache[key]
+            inv = [1.0 / torch.pow(10000.0, torch.arange(0, 2 * n, 2, dtype=torch.float64) / (2 * n)) for n in sizes]
+            ah = torch.outer(torch.arange(h, dtype=torch.float64), inv[1])[:, None].expand(h, w, -1)
+            aw = torch.outer(torch.arange(w, dtype=torch.float64), inv[2])[None].expand(h, w, -1)
+            ahw = torch.cat((ah, aw), -1).reshape(h * w, c - sizes[0])
+            self._rope_cache.clear()
+            self._rope_cache[key] = tuple(a.to(self.device) for a in (inv[0], ahw.cos().float(), ahw.sin().float()))
+        inv_t, cos_hw, sin_hw = self._rope_cache[key]
+        lo = min(frame_starts)
+        at = torch.outer(torch.arange(lo, max(frame_starts) + frames, dtype=torch.float64, device=self.device), inv_t)
+        shape = (len(frame_starts), frames, h * w, -1)
+
+        def table(t: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:  # [frames, ct], [h*w, c-ct] -> [n, L, 1, c]
+            rows = torch.stack([t[s - lo:s - lo + frames] for s in frame_starts])  # [n, frames, ct]
+            return torch.cat((rows[:, :, None].expand(shape), hw.expand(shape)), -1).flatten(1, 2)[:, :, None]
+
+        return table(at.cos().float(), cos_hw), table(at.sin().float(), sin_hw)
 
     # ---- forward ---------------------------------------------------------------------------------
     def time_embed(self, t: torch.Tensor) -> torch.Tensor:
@@ -335,8 +345,7 @@ class WanModel(nn.Module):
 
         e = self.time_embed(t[:, ::pt])  # [n, gf, dim]
         e6 = self.time_projection(e).unflatten(-1, (6, cfg.dim))  # [n, gf, 6, dim]
-        cos, sin = zip(*(self.rope(s, gf, gh, gw) for s in frame_starts))
-        cos, sin = torch.stack(cos), torch.stack(sin)  # [n, L, 1, hd/2]
+        cos, sin = self.rope(frame_starts, gf, gh, gw)  # [n, L, 1, hd/2]
         inputs, after = self._regions
         for i, blk in enumerate(self.blocks):
             q, k, v = inputs(blk, h, e6, cos, sin)

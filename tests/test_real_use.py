@@ -5,6 +5,7 @@ import torch
 from conftest import TINY
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny products: one thread is fastest on a busy machine
 W, H = 64, 32  # pixels -> latent 4 x 8 -> 2 x 4 = 8 tokens per frame
 
 
@@ -57,3 +58,53 @@ def test_each_prompt_is_encoded_once_per_run(model):
     finally:
         del model.encode_prompt
     assert [id(e) for e in calls] == [id(e) for e in (a, b, c, d)]
+
+
+# ---- bounded memory over endless videos --------------------------------------------------------
+
+def tensor_bytes(obj):
+    """Bytes of every tensor inside nested dicts / tuples / lists / plain objects' attributes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_bytes(v) for v in obj)
+    return sum(tensor_bytes(v) for v in vars(obj).values()) if hasattr(obj, "__dict__") else 0
+
+
+def test_two_hundred_windowed_blocks_hold_constant_memory(model, prompt):
+    """Block after block with a window and a sink: the RoPE tables the model keeps and the KV pool's
+    tensors are as large after block 200 as after block 20."""
+    from cascade_core.kv_pool import KVPool, PoolLayout
+    fpb, window, sink, blocks = 1, 4, 1, 200
+    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=4, total_frames=blocks * fpb, window=window, sink=sink)
+    pool = KVPool(layout, TINY.num_layers, TINY.num_heads, TINY.head_dim, torch.float32, "cpu")
+    text = model.encode_prompt(prompt)
+    g = torch.Generator().manual_seed(8)
+    sizes = {}
+    with torch.inference_mode():
+        for b in range(blocks):
+            pool.make_room(b, b)
+            x = torch.randn(1, 16, fpb, 4, 4, generator=g)
+            model(x, torch.full((1, fpb), 500.0), [b * fpb], [text], pool.attention([b], [(b + 1) * fpb]))
+            if b + 1 in (20, blocks):
+                sizes[b + 1] = (len(model._rope_cache), tensor_bytes(model._rope_cache), tensor_bytes(pool))
+    assert pool.held_frames() == [0, 197, 198, 199]  # the window really rolled
+    assert sizes[20] == sizes[blocks], sizes
+
+
+def test_rope_tables_use_absolute_frame_positions(model):
+    """Each pair's angle is its axis position times theta^(-2i/d_axis), written out token by token
+    (time, height, width groups of c-2(c//3), c//3, c//3 pairs), far into a long video."""
+    c = TINY.head_dim // 2
+    groups = (c - 2 * (c // 3), c // 3, c // 3)
+    starts, frames, h, w = [597, 600], 3, 2, 3
+    cos, sin = model.rope(starts, frames, h, w)
+    assert cos.shape == sin.shape == (2, frames * h * w, 1, c)
+    for i, s in enumerate(starts):
+        for token in range(frames * h * w):
+            position = (s + token // (h * w), token // w % h, token % w)
+            angles = [p * 10000.0 ** (-2 * j / (2 * n)) for p, n in zip(position, groups) for j in range(n)]
+            assert torch.allclose(cos[i, token, 0].double(), torch.tensor(angles, dtype=torch.float64).cos(), atol=1e-6)
+            assert torch.allclose(sin[i, token, 0].double(), torch.tensor(angles, dtype=torch.float64).sin(), atol=1e-6)
