@@ -14,6 +14,18 @@ What a block's queries see (frames, absolute indices; W = window, S = sink, end 
 
 Guarantees: no allocation after construction; when the run of recent frames would overflow, frames no
 in-flight block can see any more are dropped by moving the others down (whole frames, in place).
+Why eviction moves frames instead of wrapping around a ring: with a window the pool holds at most
+window + (in flight - 1) * block frames, so memory is bounded however long the video runs, and the
+move happens about once per block. At 1.3B and 832x480 one latent frame's K/V over all layers is
+30 layers x 1560 tokens x 1536 x 2 bytes x 2 = 288 MB; with a LongLive-style window (12 frames, sink
+3, blocks of 3) a block moves 6 frames on average at P1 and 16 at P5: 1.7-4.6 GB moved, 3.5-9.2 GB
+of memory traffic, about 0.7-1.9 ms at an H200's 4.8 TB/s, against about 0.45 s of compute per
+emitted block (the median P5 tick): under 0.5 %. A ring saves the move but splits the keys of every
+segment whose window crosses the wrap point into one more span, in every layer: one more attention
+call and a log-sum-exp merge that reads and writes float32 outputs (4680 queries x 1536 x 4 bytes =
+29 MB per piece) up to 30 x 5 times per tick, about as much traffic as the move and more kernel
+launches; and a block's own span could wrap too (FlashBlock's in-block attention and the exchange
+write one span per block).
 With ``keep_external`` the pool also holds, per in-flight block and layer, the attention output and
 log-sum-exp of its queries over the keys outside the block (FlashBlock reuse).
 
