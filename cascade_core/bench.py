@@ -95,6 +95,32 @@ def end_to_end(model, embeds, levels, a, device, size) -> None:
                  dit_seconds=round(res.seconds, 4))
 
 
+def switch_series(model, embeds, levels, a, device, size) -> None:
+    """Per-tick wall times of runs whose prompt switches every ``a.switch_every`` blocks (new random
+    prompts in every run), after one warm-up run: a stall at a switch (a recompilation, a re-cache)
+    shows as a tick far above the median."""
+    for p in levels:
+        cfg = CascadeConfig(parallel=p, flashblock=a.flashblock.split(",")[-1])
+        for r in range(a.runs + 1):  # the first is the warm-up
+            g = torch.Generator().manual_seed(2 + r)
+            prompts = PromptSchedule([(b, torch.randn(embeds.shape, generator=g))
+                                      for b in range(0, a.blocks, a.switch_every)])
+            marks = []
+
+            def on_tick(e, marks=marks):
+                sync(device)
+                marks.append(time.perf_counter())
+            sync(device)
+            t0 = time.perf_counter()
+            res = generate(model, prompts, cfg, blocks=a.blocks, width=a.width, height=a.height, seed=0,
+                           on_tick=on_tick)
+            ticks = [round(t - s, 4) for s, t in zip([t0] + marks, marks)]
+            median = sorted(ticks)[len(ticks) // 2]
+            emit(figure="switch_ticks", size=size, parallel=p, switch_every=a.switch_every, run=r - 1,
+                 switches=len(prompts.entries) - 1, seconds=round(res.seconds, 4), median_tick_s=median,
+                 max_over_median=round(max(ticks) / median, 2), tick_seconds=ticks)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cascade_core.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=SIZES, help="model shape (default: 1.3B on CUDA, tiny on CPU)")
@@ -117,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fp8", action="store_true", help="fp8 matrix products in the layers")
     ap.add_argument("--vae", action="store_true",
                     help="also time the streaming VAE alone and end to end (frames out, decode overlapped)")
+    ap.add_argument("--switch-every", type=int, default=0, metavar="N",
+                    help="also time every tick of runs whose prompt switches every N blocks")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one run of the first level")
     a = ap.parse_args(argv)
 
@@ -160,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     emit(figure="attention_backends", chosen=attention.measured_backends())
     if a.vae:
         end_to_end(model, embeds, levels, a, device, size)
+    if a.switch_every:
+        switch_series(model, embeds, levels, a, device, size)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
         attention.set_backend(a.backend.split(",")[0])

@@ -99,3 +99,27 @@ def test_one_gpu_worker_pool_equals_the_in_process_run():
         pool.close()
     assert blocks == [0, 1, 2]
     assert rel(pooled, local) < 1e-4
+
+
+def test_prompt_switches_recompile_nothing_with_inductor():
+    """The compiled layers (inductor, as users run them) at P5: after a warm-up run with one prompt,
+    a run with three prompt switches compiles no new graph (counted by dynamo)."""
+    from torch._dynamo.utils import counters
+
+    model = WanModel.random(SMALL, seed=0, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    a, b, c, d = (torch.randn(10 + 7 * i, 64, generator=g) for i in range(4))
+    cfg = CascadeConfig(frames_per_block=1, parallel=5)
+    run = dict(blocks=8, width=128, height=64, seed=1)
+    torch._dynamo.reset()
+    model.compile_layers()
+    try:
+        generate(model, PromptSchedule.single(a), cfg, **run)
+        before = dict(counters["stats"])
+        generate(model, PromptSchedule([(0, b), (2, c), (4, d), (6, a)]), cfg, **run)
+        after = dict(counters["stats"])
+    finally:
+        model.compile_layers(False)
+        torch._dynamo.reset()
+    assert before.get("unique_graphs", 0) > 0
+    assert after.get("unique_graphs", 0) == before.get("unique_graphs", 0), (before, after)
