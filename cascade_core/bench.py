@@ -121,6 +121,33 @@ def switch_series(model, embeds, levels, a, device, size) -> None:
                  max_over_median=round(max(ticks) / median, 2), tick_seconds=ticks)
 
 
+def lse_backends(device, repeats: int = 20) -> None:
+    """Attention with log-sum-exp (the FlashBlock path) per backend, against the public
+    ``flex_attention(..., return_lse=True)`` (compiled): 12 heads x 128, bf16, 4680 queries."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    g = torch.Generator(device).manual_seed(0)
+    for keys in (4680, 32760):
+        q = torch.randn(1, 12, 4680, 128, generator=g, device=device, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 12, keys, 128, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+        calls = {name: (lambda name=name: (attention.set_backend(name), attention.attend_lse(q, k, v)))
+                 for name in ("cudnn", "flash", "efficient")}
+        calls["flex_attention"] = lambda: flex(q, k, v, return_lse=True)
+        for name, call in calls.items():
+            call()
+            sync(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                call()
+            end.record()
+            sync(device)
+            emit(figure="attend_lse", backend=name, queries=4680, keys=keys,
+                 ms=round(start.elapsed_time(end) / repeats, 3))
+    attention.set_backend("auto")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cascade_core.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=SIZES, help="model shape (default: 1.3B on CUDA, tiny on CPU)")
@@ -145,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="also time the streaming VAE alone and end to end (frames out, decode overlapped)")
     ap.add_argument("--switch-every", type=int, default=0, metavar="N",
                     help="also time every tick of runs whose prompt switches every N blocks")
+    ap.add_argument("--lse", action="store_true",
+                    help="also time attention with log-sum-exp per backend and flex_attention (GPU)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one run of the first level")
     a = ap.parse_args(argv)
 
@@ -188,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     emit(figure="attention_backends", chosen=attention.measured_backends())
     if a.vae:
         end_to_end(model, embeds, levels, a, device, size)
+    if a.lse and device.type == "cuda":
+        lse_backends(device)
     if a.switch_every:
         switch_series(model, embeds, levels, a, device, size)
     if a.profile:
