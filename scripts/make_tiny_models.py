@@ -10,16 +10,18 @@ Writes
   MODELS_DIR/prompt_embeds/block_cascade_tiny_{a,b}.safetensors
       two [16, 4096] prompt embeddings (what the Prompt Embeddings from File node reads);
   MODELS_DIR/vae/block_cascade_tiny_vae.safetensors (needs cascade_core.vae)
-      --vae tiny: a Wan2.1 VAE decoder of small width (for cascade_core's decoder; ComfyUI's own
-      VAELoader only builds the full-width Wan2.1 VAE, so it cannot load this one);
-      --vae full: the decoder at Wan2.1's real width (96), random, stored in fp16 (about 0.15 GB),
-      which ComfyUI's VAELoader loads (it warns that the encoder weights are missing).
+      a complete Wan2.1 VAE (encoder and decoder, Wan2.1's temporal layout, the key names of the
+      released Wan2.1_VAE.pth / ComfyUI's wan_2.1_vae.safetensors), random:
+      --vae tiny: base width 8 (for cascade_core's decoder; ComfyUI's own VAELoader only builds the
+      full-width Wan2.1 VAE, so it cannot load this one);
+      --vae full: Wan2.1's real width (96), stored in fp16 (about 0.25 GB), which ComfyUI's VAELoader loads.
 Prints one JSON line with the files written.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -48,12 +50,69 @@ def tiny_embeds(seed: int, tokens: int = EMBED_TOKENS, width: int = 4096) -> tor
     return torch.randn(tokens, width, generator=torch.Generator().manual_seed(seed))
 
 
+def vae_encoder_shapes(dim: int, z_dim: int = 16) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the Wan2.1 VAE's encoder half (``encoder.*`` and the quant conv ``conv1.*``),
+    original names, for base width ``dim`` (96 when released) and ``z_dim`` latent channels.
+
+    Encoder: conv1 (3 -> d), then levels of widths d, 2d, 4d, 4d, each two residual blocks and (but the
+    last) a stride-2 spatial downsample, which for levels 1 and 2 also halves time (a (3,1,1) conv of
+    stride 2); the middle (residual, attention, residual at 4d); the head 4d -> 2 * z_dim (mean and log
+    variance); then ``conv1`` (1x1x1, 2 * z_dim).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name: str, cin: int, cout: int, kernel: tuple[int, ...]) -> None:
+        shapes[f"{name}.weight"] = (cout, cin, *kernel)
+        shapes[f"{name}.bias"] = (cout,)
+
+    def residual(name: str, cin: int, cout: int) -> None:
+        shapes[f"{name}.residual.0.gamma"] = (cin, 1, 1, 1)
+        conv(f"{name}.residual.2", cin, cout, (3, 3, 3))
+        shapes[f"{name}.residual.3.gamma"] = (cout, 1, 1, 1)
+        conv(f"{name}.residual.6", cout, cout, (3, 3, 3))
+        if cin != cout:
+            conv(f"{name}.shortcut", cin, cout, (1, 1, 1))
+
+    conv("encoder.conv1", 3, dim, (3, 3, 3))
+    widths = (dim, dim, 2 * dim, 4 * dim, 4 * dim)
+    index = 0
+    for level, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+        residual(f"encoder.downsamples.{index}", cin, cout)
+        residual(f"encoder.downsamples.{index + 1}", cout, cout)
+        index += 2
+        if level < 3:
+            conv(f"encoder.downsamples.{index}.resample.1", cout, cout, (3, 3))
+            if level > 0:  # Wan2.1 halves time at the second and third downsample
+                conv(f"encoder.downsamples.{index}.time_conv", cout, cout, (3, 1, 1))
+            index += 1
+    d4 = 4 * dim
+    residual("encoder.middle.0", d4, d4)
+    shapes["encoder.middle.1.norm.gamma"] = (d4, 1, 1)
+    conv("encoder.middle.1.to_qkv", d4, 3 * d4, (1, 1))
+    conv("encoder.middle.1.proj", d4, d4, (1, 1))
+    residual("encoder.middle.2", d4, d4)
+    shapes["encoder.head.0.gamma"] = (d4, 1, 1, 1)
+    conv("encoder.head.2", d4, 2 * z_dim, (3, 3, 3))
+    conv("conv1", 2 * z_dim, 2 * z_dim, (1, 1, 1))
+    return shapes
+
+
 def vae_state_dict(width: str = "tiny", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random Wan2.1 VAE decoder state dict (canonical names) from cascade_core.vae."""
+    """A random complete Wan2.1 VAE state dict (canonical names): the decoder of cascade_core.vae with
+    torch's default initialisation, and the encoder of :func:`vae_encoder_shapes` (weights
+    ~ N(0, 1/fan_in), biases 0, norm gains 1). Base width 8 ("tiny", fp32) or 96 ("full", fp16)."""
     from cascade_core.vae import WanVAEDecoder
 
+    dim = 96 if width == "full" else 8
     torch.manual_seed(seed)
-    sd = WanVAEDecoder(dim=96 if width == "full" else 8).state_dict()  # torch's default initialisation
+    sd = dict(WanVAEDecoder(dim=dim).state_dict())
+    for name, shape in vae_encoder_shapes(dim).items():
+        if name.endswith("gamma"):
+            sd[name] = torch.ones(shape)
+        elif len(shape) == 1:
+            sd[name] = torch.zeros(shape)
+        else:
+            sd[name] = torch.randn(shape) * math.prod(shape[1:]) ** -0.5
     dtype = torch.float16 if width == "full" else torch.float32
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 

@@ -3,8 +3,9 @@ tiny random model of the real architecture that the engine tests share.
 
 Fixtures: ``model`` (WanModel.random(TINY, seed 0), fp32), ``prompt`` (a seeded [5, text_dim]
 embedding) and ``one_thread`` (torch on one CPU thread for a module); ``TINY`` itself is importable
-as ``from conftest import TINY``.
+as ``from conftest import TINY``, and so is ``tiny_models()``, scripts/make_tiny_models.py as a module.
 """
+import importlib.util
 import os
 import sys
 
@@ -18,6 +19,14 @@ if ROOT not in sys.path:
 from cascade_core.model import WanConfig, WanModel  # noqa: E402
 
 TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32)
+
+
+def tiny_models():
+    """scripts/make_tiny_models.py loaded as a module (the tiny model files that tests and users write)."""
+    spec = importlib.util.spec_from_file_location("make_tiny_models", os.path.join(ROOT, "scripts", "make_tiny_models.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")

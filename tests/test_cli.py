@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_models
 
 from cascade_core.cli import main
 from cascade_core.safe_io import read_tensor_file, save_safetensors
@@ -84,11 +85,11 @@ def test_vae_streams_frames_into_an_mp4_and_pngs(tmp_path):
     import av
 
     from cascade_core.taew import TinyWanDecoder
-    from cascade_core.vae import WanVAEDecoder
 
-    for name, decoder in (("wan", WanVAEDecoder(dim=8)), ("taew", TinyWanDecoder(widths=(8, 8, 8, 8)))):
+    for name, weights in (("wan", tiny_models().vae_state_dict("tiny")),
+                          ("taew", TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict())):
         vae = tmp_path / f"{name}.safetensors"
-        save_safetensors(decoder.state_dict(), str(vae))
+        save_safetensors(weights, str(vae))
         video, pngs = tmp_path / f"{name}.mp4", tmp_path / f"{name}_frames"
         r = run_cli("generate", *SMALL, "--vae", str(vae), "--video-out", str(video), "--frames-dir", str(pngs))
         assert r.returncode == 0, r.stderr

@@ -32,6 +32,7 @@ import execution  # noqa: E402  (the stand-in's queue-time validation)
 import folder_paths  # noqa: E402
 import server  # noqa: E402
 from custom_node_loader import load_pack  # noqa: E402
+from conftest import tiny_models  # noqa: E402
 
 from cascade_core.frames import LatentRGBDecoder  # noqa: E402
 from cascade_core.model import WanModel  # noqa: E402
@@ -45,14 +46,7 @@ stream_mod = sys.modules[f"{PKG}.nodes.stream"]
 values_mod = sys.modules[f"{PKG}.nodes.values"]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_tiny_models", os.path.join(ROOT, "scripts", "make_tiny_models.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tiny = _load_script()
+tiny = tiny_models()
 MODELS = folder_paths.models_dir
 WRITTEN = tiny.write(MODELS, vae_width="tiny")
 folder_paths.folder_names_and_paths.setdefault("prompt_embeds", ([os.path.join(MODELS, "prompt_embeds")], {".safetensors"}))

@@ -9,6 +9,7 @@ and parameter names are the original ones.
 """
 import pytest
 import torch
+from conftest import tiny_models
 
 from cascade_core.safe_io import CheckpointError, save_safetensors
 from cascade_core.taew import TAEW2_1_WIDTHS, TinyWanDecoder
@@ -44,6 +45,13 @@ def vae_weights(dim: int = DIM) -> dict[str, torch.Tensor]:
     sd = seeded_weights(WanVAEDecoder(dim), seed=0)
     sd["decoder.head.2.weight"] = sd["decoder.head.2.weight"] * 0.3  # few pixels clipped to [-1, 1]
     return sd
+
+
+def complete_vae_weights(dim: int = DIM) -> dict[str, torch.Tensor]:
+    """:func:`vae_weights` with the encoder half, as in the files people have (seeded, random)."""
+    g = torch.Generator().manual_seed(5)
+    encoder = {k: torch.randn(shape, generator=g) * 0.1 for k, shape in tiny_models().vae_encoder_shapes(dim).items()}
+    return {**encoder, **vae_weights(dim)}
 
 
 def tiny_weights(widths=WIDTHS) -> dict[str, torch.Tensor]:
@@ -177,9 +185,7 @@ def test_vae_low_precision_runs_close_to_fp32(vae, dtype):
 
 
 def test_vae_loads_files_and_ignores_the_encoder(tmp_path, vae):
-    sd = vae_weights()
-    full = {**sd, "encoder.conv1.weight": torch.randn(DIM, 3, 3, 3, 3), "conv1.weight": torch.randn(32, 32, 1, 1, 1),
-            "conv1.bias": torch.randn(32)}
+    full = complete_vae_weights()
     z = latents(4)
     expected = vae.decode(z)
     paths = [tmp_path / "wan_2.1_vae.safetensors", tmp_path / "Wan2.1_VAE.pth", tmp_path / "prefixed.safetensors"]
@@ -190,6 +196,20 @@ def test_vae_loads_files_and_ignores_the_encoder(tmp_path, vae):
         loaded = WanVAEDecoder.from_file(path)
         assert loaded.dim == DIM
         assert torch.equal(loaded.decode(z), expected), path.name
+
+
+@pytest.mark.parametrize("width, dim", [("tiny", 8), ("full", 96)])
+def test_fixture_vae_is_a_complete_wan21_vae(width, dim):
+    # diffusers' own converter of the released Wan2.1 VAE names, then a strict load: every encoder and
+    # decoder key of the real layout is there, with its shape, and nothing else.
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    sd = tiny_models().vae_state_dict(width)
+    with torch.device("meta"):
+        reference = AutoencoderKLWan(base_dim=dim)
+    reference.load_state_dict(convert_wan_vae_to_diffusers(dict(sd)), strict=True, assign=True)
+    assert WanVAEDecoder.from_state_dict(sd, device="meta").dim == dim  # and our decoder takes it
 
 
 def wrong_vae_files():
