@@ -28,7 +28,6 @@ Guarantees:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -39,7 +38,7 @@ from typing import Any, Mapping
 import torch
 
 from .model import WanConfig, WanModel
-from .safe_io import SAFETENSORS_EXT, CheckpointError, read_tensor_file
+from .safe_io import SAFETENSORS_EXT, CheckpointError, looks_like, read_tensor_file, read_weights
 
 EMA_MODES = ("auto", "ema", "base")
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -176,39 +175,6 @@ def canonical_names(cfg: WanConfig) -> dict[str, torch.Size]:
 _ANCHOR = re.compile(r"^(.*?)blocks\.\d+\.(self_attn\.q|attn1\.to_q)\.weight$")
 
 
-def looks_like(keys: list[str]) -> str | None:
-    """What a file without Wan DiT weights looks like (None: nothing recognisable)."""
-    ks = set(keys)
-
-    def has(*parts: str) -> bool:
-        return any(any(p in k for p in parts) for k in keys)
-
-    if has("lora_A", "lora_B", "lora_down", "lora_up"):
-        return "a LoRA (low-rank deltas), not base weights; pass it as the LoRA of a base checkpoint"
-    if has("input_blocks.", "output_blocks.") or (has("down_blocks.") and has(".resnets.") and has("attentions.")):
-        return "a Stable Diffusion / SDXL UNet (input_blocks / down_blocks)"
-    if has("double_blocks.", "single_blocks.", "single_transformer_blocks."):
-        return "a Flux-style DiT (double_blocks / single_blocks: Flux, HunyuanVideo and kin)"
-    if has("joint_blocks."):
-        return "an SD3 MMDiT (joint_blocks)"
-    if "shared.weight" in ks or has("encoder.block.", "decoder.block."):
-        return "a T5 / umt5 text encoder (encoder.block.*, shared.weight)"
-    if has("token_embedding.weight") and has("ffn.gate.0.weight"):
-        return "the Wan umt5 text encoder (token_embedding, blocks.N.ffn.gate)"
-    if has("text_model.encoder.layers.", "transformer.resblocks."):
-        return "a CLIP text encoder"
-    if has("vision_model.", "visual.transformer.", "visual.blocks."):
-        return "an image encoder (CLIP vision)"
-    if has("model.layers.") and has("embed_tokens"):
-        return "a language model (model.layers.*, embed_tokens)"
-    vae_keys = [k.removeprefix("first_stage_model.").removeprefix("vae.") for k in keys]
-    if any(k.startswith(("encoder.", "decoder.")) and "conv" in k for k in vae_keys):
-        return "a VAE (encoder.* / decoder.* convolutions)"
-    if has("transformer_blocks."):
-        return "a DiT of another family (transformer_blocks.*)"
-    return None
-
-
 def _wan_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
     """Why a Wan-family DiT is not a Wan2.1 text-to-video one (None: it is)."""
     keys = list(sd)
@@ -301,37 +267,6 @@ def _unwrap_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read(path: str) -> tuple[Any, str, dict]:
-    """File or folder -> (raw object, kind, folder config). A folder holds (sharded) safetensors."""
-    if not os.path.isdir(path):
-        return read_tensor_file(path), "file", {}
-    names = sorted(os.listdir(path))
-    index = [n for n in names if n.endswith(".safetensors.index.json")]
-    files: list[str] = []
-    if index:
-        try:
-            with open(os.path.join(path, index[0]), encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(path, f"unreadable shard index {index[0]} ({exc})") from None
-    if not files:
-        files = [n for n in names if n.startswith("diffusion_pytorch_model") and n.endswith(SAFETENSORS_EXT)]
-    if not files:
-        raise CheckpointError(path, "this folder holds no diffusion_pytorch_model*.safetensors")
-    merged: dict[str, torch.Tensor] = {}
-    for n in files:
-        merged.update(read_tensor_file(os.path.join(path, n)))
-    config = {}
-    cfg_path = os.path.join(path, "config.json")
-    if os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, ValueError):
-            config = {}
-    return merged, "folder", config if isinstance(config, dict) else {}
-
-
 # ---- precision ---------------------------------------------------------------------------------
 
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -392,7 +327,7 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
         raise ValueError(f"ema must be one of {EMA_MODES}, got {ema!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype in FP8_DTYPES:
         raise ValueError(f"dtype must be a floating dtype such as torch.bfloat16, got {dtype}")
-    raw, kind, folder_cfg = _read(path)
+    raw, kind, folder_cfg = read_weights(path)
     tensors, trail, ema_used, ema_available = _select(raw, path, ema, prefer_base=lora is not None)
     del raw
     sd = _unwrap_names(tensors)

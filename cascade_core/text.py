@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import dequantize_state_dict, first_keys, looks_like
-from .safe_io import CheckpointError, read_tensor_file
+from .checkpoint import dequantize_state_dict, first_keys
+from .safe_io import CheckpointError, looks_like, read_tensor_file
 
 MAX_TOKENS = 512
 _ANCHOR = re.compile(r"^(.*?)encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight$")
@@ -78,10 +78,7 @@ def read_umt5(path: str, dtype: torch.dtype = torch.bfloat16
             sd = _from_wan_names({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
             anchors, layout = {""}, "Wan release names"
     if len(anchors) != 1:
-        if any(k.endswith("blocks.0.self_attn.q.weight") or k.endswith("head.modulation") for k in sd):
-            looks = "a Wan DiT (the video model), not its text encoder"
-        else:
-            looks = looks_like(list(sd)) or f"{len(sd)} tensors with no T5 encoder names"
+        looks = looks_like(list(sd)) or f"{len(sd)} tensors with no T5 encoder names"
         raise CheckpointError(path, f"not a umt5 text encoder: it looks like {looks}" if len(anchors) == 0 else
                               f"holds several text encoders (prefixes {sorted(anchors)})")
     prefix = next(iter(anchors))

@@ -427,6 +427,13 @@ def wrong_files(ref):
         "flux": ({"double_blocks.0.img_attn.qkv.weight": z(9, 3), "single_blocks.0.linear1.weight": z(9, 3)},
                  "Flux-style DiT"),
         "vae": ({"encoder.conv1.weight": z(96, 3, 3, 3, 3), "decoder.conv1.weight": z(384, 16, 3, 3, 3)}, "a VAE"),
+        "wan_vae_diffusers": ({"decoder.conv_in.weight": z(384, 16, 3, 3, 3), "decoder.mid_block.resnets.0.norm1.gamma":
+                               z(384, 1, 1, 1), "encoder.down_blocks.0.conv1.weight": z(96, 96, 3, 3, 3),
+                               "encoder.mid_block.attentions.0.to_qkv.weight": z(1152, 384, 1, 1)},
+                              "the full Wan2.1 video VAE in the diffusers layout"),
+        "sd_vae_diffusers": ({"decoder.conv_in.weight": z(512, 4, 3, 3), "decoder.mid_block.resnets.0.norm1.weight": z(512),
+                              "encoder.down_blocks.0.resnets.0.conv1.weight": z(128, 128, 3, 3),
+                              "encoder.mid_block.attentions.0.to_q.weight": z(512, 512)}, "an image VAE"),
         "umt5": ({"shared.weight": z(10, 8), "encoder.block.0.layer.0.SelfAttention.q.weight": z(8, 8)},
                  "a T5 / umt5 text encoder"),
         "i2v": (i2v, "a Wan image-to-video DiT"),
@@ -441,8 +448,9 @@ def wrong_files(ref):
     }
 
 
-@pytest.mark.parametrize("name", ["sd15", "flux", "vae", "umt5", "i2v", "wan22_i2v", "wan22_ti2v", "junk_names",
-                                  "a_lora", "wide_layer", "missing", "extra", "packed"])
+@pytest.mark.parametrize("name", ["sd15", "flux", "vae", "wan_vae_diffusers", "sd_vae_diffusers", "umt5", "i2v",
+                                  "wan22_i2v", "wan22_ti2v", "junk_names", "a_lora", "wide_layer", "missing", "extra",
+                                  "packed"])
 def test_wrong_files_say_what_they_are(name, ref, tmp_path, capsys):
     tensors, message = wrong_files(ref)[name]
     path = str(tmp_path / f"{name}.safetensors")
