@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the layers (auto: on CUDA); the first run pays the compilation")
     g.add_argument("--noise", help=".safetensors with the initial noise [1, 16, T, H/8, W/8]")
     g.add_argument("--latents-out", help="write the latents [1, 16, T, H/8, W/8] to this .safetensors")
-    g.add_argument("--vae", help="Wan2.1 VAE (or taew2_1 preview decoder) weights: decode each block as it "
-                                 "finishes, on its own CUDA stream")
+    g.add_argument("--vae", help="Wan2.1 VAE (file, or diffusers vae/ folder) or taew2_1 preview decoder "
+                                 "weights: decode each block as it finishes, on its own CUDA stream")
     g.add_argument("--video-out", help="MP4 to write (with --vae; default out/video.mp4)")
     g.add_argument("--frames-dir", help="also write each frame as a PNG into this folder as it is decoded")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

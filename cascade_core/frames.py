@@ -77,14 +77,15 @@ class FrameStream:
 
 
 def load_decoder(path: str, dtype: torch.dtype, device: torch.device | str):
-    """A Wan2.1 VAE file -> WanVAEDecoder; a taew2_1 file -> the tiny preview decoder."""
-    from .safe_io import read_tensor_file
+    """A taew2_1 file -> the tiny preview decoder; anything else -> WanVAEDecoder (a Wan2.1 VAE file or
+    diffusers folder; other files raise its :class:`CheckpointError`, which says what they are)."""
+    from .safe_io import read_weights
     from .taew import TinyWanDecoder
     from .vae import WanVAEDecoder
 
-    sd = read_tensor_file(path)
-    full = isinstance(sd, dict) and any(k.endswith("decoder.conv1.weight") for k in sd)
-    cls = WanVAEDecoder if full else TinyWanDecoder
+    sd = read_weights(path)[0]
+    tiny = isinstance(sd, dict) and any(k.endswith("decoder.22.weight") for k in sd)
+    cls = TinyWanDecoder if tiny else WanVAEDecoder
     return cls.from_state_dict(sd, dtype=dtype, device=device, source=path)
 
 

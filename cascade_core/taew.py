@@ -34,8 +34,7 @@ from einops import rearrange
 from torch import nn
 
 from .safe_io import CheckpointError
-from .vae import (LATENT_CHANNELS, TIME_FACTOR, CausalState, LatentVideoDecoder, component_weights,
-                  describe_other_weights)
+from .vae import LATENT_CHANNELS, TIME_FACTOR, CausalState, LatentVideoDecoder, component_weights, describe
 
 TAEW2_1_WIDTHS = (256, 128, 64, 64)
 TIME_STRIDES = (1, 2, 2)  # frames per input frame at each level: 4 in all, as the full decoder
@@ -117,8 +116,8 @@ class TinyWanDecoder(LatentVideoDecoder):
     def _weights_and_config(cls, sd: Any, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         weights = component_weights(sd, "decoder.1.weight", ("decoder.",), source)
         if weights is None or "decoder.22.weight" not in weights:
-            raise CheckpointError(source, f"not a taew2_1 tiny decoder (no decoder.1.weight / decoder.22.weight); "
-                                          f"{describe_other_weights(sd)}")
+            raise CheckpointError(source, f"not a taew2_1 tiny decoder (no decoder.1.weight / decoder.22.weight): "
+                                          f"it looks like {describe(sd)}")
         first, last = weights["decoder.1.weight"], weights["decoder.22.weight"]  # [c0, 16, 3, 3], [3, c3, 3, 3]
         if first.dim() != 4 or first.shape[1] != LATENT_CHANNELS:
             raise CheckpointError(source, f"a tiny decoder for {first.shape[1] if first.dim() == 4 else '?'}-channel "

@@ -4,9 +4,12 @@ decode of all of them.
 Guarantees:
 - Architecture and parameter names are those of the 16-channel Wan2.1 VAE (``Wan2.1_VAE.pth``,
   ComfyUI's ``wan_2.1_vae.safetensors``, the state dict of a ComfyUI ``VAE`` object): the post-quant
-  convolution ``conv2.*`` and ``decoder.*``. The encoder half (``encoder.*``, ``conv1.*``) and a common
-  key prefix (``first_stage_model.``, ``vae.`` ...) are ignored; anything that is not a Wan2.1 VAE
-  raises :class:`CheckpointError` saying what it looks like or which keys are missing.
+  convolution ``conv2.*`` and ``decoder.*``. The diffusers ``AutoencoderKLWan`` layout is read too
+  (a ``diffusion_pytorch_model.safetensors`` or its folder; names mapped by :mod:`vae_names`). The
+  encoder half (``encoder.*``, ``conv1.*`` / ``quant_conv.*``) and a common key prefix
+  (``first_stage_model.``, ``vae.`` ...) are ignored; anything that is not a Wan2.1 VAE raises
+  :class:`CheckpointError` naming the file and saying what it looks like (a DiT, an image VAE, a text
+  encoder ...) or which keys are missing.
 - Every operation along time is causal. The input frames that a temporal convolution needs from before
   a call are kept in a :class:`CausalState` (zeros before the first frame, which is exactly the zero
   padding of one causal convolution over the whole video), so decoding block by block with one
@@ -39,8 +42,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .safe_io import CheckpointError, read_tensor_file
+from .safe_io import CheckpointError, looks_like, read_weights
 from .sampler import Interrupted
+from .vae_names import DIFFUSERS_ANCHOR, DIFFUSERS_PARTS, from_diffusers
 
 LATENT_CHANNELS = 16
 TIME_FACTOR = 4  # frames per latent frame after the first
@@ -255,6 +259,11 @@ def _few(names: list[str], n: int = 4) -> str:
     return shown + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
+def describe(sd: Mapping[str, torch.Tensor]) -> str:
+    """What a state dict that is not the wanted decoder looks like (see :func:`safe_io.looks_like`)."""
+    return looks_like(list(sd)) or f"none of the known files; its keys are unlike a VAE's: {_few(list(sd))}"
+
+
 def component_weights(sd: Any, anchor: str, parts: tuple[str, ...], source: str) -> dict[str, torch.Tensor] | None:
     """The tensors of ``sd`` whose names, after the prefix found in front of ``anchor``, start with one of
     ``parts`` (prefix removed); None when no key ends with ``anchor``.
@@ -286,24 +295,6 @@ def check_weight_names(expected: Mapping[str, torch.Tensor], given: Mapping[str,
         problems.append(f"wrong shapes: {_few(wrong, 3)}")
     if problems:
         raise CheckpointError(source, "; ".join(problems))
-
-
-def describe_other_weights(sd: Mapping[str, torch.Tensor]) -> str:
-    """A short guess at what a state dict is, for error messages."""
-    names = list(sd)
-
-    def has(*parts: str) -> bool:
-        return any(part in k for k in names for part in parts)
-
-    if has("patch_embedding.", "blocks.0.self_attn."):
-        return "it is a diffusion model (DiT), not a VAE"
-    if has("decoder.conv1.weight"):
-        return "it is a full Wan VAE (decoder.conv1), not the tiny taew2_1 decoder"
-    if has("decoder.22.weight"):
-        return "it is a tiny TAEHV/taew decoder, not the full Wan VAE"
-    if has("decoder.conv_in.", "decoder.mid.block_1."):
-        return "it is an image VAE (Stable Diffusion / Flux style), not the Wan2.1 video VAE"
-    return f"its keys are unlike a VAE's: {_few(names)}"
 
 
 # ---- the streaming interface shared by both decoders ------------------------------------------
@@ -480,9 +471,10 @@ class LatentVideoDecoder(nn.Module):
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu"):
-        """Load from a .safetensors or .pt/.pth file (see :meth:`from_state_dict`)."""
+        """Load from a .safetensors or .pt/.pth file, or a diffusers folder (``diffusion_pytorch_model*``
+        .safetensors, see :func:`safe_io.read_weights`); see :meth:`from_state_dict`."""
         path = os.fspath(path)
-        return cls.from_state_dict(read_tensor_file(path), dtype=dtype, device=device, source=path)
+        return cls.from_state_dict(read_weights(path)[0], dtype=dtype, device=device, source=path)
 
     def stream(self, frames_per_pass: int | None = 1,
                should_stop: Callable[[], bool] | None = None) -> StreamingDecode:
@@ -512,7 +504,11 @@ class WanVAEDecoder(LatentVideoDecoder):
     def _weights_and_config(cls, sd: Any, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         weights = component_weights(sd, "decoder.conv1.weight", ("decoder.", "conv2."), source)
         if weights is None:
-            raise CheckpointError(source, f"not a Wan2.1 VAE (no decoder.conv1.weight); {describe_other_weights(sd)}")
+            weights = component_weights(sd, DIFFUSERS_ANCHOR, DIFFUSERS_PARTS, source)
+            if weights is not None and weights[DIFFUSERS_ANCHOR].dim() == 5:  # an image VAE's conv_in is 2-D
+                weights = from_diffusers(weights)
+            else:
+                raise CheckpointError(source, f"not a Wan2.1 VAE: it looks like {describe(sd)}")
         first = weights["decoder.conv1.weight"]  # [4*dim, z_dim, 3, 3, 3]
         if first.dim() != 5 or first.shape[0] % 4:
             raise CheckpointError(source, f"decoder.conv1.weight has shape {tuple(first.shape)}, "

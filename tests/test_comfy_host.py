@@ -4,7 +4,7 @@
 
 It starts ComfyUI (``main.py --cpu``) on a free local port with a throwaway base directory whose
 custom_nodes/ holds a link to this pack and whose models/ holds tiny test models written by
-scripts/make_tiny_models.py (a 128-wide DiT, a full-width random Wan2.1 VAE decoder, two prompt
+scripts/make_tiny_models.py (a 128-wide DiT, a complete full-width random Wan2.1 VAE, two prompt
 embeddings), then checks over HTTP and the websocket:
 - the pack imports without error and /object_info lists every node with its inputs;
 - a bad input is refused by /prompt (HTTP 400) with the allowed range in the message;

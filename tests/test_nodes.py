@@ -11,7 +11,6 @@ section 6 is refused before the engine runs, with the allowed range in the messa
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io as _io
 import json
 import os

@@ -223,7 +223,15 @@ def wrong_vae_files():
     return {
         "unrelated": ({"alpha": torch.zeros(3), "beta": torch.ones(2, 2)}, "keys are unlike"),
         "dit": ({"patch_embedding.weight": torch.zeros(4, 16, 1, 2, 2), "blocks.0.self_attn.q.weight": torch.zeros(4, 4)},
-                "diffusion model"),
+                "it looks like a Wan DiT"),
+        "sd_vae": ({"decoder.conv_in.weight": torch.zeros(8, 4, 3, 3), "post_quant_conv.weight": torch.zeros(4, 4, 1, 1),
+                    "decoder.mid_block.resnets.0.norm1.weight": torch.zeros(8),
+                    "encoder.down_blocks.0.resnets.0.conv1.weight": torch.zeros(8, 8, 3, 3),
+                    "encoder.mid_block.attentions.0.to_q.weight": torch.zeros(8, 8)}, "an image VAE"),
+        "sd_vae_original": ({"first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3),
+                             "first_stage_model.decoder.mid.block_1.norm1.weight": torch.zeros(8)}, "an image VAE"),
+        "text_encoder": ({"shared.weight": torch.zeros(10, 8),
+                          "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(8, 8)}, "text encoder"),
         "wan22": (wan22, "48 latent channels"),
         "missing": (missing, "decoder.upsamples.7.resample.1.weight"),
         "narrow": (narrow, "decoder.head.2.weight"),
@@ -240,6 +248,30 @@ def test_vae_rejects_other_files(tmp_path, case):
         WanVAEDecoder.from_file(path)
     assert err.value.path == str(path) and path.name in str(err.value)
     assert reason in str(err.value)
+
+
+def test_vae_loads_the_diffusers_layout_like_diffusers_decodes(tmp_path):
+    # A tiny diffusers AutoencoderKLWan saved as diffusers saves it: its folder and its safetensors file
+    # load into our decoder, whose frames are diffusers' own decode of the same latents.
+    from diffusers import AutoencoderKLWan
+
+    from cascade_core.frames import load_decoder
+
+    torch.manual_seed(0)
+    theirs = AutoencoderKLWan(base_dim=DIM).eval()
+    theirs.save_pretrained(tmp_path / "vae")
+    z = latents(3)
+    with torch.no_grad():
+        expected = theirs.decode(normalized_to_raw(z)).sample  # diffusers takes raw latents
+    assert (expected.abs() < 0.99).float().mean() > 0.9  # mostly unclipped: the comparison sees real values
+    sources = [tmp_path / "vae", tmp_path / "vae" / "diffusion_pytorch_model.safetensors"]
+    prefixed = tmp_path / "prefixed.safetensors"
+    save_safetensors({f"vae.{k}": v for k, v in theirs.state_dict().items()}, str(prefixed))
+    for source in sources + [prefixed]:
+        ours = WanVAEDecoder.from_file(source)
+        assert ours.dim == DIM
+        torch.testing.assert_close(ours.decode(z), expected, atol=1e-5, rtol=0)
+    assert isinstance(load_decoder(str(sources[0]), torch.float32, "cpu"), WanVAEDecoder)
 
 
 def test_vae_rejects_a_file_that_is_not_a_state_dict(tmp_path):
@@ -315,7 +347,7 @@ def test_tiny_loads_files_and_keeps_the_last_step_of_a_wide_time_layer(tmp_path,
 @pytest.mark.parametrize("case", ["full_vae", "wan22", "unrelated"])
 def test_tiny_rejects_other_files(tmp_path, case):
     if case == "full_vae":
-        sd, reason = vae_weights(), "full Wan VAE"
+        sd, reason = complete_vae_weights(), "it looks like a VAE: the full Wan2.1 video VAE"
     elif case == "wan22":
         sd = tiny_weights()
         sd["decoder.1.weight"] = torch.randn(WIDTHS[0], 48, 3, 3)

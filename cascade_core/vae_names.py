@@ -1,0 +1,56 @@
+"""The diffusers names of the Wan2.1 VAE decoder (``AutoencoderKLWan``), mapped to the original ones.
+
+The diffusers layout (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers/vae/diffusion_pytorch_model.safetensors``)
+holds the same tensors, with the same shapes, as the released ``Wan2.1_VAE.pth``; only the names
+differ. For the decoder half (``decoder.*`` and the post-quant convolution):
+
+    post_quant_conv                       -> conv2
+    decoder.conv_in / norm_out / conv_out -> decoder.conv1 / head.0 / head.2
+    decoder.mid_block.resnets.0, attentions.0, resnets.1 -> decoder.middle.0, 1, 2
+    decoder.up_blocks.i.resnets.j         -> decoder.upsamples.(4i + j)      (j = 0, 1, 2)
+    decoder.up_blocks.i.upsamplers.0      -> decoder.upsamples.(4i + 3)
+    inside a residual block: norm1, conv1, norm2, conv2, conv_shortcut -> residual.0, 2, 3, 6, shortcut
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+DIFFUSERS_ANCHOR = "decoder.conv_in.weight"  # [4*dim, 16, 3, 3, 3]; an image VAE's is 2-D
+DIFFUSERS_PARTS = ("decoder.", "post_quant_conv.")
+
+_TOP = {"post_quant_conv": "conv2", "decoder.conv_in": "decoder.conv1", "decoder.norm_out": "decoder.head.0",
+        "decoder.conv_out": "decoder.head.2"}
+_MIDDLE = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}
+_RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
+             "conv_shortcut": "shortcut"}
+_PER_LEVEL = 4  # layers of one up level: three residual blocks and the upsampler
+_MIDDLE_KEY = re.compile(r"decoder\.mid_block\.(resnets\.\d+|attentions\.\d+)\.(.+)")
+_UP_KEY = re.compile(r"decoder\.up_blocks\.(\d+)\.(?:resnets\.(\d+)|upsamplers\.0)\.(.+)")
+
+
+def _inside(rest: str) -> str:
+    layer, _, tail = rest.partition(".")
+    return f"{_RESIDUAL.get(layer, layer)}.{tail}"
+
+
+def original_name(name: str) -> str:
+    """The original (Wan / ComfyUI) name of a diffusers decoder parameter; an unknown name comes back as
+    it is (the loader then reports it as unexpected)."""
+    layer, _, leaf = name.rpartition(".")
+    if layer in _TOP:
+        return f"{_TOP[layer]}.{leaf}"
+    m = _MIDDLE_KEY.fullmatch(name)
+    if m and m.group(1) in _MIDDLE:
+        return f"decoder.middle.{_MIDDLE[m.group(1)]}.{_inside(m.group(2))}"
+    m = _UP_KEY.fullmatch(name)
+    if m:
+        index = _PER_LEVEL * int(m.group(1)) + (int(m.group(2)) if m.group(2) is not None else _PER_LEVEL - 1)
+        return f"decoder.upsamples.{index}.{_inside(m.group(3))}"
+    return name
+
+
+def from_diffusers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Decoder weights with diffusers names -> the same tensors under the original names."""
+    return {original_name(k): v for k, v in weights.items()}
