@@ -46,6 +46,9 @@ BASE_KEYS = ("generator", "model", "state_dict", "module")
 # Wrapper names that FSDP, activation checkpointing and torch.compile insert into parameter names.
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 SHOW = 5  # keys listed in an error
+# Layers only image-to-video Wan DiTs have (original and diffusers names): image cross-attention and
+# the CLIP image embedding.
+I2V_LAYERS = ("img_emb", "k_img", "v_img", "norm_k_img", "image_embedder", "add_k_proj", "add_v_proj", "norm_added_k")
 
 
 # ---- what was loaded ---------------------------------------------------------------------------
@@ -67,6 +70,7 @@ class CheckpointInfo:
     lora: str | None = None
     lora_scale: float = 0.0
     lora_layers: int = 0
+    lora_note: str | None = None  # what the merge left out (image-to-video layers), one line
     ignored_tensors: int = 0  # tensors outside the DiT (VAE, text encoder of a bundled file)
 
     @property
@@ -100,7 +104,8 @@ class CheckpointInfo:
         if self.ema_available or self.ema_used:
             parts.append("EMA weights" if self.ema_used else "base (non-EMA) weights")
         if self.lora:
-            parts.append(f"LoRA {self.lora} x{self.lora_scale:g} merged into {self.lora_layers} layers")
+            parts.append(f"LoRA {self.lora} x{self.lora_scale:g} merged into {self.lora_layers} layers"
+                         + (f", {self.lora_note}" if self.lora_note else ""))
         if self.ignored_tensors:
             parts.append(f"{self.ignored_tensors} non-DiT tensors ignored")
         return f"{os.path.basename(self.path)}: " + "; ".join(parts)
@@ -179,7 +184,7 @@ def _wan_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
     def has(*parts: str) -> bool:
         return any(any(p in k for p in parts) for k in keys)
 
-    if has("img_emb.", ".k_img.", ".v_img.", "image_embedder.", "add_k_proj", "add_v_proj"):
+    if has(*I2V_LAYERS):
         return "a Wan image-to-video DiT (img_emb / k_img: Wan2.1 I2V or FLF2V)"
     if has("vace_blocks.", "vace_patch_embedding"):
         return "a Wan VACE DiT (vace_blocks)"
@@ -324,6 +329,8 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
         raise ValueError(f"ema must be one of {EMA_MODES}, got {ema!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype in FP8_DTYPES:
         raise ValueError(f"dtype must be a floating dtype such as torch.bfloat16, got {dtype}")
+    if not math.isfinite(lora_scale):
+        raise ValueError(f"lora_scale must be a finite number, got {lora_scale}")
     raw, kind, folder_cfg = read_weights(path)
     tensors, trail, ema_used, ema_available = _select(raw, path, ema, prefer_base=lora is not None)
     del raw
@@ -357,11 +364,11 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     cfg = _config(sd, path, heads)
     _check_keys_and_shapes(sd, cfg, path)
 
-    lora_name, lora_layers = None, 0
+    lora_name, merged = None, None
     if lora is not None:
         from .lora import merge_lora  # the LoRA module builds on this one's names
 
-        lora_layers = merge_lora(sd, lora, lora_scale, dtype)
+        merged = merge_lora(sd, lora, lora_scale, dtype)
         lora_name = os.path.basename(os.fspath(lora))
 
     label = _format_label(path, kind, trail, prefix, diffusers, quant)
@@ -369,7 +376,8 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
         path=path, source_format=label, source_dtypes=source_dtypes, dtype=str(dtype).removeprefix("torch."),
         parameters=sum(v.numel() for v in sd.values()), bytes=sum(v.numel() * v.element_size() for v in sd.values()),
         config=cfg, ema_used=ema_used, ema_available=ema_available, quantization=quant,
-        lora=lora_name, lora_scale=float(lora_scale) if lora is not None else 0.0, lora_layers=lora_layers,
+        lora=lora_name, lora_scale=float(lora_scale) if lora is not None else 0.0,
+        lora_layers=merged.layers if merged else 0, lora_note=merged.note if merged else None,
         ignored_tensors=ignored)
     return sd, info
 

@@ -1,7 +1,8 @@
 """load_dit: every supported layout loads to the same weights and latents; every bad file gets its own message.
 
 Tiny random models of the real architecture (CPU, fp32). Files are written by the tests in each
-layout (training .pt, ComfyUI safetensors, diffusers, fp8 with and without scales, LoRA styles).
+layout (training .pt, ComfyUI safetensors, diffusers, fp8 with and without scales); LoRAs are in
+test_lora.py.
 """
 import json
 import os
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from cascade_core.checkpoint import CheckpointInfo, diffusers_name, load_dit
 from cascade_core.cli import main
 from cascade_core.model import WanConfig, WanModel
-from cascade_core.safe_io import CheckpointError, read_tensor_file, save_safetensors
+from cascade_core.safe_io import CheckpointError, save_safetensors
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,130 +258,6 @@ def test_diffusers_transformer_gives_the_same_output(tmp_path):
             assert (a - b).abs().max() < 1e-4 * b.abs().max(), (a - b).abs().max()
 
 
-# ---- LoRA ------------------------------------------------------------------------------------
-
-RANK = 4
-TARGETS = ["blocks.0.self_attn.q", "blocks.1.cross_attn.o", "blocks.0.ffn.0", "blocks.1.ffn.2"]
-
-
-def lora_pairs(ref, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    pairs = {}
-    for layer in TARGETS:
-        out_f, in_f = ref[layer + ".weight"].shape
-        pairs[layer] = (torch.randn(RANK, in_f, generator=g) * 0.3, torch.randn(out_f, RANK, generator=g) * 0.3)
-    return pairs
-
-
-def lora_file(style, pairs, path, alpha=None):
-    """The same deltas in each key style; ``alpha`` stored where the style can carry one."""
-    t = {}
-    for layer, (a, b) in pairs.items():
-        if style == "peft":  # LongLive: generator_lora beside critic_lora, names relative to the Wan model
-            t[f"base_model.model.{layer}.lora_A.weight"] = a
-            t[f"base_model.model.{layer}.lora_B.weight"] = b
-        elif style == "kohya":
-            name = "lora_unet_" + layer.replace(".", "_")
-            t[f"{name}.lora_down.weight"], t[f"{name}.lora_up.weight"] = a, b
-            if alpha is not None:
-                t[f"{name}.alpha"] = torch.tensor(float(alpha))
-        elif style == "comfyui":
-            t[f"diffusion_model.{layer}.lora_A.weight"], t[f"diffusion_model.{layer}.lora_B.weight"] = a, b
-            if alpha is not None:
-                t[f"diffusion_model.{layer}.alpha"] = torch.tensor(float(alpha))
-        elif style == "diffusers":
-            name = "transformer." + diffusers_name(layer)
-            t[f"{name}.lora_A.weight"], t[f"{name}.lora_B.weight"] = a, b
-    if style == "peft":
-        torch.save({"generator_lora": t, "critic_lora": {"base_model.model.x.lora_A.weight": torch.zeros(1)},
-                    "step": 3000}, path)
-    else:
-        save_safetensors(t, path)
-
-
-@pytest.fixture(scope="module")
-def base_pt(ref, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("base") / "longlive_base.pt")
-    # LongLive's base: generator and generator_ema; its LoRA was trained on the generator weights
-    torch.save({"generator": {"model." + k: v for k, v in ref.items()},
-                "generator_ema": {"model." + k: v * 0.5 for k, v in ref.items()}}, path)
-    return path
-
-
-def test_lora_merge_matches_the_unmerged_layers(ref, prompt, base_pt, tmp_path):
-    pairs = lora_pairs(ref)
-    lora = str(tmp_path / "lora.pt")
-    lora_file("peft", pairs, lora)
-    sd, info = load_dit(base_pt, dtype=torch.float32, lora=lora, num_heads=4)
-    assert info.lora == "lora.pt" and info.lora_layers == len(TARGETS) and not info.ema_used
-    assert "LoRA lora.pt x1 merged into 4 layers" in info.describe()
-    for k in ref:
-        layer = k.rsplit(".", 1)[0]
-        if layer in pairs and k.endswith(".weight"):
-            a, b = pairs[layer]
-            bias = ref[layer + ".bias"]
-            # the merged layer equals base layer + B(A(x)) (alpha = rank: LongLive's setting)
-            x_in = torch.randn(3, ref[k].shape[1])
-            assert torch.allclose(F.linear(x_in, sd[k], bias), F.linear(x_in, ref[k], bias) + (x_in @ a.T) @ b.T,
-                                  atol=1e-5)
-        else:
-            assert torch.equal(sd[k], ref[k]), k
-    assert not torch.equal(latents(sd, prompt), latents(ref, prompt))
-
-
-@pytest.mark.parametrize("style", ["kohya", "comfyui", "diffusers"])
-def test_every_lora_style_merges_the_same(style, ref, prompt, base_pt, tmp_path):
-    pairs = lora_pairs(ref)
-    peft = str(tmp_path / "peft.pt")
-    lora_file("peft", pairs, peft)
-    want, _ = load_dit(base_pt, dtype=torch.float32, lora=peft, lora_scale=0.5, num_heads=4)
-    other = str(tmp_path / f"{style}.safetensors")
-    # kohya / comfyui carry alpha = rank / 2 and full strength; diffusers none, at strength 0.5
-    halved = style != "diffusers"
-    lora_file(style, pairs, other, alpha=RANK / 2 if halved else None)
-    got, info = load_dit(base_pt, dtype=torch.float32, lora=other, lora_scale=1.0 if halved else 0.5, num_heads=4)
-    assert info.lora_layers == len(TARGETS)
-    for k in want:
-        assert torch.allclose(got[k], want[k], atol=1e-6), k
-    assert torch.allclose(latents(got, prompt), latents(want, prompt), atol=1e-5)
-
-
-def test_lora_diff_tensors_and_scale_zero(ref, base_pt, tmp_path):
-    d = torch.randn(64)
-    path = str(tmp_path / "diff.safetensors")
-    m = torch.randn(1, 6, 64)
-    save_safetensors({"diffusion_model.blocks.0.norm3.diff": d, "diffusion_model.blocks.0.norm3.diff_b": 2 * d,
-                      "diffusion_model.blocks.1.modulation.diff": m}, path)
-    sd, info = load_dit(base_pt, dtype=torch.float32, lora=path, lora_scale=0.25)
-    assert torch.allclose(sd["blocks.0.norm3.weight"], ref["blocks.0.norm3.weight"] + 0.25 * d)
-    assert torch.allclose(sd["blocks.0.norm3.bias"], ref["blocks.0.norm3.bias"] + 0.5 * d)
-    assert torch.allclose(sd["blocks.1.modulation"], ref["blocks.1.modulation"] + 0.25 * m)
-    assert info.lora_layers == 2
-    lora = str(tmp_path / "lora.pt")
-    lora_file("peft", lora_pairs(ref), lora)
-    sd, _ = load_dit(base_pt, dtype=torch.float32, lora=lora, lora_scale=0.0)
-    assert_same_weights(sd, ref)
-
-
-@pytest.mark.parametrize("keys,message", [
-    ({"base_model.model.blocks.0.self_attn.qq.lora_A.weight": (4, 64),
-      "base_model.model.blocks.0.self_attn.qq.lora_B.weight": (64, 4),
-      "base_model.model.blocks.7.ffn.0.lora_A.weight": (4, 64),
-      "base_model.model.blocks.7.ffn.0.lora_B.weight": (128, 4)},
-     "4 LoRA keys match no layer of this Wan2.1 DiT (2 layers, width 64): base_model.model.blocks.0.self_attn.qq"),
-    ({"blocks.0.self_attn.q.lora_A.weight": (4, 5120), "blocks.0.self_attn.q.lora_B.weight": (5120, 4)},
-     "blocks.0.self_attn.q: LoRA shapes [5120, 4] x [4, 5120] do not fit the weight [64, 64]"),
-    ({"blocks.0.self_attn.q.lora_A.weight": (4, 64)}, "blocks.0.self_attn.q: has lora_A/down but no lora_B/up"),
-    ({"something_else": (3,)}, "this does not look like a LoRA file"),
-])
-def test_bad_loras_are_named(keys, message, base_pt, tmp_path):
-    path = str(tmp_path / "bad_lora.safetensors")
-    save_safetensors({k: torch.randn(*s) for k, s in keys.items()}, path)
-    with pytest.raises(CheckpointError) as e:
-        load_dit(base_pt, lora=path)
-    assert str(e.value).startswith("bad_lora.safetensors: ") and message in str(e.value), e.value
-
-
 # ---- refused, broken and wrong files ---------------------------------------------------------
 
 class Payload:
@@ -494,29 +371,3 @@ def test_broken_files(name, content, message, ref, tmp_path, capsys):
     assert main(["generate", *SMALL, "--checkpoint", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and name in err, err
-
-
-# ---- the CLI ---------------------------------------------------------------------------------
-
-def test_cli_checkpoint_lora_and_ema(ref, base_pt, tmp_path, capsys):
-    lora = str(tmp_path / "lora.pt")
-    lora_file("peft", lora_pairs(ref), lora)
-    merged, _ = load_dit(base_pt, dtype=torch.float32, lora=lora)
-    save_safetensors(merged, str(tmp_path / "merged.safetensors"))
-    outs = {}
-    for name, extra in (("lora", ["--checkpoint", base_pt, "--lora", lora]),
-                        ("merged", ["--checkpoint", str(tmp_path / "merged.safetensors")]),
-                        ("base", ["--checkpoint", base_pt, "--ema", "base"]),
-                        ("ema", ["--checkpoint", base_pt])):
-        out = str(tmp_path / f"{name}.safetensors")
-        assert main(["generate", *SMALL, *extra, "--latents-out", out]) == 0
-        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        outs[name] = (read_tensor_file(out)["latents"], summary["model"])
-    assert torch.equal(outs["lora"][0], outs["merged"][0])
-    assert not torch.equal(outs["lora"][0], outs["base"][0]) and not torch.equal(outs["base"][0], outs["ema"][0])
-    assert "LoRA lora.pt x1 merged" in outs["lora"][1] and "from self-forcing .pt (generator)" in outs["lora"][1]
-    assert "EMA weights" in outs["ema"][1] and "dim 64, 2 layers" in outs["ema"][1]
-    assert main(["generate", *SMALL, "--lora", lora]) == 2
-    assert "--lora needs --checkpoint" in capsys.readouterr().err
-    assert main(["generate", *SMALL, "--checkpoint", base_pt, "--ema", "sometimes"]) == 2
-    assert "invalid choice" in capsys.readouterr().err
