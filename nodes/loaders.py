@@ -38,18 +38,23 @@ class BlockCascadeModelLoader(io.ComfyNode):
                                tooltip="Training checkpoints hold EMA and base weights: auto takes EMA when present."),
                 io.Combo.Input("lora", options=["none", *folder_paths.get_filename_list("loras")], default="none",
                                tooltip="A LoRA merged into the weights at load (LongLive ships its model as base + "
-                                       "LoRA). For core LoRA nodes use Causal Model from MODEL."),
+                                       "LoRA; peft, kohya, ComfyUI and diffusers key names). For core LoRA nodes use "
+                                       "Causal Model from MODEL."),
+                io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Strength of the LoRA: 0 leaves the weights as they are, 0.5 adds half "
+                                       "of its change, 1 all of it."),
             ],
             outputs=[EngineModelType.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, model_name, dtype, ema, lora="none") -> io.NodeOutput:
+    def execute(cls, model_name, dtype, ema, lora="none", lora_strength=1.0) -> io.NodeOutput:
         from cascade_core.checkpoint import load_dit
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         lora_path = None if lora in (None, "", "none") else folder_paths.get_full_path_or_raise("loras", lora)
-        sd, info = load_dit(path, dtype=DTYPES[dtype], ema=ema, lora=lora_path)  # names and shapes checked
+        sd, info = load_dit(path, dtype=DTYPES[dtype], ema=ema, lora=lora_path,
+                            lora_scale=lora_strength)  # names and shapes checked
         model = WanModel.from_state_dict(sd, num_heads=info.num_heads)
         log.info("Block Cascade: %s", info.describe())
         return io.NodeOutput(FileModel(model, model_name, info.describe()))

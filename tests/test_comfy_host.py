@@ -38,7 +38,7 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the real host")
 
 OUR_NODES = {
-    "BlockCascadeModelLoader": {"model_name", "dtype", "ema", "lora"},
+    "BlockCascadeModelLoader": {"model_name", "dtype", "ema", "lora", "lora_strength"},
     "BlockCascadeFromModel": {"model"},
     "BlockCascadeConfig": {"parallel", "attention", "window", "sink", "steps", "shift", "devices",
                            "attention_backend", "flashblock"},
@@ -235,7 +235,7 @@ def workflow(seed: int, blocks: int = 2, width: int = 32, height: int = 32) -> d
 
     return {
         "1": {"class_type": "BlockCascadeModelLoader", "inputs": {"model_name": DIT, "dtype": "fp32", "ema": "auto",
-                                                                  "lora": "none"}},
+                                                                  "lora": "none", "lora_strength": 1.0}},
         "2": {"class_type": "BlockCascadeEmbedsLoader", "inputs": {"embeds": EMBEDS[0]}},
         "3": {"class_type": "BlockCascadeEmbedsLoader", "inputs": {"embeds": EMBEDS[1]}},
         "4": {"class_type": "BlockCascadePromptSchedule", "inputs": {"conditioning": link(2), "start_block": 0}},

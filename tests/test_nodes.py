@@ -133,7 +133,11 @@ def test_schemas_build_and_register_through_the_v3_entry_point():
     assert set(ins["optional"]) == {"positive", "schedule", "vae"}
     assert "0.75 s" in ins["required"]["blocks"][1]["display_name"] and "16 fps" in ins["required"]["blocks"][1]["tooltip"]
     assert "latent-RGB preview" in ins["optional"]["vae"][1]["tooltip"]
-    assert NODES["BlockCascadeModelLoader"].INPUT_TYPES()["required"]["model_name"][0] == [tiny.DIT_NAME]
+    loader = NODES["BlockCascadeModelLoader"].INPUT_TYPES()["required"]
+    assert loader["model_name"][0] == [tiny.DIT_NAME]
+    assert list(loader) == ["model_name", "dtype", "ema", "lora", "lora_strength"]
+    assert loader["lora_strength"][0] == "FLOAT" and loader["lora_strength"][1]["default"] == 1.0
+    assert loader["lora_strength"][1]["min"] < 0 < 1 < loader["lora_strength"][1]["max"]
 
 
 def test_root_module_imports_nothing_heavy_and_exposes_the_engine_by_name():
@@ -639,6 +643,10 @@ def test_model_loader_merges_a_lora_from_the_loras_folder():
                           atol=1e-4)
     assert torch.equal(merged.model.blocks[1].self_attn.q.weight, plain.model.blocks[1].self_attn.q.weight)
     assert "bc_tiny_lora.safetensors" in merged.info
+    (half,) = run("BlockCascadeModelLoader", model_name=tiny.DIT_NAME, dtype="fp32", ema="auto",
+                  lora="bc_tiny_lora.safetensors", lora_strength=0.5)
+    half_delta = half.model.blocks[0].self_attn.q.weight - plain.model.blocks[0].self_attn.q.weight
+    assert torch.allclose(half_delta, 0.5 * delta, atol=1e-5) and "x0.5" in half.info
 
 
 def test_window_sink_and_flashblock_settings_reach_the_engine(model, prompts):
