@@ -3,8 +3,9 @@
 ``W += lora_scale * alpha / rank * B @ A``. Key styles: peft (``base_model.model.<layer>.lora_A.weight``
 / ``lora_B.weight``, LongLive's ``generator_lora``), ComfyUI / kohya (``lora_down`` / ``lora_up`` /
 ``.alpha``, ``lora_unet_blocks_0_self_attn_q``), diffusers layer names, and full ``.diff`` /
-``.diff_b`` deltas. Without an alpha (peft state dicts never carry one) alpha = rank, as LongLive
-configures it.
+``.diff_b`` deltas. A ``<layer>.alpha`` is honoured in every style; without one (peft state dicts
+never carry it) alpha = rank, as LongLive configures it. The strength ``lora_scale`` applies to pairs
+and full deltas alike.
 
 Layer names are normalised once, whatever the style: dots and runs of underscores all become one
 underscore, so ``lora_unet__blocks_0_self_attn_q`` and ``lora_unet_blocks_0.self_attn.q`` name the
