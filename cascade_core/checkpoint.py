@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import torch
 
 from .model import WanConfig, WanModel
-from .safe_io import SAFETENSORS_EXT, CheckpointError, looks_like, read_tensor_file, read_weights
+from .safe_io import SAFETENSORS_EXT, CheckpointError, looks_like, read_weights
 
 EMA_MODES = ("auto", "ema", "base")
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
