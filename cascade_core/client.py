@@ -57,6 +57,31 @@ def find_node(prompt: dict, ref: str) -> str:
     raise ClientError(f"--set: no node with id or title {ref!r}", EXIT_REJECTED, "usage")
 
 
+def load_workflow(path: str) -> dict:
+    """The API-format workflow at ``path``: ``{node id: {"class_type": str, "inputs": {...}}}``.
+
+    Raises ClientError (exit 2, one line naming the file) for a missing or unreadable file, text that
+    is not JSON, a UI-format workflow, or an entry that is not a node.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompt = json.load(f)
+    except FileNotFoundError:
+        raise ClientError(f"{path}: no such workflow file", EXIT_REJECTED, "usage") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClientError(f"{path}: cannot read the workflow: {e}", EXIT_REJECTED, "usage") from None
+    except ValueError as e:
+        raise ClientError(f"{path}: not JSON ({e})", EXIT_REJECTED, "usage") from None
+    if not isinstance(prompt, dict) or "nodes" in prompt:
+        raise ClientError(f"{path}: not an API-format workflow (export it with 'Save (API)')", EXIT_REJECTED, "usage")
+    for nid, node in prompt.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) \
+                or not isinstance(node.get("inputs", {}), dict):
+            raise ClientError(f"{path}: entry {nid!r} is not a node {{class_type, inputs}} of an API-format workflow",
+                              EXIT_REJECTED, "usage")
+    return prompt
+
+
 def apply_override(prompt: dict, spec: str) -> tuple[str, str, object]:
     """Apply one ``NODE.INPUT=VALUE`` to ``prompt`` in place; returns (node id, input, value)."""
     key, eq, raw = spec.partition("=")
@@ -162,17 +187,13 @@ def output_files(history_entry: dict):
 # ---------------------------------------------------------------------------------------------- the run
 
 def run(args) -> dict:
+    prompt = load_workflow(args.workflow)
+    for spec in args.set:
+        apply_override(prompt, spec)
     try:
         import websocket  # websocket-client
     except ImportError:
         raise ClientError("the client needs the websocket-client package (pip install websocket-client)") from None
-
-    with open(args.workflow) as f:
-        prompt = json.load(f)
-    if not isinstance(prompt, dict) or "nodes" in prompt:
-        raise ClientError(f"{args.workflow}: not an API-format workflow (export it with 'Save (API)')", EXIT_REJECTED, "usage")
-    for spec in args.set:
-        apply_override(prompt, spec)
 
     server = Server(args.server)
     bar = ProgressBar()
@@ -291,7 +312,7 @@ def main(argv=None) -> int:
         print(str(e), file=sys.stderr)
         print(json.dumps({"status": e.status, "error": str(e).splitlines()[0] if str(e) else ""}))
         return e.code
-    except (OSError, ValueError, KeyError) as e:  # unreadable workflow, bad JSON, odd server answers
+    except (OSError, ValueError, KeyError) as e:  # odd server answers
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         print(json.dumps({"status": "failed", "error": str(e)}))
         return EXIT_FAILED

@@ -156,6 +156,12 @@ def workflow(tmp_path):
     return str(path)
 
 
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
 def run_client(fake, workflow, *extra, timeout="20"):
     return client.main([workflow, "--server", fake.address, "--timeout", timeout, *extra])
 
@@ -266,10 +272,7 @@ def test_timeout_exits_3(fake, workflow, capsys):
 
 
 def test_unreachable_server_exits_1(workflow, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    assert client.main([workflow, "--server", f"127.0.0.1:{port}", "--timeout", "5"]) == 1
+    assert client.main([workflow, "--server", f"127.0.0.1:{closed_port()}", "--timeout", "5"]) == 1
     assert "cannot reach ComfyUI" in capsys.readouterr().err
 
 
@@ -294,3 +297,26 @@ def test_set_override_parsing():
         with pytest.raises(client.ClientError, match=words) as e:
             client.apply_override(p, bad)
         assert e.value.code == 2
+
+
+@pytest.mark.parametrize("text, sets, words", [
+    (None, [], "no such workflow file"),
+    ("{\"3\": {\"class_type\": ", [], "not JSON"),
+    (json.dumps({"nodes": [], "links": []}), [], "not an API-format workflow"),
+    (json.dumps({"3": 5}), ["3.seed=1"], "entry '3' is not a node"),
+    (json.dumps({"3": {"inputs": {}}}), [], "entry '3' is not a node"),
+    (json.dumps(WORKFLOW), ["3.seed"], "expected NODE.INPUT=VALUE"),
+    (json.dumps(WORKFLOW), ["Save.filename_prefix=x"], "several nodes"),
+])
+def test_bad_workflow_or_set_is_one_line_exit_2(tmp_path, capsys, text, sets, words):
+    path = tmp_path / "wf.json"
+    if text is not None:
+        path.write_text(text)
+    extra = [a for s in sets for a in ("--set", s)]
+    rc = client.main([str(path), "--server", f"127.0.0.1:{closed_port()}", "--timeout", "5", *extra])
+    result, err = summary(capsys)
+    assert rc == 2, err
+    assert err.strip().count("\n") == 0 and words in err, err  # one line, and no attempt to reach the server
+    assert result["status"] == "usage" and words in result["error"]
+    if not sets:
+        assert str(path) in err
