@@ -28,11 +28,15 @@ EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_TIMEOUT = 0, 1, 2, 3
 
 
 class ClientError(Exception):
-    """Ends the run: ``str()`` is the message for the user, ``code`` the exit code, ``status`` for the summary."""
+    """Ends the run: ``str()`` is the message for the user, ``code`` the exit code, ``status`` for the summary.
 
-    def __init__(self, message: str, code: int = EXIT_FAILED, status: str = "failed"):
+    ``reasons`` (lines printed after the message, listed once in the summary) and ``fields`` (more
+    summary keys) are optional.
+    """
+
+    def __init__(self, message: str, code: int = EXIT_FAILED, status: str = "failed", reasons=(), **fields):
         super().__init__(message)
-        self.code, self.status = code, status
+        self.code, self.status, self.reasons, self.fields = code, status, list(reasons), fields
 
 
 # ---------------------------------------------------------------------------------------------- overrides
@@ -116,23 +120,47 @@ class Server:
         return json.loads(self.request(path, body))
 
 
-def rejection_message(payload: dict) -> str:
-    """ComfyUI's own words for a rejected prompt: the error and each node's errors."""
-    err = payload.get("error")
+def reason_text(error: dict) -> str:
+    """One ComfyUI validation error as ``message: details``.
+
+    A node's ``validate_inputs`` failure comes once per input that function takes, each with details
+    ``"<input> - <reason>"``; the input name is dropped so that the copies read the same.
+    """
+    text = str(error.get("message") or error.get("type") or "invalid")
+    details = str(error.get("details") or "")
+    name = str((error.get("extra_info") or {}).get("input_name") or "")
+    if error.get("type") == "custom_validation_failed" and name and details.startswith(name):
+        details = details[len(name):].lstrip(" -")
+    return f"{text}: {details}" if details else text
+
+
+def node_error_lines(node_errors: dict) -> list[str]:
+    """``node ID (class): reason`` once per distinct reason of each node of a /prompt answer's ``node_errors``."""
     lines = []
+    for nid, ne in (node_errors or {}).items():
+        ne = ne if isinstance(ne, dict) else {}
+        for error in ne.get("errors") or []:
+            line = f"node {nid} ({ne.get('class_type', '?')}): {reason_text(error if isinstance(error, dict) else {})}"
+            if line not in lines:
+                lines.append(line)
+    return lines
+
+
+def rejection(payload: dict) -> tuple[str, list[str]]:
+    """ComfyUI's own words for a rejected prompt: (its error in one line, each node's distinct reasons).
+
+    The error's details are left out when there are node errors: ComfyUI fills them with a copy of
+    the output nodes' reasons.
+    """
+    err, reasons = payload.get("error"), node_error_lines(payload.get("node_errors"))
     if isinstance(err, dict):
-        msg = err.get("message") or err.get("type") or "prompt rejected"
-        details = err.get("details")
-        lines.append(f"{msg}: {details}" if details and details != msg else msg)
-    elif err:
-        lines.append(str(err))
-    for nid, ne in (payload.get("node_errors") or {}).items():
-        for e in (ne or {}).get("errors", []):
-            text = e.get("message", "")
-            if e.get("details"):
-                text += f": {e['details']}"
-            lines.append(f"node {nid} ({ne.get('class_type', '?')}): {text}")
-    return "\n".join(lines) or "prompt rejected"
+        head = str(err.get("message") or err.get("type") or "prompt rejected")
+        details = str(err.get("details") or "")
+        if details and details != head and not reasons:
+            head += ": " + " / ".join(line for line in details.splitlines() if line.strip())
+    else:
+        head = str(err or "prompt rejected")
+    return head, reasons
 
 
 class ProgressBar:
@@ -213,8 +241,9 @@ def run(args) -> dict:
                 payload = json.loads(body)
             except ValueError:
                 payload = {"error": body.decode(errors="replace").strip() or f"HTTP {e.code}"}
-            raise ClientError(rejection_message(payload), EXIT_REJECTED if e.code == 400 else EXIT_FAILED,
-                              "rejected" if e.code == 400 else "failed") from None
+            head, reasons = rejection(payload)
+            raise ClientError(head, EXIT_REJECTED if e.code == 400 else EXIT_FAILED,
+                              "rejected" if e.code == 400 else "failed", reasons) from None
         except (urllib.error.URLError, OSError) as e:
             raise ClientError(f"cannot reach ComfyUI at {server.http}: {e}") from None
         prompt_id = answer["prompt_id"]
@@ -309,8 +338,11 @@ def main(argv=None) -> int:
     try:
         summary = run(args)
     except ClientError as e:
-        print(str(e), file=sys.stderr)
-        print(json.dumps({"status": e.status, "error": str(e).splitlines()[0] if str(e) else ""}))
+        print("\n".join([str(e), *e.reasons]), file=sys.stderr)
+        result = {"status": e.status, "error": str(e).splitlines()[0] if str(e) else ""}
+        if e.reasons:
+            result["reasons"] = e.reasons
+        print(json.dumps({**result, **e.fields}))
         return e.code
     except (OSError, ValueError, KeyError) as e:  # odd server answers
         print(f"{type(e).__name__}: {e}", file=sys.stderr)

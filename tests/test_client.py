@@ -108,11 +108,11 @@ class Handler(BaseHTTPRequestHandler):
     def websocket(self, client_id):
         key = self.headers["Sec-WebSocket-Key"]
         accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        conn = self.connection
+        self.fake.sockets[client_id] = conn  # before the handshake answer: the client queues right after it
         self.wfile.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                           f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode())
         self.wfile.flush()
-        conn = self.connection
-        self.fake.sockets[client_id] = conn
         conn.sendall(ws_frame(json.dumps({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}},
                                                                      "sid": client_id}}).encode()))
         conn.settimeout(0.2)
@@ -320,3 +320,27 @@ def test_bad_workflow_or_set_is_one_line_exit_2(tmp_path, capsys, text, sets, wo
     assert result["status"] == "usage" and words in result["error"]
     if not sets:
         assert str(path) in err
+
+
+def custom_failure(inputs, reason):
+    """ComfyUI's node errors for a validate_inputs that returned ``reason``: one copy per input it takes."""
+    return [{"type": "custom_validation_failed", "message": "Custom validation failed for node",
+             "details": f"{name} - {reason}", "extra_info": {"input_name": name}} for name in inputs]
+
+
+def test_rejection_prints_each_distinct_reason_once(fake, workflow, capsys):
+    reason = "width must be a multiple of 16 in 16..4096 (e.g. 832 x 480), got 100"
+    missing = {"type": "required_input_missing", "message": "Required input is missing", "details": "model",
+               "extra_info": {"input_name": "model"}}
+    errors = custom_failure(["width", "height", "blocks"], reason) + [missing]
+    node_errors = {"3": {"errors": errors, "dependent_outputs": ["3", "9", "10"], "class_type": "BlockCascadeSampler"}}
+    error = {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+             "details": "\n".join(f"{e['message']}: {e['details']}" for e in errors), "extra_info": {}}
+    fake.on_prompt = lambda body: (400, {"error": error, "node_errors": node_errors}, [])
+    rc = run_client(fake, workflow)
+    result, err = summary(capsys)
+    assert rc == 2
+    want = [f"node 3 (BlockCascadeSampler): Custom validation failed for node: {reason}",
+            "node 3 (BlockCascadeSampler): Required input is missing: model"]
+    assert err.splitlines() == ["Prompt outputs failed validation", *want]
+    assert result == {"status": "rejected", "error": "Prompt outputs failed validation", "reasons": want}
