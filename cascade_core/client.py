@@ -1,14 +1,10 @@
 """``python -m cascade_core.client``: queue an API-format workflow on a ComfyUI server and watch it.
 
     python -m cascade_core.client workflows/api/<file>.json --server 127.0.0.1:8188 \\
-        [--set NODE.INPUT=VALUE ...] [--out DIR] [--timeout S]
+        [--set NODE.INPUT=VALUE ...] [--out DIR] [--timeout S] [--allow-partial]
 
-NODE is a node id of the API json or a node's ``_meta.title``; VALUE is parsed as JSON when it
-parses, else taken as a string. Streamed frames (``block_cascade.frames`` events) are saved as
-``DIR/stream/<node>_<frame>.jpg``, the prompt's output files (from ``/history``) into DIR (default
-``out/<prompt id>``). A progress bar goes to stderr, one JSON summary line to stdout.
-Exit codes: 0 success, 1 failed (execution error, interrupted, server unreachable), 2 rejected
-(or bad arguments), 3 timeout. Standard library plus ``websocket-client``; never imports ComfyUI.
+See ``RULES`` (also the end of ``--help``) for what counts as success and the exit codes. Standard
+library plus ``websocket-client``; never imports ComfyUI.
 """
 from __future__ import annotations
 
@@ -24,7 +20,32 @@ import urllib.parse
 import urllib.request
 import uuid
 
+from cascade_core.comfy_answers import node_error_lines, output_files, rejection, sink_output_nodes
+
 EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_TIMEOUT = 0, 1, 2, 3
+HISTORY_GRACE_S = 10.0  # ComfyUI writes a prompt's history just after it reports success
+
+RULES = """\
+NODE is a node id of the API json or a node's _meta.title; VALUE is parsed as JSON when it parses,
+else taken as a string. Streamed frames (block_cascade.frames events) are saved as
+DIR/stream/<node>_<frame>.jpg, the prompt's output files (from /history) into DIR (default
+out/<prompt id>). A progress bar goes to stderr, one JSON summary line to stdout.
+
+Partial graphs: ComfyUI may accept a prompt but drop the output nodes that fail validation (their
+node_errors). The client prints each reason once and, unless --allow-partial, takes the prompt back
+(off the queue, or interrupted if it already runs) and exits 2; with --allow-partial the rest runs
+and the summary's status is "partial".
+
+Outputs: a sink output node is a node whose class /object_info marks output_node and that has no
+output sockets (SaveImage, SaveVideo, PreviewImage, ...). After the run every sink output node of
+the workflow, except those ComfyUI dropped, must have an entry in the prompt's /history outputs;
+else the run is "incomplete" (exit 1). Output nodes with output sockets (the Block Cascade Sampler)
+are not checked: they show nothing in /history.
+
+Exit codes: 0 success (or partial with --allow-partial), 1 failed (execution error, interrupted,
+incomplete outputs, server unreachable), 2 rejected, partial graph, or bad arguments (a missing or
+malformed workflow, a bad --set), 3 timeout.
+"""
 
 
 class ClientError(Exception):
@@ -101,6 +122,8 @@ def apply_override(prompt: dict, spec: str) -> tuple[str, str, object]:
 # ---------------------------------------------------------------------------------------------- server I/O
 
 class Server:
+    """ComfyUI's HTTP API at ``address`` (``host:port`` or a URL); ``timeout`` in seconds per request."""
+
     def __init__(self, address: str, timeout: float = 30.0):
         address = address.rstrip("/")
         if "://" not in address:
@@ -118,49 +141,6 @@ class Server:
 
     def json(self, path: str, body=None):
         return json.loads(self.request(path, body))
-
-
-def reason_text(error: dict) -> str:
-    """One ComfyUI validation error as ``message: details``.
-
-    A node's ``validate_inputs`` failure comes once per input that function takes, each with details
-    ``"<input> - <reason>"``; the input name is dropped so that the copies read the same.
-    """
-    text = str(error.get("message") or error.get("type") or "invalid")
-    details = str(error.get("details") or "")
-    name = str((error.get("extra_info") or {}).get("input_name") or "")
-    if error.get("type") == "custom_validation_failed" and name and details.startswith(name):
-        details = details[len(name):].lstrip(" -")
-    return f"{text}: {details}" if details else text
-
-
-def node_error_lines(node_errors: dict) -> list[str]:
-    """``node ID (class): reason`` once per distinct reason of each node of a /prompt answer's ``node_errors``."""
-    lines = []
-    for nid, ne in (node_errors or {}).items():
-        ne = ne if isinstance(ne, dict) else {}
-        for error in ne.get("errors") or []:
-            line = f"node {nid} ({ne.get('class_type', '?')}): {reason_text(error if isinstance(error, dict) else {})}"
-            if line not in lines:
-                lines.append(line)
-    return lines
-
-
-def rejection(payload: dict) -> tuple[str, list[str]]:
-    """ComfyUI's own words for a rejected prompt: (its error in one line, each node's distinct reasons).
-
-    The error's details are left out when there are node errors: ComfyUI fills them with a copy of
-    the output nodes' reasons.
-    """
-    err, reasons = payload.get("error"), node_error_lines(payload.get("node_errors"))
-    if isinstance(err, dict):
-        head = str(err.get("message") or err.get("type") or "prompt rejected")
-        details = str(err.get("details") or "")
-        if details and details != head and not reasons:
-            head += ": " + " / ".join(line for line in details.splitlines() if line.strip())
-    else:
-        head = str(err or "prompt rejected")
-    return head, reasons
 
 
 class ProgressBar:
@@ -199,17 +179,37 @@ class ProgressBar:
             self.open = False
 
 
+def withdraw(server: Server, prompt_id: str) -> str:
+    """Take a queued prompt back: off the queue if it waits, interrupted (that prompt only) if it runs.
+
+    Returns a phrase for the user; a server that cannot be reached makes it say so instead of raising.
+    """
+    try:
+        server.request("/queue", {"delete": [prompt_id]})
+        server.request("/interrupt", {"prompt_id": prompt_id})
+    except OSError as e:
+        return f"withdrawing prompt {prompt_id} failed ({e}); it may still run"
+    return f"prompt {prompt_id} withdrawn"
+
+
+def wait_for_history(server: Server, prompt_id: str) -> dict:
+    """The prompt's /history entry, asked again for up to ``HISTORY_GRACE_S`` s until ComfyUI has written it.
+
+    Raises ClientError (exit 1, "incomplete") when it never appears.
+    """
+    end = time.monotonic() + HISTORY_GRACE_S
+    while True:
+        entry = server.json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+        if isinstance(entry, dict):
+            return entry
+        if time.monotonic() >= end:
+            raise ClientError(f"prompt {prompt_id} finished but ComfyUI has no history for it",
+                              EXIT_FAILED, "incomplete", prompt_id=prompt_id)
+        time.sleep(0.1)
+
+
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "x"
-
-
-def output_files(history_entry: dict):
-    """Every ``{filename, subfolder, type}`` in a history entry's outputs (images, videos, gifs, ...)."""
-    for node_out in (history_entry.get("outputs") or {}).values():
-        for items in (node_out or {}).values():
-            for item in items if isinstance(items, list) else []:
-                if isinstance(item, dict) and item.get("filename"):
-                    yield item
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -247,6 +247,16 @@ def run(args) -> dict:
         except (urllib.error.URLError, OSError) as e:
             raise ClientError(f"cannot reach ComfyUI at {server.http}: {e}") from None
         prompt_id = answer["prompt_id"]
+        node_errors = answer.get("node_errors") or {}
+        partial = node_error_lines(node_errors)
+        dropped = sorted({str(o) for ne in node_errors.values() if isinstance(ne, dict)
+                          for o in ne.get("dependent_outputs") or []})
+        if partial and not args.allow_partial:
+            raise ClientError(f"ComfyUI dropped part of the workflow (output nodes {', '.join(dropped) or '?'} "
+                              f"would not run); {withdraw(server, prompt_id)}; --allow-partial runs the rest",
+                              EXIT_REJECTED, "partial", partial, prompt_id=prompt_id, dropped_outputs=dropped)
+        for line in partial:
+            bar.note(f"dropped: {line}")
         out_dir = args.out or os.path.join("out", prompt_id)
         stream_dir = os.path.join(out_dir, "stream")
         frames_saved = 0
@@ -305,7 +315,7 @@ def run(args) -> dict:
         except Exception:
             pass
 
-    history = server.json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id, {})
+    history = wait_for_history(server, prompt_id)
     outputs = []
     for item in output_files(history):
         query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
@@ -317,19 +327,35 @@ def run(args) -> dict:
         with open(path, "wb") as f:
             f.write(server.request(f"/view?{query}"))
         outputs.append(path)
-    return {"status": "success", "prompt_id": prompt_id, "seconds": round(time.monotonic() - started, 3),
-            "stream_frames": frames_saved, "stream_dir": stream_dir if frames_saved else None,
-            "outputs": outputs, "out": out_dir}
+    result = {"prompt_id": prompt_id, "seconds": round(time.monotonic() - started, 3),
+              "stream_frames": frames_saved, "stream_dir": stream_dir if frames_saved else None,
+              "outputs": outputs, "out": out_dir}
+    if partial:
+        result.update(reasons=partial, dropped_outputs=dropped)
+    object_info = {}
+    for cls in sorted({node["class_type"] for node in prompt.values()}):
+        object_info.update(server.json(f"/object_info/{urllib.parse.quote(cls, safe='')}"))
+    shown = history.get("outputs") or {}
+    missing = [f"node {nid} ({cls})" for nid, cls in sink_output_nodes(prompt, object_info).items()
+               if nid not in shown and nid not in dropped]
+    if missing:
+        result.pop("reasons", None)
+        raise ClientError(f"prompt {prompt_id} finished, but output {'nodes' if len(missing) > 1 else 'node'} "
+                          f"{', '.join(missing)} produced no output", EXIT_FAILED, "incomplete", partial, **result)
+    return {"status": "partial" if partial else "success", **result}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cascade_core.client", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m cascade_core.client", description=__doc__.splitlines()[0],
+                                epilog=RULES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workflow", help="API-format workflow json")
     p.add_argument("--server", default="127.0.0.1:8188", help="host:port of ComfyUI (default 127.0.0.1:8188)")
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="override an input; NODE is an id or a _meta.title; VALUE JSON or a string (repeatable)")
     p.add_argument("--out", help="output folder (default out/<prompt id>)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt (default 3600)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="run what ComfyUI accepts when it drops output nodes that fail validation")
     return p
 
 

@@ -56,7 +56,12 @@ class FakeComfy:
         self.sockets, self.prompts, self.stop = {}, [], threading.Event()
         self.on_prompt = None
         self.history = {}
-        self.files = {("bc_00001_.png", "", "output"): OUTPUT_BYTES}
+        self.files = {("bc_00001_.png", "", "output"): OUTPUT_BYTES, ("bc_00002_.png", "", "output"): OUTPUT_BYTES[::-1]}
+        self.object_info = {  # the two keys the client reads, as ComfyUI's /object_info/<class> gives them
+            "BlockCascadeSampler": {"output_node": True, "output": ["LATENT", "IMAGE"]},
+            "SaveImage": {"output_node": True, "output": []},
+        }
+        self.posts = []  # (path, body) of every POST other than /prompt
 
     def push(self, client_id, messages):
         conn = self.sockets[client_id]
@@ -90,6 +95,9 @@ class Handler(BaseHTTPRequestHandler):
         if url.path.startswith("/history/"):
             pid = urllib.parse.unquote(url.path[len("/history/"):])
             return self.reply(200, {pid: self.fake.history[pid]} if pid in self.fake.history else {})
+        if url.path.startswith("/object_info/"):
+            cls = urllib.parse.unquote(url.path[len("/object_info/"):])
+            return self.reply(200, {cls: self.fake.object_info[cls]} if cls in self.fake.object_info else {})
         if url.path == "/view":
             data = self.fake.files.get((q.get("filename"), q.get("subfolder", ""), q.get("type", "output")))
             return self.reply(200, data, "image/png") if data else self.reply(404, {})
@@ -97,6 +105,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path in ("/queue", "/interrupt"):
+            self.fake.posts.append((self.path, body))
+            return self.reply(200, {})
         if self.path != "/prompt":
             return self.reply(404, {})
         self.fake.prompts.append(body)
@@ -171,6 +182,14 @@ def summary(capsys):
     return json.loads(out.strip().splitlines()[-1]), err
 
 
+def history_entry(*text_nodes, saves=("9", "10")):
+    """A /history entry: each SaveImage node in ``saves`` shows one file, each of ``text_nodes`` a text."""
+    outputs = {nid: {"images": [{"filename": f"bc_{i:05d}_.png", "subfolder": "", "type": "output"}]}
+               for i, nid in enumerate(saves, 1)}
+    outputs.update({nid: {"text": ["not a file"]} for nid in text_nodes})
+    return {"outputs": outputs, "status": {"status_str": "success", "completed": True, "messages": []}}
+
+
 def success_messages():
     b64 = [base64.b64encode(j).decode() for j in FAKE_JPEGS]
     start = {"node": "3", "run": "r1", "blocks": 2, "frames_total": 6, "fps": 16, "width": 8, "height": 8,
@@ -196,9 +215,7 @@ def success_messages():
 
 def test_success_saves_stream_and_outputs(fake, workflow, tmp_path, capsys):
     fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}}, success_messages())
-    fake.history[PID] = {"outputs": {"9": {"images": [{"filename": "bc_00001_.png", "subfolder": "", "type": "output"}]},
-                                     "3": {"text": ["not a file"]}},
-                         "status": {"status_str": "success", "completed": True}}
+    fake.history[PID] = history_entry("3")
     out = tmp_path / "out"
     rc = run_client(fake, workflow, "--out", str(out), "--set", "Cascade.Sampler.seed=42", "--set", "3.prompt=a cat")
     result, err = summary(capsys)
@@ -210,8 +227,9 @@ def test_success_saves_stream_and_outputs(fake, workflow, tmp_path, capsys):
     frames = sorted(os.listdir(out / "stream"))
     assert frames == [f"3_{i:05d}.jpg" for i in range(6)]
     assert [(out / "stream" / f).read_bytes() for f in frames] == FAKE_JPEGS
-    assert result["outputs"] == [str(out / "bc_00001_.png")]
+    assert result["outputs"] == [str(out / "bc_00001_.png"), str(out / "bc_00002_.png")]
     assert (out / "bc_00001_.png").read_bytes() == OUTPUT_BYTES
+    assert (out / "bc_00002_.png").read_bytes() == OUTPUT_BYTES[::-1]
     assert "3/3" in err and "[" in err  # the progress bar
     assert "not ours" not in err
 
@@ -219,7 +237,7 @@ def test_success_saves_stream_and_outputs(fake, workflow, tmp_path, capsys):
 def test_default_out_dir_is_per_prompt(fake, workflow, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}}, success_messages())
-    fake.history[PID] = {"outputs": {}}
+    fake.history[PID] = history_entry()
     assert run_client(fake, workflow) == 0
     result, _ = summary(capsys)
     assert result["out"] == os.path.join("out", PID)
@@ -344,3 +362,56 @@ def test_rejection_prints_each_distinct_reason_once(fake, workflow, capsys):
             "node 3 (BlockCascadeSampler): Required input is missing: model"]
     assert err.splitlines() == ["Prompt outputs failed validation", *want]
     assert result == {"status": "rejected", "error": "Prompt outputs failed validation", "reasons": want}
+
+
+def partial_answer():
+    """ComfyUI's answer when it queues the prompt but drops output node 10 (no filename_prefix)."""
+    missing = {"type": "required_input_missing", "message": "Required input is missing", "details": "filename_prefix",
+               "extra_info": {"input_name": "filename_prefix"}}
+    return {"prompt_id": PID, "number": 0,
+            "node_errors": {"10": {"errors": [missing], "dependent_outputs": ["10"], "class_type": "SaveImage"}}}
+
+
+def test_partial_graph_is_withdrawn_and_exits_2(fake, workflow, capsys):
+    fake.on_prompt = lambda body: (200, partial_answer(), success_messages())
+    fake.history[PID] = history_entry(saves=("9",))
+    rc = run_client(fake, workflow)
+    result, err = summary(capsys)
+    reason = "node 10 (SaveImage): Required input is missing: filename_prefix"
+    assert rc == 2, err
+    assert result["status"] == "partial" and result["reasons"] == [reason] and result["dropped_outputs"] == ["10"]
+    assert err.count(reason) == 1 and "--allow-partial" in err and f"prompt {PID} withdrawn" in err
+    assert fake.posts == [("/queue", {"delete": [PID]}), ("/interrupt", {"prompt_id": PID})]
+
+
+def test_allow_partial_runs_the_rest(fake, workflow, tmp_path, capsys):
+    fake.on_prompt = lambda body: (200, partial_answer(), success_messages())
+    fake.history[PID] = history_entry(saves=("9",))
+    rc = run_client(fake, workflow, "--allow-partial", "--out", str(tmp_path / "out"))
+    result, err = summary(capsys)
+    assert rc == 0, err
+    assert result["status"] == "partial" and result["dropped_outputs"] == ["10"]
+    assert result["reasons"] == ["node 10 (SaveImage): Required input is missing: filename_prefix"]
+    assert result["outputs"] == [str(tmp_path / "out" / "bc_00001_.png")] and fake.posts == []
+
+
+def test_output_node_without_output_is_incomplete(fake, workflow, tmp_path, capsys):
+    fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}}, success_messages())
+    fake.history[PID] = history_entry("3", saves=("9",))  # SaveImage 10 shows nothing
+    rc = run_client(fake, workflow, "--out", str(tmp_path / "out"))
+    result, err = summary(capsys)
+    assert rc == 1, err
+    assert result["status"] == "incomplete" and "node 10 (SaveImage) produced no output" in result["error"]
+    assert "node 9" not in result["error"] and "node 3" not in result["error"]
+    assert result["outputs"] == [str(tmp_path / "out" / "bc_00001_.png")]  # what did come is still saved
+
+
+def test_history_written_after_success_is_waited_for(fake, workflow, tmp_path, capsys):
+    def on_prompt(body):  # ComfyUI stores the history entry only after it has sent execution_success
+        threading.Timer(1.0, fake.history.__setitem__, (PID, history_entry())).start()
+        return 200, {"prompt_id": PID, "number": 0, "node_errors": {}}, success_messages()
+    fake.on_prompt = on_prompt
+    rc = run_client(fake, workflow, "--out", str(tmp_path / "out"))
+    result, err = summary(capsys)
+    assert rc == 0, err
+    assert result["outputs"] == [str(tmp_path / "out" / f"bc_{i:05d}_.png") for i in (1, 2)]
