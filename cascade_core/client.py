@@ -20,7 +20,8 @@ import urllib.parse
 import urllib.request
 import uuid
 
-from cascade_core.comfy_answers import node_error_lines, output_files, rejection, sink_output_nodes
+from cascade_core.comfy_answers import (dropped_outputs, node_error_lines, output_files, rejection,
+                                        sink_output_nodes)
 
 EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_TIMEOUT = 0, 1, 2, 3
 HISTORY_GRACE_S = 10.0  # ComfyUI writes a prompt's history just after it reports success
@@ -215,6 +216,7 @@ def safe_name(text: str) -> str:
 # ---------------------------------------------------------------------------------------------- the run
 
 def run(args) -> dict:
+    """Queue ``args.workflow`` and watch it to the end; returns the summary dict, raises ClientError."""
     prompt = load_workflow(args.workflow)
     for spec in args.set:
         apply_override(prompt, spec)
@@ -249,8 +251,7 @@ def run(args) -> dict:
         prompt_id = answer["prompt_id"]
         node_errors = answer.get("node_errors") or {}
         partial = node_error_lines(node_errors)
-        dropped = sorted({str(o) for ne in node_errors.values() if isinstance(ne, dict)
-                          for o in ne.get("dependent_outputs") or []})
+        dropped = dropped_outputs(node_errors)
         if partial and not args.allow_partial:
             raise ClientError(f"ComfyUI dropped part of the workflow (output nodes {', '.join(dropped) or '?'} "
                               f"would not run); {withdraw(server, prompt_id)}; --allow-partial runs the rest",
@@ -360,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The command line: prints the summary line, returns the exit code (see ``RULES``)."""
     args = build_parser().parse_args(argv)
     try:
         summary = run(args)

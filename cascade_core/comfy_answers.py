@@ -35,6 +35,12 @@ def node_error_lines(node_errors: dict) -> list[str]:
     return lines
 
 
+def dropped_outputs(node_errors: dict) -> list[str]:
+    """Ids of the output nodes ComfyUI will not run because of ``node_errors`` (their ``dependent_outputs``)."""
+    return sorted({str(o) for ne in (node_errors or {}).values() if isinstance(ne, dict)
+                   for o in ne.get("dependent_outputs") or []})
+
+
 def rejection(payload: dict) -> tuple[str, list[str]]:
     """ComfyUI's own words for a rejected prompt: (its error in one line, each node's distinct reasons).
 
