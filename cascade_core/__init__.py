@@ -13,6 +13,7 @@ Pure PyTorch; never imports ComfyUI. Modules:
   frames      frames out while the DiT goes on (decode per finished block; MP4/PNG)
   text        umt5-xxl prompt embeddings from local files
   distributed several devices sharing the KV pool (torch.distributed)
+  memory      how much memory a run needs and a device has (one estimate for nodes and CLI)
   cli, bench  ``python -m cascade_core generate`` and ``python -m cascade_core.bench``
   client      the headless ComfyUI client
 """

@@ -10,8 +10,8 @@ import torch
 from comfy_api.latest import io
 
 from cascade_core import attention as attention_backends
-from cascade_core.kv_pool import PoolLayout
-from cascade_core.sampler import Interrupted, latent_size
+from cascade_core.memory import estimate_run_bytes
+from cascade_core.sampler import Interrupted
 
 from . import checks, devices, stream
 from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
@@ -24,30 +24,6 @@ GIB = 1024 ** 3
 def _mm():
     import comfy.model_management as mm
     return mm
-
-
-def estimate_run_bytes(model, cfg, blocks: int, width: int, height: int, prompts: int,
-                       vae_bytes: int) -> tuple[int, str]:
-    """About how much device memory a run needs besides the DiT weights, and what it is made of."""
-    c = model.cfg
-    h, w = latent_size(width, height, c.patch_size)
-    tpf = (h // c.patch_size[1]) * (w // c.patch_size[2])
-    fpb = cfg.frames_per_block
-    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=blocks * fpb,
-                        window=cfg.window, sink=cfg.sink, max_in_flight=cfg.parallel)
-    elem = 4 if model.dtype == torch.float32 else 2
-    kv = 2 * c.num_layers * layout.capacity_frames * tpf * c.dim * elem
-    tokens = cfg.parallel * fpb * tpf
-    activations = tokens * (c.ffn_dim + 8 * c.dim) * elem * 2
-    if cfg.flashblock != "off":
-        activations += c.num_layers * tokens * c.dim * 4 * 2  # kept block-external outputs + log-sum-exp
-    text = prompts * c.num_layers * 2 * checks.TEXT_LEN * c.dim * elem
-    latents = 3 * 16 * blocks * fpb * h * w * 4
-    vae_work = (vae_bytes + 3000 * h * w * 64 * elem) if vae_bytes else 0
-    total = int((kv + activations + text + latents + vae_work) * 1.2) + 256 * 1024 ** 2
-    what = (f"KV cache {kv / GIB:.2f} GiB, activations {activations / GIB:.2f} GiB, "
-            f"VAE {vae_work / GIB:.2f} GiB")
-    return total, what
 
 
 def vae_weights(vae):
@@ -157,8 +133,8 @@ class BlockCascadeSampler(io.ComfyNode):
             entries = list(schedule.entries)
         prompts = checks.schedule(entries, blocks, model.cfg.text_dim)
         vae_sd = vae_weights(vae)
-        run_bytes, what = estimate_run_bytes(model, cfg, blocks, width, height, len(prompts.entries),
-                                             _vae_bytes(vae_sd))
+        run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
+                                             len(prompts.entries), _vae_bytes(vae_sd))
         devices.make_room(device, run_bytes + (0 if model.resident_on(device) else model.weight_bytes()))
         weights = 0 if model.resident_on(device) else model.weight_bytes()  # making room may unload them
         # several devices: the worker pool checks each GPU itself (its own share of the run)

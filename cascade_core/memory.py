@@ -1,0 +1,65 @@
+"""How much memory a run needs, and how much a device has: the one estimate the nodes and the CLI share.
+
+:func:`estimate_run_bytes` is deliberately generous (20 % and 256 MiB on top): it is used to refuse a
+run that cannot fit before any model work starts, not to size allocations.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .kv_pool import PoolLayout
+from .sampler import CascadeConfig, latent_size
+
+GIB = 1024 ** 3
+
+
+def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks: int, width: int, height: int,
+                       prompts: int, vae_bytes: int) -> tuple[int, str]:
+    """About how many bytes a run needs on its device besides the DiT weights, and what they are made of.
+
+    ``model_cfg``: the model's :class:`~cascade_core.model.WanConfig`; ``dtype``: the DiT's dtype;
+    ``width``/``height`` in pixels (ValueError unless multiples of 16); ``prompts``: entries of the
+    prompt schedule; ``vae_bytes``: the decoder's weights in bytes (0 without a VAE).
+    Returns (bytes, "KV cache x GiB, activations y GiB, VAE z GiB").
+    """
+    c = model_cfg
+    h, w = latent_size(width, height, c.patch_size)
+    tpf = (h // c.patch_size[1]) * (w // c.patch_size[2])
+    fpb = cfg.frames_per_block
+    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=blocks * fpb,
+                        window=cfg.window, sink=cfg.sink, max_in_flight=cfg.parallel)
+    elem = 4 if dtype == torch.float32 else 2
+    kv = 2 * c.num_layers * layout.capacity_frames * tpf * c.dim * elem
+    tokens = cfg.parallel * fpb * tpf
+    activations = tokens * (c.ffn_dim + 8 * c.dim) * elem * 2
+    if cfg.flashblock != "off":
+        activations += c.num_layers * tokens * c.dim * 4 * 2  # kept block-external outputs + log-sum-exp
+    text = prompts * c.num_layers * 2 * c.text_len * c.dim * elem
+    latents = 3 * 16 * blocks * fpb * h * w * 4
+    vae_work = (vae_bytes + 3000 * h * w * 64 * elem) if vae_bytes else 0
+    total = int((kv + activations + text + latents + vae_work) * 1.2) + 256 * 1024 ** 2
+    what = (f"KV cache {kv / GIB:.2f} GiB, activations {activations / GIB:.2f} GiB, "
+            f"VAE {vae_work / GIB:.2f} GiB")
+    return total, what
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can use now: free GPU memory (CUDA) or the system's
+    available memory (CPU, MemAvailable of /proc/meminfo); None where it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
