@@ -1,35 +1,41 @@
-"""``python -m cascade_core generate``: block-causal text-to-video latents from the command line.
+"""``python -m cascade_core generate|decode``: block-causal text-to-video latents from the command line,
+and latents into a video.
 
 Without ``--checkpoint`` a small built-in model with random weights runs (labelled untrained in the
 summary), so the command works on any machine. ``--checkpoint`` reads any Wan2.1 T2V DiT layout
 (:mod:`checkpoint`), ``--lora`` merges a LoRA into it, ``--prompt`` embeds a text with a local umt5-xxl
-encoder (:mod:`text`). Bad arguments print one line and exit with code 2.
-Progress goes to stderr, one JSON summary line to stdout.
+encoder (:mod:`text`). ``decode`` turns latents that ``generate --latents-out`` wrote into an MP4
+and/or PNGs. Bad arguments print one line and exit with code 2 (checked before any model work, see
+:mod:`cli_checks`); Ctrl-C stops with one line and exit code 130 (:mod:`cli_run`). Progress goes to
+stderr, one JSON summary line to stdout.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import os
 import sys
-import time
 
 import torch
 
 from . import attention, distributed
 from .checkpoint import EMA_MODES, load_dit
-from .fp8 import quantize_layers
-from .frames import FrameStream, VideoWriter, load_decoder, video_frames
+from .cli_checks import UsageError, seed_value
 from .model import WanConfig, WanModel
-from .safe_io import CheckpointError, read_tensor_file, save_safetensors
-from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule, Result, generate
+from .safe_io import CheckpointError, read_tensor_file
+from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BUILTIN = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2)  # untrained demo model
 
 
-class UsageError(Exception):
-    """A bad argument: reported in one line, exit code 2."""
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help text with each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:  # no value, or a switch
+            return action.help
+        return super()._get_help_string(action)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -47,7 +53,8 @@ def int_list(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m cascade_core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    g = sub.add_parser("generate", help="generate latent video")
+    g = sub.add_parser("generate", help="generate latent video", formatter_class=Formatter,
+                       description="Generate latents [1, 16, T, H/8, W/8] (optionally decoded into a video).")
     g.add_argument("--checkpoint", help="Wan2.1 T2V DiT weights: .safetensors (ComfyUI, diffusers, fp8), "
                                         "a training .pt (read with weights_only) or a diffusers/Wan folder")
     g.add_argument("--ema", choices=EMA_MODES, default="auto",
@@ -61,28 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
                                           "or Wan's models_t5_umt5-xxl-enc-bf16.pth)")
     g.add_argument("--tokenizer", help="local umt5-xxl tokenizer folder (optional when the encoder file "
                                        "carries its tokenizer, as ComfyUI's do)")
-    g.add_argument("--width", type=int, default=832)
-    g.add_argument("--height", type=int, default=480)
+    g.add_argument("--width", type=int, default=832, help="video width in pixels, a multiple of 16")
+    g.add_argument("--height", type=int, default=480, help="video height in pixels, a multiple of 16")
     g.add_argument("--blocks", type=int, default=7, help="latent blocks (7 x 3 latent frames = 81 video frames)")
-    g.add_argument("--frames-per-block", type=int, default=3)
-    g.add_argument("--steps", type=int_list, default=(1000, 750, 500, 250), help="denoising step list")
-    g.add_argument("--shift", type=float, default=5.0)
+    g.add_argument("--frames-per-block", type=int, default=3,
+                   help="latent frames per block (3: chunk-wise checkpoints, 1: frame-wise)")
+    g.add_argument("--steps", type=int_list, default="1000,750,500,250", help="denoising step list")
+    g.add_argument("--shift", type=float, default=5.0, help="flow-matching timestep shift")
     g.add_argument("--context-noise", type=float, default=0.0, help="timestep of the clean pass")
     g.add_argument("--parallel", type=int, default=1, help="blocks in flight, 1..steps+1")
     g.add_argument("--attention", choices=ATTENTION_MODES, default="causal", help="in-flight visibility")
-    g.add_argument("--window", type=int, help="latent frames attended, sink and own block included")
-    g.add_argument("--sink", type=int, default=0, help="first latent frames the window always keeps")
+    g.add_argument("--window", type=int, help="latent frames attended, sink and own block included (default: all)")
+    g.add_argument("--sink", type=int, default=0, help="first latent frames the --window always keeps")
     g.add_argument("--flashblock", choices=FLASHBLOCK_MODES, default="off",
-                   help="reuse block-external attention across a block's steps (reuse), or split exactly (exact)")
+                   help="FlashBlock: reuse block-external attention across a block's steps (reuse, approximate), "
+                        "or split and merge at every step (exact: equal to off up to float rounding)")
     g.add_argument("--fold-clean", action="store_true",
-                   help="P1: run each clean pass in the next block's first forward (same result, fewer forwards)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=DTYPES, default="bf16")
+                   help="P1: run each clean pass in the next block's first forward (the same result up to float "
+                        "rounding, one forward fewer per block)")
+    g.add_argument("--seed", type=seed_value, default=0, help="random seed, 0..2^64-1 (noise and re-noising)")
+    g.add_argument("--dtype", choices=DTYPES, default="bf16", help="DiT weights and activations")
     g.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when present)")
     g.add_argument("--devices", help="several devices sharing the KV pool, one worker process each: "
                                      "cuda:0,cuda:1,... (NCCL) or cpu,cpu (gloo); torchrun: the ranks torchrun "
                                      "started (several machines; see the README)")
-    g.add_argument("--attention-backend", choices=attention.BACKENDS, default="auto")
+    g.add_argument("--attention-backend", choices=attention.BACKENDS, default="auto",
+                   help="attention kernel (auto: the fastest on CUDA, torch's choice elsewhere); refused where "
+                        "the device lacks it")
     g.add_argument("--fp8", action="store_true",
                    help="fp8 matrix products in the transformer layers (faster on GPUs with fp8 units; approximate)")
     g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -91,9 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latents-out", help="write the latents [1, 16, T, H/8, W/8] to this .safetensors")
     g.add_argument("--vae", help="Wan2.1 VAE (file, or diffusers vae/ folder) or taew2_1 preview decoder "
                                  "weights: decode each block as it finishes, on its own CUDA stream")
-    g.add_argument("--video-out", help="MP4 to write (with --vae; default out/video.mp4)")
-    g.add_argument("--frames-dir", help="also write each frame as a PNG into this folder as it is decoded")
+    g.add_argument("--video-out", help="MP4 to write (with --vae; default: out/video.mp4 unless --frames-dir)")
+    g.add_argument("--frames-dir", help="write each frame as a PNG into this folder as it is decoded (alone: no MP4)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = sub.add_parser("decode", help="decode latents into a video", formatter_class=Formatter,
+                       description="Decode latents that generate --latents-out wrote into an MP4 and/or PNGs.")
+    d.add_argument("--latents", required=True, help=".safetensors holding latents [1, 16, T, H/8, W/8]")
+    d.add_argument("--vae", required=True, help="Wan2.1 VAE (file, or diffusers vae/ folder) or taew2_1 "
+                                                "preview decoder weights")
+    d.add_argument("--video-out", help="MP4 to write")
+    d.add_argument("--frames-dir", help="write each frame as a PNG into this folder")
+    d.add_argument("--frames-per-pass", type=int, default=3, help="latent frames decoded at once (memory)")
+    d.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when present)")
     return p
 
 
@@ -165,135 +186,31 @@ def prompt_embeddings(args, device: torch.device) -> tuple[torch.Tensor, str]:
     return embeds, f"{len(embeds)} tokens"
 
 
-class BlockProgress:
-    """A one-line progress bar on stderr, advanced per finished block."""
-
-    def __init__(self, blocks: int, enabled: bool):
-        self.blocks, self.enabled, self.start = blocks, enabled, time.perf_counter()
-
-    def __call__(self, event) -> None:
-        if not self.enabled:
-            return
-        done = event.block + 1
-        bar = "#" * (20 * done // self.blocks)
-        sys.stderr.write(f"\rblock {done}/{self.blocks} [{bar:<20}] {time.perf_counter() - self.start:6.1f} s")
-        if done == self.blocks:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def summary(result: Result, args, model_label: str, device: torch.device | str) -> dict:
-    frames = video_frames(result.latents.shape[2])
-    return {
-        "model": model_label,
-        "device": str(device),
-        "blocks": result.blocks,
-        "ticks": result.ticks,
-        "forwards": result.forwards,
-        "parallel": args.parallel,
-        "latent_shape": list(result.latents.shape),
-        "video_frames": frames,
-        "seconds": round(result.seconds, 4),
-        "first_block_seconds": round(result.first_block_seconds, 4),
-        "frames_per_second": round(frames / result.seconds, 2),
-        "latents_out": args.latents_out,
-    }
-
-
-def run_generate(args) -> dict | None:
-    devices = several_devices(args)
-    if devices == "torchrun":
-        device = distributed.init_from_env()
-        if torch.distributed.get_rank() != 0:  # weights, prompt and noise come from rank 0
-            distributed.generate_collective(None, None, None, device=device)
-            return None
-        where = f"{torch.distributed.get_world_size()} ranks (torchrun)"
-    else:
-        device = resolve_device(args.device) if devices is None else devices[0]
-        where = str(device) if devices is None else ",".join(map(str, devices))
-    dtype = DTYPES[args.dtype]
-    attention.set_backend(args.attention_backend)
-    cfg = CascadeConfig(steps=args.steps, shift=args.shift, frames_per_block=args.frames_per_block,
-                        context_noise=args.context_noise, parallel=args.parallel, attention=args.attention,
-                        window=args.window, sink=args.sink, flashblock=args.flashblock,
-                        fold_clean=args.fold_clean)
-    cfg.validate()
-    if args.blocks < 1:
-        raise UsageError(f"--blocks must be >= 1, got {args.blocks}")
-    check_text_arguments(args)
-    if (args.video_out or args.frames_dir) and not args.vae:
-        raise UsageError("--video-out and --frames-dir need --vae FILE (the decoder)")
-    weights = load_weights(args, dtype)  # checked (and kept on the CPU) before the text encoder runs
-    embeds, prompt_label = None, None
-    if args.prompt is not None:
-        embeds, prompt_label = prompt_embeddings(args, device)
-    # several local devices: the weights stay on the CPU here and go to the workers once
-    model, label = build_model(weights, torch.device("cpu") if isinstance(devices, list) else device, dtype)
-    del weights
-    if args.fp8:
-        quantize_layers(model)
-    model.compile_layers(args.compile == "on" or (args.compile == "auto" and device.type == "cuda"))
-    if args.embeds:
-        embeds = single_tensor(args.embeds, "a [L, 4096] prompt embedding")
-    elif embeds is None:
-        embeds = torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(args.seed))
-    noise = single_tensor(args.noise, "the initial noise") if args.noise else None
-    progress = BlockProgress(args.blocks, not args.quiet)
-    writer = frames = None
-    if args.vae:
-        vae_dtype = torch.float32 if device.type == "cpu" or dtype == torch.float32 else torch.float16
-        decoder = load_decoder(args.vae, vae_dtype, device)
-        writer = VideoWriter(args.video_out or "out/video.mp4", frames_dir=args.frames_dir)
-        frames = FrameStream(decoder, on_frames=writer.write, keep=False)
-
-    def on_block(event):
-        if frames is not None:
-            frames.push(event)
-        progress(event)
-
-    run, pool = generate, None
-    if devices == "torchrun":
-        run = functools.partial(distributed.generate_collective, device=device)
-    elif devices is not None:
-        pool = distributed.WorkerPool(devices)
-        run = pool.generate
-    start = time.perf_counter()
-    try:
-        result = run(model, PromptSchedule.single(embeds), cfg, blocks=args.blocks, width=args.width,
-                     height=args.height, seed=args.seed, noise=noise, on_block=on_block,
-                     on_tick=None if frames is None else frames.poll)
-        if frames is not None:
-            frames.finish()
-    finally:
-        if writer is not None:
-            writer.close()
-        if pool is not None:
-            pool.close()
-    if args.latents_out:
-        save_safetensors({"latents": result.latents}, args.latents_out)
-    out = summary(result, args, label, where)
-    if writer is not None:
-        seconds = time.perf_counter() - start
-        out.update(video_out=writer.path, frames_dir=args.frames_dir, frames_written=writer.count,
-                   end_to_end_seconds=round(seconds, 4), frames_out_per_second=round(writer.count / seconds, 2))
-    if prompt_label:
-        out["prompt"] = prompt_label
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0, 1 worker failure, 2 bad input, 130 Ctrl-C)."""
+    from .cli_run import Stopped, run_decode, run_generate  # cli_run uses this module's helpers
+
     try:
         args = build_parser().parse_args(argv)
-        out = run_generate(args)
+        out = run_decode(args) if args.command == "decode" else run_generate(args)
         if out is not None:  # ranks other than 0 of a torchrun job print nothing
             print(json.dumps(out))
         return 0
     except (UsageError, ValueError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {exc}", 2)
     except distributed.WorkerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"error: {exc}", 1)
+    except Stopped as exc:
+        return _fail(f"interrupted: {exc}", 130)
+    except KeyboardInterrupt:
+        return _fail("interrupted before the run started", 130)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _fail(line: str, code: int) -> int:
+    """One line on stderr (from rank 0 only under torchrun: the other ranks fail the same way, quietly)."""
+    if os.environ.get("RANK", "0") == "0" or "WORLD_SIZE" not in os.environ:
+        print(line, file=sys.stderr)
+    return code

@@ -444,7 +444,8 @@ class _Rank:
             raise
 
 
-def _rank_device(rank_local: int) -> torch.device:
+def rank_device(rank_local: int) -> torch.device:
+    """The device of the rank with this local rank: cuda:LOCAL_RANK where CUDA is present, else the CPU."""
     return torch.device("cuda", rank_local) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -1106,7 +1107,7 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT) -> torch.device:
                              f"start with torchrun --nproc-per-node N -m cascade_core generate --devices torchrun")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    device = _rank_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = rank_device(int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -1150,7 +1151,7 @@ def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, 
     but the one that tells the other ranks (they raise :class:`CollectiveRefused`, see also
     :func:`refuse_collective`)."""
     rank = dist.get_rank()
-    device = device or _rank_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = device or rank_device(int(os.environ.get("LOCAL_RANK", "0")))
     ctrl = _control_group()
     try:
         head: list = [None]

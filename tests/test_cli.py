@@ -27,7 +27,7 @@ def test_main_job_runs_and_writes_latents(tmp_path):
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["model"].startswith("built-in untrained")
     assert summary["blocks"] == 2 and summary["ticks"] == summary["forwards"] == 10
-    assert summary["video_frames"] == 1 + 4 * (6 - 1)
+    assert summary["latent_frames"] == 6 and "video_frames" not in summary  # no VAE: no video was made
     assert "block 2/2" in r.stderr  # the progress bar
     lat = read_tensor_file(str(out))["latents"]
     assert list(lat.shape) == summary["latent_shape"] == [1, 16, 6, 8, 16]
@@ -94,7 +94,7 @@ def test_vae_streams_frames_into_an_mp4_and_pngs(tmp_path):
         r = run_cli("generate", *SMALL, "--vae", str(vae), "--video-out", str(video), "--frames-dir", str(pngs))
         assert r.returncode == 0, r.stderr
         summary = json.loads(r.stdout.strip().splitlines()[-1])
-        assert summary["frames_written"] == summary["video_frames"] == 21
+        assert summary["video_frames"] == 21 and summary["latent_frames"] == 6
         assert sorted(os.listdir(pngs)) == [f"{i:05d}.png" for i in range(21)]
         with av.open(str(video)) as container:
             frames = list(container.decode(video=0))

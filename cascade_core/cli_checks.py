@@ -1,0 +1,133 @@
+"""The command line's checks: everything that can be refused or warned about before any model work.
+
+Each check raises :class:`UsageError` (one line, exit code 2) or writes one ``warning:`` line to
+stderr. Nothing here loads weights or runs a model.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+from . import attention
+from .memory import GIB, available_bytes, estimate_run_bytes
+from .sampler import CascadeConfig
+
+SEED_MAX = 2 ** 64 - 1  # torch generators take unsigned 64-bit seeds
+TRAINED_LATENT_FRAMES = 21  # what the released 1.3B block-causal checkpoints were trained on (81 frames)
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit code 2."""
+
+
+def seed_value(text: str) -> int:
+    """argparse type of --seed: an integer in 0..2^64-1."""
+    try:
+        seed = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{SEED_MAX}, got {text!r}") from None
+    if not 0 <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must lie in 0..2^64-1 ({SEED_MAX}), got {seed}")
+    return seed
+
+
+def _nearest_existing(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def _probe_folder(folder: str, flag: str, path: str) -> None:
+    """Create and remove a nameless file in ``folder``: the real permission (root, read-only mounts)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write into {folder} ({exc.strerror})") from None
+
+
+def check_output_file(flag: str, path: str | None) -> None:
+    """Refuse an output file that cannot be written: a folder, under a file, no write permission.
+
+    Missing folders are fine where they can be created (the writers create them)."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    if os.path.exists(path):
+        try:
+            with open(path, "ab"):  # appends nothing: the file stays as it is until the run writes it
+                pass
+        except OSError as exc:
+            raise UsageError(f"{flag} {path}: cannot write it ({exc.strerror})") from None
+        return
+    folder = _nearest_existing(path)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: {folder} is a file, not a folder")
+    _probe_folder(folder, flag, path)
+
+
+def check_output_folder(flag: str, path: str | None) -> None:
+    """Refuse an output folder that is a file, lies under a file or cannot be written into."""
+    if path is None:
+        return
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"{flag} {path} is a file, not a folder")
+        _probe_folder(path, flag, path)
+        return
+    folder = _nearest_existing(path)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: {folder} is a file, not a folder")
+    _probe_folder(folder, flag, path)
+
+
+def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse an attention backend that this device cannot run (a tiny probe call of that kernel)."""
+    if name in ("auto", "math"):
+        return
+    q = torch.zeros(1, 1, 8, 64, device=device, dtype=dtype)
+    try:
+        with torch.nn.attention.sdpa_kernel([attention.SDPA_BACKENDS[name]]):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError:
+        raise UsageError(f"--attention-backend {name} is not available on {device} for {str(dtype)[6:]}; "
+                         f"use auto (or math)") from None
+
+
+def check_settings(args, cfg: CascadeConfig) -> None:
+    """Refuse settings that would silently do nothing; warn once about a video past the trained length."""
+    if args.sink and args.window is None:
+        raise UsageError("--sink keeps frames only inside a rolling --window; add --window N "
+                         "(e.g. --window 12 --sink 3) or drop --sink")
+    if args.fold_clean and args.parallel > 1:
+        raise UsageError("--fold-clean works at --parallel 1 only (at P>1 clean passes already share ticks)")
+    if args.attention == "bidirectional" and args.parallel == 1:
+        raise UsageError("--attention bidirectional needs --parallel 2 or more (at P1 no other block is "
+                         "in flight to see)")
+    frames = args.blocks * cfg.frames_per_block
+    if args.window is None and frames > TRAINED_LATENT_FRAMES:
+        print(f"warning: {frames} latent frames without a window exceed the {TRAINED_LATENT_FRAMES} the "
+              f"released 1.3B models were trained on (quality drops past it); bound the attention with "
+              f"--window 12 --sink 3, or use at most {TRAINED_LATENT_FRAMES // cfg.frames_per_block} blocks",
+              file=sys.stderr)
+
+
+def check_memory(device: torch.device, model_cfg, dtype: torch.dtype, weight_bytes: int, cfg: CascadeConfig,
+                 args, vae_bytes: int) -> None:
+    """Refuse a run whose estimated need (weights + :func:`memory.estimate_run_bytes`) exceeds what
+    ``device`` has available now."""
+    free = available_bytes(device)
+    if free is None:
+        return
+    run, what = estimate_run_bytes(model_cfg, dtype, cfg, args.blocks, args.width, args.height, 1, vae_bytes)
+    need = run + weight_bytes
+    if need > free:
+        raise UsageError(f"the run needs about {need / GIB:.2f} GiB on {device} (weights "
+                         f"{weight_bytes / GIB:.2f} GiB, {what}) but {free / GIB:.2f} GiB are available; "
+                         f"use fewer --blocks, a --window, a smaller size or another device")

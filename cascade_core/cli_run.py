@@ -1,0 +1,269 @@
+"""The command line's runs: ``generate`` (latents, optionally decoded as they finish) and ``decode``
+(latents written by ``generate --latents-out`` into an MP4 and/or PNGs).
+
+Ctrl-C during a run asks it to stop before the next tick (on every device); what was decoded so far
+is finalised as a playable MP4, and :class:`Stopped` carries the one line to print (exit code 130).
+A second Ctrl-C aborts at once.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from . import attention, cli_checks, distributed
+from .cli import (BUILTIN, DTYPES, build_model, check_text_arguments, load_weights, prompt_embeddings, resolve_device,
+                  several_devices, single_tensor)
+from .cli_checks import UsageError
+from .fp8 import quantize_layers
+from .frames import FrameStream, VideoWriter, load_decoder
+from .model import WanConfig
+from .safe_io import save_safetensors
+from .sampler import BlockEvent, CascadeConfig, Interrupted, PromptSchedule, Result, generate, latent_size
+
+DEFAULT_VIDEO = "out/video.mp4"
+
+
+class Stopped(Exception):
+    """The run was stopped by Ctrl-C; the message says where and what was kept (exit code 130)."""
+
+
+class StopRequest:
+    """While active, the first SIGINT makes ``self()`` true (the run stops before its next tick) and a
+    second raises KeyboardInterrupt. Only in the main thread (elsewhere it does nothing)."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self) -> "StopRequest":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, _signum, _frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+class BlockProgress:
+    """A one-line progress bar on stderr, advanced per finished block; ``done`` counts the blocks."""
+
+    def __init__(self, blocks: int, enabled: bool):
+        self.blocks, self.enabled, self.start, self.done = blocks, enabled, time.perf_counter(), 0
+
+    def __call__(self, event) -> None:
+        self.done = event.block + 1
+        if not self.enabled:
+            return
+        bar = "#" * (20 * self.done // self.blocks)
+        sys.stderr.write(f"\rblock {self.done}/{self.blocks} [{bar:<20}] "
+                         f"{time.perf_counter() - self.start:6.1f} s")
+        if self.done == self.blocks:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def open_video(vae: str, video_out: str | None, frames_dir: str | None, device: torch.device,
+               dtype: torch.dtype) -> tuple[VideoWriter, FrameStream]:
+    """The decoder of ``vae`` (fp32 on the CPU or for fp32 runs, else fp16) streaming into an MP4
+    (``video_out``; none when only ``frames_dir`` is given) and/or PNGs in ``frames_dir``."""
+    vae_dtype = torch.float32 if device.type == "cpu" or dtype == torch.float32 else torch.float16
+    decoder = load_decoder(vae, vae_dtype, device)
+    writer = VideoWriter(video_out, frames_dir=frames_dir)
+    return writer, FrameStream(decoder, on_frames=writer.write, keep=False)
+
+
+def kept(writer: VideoWriter | None) -> str:
+    """What a stopped run leaves: the finalised MP4 and its frame count, or the PNG folder."""
+    if writer is None or writer.count == 0:
+        return "no frames were decoded yet"
+    where = " and ".join(x for x in (writer.path, writer.frames_dir) if x)
+    return f"{where} {'hold' if writer.path and writer.frames_dir else 'holds'} {writer.count} frames"
+
+
+def summary(result: Result, args, model_label: str, device) -> dict:
+    """The JSON line: what was made (``latent_frames``; ``video_frames`` only where decoded) and timing."""
+    latent_frames = result.latents.shape[2]
+    return {
+        "model": model_label,
+        "device": str(device),
+        "blocks": result.blocks,
+        "ticks": result.ticks,
+        "forwards": result.forwards,
+        "parallel": args.parallel,
+        "latent_shape": list(result.latents.shape),
+        "latent_frames": latent_frames,
+        "seconds": round(result.seconds, 4),
+        "first_block_seconds": round(result.first_block_seconds, 4),
+        "latent_frames_per_second": round(latent_frames / result.seconds, 2),
+        "latents_out": args.latents_out,
+    }
+
+
+def check_outputs(args) -> None:
+    """Every output path of ``generate``, before any model work."""
+    if (args.video_out or args.frames_dir) and not args.vae:
+        raise UsageError("--video-out and --frames-dir need --vae FILE (the decoder)")
+    cli_checks.check_output_file("--latents-out", args.latents_out)
+    cli_checks.check_output_file("--video-out", video_path(args))
+    cli_checks.check_output_folder("--frames-dir", args.frames_dir)
+
+
+def video_path(args) -> str | None:
+    """The MP4 of a run: --video-out; with --vae and neither --video-out nor --frames-dir, out/video.mp4."""
+    if args.video_out or not args.vae:
+        return args.video_out
+    return None if args.frames_dir else DEFAULT_VIDEO
+
+
+def weight_bytes(model_cfg: WanConfig, weights, dtype: torch.dtype) -> int:
+    if weights is not None:
+        return sum(t.numel() * t.element_size() for t in weights[0].values())
+    from .model import WanModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in WanModel(model_cfg).parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+def run_generate(args) -> dict | None:
+    """``generate``: every check first, then the run; the summary dict (None on torchrun ranks > 0).
+
+    Raises UsageError/ValueError/CheckpointError (exit 2), WorkerError (exit 1), Stopped (exit 130)."""
+    devices = several_devices(args)
+    dtype = DTYPES[args.dtype]
+    cfg = CascadeConfig(steps=args.steps, shift=args.shift, frames_per_block=args.frames_per_block,
+                        context_noise=args.context_noise, parallel=args.parallel, attention=args.attention,
+                        window=args.window, sink=args.sink, flashblock=args.flashblock,
+                        fold_clean=args.fold_clean)
+    cfg.validate()
+    if args.blocks < 1:
+        raise UsageError(f"--blocks must be >= 1, got {args.blocks}")
+    latent_size(args.width, args.height)
+    check_text_arguments(args)
+    cli_checks.check_settings(args, cfg)
+    check_outputs(args)
+    if devices == "torchrun":  # every rank checks everything before it joins the group
+        device = distributed.rank_device(int(os.environ.get("LOCAL_RANK", "0")))
+        where = f"{os.environ.get('WORLD_SIZE', '?')} ranks (torchrun)"
+    else:
+        device = resolve_device(args.device) if devices is None else devices[0]
+        where = str(device) if devices is None else ",".join(map(str, devices))
+    cli_checks.check_backend(args.attention_backend, device, dtype)
+    attention.set_backend(args.attention_backend)
+    if devices == "torchrun":
+        distributed.init_from_env()
+        if torch.distributed.get_rank() != 0:  # weights, prompt and noise come from rank 0
+            distributed.generate_collective(None, None, None, device=device)
+            return None
+    weights = load_weights(args, dtype)  # checked (and kept on the CPU) before the text encoder runs
+    if devices is None:  # several devices: the worker pool checks each GPU for its own share
+        model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
+        vae_bytes = os.path.getsize(args.vae) if args.vae else 0
+        cli_checks.check_memory(device, model_cfg, dtype, weight_bytes(model_cfg, weights, dtype), cfg, args,
+                                vae_bytes)
+    embeds, prompt_label = None, None
+    if args.prompt is not None:
+        embeds, prompt_label = prompt_embeddings(args, device)
+    # several local devices: the weights stay on the CPU here and go to the workers once
+    model, label = build_model(weights, torch.device("cpu") if isinstance(devices, list) else device, dtype)
+    del weights
+    if args.fp8:
+        quantize_layers(model)
+    model.compile_layers(args.compile == "on" or (args.compile == "auto" and device.type == "cuda"))
+    if args.embeds:
+        embeds = single_tensor(args.embeds, "a [L, 4096] prompt embedding")
+    elif embeds is None:
+        embeds = torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(args.seed))
+    noise = single_tensor(args.noise, "the initial noise") if args.noise else None
+    progress = BlockProgress(args.blocks, not args.quiet)
+    writer = frames = None
+    if args.vae:
+        writer, frames = open_video(args.vae, video_path(args), args.frames_dir, device, dtype)
+
+    def on_block(event):
+        if frames is not None:
+            frames.push(event)
+        progress(event)
+
+    run, pool, startup = generate, None, None
+    start = time.perf_counter()
+    with StopRequest() as stop:
+        try:
+            if devices == "torchrun":
+                run = functools.partial(distributed.generate_collective, device=device)
+            elif devices is not None:
+                pool = distributed.WorkerPool(devices)
+                startup = time.perf_counter() - start
+                run = pool.generate
+            result = run(model, PromptSchedule.single(embeds), cfg, blocks=args.blocks, width=args.width,
+                         height=args.height, seed=args.seed, noise=noise, on_block=on_block,
+                         on_tick=None if frames is None else frames.poll, should_stop=stop)
+            if frames is not None:
+                frames.finish()
+        except Interrupted:
+            if frames is not None:
+                frames.finish()  # the blocks that finished are decoded and written
+            if progress.enabled and progress.done:
+                sys.stderr.write("\n")  # end the progress bar's line
+            raise Stopped(f"stopped at block {min(progress.done + 1, args.blocks)} of {args.blocks}; "
+                          f"{kept(writer)}") from None
+        finally:
+            if writer is not None:
+                writer.close()
+            if pool is not None:
+                pool.close()
+    if args.latents_out:
+        save_safetensors({"latents": result.latents}, args.latents_out)
+    out = summary(result, args, label, where)
+    if startup is not None:
+        out["worker_startup_seconds"] = round(startup, 4)
+    if writer is not None:
+        seconds = time.perf_counter() - start - (startup or 0.0)
+        out.update(video_frames=writer.count, video_out=writer.path, frames_dir=args.frames_dir,
+                   end_to_end_seconds=round(seconds, 4), video_frames_per_second=round(writer.count / seconds, 2))
+    if prompt_label:
+        out["prompt"] = prompt_label
+    return out
+
+
+def run_decode(args) -> dict:
+    """``decode``: latents [1, 16, T, H/8, W/8] (DiT space, as ``generate --latents-out`` writes them)
+    through the streaming decoder into an MP4 and/or PNGs; the summary dict."""
+    if not (args.video_out or args.frames_dir):
+        raise UsageError("decode needs --video-out FILE.mp4 and/or --frames-dir DIR")
+    cli_checks.check_output_file("--video-out", args.video_out)
+    cli_checks.check_output_folder("--frames-dir", args.frames_dir)
+    device = resolve_device(args.device)
+    latents = single_tensor(args.latents, "latents [1, 16, T, H/8, W/8]")
+    if latents.dim() != 5 or latents.shape[:2] != (1, 16) or latents.shape[2] < 1:
+        raise UsageError(f"--latents {args.latents}: expected latents [1, 16, T, H/8, W/8], "
+                         f"got {list(latents.shape)}")
+    start = time.perf_counter()
+    writer, frames = open_video(args.vae, args.video_out, args.frames_dir, device, torch.float32)
+    with StopRequest() as stop:
+        try:
+            for i, at in enumerate(range(0, latents.shape[2], args.frames_per_pass)):
+                if stop():
+                    raise Stopped(f"stopped at latent frame {at} of {latents.shape[2]}; {kept(writer)}")
+                frames.push(BlockEvent(i, latents[:, :, at:at + args.frames_per_pass], 0, 0.0))
+                frames.poll()
+            frames.finish()
+        finally:
+            writer.close()
+    seconds = time.perf_counter() - start
+    return {"latent_frames": latents.shape[2], "video_frames": writer.count, "video_out": args.video_out,
+            "frames_dir": args.frames_dir, "seconds": round(seconds, 4)}
