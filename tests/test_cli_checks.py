@@ -1,0 +1,137 @@
+"""The command line fails early and cleanly: every refusal is one line, exit code 2, before any model work."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from cascade_core import cli_run
+from cascade_core.cli import main
+from cascade_core.safe_io import read_tensor_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--width", "64", "--height", "32", "--blocks", "2", "--quiet", "--dtype", "fp32", "--device", "cpu"]
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Fail the test if the run gets as far as building the model."""
+    def refuse(*_a, **_k):
+        raise AssertionError("model work started before the check")
+    monkeypatch.setattr(cli_run, "build_model", refuse)
+
+
+def one_line(capsys, message):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    return err
+
+
+def _unwritable_folder():
+    """A folder that refuses new files even to root (sysfs), or None where there is none."""
+    for folder in ("/sys", "/proc"):
+        if os.path.isdir(folder):
+            try:
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError:
+                return folder
+    return None
+
+
+def test_output_paths_are_checked_before_the_run(tmp_path, capsys, no_model_work):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    vae = ["--vae", str(tmp_path / "vae.safetensors")]  # never read: the path check comes first
+    cases = [
+        (["--latents-out", str(a_file / "lat.safetensors")], "is a file, not a folder"),
+        (["--latents-out", str(tmp_path)], "is a folder"),
+        ([*vae, "--video-out", str(tmp_path)], "is a folder"),
+        ([*vae, "--video-out", str(a_file / "sub" / "v.mp4")], "is a file, not a folder"),
+        ([*vae, "--frames-dir", str(a_file)], "is a file, not a folder"),
+        ([*vae, "--frames-dir", str(a_file / "frames")], "is a file, not a folder"),
+    ]
+    if os.path.exists("/proc/version"):  # an existing file that refuses writing even to root
+        cases.append((["--latents-out", "/proc/version"], "cannot write it"))
+    folder = _unwritable_folder()
+    if folder is not None:
+        cases.append((["--latents-out", f"{folder}/lat.safetensors"], f"cannot write into {folder}"))
+        cases.append(([*vae, "--frames-dir", f"{folder}/frames"], f"cannot write into {folder}"))
+    for args, message in cases:
+        assert main(["generate", *SMALL, *args]) == 2, args
+        one_line(capsys, message)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seed", "-1"], "0..2^64-1"),
+    (["--seed", str(2 ** 64)], "0..2^64-1"),
+    (["--seed", "x"], "--seed"),
+    (["--attention-backend", "cudnn"], "not available on cpu"),
+    (["--attention-backend", "efficient"], "not available on cpu"),
+    (["--sink", "3"], "add --window"),
+    (["--fold-clean", "--parallel", "2"], "--parallel 1 only"),
+    (["--attention", "bidirectional"], "needs --parallel 2"),
+])
+def test_bad_settings_give_one_line_and_exit_2(args, message, capsys, no_model_work):
+    assert main(["generate", *SMALL, *args]) == 2
+    one_line(capsys, message)
+
+
+def test_largest_seed_runs(tmp_path, capsys):
+    assert main(["generate", *SMALL, "--seed", str(2 ** 64 - 1), "--latents-out", str(tmp_path / "a.safetensors")]) == 0
+    assert torch.isfinite(read_tensor_file(str(tmp_path / "a.safetensors"))["latents"]).all()
+
+
+def test_a_run_that_cannot_fit_is_refused_first(monkeypatch, capsys, no_model_work):
+    # the device's available memory is what the check compares with: 1 MiB holds no run
+    monkeypatch.setattr("cascade_core.cli_checks.available_bytes", lambda device: 1 << 20)
+    assert main(["generate", *SMALL]) == 2
+    one_line(capsys, "needs about")
+    # the real available memory of the CPU: no machine holds a 65536 x 65536 video's KV cache (>1 TB)
+    monkeypatch.undo()
+    monkeypatch.setattr(cli_run, "build_model", lambda *a, **k: pytest.fail("model work started"))
+    assert main(["generate", *SMALL, "--width", "65536", "--height", "65536", "--blocks", "7"]) == 2
+    one_line(capsys, "GiB are available")
+
+
+def test_a_run_that_fits_is_not_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr("cascade_core.cli_checks.available_bytes", lambda device: 1 << 40)
+    assert main(["generate", *SMALL, "--latents-out", str(tmp_path / "a.safetensors")]) == 0
+
+
+def test_a_video_past_the_trained_length_warns_once(capsys):
+    assert main(["generate", *SMALL, "--blocks", "8"]) == 0  # 24 latent frames > 21
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "--window" in warnings[0] and "21" in warnings[0], err
+    assert main(["generate", *SMALL, "--blocks", "8", "--window", "12", "--sink", "3"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["generate", *SMALL, "--blocks", "7"]) == 0  # exactly the trained 21
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_frames_dir_alone_writes_pngs_and_no_mp4(tmp_path, monkeypatch, capsys):
+    from cascade_core.vae import WanVAEDecoder
+    from cascade_core.safe_io import save_safetensors
+
+    vae = tmp_path / "vae.safetensors"
+    save_safetensors(WanVAEDecoder(dim=8).state_dict(), str(vae))
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", *SMALL, "--vae", str(vae), "--frames-dir", "pngs"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(os.listdir(tmp_path / "pngs")) == [f"{i:05d}.png" for i in range(21)]
+    assert summary["video_frames"] == 21 and summary["video_out"] is None
+    assert not any(name.endswith(".mp4") for _, _, files in os.walk(tmp_path) for name in files)
+
+
+def test_torchrun_bad_argument_one_line_from_rank_0(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "cascade_core", "generate", *SMALL[:-2], "--devices", "torchrun", "--seed", "-5"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--seed" in errors[0], r.stderr[-3000:]
