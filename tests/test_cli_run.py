@@ -1,0 +1,147 @@
+"""The command line's runs: help texts, the decode sub-command, Ctrl-C."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cascade_core.cli import build_parser, main
+from cascade_core.safe_io import save_safetensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--width", "64", "--height", "32", "--quiet", "--dtype", "fp32"]
+
+
+def test_generate_help_has_a_text_and_the_default_of_every_option():
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    entries = {}  # first flag -> its help text, read off the printed help
+    for line in sub.format_help().split("options:")[1].splitlines():
+        if line.startswith("  -"):
+            head, _, rest = line.strip().partition("  ")
+            flag = head.split()[0].rstrip(",")
+            entries[flag] = rest.strip()
+        elif line.strip():
+            entries[flag] += " " + line.strip()
+    for action in sub._actions:
+        if action.dest == "help":
+            continue
+        text = entries[action.option_strings[0]]
+        assert len(text) > 10, action.option_strings
+        if action.default is not None and action.default is not False:
+            default = action.default if isinstance(action.default, str) else repr(action.default)
+            assert text.endswith(f"(default: {default})"), (action.option_strings, text)
+
+
+def test_decode_turns_latents_into_the_frames_of_a_direct_decode(tmp_path, capsys):
+    import av
+    from PIL import Image
+
+    from cascade_core.vae import WanVAEDecoder
+
+    decoder = WanVAEDecoder(dim=8)
+    vae = tmp_path / "vae.safetensors"
+    save_safetensors(decoder.state_dict(), str(vae))
+    latents = torch.randn(1, 16, 5, 4, 8, generator=torch.Generator().manual_seed(1))
+    save_safetensors({"latents": latents}, str(tmp_path / "lat.safetensors"))
+    video, pngs = tmp_path / "v.mp4", tmp_path / "pngs"
+    assert main(["decode", "--latents", str(tmp_path / "lat.safetensors"), "--vae", str(vae), "--video-out",
+                 str(video), "--frames-dir", str(pngs), "--device", "cpu"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["latent_frames"] == 5 and summary["video_frames"] == 17  # 1 + 4 * 4
+    # the oracle: all latents through the decoder in one call, to pixels by rounding
+    with torch.no_grad():
+        direct = decoder.stream(None).decode(latents)[0]  # [3, 17, 32, 64] in [-1, 1]
+    expected = ((direct.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).numpy()
+    got = np.stack([np.asarray(Image.open(pngs / f"{i:05d}.png")) for i in range(17)])
+    assert sorted(os.listdir(pngs)) == [f"{i:05d}.png" for i in range(17)]
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # float rounding of the passes
+    with av.open(str(video)) as container:
+        mp4 = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert mp4.shape == got.shape
+    # H.264 in yuv420 blurs the colour of these noise-like frames: each MP4 frame is nearest its own
+    distance = np.abs(mp4[:, None].astype(float) - expected[None]).mean(axis=(2, 3, 4))  # [17, 17]
+    assert (distance.argmin(axis=1) == np.arange(17)).all() and distance.diagonal().max() < 24, distance
+
+
+def test_decode_refuses_latents_of_another_shape(tmp_path, capsys):
+    save_safetensors({"x": torch.zeros(16, 5, 4, 8)}, str(tmp_path / "bad.safetensors"))
+    assert main(["decode", "--latents", str(tmp_path / "bad.safetensors"), "--vae", "none.safetensors",
+                 "--video-out", str(tmp_path / "v.mp4"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "[1, 16, T, H/8, W/8]" in err, err
+
+
+def _descendants(pid: int) -> set[int]:
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("devices", [["--device", "cpu"], ["--devices", "cpu,cpu"]])
+def test_ctrl_c_stops_with_one_line_a_playable_mp4_and_no_processes_left(tmp_path, devices):
+    import av
+
+    from cascade_core.taew import TinyWanDecoder
+
+    vae = tmp_path / "taew.safetensors"
+    save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(), str(vae))
+    video, pngs = tmp_path / "v.mp4", tmp_path / "pngs"
+    cmd = [sys.executable, "-m", "cascade_core", "generate", *SMALL, *devices, "--blocks", "3000",
+           "--window", "6", "--vae", str(vae), "--video-out", str(video), "--frames-dir", str(pngs)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (pngs.is_dir() and len(os.listdir(pngs)) >= 9) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        family = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    match = re.fullmatch(r"interrupted: stopped at block (\d+) of 3000; (\S+) and \S+ hold (\d+) frames",
+                         lines[0])
+    assert match and match.group(2) == str(video), lines[0]
+    count = int(match.group(3))
+    with av.open(str(video)) as container:
+        assert len(list(container.decode(video=0))) == count >= 9
+    assert len(os.listdir(pngs)) == count
+    assert count == 1 + 4 * (3 * (int(match.group(1)) - 1) - 1)  # the blocks before the stopped one
+    if devices[0] == "--devices":
+        assert family  # the worker processes
+    deadline = time.monotonic() + 20
+    while any(_running(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(p) for p in family)
