@@ -14,7 +14,20 @@ Pure PyTorch; never imports ComfyUI. Modules:
   text        umt5-xxl prompt embeddings from local files
   distributed several devices sharing the KV pool (torch.distributed)
   memory      how much memory a run needs and a device has (one estimate for nodes and CLI)
-  cli, bench  ``python -m cascade_core generate`` and ``python -m cascade_core.bench``
+  cli, cli_checks, cli_run  ``python -m cascade_core generate|decode``; bench: ``python -m cascade_core.bench``
   client      the headless ComfyUI client
 """
 __version__ = "0.1.0"
+
+# The main entry points, imported on first use (importing the package itself stays light)
+_EXPORTS = {"generate": "sampler", "CascadeConfig": "sampler", "PromptSchedule": "sampler",
+            "load_dit": "checkpoint"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cascade_core' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

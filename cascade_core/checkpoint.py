@@ -323,6 +323,9 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     into the base (non-EMA) weights it was trained on (as LongLive does); "ema" / "base" insist.
     ``num_heads``: not stored in the weights; by default the folder's config.json says, else
     dim // 128 (every released Wan2.1 model).
+    Tensors are named as in Wan (``patch_embedding.weight`` [dim, 16, 1, 2, 2], ...), on the CPU.
+    Raises CheckpointError (naming the file and what was found) for a missing, corrupt or foreign
+    file, or a pickle that would run code; ValueError for a bad ``ema`` or ``dtype``.
     """
     path = os.fspath(path)
     if ema not in EMA_MODES:

@@ -42,6 +42,12 @@ class Interrupted(Exception):
 
 @dataclass(frozen=True)
 class CascadeConfig:
+    """How a video is sampled. ``steps``: denoising timesteps on the 0..1000 scale, strictly
+    decreasing; ``shift``: flow-matching shift; ``frames_per_block``: latent frames per block (3
+    chunk-wise, 1 frame-wise); ``context_noise``: timestep of the clean pass (0..1000);
+    ``parallel``: blocks in flight, 1..len(steps)+1; ``window``/``sink``: in latent frames.
+    :meth:`validate` raises ValueError naming the allowed range."""
+
     steps: tuple[int, ...] = (1000, 750, 500, 250)
     shift: float = 5.0
     warp: bool = True
@@ -81,7 +87,10 @@ class CascadeConfig:
 
 @dataclass
 class PromptSchedule:
-    """(start block, prompt embeddings [L, text_dim]) entries; the first must start at block 0."""
+    """(start block, prompt embeddings [L, text_dim]) entries; the first must start at block 0.
+
+    :meth:`validate` raises ValueError for an empty schedule, starts that do not increase, a switch
+    beyond the video or embeddings of the wrong width."""
 
     entries: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
@@ -203,6 +212,14 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
              should_stop: Callable[[], bool] | None = None,
              partition: Partition | None = None) -> Result:
     """Generate ``blocks`` blocks of latent video; see the module docstring for the guarantees.
+
+    ``prompts``: embeddings [L, text_dim] per entry; ``width``/``height`` in pixels (multiples of 16);
+    ``noise``: the initial noise [1, 16, T, height/8, width/8] with T = blocks * frames_per_block
+    (drawn from ``seed`` when None). Returns a :class:`Result` whose ``latents`` [1, 16, T, h, w] are
+    normalised (DiT-space) latents on the model's device, ``seconds`` the wall time of the loop.
+    Callbacks: ``on_tick`` after every tick, ``on_block`` when a block is final, ``should_stop``
+    before every tick. Raises ValueError for a bad config, size, schedule or noise shape (before any
+    model work) and :class:`Interrupted` when ``should_stop`` says so.
 
     ``partition``: this process's share of the work when several run the same video (used by
     :mod:`distributed`); the default computes everything here.

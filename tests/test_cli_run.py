@@ -145,3 +145,12 @@ def test_ctrl_c_stops_with_one_line_a_playable_mp4_and_no_processes_left(tmp_pat
     while any(_running(p) for p in family) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_running(p) for p in family)
+
+
+def test_package_exposes_the_main_entry_points_lazily():
+    code = ("import sys, cascade_core; light = 'torch' not in sys.modules; "
+            "from cascade_core import generate, CascadeConfig, PromptSchedule, load_dit; "
+            "print(light, all('Raises' in f.__doc__ or 'raises' in f.__doc__ "
+            "for f in (generate, CascadeConfig, PromptSchedule, load_dit)))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["True", "True"], r.stderr
