@@ -7,6 +7,7 @@ A second Ctrl-C aborts at once.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -139,6 +140,44 @@ def weight_bytes(model_cfg: WanConfig, weights, dtype: torch.dtype) -> int:
         return sum(p.numel() for p in WanModel(model_cfg).parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
+def _prepare(args, devices, device: torch.device, dtype: torch.dtype, cfg: CascadeConfig):
+    """The model, its label, the prompt embeddings [L, text_dim] and their label, and the initial
+    noise (or None) of a ``generate`` run: files read and checked, memory estimated (one device)."""
+    weights = load_weights(args, dtype)  # checked (and kept on the CPU) before the text encoder runs
+    if devices is None:  # several devices: the worker pool checks each GPU for its own share
+        model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
+        vae_bytes = os.path.getsize(args.vae) if args.vae else 0
+        cli_checks.check_memory(device, model_cfg, dtype, weight_bytes(model_cfg, weights, dtype), cfg, args,
+                                vae_bytes)
+    embeds, prompt_label = None, None
+    if args.prompt is not None:
+        embeds, prompt_label = prompt_embeddings(args, device)
+    # several local devices: the weights stay on the CPU here and go to the workers once
+    model, label = build_model(weights, torch.device("cpu") if isinstance(devices, list) else device, dtype)
+    del weights
+    if args.fp8:
+        quantize_layers(model)
+    model.compile_layers(args.compile == "on" or (args.compile == "auto" and device.type == "cuda"))
+    if args.embeds:
+        embeds = single_tensor(args.embeds, "a [L, 4096] prompt embedding")
+    elif embeds is None:
+        embeds = torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(args.seed))
+    noise = single_tensor(args.noise, "the initial noise") if args.noise else None
+    return model, label, embeds, prompt_label, noise
+
+
+@contextlib.contextmanager
+def _refusal_reaches_every_rank(torchrun: bool):
+    """Under torchrun only rank 0 reads the files: a failure there is passed on to the other ranks,
+    which wait in generate_collective, so they end at once (quietly) instead of at the timeout."""
+    try:
+        yield
+    except Exception as exc:
+        if torchrun:
+            distributed.refuse_collective(str(exc))
+        raise
+
+
 def run_generate(args) -> dict | None:
     """``generate``: every check first, then the run; the summary dict (None on torchrun ranks > 0).
 
@@ -169,26 +208,8 @@ def run_generate(args) -> dict | None:
         if torch.distributed.get_rank() != 0:  # weights, prompt and noise come from rank 0
             distributed.generate_collective(None, None, None, device=device)
             return None
-    weights = load_weights(args, dtype)  # checked (and kept on the CPU) before the text encoder runs
-    if devices is None:  # several devices: the worker pool checks each GPU for its own share
-        model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
-        vae_bytes = os.path.getsize(args.vae) if args.vae else 0
-        cli_checks.check_memory(device, model_cfg, dtype, weight_bytes(model_cfg, weights, dtype), cfg, args,
-                                vae_bytes)
-    embeds, prompt_label = None, None
-    if args.prompt is not None:
-        embeds, prompt_label = prompt_embeddings(args, device)
-    # several local devices: the weights stay on the CPU here and go to the workers once
-    model, label = build_model(weights, torch.device("cpu") if isinstance(devices, list) else device, dtype)
-    del weights
-    if args.fp8:
-        quantize_layers(model)
-    model.compile_layers(args.compile == "on" or (args.compile == "auto" and device.type == "cuda"))
-    if args.embeds:
-        embeds = single_tensor(args.embeds, "a [L, 4096] prompt embedding")
-    elif embeds is None:
-        embeds = torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(args.seed))
-    noise = single_tensor(args.noise, "the initial noise") if args.noise else None
+    with _refusal_reaches_every_rank(devices == "torchrun"):
+        model, label, embeds, prompt_label, noise = _prepare(args, devices, device, dtype, cfg)
     progress = BlockProgress(args.blocks, not args.quiet)
     writer = frames = None
     if args.vae:

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tempfile
 
 import pytest
@@ -135,3 +136,21 @@ def test_torchrun_bad_argument_one_line_from_rank_0(tmp_path):
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--seed" in errors[0], r.stderr[-3000:]
+
+
+
+def test_torchrun_file_rank_0_cannot_read_ends_every_rank_at_once(tmp_path):
+    """Only rank 0 reads the checkpoint: when it cannot, the job ends at once with one line from rank 0
+    (the other ranks are told through refuse_collective and end quietly; no rank waits for the
+    collective timeout)."""
+    junk = tmp_path / "model.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "cascade_core", "generate", *SMALL[:-2], "--devices", "torchrun", "--checkpoint", str(junk)]
+    start = time.monotonic()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    assert time.monotonic() - start < 120  # the collective timeout is 600 s
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.safetensors" in errors[0], r.stderr[-3000:]
