@@ -7,9 +7,9 @@ Guarantees:
 - At parallelism P, :class:`CascadeSchedule` decides which (block, stage) pairs share a tick; all
   pairs of a tick run in ONE model forward (one segment per block).
 - Randomness: the initial noise comes from ``seed`` (or is given); the re-noising noise of block b
-  after step j is drawn from its own generator seeded from (seed, b, j), so every parallelism level
-  uses the same noise for the same block and step, and the same seed on the same device gives
-  identical latents.
+  after step j is :func:`step_noise` (seed, b, j), drawn from its own generator, so every
+  parallelism level uses the same noise for the same block and step, and the same seed on the same
+  device gives identical latents.
 - A prompt schedule assigns each block the prompt of the last entry starting at or before it; every
   prompt's text K/V is computed once per run, so a switch costs no model forward.
 - The KV pool is allocated once per run (see :mod:`kv_pool`).
@@ -155,7 +155,11 @@ def latent_size(width: int, height: int, patch: Sequence[int] = (1, 2, 2)) -> tu
 
 
 def derived_seed(seed: int, block: int, step: int) -> int:
-    """A distinct 63-bit seed per (run seed, block, step), independent of the order of work."""
+    """A distinct 63-bit seed per (run seed, block, step), independent of the order of work.
+
+    With exact (unbounded Python) integers: x = seed*0x9E3779B97F4A7C15 + (block+1)*0xBF58476D1CE4E5B9
+    + (step+1)*0x94D049BB133111EB, then x ^= x >> 31, and the result is x & (2**63 - 1).
+    """
     x = (seed * 0x9E3779B97F4A7C15 + (block + 1) * 0xBF58476D1CE4E5B9 + (step + 1) * 0x94D049BB133111EB)
     x ^= x >> 31
     return x & 0x7FFF_FFFF_FFFF_FFFF
@@ -163,11 +167,22 @@ def derived_seed(seed: int, block: int, step: int) -> int:
 
 def initial_noise(seed: int, shape: Sequence[int], device: torch.device | str,
                   dtype: torch.dtype) -> torch.Tensor:
+    """The run's starting noise [shape]: one ``torch.randn(shape)`` in float32 from a new
+    ``torch.Generator`` on ``device`` seeded with ``seed``, cast to ``dtype``; block b takes frames
+    [b*frames_per_block, (b+1)*frames_per_block) of it."""
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
 
 def step_noise(seed: int, block: int, step: int, like: torch.Tensor) -> torch.Tensor:
+    """The fresh Gaussian noise that re-noises ``block`` after its denoising step ``step``.
+
+    ``block`` is the absolute block index and ``step`` the 0-based index of the step just taken (the
+    noise takes the block's x0 to the level of step ``step + 1``). The draw: a new
+    ``torch.Generator`` on ``like.device`` seeded with :func:`derived_seed` (seed, block, step), one
+    ``torch.randn(like.shape)`` call in float32 from it, cast to ``like.dtype``. Returns a tensor
+    shaped like ``like`` ([1, 16, frames_per_block, h, w] in the sampler).
+    """
     g = torch.Generator(device=like.device).manual_seed(derived_seed(seed, block, step))
     return torch.randn(like.shape, generator=g, device=like.device, dtype=torch.float32).to(like.dtype)
 
