@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from cascade_core.kv_pool import KVPool, PoolLayout
 from cascade_core.model import WanConfig, WanModel
 from conftest import TINY
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate, initial_noise, step_noise
+from oracles import noise_after_step, noise_levels, renoised, starting_noise, x0_from_velocity
+from cascade_core.sampler import CascadeConfig, PromptSchedule, generate, step_noise
 from cascade_core.schedule import CascadeSchedule, FlowSchedule
 
 W, H = 64, 32  # pixels -> latent 4 x 8 -> 2 x 4 = 8 tokens per frame
@@ -85,12 +86,11 @@ def test_window_and_sink_keep_exactly_the_specified_frames(model, prompt):
 
 # ---- P1 equals a plain sequential loop written here ---------------------------------------------
 
-def plain_sequential_loop(model, embeds, blocks, fpb, seed, steps=(1000, 750, 500, 250), shift=5.0):
-    """The reference algorithm with a naive growing cache (torch.cat), written independently."""
-    s = torch.linspace(1.0, 0.0, 1001)[:-1]
-    sig = shift * s / (1 + (shift - 1) * s)
-    ts = [sig[1000 - st] * 1000 for st in steps]
-    sigmas = [sig[1000 - st] for st in steps]
+def plain_sequential_loop(model, embeds, blocks, fpb, seed, steps=(1000, 750, 500, 250), shift=5.0,
+                          context_noise=0.0):
+    """The reference algorithm with a naive growing cache (torch.cat), written independently; its noise
+    is drawn by the documented rule (tests/oracles.py), not by the engine's helpers."""
+    ts, sigmas = noise_levels(steps, shift)
     text = model.encode_prompt(embeds)
     committed = [[] for _ in range(TINY.num_layers)]  # per layer: list of (k, v) of clean blocks
 
@@ -105,29 +105,49 @@ def plain_sequential_loop(model, embeds, blocks, fpb, seed, steps=(1000, 750, 50
             tr = lambda z: z.unsqueeze(0).transpose(1, 2)
             return F.scaled_dot_product_attention(tr(q[0]), tr(ks), tr(vs)).transpose(1, 2)
 
-    noise = initial_noise(seed, (1, 16, blocks * fpb, H // 8, W // 8), "cpu", torch.float32)
+    noise = starting_noise(seed, (1, 16, blocks * fpb, H // 8, W // 8))
     out = []
     for b in range(blocks):
         x = noise[:, :, b * fpb:(b + 1) * fpb]
         for j in range(len(steps)):
             v = model(x, torch.full((1, fpb), float(ts[j])), [b * fpb], [text], Growing())
-            x0 = (x.double() - float(sigmas[j].double()) * v.double()).float()
+            x0 = x0_from_velocity(x, v, sigmas[j])
             if j + 1 < len(steps):
-                eps = step_noise(seed, b, j, x0)
-                x = ((1 - sigmas[j + 1]) * x0 + sigmas[j + 1] * eps).float()
+                x = renoised(x0, sigmas[j + 1], noise_after_step(seed, b, j, x0.shape))
         ctx = Growing()
-        model(x0, torch.zeros(1, fpb), [b * fpb], [text], ctx)
+        model(x0, torch.full((1, fpb), float(context_noise)), [b * fpb], [text], ctx)
         for layer in range(TINY.num_layers):
             committed[layer].append(ctx.last[layer])
         out.append(x0)
     return torch.cat(out, 2)
 
 
-def test_p1_equals_plain_sequential_loop(model, prompt):
-    cfg = CascadeConfig(frames_per_block=2, parallel=1)
+@pytest.mark.parametrize("context_noise", [0.0, 100.0])
+def test_p1_equals_plain_sequential_loop(model, prompt, context_noise):
+    cfg = CascadeConfig(frames_per_block=2, parallel=1, context_noise=context_noise)
     res = generate(model, PromptSchedule.single(prompt), cfg, blocks=3, width=W, height=H, seed=7)
-    expected = plain_sequential_loop(model, prompt, 3, 2, seed=7)
+    expected = plain_sequential_loop(model, prompt, 3, 2, seed=7, context_noise=context_noise)
     assert torch.equal(res.latents, expected), (res.latents - expected).abs().max()
+
+
+def test_context_noise_measurably_changes_what_later_blocks_see(model, prompt):
+    """The oracle's clean pass at t=100 instead of t=0 changes the K/V later blocks attend to, so the
+    comparison above would notice an engine that ignored context_noise."""
+    clean = plain_sequential_loop(model, prompt, 3, 2, seed=7)
+    noisy = plain_sequential_loop(model, prompt, 3, 2, seed=7, context_noise=100.0)
+    assert torch.equal(clean[:, :, :2], noisy[:, :, :2])  # block 0 sees no earlier clean pass
+    assert (clean[:, :, 2:] - noisy[:, :, 2:]).abs().max() > 1e-3
+
+
+def test_step_noise_follows_its_documented_rule():
+    like = torch.empty(1, 16, 2, 4, 8)
+    draws = {}
+    for seed, block, step in [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (7, 3, 2), (2**40, 9, 3)]:
+        got = step_noise(seed, block, step, like)
+        assert torch.equal(got, noise_after_step(seed, block, step, like.shape)), (seed, block, step)
+        draws[seed, block, step] = got
+    keys = list(draws)  # another block, step or seed: other noise
+    assert all(not torch.equal(draws[a], draws[b]) for i, a in enumerate(keys) for b in keys[i + 1:])
 
 
 def test_flow_schedule_matches_reference_numbers():

@@ -1,0 +1,41 @@
+"""Documented sampler rules re-implemented for the test oracles, apart from the engine's own code.
+
+Each function follows a docstring of :mod:`cascade_core.sampler` or :mod:`cascade_core.schedule`
+(quoted below), so an oracle built on them catches a change of the engine that breaks its promise.
+"""
+import torch
+
+MASK63 = 2 ** 63 - 1
+
+
+def starting_noise(seed, shape):
+    """``initial_noise``: one randn(shape) in float32 from a CPU generator seeded with ``seed``."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def noise_after_step(seed, block, step, shape):
+    """``step_noise``: randn(shape) in float32 from a generator seeded with ``derived_seed``:
+    x = seed*0x9E3779B97F4A7C15 + (block+1)*0xBF58476D1CE4E5B9 + (step+1)*0x94D049BB133111EB in exact
+    integers, x ^= x >> 31, seed = x & (2**63 - 1)."""
+    x = seed * 0x9E3779B97F4A7C15 + (block + 1) * 0xBF58476D1CE4E5B9 + (step + 1) * 0x94D049BB133111EB
+    x ^= x >> 31
+    return starting_noise(x & MASK63, shape)
+
+
+def noise_levels(steps=(1000, 750, 500, 250), shift=5.0):
+    """(timesteps, sigmas) of a warped step list: sigma(s) = shift*s / (1 + (shift-1)*s) on the float32
+    table s = linspace(1, 0, 1001)[:-1], step st read at entry 1000 - st, t = 1000*sigma."""
+    s = torch.linspace(1.0, 0.0, 1001)[:-1]
+    table = shift * s / (1 + (shift - 1) * s)
+    sigmas = [table[1000 - st] for st in steps]
+    return [sig * 1000 for sig in sigmas], sigmas
+
+
+def x0_from_velocity(x, v, sigma):
+    """x0 = x_t - sigma*v in float64, back to float32."""
+    return (x.double() - float(sigma.double()) * v.double()).float()
+
+
+def renoised(x0, sigma, eps):
+    """x = (1 - sigma)*x0 + sigma*eps in float32."""
+    return ((1 - sigma) * x0 + sigma * eps).float()
