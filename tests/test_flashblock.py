@@ -1,8 +1,11 @@
 """FlashBlock: exact split/merge of attention, and the reuse approximation's behaviour."""
+import math
+
 import pytest
 import torch
 
 from cascade_core import attention
+from cascade_core.kv_pool import FULL, REUSE, STORE, KVPool, PoolLayout
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 
 
@@ -43,6 +46,39 @@ def test_reuse_mode_is_an_approximation_that_spares_the_first_block(model, promp
     assert (reuse[:, :, :2] - exact[:, :, :2]).abs().max() <= 1e-5
     dev = float((reuse - exact).norm() / exact.norm())
     assert 0 < dev < 0.5  # later blocks reuse stale block-external attention
+
+
+def test_reuse_merges_each_blocks_own_first_step_external_attention():
+    """Pool level, two blocks in flight over three ticks (one frame per block, 4 tokens a frame).
+
+    Oracle: plain softmax over [first-step queries . first-step external keys, current queries .
+    current own keys] against [first-step external values, current own values]."""
+    heads, hd, tpf = 2, 8, 4
+    pool = KVPool(PoolLayout(frames_per_block=1, tokens_per_frame=tpf, total_frames=3, max_in_flight=2),
+                  1, heads, hd, torch.float32, "cpu", keep_external=True)
+    g = torch.Generator().manual_seed(8)
+    qkv = lambda n: [torch.randn(n, tpf, heads, hd, generator=g) for _ in range(3)]  # noqa: E731
+    pool.attention([0], [1], [FULL])(0, *qkv(1))  # block 0 committed
+    k0, v0 = pool.k[0, :tpf].clone(), pool.v[0, :tpf].clone()
+
+    def oracle(q_ext, k_ext, v_ext, q, k, v):  # all [L, heads, hd]; returns [L, heads, hd]
+        scores = torch.cat([torch.einsum("qhd,khd->hqk", q_ext, k_ext),
+                            torch.einsum("qhd,khd->hqk", q, k)], -1) / math.sqrt(hd)
+        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), torch.cat([v_ext, v]))
+
+    q, k, v = qkv(1)  # tick 1: block 1's first step
+    pool.attention([1], [2], [STORE])(0, q, k, v)
+    first1 = (q[0], k0, v0)
+    q, k, v = qkv(2)  # tick 2: block 1 reuses, block 2's first step (block 1 external to it)
+    out = pool.attention([1, 2], [2, 3], [REUSE, STORE])(0, q, k, v)
+    assert (out[0] - oracle(*first1, q[0], k[0], v[0])).abs().max() <= 1e-5
+    first2 = (q[1], torch.cat([k0, k[0]]), torch.cat([v0, v[0]]))
+    q, k, v = qkv(2)  # tick 3: both reuse; block 1's K/V changed since block 2 kept its part
+    out = pool.attention([1, 2], [2, 3], [REUSE, REUSE])(0, q, k, v)
+    assert (out[0] - oracle(*first1, q[0], k[0], v[0])).abs().max() <= 1e-5
+    assert (out[1] - oracle(*first2, q[1], k[1], v[1])).abs().max() <= 1e-5
+    fresh = oracle(q[1], torch.cat([k0, k[0]]), torch.cat([v0, v[0]]), q[1], k[1], v[1])
+    assert (out[1] - fresh).abs().max() > 1e-2  # reuse really differs from fresh attention here
 
 
 def test_a_fused_kernel_that_cannot_run_falls_back_with_one_warning(caplog):
