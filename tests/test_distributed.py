@@ -205,41 +205,6 @@ def test_interrupt_stops_every_rank_within_a_tick_and_the_pool_stays(model, prom
     assert (res.latents - single(model, PromptSchedule.single(prompt), cfg, 4).latents).abs().max() <= TOL
 
 
-def test_close_pools_during_a_run_returns_within_two_ticks_and_leaves_nothing(model, prompt):
-    """close_pools() (Ctrl-C's and ComfyUI's exit path) from another thread interrupts a long run
-    at its next tick instead of waiting for the video to end; every worker is gone after it."""
-    import threading
-
-    pool = distributed.get_pool("cpu,cpu")
-    cfg = CascadeConfig(frames_per_block=2, parallel=2)
-    ticks, outcome = [], {}
-
-    def run():
-        try:
-            pool.generate(model, PromptSchedule.single(prompt), cfg, blocks=400,
-                          on_tick=lambda e: ticks.append(e.tick), **RUN)
-        except BaseException as exc:  # noqa: BLE001 - inspected below
-            outcome["raised"] = exc
-
-    runner = threading.Thread(target=run)
-    runner.start()
-    try:
-        while len(ticks) < 5 and runner.is_alive():
-            time.sleep(0.01)
-        assert runner.is_alive(), outcome
-        pids, seen = pool.pids, len(ticks)
-        distributed.close_pools()
-        after = len(ticks)
-        runner.join(30)
-        assert not runner.is_alive()
-        assert after - seen <= 2, (seen, after)  # the tick running then, and at most the next one
-        assert isinstance(outcome.get("raised"), Interrupted), outcome
-        assert pool.closed and not pool.alive and all(gone(p) for p in pids)
-    finally:
-        distributed.close_pools()
-        runner.join(60)
-
-
 def test_a_failing_callback_stops_the_ranks_and_is_raised(model, prompt, pool3):
     cfg = CascadeConfig(frames_per_block=2, parallel=2)
     pids = pool3.pids
@@ -289,6 +254,42 @@ def test_get_pool_reuses_one_pool(model, prompt):
     finally:
         distributed.close_pools()
     assert pool.closed and not pool.alive
+
+
+def test_close_pools_during_a_run_returns_within_two_ticks_and_leaves_nothing(model, prompt):
+    """close_pools() (Ctrl-C's and ComfyUI's exit path) from another thread interrupts a long run
+    at its next tick instead of waiting for the video to end; every worker is gone after it. (It
+    closes every pool of the process: it runs after the tests that share the module's pools.)"""
+    import threading
+
+    pool = distributed.get_pool("cpu,cpu")
+    cfg = CascadeConfig(frames_per_block=2, parallel=2)
+    ticks, outcome = [], {}
+
+    def run():
+        try:
+            pool.generate(model, PromptSchedule.single(prompt), cfg, blocks=400,
+                          on_tick=lambda e: ticks.append(e.tick), **RUN)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome["raised"] = exc
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        while len(ticks) < 5 and runner.is_alive():
+            time.sleep(0.01)
+        assert runner.is_alive(), outcome
+        pids, seen = pool.pids, len(ticks)
+        distributed.close_pools()
+        after = len(ticks)
+        runner.join(30)
+        assert not runner.is_alive()
+        assert after - seen <= 2, (seen, after)  # the tick running then, and at most the next one
+        assert isinstance(outcome.get("raised"), Interrupted), outcome
+        assert pool.closed and not pool.alive and all(gone(p) for p in pids)
+    finally:
+        distributed.close_pools()
+        runner.join(60)
 
 
 def test_workers_run_the_callers_thread_count_at_every_run(model, prompt):
@@ -426,10 +427,10 @@ def test_a_run_rank_0_refuses_ends_every_rank_at_once(tmp_path):
             else:
                 d.generate_collective(None, None, None)
         except ValueError as exc:
-            print(dist.get_rank(), type(exc).__name__, exc, round(time.monotonic() - start, 1), flush=True)
+            print(f"{dist.get_rank()} {type(exc).__name__} {exc} {time.monotonic() - start:.1f}", flush=True)  # one write
         groups = len(dist.distributed_c10d._world.pg_map)
         dist.destroy_process_group()
-        print("groups", groups, flush=True)
+        print(f"groups {groups}", flush=True)
     """))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     r = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
