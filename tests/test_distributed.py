@@ -427,10 +427,10 @@ def test_a_run_rank_0_refuses_ends_every_rank_at_once(tmp_path):
             else:
                 d.generate_collective(None, None, None)
         except ValueError as exc:
-            print(f"{dist.get_rank()} {type(exc).__name__} {exc} {time.monotonic() - start:.1f}", flush=True)  # one write
+            print(f"{{dist.get_rank()}} {{type(exc).__name__}} {{exc}} {{time.monotonic() - start:.1f}}", flush=True)
         groups = len(dist.distributed_c10d._world.pg_map)
         dist.destroy_process_group()
-        print(f"groups {groups}", flush=True)
+        print(f"groups {{groups}}", flush=True)  # one write per line: the ranks share stdout
     """))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     r = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
