@@ -120,7 +120,7 @@ class BlockCascadeSampler(io.ComfyNode):
         checks.video_size(width, height)
         checks.blocks(blocks)
         run_devices = devices.check(config.devices)
-        device = run_devices[0]  # one device: the run's; several: where the weights are taken from
+        device = run_devices[0]  # one device: the run's; several: where this process decodes frames
         if config.attention_backend not in attention_backends.BACKENDS:
             raise ValueError(f"attention backend must be one of {', '.join(attention_backends.BACKENDS)}")
         if positive is not None and schedule is not None:
@@ -135,10 +135,14 @@ class BlockCascadeSampler(io.ComfyNode):
         vae_sd = vae_weights(vae)
         run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
                                              len(prompts.entries), _vae_bytes(vae_sd))
-        devices.make_room(device, run_bytes + (0 if model.resident_on(device) else model.weight_bytes()))
-        weights = 0 if model.resident_on(device) else model.weight_bytes()  # making room may unload them
-        # several devices: the worker pool checks each GPU itself (its own share of the run)
-        devices.check_free_memory([device], run_bytes + weights, f"weights {weights / GIB:.2f} GiB, {what}")
+        pooled = len(run_devices) > 1
+        if pooled:  # the worker pool checks each GPU itself (its own share of the run, its own weights)
+            for d in run_devices:
+                devices.make_room(d, run_bytes + model.weight_bytes())
+        else:
+            devices.make_room(device, run_bytes + (0 if model.resident_on(device) else model.weight_bytes()))
+            weights = 0 if model.resident_on(device) else model.weight_bytes()  # making room may unload them
+            devices.check_free_memory([device], run_bytes + weights, f"weights {weights / GIB:.2f} GiB, {what}")
 
         # ---- the run ------------------------------------------------------------------------------
         import comfy.utils
@@ -148,7 +152,8 @@ class BlockCascadeSampler(io.ComfyNode):
         progress = comfy.utils.ProgressBar(blocks, node_id=node_id or None)
         wan = decoder = reporter = result = None
         try:
-            wan = model.acquire(device, run_bytes)
+            # several devices: the weights stay on the CPU here; the pool holds the GPU copies
+            wan = model.acquire_for_pool() if pooled else model.acquire(device, run_bytes)
             if vae_sd is not None:
                 from cascade_core.vae import WanVAEDecoder
 

@@ -10,6 +10,10 @@ touching a GPU, and hands out a :class:`cascade_core.model.WanModel` on a device
 - :class:`CoreModel` (Causal Model from MODEL): a core ``MODEL``; ComfyUI loads and patches it first
   (LoRAs and other weight patches applied), then a WanModel is built around its very tensors (no
   copy) for the run and dropped after it.
+
+Several devices (a worker pool) take :meth:`EngineModel.acquire_for_pool` instead: the weights on the
+CPU, the same WanModel while they are unchanged, so the pool uploads them once and no GPU of
+ComfyUI's process holds a copy beside a worker's.
 """
 from __future__ import annotations
 
@@ -81,6 +85,13 @@ class EngineModel:
     def acquire(self, device: torch.device, extra_bytes: int) -> WanModel:
         raise NotImplementedError
 
+    def acquire_for_pool(self) -> WanModel:
+        """The model with its weights on the CPU, for a worker pool (which uploads them to its GPUs
+        only when they changed since its last run): no copy of the weights stays on a GPU of this
+        process beside the workers' copies. The same WanModel object is returned run after run while
+        the weights are unchanged (that identity is what spares the pool an upload)."""
+        raise NotImplementedError
+
     def describe(self) -> str:
         c = self.cfg
         return (f"{self.label}: Wan2.1 DiT, width {c.dim}, {c.num_layers} layers, {c.num_heads} heads, "
@@ -111,17 +122,21 @@ class FileModel(EngineModel):
     def resident_on(self, device: torch.device) -> bool:
         return self.model.device == device
 
+    def _unload(self, mm) -> None:
+        """Take the weights off ComfyUI's load device (back to the offload device) and forget the patcher."""
+        for loaded in list(getattr(mm, "current_loaded_models", [])):
+            if getattr(loaded, "model", None) is self._patcher:
+                loaded.model_unload()
+                mm.current_loaded_models.remove(loaded)
+        self._patcher = None
+
     def _patcher_for(self, device: torch.device, mm):
         try:
             from comfy.model_patcher import ModelPatcher
         except ImportError:
             return None
         if self._patcher is not None and torch.device(self._patcher.load_device) != device:
-            for loaded in list(getattr(mm, "current_loaded_models", [])):
-                if getattr(loaded, "model", None) is self._patcher:
-                    loaded.model_unload()
-                    mm.current_loaded_models.remove(loaded)
-            self._patcher = None
+            self._unload(mm)
         if self._patcher is None:
             offload = mm.unet_offload_device() if hasattr(mm, "unet_offload_device") else torch.device("cpu")
             self._patcher = ModelPatcher(_Holder(self.model), load_device=device, offload_device=offload)
@@ -136,6 +151,14 @@ class FileModel(EngineModel):
             self.model.to(device)
         return self.model
 
+    def acquire_for_pool(self) -> WanModel:
+        mm = _mm()
+        if self._patcher is not None and mm is not None:
+            self._unload(mm)
+        if self.model.device.type != "cpu":
+            self.model.to("cpu")
+        return self.model
+
 
 class CoreModel(EngineModel):
     def __init__(self, patcher, label: str = "MODEL"):
@@ -143,6 +166,7 @@ class CoreModel(EngineModel):
         sd = self._module().state_dict()  # shapes only; nothing moves
         self.cfg = WanConfig.from_state_dict(sd)
         self._bytes = state_dict_bytes(sd)
+        self._pool_model: tuple | None = None  # (patches key, WanModel on the CPU) of the last pool run
 
     def _module(self) -> torch.nn.Module:
         return self.patcher.model.diffusion_model
@@ -163,10 +187,32 @@ class CoreModel(EngineModel):
             # Loads the weights onto the patcher's device with every weight patch (LoRA, ...) applied.
             mm.load_models_gpu([self.patcher], memory_required=extra_bytes, force_patch_weights=True,
                                force_full_load=True)
-        sd, dtype = compute_weights(self._module().state_dict(),  # the live (patched) tensors, shared
+        return self._engine_model(device)
+
+    def _engine_model(self, device: torch.device) -> WanModel:
+        """A WanModel around the live (patched) tensors, shared where they already lie on ``device``."""
+        sd, dtype = compute_weights(self._module().state_dict(),
                                     getattr(self.patcher.model, "manual_cast_dtype", None))
         first = next(iter(sd.values()))
         return WanModel.from_state_dict(sd, dtype=dtype, device=device if first.device != device else None)
+
+    def acquire_for_pool(self) -> WanModel:
+        # ComfyUI's patches (LoRAs, ...) are identified by the patcher's patches_uuid: while it stays
+        # the same, so do the weights, and the pool keeps what it has.
+        key = getattr(self.patcher, "patches_uuid", None)
+        if self._pool_model is not None and key is not None and self._pool_model[0] == key:
+            return self._pool_model[1]
+        cpu = torch.device("cpu")
+        mm = _mm()
+        if mm is not None and hasattr(mm, "load_models_gpu") and hasattr(self.patcher, "clone"):
+            # ComfyUI itself applies the patches, into the weights on the CPU (a clone whose load device
+            # is the CPU): its GPU copy, if any, goes, and no second copy is made.
+            on_cpu = self.patcher.clone()
+            on_cpu.load_device = cpu
+            mm.load_models_gpu([on_cpu], force_patch_weights=True, force_full_load=True)
+        model = self._engine_model(cpu)
+        self._pool_model = (key, model)
+        return model
 
 
 def compute_weights(sd: dict[str, torch.Tensor], cast_dtype: torch.dtype | None

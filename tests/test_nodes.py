@@ -265,6 +265,54 @@ def test_core_model_is_loaded_and_patched_by_comfy_first_and_shared(prompts):
     assert latent["samples"].shape[2] == 6 and len(rec.events("frames")) == 2
 
 
+def test_a_pool_gets_the_weights_once_while_comfys_patches_are_unchanged(monkeypatch):
+    """Causal Model from MODEL on several devices: three runs upload the weights to the worker pool
+    once; a LoRA change (new patches, so a new patcher and patches_uuid) uploads them again. The
+    weights are taken on the CPU (ComfyUI patches a CPU clone): the GPU-side acquire never runs, so no
+    GPU of ComfyUI's process holds a copy beside a worker's."""
+    import uuid
+
+    from cascade_core import distributed
+
+    inner = WanModel.random(tiny.TINY_DIT, seed=3)
+
+    class Patcher:  # a core MODEL: loading applies its patch (a LoRA) to the weights in place
+        def __init__(self, delta):
+            self.model = type("WAN21", (), {})()
+            self.model.diffusion_model = inner
+            self.delta, self.patches_uuid, self.load_device = delta, uuid.uuid4(), torch.device("cuda", 0)
+
+        def clone(self):
+            c = Patcher.__new__(Patcher)
+            c.__dict__.update(self.__dict__)
+            return c
+
+        def patch_model(self):
+            assert self.load_device == torch.device("cpu")  # only the CPU clone is ever loaded
+            with torch.no_grad():
+                inner.head.head.bias.copy_(torch.full_like(inner.head.head.bias, self.delta))
+
+    uploads = []
+    real_upload = distributed.WorkerPool._upload
+    monkeypatch.setattr(distributed.WorkerPool, "_upload",
+                        lambda pool, model, run_bytes: (uploads.append(model), real_upload(pool, model, run_bytes)))
+    monkeypatch.setattr(values_mod.CoreModel, "acquire", lambda *a, **k: pytest.fail("GPU-side acquire ran"))
+    settings = values_mod.Settings(cascade=CascadeConfig(parallel=2, frames_per_block=3), devices="cpu,cpu")
+    outs, conditioning = [], cond()
+    try:
+        for delta in (0.5, 0.5, 0.5, 0.75):  # the fourth: a changed LoRA
+            if not outs or delta != 0.5:
+                (m,) = run("BlockCascadeFromModel", model=Patcher(delta))
+            with Recorder():
+                outs.append(run("BlockCascadeSampler", model=m, config=settings, positive=conditioning, width=W,
+                                height=H, blocks=2, seed=5)[0]["samples"])
+    finally:
+        distributed.close_pools()
+    assert len(uploads) == 2, f"{len(uploads)} uploads"
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    assert not torch.equal(outs[2], outs[3])  # the new patch reached the workers
+
+
 def test_core_model_that_is_not_wan_t2v_is_refused():
     i2v = WanModel.random(tiny.TINY_DIT, seed=0)
     i2v.register_parameter("img_emb_weight", torch.nn.Parameter(torch.zeros(1)))
