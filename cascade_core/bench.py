@@ -38,16 +38,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_runs(model, embeds, cfg, a, device, tag):
-    """One warm-up run (kernels, compilation; its time is printed), then ``a.runs`` timed runs.
-
-    With ``--devices`` the runs go through the distributed worker pool (one process per device)."""
-    run = dict(blocks=a.blocks, width=a.width, height=a.height, seed=0)
+def runner(a):
+    """generate, or with ``--devices`` the worker pool's (one process per device, same signature)."""
     if a.devices:
         from .distributed import get_pool
-        generate_run = get_pool(a.devices).generate
-    else:
-        generate_run = generate
+        return get_pool(a.devices).generate
+    return generate
+
+
+def timed_runs(model, embeds, cfg, a, device, tag):
+    """One warm-up run (kernels, compilation; its time is printed), then ``a.runs`` timed runs."""
+    run = dict(blocks=a.blocks, width=a.width, height=a.height, seed=0)
+    generate_run = runner(a)
     t0 = time.perf_counter()
     generate_run(model, PromptSchedule.single(embeds), cfg, **run)
     sync(device)
@@ -66,8 +68,9 @@ def end_to_end(model, embeds, levels, a, device, size) -> None:
     """Streaming VAE (random weights; released width on the GPU) alone, then DiT + overlapped decode."""
     gpu = device.type == "cuda"
     decoder = WanVAEDecoder(dim=96 if gpu else 8).to(device, torch.float16 if gpu else torch.float32).eval()
-    lat = generate(model, PromptSchedule.single(embeds), CascadeConfig(parallel=levels[0]), blocks=a.blocks,
-                   width=a.width, height=a.height, seed=0).latents
+    generate_run = runner(a)  # with --devices: the DiT on the pool's devices, the decoder on --device
+    lat = generate_run(model, PromptSchedule.single(embeds), CascadeConfig(parallel=levels[0]), blocks=a.blocks,
+                       width=a.width, height=a.height, seed=0).latents.to(device)
     fpb = CascadeConfig().frames_per_block
     for per_pass in (1, None):  # one latent frame per decoder pass, or a whole block
         for r in range(a.runs + 1):  # the first is the warm-up
@@ -85,8 +88,8 @@ def end_to_end(model, embeds, levels, a, device, size) -> None:
             sync(device)
             t0 = time.perf_counter()
             frames = FrameStream(decoder)
-            res = generate(model, PromptSchedule.single(embeds), cfg, blocks=a.blocks, width=a.width,
-                           height=a.height, seed=0, on_block=frames.push, on_tick=frames.poll)
+            res = generate_run(model, PromptSchedule.single(embeds), cfg, blocks=a.blocks, width=a.width,
+                               height=a.height, seed=0, on_block=frames.push, on_tick=frames.poll)
             video = frames.finish()
             sync(device)
             seconds = time.perf_counter() - t0
@@ -112,8 +115,8 @@ def switch_series(model, embeds, levels, a, device, size) -> None:
                 marks.append(time.perf_counter())
             sync(device)
             t0 = time.perf_counter()
-            res = generate(model, prompts, cfg, blocks=a.blocks, width=a.width, height=a.height, seed=0,
-                           on_tick=on_tick)
+            res = runner(a)(model, prompts, cfg, blocks=a.blocks, width=a.width, height=a.height, seed=0,
+                            on_tick=on_tick)
             ticks = [round(t - s, 4) for s, t in zip([t0] + marks, marks)]
             median = sorted(ticks)[len(ticks) // 2]
             emit(figure="switch_ticks", size=size, parallel=p, switch_every=a.switch_every, run=r - 1,
@@ -190,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     exact = CascadeConfig(steps=steps, attention=a.attention, window=a.window, sink=a.sink)
     reference = generate(model, PromptSchedule.single(embeds), exact, blocks=a.blocks, width=a.width,
                          height=a.height, seed=0).latents.float()
+    if a.devices:  # the pool's GPUs hold the weights: none stay on --device beside rank 0's copy
+        model.to("cpu")
+        reference = reference.cpu()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if a.fp8:
         quantize_layers(model)
     model.compile_layers(a.compile)
