@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attend
+from .transfer import to_device
 
 HEAD_DIM = 128  # every released Wan2.1 model (1.3B: 1536/12, 14B: 5120/40)
 
@@ -279,7 +280,7 @@ class WanModel(nn.Module):
             raise ValueError(f"prompt embeddings have {e.shape[0]} tokens; at most {cfg.text_len} fit")
         padded = e.new_zeros(1, cfg.text_len, cfg.text_dim)
         padded[0, : e.shape[0]] = e
-        context = self.text_embedding(padded.to(self.device, self.dtype))  # [1, text_len, dim]
+        context = self.text_embedding(to_device(padded, self.device).to(self.dtype))  # [1, text_len, dim]
         return [blk.cross_attn.text_kv(context) for blk in self.blocks]
 
     # ---- positions -------------------------------------------------------------------------------
@@ -303,7 +304,8 @@ class WanModel(nn.Module):
             aw = torch.outer(torch.arange(w, dtype=torch.float64), inv[2])[None].expand(h, w, -1)
             ahw = torch.cat((ah, aw), -1).reshape(h * w, c - sizes[0])
             self._rope_cache.clear()
-            self._rope_cache[key] = tuple(a.to(self.device) for a in (inv[0], ahw.cos().float(), ahw.sin().float()))
+            tables = (inv[0], ahw.cos().float(), ahw.sin().float())
+            self._rope_cache[key] = tuple(to_device(a, self.device) for a in tables)
         inv_t, cos_hw, sin_hw = self._rope_cache[key]
         lo = min(frame_starts)
         at = torch.outer(torch.arange(lo, max(frame_starts) + frames, dtype=torch.float64, device=self.device), inv_t)

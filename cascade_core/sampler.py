@@ -29,6 +29,7 @@ import torch
 from .kv_pool import FULL, REUSE, SPLIT, STORE, Exchange, KVPool, PoolLayout
 from .model import WanModel
 from .schedule import CascadeSchedule, FlowSchedule, Tick
+from .transfer import to_device
 
 ATTENTION_MODES = ("causal", "bidirectional")
 FLASHBLOCK_MODES = ("off", "exact", "reuse")
@@ -253,7 +254,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         noise = initial_noise(seed, shape, device, dtype)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"the initial noise must be {list(shape)}, got {list(noise.shape)}")
-    noise = noise.to(device, dtype)
+    noise = to_device(noise, device).to(dtype)  # no host wait (see transfer)
 
     p = model.cfg.patch_size
     layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=(h // p[1]) * (w // p[2]),
@@ -267,7 +268,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         out = torch.empty(shape, device=device, dtype=dtype)
         x_t: dict[int, torch.Tensor] = {}  # in-flight blocks: current noisy input (or x0 for the clean pass)
         clean_t = torch.full((fpb,), float(cfg.context_noise), device=device)
-        step_t = flow.timesteps.to(device)
+        step_t = to_device(flow.timesteps, device)
         done, first_block = 0, None
         ticks = plan.ticks()
         for tick in ticks:

@@ -44,6 +44,7 @@ from torch import nn
 
 from .safe_io import CheckpointError, looks_like, read_weights
 from .sampler import Interrupted
+from .transfer import to_device, to_host_async
 from .vae_names import DIFFUSERS_ANCHOR, DIFFUSERS_PARTS, from_diffusers
 
 LATENT_CHANNELS = 16
@@ -64,7 +65,8 @@ def _check_latents(z: torch.Tensor) -> None:
 
 
 def _per_channel(values: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
+    # uploaded without blocking: on the VAE's stream a blocking copy would wait for the DiT's tick
+    return to_device(torch.tensor(values, dtype=torch.float32), z.device).view(1, -1, 1, 1, 1)
 
 
 def normalized_to_raw(z: torch.Tensor) -> torch.Tensor:
@@ -300,10 +302,12 @@ def check_weight_names(expected: Mapping[str, torch.Tensor], given: Mapping[str,
 # ---- the streaming interface shared by both decoders ------------------------------------------
 
 class DecodeHandle:
-    """The frames of one decode call, which on CUDA may still be being computed.
+    """The frames of one decode call, which on CUDA may still be being computed (or copied to the host).
 
-    :meth:`result` makes the caller's current CUDA stream wait for them (the host does not block) and
-    returns them, safe to use on that stream; a ``.cpu()`` or ``.item()`` after it waits as usual.
+    For frames on the GPU, :meth:`result` makes the caller's current CUDA stream wait for them (the
+    host does not block) and returns them, safe to use on that stream; a ``.cpu()`` or ``.item()``
+    after it waits as usual. For frames copied to host memory (``decode_async(z, to_host=True)``),
+    :meth:`result` blocks the calling thread until the copy is done.
     """
 
     def __init__(self, frames: torch.Tensor, done: "torch.cuda.Event | None"):
@@ -316,7 +320,9 @@ class DecodeHandle:
 
     def result(self) -> torch.Tensor:
         """[B, 3, F, H, W] float32 in [-1, 1]; work queued on the current stream afterwards sees them."""
-        if self._done is not None:
+        if self._done is not None and not self._frames.is_cuda:
+            self._done.synchronize()  # frames copied to the host: wait for the copy (this thread only)
+        elif self._done is not None:
             stream = torch.cuda.current_stream(self._frames.device)
             stream.wait_event(self._done)
             self._frames.record_stream(stream)  # their memory is not reused while that stream may read it
@@ -333,9 +339,11 @@ class StreamingDecode:
     which bounds the activation memory and does not change the result.
 
     On CUDA the work runs on this object's own CUDA stream:
-    - it starts after everything queued on the caller's current stream when ``decode_async`` is
-      called, so ``z`` may still be being computed there; ``z`` may be freed right away, but must not
-      be written to until ``result()`` has been called;
+    - it starts after everything queued on the current stream of ``z``'s device (of the decoder's
+      device for latents in host memory) when ``decode_async`` is called, so ``z`` may still be
+      being computed there; ``z`` may be freed right away, but must not be written to until
+      ``result()`` has been called. Latents in host memory are uploaded through pinned memory
+      without blocking the host; nothing in ``decode_async`` waits for the GPU;
     - ``handle.result()`` orders the caller's current stream after the decode and returns the frames,
       ready to use on it; ``handle.ready()`` polls; :meth:`synchronize` blocks the host until every
       queued decode is done.
@@ -360,11 +368,12 @@ class StreamingDecode:
         """Frames of the next block (see :meth:`decode_async`), ready on the caller's current stream."""
         return self.decode_async(z).result()
 
-    def decode_async(self, z: torch.Tensor) -> DecodeHandle:
+    def decode_async(self, z: torch.Tensor, to_host: bool = False) -> DecodeHandle:
         """Queue the decode of the next block of normalised latents z [B, 16, T, h, w].
 
         The handle's frames are [B, 3, F, 8h, 8w] float32 in [-1, 1], F = 1 + 4(T-1) for the video's
-        first block and 4T after.
+        first block and 4T after. With ``to_host`` they are in host memory: on CUDA a copy into a
+        pinned buffer is queued on this object's stream after the decode (see :class:`DecodeHandle`).
         """
         _check_latents(z)
         if z.shape[2] == 0:
@@ -378,16 +387,20 @@ class StreamingDecode:
             self._shape = shape
         self.latent_frames += z.shape[2]
         if self._cuda is None:
-            return DecodeHandle(self._run(z), None)
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(self._cuda.device))
+            frames = self._run(z)
+            return DecodeHandle(frames.cpu() if to_host else frames, None)
+        ready = torch.cuda.Event()  # the latents' producer: the current stream of z's device
+        ready.record(torch.cuda.current_stream(z.device if z.is_cuda else self._cuda.device))
         with torch.cuda.stream(self._cuda):
             self._cuda.wait_event(ready)
-            if z.is_cuda:
+            if z.device == self._cuda.device:
                 z.record_stream(self._cuda)  # z's memory stays reserved until this stream has read it
             frames = self._run(z)
-            done = torch.cuda.Event()
-            done.record(self._cuda)
+            if to_host:
+                frames, done = to_host_async(frames)
+            else:
+                done = torch.cuda.Event()
+                done.record(self._cuda)
         return DecodeHandle(frames, done)
 
     def reset(self) -> None:
@@ -410,7 +423,7 @@ class StreamingDecode:
     @torch.no_grad()
     def _run(self, z: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
-        z = z.to(dec.device)
+        z = to_device(z, dec.device)  # from host memory: queued on the current stream, no host wait
         b, _, t, h, w = z.shape
         count = TIME_FACTOR * t - (0 if self.state.started else TIME_FACTOR - 1)
         frames = torch.empty(b, 3, count, SPACE_FACTOR * h, SPACE_FACTOR * w, device=dec.device)
