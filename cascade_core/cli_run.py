@@ -243,6 +243,8 @@ def run_generate(args) -> dict | None:
             raise Stopped(f"stopped at block {min(progress.done + 1, args.blocks)} of {args.blocks}; "
                           f"{kept(writer)}") from None
         finally:
+            if frames is not None:
+                frames.close()  # its writer thread ends before the MP4 is closed
             if writer is not None:
                 writer.close()
             if pool is not None:
@@ -279,11 +281,13 @@ def run_decode(args) -> dict:
         try:
             for i, at in enumerate(range(0, latents.shape[2], args.frames_per_pass)):
                 if stop():
+                    frames.finish()  # what was decoded is written before the count is told
                     raise Stopped(f"stopped at latent frame {at} of {latents.shape[2]}; {kept(writer)}")
                 frames.push(BlockEvent(i, latents[:, :, at:at + args.frames_per_pass], 0, 0.0))
                 frames.poll()
             frames.finish()
         finally:
+            frames.close()
             writer.close()
     seconds = time.perf_counter() - start
     return {"latent_frames": latents.shape[2], "video_frames": writer.count, "video_out": args.video_out,

@@ -1,20 +1,29 @@
 """Frames out while the DiT goes on.
 
 :class:`FrameStream` takes each finished block from the sampler (``on_block``), queues its decode on
-the VAE's own CUDA stream (so it overlaps the next ticks' DiT work), and hands the frames out in
-block order as they become ready (``poll`` from ``on_tick``; ``finish`` at the end):
+the VAE's own CUDA stream (so it overlaps the next ticks' DiT work) followed by a copy into pinned
+host memory and an event, and hands the frames out in block order on its own writer thread, which
+waits for each block's event and runs ``on_frames`` (the PNG/MP4/JPEG encoding):
 
     frames = FrameStream(decoder, on_frames=show)
     result = generate(..., on_block=frames.push, on_tick=frames.poll)
     video = frames.finish()
 
-Guarantees: frames of block b are handed out after those of block b-1, each exactly once; the frame
-indices are those of one decode of the whole video (1 + 4(n-1) frames for the first block of n latent
-frames, 4n after); on the CPU everything runs at once.
+Guarantees: the caller's thread never waits for the GPU in ``push``/``poll`` (no ``.cpu()``, no
+blocking copy, no synchronisation); frames of block b are handed out after those of block b-1, each
+exactly once, on the writer thread; the frame indices are those of one decode of the whole video
+(1 + 4(n-1) frames for the first block of n latent frames, 4n after). An exception raised on the
+writer thread (by ``on_frames`` too) is raised again by the next ``push``, ``poll`` or ``finish``;
+after it no more frames are handed out. ``finish`` hands out every queued block and ends the thread;
+``close`` does the same without raising (cleanup on an error path). On the CPU a block is decoded at
+once in ``push``; only ``on_frames`` runs on the writer thread.
 """
 from __future__ import annotations
 
+import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +31,9 @@ from typing import Callable
 import torch
 
 from .sampler import BlockEvent
+from .transfer import to_host_async
+
+log = logging.getLogger("block_cascade")
 
 
 def video_frames(latent_frames: int) -> int:
@@ -33,12 +45,12 @@ def video_frames(latent_frames: int) -> int:
 class FramesEvent:
     block: int
     first_frame: int  # index in the video of frames[:, :, 0]
-    frames: torch.Tensor  # [1, 3, F, H, W] float32 in [-1, 1], on the decoder's device
-    seconds: float  # since the stream was created
+    frames: torch.Tensor  # [1, 3, F, H, W] float32 in [-1, 1], in host memory (pinned after a GPU decode)
+    seconds: float  # since the stream was created, when the frames were handed out
 
 
 class FrameStream:
-    """See the module docstring."""
+    """See the module docstring. ``keep``: also collect every frame for :meth:`finish` to return."""
 
     def __init__(self, decoder, on_frames: Callable[[FramesEvent], None] | None = None, keep: bool = True,
                  frames_per_pass: int | None = None, should_stop: Callable[[], bool] | None = None):
@@ -50,30 +62,78 @@ class FrameStream:
             frames_per_pass = 1
         self.stream = decoder.stream(frames_per_pass, should_stop)
         self.on_frames, self.keep = on_frames, keep
-        self.pending: list[tuple[int, object]] = []  # (block, DecodeHandle), in block order
         self.kept: list[torch.Tensor] = []
         self.next_frame = 0
         self.start = time.perf_counter()
+        self._queue: queue.Queue = queue.Queue()  # (block, DecodeHandle) in block order; None ends the thread
+        self._thread: threading.Thread | None = None  # started by the first push, ended by finish/close
+        self._error: BaseException | None = None  # raised on the writer thread, raised again here
 
     def push(self, event: BlockEvent) -> None:
-        """Queue the decode of a finished block (blocks arrive in order)."""
-        self.pending.append((event.block, self.stream.decode_async(event.latents)))
+        """Queue the decode of a finished block (blocks arrive in order); never waits for the GPU.
+
+        Raises what the writer thread raised for an earlier block, and on the CPU what the decode
+        raises (:class:`cascade_core.sampler.Interrupted` when ``should_stop`` says so).
+        """
+        self._raise()
+        handle = self.stream.decode_async(event.latents, to_host=True)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write, name="block-cascade-frames", daemon=True)
+            self._thread.start()
+        self._queue.put((event.block, handle))
 
     def poll(self, _event=None, wait: bool = False) -> None:
-        """Hand out the frames of every block whose decode is done (all of them if ``wait``)."""
-        while self.pending and (wait or self.pending[0][1].ready()):
-            block, handle = self.pending.pop(0)
-            frames = handle.result()
-            if self.keep:
-                self.kept.append(frames)
-            if self.on_frames is not None:
-                self.on_frames(FramesEvent(block, self.next_frame, frames, time.perf_counter() - self.start))
-            self.next_frame += frames.shape[2]
+        """Raise what the writer thread raised, if anything (an ``on_tick`` callback); with ``wait``,
+        first wait until the frames of every block pushed so far are handed out."""
+        if wait and self._thread is not None:
+            self._queue.join()
+        self._raise()
 
     def finish(self) -> torch.Tensor | None:
-        """Wait for the last decodes; with ``keep``, all frames [1, 3, F, H, W] (else None)."""
-        self.poll(wait=True)
+        """Hand out the frames of every pushed block and end the writer thread; with ``keep``, all
+        frames [1, 3, F, H, W] in host memory (else None). Raises what the writer thread raised."""
+        self._end_thread()
+        self._raise()
         return torch.cat(self.kept, 2) if self.keep and self.kept else None
+
+    def close(self) -> None:
+        """Like :meth:`finish`, but logs the writer thread's exception instead of raising it (for a
+        ``finally`` while another exception is on its way)."""
+        self._end_thread()
+        if self._error is not None:
+            log.warning("Block Cascade: handing out frames failed: %s: %s", type(self._error).__name__, self._error)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _end_thread(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _write(self) -> None:
+        """The writer thread: in block order, wait for a block's frames, then hand them out."""
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    self._hand_out(*item)
+            except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _hand_out(self, block: int, handle) -> None:
+        frames = handle.result()  # waits for the decode and the copy to the host (this thread only)
+        if self.keep:
+            self.kept.append(frames)
+        if self.on_frames is not None:
+            self.on_frames(FramesEvent(block, self.next_frame, frames, time.perf_counter() - self.start))
+        self.next_frame += frames.shape[2]
 
 
 def load_decoder(path: str, dtype: torch.dtype, device: torch.device | str):
@@ -108,8 +168,9 @@ class LatentRGBDecoder:
         return LatentRGBDecoder._Stream(self)
 
     def rgb(self, z: torch.Tensor, first_block: bool) -> torch.Tensor:
-        """Normalised latents [1, 16, T, h, w] -> frames [1, 3, F, 8h, 8w] in [-1, 1]."""
-        z = z[0].float().cpu()  # [16, T, h, w]
+        """Normalised latents [1, 16, T, h, w] in host memory -> frames [1, 3, F, 8h, 8w] in [-1, 1]
+        (host memory)."""
+        z = z[0].float()  # [16, T, h, w]
         if self.factors is not None and self.factors.shape[0] == z.shape[0]:
             rgb = torch.einsum("cthw,cr->trhw", z, self.factors)
             rgb = rgb if self.bias is None else rgb + self.bias.view(1, 3, 1, 1)
@@ -119,28 +180,37 @@ class LatentRGBDecoder:
         repeats = torch.full((rgb.shape[0],), 4, dtype=torch.long)
         repeats[0] = 1 if first_block else 4
         frames = rgb.repeat_interleave(repeats, dim=0)  # [F, 3, H, W]
-        return frames.permute(1, 0, 2, 3).unsqueeze(0).clamp(-1, 1).to(self.device)
+        return frames.permute(1, 0, 2, 3).unsqueeze(0).clamp(-1, 1)
 
     class _Stream:
         def __init__(self, decoder: "LatentRGBDecoder"):
             self.decoder, self.started = decoder, False
 
-        def decode_async(self, z: torch.Tensor) -> "_Done":
-            frames = self.decoder.rgb(z, first_block=not self.started)
-            self.started = True
-            return _Done(frames)
+        def decode_async(self, z: torch.Tensor, to_host: bool = False) -> "_Later":
+            """Queue the preview of the next block (the StreamingDecode interface): latents on a GPU
+            are copied to pinned host memory without waiting; ``result()`` computes the frames (on
+            the decoder's device, or in host memory with ``to_host``)."""
+            host, copied = to_host_async(z)
+            first, self.started = not self.started, True
+            device = torch.device("cpu") if to_host else self.decoder.device
+            return _Later(lambda: self.decoder.rgb(host, first).to(device), copied)
 
 
-class _Done:
-    """A decode that finished at once (the DecodeHandle interface)."""
+class _Later:
+    """Frames computed on the host once a copy to it is done (the DecodeHandle interface):
+    ``ready()`` polls the copy; ``result()`` waits for it (this thread only) and computes them once."""
 
-    def __init__(self, frames: torch.Tensor):
-        self.frames = frames
+    def __init__(self, compute: Callable[[], torch.Tensor], copied: "torch.cuda.Event | None"):
+        self.compute, self.copied, self.frames = compute, copied, None
 
     def ready(self) -> bool:
-        return True
+        return self.copied is None or self.copied.query()
 
     def result(self) -> torch.Tensor:
+        if self.frames is None:
+            if self.copied is not None:
+                self.copied.synchronize()
+            self.frames = self.compute()
         return self.frames
 
 

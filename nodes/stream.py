@@ -9,7 +9,8 @@ frames_total, fps, width, height, stages, parallel}, repeated so that a page rel
 ``width``/``height`` are those of the preview JPEGs (longest side <= PREVIEW_MAX). State events are
 rate-limited (at most one per STATE_INTERVAL seconds, the last tick always); frames go once per block.
 Frames come from cascade_core.frames.FrameStream (in block order, decoded on the VAE's own CUDA
-stream when there is a VAE, the latent-RGB preview otherwise).
+stream when there is a VAE, the latent-RGB preview otherwise); the JPEG encoding and the frames
+events run on its writer thread, never on the sampler's loop.
 """
 from __future__ import annotations
 
@@ -139,21 +140,23 @@ class Reporter:
                              "done_blocks": int(ev.done_blocks), "elapsed": self.elapsed()})
 
     def on_block(self, ev) -> None:
-        self.decoding.push(ev)  # decoded on the VAE's own CUDA stream while the DiT goes on
+        self.decoding.push(ev)  # decoded on the VAE's own CUDA stream while the DiT goes on, sent by a thread
         self.done_blocks += 1
         self.flush()
         if self.progress is not None:
             self.progress.update_absolute(self.done_blocks, self.blocks)
 
     def flush(self, wait: bool = False) -> None:
-        """Send the frames of finished blocks whose decode is done (all of them when ``wait``), in order."""
+        """Raise what sending frames raised, if anything; with ``wait``, first wait until the frames
+        of every finished block are sent (they go in block order, from the FrameStream's thread)."""
         self.decoding.poll(wait=wait)
 
     def finish(self) -> None:
-        self.flush(wait=True)
+        """Send the frames of every finished block; then :meth:`images` holds them all."""
+        self.decoding.finish()
 
     def _send_frames(self, ev: FramesEvent) -> None:
-        frames = ((ev.frames[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()  # [N, H, W, 3]
+        frames = ((ev.frames[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)  # [N, H, W, 3], host
         frames = resize_frames(frames, self.width, self.height).contiguous()
         self.frames.append(frames)
         self.frame_count += frames.shape[0]
@@ -164,9 +167,11 @@ class Reporter:
                               "elapsed": self.elapsed()})
 
     def done(self, error: str | None = None) -> None:
+        """The run's last event, after the frames of the blocks already pushed (the frames thread ends)."""
         if self.finished:
             return
         self.finished = True
+        self.decoding.close()
         data = {"node": self.node, "run": self.run, "seconds": self.elapsed(), "frames": self.frame_count,
                 "blocks": self.frame_blocks}
         if error is not None:

@@ -154,3 +154,73 @@ def test_package_exposes_the_main_entry_points_lazily():
             "for f in (generate, CascadeConfig, PromptSchedule, load_dit)))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["True", "True"], r.stderr
+
+
+def _slow_writer(monkeypatch):
+    """Every block's frames are written 0.2 s late, on the FrameStream's writer thread."""
+    from cascade_core.frames import VideoWriter
+
+    write = VideoWriter.write
+
+    def slow(self, event):
+        time.sleep(0.2)
+        write(self, event)
+
+    monkeypatch.setattr(VideoWriter, "write", slow)
+
+
+def _stop_after(monkeypatch, calls: int) -> None:
+    """Ctrl-C as the run sees it: the stop request turns true at its ``calls``-th question."""
+    from cascade_core import cli_run
+
+    asked = []
+    monkeypatch.setattr(cli_run.StopRequest, "__call__", lambda self: asked.append(1) or len(asked) >= calls)
+
+
+def _mp4_frames(path) -> int:
+    import av
+
+    with av.open(str(path)) as container:
+        return len(list(container.decode(video=0)))
+
+
+def test_a_stopped_generate_writes_every_decoded_frame_though_the_writer_lags(tmp_path, capsys, monkeypatch):
+    import threading
+
+    from cascade_core.taew import TinyWanDecoder
+
+    vae = tmp_path / "taew.safetensors"
+    save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(), str(vae))
+    _slow_writer(monkeypatch)
+    _stop_after(monkeypatch, 13)  # at P1 a block takes 5 ticks: two blocks are done by then
+    before = set(threading.enumerate())
+    video, pngs = tmp_path / "v.mp4", tmp_path / "pngs"
+    assert main(["generate", *SMALL, "--device", "cpu", "--blocks", "4", "--vae", str(vae), "--video-out",
+                 str(video), "--frames-dir", str(pngs)]) == 130
+    line = capsys.readouterr().err.strip()
+    match = re.fullmatch(r"interrupted: stopped at block (\d+) of 4; \S+ and \S+ hold (\d+) frames", line)
+    assert match, line
+    count = int(match.group(2))
+    assert count == 1 + 4 * (3 * (int(match.group(1)) - 1) - 1) and count >= 9  # every finished block
+    assert _mp4_frames(video) == len(os.listdir(pngs)) == count  # a playable MP4 with all of them
+    assert set(threading.enumerate()) == before
+
+
+def test_a_stopped_decode_tells_the_frames_it_wrote(tmp_path, capsys, monkeypatch):
+    import threading
+
+    from cascade_core.vae import WanVAEDecoder
+
+    vae = tmp_path / "vae.safetensors"
+    save_safetensors(WanVAEDecoder(dim=8).state_dict(), str(vae))
+    save_safetensors({"latents": torch.randn(1, 16, 5, 4, 8)}, str(tmp_path / "lat.safetensors"))
+    _slow_writer(monkeypatch)
+    _stop_after(monkeypatch, 4)  # before the fourth latent frame (one per pass)
+    before = set(threading.enumerate())
+    video, pngs = tmp_path / "v.mp4", tmp_path / "pngs"
+    assert main(["decode", "--latents", str(tmp_path / "lat.safetensors"), "--vae", str(vae), "--video-out",
+                 str(video), "--frames-dir", str(pngs), "--device", "cpu", "--frames-per-pass", "1"]) == 130
+    line = capsys.readouterr().err.strip()
+    assert line.endswith("and " + str(pngs) + " hold 9 frames") and "latent frame 3 of 5" in line, line
+    assert _mp4_frames(video) == len(os.listdir(pngs)) == 9  # 1 + 4 + 4
+    assert set(threading.enumerate()) == before

@@ -673,6 +673,34 @@ def test_state_events_are_rate_limited_but_the_last_tick_always_goes(monkeypatch
     assert stream_mod.preview_size(832, 480) == (320, 184) and stream_mod.preview_size(64, 32) == (64, 32)
 
 
+def test_frames_are_encoded_and_sent_off_the_loop_thread_in_order_before_done():
+    import threading
+
+    from cascade_core.sampler import BlockEvent
+
+    g = torch.Generator().manual_seed(4)
+    factors = torch.randn(16, 3, generator=g) * 0.02
+    sent = []  # (event, data, thread)
+    before = set(threading.enumerate())
+    r = stream_mod.Reporter("3", 3, 3, 5, 1, 64, 32, LatentRGBDecoder(factors, torch.zeros(3)),
+                            send=lambda e, d: sent.append((e, d, threading.get_ident())))
+    r.start()
+    z = torch.randn(1, 16, 9, 2, 4, generator=g)
+    for b in range(3):
+        r.on_block(BlockEvent(b, z[:, :, 3 * b:3 * b + 3], b, 0.0))
+    r.finish()
+    r.done()
+    frames = [(d["block"], d["first_frame"], len(d["frames"]), t) for e, d, t in sent if e.endswith(".frames")]
+    assert [f[:3] for f in frames] == [(0, 0, 9), (1, 9, 12), (2, 21, 12)]
+    assert threading.get_ident() not in {f[3] for f in frames}  # JPEGs are encoded off the sampler's loop
+    assert sent[-1][0] == "block_cascade.done" and sent[-1][1]["frames"] == 33 and sent[-1][1]["blocks"] == 3
+    # the IMAGE output: the preview of one decode of all latents (the oracle: latent RGB by hand)
+    expected = torch.einsum("c,cr->r", z[0, :, 0].mean((1, 2)), factors)
+    assert r.images().shape == (33, 32, 64, 3)
+    assert torch.allclose(r.images()[0].mean((0, 1)), ((expected + 1) / 2).clamp(0, 1), atol=1e-4)
+    assert set(threading.enumerate()) == before
+
+
 def test_model_loader_merges_a_lora_from_the_loras_folder():
     from safetensors.torch import save_file
 

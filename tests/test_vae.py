@@ -403,3 +403,86 @@ def test_latent_rgb_preview_streams_like_a_decoder():
     # the colour of a latent pixel is its channels times the factors (bilinear upscaling keeps the mean)
     expected = torch.einsum("c,cr->r", z[0, :, 0].mean((1, 2)), factors)
     assert torch.allclose(video[0, :, 0].mean((1, 2)), expected.clamp(-1, 1), atol=1e-4)
+
+
+# ---- FrameStream: frames handed out in order by a writer thread --------------------------------------
+
+def push_blocks(frames, z: torch.Tensor, sizes: list[int]) -> None:
+    from cascade_core.sampler import BlockEvent
+
+    at = 0
+    for b, n in enumerate(sizes):
+        frames.push(BlockEvent(b, z[:, :, at:at + n], b, 0.0))
+        at += n
+
+
+def test_frame_stream_hands_out_a_direct_decode_in_order_on_its_own_thread(vae):
+    import threading
+
+    from cascade_core.frames import FrameStream
+
+    z = latents(7)
+    whole = vae.decode(z, frames_per_pass=None)  # the oracle: one decode of the whole video
+    before = set(threading.enumerate())
+    seen = []  # (block, first frame, frames, thread)
+    frames = FrameStream(vae, on_frames=lambda e: seen.append((e.block, e.first_frame, e.frames,
+                                                                threading.get_ident())))
+    push_blocks(frames, z, [3, 2, 2])
+    video = frames.finish()
+    assert [(b, f, x.shape[2]) for b, f, x, _ in seen] == [(0, 0, 9), (1, 9, 8), (2, 17, 8)]
+    assert all(x.device.type == "cpu" for _, _, x, _ in seen)
+    assert (torch.cat([x for _, _, x, _ in seen], 2) - whole).abs().max() <= 1e-5
+    assert torch.equal(video, torch.cat([x for _, _, x, _ in seen], 2))
+    writers = {t for *_, t in seen}
+    assert len(writers) == 1 and threading.get_ident() not in writers  # encoding is off the caller's thread
+    assert set(threading.enumerate()) == before  # the writer thread has ended
+
+
+def test_frame_stream_raises_a_writer_error_on_the_callers_thread_and_keeps_raising_it(vae):
+    import threading
+
+    from cascade_core.frames import FrameStream
+
+    where, handed = [], []
+
+    def on_frames(event):
+        where.append(threading.get_ident())
+        handed.append(event.block)
+        if event.block == 1:
+            raise OSError("disk full")
+
+    before = set(threading.enumerate())
+    frames = FrameStream(vae, on_frames=on_frames, keep=False)
+    push_blocks(frames, latents(6), [3, 3])
+    with pytest.raises(OSError, match="disk full"):
+        frames.poll(wait=True)
+    assert where and threading.get_ident() not in where  # raised on the writer thread, surfaced here
+    with pytest.raises(OSError, match="disk full"):  # not swallowed: every later call says so
+        push_blocks(frames, latents(3, seed=2), [3])
+    with pytest.raises(OSError, match="disk full"):
+        frames.finish()
+    assert handed == [0, 1]  # nothing handed out after the error
+    assert set(threading.enumerate()) == before
+
+
+def test_frame_stream_close_hands_out_what_was_pushed_ends_the_thread_and_does_not_raise(vae, caplog):
+    import threading
+    import time
+
+    from cascade_core.frames import FrameStream
+
+    handed = []
+
+    def slow(event):  # a writer that lags behind the loop
+        time.sleep(0.05)
+        handed.append(event.first_frame)
+        if event.block == 2:
+            raise OSError("disk full")
+
+    before = set(threading.enumerate())
+    frames = FrameStream(vae, on_frames=slow, keep=False)
+    push_blocks(frames, latents(5), [1, 2, 2])
+    with caplog.at_level("WARNING", logger="block_cascade"):
+        frames.close()
+    assert handed == [0, 1, 9] and "disk full" in caplog.text
+    assert set(threading.enumerate()) == before
