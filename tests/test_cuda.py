@@ -1,4 +1,5 @@
-"""GPU checks (skipped without CUDA): fused log-sum-exp kernels, compiled layers, FlashBlock exact mode."""
+"""GPU checks (skipped without CUDA): fused log-sum-exp kernels, compiled layers, FlashBlock exact mode,
+frames out of a run without synchronising its loop."""
 import pytest
 import torch
 
@@ -123,3 +124,60 @@ def test_prompt_switches_recompile_nothing_with_inductor():
         torch._dynamo.reset()
     assert before.get("unique_graphs", 0) > 0
     assert after.get("unique_graphs", 0) == before.get("unique_graphs", 0), (before, after)
+
+
+def _tiny_vae_on_cuda():
+    from cascade_core.vae import WanVAEDecoder
+
+    torch.manual_seed(0)
+    return WanVAEDecoder.from_state_dict(WanVAEDecoder(dim=8).state_dict(), dtype=torch.float16, device="cuda")
+
+
+def test_frames_leave_the_gpu_without_stalling_the_tick_loop():
+    """Decoded frames reach the host through pinned buffers and events that only the FrameStream's
+    writer thread waits for; the latents go to the VAE's stream by an event, and the engine's own
+    uploads (timesteps, prompt, RoPE tables) are queued too. Under CUDA's sync debug mode "error"
+    (a .cpu(), .item(), .tolist() or blocking copy raises) the whole run with a decoder attached,
+    first calls included, raises nothing; the frames are those of a plain decode of its latents."""
+    import threading
+
+    from cascade_core.frames import FrameStream
+
+    model = WanModel.random(SMALL, seed=0, device="cuda", dtype=torch.bfloat16)
+    decoder = _tiny_vae_on_cuda()
+    embeds = torch.randn(20, 64, generator=torch.Generator().manual_seed(2))  # in host memory, as users have it
+    seen = []  # (block, first frame, frames, thread)
+    before = set(threading.enumerate())
+    frames = FrameStream(decoder, on_frames=lambda e: seen.append((e.block, e.first_frame, e.frames,
+                                                                   threading.get_ident())))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = generate(model, PromptSchedule.single(embeds), CascadeConfig(parallel=2), blocks=3, width=128,
+                          height=64, seed=1, on_block=frames.push, on_tick=frames.poll)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    video = frames.finish()
+    assert [(b, f, x.shape[2]) for b, f, x, _ in seen] == [(0, 0, 9), (1, 9, 12), (2, 21, 12)]
+    assert all(x.device.type == "cpu" and x.is_pinned() for _, _, x, _ in seen)
+    assert threading.get_ident() not in {t for *_, t in seen}
+    assert set(threading.enumerate()) == before
+    plain = decoder.decode(result.latents, frames_per_pass=None).cpu()  # [1, 3, 33, 64, 128]
+    assert video.shape == plain.shape and (video - plain).abs().max() < 0.05
+
+
+def test_vae_uploads_host_latents_without_stalling_the_host():
+    """Latents in host memory go to the VAE's stream through a pinned buffer (the caller may change
+    them at once); the frames come back to pinned host memory after an event."""
+    decoder = _tiny_vae_on_cuda()
+    z = torch.randn(1, 16, 3, 8, 16, generator=torch.Generator().manual_seed(3))
+    given = z.clone()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        handle = decoder.stream(None).decode_async(z, to_host=True)
+        z.zero_()  # the upload was staged: the decode still sees the values given
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    frames = handle.result()
+    assert frames.device.type == "cpu" and frames.is_pinned() and handle.ready()
+    plain = decoder.decode(given.cuda(), frames_per_pass=None).cpu()
+    assert frames.shape == plain.shape == (1, 3, 9, 64, 128) and (frames - plain).abs().max() < 0.05
