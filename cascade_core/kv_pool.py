@@ -52,6 +52,18 @@ REUSE = "reuse"  # fresh in-block attention merged with the block-external part 
 MODES = (FULL, SPLIT, STORE, REUSE)
 
 
+def check_window(window: int | None, sink: int, frames_per_block: int, unlimited: str | None = None) -> None:
+    """The one check of a local window and its sink (latent frames): sink >= 0, and a window (None =
+    unlimited) must hold the sink and one whole block. ``unlimited``: how the caller spells "no
+    window" (e.g. "0" for a widget where 0 means unlimited), named in the message. Raises ValueError."""
+    if sink < 0:
+        raise ValueError(f"sink must be >= 0 latent frames, got {sink}")
+    if window is not None and window < sink + frames_per_block:
+        lead = f"be {unlimited} (unlimited) or" if unlimited else "hold the sink and one block:"
+        raise ValueError(f"window must {lead} at least sink + one block = {sink + frames_per_block} latent "
+                         f"frames (sink {sink}, blocks of {frames_per_block}), got {window}")
+
+
 @dataclass(frozen=True)
 class PoolLayout:
     frames_per_block: int
@@ -62,13 +74,7 @@ class PoolLayout:
     max_in_flight: int = 1
 
     def __post_init__(self):
-        fpb = self.frames_per_block
-        if self.window is not None:
-            if self.window < self.sink + fpb:
-                raise ValueError(f"window ({self.window} frames) must hold the sink ({self.sink}) and a "
-                                 f"whole block ({fpb}): at least {self.sink + fpb}")
-        if self.sink < 0:
-            raise ValueError(f"sink must be >= 0, got {self.sink}")
+        check_window(self.window, self.sink, self.frames_per_block)
 
     @property
     def capacity_frames(self) -> int:

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .kv_pool import FULL, REUSE, SPLIT, STORE, Exchange, KVPool, PoolLayout
+from .kv_pool import FULL, REUSE, SPLIT, STORE, Exchange, KVPool, PoolLayout, check_window
 from .model import WanModel
 from .schedule import CascadeSchedule, FlowSchedule, Tick
 from .transfer import to_device
@@ -66,8 +66,9 @@ class CascadeConfig:
     # result up to float rounding, one forward fewer per block); see CascadeSchedule
     fold_clean: bool = False
 
-    def validate(self) -> None:
-        """Raise ValueError with the allowed range for anything out of range."""
+    def validate(self, unlimited_window: str | None = None) -> None:
+        """Raise ValueError with the allowed range for anything out of range. ``unlimited_window``:
+        how the caller spells "no window" (see :func:`kv_pool.check_window`)."""
         FlowSchedule(self.steps, self.shift, self.warp)
         if self.frames_per_block < 1:
             raise ValueError(f"frames per block must be >= 1, got {self.frames_per_block}")
@@ -75,11 +76,7 @@ class CascadeConfig:
             raise ValueError(f"parallelism must lie in 1..{len(self.steps) + 1} (steps + 1), got {self.parallel}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"in-flight attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-        if self.sink < 0:
-            raise ValueError(f"sink must be >= 0 latent frames, got {self.sink}")
-        if self.window is not None and self.window < self.sink + self.frames_per_block:
-            raise ValueError(f"window must hold the sink and one block: at least "
-                             f"{self.sink + self.frames_per_block} latent frames, got {self.window}")
+        check_window(self.window, self.sink, self.frames_per_block, unlimited_window)
         if self.flashblock not in FLASHBLOCK_MODES:
             raise ValueError(f"flashblock must be one of {FLASHBLOCK_MODES}, got {self.flashblock!r}")
         if self.context_noise < 0 or self.context_noise > 1000:

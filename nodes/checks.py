@@ -87,11 +87,7 @@ def cascade_config(steps: str, parallel: int, attention: str, window: int, sink:
         raise ValueError(f"shift must lie in 0.1..20 (5 for Self-Forcing), got {shift}")
     cfg = CascadeConfig(steps=st, shift=float(shift), parallel=int(parallel), attention=attention,
                         window=int(window) or None, sink=int(sink), flashblock="reuse" if flashblock else "off")
-    if cfg.window is not None and cfg.window < cfg.sink + cfg.frames_per_block:
-        raise ValueError(f"window must be 0 (unlimited) or at least sink + one block = "
-                         f"{cfg.sink + cfg.frames_per_block} latent frames (sink {cfg.sink}, blocks of "
-                         f"{cfg.frames_per_block}), got {cfg.window}")
-    cfg.validate()
+    cfg.validate(unlimited_window="0")
     return cfg
 
 

@@ -326,3 +326,18 @@ def test_folded_clean_pass_gives_the_p1_result_in_fewer_forwards(model, prompt, 
     folded = generate(model, PromptSchedule.single(prompt), CascadeConfig(**base, fold_clean=True), **run)
     assert (plain.latents - folded.latents).abs().max() <= 1e-5
     assert (plain.forwards, folded.forwards) == (5 * 5, 5 * 4 + 1)
+
+
+@pytest.mark.parametrize("window, sink, fpb", [(2, 0, 3), (5, 3, 3), (3, 1, 3), (0, 0, 1)])
+def test_one_window_check_says_the_same_on_every_path(window, sink, fpb):
+    """The pool layout and the run's config refuse a window that cannot hold the sink and a block with
+    one and the same message; a window of exactly sink + one block is accepted by both."""
+    expected = (f"window must hold the sink and one block: at least sink + one block = {sink + fpb} latent "
+                f"frames (sink {sink}, blocks of {fpb}), got {window}")
+    with pytest.raises(ValueError) as layout:
+        PoolLayout(frames_per_block=fpb, tokens_per_frame=8, total_frames=30, window=window, sink=sink)
+    with pytest.raises(ValueError) as config:
+        CascadeConfig(frames_per_block=fpb, window=window, sink=sink).validate()
+    assert str(layout.value) == str(config.value) == expected
+    PoolLayout(frames_per_block=fpb, tokens_per_frame=8, total_frames=30, window=sink + fpb, sink=sink)
+    CascadeConfig(frames_per_block=fpb, window=sink + fpb, sink=sink).validate()
