@@ -35,17 +35,16 @@ from typing import Any, Mapping
 import torch
 
 from .model import WanConfig, WanModel
-from .safe_io import SAFETENSORS_EXT, CheckpointError, looks_like, read_weights
+from .fp8 import FP8_DTYPES, dequantize_state_dict as dequantize
+from .safe_io import SAFETENSORS_EXT, SHOW, CheckpointError, first_keys, looks_like, read_weights
 
 EMA_MODES = ("auto", "ema", "base")
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 # Containers of training checkpoints, most specific first.
 EMA_KEYS = ("generator_ema", "model_ema", "ema")
 BASE_KEYS = ("generator", "model", "state_dict", "module")
 # Wrapper names that FSDP, activation checkpointing and torch.compile insert into parameter names.
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-SHOW = 5  # keys listed in an error
 # Layers only image-to-video Wan DiTs have (original and diffusers names): image cross-attention and
 # the CLIP image embedding.
 I2V_LAYERS = ("img_emb", "k_img", "v_img", "norm_k_img", "image_embedder", "add_k_proj", "add_v_proj", "norm_added_k")
@@ -254,12 +253,6 @@ def _keys(obj: Mapping) -> str:
     return ", ".join(keys[:SHOW]) + (f" and {len(keys) - SHOW} more" if len(keys) > SHOW else "")
 
 
-def first_keys(names, total: int | None = None) -> str:
-    names = sorted(names)
-    total = len(names) if total is None else total
-    return ", ".join(names[:SHOW]) + (f" ... ({total} in all)" if total > SHOW else "")
-
-
 def _unwrap_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
@@ -271,46 +264,21 @@ def _unwrap_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ---- precision ---------------------------------------------------------------------------------
 
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
-_DROP_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
-
-
 def dequantize_state_dict(sd: dict[str, torch.Tensor], path: str, dtype: torch.dtype) -> tuple[dict, str | None]:
-    """Cast to ``dtype``; fp8 weights with a scale are multiplied by it. Returns (tensors, quantization)."""
-    marker = sd.pop("scaled_fp8", None)
-    scales: dict[str, torch.Tensor] = {}
-    for k in list(sd):
-        if k.endswith(_SCALE_SUFFIXES):
-            scales[k.rsplit(".", 1)[0] + ".weight"] = sd.pop(k)
-        elif k.endswith(_DROP_SUFFIXES):
-            sd.pop(k)
-    orphans = [k for k in scales if k not in sd]
-    if orphans:
-        raise CheckpointError(path, f"weight scales without a weight: {first_keys(orphans)}")
-    fp8 = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values() if v.dtype in FP8_DTYPES)
-    ints = [k for k, v in sd.items() if not (v.is_floating_point() or v.dtype in FP8_DTYPES)]
+    """:func:`fp8.dequantize_state_dict` for a file: (tensors in ``dtype``, quantization label).
+
+    Raises CheckpointError naming ``path`` for integer-packed weights (a quantisation format this
+    loader does not read), a scale without its weight or a scale that does not fit its weight."""
+    ints = [k for k, v in sd.items() if not v.is_floating_point() and k != "scaled_fp8"
+            and not k.endswith(".comfy_quant")]
     if ints:
         raise CheckpointError(path, f"integer-packed weights ({sd[ints[0]].dtype} in {first_keys(ints)}): a "
                                     "quantisation format (int8 / nvfp4 / GGUF-style) this loader does not read; "
                                     "use a bf16, fp16 or fp8 file")
-    out = {}
-    for k, v in sd.items():
-        scale = scales.get(k)
-        if scale is not None:
-            try:
-                out[k] = (v.float() * scale.float()).to(dtype)
-            except RuntimeError:
-                raise CheckpointError(path, f"scale of {k} has shape {list(scale.shape)}, which does not "
-                                            f"fit the weight {list(v.shape)}") from None
-        else:
-            out[k] = v.to(dtype)
-    quant = None
-    if fp8:
-        kind = "/".join(n.replace("float8_", "") for n in fp8)
-        quant = f"fp8 {kind}" + (" scaled" if scales or marker is not None else "")
-    elif scales:
-        quant = "scaled weights"
-    return out, quant
+    try:
+        return dequantize(sd, dtype)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc)) from None
 
 
 # ---- the loader ----------------------------------------------------------------------------------

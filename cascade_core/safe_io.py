@@ -33,6 +33,16 @@ class CheckpointError(ValueError):
         super().__init__(f"{os.path.basename(self.path)}: {reason}")
 
 
+SHOW = 5  # keys listed in an error
+
+
+def first_keys(names, total: int | None = None) -> str:
+    """The first :data:`SHOW` of ``names`` (sorted) for a message, with the total when there are more."""
+    names = sorted(names)
+    total = len(names) if total is None else total
+    return ", ".join(names[:SHOW]) + (f" ... ({total} in all)" if total > SHOW else "")
+
+
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors file, memory-mapped (no copy until used)."""
     from safetensors import SafetensorError

@@ -7,6 +7,7 @@ import torch
 from comfy_api.latest import io
 
 import folder_paths
+from cascade_core.fp8 import DROP_SUFFIXES, MARKER, SCALE_SUFFIXES
 from cascade_core.model import WanConfig, WanModel
 from cascade_core.safe_io import CheckpointError, read_tensor_file
 
@@ -85,7 +86,7 @@ class BlockCascadeFromModel(io.ComfyNode):
         kind = type(inner).__name__ if inner is not None else type(model).__name__
         if not isinstance(module, torch.nn.Module):
             raise ValueError(f"MODEL: expected a core diffusion MODEL (ModelPatcher), got {kind}")
-        keys = {k for k in module.state_dict() if not k.endswith((".scale_weight", ".scale_input"))}
+        keys = {k for k in module.state_dict() if not k.endswith(SCALE_SUFFIXES + DROP_SUFFIXES) and k != MARKER}
         try:
             cfg = WanConfig.from_state_dict(module.state_dict())
         except (KeyError, ValueError, IndexError) as exc:

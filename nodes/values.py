@@ -22,13 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cascade_core.fp8 import DROP_SUFFIXES, FP8_DTYPES, MARKER, SCALE_SUFFIXES, dequantize_state_dict
 from cascade_core.model import WanConfig, WanModel
 from cascade_core.sampler import CascadeConfig
 
 log = logging.getLogger("block_cascade")
-
-FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-          if hasattr(torch, n)}
 
 
 def state_dict_bytes(sd: dict[str, torch.Tensor]) -> int:
@@ -220,24 +218,20 @@ def compute_weights(sd: dict[str, torch.Tensor], cast_dtype: torch.dtype | None
     """Make a core model's state dict usable by the engine: one compute dtype, no fp8 storage.
 
     Returns the state dict (the same tensors where nothing changes) and the dtype to cast to (None
-    when the weights already share one usable dtype). Scaled fp8 weights (``*.scale_weight``) are
-    dequantised; ``scale_input`` entries are dropped.
+    when the weights already share one usable dtype). fp8 and scaled weights are dequantised by the
+    engine's :func:`cascade_core.fp8.dequantize_state_dict` (the checkpoint loader's own), to
+    ComfyUI's ``manual_cast_dtype`` when it names one, else to the model's non-fp8 dtype.
+    Raises ValueError for a scale that fits no weight.
     """
     dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
-    scaled = any(k.endswith(".scale_weight") for k in sd)
-    if not (dtypes & FLOAT8) and len(dtypes) == 1 and not scaled:
+    extra = any(k.endswith(SCALE_SUFFIXES + DROP_SUFFIXES) or k == MARKER for k in sd)
+    if not dtypes.intersection(FP8_DTYPES) and len(dtypes) == 1 and not extra:
         return sd, None
-    target = cast_dtype if cast_dtype is not None and cast_dtype not in FLOAT8 else None
+    target = cast_dtype if cast_dtype is not None and cast_dtype not in FP8_DTYPES else None
     if target is None:
-        usable = [d for d in dtypes if d not in FLOAT8]
+        usable = [d for d in dtypes if d not in FP8_DTYPES]
         target = sd["patch_embedding.weight"].dtype if sd["patch_embedding.weight"].dtype in usable else (
             usable[0] if len(usable) == 1 else torch.bfloat16)
-    out = {}
-    for k, t in sd.items():
-        if k.endswith((".scale_weight", ".scale_input")):
-            continue
-        scale = sd.get(k[: -len("weight")] + "scale_weight") if k.endswith(".weight") else None
-        t = t.to(target) if t.is_floating_point() else t
-        out[k] = t * scale.to(target) if scale is not None else t
+    out, _ = dequantize_state_dict(sd, target)
     log.info("Block Cascade: the model's weights are used as %s for the run", target)
     return out, target

@@ -31,7 +31,7 @@ import execution  # noqa: E402  (the stand-in's queue-time validation)
 import folder_paths  # noqa: E402
 import server  # noqa: E402
 from custom_node_loader import load_pack  # noqa: E402
-from conftest import tiny_models  # noqa: E402
+from conftest import TINY, tiny_models  # noqa: E402
 
 from cascade_core.frames import LatentRGBDecoder  # noqa: E402
 from cascade_core.model import WanModel  # noqa: E402
@@ -737,3 +737,41 @@ def test_window_sink_and_flashblock_settings_reach_the_engine(model, prompts):
     from cascade_core.vae import normalized_to_raw
     assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
     assert len(rec.events("frames")) == 4
+
+
+FP8_VARIANTS = [(fp8, naming, per_row) for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2)
+                for naming, per_row in ((None, False), ("scale_weight", False), ("weight_scale", False),
+                                        ("scale_weight", True))]
+
+
+@pytest.mark.parametrize("fp8, naming, per_row", FP8_VARIANTS)
+def test_fp8_weights_read_the_same_from_a_file_and_from_a_core_model(fp8, naming, per_row, tmp_path):
+    """A scaled or unscaled e4m3 / e5m2 model (per-tensor or per-row scales, either scale name, with
+    ComfyUI's activation scales) gives identical bf16 weights through the checkpoint loader and
+    through the Causal Model from MODEL path, both equal to weight.float() * scale cast to bf16."""
+    from cascade_core.checkpoint import load_dit
+    from cascade_core.safe_io import save_safetensors
+
+    g = torch.Generator().manual_seed(7)
+    stored, expected = {}, {}
+    for k, v in WanModel.random(TINY, seed=2).state_dict().items():
+        if v.dim() == 2 and k.endswith(".weight"):
+            amax = v.abs().amax(dim=1, keepdim=True) if per_row else v.abs().max()
+            scale = (amax / torch.finfo(fp8).max).float() if naming else torch.tensor(1.0)
+            q = (v / scale).to(fp8)
+            stored[k] = q
+            if naming:
+                stored[k[: -len("weight")] + naming] = scale
+                stored[k[: -len("weight")] + "scale_input"] = torch.rand((), generator=g)
+            expected[k] = (q.float() * scale).bfloat16()
+        else:
+            stored[k], expected[k] = v, v.bfloat16()
+    path = str(tmp_path / "model.safetensors")
+    save_safetensors({"model.diffusion_model." + k: v for k, v in stored.items()}, path)
+    from_file, _ = load_dit(path, dtype=torch.bfloat16)
+    from_model, dtype = values_mod.compute_weights(dict(stored), torch.bfloat16)
+    assert dtype == torch.bfloat16
+    assert set(from_file) == set(from_model) == set(expected)
+    for k in expected:
+        assert torch.equal(from_file[k], expected[k]), k
+        assert torch.equal(from_model[k], expected[k]), k
