@@ -125,10 +125,12 @@ def single_tensor(path: str, what: str) -> torch.Tensor:
     return next(iter(tensors.values()))
 
 
+def _auto_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    devices = distributed.parse_devices(name)  # the one parser of device names: type, presence
+    devices = distributed.parse_devices(name, auto=_auto_device)  # the one parser of device names
     if len(devices) > 1:
         raise UsageError(f"--device takes one device; for several use --devices {name}")
     return devices[0]

@@ -93,6 +93,7 @@ from . import attention
 from .fp8 import Fp8Linear, quantize_layers
 from .kv_pool import PoolLayout
 from .model import WanConfig, WanModel
+from .parallel.devices import parse_devices
 from .sampler import (LATENT_CHANNELS, BlockEvent, CascadeConfig, Interrupted, Partition, PromptSchedule, Result,
                       TickEvent, generate as run_loop, initial_noise, latent_size)
 from .schedule import CascadeSchedule, FlowSchedule, Tick
@@ -122,54 +123,6 @@ class WorkerError(RuntimeError):
 
 
 # ---- devices --------------------------------------------------------------------------------------
-
-def _describe_cuda(count: int) -> str:
-    parts = []
-    for i in range(count):
-        try:
-            free, total = torch.cuda.mem_get_info(i)
-            parts.append(f"cuda:{i} ({torch.cuda.get_device_name(i)}, {free / GIB:.1f} of {total / GIB:.1f} GiB free)")
-        except Exception:  # noqa: BLE001 - decoration only
-            parts.append(f"cuda:{i}")
-    return ", ".join(parts)
-
-
-def parse_devices(spec: str | Sequence[str | torch.device]) -> list[torch.device]:
-    """Devices of a list such as "cuda:0,cuda:1" or "cpu,cpu"; ValueError naming what is wrong.
-
-    One type only; a GPU at most once (one process per GPU); CPU ranks may repeat.
-    """
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    devices = []
-    for item in items:
-        text = str(item).strip().lower()
-        if not text:
-            continue
-        try:
-            d = torch.device(text)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"devices: {text!r} is not a device; use cpu or cuda:N, e.g. cuda:0,cuda:1") from None
-        if d.type not in ("cpu", "cuda"):
-            raise ValueError(f"devices: {text!r} is not supported; use cpu or cuda:N")
-        devices.append(torch.device("cuda", d.index or 0) if d.type == "cuda" else torch.device("cpu"))
-    if not devices:
-        raise ValueError("devices: none given; use e.g. cuda:0,cuda:1 or cpu,cpu")
-    names = ",".join(str(d) for d in devices)
-    if len({d.type for d in devices}) > 1:
-        raise ValueError(f"devices: {names} mixes CPU and CUDA; use only cuda:N or only cpu")
-    gpus = [d for d in devices if d.type == "cuda"]
-    twice = sorted({str(d) for d in gpus if gpus.count(d) > 1})
-    if twice:
-        raise ValueError(f"devices: {', '.join(twice)} listed twice in {names}; one process per GPU")
-    if gpus:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        missing = [str(d) for d in gpus if d.index >= count]
-        if missing:
-            present = _describe_cuda(count) if count else "none"
-            raise ValueError(f"devices: {', '.join(missing)} not present; {names} asks for {len(gpus)} GPUs and "
-                             f"this machine has {count} CUDA device(s): {present}")
-    return devices
-
 
 def _loopback_interface() -> str | None:
     try:

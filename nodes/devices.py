@@ -1,8 +1,8 @@
 """Every decision about devices, in one place.
 
-- :func:`parse` turns the config's ``devices`` text ("auto", "cpu", "cuda:0", "cuda:0,cuda:1") into a
-  list of torch devices, checking that each is present (a pure function of the text and of what is
-  installed, so it runs at validation time).
+- :func:`check` turns the config's ``devices`` text ("auto", "cpu", "cuda:0", "cuda:0,cuda:1") into a
+  list of torch devices through the engine's parser, checking that each is present (a pure function
+  of the text and of what is installed, so it runs at validation time).
 - :func:`runner` is the one place where one device and several part: one device runs the engine in
   ComfyUI's process, several run through cascade_core.distributed's persistent worker pool (one
   process per GPU, the KV pool shared over NCCL), with the same arguments and result.
@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+
+from cascade_core.parallel import devices as engine_devices
 
 GIB = 1024 ** 3
 
@@ -35,7 +37,7 @@ def default_device() -> torch.device:
 
 
 def cuda_count() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return engine_devices.cuda_count()
 
 
 def free_bytes(device: torch.device) -> int:
@@ -49,59 +51,12 @@ def free_bytes(device: torch.device) -> int:
     return 1 << 62
 
 
-def describe_cuda(count: int | None = None, free: Callable[[torch.device], int] | None = None) -> str:
-    """'cuda:0 (NVIDIA H100, 71.2 GiB free), cuda:1 (...)' or 'no CUDA device'."""
-    count = cuda_count() if count is None else count
-    free = free or free_bytes
-    if count == 0:
-        return "no CUDA device"
-    parts = []
-    for i in range(count):
-        d = torch.device("cuda", i)
-        try:
-            name = torch.cuda.get_device_name(i)
-        except Exception:  # noqa: BLE001 - a name is decoration only
-            name = "GPU"
-        parts.append(f"cuda:{i} ({name}, {free(d) / GIB:.1f} GiB free)")
-    return ", ".join(parts)
-
-
-def parse(spec: str, count: int | None = None) -> list[torch.device]:
-    """Devices named by ``spec``; raises ValueError naming what is present when one is not."""
-    text = (spec or "").strip().lower()
-    if text in ("", "auto"):
-        return [default_device()]
-    count = cuda_count() if count is None else count
-    devices: list[torch.device] = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        try:
-            d = torch.device(item)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"devices: {item!r} is not a device; use auto, cpu, cuda:N or a list "
-                             f"such as cuda:0,cuda:1") from None
-        if d.type not in ("cpu", "cuda"):
-            raise ValueError(f"devices: {item!r} is not supported; use auto, cpu or cuda:N")
-        if d.type == "cuda":
-            d = torch.device("cuda", d.index or 0)
-            if d.index >= count:
-                raise ValueError(f"devices: {item} is not present; this machine has {count} CUDA "
-                                 f"device(s): {describe_cuda(count) if count else 'none'}")
-        if d.type == "cuda" and d in devices:  # cpu,cpu is fine: several CPU processes (gloo)
-            raise ValueError(f"devices: {item} is listed twice")
-        devices.append(d)
-    if not devices:
-        raise ValueError("devices: no device given; use auto, cpu, cuda:N or a list such as cuda:0,cuda:1")
-    return devices
-
-
 def check(spec: str) -> list[torch.device]:
-    """parse, plus what several devices need: all of one kind (cuda or cpu)."""
-    devices = parse(spec)
-    if len({d.type for d in devices}) > 1:
-        raise ValueError(f"devices: {spec} mixes CPU and GPUs; list only cuda:N devices, or only cpu")
-    return devices
+    """The config's ``devices`` text as torch devices, by the engine's parser
+    (:func:`cascade_core.parallel.devices.parse_devices`) with ComfyUI's hooks: "auto" (or nothing)
+    is ComfyUI's own device, and a missing GPU's message lists the GPUs present with ComfyUI's free
+    memory. Raises ValueError naming what is wrong."""
+    return engine_devices.parse_devices(spec, auto=default_device, count=cuda_count(), free=free_bytes)
 
 
 def runner(devices: Sequence[torch.device]):

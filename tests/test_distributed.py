@@ -239,7 +239,7 @@ def test_device_lists_are_checked():
         with pytest.raises(ValueError, match=message):
             parse_devices(spec)
     if torch.cuda.device_count() < 8:
-        with pytest.raises(ValueError, match=r"cuda:7 not present; .* CUDA device\(s\)"):
+        with pytest.raises(ValueError, match=r"cuda:7 is not present; .* CUDA device\(s\)"):
             parse_devices("cuda:0,cuda:7")
 
 

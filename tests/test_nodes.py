@@ -558,7 +558,7 @@ def test_devices_absent_several_or_full_are_named_with_their_free_memory(model, 
     monkeypatch.setattr(devices_mod, "free_bytes", lambda d: (3 * GIB) // (1 + d.index))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Test GPU")
     assert config(devices="cuda:0,cuda:1").devices == "cuda:0,cuda:1"
-    with pytest.raises(ValueError, match="mixes CPU and GPUs"):
+    with pytest.raises(ValueError, match="mixes CPU and CUDA"):
         config(devices="cpu,cuda:0")
     with pytest.raises(ValueError) as exc:
         config(devices="cuda:0,cuda:2")
@@ -775,3 +775,29 @@ def test_fp8_weights_read_the_same_from_a_file_and_from_a_core_model(fp8, naming
     for k in expected:
         assert torch.equal(from_file[k], expected[k]), k
         assert torch.equal(from_model[k], expected[k]), k
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("cpu,cuda:0", "devices: cpu,cuda:0 mixes CPU and CUDA; use only cuda:N or only cpu"),
+    ("cuda:1,cuda:1", "devices: cuda:1 is listed twice in cuda:1,cuda:1; one process per GPU"),
+    ("cuda:0,cuda:2", "devices: cuda:2 is not present; cuda:0,cuda:2 asks for 2 GPU(s) and this machine has 2 "
+                      "CUDA device(s): cuda:0 (Test GPU, 3.0 GiB free), cuda:1 (Test GPU, 1.5 GiB free)"),
+])
+def test_the_node_and_the_command_line_parse_device_lists_alike(spec, message, monkeypatch, capsys):
+    """One parser: the config node and --devices refuse a bad list with the same words; the node
+    adds ComfyUI's free memory (the command line, the device's own)."""
+    from cascade_core.cli import main as cli_main
+
+    GIB = 1024 ** 3
+    monkeypatch.setattr(devices_mod, "cuda_count", lambda: 2)
+    monkeypatch.setattr(devices_mod, "free_bytes", lambda d: (3 * GIB) // (1 + d.index))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (3 * GIB // (1 + torch.device(d).index), 8 * GIB))
+    with pytest.raises(ValueError) as exc:
+        config(devices=spec)
+    assert str(exc.value) == message
+    assert cli_main(["generate", "--width", "64", "--height", "32", "--blocks", "1", "--quiet",
+                     "--devices", spec]) == 2
+    assert capsys.readouterr().err.strip().endswith(message)
