@@ -91,7 +91,7 @@ import torch.distributed as dist
 
 from . import attention
 from .fp8 import Fp8Linear, quantize_layers
-from .kv_pool import PoolLayout
+from .memory import estimate_run_bytes
 from .model import WanConfig, WanModel
 from .parallel.devices import parse_devices
 from .sampler import (LATENT_CHANNELS, BlockEvent, CascadeConfig, Interrupted, Partition, PromptSchedule, Result,
@@ -236,24 +236,6 @@ def _make_job(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, bloc
            "noise": noise is not None, "backend": attention.get_backend(),
            "fault": os.environ.get(TEST_FAULT_ENV) or None}
     return job, {"embeds": embeds, "noise": noise}
-
-
-def _run_bytes(model_cfg: dict, job: dict, world: int, dtype: str) -> int:
-    """About how much device memory one rank needs for a run besides the weights."""
-    c, cfg = WanConfig(**model_cfg), job["cfg"]
-    h, w = latent_size(job["width"], job["height"], c.patch_size)
-    tpf = (h // c.patch_size[1]) * (w // c.patch_size[2])
-    fpb, par = cfg["frames_per_block"], cfg["parallel"]
-    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=job["blocks"] * fpb,
-                        window=cfg["window"], sink=cfg["sink"], max_in_flight=par)
-    elem = _dtype(dtype).itemsize
-    kv = 2 * c.num_layers * layout.capacity_frames * tpf * c.dim * elem
-    share = -(-par // world)
-    exchange = (world + 1) * share * 2 * fpb * tpf * c.dim * elem
-    activations = share * fpb * tpf * (c.ffn_dim + 8 * c.dim) * elem * 2
-    if cfg["flashblock"] == "reuse":
-        activations += c.num_layers * par * fpb * tpf * c.dim * (elem + 4)
-    return int((kv + exchange + activations) * 1.2) + (256 << 20)
 
 
 # ---- one rank: the same loop as one process, through a RankPartition ------------------------------
@@ -824,10 +806,9 @@ class WorkerPool:
                              f"about {need / GIB:.2f} GiB ({what}); {listing}. Free the GPUs, use fewer blocks, "
                              f"a window, a smaller size, or other devices.")
 
-    def _upload(self, model: WanModel, run_bytes: int) -> None:
+    def _upload(self, model: WanModel, run_bytes: int, what: str) -> None:
         spec, sd = _weights_plan(model)
-        self._check_memory(spec["bytes"] + run_bytes, f"weights {spec['bytes'] / GIB:.2f} GiB + run "
-                                                      f"{run_bytes / GIB:.2f} GiB")
+        self._check_memory(spec["bytes"] + run_bytes, f"weights {spec['bytes'] / GIB:.2f} GiB, {what}")
         self._busy = True
         for w in self._workers:
             w.cmd.send(("load", spec))
@@ -871,12 +852,12 @@ class WorkerPool:
                 self._shutdown(graceful=False)
                 self._start()
             try:
-                run_bytes = _run_bytes(dataclasses.asdict(model.cfg), job, self.world_size,
-                                       _dtype_name(model.dtype))
+                run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
+                                                     len(prompts.entries), 0, ranks=self.world_size)
                 if not self._weights_current(model):
-                    self._upload(model, run_bytes)
+                    self._upload(model, run_bytes, what)
                 else:
-                    self._check_memory(run_bytes, f"KV cache and activations {run_bytes / GIB:.2f} GiB")
+                    self._check_memory(run_bytes, what)
                 return self._run(model, job, tensors, on_tick, on_block, should_stop)
             except BaseException:
                 if self._busy:  # KeyboardInterrupt, a broken pipe, ...: no half-done command survives

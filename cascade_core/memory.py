@@ -16,12 +16,14 @@ GIB = 1024 ** 3
 
 
 def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks: int, width: int, height: int,
-                       prompts: int, vae_bytes: int) -> tuple[int, str]:
+                       prompts: int, vae_bytes: int, ranks: int = 1) -> tuple[int, str]:
     """About how many bytes a run needs on its device besides the DiT weights, and what they are made of.
 
     ``model_cfg``: the model's :class:`~cascade_core.model.WanConfig`; ``dtype``: the DiT's dtype;
     ``width``/``height`` in pixels (ValueError unless multiples of 16); ``prompts``: entries of the
-    prompt schedule; ``vae_bytes``: the decoder's weights in bytes (0 without a VAE).
+    prompt schedule; ``vae_bytes``: the decoder's weights in bytes (0 without a VAE); ``ranks``: the
+    devices of a worker pool (each keeps a full KV cache replica, computes its share of the blocks in
+    flight and holds the k/v all-gather buffers): the result is then one rank's need.
     Returns (bytes, "KV cache x GiB, activations y GiB, VAE z GiB").
     """
     c = model_cfg
@@ -33,7 +35,10 @@ def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks
     elem = 4 if dtype == torch.float32 else 2
     kv = 2 * c.num_layers * layout.capacity_frames * tpf * c.dim * elem
     tokens = cfg.parallel * fpb * tpf
-    activations = tokens * (c.ffn_dim + 8 * c.dim) * elem * 2
+    share = -(-cfg.parallel // ranks) * fpb * tpf  # tokens of the largest share of the blocks in flight
+    activations = share * (c.ffn_dim + 8 * c.dim) * elem * 2
+    if ranks > 1:  # the all-gather of one layer's k/v: a send share and every rank's share
+        activations += (ranks + 1) * share * 2 * c.dim * elem
     if cfg.flashblock != "off":
         activations += c.num_layers * tokens * c.dim * 4 * 2  # kept block-external outputs + log-sum-exp
     text = prompts * c.num_layers * 2 * c.text_len * c.dim * elem

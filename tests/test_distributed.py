@@ -231,6 +231,28 @@ def test_full_device_is_refused_naming_devices_and_free_memory(model, prompt, po
     assert pool2.alive
 
 
+def test_each_rank_is_held_to_the_engines_one_memory_estimate(model, prompt, pool2):
+    """The pool refuses a run exactly when a rank has less room than memory.estimate_run_bytes says
+    one of its ranks needs (the nodes' and the command line's estimate, per-rank share)."""
+    from cascade_core.memory import estimate_run_bytes
+
+    cfg = CascadeConfig(frames_per_block=2, parallel=2)
+    pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=2, **RUN)  # weights uploaded
+    need, what = estimate_run_bytes(model.cfg, model.dtype, cfg, 2, RUN["width"], RUN["height"], 1, 0, ranks=2)
+    assert need < estimate_run_bytes(model.cfg, model.dtype, cfg, 2, RUN["width"], RUN["height"], 1, 0)[0]
+    try:
+        for w in pool2._workers:
+            w.memory = (need - 1, 80 << 30)
+        with pytest.raises(ValueError, match=rf"each rank needs about {need / (1 << 30):.2f} GiB \({what}\)"):
+            pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=2, **RUN)
+        for w in pool2._workers:
+            w.memory = (need, 80 << 30)
+        pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=2, **RUN)
+    finally:
+        for w in pool2._workers:
+            w.memory = None
+
+
 def test_device_lists_are_checked():
     assert parse_devices("cpu, cpu,cpu") == [torch.device("cpu")] * 3
     assert parse_devices(["cpu", torch.device("cpu")]) == [torch.device("cpu")] * 2
