@@ -2,6 +2,7 @@
 parser the CLI, the worker pool and the nodes share."""
 from __future__ import annotations
 
+import socket
 from typing import Callable, Sequence
 
 import torch
@@ -78,3 +79,33 @@ def parse_devices(spec: str | Sequence[str | torch.device], *, auto: Callable[[]
             raise ValueError(f"devices: {', '.join(missing)} is not present; {names} asks for {len(gpus)} GPU(s) "
                              f"and this machine has {count} CUDA device(s): {describe_cuda(count, free)}")
     return devices
+
+
+def _loopback_interface() -> str | None:
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except (OSError, AttributeError):
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment every worker sets before it touches NCCL or gloo."""
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    lo = _loopback_interface()
+    if lo:  # the pool is one host: bootstrap and gloo traffic stay on the loopback interface
+        env.update(GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo)
+    return env
+
+
+def _missing_peer_access(devices: Sequence[torch.device]) -> list[tuple[int, int]]:
+    idx = [d.index for d in devices if d.type == "cuda"]
+    return [(a, b) for a in idx for b in idx if a != b and not torch.cuda.can_device_access_peer(a, b)]
+
+
+def _free_bytes(device: torch.device) -> tuple[int, int] | None:
+    """(usable, total) bytes of a CUDA device for this process (free + cached but unused)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)), int(total)

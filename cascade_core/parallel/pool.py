@@ -1,0 +1,420 @@
+"""The pool's lifecycle on the caller's side: start, upload, run, failure and close of the worker
+processes (see :mod:`cascade_core.distributed`), and the module's pool."""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import logging
+import socket
+import threading
+import time
+import weakref
+from multiprocessing import connection as mp_connection
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..model import WanModel
+from ..sampler import (LATENT_CHANNELS, BlockEvent, CascadeConfig, Interrupted, PromptSchedule, Result, TickEvent,
+                       latent_size)
+from ..memory import GIB, estimate_run_bytes
+from .devices import _worker_env, parse_devices
+from .faults import WorkerError, _compose_error
+from .rank import DEFAULT_TIMEOUT
+from .wire import _fingerprint, _from_wire, _make_job, _pack, _to_wire, _weights_plan
+from .worker import _spawn_without_main, _stable_target
+
+log = logging.getLogger("block_cascade")
+START_TIMEOUT = 180.0  # seconds for every worker to start and meet
+GRACE = 2.0  # seconds to gather what the other ranks say after a failure
+CLOSE_WAIT = 10.0  # seconds close() waits for an interrupted run to end before killing the workers
+
+class _Worker:
+    def __init__(self, rank, device, process, cmd, events, lifeline):
+        self.rank, self.device, self.process = rank, device, process
+        self.cmd, self.events, self.lifeline = cmd, events, lifeline
+        self.memory = None  # (usable, total) bytes on its GPU, as last reported
+        self.threads = None  # CPU threads it ran its last job with
+
+
+class WorkerPool:
+    """Persistent workers, one rank per device; see the module docstring."""
+
+    def __init__(self, devices: str | Sequence[str | torch.device], *, timeout: float = DEFAULT_TIMEOUT,
+                 threads: int | None = None):
+        self.devices = parse_devices(devices)
+        self.timeout = float(timeout)
+        self.threads = threads  # None: the caller's thread count at each run
+        self._workers: list[_Worker] = []
+        self._lock = threading.RLock()
+        self._weights = None  # (weakref to the model, fingerprint) of the weights the workers hold
+        self._store = None
+        self._closed = False
+        self._busy = False  # the workers are in the middle of a command
+        self._options: dict = {}
+        self.p2p_disabled = False
+        _POOLS.add(self)
+        self._start()
+
+    # ---- state ------------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    @property
+    def worker_threads(self) -> list[int | None]:
+        """CPU threads each worker ran its last run with (None before its first run)."""
+        return [w.threads for w in self._workers]
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._workers) and all(w.process.is_alive() for w in self._workers)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"WorkerPool({','.join(map(str, self.devices))}, alive={self.alive})"
+
+    # ---- start and stop ---------------------------------------------------------------------------
+    def _start(self) -> None:
+        ctx = torch.multiprocessing.get_context("spawn")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        self._store = dist.TCPStore("127.0.0.1", port, None, True, datetime.timedelta(seconds=self.timeout),
+                                    wait_for_workers=False, master_listen_fd=sock.detach())
+        self._stop_flag = ctx.Value("b", 0, lock=False)
+        options = {"env": _worker_env(), "timeout": self.timeout}
+        names = [str(d) for d in self.devices]
+        self._weights = None
+        try:
+            with _stable_target() as target, _spawn_without_main():
+                for rank, device in enumerate(names):
+                    cmd_r, cmd_w = ctx.Pipe(duplex=False)
+                    ev_r, ev_w = ctx.Pipe(duplex=False)
+                    life_r, life_w = ctx.Pipe(duplex=False)
+                    p = ctx.Process(target=target, name=f"block-cascade-rank{rank}",
+                                    args=(rank, names, port, cmd_r, ev_w, life_r, self._stop_flag, options))
+                    p.start()
+                    for end in (cmd_r, ev_w, life_r):
+                        end.close()
+                    self._workers.append(_Worker(rank, device, p, cmd_w, ev_r, life_w))
+            ready = set()
+
+            def on_ready(msg):
+                if msg[0] == "ready":
+                    ready.add(msg[1])
+                    self._workers[msg[1]].memory = msg[2]
+                    self.p2p_disabled |= bool(msg[3].get("p2p_disabled"))
+            self._pump(on_ready, lambda: len(ready) == len(self._workers), "start-up", START_TIMEOUT)
+        except BaseException:
+            self._shutdown(graceful=False)
+            raise
+        if self.p2p_disabled:
+            log.warning("Block Cascade: some of %s lack peer access; NCCL_P2P_DISABLE=1 in the workers",
+                        ",".join(names))
+
+    def close(self, wait: float = CLOSE_WAIT) -> None:
+        """Stop every worker and wait for them; idempotent. A run in progress (in another thread) is
+        interrupted at its next tick and given ``wait`` seconds to end (it raises
+        :class:`sampler.Interrupted`); if it has not by then (a rank stuck in a collective), the
+        workers are killed, which ends that run with a :class:`WorkerError`."""
+        self._closed = True
+        if self._workers:
+            self._stop_flag.value = 1
+        if not self._lock.acquire(timeout=wait):
+            for w in list(self._workers):  # the running thread sees the deaths and tears down
+                with contextlib.suppress(OSError, ValueError):
+                    w.process.kill()
+            return
+        try:
+            self._shutdown(graceful=True)
+        finally:
+            self._lock.release()
+
+    def drop_weights(self) -> None:
+        """Forget the uploaded weights; the next run uploads them again (for in-place edits the
+        version counters cannot see, e.g. of inference tensors)."""
+        with self._lock:
+            self._weights = None
+            for w in self._workers:
+                with contextlib.suppress(OSError):
+                    w.cmd.send(("drop",))
+
+    def _shutdown(self, graceful: bool) -> None:
+        workers, self._workers = self._workers, []
+        self._weights = None
+        if graceful:
+            for w in workers:
+                with contextlib.suppress(OSError, ValueError):
+                    w.cmd.send(("close",))
+            deadline = time.monotonic() + 5.0
+            for w in workers:
+                w.process.join(max(0.0, deadline - time.monotonic()))
+        for w in workers:  # the lifeline's end: a worker that is still there exits by itself
+            with contextlib.suppress(OSError):
+                w.lifeline.close()
+        for step in ("wait", "terminate", "kill"):
+            alive = [w for w in workers if w.process.is_alive()]
+            if not alive:
+                break
+            for w in alive:
+                if step != "wait":
+                    with contextlib.suppress(OSError, ValueError):
+                        getattr(w.process, step)()
+            deadline = time.monotonic() + 2.0
+            for w in alive:
+                w.process.join(max(0.0, deadline - time.monotonic()))
+        for w in workers:
+            w.process.join(1.0)
+            for conn in (w.cmd, w.events):
+                with contextlib.suppress(OSError):
+                    conn.close()
+            with contextlib.suppress(ValueError):
+                w.process.close()
+        self._store = None
+
+    # ---- waiting on the workers -------------------------------------------------------------------
+    def _pump(self, handle: Callable[[tuple], None], finished: Callable[[], bool], phase: str,
+              silence: float, poll: Callable[[], None] | None = None) -> None:
+        """Dispatch the workers' messages until ``finished()``; any death or error fails the pool."""
+        last = time.monotonic()
+        while not finished():
+            conns = {w.events: w for w in self._workers}
+            sentinels = {w.process.sentinel: w for w in self._workers}
+            ready = mp_connection.wait(list(conns) + list(sentinels), timeout=0.1)
+            for obj in sorted(ready, key=lambda o: o not in conns):  # messages before deaths
+                if obj in conns:
+                    try:
+                        msg = obj.recv()
+                    except (EOFError, OSError):
+                        self._fail(phase)
+                    last = time.monotonic()
+                    if msg[0] == "error":
+                        self._fail(phase, first=msg)
+                    handle(msg)
+                else:
+                    self._fail(phase)
+            if poll is not None:
+                poll()
+            if time.monotonic() - last > silence:
+                self._fail(phase, silent=silence)
+
+    def _fail(self, phase: str, first: tuple | None = None, silent: float | None = None):
+        """Gather what every rank says for a moment, stop all workers, raise a WorkerError."""
+        errors = {first[1]: first[2]} if first else {}
+        closed: set[int] = set()
+        deadline = time.monotonic() + GRACE
+        while True:
+            for w in self._workers:
+                try:
+                    while w.rank not in errors and w.events.poll():
+                        msg = w.events.recv()
+                        if msg[0] == "error":
+                            errors[msg[1]] = msg[2]
+                except (EOFError, OSError):
+                    closed.add(w.rank)
+            waiting = [w for w in self._workers if w.rank not in errors and w.rank not in closed]
+            if not waiting or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        dead = {}
+        for w in self._workers:
+            w.process.join(0.05 if w.rank in errors else 0.3)
+            if w.rank not in errors and w.process.exitcode is not None:
+                dead[w.rank] = w.process.exitcode
+        workers = list(self._workers)
+        self._shutdown(graceful=False)
+        raise _compose_error(workers, phase, errors, dead, silent)
+
+    # ---- weights ----------------------------------------------------------------------------------
+    def _check_memory(self, need: int, what: str) -> None:
+        short = [w for w in self._workers if w.memory is not None and w.memory[0] < need]
+        if short:
+            listing = ", ".join(f"{w.device} {w.memory[0] / GIB:.2f} of {w.memory[1] / GIB:.1f} GiB free"
+                                for w in self._workers if w.memory is not None)
+            raise ValueError(f"not enough GPU memory on {', '.join(w.device for w in short)}: each rank needs "
+                             f"about {need / GIB:.2f} GiB ({what}); {listing}. Free the GPUs, use fewer blocks, "
+                             f"a window, a smaller size, or other devices.")
+
+    def _upload(self, model: WanModel, run_bytes: int, what: str) -> None:
+        spec, sd = _weights_plan(model)
+        self._check_memory(spec["bytes"] + run_bytes, f"weights {spec['bytes'] / GIB:.2f} GiB, {what}")
+        self._busy = True
+        for w in self._workers:
+            w.cmd.send(("load", spec))
+        loaded, acked = set(), set()
+
+        def on_msg(msg):
+            if msg[0] == "chunk_ok":
+                acked.add(msg[1])
+            elif msg[0] == "loaded":
+                loaded.add(msg[1])
+                self._workers[msg[1]].memory = msg[2]
+        for index, (metas, size) in enumerate(zip(spec["chunks"], spec["sizes"])):
+            flat = _pack(sd, metas, size, "cpu", shared=True)
+            self._workers[0].cmd.send(("chunk", index, flat))
+            self._pump(on_msg, lambda: index in acked, "the weight upload", self.timeout + 30)
+            del flat
+        self._pump(on_msg, lambda: len(loaded) == len(self._workers), "the weight upload", self.timeout + 30)
+        self._busy = False
+        self._weights = (weakref.ref(model), _fingerprint(model))
+
+    def _weights_current(self, model: WanModel) -> bool:
+        if self._weights is None:
+            return False
+        ref, fingerprint = self._weights
+        return ref() is model and fingerprint == _fingerprint(model)
+
+    # ---- a run ------------------------------------------------------------------------------------
+    def generate(self, model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int,
+                 width: int, height: int, seed: int = 0, noise: torch.Tensor | None = None,
+                 on_tick: Callable[[TickEvent], None] | None = None,
+                 on_block: Callable[[BlockEvent], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Result:
+        """Like :func:`sampler.generate`, spread over the pool's devices (see the module docstring)."""
+        job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this WorkerPool was closed")
+            if not self.alive:
+                if self._workers:
+                    log.warning("Block Cascade: a worker of %s is gone; starting the pool again", self)
+                self._shutdown(graceful=False)
+                self._start()
+            try:
+                run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
+                                                     len(prompts.entries), 0, ranks=self.world_size)
+                if not self._weights_current(model):
+                    self._upload(model, run_bytes, what)
+                else:
+                    self._check_memory(run_bytes, what)
+                return self._run(model, job, tensors, on_tick, on_block, should_stop)
+            except BaseException:
+                if self._busy:  # KeyboardInterrupt, a broken pipe, ...: no half-done command survives
+                    self._shutdown(graceful=False)
+                raise
+            finally:
+                self._busy = False
+
+    def _run(self, model, job, tensors, on_tick, on_block, should_stop) -> Result:
+        wire = {"embeds": [_to_wire(e) for e in tensors["embeds"]],
+                "noise": None if tensors["noise"] is None else _to_wire(tensors["noise"])}
+        self._stop_flag.value = int(self._closed)  # a close() from another thread stops it at once
+        self._busy = True
+        job = {**job, "threads": self.threads or torch.get_num_threads()}
+        for w in self._workers:
+            w.cmd.send(("run", job, wire if w.rank == 0 else None))
+        fpb = job["cfg"]["frames_per_block"]
+        h, w_ = latent_size(job["width"], job["height"], model.cfg.patch_size)
+        out = torch.empty((1, LATENT_CHANNELS, job["blocks"] * fpb, h, w_), dtype=model.dtype, device=model.device)
+        finished, interrupted, state = set(), {}, {"stats": None, "error": None, "blocks": 0}
+
+        def stop_all(exc: BaseException | None = None) -> None:
+            if exc is not None and state["error"] is None:
+                state["error"] = exc
+            self._stop_flag.value = 1
+
+        def on_msg(msg):
+            tag = msg[0]
+            if tag == "done":
+                finished.add(msg[1])
+                self._workers[msg[1]].memory = msg[3]
+                self._workers[msg[1]].threads = msg[4]
+                if msg[1] == 0:
+                    state["stats"] = msg[2]
+            elif tag == "interrupted":
+                finished.add(msg[1])
+                interrupted[msg[1]] = (msg[2], msg[3])
+            elif state["error"] is not None:
+                return  # the caller's code failed: only wait for the ranks to stop
+            elif tag == "tick" and on_tick is not None:
+                try:
+                    on_tick(TickEvent(*msg[1:]))
+                except BaseException as exc:  # noqa: BLE001 - re-raised once every rank stopped
+                    stop_all(exc)
+            elif tag == "block":
+                latents = _from_wire(msg[2]).to(model.device, model.dtype)
+                b = msg[1]
+                out[:, :, b * fpb:(b + 1) * fpb] = latents
+                state["blocks"] += 1
+                if on_block is not None:
+                    try:
+                        on_block(BlockEvent(b, latents, msg[3], msg[4]))
+                    except BaseException as exc:  # noqa: BLE001
+                        stop_all(exc)
+
+        def poll():
+            if should_stop is not None and not self._stop_flag.value and state["error"] is None:
+                try:
+                    if should_stop():
+                        stop_all()
+                except BaseException as exc:  # noqa: BLE001
+                    stop_all(exc)
+
+        self._pump(on_msg, lambda: len(finished) == len(self._workers), "a run", self.timeout + 30, poll)
+        self._busy = False  # every rank is idle again: whatever follows leaves the pool usable
+        if state["error"] is not None:
+            raise state["error"]
+        if interrupted:
+            if len(interrupted) != len(self._workers):  # cannot happen: the ranks agree on the tick
+                self._shutdown(graceful=False)
+                raise WorkerError(f"the ranks did not stop together ({interrupted}); the pool was shut down")
+            tick, message = interrupted[0]
+            exc = Interrupted(message)
+            exc.tick = tick
+            raise exc
+        ticks, forwards, seconds, first = state["stats"]
+        if state["blocks"] != job["blocks"]:
+            raise WorkerError(f"rank 0 reported {state['blocks']} of {job['blocks']} blocks")
+        return Result(out, job["blocks"], ticks, forwards, seconds, first)
+
+
+_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+_CURRENT: WorkerPool | None = None
+_CURRENT_LOCK = threading.Lock()
+
+
+def get_pool(devices: str | Sequence[str | torch.device], **options) -> WorkerPool:
+    """The pool for ``devices`` (started on first use, reused after; a failed pool restarts itself
+    on its next run). Another device list or other options close the current pool first."""
+    global _CURRENT
+    key = tuple(parse_devices(devices))
+    with _CURRENT_LOCK:
+        pool = _CURRENT
+        if pool is not None and not pool.closed and tuple(pool.devices) == key and pool._options == options:
+            return pool
+        if pool is not None:
+            pool.close()
+        _CURRENT = None
+        pool = WorkerPool(list(key), **options)
+        pool._options = options
+        _CURRENT = pool
+        return pool
+
+
+def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *,
+             devices: str | Sequence[str | torch.device], **kw) -> Result:
+    """:func:`sampler.generate` on several devices through the module's pool."""
+    return get_pool(devices).generate(model, prompts, cfg, **kw)
+
+
+def close_pools() -> None:
+    """Close every pool of this process (registered with atexit)."""
+    global _CURRENT
+    _CURRENT = None
+    for pool in list(_POOLS):
+        with contextlib.suppress(Exception):
+            pool.close()
+
+
+atexit.register(close_pools)
