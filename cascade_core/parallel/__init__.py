@@ -1,5 +1,11 @@
 """Several devices, one video: the parts of :mod:`cascade_core.distributed` (its docstring describes
-the whole), one job per module.
+the whole and re-exports the public API), one job per module.
 
-- :mod:`.devices`: the device list syntax, checked against the machine.
+- :mod:`.devices`: the device list syntax checked against the machine, and the host's facts.
+- :mod:`.wire`: tensors, the weights' plan and chunks, and the job, across process boundaries.
+- :mod:`.partition`: a tick's blocks over the ranks and the per-layer k/v all-gather.
+- :mod:`.rank`: the per-rank engine, also for a process group made by torchrun.
+- :mod:`.worker`: the worker process, imported by its stable name.
+- :mod:`.pool`: the pool's lifecycle on the caller's side, and the module's pool.
+- :mod:`.faults`: a rank's failures and the one message composed from them.
 """
