@@ -36,18 +36,33 @@ RUN = dict(width=64, height=32, seed=7)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
+_SHARED: dict[str, WorkerPool] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_shared_pools():
+    yield
+    for pool in _SHARED.values():
+        pool.close()
+
+
+def shared_pool(devices: str) -> WorkerPool:
+    """One pool per device list for the module, started again where a test closed it (close_pools
+    closes every pool of the process)."""
+    pool = _SHARED.get(devices)
+    if pool is None or pool.closed:
+        pool = _SHARED[devices] = WorkerPool(devices, threads=1, timeout=60)
+    return pool
+
+
+@pytest.fixture
 def pool2():
-    pool = WorkerPool("cpu,cpu", threads=1, timeout=60)
-    yield pool
-    pool.close()
+    return shared_pool("cpu,cpu")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pool3():
-    pool = WorkerPool("cpu,cpu,cpu", threads=1, timeout=60)
-    yield pool
-    pool.close()
+    return shared_pool("cpu,cpu,cpu")
 
 
 def gone(pid: int) -> bool:

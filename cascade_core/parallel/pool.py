@@ -409,10 +409,11 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *,
 
 
 def close_pools() -> None:
-    """Close every pool of this process (registered with atexit)."""
+    """Close every pool of this process (registered with atexit); a pool in the middle of a run
+    first, so that run stops at its next tick rather than after the idle pools have shut down."""
     global _CURRENT
     _CURRENT = None
-    for pool in list(_POOLS):
+    for pool in sorted(_POOLS, key=lambda p: not p._busy):
         with contextlib.suppress(Exception):
             pool.close()
 
