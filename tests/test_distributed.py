@@ -246,6 +246,31 @@ def test_full_device_is_refused_naming_devices_and_free_memory(model, prompt, po
     assert pool2.alive
 
 
+def test_new_weights_may_use_the_memory_of_the_weights_they_replace(prompt, pool2):
+    """A pool that holds weights W and reports u usable bytes per GPU takes new weights of the same
+    size when u + W covers them and the run (the workers drop W first); it refuses them when even
+    u + W does not. (What the workers' caching allocators keep unused is in u already.)"""
+    from cascade_core.memory import estimate_run_bytes
+
+    cfg = CascadeConfig(frames_per_block=2)
+    first, second = WanModel.random(TINY, seed=11), WanModel.random(TINY, seed=12)
+    pool2.generate(first, PromptSchedule.single(prompt), cfg, blocks=2, **RUN)  # the pool holds `first`
+    weights = sum(t.numel() * t.element_size() for t in first.state_dict().values())
+    run, _ = estimate_run_bytes(first.cfg, first.dtype, cfg, 2, RUN["width"], RUN["height"], 1, 0, ranks=2)
+    try:
+        for w in pool2._workers:  # what a CUDA worker reports: (usable, total) bytes
+            w.memory = (run + weights // 2, 80 << 30)  # too little beside `first`, enough instead of it
+        pool2.generate(second, PromptSchedule.single(prompt), cfg, blocks=2, **RUN)
+        for w in pool2._workers:
+            w.memory = (run // 2, 80 << 30)  # not enough even without the held weights
+        with pytest.raises(ValueError, match="not enough GPU memory"):
+            pool2.generate(first, PromptSchedule.single(prompt), cfg, blocks=2, **RUN)
+    finally:
+        for w in pool2._workers:
+            w.memory = None
+    assert pool2.alive
+
+
 def test_each_rank_is_held_to_the_engines_one_memory_estimate(model, prompt, pool2):
     """The pool refuses a run exactly when a rank has less room than memory.estimate_run_bytes says
     one of its ranks needs (the nodes' and the command line's estimate, per-rank share)."""

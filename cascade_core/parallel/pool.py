@@ -50,6 +50,7 @@ class WorkerPool:
         self._workers: list[_Worker] = []
         self._lock = threading.RLock()
         self._weights = None  # (weakref to the model, fingerprint) of the weights the workers hold
+        self._held_bytes = 0  # bytes of weights each worker holds (reusable for new ones: dropped first)
         self._store = None
         self._closed = False
         self._busy = False  # the workers are in the middle of a command
@@ -95,7 +96,7 @@ class WorkerPool:
         self._stop_flag = ctx.Value("b", 0, lock=False)
         options = {"env": _worker_env(), "timeout": self.timeout}
         names = [str(d) for d in self.devices]
-        self._weights = None
+        self._weights, self._held_bytes = None, 0
         try:
             with _stable_target() as target, _spawn_without_main():
                 for rank, device in enumerate(names):
@@ -237,8 +238,11 @@ class WorkerPool:
         raise _compose_error(workers, phase, errors, dead, silent)
 
     # ---- weights ----------------------------------------------------------------------------------
-    def _check_memory(self, need: int, what: str) -> None:
-        short = [w for w in self._workers if w.memory is not None and w.memory[0] < need]
+    def _check_memory(self, need: int, what: str, reusable: int = 0) -> None:
+        """Refuse ``need`` bytes per rank unless each GPU has them: its last reported usable memory
+        (free, plus what its own caching allocator keeps unused) plus ``reusable`` bytes the worker
+        frees before it allocates (the weights it holds, when new ones replace them)."""
+        short = [w for w in self._workers if w.memory is not None and w.memory[0] + reusable < need]
         if short:
             listing = ", ".join(f"{w.device} {w.memory[0] / GIB:.2f} of {w.memory[1] / GIB:.1f} GiB free"
                                 for w in self._workers if w.memory is not None)
@@ -248,7 +252,8 @@ class WorkerPool:
 
     def _upload(self, model: WanModel, run_bytes: int, what: str) -> None:
         spec, sd = _weights_plan(model)
-        self._check_memory(spec["bytes"] + run_bytes, f"weights {spec['bytes'] / GIB:.2f} GiB, {what}")
+        self._check_memory(spec["bytes"] + run_bytes, f"weights {spec['bytes'] / GIB:.2f} GiB, {what}",
+                           reusable=self._held_bytes)
         self._busy = True
         for w in self._workers:
             w.cmd.send(("load", spec))
@@ -267,7 +272,7 @@ class WorkerPool:
             del flat
         self._pump(on_msg, lambda: len(loaded) == len(self._workers), "the weight upload", self.timeout + 30)
         self._busy = False
-        self._weights = (weakref.ref(model), _fingerprint(model))
+        self._weights, self._held_bytes = (weakref.ref(model), _fingerprint(model)), spec["bytes"]
 
     def _weights_current(self, model: WanModel) -> bool:
         if self._weights is None:
