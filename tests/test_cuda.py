@@ -181,3 +181,75 @@ def test_vae_uploads_host_latents_without_stalling_the_host():
     assert frames.device.type == "cpu" and frames.is_pinned() and handle.ready()
     plain = decoder.decode(given.cuda(), frames_per_pass=None).cpu()
     assert frames.shape == plain.shape == (1, 3, 9, 64, 128) and (frames - plain).abs().max() < 0.05
+
+
+# ---- two GPUs (NCCL): skipped unless two are present ---------------------------------------------
+two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                              reason="needs two CUDA GPUs")
+
+
+@two_gpus
+def test_two_gpus_give_the_latents_of_one():
+    """fp32: bit-equal at P1 (one segment per tick runs the single-process path); at P>1 equal to fp32
+    rounding (each rank's products see fewer segments; remote attention merged by log-sum-exp)."""
+    from cascade_core.distributed import WorkerPool
+
+    model = WanModel.random(SMALL, seed=0, device="cuda", dtype=torch.float32)
+    embeds = torch.randn(20, 64)
+    run = dict(blocks=4, width=128, height=64, seed=1)
+    pool = WorkerPool(["cuda:0", "cuda:1"])
+    try:
+        for parallel in (1, 2, 3, 5):
+            cfg = CascadeConfig(parallel=parallel)
+            local = generate(model, PromptSchedule.single(embeds), cfg, **run).latents
+            pooled = pool.generate(model, PromptSchedule.single(embeds), cfg, **run).latents
+            if parallel == 1:
+                assert torch.equal(pooled, local)
+            else:
+                assert rel(pooled, local) < 1e-4, parallel
+    finally:
+        pool.close()
+
+
+@two_gpus
+@pytest.mark.parametrize("fault,message", [("kill", r"rank 1 \(cuda:1\) died"),
+                                           ("oom", r"rank 1 \(cuda:1\) ran out of memory"),
+                                           ("interrupt", "stopped at tick")])
+def test_two_gpu_faults_behave_as_on_the_cpu(fault, message, monkeypatch):
+    """A killed worker or an out-of-memory on one rank: a named error, no process left, the next run
+    works; an interrupt: every rank stops at the same tick and the pool stays."""
+    import os
+    import signal
+
+    from cascade_core.distributed import TEST_FAULT_ENV, WorkerError, WorkerPool
+    from cascade_core.sampler import Interrupted
+
+    model = WanModel.random(SMALL, seed=0, device="cuda", dtype=torch.bfloat16)
+    embeds = torch.randn(20, 64)
+    cfg = CascadeConfig(parallel=2)
+    run = dict(blocks=6, width=128, height=64, seed=1)
+    pool = WorkerPool(["cuda:0", "cuda:1"], timeout=60)
+    try:
+        pids = pool.pids
+        kw = {}
+        if fault == "kill":
+            kw["on_tick"] = lambda e: e.tick == 2 and os.kill(pids[1], signal.SIGKILL)
+        elif fault == "oom":
+            monkeypatch.setenv(TEST_FAULT_ENV, "1:3:oom")
+        else:
+            kw["should_stop"] = lambda: True
+        with pytest.raises(Interrupted if fault == "interrupt" else WorkerError, match=message):
+            pool.generate(model, PromptSchedule.single(embeds), cfg, **run, **kw)
+        monkeypatch.delenv(TEST_FAULT_ENV, raising=False)
+        if fault == "interrupt":
+            assert pool.pids == pids and pool.alive
+        else:
+            import time
+            deadline = time.monotonic() + 10
+            while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not any(os.path.exists(f"/proc/{p}") for p in pids)
+        res = pool.generate(model, PromptSchedule.single(embeds), cfg, **run)
+        assert rel(res.latents, generate(model, PromptSchedule.single(embeds), cfg, **run).latents) < 3e-2
+    finally:
+        pool.close()
