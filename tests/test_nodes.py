@@ -295,7 +295,7 @@ def test_a_pool_gets_the_weights_once_while_comfys_patches_are_unchanged(monkeyp
     uploads = []
     real_upload = distributed.WorkerPool._upload
     monkeypatch.setattr(distributed.WorkerPool, "_upload",
-                        lambda pool, model, run_bytes: (uploads.append(model), real_upload(pool, model, run_bytes)))
+                        lambda pool, model, *args: (uploads.append(model), real_upload(pool, model, *args)))
     monkeypatch.setattr(values_mod.CoreModel, "acquire", lambda *a, **k: pytest.fail("GPU-side acquire ran"))
     settings = values_mod.Settings(cascade=CascadeConfig(parallel=2, frames_per_block=3), devices="cpu,cpu")
     outs, conditioning = [], cond()
