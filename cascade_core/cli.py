@@ -50,6 +50,17 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m cascade_core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -59,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "a training .pt (read with weights_only) or a diffusers/Wan folder")
     g.add_argument("--ema", choices=EMA_MODES, default="auto",
                    help="EMA weights of a training checkpoint (auto: when present and no --lora)")
-    g.add_argument("--lora", help="LoRA merged into --checkpoint at load (LongLive, peft, ComfyUI/kohya keys)")
+    g.add_argument("--lora", help="LoRA merged into --checkpoint at load (LongLive, peft, kohya, ComfyUI or diffusers keys)")
     g.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora")
     text = g.add_mutually_exclusive_group()
     text.add_argument("--embeds", help=".safetensors holding one [L, 4096] prompt embedding (random if absent)")
@@ -111,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--latents", required=True, help=".safetensors holding latents [1, 16, T, H/8, W/8]")
     d.add_argument("--vae", required=True, help="Wan2.1 VAE (file, or diffusers vae/ folder) or taew2_1 "
                                                 "preview decoder weights")
-    d.add_argument("--video-out", help="MP4 to write")
-    d.add_argument("--frames-dir", help="write each frame as a PNG into this folder")
-    d.add_argument("--frames-per-pass", type=int, default=3, help="latent frames decoded at once (memory)")
+    d.add_argument("--video-out", help="MP4 to write (default: out/video.mp4 unless --frames-dir)")
+    d.add_argument("--frames-dir", help="write each frame as a PNG into this folder (alone: no MP4)")
+    d.add_argument("--frames-per-pass", type=positive_int, default=3,
+                   help="latent frames decoded at once, 1 or more (memory)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when present)")
     return p
 

@@ -87,6 +87,19 @@ def check_output_folder(flag: str, path: str | None) -> None:
     _probe_folder(folder, flag, path)
 
 
+def check_input(flag: str, path: str | None) -> None:
+    """Refuse an input file or folder (a diffusers folder) that is not there."""
+    if path is not None and not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file or folder")
+
+
+def input_bytes(path: str) -> int:
+    """Bytes of an input file, or of every file in an input folder."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    return os.path.getsize(path)
+
+
 def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse an attention backend that this device cannot run (a tiny probe call of that kernel)."""
     if name in ("auto", "math"):
@@ -100,11 +113,17 @@ def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
                          f"use auto (or math)") from None
 
 
+def check_fp8(fp8: bool, device: torch.device) -> None:
+    """Warn once when --fp8 can only cost precision: a device without fp8 matrix units."""
+    from .fp8 import has_fp8_matmul
+
+    if fp8 and device.type != "meta" and not has_fp8_matmul(device):
+        print(f"warning: --fp8 on {device}: no fp8 matrix units, so the products are not faster; the weights "
+              f"are still rounded to fp8 (approximate, half the weight memory)", file=sys.stderr)
+
+
 def check_settings(args, cfg: CascadeConfig) -> None:
     """Refuse settings that would silently do nothing; warn once about a video past the trained length."""
-    if args.sink and args.window is None:
-        raise UsageError("--sink keeps frames only inside a rolling --window; add --window N "
-                         "(e.g. --window 12 --sink 3) or drop --sink")
     if args.fold_clean and args.parallel > 1:
         raise UsageError("--fold-clean works at --parallel 1 only (at P>1 clean passes already share ticks)")
     if args.attention == "bidirectional" and args.parallel == 1:

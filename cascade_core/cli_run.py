@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from . import attention, cli_checks, distributed
 from .cli import (BUILTIN, DTYPES, build_model, check_text_arguments, load_weights, prompt_embeddings, resolve_device,
@@ -61,21 +62,19 @@ class StopRequest:
 
 
 class BlockProgress:
-    """A one-line progress bar on stderr, advanced per finished block; ``done`` counts the blocks."""
+    """A progress bar on stderr (tqdm), advanced per finished block; ``done`` counts the blocks."""
 
-    def __init__(self, blocks: int, enabled: bool):
-        self.blocks, self.enabled, self.start, self.done = blocks, enabled, time.perf_counter(), 0
+    def __init__(self, blocks: int, enabled: bool, unit: str = "block"):
+        self.blocks, self.enabled, self.done = blocks, enabled, 0
+        self.bar = tqdm(total=blocks, unit=unit, disable=not enabled, file=sys.stderr, leave=True,
+                        dynamic_ncols=True)
 
     def __call__(self, event) -> None:
+        self.bar.update(event.block + 1 - self.done)
         self.done = event.block + 1
-        if not self.enabled:
-            return
-        bar = "#" * (20 * self.done // self.blocks)
-        sys.stderr.write(f"\rblock {self.done}/{self.blocks} [{bar:<20}] "
-                         f"{time.perf_counter() - self.start:6.1f} s")
-        if self.done == self.blocks:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def open_video(vae: str, video_out: str | None, frames_dir: str | None, device: torch.device,
@@ -106,6 +105,7 @@ def summary(result: Result, args, model_label: str, device) -> dict:
         "ticks": result.ticks,
         "forwards": result.forwards,
         "parallel": args.parallel,
+        "fp8": args.fp8,
         "latent_shape": list(result.latents.shape),
         "latent_frames": latent_frames,
         "seconds": round(result.seconds, 4),
@@ -116,12 +116,13 @@ def summary(result: Result, args, model_label: str, device) -> dict:
 
 
 def check_outputs(args) -> None:
-    """Every output path of ``generate``, before any model work."""
+    """Every output path of ``generate`` (and the decoder they need), before any model work."""
     if (args.video_out or args.frames_dir) and not args.vae:
         raise UsageError("--video-out and --frames-dir need --vae FILE (the decoder)")
     cli_checks.check_output_file("--latents-out", args.latents_out)
     cli_checks.check_output_file("--video-out", video_path(args))
     cli_checks.check_output_folder("--frames-dir", args.frames_dir)
+    cli_checks.check_input("--vae", args.vae)
 
 
 def video_path(args) -> str | None:
@@ -146,7 +147,7 @@ def _prepare(args, devices, device: torch.device, dtype: torch.dtype, cfg: Casca
     weights = load_weights(args, dtype)  # checked (and kept on the CPU) before the text encoder runs
     if devices is None:  # several devices: the worker pool checks each GPU for its own share
         model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
-        vae_bytes = os.path.getsize(args.vae) if args.vae else 0
+        vae_bytes = cli_checks.input_bytes(args.vae) if args.vae else 0
         cli_checks.check_memory(device, model_cfg, dtype, weight_bytes(model_cfg, weights, dtype), cfg, args,
                                 vae_bytes)
     embeds, prompt_label = None, None
@@ -202,6 +203,7 @@ def run_generate(args) -> dict | None:
         device = resolve_device(args.device) if devices is None else devices[0]
         where = str(device) if devices is None else ",".join(map(str, devices))
     cli_checks.check_backend(args.attention_backend, device, dtype)
+    cli_checks.check_fp8(args.fp8, device)
     attention.set_backend(args.attention_backend)
     if devices == "torchrun":
         distributed.init_from_env()
@@ -210,8 +212,7 @@ def run_generate(args) -> dict | None:
             return None
     with _refusal_reaches_every_rank(devices == "torchrun"):
         model, label, embeds, prompt_label, noise = _prepare(args, devices, device, dtype, cfg)
-    progress = BlockProgress(args.blocks, not args.quiet)
-    writer = frames = None
+    writer = frames = progress = None
     if args.vae:
         writer, frames = open_video(args.vae, video_path(args), args.frames_dir, device, dtype)
 
@@ -230,6 +231,7 @@ def run_generate(args) -> dict | None:
                 pool = distributed.WorkerPool(devices)
                 startup = time.perf_counter() - start
                 run = pool.generate
+            progress = BlockProgress(args.blocks, not args.quiet)  # after the workers' start-up
             result = run(model, PromptSchedule.single(embeds), cfg, blocks=args.blocks, width=args.width,
                          height=args.height, seed=args.seed, noise=noise, on_block=on_block,
                          on_tick=None if frames is None else frames.poll, should_stop=stop)
@@ -238,11 +240,12 @@ def run_generate(args) -> dict | None:
         except Interrupted:
             if frames is not None:
                 frames.finish()  # the blocks that finished are decoded and written
-            if progress.enabled and progress.done:
-                sys.stderr.write("\n")  # end the progress bar's line
+            progress.close()  # ends the bar's line before the message
             raise Stopped(f"stopped at block {min(progress.done + 1, args.blocks)} of {args.blocks}; "
                           f"{kept(writer)}") from None
         finally:
+            if progress is not None:
+                progress.close()
             if frames is not None:
                 frames.close()  # its writer thread ends before the MP4 is closed
             if writer is not None:
@@ -266,29 +269,34 @@ def run_generate(args) -> dict | None:
 def run_decode(args) -> dict:
     """``decode``: latents [1, 16, T, H/8, W/8] (DiT space, as ``generate --latents-out`` writes them)
     through the streaming decoder into an MP4 and/or PNGs; the summary dict."""
-    if not (args.video_out or args.frames_dir):
-        raise UsageError("decode needs --video-out FILE.mp4 and/or --frames-dir DIR")
-    cli_checks.check_output_file("--video-out", args.video_out)
+    video_out = args.video_out or (None if args.frames_dir else DEFAULT_VIDEO)
+    cli_checks.check_output_file("--video-out", video_out)
     cli_checks.check_output_folder("--frames-dir", args.frames_dir)
     device = resolve_device(args.device)
     latents = single_tensor(args.latents, "latents [1, 16, T, H/8, W/8]")
     if latents.dim() != 5 or latents.shape[:2] != (1, 16) or latents.shape[2] < 1:
         raise UsageError(f"--latents {args.latents}: expected latents [1, 16, T, H/8, W/8], "
                          f"got {list(latents.shape)}")
+    cli_checks.check_input("--vae", args.vae)
     start = time.perf_counter()
-    writer, frames = open_video(args.vae, args.video_out, args.frames_dir, device, torch.float32)
+    writer, frames = open_video(args.vae, video_out, args.frames_dir, device, torch.float32)
+    passes = range(0, latents.shape[2], args.frames_per_pass)
+    progress = BlockProgress(len(passes), not args.quiet, unit="pass")
     with StopRequest() as stop:
         try:
-            for i, at in enumerate(range(0, latents.shape[2], args.frames_per_pass)):
+            for i, at in enumerate(passes):
                 if stop():
                     frames.finish()  # what was decoded is written before the count is told
+                    progress.close()
                     raise Stopped(f"stopped at latent frame {at} of {latents.shape[2]}; {kept(writer)}")
                 frames.push(BlockEvent(i, latents[:, :, at:at + args.frames_per_pass], 0, 0.0))
                 frames.poll()
+                progress(BlockEvent(i, None, 0, 0.0))  # passes handed to the decoder
             frames.finish()
         finally:
+            progress.close()
             frames.close()
             writer.close()
     seconds = time.perf_counter() - start
-    return {"latent_frames": latents.shape[2], "video_frames": writer.count, "video_out": args.video_out,
+    return {"latent_frames": latents.shape[2], "video_frames": writer.count, "video_out": video_out,
             "frames_dir": args.frames_dir, "seconds": round(seconds, 4)}

@@ -53,11 +53,17 @@ MODES = (FULL, SPLIT, STORE, REUSE)
 
 
 def check_window(window: int | None, sink: int, frames_per_block: int, unlimited: str | None = None) -> None:
-    """The one check of a local window and its sink (latent frames): sink >= 0, and a window (None =
-    unlimited) must hold the sink and one whole block. ``unlimited``: how the caller spells "no
-    window" (e.g. "0" for a widget where 0 means unlimited), named in the message. Raises ValueError."""
+    """The one check of a local window and its sink (latent frames): sink >= 0, a sink only with a
+    window (without one every frame is attended anyway, so a sink would silently do nothing), and a
+    window (None = unlimited) must hold the sink and one whole block. ``unlimited``: how the caller
+    spells "no window" (e.g. "0" for a widget where 0 means unlimited), named in the message.
+    Raises ValueError."""
     if sink < 0:
         raise ValueError(f"sink must be >= 0 latent frames, got {sink}")
+    if window is None and sink:
+        spelled = f"window {unlimited} (unlimited)" if unlimited else "no window"
+        raise ValueError(f"a sink ({sink} frames) is kept only inside a local window, and with {spelled} every "
+                         f"frame is attended anyway: set a window (e.g. window 12 with sink 3) or sink 0")
     if window is not None and window < sink + frames_per_block:
         lead = f"be {unlimited} (unlimited) or" if unlimited else "hold the sink and one block:"
         raise ValueError(f"window must {lead} at least sink + one block = {sink + frames_per_block} latent "

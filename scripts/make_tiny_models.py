@@ -136,7 +136,9 @@ def write(models_dir: str, vae_width: str = "tiny") -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models_dir", help="a ComfyUI models folder (e.g. ComfyUI/models)")
-    p.add_argument("--vae", choices=("tiny", "full", "none"), default="tiny")
+    p.add_argument("--vae", choices=("tiny", "full", "none"), default="tiny",
+                   help="the complete Wan2.1 VAE written: tiny (narrow, fast), full (the released widths, "
+                        "random weights, about 250 MB) or none")
     args = p.parse_args(argv)
     print(json.dumps(write(args.models_dir, args.vae)))
     return 0

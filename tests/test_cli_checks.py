@@ -72,7 +72,7 @@ def test_output_paths_are_checked_before_the_run(tmp_path, capsys, no_model_work
     (["--seed", "x"], "--seed"),
     (["--attention-backend", "cudnn"], "not available on cpu"),
     (["--attention-backend", "efficient"], "not available on cpu"),
-    (["--sink", "3"], "add --window"),
+    (["--sink", "3"], "set a window (e.g. window 12 with sink 3) or sink 0"),
     (["--fold-clean", "--parallel", "2"], "--parallel 1 only"),
     (["--attention", "bidirectional"], "needs --parallel 2"),
 ])
@@ -154,3 +154,24 @@ def test_torchrun_file_rank_0_cannot_read_ends_every_rank_at_once(tmp_path):
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model.safetensors" in errors[0], r.stderr[-3000:]
+
+
+def test_a_missing_vae_is_one_line_before_model_work(tmp_path, capsys, no_model_work):
+    assert main(["generate", *SMALL, "--vae", str(tmp_path / "nothere.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"error: --vae {tmp_path / 'nothere.safetensors'}: no such file or folder"], err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_decode_frames_per_pass_must_be_positive(value, tmp_path, capsys):
+    assert main(["decode", "--latents", "l.safetensors", "--vae", "v.safetensors", "--frames-per-pass", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--frames-per-pass" in err[0] and ">= 1" in err[0], err
+
+
+def test_fp8_without_fp8_units_is_warned_and_named_in_the_summary(capsys):
+    assert main(["generate", *SMALL, "--fp8", "--blocks", "1"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: --fp8")]
+    assert len(warnings) == 1 and "no fp8 matrix units" in warnings[0], captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["fp8"] is True

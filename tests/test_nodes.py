@@ -538,6 +538,8 @@ def test_checks_across_inputs_are_reported_once_when_the_config_runs():
     with pytest.raises(ValueError, match=r"at least sink \+ one block = 6"):
         config(window=5, sink=3)
     assert config(window=12, sink=3).cascade.window == 12
+    with pytest.raises(ValueError, match=r"with window 0 \(unlimited\) every frame is attended anyway"):
+        config(window=0, sink=3)  # a sink without a window would silently do nothing
     with pytest.raises(ValueError, match="shift must lie in 0.1..20"):
         config(shift=0.0)
     with pytest.raises(ValueError, match="in-flight attention"):
