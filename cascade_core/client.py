@@ -260,7 +260,7 @@ def run(args) -> dict:
             bar.note(f"dropped: {line}")
         out_dir = args.out or os.path.join("out", prompt_id)
         stream_dir = os.path.join(out_dir, "stream")
-        frames_saved = 0
+        frames_saved, cached = 0, []
         bar.note(f"queued prompt {prompt_id}")
 
         while True:
@@ -283,7 +283,9 @@ def run(args) -> dict:
                 continue
             if data.get("prompt_id") not in (None, prompt_id):
                 continue
-            if kind == "progress":
+            if kind == "execution_cached":
+                cached = [str(n) for n in data.get("nodes") or []]
+            elif kind == "progress":
                 bar.update(data.get("value", 0), data.get("max", 1), f"node {data.get('node', '')}")
             elif kind == "block_cascade.start":
                 bar.note(f"node {data.get('node')}: streaming {data.get('frames_total')} frames "
@@ -330,7 +332,8 @@ def run(args) -> dict:
         outputs.append(path)
     result = {"prompt_id": prompt_id, "seconds": round(time.monotonic() - started, 3),
               "stream_frames": frames_saved, "stream_dir": stream_dir if frames_saved else None,
-              "outputs": outputs, "out": out_dir}
+              "outputs": outputs, "out": out_dir,
+              "cached_nodes": cached}  # answered from ComfyUI's cache: they ran (and streamed) nothing
     if partial:
         result.update(reasons=partial, dropped_outputs=dropped)
     object_info = {}

@@ -234,6 +234,20 @@ def test_success_saves_stream_and_outputs(fake, workflow, tmp_path, capsys):
     assert "not ours" not in err
 
 
+def test_a_prompt_answered_from_the_cache_says_so(fake, workflow, tmp_path, capsys):
+    """ComfyUI answers a repeated prompt from its cache: no node runs, nothing streams; the summary
+    names the cached nodes instead of passing a 0.02 s 'success' off as a run."""
+    cached = [{"type": "execution_start", "data": {"prompt_id": PID}},
+              {"type": "execution_cached", "data": {"nodes": ["3", "9", "10"], "prompt_id": PID}},
+              {"type": "execution_success", "data": {"prompt_id": PID}}]
+    fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}}, cached)
+    fake.history[PID] = history_entry("3")
+    assert run_client(fake, workflow, "--out", str(tmp_path / "out")) == 0
+    result, _ = summary(capsys)
+    assert result["status"] == "success" and result["stream_frames"] == 0
+    assert result["cached_nodes"] == ["3", "9", "10"]
+
+
 def test_default_out_dir_is_per_prompt(fake, workflow, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}}, success_messages())
