@@ -484,6 +484,7 @@ def test_a_run_rank_0_refuses_ends_every_rank_at_once(tmp_path):
         d.init_from_env(timeout=120)
         start = time.monotonic()
         model = WanModel.random(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32))
+        lines = []
         try:
             if dist.get_rank() == 0:
                 d.generate_collective(model, PromptSchedule.single(torch.ones(3, 32)), CascadeConfig(),
@@ -491,10 +492,12 @@ def test_a_run_rank_0_refuses_ends_every_rank_at_once(tmp_path):
             else:
                 d.generate_collective(None, None, None)
         except ValueError as exc:
-            print(f"{{dist.get_rank()}} {{type(exc).__name__}} {{exc}} {{time.monotonic() - start:.1f}}", flush=True)
-        groups = len(dist.distributed_c10d._world.pg_map)
+            lines.append(f"{{dist.get_rank()}} {{type(exc).__name__}} {{exc}} {{time.monotonic() - start:.1f}}")
+        lines.append(f"groups {{len(dist.distributed_c10d._world.pg_map)}}")
+        rank = dist.get_rank()
         dist.destroy_process_group()
-        print(f"groups {{groups}}", flush=True)  # one write per line: the ranks share stdout
+        with open({str(tmp_path)!r} + f"/rank{{rank}}.txt", "w") as f:  # the ranks' stdout interleaves
+            f.write(chr(10).join(lines))
     """))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     r = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -506,12 +509,12 @@ def test_a_run_rank_0_refuses_ends_every_rank_at_once(tmp_path):
             os.killpg(r.pid, signal.SIGKILL)
             r.wait()
     assert r.returncode == 0, stderr[-3000:]
-    lines = sorted(stdout.splitlines())
+    lines = sorted(line for rank in (0, 1) for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines())
     refused = [line for line in lines if line[:1] in "01"]
-    assert [line.split()[:2] for line in refused] == [["0", "ValueError"], ["1", "CollectiveRefused"]], stdout
-    assert all("at least 1 block" in line for line in refused), stdout
-    assert all(float(line.split()[-1]) < 60 for line in refused), stdout  # not the 120 s timeout
-    assert [line for line in lines if line.startswith("groups")] == ["groups 1"] * 2, stdout  # only WORLD
+    assert [line.split()[:2] for line in refused] == [["0", "ValueError"], ["1", "CollectiveRefused"]], lines
+    assert all("at least 1 block" in line for line in refused), lines
+    assert all(float(line.split()[-1]) < 60 for line in refused), lines  # not the 120 s timeout
+    assert [line for line in lines if line.startswith("groups")] == ["groups 1"] * 2, lines  # only WORLD
 
 
 @pytest.mark.parametrize("args,message", [
