@@ -4,7 +4,7 @@
         [--set NODE.INPUT=VALUE ...] [--out DIR] [--timeout S] [--allow-partial]
 
 See ``RULES`` (also the end of ``--help``) for what counts as success and the exit codes. Standard
-library plus ``websocket-client``; never imports ComfyUI.
+library plus ``websocket-client`` and ``tqdm``; never imports ComfyUI.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+
+from tqdm import tqdm
 
 from cascade_core.comfy_answers import (dropped_outputs, node_error_lines, output_files, rejection,
                                         sink_output_nodes)
@@ -145,39 +147,28 @@ class Server:
 
 
 class ProgressBar:
-    """A plain text bar on stderr; on a non-terminal only every 10 % and the end, one line each."""
+    """ComfyUI's per-node progress as a tqdm bar on stderr: a new bar whenever the node (or its step
+    count) changes; ``note`` prints a line above it."""
 
-    def __init__(self, stream=None, width: int = 30):
+    def __init__(self, stream=None):
         self.out = stream or sys.stderr
-        self.tty = hasattr(self.out, "isatty") and self.out.isatty()
-        self.width, self.last, self.open = width, None, False
+        self.bar, self.key = None, None
 
     def update(self, value: float, maximum: float, label: str = ""):
-        maximum = max(float(maximum), 1e-9)
-        frac = min(max(float(value) / maximum, 0.0), 1.0)
-        if not self.tty:
-            key = (label, int(frac * 10))
-            if key == self.last:
-                return
-            self.last = key
-        fill = int(round(frac * self.width))
-        line = f"[{'#' * fill}{'.' * (self.width - fill)}] {value:g}/{maximum:g} {label}".rstrip()
-        if self.tty:
-            self.out.write("\r" + line + "\x1b[K")
-            self.open = True
-        else:
-            self.out.write(line + "\n")
-        self.out.flush()
+        if (label, maximum) != self.key:
+            self.close()
+            self.bar = tqdm(total=maximum, desc=label or None, file=self.out, leave=True, dynamic_ncols=True)
+            self.key = (label, maximum)
+        self.bar.n = value
+        self.bar.refresh()
 
     def note(self, text: str):
-        self.close()
-        self.out.write(text + "\n")
-        self.out.flush()
+        tqdm.write(text, file=self.out)
 
     def close(self):
-        if self.open:
-            self.out.write("\n")
-            self.open = False
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.key = None, None
 
 
 def withdraw(server: Server, prompt_id: str) -> str:
