@@ -59,6 +59,8 @@ def check_output_file(flag: str, path: str | None) -> None:
         return
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder; give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):  # a device, a FIFO: writers replace it by a file
+        raise UsageError(f"{flag} {path} is not a regular file; give a file name")
     if os.path.exists(path):
         try:
             with open(path, "ab"):  # appends nothing: the file stays as it is until the run writes it

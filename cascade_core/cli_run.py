@@ -125,6 +125,14 @@ def check_outputs(args) -> None:
     cli_checks.check_input("--vae", args.vae)
 
 
+def kept_latents(path: str | None, finished: list[torch.Tensor]) -> str:
+    """Write the finished blocks' latents of a stopped run to ``path``; the words for the message."""
+    if not path or not finished:
+        return ""
+    save_safetensors({"latents": torch.cat(finished, 2).cpu()}, os.path.realpath(path))
+    return f"; {path} holds the latents of {len(finished)} blocks"
+
+
 def video_path(args) -> str | None:
     """The MP4 of a run: --video-out; with --vae and neither --video-out nor --frames-dir, out/video.mp4."""
     if args.video_out or not args.vae:
@@ -216,8 +224,12 @@ def run_generate(args) -> dict | None:
     if args.vae:
         writer, frames = open_video(args.vae, video_path(args), args.frames_dir, device, dtype)
 
+    finished = []  # latents [1, 16, fpb, h, w] of the finished blocks, kept for a stopped run
+
     def on_block(event):
-        if frames is not None:
+        if args.latents_out:
+            finished.append(event.latents)  # no copy in the tick loop; written only if stopped
+        if frames is not None and not stop():  # after Ctrl-C: no new decoding, what was decoded is kept
             frames.push(event)
         progress(event)
 
@@ -242,7 +254,7 @@ def run_generate(args) -> dict | None:
                 frames.finish()  # the blocks that finished are decoded and written
             progress.close()  # ends the bar's line before the message
             raise Stopped(f"stopped at block {min(progress.done + 1, args.blocks)} of {args.blocks}; "
-                          f"{kept(writer)}") from None
+                          f"{kept(writer)}{kept_latents(args.latents_out, finished)}") from None
         finally:
             if progress is not None:
                 progress.close()
@@ -253,7 +265,7 @@ def run_generate(args) -> dict | None:
             if pool is not None:
                 pool.close()
     if args.latents_out:
-        save_safetensors({"latents": result.latents}, args.latents_out)
+        save_safetensors({"latents": result.latents}, os.path.realpath(args.latents_out))  # through a link
     out = summary(result, args, label, where)
     if startup is not None:
         out["worker_startup_seconds"] = round(startup, 4)

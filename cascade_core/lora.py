@@ -182,6 +182,10 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
         for role, key in (("diff", wkey), ("diff_b", layer + ".bias")):
             if role in parts:
                 sd[key] = (sd[key].float() + scale * parts[role].float()).to(dtype or sd[key].dtype)
+        for key in (wkey, layer + ".bias"):
+            if key in sd and not bool(torch.isfinite(sd[key]).all()):
+                raise CheckpointError(lora_path, f"merging it at strength {scale:g} gives NaN or infinite "
+                                                 f"weights in {key}")
     result = LoraMerge(len(groups), {kind: len(names) for kind, names in left_out.items()})
     if result.note:
         log.warning("LoRA %s: %s", os.path.basename(lora_path), result.note)

@@ -79,7 +79,7 @@ class CascadeConfig:
         check_window(self.window, self.sink, self.frames_per_block, unlimited_window)
         if self.flashblock not in FLASHBLOCK_MODES:
             raise ValueError(f"flashblock must be one of {FLASHBLOCK_MODES}, got {self.flashblock!r}")
-        if self.context_noise < 0 or self.context_noise > 1000:
+        if not 0 <= self.context_noise <= 1000:  # (NaN fails this too)
             raise ValueError(f"context noise must lie in 0..1000, got {self.context_noise}")
 
 
@@ -111,6 +111,8 @@ class PromptSchedule:
             if text_dim is not None and e.shape[-1] != text_dim:
                 raise ValueError(f"the prompt at block {s} has width {e.shape[-1]}; the model "
                                  f"expects {text_dim} (umt5-xxl embeddings)")
+            if not bool(torch.isfinite(e).all()):
+                raise ValueError(f"the prompt at block {s} holds NaN or infinite values")
 
     def index_for(self, block: int) -> int:
         return max(i for i, (s, _) in enumerate(self.entries) if s <= block)
@@ -251,6 +253,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         noise = initial_noise(seed, shape, device, dtype)
     elif tuple(noise.shape) != shape:
         raise ValueError(f"the initial noise must be {list(shape)}, got {list(noise.shape)}")
+    elif not bool(torch.isfinite(noise).all()):
+        raise ValueError("the initial noise holds NaN or infinite values")
     noise = to_device(noise, device).to(dtype)  # no host wait (see transfer)
 
     p = model.cfg.patch_size

@@ -13,6 +13,8 @@ Guarantees:
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,8 +34,8 @@ class FlowSchedule:
             raise ValueError(f"steps must lie in 1..{TRAIN_STEPS}, got {steps}")
         if any(a <= b for a, b in zip(steps, steps[1:])):
             raise ValueError(f"steps must strictly decrease, got {steps}")
-        if shift <= 0:
-            raise ValueError(f"shift must be positive, got {shift}")
+        if not math.isfinite(shift) or shift <= 0:
+            raise ValueError(f"shift must be a positive finite number, got {shift}")
         self.steps = tuple(steps)
         s = torch.linspace(1.0, 0.0, TRAIN_STEPS + 1)[:-1]  # float32, as the reference builds it
         table_sigma = shift * s / (1 + (shift - 1) * s)

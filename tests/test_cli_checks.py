@@ -74,6 +74,9 @@ def test_output_paths_are_checked_before_the_run(tmp_path, capsys, no_model_work
     (["--attention-backend", "efficient"], "not available on cpu"),
     (["--sink", "3"], "set a window (e.g. window 12 with sink 3) or sink 0"),
     (["--fold-clean", "--parallel", "2"], "--parallel 1 only"),
+    (["--shift", "nan"], "shift must be a positive finite number"),
+    (["--context-noise", "nan"], "context noise must lie in 0..1000"),
+    (["--steps", "1000,,500"], "--steps"),
     (["--attention", "bidirectional"], "needs --parallel 2"),
 ])
 def test_bad_settings_give_one_line_and_exit_2(args, message, capsys, no_model_work):
@@ -175,3 +178,24 @@ def test_fp8_without_fp8_units_is_warned_and_named_in_the_summary(capsys):
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning: --fp8")]
     assert len(warnings) == 1 and "no fp8 matrix units" in warnings[0], captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["fp8"] is True
+
+
+def test_an_output_that_is_no_regular_file_is_refused(tmp_path, capsys, no_model_work):
+    """A device or a FIFO would be replaced by a file (writers write a temporary file and rename it)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert main(["generate", *SMALL, "--latents-out", str(fifo)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"error: --latents-out {fifo} is not a regular file; give a file name"], err
+    assert not fifo.is_file()  # still the FIFO
+
+
+def test_non_finite_noise_is_refused_in_one_line(tmp_path, capsys):
+    from cascade_core.safe_io import save_safetensors
+
+    noise = torch.randn(1, 16, 6, 4, 8)
+    noise[0, 3, 2, 1, 1] = float("nan")
+    save_safetensors({"noise": noise}, str(tmp_path / "noise.safetensors"))
+    assert main(["generate", *SMALL, "--noise", str(tmp_path / "noise.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == ["error: the initial noise holds NaN or infinite values"], err

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cascade_core.cli import build_parser, main
-from cascade_core.safe_io import save_safetensors
+from cascade_core.safe_io import read_tensor_file, save_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--width", "64", "--height", "32", "--quiet", "--dtype", "fp32"]
@@ -111,9 +111,10 @@ def test_ctrl_c_stops_with_one_line_a_playable_mp4_and_no_processes_left(tmp_pat
 
     vae = tmp_path / "taew.safetensors"
     save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(), str(vae))
-    video, pngs = tmp_path / "v.mp4", tmp_path / "pngs"
+    video, pngs, lat = tmp_path / "v.mp4", tmp_path / "pngs", tmp_path / "lat.safetensors"
     cmd = [sys.executable, "-m", "cascade_core", "generate", *SMALL, *devices, "--blocks", "3000",
-           "--window", "6", "--vae", str(vae), "--video-out", str(video), "--frames-dir", str(pngs)]
+           "--window", "6", "--vae", str(vae), "--video-out", str(video), "--frames-dir", str(pngs),
+           "--latents-out", str(lat)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
@@ -131,14 +132,18 @@ def test_ctrl_c_stops_with_one_line_a_playable_mp4_and_no_processes_left(tmp_pat
     assert proc.returncode == 130, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
-    match = re.fullmatch(r"interrupted: stopped at block (\d+) of 3000; (\S+) and \S+ hold (\d+) frames",
-                         lines[0])
-    assert match and match.group(2) == str(video), lines[0]
-    count = int(match.group(3))
+    match = re.fullmatch(r"interrupted: stopped at block (\d+) of 3000; (\S+) and \S+ hold (\d+) frames; "
+                         r"(\S+) holds the latents of (\d+) blocks", lines[0])
+    assert match and match.group(2) == str(video) and match.group(4) == str(lat), lines[0]
+    count, stopped, kept_blocks = int(match.group(3)), int(match.group(1)), int(match.group(5))
     with av.open(str(video)) as container:
         assert len(list(container.decode(video=0))) == count >= 9
     assert len(os.listdir(pngs)) == count
-    assert count == 1 + 4 * (3 * (int(match.group(1)) - 1) - 1)  # the blocks before the stopped one
+    # whole blocks only (after Ctrl-C no new block is decoded; blocks finished before it are)
+    assert (count + 3) % 12 == 0 and 1 <= (count + 3) // 12 <= stopped - 1
+    # the latents of every block that finished before the stop are kept
+    assert kept_blocks == stopped - 1
+    assert read_tensor_file(str(lat))["latents"].shape[2] == 3 * kept_blocks
     if devices[0] == "--devices":
         assert family  # the worker processes
     deadline = time.monotonic() + 20

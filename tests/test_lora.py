@@ -277,3 +277,10 @@ def test_cli_lora_scale_reaches_the_merge(ref, base_pt, tmp_path, capsys):
         assert main(["generate", *SMALL, "--checkpoint", base_pt, "--lora", lora, "--lora-scale", bad]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "lora_scale must be a finite number" in err, err
+
+
+def test_a_merge_that_overflows_is_refused_naming_the_layer(ref, base_pt, tmp_path):
+    """A finite but huge strength (or a LoRA holding NaN) would give NaN latents downstream."""
+    lora = lora_file("kohya", lora_pairs(ref), str(tmp_path / "k.safetensors"))
+    with pytest.raises(CheckpointError, match=r"strength 1e\+200 gives NaN or infinite weights in blocks\."):
+        load_dit(base_pt, dtype=torch.float32, lora=lora, lora_scale=1e200, num_heads=4)
