@@ -51,6 +51,14 @@ def _probe_folder(folder: str, flag: str, path: str) -> None:
         raise UsageError(f"{flag} {path}: cannot write into {folder} ({exc.strerror})") from None
 
 
+def _check_new_path(flag: str, path: str) -> None:
+    """A path that does not exist yet: its nearest existing parent must be a writable folder."""
+    folder = _nearest_existing(path)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: {folder} is a file, not a folder")
+    _probe_folder(folder, flag, path)
+
+
 def check_output_file(flag: str, path: str | None) -> None:
     """Refuse an output file that cannot be written: a folder, under a file, no write permission.
 
@@ -68,10 +76,7 @@ def check_output_file(flag: str, path: str | None) -> None:
         except OSError as exc:
             raise UsageError(f"{flag} {path}: cannot write it ({exc.strerror})") from None
         return
-    folder = _nearest_existing(path)
-    if not os.path.isdir(folder):
-        raise UsageError(f"{flag} {path}: {folder} is a file, not a folder")
-    _probe_folder(folder, flag, path)
+    _check_new_path(flag, path)
 
 
 def check_output_folder(flag: str, path: str | None) -> None:
@@ -83,10 +88,7 @@ def check_output_folder(flag: str, path: str | None) -> None:
             raise UsageError(f"{flag} {path} is a file, not a folder")
         _probe_folder(path, flag, path)
         return
-    folder = _nearest_existing(path)
-    if not os.path.isdir(folder):
-        raise UsageError(f"{flag} {path}: {folder} is a file, not a folder")
-    _probe_folder(folder, flag, path)
+    _check_new_path(flag, path)
 
 
 def check_input(flag: str, path: str | None) -> None:
