@@ -366,3 +366,52 @@ def test_interrupt_stops_the_run_and_the_next_run_works(host):
     assert len(frames) < 40 and events(msgs, "done", "8")[0]["error"] == "interrupted"
     final, msgs, _ = host.run(workflow(seed=random.randrange(1 << 30)))
     assert final == "execution_success"
+
+
+POOL_WEIGHTS_SCRIPT = """
+import importlib.util, os, sys
+import torch
+comfy_dir, root = sys.argv[1], sys.argv[2]
+sys.argv = ["main.py", "--cpu"]
+sys.path.insert(0, comfy_dir)
+os.chdir(comfy_dir)
+import comfy.options
+comfy.options.enable_args_parsing()
+from comfy.model_patcher import ModelPatcher
+spec = importlib.util.spec_from_file_location("custom_nodes_pack", os.path.join(root, "__init__.py"),
+                                              submodule_search_locations=[root])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["custom_nodes_pack"] = pack
+spec.loader.exec_module(pack)
+from custom_nodes_pack.nodes.values import CoreModel
+from cascade_core.model import WanConfig, WanModel
+
+class Holder(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.diffusion_model = m
+
+inner = WanModel.random(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=4096), seed=0)
+base = inner.head.head.bias.detach().clone()
+core = ModelPatcher(Holder(inner), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+loras = []
+for strength in (0.5, 0.25):
+    p = core.clone()
+    p.add_patches({"diffusion_model.head.head.bias": (torch.full_like(base, strength),)}, 1.0)
+    loras.append((CoreModel(p), strength))
+first = [m.acquire_for_pool() for m, _ in loras]
+again = [m.acquire_for_pool() for m, _ in loras]  # A, B, then A and B again
+ok = all(a is b for a, b in zip(first, again))
+ok &= all(torch.allclose(w.head.head.bias, base + s) for w, (_, s) in zip(again, loras))
+print("POOL-WEIGHTS", "ok" if ok else "wrong")
+"""
+
+
+def test_pool_weights_of_a_core_model_carry_comfys_patches():
+    """Causal Model from MODEL on several devices, with ComfyUI's own ModelPatcher: acquire_for_pool
+    has ComfyUI apply the patches (a LoRA-style weight diff) on the CPU, keeps the same WanModel while
+    the patches are the same (no new upload), and alternating two LoRAs gives each one's weights."""
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    r = subprocess.run([python, "-c", POOL_WEIGHTS_SCRIPT, COMFYUI_DIR, ROOT], capture_output=True, text=True,
+                       timeout=300)
+    assert "POOL-WEIGHTS ok" in r.stdout, (r.stdout + r.stderr)[-3000:]
