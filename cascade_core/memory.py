@@ -51,10 +51,12 @@ def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Bytes a new allocation on ``device`` can use now: free GPU memory (CUDA) or the system's
-    available memory (CPU, MemAvailable of /proc/meminfo); None where it cannot be told."""
+    """Bytes a new allocation on ``device`` can use now: free GPU memory plus what this process's
+    caching allocator holds unused (CUDA), or the system's available memory (CPU, MemAvailable of
+    /proc/meminfo); None where it cannot be told."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        free = torch.cuda.mem_get_info(device)[0]
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type != "cpu":
         return None
     try:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from cascade_core.memory import available_bytes
 from cascade_core.parallel import devices as engine_devices
 
 GIB = 1024 ** 3
@@ -46,8 +47,7 @@ def free_bytes(device: torch.device) -> int:
     if mm is not None and hasattr(mm, "get_free_memory"):
         return int(mm.get_free_memory(device))
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        return available_bytes(device)
     return 1 << 62
 
 

@@ -107,5 +107,4 @@ def _free_bytes(device: torch.device) -> tuple[int, int] | None:
     """(usable, total) bytes of a CUDA device for this process (free + cached but unused)."""
     if device.type != "cuda":
         return None
-    free, total = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)), int(total)
+    return available_bytes(device), int(torch.cuda.mem_get_info(device)[1])

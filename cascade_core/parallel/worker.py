@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..sampler import BlockEvent, Interrupted, TickEvent
+from ..transfer import to_host_async
 from .devices import _free_bytes, _missing_peer_access
 from .faults import _describe
 from .rank import _control_group, _Rank
@@ -43,11 +44,8 @@ class _Outbox:
             if self.stream is None:
                 self.stream = torch.cuda.Stream(lat.device)
             self.stream.wait_stream(torch.cuda.current_stream(lat.device))
-            with torch.cuda.stream(self.stream):
-                host = torch.empty(lat.shape, dtype=lat.dtype, pin_memory=True)
-                host.copy_(lat, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self.stream)
+            with torch.cuda.stream(self.stream):  # the copy is queued on the outbox's own stream
+                host, event = to_host_async(lat)
             lat.record_stream(self.stream)
         else:
             host = lat.clone()
