@@ -23,7 +23,8 @@ from .checkpoint import EMA_MODES, load_dit
 from .cli_checks import UsageError, seed_value
 from .model import WanConfig, WanModel
 from .safe_io import CheckpointError, read_tensor_file
-from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES
+from .families import FAMILIES
+from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, SWITCH_MODES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BUILTIN = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2)  # untrained demo model
@@ -82,15 +83,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=832, help="video width in pixels, a multiple of 16")
     g.add_argument("--height", type=int, default=480, help="video height in pixels, a multiple of 16")
     g.add_argument("--blocks", type=int, default=7, help="latent blocks (7 x 3 latent frames = 81 video frames)")
-    g.add_argument("--frames-per-block", type=int, default=3,
-                   help="latent frames per block (3: chunk-wise checkpoints, 1: frame-wise)")
-    g.add_argument("--steps", type=int_list, default="1000,750,500,250", help="denoising step list")
-    g.add_argument("--shift", type=float, default=5.0, help="flow-matching timestep shift")
-    g.add_argument("--context-noise", type=float, default=0.0, help="timestep of the clean pass")
+    g.add_argument("--family", choices=FAMILIES,
+                   help="checkpoint family: fills every sampling setting below from its reference inference "
+                        "code (default: read off the --checkpoint/--lora path where it says, else self-forcing); "
+                        "explicit settings override it")
+    g.add_argument("--frames-per-block", type=int,
+                   help="latent frames per block (3: chunk-wise checkpoints, 1: frame-wise; family default)")
+    g.add_argument("--independent-first-frame", action=argparse.BooleanOptionalAction, default=None,
+                   help="block 0 is one latent frame, later blocks --frames-per-block (--blocks counts block 0)")
+    g.add_argument("--steps", type=int_list, help="denoising step list (family default; 1000,750,500,250)")
+    g.add_argument("--first-block-steps", type=int_list,
+                   help="block 0's own step list (Causal Forcing++ 1- and 2-step models: 1000,750,500,250)")
+    g.add_argument("--warp", choices=("on", "off"),
+                   help="read the step list through the shifted sigma table (on: Self-Forcing, LongLive) or use "
+                        "it as the timesteps (off: CausVid)")
+    g.add_argument("--shift", type=float, help="flow-matching timestep shift (family default; 5, CausVid 8)")
+    g.add_argument("--context-noise", type=float, help="timestep of the clean pass (family default; 0)")
     g.add_argument("--parallel", type=int, default=1, help="blocks in flight, 1..steps+1")
     g.add_argument("--attention", choices=ATTENTION_MODES, default="causal", help="in-flight visibility")
-    g.add_argument("--window", type=int, help="latent frames attended, sink and own block included (default: all)")
-    g.add_argument("--sink", type=int, default=0, help="first latent frames the --window always keeps")
+    g.add_argument("--window", type=int, help="latent frames attended, sink and own block included; 0 = all "
+                                              "(family default; LongLive 12)")
+    g.add_argument("--sink", type=int, help="first latent frames the --window always keeps (family default; "
+                                            "LongLive 3)")
+    g.add_argument("--switch", action="append", default=[], metavar="BLOCK:FILE|BLOCK:TEXT",
+                   help="switch the prompt at a block: a .safetensors [L, 4096] embedding, or a text (embedded "
+                        "with --text-encoder); repeatable")
+    g.add_argument("--switch-mode", choices=SWITCH_MODES,
+                   help="none: in-flight blocks take the new prompt at their next step, no extra forward (Block "
+                        "Cascading); recache: the window's committed K/V are recomputed under the new prompt, one "
+                        "forward per switch (LongLive). Family default")
     g.add_argument("--flashblock", choices=FLASHBLOCK_MODES, default="off",
                    help="FlashBlock: reuse block-external attention across a block's steps (reuse, approximate), "
                         "or split and merge at every step (exact: equal to off up to float rounding)")
@@ -178,27 +199,29 @@ def build_model(weights, device: torch.device, dtype: torch.dtype) -> tuple[WanM
     return WanModel.from_state_dict(sd, device=device, num_heads=info.num_heads), info.describe()
 
 
-def check_text_arguments(args) -> None:
+def check_text_arguments(args, switch_texts: int = 0) -> None:
+    """Refuse text options that do not fit together; ``switch_texts``: --switch values that are texts."""
     if args.lora and not args.checkpoint:
         raise UsageError("--lora needs --checkpoint (the base weights it is merged into)")
-    if args.prompt is not None and not args.text_encoder:
-        raise UsageError("--prompt needs --text-encoder FILE (umt5-xxl weights) and, unless that file carries "
-                         "its tokenizer, --tokenizer DIR")
-    if args.prompt is None and (args.text_encoder or args.tokenizer):
-        raise UsageError("--text-encoder and --tokenizer are used only with --prompt")
+    if (args.prompt is not None or switch_texts) and not args.text_encoder:
+        what = "--prompt" if args.prompt is not None else "--switch BLOCK:TEXT"
+        raise UsageError(f"{what} needs --text-encoder FILE (umt5-xxl weights) and, unless that file carries "
+                         f"its tokenizer, --tokenizer DIR")
+    if args.prompt is None and not switch_texts and (args.text_encoder or args.tokenizer):
+        raise UsageError("--text-encoder and --tokenizer are used only with --prompt or a --switch text")
 
 
-def prompt_embeddings(args, device: torch.device) -> tuple[torch.Tensor, str]:
-    """The --prompt text through the umt5 encoder, which is freed before the DiT loads."""
+def prompt_embeddings(args, texts: list[str], device: torch.device) -> list[torch.Tensor]:
+    """Prompt texts through the umt5 encoder ([L, 4096] each), which is freed before the DiT loads."""
     from .text import TextEncoder
 
     encoder = TextEncoder.load(args.text_encoder, args.tokenizer, device=device,
                                dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16)
-    embeds = encoder([args.prompt])[0]
+    embeds = encoder(texts)
     del encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return embeds, f"{len(embeds)} tokens"
+    return list(embeds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ stderr. Nothing here loads weights or runs a model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -13,6 +14,7 @@ import tempfile
 import torch
 
 from . import attention
+from .families import DEFAULT_FAMILY, family_config, guess_family
 from .memory import GIB, available_bytes, estimate_run_bytes
 from .sampler import CascadeConfig
 
@@ -126,14 +128,63 @@ def check_fp8(fp8: bool, device: torch.device) -> None:
               f"are still rounded to fp8 (approximate, half the weight memory)", file=sys.stderr)
 
 
+def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
+    """(config, family name, why it was assumed or None) of a ``generate`` run: the --family's
+    reference settings (or the family the --checkpoint/--lora path names; else self-forcing), with every
+    explicit option over them. Raises UsageError for settings out of range."""
+    name, assumed = args.family, None
+    if name is None:
+        guess = guess_family(args.checkpoint or "", args.lora)
+        name = guess[0] if guess else DEFAULT_FAMILY
+        assumed = guess[1] if guess else None
+    explicit = {"steps": args.steps, "first_block_steps": args.first_block_steps, "shift": args.shift,
+                "warp": None if args.warp is None else args.warp == "on", "frames_per_block": args.frames_per_block,
+                "independent_first_frame": args.independent_first_frame, "context_noise": args.context_noise,
+                "parallel": args.parallel, "attention": args.attention, "window": args.window or None,
+                "sink": args.sink, "flashblock": args.flashblock, "fold_clean": args.fold_clean,
+                "switch_mode": args.switch_mode}
+    try:
+        cfg = family_config(name, **explicit)
+        if args.window == 0:  # explicitly unlimited, whatever the family's window
+            cfg = dataclasses.replace(cfg, window=None)
+        cfg.validate(unlimited_window="0")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return cfg, name, assumed
+
+
+def prompt_switches(specs: list[str], blocks: int) -> list[tuple[int, str, bool]]:
+    """--switch BLOCK:FILE|BLOCK:TEXT values -> sorted (block, file or text, is a file). A value ending
+    in .safetensors is an embedding file (it must exist); anything else is a prompt text. Raises
+    UsageError for a malformed value, a block outside 1..blocks-1 or two switches at one block."""
+    out = {}
+    for spec in specs:
+        block, sep, value = spec.partition(":")
+        if not sep or not block.strip().isdigit() or not value.strip():
+            raise UsageError(f"--switch {spec!r}: expected BLOCK:FILE (a .safetensors embedding) or BLOCK:TEXT")
+        b = int(block)
+        if not 1 <= b < blocks:
+            raise UsageError(f"--switch {spec!r}: the block must lie in 1..{blocks - 1} (block 0 takes the first "
+                             f"prompt; the video has {blocks} blocks)")
+        if b in out:
+            raise UsageError(f"--switch: two prompts at block {b}")
+        is_file = value.lower().endswith(".safetensors")
+        if is_file:
+            check_input("--switch", value)
+        out[b] = (value, is_file)
+    return [(b, *out[b]) for b in sorted(out)]
+
+
 def check_settings(args, cfg: CascadeConfig) -> None:
     """Refuse settings that would silently do nothing; warn once about a video past the trained length."""
+    if args.switch_mode is not None and not args.switch:
+        raise UsageError(f"--switch-mode {args.switch_mode} needs a --switch (it says what a prompt switch does)")
     if args.fold_clean and args.parallel > 1:
         raise UsageError("--fold-clean works at --parallel 1 only (at P>1 clean passes already share ticks)")
     if args.attention == "bidirectional" and args.parallel == 1:
         raise UsageError("--attention bidirectional needs --parallel 2 or more (at P1 no other block is "
                          "in flight to see)")
-    frames = args.blocks * cfg.frames_per_block
+    frames = cfg.grid.total(args.blocks)
     if args.window is None and frames > TRAINED_LATENT_FRAMES:
         print(f"warning: {frames} latent frames without a window exceed the {TRAINED_LATENT_FRAMES} the "
               f"released 1.3B models were trained on (quality drops past it); bound the attention with "

@@ -25,6 +25,7 @@ from .fp8 import quantize_layers
 from .frames import FrameStream, VideoWriter, load_decoder
 from .model import WanConfig
 from .safe_io import save_safetensors
+from .families import describe
 from .sampler import BlockEvent, CascadeConfig, Interrupted, PromptSchedule, Result, generate, latent_size
 
 DEFAULT_VIDEO = "out/video.mp4"
@@ -149,18 +150,20 @@ def weight_bytes(model_cfg: WanConfig, weights, dtype: torch.dtype) -> int:
         return sum(p.numel() for p in WanModel(model_cfg).parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
-def _prepare(args, devices, device: torch.device, dtype: torch.dtype, cfg: CascadeConfig):
-    """The model, its label, the prompt embeddings [L, text_dim] and their label, and the initial
-    noise (or None) of a ``generate`` run: files read and checked, memory estimated (one device)."""
+def _prepare(args, devices, device: torch.device, dtype: torch.dtype, cfg: CascadeConfig, switches):
+    """The model, its label, the prompt schedule (embeddings [L, text_dim]) and its label, and the
+    initial noise (or None) of a ``generate`` run: files read and checked, memory estimated (one
+    device). ``switches``: :func:`cli_checks.prompt_switches`."""
     weights = load_weights(args, dtype)  # checked (and kept on the CPU) before the text encoder runs
     if devices is None:  # several devices: the worker pool checks each GPU for its own share
         model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
         vae_bytes = cli_checks.input_bytes(args.vae) if args.vae else 0
         cli_checks.check_memory(device, model_cfg, dtype, weight_bytes(model_cfg, weights, dtype), cfg, args,
                                 vae_bytes)
-    embeds, prompt_label = None, None
-    if args.prompt is not None:
-        embeds, prompt_label = prompt_embeddings(args, device)
+    texts = ([args.prompt] if args.prompt is not None else []) + [v for _, v, is_file in switches if not is_file]
+    encoded = prompt_embeddings(args, texts, device) if texts else []
+    embeds = encoded.pop(0) if args.prompt is not None else None
+    prompt_label = None if embeds is None else f"{len(embeds)} tokens"
     # several local devices: the weights stay on the CPU here and go to the workers once
     model, label = build_model(weights, torch.device("cpu") if isinstance(devices, list) else device, dtype)
     del weights
@@ -172,7 +175,9 @@ def _prepare(args, devices, device: torch.device, dtype: torch.dtype, cfg: Casca
     elif embeds is None:
         embeds = torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(args.seed))
     noise = single_tensor(args.noise, "the initial noise") if args.noise else None
-    return model, label, embeds, prompt_label, noise
+    entries = [(0, embeds)] + [(b, single_tensor(v, "a [L, 4096] prompt embedding") if is_file else encoded.pop(0))
+                               for b, v, is_file in switches]
+    return model, label, PromptSchedule(entries), prompt_label, noise
 
 
 @contextlib.contextmanager
@@ -193,15 +198,12 @@ def run_generate(args) -> dict | None:
     Raises UsageError/ValueError/CheckpointError (exit 2), WorkerError (exit 1), Stopped (exit 130)."""
     devices = several_devices(args)
     dtype = DTYPES[args.dtype]
-    cfg = CascadeConfig(steps=args.steps, shift=args.shift, frames_per_block=args.frames_per_block,
-                        context_noise=args.context_noise, parallel=args.parallel, attention=args.attention,
-                        window=args.window, sink=args.sink, flashblock=args.flashblock,
-                        fold_clean=args.fold_clean)
-    cfg.validate()
+    cfg, family, assumed = cli_checks.sampling_config(args)
     if args.blocks < 1:
         raise UsageError(f"--blocks must be >= 1, got {args.blocks}")
+    switches = cli_checks.prompt_switches(args.switch, args.blocks)
     latent_size(args.width, args.height)
-    check_text_arguments(args)
+    check_text_arguments(args, sum(not is_file for *_, is_file in switches))
     cli_checks.check_settings(args, cfg)
     check_outputs(args)
     if devices == "torchrun":  # every rank checks everything before it joins the group
@@ -219,7 +221,9 @@ def run_generate(args) -> dict | None:
             distributed.generate_collective(None, None, None, device=device)
             return None
     with _refusal_reaches_every_rank(devices == "torchrun"):
-        model, label, embeds, prompt_label, noise = _prepare(args, devices, device, dtype, cfg)
+        model, label, prompts, prompt_label, noise = _prepare(args, devices, device, dtype, cfg, switches)
+    if assumed:  # said once every check has passed (a refusal stays one line)
+        print(f"note: family {family} assumed ({assumed}); --family sets another", file=sys.stderr)
     writer = frames = progress = None
     if args.vae:
         writer, frames = open_video(args.vae, video_path(args), args.frames_dir, device, dtype)
@@ -244,7 +248,7 @@ def run_generate(args) -> dict | None:
                 startup = time.perf_counter() - start
                 run = pool.generate
             progress = BlockProgress(args.blocks, not args.quiet)  # after the workers' start-up
-            result = run(model, PromptSchedule.single(embeds), cfg, blocks=args.blocks, width=args.width,
+            result = run(model, prompts, cfg, blocks=args.blocks, width=args.width,
                          height=args.height, seed=args.seed, noise=noise, on_block=on_block,
                          on_tick=None if frames is None else frames.poll, should_stop=stop)
             if frames is not None:
@@ -267,6 +271,8 @@ def run_generate(args) -> dict | None:
     if args.latents_out:
         save_safetensors({"latents": result.latents}, os.path.realpath(args.latents_out))  # through a link
     out = summary(result, args, label, where)
+    out.update(family=family, family_assumed=assumed, settings=describe(cfg),
+               prompt_switches=[b for b, *_ in switches])
     if startup is not None:
         out["worker_startup_seconds"] = round(startup, 4)
     if writer is not None:

@@ -43,6 +43,7 @@ from typing import Protocol, Sequence
 import torch
 
 from .attention import attend, attend_lse, merge_attention
+from .schedule import BlockGrid
 
 # How a segment's self-attention is computed (FlashBlock: arXiv 2602.05305):
 FULL = "full"  # all visible keys at once
@@ -78,9 +79,14 @@ class PoolLayout:
     window: int | None = None  # latent frames a block attends to, sink and itself included
     sink: int = 0
     max_in_flight: int = 1
+    first_block_frames: int | None = None  # block 0's frames (1: an independent first frame); None: the same
 
     def __post_init__(self):
         check_window(self.window, self.sink, self.frames_per_block)
+
+    @property
+    def grid(self) -> BlockGrid:
+        return BlockGrid(self.frames_per_block, self.first_block_frames or self.frames_per_block)
 
     @property
     def capacity_frames(self) -> int:
@@ -88,9 +94,9 @@ class PoolLayout:
             return self.total_frames
         return min(self.total_frames, self.window + (self.max_in_flight - 1) * self.frames_per_block)
 
-    def visible_frames(self, block: int, hi: int) -> list[tuple[int, int]]:
-        """Frame ranges [lo, hi) seen by ``block``'s queries when the visible run ends at frame ``hi``."""
-        end = (block + 1) * self.frames_per_block
+    def visible_frames(self, end: int, hi: int) -> list[tuple[int, int]]:
+        """Frame ranges [lo, hi) seen by the queries of a block ending at frame ``end`` when the visible
+        run ends at frame ``hi``."""
         if self.window is None:
             return [(0, hi)]
         lo = max(0, end - (self.window - self.sink))
@@ -109,7 +115,7 @@ class KVPool:
         self.k = torch.zeros(layers, tokens, heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         if keep_external:  # [in-flight slot, layer, 1, heads, block tokens, (head_dim)]
-            block_tokens = layout.frames_per_block * layout.tokens_per_frame
+            block_tokens = max(layout.grid.first, layout.grid.frames) * layout.tokens_per_frame
             shape = (layout.max_in_flight, layers, 1, heads, block_tokens)
             self.ext_out = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
             self.ext_lse = torch.zeros(*shape, dtype=torch.float32, device=device)
@@ -145,16 +151,15 @@ class KVPool:
     def make_room(self, oldest_block: int, newest_block: int) -> None:
         """Ensure the newest block's frames have slots, dropping frames the oldest block can't see."""
         lay = self.layout
-        fpb = lay.frames_per_block
-        new_end = (newest_block + 1) * fpb
+        new_end = lay.grid.end(newest_block)
         if lay.sink + new_end - self.base <= lay.capacity_frames:
             return
-        oldest_end = (oldest_block + 1) * fpb
+        oldest_end = lay.grid.end(oldest_block)
         keep_from = max(lay.sink, oldest_end - (lay.window - lay.sink))
         if lay.sink + new_end - keep_from > lay.capacity_frames:
             raise RuntimeError("KV pool too small for the blocks in flight")
         tpf = lay.tokens_per_frame
-        for f in range(keep_from, min(self.stored_end, newest_block * fpb)):
+        for f in range(keep_from, min(self.stored_end, lay.grid.start(newest_block))):
             dst, src = (lay.sink + f - keep_from) * tpf, self.slot(f) * tpf
             if dst != src:  # ascending whole-frame moves never overwrite an unread source
                 self.k[:, dst:dst + tpf] = self.k[:, src:src + tpf]
@@ -173,14 +178,33 @@ class KVPool:
         only those, in this order. exchange: brings the other segments' K/V (required when some
         segments are not local).
         """
-        fpb = self.layout.frames_per_block
-        writes = [self.token_range(b * fpb, (b + 1) * fpb) for b in blocks]
-        self.stored_end = max(self.stored_end, max((b + 1) * fpb for b in blocks))
-        reads = [[self.token_range(lo, hi) for lo, hi in self.layout.visible_frames(b, hi)]
+        grid = self.layout.grid
+        writes = [self.token_range(grid.start(b), grid.end(b)) for b in blocks]
+        self.stored_end = max(self.stored_end, max(grid.end(b) for b in blocks))
+        reads = [[self.token_range(lo, hi) for lo, hi in self.layout.visible_frames(grid.end(b), hi)]
                  for b, hi in zip(blocks, hi_frames)]
         modes = modes or [FULL] * len(blocks)
         slots = [b % self.layout.max_in_flight for b in blocks]
         return PoolAttention(self, writes, reads, modes, slots, local, exchange)
+
+
+    def recache_attention(self, end: int) -> "tuple[int, PoolAttention] | None":
+        """Context of a re-cache forward over the committed frames a block starting at frame ``end``
+        will see (LongLive's KV re-cache at a prompt switch). Returns (lo, context): the forward runs
+        frames [lo, end) as one segment, writes their K/V and attends the sink and [lo, end); None when
+        no such frame is held.
+
+        [lo, end) is the last visible run of a block ending at ``end`` (sink kept apart when the
+        window has passed it), so LongLive's default (window 12, sink 3: the 9 frames before the
+        switch, old-prompt sink kept) is reproduced; frames the pool already evicted are left out."""
+        spans = self.layout.visible_frames(end, end)
+        lo = spans[-1][0]
+        if len(spans) > 1 or lo >= self.layout.sink:  # a separate sink: only frames still held count
+            lo = max(lo, self.base)
+        if lo >= end:
+            return None
+        reads = [self.token_range(a, min(b, end)) for a, b in spans[:-1]] + [self.token_range(lo, end)]
+        return lo, PoolAttention(self, [self.token_range(lo, end)], [reads], [FULL], [0])
 
 
 def _without(spans: list[tuple[int, int]], own: tuple[int, int]) -> list[tuple[int, int]]:
@@ -291,7 +315,9 @@ class PoolAttention:
             return merge_attention([attend_lse(qi, *keys(a, b)) for a, b in spans])[0]
         own = self.writes[i]
         if mode == REUSE:
-            ext = [(pool.ext_out[slot, layer], pool.ext_lse[slot, layer])] if pool.ext_present[slot] else []
+            n = qi.shape[2]  # the block's tokens (block 0 may be shorter than the buffer)
+            ext = [(pool.ext_out[slot, layer, :, :, :n], pool.ext_lse[slot, layer, :, :, :n])] \
+                if pool.ext_present[slot] else []
         else:
             ext_spans = _without(spans, own)
             ext = [merge_attention([attend_lse(qi, *keys(a, b)) for a, b in ext_spans])] if ext_spans else []
@@ -303,8 +329,9 @@ class PoolAttention:
         pool = self.pool
         pool.ext_present[slot] = bool(ext)
         if ext:
-            pool.ext_out[slot, layer].copy_(ext[0][0])
-            pool.ext_lse[slot, layer].copy_(ext[0][1])
+            n = ext[0][0].shape[2]
+            pool.ext_out[slot, layer, :, :, :n].copy_(ext[0][0])
+            pool.ext_lse[slot, layer, :, :, :n].copy_(ext[0][1])
 
     def _ready_part(self, layer: int, i: int, qi: torch.Tensor):
         """Segment i's (out, lse) pieces over the keys that are final before the exchange ends:

@@ -30,7 +30,8 @@ def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks
     h, w = latent_size(width, height, c.patch_size)
     tpf = (h // c.patch_size[1]) * (w // c.patch_size[2])
     fpb = cfg.frames_per_block
-    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=blocks * fpb,
+    frames = cfg.grid.total(blocks)
+    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=frames,
                         window=cfg.window, sink=cfg.sink, max_in_flight=cfg.parallel)
     elem = 4 if dtype == torch.float32 else 2
     kv = 2 * c.num_layers * layout.capacity_frames * tpf * c.dim * elem
@@ -42,7 +43,7 @@ def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks
     if cfg.flashblock != "off":
         activations += c.num_layers * tokens * c.dim * 4 * 2  # kept block-external outputs + log-sum-exp
     text = prompts * c.num_layers * 2 * c.text_len * c.dim * elem
-    latents = 3 * 16 * blocks * fpb * h * w * 4
+    latents = 3 * 16 * frames * h * w * 4
     vae_work = (vae_bytes + 3000 * h * w * 64 * elem) if vae_bytes else 0
     total = int((kv + activations + text + latents + vae_work) * 1.2) + 256 * 1024 ** 2
     what = (f"KV cache {kv / GIB:.2f} GiB, activations {activations / GIB:.2f} GiB, "

@@ -27,12 +27,16 @@ from typing import Callable, Sequence
 import torch
 
 from .kv_pool import FULL, REUSE, SPLIT, STORE, Exchange, KVPool, PoolLayout, check_window
-from .model import WanModel
-from .schedule import CascadeSchedule, FlowSchedule, Tick
+from .model import WanConfig, WanModel
+from .schedule import BlockGrid, CascadeSchedule, FlowSchedule, Tick
 from .transfer import to_device
 
 ATTENTION_MODES = ("causal", "bidirectional")
 FLASHBLOCK_MODES = ("off", "exact", "reuse")
+# What a prompt switch at block s does: "none" (Block Cascading: blocks pick up the new prompt at their
+# next step, no extra forward); "recache" (LongLive: before block s, the committed frames it will see
+# are run once more under the new prompt, one extra forward, rewriting their K/V).
+SWITCH_MODES = ("none", "recache")
 LATENT_SCALE = 8  # VAE: pixels per latent in height and width
 LATENT_CHANNELS = 16
 
@@ -44,9 +48,13 @@ class Interrupted(Exception):
 @dataclass(frozen=True)
 class CascadeConfig:
     """How a video is sampled. ``steps``: denoising timesteps on the 0..1000 scale, strictly
-    decreasing; ``shift``: flow-matching shift; ``frames_per_block``: latent frames per block (3
-    chunk-wise, 1 frame-wise); ``context_noise``: timestep of the clean pass (0..1000);
-    ``parallel``: blocks in flight, 1..len(steps)+1; ``window``/``sink``: in latent frames.
+    decreasing; ``shift``: flow-matching shift; ``warp``: read the step list through the shifted
+    sigma table (Self-Forcing, LongLive) or use it as the timesteps themselves (CausVid);
+    ``first_block_steps``: block 0's own step list (None: ``steps``); ``frames_per_block``: latent
+    frames per block (3 chunk-wise, 1 frame-wise); ``independent_first_frame``: block 0 is one latent
+    frame, later blocks ``frames_per_block``; ``context_noise``: timestep of the clean pass (0..1000);
+    ``parallel``: blocks in flight, 1..len(steps)+1; ``window``/``sink``: in latent frames;
+    ``switch_mode``: what a prompt switch does (see :data:`SWITCH_MODES`).
     :meth:`validate` raises ValueError naming the allowed range."""
 
     steps: tuple[int, ...] = (1000, 750, 500, 250)
@@ -65,11 +73,31 @@ class CascadeConfig:
     # P1 only: run a block's clean pass in the same forward as the next block's first step (the same
     # result up to float rounding, one forward fewer per block); see CascadeSchedule
     fold_clean: bool = False
+    first_block_steps: tuple[int, ...] | None = None
+    independent_first_frame: bool = False
+    switch_mode: str = "none"
+
+    @property
+    def grid(self) -> BlockGrid:
+        """Which latent frames each block holds."""
+        return BlockGrid(self.frames_per_block, 1 if self.independent_first_frame else self.frames_per_block)
+
+    def flows(self) -> tuple[FlowSchedule, FlowSchedule]:
+        """(block 0's noise levels, every later block's); raises ValueError for a bad step list."""
+        flow = FlowSchedule(self.steps, self.shift, self.warp)
+        first = flow if self.first_block_steps is None else FlowSchedule(self.first_block_steps, self.shift, self.warp)
+        return first, flow
 
     def validate(self, unlimited_window: str | None = None) -> None:
         """Raise ValueError with the allowed range for anything out of range. ``unlimited_window``:
         how the caller spells "no window" (see :func:`kv_pool.check_window`)."""
-        FlowSchedule(self.steps, self.shift, self.warp)
+        try:
+            self.flows()
+        except ValueError as exc:
+            if self.first_block_steps is None:
+                raise
+            raise ValueError(f"step list {list(self.steps)} / first-block steps {list(self.first_block_steps)}: "
+                             f"{exc}") from None
         if self.frames_per_block < 1:
             raise ValueError(f"frames per block must be >= 1, got {self.frames_per_block}")
         if not 1 <= self.parallel <= len(self.steps) + 1:
@@ -81,6 +109,12 @@ class CascadeConfig:
             raise ValueError(f"flashblock must be one of {FLASHBLOCK_MODES}, got {self.flashblock!r}")
         if not 0 <= self.context_noise <= 1000:  # (NaN fails this too)
             raise ValueError(f"context noise must lie in 0..1000, got {self.context_noise}")
+        if self.switch_mode not in SWITCH_MODES:
+            raise ValueError(f"switch mode must be one of {SWITCH_MODES}, got {self.switch_mode!r}")
+        mixed = self.grid.first != self.grid.frames
+        if mixed and self.attention == "bidirectional" and self.parallel > 1:
+            raise ValueError("bidirectional in-flight attention needs blocks of one size: it cannot be combined "
+                             "with an independent first frame at parallel > 1")
 
 
 @dataclass
@@ -187,9 +221,9 @@ def step_noise(seed: int, block: int, step: int, like: torch.Tensor) -> torch.Te
     return torch.randn(like.shape, generator=g, device=like.device, dtype=torch.float32).to(like.dtype)
 
 
-def attention_mode(flashblock: str, stage: int, clean_stage: int) -> str:
+def attention_mode(flashblock: str, stage: int, clean: bool) -> str:
     """The KV pool's attention mode for one (block, stage) pair under a FlashBlock setting."""
-    if flashblock == "off" or stage == clean_stage:
+    if flashblock == "off" or clean:
         return FULL
     if flashblock == "exact":
         return SPLIT
@@ -211,13 +245,77 @@ class Partition:
         """How the K/V of the tick's non-local segments arrive (None: every segment is local)."""
         return None
 
-    def collect(self, block: int, x0: torch.Tensor | None) -> torch.Tensor | None:
-        """A finished block's latents where it is reported (None elsewhere); ``x0`` where owned."""
+    def collect(self, block: int, x0: torch.Tensor | None, frames: int) -> torch.Tensor | None:
+        """A finished block's latents [1, 16, frames, h, w] where it is reported (None elsewhere);
+        ``x0`` where owned."""
         return x0
 
     def stop(self, tick: Tick, requested: bool) -> bool:
         """Whether every process stops before ``tick`` (``requested``: this process's own wish)."""
         return requested
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A checked run: block sizes, noise levels, tick plan and the latents' shape [1, 16, T, h, w]."""
+
+    grid: BlockGrid
+    first_flow: FlowSchedule
+    flow: FlowSchedule
+    schedule: CascadeSchedule
+    shape: tuple[int, ...]
+
+    def flow_of(self, block: int) -> FlowSchedule:
+        return self.first_flow if block == 0 else self.flow
+
+
+def plan_run(model_cfg: WanConfig, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int, width: int,
+             height: int, noise: torch.Tensor | None = None) -> RunPlan:
+    """Every check of a run's arguments, before any model work (one place for one process and for
+    several). Raises ValueError for a bad config, size, prompt schedule or initial noise."""
+    cfg.validate()
+    first, flow = cfg.flows()
+    schedule = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first))
+    prompts.validate(blocks, model_cfg.text_dim)
+    if cfg.switch_mode == "recache" and cfg.fold_clean and len(prompts.entries) > 1:
+        raise ValueError("a re-cache at a prompt switch needs the previous block's clean pass done first: "
+                         "turn fold_clean off")
+    h, w = latent_size(width, height, model_cfg.patch_size)
+    shape = (1, LATENT_CHANNELS, cfg.grid.total(blocks), h, w)
+    if noise is not None and tuple(noise.shape) != shape:
+        raise ValueError(f"the initial noise must be {list(shape)}, got {list(noise.shape)}")
+    if noise is not None and not bool(torch.isfinite(noise).all()):
+        raise ValueError("the initial noise holds NaN or infinite values")
+    return RunPlan(cfg.grid, first, flow, schedule, shape)
+
+
+def size_groups(blocks: Sequence[int], grid: BlockGrid) -> list[list[int]]:
+    """Indices of a tick's segments grouped into runs of equal block size, oldest first: one model
+    forward each (segments of one forward share a shape). Only block 0 can differ (an independent
+    first frame), so a tick has at most two groups; causal attention makes two forwards in this order
+    equal to one (a segment sees only older blocks, whose K/V the earlier forward wrote)."""
+    groups: list[list[int]] = []
+    for i, b in enumerate(blocks):
+        if groups and grid.size(blocks[groups[-1][-1]]) == grid.size(b):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _recache(model: WanModel, pool: KVPool, out: torch.Tensor, end: int, prompt, context_noise: float) -> int:
+    """LongLive's KV re-cache at a prompt switch: the committed frames before frame ``end`` that the
+    new block will see, run once more at ``context_noise`` under the new prompt (one forward over
+    them together, their own clean latents from ``out``), so their K/V carry it. Returns the forwards
+    run (0 when nothing is committed yet)."""
+    found = pool.recache_attention(end)
+    if found is None:
+        return 0
+    lo, context = found
+    x = out[:, :, lo:end]  # [1, 16, end - lo, h, w]
+    t = torch.full((1, end - lo), float(context_noise), device=out.device)
+    model(x, t, [lo], [prompt], context)
+    return 1
 
 
 def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int,
@@ -229,7 +327,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     """Generate ``blocks`` blocks of latent video; see the module docstring for the guarantees.
 
     ``prompts``: embeddings [L, text_dim] per entry; ``width``/``height`` in pixels (multiples of 16);
-    ``noise``: the initial noise [1, 16, T, height/8, width/8] with T = blocks * frames_per_block
+    ``noise``: the initial noise [1, 16, T, height/8, width/8] with T = ``cfg.grid.total(blocks)``
     (drawn from ``seed`` when None). Returns a :class:`Result` whose ``latents`` [1, 16, T, h, w] are
     normalised (DiT-space) latents on the model's device, ``seconds`` the wall time of the loop.
     Callbacks: ``on_tick`` after every tick, ``on_block`` when a block is final, ``should_stop``
@@ -240,26 +338,16 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     :mod:`distributed`); the default computes everything here.
     """
     part = partition or Partition()
-    cfg.validate()
-    flow = FlowSchedule(cfg.steps, cfg.shift, cfg.warp)
-    plan = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean)
-    prompts.validate(blocks, model.cfg.text_dim)
-    h, w = latent_size(width, height, model.cfg.patch_size)
-    fpb = cfg.frames_per_block
-    frames = blocks * fpb
-    shape = (1, LATENT_CHANNELS, frames, h, w)
+    run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise)
+    plan, grid, shape = run.schedule, run.grid, run.shape
     device, dtype = model.device, model.dtype
-    if noise is None:
-        noise = initial_noise(seed, shape, device, dtype)
-    elif tuple(noise.shape) != shape:
-        raise ValueError(f"the initial noise must be {list(shape)}, got {list(noise.shape)}")
-    elif not bool(torch.isfinite(noise).all()):
-        raise ValueError("the initial noise holds NaN or infinite values")
-    noise = to_device(noise, device).to(dtype)  # no host wait (see transfer)
+    noise = initial_noise(seed, shape, device, dtype) if noise is None else to_device(noise, device).to(dtype)
 
+    h, w = shape[-2:]
     p = model.cfg.patch_size
-    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=(h // p[1]) * (w // p[2]),
-                        total_frames=frames, window=cfg.window, sink=cfg.sink, max_in_flight=plan.max_in_flight)
+    layout = PoolLayout(frames_per_block=grid.frames, tokens_per_frame=(h // p[1]) * (w // p[2]),
+                        total_frames=shape[2], window=cfg.window, sink=cfg.sink, max_in_flight=plan.max_in_flight,
+                        first_block_frames=grid.first)
     start = time.perf_counter()
     with torch.inference_mode():
         pool = KVPool(layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
@@ -268,51 +356,63 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         prompt_of = [text[prompts.index_for(b)] for b in range(blocks)]
         out = torch.empty(shape, device=device, dtype=dtype)
         x_t: dict[int, torch.Tensor] = {}  # in-flight blocks: current noisy input (or x0 for the clean pass)
-        clean_t = torch.full((fpb,), float(cfg.context_noise), device=device)
-        step_t = to_device(flow.timesteps, device)
-        done, first_block = 0, None
+        clean_t = torch.full((max(grid.first, grid.frames),), float(cfg.context_noise), device=device)
+        step_t = {id(f): to_device(f.timesteps, device) for f in (run.first_flow, run.flow)}
+        done, forwards, first_block = 0, 0, None
+        recache_at = {s: i for i, (s, _) in enumerate(prompts.entries) if s and cfg.switch_mode == "recache"}
         ticks = plan.ticks()
         for tick in ticks:
             if part.stop(tick, should_stop is not None and should_stop()):
                 raise Interrupted(f"stopped at tick {tick.index} of {len(ticks)}")
             blocks_now = [b for b, _ in tick.pairs]
-            local = [i for i, b in enumerate(blocks_now) if part.owns(b)]
-            for i in local:
-                if tick.pairs[i][1] == 0:
-                    b = blocks_now[i]
-                    x_t[b] = noise[:, :, b * fpb:(b + 1) * fpb]
+            for b, stage in tick.pairs:
+                if stage == 0 and part.owns(b):
+                    x_t[b] = noise[:, :, grid.start(b):grid.end(b)]
+            entering = blocks_now[-1] if tick.pairs[-1][1] == 0 else None
+            if entering in recache_at:  # before the window makes room for the new block
+                forwards += _recache(model, pool, out, grid.start(blocks_now[0]), text[recache_at[entering]],
+                                     cfg.context_noise)
             pool.make_room(blocks_now[0], blocks_now[-1])
-            newest_end = (blocks_now[-1] + 1) * fpb
-            his = [newest_end if cfg.attention == "bidirectional" and s < plan.clean_stage else (b + 1) * fpb
-                   for b, s in tick.pairs]
-            modes = [attention_mode(cfg.flashblock, s, plan.clean_stage) for _, s in tick.pairs]
-            context = pool.attention(blocks_now, his, modes, local, part.exchange(blocks_now, local))
-            if local:
-                t = torch.stack([clean_t if s == plan.clean_stage else step_t[s].expand(fpb)
-                                 for s in (tick.pairs[i][1] for i in local)])  # [n, fpb]
-                mine = [blocks_now[i] for i in local]
-                v = model(torch.cat([x_t[b] for b in mine]), t, [b * fpb for b in mine],
+            newest_end = grid.end(blocks_now[-1])
+            v_of: dict[int, torch.Tensor] = {}  # segment index -> velocity [1, 16, frames, h, w]
+            for group in size_groups(blocks_now, grid):
+                pairs = [tick.pairs[i] for i in group]
+                gb = [b for b, _ in pairs]
+                clean = [plan.is_clean(b, s) for b, s in pairs]
+                his = [newest_end if cfg.attention == "bidirectional" and not c else grid.end(b)
+                       for (b, _), c in zip(pairs, clean)]
+                modes = [attention_mode(cfg.flashblock, s, c) for (_, s), c in zip(pairs, clean)]
+                local = [k for k, b in enumerate(gb) if part.owns(b)]
+                context = pool.attention(gb, his, modes, local, part.exchange(gb, local))
+                forwards += 1
+                if not local:  # nothing to compute here: only take part in the K/V exchange
+                    context.skip(model.cfg.num_layers)
+                    continue
+                size = grid.size(gb[0])
+                t = torch.stack([clean_t[:size] if clean[k] else step_t[id(run.flow_of(gb[k]))][pairs[k][1]].expand(size)
+                                 for k in local])  # [n, frames]
+                mine = [gb[k] for k in local]
+                v = model(torch.cat([x_t[b] for b in mine]), t, [grid.start(b) for b in mine],
                           [prompt_of[b] for b in mine], context)
-            else:  # nothing to compute here this tick: only take part in the K/V exchange
-                context.skip(model.cfg.num_layers)
-            row = {i: j for j, i in enumerate(local)}  # segment index -> row of v
+                v_of.update({group[k]: v[r:r + 1] for r, k in enumerate(local)})
             for i, (b, stage) in enumerate(tick.pairs):
-                if stage == plan.clean_stage:
+                if plan.is_clean(b, stage):
                     x_t.pop(b, None)
                     continue
+                flow = run.flow_of(b)
                 last = stage + 1 == len(flow)
                 x0 = None
-                if i in row:
-                    x0 = flow.x0(x_t[b], v[row[i]:row[i] + 1].to(dtype), stage)
+                if i in v_of:
+                    x0 = flow.x0(x_t[b], v_of[i].to(dtype), stage)
                     # after the last step the clean pass runs on x0 itself
                     x_t[b] = x0 if last else flow.renoise(x0, stage + 1, step_noise(seed, b, stage, x0))
                 if not last:
                     continue
                 done += 1
-                latents = part.collect(b, x0)
+                latents = part.collect(b, x0, grid.size(b))
                 if latents is None:  # finished on another process, reported there
                     continue
-                out[:, :, b * fpb:(b + 1) * fpb] = latents
+                out[:, :, grid.start(b):grid.end(b)] = latents
                 elapsed = time.perf_counter() - start
                 first_block = elapsed if first_block is None else first_block
                 if on_block is not None:
@@ -320,4 +420,4 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
             if on_tick is not None:
                 on_tick(TickEvent(tick.index, len(ticks), tick.pairs, done, time.perf_counter() - start))
     seconds = time.perf_counter() - start
-    return Result(out, blocks, len(ticks), plan.forwards, seconds, first_block or seconds)
+    return Result(out, blocks, len(ticks), forwards, seconds, first_block or seconds)

@@ -5,16 +5,21 @@ Guarantees:
   1000 training steps (float32 table), the step list warped through that table (1000, 750, 500, 250
   at shift 5 -> t = 1000, 937.5, 833.3, 625), x0 = x_t - sigma*v in float64, and re-noising
   x = (1-sigma')*x0 + sigma'*eps in float32.
+- :class:`BlockGrid` says which latent frames each block holds: every block N frames (3 chunk-wise, 1
+  frame-wise), or, with an independent first frame (CausVid, Self-Forcing and Causal Forcing's
+  ``independent_first_frame``), block 0 one frame and every later block N.
 - :class:`CascadeSchedule` is pure bookkeeping (no tensors): it lists the ticks of a video of n blocks,
-  each tick a set of (block, stage) pairs, stage 0..S-1 a denoising step and stage S the clean pass.
-  Block b enters at tick floor(b*(S+1)/P), so at most P blocks are in flight; P=1 is the reference's
-  sequential order and P=S+1 emits one block per tick. ``fold_clean`` (P1 only) runs a block's clean
-  pass in the same forward as the next block's first step: the same result, S ticks per block.
+  each tick a set of (block, stage) pairs, stage 0..S_b-1 a denoising step of block b and stage S_b
+  its clean pass. Every block has S steps except block 0, which may have its own S0 (a first-block
+  step list). Block b >= 1 enters at tick floor(b*(S+1)/P) + d with d = max(S0 - S, 1 - floor((S+1)/P))
+  (d = 0 when S0 = S), so at most P blocks are in flight; P=1 is the reference's sequential order and
+  P=S+1 emits one block per tick. ``fold_clean`` (P1 only) runs a block's clean pass in the same
+  forward as the next block's first step: the same result, one tick fewer per block.
 """
 from __future__ import annotations
 
+import functools
 import math
-
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -64,6 +69,36 @@ class FlowSchedule:
 
 
 @dataclass(frozen=True)
+class BlockGrid:
+    """Latent frames of each block: block 0 holds ``first`` frames, every later block ``frames``.
+
+    ``first == frames`` is the usual grid; ``first = 1`` is an independent first frame (the block
+    count still counts block 0). Raises ValueError for sizes below 1."""
+
+    frames: int
+    first: int
+
+    def __post_init__(self):
+        if self.frames < 1 or self.first < 1:
+            raise ValueError(f"frames per block must be >= 1, got {self.first if self.first < 1 else self.frames}")
+
+    def start(self, block: int) -> int:
+        """Absolute index of the block's first latent frame."""
+        return 0 if block == 0 else self.first + (block - 1) * self.frames
+
+    def end(self, block: int) -> int:
+        """One past the block's last latent frame."""
+        return self.start(block + 1)
+
+    def size(self, block: int) -> int:
+        return self.first if block == 0 else self.frames
+
+    def total(self, blocks: int) -> int:
+        """Latent frames of a video of ``blocks`` blocks."""
+        return self.start(blocks)
+
+
+@dataclass(frozen=True)
 class Tick:
     index: int
     pairs: tuple[tuple[int, int], ...]  # (block, stage), oldest block first
@@ -72,42 +107,53 @@ class Tick:
 class CascadeSchedule:
     """Which (block, stage) pairs run together; see the module docstring."""
 
-    def __init__(self, blocks: int, steps: int, parallel: int = 1, fold_clean: bool = False):
+    def __init__(self, blocks: int, steps: int, parallel: int = 1, fold_clean: bool = False,
+                 first_steps: int | None = None):
         if blocks < 1:
             raise ValueError(f"the video needs at least 1 block, got {blocks}")
-        if steps < 1:
-            raise ValueError(f"at least 1 denoising step is needed, got {steps}")
+        first_steps = steps if first_steps is None else first_steps
+        if min(steps, first_steps) < 1:
+            raise ValueError(f"at least 1 denoising step is needed, got {min(steps, first_steps)}")
         if not 1 <= parallel <= steps + 1:
             raise ValueError(f"parallelism must lie in 1..{steps + 1} (steps + 1), got {parallel}")
-        self.blocks, self.steps, self.parallel = blocks, steps, parallel
+        self.blocks, self.steps, self.parallel, self.first_steps = blocks, steps, parallel, first_steps
         self.stages = steps + 1
         # P1 only: the clean pass of block b shares a tick with the first step of block b+1. Exact,
         # since in one forward every segment's K/V are written before any is read (block b+1 sees
         # block b's clean K/V at every layer, as in the sequential order); one tick fewer per block.
         self.fold_clean = fold_clean and parallel == 1
+        # later blocks follow the uniform cascade, delayed so block 0's span fits inside the span the
+        # uniform block 0 would have had (hence still at most P in flight; see the module docstring)
+        self._delay = max(first_steps - steps, 1 - self.stages // parallel)
 
-    @property
-    def clean_stage(self) -> int:
-        return self.steps
+    def steps_of(self, block: int) -> int:
+        """Denoising steps of ``block`` (its clean pass is stage ``steps_of(block)``)."""
+        return self.first_steps if block == 0 else self.steps
+
+    def is_clean(self, block: int, stage: int) -> bool:
+        return stage == self.steps_of(block)
 
     def entry(self, block: int) -> int:
         """The tick at which ``block`` runs its first denoising step."""
+        if block == 0:
+            return 0
         if self.fold_clean:
-            return block * self.steps
-        return block * self.stages // self.parallel
+            return self.first_steps + (block - 1) * self.steps
+        return block * self.stages // self.parallel + self._delay
 
-    @property
+    @functools.cached_property
     def max_in_flight(self) -> int:
         """The most blocks any tick holds."""
-        return 2 if self.fold_clean and self.blocks > 1 else self.parallel
+        return max(len(t.pairs) for t in self.ticks())
 
     def __len__(self) -> int:
-        return self.entry(self.blocks - 1) + self.stages
+        last = self.blocks - 1
+        return self.entry(last) + self.steps_of(last) + 1
 
     def ticks(self) -> list[Tick]:
         plan: list[list[tuple[int, int]]] = [[] for _ in range(len(self))]
         for b in range(self.blocks):
-            for stage in range(self.stages):
+            for stage in range(self.steps_of(b) + 1):
                 plan[self.entry(b) + stage].append((b, stage))
         return [Tick(i, tuple(pairs)) for i, pairs in enumerate(plan)]
 

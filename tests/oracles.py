@@ -39,3 +39,13 @@ def x0_from_velocity(x, v, sigma):
 def renoised(x0, sigma, eps):
     """x = (1 - sigma)*x0 + sigma*eps in float32."""
     return ((1 - sigma) * x0 + sigma * eps).float()
+
+
+def raw_noise_levels(steps, shift):
+    """(timesteps, sigmas) of an unwarped step list: t = the step itself (float32), sigma = the table
+    entry (sigma(s) = shift*s / (1 + (shift-1)*s) on s = linspace(1, 0, 1001)[:-1]) whose t = 1000*sigma
+    lies nearest to it."""
+    s = torch.linspace(1.0, 0.0, 1001)[:-1]
+    table = shift * s / (1 + (shift - 1) * s)
+    sigmas = [table[(table * 1000 - float(st)).abs().argmin()] for st in steps]
+    return [torch.tensor(float(st)) for st in steps], sigmas

@@ -1,7 +1,8 @@
 """The cascade at P>1 against a loop written here from the documented rules (no KV pool, no schedule).
 
 The oracle keeps every block's latest K/V per layer in a dict, lists ticks by the documented entry
-rule (block b enters at tick floor(b*(S+1)/P), stage S is the clean pass), and attends with a plain
+rule (block 0 enters at tick 0; block b >= 1 at floor(b*(S+1)/P) + max(S0 - S, 1 - floor((S+1)/P)) where
+block 0 has S0 steps and the others S; stage S_b is block b's clean pass), and attends with a plain
 softmax over concatenated keys:
 - a denoising step sees blocks up to itself (causal) or up to the newest block of the tick
   (bidirectional); a clean pass always sees blocks up to itself;
@@ -24,29 +25,34 @@ FPB, BLOCKS, SEED = 2, 5, 13
 
 
 def cascade_oracle(model, embeds, parallel, attention="causal", flashblock="off", context_noise=0.0,
-                   steps=(1000, 750, 500, 250)):
-    """Latents [1, 16, BLOCKS*FPB, H/8, W/8] of the cascade, computed without the engine's pool."""
-    n_steps = len(steps)
-    stages = n_steps + 1  # the last stage is the clean pass
-    ts, sigmas = noise_levels(steps)
+                   steps=(1000, 750, 500, 250), first_steps=None, first_frame=False):
+    """Latents [1, 16, T, H/8, W/8] of the cascade, computed without the engine's pool; block 0 may have
+    its own step list (``first_steps``) and be one frame (``first_frame``)."""
+    first_steps = first_steps or steps
+    n_steps = {b: len(first_steps if b == 0 else steps) for b in range(BLOCKS)}
+    levels = {b: noise_levels(first_steps if b == 0 else steps) for b in range(BLOCKS)}
     text = model.encode_prompt(embeds)
-    entry = [b * stages // parallel for b in range(BLOCKS)]
+    S, S0 = len(steps), len(first_steps)
+    delay = max(S0 - S, 1 - (S + 1) // parallel)
+    entry = [0] + [b * (S + 1) // parallel + delay for b in range(1, BLOCKS)]
+    sizes = [1 if first_frame and b == 0 else FPB for b in range(BLOCKS)]
+    start = [sum(sizes[:b]) for b in range(BLOCKS)]
     kv = {}  # (layer, block) -> (k, v) [L, heads, hd]: the block's K/V as last written
     kept = {}  # (layer, block) -> (external scores [heads, L, K], external values [heads, K, hd])
-    noise = starting_noise(SEED, (1, 16, BLOCKS * FPB, H // 8, W // 8))
-    x = {b: noise[:, :, b * FPB:(b + 1) * FPB] for b in range(BLOCKS)}
+    noise = starting_noise(SEED, (1, 16, sum(sizes), H // 8, W // 8))
+    x = {b: noise[:, :, start[b]:start[b] + sizes[b]] for b in range(BLOCKS)}
     out = torch.empty_like(noise)
 
-    for tick in range(entry[-1] + stages):
-        pairs = [(b, tick - entry[b]) for b in range(BLOCKS) if 0 <= tick - entry[b] < stages]
+    for tick in range(entry[-1] + S + 1):
+        pairs = [(b, tick - entry[b]) for b in range(BLOCKS) if 0 <= tick - entry[b] <= n_steps[b]]
         newest = pairs[-1][0]
 
-        def attend(layer, q, k, v):
+        def attend_pairs(layer, q, k, v, pairs):
             for j, (b, _) in enumerate(pairs):  # every segment's K/V is written before any is read
                 kv[layer, b] = (k[j], v[j])
             res = torch.empty_like(q)
             for j, (b, stage) in enumerate(pairs):
-                clean = stage == n_steps
+                clean = stage == n_steps[b]
                 last_seen = newest if attention == "bidirectional" and not clean else b
                 qh = q[j].transpose(0, 1)  # [heads, L, hd]
                 scale = 1 / math.sqrt(qh.shape[-1])
@@ -64,18 +70,27 @@ def cascade_oracle(model, embeds, parallel, attention="causal", flashblock="off"
                 res[j] = (scores.softmax(-1) @ torch.cat([ext_v, own_v], 1)).transpose(0, 1)
             return res
 
-        t = torch.tensor([[float(context_noise) if s == n_steps else float(ts[s])] * FPB for _, s in pairs])
-        v = model(torch.cat([x[b] for b, _ in pairs]), t, [b * FPB for b, _ in pairs], [text] * len(pairs),
-                  attend)
+        # one forward per run of equal-sized blocks, oldest first (causal: the later forward sees the
+        # K/V the earlier one wrote); every pair's velocity [1, 16, frames, h, w]
+        v = {}
+        for size in sorted({sizes[b] for b, _ in pairs}):
+            group = [(j, b, s) for j, (b, s) in enumerate(pairs) if sizes[b] == size]
+            sub = [(b, s) for _, b, s in group]
+            t = torch.tensor([[float(context_noise) if s == n_steps[b] else float(levels[b][0][s])] * size
+                              for b, s in sub])
+            outs = model(torch.cat([x[b] for b, _ in sub]), t, [start[b] for b, _ in sub], [text] * len(sub),
+                         lambda layer, q, k, v_, sub=sub: attend_pairs(layer, q, k, v_, sub))
+            v.update({j: outs[r:r + 1] for r, (j, _, _) in enumerate(group)})
         for j, (b, stage) in enumerate(pairs):
-            if stage == n_steps:
+            if stage == n_steps[b]:
                 continue
-            x0 = x0_from_velocity(x[b], v[j:j + 1], sigmas[stage])
-            if stage + 1 < n_steps:
+            sigmas = levels[b][1]
+            x0 = x0_from_velocity(x[b], v[j], sigmas[stage])
+            if stage + 1 < n_steps[b]:
                 x[b] = renoised(x0, sigmas[stage + 1], noise_after_step(SEED, b, stage, x0.shape))
             else:
                 x[b] = x0  # the clean pass runs on x0
-                out[:, :, b * FPB:(b + 1) * FPB] = x0
+                out[:, :, start[b]:start[b] + sizes[b]] = x0
     return out
 
 
@@ -119,3 +134,26 @@ def test_the_oracle_separates_what_it_checks(oracle, changed, base, one_thread):
     """Each setting the comparison checks moves the oracle's latents far beyond the tolerance, so an
     engine that ignored it could not pass."""
     assert (oracle(*changed) - oracle(*base)).abs().max() > 100 * TOLERANCE
+
+
+BLOCK0_CASES = {  # name: (parallel, attention, flashblock, first-block steps, independent first frame)
+    "P3 first frame": (3, "causal", "off", None, True),
+    "P5 first frame reuse": (5, "causal", "reuse", None, True),
+    "P2 2-step, 4-step block 0": (2, "causal", "off", (1000, 750, 500, 250), False),
+    "P2 bidirectional 1-step, 4-step block 0": (2, "bidirectional", "off", (1000, 750, 500, 250), False),
+    "P3 first frame, 2-step, 3-step block 0 reuse": (3, "causal", "reuse", (1000, 750, 500), True),
+}
+
+
+@pytest.mark.parametrize("case", list(BLOCK0_CASES))
+def test_block0_of_its_own_equals_the_oracle(model, prompt, case, one_thread):
+    """Block 0 with its own size (an independent first frame) or step list at P>1."""
+    parallel, attention, flashblock, first_steps, first_frame = BLOCK0_CASES[case]
+    steps = (1000,) if "1-step" in case else (1000, 500) if "2-step" in case else (1000, 750, 500, 250)
+    cfg = CascadeConfig(frames_per_block=FPB, parallel=parallel, attention=attention, flashblock=flashblock,
+                        steps=steps, first_block_steps=first_steps, independent_first_frame=first_frame)
+    res = generate(model, PromptSchedule.single(prompt), cfg, blocks=BLOCKS, width=W, height=H, seed=SEED)
+    expected = cascade_oracle(model, prompt, parallel, attention, flashblock, steps=steps,
+                              first_steps=first_steps, first_frame=first_frame)
+    assert res.latents.shape == expected.shape
+    assert (res.latents - expected).abs().max() <= TOLERANCE

@@ -57,7 +57,7 @@ def test_parallel_levels_from_the_cli(tmp_path):
     (["--width", "250"], "width must be a positive multiple of 16"),
     (["--blocks", "0"], "--blocks must be >= 1"),
     (["--parallel", "6"], "parallelism must lie in 1..5"),
-    (["--window", "2"], "window must hold the sink and one block"),
+    (["--window", "2"], "window must be 0 (unlimited) or at least sink + one block"),
     (["--steps", "500,750"], "strictly decrease"),
     (["--attention", "sideways"], "invalid choice"),
     (["--device", "cuda:7"], "not present"),
@@ -104,3 +104,79 @@ def test_vae_streams_frames_into_an_mp4_and_pngs(tmp_path):
 def test_video_flags_need_a_vae(capsys):
     assert main(["generate", *SMALL, "--video-out", "x.mp4"]) == 2
     assert "need --vae" in capsys.readouterr().err
+
+
+def _summary(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_family_fills_the_settings_and_explicit_options_win(capsys):
+    assert main(["generate", *SMALL, "--family", "causvid"]) == 0
+    s = _summary(capsys)
+    assert s["family"] == "causvid" and s["family_assumed"] is None
+    assert s["settings"]["steps"] == [1000, 757, 522] and s["settings"]["warp"] is False
+    assert s["settings"]["shift"] == 8.0 and s["forwards"] == 2 * 4
+    assert main(["generate", *SMALL, "--family", "causvid", "--shift", "6", "--warp", "on",
+                 "--frames-per-block", "1", "--independent-first-frame", "--first-block-steps", "1000,500,250,100"]) == 0
+    s = _summary(capsys)["settings"]
+    assert (s["shift"], s["warp"], s["steps"], s["frames_per_block"]) == (6.0, True, [1000, 757, 522], 1)
+    assert s["independent_first_frame"] and s["first_block_steps"] == [1000, 500, 250, 100]
+
+
+def test_framewise_family_with_a_first_block_schedule(capsys):
+    assert main(["generate", *SMALL, "--blocks", "4", "--family", "causal-forcing-framewise-1step"]) == 0
+    s = _summary(capsys)
+    assert s["latent_frames"] == 4 and s["forwards"] == 5 + 3 * 2  # block 0: 4 steps + clean; then 1 + clean
+
+
+def test_the_family_read_off_the_checkpoint_path_is_said(tmp_path, capsys):
+    folder = tmp_path / "framewise"
+    folder.mkdir()
+    path = str(folder / "causal_forcing.safetensors")
+    save_safetensors(tiny_models().tiny_dit_state_dict(), path)
+    assert main(["generate", *SMALL, "--checkpoint", path]) == 0
+    captured = capsys.readouterr()
+    s = json.loads(captured.out.strip().splitlines()[-1])
+    assert s["family"] == "causal-forcing-framewise" and s["settings"]["frames_per_block"] == 1
+    assert "note: family causal-forcing-framewise assumed" in captured.err and "framewise" in s["family_assumed"]
+    assert main(["generate", *SMALL, "--checkpoint", path, "--family", "self-forcing"]) == 0
+    captured = capsys.readouterr()
+    assert "note:" not in captured.err and _summary_of(captured)["settings"]["frames_per_block"] == 3
+
+
+def _summary_of(captured):
+    return json.loads(captured.out.strip().splitlines()[-1])
+
+
+def test_prompt_switches_from_files_and_their_modes(tmp_path, capsys):
+    paths = []
+    for i in (1, 2):
+        paths.append(str(tmp_path / f"p{i}.safetensors"))
+        save_safetensors({"e": torch.randn(5, 4096, generator=torch.Generator().manual_seed(i))}, paths[-1])
+    switches = ["--switch", f"2:{paths[0]}", "--switch", f"3:{paths[1]}"]
+    base = ["generate", *SMALL, "--blocks", "4", "--window", "6", "--sink", "3"]
+    assert main([*base, *switches, "--switch-mode", "none"]) == 0
+    none = _summary(capsys)
+    assert main([*base, *switches, "--switch-mode", "recache"]) == 0
+    recache = _summary(capsys)
+    assert none["prompt_switches"] == [2, 3] and none["forwards"] == 4 * 5
+    assert recache["forwards"] == 4 * 5 + 2 and recache["settings"]["switch_mode"] == "recache"
+    assert main(["generate", *SMALL, "--blocks", "4", "--family", "longlive", *switches]) == 0
+    assert _summary(capsys)["forwards"] == 4 * 5 + 2  # LongLive re-caches by default
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--switch", "x:a.safetensors"], "expected BLOCK:FILE"),
+    (["--switch", "5:a text"], "the block must lie in 1..1"),
+    (["--switch", "1:missing.safetensors"], "no such file"),
+    (["--switch", "1:a cat"], "--switch BLOCK:TEXT needs --text-encoder"),
+    (["--switch-mode", "recache"], "needs a --switch"),
+    (["--family", "longlive", "--window", "0"], "a sink (3 frames) is kept only inside a local window"),
+    (["--family", "rolling-forcing"], "family rolling-forcing: not supported yet"),
+    (["--first-block-steps", "250,500"], "strictly decrease"),
+    (["--independent-first-frame", "--parallel", "3", "--attention", "bidirectional"], "blocks of one size"),
+])
+def test_bad_family_settings_give_one_line(args, message, capsys):
+    assert main(["generate", *SMALL, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

@@ -61,14 +61,15 @@ class RankPartition(Partition):
     def exchange(self, blocks: list[int], local: list[int]) -> _TickExchange:
         return _TickExchange(self.rank, self.world, [self.owner(b) for b in blocks])
 
-    def collect(self, block: int, x0: torch.Tensor | None) -> torch.Tensor | None:
+    def collect(self, block: int, x0: torch.Tensor | None, frames: int) -> torch.Tensor | None:
         owner = self.owner(block)
         if owner == 0 or self.rank not in (0, owner):
             return x0 if self.rank == 0 else None
         if self.rank == owner:
             dist.send(x0.contiguous(), dst=0)
             return None
-        buf = torch.empty(self.block_shape, dtype=self.dtype, device=self.device)
+        shape = (*self.block_shape[:2], frames, *self.block_shape[3:])  # [1, 16, frames, h, w]
+        buf = torch.empty(shape, dtype=self.dtype, device=self.device)
         dist.recv(buf, src=owner)
         return buf
 

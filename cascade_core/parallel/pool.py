@@ -319,9 +319,10 @@ class WorkerPool:
         job = {**job, "threads": self.threads or torch.get_num_threads()}
         for w in self._workers:
             w.cmd.send(("run", job, wire if w.rank == 0 else None))
-        fpb = job["cfg"]["frames_per_block"]
+        grid = CascadeConfig(**job["cfg"]).grid
         h, w_ = latent_size(job["width"], job["height"], model.cfg.patch_size)
-        out = torch.empty((1, LATENT_CHANNELS, job["blocks"] * fpb, h, w_), dtype=model.dtype, device=model.device)
+        out = torch.empty((1, LATENT_CHANNELS, grid.total(job["blocks"]), h, w_), dtype=model.dtype,
+                          device=model.device)
         finished, interrupted, state = set(), {}, {"stats": None, "error": None, "blocks": 0}
 
         def stop_all(exc: BaseException | None = None) -> None:
@@ -350,7 +351,7 @@ class WorkerPool:
             elif tag == "block":
                 latents = _from_wire(msg[2]).to(model.device, model.dtype)
                 b = msg[1]
-                out[:, :, b * fpb:(b + 1) * fpb] = latents
+                out[:, :, grid.start(b):grid.end(b)] = latents
                 state["blocks"] += 1
                 if on_block is not None:
                     try:

@@ -69,8 +69,7 @@ class _Rank:
             embeds.append(e)
         cfg = CascadeConfig(**job["cfg"])
         h, w = latent_size(job["width"], job["height"], model.cfg.patch_size)
-        fpb = cfg.frames_per_block
-        shape = (1, LATENT_CHANNELS, job["blocks"] * fpb, h, w)
+        shape = (1, LATENT_CHANNELS, cfg.grid.total(job["blocks"]), h, w)
         if self.rank != 0:
             noise = torch.empty(shape, dtype=model.dtype, device=device)
         elif job["noise"]:
@@ -78,7 +77,7 @@ class _Rank:
         else:  # exactly as the single-process loop draws it
             noise = initial_noise(job["seed"], shape, device, model.dtype)
         dist.broadcast(noise, src=0)
-        part = RankPartition(self.rank, self.world, self.ctrl, (1, LATENT_CHANNELS, fpb, h, w), model.dtype,
+        part = RankPartition(self.rank, self.world, self.ctrl, (1, LATENT_CHANNELS, cfg.frames_per_block, h, w), model.dtype,
                              device, _test_fault(job.get("fault"), self.rank))
         try:
             return run_loop(model, PromptSchedule(list(zip(job["starts"], embeds))), cfg, blocks=job["blocks"],

@@ -10,8 +10,7 @@ import torch
 from .. import attention
 from ..fp8 import Fp8Linear
 from ..model import WanModel
-from ..sampler import LATENT_CHANNELS, CascadeConfig, PromptSchedule, latent_size
-from ..schedule import CascadeSchedule, FlowSchedule
+from ..sampler import CascadeConfig, PromptSchedule, plan_run
 
 CHUNK_BYTES = 256 << 20  # weights travel in chunks of about this size
 ALIGN = 64
@@ -82,14 +81,10 @@ def _fingerprint(model: WanModel) -> tuple:
 def _make_job(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, blocks: int, width: int,
               height: int, seed: int, noise: torch.Tensor | None) -> tuple[dict, dict]:
     """Validate a run as :func:`sampler.generate` does; (job for every rank, tensors for rank 0)."""
-    cfg.validate()
-    flow = FlowSchedule(cfg.steps, cfg.shift, cfg.warp)
-    CascadeSchedule(blocks, len(flow), cfg.parallel)
-    prompts.validate(blocks, model.cfg.text_dim)
-    h, w = latent_size(width, height, model.cfg.patch_size)
-    shape = (1, LATENT_CHANNELS, blocks * cfg.frames_per_block, h, w)
-    if noise is not None and tuple(noise.shape) != shape:
-        raise ValueError(f"the initial noise must be {list(shape)}, got {list(noise.shape)}")
+    plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise)
+    if cfg.switch_mode == "recache" and len(prompts.entries) > 1:
+        raise ValueError("a KV re-cache at a prompt switch runs on one device for now (the committed blocks' "
+                         "latents stay with the devices that made them): use switch mode none, or one device")
     embeds = [e.detach() for _, e in prompts.entries]
     job = {"cfg": dataclasses.asdict(cfg), "blocks": blocks, "width": width, "height": height, "seed": seed,
            "starts": [s for s, _ in prompts.entries],

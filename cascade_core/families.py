@@ -1,0 +1,132 @@
+"""Released checkpoint families and the sampling settings their own inference code uses.
+
+Each :class:`Family` holds the :class:`~cascade_core.sampler.CascadeConfig` fields that differ from
+the engine's defaults, read from the family's public inference code (``source`` names the file and
+lines). :func:`family_config` fills a config from a family and lets explicit settings override it;
+:func:`guess_family` reads a family off a file name and says why, or returns None (it never guesses
+silently: the caller prints the reason).
+
+Families whose sampler the engine cannot yet reproduce exactly carry ``missing`` (what the engine
+lacks); :func:`family_config` refuses them with that reason rather than run something else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+
+from .sampler import CascadeConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    settings: dict = field(default_factory=dict)  # CascadeConfig fields that differ from the defaults
+    source: str = ""  # reference file and lines the settings come from
+    missing: str | None = None  # why the engine cannot reproduce it exactly yet (None: it can)
+
+
+_FOUR_STEPS = (1000, 750, 500, 250)
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("self-forcing", "Self-Forcing (chunk-wise, 4 warped steps at shift 5)", {},
+           "guandeh17/Self-Forcing configs/self_forcing_dmd.yaml, pipeline/causal_inference.py"),
+    Family("causvid", "CausVid (3 raw steps 1000, 757, 522 at shift 8)",
+           {"steps": (1000, 757, 522), "warp": False, "shift": 8.0},
+           "tianweiy/CausVid configs/wan_causal_dmd.yaml:14-18,53; shift 8.0 in the wrapper"),
+    Family("causvid-warp", "CausVid's 4-step warped checkpoint (shift 8)",
+           {"steps": _FOUR_STEPS, "warp": True, "shift": 8.0},
+           "tianweiy/CausVid configs/wan_causal_dmd_warp_4step_cfg2.yaml:14-19,54"),
+    Family("causal-forcing", "Causal Forcing, chunk-wise (as Self-Forcing)", {},
+           "thu-ml/Causal-Forcing configs/causal_forcing_dmd_chunkwise.yaml"),
+    Family("causal-forcing-framewise", "Causal Forcing, frame-wise (1 latent frame a block)",
+           {"frames_per_block": 1},
+           "thu-ml/Causal-Forcing configs/causal_forcing_dmd_framewise.yaml"),
+    Family("causal-forcing-framewise-2step", "Causal Forcing++ frame-wise 2-step (block 0: 4 steps)",
+           {"frames_per_block": 1, "steps": (1000, 500), "first_block_steps": _FOUR_STEPS},
+           "thu-ml/Causal-Forcing configs/causal_forcing_dmd_framewise_2step.yaml:7-14,50; "
+           "pipeline/causal_inference.py:34-44,222-228"),
+    Family("causal-forcing-framewise-1step", "Causal Forcing++ frame-wise 1-step (block 0: 4 steps)",
+           {"frames_per_block": 1, "steps": (1000,), "first_block_steps": _FOUR_STEPS},
+           "thu-ml/Causal-Forcing configs/causal_forcing_dmd_framewise_1step.yaml:7-13,49"),
+    Family("longlive", "LongLive (window 12, sink 3, KV re-cache at a prompt switch)",
+           {"window": 12, "sink": 3, "switch_mode": "recache"},
+           "NVlabs/LongLive@v1.0 configs/longlive_inference.yaml:1-12, "
+           "pipeline/interactive_causal_inference.py:34-96"),
+    Family("rolling-forcing", "Rolling Forcing (joint rolling window of 5 blocks)",
+           source="TencentARC/RollingForcing pipeline/rolling_forcing_inference.py",
+           missing="its window of blocks denoised jointly with re-positioned anchor frames (un-rotated sink "
+                   "keys placed just before the window) and full-window noise draws"),
+    Family("reward-forcing", "Reward Forcing (EMA sink, window 9, sink 3)",
+           source="JaydenLyh/Reward-Forcing pipeline/causal_inference.py",
+           missing="its EMA sink (sink K/V blended with each evicted block's) and relative RoPE positions"),
+    Family("krea-realtime", "Krea Realtime 14B (KV cache rebuilt every block)",
+           source="krea-ai/realtime-video release_server.py",
+           missing="its KV cache rebuilt every block from three context frames (one re-encoded by the VAE) "
+                   "at re-based RoPE positions"),
+)}
+DEFAULT_FAMILY = "self-forcing"
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name``; ValueError listing the names otherwise."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown family {name!r}; one of {', '.join(FAMILIES)}") from None
+
+
+def family_config(name: str | None, **overrides) -> CascadeConfig:
+    """A :class:`CascadeConfig` with the family's settings, then ``overrides`` (explicit settings win;
+    None values are ignored). Raises ValueError for an unknown family or one the engine cannot yet
+    reproduce (naming what is missing)."""
+    family = get_family(name or DEFAULT_FAMILY)
+    if family.missing:
+        raise ValueError(f"family {family.name}: not supported yet; the engine does not reproduce {family.missing} "
+                         f"(choose settings yourself to run it approximately)")
+    fields = {f.name for f in dataclasses.fields(CascadeConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"not a sampling setting: {', '.join(sorted(unknown))}")
+    return CascadeConfig(**{**family.settings, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def describe(cfg: CascadeConfig) -> dict:
+    """The effective sampling settings, for summaries and the sampler node's text."""
+    return {"frames_per_block": cfg.frames_per_block, "independent_first_frame": cfg.independent_first_frame,
+            "steps": list(cfg.steps), "first_block_steps": None if cfg.first_block_steps is None
+            else list(cfg.first_block_steps), "warp": cfg.warp, "shift": cfg.shift,
+            "context_noise": cfg.context_noise, "window": cfg.window, "sink": cfg.sink,
+            "parallel": cfg.parallel, "attention": cfg.attention, "flashblock": cfg.flashblock,
+            "switch_mode": cfg.switch_mode}
+
+
+# File-name words of released checkpoints and what they say (first match wins; longest names first)
+_NAME_RULES = (
+    (r"framewise[-_]?1[-_]?step|1[-_]?step.*framewise", "causal-forcing-framewise-1step"),
+    (r"framewise[-_]?2[-_]?step|2[-_]?step.*framewise", "causal-forcing-framewise-2step"),
+    (r"causal[-_]?forcing.*frame[-_]?wise|frame[-_]?wise.*causal[-_]?forcing", "causal-forcing-framewise"),
+    (r"causal[-_]?forcing", "causal-forcing"),
+    (r"long[-_]?live", "longlive"),
+    (r"self[-_]?forcing", "self-forcing"),
+    (r"causvid.*warp|warp.*causvid", "causvid-warp"),
+    (r"causvid", "causvid"),
+    (r"rolling[-_]?forcing", "rolling-forcing"),
+    (r"reward[-_]?forcing", "reward-forcing"),
+    (r"krea", "krea-realtime"),
+)
+
+
+def guess_family(path: str, lora: str | None = None) -> tuple[str, str] | None:
+    """(family, reason) read from a checkpoint's path (folder names count: released files sit in
+    folders such as ``framewise/``) or its LoRA's; None when nothing in the names says it."""
+    for what, p in (("LoRA", lora), ("checkpoint", path)):
+        if not p:
+            continue
+        text = os.path.normpath(p).lower().replace(os.sep, "/")
+        text = "/".join(text.split("/")[-3:])  # the file and the two folders above it
+        for pattern, family in _NAME_RULES:
+            if re.search(pattern, text):
+                return family, f"the {what} path {'/'.join(p.split(os.sep)[-3:])!r} names it"
+    return None

@@ -1,0 +1,204 @@
+"""Each checkpoint family at P1 against a sequential loop written here from that family's reference
+inference code (no KV pool, no tick plan, no engine noise helpers).
+
+The loop follows Self-Forcing's ``CausalInferencePipeline`` as each family configures it: blocks of
+``frames`` latent frames (block 0 may be one frame), each denoised over its step list (warped through
+the shifted table or used raw; block 0 may have its own list), re-noised with fresh noise between
+steps, then run once more on its x0 at t = context noise to write its clean K/V. Keys are kept per
+frame; a block attends to every earlier frame, or with a local window to the sink frames and the
+last (window - sink) frames up to its own end (LongLive's rolling cache, the block inside the
+window). LongLive's prompt switch re-caches as its interactive pipeline does: before the block
+starting at frame s, the clean frames [max(0, s - window), s) are run at t = context noise under the
+new prompt in one forward; once s > window, only the K/V of frames [s - (window - sink), s) are
+rewritten (the sink keeps the old prompt) and the forward attends to the sink and those frames.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cascade_core.families import FAMILIES, family_config, guess_family
+from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
+from oracles import noise_after_step, noise_levels, raw_noise_levels, renoised, starting_noise, x0_from_velocity
+
+W, H, SEED = 64, 32, 21  # latent 4 x 8 -> 8 tokens per frame
+TOLERANCE = 1e-5  # float rounding of a log-sum-exp merge against one softmax, through every block
+
+# The reference values, written out from each family's code (README: the table with file and line)
+FOUR = (1000, 750, 500, 250)
+REFERENCE = {  # name: (frames per block, steps, warp, shift, first-block steps, window, sink, re-cache)
+    "self-forcing": (3, FOUR, True, 5.0, None, None, 0, False),
+    "causvid": (3, (1000, 757, 522), False, 8.0, None, None, 0, False),
+    "causvid-warp": (3, FOUR, True, 8.0, None, None, 0, False),
+    "causal-forcing": (3, FOUR, True, 5.0, None, None, 0, False),
+    "causal-forcing-framewise": (1, FOUR, True, 5.0, None, None, 0, False),
+    "causal-forcing-framewise-2step": (1, (1000, 500), True, 5.0, FOUR, None, 0, False),
+    "causal-forcing-framewise-1step": (1, (1000,), True, 5.0, FOUR, None, 0, False),
+    "longlive": (3, FOUR, True, 5.0, None, 12, 3, True),
+}
+
+
+def levels(steps, warp, shift):
+    return noise_levels(steps, shift) if warp else raw_noise_levels(steps, shift)
+
+
+def family_loop(model, prompts, blocks, frames, steps, warp, shift, first_steps=None, window=None, sink=0,
+                recache=False, first_frame=False, context_noise=0.0):
+    """Latents [1, 16, T, H/8, W/8] and the number of model forwards of the family's own loop.
+
+    ``prompts``: {start block: embeddings}; ``first_frame``: an independent first frame."""
+    sizes = [1 if first_frame and b == 0 else frames for b in range(blocks)]
+    starts = [sum(sizes[:b]) for b in range(blocks)]
+    total = sum(sizes)
+    kv = {}  # (layer, frame) -> (k, v) [tokens, heads, hd]
+    tpf = (H // 16) * (W // 16)
+    noise = starting_noise(SEED, (1, 16, total, H // 8, W // 8))
+    out = torch.empty_like(noise)
+    text_of = {b: model.encode_prompt(e) for b, e in prompts.items()}
+    forwards = 0
+
+    def run(x, t, start, text, keys_of, written):
+        """One forward over frames [start, start + F): K/V of ``written`` frames are stored; every
+        query attends to the frames ``keys_of`` lists (new K/V of this forward where written)."""
+        nonlocal forwards
+        forwards += 1
+        n = x.shape[2]
+
+        def attend(layer, q, k, v):
+            fresh = {start + f: (k[0, f * tpf:(f + 1) * tpf], v[0, f * tpf:(f + 1) * tpf]) for f in range(n)}
+            for f in written:
+                kv[layer, f] = fresh[f]
+            keys = [kv[layer, f] if (layer, f) in kv and f not in fresh or f in written else fresh[f]
+                    for f in keys_of]
+            heads = lambda z: z.unsqueeze(0).transpose(1, 2)  # noqa: E731  [L, heads, hd] -> [1, heads, L, hd]
+            kk, vv = (heads(torch.cat([c[i] for c in keys])) for i in (0, 1))
+            return F.scaled_dot_product_attention(heads(q[0]), kk, vv).transpose(1, 2)
+
+        return model(x, t, [start], [text], attend)
+
+    def visible(end):
+        if window is None:
+            return list(range(end))
+        return list(range(min(sink, end))) + list(range(max(sink, end - (window - sink)), end))
+
+    text = None
+    for b in range(blocks):
+        s, n = starts[b], sizes[b]
+        if b in text_of:
+            text = text_of[b]
+            if recache and b > 0:
+                lo = max(0, s - window) if window else 0
+                keep_sink = window is not None and s > window
+                written = list(range(s - (window - sink), s)) if keep_sink else list(range(lo, s))
+                keys = (list(range(sink)) if keep_sink else []) + written
+                run(out[:, :, lo:s], torch.full((1, s - lo), float(context_noise)), lo, text, keys, written)
+        ts, sigmas = levels(first_steps if b == 0 and first_steps else steps, warp, shift)
+        x = noise[:, :, s:s + n]
+        own = list(range(s, s + n))
+        for j in range(len(ts)):
+            v = run(x, torch.full((1, n), float(ts[j])), s, text, visible(s + n), own)
+            x0 = x0_from_velocity(x, v, sigmas[j])
+            x = renoised(x0, sigmas[j + 1], noise_after_step(SEED, b, j, x0.shape)) if j + 1 < len(ts) else x0
+        out[:, :, s:s + n] = x
+        run(x, torch.full((1, n), float(context_noise)), s, text, visible(s + n), own)  # the clean pass
+    return out, forwards
+
+
+def embedding(seed):
+    from conftest import TINY
+    return torch.randn(6, TINY.text_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_config(name, **extra):
+    frames, steps, warp, shift, first, window, sink, recache = REFERENCE[name]
+    return CascadeConfig(frames_per_block=frames, steps=steps, warp=warp, shift=shift, first_block_steps=first,
+                         window=window, sink=sink, switch_mode="recache" if recache else "none", **extra)
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_each_family_fills_its_reference_settings(name):
+    assert family_config(name) == reference_config(name)
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_p1_equals_the_family_loop(model, name, one_thread):
+    frames, steps, warp, shift, first, window, sink, recache = REFERENCE[name]
+    blocks = 7 if frames == 3 else 6
+    prompts = {0: embedding(1)}
+    if recache:  # one switch while the window still holds the sink's neighbours, one past it
+        prompts.update({2: embedding(2), 5: embedding(3)})
+    expected, forwards = family_loop(model, prompts, blocks, frames, steps, warp, shift, first, window, sink,
+                                     recache)
+    res = generate(model, PromptSchedule(sorted(prompts.items())), family_config(name), blocks=blocks,
+                   width=W, height=H, seed=SEED)
+    if window is None:  # one run of keys, one attention call: bit-equal
+        assert torch.equal(res.latents, expected), (res.latents - expected).abs().max()
+    else:  # the pool attends the sink and the recent frames apart and merges them (log-sum-exp)
+        assert (res.latents - expected).abs().max() <= TOLERANCE
+    assert res.forwards == forwards
+
+
+def test_an_independent_first_frame_and_context_noise_equal_the_loop(model, one_thread):
+    cfg = CascadeConfig(independent_first_frame=True, context_noise=40.0, window=7, sink=1)
+    expected, forwards = family_loop(model, {0: embedding(1)}, 5, 3, FOUR, True, 5.0, window=7, sink=1,
+                                     first_frame=True, context_noise=40.0)
+    res = generate(model, PromptSchedule.single(embedding(1)), cfg, blocks=5, width=W, height=H, seed=SEED)
+    assert res.latents.shape[2] == 1 + 4 * 3
+    assert (res.latents - expected).abs().max() <= TOLERANCE
+    assert res.forwards == forwards == 5 * 5
+
+
+def test_switch_modes_count_their_forwards(model, one_thread):
+    """none: a switch adds no forward; recache: exactly one per switch (and the video differs)."""
+    prompts = PromptSchedule([(0, embedding(1)), (3, embedding(2)), (5, embedding(3))])
+    base = CascadeConfig(window=12, sink=3)
+    plain = generate(model, prompts, base, blocks=7, width=W, height=H, seed=SEED)
+    single = generate(model, PromptSchedule.single(embedding(1)), base, blocks=7, width=W, height=H, seed=SEED)
+    recached = generate(model, prompts, CascadeConfig(window=12, sink=3, switch_mode="recache"), blocks=7,
+                        width=W, height=H, seed=SEED)
+    assert plain.forwards == single.forwards == 7 * 5
+    assert recached.forwards == 7 * 5 + 2
+    assert not torch.equal(plain.latents[:, :, 9:], recached.latents[:, :, 9:])
+    assert torch.equal(plain.latents[:, :, :9], recached.latents[:, :, :9])  # before the first switch
+
+
+def test_the_loop_separates_what_it_checks(model, one_thread):
+    """Each family setting moves the loop's latents, so an engine that ignored it could not pass."""
+    prompts = {0: embedding(1)}
+    base, _ = family_loop(model, prompts, 4, 1, FOUR, True, 5.0)
+    for changed in (dict(steps=(1000, 500), first_steps=FOUR), dict(steps=FOUR, warp=False),
+                    dict(steps=FOUR, shift=8.0), dict(steps=FOUR, window=2, sink=1)):
+        args = {"steps": FOUR, "warp": True, "shift": 5.0, **changed}
+        other, _ = family_loop(model, prompts, 4, 1, args.pop("steps"), args.pop("warp"), args.pop("shift"),
+                               **args)
+        assert (other - base).abs().max() > 1e-3, changed
+    switched = {0: embedding(1), 3: embedding(2)}
+    a, _ = family_loop(model, switched, 4, 1, FOUR, True, 5.0, window=3, sink=1)
+    b, n = family_loop(model, switched, 4, 1, FOUR, True, 5.0, window=3, sink=1, recache=True)
+    assert (a - b).abs().max() > 1e-3 and n == 4 * 5 + 1
+
+
+def test_families_the_engine_cannot_reproduce_are_refused_with_the_reason():
+    for name, family in FAMILIES.items():
+        if family.missing:
+            with pytest.raises(ValueError, match=f"family {name}: not supported yet"):
+                family_config(name)
+
+
+@pytest.mark.parametrize("path,lora,family", [
+    ("models/framewise/causal_forcing.pt", None, "causal-forcing-framewise"),
+    ("causal-forcing++/framewise-2step.pt", None, "causal-forcing-framewise-2step"),
+    ("causal-forcing++/framewise-1step.pt", None, "causal-forcing-framewise-1step"),
+    ("chunkwise/causal_forcing.pt", None, "causal-forcing"),
+    ("diffusion_models/causal_forcing-framewise.safetensors", None, "causal-forcing-framewise"),
+    ("longlive_models/models/longlive_base.pt", "longlive_models/models/lora.pt", "longlive"),
+    ("wan/base.safetensors", "loras/LongLive-lora.safetensors", "longlive"),
+    ("checkpoints/self_forcing_dmd.pt", None, "self-forcing"),
+    ("autoregressive_checkpoint_warp_4step_cfg2/causvid.pt", None, "causvid-warp"),
+    ("CausVid/autoregressive_checkpoint/model.pt", None, "causvid"),
+    ("wan2.1_t2v_1.3B_bf16.safetensors", None, None),
+])
+def test_the_family_is_read_off_released_paths(path, lora, family):
+    guess = guess_family(path, lora)
+    assert (guess and guess[0]) == family
+    if guess:
+        assert "names it" in guess[1]
