@@ -8,11 +8,13 @@ across inputs run when the node executes, still before any model work.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable
 
 import torch
 
+from cascade_core.families import DEFAULT_FAMILY, family_config
 from cascade_core.sampler import CascadeConfig, PromptSchedule, latent_size
 
 log = logging.getLogger("block_cascade")
@@ -68,27 +70,60 @@ def parse_steps(text: str) -> tuple[int, ...]:
     return steps
 
 
-def step_list(text: str) -> tuple[int, ...]:
-    """The config's step list on its own (the queue-time check of the ``steps`` input)."""
-    steps = parse_steps(text)
-    CascadeConfig(steps=steps).validate()  # in 1..1000, strictly decreasing
+def step_list(text: str, what: str = "steps") -> tuple[int, ...] | None:
+    """A step-list widget on its own (its queue-time check): None for "auto" (the family's)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        steps = parse_steps(text)
+        CascadeConfig(steps=steps).validate()  # in 1..1000, strictly decreasing
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("steps", what, 1) + ' (or "auto": the family\'s)') from None
     return steps
 
 
-def cascade_config(steps: str, parallel: int, attention: str, window: int, sink: int,
-                   shift: float = 5.0, flashblock: bool = False) -> CascadeConfig:
-    """The engine configuration of the config node's widgets; every range is checked."""
-    st = step_list(steps)
-    int_range("parallelism", parallel, 1, len(st) + 1, f" (1 = sequential, {len(st) + 1} = steps + 1 for "
-              f"the {len(st)}-step list)")
-    int_range("sink", sink, 0, MAX_LATENT_FRAMES, " latent frames")
-    int_range("window", window, 0, MAX_LATENT_FRAMES, " latent frames (0 = unlimited)")
-    if not 0.1 <= float(shift) <= 20.0:
-        raise ValueError(f"shift must lie in 0.1..20 (5 for Self-Forcing), got {shift}")
-    cfg = CascadeConfig(steps=st, shift=float(shift), parallel=int(parallel), attention=attention,
-                        window=int(window) or None, sink=int(sink), flashblock="reuse" if flashblock else "off")
+AUTO_CHOICES = ("auto", "on", "off")
+
+
+def cascade_config(family: str, steps: str, parallel: int, attention: str, window: int, sink: int,
+                   shift: float = 0.0, flashblock: bool = False, frames_per_block: int = 0,
+                   independent_first_frame: str = "auto", first_block_steps: str = "auto",
+                   warp: str = "auto", context_noise: float = 0.0) -> tuple[CascadeConfig, tuple[str, ...]]:
+    """(config, the fields the widgets set) of the config node: the family's settings (auto: read as
+    self-forcing here; the sampler reads the model's) under every widget not left to the family
+    (steps "auto", shift 0, frames per block 0, window/sink -1, auto choices). Every range is checked."""
+    explicit = {"parallel": int(parallel), "attention": attention, "flashblock": "reuse" if flashblock else "off",
+                "context_noise": float(context_noise)}
+    for name, text in (("steps", steps), ("first_block_steps", first_block_steps)):
+        if str(text).strip().lower() == "none" and name == "first_block_steps":
+            explicit[name] = None  # block 0 takes the step list
+        elif (st := step_list(text, name.replace("_", " "))) is not None:
+            explicit[name] = st
+    for name, choice in (("independent_first_frame", independent_first_frame), ("warp", warp)):
+        if choice not in AUTO_CHOICES:
+            raise ValueError(f"{name.replace('_', ' ')} must be one of {', '.join(AUTO_CHOICES)}, got {choice!r}")
+        if choice != "auto":
+            explicit[name] = choice == "on"
+    if float(shift) != 0.0:
+        if not 0.1 <= float(shift) <= 20.0:
+            raise ValueError(f"shift must lie in 0.1..20 (0 = the family's: 5, CausVid 8), got {shift}")
+        explicit["shift"] = float(shift)
+    if int(frames_per_block):
+        explicit["frames_per_block"] = int_range("frames per block", frames_per_block, 0, 64, " (0 = the family's)")
+    if int(window) >= 0:
+        explicit["window"] = int_range("window", window, -1, MAX_LATENT_FRAMES,
+                                       " latent frames (-1 = the family's, 0 = unlimited)") or None
+    if int(sink) >= 0:
+        explicit["sink"] = int_range("sink", sink, -1, MAX_LATENT_FRAMES, " latent frames (-1 = the family's)")
+    if not 0.0 <= float(context_noise) <= 1000.0:
+        raise ValueError(f"context noise must lie in 0..1000 (the clean pass's timestep), got {context_noise}")
+    base = family_config(DEFAULT_FAMILY if family == "auto" else family)
+    cfg = dataclasses.replace(base, **explicit)
+    steps_now = len(cfg.steps)
+    int_range("parallelism", parallel, 1, steps_now + 1, f" (1 = sequential, {steps_now + 1} = steps + 1 for "
+              f"the {steps_now}-step list)")
     cfg.validate(unlimited_window="0")
-    return cfg
+    return cfg, tuple(explicit)
 
 
 def conditioning_embeds(cond, what: str) -> torch.Tensor:

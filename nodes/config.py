@@ -3,21 +3,18 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from cascade_core import attention
+from cascade_core import attention as attention_backends
+from cascade_core.families import FAMILIES
+from cascade_core.sampler import SWITCH_MODES
 
-from . import checks, devices
+from . import checks
+from . import devices as device_list
 from .sockets import CATEGORY, ConfigType, ScheduleType
 from .values import ScheduleValue, Settings
 
 
-def _settings(steps, parallel, attention_mode, window, sink, shift, devices_, attention_backend,
-              flashblock) -> Settings:
-    cfg = checks.cascade_config(steps, parallel, attention_mode, window, sink, shift, flashblock)
-    if attention_backend not in attention.BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(attention.BACKENDS)}, got {attention_backend!r}")
-    devices.check(devices_)
-    return Settings(cascade=cfg, devices=str(devices_).strip() or "auto", attention_backend=attention_backend,
-                    flashblock=bool(flashblock))
+FAMILY_CHOICES = ["auto", *(name for name, f in FAMILIES.items() if not f.missing)]
+FAMILY_TIP = "; ".join(f"{f.name}: {f.description}" for f in FAMILIES.values() if not f.missing)
 
 
 class BlockCascadeConfig(io.ComfyNode):
@@ -27,8 +24,9 @@ class BlockCascadeConfig(io.ComfyNode):
             node_id="BlockCascadeConfig",
             display_name="Block Cascade Config",
             category=CATEGORY,
-            description="How blocks are denoised: how many at once (Block Cascading), what in-flight blocks "
-                        "see, the attention window, the step list, devices and attention kernels.",
+            description="How blocks are denoised: the checkpoint family's sampling settings (each can be set "
+                        "here), how many blocks at once (Block Cascading), what in-flight blocks see, the "
+                        "attention window, devices and attention kernels.",
             inputs=[
                 io.Int.Input("parallel", default=1, min=1, max=checks.MAX_STEPS + 1,
                              tooltip="Blocks denoised at once: 1 = sequential (the reference), up to steps + 1 "
@@ -36,23 +34,45 @@ class BlockCascadeConfig(io.ComfyNode):
                 io.Combo.Input("attention", options=["causal", "bidirectional"], default="causal",
                                tooltip="What an in-flight block sees of newer in-flight blocks: causal = nothing, "
                                        "bidirectional = their current noisy keys/values."),
-                io.Int.Input("window", default=0, min=0, max=checks.MAX_LATENT_FRAMES,
+                io.Int.Input("window", default=-1, min=-1, max=checks.MAX_LATENT_FRAMES,
                              tooltip="Latent frames attended, sink and own block included (LongLive: 12); "
-                                     "0 = unlimited."),
-                io.Int.Input("sink", default=0, min=0, max=checks.MAX_LATENT_FRAMES,
-                             tooltip="First latent frames the window always keeps (LongLive: 3)."),
-                io.String.Input("steps", default="1000,750,500,250",
-                                tooltip="Denoising step list, strictly decreasing, in 1..1000."),
-                io.Float.Input("shift", default=5.0, min=0.1, max=20.0, step=0.1,
-                               tooltip="Flow-matching timestep shift (5 for Self-Forcing)."),
+                                     "0 = unlimited, -1 = the family's."),
+                io.Int.Input("sink", default=-1, min=-1, max=checks.MAX_LATENT_FRAMES,
+                             tooltip="First latent frames the window always keeps (LongLive: 3); -1 = the family's."),
+                io.String.Input("steps", default="auto",
+                                tooltip="Denoising step list, strictly decreasing, in 1..1000 (Self-Forcing, "
+                                        "LongLive: 1000,750,500,250; CausVid: 1000,757,522); auto = the family's."),
+                io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.1,
+                               tooltip="Flow-matching timestep shift (Self-Forcing 5, CausVid 8); 0 = the family's."),
                 io.String.Input("devices", default="auto",
                                 tooltip="auto (ComfyUI's device), cpu, cuda:N; several (cuda:0,cuda:1) share "
                                         "the cascade: one process per GPU, kept alive between runs."),
-                io.Combo.Input("attention_backend", options=list(attention.BACKENDS), default="auto",
+                io.Combo.Input("attention_backend", options=list(attention_backends.BACKENDS), default="auto",
                                tooltip="Attention kernel (auto: torch's choice)."),
                 io.Boolean.Input("flashblock", default=False,
                                  tooltip="FlashBlock: compute a block's attention to earlier frames once and reuse "
                                          "it at its later steps."),
+                io.Combo.Input("family", options=FAMILY_CHOICES, default="auto", optional=True,
+                               tooltip="Checkpoint family whose reference settings fill every input left to it "
+                                       "(auto: the family the model's file name says, else self-forcing). "
+                                       + FAMILY_TIP),
+                io.Int.Input("frames_per_block", default=0, min=0, max=64, optional=True,
+                             tooltip="Latent frames per block: 3 chunk-wise (Self-Forcing, CausVid, LongLive), "
+                                     "1 frame-wise (Causal Forcing frame-wise); 0 = the family's."),
+                io.Combo.Input("independent_first_frame", options=list(checks.AUTO_CHOICES), default="auto",
+                               optional=True,
+                               tooltip="Block 0 is one latent frame, later blocks frames_per_block (the Self-Forcing "
+                                       "code's independent_first_frame); auto = the family's (off)."),
+                io.String.Input("first_block_steps", default="auto", optional=True,
+                                tooltip="Block 0's own step list (Causal Forcing++ 1- and 2-step models: "
+                                        "1000,750,500,250); none = the step list; auto = the family's."),
+                io.Combo.Input("warp", options=list(checks.AUTO_CHOICES), default="auto", optional=True,
+                               tooltip="Read the step list through the shifted sigma table (on: Self-Forcing, "
+                                       "LongLive, Causal Forcing) or use it as the timesteps (off: CausVid); "
+                                       "auto = the family's."),
+                io.Float.Input("context_noise", default=0.0, min=0.0, max=1000.0, step=1.0, optional=True,
+                               tooltip="Timestep of the clean pass that writes a finished block's K/V (0 in every "
+                                       "released family)."),
             ],
             outputs=[ConfigType.Output(display_name="config")],
         )
@@ -65,10 +85,21 @@ class BlockCascadeConfig(io.ComfyNode):
         return checks.as_validation(lambda: checks.step_list(steps))
 
     @classmethod
-    def execute(cls, parallel, attention, window, sink, steps, shift, devices, attention_backend,
-                flashblock) -> io.NodeOutput:
-        return io.NodeOutput(_settings(steps, parallel, attention, window, sink, shift, devices,
-                                       attention_backend, flashblock))
+    def execute(cls, parallel, attention, window, sink, steps, shift, devices, attention_backend, flashblock,
+                family="auto", frames_per_block=0, independent_first_frame="auto", first_block_steps="auto",
+                warp="auto", context_noise=0.0) -> io.NodeOutput:
+        if family not in FAMILY_CHOICES:
+            raise ValueError(f"family must be one of {', '.join(FAMILY_CHOICES)}, got {family!r}")
+        cfg, explicit = checks.cascade_config(family, steps, parallel, attention, window, sink, shift, flashblock,
+                                              frames_per_block, independent_first_frame, first_block_steps, warp,
+                                              context_noise)
+        if attention_backend not in attention_backends.BACKENDS:
+            raise ValueError(f"attention backend must be one of {', '.join(attention_backends.BACKENDS)}, "
+                             f"got {attention_backend!r}")
+        device_list.check(devices)
+        return io.NodeOutput(Settings(cascade=cfg, devices=str(devices).strip() or "auto",
+                                      attention_backend=attention_backend, flashblock=bool(flashblock),
+                                      family=family, explicit=explicit))
 
 
 class BlockCascadePromptSchedule(io.ComfyNode):
@@ -85,6 +116,11 @@ class BlockCascadePromptSchedule(io.ComfyNode):
                 io.Int.Input("start_block", default=0, min=0, max=checks.MAX_BLOCKS - 1,
                              tooltip="First block that uses this prompt (block b starts at 0.75*b s)."),
                 ScheduleType.Input("previous", optional=True),
+                io.Combo.Input("switch_mode", options=["auto", *SWITCH_MODES], default="auto", optional=True,
+                               tooltip="What a prompt switch does: none = in-flight blocks take the new prompt at "
+                                       "their next step, no extra forward (Block Cascading); recache = the "
+                                       "window's clean K/V are recomputed under the new prompt, one forward per "
+                                       "switch (LongLive); auto = the family's."),
             ],
             outputs=[ScheduleType.Output(display_name="schedule")],
         )
@@ -94,8 +130,10 @@ class BlockCascadePromptSchedule(io.ComfyNode):
         return checks.as_validation(lambda: checks.int_range("start block", start_block, 0, checks.MAX_BLOCKS - 1))
 
     @classmethod
-    def execute(cls, conditioning, start_block, previous=None) -> io.NodeOutput:
+    def execute(cls, conditioning, start_block, previous=None, switch_mode="auto") -> io.NodeOutput:
         checks.int_range("start block", start_block, 0, checks.MAX_BLOCKS - 1)
+        if switch_mode not in ("auto", *SWITCH_MODES):
+            raise ValueError(f"switch mode must be one of auto, {', '.join(SWITCH_MODES)}, got {switch_mode!r}")
         embeds = checks.conditioning_embeds(conditioning, f"prompt at block {start_block}")
         base = previous if previous is not None else ScheduleValue()
-        return io.NodeOutput(base.with_entry(int(start_block), embeds))
+        return io.NodeOutput(base.with_entry(int(start_block), embeds, switch_mode))

@@ -7,6 +7,7 @@ import torch
 from comfy_api.latest import io
 
 import folder_paths
+from cascade_core.families import guess_family
 from cascade_core.fp8 import DROP_SUFFIXES, MARKER, SCALE_SUFFIXES
 from cascade_core.model import WanConfig, WanModel
 from cascade_core.safe_io import CheckpointError, read_tensor_file
@@ -58,7 +59,12 @@ class BlockCascadeModelLoader(io.ComfyNode):
                             lora_scale=lora_strength)  # names and shapes checked
         model = WanModel.from_state_dict(sd, num_heads=info.num_heads)
         log.info("Block Cascade: %s", info.describe())
-        return io.NodeOutput(FileModel(model, model_name, info.describe()))
+        loaded = FileModel(model, model_name, info.describe())
+        loaded.family = guess_family(model_name, None if lora_path is None else lora)
+        if loaded.family is not None:
+            log.info("Block Cascade: %s looks like family %s (%s); a Config node with family auto uses its "
+                     "settings", model_name, *loaded.family)
+        return io.NodeOutput(loaded)
 
 
 def expected_keys(cfg: WanConfig) -> set[str]:

@@ -59,6 +59,19 @@ def _vae_bytes(weights) -> int:
     return sum(t.numel() for k, t in sd.items() if k.startswith(("decoder.", "conv2."))) * elem
 
 
+def effective_settings(family: str, cfg, assumed: str | None) -> str:
+    """One line naming a run's family and every sampling setting it uses (the widget and the log)."""
+    steps = ",".join(map(str, cfg.steps))
+    first = "" if cfg.first_block_steps is None else f", block 0 {','.join(map(str, cfg.first_block_steps))}"
+    window = "unlimited" if cfg.window is None else f"{cfg.window} (sink {cfg.sink})"
+    why = f" (assumed: {assumed})" if assumed else ""
+    return (f"{family}{why}: {cfg.frames_per_block} latent frame(s) a block"
+            f"{', block 0 one frame' if cfg.independent_first_frame else ''}; steps {steps}{first} "
+            f"({'warped' if cfg.warp else 'raw'}, shift {cfg.shift:g}); context noise {cfg.context_noise:g}; "
+            f"window {window}; switch {cfg.switch_mode}; P{cfg.parallel} {cfg.attention}; "
+            f"flashblock {cfg.flashblock}")
+
+
 def _interrupted() -> bool:
     mm = _mm()
     return bool(mm.processing_interrupted()) if hasattr(mm, "processing_interrupted") else False
@@ -86,11 +99,12 @@ class BlockCascadeSampler(io.ComfyNode):
                              step=checks.SIZE_MULTIPLE),
                 io.Int.Input("height", default=480, min=checks.SIZE_MULTIPLE, max=checks.MAX_SIZE,
                              step=checks.SIZE_MULTIPLE),
-                io.Int.Input("blocks", display_name="length (blocks of 0.75 s)", default=7, min=1,
+                io.Int.Input("blocks", display_name="length (blocks)", default=7, min=1,
                              max=checks.MAX_BLOCKS,
-                             tooltip="Video length in blocks of 3 latent frames: 12 video frames = 0.75 s at "
-                                     "16 fps each (the first gives 9). 7 blocks = 81 frames = 5.1 s; "
-                                     "80 blocks = 1 min."),
+                             tooltip="Video length in blocks, block 0 included. Chunk-wise (3 latent frames a "
+                                     "block): 12 video frames = 0.75 s at 16 fps each (the first gives 9), 7 "
+                                     "blocks = 81 frames; frame-wise (1 latent frame): 4 video frames a block, "
+                                     "21 blocks = 81 frames."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="One prompt (CLIPTextEncode with a wan CLIPLoader). Connect this "
@@ -115,8 +129,10 @@ class BlockCascadeSampler(io.ComfyNode):
     def execute(cls, model, config, width, height, blocks, seed, positive=None, schedule=None,
                 vae=None) -> io.NodeOutput:
         # ---- every check, before anything touches a GPU ------------------------------------------------
-        cfg = config.cascade
-        cfg.validate()
+        guess = getattr(model, "family", None)
+        cfg, family, assumed = config.config_for(guess[0] if guess else None,
+                                                 schedule.switch_mode if schedule is not None else "auto")
+        settings_text = effective_settings(family, cfg, guess[1] if assumed else None)
         checks.video_size(width, height)
         checks.blocks(blocks)
         run_devices = devices.check(config.devices)
@@ -160,8 +176,10 @@ class BlockCascadeSampler(io.ComfyNode):
                 decoder = WanVAEDecoder.from_state_dict(vae_sd[0], dtype=vae_sd[1], device=device, source="vae")
             else:
                 decoder = stream.preview_decoder()
-            reporter = stream.Reporter(node_id, blocks, cfg.frames_per_block, len(cfg.steps) + 1, cfg.parallel,
-                                       width, height, decoder, progress=progress, should_stop=_interrupted)
+            reporter = stream.Reporter(node_id, blocks, cfg.grid.total(blocks), len(cfg.steps) + 1, cfg.parallel,
+                                       width, height, decoder, progress=progress, should_stop=_interrupted,
+                                       settings=settings_text)
+            log.info("Block Cascade: %s", settings_text)
             reporter.start()
             run = devices.runner(run_devices)
             result = run(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,

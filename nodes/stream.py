@@ -89,12 +89,13 @@ def preview_decoder():
 class Reporter:
     """Sends the widget events of one run and collects the frames (see the module docstring)."""
 
-    def __init__(self, node: str, blocks: int, frames_per_block: int, stages: int, parallel: int,
+    def __init__(self, node: str, blocks: int, latent_frames: int, stages: int, parallel: int,
                  width: int, height: int, decoder, send: Callable[[str, dict], None] | None = None,
                  progress=None, clock: Callable[[], float] = time.perf_counter,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, settings: str = ""):
         self.node, self.run = str(node), uuid.uuid4().hex[:12]
-        self.blocks, self.fpb, self.stages, self.parallel = blocks, frames_per_block, stages, parallel
+        self.blocks, self.latent_frames, self.stages, self.parallel = blocks, latent_frames, stages, parallel
+        self.settings = settings
         self.width, self.height = width, height
         self.preview_w, self.preview_h = preview_size(width, height)
         self.send, self.progress, self.clock = send or client_sender(), progress, clock
@@ -121,8 +122,9 @@ class Reporter:
         """What a client needs to show this run; every event carries it, so a page reloaded during a
         run picks the stream up at its next event."""
         return {"node": self.node, "run": self.run, "blocks": self.blocks,
-                "frames_total": video_frames(self.blocks * self.fpb), "fps": FPS, "width": self.preview_w,
-                "height": self.preview_h, "stages": self.stages, "parallel": self.parallel}
+                "frames_total": video_frames(self.latent_frames), "fps": FPS, "width": self.preview_w,
+                "height": self.preview_h, "stages": self.stages, "parallel": self.parallel,
+                "settings": self.settings}
 
     def start(self) -> None:
         self.start_time = self.clock()

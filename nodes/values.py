@@ -17,6 +17,7 @@ ComfyUI's process holds a copy beside a worker's.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ import torch
 
 from cascade_core.fp8 import DROP_SUFFIXES, FP8_DTYPES, MARKER, SCALE_SUFFIXES, dequantize_state_dict
 from cascade_core.model import WanConfig, WanModel
+from cascade_core.families import DEFAULT_FAMILY, family_config
 from cascade_core.sampler import CascadeConfig
 
 log = logging.getLogger("block_cascade")
@@ -43,25 +45,52 @@ def _mm():
 
 @dataclass(frozen=True)
 class Settings:
-    """What the Block Cascade Config node produces."""
+    """What the Block Cascade Config node produces.
+
+    ``cascade``: the config as the node resolved it (its family, "auto" read as self-forcing);
+    ``family``: the node's family choice ("auto": the model's, see :meth:`config_for`); ``explicit``:
+    the config fields the node's widgets set (over any family's), None when ``cascade`` is given whole.
+    """
 
     cascade: CascadeConfig = CascadeConfig()
     devices: str = "auto"
     attention_backend: str = "auto"
     flashblock: bool = False
+    family: str = "auto"
+    explicit: tuple[str, ...] | None = None
+
+    def config_for(self, model_family: str | None, switch_mode: str = "auto") -> tuple[CascadeConfig, str, bool]:
+        """(config, family, whether the family was the model's guess) of a run: with family "auto"
+        the model's family (from its file name) fills every setting the widgets left to the family;
+        ``switch_mode`` (from the prompt schedule, "auto" = the family's) wins over both.
+        Raises ValueError for a combination out of range."""
+        family = self.family if self.family != "auto" else (model_family or DEFAULT_FAMILY)
+        assumed = self.family == "auto" and model_family is not None
+        if self.explicit is None:
+            cfg = self.cascade
+        else:
+            cfg = dataclasses.replace(family_config(family),
+                                      **{f: getattr(self.cascade, f) for f in self.explicit})
+        if switch_mode != "auto":
+            cfg = dataclasses.replace(cfg, switch_mode=switch_mode)
+        cfg.validate(unlimited_window="0")
+        return cfg, family, assumed
 
 
 @dataclass(frozen=True)
 class ScheduleValue:
-    """A prompt schedule: (start block, prompt embeddings [L, text_dim]) sorted by start block."""
+    """A prompt schedule: (start block, prompt embeddings [L, text_dim]) sorted by start block, and
+    what a switch does (``switch_mode``: "auto" = the family's, or one of sampler.SWITCH_MODES)."""
 
     entries: tuple[tuple[int, torch.Tensor], ...] = field(default_factory=tuple)
+    switch_mode: str = "auto"
 
-    def with_entry(self, start: int, embeds: torch.Tensor) -> "ScheduleValue":
+    def with_entry(self, start: int, embeds: torch.Tensor, switch_mode: str = "auto") -> "ScheduleValue":
         if any(s == start for s, _ in self.entries):
             raise ValueError(f"the prompt schedule already has a prompt at block {start}; each start "
                              f"block may hold one prompt")
-        return ScheduleValue(tuple(sorted(self.entries + ((start, embeds),), key=lambda e: e[0])))
+        mode = self.switch_mode if switch_mode == "auto" else switch_mode
+        return ScheduleValue(tuple(sorted(self.entries + ((start, embeds),), key=lambda e: e[0])), mode)
 
 
 class EngineModel:
@@ -69,6 +98,7 @@ class EngineModel:
 
     label: str = "model"
     cfg: WanConfig
+    family: tuple[str, str] | None = None  # (family, why) read off the file names; None: not said
 
     @property
     def dtype(self) -> torch.dtype:

@@ -131,7 +131,8 @@ def test_schemas_build_and_register_through_the_v3_entry_point():
     assert "UNIQUE_ID" in [h.value for h in s.hidden]
     ins = s.input_types()
     assert set(ins["optional"]) == {"positive", "schedule", "vae"}
-    assert "0.75 s" in ins["required"]["blocks"][1]["display_name"] and "16 fps" in ins["required"]["blocks"][1]["tooltip"]
+    assert "blocks" in ins["required"]["blocks"][1]["display_name"] and "16 fps" in ins["required"]["blocks"][1]["tooltip"]
+    assert "frame-wise" in ins["required"]["blocks"][1]["tooltip"]
     assert "latent-RGB preview" in ins["optional"]["vae"][1]["tooltip"]
     loader = NODES["BlockCascadeModelLoader"].INPUT_TYPES()["required"]
     assert loader["model_name"][0] == [tiny.DIT_NAME]
@@ -174,7 +175,9 @@ def test_sampler_end_to_end_events_progress_and_outputs(model, prompts):
     assert all(sid == "client-1" for _, _, sid in rec.server.sent)
     (_, start), = rec.events("start")
     assert start == {"node": "12", "run": start["run"], "blocks": BLOCKS, "frames_total": frames, "fps": 16,
-                     "width": W, "height": H, "stages": 5, "parallel": 3}
+                     "width": W, "height": H, "stages": 5, "parallel": 3, "settings": start["settings"]}
+    assert start["settings"].startswith("self-forcing: 3 latent frame(s) a block; steps 1000,750,500,250 (warped, "
+                                        "shift 5)") and "P3 bidirectional" in start["settings"]
     states = [d for _, d in rec.events("state")]
     assert [s["tick"] for s in states] == list(range(ref.ticks)) and states[-1]["done_blocks"] == BLOCKS
     assert all(isinstance(p, list) and len(p) == 2 for s in states for p in s["pairs"])
@@ -511,7 +514,7 @@ def queue_errors(node: str, **inputs) -> list[tuple[str, str]]:
     ("BlockCascadeConfig", dict(steps="250,500"), "steps", "strictly decrease"),
     ("BlockCascadeConfig", dict(steps="a,b"), "steps", "comma-separated integers"),
     ("BlockCascadeConfig", dict(parallel=18), "parallel", ""),
-    ("BlockCascadeConfig", dict(shift=0.0), "shift", ""),
+    ("BlockCascadeConfig", dict(shift=-1.0), "shift", ""),
     ("BlockCascadeConfig", dict(attention_backend="nope"), "attention_backend", "nope"),
     ("BlockCascadeConfig", dict(attention="sideways"), "attention", "sideways"),
     ("BlockCascadeSampler", dict(width=3), "width", ""),
@@ -541,7 +544,7 @@ def test_checks_across_inputs_are_reported_once_when_the_config_runs():
     with pytest.raises(ValueError, match=r"with window 0 \(unlimited\) every frame is attended anyway"):
         config(window=0, sink=3)  # a sink without a window would silently do nothing
     with pytest.raises(ValueError, match="shift must lie in 0.1..20"):
-        config(shift=0.0)
+        config(shift=0.05)
     with pytest.raises(ValueError, match="in-flight attention"):
         config(attention="sideways")
     with pytest.raises(ValueError, match="attention backend must be one of"):
@@ -661,7 +664,7 @@ def test_state_events_are_rate_limited_but_the_last_tick_always_goes(monkeypatch
     monkeypatch.setattr(stream_mod, "STATE_INTERVAL", 0.1)
     now = [0.0]
     sent = []
-    r = stream_mod.Reporter("3", 40, 3, 5, 5, 64, 32, LatentRGBDecoder(), send=lambda e, d: sent.append((e, d)),
+    r = stream_mod.Reporter("3", 40, 120, 5, 5, 64, 32, LatentRGBDecoder(), send=lambda e, d: sent.append((e, d)),
                             clock=lambda: now[0])
     r.start()
     ev = type("Tick", (), {})
@@ -684,7 +687,7 @@ def test_frames_are_encoded_and_sent_off_the_loop_thread_in_order_before_done():
     factors = torch.randn(16, 3, generator=g) * 0.02
     sent = []  # (event, data, thread)
     before = set(threading.enumerate())
-    r = stream_mod.Reporter("3", 3, 3, 5, 1, 64, 32, LatentRGBDecoder(factors, torch.zeros(3)),
+    r = stream_mod.Reporter("3", 3, 9, 5, 1, 64, 32, LatentRGBDecoder(factors, torch.zeros(3)),
                             send=lambda e, d: sent.append((e, d, threading.get_ident())))
     r.start()
     z = torch.randn(1, 16, 9, 2, 4, generator=g)

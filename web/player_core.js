@@ -30,6 +30,7 @@ export class Stream {
     this.height = num(start.height, 0);
     this.stages = num(start.stages, 1);
     this.parallel = num(start.parallel, 1);
+    this.settings = typeof start.settings === "string" ? start.settings : ""; // the run's effective sampling settings
     this.frames = []; // base64 JPEG by frame index (sparse until every block arrived)
     this.received = 0; // distinct frames received
     this.elapsed = 0; // seconds since run start, latest the backend told us
@@ -279,7 +280,7 @@ function noteText(note) {
 
 /** Short status lines for a Stream (or null) and the node's note (Hub.note), shared by the widget and the test harness. */
 export function describe(s, note = null) {
-  if (!s) return { status: noteText(note) || "No stream yet: queue the workflow to watch frames arrive here.", stats: "", cascade: "" };
+  if (!s) return { status: noteText(note) || "No stream yet: queue the workflow to watch frames arrive here.", stats: "", cascade: "", settings: "" };
   const f1 = (x) => x.toFixed(1);
   let status;
   if (s.status === "error") status = `Error: ${s.error}`;
@@ -299,5 +300,5 @@ export function describe(s, note = null) {
   if (s.state) {
     cascade = `tick ${s.state.tick}/${s.state.ticks} · blocks done ${s.state.doneBlocks}/${s.blocks}`;
   }
-  return { status, stats, cascade };
+  return { status, stats, cascade, settings: s.settings };
 }

@@ -6,6 +6,7 @@ const CSS = `
 .bc-player { display: flex; flex-direction: column; gap: 4px; font: 11px sans-serif; color: #ccc; width: 100%; height: 100%; box-sizing: border-box; }
 .bc-player canvas { width: 100%; flex: 1 1 auto; min-height: 0; object-fit: contain; background: #111; border-radius: 4px; }
 .bc-player .bc-status { color: #eee; }
+.bc-player .bc-settings { color: #999; font-size: 10px; }
 .bc-player .bc-grid { display: flex; flex-direction: column; gap: 2px; }
 .bc-player .bc-row { display: flex; align-items: center; gap: 2px; }
 .bc-player .bc-row span { width: 3.5em; }
@@ -54,6 +55,7 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
   const status = el(doc, "div", "bc-status", root);
   const stats = el(doc, "div", "bc-stats", root);
   const cascadeLine = el(doc, "div", "bc-cascade", root);
+  const settingsLine = el(doc, "div", "bc-settings", root);
   const grid = el(doc, "div", "bc-grid", root);
   const controls = el(doc, "div", "bc-controls", root);
   const button = el(doc, "button", null, controls);
@@ -140,6 +142,7 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
     status.textContent = d.status;
     stats.textContent = d.stats;
     cascadeLine.textContent = d.cascade;
+    settingsLine.textContent = d.settings;
     renderGrid(s);
     const n = s ? s.frames.length : 0;
     controls.style.display = n ? "" : "none";

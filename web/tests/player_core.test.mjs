@@ -221,3 +221,12 @@ test("after a Cancel the block and frame counters agree with the frames shown", 
   assert.match(d.stats, /^4\/12 frames/);
   assert.equal(d.cascade, "tick 5/9 · blocks done 1/3");
 });
+
+test("the run's effective settings are shown as the backend names them", () => {
+  const hub = new Hub();
+  hub.handle("block_cascade.start", { ...START, settings: "longlive: window 12 (sink 3); switch recache" });
+  assert.equal(describe(hub.get("7")).settings, "longlive: window 12 (sink 3); switch recache");
+  hub.handle("block_cascade.start", { ...START, run: "r2", settings: 42 });
+  assert.equal(describe(hub.get("7")).settings, "", "a non-string is not shown");
+  assert.equal(describe(null).settings, "");
+});

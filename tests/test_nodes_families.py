@@ -1,0 +1,113 @@
+"""Checkpoint families through the nodes: every sampling setting is reachable from the Config node
+(and the switch mode from the Prompt Schedule), the loader reads the family off a released file name
+and says so, and the sampler runs exactly the engine's run of the effective settings."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from cascade_core.families import FAMILIES, family_config
+from cascade_core.sampler import PromptSchedule, generate
+from cascade_core.vae import normalized_to_raw
+from test_nodes import MODELS, NODES, Recorder, run, tiny
+
+W, H = 64, 32
+SETTINGS = ("family", "frames_per_block", "independent_first_frame", "steps", "first_block_steps", "warp", "shift",
+            "context_noise", "window", "sink", "parallel", "attention", "flashblock")
+AUTO = dict(parallel=1, attention="causal", window=-1, sink=-1, steps="auto", shift=0.0, devices="auto",
+            attention_backend="auto", flashblock=False)
+
+
+def loaded_as(name: str):
+    """The tiny DiT copied under a released-looking file name, through Load Causal Video Model."""
+    folder = os.path.join(MODELS, "diffusion_models")
+    shutil.copyfile(os.path.join(folder, tiny.DIT_NAME), os.path.join(folder, name))
+    (m,) = run("BlockCascadeModelLoader", model_name=name, dtype="fp32", ema="auto")
+    return m
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    (a,) = run("BlockCascadeEmbedsLoader", embeds=tiny.EMBEDS_NAMES[0])
+    return a
+
+
+def test_every_setting_is_an_input_of_the_config_node_and_the_schedule_carries_the_mode():
+    ins = NODES["BlockCascadeConfig"].GET_SCHEMA().input_types()
+    names = {**ins["required"], **ins.get("optional", {})}
+    assert set(SETTINGS) <= set(names)
+    families = names["family"][0]
+    assert families[0] == "auto" and {n for n, f in FAMILIES.items() if not f.missing} == set(families[1:])
+    for name in ("frames_per_block", "first_block_steps", "warp", "independent_first_frame"):
+        assert names[name][1]["tooltip"], name
+    assert "Causal Forcing" in names["frames_per_block"][1]["tooltip"]
+    assert "CausVid" in names["warp"][1]["tooltip"] and "LongLive" in names["window"][1]["tooltip"]
+    sched = NODES["BlockCascadePromptSchedule"].GET_SCHEMA().input_types()
+    assert sched["optional"]["switch_mode"][0] == ["auto", "none", "recache"]
+
+
+def test_the_loader_reads_the_family_and_auto_uses_it(prompt):
+    model = loaded_as("causal_forcing-framewise.safetensors")
+    assert model.family[0] == "causal-forcing-framewise" and "names it" in model.family[1]
+    (settings,) = run("BlockCascadeConfig", **AUTO)
+    with Recorder() as rec:
+        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=4, seed=5,
+                        positive=prompt)
+    ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), family_config("causal-forcing-framewise"),
+                   blocks=4, width=W, height=H, seed=5)
+    assert latent["samples"].shape[2] == 4  # frame-wise: one latent frame a block
+    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    (_, start), = rec.events("start")
+    assert start["settings"].startswith("causal-forcing-framewise (assumed: the checkpoint path")
+    assert start["frames_total"] == 13  # 1 + 4 * (4 - 1) video frames
+
+
+def test_explicit_widgets_win_over_the_family(prompt):
+    model = loaded_as("causvid_autoregressive.safetensors")
+    (settings,) = run("BlockCascadeConfig", **{**AUTO, "shift": 6.0, "first_block_steps": "1000,500",
+                                               "independent_first_frame": "on"})
+    with Recorder():
+        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=3, seed=2,
+                        positive=prompt)
+    cfg = family_config("causvid", shift=6.0, first_block_steps=(1000, 500), independent_first_frame=True)
+    ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), cfg, blocks=3, width=W, height=H, seed=2)
+    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    # a family chosen on the node wins over the file name
+    (chosen,) = run("BlockCascadeConfig", **{**AUTO, "family": "self-forcing"})
+    assert chosen.config_for("causvid")[0] == family_config("self-forcing")
+
+
+def test_a_longlive_schedule_recaches_at_its_switches(prompt):
+    model = loaded_as("longlive_base.safetensors")
+    (e1,) = run("BlockCascadeEmbedsLoader", embeds=tiny.EMBEDS_NAMES[1])
+    (first,) = run("BlockCascadePromptSchedule", conditioning=prompt, start_block=0)
+    (both,) = run("BlockCascadePromptSchedule", conditioning=e1, start_block=4, previous=first)
+    (settings,) = run("BlockCascadeConfig", **AUTO)
+    schedule = PromptSchedule([(0, prompt[0][0][0]), (4, e1[0][0][0])])
+    results = {}
+    for mode in ("auto", "none"):
+        (sched,) = run("BlockCascadePromptSchedule", conditioning=e1, start_block=4, previous=first,
+                       switch_mode=mode)
+        with Recorder() as rec:
+            results[mode], _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H,
+                                   blocks=6, seed=3, schedule=sched)
+        assert ("switch recache" if mode == "auto" else "switch none") in rec.events("start")[0][1]["settings"]
+    for mode, key in (("recache", "auto"), ("none", "none")):
+        ref = generate(model.model, schedule, family_config("longlive", switch_mode=mode), blocks=6, width=W,
+                       height=H, seed=3)
+        assert torch.equal(results[key]["samples"], normalized_to_raw(ref.latents.float())), mode
+    assert both.switch_mode == "auto"
+
+
+@pytest.mark.parametrize("widgets,message", [
+    (dict(steps="auto", first_block_steps="250,500"), "first block steps must strictly decrease"),
+    (dict(family="longlive", window=0), "a sink (3 frames) is kept only inside a local window"),
+    (dict(frames_per_block=4, window=3, sink=0), "at least sink + one block = 4"),
+    (dict(family="causvid", parallel=5), "parallelism must lie in 1..4"),
+    (dict(warp="maybe"), "warp must be one of auto, on, off"),
+])
+def test_bad_family_settings_are_one_clear_line(widgets, message):
+    with pytest.raises(ValueError) as err:
+        run("BlockCascadeConfig", **{**AUTO, **widgets})
+    assert message in str(err.value) and "\n" not in str(err.value)
