@@ -41,8 +41,9 @@ OUR_NODES = {
     "BlockCascadeModelLoader": {"model_name", "dtype", "ema", "lora", "lora_strength"},
     "BlockCascadeFromModel": {"model"},
     "BlockCascadeConfig": {"parallel", "attention", "window", "sink", "steps", "shift", "devices",
-                           "attention_backend", "flashblock"},
-    "BlockCascadePromptSchedule": {"conditioning", "start_block", "previous"},
+                           "attention_backend", "flashblock", "family", "frames_per_block", "independent_first_frame",
+                           "first_block_steps", "warp", "context_noise"},
+    "BlockCascadePromptSchedule": {"conditioning", "start_block", "previous", "switch_mode"},
     "BlockCascadeEmbedsLoader": {"embeds"},
     "BlockCascadeSampler": {"model", "config", "width", "height", "blocks", "seed", "positive", "schedule", "vae"},
 }
@@ -345,6 +346,46 @@ def preview_frames(host, images: list) -> list:
 
     return [np.asarray(Image.open(os.path.join(host.base, im["type"], im["subfolder"], im["filename"])),
                        dtype=np.float32) / 255 for im in images]
+
+
+def shipped_with_tiny_models(host, name: str, blocks: int, model_name: str) -> dict:
+    """A shipped API workflow run on this machine's tiny files: the DiT copied under the released-looking
+    ``model_name`` (the loader reads the family off it), prompt texts as tiny embeddings, 32 x 32."""
+    with open(os.path.join(ROOT, "workflows", "api", name)) as f:
+        wf = json.load(f)
+    folder = os.path.join(host.base, "models", "diffusion_models")
+    shutil.copyfile(os.path.join(folder, DIT), os.path.join(folder, model_name))
+    texts = 0
+    for node in wf.values():
+        ins, ct = node["inputs"], node["class_type"]
+        if ct == "CLIPTextEncode":
+            node.update(class_type="BlockCascadeEmbedsLoader", inputs={"embeds": EMBEDS[texts % 2]})
+            texts += 1
+        elif ct == "BlockCascadeModelLoader":
+            ins.update(model_name=model_name, dtype="fp32", lora="none")
+        elif ct == "VAELoader":
+            ins["vae_name"] = VAE
+        elif ct == "BlockCascadeSampler":
+            ins.update(width=32, height=32, blocks=blocks)
+    schedules = sorted((n for n in wf.values() if n["class_type"] == "BlockCascadePromptSchedule"),
+                       key=lambda n: n["inputs"]["start_block"])
+    for i, node in enumerate(schedules):  # inside the short video, in the same order
+        node["inputs"]["start_block"] = 2 * i
+    return {k: v for k, v in wf.items() if v["class_type"] != "CLIPLoader"}
+
+
+@pytest.mark.parametrize("name,model_name,settings", [
+    ("causal_forcing_framewise.json", "causal_forcing-framewise.safetensors",
+     "causal-forcing-framewise: 1 latent frame(s) a block"),
+    ("longlive_interactive.json", "longlive_base.safetensors", "window 12 (sink 3); switch recache"),
+])
+def test_the_family_workflows_run_to_success(host, name, model_name, settings):
+    wf = shipped_with_tiny_models(host, name, 6, model_name)
+    final, msgs, _ = host.run(wf)
+    errors = [m for m in msgs if m["type"] == "execution_error"]
+    assert final == "execution_success", errors or host.log_text()[-3000:]
+    (start,) = events(msgs, "start")
+    assert settings in start["settings"], start["settings"]
 
 
 def test_interrupt_stops_the_run_and_the_next_run_works(host):

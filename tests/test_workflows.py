@@ -78,11 +78,22 @@ def load(name):
     return ui, api
 
 
-def test_every_ui_workflow_has_an_api_twin_and_the_four_are_there():
+def test_every_ui_workflow_has_an_api_twin_and_the_six_are_there():
     api_names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "workflows", "api", "*.json")))
     assert NAMES == api_names
     assert set(NAMES) >= {"text_to_video_cascade.json", "prompt_switching.json", "long_video_window_sink.json",
-                          "multi_gpu.json"}
+                          "multi_gpu.json", "causal_forcing_framewise.json", "longlive_interactive.json"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_sampling_setting_is_spelled_out_in_every_api_workflow(name):
+    """Each Config node gives every input of the node (the family settings included) and each Prompt
+    Schedule its switch mode, so a script editing a workflow finds them all."""
+    _, api = load(name)
+    for ct in ("BlockCascadeConfig", "BlockCascadePromptSchedule"):
+        facts = node_facts(ct)
+        for inputs in _by_type(api, ct):
+            assert set(facts["widgets"]) <= set(inputs), (ct, set(facts["widgets"]) - set(inputs))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -158,10 +169,11 @@ def test_api_workflow_uses_known_nodes_and_input_names(name):
             errors = [e for e in execution.node_errors(cls, node["inputs"])
                       if e["extra_info"]["input_name"] not in FILE_INPUTS]  # files absent from this machine
             assert errors == [], f"{name}: node {node_id}"
-            if ct == "BlockCascadeConfig":
-                values = dict(node["inputs"], devices="auto")  # the device list is checked on the machine
-                checks.cascade_config(values["steps"], values["parallel"], values["attention"], values["window"],
-                                      values["sink"], values["shift"], values["flashblock"])
+            if ct == "BlockCascadeConfig":  # (the device list is checked on the machine)
+                v = node["inputs"]
+                checks.cascade_config(v["family"], v["steps"], v["parallel"], v["attention"], v["window"], v["sink"],
+                                      v["shift"], v["flashblock"], v["frames_per_block"], v["independent_first_frame"],
+                                      v["first_block_steps"], v["warp"], v["context_noise"])
             elif ct == "BlockCascadeSampler":
                 ins = node["inputs"]
                 checks.video_size(ins["width"], ins["height"])
@@ -185,6 +197,17 @@ def test_each_workflow_is_what_it_claims():
     _, multi = load("multi_gpu.json")
     (cfg,) = _by_type(multi, "BlockCascadeConfig")
     assert cfg["devices"] == "cuda:0,cuda:1"
+    _, framewise = load("causal_forcing_framewise.json")
+    (cfg,) = _by_type(framewise, "BlockCascadeConfig")
+    (smp,) = _by_type(framewise, "BlockCascadeSampler")
+    assert cfg["family"] == "causal-forcing-framewise" and smp["blocks"] == 21  # 21 latent frames = 81 frames
+    _, live = load("longlive_interactive.json")
+    (cfg,) = _by_type(live, "BlockCascadeConfig")
+    schedules = _by_type(live, "BlockCascadePromptSchedule")
+    assert cfg["family"] == "longlive" and cfg["window"] == cfg["sink"] == -1  # the family's 12 and 3
+    assert len(schedules) >= 2 and all(s["switch_mode"] == "recache" for s in schedules)
+    (loader,) = _by_type(live, "BlockCascadeModelLoader")
+    assert loader["lora"] != "none"  # LongLive ships base + LoRA
     for name in NAMES:
         _, api = load(name)
         types = {n["class_type"] for n in api.values()}
