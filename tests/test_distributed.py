@@ -526,3 +526,27 @@ def test_bad_device_lists_give_one_line_and_exit_2(args, message, capsys):
     assert main(["generate", "--width", "64", "--height", "32", "--blocks", "1", "--quiet", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("first_frame,first_steps,parallel", [(True, None, 3), (False, (1000, 750, 500, 250), 2),
+                                                               (True, (1000, 750, 500), 1)])
+def test_block0_of_its_own_size_or_schedule_equals_one_process(model, prompt, pool2, first_frame, first_steps,
+                                                               parallel):
+    """An independent first frame (block 0 alone in its forward) and a first-block step list on two
+    ranks give one process's latents, block by block."""
+    cfg = CascadeConfig(frames_per_block=2, parallel=parallel, steps=(1000, 500) if first_steps else
+                        (1000, 750, 500, 250), first_block_steps=first_steps, independent_first_frame=first_frame)
+    ref = single(model, PromptSchedule.single(prompt), cfg, 5)
+    blocks = []
+    res = pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=5, on_block=blocks.append, **RUN)
+    assert res.latents.shape == ref.latents.shape
+    assert (res.latents - ref.latents).abs().max() <= TOL
+    assert (res.ticks, res.forwards) == (ref.ticks, ref.forwards)
+    assert [b.latents.shape[2] for b in blocks] == [1 if first_frame else 2] + [2] * 4
+
+
+def test_a_recache_switch_is_refused_on_several_devices(model, prompt, pool2):
+    other = torch.randn(9, TINY.text_dim, generator=torch.Generator().manual_seed(4))
+    prompts = PromptSchedule([(0, prompt), (2, other)])
+    with pytest.raises(ValueError, match="re-cache at a prompt switch runs on one device"):
+        pool2.generate(model, prompts, CascadeConfig(frames_per_block=2, switch_mode="recache"), blocks=4, **RUN)
