@@ -284,6 +284,23 @@ class WanModel(nn.Module):
         return [blk.cross_attn.text_kv(context) for blk in self.blocks]
 
     # ---- positions -------------------------------------------------------------------------------
+    def _axis_frequencies(self) -> list[torch.Tensor]:
+        """RoPE frequencies (float64, CPU) of the time, height and width pair groups (see :meth:`rope`)."""
+        c = self.cfg.head_dim // 2
+        sizes = (c - 2 * (c // 3), c // 3, c // 3)
+        return [1.0 / torch.pow(10000.0, torch.arange(0, 2 * n, 2, dtype=torch.float64) / (2 * n)) for n in sizes]
+
+    def shift_frames(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        """Keys ``k`` [..., heads, head_dim] RoPE'd at frame position p, re-rotated to p + ``delta``
+        (frames; negative moves them earlier): the time pairs turn by delta times their frequency
+        (angles in float64, cos/sin in float32, as :meth:`rope`), the height/width pairs stay as they
+        are. Returns a new tensor of ``k``'s dtype and shape. Rotations compose, so this equals
+        RoPE at p + delta up to float rounding."""
+        inv_t = self._axis_frequencies()[0]
+        angle = torch.cat((inv_t * delta, torch.zeros(self.cfg.head_dim // 2 - len(inv_t), dtype=torch.float64)))
+        cos, sin = (to_device(a.float(), k.device) for a in (angle.cos(), angle.sin()))
+        return apply_rope(k, cos, sin)
+
     def rope(self, frame_starts: Sequence[int], frames: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [n, frames*h*w, 1, head_dim/2] (float32) of n segments' token grids (frames, h, w),
         segment i starting at absolute frame ``frame_starts[i]``.
@@ -296,13 +313,12 @@ class WanModel(nn.Module):
         computed on the device for the frames this forward covers.
         """
         c = self.cfg.head_dim // 2
-        sizes = (c - 2 * (c // 3), c // 3, c // 3)
         key = (h, w, self.device)
         if key not in self._rope_cache:
-            inv = [1.0 / torch.pow(10000.0, torch.arange(0, 2 * n, 2, dtype=torch.float64) / (2 * n)) for n in sizes]
+            inv = self._axis_frequencies()
             ah = torch.outer(torch.arange(h, dtype=torch.float64), inv[1])[:, None].expand(h, w, -1)
             aw = torch.outer(torch.arange(w, dtype=torch.float64), inv[2])[None].expand(h, w, -1)
-            ahw = torch.cat((ah, aw), -1).reshape(h * w, c - sizes[0])
+            ahw = torch.cat((ah, aw), -1).reshape(h * w, c - len(inv[0]))
             self._rope_cache.clear()
             tables = (inv[0], ahw.cos().float(), ahw.sin().float())
             self._rope_cache[key] = tuple(to_device(a, self.device) for a in tables)

@@ -49,3 +49,17 @@ def raw_noise_levels(steps, shift):
     table = shift * s / (1 + (shift - 1) * s)
     sigmas = [table[(table * 1000 - float(st)).abs().argmin()] for st in steps]
     return [torch.tensor(float(st)) for st in steps], sigmas
+
+
+def rotate_frames(k, delta):
+    """``WanModel.rope``'s rule for the time axis alone: of the c = head_dim/2 adjacent pairs
+    (x[2j], x[2j+1]) of k [..., head_dim], the first c - 2*(c//3) (time) turn by delta*theta^(-2i/d)
+    with d = 2*(c - 2*(c//3)), theta = 10000, i = the pair's index; the height/width pairs stay.
+    Math in float64, k's dtype out: k RoPE'd at frame position p becomes k RoPE'd at p + delta."""
+    c = k.shape[-1] // 2
+    ct = c - 2 * (c // 3)
+    angle = torch.zeros(c, dtype=torch.float64)
+    angle[:ct] = delta * 10000.0 ** (-torch.arange(ct, dtype=torch.float64) * 2 / (2 * ct))
+    x = k.double().unflatten(-1, (c, 2))
+    re, im = x[..., 0], x[..., 1]
+    return torch.stack((re * angle.cos() - im * angle.sin(), re * angle.sin() + im * angle.cos()), -1).flatten(-2).to(k.dtype)

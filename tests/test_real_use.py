@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from conftest import TINY
+from cascade_core.model import apply_rope
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
+from oracles import rotate_frames
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny products: one thread is fastest on a busy machine
 W, H = 64, 32  # pixels -> latent 4 x 8 -> 2 x 4 = 8 tokens per frame
@@ -108,3 +110,16 @@ def test_rope_tables_use_absolute_frame_positions(model):
             angles = [p * 10000.0 ** (-2 * j / (2 * n)) for p, n in zip(position, groups) for j in range(n)]
             assert torch.allclose(cos[i, token, 0].double(), torch.tensor(angles, dtype=torch.float64).cos(), atol=1e-6)
             assert torch.allclose(sin[i, token, 0].double(), torch.tensor(angles, dtype=torch.float64).sin(), atol=1e-6)
+
+
+def test_shifting_keys_by_frames_equals_rope_at_the_shifted_position(model):
+    """WanModel.shift_frames(keys RoPE'd at frame p, d) = the keys RoPE'd at p + d: against the rule
+    written out (oracles.rotate_frames: time pairs turn, height/width pairs stay) and against the
+    model's own RoPE at p + d (float rounding apart)."""
+    x = torch.randn(1, 2 * 2 * 3, TINY.num_heads, TINY.head_dim, generator=torch.Generator().manual_seed(5))
+    at = lambda p: apply_rope(x, *model.rope([p], 2, 2, 3))  # noqa: E731  2 frames of 2 x 3 tokens
+    for p, d in ((6, -3), (3, -3), (0, 5)):
+        shifted = model.shift_frames(at(p)[0], d)
+        assert torch.allclose(shifted, rotate_frames(at(p)[0], d), atol=1e-6)
+        assert torch.allclose(shifted, at(p + d)[0], atol=1e-5)
+        assert (shifted - at(p)[0]).abs().max() > 0.1  # it did turn
