@@ -58,9 +58,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            source="TencentARC/RollingForcing pipeline/rolling_forcing_inference.py",
            missing="its window of blocks denoised jointly with re-positioned anchor frames (un-rotated sink "
                    "keys placed just before the window) and full-window noise draws"),
-    Family("reward-forcing", "Reward Forcing (EMA sink, window 9, sink 3)",
-           source="JaydenLyh/Reward-Forcing pipeline/causal_inference.py",
-           missing="its EMA sink (sink K/V blended with each evicted block's) and relative RoPE positions"),
+    Family("reward-forcing", "Reward Forcing (window 9, EMA sink 3 at 0.999, relative RoPE positions)",
+           {"window": 9, "sink": 3, "rope_positions": "slots", "sink_ema": 0.999},
+           "JaydenLyh/Reward-Forcing@4317f5a configs/reward_forcing.yaml:51-57, "
+           "wan/modules/causal_model.py:67,77,105-106,142-255"),
     Family("krea-realtime", "Krea Realtime 14B (KV cache rebuilt every block)",
            source="krea-ai/realtime-video release_server.py",
            missing="its KV cache rebuilt every block from three context frames (one re-encoded by the VAE) "
@@ -99,7 +100,7 @@ def describe(cfg: CascadeConfig) -> dict:
             else list(cfg.first_block_steps), "warp": cfg.warp, "shift": cfg.shift,
             "context_noise": cfg.context_noise, "window": cfg.window, "sink": cfg.sink,
             "parallel": cfg.parallel, "attention": cfg.attention, "flashblock": cfg.flashblock,
-            "switch_mode": cfg.switch_mode}
+            "switch_mode": cfg.switch_mode, "rope_positions": cfg.rope_positions, "sink_ema": cfg.sink_ema}
 
 
 # File-name words of released checkpoints and what they say (first match wins; longest names first)

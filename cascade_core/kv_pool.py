@@ -26,6 +26,13 @@ call and a log-sum-exp merge that reads and writes float32 outputs (4680 queries
 29 MB per piece) up to 30 x 5 times per tick, about as much traffic as the move and more kernel
 launches; and a block's own span could wrap too (FlashBlock's in-block attention and the exchange
 write one span per block).
+RoPE positions (``slot_positions``): by default a frame's keys are rotated at its absolute index. With
+slot positions (Reward Forcing's relative positions) they are rotated at the frame's slot, so the keys a
+block attends at P1 ([sink | recent frames], contiguous from slot 0) sit at 0..F-1 and the block itself
+at the last positions; a move down by d slots re-rotates the moved keys by -d frames.
+EMA sink (``sink_ema`` = a > 0): when an eviction drops a span of the sink's size, the sink's K and V
+become a*sink + (1-a)*dropped (K compared at the sink's positions: the dropped keys are re-rotated
+first), before the forward that needed the room attends.
 With ``keep_external`` the pool also holds, per in-flight block and layer, the attention output and
 log-sum-exp of its queries over the keys outside the block (FlashBlock reuse).
 
@@ -38,7 +45,7 @@ takes exactly the single-process path; so does everything when no exchange is gi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -106,11 +113,20 @@ class PoolLayout:
 
 
 class KVPool:
-    """Preallocated per-layer K/V [layers, slots*tokens_per_frame, heads, head_dim] (see module doc)."""
+    """Preallocated per-layer K/V [layers, slots*tokens_per_frame, heads, head_dim] (see module doc).
+
+    ``slot_positions``: keys are RoPE'd at their slot rather than their frame; ``sink_ema``: the EMA
+    sink's weight a (0 = off); both need ``shift_keys`` (k [tokens, heads, hd], delta frames) -> k
+    re-rotated by delta (:meth:`~cascade_core.model.WanModel.shift_frames`). Raises ValueError otherwise."""
 
     def __init__(self, layout: PoolLayout, layers: int, heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, keep_external: bool = False):
+                 dtype: torch.dtype, device: torch.device | str, keep_external: bool = False,
+                 slot_positions: bool = False, sink_ema: float = 0.0,
+                 shift_keys: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
+        if (slot_positions or sink_ema) and shift_keys is None:
+            raise ValueError("slot positions and an EMA sink re-rotate keys: pass shift_keys")
         self.layout = layout
+        self.slot_positions, self.sink_ema, self.shift_keys = slot_positions, sink_ema, shift_keys
         tokens = layout.capacity_frames * layout.tokens_per_frame
         self.k = torch.zeros(layers, tokens, heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -131,6 +147,10 @@ class KVPool:
         if frame < self.base:
             raise RuntimeError(f"frame {frame} was evicted (oldest held: {self.base})")
         return s + frame - self.base
+
+    def position(self, frame: int) -> int:
+        """The RoPE frame position of a held frame's keys: its slot with slot positions, else itself."""
+        return self.slot(frame) if self.slot_positions else frame
 
     def token_range(self, lo: int, hi: int) -> tuple[int, int]:
         """Token span of frames [lo, hi) (which must be held contiguously)."""
@@ -158,13 +178,32 @@ class KVPool:
         keep_from = max(lay.sink, oldest_end - (lay.window - lay.sink))
         if lay.sink + new_end - keep_from > lay.capacity_frames:
             raise RuntimeError("KV pool too small for the blocks in flight")
+        if self.sink_ema and min(keep_from, self.stored_end) > self.base:
+            self._fold_into_sink(self.base, min(keep_from, self.stored_end))
         tpf = lay.tokens_per_frame
         for f in range(keep_from, min(self.stored_end, lay.grid.start(newest_block))):
             dst, src = (lay.sink + f - keep_from) * tpf, self.slot(f) * tpf
             if dst != src:  # ascending whole-frame moves never overwrite an unread source
-                self.k[:, dst:dst + tpf] = self.k[:, src:src + tpf]
+                if self.slot_positions:  # per layer: float32 temporaries of one frame of one layer
+                    for layer in range(self.k.shape[0]):
+                        self.k[layer, dst:dst + tpf] = self.shift_keys(self.k[layer, src:src + tpf], (dst - src) // tpf)
+                else:
+                    self.k[:, dst:dst + tpf] = self.k[:, src:src + tpf]
                 self.v[:, dst:dst + tpf] = self.v[:, src:src + tpf]
         self.base = keep_from
+
+    def _fold_into_sink(self, lo: int, hi: int) -> None:
+        """EMA sink: blend the dropped frames [lo, hi) into the sink, K re-rotated to the sink's
+        positions first; as three rounded ops in the pool's dtype (a*sink, (1-a)*dropped, the sum).
+        RuntimeError unless the span has the sink's size (CascadeConfig.validate refuses such runs)."""
+        sink, tpf, a = self.layout.sink, self.layout.tokens_per_frame, self.sink_ema
+        if hi - lo != sink:
+            raise RuntimeError(f"an EMA sink of {sink} frames cannot take {hi - lo} dropped frames")
+        src = self.slot(lo) * tpf
+        for layer in range(self.k.shape[0]):
+            dropped_k = self.shift_keys(self.k[layer, src:src + sink * tpf], -self.position(lo))
+            self.k[layer, :sink * tpf].mul_(a).add_(dropped_k * (1 - a))
+            self.v[layer, :sink * tpf].mul_(a).add_(self.v[layer, src:src + sink * tpf] * (1 - a))
 
     # ---- attention --------------------------------------------------------------------------------
     def attention(self, blocks: list[int], hi_frames: list[int], modes: list[str] | None = None,

@@ -37,6 +37,9 @@ FLASHBLOCK_MODES = ("off", "exact", "reuse")
 # next step, no extra forward); "recache" (LongLive: before block s, the committed frames it will see
 # are run once more under the new prompt, one extra forward, rewriting their K/V).
 SWITCH_MODES = ("none", "recache")
+# Keys' RoPE frame positions: "absolute" (the frame index) or "slots" (the KV pool slot: Reward Forcing's
+# positions relative to the keys attended, [sink | recent frames] at 0..F-1, the block at the last ones)
+ROPE_POSITIONS = ("absolute", "slots")
 LATENT_SCALE = 8  # VAE: pixels per latent in height and width
 LATENT_CHANNELS = 16
 
@@ -54,7 +57,11 @@ class CascadeConfig:
     frames per block (3 chunk-wise, 1 frame-wise); ``independent_first_frame``: block 0 is one latent
     frame, later blocks ``frames_per_block``; ``context_noise``: timestep of the clean pass (0..1000);
     ``parallel``: blocks in flight, 1..len(steps)+1; ``window``/``sink``: in latent frames;
-    ``switch_mode``: what a prompt switch does (see :data:`SWITCH_MODES`).
+    ``switch_mode``: what a prompt switch does (see :data:`SWITCH_MODES`); ``rope_positions``: see
+    :data:`ROPE_POSITIONS`; ``sink_ema``: the EMA sink's weight a (0 = off; Reward Forcing 0.999): each
+    block the window drops is blended into the sink's K/V, sink = a*sink + (1-a)*dropped (see
+    :mod:`kv_pool`). Both need parallel 1 without ``fold_clean`` (one block in flight: otherwise the
+    pool's slots are no relative positions and the eviction moment differs from the reference).
     :meth:`validate` raises ValueError naming the allowed range."""
 
     steps: tuple[int, ...] = (1000, 750, 500, 250)
@@ -76,6 +83,8 @@ class CascadeConfig:
     first_block_steps: tuple[int, ...] | None = None
     independent_first_frame: bool = False
     switch_mode: str = "none"
+    rope_positions: str = "absolute"
+    sink_ema: float = 0.0
 
     @property
     def grid(self) -> BlockGrid:
@@ -111,6 +120,18 @@ class CascadeConfig:
             raise ValueError(f"context noise must lie in 0..1000, got {self.context_noise}")
         if self.switch_mode not in SWITCH_MODES:
             raise ValueError(f"switch mode must be one of {SWITCH_MODES}, got {self.switch_mode!r}")
+        if self.rope_positions not in ROPE_POSITIONS:
+            raise ValueError(f"RoPE positions must be one of {ROPE_POSITIONS}, got {self.rope_positions!r}")
+        if not 0 <= self.sink_ema < 1:
+            raise ValueError(f"the EMA sink's weight must lie in [0, 1) (0 = off), got {self.sink_ema}")
+        if (self.rope_positions != "absolute" or self.sink_ema) and (self.parallel > 1 or self.fold_clean):
+            raise ValueError("slot RoPE positions and an EMA sink need one block in flight: parallel 1 "
+                             "without fold_clean")
+        if self.sink_ema and (self.window is None or self.sink != self.frames_per_block
+                              or (self.window - self.grid.first) % self.frames_per_block):
+            raise ValueError(f"an EMA sink takes whole dropped blocks of the sink's size: it needs a window that "
+                             f"ends on a block and sink = frames per block ({self.frames_per_block}), got window "
+                             f"{self.window}, sink {self.sink}")
         mixed = self.grid.first != self.grid.frames
         if mixed and self.attention == "bidirectional" and self.parallel > 1:
             raise ValueError("bidirectional in-flight attention needs blocks of one size: it cannot be combined "
@@ -314,7 +335,7 @@ def _recache(model: WanModel, pool: KVPool, out: torch.Tensor, end: int, prompt,
     lo, context = found
     x = out[:, :, lo:end]  # [1, 16, end - lo, h, w]
     t = torch.full((1, end - lo), float(context_noise), device=out.device)
-    model(x, t, [lo], [prompt], context)
+    model(x, t, [pool.position(lo)], [prompt], context)
     return 1
 
 
@@ -351,7 +372,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     start = time.perf_counter()
     with torch.inference_mode():
         pool = KVPool(layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
-                      keep_external=cfg.flashblock == "reuse")
+                      keep_external=cfg.flashblock == "reuse", slot_positions=cfg.rope_positions == "slots",
+                      sink_ema=cfg.sink_ema, shift_keys=model.shift_frames)
         text = [model.encode_prompt(e) for _, e in prompts.entries]
         prompt_of = [text[prompts.index_for(b)] for b in range(blocks)]
         out = torch.empty(shape, device=device, dtype=dtype)
@@ -392,7 +414,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                 t = torch.stack([clean_t[:size] if clean[k] else step_t[id(run.flow_of(gb[k]))][pairs[k][1]].expand(size)
                                  for k in local])  # [n, frames]
                 mine = [gb[k] for k in local]
-                v = model(torch.cat([x_t[b] for b in mine]), t, [grid.start(b) for b in mine],
+                v = model(torch.cat([x_t[b] for b in mine]), t, [pool.position(grid.start(b)) for b in mine],
                           [prompt_of[b] for b in mine], context)
                 v_of.update({group[k]: v[r:r + 1] for r, k in enumerate(local)})
             for i, (b, stage) in enumerate(tick.pairs):

@@ -64,6 +64,8 @@ def effective_settings(family: str, cfg, assumed: str | None) -> str:
     steps = ",".join(map(str, cfg.steps))
     first = "" if cfg.first_block_steps is None else f", block 0 {','.join(map(str, cfg.first_block_steps))}"
     window = "unlimited" if cfg.window is None else f"{cfg.window} (sink {cfg.sink})"
+    window += f", EMA sink {cfg.sink_ema:g}" if cfg.sink_ema else ""
+    window += f"; RoPE at {cfg.rope_positions}" if cfg.rope_positions != "absolute" else ""
     why = f" (assumed: {assumed})" if assumed else ""
     return (f"{family}{why}: {cfg.frames_per_block} latent frame(s) a block"
             f"{', block 0 one frame' if cfg.independent_first_frame else ''}; steps {steps}{first} "

@@ -129,6 +129,12 @@ def test_framewise_family_with_a_first_block_schedule(capsys):
     assert s["latent_frames"] == 4 and s["forwards"] == 5 + 3 * 2  # block 0: 4 steps + clean; then 1 + clean
 
 
+def test_reward_forcing_runs_with_its_ema_sink_and_slot_positions(capsys):
+    assert main(["generate", *SMALL, "--blocks", "4", "--family", "reward-forcing"]) == 0  # block 3 evicts
+    s = _summary(capsys)["settings"]
+    assert (s["window"], s["sink"], s["rope_positions"], s["sink_ema"]) == (9, 3, "slots", 0.999)
+
+
 def test_the_family_read_off_the_checkpoint_path_is_said(tmp_path, capsys):
     folder = tmp_path / "framewise"
     folder.mkdir()
@@ -173,6 +179,8 @@ def test_prompt_switches_from_files_and_their_modes(tmp_path, capsys):
     (["--switch-mode", "recache"], "needs a --switch"),
     (["--family", "longlive", "--window", "0"], "a sink (3 frames) is kept only inside a local window"),
     (["--family", "rolling-forcing"], "family rolling-forcing: not supported yet"),
+    (["--family", "reward-forcing", "--parallel", "2"], "need one block in flight"),
+    (["--family", "reward-forcing", "--window", "10"], "a window that ends on a block"),
     (["--first-block-steps", "250,500"], "strictly decrease"),
     (["--independent-first-frame", "--parallel", "3", "--attention", "bidirectional"], "blocks of one size"),
 ])

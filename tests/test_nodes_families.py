@@ -78,6 +78,19 @@ def test_explicit_widgets_win_over_the_family(prompt):
     assert chosen.config_for("causvid")[0] == family_config("self-forcing")
 
 
+def test_a_reward_forcing_file_runs_with_its_ema_sink_and_says_so(prompt):
+    model = loaded_as("reward_forcing.safetensors")
+    (settings,) = run("BlockCascadeConfig", **AUTO)
+    with Recorder() as rec:
+        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=4, seed=2,
+                        positive=prompt)
+    ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), family_config("reward-forcing"), blocks=4,
+                   width=W, height=H, seed=2)
+    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    text = rec.events("start")[0][1]["settings"]
+    assert text.startswith("reward-forcing (assumed") and "EMA sink 0.999; RoPE at slots" in text
+
+
 def test_a_longlive_schedule_recaches_at_its_switches(prompt):
     model = loaded_as("longlive_base.safetensors")
     (e1,) = run("BlockCascadeEmbedsLoader", embeds=tiny.EMBEDS_NAMES[1])
@@ -105,6 +118,7 @@ def test_a_longlive_schedule_recaches_at_its_switches(prompt):
     (dict(family="longlive", window=0), "a sink (3 frames) is kept only inside a local window"),
     (dict(frames_per_block=4, window=3, sink=0), "at least sink + one block = 4"),
     (dict(family="causvid", parallel=5), "parallelism must lie in 1..4"),
+    (dict(family="reward-forcing", parallel=2), "need one block in flight"),
     (dict(warp="maybe"), "warp must be one of auto, on, off"),
 ])
 def test_bad_family_settings_are_one_clear_line(widgets, message):
