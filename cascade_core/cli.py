@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parallel", type=int, default=1, help="blocks in flight, 1..steps+1")
     g.add_argument("--attention", choices=ATTENTION_MODES, default="causal", help="in-flight visibility")
     g.add_argument("--window", type=int, help="latent frames attended, sink and own block included; 0 = all "
-                                              "(family default; LongLive 12)")
+                                              "(family default; LongLive 12, Reward Forcing 9)")
     g.add_argument("--sink", type=int, help="first latent frames the --window always keeps (family default; "
-                                            "LongLive 3)")
+                                            "LongLive 3, Reward Forcing 3 as an EMA sink)")
     g.add_argument("--switch", action="append", default=[], metavar="BLOCK:FILE|BLOCK:TEXT",
                    help="switch the prompt at a block: a .safetensors [L, 4096] embedding, or a text (embedded "
                         "with --text-encoder); repeatable")

@@ -62,4 +62,5 @@ def rotate_frames(k, delta):
     angle[:ct] = delta * 10000.0 ** (-torch.arange(ct, dtype=torch.float64) * 2 / (2 * ct))
     x = k.double().unflatten(-1, (c, 2))
     re, im = x[..., 0], x[..., 1]
-    return torch.stack((re * angle.cos() - im * angle.sin(), re * angle.sin() + im * angle.cos()), -1).flatten(-2).to(k.dtype)
+    turned = (re * angle.cos() - im * angle.sin(), re * angle.sin() + im * angle.cos())
+    return torch.stack(turned, -1).flatten(-2).to(k.dtype)

@@ -130,7 +130,7 @@ def test_framewise_family_with_a_first_block_schedule(capsys):
 
 
 def test_reward_forcing_runs_with_its_ema_sink_and_slot_positions(capsys):
-    assert main(["generate", *SMALL, "--blocks", "4", "--family", "reward-forcing"]) == 0  # block 3 evicts
+    assert main(["generate", *SMALL, "--blocks", "4", "--family", "reward-forcing"]) == 0  # block 3 drops 1
     s = _summary(capsys)["settings"]
     assert (s["window"], s["sink"], s["rope_positions"], s["sink_ema"]) == (9, 3, "slots", 0.999)
 

@@ -195,6 +195,17 @@ def test_slot_positions_and_an_ema_sink_equal_the_loop(model, one_thread, rope, 
     assert res.forwards == forwards
 
 
+def test_slot_positions_with_a_recache_at_switches_equal_the_loop(model, one_thread):
+    """A re-cache forward RoPEs its frames at their slots too (Reward Forcing has no switches of its
+    own: this is the engine's general rule, against the loop's relative positions)."""
+    prompts = {0: embedding(1), 2: embedding(2), 5: embedding(3)}
+    expected, forwards = family_loop(model, prompts, 7, *REFERENCE["reward-forcing"][:7], True, True, 0.999)
+    cfg = family_config("reward-forcing", switch_mode="recache")
+    res = generate(model, PromptSchedule(sorted(prompts.items())), cfg, blocks=7, width=W, height=H, seed=SEED)
+    assert (res.latents - expected).abs().max() <= TOLERANCE
+    assert res.forwards == forwards == 7 * 5 + 2
+
+
 @pytest.mark.parametrize("settings,message", [
     (dict(rope_positions="relative"), "RoPE positions must be one of"),
     (dict(sink_ema=1.0), "must lie in [0, 1)"),
