@@ -169,7 +169,8 @@ class KVPool:
 
     # ---- eviction ---------------------------------------------------------------------------------
     def make_room(self, oldest_block: int, newest_block: int) -> None:
-        """Ensure the newest block's frames have slots, dropping frames the oldest block can't see."""
+        """Ensure the newest block's frames have slots, dropping frames the oldest block can't see
+        (blended into an EMA sink first, moved keys re-rotated with slot positions: module doc)."""
         lay = self.layout
         new_end = lay.grid.end(newest_block)
         if lay.sink + new_end - self.base <= lay.capacity_frames:
@@ -185,8 +186,8 @@ class KVPool:
             dst, src = (lay.sink + f - keep_from) * tpf, self.slot(f) * tpf
             if dst != src:  # ascending whole-frame moves never overwrite an unread source
                 if self.slot_positions:  # per layer: float32 temporaries of one frame of one layer
-                    for layer in range(self.k.shape[0]):
-                        self.k[layer, dst:dst + tpf] = self.shift_keys(self.k[layer, src:src + tpf], (dst - src) // tpf)
+                    for k in self.k:
+                        k[dst:dst + tpf] = self.shift_keys(k[src:src + tpf], (dst - src) // tpf)
                 else:
                     self.k[:, dst:dst + tpf] = self.k[:, src:src + tpf]
                 self.v[:, dst:dst + tpf] = self.v[:, src:src + tpf]
