@@ -51,6 +51,11 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def int_list_or_none(text: str) -> tuple[int, ...] | str:
+    """argparse type: comma-separated integers, or "none" (kept as the word, read by the checks)."""
+    return "none" if text.strip().lower() == "none" else int_list(text)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -92,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--independent-first-frame", action=argparse.BooleanOptionalAction, default=None,
                    help="block 0 is one latent frame, later blocks --frames-per-block (--blocks counts block 0)")
     g.add_argument("--steps", type=int_list, help="denoising step list (family default; 1000,750,500,250)")
-    g.add_argument("--first-block-steps", type=int_list,
-                   help="block 0's own step list (Causal Forcing++ 1- and 2-step models: 1000,750,500,250)")
+    g.add_argument("--first-block-steps", type=int_list_or_none,
+                   help="block 0's own step list (Causal Forcing++ 1- and 2-step models: 1000,750,500,250); "
+                        "none: block 0 takes --steps")
     g.add_argument("--warp", choices=("on", "off"),
                    help="read the step list through the shifted sigma table (on: Self-Forcing, LongLive) or use "
                         "it as the timesteps (off: CausVid)")

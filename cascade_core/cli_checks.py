@@ -14,7 +14,7 @@ import tempfile
 import torch
 
 from . import attention
-from .families import DEFAULT_FAMILY, family_config, guess_family
+from .families import DEFAULT_FAMILY, Unsupported, family_config, guess_family
 from .memory import GIB, available_bytes, estimate_run_bytes
 from .sampler import CascadeConfig
 
@@ -137,7 +137,8 @@ def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
         guess = guess_family(args.checkpoint or "", args.lora)
         name = guess[0] if guess else DEFAULT_FAMILY
         assumed = guess[1] if guess else None
-    explicit = {"steps": args.steps, "first_block_steps": args.first_block_steps, "shift": args.shift,
+    first_steps = None if args.first_block_steps == "none" else args.first_block_steps
+    explicit = {"steps": args.steps, "first_block_steps": first_steps, "shift": args.shift,
                 "warp": None if args.warp is None else args.warp == "on", "frames_per_block": args.frames_per_block,
                 "independent_first_frame": args.independent_first_frame, "context_noise": args.context_noise,
                 "parallel": args.parallel, "attention": args.attention, "window": args.window or None,
@@ -145,9 +146,15 @@ def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
                 "switch_mode": args.switch_mode}
     try:
         cfg = family_config(name, **explicit)
-        if args.window == 0:  # explicitly unlimited, whatever the family's window
-            cfg = dataclasses.replace(cfg, window=None)
+        if args.window == 0:  # explicitly unlimited, whatever the family's window (and its sink)
+            cfg = dataclasses.replace(cfg, window=None, sink=cfg.sink if args.sink is not None else 0)
+        if args.first_block_steps == "none":  # block 0 takes the step list, whatever the family says
+            cfg = dataclasses.replace(cfg, first_block_steps=None)
         cfg.validate(unlimited_window="0")
+    except Unsupported as exc:
+        where = f"{assumed}, and " if assumed else ""
+        raise UsageError(f"{where}{exc}; to run it approximately, pass --family with another family (e.g. "
+                         f"self-forcing) and your own settings") from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return cfg, name, assumed
@@ -175,8 +182,9 @@ def prompt_switches(specs: list[str], blocks: int) -> list[tuple[int, str, bool]
     return [(b, *out[b]) for b in sorted(out)]
 
 
-def check_settings(args, cfg: CascadeConfig) -> None:
-    """Refuse settings that would silently do nothing; warn once about a video past the trained length."""
+def check_settings(args, cfg: CascadeConfig) -> list[str]:
+    """Refuse settings that would silently do nothing; returns the warning lines to print once every
+    check has passed (a video past the trained length), so a refusal stays one line."""
     if args.switch_mode is not None and not args.switch:
         raise UsageError(f"--switch-mode {args.switch_mode} needs a --switch (it says what a prompt switch does)")
     if args.fold_clean and args.parallel > 1:
@@ -184,12 +192,18 @@ def check_settings(args, cfg: CascadeConfig) -> None:
     if args.attention == "bidirectional" and args.parallel == 1:
         raise UsageError("--attention bidirectional needs --parallel 2 or more (at P1 no other block is "
                          "in flight to see)")
+    if args.independent_first_frame and cfg.frames_per_block == 1:
+        raise UsageError("--independent-first-frame with 1 frame per block does nothing (every block is one "
+                         "latent frame already)")
     frames = cfg.grid.total(args.blocks)
-    if args.window is None and frames > TRAINED_LATENT_FRAMES:
-        print(f"warning: {frames} latent frames without a window exceed the {TRAINED_LATENT_FRAMES} the "
-              f"released 1.3B models were trained on (quality drops past it); bound the attention with "
-              f"--window 12 --sink 3, or use at most {TRAINED_LATENT_FRAMES // cfg.frames_per_block} blocks",
-              file=sys.stderr)
+    if cfg.window is None and frames > TRAINED_LATENT_FRAMES:
+        most = max(b for b in range(1, TRAINED_LATENT_FRAMES + 1) if cfg.grid.total(b) <= TRAINED_LATENT_FRAMES) \
+            if cfg.grid.first <= TRAINED_LATENT_FRAMES else 0
+        fewer = f", or use at most {most} blocks" if most else ""
+        return [f"warning: {frames} latent frames without a window exceed the {TRAINED_LATENT_FRAMES} the "
+                f"released 1.3B models were trained on (quality drops past it); bound the attention with "
+                f"--window 12 --sink 3{fewer}"]
+    return []
 
 
 def check_memory(device: torch.device, model_cfg, dtype: torch.dtype, weight_bytes: int, cfg: CascadeConfig,

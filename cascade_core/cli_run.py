@@ -202,9 +202,14 @@ def run_generate(args) -> dict | None:
     if args.blocks < 1:
         raise UsageError(f"--blocks must be >= 1, got {args.blocks}")
     switches = cli_checks.prompt_switches(args.switch, args.blocks)
+    ranks = 1 if devices is None else len(devices) if isinstance(devices, list) else int(os.environ.get("WORLD_SIZE", 2))
+    try:
+        cfg.check_switches(len(switches), ranks)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     latent_size(args.width, args.height)
     check_text_arguments(args, sum(not is_file for *_, is_file in switches))
-    cli_checks.check_settings(args, cfg)
+    warnings = cli_checks.check_settings(args, cfg)
     check_outputs(args)
     if devices == "torchrun":  # every rank checks everything before it joins the group
         device = distributed.rank_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -223,7 +228,9 @@ def run_generate(args) -> dict | None:
     with _refusal_reaches_every_rank(devices == "torchrun"):
         model, label, prompts, prompt_label, noise = _prepare(args, devices, device, dtype, cfg, switches)
     if assumed:  # said once every check has passed (a refusal stays one line)
-        print(f"note: family {family} assumed ({assumed}); --family sets another", file=sys.stderr)
+        warnings.insert(0, f"note: family {family} assumed ({assumed}); --family sets another")
+    for line in warnings:
+        print(line, file=sys.stderr)
     writer = frames = progress = None
     if args.vae:
         writer, frames = open_video(args.vae, video_path(args), args.frames_dir, device, dtype)

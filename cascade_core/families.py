@@ -78,14 +78,19 @@ def get_family(name: str) -> Family:
         raise ValueError(f"unknown family {name!r}; one of {', '.join(FAMILIES)}") from None
 
 
+class Unsupported(ValueError):
+    """A family the engine cannot yet reproduce; the message names what is missing (callers add how
+    to run such a checkpoint anyway, in their own words)."""
+
+
 def family_config(name: str | None, **overrides) -> CascadeConfig:
     """A :class:`CascadeConfig` with the family's settings, then ``overrides`` (explicit settings win;
-    None values are ignored). Raises ValueError for an unknown family or one the engine cannot yet
-    reproduce (naming what is missing)."""
+    None values are ignored). Raises ValueError for an unknown family, :class:`Unsupported` for one
+    the engine cannot yet reproduce (naming what is missing)."""
     family = get_family(name or DEFAULT_FAMILY)
     if family.missing:
-        raise ValueError(f"family {family.name}: not supported yet; the engine does not reproduce {family.missing} "
-                         f"(choose settings yourself to run it approximately)")
+        raise Unsupported(f"family {family.name} is not supported yet: the engine does not reproduce "
+                          f"{family.missing}")
     fields = {f.name for f in dataclasses.fields(CascadeConfig)}
     unknown = set(overrides) - fields
     if unknown:
@@ -120,14 +125,17 @@ _NAME_RULES = (
 
 
 def guess_family(path: str, lora: str | None = None) -> tuple[str, str] | None:
-    """(family, reason) read from a checkpoint's path (folder names count: released files sit in
-    folders such as ``framewise/``) or its LoRA's; None when nothing in the names says it."""
+    """(family, reason) read from a checkpoint's path or its LoRA's; None when nothing in the names
+    says it. The file and the two folders above it count (released files sit in folders such as
+    ``framewise/``), ``/`` and ``\\`` both separate, names match as whole words (``krea`` is not in
+    ``kreations``), and the match nearest the file's own name wins (then the earlier rule)."""
     for what, p in (("LoRA", lora), ("checkpoint", path)):
         if not p:
             continue
-        text = os.path.normpath(p).lower().replace(os.sep, "/")
-        text = "/".join(text.split("/")[-3:])  # the file and the two folders above it
-        for pattern, family in _NAME_RULES:
-            if re.search(pattern, text):
-                return family, f"the {what} path {'/'.join(p.split(os.sep)[-3:])!r} names it"
+        tail = "/".join(part for part in re.split(r"[/\\]", p) if part)
+        tail = "/".join(tail.split("/")[-3:])  # the file and the two folders above it
+        found = [(m.end(), -rank, family) for rank, (pattern, family) in enumerate(_NAME_RULES)
+                 for m in re.finditer(rf"(?<![a-z0-9])(?:{pattern})(?![a-z0-9])", tail.lower())]
+        if found:
+            return max(found)[2], f"the {what} path {tail!r} names it"
     return None

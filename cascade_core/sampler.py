@@ -5,7 +5,10 @@ Guarantees:
   (re-noised with fresh Gaussian noise between steps), then one clean pass at ``context_noise`` that
   writes its clean K/V, then the next block starts.
 - At parallelism P, :class:`CascadeSchedule` decides which (block, stage) pairs share a tick; all
-  pairs of a tick run in ONE model forward (one segment per block).
+  pairs of a tick run in ONE model forward (one segment per block), except that a block 0 of its own
+  size (an independent first frame) takes a forward of its own, before the others of its tick.
+- A prompt switch in mode "recache" (LongLive) adds one forward before its block (see
+  :data:`SWITCH_MODES`); ``Result.forwards`` counts every forward.
 - Randomness: the initial noise comes from ``seed`` (or is given); the re-noising noise of block b
   after step j is :func:`step_noise` (seed, b, j), drawn from its own generator, so every
   parallelism level uses the same noise for the same block and step, and the same seed on the same
@@ -96,6 +99,21 @@ class CascadeConfig:
         flow = FlowSchedule(self.steps, self.shift, self.warp)
         first = flow if self.first_block_steps is None else FlowSchedule(self.first_block_steps, self.shift, self.warp)
         return first, flow
+
+    def check_switches(self, switches: int, devices: int = 1) -> None:
+        """Refuse a KV re-cache (switch mode recache) where it is not defined yet, given the run's number
+        of prompt switches and devices: it needs parallel 1 (at P>1 blocks before the switch are
+        still in flight and would see the re-cached keys), fold-clean off (the previous block's clean
+        pass must be done first) and one device (the committed latents stay with the devices that
+        made them). Raises ValueError; nothing to check without switches or in mode none."""
+        if self.switch_mode != "recache" or not switches:
+            return
+        why = ("needs parallel 1: at P>1 blocks before the switch are still in flight" if self.parallel > 1 else
+               "needs the previous block's clean pass done first: turn fold-clean off" if self.fold_clean else
+               "runs on one device for now: the committed blocks' latents stay with the devices that made them"
+               if devices > 1 else None)
+        if why:
+            raise ValueError(f"a KV re-cache at a prompt switch (switch mode recache) {why}; or use switch mode none")
 
     def validate(self, unlimited_window: str | None = None) -> None:
         """Raise ValueError with the allowed range for anything out of range. ``unlimited_window``:
@@ -298,9 +316,7 @@ def plan_run(model_cfg: WanConfig, prompts: PromptSchedule, cfg: CascadeConfig, 
     first, flow = cfg.flows()
     schedule = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first))
     prompts.validate(blocks, model_cfg.text_dim)
-    if cfg.switch_mode == "recache" and cfg.fold_clean and len(prompts.entries) > 1:
-        raise ValueError("a re-cache at a prompt switch needs the previous block's clean pass done first: "
-                         "turn fold_clean off")
+    cfg.check_switches(len(prompts.entries) - 1)
     h, w = latent_size(width, height, model_cfg.patch_size)
     shape = (1, LATENT_CHANNELS, cfg.grid.total(blocks), h, w)
     if noise is not None and tuple(noise.shape) != shape:

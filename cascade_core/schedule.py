@@ -156,8 +156,3 @@ class CascadeSchedule:
             for stage in range(self.steps_of(b) + 1):
                 plan[self.entry(b) + stage].append((b, stage))
         return [Tick(i, tuple(pairs)) for i, pairs in enumerate(plan)]
-
-    @property
-    def forwards(self) -> int:
-        """Model forwards of one run: one per tick."""
-        return len(self)

@@ -61,7 +61,7 @@ def blocks(value) -> None:
 
 def parse_steps(text: str) -> tuple[int, ...]:
     try:
-        steps = tuple(int(s) for s in str(text).replace(" ", "").split(",") if s)
+        steps = tuple(int(s) for s in str(text).replace(" ", "").split(","))
     except ValueError:
         raise ValueError(f"steps must be comma-separated integers in 1..1000, strictly decreasing "
                          f"(e.g. 1000,750,500,250), got {text!r}") from None
@@ -110,11 +110,14 @@ def cascade_config(family: str, steps: str, parallel: int, attention: str, windo
         explicit["shift"] = float(shift)
     if int(frames_per_block):
         explicit["frames_per_block"] = int_range("frames per block", frames_per_block, 0, 64, " (0 = the family's)")
+    int_range("window", window, -1, MAX_LATENT_FRAMES, " latent frames (-1 = the family's, 0 = unlimited)")
+    int_range("sink", sink, -1, MAX_LATENT_FRAMES, " latent frames (-1 = the family's)")
     if int(window) >= 0:
-        explicit["window"] = int_range("window", window, -1, MAX_LATENT_FRAMES,
-                                       " latent frames (-1 = the family's, 0 = unlimited)") or None
+        explicit["window"] = int(window) or None
     if int(sink) >= 0:
-        explicit["sink"] = int_range("sink", sink, -1, MAX_LATENT_FRAMES, " latent frames (-1 = the family's)")
+        explicit["sink"] = int(sink)
+    elif int(window) == 0:  # unlimited: a family's sink would mean nothing
+        explicit["sink"] = 0
     if not 0.0 <= float(context_noise) <= 1000.0:
         raise ValueError(f"context noise must lie in 0..1000 (the clean pass's timestep), got {context_noise}")
     base = family_config(DEFAULT_FAMILY if family == "auto" else family)

@@ -110,7 +110,8 @@ class BlockCascadePromptSchedule(io.ComfyNode):
             display_name="Prompt Schedule",
             category=CATEGORY,
             description="Switches the prompt at a block. Chain entries (previous -> schedule); the first "
-                        "must start at block 0. A switch costs no extra model forward.",
+                        "must start at block 0. The schedule's switch mode says what a switch does (none: no "
+                        "extra model forward; recache: one forward over the window, as LongLive).",
             inputs=[
                 io.Conditioning.Input("conditioning"),
                 io.Int.Input("start_block", default=0, min=0, max=checks.MAX_BLOCKS - 1,
@@ -120,7 +121,8 @@ class BlockCascadePromptSchedule(io.ComfyNode):
                                tooltip="What a prompt switch does: none = in-flight blocks take the new prompt at "
                                        "their next step, no extra forward (Block Cascading); recache = the "
                                        "window's clean K/V are recomputed under the new prompt, one forward per "
-                                       "switch (LongLive); auto = the family's."),
+                                       "switch (LongLive); auto = the family's. A schedule has one mode: set it "
+                                       "on any entry, the others auto."),
             ],
             outputs=[ScheduleType.Output(display_name="schedule")],
         )

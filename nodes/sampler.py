@@ -59,8 +59,9 @@ def _vae_bytes(weights) -> int:
     return sum(t.numel() for k, t in sd.items() if k.startswith(("decoder.", "conv2."))) * elem
 
 
-def effective_settings(family: str, cfg, assumed: str | None) -> str:
-    """One line naming a run's family and every sampling setting it uses (the widget and the log)."""
+def effective_settings(family: str, cfg, assumed: str | None, switches: list[int]) -> str:
+    """One line naming a run's family, every sampling setting it uses and the blocks where the prompt
+    switches (the widget and the log)."""
     steps = ",".join(map(str, cfg.steps))
     first = "" if cfg.first_block_steps is None else f", block 0 {','.join(map(str, cfg.first_block_steps))}"
     window = "unlimited" if cfg.window is None else f"{cfg.window} (sink {cfg.sink})"
@@ -70,8 +71,16 @@ def effective_settings(family: str, cfg, assumed: str | None) -> str:
     return (f"{family}{why}: {cfg.frames_per_block} latent frame(s) a block"
             f"{', block 0 one frame' if cfg.independent_first_frame else ''}; steps {steps}{first} "
             f"({'warped' if cfg.warp else 'raw'}, shift {cfg.shift:g}); context noise {cfg.context_noise:g}; "
-            f"window {window}; switch {cfg.switch_mode}; P{cfg.parallel} {cfg.attention}; "
+            f"window {window}; {_switches(cfg.switch_mode, switches)}; P{cfg.parallel} {cfg.attention}; "
             f"flashblock {cfg.flashblock}")
+
+
+def _switches(mode: str, blocks: list[int]) -> str:
+    if not blocks:
+        return f"switch {mode}"
+    at = ", ".join(map(str, blocks))
+    extra = " (one extra forward each)" if mode == "recache" else " (no extra forward)"
+    return f"switch {mode} at block{'s' if len(blocks) > 1 else ''} {at}{extra}"
 
 
 def _interrupted() -> bool:
@@ -134,7 +143,6 @@ class BlockCascadeSampler(io.ComfyNode):
         guess = getattr(model, "family", None)
         cfg, family, assumed = config.config_for(guess[0] if guess else None,
                                                  schedule.switch_mode if schedule is not None else "auto")
-        settings_text = effective_settings(family, cfg, guess[1] if assumed else None)
         checks.video_size(width, height)
         checks.blocks(blocks)
         run_devices = devices.check(config.devices)
@@ -150,6 +158,9 @@ class BlockCascadeSampler(io.ComfyNode):
         else:
             entries = list(schedule.entries)
         prompts = checks.schedule(entries, blocks, model.cfg.text_dim)
+        cfg.check_switches(len(prompts.entries) - 1, len(run_devices))
+        settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
+                                           [s for s, _ in prompts.entries[1:]])
         vae_sd = vae_weights(vae)
         run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
                                              len(prompts.entries), _vae_bytes(vae_sd))

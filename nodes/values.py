@@ -25,7 +25,7 @@ import torch
 
 from cascade_core.fp8 import DROP_SUFFIXES, FP8_DTYPES, MARKER, SCALE_SUFFIXES, dequantize_state_dict
 from cascade_core.model import WanConfig, WanModel
-from cascade_core.families import DEFAULT_FAMILY, family_config
+from cascade_core.families import DEFAULT_FAMILY, Unsupported, family_config
 from cascade_core.sampler import CascadeConfig
 
 log = logging.getLogger("block_cascade")
@@ -69,8 +69,12 @@ class Settings:
         if self.explicit is None:
             cfg = self.cascade
         else:
-            cfg = dataclasses.replace(family_config(family),
-                                      **{f: getattr(self.cascade, f) for f in self.explicit})
+            try:
+                base = family_config(family)
+            except Unsupported as exc:  # only a family read off the model's file name gets here
+                raise ValueError(f"the model's file name says {exc}; to run it approximately, set the Config "
+                                 f"node's family to another one (e.g. self-forcing) and your own settings") from None
+            cfg = dataclasses.replace(base, **{f: getattr(self.cascade, f) for f in self.explicit})
         if switch_mode != "auto":
             cfg = dataclasses.replace(cfg, switch_mode=switch_mode)
         cfg.validate(unlimited_window="0")
@@ -89,6 +93,9 @@ class ScheduleValue:
         if any(s == start for s, _ in self.entries):
             raise ValueError(f"the prompt schedule already has a prompt at block {start}; each start "
                              f"block may hold one prompt")
+        if "auto" not in (switch_mode, self.switch_mode) and switch_mode != self.switch_mode:
+            raise ValueError(f"the prompt schedule's entries ask for switch modes {self.switch_mode} and "
+                             f"{switch_mode}: a schedule has one mode; set it on one entry (the others auto)")
         mode = self.switch_mode if switch_mode == "auto" else switch_mode
         return ScheduleValue(tuple(sorted(self.entries + ((start, embeds),), key=lambda e: e[0])), mode)
 

@@ -117,10 +117,31 @@ def test_family_fills_the_settings_and_explicit_options_win(capsys):
     assert s["settings"]["steps"] == [1000, 757, 522] and s["settings"]["warp"] is False
     assert s["settings"]["shift"] == 8.0 and s["forwards"] == 2 * 4
     assert main(["generate", *SMALL, "--family", "causvid", "--shift", "6", "--warp", "on",
-                 "--frames-per-block", "1", "--independent-first-frame", "--first-block-steps", "1000,500,250,100"]) == 0
+                 "--frames-per-block", "2", "--independent-first-frame", "--first-block-steps", "1000,500,250,100"]) == 0
     s = _summary(capsys)["settings"]
-    assert (s["shift"], s["warp"], s["steps"], s["frames_per_block"]) == (6.0, True, [1000, 757, 522], 1)
+    assert (s["shift"], s["warp"], s["steps"], s["frames_per_block"]) == (6.0, True, [1000, 757, 522], 2)
     assert s["independent_first_frame"] and s["first_block_steps"] == [1000, 500, 250, 100]
+
+
+def test_an_unlimited_window_drops_the_familys_sink_and_none_its_block0_schedule(capsys):
+    assert main(["generate", *SMALL, "--family", "longlive", "--window", "0"]) == 0
+    s = _summary(capsys)["settings"]
+    assert (s["window"], s["sink"], s["switch_mode"]) == (None, 0, "recache")
+    assert main(["generate", *SMALL, "--family", "causal-forcing-framewise-1step", "--first-block-steps", "none"]) == 0
+    s = _summary(capsys)
+    assert s["settings"]["first_block_steps"] is None and s["forwards"] == 2 * 2
+
+
+def test_a_refused_family_read_off_the_path_says_so_and_how_to_run_it(tmp_path, capsys):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    path = str(folder / "rolling_forcing_dmd.safetensors")
+    save_safetensors(tiny_models().tiny_dit_state_dict(), path)
+    assert main(["generate", *SMALL, "--checkpoint", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the checkpoint path" in err and "names it" in err, err
+    assert "rolling-forcing is not supported yet" in err and "pass --family with another family" in err
+    assert main(["generate", *SMALL, "--checkpoint", path, "--family", "self-forcing"]) == 0
 
 
 def test_framewise_family_with_a_first_block_schedule(capsys):
@@ -177,14 +198,25 @@ def test_prompt_switches_from_files_and_their_modes(tmp_path, capsys):
     (["--switch", "1:missing.safetensors"], "no such file"),
     (["--switch", "1:a cat"], "--switch BLOCK:TEXT needs --text-encoder"),
     (["--switch-mode", "recache"], "needs a --switch"),
-    (["--family", "longlive", "--window", "0"], "a sink (3 frames) is kept only inside a local window"),
-    (["--family", "rolling-forcing"], "family rolling-forcing: not supported yet"),
+    (["--family", "longlive", "--window", "0", "--sink", "3"], "a sink (3 frames) is kept only inside a local window"),
+    (["--family", "rolling-forcing"], "family rolling-forcing is not supported yet: the engine does not reproduce"),
+    (["--family", "krea-realtime"], "pass --family with another family (e.g. self-forcing) and your own settings"),
     (["--family", "reward-forcing", "--parallel", "2"], "need one block in flight"),
     (["--family", "reward-forcing", "--window", "10"], "a window that ends on a block"),
     (["--first-block-steps", "250,500"], "strictly decrease"),
     (["--independent-first-frame", "--parallel", "3", "--attention", "bidirectional"], "blocks of one size"),
+    (["--independent-first-frame", "--frames-per-block", "1"], "does nothing"),
+    (["--switch", "1:a cat", "--switch-mode", "recache", "--parallel", "2"], "needs parallel 1"),
+    (["--switch", "1:a cat", "--family", "longlive", "--fold-clean"], "turn fold-clean off"),
 ])
 def test_bad_family_settings_give_one_line(args, message, capsys):
     assert main(["generate", *SMALL, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_recache_on_several_devices_is_refused_before_the_workers_start(capsys):
+    small = [a for a in SMALL if a not in ("--device", "cpu")]
+    assert main(["generate", *small, "--switch", "1:a cat", "--family", "longlive", "--devices", "cpu,cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "runs on one device for now" in err, err

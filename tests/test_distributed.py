@@ -548,5 +548,5 @@ def test_block0_of_its_own_size_or_schedule_equals_one_process(model, prompt, po
 def test_a_recache_switch_is_refused_on_several_devices(model, prompt, pool2):
     other = torch.randn(9, TINY.text_dim, generator=torch.Generator().manual_seed(4))
     prompts = PromptSchedule([(0, prompt), (2, other)])
-    with pytest.raises(ValueError, match="re-cache at a prompt switch runs on one device"):
+    with pytest.raises(ValueError, match=r"re-cache at a prompt switch \(switch mode recache\) runs on one device"):
         pool2.generate(model, prompts, CascadeConfig(frames_per_block=2, switch_mode="recache"), blocks=4, **RUN)

@@ -265,7 +265,7 @@ def test_the_loop_separates_what_it_checks(model, one_thread):
 def test_families_the_engine_cannot_reproduce_are_refused_with_the_reason():
     for name, family in FAMILIES.items():
         if family.missing:
-            with pytest.raises(ValueError, match=f"family {name}: not supported yet"):
+            with pytest.raises(ValueError, match=f"family {name} is not supported yet: the engine does not"):
                 family_config(name)
 
 
@@ -287,3 +287,13 @@ def test_the_family_is_read_off_released_paths(path, lora, family):
     assert (guess and guess[0]) == family
     if guess:
         assert "names it" in guess[1]
+
+
+def test_a_recache_is_refused_where_it_is_not_defined(model):
+    prompts = PromptSchedule([(0, embedding(1)), (2, embedding(2))])
+    for extra, message in ((dict(parallel=2), "needs parallel 1"), (dict(fold_clean=True), "turn fold-clean off")):
+        with pytest.raises(ValueError, match=message):
+            generate(model, prompts, CascadeConfig(switch_mode="recache", **extra), blocks=4, width=W, height=H)
+    # without a switch there is nothing to re-cache: any level runs
+    generate(model, PromptSchedule.single(embedding(1)), CascadeConfig(switch_mode="recache", parallel=3), blocks=3,
+             width=W, height=H)

@@ -19,10 +19,21 @@ AUTO = dict(parallel=1, attention="causal", window=-1, sink=-1, steps="auto", sh
             attention_backend="auto", flashblock=False)
 
 
+COPIES = []  # model files this module adds to the stand-in's models folder (removed at its end)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_copies():
+    yield
+    for path in COPIES:
+        os.remove(path)
+
+
 def loaded_as(name: str):
     """The tiny DiT copied under a released-looking file name, through Load Causal Video Model."""
     folder = os.path.join(MODELS, "diffusion_models")
-    shutil.copyfile(os.path.join(folder, tiny.DIT_NAME), os.path.join(folder, name))
+    COPIES.append(os.path.join(folder, name))
+    shutil.copyfile(os.path.join(folder, tiny.DIT_NAME), COPIES[-1])
     (m,) = run("BlockCascadeModelLoader", model_name=name, dtype="fp32", ema="auto")
     return m
 
@@ -113,9 +124,30 @@ def test_a_longlive_schedule_recaches_at_its_switches(prompt):
     assert both.switch_mode == "auto"
 
 
+def test_one_switch_mode_a_schedule_and_an_unlimited_window_without_the_familys_sink(prompt):
+    (first,) = run("BlockCascadePromptSchedule", conditioning=prompt, start_block=0, switch_mode="none")
+    (same,) = run("BlockCascadePromptSchedule", conditioning=prompt, start_block=2, previous=first)
+    assert same.switch_mode == "none"
+    with pytest.raises(ValueError, match="a schedule has one mode"):
+        run("BlockCascadePromptSchedule", conditioning=prompt, start_block=3, previous=same, switch_mode="recache")
+    (settings,) = run("BlockCascadeConfig", **{**AUTO, "family": "longlive", "window": 0})
+    assert (settings.cascade.window, settings.cascade.sink) == (None, 0)
+
+
+def test_a_refused_family_read_off_the_file_name_says_what_to_do(prompt):
+    model = loaded_as("rolling_forcing_dmd.safetensors")
+    (settings,) = run("BlockCascadeConfig", **AUTO)
+    with pytest.raises(ValueError) as err:
+        with Recorder():
+            run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=2, seed=1,
+                positive=prompt)
+    assert "the model's file name says family rolling-forcing is not supported yet" in str(err.value)
+    assert "set the Config node's family" in str(err.value)
+
+
 @pytest.mark.parametrize("widgets,message", [
     (dict(steps="auto", first_block_steps="250,500"), "first block steps must strictly decrease"),
-    (dict(family="longlive", window=0), "a sink (3 frames) is kept only inside a local window"),
+    (dict(family="longlive", window=0, sink=3), "a sink (3 frames) is kept only inside a local window"),
     (dict(frames_per_block=4, window=3, sink=0), "at least sink + one block = 4"),
     (dict(family="causvid", parallel=5), "parallelism must lie in 1..4"),
     (dict(family="reward-forcing", parallel=2), "need one block in flight"),

@@ -6,7 +6,7 @@ const CSS = `
 .bc-player { display: flex; flex-direction: column; gap: 4px; font: 11px sans-serif; color: #ccc; width: 100%; height: 100%; box-sizing: border-box; }
 .bc-player canvas { width: 100%; flex: 1 1 auto; min-height: 0; object-fit: contain; background: #111; border-radius: 4px; }
 .bc-player .bc-status { color: #eee; }
-.bc-player .bc-settings { color: #999; font-size: 10px; }
+.bc-player .bc-settings { color: #aaa; }
 .bc-player .bc-grid { display: flex; flex-direction: column; gap: 2px; }
 .bc-player .bc-row { display: flex; align-items: center; gap: 2px; }
 .bc-player .bc-row span { width: 3.5em; }

@@ -287,7 +287,7 @@ class WorkerPool:
                  on_block: Callable[[BlockEvent], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Result:
         """Like :func:`sampler.generate`, spread over the pool's devices (see the module docstring)."""
-        job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise)
+        job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise, self.world_size)
         with self._lock:
             if self._closed:
                 raise RuntimeError("this WorkerPool was closed")

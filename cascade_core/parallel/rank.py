@@ -159,7 +159,8 @@ def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, 
             try:
                 if model is None or prompts is None or cfg is None:
                     raise ValueError("rank 0 needs the model, the prompts and the config")
-                job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise)
+                job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise,
+                                         dist.get_world_size())
             except Exception as exc:
                 dist.broadcast_object_list([("refused", str(exc))], src=0, group=ctrl)
                 raise

@@ -79,12 +79,10 @@ def _fingerprint(model: WanModel) -> tuple:
 
 
 def _make_job(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, blocks: int, width: int,
-              height: int, seed: int, noise: torch.Tensor | None) -> tuple[dict, dict]:
+              height: int, seed: int, noise: torch.Tensor | None, devices: int) -> tuple[dict, dict]:
     """Validate a run as :func:`sampler.generate` does; (job for every rank, tensors for rank 0)."""
     plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise)
-    if cfg.switch_mode == "recache" and len(prompts.entries) > 1:
-        raise ValueError("a KV re-cache at a prompt switch runs on one device for now (the committed blocks' "
-                         "latents stay with the devices that made them): use switch mode none, or one device")
+    cfg.check_switches(len(prompts.entries) - 1, devices)
     embeds = [e.detach() for _, e in prompts.entries]
     job = {"cfg": dataclasses.asdict(cfg), "blocks": blocks, "width": width, "height": height, "seed": seed,
            "starts": [s for s, _ in prompts.entries],
