@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .kv_pool import FULL, REUSE, SPLIT, STORE, Exchange, KVPool, PoolLayout, check_window
+from .kv_pool import KVPool, PoolLayout, check_window
+from .pool_attention import FULL, REUSE, SPLIT, STORE, Exchange
 from .model import WanConfig, WanModel
 from .schedule import BlockGrid, CascadeSchedule, FlowSchedule, Tick
 from .transfer import to_device

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cascade_core import attention
-from cascade_core.kv_pool import FULL, REUSE, STORE, KVPool, PoolLayout
+from cascade_core.kv_pool import KVPool, PoolLayout
+from cascade_core.pool_attention import FULL, REUSE, STORE
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 
 
