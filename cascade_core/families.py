@@ -12,7 +12,6 @@ lacks); :func:`family_config` refuses them with that reason rather than run some
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field
 
