@@ -105,8 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "it as the timesteps (off: CausVid)")
     g.add_argument("--shift", type=float, help="flow-matching timestep shift (family default; 5, CausVid 8)")
     g.add_argument("--context-noise", type=float, help="timestep of the clean pass (family default; 0)")
-    g.add_argument("--parallel", type=int, default=1, help="blocks in flight, 1..steps+1")
-    g.add_argument("--attention", choices=ATTENTION_MODES, default="causal", help="in-flight visibility")
+    g.add_argument("--parallel", type=int, help="blocks in flight, 1..steps+1 (family default: 1; Rolling Forcing "
+                                                "denoises steps + 1 at once)")
+    g.add_argument("--attention", choices=ATTENTION_MODES,
+                   help="what an in-flight block sees of newer ones (family default: causal; Rolling Forcing "
+                        "bidirectional)")
     g.add_argument("--window", type=int, help="latent frames attended, sink and own block included; 0 = all "
                                               "(family default; LongLive 12, Reward Forcing 9)")
     g.add_argument("--sink", type=int, help="first latent frames the --window always keeps (family default; "

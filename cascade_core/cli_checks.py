@@ -187,9 +187,9 @@ def check_settings(args, cfg: CascadeConfig) -> list[str]:
     check has passed (a video past the trained length), so a refusal stays one line."""
     if args.switch_mode is not None and not args.switch:
         raise UsageError(f"--switch-mode {args.switch_mode} needs a --switch (it says what a prompt switch does)")
-    if args.fold_clean and args.parallel > 1:
+    if args.fold_clean and cfg.parallel > 1:
         raise UsageError("--fold-clean works at --parallel 1 only (at P>1 clean passes already share ticks)")
-    if args.attention == "bidirectional" and args.parallel == 1:
+    if args.attention == "bidirectional" and cfg.parallel == 1:
         raise UsageError("--attention bidirectional needs --parallel 2 or more (at P1 no other block is "
                          "in flight to see)")
     if args.independent_first_frame and cfg.frames_per_block == 1:

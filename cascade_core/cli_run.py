@@ -96,7 +96,7 @@ def kept(writer: VideoWriter | None) -> str:
     return f"{where} {'hold' if writer.path and writer.frames_dir else 'holds'} {writer.count} frames"
 
 
-def summary(result: Result, args, model_label: str, device) -> dict:
+def summary(result: Result, args, model_label: str, device, cfg: CascadeConfig) -> dict:
     """The JSON line: what was made (``latent_frames``; ``video_frames`` only where decoded) and timing."""
     latent_frames = result.latents.shape[2]
     return {
@@ -105,7 +105,7 @@ def summary(result: Result, args, model_label: str, device) -> dict:
         "blocks": result.blocks,
         "ticks": result.ticks,
         "forwards": result.forwards,
-        "parallel": args.parallel,
+        "parallel": cfg.parallel,
         "fp8": args.fp8,
         "latent_shape": list(result.latents.shape),
         "latent_frames": latent_frames,
@@ -277,7 +277,7 @@ def run_generate(args) -> dict | None:
                 pool.close()
     if args.latents_out:
         save_safetensors({"latents": result.latents}, os.path.realpath(args.latents_out))  # through a link
-    out = summary(result, args, label, where)
+    out = summary(result, args, label, where, cfg)
     out.update(family=family, family_assumed=assumed, settings=describe(cfg),
                prompt_switches=[b for b, *_ in switches])
     if startup is not None:

@@ -53,10 +53,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            {"window": 12, "sink": 3, "switch_mode": "recache"},
            "NVlabs/LongLive@v1.0 configs/longlive_inference.yaml:1-12, "
            "pipeline/interactive_causal_inference.py:34-96"),
-    Family("rolling-forcing", "Rolling Forcing (joint rolling window of 5 blocks)",
-           source="TencentARC/RollingForcing pipeline/rolling_forcing_inference.py",
-           missing="its window of blocks denoised jointly with re-positioned anchor frames (un-rotated sink "
-                   "keys placed just before the window) and full-window noise draws"),
+    Family("rolling-forcing", "Rolling Forcing (5 blocks denoised jointly at staggered noise levels, "
+                              "anchor re-positioned before the window)",
+           {"steps": (1000, 800, 600, 400, 200), "parallel": 6, "attention": "bidirectional", "window": 21,
+            "sink": 3, "rolling_window": True},
+           "TencentARC/RollingForcing@a1477d0 configs/rolling_forcing_dmd.yaml:7-13,45-48, "
+           "pipeline/rolling_forcing_inference.py:174-295, wan/modules/causal_model.py:195-300"),
+    Family("causal-forcing-longvideo", "Causal Forcing's long-video model (Rolling Forcing's sampler, 4 steps)",
+           {"parallel": 5, "attention": "bidirectional", "window": 21, "sink": 3, "rolling_window": True},
+           "thu-ml/Causal-Forcing long_video/ (Rolling Forcing's pipeline with steps 1000,750,500,250)"),
     Family("reward-forcing", "Reward Forcing (window 9, EMA sink 3 at 0.999, relative RoPE positions)",
            {"window": 9, "sink": 3, "rope_positions": "slots", "sink_ema": 0.999},
            "JaydenLyh/Reward-Forcing@4317f5a configs/reward_forcing.yaml:51-57, "
@@ -104,7 +109,8 @@ def describe(cfg: CascadeConfig) -> dict:
             else list(cfg.first_block_steps), "warp": cfg.warp, "shift": cfg.shift,
             "context_noise": cfg.context_noise, "window": cfg.window, "sink": cfg.sink,
             "parallel": cfg.parallel, "attention": cfg.attention, "flashblock": cfg.flashblock,
-            "switch_mode": cfg.switch_mode, "rope_positions": cfg.rope_positions, "sink_ema": cfg.sink_ema}
+            "switch_mode": cfg.switch_mode, "rope_positions": cfg.rope_positions, "sink_ema": cfg.sink_ema,
+            "rolling_window": cfg.rolling_window}
 
 
 # File-name words of released checkpoints and what they say (first match wins; longest names first)
@@ -118,6 +124,7 @@ _NAME_RULES = (
     (r"causvid.*warp|warp.*causvid", "causvid-warp"),
     (r"causvid", "causvid"),
     (r"rolling[-_]?forcing", "rolling-forcing"),
+    (r"causal[-_]?forcing.*long[-_]?video|long[-_]?video.*causal[-_]?forcing", "causal-forcing-longvideo"),
     (r"reward[-_]?forcing", "reward-forcing"),
     (r"krea", "krea-realtime"),
 )

@@ -79,6 +79,7 @@ class PoolLayout:
     sink: int = 0
     max_in_flight: int = 1
     first_block_frames: int | None = None  # block 0's frames (1: an independent first frame); None: the same
+    rolling: bool = False  # Rolling Forcing's window (see visible_frames)
 
     def __post_init__(self):
         check_window(self.window, self.sink, self.frames_per_block)
@@ -91,17 +92,32 @@ class PoolLayout:
     def capacity_frames(self) -> int:
         if self.window is None:
             return self.total_frames
-        return min(self.total_frames, self.window + (self.max_in_flight - 1) * self.frames_per_block)
+        rolling_clean = self.sink if self.rolling else 0  # a clean pass's window reaches past the sink
+        return min(self.total_frames, self.window + rolling_clean + (self.max_in_flight - 1) * self.frames_per_block)
 
-    def visible_frames(self, end: int, hi: int) -> list[tuple[int, int]]:
+    def visible_frames(self, end: int, hi: int, clean: bool = False) -> list[tuple[int, int]]:
         """Frame ranges [lo, hi) seen by the queries of a block ending at frame ``end`` when the visible
-        run ends at frame ``hi``."""
+        run ends at frame ``hi`` (``clean``: a clean pass, which sees up to its own end).
+
+        Rolling window (Rolling Forcing, ``pipeline/rolling_forcing_inference.py`` and
+        ``wan/modules/causal_model.py`` of TencentARC/RollingForcing): a denoising step sees the sink and
+        the last window - sink frames before ``hi`` (the window's frames are counted from the newest
+        block in flight, not from the block's own end); a clean pass sees the last ``window`` frames
+        before its end and no separate sink. See :meth:`anchor_shift` for where the sink sits."""
         if self.window is None:
             return [(0, hi)]
-        lo = max(0, end - (self.window - self.sink))
+        if self.rolling and clean:
+            return [(max(0, end - self.window), end)]
+        lo = max(0, (hi if self.rolling else end) - (self.window - self.sink))
         if lo <= self.sink:
             return [(0, hi)]
         return [(0, self.sink), (lo, hi)] if self.sink else [(lo, hi)]
+
+    def anchor_shift(self, end: int, hi: int, clean: bool = False) -> int:
+        """Frames by which the sink's keys are re-positioned for these queries: with a rolling window a
+        denoising step sees the sink right before its recent run (Rolling Forcing's anchor), else 0."""
+        spans = self.visible_frames(end, hi, clean)
+        return spans[1][0] - self.sink if self.rolling and not clean and len(spans) == 2 and self.sink else 0
 
 
 class KVPool:
@@ -119,7 +135,11 @@ class KVPool:
             raise ValueError("slot positions and an EMA sink re-rotate keys: pass shift_keys")
         self.layout = layout
         self.slot_positions, self.sink_ema, self.shift_keys = slot_positions, sink_ema, shift_keys
-        tokens = layout.capacity_frames * layout.tokens_per_frame
+        if layout.rolling and shift_keys is None:
+            raise ValueError("a rolling window re-positions the sink's keys: pass shift_keys")
+        # a rolling window also keeps, per in-flight block, the sink's keys re-positioned ("anchors")
+        anchors = layout.sink * layout.max_in_flight if layout.rolling else 0
+        tokens = (layout.capacity_frames + anchors) * layout.tokens_per_frame
         self.k = torch.zeros(layers, tokens, heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         if keep_external:  # [in-flight slot, layer, 1, heads, block tokens, (head_dim)]
@@ -168,7 +188,7 @@ class KVPool:
         if lay.sink + new_end - self.base <= lay.capacity_frames:
             return
         oldest_end = lay.grid.end(oldest_block)
-        keep_from = max(lay.sink, oldest_end - (lay.window - lay.sink))
+        keep_from = max(lay.sink, oldest_end - (lay.window if lay.rolling else lay.window - lay.sink))
         if lay.sink + new_end - keep_from > lay.capacity_frames:
             raise RuntimeError("KV pool too small for the blocks in flight")
         if self.sink_ema and min(keep_from, self.stored_end) > self.base:
@@ -200,7 +220,8 @@ class KVPool:
 
     # ---- attention --------------------------------------------------------------------------------
     def attention(self, blocks: list[int], hi_frames: list[int], modes: list[str] | None = None,
-                  local: Sequence[int] | None = None, exchange: "Exchange | None" = None) -> "PoolAttention":
+                  local: Sequence[int] | None = None, exchange: "Exchange | None" = None,
+                  clean: Sequence[bool] | None = None) -> "PoolAttention":
         """Self-attention context for a forward of segments ``blocks`` (one block each).
 
         hi_frames[i]: end of the run of frames segment i sees (its own end for causal attention and
@@ -208,17 +229,25 @@ class KVPool:
         modes[i]: how segment i attends (FULL, SPLIT, STORE, REUSE; default FULL).
         local: indices of the segments this process computes (default: all); the forward's q/k/v hold
         only those, in this order. exchange: brings the other segments' K/V (required when some
-        segments are not local).
+        segments are not local). clean[i]: segment i is a clean pass (default: none is).
         """
-        grid = self.layout.grid
+        lay, grid = self.layout, self.layout.grid
+        clean = clean or [False] * len(blocks)
         writes = [self.token_range(grid.start(b), grid.end(b)) for b in blocks]
         self.stored_end = max(self.stored_end, max(grid.end(b) for b in blocks))
-        reads = [[self.token_range(lo, hi) for lo, hi in self.layout.visible_frames(grid.end(b), hi)]
-                 for b, hi in zip(blocks, hi_frames)]
+        reads, anchors = [], {}  # anchors: re-positioning (frames) -> first token of its copy of the sink
+        sink_span = (0, lay.sink * lay.tokens_per_frame)
+        for b, hi, c in zip(blocks, hi_frames, clean):
+            spans = [self.token_range(lo, top) for lo, top in lay.visible_frames(grid.end(b), hi, c)]
+            shift = lay.anchor_shift(grid.end(b), hi, c)
+            if shift:  # the sink's keys, re-positioned, in an anchor region after the pool's slots
+                at = anchors.setdefault(shift, (lay.capacity_frames + lay.sink * len(anchors)) * lay.tokens_per_frame)
+                spans = [(at, at + sink_span[1]) if s == sink_span else s for s in spans]
+            reads.append(spans)
         modes = modes or [FULL] * len(blocks)
-        slots = [b % self.layout.max_in_flight for b in blocks]
-        return PoolAttention(self, writes, reads, modes, slots, local, exchange)
-
+        slots = [b % lay.max_in_flight for b in blocks]
+        return PoolAttention(self, writes, reads, modes, slots, local, exchange,
+                             anchors=[(at, shift) for shift, at in anchors.items()])
 
     def recache_attention(self, end: int) -> "tuple[int, PoolAttention] | None":
         """Context of a re-cache forward over the committed frames a block starting at frame ``end``

@@ -32,9 +32,10 @@ def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks
     fpb = cfg.frames_per_block
     frames = cfg.grid.total(blocks)
     layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=frames,
-                        window=cfg.window, sink=cfg.sink, max_in_flight=cfg.parallel)
+                        window=cfg.window, sink=cfg.sink, max_in_flight=cfg.parallel, rolling=cfg.rolling_window)
     elem = 4 if dtype == torch.float32 else 2
-    kv = 2 * c.num_layers * layout.capacity_frames * tpf * c.dim * elem
+    anchors = cfg.sink * cfg.parallel if cfg.rolling_window else 0  # re-positioned copies of the sink
+    kv = 2 * c.num_layers * (layout.capacity_frames + anchors) * tpf * c.dim * elem
     tokens = cfg.parallel * fpb * tpf
     share = -(-cfg.parallel // ranks) * fpb * tpf  # tokens of the largest share of the blocks in flight
     activations = share * (c.ffn_dim + 8 * c.dim) * elem * 2

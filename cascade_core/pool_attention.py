@@ -80,8 +80,9 @@ class PoolAttention:
     """
 
     def __init__(self, pool: KVPool, writes, reads, modes, slots, local: Sequence[int] | None = None,
-                 exchange: Exchange | None = None):
+                 exchange: Exchange | None = None, anchors: Sequence[tuple[int, int]] = ()):
         self.pool, self.writes, self.reads, self.modes, self.slots = pool, writes, reads, modes, slots
+        self.anchors = list(anchors)  # (first token, frames): the sink's K/V copied there, keys re-positioned
         self.local = list(range(len(writes))) if local is None else list(local)
         mine = set(self.local)
         self.remote = [w for i, w in enumerate(writes) if i not in mine]  # written by other processes
@@ -109,6 +110,10 @@ class PoolAttention:
             a, b = self.writes[i]
             pk[a:b] = k[j]
             pv[a:b] = v[j]
+        n = pool.layout.sink * pool.layout.tokens_per_frame
+        for at, frames in self.anchors:  # Rolling Forcing's anchor: the sink just before a recent run
+            pk[at:at + n] = pool.shift_keys(pk[:n], frames)
+            pv[at:at + n] = pv[:n]
 
         out = torch.empty_like(q)
         later = []  # segments that also see keys still in flight from other processes

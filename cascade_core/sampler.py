@@ -66,6 +66,9 @@ class CascadeConfig:
     block the window drops is blended into the sink's K/V, sink = a*sink + (1-a)*dropped (see
     :mod:`kv_pool`). Both need parallel 1 without ``fold_clean`` (one block in flight: otherwise the
     pool's slots are no relative positions and the eviction moment differs from the reference).
+    ``rolling_window``: Rolling Forcing's window (denoising steps see the sink re-positioned just before
+    the last window - sink frames up to the newest block in flight; clean passes see the last
+    ``window`` frames: :meth:`kv_pool.PoolLayout.visible_frames`); needs a window.
     :meth:`validate` raises ValueError naming the allowed range."""
 
     steps: tuple[int, ...] = (1000, 750, 500, 250)
@@ -89,6 +92,7 @@ class CascadeConfig:
     switch_mode: str = "none"
     rope_positions: str = "absolute"
     sink_ema: float = 0.0
+    rolling_window: bool = False
 
     @property
     def grid(self) -> BlockGrid:
@@ -109,7 +113,8 @@ class CascadeConfig:
         made them). Raises ValueError; nothing to check without switches or in mode none."""
         if self.switch_mode != "recache" or not switches:
             return
-        why = ("needs parallel 1: at P>1 blocks before the switch are still in flight" if self.parallel > 1 else
+        why = ("is not defined with a rolling window" if self.rolling_window else
+               "needs parallel 1: at P>1 blocks before the switch are still in flight" if self.parallel > 1 else
                "needs the previous block's clean pass done first: turn fold-clean off" if self.fold_clean else
                "runs on one device for now: the committed blocks' latents stay with the devices that made them"
                if devices > 1 else None)
@@ -151,6 +156,9 @@ class CascadeConfig:
             raise ValueError(f"an EMA sink takes whole dropped blocks of the sink's size: it needs a window that "
                              f"ends on a block and sink = frames per block ({self.frames_per_block}), got window "
                              f"{self.window}, sink {self.sink}")
+        if self.rolling_window and (self.window is None or self.rope_positions != "absolute" or self.sink_ema):
+            raise ValueError("a rolling window (Rolling Forcing) needs a window, absolute RoPE positions and no EMA "
+                             "sink")
         mixed = self.grid.first != self.grid.frames
         if mixed and self.attention == "bidirectional" and self.parallel > 1:
             raise ValueError("bidirectional in-flight attention needs blocks of one size: it cannot be combined "
@@ -385,7 +393,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     p = model.cfg.patch_size
     layout = PoolLayout(frames_per_block=grid.frames, tokens_per_frame=(h // p[1]) * (w // p[2]),
                         total_frames=shape[2], window=cfg.window, sink=cfg.sink, max_in_flight=plan.max_in_flight,
-                        first_block_frames=grid.first)
+                        first_block_frames=grid.first, rolling=cfg.rolling_window)
     start = time.perf_counter()
     with torch.inference_mode():
         pool = KVPool(layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
@@ -422,7 +430,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                        for (b, _), c in zip(pairs, clean)]
                 modes = [attention_mode(cfg.flashblock, s, c) for (_, s), c in zip(pairs, clean)]
                 local = [k for k, b in enumerate(gb) if part.owns(b)]
-                context = pool.attention(gb, his, modes, local, part.exchange(gb, local))
+                context = pool.attention(gb, his, modes, local, part.exchange(gb, local), clean)
                 forwards += 1
                 if not local:  # nothing to compute here: only take part in the K/V exchange
                     context.skip(model.cfg.num_layers)

@@ -92,8 +92,11 @@ def cascade_config(family: str, steps: str, parallel: int, attention: str, windo
     """(config, the fields the widgets set) of the config node: the family's settings (auto: read as
     self-forcing here; the sampler reads the model's) under every widget not left to the family
     (steps "auto", shift 0, frames per block 0, window/sink -1, auto choices). Every range is checked."""
-    explicit = {"parallel": int(parallel), "attention": attention, "flashblock": "reuse" if flashblock else "off",
-                "context_noise": float(context_noise)}
+    explicit = {"flashblock": "reuse" if flashblock else "off", "context_noise": float(context_noise)}
+    if int(parallel):
+        explicit["parallel"] = int(parallel)
+    if attention != "auto":
+        explicit["attention"] = attention
     for name, text in (("steps", steps), ("first_block_steps", first_block_steps)):
         if str(text).strip().lower() == "none" and name == "first_block_steps":
             explicit[name] = None  # block 0 takes the step list
@@ -123,8 +126,8 @@ def cascade_config(family: str, steps: str, parallel: int, attention: str, windo
     base = family_config(DEFAULT_FAMILY if family == "auto" else family)
     cfg = dataclasses.replace(base, **explicit)
     steps_now = len(cfg.steps)
-    int_range("parallelism", parallel, 1, steps_now + 1, f" (1 = sequential, {steps_now + 1} = steps + 1 for "
-              f"the {steps_now}-step list)")
+    int_range("parallelism", cfg.parallel, 1, steps_now + 1, f" (1 = sequential, {steps_now + 1} = steps + 1 "
+              f"for the {steps_now}-step list; 0 = the family's)")
     cfg.validate(unlimited_window="0")
     return cfg, tuple(explicit)
 

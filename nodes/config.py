@@ -28,12 +28,14 @@ class BlockCascadeConfig(io.ComfyNode):
                         "here), how many blocks at once (Block Cascading), what in-flight blocks see, the "
                         "attention window, devices and attention kernels.",
             inputs=[
-                io.Int.Input("parallel", default=1, min=1, max=checks.MAX_STEPS + 1,
-                             tooltip="Blocks denoised at once: 1 = sequential (the reference), up to steps + 1 "
-                                     "(one block finishes per model forward)."),
-                io.Combo.Input("attention", options=["causal", "bidirectional"], default="causal",
+                io.Int.Input("parallel", default=0, min=0, max=checks.MAX_STEPS + 1,
+                             tooltip="Blocks denoised at once: 1 = sequential, up to steps + 1 (one block "
+                                     "finishes per model forward); 0 = the family's (1; Rolling Forcing: steps + 1, "
+                                     "its own joint window)."),
+                io.Combo.Input("attention", options=["auto", "causal", "bidirectional"], default="auto",
                                tooltip="What an in-flight block sees of newer in-flight blocks: causal = nothing, "
-                                       "bidirectional = their current noisy keys/values."),
+                                       "bidirectional = their current noisy keys/values; auto = the family's "
+                                       "(causal; Rolling Forcing bidirectional)."),
                 io.Int.Input("window", default=-1, min=-1, max=checks.MAX_LATENT_FRAMES,
                              tooltip="Latent frames attended, sink and own block included (LongLive: 12); "
                                      "0 = unlimited, -1 = the family's."),

@@ -135,12 +135,12 @@ def test_an_unlimited_window_drops_the_familys_sink_and_none_its_block0_schedule
 def test_a_refused_family_read_off_the_path_says_so_and_how_to_run_it(tmp_path, capsys):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    path = str(folder / "rolling_forcing_dmd.safetensors")
+    path = str(folder / "krea-realtime-video-14b.safetensors")
     save_safetensors(tiny_models().tiny_dit_state_dict(), path)
     assert main(["generate", *SMALL, "--checkpoint", path]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "the checkpoint path" in err and "names it" in err, err
-    assert "rolling-forcing is not supported yet" in err and "pass --family with another family" in err
+    assert "krea-realtime is not supported yet" in err and "pass --family with another family" in err
     assert main(["generate", *SMALL, "--checkpoint", path, "--family", "self-forcing"]) == 0
 
 
@@ -199,7 +199,6 @@ def test_prompt_switches_from_files_and_their_modes(tmp_path, capsys):
     (["--switch", "1:a cat"], "--switch BLOCK:TEXT needs --text-encoder"),
     (["--switch-mode", "recache"], "needs a --switch"),
     (["--family", "longlive", "--window", "0", "--sink", "3"], "a sink (3 frames) is kept only inside a local window"),
-    (["--family", "rolling-forcing"], "family rolling-forcing is not supported yet: the engine does not reproduce"),
     (["--family", "krea-realtime"], "pass --family with another family (e.g. self-forcing) and your own settings"),
     (["--family", "reward-forcing", "--parallel", "2"], "need one block in flight"),
     (["--family", "reward-forcing", "--window", "10"], "a window that ends on a block"),
@@ -220,3 +219,10 @@ def test_a_recache_on_several_devices_is_refused_before_the_workers_start(capsys
     assert main(["generate", *small, "--switch", "1:a cat", "--family", "longlive", "--devices", "cpu,cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "runs on one device for now" in err, err
+
+
+def test_rolling_forcing_from_the_cli_runs_its_joint_window(capsys):
+    assert main(["generate", *SMALL, "--blocks", "7", "--family", "rolling-forcing"]) == 0
+    s = _summary(capsys)
+    assert s["parallel"] == 6 and s["settings"]["rolling_window"] and s["settings"]["attention"] == "bidirectional"
+    assert s["forwards"] == 7 + 5  # one forward a tick: blocks + steps

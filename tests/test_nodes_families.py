@@ -135,13 +135,13 @@ def test_one_switch_mode_a_schedule_and_an_unlimited_window_without_the_familys_
 
 
 def test_a_refused_family_read_off_the_file_name_says_what_to_do(prompt):
-    model = loaded_as("rolling_forcing_dmd.safetensors")
+    model = loaded_as("krea-realtime-video-14b.safetensors")
     (settings,) = run("BlockCascadeConfig", **AUTO)
     with pytest.raises(ValueError) as err:
         with Recorder():
             run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=2, seed=1,
                 positive=prompt)
-    assert "the model's file name says family rolling-forcing is not supported yet" in str(err.value)
+    assert "the model's file name says family krea-realtime is not supported yet" in str(err.value)
     assert "set the Config node's family" in str(err.value)
 
 
@@ -157,3 +157,15 @@ def test_bad_family_settings_are_one_clear_line(widgets, message):
     with pytest.raises(ValueError) as err:
         run("BlockCascadeConfig", **{**AUTO, **widgets})
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_rolling_forcing_from_the_config_node_runs_its_joint_window(prompt):
+    model = loaded_as("rolling_forcing_dmd.safetensors")
+    (settings,) = run("BlockCascadeConfig", **{**AUTO, "parallel": 0, "attention": "auto"})
+    with Recorder() as rec:
+        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=7, seed=4,
+                        positive=prompt)
+    ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), family_config("rolling-forcing"), blocks=7,
+                   width=W, height=H, seed=4)
+    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    assert "P6 bidirectional" in rec.events("start")[0][1]["settings"]
