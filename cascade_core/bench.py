@@ -19,7 +19,8 @@ from . import attention
 from .fp8 import quantize_layers
 from .frames import FrameStream, video_frames
 from .model import WanConfig, WanModel
-from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule, generate
+from .config import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule
+from .sampler import generate
 from .vae import WanVAEDecoder
 
 SIZES = {

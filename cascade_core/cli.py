@@ -24,7 +24,7 @@ from .cli_checks import UsageError, seed_value
 from .model import WanConfig, WanModel
 from .safe_io import CheckpointError, read_tensor_file
 from .families import FAMILIES
-from .sampler import ATTENTION_MODES, FLASHBLOCK_MODES, SWITCH_MODES
+from .config import ATTENTION_MODES, FLASHBLOCK_MODES, SWITCH_MODES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BUILTIN = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2)  # untrained demo model

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from cascade_core import attention as attention_backends
 from cascade_core.families import FAMILIES
-from cascade_core.sampler import SWITCH_MODES
+from cascade_core.config import SWITCH_MODES
 
 from . import checks
 from . import devices as device_list

@@ -1,0 +1,174 @@
+"""How a video is sampled (:class:`CascadeConfig`) and which prompt each block takes
+(:class:`PromptSchedule`): the settings of a run and their checks, apart from the run loop
+(:mod:`sampler`), which re-exports them.
+
+Guarantees: :meth:`CascadeConfig.validate` and :meth:`PromptSchedule.validate` raise ValueError naming
+the allowed range for anything out of range, and :meth:`CascadeConfig.check_switches` refuses a KV
+re-cache where it is not defined, before any model work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_pool import check_window
+from .schedule import BlockGrid, FlowSchedule
+
+ATTENTION_MODES = ("causal", "bidirectional")
+FLASHBLOCK_MODES = ("off", "exact", "reuse")
+# What a prompt switch at block s does: "none" (Block Cascading: blocks pick up the new prompt at their
+# next step, no extra forward); "recache" (LongLive: before block s, the committed frames it will see
+# are run once more under the new prompt, one extra forward, rewriting their K/V).
+SWITCH_MODES = ("none", "recache")
+# Keys' RoPE frame positions: "absolute" (the frame index) or "slots" (the KV pool slot: Reward Forcing's
+# positions relative to the keys attended, [sink | recent frames] at 0..F-1, the block at the last ones)
+ROPE_POSITIONS = ("absolute", "slots")
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """How a video is sampled. ``steps``: denoising timesteps on the 0..1000 scale, strictly
+    decreasing; ``shift``: flow-matching shift; ``warp``: read the step list through the shifted
+    sigma table (Self-Forcing, LongLive) or use it as the timesteps themselves (CausVid);
+    ``first_block_steps``: block 0's own step list (None: ``steps``); ``frames_per_block``: latent
+    frames per block (3 chunk-wise, 1 frame-wise); ``independent_first_frame``: block 0 is one latent
+    frame, later blocks ``frames_per_block``; ``context_noise``: timestep of the clean pass (0..1000);
+    ``parallel``: blocks in flight, 1..len(steps)+1; ``window``/``sink``: in latent frames;
+    ``switch_mode``: what a prompt switch does (see :data:`SWITCH_MODES`); ``rope_positions``: see
+    :data:`ROPE_POSITIONS`; ``sink_ema``: the EMA sink's weight a (0 = off; Reward Forcing 0.999): each
+    block the window drops is blended into the sink's K/V, sink = a*sink + (1-a)*dropped (see
+    :mod:`kv_pool`). Both need parallel 1 without ``fold_clean`` (one block in flight: otherwise the
+    pool's slots are no relative positions and the eviction moment differs from the reference).
+    ``rolling_window``: Rolling Forcing's window (denoising steps see the sink re-positioned just before
+    the last window - sink frames up to the newest block in flight; clean passes see the last
+    ``window`` frames: :meth:`kv_pool.PoolLayout.visible_frames`); needs a window.
+    :meth:`validate` raises ValueError naming the allowed range."""
+
+    steps: tuple[int, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+    warp: bool = True
+    frames_per_block: int = 3
+    context_noise: float = 0.0
+    parallel: int = 1
+    attention: str = "causal"  # in-flight visibility: causal or bidirectional
+    window: int | None = None  # latent frames attended (sink and own block included); None = all
+    sink: int = 0  # latent frames at the start that the window never drops
+    # FlashBlock: "reuse" computes a block's attention to keys outside it at its first step and reuses
+    # it (merged by log-sum-exp with fresh in-block attention) at its later steps; clean passes stay
+    # exact. "exact" splits and merges at every step (equal to "off"; for tests).
+    flashblock: str = "off"
+    # P1 only: run a block's clean pass in the same forward as the next block's first step (the same
+    # result up to float rounding, one forward fewer per block); see CascadeSchedule
+    fold_clean: bool = False
+    first_block_steps: tuple[int, ...] | None = None
+    independent_first_frame: bool = False
+    switch_mode: str = "none"
+    rope_positions: str = "absolute"
+    sink_ema: float = 0.0
+    rolling_window: bool = False
+
+    @property
+    def grid(self) -> BlockGrid:
+        """Which latent frames each block holds."""
+        return BlockGrid(self.frames_per_block, 1 if self.independent_first_frame else self.frames_per_block)
+
+    def flows(self) -> tuple[FlowSchedule, FlowSchedule]:
+        """(block 0's noise levels, every later block's); raises ValueError for a bad step list."""
+        flow = FlowSchedule(self.steps, self.shift, self.warp)
+        first = flow if self.first_block_steps is None else FlowSchedule(self.first_block_steps, self.shift, self.warp)
+        return first, flow
+
+    def check_switches(self, switches: int, devices: int = 1) -> None:
+        """Refuse a KV re-cache (switch mode recache) where it is not defined yet, given the run's number
+        of prompt switches and devices: it needs parallel 1 (at P>1 blocks before the switch are
+        still in flight and would see the re-cached keys), fold-clean off (the previous block's clean
+        pass must be done first) and one device (the committed latents stay with the devices that
+        made them). Raises ValueError; nothing to check without switches or in mode none."""
+        if self.switch_mode != "recache" or not switches:
+            return
+        why = ("is not defined with a rolling window" if self.rolling_window else
+               "needs parallel 1: at P>1 blocks before the switch are still in flight" if self.parallel > 1 else
+               "needs the previous block's clean pass done first: turn fold-clean off" if self.fold_clean else
+               "runs on one device for now: the committed blocks' latents stay with the devices that made them"
+               if devices > 1 else None)
+        if why:
+            raise ValueError(f"a KV re-cache at a prompt switch (switch mode recache) {why}; or use switch mode none")
+
+    def validate(self, unlimited_window: str | None = None) -> None:
+        """Raise ValueError with the allowed range for anything out of range. ``unlimited_window``:
+        how the caller spells "no window" (see :func:`kv_pool.check_window`)."""
+        try:
+            self.flows()
+        except ValueError as exc:
+            if self.first_block_steps is None:
+                raise
+            raise ValueError(f"step list {list(self.steps)} / first-block steps {list(self.first_block_steps)}: "
+                             f"{exc}") from None
+        if self.frames_per_block < 1:
+            raise ValueError(f"frames per block must be >= 1, got {self.frames_per_block}")
+        if not 1 <= self.parallel <= len(self.steps) + 1:
+            raise ValueError(f"parallelism must lie in 1..{len(self.steps) + 1} (steps + 1), got {self.parallel}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"in-flight attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        check_window(self.window, self.sink, self.frames_per_block, unlimited_window)
+        if self.flashblock not in FLASHBLOCK_MODES:
+            raise ValueError(f"flashblock must be one of {FLASHBLOCK_MODES}, got {self.flashblock!r}")
+        if not 0 <= self.context_noise <= 1000:  # (NaN fails this too)
+            raise ValueError(f"context noise must lie in 0..1000, got {self.context_noise}")
+        if self.switch_mode not in SWITCH_MODES:
+            raise ValueError(f"switch mode must be one of {SWITCH_MODES}, got {self.switch_mode!r}")
+        if self.rope_positions not in ROPE_POSITIONS:
+            raise ValueError(f"RoPE positions must be one of {ROPE_POSITIONS}, got {self.rope_positions!r}")
+        if not 0 <= self.sink_ema < 1:
+            raise ValueError(f"the EMA sink's weight must lie in [0, 1) (0 = off), got {self.sink_ema}")
+        if (self.rope_positions != "absolute" or self.sink_ema) and (self.parallel > 1 or self.fold_clean):
+            raise ValueError("slot RoPE positions and an EMA sink need one block in flight: parallel 1 "
+                             "without fold_clean")
+        if self.sink_ema and (self.window is None or self.sink != self.frames_per_block
+                              or (self.window - self.grid.first) % self.frames_per_block):
+            raise ValueError(f"an EMA sink takes whole dropped blocks of the sink's size: it needs a window that "
+                             f"ends on a block and sink = frames per block ({self.frames_per_block}), got window "
+                             f"{self.window}, sink {self.sink}")
+        if self.rolling_window and (self.window is None or self.rope_positions != "absolute" or self.sink_ema):
+            raise ValueError("a rolling window (Rolling Forcing) needs a window, absolute RoPE positions and no EMA "
+                             "sink")
+        mixed = self.grid.first != self.grid.frames
+        if mixed and self.attention == "bidirectional" and self.parallel > 1:
+            raise ValueError("bidirectional in-flight attention needs blocks of one size: it cannot be combined "
+                             "with an independent first frame at parallel > 1")
+
+
+@dataclass
+class PromptSchedule:
+    """(start block, prompt embeddings [L, text_dim]) entries; the first must start at block 0.
+
+    :meth:`validate` raises ValueError for an empty schedule, starts that do not increase, a switch
+    beyond the video or embeddings of the wrong width."""
+
+    entries: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def single(cls, embeds: torch.Tensor) -> "PromptSchedule":
+        return cls([(0, embeds)])
+
+    def validate(self, blocks: int, text_dim: int | None = None) -> None:
+        if not self.entries:
+            raise ValueError("the prompt schedule is empty")
+        starts = [s for s, _ in self.entries]
+        if starts[0] != 0:
+            raise ValueError(f"the first prompt must start at block 0, got {starts[0]}")
+        if any(a >= b for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"prompt switches must be at increasing blocks, got {starts}")
+        if starts[-1] >= blocks:
+            raise ValueError(f"a prompt switch at block {starts[-1]} is beyond the video "
+                             f"(blocks 0..{blocks - 1})")
+        for s, e in self.entries:
+            if text_dim is not None and e.shape[-1] != text_dim:
+                raise ValueError(f"the prompt at block {s} has width {e.shape[-1]}; the model "
+                                 f"expects {text_dim} (umt5-xxl embeddings)")
+            if not bool(torch.isfinite(e).all()):
+                raise ValueError(f"the prompt at block {s} holds NaN or infinite values")
+
+    def index_for(self, block: int) -> int:
+        return max(i for i, (s, _) in enumerate(self.entries) if s <= block)
