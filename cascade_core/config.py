@@ -129,7 +129,13 @@ class CascadeConfig:
                               or (self.window - self.grid.first) % self.frames_per_block):
             raise ValueError(f"an EMA sink takes whole dropped blocks of the sink's size: it needs a window that "
                              f"ends on a block and sink = frames per block ({self.frames_per_block}), got window "
-                             f"{self.window}, sink {self.sink}")
+                             f"{'unlimited' if self.window is None else self.window}, sink {self.sink}")
+        in_flight = min(self.parallel, len(self.steps)) * self.frames_per_block  # frames denoised together
+        if self.rolling_window and self.window is not None and self.attention == "bidirectional" \
+                and self.window - self.sink < in_flight:
+            raise ValueError(f"a rolling window with bidirectional in-flight attention must hold every block being "
+                             f"denoised: window - sink >= {in_flight} latent frames ({min(self.parallel, len(self.steps))} "
+                             f"blocks of {self.frames_per_block}), got window {self.window}, sink {self.sink}")
         if self.rolling_window and (self.window is None or self.rope_positions != "absolute" or self.sink_ema):
             raise ValueError("a rolling window (Rolling Forcing) needs a window, absolute RoPE positions and no EMA "
                              "sink")

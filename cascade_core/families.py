@@ -89,8 +89,10 @@ class Unsupported(ValueError):
 
 def family_config(name: str | None, **overrides) -> CascadeConfig:
     """A :class:`CascadeConfig` with the family's settings, then ``overrides`` (explicit settings win;
-    None values are ignored). Raises ValueError for an unknown family, :class:`Unsupported` for one
-    the engine cannot yet reproduce (naming what is missing)."""
+    None values are ignored). A family whose own sampler denoises every step of a window at once
+    (a rolling window: Rolling Forcing) keeps parallel = steps + 1 for another step list unless
+    parallel is given. Raises ValueError for an unknown family, :class:`Unsupported` for one the
+    engine cannot yet reproduce (naming what is missing)."""
     family = get_family(name or DEFAULT_FAMILY)
     if family.missing:
         raise Unsupported(f"family {family.name} is not supported yet: the engine does not reproduce "
@@ -99,7 +101,10 @@ def family_config(name: str | None, **overrides) -> CascadeConfig:
     unknown = set(overrides) - fields
     if unknown:
         raise TypeError(f"not a sampling setting: {', '.join(sorted(unknown))}")
-    return CascadeConfig(**{**family.settings, **{k: v for k, v in overrides.items() if v is not None}})
+    settings = {**family.settings, **{k: v for k, v in overrides.items() if v is not None}}
+    if family.settings.get("rolling_window") and overrides.get("parallel") is None:
+        settings["parallel"] = len(settings.get("steps", CascadeConfig.steps)) + 1
+    return CascadeConfig(**settings)
 
 
 def describe(cfg: CascadeConfig) -> dict:

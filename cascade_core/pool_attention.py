@@ -89,6 +89,11 @@ class PoolAttention:
         if self.remote and exchange is None:
             raise ValueError("segments computed elsewhere need an exchange that brings their K/V")
         self.exchange = exchange
+        # keys final only once the exchange is done: other processes' segments, and the anchors too
+        # when one of those segments writes the sink (its block still in flight elsewhere)
+        n = pool.layout.sink * pool.layout.tokens_per_frame
+        self.anchors_late = bool(self.anchors) and any(a < n for a, _ in self.remote)
+        self.late = self.remote + ([(at, at + n) for at, _ in self.anchors] if self.anchors_late else [])
 
     def _keys(self, layer: int, a: int, b: int):  # pool span -> [1, heads, b-a, hd] views
         return (self.pool.k[layer, a:b].unsqueeze(0).transpose(1, 2),
@@ -110,25 +115,33 @@ class PoolAttention:
             a, b = self.writes[i]
             pk[a:b] = k[j]
             pv[a:b] = v[j]
-        n = pool.layout.sink * pool.layout.tokens_per_frame
-        for at, frames in self.anchors:  # Rolling Forcing's anchor: the sink just before a recent run
-            pk[at:at + n] = pool.shift_keys(pk[:n], frames)
-            pv[at:at + n] = pv[:n]
+        if not self.anchors_late:
+            self._fill_anchors(layer)
 
         out = torch.empty_like(q)
         later = []  # segments that also see keys still in flight from other processes
         for j, i in enumerate(self.local):
             qi = q[j].unsqueeze(0).transpose(1, 2)  # [1, heads, L, hd]
-            waiting = _within(self.reads[i], self.remote) if self.modes[i] != REUSE else []
+            waiting = _within(self.reads[i], self.late) if self.modes[i] != REUSE else []
             if waiting:
                 later.append((j, i, qi, waiting, self._ready_part(layer, i, qi)))
             else:
                 out[j] = self._attend(layer, i, qi)[0].transpose(0, 1)
         if pending is not None:
             self._receive(layer, pending)
+        if self.anchors_late:
+            self._fill_anchors(layer)
         for j, i, qi, waiting, ready in later:
             out[j] = self._finish(layer, i, qi, waiting, ready)[0].transpose(0, 1)
         return out
+
+    def _fill_anchors(self, layer: int) -> None:
+        """Rolling Forcing's anchors: the sink's K (re-positioned) and V copied after the slots."""
+        pool = self.pool
+        pk, pv, n = pool.k[layer], pool.v[layer], pool.layout.sink * pool.layout.tokens_per_frame
+        for at, frames in self.anchors:
+            pk[at:at + n] = pool.shift_keys(pk[:n], frames)
+            pv[at:at + n] = pv[:n]
 
     def _attend(self, layer: int, i: int, qi: torch.Tensor) -> torch.Tensor:
         """Segment i over its visible spans, every key already in the pool (the single-process path)."""
@@ -163,9 +176,9 @@ class PoolAttention:
         ([pieces outside the block], the in-block piece or None for FULL)."""
         keys = lambda a, b: self._keys(layer, a, b)  # noqa: E731
         if self.modes[i] == FULL:
-            return [attend_lse(qi, *keys(a, b)) for a, b in _minus(self.reads[i], self.remote)], None
+            return [attend_lse(qi, *keys(a, b)) for a, b in _minus(self.reads[i], self.late)], None
         own = self.writes[i]
-        ext_spans = _minus(_without(self.reads[i], own), self.remote)
+        ext_spans = _minus(_without(self.reads[i], own), self.late)
         return [attend_lse(qi, *keys(a, b)) for a, b in ext_spans], attend_lse(qi, *keys(*own))
 
     def _finish(self, layer: int, i: int, qi: torch.Tensor, waiting, ready) -> torch.Tensor:

@@ -123,12 +123,16 @@ def cascade_config(family: str, steps: str, parallel: int, attention: str, windo
         explicit["sink"] = 0
     if not 0.0 <= float(context_noise) <= 1000.0:
         raise ValueError(f"context noise must lie in 0..1000 (the clean pass's timestep), got {context_noise}")
-    base = family_config(DEFAULT_FAMILY if family == "auto" else family)
-    cfg = dataclasses.replace(base, **explicit)
+    cfg = dataclasses.replace(family_config(DEFAULT_FAMILY if family == "auto" else family, **explicit), **explicit)
     steps_now = len(cfg.steps)
-    int_range("parallelism", cfg.parallel, 1, steps_now + 1, f" (1 = sequential, {steps_now + 1} = steps + 1 "
-              f"for the {steps_now}-step list; 0 = the family's)")
-    cfg.validate(unlimited_window="0")
+    auto = " (family auto is checked as self-forcing until the model is known: choose the family here)" \
+        if family == "auto" else ""
+    try:
+        int_range("parallelism", cfg.parallel, 1, steps_now + 1, f" (1 = sequential, {steps_now + 1} = steps + 1 "
+                  f"for the {steps_now}-step list; 0 = the family's)")
+        cfg.validate(unlimited_window="0")
+    except ValueError as exc:
+        raise ValueError(f"{exc}{auto}") from None
     return cfg, tuple(explicit)
 
 

@@ -69,12 +69,12 @@ class Settings:
         if self.explicit is None:
             cfg = self.cascade
         else:
-            try:
-                base = family_config(family)
+            given = {f: getattr(self.cascade, f) for f in self.explicit}
+            try:  # (None values: an unlimited window or no block-0 schedule, set after the family's)
+                cfg = dataclasses.replace(family_config(family, **given), **given)
             except Unsupported as exc:  # only a family read off the model's file name gets here
                 raise ValueError(f"the model's file name says {exc}; to run it approximately, set the Config "
                                  f"node's family to another one (e.g. self-forcing) and your own settings") from None
-            cfg = dataclasses.replace(base, **{f: getattr(self.cascade, f) for f in self.explicit})
         if switch_mode != "auto":
             cfg = dataclasses.replace(cfg, switch_mode=switch_mode)
         cfg.validate(unlimited_window="0")

@@ -550,3 +550,16 @@ def test_a_recache_switch_is_refused_on_several_devices(model, prompt, pool2):
     prompts = PromptSchedule([(0, prompt), (2, other)])
     with pytest.raises(ValueError, match=r"re-cache at a prompt switch \(switch mode recache\) runs on one device"):
         pool2.generate(model, prompts, CascadeConfig(frames_per_block=2, switch_mode="recache"), blocks=4, **RUN)
+
+
+@pytest.mark.parametrize("cfg", [
+    CascadeConfig(frames_per_block=2, parallel=4, window=4, sink=2, rolling_window=True),
+    CascadeConfig(frames_per_block=2, parallel=5, attention="bidirectional", window=11, sink=1, rolling_window=True),
+    CascadeConfig(frames_per_block=2, parallel=3, flashblock="exact", window=5, sink=1, rolling_window=True),
+], ids=["causal", "bidirectional", "exact"])
+def test_a_rolling_window_equals_one_process_while_its_sink_is_in_flight_elsewhere(model, prompt, pool2, cfg):
+    """Rolling Forcing's anchor (the sink's keys re-positioned) is filled once the sink's own block,
+    still in flight on another rank, has arrived."""
+    ref = single(model, PromptSchedule.single(prompt), cfg, 5)
+    res = pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=5, **RUN)
+    assert (res.latents - ref.latents).abs().max() <= TOL

@@ -126,3 +126,15 @@ def test_the_loop_separates_the_rolling_window_from_a_plain_one(model, prompt, o
     assert (a - b).abs().max() > 100 * TOLERANCE
     # blocks 0-2 finish before the keys (up to the newest block's end) reach past 21 frames
     assert torch.equal(a[:, :, :9], b[:, :, :9])
+
+
+def test_a_rolling_window_too_small_for_the_blocks_denoised_together_is_refused():
+    with pytest.raises(ValueError, match="must hold every block being denoised: window - sink >= 15"):
+        family_config("rolling-forcing", window=12).validate()
+    family_config("rolling-forcing", window=12, attention="causal").validate()  # each block sees itself
+
+
+def test_a_rolling_family_with_another_step_list_denoises_all_its_steps_together():
+    assert family_config("rolling-forcing", steps=(1000, 900, 800, 600, 400, 200)).parallel == 7
+    assert family_config("causal-forcing-longvideo", steps=(1000, 500)).parallel == 3
+    assert family_config("rolling-forcing", steps=(1000, 500), parallel=2).parallel == 2  # unless given
