@@ -48,3 +48,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def attention_backend_back_to_auto():
+    """A run (a node, the CLI) sets the process's attention backend for what follows; every test starts
+    and ends on torch's own dispatch, so no test depends on the order the suite runs in."""
+    from cascade_core import attention
+
+    attention.set_backend("auto")
+    yield
+    attention.set_backend("auto")
