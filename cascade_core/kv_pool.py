@@ -33,6 +33,9 @@ at the last positions; a move down by d slots re-rotates the moved keys by -d fr
 EMA sink (``sink_ema`` = a > 0): when an eviction drops a span of the sink's size, the sink's K and V
 become a*sink + (1-a)*dropped (K compared at the sink's positions: the dropped keys are re-rotated
 first), before the forward that needed the room attends.
+A context prefix (``prefix_frames`` = F) is frames [0, F) of the video, written by one forward before
+block 0 (:meth:`KVPool.span_attention`) and held like any other frames: the sink may hold them and the
+window drops them as it drops any frame.
 With ``keep_external`` the pool also holds, per in-flight block and layer, the attention output and
 log-sum-exp of its queries over the keys outside the block (FlashBlock reuse).
 Attention over the pool (the segments of a forward, FlashBlock, several processes): :mod:`pool_attention`.
@@ -80,20 +83,22 @@ class PoolLayout:
     max_in_flight: int = 1
     first_block_frames: int | None = None  # block 0's frames (1: an independent first frame); None: the same
     rolling: bool = False  # Rolling Forcing's window (see visible_frames)
+    prefix_frames: int = 0  # a context prefix: frames [0, prefix_frames) before block 0, written at once
 
     def __post_init__(self):
         check_window(self.window, self.sink, self.frames_per_block)
 
     @property
     def grid(self) -> BlockGrid:
-        return BlockGrid(self.frames_per_block, self.first_block_frames or self.frames_per_block)
+        return BlockGrid(self.frames_per_block, self.first_block_frames or self.frames_per_block, self.prefix_frames)
 
     @property
     def capacity_frames(self) -> int:
         if self.window is None:
             return self.total_frames
         rolling_clean = self.sink if self.rolling else 0  # a clean pass's window reaches past the sink
-        return min(self.total_frames, self.window + rolling_clean + (self.max_in_flight - 1) * self.frames_per_block)
+        blocks = self.window + rolling_clean + (self.max_in_flight - 1) * self.frames_per_block
+        return min(self.total_frames, max(blocks, self.prefix_frames))  # a prefix's one forward holds it whole
 
     def visible_frames(self, end: int, hi: int, clean: bool = False) -> list[tuple[int, int]]:
         """Frame ranges [lo, hi) seen by the queries of a block ending at frame ``end`` when the visible
@@ -248,6 +253,14 @@ class KVPool:
         slots = [b % lay.max_in_flight for b in blocks]
         return PoolAttention(self, writes, reads, modes, slots, local, exchange,
                              anchors=[(at, shift) for shift, at in anchors.items()])
+
+    def span_attention(self, lo: int, hi: int) -> "PoolAttention":
+        """Context of a forward of one segment over frames [lo, hi) that writes their K/V and attends
+        only them, every frame every other (a context prefix's clean pass: ``lo`` = 0). The frames
+        must have slots now (for a prefix: the pool holds at least its frames)."""
+        span = self.token_range(lo, hi)
+        self.stored_end = max(self.stored_end, hi)
+        return PoolAttention(self, [span], [[span]], [FULL], [0])
 
     def recache_attention(self, end: int) -> "tuple[int, PoolAttention] | None":
         """Context of a re-cache forward over the committed frames a block starting at frame ``end``

@@ -16,6 +16,11 @@ Guarantees:
 - A prompt schedule assigns each block the prompt of the last entry starting at or before it; every
   prompt's text K/V is computed once per run, so a switch in mode "none" costs no model forward.
 - The KV pool is allocated once per run (see :mod:`kv_pool`).
+- A context prefix (``prefix``: F clean latent frames, a start image or a video to continue) is frames
+  [0, F) of the video: one clean forward writes their K/V before block 0 (:func:`prefix_pass`), block
+  b then holds frames F + its place in the grid (RoPE positions are these absolute indices), and the
+  sink and window treat prefix frames as any frames. Block indices (``on_block``, the noise, prompt
+  switches) count generated blocks only, from 0.
 - One loop for one process and for each rank of several (:mod:`distributed`): a :class:`Partition`
   says which segments of a tick this process computes, how the other segments' K/V of each layer
   arrive, where finished blocks are reported, and whether the processes agree to stop. The default
@@ -63,12 +68,22 @@ class BlockEvent:
 
 @dataclass
 class Result:
-    latents: torch.Tensor  # [1, 16, T, h, w]
+    latents: torch.Tensor  # [1, 16, prefix_frames + T, h, w]: T generated frames after the prefix kept
     blocks: int
     ticks: int
     forwards: int
     seconds: float
     first_block_seconds: float
+    prefix_frames: int = 0  # frames of the context prefix at the start of ``latents`` (0: none or left out)
+
+    @classmethod
+    def of_run(cls, out: torch.Tensor, prefix_frames: int, include_prefix: bool, *stats) -> "Result":
+        """The result of a run whose latents ``out`` [1, 16, F + T, h, w] start with a context prefix of
+        F = ``prefix_frames`` frames, kept or left out (``include_prefix``); ``stats``: blocks, ticks,
+        forwards, seconds, first_block_seconds."""
+        if include_prefix or not prefix_frames:
+            return cls(out, *stats, prefix_frames)
+        return cls(out[:, :, prefix_frames:], *stats, 0)
 
 
 def latent_size(width: int, height: int, patch: Sequence[int] = (1, 2, 2)) -> tuple[int, int]:
@@ -149,7 +164,8 @@ class Partition:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """A checked run: block sizes, noise levels, tick plan and the latents' shape [1, 16, T, h, w]."""
+    """A checked run: block sizes (``grid.offset``: the context prefix's frames), noise levels, tick
+    plan and the shape [1, 16, F + T, h, w] of the latents, prefix included."""
 
     grid: BlockGrid
     first_flow: FlowSchedule
@@ -160,23 +176,52 @@ class RunPlan:
     def flow_of(self, block: int) -> FlowSchedule:
         return self.first_flow if block == 0 else self.flow
 
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """The initial noise's shape [1, 16, T, h, w]: the generated frames only."""
+        return (*self.shape[:2], self.shape[2] - self.grid.offset, *self.shape[3:])
+
+
+def check_prefix(prefix: torch.Tensor | None, cfg: CascadeConfig, h: int, w: int) -> int:
+    """The frames F of a context prefix of clean latents [1, 16, F, h, w] (0 without one).
+
+    Raises ValueError for anything but a tensor of that shape with F >= 1, for NaN or infinite values,
+    and where a prefix is not defined yet: with a rolling window (its clean passes' own window and
+    the re-positioned sink), slot RoPE positions or an EMA sink (Reward Forcing's positions and blend
+    are defined for blocks only)."""
+    if prefix is None:
+        return 0
+    why = ("a rolling window" if cfg.rolling_window else "slot RoPE positions" if cfg.rope_positions != "absolute"
+           else "an EMA sink" if cfg.sink_ema else None)
+    if why:
+        raise ValueError(f"a context prefix is not defined with {why}; run without the prefix or without {why}")
+    shape = list(prefix.shape) if isinstance(prefix, torch.Tensor) else None
+    if shape is None or len(shape) != 5 or shape[:2] != [1, LATENT_CHANNELS] or shape[3:] != [h, w] or shape[2] < 1:
+        raise ValueError(f"the prefix must be clean latents [1, {LATENT_CHANNELS}, F, {h}, {w}] with F >= 1 frames, "
+                         f"got {shape if shape is not None else type(prefix).__name__}")
+    if not bool(torch.isfinite(prefix).all()):
+        raise ValueError("the prefix holds NaN or infinite values")
+    return shape[2]
+
 
 def plan_run(model_cfg: WanConfig, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int, width: int,
-             height: int, noise: torch.Tensor | None = None) -> RunPlan:
+             height: int, noise: torch.Tensor | None = None, prefix: torch.Tensor | None = None) -> RunPlan:
     """Every check of a run's arguments, before any model work (one place for one process and for
-    several). Raises ValueError for a bad config, size, prompt schedule or initial noise."""
+    several). Raises ValueError for a bad config, size, prompt schedule, initial noise or context
+    prefix (:func:`check_prefix`)."""
     cfg.validate()
     first, flow = cfg.flows()
     schedule = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first))
     prompts.validate(blocks, model_cfg.text_dim)
     cfg.check_switches(len(prompts.entries) - 1)
     h, w = latent_size(width, height, model_cfg.patch_size)
-    shape = (1, LATENT_CHANNELS, cfg.grid.total(blocks), h, w)
-    if noise is not None and tuple(noise.shape) != shape:
-        raise ValueError(f"the initial noise must be {list(shape)}, got {list(noise.shape)}")
+    grid = BlockGrid(cfg.grid.frames, cfg.grid.first, check_prefix(prefix, cfg, h, w))
+    run = RunPlan(grid, first, flow, schedule, (1, LATENT_CHANNELS, grid.total(blocks), h, w))
+    if noise is not None and tuple(noise.shape) != run.noise_shape:
+        raise ValueError(f"the initial noise must be {list(run.noise_shape)}, got {list(noise.shape)}")
     if noise is not None and not bool(torch.isfinite(noise).all()):
         raise ValueError("the initial noise holds NaN or infinite values")
-    return RunPlan(cfg.grid, first, flow, schedule, shape)
+    return run
 
 
 def size_groups(blocks: Sequence[int], grid: BlockGrid) -> list[list[int]]:
@@ -193,19 +238,35 @@ def size_groups(blocks: Sequence[int], grid: BlockGrid) -> list[list[int]]:
     return groups
 
 
+def _clean_forward(model: WanModel, pool: KVPool, out: torch.Tensor, lo: int, end: int, prompt,
+                   context_noise: float, context) -> int:
+    """One forward over the clean latents ``out[:, :, lo:end]`` at t = ``context_noise``, RoPE'd from
+    the pool's position of frame ``lo``, writing their K/V through ``context``. Returns 1."""
+    t = torch.full((1, end - lo), float(context_noise), device=out.device)
+    model(out[:, :, lo:end], t, [pool.position(lo)], [prompt], context)
+    return 1
+
+
+def prefix_pass(model: WanModel, pool: KVPool, out: torch.Tensor, frames: int, prompt, context_noise: float) -> int:
+    """A context prefix's clean pass: ONE forward over its clean latents ``out[:, :, :frames]`` at t =
+    ``context_noise``, RoPE positions 0..frames-1, under the run's first prompt, before block 0; its
+    frames attend one another, all of them whatever the window (bidirectional, as a block's frames
+    do), and write their K/V into the pool. For one frame at t = 0 this is core ComfyUI's ARVideoI2V
+    (one clean pass of the start image at position 0); F frames are written as one finished block of
+    F frames would be. Returns the forwards run (1)."""
+    return _clean_forward(model, pool, out, 0, frames, prompt, context_noise, pool.span_attention(0, frames))
+
+
 def _recache(model: WanModel, pool: KVPool, out: torch.Tensor, end: int, prompt, context_noise: float) -> int:
     """LongLive's KV re-cache at a prompt switch: the committed frames before frame ``end`` that the
-    new block will see, run once more at ``context_noise`` under the new prompt (one forward over
-    them together, their own clean latents from ``out``), so their K/V carry it. Returns the forwards
-    run (0 when nothing is committed yet)."""
+    new block will see (a context prefix's frames among them), run once more at ``context_noise``
+    under the new prompt (one forward over them together, their own clean latents from ``out``), so
+    their K/V carry it. Returns the forwards run (0 when nothing is committed yet)."""
     found = pool.recache_attention(end)
     if found is None:
         return 0
     lo, context = found
-    x = out[:, :, lo:end]  # [1, 16, end - lo, h, w]
-    t = torch.full((1, end - lo), float(context_noise), device=out.device)
-    model(x, t, [pool.position(lo)], [prompt], context)
-    return 1
+    return _clean_forward(model, pool, out, lo, end, prompt, context_noise, context)
 
 
 def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int,
@@ -213,31 +274,36 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
              on_tick: Callable[[TickEvent], None] | None = None,
              on_block: Callable[[BlockEvent], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
-             partition: Partition | None = None) -> Result:
+             partition: Partition | None = None, prefix: torch.Tensor | None = None,
+             include_prefix: bool = True) -> Result:
     """Generate ``blocks`` blocks of latent video; see the module docstring for the guarantees.
 
     ``prompts``: embeddings [L, text_dim] per entry; ``width``/``height`` in pixels (multiples of 16);
     ``noise``: the initial noise [1, 16, T, height/8, width/8] with T = ``cfg.grid.total(blocks)``
-    (drawn from ``seed`` when None). Returns a :class:`Result` whose ``latents`` [1, 16, T, h, w] are
-    normalised (DiT-space) latents on the model's device, ``seconds`` the wall time of the loop.
-    Callbacks: ``on_tick`` after every tick, ``on_block`` when a block is final, ``should_stop``
-    before every tick. Raises ValueError for a bad config, size, schedule or noise shape (before any
-    model work) and :class:`Interrupted` when ``should_stop`` says so.
+    (drawn from ``seed`` when None; the generated frames only). ``prefix``: a context prefix of clean
+    normalised latents [1, 16, F, height/8, width/8] (a start image, F = 1, or frames to continue):
+    its K/V are written by :func:`prefix_pass` (counted in ``Result.forwards``) and the ``blocks``
+    blocks come after it. Returns a :class:`Result` whose ``latents`` [1, 16, F + T, h, w] (the prefix
+    left out unless ``include_prefix``; ``Result.prefix_frames`` says) are normalised (DiT-space)
+    latents on the model's device, ``seconds`` the wall time of the loop. Callbacks: ``on_tick``
+    after every tick, ``on_block`` when a block is final, ``should_stop`` before every tick. Raises
+    ValueError for a bad config, size, schedule, noise shape or prefix (before any model work, see
+    :func:`plan_run`) and :class:`Interrupted` when ``should_stop`` says so.
 
     ``partition``: this process's share of the work when several run the same video (used by
     :mod:`distributed`); the default computes everything here.
     """
     part = partition or Partition()
-    run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise)
-    plan, grid, shape = run.schedule, run.grid, run.shape
+    run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix)
+    plan, grid, shape, lead = run.schedule, run.grid, run.shape, run.grid.offset
     device, dtype = model.device, model.dtype
-    noise = initial_noise(seed, shape, device, dtype) if noise is None else to_device(noise, device).to(dtype)
+    noise = initial_noise(seed, run.noise_shape, device, dtype) if noise is None else to_device(noise, device).to(dtype)
 
     h, w = shape[-2:]
     p = model.cfg.patch_size
     layout = PoolLayout(frames_per_block=grid.frames, tokens_per_frame=(h // p[1]) * (w // p[2]),
                         total_frames=shape[2], window=cfg.window, sink=cfg.sink, max_in_flight=plan.max_in_flight,
-                        first_block_frames=grid.first, rolling=cfg.rolling_window)
+                        first_block_frames=grid.first, rolling=cfg.rolling_window, prefix_frames=lead)
     start = time.perf_counter()
     with torch.inference_mode():
         pool = KVPool(layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
@@ -246,10 +312,13 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         text = [model.encode_prompt(e) for _, e in prompts.entries]
         prompt_of = [text[prompts.index_for(b)] for b in range(blocks)]
         out = torch.empty(shape, device=device, dtype=dtype)
+        if lead:  # every process writes the prefix's K/V itself (each keeps a whole KV pool)
+            out[:, :, :lead] = to_device(prefix, device).to(dtype)
         x_t: dict[int, torch.Tensor] = {}  # in-flight blocks: current noisy input (or x0 for the clean pass)
         clean_t = torch.full((max(grid.first, grid.frames),), float(cfg.context_noise), device=device)
         step_t = {id(f): to_device(f.timesteps, device) for f in (run.first_flow, run.flow)}
-        done, forwards, first_block = 0, 0, None
+        done, first_block = 0, None
+        forwards = prefix_pass(model, pool, out, lead, text[0], cfg.context_noise) if lead else 0
         recache_at = {s: i for i, (s, _) in enumerate(prompts.entries) if s and cfg.switch_mode == "recache"}
         ticks = plan.ticks()
         for tick in ticks:
@@ -258,7 +327,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
             blocks_now = [b for b, _ in tick.pairs]
             for b, stage in tick.pairs:
                 if stage == 0 and part.owns(b):
-                    x_t[b] = noise[:, :, grid.start(b):grid.end(b)]
+                    x_t[b] = noise[:, :, grid.start(b) - lead:grid.end(b) - lead]
             entering = blocks_now[-1] if tick.pairs[-1][1] == 0 else None
             if entering in recache_at:  # before the window makes room for the new block
                 forwards += _recache(model, pool, out, grid.start(blocks_now[0]), text[recache_at[entering]],
@@ -311,4 +380,4 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
             if on_tick is not None:
                 on_tick(TickEvent(tick.index, len(ticks), tick.pairs, done, time.perf_counter() - start))
     seconds = time.perf_counter() - start
-    return Result(out, blocks, len(ticks), forwards, seconds, first_block or seconds)
+    return Result.of_run(out, lead, include_prefix, blocks, len(ticks), forwards, seconds, first_block or seconds)

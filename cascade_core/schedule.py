@@ -7,7 +7,8 @@ Guarantees:
   x = (1-sigma')*x0 + sigma'*eps in float32.
 - :class:`BlockGrid` says which latent frames each block holds: every block N frames (3 chunk-wise, 1
   frame-wise), or, with an independent first frame (CausVid, Self-Forcing and Causal Forcing's
-  ``independent_first_frame``), block 0 one frame and every later block N.
+  ``independent_first_frame``), block 0 one frame and every later block N; a context prefix of F
+  clean frames (``offset``) moves every block F frames later (the block count excludes it).
 - :class:`CascadeSchedule` is pure bookkeeping (no tensors): it lists the ticks of a video of n blocks,
   each tick a set of (block, stage) pairs, stage 0..S_b-1 a denoising step of block b and stage S_b
   its clean pass. Every block has S steps except block 0, which may have its own S0 (a first-block
@@ -73,18 +74,23 @@ class BlockGrid:
     """Latent frames of each block: block 0 holds ``first`` frames, every later block ``frames``.
 
     ``first == frames`` is the usual grid; ``first = 1`` is an independent first frame (the block
-    count still counts block 0). Raises ValueError for sizes below 1."""
+    count still counts block 0). ``offset``: frames of the video before block 0 (a context prefix:
+    frames [0, offset), not a block), so block b starts at frame offset + its start in the grid.
+    Raises ValueError for sizes below 1 or a negative offset."""
 
     frames: int
     first: int
+    offset: int = 0
 
     def __post_init__(self):
         if self.frames < 1 or self.first < 1:
             raise ValueError(f"frames per block must be >= 1, got {self.first if self.first < 1 else self.frames}")
+        if self.offset < 0:
+            raise ValueError(f"the frames before block 0 must be >= 0, got {self.offset}")
 
     def start(self, block: int) -> int:
-        """Absolute index of the block's first latent frame."""
-        return 0 if block == 0 else self.first + (block - 1) * self.frames
+        """Absolute index of the block's first latent frame (the prefix's frames counted)."""
+        return self.offset + (0 if block == 0 else self.first + (block - 1) * self.frames)
 
     def end(self, block: int) -> int:
         """One past the block's last latent frame."""
@@ -94,7 +100,7 @@ class BlockGrid:
         return self.first if block == 0 else self.frames
 
     def total(self, blocks: int) -> int:
-        """Latent frames of a video of ``blocks`` blocks."""
+        """Latent frames of a video of ``blocks`` blocks (the prefix's frames included)."""
         return self.start(blocks)
 
 
