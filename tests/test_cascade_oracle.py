@@ -1,6 +1,6 @@
 """The cascade at P>1 against a loop written here from the documented rules (no KV pool, no schedule).
 
-The oracle keeps every block's latest K/V per layer in a dict, lists ticks by the documented entry
+The oracle keeps every frame's latest K/V per layer in a dict, lists ticks by the documented entry
 rule (block 0 enters at tick 0; block b >= 1 at floor(b*(S+1)/P) + max(S0 - S, 1 - floor((S+1)/P)) where
 block 0 has S0 steps and the others S; stage S_b is block b's clean pass), and attends with a plain
 softmax over concatenated keys:
@@ -10,7 +10,13 @@ softmax over concatenated keys:
   and those keys' values are kept; at its later steps the softmax runs over the kept external scores
   concatenated with fresh in-block scores (exactly what a log-sum-exp merge of a stored external part
   computes); clean passes never reuse;
-- the clean pass runs on x0 at t = context_noise.
+- the clean pass runs on x0 at t = context_noise;
+- a local window of W frames with a sink of S: a block ending at frame e sees frames [0, S) and
+  [e - (W - S), hi) with hi its own end or the newest block's end as above (the reference's rolling
+  cache);
+- a context prefix of F clean frames: one forward over them at t = context_noise and positions
+  0..F-1, every prefix frame attending every other, writes their K/V before tick 0; the blocks follow
+  at frame F and see prefix frames as any earlier frames.
 """
 import math
 
@@ -25,39 +31,61 @@ FPB, BLOCKS, SEED = 2, 5, 13
 
 
 def cascade_oracle(model, embeds, parallel, attention="causal", flashblock="off", context_noise=0.0,
-                   steps=(1000, 750, 500, 250), first_steps=None, first_frame=False):
-    """Latents [1, 16, T, H/8, W/8] of the cascade, computed without the engine's pool; block 0 may have
-    its own step list (``first_steps``) and be one frame (``first_frame``)."""
+                   steps=(1000, 750, 500, 250), first_steps=None, first_frame=False, window=None, sink=0,
+                   prefix=None, blocks=BLOCKS):
+    """Latents [1, 16, F + T, H/8, W/8] of the cascade, computed without the engine's pool; block 0 may
+    have its own step list (``first_steps``) and be one frame (``first_frame``); ``window``/``sink``
+    in frames; ``prefix``: F clean frames [1, 16, F, H/8, W/8] before block 0 (F = 0 without)."""
     first_steps = first_steps or steps
-    n_steps = {b: len(first_steps if b == 0 else steps) for b in range(BLOCKS)}
-    levels = {b: noise_levels(first_steps if b == 0 else steps) for b in range(BLOCKS)}
+    n_steps = {b: len(first_steps if b == 0 else steps) for b in range(blocks)}
+    levels = {b: noise_levels(first_steps if b == 0 else steps) for b in range(blocks)}
     text = model.encode_prompt(embeds)
     S, S0 = len(steps), len(first_steps)
     delay = max(S0 - S, 1 - (S + 1) // parallel)
-    entry = [0] + [b * (S + 1) // parallel + delay for b in range(1, BLOCKS)]
-    sizes = [1 if first_frame and b == 0 else FPB for b in range(BLOCKS)]
-    start = [sum(sizes[:b]) for b in range(BLOCKS)]
-    kv = {}  # (layer, block) -> (k, v) [L, heads, hd]: the block's K/V as last written
+    entry = [0] + [b * (S + 1) // parallel + delay for b in range(1, blocks)]
+    sizes = [1 if first_frame and b == 0 else FPB for b in range(blocks)]
+    lead = 0 if prefix is None else prefix.shape[2]
+    start = [lead + sum(sizes[:b]) for b in range(blocks)]
+    tpf = (H // 16) * (W // 16)
+    kv = {}  # (layer, frame) -> (k, v) [tokens of a frame, heads, hd]: the frame's K/V as last written
     kept = {}  # (layer, block) -> (external scores [heads, L, K], external values [heads, K, hd])
     noise = starting_noise(SEED, (1, 16, sum(sizes), H // 8, W // 8))
-    x = {b: noise[:, :, start[b]:start[b] + sizes[b]] for b in range(BLOCKS)}
-    out = torch.empty_like(noise)
+    x = {b: noise[:, :, start[b] - lead:start[b] - lead + sizes[b]] for b in range(blocks)}
+    out = torch.empty(1, 16, lead + sum(sizes), H // 8, W // 8)
+    heads = lambda t: t.transpose(0, 1)  # noqa: E731  [L, heads, hd] -> [heads, L, hd]
+
+    def write(layer, first, k, v):
+        for f in range(k.shape[0] // tpf):
+            kv[layer, first + f] = (k[f * tpf:(f + 1) * tpf], v[f * tpf:(f + 1) * tpf])
+
+    def seen(end, hi):  # frames a block ending at ``end`` sees when its visible run ends at ``hi``
+        return [f for f in range(hi) if window is None or f < sink or f >= end - (window - sink)]
+
+    if lead:
+        def attend_prefix(layer, q, k, v):
+            write(layer, 0, k[0], v[0])
+            qh = heads(q[0])
+            scores = qh @ heads(k[0]).transpose(1, 2) / math.sqrt(qh.shape[-1])
+            return (scores.softmax(-1) @ heads(v[0])).transpose(0, 1).unsqueeze(0)
+        out[:, :, :lead] = prefix
+        model(prefix, torch.full((1, lead), float(context_noise)), [0], [text], attend_prefix)
 
     for tick in range(entry[-1] + S + 1):
-        pairs = [(b, tick - entry[b]) for b in range(BLOCKS) if 0 <= tick - entry[b] <= n_steps[b]]
+        pairs = [(b, tick - entry[b]) for b in range(blocks) if 0 <= tick - entry[b] <= n_steps[b]]
         newest = pairs[-1][0]
 
         def attend_pairs(layer, q, k, v, pairs):
             for j, (b, _) in enumerate(pairs):  # every segment's K/V is written before any is read
-                kv[layer, b] = (k[j], v[j])
+                write(layer, start[b], k[j], v[j])
             res = torch.empty_like(q)
             for j, (b, stage) in enumerate(pairs):
                 clean = stage == n_steps[b]
                 last_seen = newest if attention == "bidirectional" and not clean else b
                 qh = q[j].transpose(0, 1)  # [heads, L, hd]
                 scale = 1 / math.sqrt(qh.shape[-1])
-                heads = lambda t: t.transpose(0, 1)  # noqa: E731  [L, heads, hd] -> [heads, L, hd]
-                others = [kv[layer, o] for o in range(last_seen + 1) if o != b]
+                own = range(start[b], start[b] + sizes[b])
+                others = [kv[layer, f] for f in seen(own[-1] + 1, start[last_seen] + sizes[last_seen])
+                          if f not in own]
                 ext_k = heads(torch.cat([c[0] for c in others])) if others else qh[:, :0]
                 ext_v = heads(torch.cat([c[1] for c in others])) if others else qh[:, :0]
                 ext_scores = qh @ ext_k.transpose(1, 2) * scale
@@ -65,7 +93,7 @@ def cascade_oracle(model, embeds, parallel, attention="causal", flashblock="off"
                     if stage == 0:
                         kept[layer, b] = (ext_scores, ext_v)
                     ext_scores, ext_v = kept[layer, b]
-                own_k, own_v = (heads(t) for t in kv[layer, b])
+                own_k, own_v = (heads(t) for t in (k[j], v[j]))
                 scores = torch.cat([ext_scores, qh @ own_k.transpose(1, 2) * scale], -1)
                 res[j] = (scores.softmax(-1) @ torch.cat([ext_v, own_v], 1)).transpose(0, 1)
             return res

@@ -16,6 +16,9 @@ un-rotated and RoPEs the keys a forward attends, [sink | recent frames], at 0..F
 the last n positions; at the first step of a block that pushes frames out of the window (block n >= 3
 with window 9, sink 3: block n-2) the sink's un-rotated K and V become a*sink + (1-a)*pushed out,
 before that forward attends.
+A context prefix of F clean frames is run first, as one forward at t = context noise and positions
+0..F-1 (every prefix frame attending every other) under the first prompt, writing their K/V; the
+blocks then follow at frame F, the prefix frames kept, windowed and re-cached as any earlier frames.
 """
 import dataclasses
 
@@ -55,18 +58,20 @@ def levels(steps, warp, shift):
 
 
 def family_loop(model, prompts, blocks, frames, steps, warp, shift, first_steps=None, window=None, sink=0,
-                recache=False, relative=False, ema=0.0, first_frame=False, context_noise=0.0):
-    """Latents [1, 16, T, H/8, W/8] and the number of model forwards of the family's own loop.
+                recache=False, relative=False, ema=0.0, first_frame=False, context_noise=0.0, prefix=None):
+    """Latents [1, 16, F + T, H/8, W/8] and the number of model forwards of the family's own loop.
 
     ``prompts``: {start block: embeddings}; ``first_frame``: an independent first frame; ``relative``:
-    Reward Forcing's relative RoPE positions; ``ema``: its EMA sink's weight (0: none)."""
+    Reward Forcing's relative RoPE positions; ``ema``: its EMA sink's weight (0: none); ``prefix``: F
+    clean frames [1, 16, F, H/8, W/8] before block 0 (F = 0 without)."""
+    lead = 0 if prefix is None else prefix.shape[2]
     sizes = [1 if first_frame and b == 0 else frames for b in range(blocks)]
-    starts = [sum(sizes[:b]) for b in range(blocks)]
+    starts = [lead + sum(sizes[:b]) for b in range(blocks)]
     total = sum(sizes)
     kv = {}  # (layer, frame) -> (k, v) [tokens, heads, hd]
     tpf = (H // 16) * (W // 16)
     noise = starting_noise(SEED, (1, 16, total, H // 8, W // 8))
-    out = torch.empty_like(noise)
+    out = torch.empty(1, 16, lead + total, H // 8, W // 8)
     text_of = {b: model.encode_prompt(e) for b, e in prompts.items()}
     forwards = 0
 
@@ -113,6 +118,9 @@ def family_loop(model, prompts, blocks, frames, steps, warp, shift, first_steps=
         return list(range(min(sink, end))) + list(range(max(sink, end - (window - sink)), end))
 
     text = None
+    if lead:  # the prefix's clean pass, its frames attending one another
+        out[:, :, :lead] = prefix
+        run(prefix, torch.full((1, lead), float(context_noise)), 0, text_of[0], list(range(lead)), list(range(lead)))
     for b in range(blocks):
         s, n = starts[b], sizes[b]
         if b in text_of:
@@ -124,7 +132,7 @@ def family_loop(model, prompts, blocks, frames, steps, warp, shift, first_steps=
                 keys = (list(range(sink)) if keep_sink else []) + written
                 run(out[:, :, lo:s], torch.full((1, s - lo), float(context_noise)), lo, text, keys, written)
         ts, sigmas = levels(first_steps if b == 0 and first_steps else steps, warp, shift)
-        x = noise[:, :, s:s + n]
+        x = noise[:, :, s - lead:s - lead + n]
         own = list(range(s, s + n))
         pushed_out = [f for f in visible(s) if f >= sink and f not in visible(s + n)] if ema else []
         for j in range(len(ts)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import datetime
 import logging
 import socket
@@ -285,9 +286,11 @@ class WorkerPool:
                  width: int, height: int, seed: int = 0, noise: torch.Tensor | None = None,
                  on_tick: Callable[[TickEvent], None] | None = None,
                  on_block: Callable[[BlockEvent], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> Result:
+                 should_stop: Callable[[], bool] | None = None, prefix: torch.Tensor | None = None,
+                 include_prefix: bool = True) -> Result:
         """Like :func:`sampler.generate`, spread over the pool's devices (see the module docstring)."""
-        job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise, self.world_size)
+        job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise, self.world_size,
+                                 prefix, include_prefix)
         with self._lock:
             if self._closed:
                 raise RuntimeError("this WorkerPool was closed")
@@ -313,16 +316,18 @@ class WorkerPool:
 
     def _run(self, model, job, tensors, on_tick, on_block, should_stop) -> Result:
         wire = {"embeds": [_to_wire(e) for e in tensors["embeds"]],
-                "noise": None if tensors["noise"] is None else _to_wire(tensors["noise"])}
+                **{k: None if tensors[k] is None else _to_wire(tensors[k]) for k in ("noise", "prefix")}}
         self._stop_flag.value = int(self._closed)  # a close() from another thread stops it at once
         self._busy = True
         job = {**job, "threads": self.threads or torch.get_num_threads()}
         for w in self._workers:
             w.cmd.send(("run", job, wire if w.rank == 0 else None))
-        grid = CascadeConfig(**job["cfg"]).grid
+        grid = dataclasses.replace(CascadeConfig(**job["cfg"]).grid, offset=job["prefix"])
         h, w_ = latent_size(job["width"], job["height"], model.cfg.patch_size)
         out = torch.empty((1, LATENT_CHANNELS, grid.total(job["blocks"]), h, w_), dtype=model.dtype,
                           device=model.device)
+        if job["prefix"]:
+            out[:, :, :job["prefix"]] = tensors["prefix"].to(model.device, model.dtype)
         finished, interrupted, state = set(), {}, {"stats": None, "error": None, "blocks": 0}
 
         def stop_all(exc: BaseException | None = None) -> None:
@@ -382,7 +387,7 @@ class WorkerPool:
         ticks, forwards, seconds, first = state["stats"]
         if state["blocks"] != job["blocks"]:
             raise WorkerError(f"rank 0 reported {state['blocks']} of {job['blocks']} blocks")
-        return Result(out, job["blocks"], ticks, forwards, seconds, first)
+        return Result.of_run(out, job["prefix"], job["include_prefix"], job["blocks"], ticks, forwards, seconds, first)
 
 
 _POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()

@@ -58,7 +58,8 @@ class _Rank:
         self.model = model.eval().requires_grad_(False).compile_layers(spec["compile"])
 
     def run(self, job: dict, tensors: dict | None, *, on_tick=None, on_block=None, should_stop=None) -> Result:
-        """One video; ``tensors`` (prompt embeddings, optional noise) and the callbacks on rank 0 only."""
+        """One video; ``tensors`` (prompt embeddings, optional noise and context prefix) and the
+        callbacks on rank 0 only. Every rank gets the prefix and writes its K/V itself."""
         model, device = self.model, self.device
         attention.set_backend(job["backend"])
         embeds = []
@@ -77,12 +78,18 @@ class _Rank:
         else:  # exactly as the single-process loop draws it
             noise = initial_noise(job["seed"], shape, device, model.dtype)
         dist.broadcast(noise, src=0)
+        prefix = None
+        if job.get("prefix"):
+            prefix = tensors["prefix"].to(device, model.dtype) if self.rank == 0 else \
+                torch.empty((1, LATENT_CHANNELS, job["prefix"], h, w), dtype=model.dtype, device=device)
+            dist.broadcast(prefix, src=0)
         part = RankPartition(self.rank, self.world, self.ctrl, (1, LATENT_CHANNELS, cfg.frames_per_block, h, w), model.dtype,
                              device, _test_fault(job.get("fault"), self.rank))
         try:
             return run_loop(model, PromptSchedule(list(zip(job["starts"], embeds))), cfg, blocks=job["blocks"],
                             width=job["width"], height=job["height"], seed=job["seed"], noise=noise,
-                            on_tick=on_tick, on_block=on_block, should_stop=should_stop, partition=part)
+                            on_tick=on_tick, on_block=on_block, should_stop=should_stop, partition=part,
+                            prefix=prefix, include_prefix=job.get("include_prefix", True))
         except Interrupted as exc:
             exc.tick = part.stopped_at
             raise
@@ -140,7 +147,8 @@ def _destroy(group) -> None:
 def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, cfg: CascadeConfig | None, *,
                         blocks: int = 0, width: int = 0, height: int = 0, seed: int = 0,
                         noise: torch.Tensor | None = None, on_tick=None, on_block=None, should_stop=None,
-                        device: torch.device | None = None) -> Result | None:
+                        device: torch.device | None = None, prefix: torch.Tensor | None = None,
+                        include_prefix: bool = True) -> Result | None:
     """Every rank of the initialised default process group calls this; rank 0 passes the model,
     prompts, config and run arguments (the others' are ignored: the weights, prompt embeddings and
     noise come from rank 0) and gets the Result, the others get None. ``device``: this rank's device
@@ -160,7 +168,7 @@ def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, 
                 if model is None or prompts is None or cfg is None:
                     raise ValueError("rank 0 needs the model, the prompts and the config")
                 job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise,
-                                         dist.get_world_size())
+                                         dist.get_world_size(), prefix, include_prefix)
             except Exception as exc:
                 dist.broadcast_object_list([("refused", str(exc))], src=0, group=ctrl)
                 raise
