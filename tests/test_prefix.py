@@ -51,6 +51,7 @@ P1_CASES = {  # name: (prefix frames, frames per block, window, sink, context no
     "window, sink inside the prefix": (4, 3, 9, 3, 0.0),  # prefix frame 3 leaves the window at block 1
     "start image as the sink, context noise": (1, 3, 7, 1, 40.0),
     "frame-wise, sink longer than the prefix": (2, 1, 5, 3, 0.0),
+    "a video longer than the window": (5, 1, 3, 1, 0.0),  # its one forward sees all 5 frames
 }
 
 
