@@ -107,6 +107,12 @@ def family_config(name: str | None, **overrides) -> CascadeConfig:
     return CascadeConfig(**settings)
 
 
+def family_with(name: str | None, given: dict) -> CascadeConfig:
+    """:func:`family_config` where every key of ``given`` was set explicitly, None values included (an
+    unlimited window, block 0 without a schedule of its own), as the Config node's widgets set them."""
+    return dataclasses.replace(family_config(name, **given), **given)
+
+
 def describe(cfg: CascadeConfig) -> dict:
     """The effective sampling settings, for summaries and the sampler node's text."""
     return {"frames_per_block": cfg.frames_per_block, "independent_first_frame": cfg.independent_first_frame,

@@ -8,13 +8,12 @@ across inputs run when the node executes, still before any model work.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Callable
 
 import torch
 
-from cascade_core.families import DEFAULT_FAMILY, family_config
+from cascade_core.families import DEFAULT_FAMILY, family_with
 from cascade_core.sampler import CascadeConfig, PromptSchedule, latent_size
 
 log = logging.getLogger("block_cascade")
@@ -123,7 +122,7 @@ def cascade_config(family: str, steps: str, parallel: int, attention: str, windo
         explicit["sink"] = 0
     if not 0.0 <= float(context_noise) <= 1000.0:
         raise ValueError(f"context noise must lie in 0..1000 (the clean pass's timestep), got {context_noise}")
-    cfg = dataclasses.replace(family_config(DEFAULT_FAMILY if family == "auto" else family, **explicit), **explicit)
+    cfg = family_with(DEFAULT_FAMILY if family == "auto" else family, explicit)
     steps_now = len(cfg.steps)
     auto = " (family auto is checked as self-forcing until the model is known: choose the family here)" \
         if family == "auto" else ""
