@@ -34,7 +34,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Help text with each option's default, except where there is none to show."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False:  # no value, or a switch
+        if action.default is None or action.default is False or action.default == []:  # no value, a switch, a list
             return action.help
         return super()._get_help_string(action)
 
