@@ -33,7 +33,7 @@ def test_generate_help_has_a_text_and_the_default_of_every_option():
             continue
         text = entries[action.option_strings[0]]
         assert len(text) > 10, action.option_strings
-        if action.default not in (None, False, []):  # (a repeatable option starts empty: nothing to show)
+        if action.default is not None and action.default is not False and action.default != []:  # ([]: repeatable)
             default = action.default if isinstance(action.default, str) else repr(action.default)
             assert text.endswith(f"(default: {default})"), (action.option_strings, text)
 
