@@ -132,11 +132,16 @@ def test_an_unlimited_window_drops_the_familys_sink_and_none_its_block0_schedule
     assert s["settings"]["first_block_steps"] is None and s["forwards"] == 2 * 2
 
 
+def tiny_checkpoint_at(tmp_path, name: str) -> str:
+    """The tiny DiT written under ``name`` (a released-looking path, folders included) in tmp_path."""
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tiny_models().tiny_dit_state_dict(), str(path))
+    return str(path)
+
+
 def test_a_refused_family_read_off_the_path_says_so_and_how_to_run_it(tmp_path, capsys):
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    path = str(folder / "krea-realtime-video-14b.safetensors")
-    save_safetensors(tiny_models().tiny_dit_state_dict(), path)
+    path = tiny_checkpoint_at(tmp_path, "checkpoints/krea-realtime-video-14b.safetensors")
     assert main(["generate", *SMALL, "--checkpoint", path]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "the checkpoint path" in err and "names it" in err, err
@@ -157,10 +162,7 @@ def test_reward_forcing_runs_with_its_ema_sink_and_slot_positions(capsys):
 
 
 def test_the_family_read_off_the_checkpoint_path_is_said(tmp_path, capsys):
-    folder = tmp_path / "framewise"
-    folder.mkdir()
-    path = str(folder / "causal_forcing.safetensors")
-    save_safetensors(tiny_models().tiny_dit_state_dict(), path)
+    path = tiny_checkpoint_at(tmp_path, "framewise/causal_forcing.safetensors")
     assert main(["generate", *SMALL, "--checkpoint", path]) == 0
     captured = capsys.readouterr()
     s = json.loads(captured.out.strip().splitlines()[-1])

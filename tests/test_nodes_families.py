@@ -38,6 +38,22 @@ def loaded_as(name: str):
     return m
 
 
+def sampler_run(model, settings, prompt, blocks, seed):
+    """The sampler node's RAW latents and its start event, for one prompt."""
+    with Recorder() as rec:
+        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=blocks,
+                        seed=seed, positive=prompt)
+    (_, start), = rec.events("start")
+    return latent["samples"], start
+
+
+def engine_run(model, prompt, cfg, blocks, seed):
+    """The engine's own run of the same prompt and config, as RAW latents (the sampler's output space)."""
+    ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), cfg, blocks=blocks, width=W, height=H,
+                   seed=seed)
+    return normalized_to_raw(ref.latents.float())
+
+
 @pytest.fixture(scope="module")
 def prompt():
     (a,) = run("BlockCascadeEmbedsLoader", embeds=tiny.EMBEDS_NAMES[0])
@@ -62,14 +78,9 @@ def test_the_loader_reads_the_family_and_auto_uses_it(prompt):
     model = loaded_as("causal_forcing-framewise.safetensors")
     assert model.family[0] == "causal-forcing-framewise" and "names it" in model.family[1]
     (settings,) = run("BlockCascadeConfig", **AUTO)
-    with Recorder() as rec:
-        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=4, seed=5,
-                        positive=prompt)
-    ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), family_config("causal-forcing-framewise"),
-                   blocks=4, width=W, height=H, seed=5)
-    assert latent["samples"].shape[2] == 4  # frame-wise: one latent frame a block
-    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
-    (_, start), = rec.events("start")
+    samples, start = sampler_run(model, settings, prompt, 4, 5)
+    assert samples.shape[2] == 4  # frame-wise: one latent frame a block
+    assert torch.equal(samples, engine_run(model, prompt, family_config("causal-forcing-framewise"), 4, 5))
     assert start["settings"].startswith("causal-forcing-framewise (assumed: the checkpoint path")
     assert start["frames_total"] == 13  # 1 + 4 * (4 - 1) video frames
 
@@ -78,12 +89,9 @@ def test_explicit_widgets_win_over_the_family(prompt):
     model = loaded_as("causvid_autoregressive.safetensors")
     (settings,) = run("BlockCascadeConfig", **{**AUTO, "shift": 6.0, "first_block_steps": "1000,500",
                                                "independent_first_frame": "on"})
-    with Recorder():
-        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=3, seed=2,
-                        positive=prompt)
+    samples, _ = sampler_run(model, settings, prompt, 3, 2)
     cfg = family_config("causvid", shift=6.0, first_block_steps=(1000, 500), independent_first_frame=True)
-    ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), cfg, blocks=3, width=W, height=H, seed=2)
-    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    assert torch.equal(samples, engine_run(model, prompt, cfg, 3, 2))
     # a family chosen on the node wins over the file name
     (chosen,) = run("BlockCascadeConfig", **{**AUTO, "family": "self-forcing"})
     assert chosen.config_for("causvid")[0] == family_config("self-forcing")
@@ -92,13 +100,9 @@ def test_explicit_widgets_win_over_the_family(prompt):
 def test_a_reward_forcing_file_runs_with_its_ema_sink_and_says_so(prompt):
     model = loaded_as("reward_forcing.safetensors")
     (settings,) = run("BlockCascadeConfig", **AUTO)
-    with Recorder() as rec:
-        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=4, seed=2,
-                        positive=prompt)
-    ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), family_config("reward-forcing"), blocks=4,
-                   width=W, height=H, seed=2)
-    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
-    text = rec.events("start")[0][1]["settings"]
+    samples, start = sampler_run(model, settings, prompt, 4, 2)
+    assert torch.equal(samples, engine_run(model, prompt, family_config("reward-forcing"), 4, 2))
+    text = start["settings"]
     assert text.startswith("reward-forcing (assumed") and "EMA sink 0.999; RoPE at slots" in text
 
 
@@ -162,10 +166,6 @@ def test_bad_family_settings_are_one_clear_line(widgets, message):
 def test_rolling_forcing_from_the_config_node_runs_its_joint_window(prompt):
     model = loaded_as("rolling_forcing_dmd.safetensors")
     (settings,) = run("BlockCascadeConfig", **{**AUTO, "parallel": 0, "attention": "auto"})
-    with Recorder() as rec:
-        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=7, seed=4,
-                        positive=prompt)
-    ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), family_config("rolling-forcing"), blocks=7,
-                   width=W, height=H, seed=4)
-    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
-    assert "P6 bidirectional" in rec.events("start")[0][1]["settings"]
+    samples, start = sampler_run(model, settings, prompt, 7, 4)
+    assert torch.equal(samples, engine_run(model, prompt, family_config("rolling-forcing"), 7, 4))
+    assert "P6 bidirectional" in start["settings"]
