@@ -10,7 +10,7 @@ Public API
     ``torch.get_num_threads()`` at each run, so every rank does the caller's arithmetic: on some
     CPUs the thread count changes the rounding of matrix products).
 ``WorkerPool.generate(model, prompts, cfg, *, blocks, width, height, seed=0, noise=None,
-on_tick=None, on_block=None, should_stop=None, prefix=None, include_prefix=True) -> Result``
+on_tick=None, on_block=None, should_stop=None, prefix=None, include_prefix=True, block_offset=0) -> Result``
     Same signature and result as :func:`sampler.generate`; the callbacks run in the caller's thread,
     the latents land on ``model.device``. The weights go to the workers on the first run and again
     only when the model (or any of its tensors) changed; ``drop_weights()`` forces a new upload.
@@ -42,7 +42,7 @@ visibility, FlashBlock reuse steps) takes exactly the single-process path. A cle
 like the others, so a finished block's clean K/V reach every replica once, through the same gather.
 Noise is the single-process noise: the initial noise comes from rank 0 (drawn there from the seed,
 or given) by broadcast, re-noising noise from (seed, block, step) on the block's owner. A context
-prefix comes from rank 0 by broadcast too, and every rank runs its one forward itself. Text K/V are
+prefix comes from rank 0 by broadcast too, and every rank writes its K/V itself. Text K/V are
 computed on every rank from the broadcast weights and prompt embeddings. Each finished block's
 latents go from its owner to rank 0, which streams it (and each tick) to the pool's caller.
 

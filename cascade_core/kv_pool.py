@@ -33,9 +33,10 @@ at the last positions; a move down by d slots re-rotates the moved keys by -d fr
 EMA sink (``sink_ema`` = a > 0): when an eviction drops a span of the sink's size, the sink's K and V
 become a*sink + (1-a)*dropped (K compared at the sink's positions: the dropped keys are re-rotated
 first), before the forward that needed the room attends.
-A context prefix (``prefix_frames`` = F) is frames [0, F) of the video, written by one forward before
-block 0 (:meth:`KVPool.span_attention`) and held like any other frames: the sink may hold them and the
-window drops them as it drops any frame.
+A context prefix (``prefix_frames`` = F) is frames [0, F) of the video, written before block 0 as the
+finished blocks it is made of (:meth:`schedule.BlockGrid.prefix_chunks`, one clean forward each,
+:meth:`KVPool.clean_attention`) and held like any other frames: the sink may hold them and the window
+drops them as it drops any frame.
 With ``keep_external`` the pool also holds, per in-flight block and layer, the attention output and
 log-sum-exp of its queries over the keys outside the block (FlashBlock reuse).
 Attention over the pool (the segments of a forward, FlashBlock, several processes): :mod:`pool_attention`.
@@ -83,7 +84,7 @@ class PoolLayout:
     max_in_flight: int = 1
     first_block_frames: int | None = None  # block 0's frames (1: an independent first frame); None: the same
     rolling: bool = False  # Rolling Forcing's window (see visible_frames)
-    prefix_frames: int = 0  # a context prefix: frames [0, prefix_frames) before block 0, written at once
+    prefix_frames: int = 0  # a context prefix: frames [0, prefix_frames) before block 0
 
     def __post_init__(self):
         check_window(self.window, self.sink, self.frames_per_block)
@@ -98,7 +99,7 @@ class PoolLayout:
             return self.total_frames
         rolling_clean = self.sink if self.rolling else 0  # a clean pass's window reaches past the sink
         blocks = self.window + rolling_clean + (self.max_in_flight - 1) * self.frames_per_block
-        return min(self.total_frames, max(blocks, self.prefix_frames))  # a prefix's one forward holds it whole
+        return min(self.total_frames, blocks)
 
     def visible_frames(self, end: int, hi: int, clean: bool = False) -> list[tuple[int, int]]:
         """Frame ranges [lo, hi) seen by the queries of a block ending at frame ``end`` when the visible
@@ -188,18 +189,21 @@ class KVPool:
     def make_room(self, oldest_block: int, newest_block: int) -> None:
         """Ensure the newest block's frames have slots, dropping frames the oldest block can't see
         (blended into an EMA sink first, moved keys re-rotated with slot positions: module doc)."""
+        grid = self.layout.grid
+        self._make_room(grid.end(oldest_block), grid.start(newest_block), grid.end(newest_block))
+
+    def _make_room(self, oldest_end: int, new_start: int, new_end: int) -> None:
+        """Slots for frames [new_start, new_end), dropping frames a block ending at ``oldest_end`` can't see."""
         lay = self.layout
-        new_end = lay.grid.end(newest_block)
         if lay.sink + new_end - self.base <= lay.capacity_frames:
             return
-        oldest_end = lay.grid.end(oldest_block)
         keep_from = max(lay.sink, oldest_end - (lay.window if lay.rolling else lay.window - lay.sink))
         if lay.sink + new_end - keep_from > lay.capacity_frames:
             raise RuntimeError("KV pool too small for the blocks in flight")
         if self.sink_ema and min(keep_from, self.stored_end) > self.base:
             self._fold_into_sink(self.base, min(keep_from, self.stored_end))
         tpf = lay.tokens_per_frame
-        for f in range(keep_from, min(self.stored_end, lay.grid.start(newest_block))):
+        for f in range(keep_from, min(self.stored_end, new_start)):
             dst, src = (lay.sink + f - keep_from) * tpf, self.slot(f) * tpf
             if dst != src:  # ascending whole-frame moves never overwrite an unread source
                 if self.slot_positions:  # per layer: float32 temporaries of one frame of one layer
@@ -254,13 +258,16 @@ class KVPool:
         return PoolAttention(self, writes, reads, modes, slots, local, exchange,
                              anchors=[(at, shift) for shift, at in anchors.items()])
 
-    def span_attention(self, lo: int, hi: int) -> "PoolAttention":
-        """Context of a forward of one segment over frames [lo, hi) that writes their K/V and attends
-        only them, every frame every other (a context prefix's clean pass: ``lo`` = 0). The frames
-        must have slots now (for a prefix: the pool holds at least its frames)."""
-        span = self.token_range(lo, hi)
+    def clean_attention(self, lo: int, hi: int) -> "PoolAttention":
+        """Context of a clean forward over frames [lo, hi) as one finished block (a context prefix's
+        blocks, :meth:`schedule.BlockGrid.prefix_chunks`): makes room for them, writes their K/V and
+        attends what a clean pass of a block ending at ``hi`` sees (:meth:`PoolLayout.visible_frames`),
+        their own frames included."""
+        self._make_room(hi, lo, hi)
+        writes = [self.token_range(lo, hi)]
         self.stored_end = max(self.stored_end, hi)
-        return PoolAttention(self, [span], [[span]], [FULL], [0])
+        reads = [self.token_range(a, b) for a, b in self.layout.visible_frames(hi, hi, clean=True)]
+        return PoolAttention(self, writes, [reads], [FULL], [0])
 
     def recache_attention(self, end: int) -> "tuple[int, PoolAttention] | None":
         """Context of a re-cache forward over the committed frames a block starting at frame ``end``

@@ -16,23 +16,25 @@ GIB = 1024 ** 3
 
 
 def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks: int, width: int, height: int,
-                       prompts: int, vae_bytes: int, ranks: int = 1) -> tuple[int, str]:
+                       prompts: int, vae_bytes: int, ranks: int = 1, prefix_frames: int = 0) -> tuple[int, str]:
     """About how many bytes a run needs on its device besides the DiT weights, and what they are made of.
 
     ``model_cfg``: the model's :class:`~cascade_core.model.WanConfig`; ``dtype``: the DiT's dtype;
     ``width``/``height`` in pixels (ValueError unless multiples of 16); ``prompts``: entries of the
     prompt schedule; ``vae_bytes``: the decoder's weights in bytes (0 without a VAE); ``ranks``: the
     devices of a worker pool (each keeps a full KV cache replica, computes its share of the blocks in
-    flight and holds the k/v all-gather buffers): the result is then one rank's need.
+    flight and holds the k/v all-gather buffers): the result is then one rank's need; ``prefix_frames``:
+    latent frames of a context prefix before block 0 (held as any frames of the video).
     Returns (bytes, "KV cache x GiB, activations y GiB, VAE z GiB").
     """
     c = model_cfg
     h, w = latent_size(width, height, c.patch_size)
     tpf = (h // c.patch_size[1]) * (w // c.patch_size[2])
     fpb = cfg.frames_per_block
-    frames = cfg.grid.total(blocks)
-    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=frames,
-                        window=cfg.window, sink=cfg.sink, max_in_flight=cfg.parallel, rolling=cfg.rolling_window)
+    frames = cfg.grid.total(blocks) + prefix_frames
+    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=frames, window=cfg.window,
+                        sink=cfg.sink, max_in_flight=cfg.parallel, rolling=cfg.rolling_window,
+                        prefix_frames=prefix_frames)
     elem = 4 if dtype == torch.float32 else 2
     anchors = cfg.sink * cfg.parallel if cfg.rolling_window else 0  # re-positioned copies of the sink
     kv = 2 * c.num_layers * (layout.capacity_frames + anchors) * tpf * c.dim * elem

@@ -17,10 +17,16 @@ Guarantees:
   prompt's text K/V is computed once per run, so a switch in mode "none" costs no model forward.
 - The KV pool is allocated once per run (see :mod:`kv_pool`).
 - A context prefix (``prefix``: F clean latent frames, a start image or a video to continue) is frames
-  [0, F) of the video: one clean forward writes their K/V before block 0 (:func:`prefix_pass`), block
-  b then holds frames F + its place in the grid (RoPE positions are these absolute indices), and the
-  sink and window treat prefix frames as any frames. Block indices (``on_block``, the noise, prompt
-  switches) count generated blocks only, from 0.
+  [0, F) of the video: clean forwards write their K/V before block 0, as the finished blocks they
+  are made of (:func:`prefix_pass`); block b then holds frames F + its place in the grid (RoPE
+  positions are these absolute indices), and the sink and window treat prefix frames as any frames.
+  Block indices (``on_block``, the initial noise, prompt switches) count generated blocks only, from
+  0; the re-noising noise of block b is drawn for block ``block_offset`` + b.
+- A continuation equals one long run: after a first run of N blocks (latents A, initial noise
+  [1, 16, T, h, w] the first frames of a long run's noise Z), ``generate(prefix=A, blocks=M,
+  noise=Z[:, :, T:], block_offset=N)`` gives the long run's last M blocks, at parallelism 1 with
+  the first run's grid and window, when A is the whole first video (the prefix blocks then are the
+  first run's blocks, each written seeing what it saw there).
 - One loop for one process and for each rank of several (:mod:`distributed`): a :class:`Partition`
   says which segments of a tick this process computes, how the other segments' K/V of each layer
   arrive, where finished blocks are reported, and whether the processes agree to stop. The default
@@ -205,11 +211,14 @@ def check_prefix(prefix: torch.Tensor | None, cfg: CascadeConfig, h: int, w: int
 
 
 def plan_run(model_cfg: WanConfig, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int, width: int,
-             height: int, noise: torch.Tensor | None = None, prefix: torch.Tensor | None = None) -> RunPlan:
+             height: int, noise: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
+             block_offset: int = 0) -> RunPlan:
     """Every check of a run's arguments, before any model work (one place for one process and for
     several). Raises ValueError for a bad config, size, prompt schedule, initial noise or context
-    prefix (:func:`check_prefix`)."""
+    prefix (:func:`check_prefix`) or a negative ``block_offset``."""
     cfg.validate()
+    if block_offset < 0:
+        raise ValueError(f"block_offset (the video-wide index of block 0) must be >= 0, got {block_offset}")
     first, flow = cfg.flows()
     schedule = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first))
     prompts.validate(blocks, model_cfg.text_dim)
@@ -247,14 +256,18 @@ def _clean_forward(model: WanModel, pool: KVPool, out: torch.Tensor, lo: int, en
     return 1
 
 
-def prefix_pass(model: WanModel, pool: KVPool, out: torch.Tensor, frames: int, prompt, context_noise: float) -> int:
-    """A context prefix's clean pass: ONE forward over its clean latents ``out[:, :, :frames]`` at t =
-    ``context_noise``, RoPE positions 0..frames-1, under the run's first prompt, before block 0; its
-    frames attend one another, all of them whatever the window (bidirectional, as a block's frames
-    do), and write their K/V into the pool. For one frame at t = 0 this is core ComfyUI's ARVideoI2V
-    (one clean pass of the start image at position 0); F frames are written as one finished block of
-    F frames would be. Returns the forwards run (1)."""
-    return _clean_forward(model, pool, out, 0, frames, prompt, context_noise, pool.span_attention(0, frames))
+def prefix_pass(model: WanModel, pool: KVPool, out: torch.Tensor, grid: BlockGrid, prompt, context_noise: float) -> int:
+    """A context prefix's clean passes, under the run's first prompt, before block 0: its clean
+    latents ``out[:, :, :grid.offset]`` are written as the finished blocks they are made of
+    (:meth:`BlockGrid.prefix_chunks`), oldest first, one forward each at t = ``context_noise`` and
+    RoPE positions at their frames, each attending what a clean pass of a block there attends (the
+    earlier prefix frames its window holds, and its own). A start image (one frame at t = 0) is core
+    ComfyUI's ARVideoI2V and Causal Forcing's I2V (one clean pass at position 0); a longer prefix
+    gets the K/V a run that had generated those frames would hold. Returns the forwards run."""
+    chunks = grid.prefix_chunks()
+    for lo, hi in chunks:
+        _clean_forward(model, pool, out, lo, hi, prompt, context_noise, pool.clean_attention(lo, hi))
+    return len(chunks)
 
 
 def _recache(model: WanModel, pool: KVPool, out: torch.Tensor, end: int, prompt, context_noise: float) -> int:
@@ -275,7 +288,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
              on_block: Callable[[BlockEvent], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
              partition: Partition | None = None, prefix: torch.Tensor | None = None,
-             include_prefix: bool = True) -> Result:
+             include_prefix: bool = True, block_offset: int = 0) -> Result:
     """Generate ``blocks`` blocks of latent video; see the module docstring for the guarantees.
 
     ``prompts``: embeddings [L, text_dim] per entry; ``width``/``height`` in pixels (multiples of 16);
@@ -283,7 +296,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     (drawn from ``seed`` when None; the generated frames only). ``prefix``: a context prefix of clean
     normalised latents [1, 16, F, height/8, width/8] (a start image, F = 1, or frames to continue):
     its K/V are written by :func:`prefix_pass` (counted in ``Result.forwards``) and the ``blocks``
-    blocks come after it. Returns a :class:`Result` whose ``latents`` [1, 16, F + T, h, w] (the prefix
+    blocks come after it. ``block_offset``: the video-wide index of block 0 for the re-noising noise
+    (:func:`step_noise`; a continuation of a run of N blocks passes N, see the module docstring). Returns a :class:`Result` whose ``latents`` [1, 16, F + T, h, w] (the prefix
     left out unless ``include_prefix``; ``Result.prefix_frames`` says) are normalised (DiT-space)
     latents on the model's device, ``seconds`` the wall time of the loop. Callbacks: ``on_tick``
     after every tick, ``on_block`` when a block is final, ``should_stop`` before every tick. Raises
@@ -294,7 +308,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     :mod:`distributed`); the default computes everything here.
     """
     part = partition or Partition()
-    run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix)
+    run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix,
+                   block_offset=block_offset)
     plan, grid, shape, lead = run.schedule, run.grid, run.shape, run.grid.offset
     device, dtype = model.device, model.dtype
     noise = initial_noise(seed, run.noise_shape, device, dtype) if noise is None else to_device(noise, device).to(dtype)
@@ -318,7 +333,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         clean_t = torch.full((max(grid.first, grid.frames),), float(cfg.context_noise), device=device)
         step_t = {id(f): to_device(f.timesteps, device) for f in (run.first_flow, run.flow)}
         done, first_block = 0, None
-        forwards = prefix_pass(model, pool, out, lead, text[0], cfg.context_noise) if lead else 0
+        forwards = prefix_pass(model, pool, out, grid, text[0], cfg.context_noise)
         recache_at = {s: i for i, (s, _) in enumerate(prompts.entries) if s and cfg.switch_mode == "recache"}
         ticks = plan.ticks()
         for tick in ticks:
@@ -365,7 +380,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                 if i in v_of:
                     x0 = flow.x0(x_t[b], v_of[i].to(dtype), stage)
                     # after the last step the clean pass runs on x0 itself
-                    x_t[b] = x0 if last else flow.renoise(x0, stage + 1, step_noise(seed, b, stage, x0))
+                    x_t[b] = x0 if last else flow.renoise(x0, stage + 1,
+                                                          step_noise(seed, block_offset + b, stage, x0))
                 if not last:
                     continue
                 done += 1

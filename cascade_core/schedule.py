@@ -103,6 +103,20 @@ class BlockGrid:
         """Latent frames of a video of ``blocks`` blocks (the prefix's frames included)."""
         return self.start(blocks)
 
+    def prefix_chunks(self) -> list[tuple[int, int]]:
+        """The context prefix's frames [0, offset) as the finished blocks they are written as, oldest
+        first: frame ranges [lo, hi) of ``frames`` frames, the first holding the remainder (offset mod
+        frames) when ``frames`` does not divide ``offset`` (a start image; a video whose block 0 was an
+        independent first frame). This is how Self-Forcing's reference writes a given video's frames
+        before generating (``pipeline/causal_inference.py`` of guandeh17/Self-Forcing: frame 0 alone,
+        then blocks of ``num_frame_per_block``)."""
+        chunks, lo = [], 0
+        size = self.offset % self.frames or self.frames
+        while lo < self.offset:
+            chunks.append((lo, lo + size))
+            lo, size = lo + size, self.frames
+        return chunks
+
 
 @dataclass(frozen=True)
 class Tick:

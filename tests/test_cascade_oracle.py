@@ -14,9 +14,10 @@ softmax over concatenated keys:
 - a local window of W frames with a sink of S: a block ending at frame e sees frames [0, S) and
   [e - (W - S), hi) with hi its own end or the newest block's end as above (the reference's rolling
   cache);
-- a context prefix of F clean frames: one forward over them at t = context_noise and positions
-  0..F-1, every prefix frame attending every other, writes their K/V before tick 0; the blocks follow
-  at frame F and see prefix frames as any earlier frames.
+- a context prefix of F clean frames: written before tick 0 as finished blocks of the run's block
+  size (F mod size frames first when the size does not divide F), one forward each at t =
+  context_noise and positions at their frames, each seeing what a clean pass there sees; the blocks
+  follow at frame F and see prefix frames as any earlier frames.
 """
 import math
 
@@ -61,14 +62,18 @@ def cascade_oracle(model, embeds, parallel, attention="causal", flashblock="off"
     def seen(end, hi):  # frames a block ending at ``end`` sees when its visible run ends at ``hi``
         return [f for f in range(hi) if window is None or f < sink or f >= end - (window - sink)]
 
-    if lead:
-        def attend_prefix(layer, q, k, v):
-            write(layer, 0, k[0], v[0])
-            qh = heads(q[0])
-            scores = qh @ heads(k[0]).transpose(1, 2) / math.sqrt(qh.shape[-1])
-            return (scores.softmax(-1) @ heads(v[0])).transpose(0, 1).unsqueeze(0)
-        out[:, :, :lead] = prefix
-        model(prefix, torch.full((1, lead), float(context_noise)), [0], [text], attend_prefix)
+    def attend_prefix(layer, q, k, v, lo, hi):
+        write(layer, lo, k[0], v[0])
+        keys = [kv[layer, f] for f in seen(hi, hi)]
+        qh = heads(q[0])
+        scores = qh @ heads(torch.cat([c[0] for c in keys])).transpose(1, 2) / math.sqrt(qh.shape[-1])
+        return (scores.softmax(-1) @ heads(torch.cat([c[1] for c in keys]))).transpose(0, 1).unsqueeze(0)
+
+    out[:, :, :lead] = prefix if lead else out[:, :, :0]
+    bounds = [0] + list(range(lead % FPB or FPB, lead + 1, FPB))  # the remainder first, then blocks
+    for lo, hi in zip(bounds, bounds[1:]):
+        model(prefix[:, :, lo:hi], torch.full((1, hi - lo), float(context_noise)), [lo], [text],
+              lambda layer, q, k, v, lo=lo, hi=hi: attend_prefix(layer, q, k, v, lo, hi))
 
     for tick in range(entry[-1] + S + 1):
         pairs = [(b, tick - entry[b]) for b in range(blocks) if 0 <= tick - entry[b] <= n_steps[b]]

@@ -16,9 +16,11 @@ un-rotated and RoPEs the keys a forward attends, [sink | recent frames], at 0..F
 the last n positions; at the first step of a block that pushes frames out of the window (block n >= 3
 with window 9, sink 3: block n-2) the sink's un-rotated K and V become a*sink + (1-a)*pushed out,
 before that forward attends.
-A context prefix of F clean frames is run first, as one forward at t = context noise and positions
-0..F-1 (every prefix frame attending every other) under the first prompt, writing their K/V; the
-blocks then follow at frame F, the prefix frames kept, windowed and re-cached as any earlier frames.
+A context prefix of F clean frames is run first, as the finished blocks it is made of (F mod N
+frames first when N does not divide F, then blocks of N: Self-Forcing's way with a given video), one
+forward each at t = context noise and positions at their frames, each seeing what a clean pass there
+sees, under the first prompt; the blocks then follow at frame F, the prefix frames kept, windowed and
+re-cached as any earlier frames.
 """
 import dataclasses
 
@@ -118,9 +120,12 @@ def family_loop(model, prompts, blocks, frames, steps, warp, shift, first_steps=
         return list(range(min(sink, end))) + list(range(max(sink, end - (window - sink)), end))
 
     text = None
-    if lead:  # the prefix's clean pass, its frames attending one another
+    if lead:  # the prefix as finished blocks: the remainder first, then blocks of ``frames``
         out[:, :, :lead] = prefix
-        run(prefix, torch.full((1, lead), float(context_noise)), 0, text_of[0], list(range(lead)), list(range(lead)))
+        bounds = [0] + list(range(lead % frames or frames, lead + 1, frames))
+        for lo, hi in zip(bounds, bounds[1:]):
+            run(prefix[:, :, lo:hi], torch.full((1, hi - lo), float(context_noise)), lo, text_of[0], visible(hi),
+                list(range(lo, hi)))
     for b in range(blocks):
         s, n = starts[b], sizes[b]
         if b in text_of:

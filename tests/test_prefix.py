@@ -9,6 +9,7 @@ are already-finished frames of the video.
 import pytest
 import torch
 
+from cascade_core.context import CONTINUATION, prefix_config
 from cascade_core.distributed import WorkerPool
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 from test_cascade_oracle import SEED as CASCADE_SEED, cascade_oracle
@@ -70,7 +71,7 @@ def test_p1_after_a_prefix_equals_the_family_loop(model, case):
         assert torch.equal(res.latents, expected), (res.latents - expected).abs().max()
     else:
         assert (res.latents - expected).abs().max() <= P1_TOLERANCE
-    assert res.forwards == forwards == 1 + blocks * 5
+    assert res.forwards == forwards == -(-frames // fpb) + blocks * 5  # the prefix's blocks, then 4 steps + clean
 
 
 @pytest.mark.parametrize("mode", ["none", "recache"])
@@ -82,7 +83,7 @@ def test_prompt_switches_after_a_prefix_equal_the_family_loop(model, mode):
                                      recache=mode == "recache", prefix=prefix)
     res = run(model, CascadeConfig(window=9, sink=3, switch_mode=mode), 5, prefix, prompts)
     assert (res.latents - expected).abs().max() <= P1_TOLERANCE
-    assert res.forwards == forwards == 1 + 5 * 5 + (2 if mode == "recache" else 0)
+    assert res.forwards == forwards == 2 + 5 * 5 + (2 if mode == "recache" else 0)  # prefix blocks of 1 and 3
 
 
 CASCADE_CASES = {  # name: (parallel, attention, flashblock, prefix frames, window, sink, first frame)
@@ -90,6 +91,7 @@ CASCADE_CASES = {  # name: (parallel, attention, flashblock, prefix frames, wind
     "P5 bidirectional, window, sink in the prefix": (5, "bidirectional", "off", 3, 6, 2, False),
     "P3 bidirectional, no window": (3, "bidirectional", "off", 2, None, 0, False),
     "P3 causal, first frame of its own after the image": (3, "causal", "off", 1, 5, 1, True),
+    "P3 causal reuse, a video longer than the window": (3, "causal", "reuse", 7, 4, 1, False),
 }
 
 
@@ -120,15 +122,16 @@ def test_the_oracles_feel_the_prefix(model, prompt):
 
 @pytest.mark.parametrize("parallel", [1, 3])
 def test_the_prefix_is_written_once_before_block_0(model, parallel):
-    """One forward over every prefix frame at RoPE position 0, first; every later forward starts at or
-    after the prefix (no switches here); Result.forwards counts it."""
+    """The prefix's frames go through the model once each, first, as blocks of the run's size (the
+    remainder first) at their RoPE positions; every later forward starts at or after the prefix (no
+    switches here); Result.forwards counts them."""
     cfg = CascadeConfig(frames_per_block=2, parallel=parallel, window=6, sink=2)
     plain = run(model, cfg, 4, None)
     with ForwardLog(model) as log:
-        res = run(model, cfg, 4, clean_latents(3))
-    assert log.calls[0] == (3, [0])
-    assert all(min(pos) >= 3 for _, pos in log.calls[1:])
-    assert res.forwards == len(log.calls) == plain.forwards + 1
+        res = run(model, cfg, 4, clean_latents(5))
+    assert log.calls[:3] == [(1, [0]), (2, [1]), (2, [3])]
+    assert all(min(pos) >= 5 for _, pos in log.calls[3:])
+    assert res.forwards == len(log.calls) == plain.forwards + 3
 
 
 def test_the_prefix_left_out_and_block_events(model):
@@ -172,11 +175,11 @@ def test_several_processes_after_a_prefix_equal_one(model):
     whose sink the prefix holds, and a prompt switch."""
     prefix, prompts = clean_latents(3), {0: embedding(1), 2: embedding(2)}
     cfg = CascadeConfig(frames_per_block=2, parallel=3, window=6, sink=2, flashblock="reuse")
-    one = run(model, cfg, 5, prefix, prompts)
+    one = run(model, cfg, 5, prefix, prompts, block_offset=4)
     pool = WorkerPool(["cpu", "cpu"], threads=1, timeout=60)
     try:
         res = pool.generate(model, PromptSchedule(sorted(prompts.items())), cfg, blocks=5, width=W, height=H,
-                            seed=SEED, prefix=prefix)
+                            seed=SEED, prefix=prefix, block_offset=4)
         left = pool.generate(model, PromptSchedule(sorted(prompts.items())), cfg, blocks=5, width=W, height=H,
                              seed=SEED, prefix=prefix, include_prefix=False)
     finally:
@@ -184,4 +187,58 @@ def test_several_processes_after_a_prefix_equal_one(model):
     assert res.prefix_frames == 3 and torch.equal(res.latents[:, :, :3], prefix)
     assert (res.latents - one.latents).abs().max() <= 1e-5
     assert res.forwards == one.forwards
-    assert left.prefix_frames == 0 and torch.equal(left.latents, res.latents[:, :, 3:])
+    assert left.prefix_frames == 0 and (left.latents - res.latents[:, :, 3:]).abs().max() > 1e-3  # offset 0
+
+
+CHAIN_CASES = {  # name: (the long run's config, blocks of the first run)
+    "no window": (CascadeConfig(frames_per_block=2), 2),
+    "window and sink, the window full before the continuation": (CascadeConfig(frames_per_block=2, window=6, sink=2), 4),
+    "independent first frame, block 0's own steps": (
+        CascadeConfig(frames_per_block=2, independent_first_frame=True, steps=(1000, 500),
+                      first_block_steps=(1000, 750, 500, 250), window=5, sink=1), 3),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAIN_CASES))
+def test_a_continuation_equals_one_long_run(model, prompt, case):
+    """The promise of the module docstring: a first run of N blocks, then a run after its whole video
+    with the long run's remaining noise and block_offset N, gives the long run's latents (P1)."""
+    cfg, n = CHAIN_CASES[case]
+    m, schedule = 3, PromptSchedule.single(prompt)
+    frames = cfg.grid.total(n + m)
+    z = torch.randn(1, 16, frames, H // 8, W // 8, generator=torch.Generator().manual_seed(21))
+    long = generate(model, schedule, cfg, blocks=n + m, width=W, height=H, seed=SEED, noise=z)
+    head = cfg.grid.total(n)
+    first = generate(model, schedule, cfg, blocks=n, width=W, height=H, seed=SEED, noise=z[:, :, :head])
+    then = prefix_config(cfg, CONTINUATION)[0]
+    chain = generate(model, schedule, then, blocks=m, width=W, height=H, seed=SEED, noise=z[:, :, head:],
+                     prefix=first.latents, block_offset=n)
+    assert torch.equal(first.latents, long.latents[:, :, :head])
+    assert chain.latents.shape == long.latents.shape
+    assert (chain.latents - long.latents).abs().max() <= P1_TOLERANCE
+    unnumbered = generate(model, schedule, then, blocks=m, width=W, height=H, seed=SEED, noise=z[:, :, head:],
+                          prefix=first.latents)  # the re-noising noise of blocks 0.. instead of n..
+    assert (unnumbered.latents - long.latents).abs().max() > 100 * P1_TOLERANCE
+
+
+def test_a_negative_block_offset_is_refused(model):
+    with ForwardLog(model) as log, pytest.raises(ValueError, match="block_offset"):
+        run(model, CascadeConfig(), 2, None, block_offset=-1)
+    assert log.calls == []
+
+
+def test_the_memory_estimate_counts_the_prefix_frames(model):
+    """Without a window every prefix frame's K/V stays (2 x layers x tokens x dim x bytes per frame, plus
+    its latents); with a window the K/V cache does not grow, the latents still do."""
+    from cascade_core.memory import estimate_run_bytes
+    c = model.cfg
+    tpf = (H // 16) * (W // 16)
+
+    def need(cfg, frames):
+        return estimate_run_bytes(c, torch.float32, cfg, 4, W, H, 1, 0, prefix_frames=frames)[0]
+
+    per_frame_kv = 2 * c.num_layers * tpf * c.dim * 4
+    grown = need(CascadeConfig(), 5) - need(CascadeConfig(), 0)
+    assert grown >= 1.2 * 5 * per_frame_kv
+    windowed = CascadeConfig(window=6, sink=2)
+    assert 0 < need(windowed, 5) - need(windowed, 0) == pytest.approx(grown - 1.2 * 5 * per_frame_kv, abs=2)

@@ -287,10 +287,10 @@ class WorkerPool:
                  on_tick: Callable[[TickEvent], None] | None = None,
                  on_block: Callable[[BlockEvent], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, prefix: torch.Tensor | None = None,
-                 include_prefix: bool = True) -> Result:
+                 include_prefix: bool = True, block_offset: int = 0) -> Result:
         """Like :func:`sampler.generate`, spread over the pool's devices (see the module docstring)."""
         job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise, self.world_size,
-                                 prefix, include_prefix)
+                                 prefix, include_prefix, block_offset)
         with self._lock:
             if self._closed:
                 raise RuntimeError("this WorkerPool was closed")
@@ -301,7 +301,8 @@ class WorkerPool:
                 self._start()
             try:
                 run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
-                                                     len(prompts.entries), 0, ranks=self.world_size)
+                                                     len(prompts.entries), 0, ranks=self.world_size,
+                                                     prefix_frames=job["prefix"])
                 if not self._weights_current(model):
                     self._upload(model, run_bytes, what)
                 else:

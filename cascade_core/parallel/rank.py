@@ -89,7 +89,8 @@ class _Rank:
             return run_loop(model, PromptSchedule(list(zip(job["starts"], embeds))), cfg, blocks=job["blocks"],
                             width=job["width"], height=job["height"], seed=job["seed"], noise=noise,
                             on_tick=on_tick, on_block=on_block, should_stop=should_stop, partition=part,
-                            prefix=prefix, include_prefix=job.get("include_prefix", True))
+                            prefix=prefix, include_prefix=job.get("include_prefix", True),
+                            block_offset=job.get("block_offset", 0))
         except Interrupted as exc:
             exc.tick = part.stopped_at
             raise
@@ -148,7 +149,7 @@ def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, 
                         blocks: int = 0, width: int = 0, height: int = 0, seed: int = 0,
                         noise: torch.Tensor | None = None, on_tick=None, on_block=None, should_stop=None,
                         device: torch.device | None = None, prefix: torch.Tensor | None = None,
-                        include_prefix: bool = True) -> Result | None:
+                        include_prefix: bool = True, block_offset: int = 0) -> Result | None:
     """Every rank of the initialised default process group calls this; rank 0 passes the model,
     prompts, config and run arguments (the others' are ignored: the weights, prompt embeddings and
     noise come from rank 0) and gets the Result, the others get None. ``device``: this rank's device
@@ -168,7 +169,7 @@ def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, 
                 if model is None or prompts is None or cfg is None:
                     raise ValueError("rank 0 needs the model, the prompts and the config")
                 job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise,
-                                         dist.get_world_size(), prefix, include_prefix)
+                                         dist.get_world_size(), prefix, include_prefix, block_offset)
             except Exception as exc:
                 dist.broadcast_object_list([("refused", str(exc))], src=0, group=ctrl)
                 raise

@@ -80,16 +80,19 @@ def _fingerprint(model: WanModel) -> tuple:
 
 def _make_job(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, blocks: int, width: int,
               height: int, seed: int, noise: torch.Tensor | None, devices: int,
-              prefix: torch.Tensor | None = None, include_prefix: bool = True) -> tuple[dict, dict]:
+              prefix: torch.Tensor | None = None, include_prefix: bool = True,
+              block_offset: int = 0) -> tuple[dict, dict]:
     """Validate a run as :func:`sampler.generate` does; (job for every rank, tensors for rank 0).
     ``job["prefix"]``: the context prefix's frames (0: none)."""
-    run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix)
+    run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix,
+                   block_offset=block_offset)
     cfg.check_switches(len(prompts.entries) - 1, devices)
     embeds = [e.detach() for _, e in prompts.entries]
     job = {"cfg": dataclasses.asdict(cfg), "blocks": blocks, "width": width, "height": height, "seed": seed,
            "starts": [s for s, _ in prompts.entries],
            "embeds": [(tuple(e.shape), _dtype_name(e.dtype)) for e in embeds],
            "noise": noise is not None, "prefix": run.grid.offset, "include_prefix": include_prefix,
+           "block_offset": block_offset,
            "backend": attention.get_backend(),
            "fault": os.environ.get(TEST_FAULT_ENV) or None}
     return job, {"embeds": embeds, "noise": noise, "prefix": prefix}
