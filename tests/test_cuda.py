@@ -212,6 +212,26 @@ def test_two_gpus_give_the_latents_of_one():
 
 
 @two_gpus
+def test_two_gpus_after_a_context_prefix_give_the_latents_of_one():
+    """A context prefix longer than a block (written as blocks on every rank), a window whose sink it
+    holds, FlashBlock reuse and a block offset: two GPUs equal one to fp32 rounding."""
+    from cascade_core.distributed import WorkerPool
+
+    model = WanModel.random(SMALL, seed=0, device="cuda", dtype=torch.float32)
+    embeds = torch.randn(20, 64)
+    prefix = torch.randn(1, 16, 4, 8, 16, generator=torch.Generator().manual_seed(3))
+    cfg = CascadeConfig(parallel=3, window=9, sink=3, flashblock="reuse")
+    run = dict(blocks=4, width=128, height=64, seed=1, prefix=prefix, block_offset=2)
+    pool = WorkerPool(["cuda:0", "cuda:1"])
+    try:
+        local = generate(model, PromptSchedule.single(embeds), cfg, **run).latents
+        pooled = pool.generate(model, PromptSchedule.single(embeds), cfg, **run).latents
+    finally:
+        pool.close()
+    assert torch.equal(pooled[:, :, :4].cpu(), prefix) and rel(pooled, local) < 1e-4
+
+
+@two_gpus
 @pytest.mark.parametrize("fault,message", [("kill", r"rank 1 \(cuda:1\) died"),
                                            ("oom", r"rank 1 \(cuda:1\) ran out of memory"),
                                            ("interrupt", "stopped at tick")])
