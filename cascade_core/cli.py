@@ -140,10 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8 matrix products in the transformer layers (faster on GPUs with fp8 units; approximate)")
     g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the layers (auto: on CUDA); the first run pays the compilation")
-    g.add_argument("--noise", help=".safetensors with the initial noise [1, 16, T, H/8, W/8]")
+    g.add_argument("--noise", help=".safetensors with the initial noise [1, 16, T, H/8, W/8] (the generated frames)")
+    before = g.add_mutually_exclusive_group()
+    before.add_argument("--image", metavar="FILE",
+                        help="start image (PNG, JPEG; needs --vae): scaled to cover --width x --height keeping its "
+                             "aspect ratio, then centre-cropped, and encoded into one latent frame before block 0; "
+                             "the outputs hold that frame, then the --blocks generated blocks")
+    before.add_argument("--continue", dest="continue_from", metavar="FILE",
+                        help="continue a video: latents that --latents-out wrote (.safetensors; the outputs hold "
+                             "every given latent frame, then the new ones, so runs chain) or a video file such as "
+                             "an MP4 (needs --vae; its last frames, scaled and cropped as --image, are encoded and "
+                             "the outputs hold them, then the new ones); its last --context-frames latent frames "
+                             "are the context before block 0")
+    g.add_argument("--context-frames", type=int, default=0,
+                   help="latent frames of --continue that are the context (0: the --window, or every frame "
+                        "without one)")
     g.add_argument("--latents-out", help="write the latents [1, 16, T, H/8, W/8] to this .safetensors")
     g.add_argument("--vae", help="Wan2.1 VAE (file, or diffusers vae/ folder) or taew2_1 preview decoder "
-                                 "weights: decode each block as it finishes, on its own CUDA stream")
+                                 "weights: decode each block as it finishes, on its own CUDA stream; the complete "
+                                 "Wan2.1 VAE's encoder encodes --image and a --continue video")
     g.add_argument("--video-out", help="MP4 to write (with --vae; default: out/video.mp4 unless --frames-dir)")
     g.add_argument("--frames-dir", help="write each frame as a PNG into this folder as it is decoded (alone: no MP4)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -99,6 +99,12 @@ def check_input(flag: str, path: str | None) -> None:
         raise UsageError(f"{flag} {path}: no such file or folder")
 
 
+def check_latents(flag: str, path: str, latents: torch.Tensor) -> None:
+    """Refuse a tensor that is not latents [1, 16, T, H/8, W/8] with T >= 1 (as --latents-out writes them)."""
+    if latents.dim() != 5 or latents.shape[:2] != (1, 16) or latents.shape[2] < 1:
+        raise UsageError(f"{flag} {path}: expected latents [1, 16, T, H/8, W/8], got {list(latents.shape)}")
+
+
 def input_bytes(path: str) -> int:
     """Bytes of an input file, or of every file in an input folder."""
     if os.path.isdir(path):

@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import attention, cli_checks, distributed
+from . import attention, cli_checks, cli_prefix, distributed
 from .cli import (BUILTIN, DTYPES, build_model, check_text_arguments, load_weights, prompt_embeddings, resolve_device,
                   several_devices, single_tensor)
 from .cli_checks import UsageError
@@ -78,12 +78,16 @@ class BlockProgress:
         self.bar.close()
 
 
+def vae_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype in a run of ``dtype`` on ``device``: fp32 on the CPU or for fp32 runs, else fp16."""
+    return torch.float32 if device.type == "cpu" or dtype == torch.float32 else torch.float16
+
+
 def open_video(vae: str, video_out: str | None, frames_dir: str | None, device: torch.device,
                dtype: torch.dtype) -> tuple[VideoWriter, FrameStream]:
-    """The decoder of ``vae`` (fp32 on the CPU or for fp32 runs, else fp16) streaming into an MP4
-    (``video_out``; none when only ``frames_dir`` is given) and/or PNGs in ``frames_dir``."""
-    vae_dtype = torch.float32 if device.type == "cpu" or dtype == torch.float32 else torch.float16
-    decoder = load_decoder(vae, vae_dtype, device)
+    """The decoder of ``vae`` (:func:`vae_dtype`) streaming into an MP4 (``video_out``; none when only
+    ``frames_dir`` is given) and/or PNGs in ``frames_dir``."""
+    decoder = load_decoder(vae, vae_dtype(device, dtype), device)
     writer = VideoWriter(video_out, frames_dir=frames_dir)
     return writer, FrameStream(decoder, on_frames=writer.write, keep=False)
 
@@ -96,9 +100,11 @@ def kept(writer: VideoWriter | None) -> str:
     return f"{where} {'hold' if writer.path and writer.frames_dir else 'holds'} {writer.count} frames"
 
 
-def summary(result: Result, args, model_label: str, device, cfg: CascadeConfig) -> dict:
-    """The JSON line: what was made (``latent_frames``; ``video_frames`` only where decoded) and timing."""
-    latent_frames = result.latents.shape[2]
+def summary(result: Result, latents: torch.Tensor, args, model_label: str, device, cfg: CascadeConfig) -> dict:
+    """The JSON line: what was made (``latents``, the output: ``latent_frames``; ``video_frames`` only
+    where decoded) and timing (``latent_frames_per_second``: the generated frames)."""
+    latent_frames = latents.shape[2]
+    generated = result.latents.shape[2] - result.prefix_frames
     return {
         "model": model_label,
         "device": str(device),
@@ -107,11 +113,11 @@ def summary(result: Result, args, model_label: str, device, cfg: CascadeConfig) 
         "forwards": result.forwards,
         "parallel": cfg.parallel,
         "fp8": args.fp8,
-        "latent_shape": list(result.latents.shape),
+        "latent_shape": list(latents.shape),
         "latent_frames": latent_frames,
         "seconds": round(result.seconds, 4),
         "first_block_seconds": round(result.first_block_seconds, 4),
-        "latent_frames_per_second": round(latent_frames / result.seconds, 2),
+        "latent_frames_per_second": round(generated / result.seconds, 2),
         "latents_out": args.latents_out,
     }
 
@@ -126,12 +132,15 @@ def check_outputs(args) -> None:
     cli_checks.check_input("--vae", args.vae)
 
 
-def kept_latents(path: str | None, finished: list[torch.Tensor]) -> str:
-    """Write the finished blocks' latents of a stopped run to ``path``; the words for the message."""
+def kept_latents(path: str | None, finished: list[torch.Tensor], lead: torch.Tensor | None = None) -> str:
+    """Write the finished blocks' latents of a stopped run to ``path``, after ``lead`` (the latent
+    frames before block 0 that the output starts with, if any); the words for the message."""
     if not path or not finished:
         return ""
-    save_safetensors({"latents": torch.cat(finished, 2).cpu()}, os.path.realpath(path))
-    return f"; {path} holds the latents of {len(finished)} blocks"
+    parts = ([] if lead is None else [lead.to(finished[0])]) + finished
+    save_safetensors({"latents": torch.cat(parts, 2).cpu()}, os.path.realpath(path))
+    after = "" if lead is None else f" after {lead.shape[2]} given latent frames"
+    return f"; {path} holds the latents of {len(finished)} blocks{after}"
 
 
 def video_path(args) -> str | None:
@@ -150,16 +159,19 @@ def weight_bytes(model_cfg: WanConfig, weights, dtype: torch.dtype) -> int:
         return sum(p.numel() for p in WanModel(model_cfg).parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
-def _prepare(args, devices, device: torch.device, dtype: torch.dtype, cfg: CascadeConfig, switches):
-    """The model, its label, the prompt schedule (embeddings [L, text_dim]) and its label, and the
-    initial noise (or None) of a ``generate`` run: files read and checked, memory estimated (one
-    device). ``switches``: :func:`cli_checks.prompt_switches`."""
+def _prepare(args, devices, device: torch.device, dtype: torch.dtype, cfg: CascadeConfig, switches, prefix_in):
+    """The model, its label, the prompt schedule (embeddings [L, text_dim]) and its label, the
+    initial noise (or None) and the context prefix (or None) of a ``generate`` run: files read and
+    checked, memory estimated (one device), the prefix encoded before the DiT is built.
+    ``switches``: :func:`cli_checks.prompt_switches`; ``prefix_in``: :func:`cli_prefix.read_prefix`."""
     weights = load_weights(args, dtype)  # checked (and kept on the CPU) before the text encoder runs
     if devices is None:  # several devices: the worker pool checks each GPU for its own share
         model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
         vae_bytes = cli_checks.input_bytes(args.vae) if args.vae else 0
         cli_checks.check_memory(device, model_cfg, dtype, weight_bytes(model_cfg, weights, dtype), cfg, args,
                                 vae_bytes)
+    prefix = None if prefix_in is None else cli_prefix.prefix_latents(
+        prefix_in, cfg, args.context_frames, args.vae, device, vae_dtype(device, dtype))
     texts = ([args.prompt] if args.prompt is not None else []) + [v for _, v, is_file in switches if not is_file]
     encoded = prompt_embeddings(args, texts, device) if texts else []
     embeds = encoded.pop(0) if args.prompt is not None else None
@@ -177,7 +189,7 @@ def _prepare(args, devices, device: torch.device, dtype: torch.dtype, cfg: Casca
     noise = single_tensor(args.noise, "the initial noise") if args.noise else None
     entries = [(0, embeds)] + [(b, single_tensor(v, "a [L, 4096] prompt embedding") if is_file else encoded.pop(0))
                                for b, v, is_file in switches]
-    return model, label, PromptSchedule(entries), prompt_label, noise
+    return model, label, PromptSchedule(entries), prompt_label, noise, prefix
 
 
 @contextlib.contextmanager
@@ -208,9 +220,11 @@ def run_generate(args) -> dict | None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     latent_size(args.width, args.height)
+    cfg, prefix_notes = cli_prefix.prefix_settings(args, cfg)
     check_text_arguments(args, sum(not is_file for *_, is_file in switches))
     warnings = cli_checks.check_settings(args, cfg)
     check_outputs(args)
+    prefix_in = cli_prefix.read_prefix(args, cfg)
     if devices == "torchrun":  # every rank checks everything before it joins the group
         device = distributed.rank_device(int(os.environ.get("LOCAL_RANK", "0")))
         where = f"{os.environ.get('WORLD_SIZE', '?')} ranks (torchrun)"
@@ -226,7 +240,9 @@ def run_generate(args) -> dict | None:
             distributed.generate_collective(None, None, None, device=device)
             return None
     with _refusal_reaches_every_rank(devices == "torchrun"):
-        model, label, prompts, prompt_label, noise = _prepare(args, devices, device, dtype, cfg, switches)
+        model, label, prompts, prompt_label, noise, prefix = _prepare(args, devices, device, dtype, cfg, switches,
+                                                                      prefix_in)
+    warnings[0:0] = prefix_notes
     if assumed:  # said once every check has passed (a refusal stays one line)
         warnings.insert(0, f"note: family {family} assumed ({assumed}); --family sets another")
     for line in warnings:
@@ -234,6 +250,8 @@ def run_generate(args) -> dict | None:
     writer = frames = progress = None
     if args.vae:
         writer, frames = open_video(args.vae, video_path(args), args.frames_dir, device, dtype)
+    head = None if prefix_in is None else prefix_in.head  # given latents before the context, output as they are
+    lead = None if prefix is None else prefix if head is None else torch.cat([head, prefix], 2)
 
     finished = []  # latents [1, 16, fpb, h, w] of the finished blocks, kept for a stopped run
 
@@ -255,9 +273,12 @@ def run_generate(args) -> dict | None:
                 startup = time.perf_counter() - start
                 run = pool.generate
             progress = BlockProgress(args.blocks, not args.quiet)  # after the workers' start-up
+            if frames is not None and lead is not None:  # the video starts with the frames before block 0
+                frames.push(BlockEvent(-1, lead.to(dtype), 0, 0.0))
             result = run(model, prompts, cfg, blocks=args.blocks, width=args.width,
                          height=args.height, seed=args.seed, noise=noise, on_block=on_block,
-                         on_tick=None if frames is None else frames.poll, should_stop=stop)
+                         on_tick=None if frames is None else frames.poll, should_stop=stop,
+                         prefix=prefix, include_prefix=True)
             if frames is not None:
                 frames.finish()
         except Interrupted:
@@ -265,7 +286,7 @@ def run_generate(args) -> dict | None:
                 frames.finish()  # the blocks that finished are decoded and written
             progress.close()  # ends the bar's line before the message
             raise Stopped(f"stopped at block {min(progress.done + 1, args.blocks)} of {args.blocks}; "
-                          f"{kept(writer)}{kept_latents(args.latents_out, finished)}") from None
+                          f"{kept(writer)}{kept_latents(args.latents_out, finished, lead)}") from None
         finally:
             if progress is not None:
                 progress.close()
@@ -275,9 +296,10 @@ def run_generate(args) -> dict | None:
                 writer.close()
             if pool is not None:
                 pool.close()
+    latents = result.latents if head is None else torch.cat([head.to(result.latents), result.latents], 2)
     if args.latents_out:
-        save_safetensors({"latents": result.latents}, os.path.realpath(args.latents_out))  # through a link
-    out = summary(result, args, label, where, cfg)
+        save_safetensors({"latents": latents}, os.path.realpath(args.latents_out))  # through a link
+    out = summary(result, latents, args, label, where, cfg)
     out.update(family=family, family_assumed=assumed, settings=describe(cfg),
                prompt_switches=[b for b, *_ in switches])
     if startup is not None:
@@ -288,6 +310,8 @@ def run_generate(args) -> dict | None:
                    end_to_end_seconds=round(seconds, 4), video_frames_per_second=round(writer.count / seconds, 2))
     if prompt_label:
         out["prompt"] = prompt_label
+    if prefix_in is not None:
+        out.update(prefix_source=prefix_in.source, prefix_file=prefix_in.path, prefix_frames=result.prefix_frames)
     return out
 
 
@@ -299,9 +323,7 @@ def run_decode(args) -> dict:
     cli_checks.check_output_folder("--frames-dir", args.frames_dir)
     device = resolve_device(args.device)
     latents = single_tensor(args.latents, "latents [1, 16, T, H/8, W/8]")
-    if latents.dim() != 5 or latents.shape[:2] != (1, 16) or latents.shape[2] < 1:
-        raise UsageError(f"--latents {args.latents}: expected latents [1, 16, T, H/8, W/8], "
-                         f"got {list(latents.shape)}")
+    cli_checks.check_latents("--latents", args.latents, latents)
     cli_checks.check_input("--vae", args.vae)
     start = time.perf_counter()
     writer, frames = open_video(args.vae, video_out, args.frames_dir, device, torch.float32)

@@ -74,12 +74,13 @@ def read_pickle(path: str) -> Any:
                 path,
                 "refused: its pickle would import or call code on load, and only plain tensors "
                 f"are accepted (nothing of it was run). {what}".rstrip()) from None
-        raise CheckpointError(path, f"truncated or corrupt file ({_first_line(exc)})") from None
+        raise CheckpointError(path, f"truncated or corrupt file ({first_line(exc)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(path, f"truncated or corrupt file ({_first_line(exc)})") from None
+        raise CheckpointError(path, f"truncated or corrupt file ({first_line(exc)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a one-line error."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -1,4 +1,5 @@
-"""The diffusers names of the Wan2.1 VAE decoder (``AutoencoderKLWan``), mapped to the original ones.
+"""The diffusers names of the Wan2.1 VAE decoder (``AutoencoderKLWan``), mapped to the original ones,
+and where each layout's encoder half starts.
 
 The diffusers layout (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers/vae/diffusion_pytorch_model.safetensors``)
 holds the same tensors, with the same shapes, as the released ``Wan2.1_VAE.pth``; only the names
@@ -19,6 +20,9 @@ import torch
 
 DIFFUSERS_ANCHOR = "decoder.conv_in.weight"  # [4*dim, 16, 3, 3, 3]; an image VAE's is 2-D
 DIFFUSERS_PARTS = ("decoder.", "post_quant_conv.")
+# The encoder half, in both layouts (read whole by diffusers' AutoencoderKLWan, see :mod:`vae_encode`).
+ENCODER_ANCHOR, ENCODER_PARTS = "encoder.conv1.weight", ("encoder.", "conv1.")  # [dim, 3, 3, 3, 3]
+DIFFUSERS_ENCODER_ANCHOR, DIFFUSERS_ENCODER_PARTS = "encoder.conv_in.weight", ("encoder.", "quant_conv.")
 
 _TOP = {"post_quant_conv": "conv2", "decoder.conv_in": "decoder.conv1", "decoder.norm_out": "decoder.head.0",
         "decoder.conv_out": "decoder.head.2"}

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_models
@@ -228,3 +229,86 @@ def test_rolling_forcing_from_the_cli_runs_its_joint_window(capsys):
     s = _summary(capsys)
     assert s["parallel"] == 6 and s["settings"]["rolling_window"] and s["settings"]["attention"] == "bidirectional"
     assert s["forwards"] == 7 + 5  # one forward a tick: blocks + steps
+
+
+# ---- a start image, a continuation (--image, --continue) -------------------------------------
+
+def direct_run(prefix, seed=0, blocks=2, **settings):
+    """The oracle of a CLI run after a prefix: the CLI's built-in model, prompt and family settings
+    through generate(prefix=...) here, the generated frames only."""
+    from cascade_core.cli import BUILTIN
+    from cascade_core.families import family_config
+    from cascade_core.model import WanModel
+    from cascade_core.sampler import PromptSchedule, generate
+
+    model = WanModel.random(BUILTIN, seed=0)
+    embeds = torch.randn(16, BUILTIN.text_dim, generator=torch.Generator().manual_seed(seed))
+    return generate(model, PromptSchedule([(0, embeds)]), family_config("self-forcing", **settings), blocks=blocks,
+                    width=64, height=32, seed=seed, prefix=prefix, include_prefix=False).latents
+
+
+def test_a_start_image_is_the_first_latent_frame_then_the_blocks_generated_after_it(tmp_path, capsys):
+    import av
+    from PIL import Image
+    from test_vae_encode import as_pixels, diffusers_vae, noise_image, their_latents
+
+    sd = tiny_models().vae_state_dict("tiny")
+    save_safetensors(sd, str(tmp_path / "vae.safetensors"))
+    image = noise_image(48, 64, seed=3)  # cover scale 1 onto 64 x 32: rows 8..39
+    Image.fromarray(image).save(tmp_path / "start.png")
+    out, video = tmp_path / "out.safetensors", tmp_path / "out.mp4"
+    assert main(["generate", *SMALL, "--image", str(tmp_path / "start.png"), "--vae", str(tmp_path / "vae.safetensors"),
+                 "--latents-out", str(out), "--video-out", str(video)]) == 0
+    s = _summary(capsys)
+    image_latent = their_latents(diffusers_vae(sd), as_pixels(image[None, 8:40]))
+    latents = read_tensor_file(str(out))["latents"]
+    assert latents.shape == (1, 16, 1 + 6, 4, 8) and s["latent_frames"] == 7 and s["prefix_frames"] == 1
+    assert (s["prefix_source"], s["prefix_file"]) == ("image", str(tmp_path / "start.png"))
+    torch.testing.assert_close(latents[:, :, :1], image_latent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(latents[:, :, 1:], direct_run(image_latent), atol=1e-4, rtol=0)
+    with av.open(str(video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == s["video_frames"] == 1 + 4 * 6
+
+
+@pytest.mark.parametrize("options,context", [(["--context-frames", "2"], 2), (["--window", "6"], 6), ([], 8)])
+def test_continuing_latents_keeps_them_all_then_the_frames_generated_after_their_context(tmp_path, capsys,
+                                                                                         options, context):
+    given = torch.randn(1, 16, 8, 4, 8, generator=torch.Generator().manual_seed(4))
+    save_safetensors({"latents": given}, str(tmp_path / "given.safetensors"))
+    out = tmp_path / "out.safetensors"
+    assert main(["generate", *SMALL, "--continue", str(tmp_path / "given.safetensors"), *options,
+                 "--latents-out", str(out)]) == 0
+    s = _summary(capsys)
+    latents = read_tensor_file(str(out))["latents"]
+    assert latents.shape == (1, 16, 8 + 6, 4, 8) and s["prefix_frames"] == context and s["prefix_source"] == "latents"
+    assert torch.equal(latents[:, :, :8], given)
+    settings = {"window": 6} if "--window" in options else {}
+    assert torch.equal(latents[:, :, 8:], direct_run(given[:, :, 8 - context:], **settings))
+
+
+def test_continuing_an_mp4_encodes_its_last_frames_as_the_context(tmp_path, capsys):
+    from test_vae_encode import write_mp4
+
+    save_safetensors(tiny_models().vae_state_dict("tiny"), str(tmp_path / "vae.safetensors"))
+    frames = np.random.default_rng(5).integers(0, 256, (11, 32, 64, 3), dtype=np.uint8)
+    write_mp4(tmp_path / "given.mp4", frames)
+    out = tmp_path / "out.safetensors"
+    for asked, context in (("2", 2), ("0", 3)):  # 0 without a window: every 1 + 4k of its last frames, 9 of 11
+        assert main(["generate", *SMALL, "--continue", str(tmp_path / "given.mp4"), "--context-frames", asked,
+                     "--vae", str(tmp_path / "vae.safetensors"), "--latents-out", str(out),
+                     "--video-out", str(tmp_path / "out.mp4")]) == 0
+        s = _summary(capsys)
+        latents = read_tensor_file(str(out))["latents"]
+        assert latents.shape == (1, 16, context + 6, 4, 8) and s["prefix_frames"] == context
+        assert s["prefix_source"] == "video" and s["video_frames"] == 1 + 4 * (context + 6 - 1)
+        torch.testing.assert_close(latents[:, :, context:], direct_run(latents[:, :, :context]), atol=1e-4, rtol=0)
+
+
+def test_a_prefix_changes_the_config_with_a_note(tmp_path, capsys):
+    save_safetensors({"latents": torch.randn(1, 16, 4, 4, 8)}, str(tmp_path / "given.safetensors"))
+    assert main(["generate", *SMALL, "--family", "causal-forcing-framewise-1step",
+                 "--continue", str(tmp_path / "given.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert "note: block 0's own step list is not used" in captured.err
+    s = _summary_of(captured)
+    assert s["settings"]["first_block_steps"] is None and s["forwards"] == 1 + 2 * 2  # prefix, then 1 step + clean

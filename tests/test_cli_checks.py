@@ -199,3 +199,46 @@ def test_non_finite_noise_is_refused_in_one_line(tmp_path, capsys):
     assert main(["generate", *SMALL, "--noise", str(tmp_path / "noise.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == ["error: the initial noise holds NaN or infinite values"], err
+
+
+def test_bad_start_images_and_continuations_give_one_line_before_the_model(tmp_path, capsys, no_model_work):
+    from conftest import tiny_models
+
+    from cascade_core.safe_io import save_safetensors
+
+    vae = tmp_path / "vae.safetensors"
+    save_safetensors(tiny_models().vae_state_dict("tiny"), str(vae))
+    decoder_only = tmp_path / "decoder_only.safetensors"
+    save_safetensors({k: v for k, v in tiny_models().vae_state_dict("tiny").items()
+                      if not k.startswith(("encoder.", "conv1."))}, str(decoder_only))
+    png, mp4, junk_png, junk_mp4 = (tmp_path / n for n in ("a.png", "a.mp4", "junk.png", "junk.mp4"))
+    from PIL import Image
+    Image.new("RGB", (64, 32)).save(png)
+    mp4.write_bytes(b"\x00")  # never read: the missing --vae is said first
+    junk_png.write_bytes(b"not an image")
+    junk_mp4.write_bytes(b"\x00" * 64)
+    wide = tmp_path / "wide.safetensors"
+    save_safetensors({"latents": torch.zeros(1, 16, 4, 8, 16)}, str(wide))
+    flat = tmp_path / "flat.safetensors"
+    save_safetensors({"latents": torch.zeros(16, 4, 4, 8)}, str(flat))
+    nan = tmp_path / "nan.safetensors"
+    save_safetensors({"latents": torch.full((1, 16, 2, 4, 8), float("nan"))}, str(nan))
+    cases = [
+        (["--image", str(png)], "--image " + str(png) + " needs --vae FILE"),
+        (["--continue", str(mp4)], "needs --vae FILE (the complete Wan2.1 VAE) to encode a video"),
+        (["--image", str(png), "--continue", str(wide)], "not allowed with argument"),
+        (["--context-frames", "2"], "--context-frames needs --continue FILE"),
+        (["--continue", str(wide), "--context-frames", "-1"], "--context-frames must be >= 0"),
+        (["--continue", str(tmp_path / "missing.safetensors")], "no such file"),
+        (["--image", str(tmp_path / "missing.png"), "--vae", str(vae)], "no such file"),
+        (["--continue", str(wide)], "its latents are 8x16 (a 128x64 video) but --width 64 --height 32 needs 4x8"),
+        (["--continue", str(flat)], "expected latents [1, 16, T, H/8, W/8], got [16, 4, 4, 8]"),
+        (["--continue", str(nan)], "NaN or infinite"),
+        (["--image", str(junk_png), "--vae", str(vae)], "junk.png: not a readable image"),
+        (["--continue", str(junk_mp4), "--vae", str(vae)], "junk.mp4: not a readable video"),
+        (["--image", str(png), "--vae", str(vae), "--family", "reward-forcing"], "not defined with slot RoPE"),
+        (["--image", str(png), "--vae", str(decoder_only)], "decoder_only.safetensors: holds only the decoder half"),
+    ]
+    for args, message in cases:
+        assert main(["generate", *SMALL, *args]) == 2, args
+        one_line(capsys, message)
