@@ -213,13 +213,14 @@ def check_settings(args, cfg: CascadeConfig) -> list[str]:
 
 
 def check_memory(device: torch.device, model_cfg, dtype: torch.dtype, weight_bytes: int, cfg: CascadeConfig,
-                 args, vae_bytes: int) -> None:
-    """Refuse a run whose estimated need (weights + :func:`memory.estimate_run_bytes`) exceeds what
-    ``device`` has available now."""
+                 args, vae_bytes: int, prefix_frames: int = 0) -> None:
+    """Refuse a run whose estimated need (weights + :func:`memory.estimate_run_bytes`, a context prefix
+    of ``prefix_frames`` latent frames included) exceeds what ``device`` has available now."""
     free = available_bytes(device)
     if free is None:
         return
-    run, what = estimate_run_bytes(model_cfg, dtype, cfg, args.blocks, args.width, args.height, 1, vae_bytes)
+    run, what = estimate_run_bytes(model_cfg, dtype, cfg, args.blocks, args.width, args.height, 1, vae_bytes,
+                                   prefix_frames=prefix_frames)
     need = run + weight_bytes
     if need > free:
         raise UsageError(f"the run needs about {need / GIB:.2f} GiB on {device} (weights "

@@ -34,6 +34,11 @@ class PrefixInput:
     context: torch.Tensor | None = None
     head: torch.Tensor | None = None
 
+    @property
+    def frames(self) -> int:
+        """Latent frames of the context (the pixels' 1 + (T - 1) // 4 before encoding)."""
+        return self.context.shape[2] if self.context is not None else 1 + (self.pixels.shape[2] - 1) // 4
+
 
 def prefix_settings(args, cfg: CascadeConfig) -> tuple[CascadeConfig, list[str]]:
     """The config of a run with ``--image``/``--continue`` (:func:`context.prefix_config`) and its

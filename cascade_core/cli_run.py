@@ -169,7 +169,7 @@ def _prepare(args, devices, device: torch.device, dtype: torch.dtype, cfg: Casca
         model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
         vae_bytes = cli_checks.input_bytes(args.vae) if args.vae else 0
         cli_checks.check_memory(device, model_cfg, dtype, weight_bytes(model_cfg, weights, dtype), cfg, args,
-                                vae_bytes)
+                                vae_bytes, 0 if prefix_in is None else prefix_in.frames)
     prefix = None if prefix_in is None else cli_prefix.prefix_latents(
         prefix_in, cfg, args.context_frames, args.vae, device, vae_dtype(device, dtype))
     texts = ([args.prompt] if args.prompt is not None else []) + [v for _, v, is_file in switches if not is_file]

@@ -242,3 +242,20 @@ def test_bad_start_images_and_continuations_give_one_line_before_the_model(tmp_p
     for args, message in cases:
         assert main(["generate", *SMALL, *args]) == 2, args
         one_line(capsys, message)
+
+
+def test_the_memory_check_counts_the_context_prefix(tmp_path, monkeypatch, capsys, no_model_work):
+    """The frames of a continued video's context are in the estimate the memory check compares."""
+    from cascade_core import cli_checks
+    from cascade_core.safe_io import save_safetensors
+
+    given = tmp_path / "given.safetensors"
+    save_safetensors({"latents": torch.zeros(1, 16, 5, 4, 8)}, str(given))
+    seen = []
+    estimate = cli_checks.estimate_run_bytes
+    monkeypatch.setattr(cli_checks, "estimate_run_bytes",
+                        lambda *a, **k: seen.append(k.get("prefix_frames", 0)) or estimate(*a, **k))
+    monkeypatch.setattr(cli_checks, "available_bytes", lambda device: 1 << 20)  # refused after the estimate
+    assert main(["generate", *SMALL, "--continue", str(given), "--context-frames", "4"]) == 2
+    one_line(capsys, "needs about")
+    assert seen == [4]
