@@ -45,7 +45,8 @@ OUR_NODES = {
                            "first_block_steps", "warp", "context_noise"},
     "BlockCascadePromptSchedule": {"conditioning", "start_block", "previous", "switch_mode"},
     "BlockCascadeEmbedsLoader": {"embeds"},
-    "BlockCascadeSampler": {"model", "config", "width", "height", "blocks", "seed", "positive", "schedule", "vae"},
+    "BlockCascadeSampler": {"model", "config", "width", "height", "blocks", "seed", "positive", "schedule", "vae",
+                            "start_image", "prefix", "context_frames"},
 }
 DIT = "block_cascade_tiny_dit.safetensors"
 EMBEDS = ("block_cascade_tiny_a.safetensors", "block_cascade_tiny_b.safetensors")
