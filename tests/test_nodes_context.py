@@ -90,8 +90,9 @@ def images(seed, height, width, channels=3, batch=1):
 START_IMAGES = {  # name: (image [B, H, W, C], the oracle's pixels [1, H, W, 3] of the node's size)
     "the output size": (lambda: images(1, H, W), lambda im: im[:1]),
     # 2H x 4W RGBA, two in the batch: the first, centre 2H x 2W, halved (bilinear at 2:1 = 2x2 averages)
-    "wider and larger, RGBA, a batch": (lambda: images(2, 2 * H, 4 * W, 4, 2),
-                                        lambda im: F.avg_pool2d(im[:1, :, W:3 * W, :3].movedim(-1, 1), 2).movedim(1, -1)),
+    "wider and larger, RGBA, a batch": (
+        lambda: images(2, 2 * H, 4 * W, 4, 2),
+        lambda im: F.avg_pool2d(im[:1, :, W:3 * W, :3].movedim(-1, 1), 2).movedim(1, -1)),
 }
 
 
@@ -171,10 +172,13 @@ def _nan_latent():
 
 EMA = values_mod.Settings(cascade=CascadeConfig(window=9, sink=3, sink_ema=0.5))
 REFUSED = {  # name: (sampler inputs, message)
-    "both": (dict(start_image=images(0, H, W), prefix=_latent(), vae="VAE"), r"either start_image .* or prefix .*, not both"),
+    "both": (dict(start_image=images(0, H, W), prefix=_latent(), vae="VAE"),
+             r"either start_image .* or prefix .*, not both"),
     "image without a vae": (dict(start_image=images(0, H, W)), r"start_image needs the vae input"),
-    "image of 3 dims": (dict(start_image=torch.rand(H, W, 3), vae="VAE"), r"start_image: expected an IMAGE \[B, H, W, 3\]"),
-    "image of 1 channel": (dict(start_image=torch.rand(1, H, W, 1), vae="VAE"), r"expected an IMAGE .*got \[1, 32, 64, 1\]"),
+    "image of 3 dims": (dict(start_image=torch.rand(H, W, 3), vae="VAE"),
+                        r"start_image: expected an IMAGE \[B, H, W, 3\]"),
+    "image of 1 channel": (dict(start_image=torch.rand(1, H, W, 1), vae="VAE"),
+                           r"expected an IMAGE .*got \[1, 32, 64, 1\]"),
     "image, EMA sink": (dict(start_image=images(0, H, W), vae="VAE", config=EMA),
                         r"^start_image: a context prefix is not defined with an EMA sink"),
     "prefix of another size": (dict(prefix=_latent(w=W // 16)), r"prefix: its frames are 32 x 32, the node's width x "
