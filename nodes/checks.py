@@ -13,8 +13,9 @@ from typing import Callable
 
 import torch
 
+from cascade_core.context import CONTINUATION, START_IMAGE
 from cascade_core.families import DEFAULT_FAMILY, family_with
-from cascade_core.sampler import CascadeConfig, PromptSchedule, latent_size
+from cascade_core.sampler import LATENT_CHANNELS, CascadeConfig, PromptSchedule, check_prefix, latent_size
 
 log = logging.getLogger("block_cascade")
 
@@ -171,3 +172,53 @@ def schedule(entries, blocks_: int, text_dim: int) -> PromptSchedule:
     except ValueError as exc:
         raise ValueError(f"prompt schedule: {exc} (switch blocks must lie in 0..{blocks_ - 1}, the first at 0)") from None
     return sched
+
+
+def context_kind(start_image, prefix, vae) -> str | None:
+    """What comes before block 0 by the sampler's optional inputs: ``context.START_IMAGE`` (with
+    ``start_image``, which needs ``vae`` to be encoded), ``context.CONTINUATION`` (with ``prefix``) or
+    None. Raises ValueError for both at once, a start image without a VAE or one that is not an IMAGE."""
+    if start_image is not None and prefix is not None:
+        raise ValueError("connect either start_image (image to video) or prefix (continue a video), not both")
+    if start_image is None:
+        return None if prefix is None else CONTINUATION
+    if vae is None:
+        raise ValueError("start_image needs the vae input: the Wan2.1 VAE encodes the image into the video's "
+                         "first latent frame (connect a VAELoader with wan_2.1_vae.safetensors)")
+    shape = list(start_image.shape) if torch.is_tensor(start_image) else type(start_image).__name__
+    if not torch.is_tensor(start_image) or start_image.dim() != 4 or start_image.shape[3] < 3 \
+            or 0 in start_image.shape:
+        raise ValueError(f"start_image: expected an IMAGE [B, H, W, 3] (e.g. from LoadImage), got {shape}")
+    return START_IMAGE
+
+
+def prefix_latents(prefix, width: int, height: int) -> torch.Tensor:
+    """The raw latents [1, 16, T, height/8, width/8] of the sampler's ``prefix`` LATENT (a sampler's
+    output: ``{"samples": ...}``). Raises ValueError for anything else: another layout, a batch of
+    several videos, no frames, or frames of another size than the node's width x height."""
+    samples = prefix.get("samples") if isinstance(prefix, dict) else None
+    if not torch.is_tensor(samples) or samples.dim() != 5 or samples.shape[1] != LATENT_CHANNELS \
+            or samples.shape[2] < 1:
+        got = list(samples.shape) if torch.is_tensor(samples) else type(samples if samples is not None
+                                                                         else prefix).__name__
+        raise ValueError(f"prefix: expected a video LATENT [1, {LATENT_CHANNELS}, T, H/8, W/8] with T >= 1 (a "
+                         f"Block Cascade Sampler's LATENT), got {got}")
+    if samples.shape[0] != 1:
+        raise ValueError(f"prefix: the LATENT holds {samples.shape[0]} videos; a continuation takes one (batch 1)")
+    h, w = latent_size(int(width), int(height))
+    if tuple(samples.shape[3:]) != (h, w):
+        raise ValueError(f"prefix: its frames are {samples.shape[4] * 8} x {samples.shape[3] * 8}, the node's "
+                         f"width x height {width} x {height}; set width and height to the video's size")
+    return samples
+
+
+def context_allowed(context: torch.Tensor | None, cfg: CascadeConfig, width: int, height: int, what: str) -> None:
+    """The engine's rules for a context prefix (:func:`cascade_core.sampler.check_prefix`), before any
+    model work: on the normalised context latents [1, 16, K, h, w] of a continuation, or, for a start
+    image not encoded yet (``context`` None), on one frame of zeros of the run's size, where only the
+    config's rules can fail. Raises ValueError naming the input ``what``."""
+    h, w = latent_size(int(width), int(height))
+    try:
+        check_prefix(torch.zeros(1, LATENT_CHANNELS, 1, h, w) if context is None else context, cfg, h, w)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None

@@ -10,8 +10,10 @@ import torch
 from comfy_api.latest import io
 
 from cascade_core import attention as attention_backends
+from cascade_core.context import START_IMAGE, context_of, prefix_config
 from cascade_core.memory import estimate_run_bytes
 from cascade_core.sampler import Interrupted
+from cascade_core.vae import normalized_to_raw, raw_to_normalized
 
 from . import checks, devices, stream
 from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
@@ -51,6 +53,22 @@ def vae_weights(vae):
     return sd, dtype
 
 
+def encode_start_image(vae, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The raw latents [1, 16, 1, height/8, width/8] (float32, CPU) of a start image: the batch's first
+    image [H, W, C] of ``image`` [B, H, W, C] in 0..1, scaled to cover width x height and centre-cropped
+    (core ``common_upscale``, bilinear), its first three channels encoded by the core ``vae`` (the
+    latent distribution's mean). Raises ValueError when the VAE gives another shape."""
+    import comfy.utils
+
+    pixels = comfy.utils.common_upscale(image[:1].movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
+    raw = vae.encode(pixels[:, :, :, :3])
+    want = [1, 16, 1, height // 8, width // 8]
+    if not torch.is_tensor(raw) or list(raw.shape) != want:
+        got = list(raw.shape) if torch.is_tensor(raw) else type(raw).__name__
+        raise ValueError(f"vae: encoding the start image gave {got}, expected {want} (a Wan2.1 VAE)")
+    return raw.float().cpu()
+
+
 def _vae_bytes(weights) -> int:
     if weights is None:
         return 0
@@ -59,9 +77,11 @@ def _vae_bytes(weights) -> int:
     return sum(t.numel() for k, t in sd.items() if k.startswith(("decoder.", "conv2."))) * elem
 
 
-def effective_settings(family: str, cfg, assumed: str | None, switches: list[int]) -> str:
-    """One line naming a run's family, every sampling setting it uses and the blocks where the prompt
-    switches (the widget and the log)."""
+def effective_settings(family: str, cfg, assumed: str | None, switches: list[int], context: str = "",
+                       notes: tuple[str, ...] = ()) -> str:
+    """One line naming a run's family, every sampling setting it uses, the blocks where the prompt
+    switches, the context before block 0 (``context``, e.g. "start image") and ``notes`` on settings
+    that context changed (the widget and the log)."""
     steps = ",".join(map(str, cfg.steps))
     first = "" if cfg.first_block_steps is None else f", block 0 {','.join(map(str, cfg.first_block_steps))}"
     window = "unlimited" if cfg.window is None else f"{cfg.window} (sink {cfg.sink})"
@@ -72,7 +92,8 @@ def effective_settings(family: str, cfg, assumed: str | None, switches: list[int
             f"{', block 0 one frame' if cfg.independent_first_frame else ''}; steps {steps}{first} "
             f"({'warped' if cfg.warp else 'raw'}, shift {cfg.shift:g}); context noise {cfg.context_noise:g}; "
             f"window {window}; {_switches(cfg.switch_mode, switches)}; P{cfg.parallel} {cfg.attention}; "
-            f"flashblock {cfg.flashblock}")
+            f"flashblock {cfg.flashblock}" + (f"; context: {context}" if context else "")
+            + "".join(f"; note: {n}" for n in notes))
 
 
 def _switches(mode: str, blocks: list[int]) -> str:
@@ -124,13 +145,29 @@ class BlockCascadeSampler(io.ComfyNode):
                 io.Vae.Input("vae", optional=True,
                              tooltip="Wan2.1 VAE: frames are decoded block by block as they finish. Without it "
                                      "the IMAGE output and the live view are a cheap latent-RGB preview "
-                                     "(upscaled), not decoded video."),
+                                     "(upscaled), not decoded video. Needed with start_image (it encodes the "
+                                     "image)."),
+                io.Image.Input("start_image", optional=True,
+                               tooltip="Image to video: the image (the batch's first) scaled to cover width x "
+                                       "height and centre-cropped, encoded by the vae, is the video's first "
+                                       "latent frame; the generated blocks follow it. Not with prefix."),
+                io.Latent.Input("prefix", optional=True,
+                                tooltip="Continue a video: a Block Cascade Sampler's LATENT of the same width "
+                                        "and height. Its last context_frames latent frames are the context; "
+                                        "the outputs hold the whole given video, then the new frames. Not with "
+                                        "start_image."),
+                io.Int.Input("context_frames", default=0, min=0, max=checks.MAX_LATENT_FRAMES, optional=True,
+                             tooltip="With prefix: how many of its last latent frames the new blocks see. 0 = "
+                                     "the config's window (every frame without a window)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT",
-                                 tooltip="Raw Wan2.1 latents [1, 16, T, H/8, W/8] (core VAEDecode takes them)."),
+                                 tooltip="Raw Wan2.1 latents [1, 16, T, H/8, W/8] (core VAEDecode takes them): "
+                                         "the start image's frame or the whole prefix first, then the new "
+                                         "frames."),
                 io.Image.Output(display_name="IMAGE",
-                                tooltip="Frames (decoded with the VAE, else the latent-RGB preview)."),
+                                tooltip="The frames of LATENT, all of them (decoded with the VAE, else the "
+                                        "latent-RGB preview)."),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -138,7 +175,7 @@ class BlockCascadeSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, config, width, height, blocks, seed, positive=None, schedule=None,
-                vae=None) -> io.NodeOutput:
+                vae=None, start_image=None, prefix=None, context_frames=0) -> io.NodeOutput:
         # ---- every check, before anything touches a GPU ------------------------------------------------
         guess = getattr(model, "family", None)
         cfg, family, assumed = config.config_for(guess[0] if guess else None,
@@ -158,11 +195,26 @@ class BlockCascadeSampler(io.ComfyNode):
         else:
             entries = list(schedule.entries)
         prompts = checks.schedule(entries, blocks, model.cfg.text_dim)
+        kind = checks.context_kind(start_image, prefix, vae)
+        before = context = None  # raw latents before block 0 in the outputs; the engine's (normalised) prefix
+        notes, described = [], ""
+        if kind is not None:
+            cfg, notes = prefix_config(cfg, kind)
+        if kind == START_IMAGE:
+            checks.context_allowed(None, cfg, width, height, "start_image")
+            described = "start image (1 latent frame)"
+        elif kind is not None:
+            before = checks.prefix_latents(prefix, width, height).float()
+            context = context_of(raw_to_normalized(before), cfg, context_frames)
+            checks.context_allowed(context, cfg, width, height, "prefix")
+            described = f"the last {context.shape[2]} of the prefix's {before.shape[2]} latent frames"
         cfg.check_switches(len(prompts.entries) - 1, len(run_devices))
         settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
-                                           [s for s, _ in prompts.entries[1:]])
+                                           [s for s, _ in prompts.entries[1:]], described, tuple(notes))
         vae_sd = vae_weights(vae)
-        run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
+        # the context's frames are frames of the video for the KV cache: counted as blocks more
+        context_blocks = 0 if kind is None else -(-(1 if context is None else context.shape[2]) // cfg.frames_per_block)
+        run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks + context_blocks, width, height,
                                              len(prompts.entries), _vae_bytes(vae_sd))
         pooled = len(run_devices) > 1
         if pooled:  # the worker pool checks each GPU itself (its own share of the run, its own weights)
@@ -181,6 +233,9 @@ class BlockCascadeSampler(io.ComfyNode):
         progress = comfy.utils.ProgressBar(blocks, node_id=node_id or None)
         wan = decoder = reporter = result = None
         try:
+            if kind == START_IMAGE:  # before the DiT is loaded: ComfyUI may unload the VAE for it afterwards
+                before = encode_start_image(vae, start_image, width, height)
+                context = raw_to_normalized(before)
             # several devices: the weights stay on the CPU here; the pool holds the GPU copies
             wan = model.acquire_for_pool() if pooled else model.acquire(device, run_bytes)
             if vae_sd is not None:
@@ -189,17 +244,21 @@ class BlockCascadeSampler(io.ComfyNode):
                 decoder = WanVAEDecoder.from_state_dict(vae_sd[0], dtype=vae_sd[1], device=device, source="vae")
             else:
                 decoder = stream.preview_decoder()
-            reporter = stream.Reporter(node_id, blocks, cfg.grid.total(blocks), len(cfg.steps) + 1, cfg.parallel,
-                                       width, height, decoder, progress=progress, should_stop=_interrupted,
-                                       settings=settings_text)
+            lead = 0 if before is None else before.shape[2]
+            reporter = stream.Reporter(node_id, blocks, lead + cfg.grid.total(blocks), len(cfg.steps) + 1,
+                                       cfg.parallel, width, height, decoder, progress=progress,
+                                       should_stop=_interrupted, settings=settings_text)
             log.info("Block Cascade: %s", settings_text)
             reporter.start()
+            if before is not None:
+                reporter.show_context(raw_to_normalized(before))
             run = devices.runner(run_devices)
             result = run(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,
-                         on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted)
-            from cascade_core.vae import normalized_to_raw
-
+                         on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted,
+                         prefix=context, include_prefix=False)
             raw = normalized_to_raw(result.latents.float()).cpu()
+            if before is not None:  # the given latents themselves, not a round trip through normalisation
+                raw = torch.cat([before.cpu(), raw], 2)
             reporter.finish()  # frames still being decoded
             images = reporter.images()
             # the run's wall time as the node saw it (a worker pool's own figure leaves out the rest)
@@ -220,7 +279,7 @@ class BlockCascadeSampler(io.ComfyNode):
             raise
         finally:
             # Drop every reference to device tensors of this run, then give cached blocks back.
-            del wan, decoder, result, vae_sd
+            del wan, decoder, result, vae_sd, context
             if reporter is not None:
                 reporter.frames, reporter.decoding = [], None
             gc.collect()

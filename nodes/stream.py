@@ -6,7 +6,9 @@ frames_total, fps, width, height, stages, parallel}, repeated so that a page rel
   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
   block_cascade.done   {node, run, seconds, frames, blocks (whose frames were sent), error?}
-``width``/``height`` are those of the preview JPEGs (longest side <= PREVIEW_MAX). State events are
+``width``/``height`` are those of the preview JPEGs (longest side <= PREVIEW_MAX). A run after a
+context (a start image, a video continued) sends that context's frames first, as block -1 from frame 0
+(``frames_total`` counts them; ``blocks`` and ``done.blocks`` count generated blocks only). State events are
 rate-limited (at most one per STATE_INTERVAL seconds, the last tick always); frames go once per block.
 Frames come from cascade_core.frames.FrameStream (in block order, decoded on the VAE's own CUDA
 stream when there is a VAE, the latent-RGB preview otherwise); the JPEG encoding and the frames
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade_core.frames import FrameStream, FramesEvent, video_frames
+from cascade_core.sampler import BlockEvent
 
 log = logging.getLogger("block_cascade")
 
@@ -33,6 +36,7 @@ PREVIEW_MAX = 320
 JPEG_QUALITY = 80
 STATE_INTERVAL = 0.1
 EVENT_PREFIX = "block_cascade."
+CONTEXT_BLOCK = -1  # the block index of a context's frames (before block 0)
 
 
 def preview_size(width: int, height: int, limit: int = PREVIEW_MAX) -> tuple[int, int]:
@@ -141,6 +145,12 @@ class Reporter:
                              "pairs": [[int(b), int(s)] for b, s in ev.pairs],
                              "done_blocks": int(ev.done_blocks), "elapsed": self.elapsed()})
 
+    def show_context(self, latents: torch.Tensor) -> None:
+        """Queue the frames of the normalised latents [1, 16, F, h, w] that come before block 0 in the
+        outputs (a start image, the whole video continued): decoded first, sent as block -1. Call it
+        once, after :meth:`start` and before the run's first block; ``latent_frames`` counts them."""
+        self.decoding.push(BlockEvent(CONTEXT_BLOCK, latents, -1, 0.0))
+
     def on_block(self, ev) -> None:
         self.decoding.push(ev)  # decoded on the VAE's own CUDA stream while the DiT goes on, sent by a thread
         self.done_blocks += 1
@@ -163,7 +173,7 @@ class Reporter:
         self.frames.append(frames)
         self.frame_count += frames.shape[0]
         small = resize_frames(frames, self.preview_w, self.preview_h)
-        self.frame_blocks += 1
+        self.frame_blocks += ev.block != CONTEXT_BLOCK
         self._emit("frames", {**self.meta(), "block": int(ev.block),
                               "first_frame": int(ev.first_frame), "frames": [encode_jpeg(f) for f in small],
                               "elapsed": self.elapsed()})

@@ -12,6 +12,8 @@ embeddings), then checks over HTTP and the websocket:
   core VAELoader's VAE -> CreateVideo -> SaveVideo, core VAEDecode of the sampler's LATENT, and a
   second sampler on a core MODEL (UNETLoader -> Causal Model from MODEL); the websocket carries
   block_cascade.start/state/frames/done for both samplers and a progress bar per block;
+- the shipped family workflows and the context ones (image to video through core LoadImage of a small
+  PNG put in the input folder; a video continued by a second sampler) run to execution_success;
 - POST /interrupt mid-run ends it (execution_interrupted) and the next run succeeds.
 COMFYUI_PYTHON defaults to the interpreter running the tests; the host needs the pack's requirements.
 """
@@ -45,7 +47,8 @@ OUR_NODES = {
                            "first_block_steps", "warp", "context_noise"},
     "BlockCascadePromptSchedule": {"conditioning", "start_block", "previous", "switch_mode"},
     "BlockCascadeEmbedsLoader": {"embeds"},
-    "BlockCascadeSampler": {"model", "config", "width", "height", "blocks", "seed", "positive", "schedule", "vae"},
+    "BlockCascadeSampler": {"model", "config", "width", "height", "blocks", "seed", "positive", "schedule", "vae",
+                            "start_image", "prefix", "context_frames"},
 }
 DIT = "block_cascade_tiny_dit.safetensors"
 EMBEDS = ("block_cascade_tiny_a.safetensors", "block_cascade_tiny_b.safetensors")
@@ -386,6 +389,42 @@ def test_the_family_workflows_run_to_success(host, name, model_name, settings):
     assert final == "execution_success", errors or host.log_text()[-3000:]
     (start,) = events(msgs, "start")
     assert settings in start["settings"], start["settings"]
+
+
+def put_input_image(host, name: str, width: int, height: int) -> str:
+    """A small PNG of random colours in the host's input folder (what core LoadImage lists)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = os.path.join(host.base, "input")
+    os.makedirs(folder, exist_ok=True)
+    pixels = np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(os.path.join(folder, name))
+    return name
+
+
+@pytest.mark.parametrize("name, leads", [
+    ("image_to_video.json", [1]),  # the image's latent frame before the blocks
+    ("extend_video.json", [0, 6]),  # the second sampler: the first one's 2 blocks of 3 latent frames
+])
+def test_the_context_workflows_run_to_success(host, name, leads):
+    wf = shipped_with_tiny_models(host, name, 2, "self_forcing_dmd.safetensors")
+    for node in wf.values():
+        if node["class_type"] == "LoadImage":  # not of the video's size: scaled and centre-cropped
+            node["inputs"]["image"] = put_input_image(host, "block_cascade_start.png", 48, 40)
+    final, msgs, pid = host.run(wf)
+    errors = [m for m in msgs if m["type"] == "execution_error"]
+    assert final == "execution_success", errors or host.log_text()[-3000:]
+    samplers = sorted((k for k, n in wf.items() if n["class_type"] == "BlockCascadeSampler"), key=int)
+    for node, lead in zip(samplers, leads):
+        (start,) = events(msgs, "start", node)
+        frames = events(msgs, "frames", node)
+        assert start["frames_total"] == 1 + 4 * (lead + 6 - 1) == sum(len(f["frames"]) for f in frames)
+        assert [f["block"] for f in frames] == ([-1] if lead else []) + [0, 1]
+        assert "context:" in start["settings"] if lead else "context:" not in start["settings"]
+        assert "error" not in events(msgs, "done", node)[0]
+    saved = host.history(pid)["outputs"]
+    assert any(isinstance(v, list) and v for out in saved.values() for v in out.values())
 
 
 def test_interrupt_stops_the_run_and_the_next_run_works(host):

@@ -40,11 +40,14 @@ CORE = {
                     "outputs": ["VIDEO"]},
     "SaveVideo": {"sockets": {"video": "VIDEO"}, "widgets": ["filename_prefix", "format", "codec"],
                   "optional": set(), "outputs": []},
+    # its image_upload option gives the frontend an "upload" widget, kept in the UI file, not in the API
+    "LoadImage": {"sockets": {}, "widgets": ["image", "upload"], "optional": set(), "outputs": ["IMAGE", "MASK"]},
 }
 CLIP_TYPES_064 = {"stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
                   "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL = "control_after_generate"
+UI_ONLY = {CONTROL, "upload"}  # widget values of the UI file that the API format leaves out
 
 
 def node_facts(class_type: str) -> dict:
@@ -78,11 +81,12 @@ def load(name):
     return ui, api
 
 
-def test_every_ui_workflow_has_an_api_twin_and_the_six_are_there():
+def test_every_ui_workflow_has_an_api_twin_and_the_eight_are_there():
     api_names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "workflows", "api", "*.json")))
     assert NAMES == api_names
     assert set(NAMES) >= {"text_to_video_cascade.json", "prompt_switching.json", "long_video_window_sink.json",
-                          "multi_gpu.json", "causal_forcing_framewise.json", "longlive_interactive.json"}
+                          "multi_gpu.json", "causal_forcing_framewise.json", "longlive_interactive.json",
+                          "image_to_video.json", "extend_video.json"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -130,7 +134,7 @@ def ui_as_api(ui: dict) -> dict:
     out = {}
     for n in ui["nodes"]:
         facts = node_facts(n["type"])
-        inputs = {w: v for w, v in zip(facts["widgets"], n["widgets_values"]) if w != CONTROL}
+        inputs = {w: v for w, v in zip(facts["widgets"], n["widgets_values"]) if w not in UI_ONLY}
         for i in n["inputs"]:
             if i["link"] is not None:
                 _, src, slot, _, _, _ = links[i["link"]]
@@ -152,7 +156,7 @@ def test_api_workflow_uses_known_nodes_and_input_names(name):
         ct = node["class_type"]
         assert ct in CORE or ct in OURS, f"{name}: node {node_id} has unknown class_type {ct}"
         facts = node_facts(ct)
-        known = set(facts["sockets"]) | set(facts["widgets"]) - {CONTROL}
+        known = set(facts["sockets"]) | set(facts["widgets"]) - UI_ONLY
         assert set(node["inputs"]) <= known, f"{name}: {ct} has no input(s) {set(node['inputs']) - known}"
         required = known - facts["optional"]
         if ct == "BlockCascadeSampler":  # positive or schedule (checked at run), VAE optional
@@ -208,6 +212,17 @@ def test_each_workflow_is_what_it_claims():
     assert len(schedules) >= 2 and all(s["switch_mode"] == "recache" for s in schedules)
     (loader,) = _by_type(live, "BlockCascadeModelLoader")
     assert loader["lora"] != "none"  # LongLive ships base + LoRA
+    _, i2v = load("image_to_video.json")
+    (smp,) = _by_type(i2v, "BlockCascadeSampler")
+    (image_id,) = [k for k, n in i2v.items() if n["class_type"] == "LoadImage"]
+    assert smp["start_image"] == [image_id, 0] and "vae" in smp and "prefix" not in smp
+    _, extend = load("extend_video.json")
+    samplers = {k: n["inputs"] for k, n in extend.items() if n["class_type"] == "BlockCascadeSampler"}
+    (second,) = [k for k, s in samplers.items() if "prefix" in s]
+    (first,) = set(samplers) - {second}
+    assert samplers[second]["prefix"] == [first, 0] and samplers[first]["seed"] != samplers[second]["seed"]
+    (cv,) = _by_type(extend, "CreateVideo")
+    assert cv["images"] == [second, 1]  # the whole video: the second sampler's IMAGE
     for name in NAMES:
         _, api = load(name)
         types = {n["class_type"] for n in api.values()}

@@ -5,6 +5,7 @@
 //   block_cascade.start  {META}
 //   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
 //   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
+//     (block -1: the frames of a context before block 0, a start image or the video continued)
 //   block_cascade.done   {node, run, seconds, frames, blocks, error?}
 // A Hub keeps one Stream per sampler node id; a Stream holds one run's frames, stats, cascade state
 // and the playback clock (frames are shown at the video's fps, never faster). The Hub also follows
