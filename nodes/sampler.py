@@ -212,10 +212,9 @@ class BlockCascadeSampler(io.ComfyNode):
         settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
                                            [s for s, _ in prompts.entries[1:]], described, tuple(notes))
         vae_sd = vae_weights(vae)
-        # the context's frames are frames of the video for the KV cache: counted as blocks more
-        context_blocks = 0 if kind is None else -(-(1 if context is None else context.shape[2]) // cfg.frames_per_block)
-        run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks + context_blocks, width, height,
-                                             len(prompts.entries), _vae_bytes(vae_sd))
+        context_frames_held = 0 if kind is None else 1 if context is None else context.shape[2]
+        run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
+                                             len(prompts.entries), _vae_bytes(vae_sd), prefix_frames=context_frames_held)
         pooled = len(run_devices) > 1
         if pooled:  # the worker pool checks each GPU itself (its own share of the run, its own weights)
             for d in run_devices:
