@@ -188,9 +188,8 @@ def prompt_switches(specs: list[str], blocks: int) -> list[tuple[int, str, bool]
     return [(b, *out[b]) for b in sorted(out)]
 
 
-def check_settings(args, cfg: CascadeConfig) -> list[str]:
-    """Refuse settings that would silently do nothing; returns the warning lines to print once every
-    check has passed (a video past the trained length), so a refusal stays one line."""
+def check_settings(args, cfg: CascadeConfig) -> None:
+    """Refuse settings that would silently do nothing (UsageError)."""
     if args.switch_mode is not None and not args.switch:
         raise UsageError(f"--switch-mode {args.switch_mode} needs a --switch (it says what a prompt switch does)")
     if args.fold_clean and cfg.parallel > 1:
@@ -201,11 +200,18 @@ def check_settings(args, cfg: CascadeConfig) -> list[str]:
     if args.independent_first_frame and cfg.frames_per_block == 1:
         raise UsageError("--independent-first-frame with 1 frame per block does nothing (every block is one "
                          "latent frame already)")
-    frames = cfg.grid.total(args.blocks)
+
+
+def length_warnings(cfg: CascadeConfig, blocks: int, context_frames: int = 0) -> list[str]:
+    """The warning line to print once every check has passed (so a refusal stays one line) when a video
+    of ``blocks`` blocks after ``context_frames`` latent frames of context attends more frames than the
+    released models were trained on; none with a window."""
+    frames = cfg.grid.total(blocks) + context_frames
     if cfg.window is None and frames > TRAINED_LATENT_FRAMES:
         most = max(b for b in range(1, TRAINED_LATENT_FRAMES + 1) if cfg.grid.total(b) <= TRAINED_LATENT_FRAMES) \
             if cfg.grid.first <= TRAINED_LATENT_FRAMES else 0
-        fewer = f", or use at most {most} blocks" if most else ""
+        fewer = (", or fewer blocks or --context-frames" if context_frames else
+                 f", or use at most {most} blocks" if most else "")
         return [f"warning: {frames} latent frames without a window exceed the {TRAINED_LATENT_FRAMES} the "
                 f"released 1.3B models were trained on (quality drops past it); bound the attention with "
                 f"--window 12 --sink 3{fewer}"]

@@ -222,9 +222,10 @@ def run_generate(args) -> dict | None:
     latent_size(args.width, args.height)
     cfg, prefix_notes = cli_prefix.prefix_settings(args, cfg)
     check_text_arguments(args, sum(not is_file for *_, is_file in switches))
-    warnings = cli_checks.check_settings(args, cfg)
+    cli_checks.check_settings(args, cfg)
     check_outputs(args)
     prefix_in = cli_prefix.read_prefix(args, cfg)
+    warnings = cli_checks.length_warnings(cfg, args.blocks, 0 if prefix_in is None else prefix_in.frames)
     if devices == "torchrun":  # every rank checks everything before it joins the group
         device = distributed.rank_device(int(os.environ.get("LOCAL_RANK", "0")))
         where = f"{os.environ.get('WORLD_SIZE', '?')} ranks (torchrun)"

@@ -259,3 +259,18 @@ def test_the_memory_check_counts_the_context_prefix(tmp_path, monkeypatch, capsy
     assert main(["generate", *SMALL, "--continue", str(given), "--context-frames", "4"]) == 2
     one_line(capsys, "needs about")
     assert seen == [4]
+
+
+def test_the_trained_length_warning_counts_the_context(tmp_path, capsys):
+    from cascade_core.safe_io import save_safetensors
+
+    given = tmp_path / "given.safetensors"
+    save_safetensors({"latents": torch.zeros(1, 16, 18, 4, 8)}, str(given))
+    run = ["generate", *SMALL, "--blocks", "1", "--continue", str(given)]
+    assert main(run) == 0  # 18 frames of context + 3 new ones = 21: no warning
+    assert "warning" not in capsys.readouterr().err
+    assert main([*run, "--blocks", "2"]) == 0  # 18 + 6 = 24
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "24 latent frames" in warnings[0] and "--context-frames" in warnings[0]
+    assert main([*run, "--blocks", "2", "--context-frames", "4"]) == 0
+    assert "warning" not in capsys.readouterr().err
