@@ -311,4 +311,5 @@ def test_a_prefix_changes_the_config_with_a_note(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "note: block 0's own step list is not used" in captured.err
     s = _summary_of(captured)
-    assert s["settings"]["first_block_steps"] is None and s["forwards"] == 1 + 2 * 2  # prefix, then 1 step + clean
+    # the 4 context frames as 4 frame-wise blocks, then 2 blocks of 1 step + a clean pass
+    assert s["settings"]["first_block_steps"] is None and s["forwards"] == 4 + 2 * 2
