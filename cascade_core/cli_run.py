@@ -21,6 +21,7 @@ from . import attention, cli_checks, cli_prefix, distributed
 from .cli import (BUILTIN, DTYPES, build_model, check_text_arguments, load_weights, prompt_embeddings, resolve_device,
                   several_devices, single_tensor)
 from .cli_checks import UsageError
+from .context import context_notes
 from .fp8 import quantize_layers
 from .frames import FrameStream, VideoWriter, load_decoder
 from .model import WanConfig
@@ -243,6 +244,8 @@ def run_generate(args) -> dict | None:
     with _refusal_reaches_every_rank(devices == "torchrun"):
         model, label, prompts, prompt_label, noise, prefix = _prepare(args, devices, device, dtype, cfg, switches,
                                                                       prefix_in)
+    if prefix_in is not None and prefix_in.source != "image":
+        prefix_notes += [f"note: {line}" for line in context_notes(args.context_frames, prefix.shape[2])]
     warnings[0:0] = prefix_notes
     if assumed:  # said once every check has passed (a refusal stays one line)
         warnings.insert(0, f"note: family {family} assumed ({assumed}); --family sets another")
@@ -312,7 +315,9 @@ def run_generate(args) -> dict | None:
     if prompt_label:
         out["prompt"] = prompt_label
     if prefix_in is not None:
-        out.update(prefix_source=prefix_in.source, prefix_file=prefix_in.path, prefix_frames=result.prefix_frames)
+        given = result.prefix_frames + (0 if prefix_in.head is None else prefix_in.head.shape[2])
+        out.update(prefix_source=prefix_in.source, prefix_file=prefix_in.path, prefix_frames=result.prefix_frames,
+                   given_frames=given)
     return out
 
 

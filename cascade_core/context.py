@@ -10,7 +10,9 @@ Guarantees (one place for both frontends):
 - A continuation's block 0 is in the past: neither block 0's own step list nor an independent first
   frame applies to its first generated block.
 - The context of a continuation is the last K latent frames of the video (:func:`context_of`), K
-  the ``context_frames`` asked for, else the local window, else every frame.
+  the ``context_frames`` asked for, else the local window, else every frame; asking for more than
+  the video has takes all of it, with a note (:func:`context_notes`). A sink then holds the first
+  frames of the context, which are the video's first frames only when the context is all of it.
 """
 from __future__ import annotations
 
@@ -52,6 +54,14 @@ def context_frames_for(cfg: CascadeConfig, available: int, asked: int = 0) -> in
         raise ValueError("the video to continue has no latent frames")
     wanted = asked or cfg.window or available
     return min(wanted, available)
+
+
+def context_notes(asked: int, taken: int) -> list[str]:
+    """The note line when ``asked`` context frames were asked for but the video gave only ``taken``
+    (every frame it has is the context); none otherwise."""
+    if asked > taken:
+        return [f"{asked} context frames asked for, the video has {taken} latent frames: all {taken} are the context"]
+    return []
 
 
 def context_of(latents: torch.Tensor, cfg: CascadeConfig, asked: int = 0) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from comfy_api.latest import io
 
 from cascade_core import attention as attention_backends
-from cascade_core.context import START_IMAGE, context_of, prefix_config
+from cascade_core.context import START_IMAGE, context_notes, context_of, prefix_config
 from cascade_core.memory import estimate_run_bytes
 from cascade_core.sampler import Interrupted
 from cascade_core.vae import normalized_to_raw, raw_to_normalized
@@ -122,8 +122,9 @@ class BlockCascadeSampler(io.ComfyNode):
             node_id="BlockCascadeSampler",
             display_name="Block Cascade Sampler",
             category=CATEGORY,
-            description="Streams text-to-video from a block-causal Wan2.1 model, several blocks denoising at "
-                        "once (Block Cascading). Frames appear on the node as blocks finish.",
+            description="Streams video from a block-causal Wan2.1 model, several blocks denoising at once "
+                        "(Block Cascading): from text, from a start image, or continuing a video (prefix). "
+                        "Frames appear on the node as blocks finish.",
             inputs=[
                 EngineModelType.Input("model"),
                 ConfigType.Input("config"),
@@ -208,6 +209,7 @@ class BlockCascadeSampler(io.ComfyNode):
             context = context_of(raw_to_normalized(before), cfg, context_frames)
             checks.context_allowed(context, cfg, width, height, "prefix")
             described = f"the last {context.shape[2]} of the prefix's {before.shape[2]} latent frames"
+            notes += context_notes(context_frames, context.shape[2])
         cfg.check_switches(len(prompts.entries) - 1, len(run_devices))
         settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
                                            [s for s, _ in prompts.entries[1:]], described, tuple(notes))

@@ -270,7 +270,8 @@ def test_a_start_image_is_the_first_latent_frame_then_the_blocks_generated_after
         assert sum(1 for _ in container.decode(video=0)) == s["video_frames"] == 1 + 4 * 6
 
 
-@pytest.mark.parametrize("options,context", [(["--context-frames", "2"], 2), (["--window", "6"], 6), ([], 8)])
+@pytest.mark.parametrize("options,context", [(["--context-frames", "2"], 2), (["--window", "6"], 6), ([], 8),
+                                             (["--context-frames", "20"], 8)])
 def test_continuing_latents_keeps_them_all_then_the_frames_generated_after_their_context(tmp_path, capsys,
                                                                                          options, context):
     given = torch.randn(1, 16, 8, 4, 8, generator=torch.Generator().manual_seed(4))
@@ -278,9 +279,13 @@ def test_continuing_latents_keeps_them_all_then_the_frames_generated_after_their
     out = tmp_path / "out.safetensors"
     assert main(["generate", *SMALL, "--continue", str(tmp_path / "given.safetensors"), *options,
                  "--latents-out", str(out)]) == 0
-    s = _summary(capsys)
+    captured = capsys.readouterr()
+    s = _summary_of(captured)
     latents = read_tensor_file(str(out))["latents"]
     assert latents.shape == (1, 16, 8 + 6, 4, 8) and s["prefix_frames"] == context and s["prefix_source"] == "latents"
+    assert s["given_frames"] == 8
+    cut = "note: 20 context frames asked for, the video has 8 latent frames: all 8 are the context"
+    assert (cut in captured.err) == ("20" in options), captured.err
     assert torch.equal(latents[:, :, :8], given)
     settings = {"window": 6} if "--window" in options else {}
     assert torch.equal(latents[:, :, 8:], direct_run(given[:, :, 8 - context:], **settings))

@@ -125,7 +125,7 @@ def test_chained_samplers_give_the_whole_video_then_the_engines_frames_after_its
     first, _, _ = sampler(model, prompt, settings, 3, 5)
     assert first.shape[2] == 1 + 3 + 3
     cfg = dataclasses.replace(settings.cascade, independent_first_frame=False, first_block_steps=None)
-    for asked, k in ((4, 4), (0, 6)):
+    for asked, k in ((4, 4), (0, 6), (9, 7)):
         second, _, rec = sampler(model, prompt, settings, 2, 6, prefix={"samples": first}, context_frames=asked)
         assert torch.equal(second[:, :, :7], first)
         new = engine_after(model, prompt, cfg, 2, 6, raw_to_normalized(first[:, :, 7 - k:]))
@@ -133,6 +133,8 @@ def test_chained_samplers_give_the_whole_video_then_the_engines_frames_after_its
         (_, start), = rec.events("start")
         assert f"context: the last {k} of the prefix's 7 latent frames" in start["settings"]
         assert "note: block 0's own step list is not used" in start["settings"]
+        cut = "note: 9 context frames asked for, the video has 7 latent frames: all 7 are the context"
+        assert (cut in start["settings"]) == (asked == 9)
     third, _, _ = sampler(model, prompt, settings, 1, 8, prefix={"samples": second})
     assert torch.equal(third[:, :, :13], second) and third.shape[2] == 16
 
