@@ -71,7 +71,7 @@ def read_prefix(args, cfg: CascadeConfig) -> PrefixInput | None:
     without one: an image or the last frames of a video as pixels of the run's size, or the latents'
     context and head. Raises UsageError for latents of another size, CheckpointError for a file that
     cannot be read."""
-    from .cli import single_tensor
+    from .cli import DTYPES, single_tensor
     from .vae_encode import load_image, load_video
 
     if args.image is not None:
@@ -91,11 +91,11 @@ def read_prefix(args, cfg: CascadeConfig) -> PrefixInput | None:
         given_h, given_w = latents.shape[3:]
         raise UsageError(f"--continue {path}: its latents are {given_h}x{given_w} (a {8 * given_w}x{8 * given_h} "
                          f"video) but --width {args.width} --height {args.height} needs {h}x{w}")
-    context = context_of(latents, cfg, args.context_frames)
-    try:
-        check_prefix(context, cfg, h, w)  # NaN or infinite values
+    try:  # every given frame goes to the outputs: none may be NaN or overflow the run's dtype
+        check_prefix(latents, cfg, h, w, DTYPES[args.dtype])
     except ValueError as exc:
         raise UsageError(f"--continue {path}: {exc}") from None
+    context = context_of(latents, cfg, args.context_frames)
     return PrefixInput("latents", path, context=context, head=latents[:, :, :latents.shape[2] - context.shape[2]])
 
 

@@ -188,11 +188,13 @@ class RunPlan:
         return (*self.shape[:2], self.shape[2] - self.grid.offset, *self.shape[3:])
 
 
-def check_prefix(prefix: torch.Tensor | None, cfg: CascadeConfig, h: int, w: int) -> int:
+def check_prefix(prefix: torch.Tensor | None, cfg: CascadeConfig, h: int, w: int,
+                 dtype: torch.dtype | None = None) -> int:
     """The frames F of a context prefix of clean latents [1, 16, F, h, w] (0 without one).
 
-    Raises ValueError for anything but a tensor of that shape with F >= 1, for NaN or infinite values,
-    and where a prefix is not defined yet: with a rolling window (its clean passes' own window and
+    Raises ValueError for anything but a real floating-point tensor of that shape with F >= 1, for NaN
+    or infinite values (also once cast to the run's ``dtype``, when given), and where a prefix is not
+    defined yet: with a rolling window (its clean passes' own window and
     the re-positioned sink), slot RoPE positions or an EMA sink (Reward Forcing's positions and blend
     are defined for blocks only)."""
     if prefix is None:
@@ -205,26 +207,31 @@ def check_prefix(prefix: torch.Tensor | None, cfg: CascadeConfig, h: int, w: int
     if shape is None or len(shape) != 5 or shape[:2] != [1, LATENT_CHANNELS] or shape[3:] != [h, w] or shape[2] < 1:
         raise ValueError(f"the prefix must be clean latents [1, {LATENT_CHANNELS}, F, {h}, {w}] with F >= 1 frames, "
                          f"got {shape if shape is not None else type(prefix).__name__}")
-    if not bool(torch.isfinite(prefix).all()):
+    if not prefix.is_floating_point():
+        raise ValueError(f"the prefix must be real floating-point latents, got {str(prefix.dtype).removeprefix('torch.')}")
+    if not bool(torch.isfinite(prefix.double()).all()):  # double(): float8 has no isfinite
         raise ValueError("the prefix holds NaN or infinite values")
+    if dtype is not None and not bool(torch.isfinite(prefix.to(dtype).float()).all()):
+        raise ValueError(f"the prefix's values (up to {prefix.double().abs().max().item():.3g}) overflow the run's "
+                         f"{str(dtype).removeprefix('torch.')}; clean latents are of order 1")
     return shape[2]
 
 
 def plan_run(model_cfg: WanConfig, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int, width: int,
              height: int, noise: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-             block_offset: int = 0) -> RunPlan:
+             block_offset: int = 0, dtype: torch.dtype | None = None) -> RunPlan:
     """Every check of a run's arguments, before any model work (one place for one process and for
     several). Raises ValueError for a bad config, size, prompt schedule, initial noise or context
-    prefix (:func:`check_prefix`) or a negative ``block_offset``."""
+    prefix (:func:`check_prefix`, ``dtype``: the run's) or a ``block_offset`` that is no int >= 0."""
     cfg.validate()
-    if block_offset < 0:
-        raise ValueError(f"block_offset (the video-wide index of block 0) must be >= 0, got {block_offset}")
+    if type(block_offset) is not int or block_offset < 0:
+        raise ValueError(f"block_offset (the video-wide index of block 0) must be an int >= 0, got {block_offset!r}")
     first, flow = cfg.flows()
     schedule = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first))
     prompts.validate(blocks, model_cfg.text_dim)
     cfg.check_switches(len(prompts.entries) - 1)
     h, w = latent_size(width, height, model_cfg.patch_size)
-    grid = BlockGrid(cfg.grid.frames, cfg.grid.first, check_prefix(prefix, cfg, h, w))
+    grid = BlockGrid(cfg.grid.frames, cfg.grid.first, check_prefix(prefix, cfg, h, w, dtype))
     run = RunPlan(grid, first, flow, schedule, (1, LATENT_CHANNELS, grid.total(blocks), h, w))
     if noise is not None and tuple(noise.shape) != run.noise_shape:
         raise ValueError(f"the initial noise must be {list(run.noise_shape)}, got {list(noise.shape)}")
@@ -309,7 +316,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     """
     part = partition or Partition()
     run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix,
-                   block_offset=block_offset)
+                   block_offset=block_offset, dtype=model.dtype)
     plan, grid, shape, lead = run.schedule, run.grid, run.shape, run.grid.offset
     device, dtype = model.device, model.dtype
     noise = initial_noise(seed, run.noise_shape, device, dtype) if noise is None else to_device(noise, device).to(dtype)

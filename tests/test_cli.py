@@ -318,3 +318,10 @@ def test_a_prefix_changes_the_config_with_a_note(tmp_path, capsys):
     s = _summary_of(captured)
     # the 4 context frames as 4 frame-wise blocks, then 2 blocks of 1 step + a clean pass
     assert s["settings"]["first_block_steps"] is None and s["forwards"] == 4 + 2 * 2
+
+
+def test_continuing_fp8_latents_runs(tmp_path, capsys):
+    save_safetensors({"latents": torch.randn(1, 16, 3, 4, 8).to(torch.float8_e4m3fn)}, str(tmp_path / "g.safetensors"))
+    out = tmp_path / "out.safetensors"
+    assert main(["generate", *SMALL, "--continue", str(tmp_path / "g.safetensors"), "--latents-out", str(out)]) == 0
+    assert read_tensor_file(str(out))["latents"].shape[2] == 3 + 6

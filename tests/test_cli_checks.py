@@ -223,6 +223,11 @@ def test_bad_start_images_and_continuations_give_one_line_before_the_model(tmp_p
     save_safetensors({"latents": torch.zeros(16, 4, 4, 8)}, str(flat))
     nan = tmp_path / "nan.safetensors"
     save_safetensors({"latents": torch.full((1, 16, 2, 4, 8), float("nan"))}, str(nan))
+    nan_first = tmp_path / "nan_first.safetensors"  # frame 0 is not in the context but in the outputs
+    save_safetensors({"latents": torch.zeros(1, 16, 6, 4, 8).index_fill_(2, torch.tensor([0]), float("nan"))},
+                     str(nan_first))
+    big = tmp_path / "big.safetensors"
+    save_safetensors({"latents": torch.full((1, 16, 2, 4, 8), 1e5)}, str(big))
     cases = [
         (["--image", str(png)], "--image " + str(png) + " needs --vae FILE"),
         (["--continue", str(mp4)], "needs --vae FILE (the complete Wan2.1 VAE) to encode a video"),
@@ -234,6 +239,8 @@ def test_bad_start_images_and_continuations_give_one_line_before_the_model(tmp_p
         (["--continue", str(wide)], "its latents are 8x16 (a 128x64 video) but --width 64 --height 32 needs 4x8"),
         (["--continue", str(flat)], "expected latents [1, 16, T, H/8, W/8], got [16, 4, 4, 8]"),
         (["--continue", str(nan)], "NaN or infinite"),
+        (["--continue", str(nan_first), "--context-frames", "2"], "NaN or infinite"),
+        (["--continue", str(big), "--dtype", "fp16"], "(up to 1e+05) overflow the run's float16"),
         (["--image", str(junk_png), "--vae", str(vae)], "junk.png: not a readable image"),
         (["--continue", str(junk_mp4), "--vae", str(vae)], "junk.mp4: not a readable video"),
         (["--image", str(png), "--vae", str(vae), "--family", "reward-forcing"], "not defined with slot RoPE"),

@@ -153,6 +153,10 @@ BAD_PREFIXES = {
     "4-D": (torch.zeros(16, 2, H // 8, W // 8), "clean latents"),
     "not a tensor": ([[0.0]], "got list"),
     "NaN": (torch.zeros(GOOD).index_fill_(2, torch.tensor([1]), float("nan")), "NaN or infinite"),
+    "NaN in float8": (torch.full(GOOD, float("nan")).to(torch.float8_e4m3fn), "NaN or infinite"),
+    "integers": (torch.zeros(GOOD, dtype=torch.int64), "real floating-point latents, got int64"),
+    "complex": (torch.zeros(GOOD, dtype=torch.complex64), "real floating-point latents, got complex64"),
+    "past the run's dtype": (torch.full(GOOD, 1e39, dtype=torch.float64), "overflow the run's float32"),
 }
 BAD_CONFIGS = {
     "rolling window": (CascadeConfig(window=9, sink=3, rolling_window=True), "rolling window"),
@@ -221,9 +225,10 @@ def test_a_continuation_equals_one_long_run(model, prompt, case):
     assert (unnumbered.latents - long.latents).abs().max() > 100 * P1_TOLERANCE
 
 
-def test_a_negative_block_offset_is_refused(model):
-    with ForwardLog(model) as log, pytest.raises(ValueError, match="block_offset"):
-        run(model, CascadeConfig(), 2, None, block_offset=-1)
+@pytest.mark.parametrize("offset", [-1, 1.5, True, "2", torch.tensor(3)])
+def test_a_block_offset_that_is_no_int_from_0_is_refused(model, offset):
+    with ForwardLog(model) as log, pytest.raises(ValueError, match="must be an int >= 0"):
+        run(model, CascadeConfig(), 2, clean_latents(2), block_offset=offset)
     assert log.calls == []
 
 
