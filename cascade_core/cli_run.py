@@ -277,8 +277,11 @@ def run_generate(args) -> dict | None:
                 startup = time.perf_counter() - start
                 run = pool.generate
             progress = BlockProgress(args.blocks, not args.quiet)  # after the workers' start-up
-            if frames is not None and lead is not None:  # the video starts with the frames before block 0
-                frames.push(BlockEvent(-1, lead.to(dtype), 0, 0.0))
+            if frames is not None and lead is not None:  # the video starts with the frames before block 0,
+                for at in range(0, lead.shape[2], cfg.frames_per_block):  # pushed a block's worth at a time
+                    if stop():  # Ctrl-C while a long given video is decoded: what is decoded is kept
+                        raise Interrupted("stopped while decoding the frames before block 0")
+                    frames.push(BlockEvent(-1, lead[:, :, at:at + cfg.frames_per_block].to(dtype), 0, 0.0))
             result = run(model, prompts, cfg, blocks=args.blocks, width=args.width,
                          height=args.height, seed=args.seed, noise=noise, on_block=on_block,
                          on_tick=None if frames is None else frames.poll, should_stop=stop,

@@ -164,7 +164,8 @@ class Partition:
         return x0
 
     def stop(self, tick: Tick, requested: bool) -> bool:
-        """Whether every process stops before ``tick`` (``requested``: this process's own wish)."""
+        """Whether every process stops before ``tick`` (``requested``: this process's own wish; a
+        negative index: a block of the context prefix, see :func:`prefix_pass`)."""
         return requested
 
 
@@ -263,16 +264,21 @@ def _clean_forward(model: WanModel, pool: KVPool, out: torch.Tensor, lo: int, en
     return 1
 
 
-def prefix_pass(model: WanModel, pool: KVPool, out: torch.Tensor, grid: BlockGrid, prompt, context_noise: float) -> int:
+def prefix_pass(model: WanModel, pool: KVPool, out: torch.Tensor, grid: BlockGrid, prompt, context_noise: float,
+                stop: Callable[[int], bool] = lambda index: False) -> int:
     """A context prefix's clean passes, under the run's first prompt, before block 0: its clean
     latents ``out[:, :, :grid.offset]`` are written as the finished blocks they are made of
     (:meth:`BlockGrid.prefix_chunks`), oldest first, one forward each at t = ``context_noise`` and
     RoPE positions at their frames, each attending what a clean pass of a block there attends (the
     earlier prefix frames its window holds, and its own). A start image (one frame at t = 0) is core
     ComfyUI's ARVideoI2V and Causal Forcing's I2V (one clean pass at position 0); a longer prefix
-    gets the K/V a run that had generated those frames would hold. Returns the forwards run."""
+    gets the K/V a run that had generated those frames would hold. ``stop(index)`` is asked before
+    each (index -n..-1 for n blocks: the ticks before tick 0). Returns the forwards run; raises
+    :class:`Interrupted` when ``stop`` says so."""
     chunks = grid.prefix_chunks()
-    for lo, hi in chunks:
+    for i, (lo, hi) in enumerate(chunks):
+        if stop(i - len(chunks)):
+            raise Interrupted(f"stopped while writing the context (its block {i + 1} of {len(chunks)})")
         _clean_forward(model, pool, out, lo, hi, prompt, context_noise, pool.clean_attention(lo, hi))
     return len(chunks)
 
@@ -340,11 +346,13 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         clean_t = torch.full((max(grid.first, grid.frames),), float(cfg.context_noise), device=device)
         step_t = {id(f): to_device(f.timesteps, device) for f in (run.first_flow, run.flow)}
         done, first_block = 0, None
-        forwards = prefix_pass(model, pool, out, grid, text[0], cfg.context_noise)
+        wants_stop = lambda: should_stop is not None and should_stop()  # noqa: E731
+        forwards = prefix_pass(model, pool, out, grid, text[0], cfg.context_noise,
+                               lambda index: part.stop(Tick(index, ()), wants_stop()))
         recache_at = {s: i for i, (s, _) in enumerate(prompts.entries) if s and cfg.switch_mode == "recache"}
         ticks = plan.ticks()
         for tick in ticks:
-            if part.stop(tick, should_stop is not None and should_stop()):
+            if part.stop(tick, wants_stop()):
                 raise Interrupted(f"stopped at tick {tick.index} of {len(ticks)}")
             blocks_now = [b for b, _ in tick.pairs]
             for b, stage in tick.pairs:

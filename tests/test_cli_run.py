@@ -229,3 +229,23 @@ def test_a_stopped_decode_tells_the_frames_it_wrote(tmp_path, capsys, monkeypatc
     assert line.endswith("and " + str(pngs) + " hold 9 frames") and "latent frame 3 of 5" in line, line
     assert _mp4_frames(video) == len(os.listdir(pngs)) == 9  # 1 + 4 + 4
     assert set(threading.enumerate()) == before
+
+
+def test_a_stop_while_a_long_given_video_is_decoded_is_heard_and_keeps_everything(tmp_path, capsys, monkeypatch):
+    """Ctrl-C before the first block: the given video is decoded a block's worth at a time and the
+    stop is asked between, so it ends at once with the frames decoded so far; no block was made, so
+    no latents file is written (the given one holds them)."""
+    from cascade_core.taew import TinyWanDecoder
+
+    vae = tmp_path / "taew.safetensors"
+    save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(), str(vae))
+    given = torch.randn(1, 16, 30, 4, 8, generator=torch.Generator().manual_seed(2))
+    save_safetensors({"latents": given}, str(tmp_path / "given.safetensors"))
+    _stop_after(monkeypatch, 3)  # after two of the ten pushes of 3 latent frames
+    out, video = tmp_path / "out.safetensors", tmp_path / "v.mp4"
+    assert main(["generate", *SMALL, "--continue", str(tmp_path / "given.safetensors"), "--vae", str(vae),
+                 "--video-out", str(video), "--latents-out", str(out)]) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"interrupted: stopped at block 1 of \d+; \S+ holds 21 frames", line), line
+    assert _mp4_frames(video) == 1 + 4 * (6 - 1)  # the two pushed pieces, 6 latent frames
+    assert not out.exists()

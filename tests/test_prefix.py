@@ -11,7 +11,7 @@ import torch
 
 from cascade_core.context import CONTINUATION, prefix_config
 from cascade_core.distributed import WorkerPool
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
+from cascade_core.sampler import CascadeConfig, Interrupted, PromptSchedule, generate
 from test_cascade_oracle import SEED as CASCADE_SEED, cascade_oracle
 from test_families import FOUR, H, SEED, W, embedding, family_loop
 
@@ -186,11 +186,16 @@ def test_several_processes_after_a_prefix_equal_one(model):
                             seed=SEED, prefix=prefix, block_offset=4)
         left = pool.generate(model, PromptSchedule(sorted(prompts.items())), cfg, blocks=5, width=W, height=H,
                              seed=SEED, prefix=prefix, include_prefix=False)
+        with pytest.raises(Interrupted, match="stopped"):  # the ranks agree where, in the context or after
+            pool.generate(model, PromptSchedule(sorted(prompts.items())), cfg, blocks=5, width=W, height=H,
+                          seed=SEED, prefix=prefix, should_stop=lambda: True)
+        again = pool.generate(model, PromptSchedule(sorted(prompts.items())), cfg, blocks=5, width=W, height=H,
+                              seed=SEED, prefix=prefix, block_offset=4)
     finally:
         pool.close()
     assert res.prefix_frames == 3 and torch.equal(res.latents[:, :, :3], prefix)
     assert (res.latents - one.latents).abs().max() <= 1e-5
-    assert res.forwards == one.forwards
+    assert res.forwards == one.forwards and torch.equal(again.latents, res.latents)
     assert left.prefix_frames == 0 and (left.latents - res.latents[:, :, 3:]).abs().max() > 1e-3  # offset 0
 
 
@@ -247,3 +252,16 @@ def test_the_memory_estimate_counts_the_prefix_frames(model):
     assert grown >= 1.2 * 5 * per_frame_kv
     windowed = CascadeConfig(window=6, sink=2)
     assert 0 < need(windowed, 5) - need(windowed, 0) == pytest.approx(grown - 1.2 * 5 * per_frame_kv, abs=2)
+
+
+def test_a_stop_is_heard_between_the_prefix_blocks(model):
+    """Ctrl-C or Cancel while a long context is written: asked before each of its blocks."""
+    asked = []
+
+    def should_stop():
+        asked.append(1)
+        return len(asked) == 3
+
+    with ForwardLog(model) as log, pytest.raises(Interrupted, match=r"writing the context \(its block 3 of 4\)"):
+        run(model, CascadeConfig(frames_per_block=2), 2, clean_latents(8), should_stop=should_stop)
+    assert len(log.calls) == 2
