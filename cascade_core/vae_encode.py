@@ -12,12 +12,14 @@ Guarantees:
   then :func:`vae.raw_to_normalized`. Video frame 0 gives latent frame 0, every 4 later frames one more.
 - Images and video frames are scaled to cover width x height keeping their aspect ratio, then
   centre-cropped (Pillow's ``ImageOps.fit``; core ComfyUI's ``common_upscale(..., "center")`` rule);
-  RGB, alpha dropped; pixels on the [-1, 1] scale.
+  RGB, alpha dropped; pixels on the [-1, 1] scale. 16-bit and 32-bit images are scaled to 8 bits,
+  not clipped (:func:`load_image`).
 """
 from __future__ import annotations
 
 import collections
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -86,11 +88,27 @@ def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
     return raw_to_normalized(raw.float())
 
 
+def _eight_bit(image):
+    """A Pillow image with integer ("I;16*", "I": 0..65535) or float ("F": 0..1) grey levels -> mode "L"
+    on the 0..255 scale (rounded, clipped); any other image unchanged."""
+    from PIL import Image
+
+    if image.mode == "F":
+        scale = 255.0
+    elif image.mode == "I" or image.mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    else:
+        return image
+    levels = np.asarray(image).astype(np.float32) * scale
+    return Image.fromarray(np.clip(np.nan_to_num(levels).round(), 0, 255).astype(np.uint8))
+
+
 def _fitted(image, width: int, height: int) -> np.ndarray:
-    """A Pillow image -> uint8 [height, width, 3]: RGB (alpha dropped), covering the size, centre-cropped."""
+    """A Pillow image -> uint8 [height, width, 3]: RGB (alpha dropped; see :func:`_eight_bit`), covering
+    the size, centre-cropped."""
     from PIL import Image, ImageOps
 
-    rgb = image.convert("RGB")
+    rgb = _eight_bit(image).convert("RGB")
     return np.asarray(ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5)))
 
 
@@ -102,14 +120,30 @@ def _to_pixels(frames: list[np.ndarray]) -> torch.Tensor:
 
 def load_image(path: str, width: int, height: int) -> torch.Tensor:
     """A still image (PNG, JPEG, ...; EXIF orientation applied) -> [1, 3, 1, height, width] on the
-    [-1, 1] scale. Raises :class:`CheckpointError` naming the file when it is missing or unreadable."""
+    [-1, 1] scale. 16-bit and 32-bit integer grey levels (modes "I;16", "I") are read on the 16-bit
+    scale 0..65535 and float ones ("F") on 0..1, then scaled to 8 bits. An image of more pixels than
+    Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89 megapixels by default,
+    over 5 times a 4096 x 4096 frame) is refused from its header, before any pixel is decoded, and without
+    Pillow's warning. Raises :class:`CheckpointError` naming the file when it is missing, unreadable
+    or too large."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such file")
+    limit = Image.MAX_IMAGE_PIXELS
+    why = f"Pillow's decompression-bomb limit is {limit} pixels; scale it down"
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # past the limit it is refused below, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            if limit is not None and image.width * image.height > limit:
+                raise CheckpointError(path, f"too large: {image.width} x {image.height} pixels ({why})")
             frame = _fitted(ImageOps.exif_transpose(image), width, height)
+    except Image.DecompressionBombError:  # over twice the limit: Pillow refuses it without giving the size
+        raise CheckpointError(path, f"too large: more than {2 * limit} pixels ({why})") from None
+    except CheckpointError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise CheckpointError(path, f"not a readable image ({first_line(exc)})") from None
     return _to_pixels([frame])

@@ -174,12 +174,18 @@ def schedule(entries, blocks_: int, text_dim: int) -> PromptSchedule:
     return sched
 
 
-def context_kind(start_image, prefix, vae) -> str | None:
+def context_kind(start_image, prefix, vae, width: int, height: int, context_frames: int = 0) -> str | None:
     """What comes before block 0 by the sampler's optional inputs: ``context.START_IMAGE`` (with
     ``start_image``, which needs ``vae`` to be encoded), ``context.CONTINUATION`` (with ``prefix``) or
-    None. Raises ValueError for both at once, a start image without a VAE or one that is not an IMAGE."""
+    None. Raises ValueError naming the input for both at once, ``context_frames`` without a prefix, a
+    start image without a VAE, one that is not a float IMAGE [B, H, W, C >= 3] (0..1), whose first
+    image (the one encoded) holds NaN or infinite values, or whose centre crop to the aspect ratio of
+    ``width`` x ``height`` (pixels) keeps less than 2 pixels either way."""
     if start_image is not None and prefix is not None:
         raise ValueError("connect either start_image (image to video) or prefix (continue a video), not both")
+    if prefix is None and context_frames:
+        raise ValueError(f"context_frames ({context_frames}) needs the prefix input: it counts the latent frames "
+                         f"of the continued video the new blocks see; set it to 0 without a prefix")
     if start_image is None:
         return None if prefix is None else CONTINUATION
     if vae is None:
@@ -189,13 +195,25 @@ def context_kind(start_image, prefix, vae) -> str | None:
     if not torch.is_tensor(start_image) or start_image.dim() != 4 or start_image.shape[3] < 3 \
             or 0 in start_image.shape:
         raise ValueError(f"start_image: expected an IMAGE [B, H, W, 3] (e.g. from LoadImage), got {shape}")
+    if not start_image.is_floating_point():
+        raise ValueError(f"start_image: expected an IMAGE of floats on the 0..1 scale (e.g. from LoadImage), "
+                         f"got {start_image.dtype}")
+    if not bool(torch.isfinite(start_image[:1]).all()):
+        raise ValueError("start_image: the image holds NaN or infinite values")
+    h, w = start_image.shape[1:3]
+    kept_w, kept_h = min(w, h * width / height), min(h, w * height / width)
+    if min(kept_w, kept_h) < 2:
+        raise ValueError(f"start_image: its centre crop to the video's aspect ratio ({width} x {height}) keeps "
+                         f"{kept_w:.3g} x {kept_h:.3g} of its {w} x {h} pixels, less than 2 either way; use an "
+                         f"image closer to that aspect ratio")
     return START_IMAGE
 
 
 def prefix_latents(prefix, width: int, height: int) -> torch.Tensor:
     """The raw latents [1, 16, T, height/8, width/8] of the sampler's ``prefix`` LATENT (a sampler's
     output: ``{"samples": ...}``). Raises ValueError for anything else: another layout, a batch of
-    several videos, no frames, or frames of another size than the node's width x height."""
+    several videos, no frames, frames of another size than the node's width x height, or values that
+    are not real floating point (complex, integer)."""
     samples = prefix.get("samples") if isinstance(prefix, dict) else None
     if not torch.is_tensor(samples) or samples.dim() != 5 or samples.shape[1] != LATENT_CHANNELS \
             or samples.shape[2] < 1:
@@ -203,6 +221,9 @@ def prefix_latents(prefix, width: int, height: int) -> torch.Tensor:
                                                                          else prefix).__name__
         raise ValueError(f"prefix: expected a video LATENT [1, {LATENT_CHANNELS}, T, H/8, W/8] with T >= 1 (a "
                          f"Block Cascade Sampler's LATENT), got {got}")
+    if not samples.is_floating_point():
+        raise ValueError(f"prefix: expected a LATENT of real floating-point values (a Block Cascade Sampler's "
+                         f"LATENT), got {samples.dtype}")
     if samples.shape[0] != 1:
         raise ValueError(f"prefix: the LATENT holds {samples.shape[0]} videos; a continuation takes one (batch 1)")
     h, w = latent_size(int(width), int(height))
@@ -214,7 +235,8 @@ def prefix_latents(prefix, width: int, height: int) -> torch.Tensor:
 
 def context_allowed(context: torch.Tensor | None, cfg: CascadeConfig, width: int, height: int, what: str) -> None:
     """The engine's rules for a context prefix (:func:`cascade_core.sampler.check_prefix`), before any
-    model work: on the normalised context latents [1, 16, K, h, w] of a continuation, or, for a start
+    model work: on the normalised latents [1, 16, T, h, w] of a continuation (every frame of the given
+    video, context or not: the outputs hold them all), or, for a start
     image not encoded yet (``context`` None), on one frame of zeros of the run's size, where only the
     config's rules can fail. Raises ValueError naming the input ``what``."""
     h, w = latent_size(int(width), int(height))

@@ -196,7 +196,7 @@ class BlockCascadeSampler(io.ComfyNode):
         else:
             entries = list(schedule.entries)
         prompts = checks.schedule(entries, blocks, model.cfg.text_dim)
-        kind = checks.context_kind(start_image, prefix, vae)
+        kind = checks.context_kind(start_image, prefix, vae, width, height, context_frames)
         before = context = None  # raw latents before block 0 in the outputs; the engine's (normalised) prefix
         notes, described = [], ""
         if kind is not None:
@@ -206,8 +206,9 @@ class BlockCascadeSampler(io.ComfyNode):
             described = "start image (1 latent frame)"
         elif kind is not None:
             before = checks.prefix_latents(prefix, width, height).float()
-            context = context_of(raw_to_normalized(before), cfg, context_frames)
-            checks.context_allowed(context, cfg, width, height, "prefix")
+            whole = raw_to_normalized(before)
+            checks.context_allowed(whole, cfg, width, height, "prefix")  # every frame: the outputs hold them
+            context = context_of(whole, cfg, context_frames)
             described = f"the last {context.shape[2]} of the prefix's {before.shape[2]} latent frames"
             notes += context_notes(context_frames, context.shape[2])
         cfg.check_switches(len(prompts.entries) - 1, len(run_devices))

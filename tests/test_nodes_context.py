@@ -166,9 +166,15 @@ def _latent(frames=4, batch=1, h=H // 8, w=W // 8, channels=16):
     return {"samples": torch.randn(batch, channels, frames, h, w)}
 
 
-def _nan_latent():
+def _bad_latent(frame=-1, value=float("nan")):
     bad = _latent()
-    bad["samples"][0, 0, -1, 0, 0] = float("nan")
+    bad["samples"][0, 0, frame, 0, 0] = value
+    return bad
+
+
+def _image_with(value):
+    bad = images(0, H, W)
+    bad[0, H // 2, W // 2, 1] = value
     return bad
 
 
@@ -189,7 +195,31 @@ REFUSED = {  # name: (sampler inputs, message)
     "prefix of 4 channels": (dict(prefix=_latent(channels=4)), r"prefix: expected a video LATENT \[1, 16, T"),
     "prefix not a LATENT": (dict(prefix=torch.zeros(1, 16, 2, 4, 8)), r"prefix: expected a video LATENT.*got Tensor"),
     "prefix without frames": (dict(prefix=_latent(frames=0)), r"with T >= 1"),
-    "prefix with NaN": (dict(prefix=_nan_latent()), r"^prefix: the prefix holds NaN"),
+    "prefix with NaN": (dict(prefix=_bad_latent()), r"^prefix: the prefix holds NaN"),
+    # the context is the last 2 latent frames; the outputs hold all 4
+    "prefix with NaN before the context": (dict(prefix=_bad_latent(0), context_frames=2),
+                                           r"^prefix: the prefix holds NaN or infinite"),
+    "prefix with inf before the context": (dict(prefix=_bad_latent(1, float("inf")), context_frames=2),
+                                           r"^prefix: the prefix holds NaN or infinite"),
+    "prefix of complex values": (dict(prefix={"samples": _latent()["samples"].to(torch.complex64)}),
+                                 r"^prefix: expected a LATENT of real floating-point values.*complex64"),
+    "prefix of integers": (dict(prefix={"samples": _latent()["samples"].to(torch.int32)}),
+                           r"^prefix: expected a LATENT of real floating-point values.*int32"),
+    "context frames without a prefix": (dict(context_frames=3), r"^context_frames \(3\) needs the prefix input"),
+    "context frames with a start image": (dict(start_image=images(0, H, W), vae="VAE", context_frames=3),
+                                          r"^context_frames \(3\) needs the prefix input"),
+    "image with NaN": (dict(start_image=_image_with(float("nan")), vae="VAE"),
+                       r"^start_image: the image holds NaN or infinite"),
+    "image with inf": (dict(start_image=_image_with(float("-inf")), vae="VAE"),
+                       r"^start_image: the image holds NaN or infinite"),
+    "image of integers": (dict(start_image=(images(0, H, W) * 255).to(torch.uint8), vae="VAE"),
+                          r"^start_image: expected an IMAGE of floats on the 0..1 scale.*uint8"),
+    # 64 x 32 from 1 x 1000: the centre 1 x 0.5 pixels; 2 x 1000 too (rounding may keep none)
+    "image too thin": (dict(start_image=torch.rand(1, 1000, 1, 3), vae="VAE"),
+                       r"^start_image: its centre crop .*\(64 x 32\) keeps 1 x 0.5 of its 1 x 1000 pixels"),
+    "image too thin, 2 wide": (dict(start_image=torch.rand(1, 1000, 2, 3), vae="VAE"),
+                               r"^start_image: its centre crop .* keeps 2 x 1 of its 2 x 1000"),
+    "image too flat": (dict(start_image=torch.rand(1, 1, 1000, 3), vae="VAE"), r"keeps 2 x 1 of its 1000 x 1"),
     "prefix, EMA sink": (dict(prefix=_latent(), config=EMA), r"^prefix: a context prefix is not defined with an EMA"),
     "negative context": (dict(prefix=_latent(), context_frames=-1), r"context frames must be >= 0"),
 }

@@ -4,6 +4,10 @@ image / video frames it encodes, on the tiny complete Wan2.1 VAE fixture.
 The oracle is diffusers itself: the test builds AutoencoderKLWan, converts the original names with
 diffusers' converter, loads strictly, and prepares the pixels with numpy (a crop it computes itself).
 """
+import struct
+import warnings
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +164,60 @@ def test_unreadable_images_and_videos_give_one_line_naming_the_file(tmp_path):
             load(str(path), W, H)
         text = str(err.value)
         assert path.name in text and reason in text and len(text.splitlines()) == 1, text
+
+
+def test_16_and_32_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    """A full-range gradient in 16-bit, 32-bit integer and float grey levels gives the pixels of its
+    8-bit version (levels rounded by numpy here: v / 257 of 65535, v * 255 of 1.0)."""
+    ramp = np.linspace(0, 1, 2 * W)[None, :].repeat(2 * H, 0)  # [2H, 2W], 0..1 left to right
+    levels16 = np.round(ramp * 65535).astype(np.uint16)
+    Image.fromarray(np.round(levels16 / 257).astype(np.uint8)).save(tmp_path / "eight.png")
+    want = load_image(str(tmp_path / "eight.png"), W, H)
+    assert want.min() < -0.9 and want.max() > 0.9  # the full range, left to right
+    Image.fromarray(levels16).save(tmp_path / "sixteen.png")
+    Image.fromarray(levels16.astype(np.int32)).save(tmp_path / "int32.tiff")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tiff")
+    for name, mode in (("sixteen.png", "I;16"), ("int32.tiff", "I"), ("float.tiff", "F")):
+        with Image.open(tmp_path / name) as image:
+            assert image.mode == mode, (name, image.mode)
+        got = load_image(str(tmp_path / name), W, H)
+        assert (got - want).abs().max() <= 1 / 127.5 + 1e-6, name
+
+
+def write_png(path, width, height, complete=True):
+    """A black 1-bit greyscale PNG of width x height, tiny on disk (its rows compress to almost
+    nothing); ``complete`` False cuts it in the middle of its pixel data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pack = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)  # filter byte, then the row's bits
+    data = b"".join(pack.compress(row) for _ in range(height)) + pack.flush()
+    data = data if complete else data[:len(data) // 2]
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + chunk(b"IDAT", data)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + (chunk(b"IEND", b"") if complete else b""))
+
+
+BOMBS = {"huge.png": ((20000, 20000), "more than 178956970 pixels"),  # past what Pillow reads at all
+         "large.png": ((12000, 8000), "12000 x 8000 pixels")}  # 96 megapixels: Pillow warns
+
+
+@pytest.mark.parametrize("complete", [True, False], ids=["complete", "truncated"])
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_images_past_the_decompression_bomb_limit_are_refused_in_one_line(tmp_path, name, complete):
+    """Past Pillow's limit (89478485 pixels by default; twice that is where Pillow itself raises), an
+    image is refused from its header, naming the file and its size, and nothing is warned."""
+    (w, h), size = BOMBS[name]
+    assert Image.MAX_IMAGE_PIXELS == 89478485 < w * h
+    write_png(tmp_path / name, w, h, complete)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError) as err:
+            load_image(str(tmp_path / name), W, H)
+    text = str(err.value)
+    assert text.startswith(f"{name}: too large: {size}") and len(text.splitlines()) == 1, text
+
+
+def test_the_png_writer_of_the_bomb_test_writes_images_pillow_reads(tmp_path):
+    write_png(tmp_path / "fine.png", 2 * W, 2 * H)
+    assert torch.equal(load_image(str(tmp_path / "fine.png"), W, H), -torch.ones(1, 3, 1, H, W))
