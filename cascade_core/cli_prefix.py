@@ -18,7 +18,7 @@ import torch
 from .cli_checks import UsageError, check_input, check_latents
 from .config import CascadeConfig
 from .context import CONTINUATION, START_IMAGE, context_frames_for, context_of, prefix_config
-from .sampler import check_prefix, latent_size
+from .plan import check_prefix, latent_size
 
 LATENTS_EXT = ".safetensors"
 

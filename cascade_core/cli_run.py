@@ -27,7 +27,8 @@ from .frames import FrameStream, VideoWriter, load_decoder
 from .model import WanConfig
 from .safe_io import save_safetensors
 from .families import describe
-from .sampler import BlockEvent, CascadeConfig, Interrupted, PromptSchedule, Result, generate, latent_size
+from .plan import latent_size
+from .sampler import BlockEvent, CascadeConfig, Interrupted, PromptSchedule, Result, generate
 
 DEFAULT_VIDEO = "out/video.mp4"
 

@@ -10,7 +10,8 @@ import os
 import torch
 
 from .kv_pool import PoolLayout
-from .sampler import CascadeConfig, latent_size
+from .plan import latent_size
+from .sampler import CascadeConfig
 
 GIB = 1024 ** 3
 

@@ -15,7 +15,8 @@ import torch
 
 from cascade_core.context import CONTINUATION, START_IMAGE
 from cascade_core.families import DEFAULT_FAMILY, family_with
-from cascade_core.sampler import LATENT_CHANNELS, CascadeConfig, PromptSchedule, check_prefix, latent_size
+from cascade_core.plan import LATENT_CHANNELS, check_prefix, latent_size
+from cascade_core.sampler import CascadeConfig, PromptSchedule
 
 log = logging.getLogger("block_cascade")
 
@@ -234,7 +235,7 @@ def prefix_latents(prefix, width: int, height: int) -> torch.Tensor:
 
 
 def context_allowed(context: torch.Tensor | None, cfg: CascadeConfig, width: int, height: int, what: str) -> None:
-    """The engine's rules for a context prefix (:func:`cascade_core.sampler.check_prefix`), before any
+    """The engine's rules for a context prefix (:func:`cascade_core.plan.check_prefix`), before any
     model work: on the normalised latents [1, 16, T, h, w] of a continuation (every frame of the given
     video, context or not: the outputs hold them all), or, for a start
     image not encoded yet (``context`` None), on one frame of zeros of the run's size, where only the

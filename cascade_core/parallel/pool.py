@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from ..model import WanModel
-from ..sampler import (LATENT_CHANNELS, BlockEvent, CascadeConfig, Interrupted, PromptSchedule, Result, TickEvent,
-                       latent_size)
+from ..plan import LATENT_CHANNELS, latent_size
+from ..sampler import BlockEvent, CascadeConfig, Interrupted, PromptSchedule, Result, TickEvent
 from ..memory import GIB, estimate_run_bytes
 from .devices import _worker_env, parse_devices
 from .faults import WorkerError, _compose_error

@@ -12,8 +12,9 @@ import torch.distributed as dist
 from .. import attention
 from ..fp8 import quantize_layers
 from ..model import WanConfig, WanModel
-from ..sampler import (LATENT_CHANNELS, CascadeConfig, Interrupted, PromptSchedule, Result,
-                       generate as run_loop, initial_noise, latent_size)
+from ..plan import LATENT_CHANNELS, latent_size
+from ..sampler import (CascadeConfig, Interrupted, PromptSchedule, Result, generate as run_loop,
+                       initial_noise)
 from .faults import _test_fault
 from .partition import RankPartition
 from .wire import _dtype, _make_job, _pack, _weights_plan

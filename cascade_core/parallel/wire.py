@@ -10,7 +10,8 @@ import torch
 from .. import attention
 from ..fp8 import Fp8Linear
 from ..model import WanModel
-from ..sampler import CascadeConfig, PromptSchedule, plan_run
+from ..plan import plan_run
+from ..sampler import CascadeConfig, PromptSchedule
 
 CHUNK_BYTES = 256 << 20  # weights travel in chunks of about this size
 ALIGN = 64
