@@ -13,7 +13,7 @@ Guarantees:
   makes 4 frames per latent frame and the video's first 3 are dropped, as in the original.
 - Causal: each memory block sees its own input and the previous frame's (zeros before the first),
   nothing else crosses frames. With that one frame of memory per block kept in a
-  :class:`~cascade_core.vae.CausalState`, decoding block by block equals decoding all at once (up to
+  :class:`~cascade_core.decode_stream.CausalState`, decoding block by block equals decoding all at once (up to
   floating-point summation order), and the first-3-frames drop happens once per video.
 
 Layout (widths c0..c3 = 256, 128, 64, 64 in taew2_1)::
@@ -34,7 +34,9 @@ from einops import rearrange
 from torch import nn
 
 from .safe_io import CheckpointError
-from .vae import LATENT_CHANNELS, TIME_FACTOR, CausalState, LatentVideoDecoder, component_weights, describe
+from .decode_stream import CausalState, LatentVideoDecoder
+from .latents import LATENT_CHANNELS, TIME_FACTOR
+from .vae_names import component_weights, describe
 
 TAEW2_1_WIDTHS = (256, 128, 64, 64)
 TIME_STRIDES = (1, 2, 2)  # frames per input frame at each level: 4 in all, as the full decoder

@@ -9,7 +9,7 @@ Guarantees:
   weights and loaded strictly. A file that is not a complete 16-channel Wan2.1 VAE raises
   :class:`CheckpointError` naming the file (a decoder-only file: the encoder half is missing).
 - :func:`encode` returns normalised (DiT-space) latents: the latent distribution's mode (its mean),
-  then :func:`vae.raw_to_normalized`. Video frame 0 gives latent frame 0, every 4 later frames one more.
+  then :func:`latents.raw_to_normalized`. Video frame 0 gives latent frame 0, every 4 later frames one more.
 - Images and video frames are scaled to cover width x height keeping their aspect ratio, then
   centre-cropped (Pillow's ``ImageOps.fit``; core ComfyUI's ``common_upscale(..., "center")`` rule);
   RGB, alpha dropped; pixels on the [-1, 1] scale. 16-bit and 32-bit images are scaled to 8 bits,
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from .safe_io import CheckpointError, first_line, read_weights
-from .vae import TIME_FACTOR, SPACE_FACTOR, WanVAEDecoder, check_weight_names, component_weights, raw_to_normalized
+from .latents import SPACE_FACTOR, TIME_FACTOR, raw_to_normalized
+from .vae import WanVAEDecoder
+from .vae_names import check_weight_names, component_weights
 from .vae_names import (DIFFUSERS_ANCHOR, DIFFUSERS_ENCODER_ANCHOR, DIFFUSERS_ENCODER_PARTS, DIFFUSERS_PARTS,
                         ENCODER_ANCHOR, ENCODER_PARTS)
 

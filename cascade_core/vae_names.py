@@ -1,5 +1,6 @@
-"""The diffusers names of the Wan2.1 VAE decoder (``AutoencoderKLWan``), mapped to the original ones,
-and where each layout's encoder half starts.
+"""The Wan2.1 VAE's weight names: the diffusers names of the decoder (``AutoencoderKLWan``) mapped to
+the original ones, where each layout's encoder half starts, and finding and checking a VAE's
+tensors in a state dict (:func:`component_weights`, :func:`check_weight_names`).
 
 The diffusers layout (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers/vae/diffusion_pytorch_model.safetensors``)
 holds the same tensors, with the same shapes, as the released ``Wan2.1_VAE.pth``; only the names
@@ -15,8 +16,11 @@ differ. For the decoder half (``decoder.*`` and the post-quant convolution):
 from __future__ import annotations
 
 import re
+from typing import Any, Mapping
 
 import torch
+
+from .safe_io import CheckpointError, looks_like
 
 DIFFUSERS_ANCHOR = "decoder.conv_in.weight"  # [4*dim, 16, 3, 3, 3]; an image VAE's is 2-D
 DIFFUSERS_PARTS = ("decoder.", "post_quant_conv.")
@@ -58,3 +62,48 @@ def original_name(name: str) -> str:
 def from_diffusers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Decoder weights with diffusers names -> the same tensors under the original names."""
     return {original_name(k): v for k, v in weights.items()}
+
+
+# ---- finding and checking a VAE's weights in a state dict -----------------------------------
+
+def _few(names: list[str], n: int = 4) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" (and {len(names) - n} more)" if len(names) > n else "")
+
+
+def describe(sd: Mapping[str, torch.Tensor]) -> str:
+    """What a state dict that is not the wanted decoder looks like (see :func:`safe_io.looks_like`)."""
+    return looks_like(list(sd)) or f"none of the known files; its keys are unlike a VAE's: {_few(list(sd))}"
+
+
+def component_weights(sd: Any, anchor: str, parts: tuple[str, ...], source: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``sd`` whose names, after the prefix found in front of ``anchor``, start with one of
+    ``parts`` (prefix removed); None when no key ends with ``anchor``.
+
+    Raises :class:`CheckpointError` if ``sd`` is not a dictionary of tensors.
+    """
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(source, "not a dictionary of tensors (a state dict)")
+    prefixes = [k[:-len(anchor)] for k in sd if isinstance(k, str) and k.endswith(anchor)]
+    if not prefixes:
+        return None
+    prefix = min(prefixes, key=len)
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix):].startswith(parts)}
+
+
+def check_weight_names(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str,
+                       what: str) -> None:
+    """Raise :class:`CheckpointError` listing the first missing, unexpected or mis-shaped keys."""
+    problems = []
+    missing = [k for k in expected if k not in given]
+    if missing:
+        problems.append(f"missing {what} keys: {_few(missing)}")
+    unexpected = [k for k in given if k not in expected]
+    if unexpected:
+        problems.append(f"unexpected {what} keys: {_few(unexpected)}")
+    wrong = [f"{k} {tuple(given[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    if wrong:
+        problems.append(f"wrong shapes: {_few(wrong, 3)}")
+    if problems:
+        raise CheckpointError(source, "; ".join(problems))

@@ -13,7 +13,7 @@ from cascade_core import attention as attention_backends
 from cascade_core.context import START_IMAGE, context_notes, context_of, prefix_config
 from cascade_core.memory import estimate_run_bytes
 from cascade_core.sampler import Interrupted
-from cascade_core.vae import normalized_to_raw, raw_to_normalized
+from cascade_core.latents import normalized_to_raw, raw_to_normalized
 
 from . import checks, devices, stream
 from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType

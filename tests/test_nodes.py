@@ -155,7 +155,7 @@ def test_root_module_imports_nothing_heavy_and_exposes_the_engine_by_name():
 
 # ---- end to end ------------------------------------------------------------------------------------
 def test_sampler_end_to_end_events_progress_and_outputs(model, prompts):
-    from cascade_core.vae import normalized_to_raw
+    from cascade_core.latents import normalized_to_raw
 
     settings = config()
     with Recorder() as rec:
@@ -205,7 +205,7 @@ def test_prompt_schedule_switches_prompts_at_blocks(model, prompts):
     e0, e1 = prompts[0][0][0][0], prompts[1][0][0][0]
     ref = generate(model.model, PromptSchedule([(0, e0), (2, e1)]), settings.cascade, blocks=BLOCKS, width=W,
                    height=H, seed=1)
-    from cascade_core.vae import normalized_to_raw
+    from cascade_core.latents import normalized_to_raw
     assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
     # order of chaining does not matter; a second prompt at one block is refused
     (t1,) = run("BlockCascadePromptSchedule", conditioning=prompts[1], start_block=2)
@@ -229,7 +229,7 @@ def test_sampler_with_a_core_vae_streams_decoded_frames(model, prompts):
     with Recorder() as rec:
         latent, images = run("BlockCascadeSampler", model=model, config=config(), width=W, height=H,
                              blocks=BLOCKS, seed=2, vae=CoreVAE(), positive=prompts[0])
-    from cascade_core.vae import raw_to_normalized
+    from cascade_core.latents import raw_to_normalized
     z = raw_to_normalized(latent["samples"])
     stream = WanVAEDecoder.from_state_dict(sd, dtype=torch.float32, device="cpu").stream()
     ref = torch.cat([stream.decode(z[:, :, 3 * b:3 * b + 3]) for b in range(BLOCKS)], 2)
@@ -739,7 +739,7 @@ def test_window_sink_and_flashblock_settings_reach_the_engine(model, prompts):
         latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=4, seed=9,
                         positive=prompts[0])
     ref = generate(model.model, PromptSchedule.single(prompts[0][0][0][0]), c, blocks=4, width=W, height=H, seed=9)
-    from cascade_core.vae import normalized_to_raw
+    from cascade_core.latents import normalized_to_raw
     assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
     assert len(rec.events("frames")) == 4
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from cascade_core.frames import video_frames
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
-from cascade_core.vae import WanVAEDecoder, normalized_to_raw, raw_to_normalized
+from cascade_core.latents import normalized_to_raw, raw_to_normalized
+from cascade_core.vae import WanVAEDecoder
 from test_nodes import WRITTEN, Recorder, config, no_engine, queue_errors, run, values_mod  # noqa: F401
 
 W, H = 64, 32

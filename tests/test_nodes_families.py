@@ -9,7 +9,7 @@ import torch
 
 from cascade_core.families import FAMILIES, family_config
 from cascade_core.sampler import PromptSchedule, generate
-from cascade_core.vae import normalized_to_raw
+from cascade_core.latents import normalized_to_raw
 from test_nodes import MODELS, NODES, Recorder, run, tiny
 
 W, H = 64, 32

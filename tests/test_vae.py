@@ -13,8 +13,8 @@ from conftest import tiny_models
 
 from cascade_core.safe_io import CheckpointError, save_safetensors
 from cascade_core.taew import TAEW2_1_WIDTHS, TinyWanDecoder
-from cascade_core.vae import (LATENT_MEAN, LATENT_STD, WanVAEDecoder, normalized_to_raw,
-                              raw_to_normalized)
+from cascade_core.latents import LATENT_MEAN, LATENT_STD, normalized_to_raw, raw_to_normalized
+from cascade_core.vae import WanVAEDecoder
 
 DIM = 8  # Wan VAE base width (96 when released)
 WIDTHS = (16, 8, 8, 8)  # taew2_1 widths (256, 128, 64, 64 when released)

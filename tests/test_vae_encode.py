@@ -15,7 +15,7 @@ from conftest import tiny_models
 from PIL import Image
 
 from cascade_core.safe_io import CheckpointError, save_safetensors
-from cascade_core.vae import LATENT_MEAN, LATENT_STD
+from cascade_core.latents import LATENT_MEAN, LATENT_STD
 from cascade_core.vae_encode import encode, load_encoder, load_image, load_video
 
 pytestmark = pytest.mark.usefixtures("one_thread")
