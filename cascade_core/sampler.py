@@ -48,8 +48,9 @@ from .schedule import BlockGrid, Tick
 from .plan import plan_run
 from .transfer import to_device
 
+
 class Interrupted(Exception):
-    """The caller asked the run to stop (raised between ticks)."""
+    """The caller asked the run to stop (raised between ticks, or between a context's blocks)."""
 
 
 @dataclass(frozen=True)
