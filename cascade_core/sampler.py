@@ -227,9 +227,10 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     normalised latents [1, 16, F, height/8, width/8] (a start image, F = 1, or frames to continue):
     its K/V are written by :func:`prefix_pass` (counted in ``Result.forwards``) and the ``blocks``
     blocks come after it. ``block_offset``: the video-wide index of block 0 for the re-noising noise
-    (:func:`step_noise`; a continuation of a run of N blocks passes N, see the module docstring). Returns a :class:`Result` whose ``latents`` [1, 16, F + T, h, w] (the prefix
-    left out unless ``include_prefix``; ``Result.prefix_frames`` says) are normalised (DiT-space)
-    latents on the model's device, ``seconds`` the wall time of the loop. Callbacks: ``on_tick``
+    (:func:`step_noise`; a continuation of a run of N blocks passes N, see the module docstring).
+    Returns a :class:`Result` whose ``latents`` [1, 16, F + T, h, w] (the prefix left out unless
+    ``include_prefix``; ``Result.prefix_frames`` says) are normalised (DiT-space) latents on the
+    model's device, ``seconds`` the wall time of the loop. Callbacks: ``on_tick``
     after every tick, ``on_block`` when a block is final, ``should_stop`` before every tick. Raises
     ValueError for a bad config, size, schedule, noise shape or prefix (before any model work, see
     :func:`plan_run`) and :class:`Interrupted` when ``should_stop`` says so.
