@@ -231,7 +231,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     Returns a :class:`Result` whose ``latents`` [1, 16, F + T, h, w] (the prefix left out unless
     ``include_prefix``; ``Result.prefix_frames`` says) are normalised (DiT-space) latents on the
     model's device, ``seconds`` the wall time of the loop. Callbacks: ``on_tick``
-    after every tick, ``on_block`` when a block is final, ``should_stop`` before every tick. Raises
+    after every tick, ``on_block`` when a block is final, ``should_stop`` before every tick (and every
+    block of the context). Raises
     ValueError for a bad config, size, schedule, noise shape or prefix (before any model work, see
     :func:`plan_run`) and :class:`Interrupted` when ``should_stop`` says so.
 
