@@ -230,11 +230,10 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     (:func:`step_noise`; a continuation of a run of N blocks passes N, see the module docstring).
     Returns a :class:`Result` whose ``latents`` [1, 16, F + T, h, w] (the prefix left out unless
     ``include_prefix``; ``Result.prefix_frames`` says) are normalised (DiT-space) latents on the
-    model's device, ``seconds`` the wall time of the loop. Callbacks: ``on_tick``
-    after every tick, ``on_block`` when a block is final, ``should_stop`` before every tick (and every
-    block of the context). Raises
-    ValueError for a bad config, size, schedule, noise shape or prefix (before any model work, see
-    :func:`plan_run`) and :class:`Interrupted` when ``should_stop`` says so.
+    model's device, ``seconds`` the wall time of the loop. Callbacks: ``on_tick`` after every tick,
+    ``on_block`` when a block is final, ``should_stop`` before every tick and every block of the
+    context. Raises ValueError for a bad config, size, schedule, noise shape or prefix (before any
+    model work, see :func:`plan_run`) and :class:`Interrupted` when ``should_stop`` says so.
 
     ``partition``: this process's share of the work when several run the same video (used by
     :mod:`distributed`); the default computes everything here.
