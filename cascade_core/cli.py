@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"error: {exc}", 1)
     except Stopped as exc:
         return _fail(f"interrupted: {exc}", 130)
-    except KeyboardInterrupt:
-        return _fail("interrupted before the run started", 130)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C in a run says so; a first one came before it
+        return _fail(f"interrupted: {exc}" if str(exc) else "interrupted before the run started", 130)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

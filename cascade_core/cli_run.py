@@ -53,7 +53,7 @@ class StopRequest:
 
     def _handle(self, _signum, _frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("a second Ctrl-C stopped the run at once; what was written is finalised")
         self.requested = True
 
     def __exit__(self, *exc) -> None:

@@ -249,3 +249,23 @@ def test_a_stop_while_a_long_given_video_is_decoded_is_heard_and_keeps_everythin
     assert re.fullmatch(r"interrupted: stopped at block 1 of \d+; \S+ holds 21 frames", line), line
     assert _mp4_frames(video) == 1 + 4 * (6 - 1)  # the two pushed pieces, 6 latent frames
     assert not out.exists()
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_so(capsys, monkeypatch):
+    """The first Ctrl-C asks the run to stop at its next tick; a second stops it at once, and the
+    message says that (not that the run had not started)."""
+    from cascade_core import cli_run
+
+    with cli_run.StopRequest() as stop:
+        stop._handle(signal.SIGINT, None)
+        assert stop()
+        with pytest.raises(KeyboardInterrupt) as second:
+            stop._handle(signal.SIGINT, None)
+
+    def run_generate(args):
+        raise second.value
+
+    monkeypatch.setattr(cli_run, "run_generate", run_generate)
+    assert main(["generate", *SMALL]) == 130
+    assert capsys.readouterr().err.strip() == ("interrupted: a second Ctrl-C stopped the run at once; "
+                                               "what was written is finalised")
