@@ -205,8 +205,8 @@ def context_kind(start_image, prefix, vae, width: int, height: int, context_fram
     kept_w, kept_h = min(w, h * width / height), min(h, w * height / width)
     if min(kept_w, kept_h) < 2:
         raise ValueError(f"start_image: its centre crop to the video's aspect ratio ({width} x {height}) keeps "
-                         f"{kept_w:.3g} x {kept_h:.3g} of its {w} x {h} pixels, less than 2 either way; use an "
-                         f"image closer to that aspect ratio")
+                         f"{kept_w:.3g} x {kept_h:.3g} of its {w} x {h} pixels, less than 2 either way; use a "
+                         f"larger image, or one closer to that aspect ratio")
     return START_IMAGE
 
 
