@@ -217,7 +217,8 @@ class BlockCascadeSampler(io.ComfyNode):
         vae_sd = vae_weights(vae)
         context_frames_held = 0 if kind is None else 1 if context is None else context.shape[2]
         run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
-                                             len(prompts.entries), _vae_bytes(vae_sd), prefix_frames=context_frames_held)
+                                             len(prompts.entries), _vae_bytes(vae_sd),
+                                             prefix_frames=context_frames_held)
         pooled = len(run_devices) > 1
         if pooled:  # the worker pool checks each GPU itself (its own share of the run, its own weights)
             for d in run_devices:
