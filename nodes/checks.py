@@ -234,14 +234,15 @@ def prefix_latents(prefix, width: int, height: int) -> torch.Tensor:
     return samples
 
 
-def context_allowed(context: torch.Tensor | None, cfg: CascadeConfig, width: int, height: int, what: str) -> None:
-    """The engine's rules for a context prefix (:func:`cascade_core.plan.check_prefix`), before any
-    model work: on the normalised latents [1, 16, T, h, w] of a continuation (every frame of the given
-    video, context or not: the outputs hold them all), or, for a start
+def context_allowed(context: torch.Tensor | None, cfg: CascadeConfig, width: int, height: int, what: str,
+                    dtype: torch.dtype | None = None) -> None:
+    """The engine's rules for a context prefix (:func:`cascade_core.plan.check_prefix`, ``dtype``: the
+    model's), before any model work: on the normalised latents [1, 16, T, h, w] of a continuation
+    (every frame of the given video, context or not: the outputs hold them all), or, for a start
     image not encoded yet (``context`` None), on one frame of zeros of the run's size, where only the
     config's rules can fail. Raises ValueError naming the input ``what``."""
     h, w = latent_size(int(width), int(height))
     try:
-        check_prefix(torch.zeros(1, LATENT_CHANNELS, 1, h, w) if context is None else context, cfg, h, w)
+        check_prefix(torch.zeros(1, LATENT_CHANNELS, 1, h, w) if context is None else context, cfg, h, w, dtype)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None

@@ -207,7 +207,8 @@ class BlockCascadeSampler(io.ComfyNode):
         elif kind is not None:
             before = checks.prefix_latents(prefix, width, height).float()
             whole = raw_to_normalized(before)
-            checks.context_allowed(whole, cfg, width, height, "prefix")  # every frame: the outputs hold them
+            # every frame (the outputs hold them), as the model's dtype will hold them
+            checks.context_allowed(whole, cfg, width, height, "prefix", model.dtype)
             context = context_of(whole, cfg, context_frames)
             described = f"the last {context.shape[2]} of the prefix's {before.shape[2]} latent frames"
             notes += context_notes(context_frames, context.shape[2])

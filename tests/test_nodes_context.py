@@ -257,3 +257,15 @@ def test_the_memory_estimate_counts_the_context_frames(model, prompt, monkeypatc
     sampler(model, prompt, config(), 1, 5, start_image=images(1, H, W), vae=EncodingVAE())
     sampler(model, prompt, config(), 1, 5)
     assert seen == [3, 1, 0]
+
+
+def test_a_prefix_past_the_models_dtype_is_refused_before_the_engine(prompt, no_engine):
+    """Finite given latents that the model's fp16 cannot hold: refused naming prefix, before the model
+    is acquired (no_engine fails the test otherwise)."""
+    from test_nodes import tiny
+
+    (half,) = run("BlockCascadeModelLoader", model_name=tiny.DIT_NAME, dtype="fp16", ema="auto")
+    big = {"samples": torch.full((1, 16, 3, H // 8, W // 8), 1e6)}
+    with pytest.raises(ValueError, match=r"^prefix: the prefix's values .* overflow the run's float16"):
+        run("BlockCascadeSampler", model=half, config=config(), width=W, height=H, blocks=1, seed=0,
+            positive=prompt, prefix=big)
