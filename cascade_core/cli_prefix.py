@@ -18,7 +18,7 @@ import torch
 from .cli_checks import UsageError, check_input, check_latents
 from .config import CascadeConfig
 from .context import CONTINUATION, START_IMAGE, context_frames_for, context_of, prefix_config
-from .plan import check_prefix, latent_size
+from .plan import check_prefix, check_prefix_config, latent_size
 
 LATENTS_EXT = ".safetensors"
 
@@ -58,9 +58,8 @@ def prefix_settings(args, cfg: CascadeConfig) -> tuple[CascadeConfig, list[str]]
         raise UsageError(f"{flag} {path} needs --vae FILE (the complete Wan2.1 VAE) to encode {what}")
     check_input(flag, path)
     cfg, notes = prefix_config(cfg, START_IMAGE if args.image is not None else CONTINUATION)
-    h, w = latent_size(args.width, args.height)
-    try:  # the engine's own rule of where a prefix is defined, on stand-in latents of the right shape
-        check_prefix(torch.zeros(1, 16, 1, h, w), cfg, h, w)
+    try:  # the engine's own rule of where a prefix is defined
+        check_prefix_config(cfg)
     except ValueError as exc:
         raise UsageError(f"{flag}: {exc}") from None
     return cfg, [f"note: {line}" for line in notes]

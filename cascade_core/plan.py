@@ -50,21 +50,26 @@ class RunPlan:
         return (*self.shape[:2], self.shape[2] - self.grid.offset, *self.shape[3:])
 
 
+def check_prefix_config(cfg: CascadeConfig) -> None:
+    """Raises ValueError where a context prefix is not defined yet: with a rolling window (its clean
+    passes' own window and the re-positioned sink), slot RoPE positions or an EMA sink (Reward
+    Forcing's positions and blend are defined for blocks only). Frontends ask before reading a file."""
+    why = ("a rolling window" if cfg.rolling_window else "slot RoPE positions" if cfg.rope_positions != "absolute"
+           else "an EMA sink" if cfg.sink_ema else None)
+    if why:
+        raise ValueError(f"a context prefix is not defined with {why}; run without the prefix or without {why}")
+
+
 def check_prefix(prefix: torch.Tensor | None, cfg: CascadeConfig, h: int, w: int,
                  dtype: torch.dtype | None = None) -> int:
     """The frames F of a context prefix of clean latents [1, 16, F, h, w] (0 without one).
 
     Raises ValueError for anything but a real floating-point tensor of that shape with F >= 1, for NaN
     or infinite values (also once cast to the run's ``dtype``, when given), and where a prefix is not
-    defined yet: with a rolling window (its clean passes' own window and
-    the re-positioned sink), slot RoPE positions or an EMA sink (Reward Forcing's positions and blend
-    are defined for blocks only)."""
+    defined (:func:`check_prefix_config`)."""
     if prefix is None:
         return 0
-    why = ("a rolling window" if cfg.rolling_window else "slot RoPE positions" if cfg.rope_positions != "absolute"
-           else "an EMA sink" if cfg.sink_ema else None)
-    if why:
-        raise ValueError(f"a context prefix is not defined with {why}; run without the prefix or without {why}")
+    check_prefix_config(cfg)
     shape = list(prefix.shape) if isinstance(prefix, torch.Tensor) else None
     if shape is None or len(shape) != 5 or shape[:2] != [1, LATENT_CHANNELS] or shape[3:] != [h, w] or shape[2] < 1:
         raise ValueError(f"the prefix must be clean latents [1, {LATENT_CHANNELS}, F, {h}, {w}] with F >= 1 frames, "

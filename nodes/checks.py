@@ -15,7 +15,7 @@ import torch
 
 from cascade_core.context import CONTINUATION, START_IMAGE
 from cascade_core.families import DEFAULT_FAMILY, family_with
-from cascade_core.plan import LATENT_CHANNELS, check_prefix, latent_size
+from cascade_core.plan import LATENT_CHANNELS, check_prefix, check_prefix_config, latent_size
 from cascade_core.sampler import CascadeConfig, PromptSchedule
 
 log = logging.getLogger("block_cascade")
@@ -239,10 +239,13 @@ def context_allowed(context: torch.Tensor | None, cfg: CascadeConfig, width: int
     """The engine's rules for a context prefix (:func:`cascade_core.plan.check_prefix`, ``dtype``: the
     model's), before any model work: on the normalised latents [1, 16, T, h, w] of a continuation
     (every frame of the given video, context or not: the outputs hold them all), or, for a start
-    image not encoded yet (``context`` None), on one frame of zeros of the run's size, where only the
-    config's rules can fail. Raises ValueError naming the input ``what``."""
+    image not encoded yet (``context`` None), the config's rules only
+    (:func:`cascade_core.plan.check_prefix_config`). Raises ValueError naming the input ``what``."""
     h, w = latent_size(int(width), int(height))
     try:
-        check_prefix(torch.zeros(1, LATENT_CHANNELS, 1, h, w) if context is None else context, cfg, h, w, dtype)
+        if context is None:
+            check_prefix_config(cfg)
+        else:
+            check_prefix(context, cfg, h, w, dtype)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
