@@ -21,7 +21,8 @@ from cascade_core.frames import video_frames
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 from cascade_core.latents import normalized_to_raw, raw_to_normalized
 from cascade_core.vae import WanVAEDecoder
-from test_nodes import WRITTEN, Recorder, config, no_engine, queue_errors, run, values_mod  # noqa: F401
+from test_nodes import (WRITTEN, Recorder, config, model, no_engine, prompts, queue_errors,  # noqa: F401
+                        run, values_mod)
 
 W, H = 64, 32
 VAE_SD = load_file(WRITTEN["vae"])
@@ -53,19 +54,8 @@ class RefusingVAE(EncodingVAE):
 
 
 @pytest.fixture(scope="module")
-def model():
-    from test_nodes import tiny
-
-    (m,) = run("BlockCascadeModelLoader", model_name=tiny.DIT_NAME, dtype="fp32", ema="auto")
-    return m
-
-
-@pytest.fixture(scope="module")
-def prompt():
-    from test_nodes import tiny
-
-    (a,) = run("BlockCascadeEmbedsLoader", embeds=tiny.EMBEDS_NAMES[0])
-    return a
+def prompt(prompts):
+    return prompts[0]
 
 
 def sampler(model, prompt, settings, blocks, seed, **kw):
