@@ -197,7 +197,8 @@ class BlockCascadeSampler(io.ComfyNode):
             entries = list(schedule.entries)
         prompts = checks.schedule(entries, blocks, model.cfg.text_dim)
         kind = checks.context_kind(start_image, prefix, vae, width, height, context_frames)
-        before = context = None  # raw latents before block 0 in the outputs; the engine's (normalised) prefix
+        # raw latents before block 0 in the outputs, the same normalised, and the engine's prefix (their end)
+        before = given = context = None
         notes, described = [], ""
         if kind is not None:
             cfg, notes = prefix_config(cfg, kind)
@@ -206,10 +207,10 @@ class BlockCascadeSampler(io.ComfyNode):
             described = "start image (1 latent frame)"
         elif kind is not None:
             before = checks.prefix_latents(prefix, width, height).float()
-            whole = raw_to_normalized(before)
+            given = raw_to_normalized(before)
             # every frame (the outputs hold them), as the model's dtype will hold them
-            checks.context_allowed(whole, cfg, width, height, "prefix", model.dtype)
-            context = context_of(whole, cfg, context_frames)
+            checks.context_allowed(given, cfg, width, height, "prefix", model.dtype)
+            context = context_of(given, cfg, context_frames)
             described = f"the last {context.shape[2]} of the prefix's {before.shape[2]} latent frames"
             notes += context_notes(context_frames, context.shape[2])
         cfg.check_switches(len(prompts.entries) - 1, len(run_devices))
@@ -239,7 +240,7 @@ class BlockCascadeSampler(io.ComfyNode):
         try:
             if kind == START_IMAGE:  # before the DiT is loaded: ComfyUI may unload the VAE for it afterwards
                 before = encode_start_image(vae, start_image, width, height)
-                context = raw_to_normalized(before)
+                given = context = raw_to_normalized(before)
             # several devices: the weights stay on the CPU here; the pool holds the GPU copies
             wan = model.acquire_for_pool() if pooled else model.acquire(device, run_bytes)
             if vae_sd is not None:
@@ -255,7 +256,7 @@ class BlockCascadeSampler(io.ComfyNode):
             log.info("Block Cascade: %s", settings_text)
             reporter.start()
             if before is not None:
-                reporter.show_context(raw_to_normalized(before))
+                reporter.show_context(given)
             run = devices.runner(run_devices)
             result = run(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,
                          on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted,
@@ -283,7 +284,7 @@ class BlockCascadeSampler(io.ComfyNode):
             raise
         finally:
             # Drop every reference to device tensors of this run, then give cached blocks back.
-            del wan, decoder, result, vae_sd, context
+            del wan, decoder, result, vae_sd, context, given
             if reporter is not None:
                 reporter.frames, reporter.decoding = [], None
             gc.collect()
