@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none: in-flight blocks take the new prompt at their next step, no extra forward (Block "
                         "Cascading); recache: the window's committed K/V are recomputed under the new prompt, one "
                         "forward per switch (LongLive). Family default")
+    g.add_argument("--kv-recompute", type=int, metavar="K",
+                   help="rebuild the KV cache before every block from K clean context frames, the first re-encoded "
+                        "by the VAE (needs --vae), with no clean passes (Krea Realtime: 3); 0 = off (family default)")
     g.add_argument("--flashblock", choices=FLASHBLOCK_MODES, default="off",
                    help="FlashBlock: reuse block-external attention across a block's steps (reuse, approximate), "
                         "or split and merge at every step (exact: equal to off up to float rounding)")

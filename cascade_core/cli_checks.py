@@ -14,7 +14,8 @@ import tempfile
 import torch
 
 from . import attention
-from .families import DEFAULT_FAMILY, Unsupported, family_config, guess_family
+from .families import DEFAULT_FAMILY, family_config, guess_family
+from .recompute import why_a_vae
 from .memory import GIB, available_bytes, estimate_run_bytes
 from .sampler import CascadeConfig
 
@@ -149,7 +150,7 @@ def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
                 "independent_first_frame": args.independent_first_frame, "context_noise": args.context_noise,
                 "parallel": args.parallel, "attention": args.attention, "window": args.window or None,
                 "sink": args.sink, "flashblock": args.flashblock, "fold_clean": args.fold_clean,
-                "switch_mode": args.switch_mode}
+                "switch_mode": args.switch_mode, "kv_recompute": args.kv_recompute}
     try:
         cfg = family_config(name, **explicit)
         if args.window == 0:  # explicitly unlimited, whatever the family's window (and its sink)
@@ -157,10 +158,6 @@ def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
         if args.first_block_steps == "none":  # block 0 takes the step list, whatever the family says
             cfg = dataclasses.replace(cfg, first_block_steps=None)
         cfg.validate(unlimited_window="0")
-    except Unsupported as exc:
-        where = f"{assumed}, and " if assumed else ""
-        raise UsageError(f"{where}{exc}; to run it approximately, pass --family with another family (e.g. "
-                         f"self-forcing) and your own settings") from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return cfg, name, assumed
@@ -197,6 +194,8 @@ def check_settings(args, cfg: CascadeConfig) -> None:
     if args.attention == "bidirectional" and cfg.parallel == 1:
         raise UsageError("--attention bidirectional needs --parallel 2 or more (at P1 no other block is "
                          "in flight to see)")
+    if (why := why_a_vae(args.blocks, cfg.frames_per_block, cfg.kv_recompute)) and not args.vae:
+        raise UsageError(f"{why}: pass --vae FILE (the complete Wan2.1 VAE), or fewer --blocks")
     if args.independent_first_frame and cfg.frames_per_block == 1:
         raise UsageError("--independent-first-frame with 1 frame per block does nothing (every block is one "
                          "latent frame already)")
@@ -207,7 +206,7 @@ def length_warnings(cfg: CascadeConfig, blocks: int, context_frames: int = 0) ->
     of ``blocks`` blocks after ``context_frames`` latent frames of context attends more frames than the
     released models were trained on; none with a window."""
     frames = cfg.grid.total(blocks) + context_frames
-    if cfg.window is None and frames > TRAINED_LATENT_FRAMES:
+    if cfg.attended_window is None and frames > TRAINED_LATENT_FRAMES:
         most = max(b for b in range(1, TRAINED_LATENT_FRAMES + 1) if cfg.grid.total(b) <= TRAINED_LATENT_FRAMES) \
             if cfg.grid.first <= TRAINED_LATENT_FRAMES else 0
         fewer = (", or fewer blocks or --context-frames" if context_frames else

@@ -56,12 +56,12 @@ def prefix_settings(args, cfg: CascadeConfig) -> tuple[CascadeConfig, list[str]]
     if needs_vae and not args.vae:
         what = "an image" if args.image is not None else "a video (or give latents that --latents-out wrote)"
         raise UsageError(f"{flag} {path} needs --vae FILE (the complete Wan2.1 VAE) to encode {what}")
-    check_input(flag, path)
     cfg, notes = prefix_config(cfg, START_IMAGE if args.image is not None else CONTINUATION)
-    try:  # the engine's own rule of where a prefix is defined
+    try:  # the engine's own rule of where a prefix is defined, before the file is looked at
         check_prefix_config(cfg)
     except ValueError as exc:
         raise UsageError(f"{flag}: {exc}") from None
+    check_input(flag, path)
     return cfg, [f"note: {line}" for line in notes]
 
 

@@ -28,6 +28,8 @@ from .model import WanConfig
 from .safe_io import save_safetensors
 from .families import describe
 from .plan import latent_size
+from .recompute import why_a_vae
+from .reencode import ContextReencoder
 from .sampler import BlockEvent, CascadeConfig, Interrupted, PromptSchedule, Result, generate
 
 DEFAULT_VIDEO = "out/video.mp4"
@@ -170,6 +172,7 @@ def _prepare(args, devices, device: torch.device, dtype: torch.dtype, cfg: Casca
     if devices is None:  # several devices: the worker pool checks each GPU for its own share
         model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
         vae_bytes = cli_checks.input_bytes(args.vae) if args.vae else 0
+        vae_bytes *= 2 if cfg.kv_recompute else 1  # the context re-encoder holds its own copy
         cli_checks.check_memory(device, model_cfg, dtype, weight_bytes(model_cfg, weights, dtype), cfg, args,
                                 vae_bytes, 0 if prefix_in is None else prefix_in.frames)
     prefix = None if prefix_in is None else cli_prefix.prefix_latents(
@@ -218,7 +221,7 @@ def run_generate(args) -> dict | None:
     switches = cli_checks.prompt_switches(args.switch, args.blocks)
     ranks = 1 if devices is None else len(devices) if isinstance(devices, list) else int(os.environ.get("WORLD_SIZE", 2))
     try:
-        cfg.check_switches(len(switches), ranks)
+        cfg.check_run(len(switches), ranks)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     latent_size(args.width, args.height)
@@ -242,6 +245,9 @@ def run_generate(args) -> dict | None:
         if torch.distributed.get_rank() != 0:  # weights, prompt and noise come from rank 0
             distributed.generate_collective(None, None, None, device=device)
             return None
+    context_image = None  # a KV recompute's re-encoder (one device: check_run refuses several)
+    if why_a_vae(args.blocks, cfg.frames_per_block, cfg.kv_recompute):
+        context_image = ContextReencoder.from_file(args.vae, dtype=vae_dtype(device, dtype), device=device)
     with _refusal_reaches_every_rank(devices == "torchrun"):
         model, label, prompts, prompt_label, noise, prefix = _prepare(args, devices, device, dtype, cfg, switches,
                                                                       prefix_in)
@@ -286,7 +292,8 @@ def run_generate(args) -> dict | None:
             result = run(model, prompts, cfg, blocks=args.blocks, width=args.width,
                          height=args.height, seed=args.seed, noise=noise, on_block=on_block,
                          on_tick=None if frames is None else frames.poll, should_stop=stop,
-                         prefix=prefix, include_prefix=True)
+                         prefix=prefix, include_prefix=True,
+                         **({} if context_image is None else {"context_image": context_image}))
             if frames is not None:
                 frames.finish()
         except Interrupted:

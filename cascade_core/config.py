@@ -3,8 +3,8 @@
 (:mod:`sampler`), which re-exports them.
 
 Guarantees: :meth:`CascadeConfig.validate` and :meth:`PromptSchedule.validate` raise ValueError naming
-the allowed range for anything out of range, and :meth:`CascadeConfig.check_switches` refuses a KV
-re-cache where it is not defined, before any model work.
+the allowed range for anything out of range, and :meth:`CascadeConfig.check_run` refuses a KV
+re-cache or a KV recompute where it is not defined, before any model work.
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ class CascadeConfig:
     ``rolling_window``: Rolling Forcing's window (denoising steps see the sink re-positioned just before
     the last window - sink frames up to the newest block in flight; clean passes see the last
     ``window`` frames: :meth:`kv_pool.PoolLayout.visible_frames`); needs a window.
+    ``kv_recompute``: K >= 2 context frames from which the KV cache is rebuilt before every block, with
+    no clean passes (Krea Realtime: 3; 0 = off; the rules: :mod:`recompute`); one block in flight,
+    no window, sink, other RoPE positions, independent first frame or re-cache of its own.
     :meth:`validate` raises ValueError naming the allowed range."""
 
     steps: tuple[int, ...] = (1000, 750, 500, 250)
@@ -67,6 +70,13 @@ class CascadeConfig:
     rope_positions: str = "absolute"
     sink_ema: float = 0.0
     rolling_window: bool = False
+    kv_recompute: int = 0
+
+    @property
+    def attended_window(self) -> int | None:
+        """Latent frames a block attends (None: all): the window, or with a KV recompute its K context
+        frames and itself."""
+        return self.kv_recompute + self.frames_per_block if self.kv_recompute else self.window
 
     @property
     def grid(self) -> BlockGrid:
@@ -79,12 +89,16 @@ class CascadeConfig:
         first = flow if self.first_block_steps is None else FlowSchedule(self.first_block_steps, self.shift, self.warp)
         return first, flow
 
-    def check_switches(self, switches: int, devices: int = 1) -> None:
-        """Refuse a KV re-cache (switch mode recache) where it is not defined yet, given the run's number
-        of prompt switches and devices: it needs parallel 1 (at P>1 blocks before the switch are
+    def check_run(self, switches: int, devices: int = 1) -> None:
+        """Refuse what is not defined for a run with ``switches`` prompt switches on ``devices`` devices:
+        a KV re-cache (switch mode recache) needs parallel 1 (at P>1 blocks before the switch are
         still in flight and would see the re-cached keys), fold-clean off (the previous block's clean
         pass must be done first) and one device (the committed latents stay with the devices that
-        made them). Raises ValueError; nothing to check without switches or in mode none."""
+        made them); a KV recompute runs on one device (its context is re-encoded from the decoded
+        video). Raises ValueError."""
+        if self.kv_recompute and devices > 1:
+            raise ValueError(f"a KV cache recomputed every block (kv_recompute {self.kv_recompute}, Krea Realtime) runs "
+                             f"one block at a time on one device: give one device")
         if self.switch_mode != "recache" or not switches:
             return
         why = ("is not defined with a rolling window" if self.rolling_window else
@@ -94,6 +108,24 @@ class CascadeConfig:
                if devices > 1 else None)
         if why:
             raise ValueError(f"a KV re-cache at a prompt switch (switch mode recache) {why}; or use switch mode none")
+
+    def _check_kv_recompute(self) -> None:
+        if type(self.kv_recompute) is not int or self.kv_recompute < 0 or self.kv_recompute == 1:
+            raise ValueError(f"kv_recompute must be 0 (off) or the context frames the KV cache is rebuilt from, >= 2 "
+                             f"(Krea Realtime: 3), got {self.kv_recompute!r}")
+        if not self.kv_recompute:
+            return
+        clash = [name for name, on in (
+            (f"parallel {self.parallel}", self.parallel > 1), ("fold-clean", self.fold_clean),
+            (f"window {self.window}", self.window is not None), (f"sink {self.sink}", self.sink),
+            (f"RoPE positions {self.rope_positions}", self.rope_positions != "absolute"),
+            ("an EMA sink", self.sink_ema), ("a rolling window", self.rolling_window),
+            ("an independent first frame", self.independent_first_frame),
+            ("switch mode recache", self.switch_mode == "recache")) if on]
+        if clash:
+            raise ValueError(f"a KV cache recomputed every block (kv_recompute {self.kv_recompute}, Krea Realtime) runs "
+                             f"one block at a time after its {self.kv_recompute} context frames (they are its window, "
+                             f"re-cached under the prompt every block); it cannot be combined with {', '.join(clash)}")
 
     def validate(self, unlimited_window: str | None = None) -> None:
         """Raise ValueError with the allowed range for anything out of range. ``unlimited_window``:
@@ -139,6 +171,7 @@ class CascadeConfig:
         if self.rolling_window and (self.window is None or self.rope_positions != "absolute" or self.sink_ema):
             raise ValueError("a rolling window (Rolling Forcing) needs a window, absolute RoPE positions and no EMA "
                              "sink")
+        self._check_kv_recompute()
         mixed = self.grid.first != self.grid.frames
         if mixed and self.attention == "bidirectional" and self.parallel > 1:
             raise ValueError("bidirectional in-flight attention needs blocks of one size: it cannot be combined "

@@ -5,9 +5,6 @@ the engine's defaults, read from the family's public inference code (``source`` 
 lines). :func:`family_config` fills a config from a family and lets explicit settings override it;
 :func:`guess_family` reads a family off a file name and says why, or returns None (it never guesses
 silently: the caller prints the reason).
-
-Families whose sampler the engine cannot yet reproduce exactly carry ``missing`` (what the engine
-lacks); :func:`family_config` refuses them with that reason rather than run something else.
 """
 from __future__ import annotations
 
@@ -24,7 +21,6 @@ class Family:
     description: str
     settings: dict = field(default_factory=dict)  # CascadeConfig fields that differ from the defaults
     source: str = ""  # reference file and lines the settings come from
-    missing: str | None = None  # why the engine cannot reproduce it exactly yet (None: it can)
 
 
 _FOUR_STEPS = (1000, 750, 500, 250)
@@ -66,10 +62,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            {"window": 9, "sink": 3, "rope_positions": "slots", "sink_ema": 0.999},
            "JaydenLyh/Reward-Forcing@4317f5a configs/reward_forcing.yaml:51-57, "
            "wan/modules/causal_model.py:67,77,105-106,142-255"),
-    Family("krea-realtime", "Krea Realtime 14B (KV cache rebuilt every block)",
-           source="krea-ai/realtime-video release_server.py",
-           missing="its KV cache rebuilt every block from three context frames (one re-encoded by the VAE) "
-                   "at re-based RoPE positions"),
+    Family("krea-realtime", "Krea Realtime 14B (KV cache rebuilt every block from 3 context frames, the first "
+                            "re-encoded by the VAE; 4 warped steps and a last one at t = 0; no clean pass)",
+           {"steps": (1000, 750, 500, 250, 0), "kv_recompute": 3},
+           "krea-ai/realtime-video@acf4b7b release_server.py:328-330,396,416-418,559-560,563-633,637-708; "
+           "v2v.py:133-136"),
 )}
 DEFAULT_FAMILY = "self-forcing"
 
@@ -82,21 +79,12 @@ def get_family(name: str) -> Family:
         raise ValueError(f"unknown family {name!r}; one of {', '.join(FAMILIES)}") from None
 
 
-class Unsupported(ValueError):
-    """A family the engine cannot yet reproduce; the message names what is missing (callers add how
-    to run such a checkpoint anyway, in their own words)."""
-
-
 def family_config(name: str | None, **overrides) -> CascadeConfig:
     """A :class:`CascadeConfig` with the family's settings, then ``overrides`` (explicit settings win;
     None values are ignored). A family whose own sampler denoises every step of a window at once
     (a rolling window: Rolling Forcing) keeps parallel = steps + 1 for another step list unless
-    parallel is given. Raises ValueError for an unknown family, :class:`Unsupported` for one the
-    engine cannot yet reproduce (naming what is missing)."""
+    parallel is given. Raises ValueError for an unknown family."""
     family = get_family(name or DEFAULT_FAMILY)
-    if family.missing:
-        raise Unsupported(f"family {family.name} is not supported yet: the engine does not reproduce "
-                          f"{family.missing}")
     fields = {f.name for f in dataclasses.fields(CascadeConfig)}
     unknown = set(overrides) - fields
     if unknown:
@@ -121,7 +109,7 @@ def describe(cfg: CascadeConfig) -> dict:
             "context_noise": cfg.context_noise, "window": cfg.window, "sink": cfg.sink,
             "parallel": cfg.parallel, "attention": cfg.attention, "flashblock": cfg.flashblock,
             "switch_mode": cfg.switch_mode, "rope_positions": cfg.rope_positions, "sink_ema": cfg.sink_ema,
-            "rolling_window": cfg.rolling_window}
+            "rolling_window": cfg.rolling_window, "kv_recompute": cfg.kv_recompute}
 
 
 # File-name words of released checkpoints and what they say (first match wins; longest names first)

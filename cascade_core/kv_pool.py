@@ -37,6 +37,9 @@ A context prefix (``prefix_frames`` = F) is frames [0, F) of the video, written 
 finished blocks it is made of (:meth:`schedule.BlockGrid.prefix_chunks`, one clean forward each,
 :meth:`KVPool.clean_attention`) and held like any other frames: the sink may hold them and the window
 drops them as it drops any frame.
+A KV recompute (Krea Realtime, :mod:`recompute`) rewrites, before a block, the K/V of the context
+frames it will see with a forward that attends those frames only (:meth:`KVPool.context_attention`);
+with slot positions and a window of the context and the block, they sit at positions 0.. again.
 With ``keep_external`` the pool also holds, per in-flight block and layer, the attention output and
 log-sum-exp of its queries over the keys outside the block (FlashBlock reuse).
 Attention over the pool (the segments of a forward, FlashBlock, several processes): :mod:`pool_attention`.
@@ -268,6 +271,12 @@ class KVPool:
         self.stored_end = max(self.stored_end, hi)
         reads = [self.token_range(a, b) for a, b in self.layout.visible_frames(hi, hi, clean=True)]
         return PoolAttention(self, writes, [reads], [FULL], [0])
+
+    def context_attention(self, lo: int, hi: int, since: int) -> "PoolAttention":
+        """Context of a forward over the held frames [lo, hi) that rewrites their K/V and attends frames
+        [since, hi) only (a KV recompute's context, written from its first frame ``since``: the frames
+        before it stay unseen)."""
+        return PoolAttention(self, [self.token_range(lo, hi)], [[self.token_range(since, hi)]], [FULL], [0])
 
     def recache_attention(self, end: int) -> "tuple[int, PoolAttention] | None":
         """Context of a re-cache forward over the committed frames a block starting at frame ``end``

@@ -33,7 +33,7 @@ def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks
     tpf = (h // c.patch_size[1]) * (w // c.patch_size[2])
     fpb = cfg.frames_per_block
     frames = cfg.grid.total(blocks) + prefix_frames
-    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=frames, window=cfg.window,
+    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=frames, window=cfg.attended_window,
                         sink=cfg.sink, max_in_flight=cfg.parallel, rolling=cfg.rolling_window,
                         prefix_frames=prefix_frames)
     elem = 4 if dtype == torch.float32 else 2

@@ -53,9 +53,10 @@ class RunPlan:
 def check_prefix_config(cfg: CascadeConfig) -> None:
     """Raises ValueError where a context prefix is not defined yet: with a rolling window (its clean
     passes' own window and the re-positioned sink), slot RoPE positions or an EMA sink (Reward
-    Forcing's positions and blend are defined for blocks only). Frontends ask before reading a file."""
+    Forcing's positions and blend are defined for blocks only), or a KV recompute (Krea Realtime's
+    context comes from generated blocks). Frontends ask before reading a file."""
     why = ("a rolling window" if cfg.rolling_window else "slot RoPE positions" if cfg.rope_positions != "absolute"
-           else "an EMA sink" if cfg.sink_ema else None)
+           else "an EMA sink" if cfg.sink_ema else "a KV cache recomputed every block" if cfg.kv_recompute else None)
     if why:
         raise ValueError(f"a context prefix is not defined with {why}; run without the prefix or without {why}")
 
@@ -94,9 +95,10 @@ def plan_run(model_cfg: WanConfig, prompts: PromptSchedule, cfg: CascadeConfig, 
     if type(block_offset) is not int or block_offset < 0:
         raise ValueError(f"block_offset (the video-wide index of block 0) must be an int >= 0, got {block_offset!r}")
     first, flow = cfg.flows()
-    schedule = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first))
+    schedule = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first),
+                               clean_pass=not cfg.kv_recompute)
     prompts.validate(blocks, model_cfg.text_dim)
-    cfg.check_switches(len(prompts.entries) - 1)
+    cfg.check_run(len(prompts.entries) - 1)
     h, w = latent_size(width, height, model_cfg.patch_size)
     grid = BlockGrid(cfg.grid.frames, cfg.grid.first, check_prefix(prefix, cfg, h, w, dtype))
     run = RunPlan(grid, first, flow, schedule, (1, LATENT_CHANNELS, grid.total(blocks), h, w))

@@ -9,6 +9,9 @@ Guarantees:
   size (an independent first frame) takes a forward of its own, before the others of its tick.
 - A prompt switch in mode "recache" (LongLive) adds one forward before its block (see
   :data:`config.SWITCH_MODES`); ``Result.forwards`` counts every forward.
+- With a KV recompute (``kv_recompute``, Krea Realtime) blocks run one at a time without clean passes,
+  each after a forward that rebuilds its context's K/V (:mod:`recompute`); ``context_image``
+  re-encodes the context's first frame.
 - Randomness: the initial noise comes from ``seed`` (or is given); the re-noising noise of block b
   after step j is :func:`step_noise` (seed, b, j), drawn from its own generator, so every
   parallelism level uses the same noise for the same block and step, and the same seed on the same
@@ -46,6 +49,7 @@ from .pool_attention import FULL, REUSE, SPLIT, STORE, Exchange
 from .model import WanModel
 from .schedule import BlockGrid, Tick
 from .plan import plan_run
+from .recompute import ContextImage, recompute_pass, why_a_vae
 from .transfer import to_device
 
 
@@ -218,7 +222,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
              on_block: Callable[[BlockEvent], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
              partition: Partition | None = None, prefix: torch.Tensor | None = None,
-             include_prefix: bool = True, block_offset: int = 0) -> Result:
+             include_prefix: bool = True, block_offset: int = 0,
+             context_image: ContextImage | None = None) -> Result:
     """Generate ``blocks`` blocks of latent video; see the module docstring for the guarantees.
 
     ``prompts``: embeddings [L, text_dim] per entry; ``width``/``height`` in pixels (multiples of 16);
@@ -228,6 +233,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     its K/V are written by :func:`prefix_pass` (counted in ``Result.forwards``) and the ``blocks``
     blocks come after it. ``block_offset``: the video-wide index of block 0 for the re-noising noise
     (:func:`step_noise`; a continuation of a run of N blocks passes N, see the module docstring).
+    ``context_image``: with a KV recompute, the re-encoder of the context's first frame
+    (:data:`recompute.ContextImage`; a VAE decode and encode), needed once a block re-encodes one.
     Returns a :class:`Result` whose ``latents`` [1, 16, F + T, h, w] (the prefix left out unless
     ``include_prefix``; ``Result.prefix_frames`` says) are normalised (DiT-space) latents on the
     model's device, ``seconds`` the wall time of the loop. Callbacks: ``on_tick`` after every tick,
@@ -242,18 +249,22 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix,
                    block_offset=block_offset, dtype=model.dtype)
     plan, grid, shape, lead = run.schedule, run.grid, run.shape, run.grid.offset
+    if context_image is None and (why := why_a_vae(blocks, grid.frames, cfg.kv_recompute)):
+        raise ValueError(f"{why}: it needs the VAE (context_image)")
     device, dtype = model.device, model.dtype
     noise = initial_noise(seed, run.noise_shape, device, dtype) if noise is None else to_device(noise, device).to(dtype)
 
     h, w = shape[-2:]
     p = model.cfg.patch_size
     layout = PoolLayout(frames_per_block=grid.frames, tokens_per_frame=(h // p[1]) * (w // p[2]),
-                        total_frames=shape[2], window=cfg.window, sink=cfg.sink, max_in_flight=plan.max_in_flight,
+                        total_frames=shape[2], window=cfg.attended_window, sink=cfg.sink,
+                        max_in_flight=plan.max_in_flight,
                         first_block_frames=grid.first, rolling=cfg.rolling_window, prefix_frames=lead)
     start = time.perf_counter()
     with torch.inference_mode():
         pool = KVPool(layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
-                      keep_external=cfg.flashblock == "reuse", slot_positions=cfg.rope_positions == "slots",
+                      keep_external=cfg.flashblock == "reuse",
+                      slot_positions=cfg.rope_positions == "slots" or bool(cfg.kv_recompute),
                       sink_ema=cfg.sink_ema, shift_keys=model.shift_frames)
         text = [model.encode_prompt(e) for _, e in prompts.entries]
         prompt_of = [text[prompts.index_for(b)] for b in range(blocks)]
@@ -281,6 +292,9 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                 forwards += _recache(model, pool, out, grid.start(blocks_now[0]), text[recache_at[entering]],
                                      cfg.context_noise)
             pool.make_room(blocks_now[0], blocks_now[-1])
+            if cfg.kv_recompute and entering:  # one block in flight: it is the entering one
+                forwards += recompute_pass(model, pool, out, grid, entering, cfg.kv_recompute, prompt_of[entering - 1],
+                                           cfg.context_noise, context_image)
             newest_end = grid.end(blocks_now[-1])
             v_of: dict[int, torch.Tensor] = {}  # segment index -> velocity [1, 16, frames, h, w]
             for group in size_groups(blocks_now, grid):
@@ -317,6 +331,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                                                           step_noise(seed, block_offset + b, stage, x0))
                 if not last:
                     continue
+                if not plan.clean_pass:  # no clean pass follows: the block is done
+                    x_t.pop(b, None)
                 done += 1
                 latents = part.collect(b, x0, grid.size(b))
                 if latents is None:  # finished on another process, reported there

@@ -4,7 +4,9 @@ Guarantees:
 - :class:`FlowSchedule` reproduces the reference's numbers: sigma(s) = shift*s / (1 + (shift-1)*s) on
   1000 training steps (float32 table), the step list warped through that table (1000, 750, 500, 250
   at shift 5 -> t = 1000, 937.5, 833.3, 625), x0 = x_t - sigma*v in float64, and re-noising
-  x = (1-sigma')*x0 + sigma'*eps in float32.
+  x = (1-sigma')*x0 + sigma'*eps in float32. A last step 0 (Krea Realtime) is t = 0 with the sigma of
+  the nearest table entry, the smallest (about 0.005 at shift 5), as krea-ai/realtime-video reads it
+  from its zero-padded table (``release_server.py:559-560``, ``v2v.py:133-136``).
 - :class:`BlockGrid` says which latent frames each block holds: every block N frames (3 chunk-wise, 1
   frame-wise), or, with an independent first frame (CausVid, Self-Forcing and Causal Forcing's
   ``independent_first_frame``), block 0 one frame and every later block N; a context prefix of F
@@ -15,7 +17,9 @@ Guarantees:
   step list). Block b >= 1 enters at tick floor(b*(S+1)/P) + d with d = max(S0 - S, 1 - floor((S+1)/P))
   (d = 0 when S0 = S), so at most P blocks are in flight; P=1 is the reference's sequential order and
   P=S+1 emits one block per tick. ``fold_clean`` (P1 only) runs a block's clean pass in the same
-  forward as the next block's first step: the same result, one tick fewer per block.
+  forward as the next block's first step: the same result, one tick fewer per block. Without clean
+  passes (``clean_pass=False``: a KV cache recomputed before every block, Krea Realtime) a block's last
+  stage is its last denoising step.
 """
 from __future__ import annotations
 
@@ -36,8 +40,8 @@ class FlowSchedule:
         steps = [int(s) for s in steps]
         if not steps:
             raise ValueError("the step list is empty")
-        if any(not 1 <= s <= TRAIN_STEPS for s in steps):
-            raise ValueError(f"steps must lie in 1..{TRAIN_STEPS}, got {steps}")
+        if any(not 0 <= s <= TRAIN_STEPS for s in steps):
+            raise ValueError(f"steps must lie in 0..{TRAIN_STEPS}, got {steps}")
         if any(a <= b for a, b in zip(steps, steps[1:])):
             raise ValueError(f"steps must strictly decrease, got {steps}")
         if not math.isfinite(shift) or shift <= 0:
@@ -46,9 +50,9 @@ class FlowSchedule:
         s = torch.linspace(1.0, 0.0, TRAIN_STEPS + 1)[:-1]  # float32, as the reference builds it
         table_sigma = shift * s / (1 + (shift - 1) * s)
         table_t = table_sigma * TRAIN_STEPS
-        if warp:
+        if warp:  # entry 1000 of the table padded with t = 0 is step 0
             idx = torch.tensor([TRAIN_STEPS - st for st in steps])
-            self.timesteps = table_t[idx]
+            self.timesteps = torch.cat([table_t, torch.zeros(1)])[idx]
         else:
             self.timesteps = torch.tensor(steps, dtype=torch.float32)
         # sigma of a timestep: the nearest table entry, as the reference looks it up
@@ -128,7 +132,7 @@ class CascadeSchedule:
     """Which (block, stage) pairs run together; see the module docstring."""
 
     def __init__(self, blocks: int, steps: int, parallel: int = 1, fold_clean: bool = False,
-                 first_steps: int | None = None):
+                 first_steps: int | None = None, clean_pass: bool = True):
         if blocks < 1:
             raise ValueError(f"the video needs at least 1 block, got {blocks}")
         first_steps = steps if first_steps is None else first_steps
@@ -137,21 +141,25 @@ class CascadeSchedule:
         if not 1 <= parallel <= steps + 1:
             raise ValueError(f"parallelism must lie in 1..{steps + 1} (steps + 1), got {parallel}")
         self.blocks, self.steps, self.parallel, self.first_steps = blocks, steps, parallel, first_steps
-        self.stages = steps + 1
+        if not clean_pass and parallel > steps:
+            raise ValueError(f"without clean passes a block has {steps} stages: parallelism must lie in 1..{steps}, "
+                             f"got {parallel}")
+        self.clean_pass = clean_pass
+        self.stages = steps + clean_pass
         # P1 only: the clean pass of block b shares a tick with the first step of block b+1. Exact,
         # since in one forward every segment's K/V are written before any is read (block b+1 sees
         # block b's clean K/V at every layer, as in the sequential order); one tick fewer per block.
-        self.fold_clean = fold_clean and parallel == 1
+        self.fold_clean = fold_clean and parallel == 1 and clean_pass
         # later blocks follow the uniform cascade, delayed so block 0's span fits inside the span the
         # uniform block 0 would have had (hence still at most P in flight; see the module docstring)
         self._delay = max(first_steps - steps, 1 - self.stages // parallel)
 
     def steps_of(self, block: int) -> int:
-        """Denoising steps of ``block`` (its clean pass is stage ``steps_of(block)``)."""
+        """Denoising steps of ``block`` (its clean pass, if any, is stage ``steps_of(block)``)."""
         return self.first_steps if block == 0 else self.steps
 
     def is_clean(self, block: int, stage: int) -> bool:
-        return stage == self.steps_of(block)
+        return self.clean_pass and stage == self.steps_of(block)
 
     def entry(self, block: int) -> int:
         """The tick at which ``block`` runs its first denoising step."""
@@ -168,11 +176,11 @@ class CascadeSchedule:
 
     def __len__(self) -> int:
         last = self.blocks - 1
-        return self.entry(last) + self.steps_of(last) + 1
+        return self.entry(last) + self.steps_of(last) + self.clean_pass
 
     def ticks(self) -> list[Tick]:
         plan: list[list[tuple[int, int]]] = [[] for _ in range(len(self))]
         for b in range(self.blocks):
-            for stage in range(self.steps_of(b) + 1):
+            for stage in range(self.steps_of(b) + self.clean_pass):
                 plan[self.entry(b) + stage].append((b, stage))
         return [Tick(i, tuple(pairs)) for i, pairs in enumerate(plan)]

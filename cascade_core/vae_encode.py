@@ -58,19 +58,26 @@ def _complete_weights(sd, source: str) -> dict[str, torch.Tensor]:
 def load_encoder(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
     """diffusers' ``AutoencoderKLWan`` (eval, no gradients, ``dtype`` on ``device``) with the weights of
-    the complete Wan2.1 VAE in ``path`` (a file or a diffusers folder, see :func:`safe_io.read_weights`),
-    its base width read from them. Raises :class:`CheckpointError` naming the file when it is not a
+    the complete Wan2.1 VAE in ``path`` (a file or a diffusers folder, see :func:`safe_io.read_weights`);
+    see :func:`encoder_from_state_dict`."""
+    path = os.fspath(path)
+    return encoder_from_state_dict(read_weights(path)[0], dtype=dtype, device=device, source=path)
+
+
+def encoder_from_state_dict(sd, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                            source: str = "state dict"):
+    """diffusers' ``AutoencoderKLWan`` (eval, no gradients, ``dtype`` on ``device``) with the weights of
+    the complete Wan2.1 VAE in ``sd`` (any layout :func:`load_encoder` reads), its base width read from
+    them; the weights are copied. Raises :class:`CheckpointError` naming ``source`` when ``sd`` is not a
     16-channel Wan2.1 VAE (what it looks like instead, or the missing/unexpected keys) or lacks the
     encoder half."""
     from diffusers import AutoencoderKLWan
 
-    path = os.fspath(path)
-    sd = read_weights(path)[0]
-    dim = WanVAEDecoder.from_state_dict(sd, device="meta", source=path).dim  # a Wan2.1 VAE, or why not
-    weights = _complete_weights(sd, path)
+    dim = WanVAEDecoder.from_state_dict(sd, device="meta", source=source).dim  # a Wan2.1 VAE, or why not
+    weights = _complete_weights(sd, source)
     with torch.device("meta"):
         model = AutoencoderKLWan(base_dim=dim)
-    check_weight_names(model.state_dict(), weights, path, "VAE")
+    check_weight_names(model.state_dict(), weights, source, "VAE")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in weights.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -64,7 +64,7 @@ def parse_steps(text: str) -> tuple[int, ...]:
     try:
         steps = tuple(int(s) for s in str(text).replace(" ", "").split(","))
     except ValueError:
-        raise ValueError(f"steps must be comma-separated integers in 1..1000, strictly decreasing "
+        raise ValueError(f"steps must be comma-separated integers in 0..1000, strictly decreasing "
                          f"(e.g. 1000,750,500,250), got {text!r}") from None
     if not 1 <= len(steps) <= MAX_STEPS:
         raise ValueError(f"steps must list 1..{MAX_STEPS} denoising steps (e.g. 1000,750,500,250), got {text!r}")
@@ -77,7 +77,7 @@ def step_list(text: str, what: str = "steps") -> tuple[int, ...] | None:
         return None
     try:
         steps = parse_steps(text)
-        CascadeConfig(steps=steps).validate()  # in 1..1000, strictly decreasing
+        CascadeConfig(steps=steps).validate()  # in 0..1000, strictly decreasing
     except ValueError as exc:
         raise ValueError(str(exc).replace("steps", what, 1) + ' (or "auto": the family\'s)') from None
     return steps
@@ -89,10 +89,12 @@ AUTO_CHOICES = ("auto", "on", "off")
 def cascade_config(family: str, steps: str, parallel: int, attention: str, window: int, sink: int,
                    shift: float = 0.0, flashblock: bool = False, frames_per_block: int = 0,
                    independent_first_frame: str = "auto", first_block_steps: str = "auto",
-                   warp: str = "auto", context_noise: float = 0.0) -> tuple[CascadeConfig, tuple[str, ...]]:
+                   warp: str = "auto", context_noise: float = 0.0,
+                   kv_recompute: int = -1) -> tuple[CascadeConfig, tuple[str, ...]]:
     """(config, the fields the widgets set) of the config node: the family's settings (auto: read as
     self-forcing here; the sampler reads the model's) under every widget not left to the family
-    (steps "auto", shift 0, frames per block 0, window/sink -1, auto choices). Every range is checked."""
+    (steps "auto", shift 0, frames per block 0, window/sink/kv_recompute -1, auto choices). Every range is
+    checked."""
     explicit = {"flashblock": "reuse" if flashblock else "off", "context_noise": float(context_noise)}
     if int(parallel):
         explicit["parallel"] = int(parallel)
@@ -122,6 +124,9 @@ def cascade_config(family: str, steps: str, parallel: int, attention: str, windo
         explicit["sink"] = int(sink)
     elif int(window) == 0:  # unlimited: a family's sink would mean nothing
         explicit["sink"] = 0
+    int_range("kv recompute", kv_recompute, -1, MAX_LATENT_FRAMES, " context frames (-1 = the family's, 0 = off)")
+    if int(kv_recompute) >= 0:
+        explicit["kv_recompute"] = int(kv_recompute)
     if not 0.0 <= float(context_noise) <= 1000.0:
         raise ValueError(f"context noise must lie in 0..1000 (the clean pass's timestep), got {context_noise}")
     cfg = family_with(DEFAULT_FAMILY if family == "auto" else family, explicit)

@@ -13,8 +13,8 @@ from .sockets import CATEGORY, ConfigType, ScheduleType
 from .values import ScheduleValue, Settings
 
 
-FAMILY_CHOICES = ["auto", *(name for name, f in FAMILIES.items() if not f.missing)]
-FAMILY_TIP = "; ".join(f"{f.name}: {f.description}" for f in FAMILIES.values() if not f.missing)
+FAMILY_CHOICES = ["auto", *FAMILIES]
+FAMILY_TIP = "; ".join(f"{f.name}: {f.description}" for f in FAMILIES.values())
 
 
 class BlockCascadeConfig(io.ComfyNode):
@@ -42,8 +42,9 @@ class BlockCascadeConfig(io.ComfyNode):
                 io.Int.Input("sink", default=-1, min=-1, max=checks.MAX_LATENT_FRAMES,
                              tooltip="First latent frames the window always keeps (LongLive: 3); -1 = the family's."),
                 io.String.Input("steps", default="auto",
-                                tooltip="Denoising step list, strictly decreasing, in 1..1000 (Self-Forcing, "
-                                        "LongLive: 1000,750,500,250; CausVid: 1000,757,522); auto = the family's."),
+                                tooltip="Denoising step list, strictly decreasing, in 0..1000 (Self-Forcing, "
+                                        "LongLive: 1000,750,500,250; CausVid: 1000,757,522; Krea Realtime: "
+                                        "1000,750,500,250,0); auto = the family's."),
                 io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.1,
                                tooltip="Flow-matching timestep shift (Self-Forcing 5, CausVid 8); 0 = the family's."),
                 io.String.Input("devices", default="auto",
@@ -75,6 +76,10 @@ class BlockCascadeConfig(io.ComfyNode):
                 io.Float.Input("context_noise", default=0.0, min=0.0, max=1000.0, step=1.0, optional=True,
                                tooltip="Timestep of the clean pass that writes a finished block's K/V (0 in every "
                                        "released family)."),
+                io.Int.Input("kv_recompute", default=-1, min=-1, max=checks.MAX_LATENT_FRAMES, optional=True,
+                             tooltip="Rebuild the KV cache before every block from this many clean context frames, "
+                                     "the first re-encoded by the VAE (connect it to the sampler), with no clean "
+                                     "passes (Krea Realtime: 3); 0 = off; -1 = the family's."),
             ],
             outputs=[ConfigType.Output(display_name="config")],
         )
@@ -89,12 +94,12 @@ class BlockCascadeConfig(io.ComfyNode):
     @classmethod
     def execute(cls, parallel, attention, window, sink, steps, shift, devices, attention_backend, flashblock,
                 family="auto", frames_per_block=0, independent_first_frame="auto", first_block_steps="auto",
-                warp="auto", context_noise=0.0) -> io.NodeOutput:
+                warp="auto", context_noise=0.0, kv_recompute=-1) -> io.NodeOutput:
         if family not in FAMILY_CHOICES:
             raise ValueError(f"family must be one of {', '.join(FAMILY_CHOICES)}, got {family!r}")
         cfg, explicit = checks.cascade_config(family, steps, parallel, attention, window, sink, shift, flashblock,
                                               frames_per_block, independent_first_frame, first_block_steps, warp,
-                                              context_noise)
+                                              context_noise, kv_recompute)
         if attention_backend not in attention_backends.BACKENDS:
             raise ValueError(f"attention backend must be one of {', '.join(attention_backends.BACKENDS)}, "
                              f"got {attention_backend!r}")

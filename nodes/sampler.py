@@ -14,6 +14,7 @@ from cascade_core.context import START_IMAGE, context_notes, context_of, prefix_
 from cascade_core.memory import estimate_run_bytes
 from cascade_core.sampler import Interrupted
 from cascade_core.latents import normalized_to_raw, raw_to_normalized
+from cascade_core.recompute import why_a_vae
 
 from . import checks, devices, stream
 from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
@@ -69,12 +70,14 @@ def encode_start_image(vae, image: torch.Tensor, width: int, height: int) -> tor
     return raw.float().cpu()
 
 
-def _vae_bytes(weights) -> int:
+def _vae_bytes(weights, reencodes: bool) -> int:
+    """Bytes of the decoder's weights, and of a whole second copy of the VAE for a context re-encoder."""
     if weights is None:
         return 0
     sd, dtype = weights
     elem = torch.empty((), dtype=dtype).element_size()
-    return sum(t.numel() for k, t in sd.items() if k.startswith(("decoder.", "conv2."))) * elem
+    decoder = sum(t.numel() for k, t in sd.items() if k.startswith(("decoder.", "conv2.")))
+    return (decoder + (sum(t.numel() for t in sd.values()) if reencodes else 0)) * elem
 
 
 def effective_settings(family: str, cfg, assumed: str | None, switches: list[int], context: str = "",
@@ -84,7 +87,8 @@ def effective_settings(family: str, cfg, assumed: str | None, switches: list[int
     that context changed (the widget and the log)."""
     steps = ",".join(map(str, cfg.steps))
     first = "" if cfg.first_block_steps is None else f", block 0 {','.join(map(str, cfg.first_block_steps))}"
-    window = "unlimited" if cfg.window is None else f"{cfg.window} (sink {cfg.sink})"
+    window = ("unlimited" if cfg.window is None else f"{cfg.window} (sink {cfg.sink})") if not cfg.kv_recompute else \
+        f"KV cache rebuilt every block from {cfg.kv_recompute} context frames, no clean pass"
     window += f", EMA sink {cfg.sink_ema:g}" if cfg.sink_ema else ""
     window += f"; RoPE at {cfg.rope_positions}" if cfg.rope_positions != "absolute" else ""
     why = f" (assumed: {assumed})" if assumed else ""
@@ -213,13 +217,16 @@ class BlockCascadeSampler(io.ComfyNode):
             context = context_of(given, cfg, context_frames)
             described = f"the last {context.shape[2]} of the prefix's {before.shape[2]} latent frames"
             notes += context_notes(context_frames, context.shape[2])
-        cfg.check_switches(len(prompts.entries) - 1, len(run_devices))
+        cfg.check_run(len(prompts.entries) - 1, len(run_devices))
+        reencodes = why_a_vae(blocks, cfg.frames_per_block, cfg.kv_recompute)
+        if reencodes and vae is None:
+            raise ValueError(f"vae: {reencodes}: connect the Wan2.1 VAE, or use fewer blocks")
         settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
                                            [s for s, _ in prompts.entries[1:]], described, tuple(notes))
         vae_sd = vae_weights(vae)
         context_frames_held = 0 if kind is None else 1 if context is None else context.shape[2]
         run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
-                                             len(prompts.entries), _vae_bytes(vae_sd),
+                                             len(prompts.entries), _vae_bytes(vae_sd, bool(reencodes)),
                                              prefix_frames=context_frames_held)
         pooled = len(run_devices) > 1
         if pooled:  # the worker pool checks each GPU itself (its own share of the run, its own weights)
@@ -237,6 +244,7 @@ class BlockCascadeSampler(io.ComfyNode):
         node_id = cls.hidden.unique_id if cls.hidden is not None and cls.hidden.unique_id is not None else ""
         progress = comfy.utils.ProgressBar(blocks, node_id=node_id or None)
         wan = decoder = reporter = result = None
+        extra = {}  # the context re-encoder of a KV recompute
         try:
             if kind == START_IMAGE:  # before the DiT is loaded: ComfyUI may unload the VAE for it afterwards
                 before = encode_start_image(vae, start_image, width, height)
@@ -249,6 +257,11 @@ class BlockCascadeSampler(io.ComfyNode):
                 decoder = WanVAEDecoder.from_state_dict(vae_sd[0], dtype=vae_sd[1], device=device, source="vae")
             else:
                 decoder = stream.preview_decoder()
+            if reencodes:
+                from cascade_core.reencode import ContextReencoder
+
+                extra["context_image"] = ContextReencoder.from_state_dict(vae_sd[0], dtype=vae_sd[1], device=device,
+                                                                          source="vae")
             lead = 0 if before is None else before.shape[2]
             reporter = stream.Reporter(node_id, blocks, lead + cfg.grid.total(blocks), len(cfg.steps) + 1,
                                        cfg.parallel, width, height, decoder, progress=progress,
@@ -260,7 +273,7 @@ class BlockCascadeSampler(io.ComfyNode):
             run = devices.runner(run_devices)
             result = run(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,
                          on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted,
-                         prefix=context, include_prefix=False)
+                         prefix=context, include_prefix=False, **extra)
             raw = normalized_to_raw(result.latents.float()).cpu()
             if before is not None:  # the given latents themselves, not a round trip through normalisation
                 raw = torch.cat([before.cpu(), raw], 2)
@@ -284,7 +297,7 @@ class BlockCascadeSampler(io.ComfyNode):
             raise
         finally:
             # Drop every reference to device tensors of this run, then give cached blocks back.
-            del wan, decoder, result, vae_sd, context, given
+            del wan, decoder, result, vae_sd, context, given, extra
             if reporter is not None:
                 reporter.frames, reporter.decoding = [], None
             gc.collect()

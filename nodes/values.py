@@ -25,7 +25,7 @@ import torch
 
 from cascade_core.fp8 import DROP_SUFFIXES, FP8_DTYPES, MARKER, SCALE_SUFFIXES, dequantize_state_dict
 from cascade_core.model import WanConfig, WanModel
-from cascade_core.families import DEFAULT_FAMILY, Unsupported, family_with
+from cascade_core.families import DEFAULT_FAMILY, family_with
 from cascade_core.sampler import CascadeConfig
 
 log = logging.getLogger("block_cascade")
@@ -70,11 +70,7 @@ class Settings:
             cfg = self.cascade
         else:
             given = {f: getattr(self.cascade, f) for f in self.explicit}
-            try:
-                cfg = family_with(family, given)
-            except Unsupported as exc:  # only a family read off the model's file name gets here
-                raise ValueError(f"the model's file name says {exc}; to run it approximately, set the Config "
-                                 f"node's family to another one (e.g. self-forcing) and your own settings") from None
+            cfg = family_with(family, given)
         if switch_mode != "auto":
             cfg = dataclasses.replace(cfg, switch_mode=switch_mode)
         cfg.validate(unlimited_window="0")

@@ -141,13 +141,28 @@ def tiny_checkpoint_at(tmp_path, name: str) -> str:
     return str(path)
 
 
-def test_a_refused_family_read_off_the_path_says_so_and_how_to_run_it(tmp_path, capsys):
+def test_krea_read_off_the_path_runs_with_its_kv_recompute_and_needs_the_vae_from_block_2(tmp_path, capsys):
     path = tiny_checkpoint_at(tmp_path, "checkpoints/krea-realtime-video-14b.safetensors")
-    assert main(["generate", *SMALL, "--checkpoint", path]) == 2
+    assert main(["generate", *SMALL, "--checkpoint", path]) == 0  # blocks 0 and 1: no frame re-encoded yet
+    out, err = capsys.readouterr()
+    s = json.loads(out)
+    assert "family krea-realtime assumed" in err and s["family"] == "krea-realtime"
+    assert s["settings"]["kv_recompute"] == 3 and s["settings"]["steps"] == [1000, 750, 500, 250, 0]
+    assert s["forwards"] == 2 * 5 + 1  # 5 steps a block, no clean pass, one context forward before block 1
+    three = [*SMALL, "--checkpoint", path, "--blocks", "3"]
+    assert main(["generate", *three]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "the checkpoint path" in err and "names it" in err, err
-    assert "krea-realtime is not supported yet" in err and "pass --family with another family" in err
-    assert main(["generate", *SMALL, "--checkpoint", path, "--family", "self-forcing"]) == 0
+    assert len(err.splitlines()) == 1 and "from block 2 on: pass --vae FILE" in err, err
+    vae = tmp_path / "vae.safetensors"
+    save_safetensors(tiny_models().vae_state_dict("tiny"), str(vae))
+    video = tmp_path / "krea.mp4"
+    assert main(["generate", *three, "--vae", str(vae), "--video-out", str(video)]) == 0
+    s = _summary(capsys)
+    assert s["forwards"] == 3 * 5 + 2 and s["latent_frames"] == 9 and s["video_frames"] == 1 + 4 * 8
+    assert main(["generate", *three, "--vae", str(vae), "--kv-recompute", "0"]) == 0  # explicit settings win
+    assert _summary(capsys)["forwards"] == 3 * 6  # 5 steps and a clean pass a block
+    assert main(["generate", *three, "--vae", str(vae), "--parallel", "2"]) == 2
+    assert "cannot be combined with parallel 2" in capsys.readouterr().err
 
 
 def test_framewise_family_with_a_first_block_schedule(capsys):
@@ -202,7 +217,10 @@ def test_prompt_switches_from_files_and_their_modes(tmp_path, capsys):
     (["--switch", "1:a cat"], "--switch BLOCK:TEXT needs --text-encoder"),
     (["--switch-mode", "recache"], "needs a --switch"),
     (["--family", "longlive", "--window", "0", "--sink", "3"], "a sink (3 frames) is kept only inside a local window"),
-    (["--family", "krea-realtime"], "pass --family with another family (e.g. self-forcing) and your own settings"),
+    (["--family", "krea-realtime", "--window", "9"], "cannot be combined with window 9"),
+    (["--family", "krea-realtime", "--blocks", "3"], "from block 2 on: pass --vae FILE"),
+    (["--family", "krea-realtime", "--image", "a.png", "--vae", "v.safetensors"],
+     "a context prefix is not defined with a KV cache recomputed"),
     (["--family", "reward-forcing", "--parallel", "2"], "need one block in flight"),
     (["--family", "reward-forcing", "--window", "10"], "a window that ends on a block"),
     (["--first-block-steps", "250,500"], "strictly decrease"),
@@ -215,6 +233,13 @@ def test_bad_family_settings_give_one_line(args, message, capsys):
     assert main(["generate", *SMALL, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_kv_recompute_on_several_devices_is_refused_before_the_workers_start(capsys):
+    small = [a for a in SMALL if a not in ("--device", "cpu")]
+    assert main(["generate", *small, "--family", "krea-realtime", "--devices", "cpu,cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "runs one block at a time on one device" in err, err
 
 
 def test_a_recache_on_several_devices_is_refused_before_the_workers_start(capsys):

@@ -156,8 +156,29 @@ def test_flow_schedule_matches_reference_numbers():
     assert torch.allclose(f.sigmas, torch.tensor([1.0, 0.9375, 0.833333, 0.625]), atol=1e-5)
     with pytest.raises(ValueError, match="strictly decrease"):
         FlowSchedule((500, 750))
-    with pytest.raises(ValueError, match="1..1000"):
+    with pytest.raises(ValueError, match="0..1000"):
         FlowSchedule((1001, 500))
+    with pytest.raises(ValueError, match="0..1000"):
+        FlowSchedule((500, -1))
+
+
+@pytest.mark.parametrize("warp", [True, False])
+def test_a_last_step_0_is_t_0_at_the_tables_smallest_sigma(warp):
+    # krea-ai/realtime-video: 5 steps linspace(1000, 0, 5) read through the table padded with t = 0; the
+    # sigma of t = 0 is the nearest entry of the 1000-entry table, s = 0.001: 5 * 0.001 / (1 + 4 * 0.001)
+    f = FlowSchedule((1000, 750, 500, 250, 0), shift=5.0, warp=warp)
+    want = [1000.0, 937.5, 833.3333, 625.0, 0.0] if warp else [1000.0, 750.0, 500.0, 250.0, 0.0]
+    assert torch.allclose(f.timesteps, torch.tensor(want), atol=1e-3)
+    assert f.timesteps[-1].item() == 0.0
+    assert f.sigmas[-1].item() == pytest.approx(0.005 / 1.004, rel=1e-5)
+
+
+def test_without_clean_passes_a_block_ends_at_its_last_step():
+    plan = CascadeSchedule(blocks=3, steps=5, clean_pass=False)
+    assert [t.pairs for t in plan.ticks()] == [((b, s),) for b in range(3) for s in range(5)]
+    assert not any(plan.is_clean(b, s) for b in range(3) for s in range(6))
+    with pytest.raises(ValueError, match="1..5"):
+        CascadeSchedule(blocks=3, steps=5, parallel=6, clean_pass=False)
 
 
 # ---- the cascade ------------------------------------------------------------------------------

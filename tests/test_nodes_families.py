@@ -14,7 +14,7 @@ from test_nodes import MODELS, NODES, Recorder, run, tiny
 
 W, H = 64, 32
 SETTINGS = ("family", "frames_per_block", "independent_first_frame", "steps", "first_block_steps", "warp", "shift",
-            "context_noise", "window", "sink", "parallel", "attention", "flashblock")
+            "context_noise", "window", "sink", "parallel", "attention", "flashblock", "kv_recompute")
 AUTO = dict(parallel=1, attention="causal", window=-1, sink=-1, steps="auto", shift=0.0, devices="auto",
             attention_backend="auto", flashblock=False)
 
@@ -65,11 +65,12 @@ def test_every_setting_is_an_input_of_the_config_node_and_the_schedule_carries_t
     names = {**ins["required"], **ins.get("optional", {})}
     assert set(SETTINGS) <= set(names)
     families = names["family"][0]
-    assert families[0] == "auto" and {n for n, f in FAMILIES.items() if not f.missing} == set(families[1:])
+    assert families[0] == "auto" and set(FAMILIES) == set(families[1:])
     for name in ("frames_per_block", "first_block_steps", "warp", "independent_first_frame"):
         assert names[name][1]["tooltip"], name
     assert "Causal Forcing" in names["frames_per_block"][1]["tooltip"]
     assert "CausVid" in names["warp"][1]["tooltip"] and "LongLive" in names["window"][1]["tooltip"]
+    assert "Krea Realtime" in names["kv_recompute"][1]["tooltip"]
     sched = NODES["BlockCascadePromptSchedule"].GET_SCHEMA().input_types()
     assert sched["optional"]["switch_mode"][0] == ["auto", "none", "recache"]
 
@@ -138,15 +139,36 @@ def test_one_switch_mode_a_schedule_and_an_unlimited_window_without_the_familys_
     assert (settings.cascade.window, settings.cascade.sink) == (None, 0)
 
 
-def test_a_refused_family_read_off_the_file_name_says_what_to_do(prompt):
+def test_krea_read_off_the_file_name_runs_as_the_engine_with_the_graphs_vae_reencoding(prompt):
+    from safetensors.torch import load_file
+
+    from cascade_core.reencode import ContextReencoder
+    from test_nodes import WRITTEN
+
+    sd = load_file(WRITTEN["vae"])
+
+    class CoreVAE:  # what VAELoader returns, as far as the pack uses it
+        latent_channels = 16
+
+        def get_sd(self):
+            return sd
+
     model = loaded_as("krea-realtime-video-14b.safetensors")
     (settings,) = run("BlockCascadeConfig", **AUTO)
-    with pytest.raises(ValueError) as err:
-        with Recorder():
-            run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=2, seed=1,
-                positive=prompt)
-    assert "the model's file name says family krea-realtime is not supported yet" in str(err.value)
-    assert "set the Config node's family" in str(err.value)
+    with pytest.raises(ValueError, match="vae: a KV cache recomputed every block .* from block 2 on: connect the "
+                                         "Wan2.1 VAE"):
+        sampler_run(model, settings, prompt, 3, 1)
+    assert torch.equal(sampler_run(model, settings, prompt, 2, 1)[0],  # blocks 0 and 1 re-encode nothing
+                       engine_run(model, prompt, family_config("krea-realtime"), 2, 1))
+    with Recorder() as rec:
+        latent, images = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=3,
+                             seed=1, positive=prompt, vae=CoreVAE())
+    ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), family_config("krea-realtime"), blocks=3,
+                   width=W, height=H, seed=1, context_image=ContextReencoder.from_state_dict(sd))
+    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    assert images.shape[0] == 1 + 4 * 8
+    text = rec.events("start")[0][1]["settings"]
+    assert text.startswith("krea-realtime (assumed: the checkpoint path") and "rebuilt every block from 3" in text
 
 
 @pytest.mark.parametrize("widgets,message", [

@@ -87,7 +87,7 @@ def _make_job(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, bloc
     ``job["prefix"]``: the context prefix's frames (0: none)."""
     run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix,
                    block_offset=block_offset, dtype=model.dtype)
-    cfg.check_switches(len(prompts.entries) - 1, devices)
+    cfg.check_run(len(prompts.entries) - 1, devices)
     embeds = [e.detach() for _, e in prompts.entries]
     job = {"cfg": dataclasses.asdict(cfg), "blocks": blocks, "width": width, "height": height, "seed": seed,
            "starts": [s for s, _ in prompts.entries],
