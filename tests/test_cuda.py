@@ -273,3 +273,28 @@ def test_two_gpu_faults_behave_as_on_the_cpu(fault, message, monkeypatch):
         assert rel(res.latents, generate(model, PromptSchedule.single(embeds), cfg, **run).latents) < 3e-2
     finally:
         pool.close()
+
+
+def test_krea_compiled_with_its_reencoder_on_the_gpu_equals_eager_with_it_on_the_cpu():
+    """Krea Realtime's KV recompute on the GPU: compiled layers and the re-encoder (decoder and encoder,
+    its own CUDA stream) on the GPU, against eager layers and the re-encoder on the CPU (fp32; the same
+    seed on one device draws the same noise)."""
+    from conftest import tiny_models
+
+    from cascade_core.families import family_config
+    from cascade_core.reencode import ContextReencoder
+
+    sd = tiny_models().vae_state_dict("tiny")
+    embeds = torch.randn(20, 64, generator=torch.Generator().manual_seed(2))
+    model = WanModel.random(SMALL, seed=0, device="cuda", dtype=torch.float32)
+    run = dict(blocks=4, width=128, height=64, seed=1)
+    cfg = family_config("krea-realtime")
+    eager = generate(model, PromptSchedule.single(embeds), cfg, **run, context_image=ContextReencoder.from_state_dict(sd))
+    model.compile_layers()
+    try:
+        compiled = generate(model, PromptSchedule.single(embeds), cfg, **run,
+                            context_image=ContextReencoder.from_state_dict(sd, device="cuda"))
+    finally:
+        model.compile_layers(False)
+    assert compiled.forwards == eager.forwards == 4 * 5 + 3
+    assert rel(compiled.latents, eager.latents) < 1e-3
