@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent frames per block (3: chunk-wise checkpoints, 1: frame-wise; family default)")
     g.add_argument("--independent-first-frame", action=argparse.BooleanOptionalAction, default=None,
                    help="block 0 is one latent frame, later blocks --frames-per-block (--blocks counts block 0)")
-    g.add_argument("--steps", type=int_list, help="denoising step list (family default; 1000,750,500,250)")
+    g.add_argument("--steps", type=int_list, help="denoising step list, 0..1000 (family default; 1000,750,500,250; "
+                                                  "Krea Realtime 1000,750,500,250,0)")
     g.add_argument("--first-block-steps", type=int_list_or_none,
                    help="block 0's own step list (Causal Forcing++ 1- and 2-step models: 1000,750,500,250); "
                         "none: block 0 takes --steps")
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the step list through the shifted sigma table (on: Self-Forcing, LongLive) or use "
                         "it as the timesteps (off: CausVid)")
     g.add_argument("--shift", type=float, help="flow-matching timestep shift (family default; 5, CausVid 8)")
-    g.add_argument("--context-noise", type=float, help="timestep of the clean pass (family default; 0)")
+    g.add_argument("--context-noise", type=float, help="timestep of the clean pass, and of Krea Realtime's context "
+                                                       "rebuild (family default; 0)")
     g.add_argument("--parallel", type=int, help="blocks in flight, 1..steps+1 (family default: 1; Rolling Forcing "
                                                 "denoises steps + 1 at once)")
     g.add_argument("--attention", choices=ATTENTION_MODES,
@@ -123,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "forward per switch (LongLive). Family default")
     g.add_argument("--kv-recompute", type=int, metavar="K",
                    help="rebuild the KV cache before every block from K clean context frames, the first re-encoded "
-                        "by the VAE (needs --vae), with no clean passes (Krea Realtime: 3); 0 = off (family default)")
+                        "by the VAE (needs --vae from the third block on), with no clean passes; 0 = off (default: the "
+                        "family's: 3 for krea-realtime, else 0)")
     g.add_argument("--flashblock", choices=FLASHBLOCK_MODES, default="off",
                    help="FlashBlock: reuse block-external attention across a block's steps (reuse, approximate), "
                         "or split and merge at every step (exact: equal to off up to float rounding)")

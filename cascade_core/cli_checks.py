@@ -15,7 +15,7 @@ import torch
 
 from . import attention
 from .families import DEFAULT_FAMILY, family_config, guess_family
-from .recompute import why_a_vae
+from .recompute import first_reencoding_block, why_a_vae
 from .memory import GIB, available_bytes, estimate_run_bytes
 from .sampler import CascadeConfig
 
@@ -195,7 +195,8 @@ def check_settings(args, cfg: CascadeConfig) -> None:
         raise UsageError("--attention bidirectional needs --parallel 2 or more (at P1 no other block is "
                          "in flight to see)")
     if (why := why_a_vae(args.blocks, cfg.frames_per_block, cfg.kv_recompute)) and not args.vae:
-        raise UsageError(f"{why}: pass --vae FILE (the complete Wan2.1 VAE), or fewer --blocks")
+        raise UsageError(f"{why}: pass --vae FILE (the complete Wan2.1 VAE), or at most "
+                         f"--blocks {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)}")
     if args.independent_first_frame and cfg.frames_per_block == 1:
         raise UsageError("--independent-first-frame with 1 frame per block does nothing (every block is one "
                          "latent frame already)")

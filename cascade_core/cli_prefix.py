@@ -52,15 +52,15 @@ def prefix_settings(args, cfg: CascadeConfig) -> tuple[CascadeConfig, list[str]]
     if args.image is None and args.continue_from is None:
         return cfg, []
     flag, path = ("--image", args.image) if args.image is not None else ("--continue", args.continue_from)
+    cfg, notes = prefix_config(cfg, START_IMAGE if args.image is not None else CONTINUATION)
+    try:  # the engine's own rule of where a prefix is defined, before what it needs and the file
+        check_prefix_config(cfg)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
     needs_vae = args.image is not None or not path.lower().endswith(LATENTS_EXT)
     if needs_vae and not args.vae:
         what = "an image" if args.image is not None else "a video (or give latents that --latents-out wrote)"
         raise UsageError(f"{flag} {path} needs --vae FILE (the complete Wan2.1 VAE) to encode {what}")
-    cfg, notes = prefix_config(cfg, START_IMAGE if args.image is not None else CONTINUATION)
-    try:  # the engine's own rule of where a prefix is defined, before the file is looked at
-        check_prefix_config(cfg)
-    except ValueError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
     check_input(flag, path)
     return cfg, [f"note: {line}" for line in notes]
 

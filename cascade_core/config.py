@@ -97,8 +97,8 @@ class CascadeConfig:
         made them); a KV recompute runs on one device (its context is re-encoded from the decoded
         video). Raises ValueError."""
         if self.kv_recompute and devices > 1:
-            raise ValueError(f"a KV cache recomputed every block (kv_recompute {self.kv_recompute}, Krea Realtime) runs "
-                             f"one block at a time on one device: give one device")
+            raise ValueError(f"a KV cache recomputed every block (kv_recompute {self.kv_recompute}, as Krea Realtime "
+                             f"samples) runs one block at a time on one device: give one device")
         if self.switch_mode != "recache" or not switches:
             return
         why = ("is not defined with a rolling window" if self.rolling_window else
@@ -123,9 +123,10 @@ class CascadeConfig:
             ("an independent first frame", self.independent_first_frame),
             ("switch mode recache", self.switch_mode == "recache")) if on]
         if clash:
-            raise ValueError(f"a KV cache recomputed every block (kv_recompute {self.kv_recompute}, Krea Realtime) runs "
-                             f"one block at a time after its {self.kv_recompute} context frames (they are its window, "
-                             f"re-cached under the prompt every block); it cannot be combined with {', '.join(clash)}")
+            raise ValueError(f"a KV cache recomputed every block (kv_recompute {self.kv_recompute}, as Krea Realtime "
+                             f"samples) runs one block at a time and attends only its {self.kv_recompute} context "
+                             f"frames, so it cannot be combined with {', '.join(clash)}: leave those to the family, or "
+                             f"set kv_recompute 0 (then it is no longer Krea Realtime's sampler)")
 
     def validate(self, unlimited_window: str | None = None) -> None:
         """Raise ValueError with the allowed range for anything out of range. ``unlimited_window``:

@@ -125,7 +125,7 @@ _NAME_RULES = (
     (r"rolling[-_]?forcing", "rolling-forcing"),
     (r"causal[-_]?forcing.*long[-_]?video|long[-_]?video.*causal[-_]?forcing", "causal-forcing-longvideo"),
     (r"reward[-_]?forcing", "reward-forcing"),
-    (r"krea", "krea-realtime"),
+    (r"krea(?:[-_]?real[-_]?time)?(?:[-_]?video)?(?:[-_]?14b)?", "krea-realtime"),
 )
 
 

@@ -56,7 +56,8 @@ def check_prefix_config(cfg: CascadeConfig) -> None:
     Forcing's positions and blend are defined for blocks only), or a KV recompute (Krea Realtime's
     context comes from generated blocks). Frontends ask before reading a file."""
     why = ("a rolling window" if cfg.rolling_window else "slot RoPE positions" if cfg.rope_positions != "absolute"
-           else "an EMA sink" if cfg.sink_ema else "a KV cache recomputed every block" if cfg.kv_recompute else None)
+           else "an EMA sink" if cfg.sink_ema else "a KV cache recomputed every block (kv_recompute 0 turns it off)"
+           if cfg.kv_recompute else None)
     if why:
         raise ValueError(f"a context prefix is not defined with {why}; run without the prefix or without {why}")
 

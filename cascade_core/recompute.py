@@ -55,8 +55,8 @@ def why_a_vae(blocks: int, frames_per_block: int, context: int) -> str | None:
     first = first_reencoding_block(frames_per_block, context) if context else None
     if first is None or blocks <= first:
         return None
-    return (f"a KV cache recomputed every block (kv_recompute {context}, Krea Realtime) re-encodes a decoded frame "
-            f"into the context from block {first} on")
+    return (f"a KV cache recomputed every block (kv_recompute {context}, as Krea Realtime samples) re-encodes a "
+            f"decoded frame into the context of every block from block {first + 1} on (block index {first})")
 
 
 def recompute_pass(model: WanModel, pool: KVPool, out: torch.Tensor, grid: BlockGrid, block: int, context: int,

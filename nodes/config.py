@@ -74,12 +74,13 @@ class BlockCascadeConfig(io.ComfyNode):
                                        "LongLive, Causal Forcing) or use it as the timesteps (off: CausVid); "
                                        "auto = the family's."),
                 io.Float.Input("context_noise", default=0.0, min=0.0, max=1000.0, step=1.0, optional=True,
-                               tooltip="Timestep of the clean pass that writes a finished block's K/V (0 in every "
-                                       "released family)."),
+                               tooltip="Timestep of the clean pass that writes a finished block's K/V, and of Krea "
+                                       "Realtime's context rebuild (0 in every released family)."),
                 io.Int.Input("kv_recompute", default=-1, min=-1, max=checks.MAX_LATENT_FRAMES, optional=True,
                              tooltip="Rebuild the KV cache before every block from this many clean context frames, "
-                                     "the first re-encoded by the VAE (connect it to the sampler), with no clean "
-                                     "passes (Krea Realtime: 3); 0 = off; -1 = the family's."),
+                                     "the first re-encoded by the VAE (connect it to the sampler: needed from the "
+                                     "third block on), with no clean passes (Krea Realtime: 3); 0 = off; -1 = the "
+                                     "family's."),
             ],
             outputs=[ConfigType.Output(display_name="config")],
         )

@@ -14,7 +14,7 @@ from cascade_core.context import START_IMAGE, context_notes, context_of, prefix_
 from cascade_core.memory import estimate_run_bytes
 from cascade_core.sampler import Interrupted
 from cascade_core.latents import normalized_to_raw, raw_to_normalized
-from cascade_core.recompute import why_a_vae
+from cascade_core.recompute import first_reencoding_block, why_a_vae
 
 from . import checks, devices, stream
 from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
@@ -54,30 +54,51 @@ def vae_weights(vae):
     return sd, dtype
 
 
-def encode_start_image(vae, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """The raw latents [1, 16, 1, height/8, width/8] (float32, CPU) of a start image: the batch's first
-    image [H, W, C] of ``image`` [B, H, W, C] in 0..1, scaled to cover width x height and centre-cropped
-    (core ``common_upscale``, bilinear), its first three channels encoded by the core ``vae`` (the
-    latent distribution's mean). Raises ValueError when the VAE gives another shape."""
-    import comfy.utils
-
-    pixels = comfy.utils.common_upscale(image[:1].movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
-    raw = vae.encode(pixels[:, :, :, :3])
-    want = [1, 16, 1, height // 8, width // 8]
+def encode_image(vae, pixels: torch.Tensor, what: str) -> torch.Tensor:
+    """Raw latents [1, 16, 1, H/8, W/8] (float32, CPU) of one image [1, H, W, 3] in 0..1, encoded by the
+    core ``vae`` (the latent distribution's mean). Raises ValueError (naming ``what``) when the VAE
+    gives another shape."""
+    raw = vae.encode(pixels)
+    want = [1, 16, 1, pixels.shape[1] // 8, pixels.shape[2] // 8]
     if not torch.is_tensor(raw) or list(raw.shape) != want:
         got = list(raw.shape) if torch.is_tensor(raw) else type(raw).__name__
-        raise ValueError(f"vae: encoding the start image gave {got}, expected {want} (a Wan2.1 VAE)")
+        raise ValueError(f"vae: encoding {what} gave {got}, expected {want} (a Wan2.1 VAE)")
     return raw.float().cpu()
 
 
+def encode_start_image(vae, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The raw latents [1, 16, 1, height/8, width/8] (float32, CPU) of a start image: the batch's first
+    image [H, W, C] of ``image`` [B, H, W, C] in 0..1, scaled to cover width x height and centre-cropped
+    (core ``common_upscale``, bilinear), its first three channels encoded by :func:`encode_image`."""
+    import comfy.utils
+
+    pixels = comfy.utils.common_upscale(image[:1].movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
+    return encode_image(vae, pixels[:, :, :, :3], "the start image")
+
+
+def context_reencoder(vae, weights, device):
+    """Krea Realtime's context re-encoder (:class:`cascade_core.reencode.ContextReencoder`) from a core
+    ``vae``: frames decoded by the pack's streaming decoder (its ``weights``: :func:`vae_weights`, on
+    ``device``), encoded by the core VAE itself (ComfyUI's own encoder, as for a start image)."""
+    from cascade_core.reencode import ContextReencoder
+    from cascade_core.vae import WanVAEDecoder
+
+    def encode(frame: torch.Tensor) -> torch.Tensor:  # [1, 3, 1, H, W] in -1..1 -> normalised [1, 16, 1, h, w]
+        pixels = (frame[:, :, 0].movedim(1, -1).float() + 1) / 2  # [1, H, W, 3] in 0..1
+        return raw_to_normalized(encode_image(vae, pixels, "a frame of the context"))
+
+    return ContextReencoder(WanVAEDecoder.from_state_dict(weights[0], dtype=weights[1], device=device, source="vae"),
+                            encode)
+
+
 def _vae_bytes(weights, reencodes: bool) -> int:
-    """Bytes of the decoder's weights, and of a whole second copy of the VAE for a context re-encoder."""
+    """Bytes of the decoder's weights, twice for a context re-encoder (its own decoder; it encodes with
+    the core VAE, which ComfyUI places)."""
     if weights is None:
         return 0
     sd, dtype = weights
     elem = torch.empty((), dtype=dtype).element_size()
-    decoder = sum(t.numel() for k, t in sd.items() if k.startswith(("decoder.", "conv2.")))
-    return (decoder + (sum(t.numel() for t in sd.values()) if reencodes else 0)) * elem
+    return sum(t.numel() for k, t in sd.items() if k.startswith(("decoder.", "conv2."))) * elem * (2 if reencodes else 1)
 
 
 def effective_settings(family: str, cfg, assumed: str | None, switches: list[int], context: str = "",
@@ -87,15 +108,15 @@ def effective_settings(family: str, cfg, assumed: str | None, switches: list[int
     that context changed (the widget and the log)."""
     steps = ",".join(map(str, cfg.steps))
     first = "" if cfg.first_block_steps is None else f", block 0 {','.join(map(str, cfg.first_block_steps))}"
-    window = ("unlimited" if cfg.window is None else f"{cfg.window} (sink {cfg.sink})") if not cfg.kv_recompute else \
-        f"KV cache rebuilt every block from {cfg.kv_recompute} context frames, no clean pass"
+    window = "window " + ("unlimited" if cfg.window is None else f"{cfg.window} (sink {cfg.sink})") \
+        if not cfg.kv_recompute else f"KV cache rebuilt every block from {cfg.kv_recompute} context frames, no clean pass"
     window += f", EMA sink {cfg.sink_ema:g}" if cfg.sink_ema else ""
     window += f"; RoPE at {cfg.rope_positions}" if cfg.rope_positions != "absolute" else ""
     why = f" (assumed: {assumed})" if assumed else ""
     return (f"{family}{why}: {cfg.frames_per_block} latent frame(s) a block"
             f"{', block 0 one frame' if cfg.independent_first_frame else ''}; steps {steps}{first} "
             f"({'warped' if cfg.warp else 'raw'}, shift {cfg.shift:g}); context noise {cfg.context_noise:g}; "
-            f"window {window}; {_switches(cfg.switch_mode, switches)}; P{cfg.parallel} {cfg.attention}; "
+            f"{window}; {_switches(cfg.switch_mode, switches)}; P{cfg.parallel} {cfg.attention}; "
             f"flashblock {cfg.flashblock}" + (f"; context: {context}" if context else "")
             + "".join(f"; note: {n}" for n in notes))
 
@@ -151,7 +172,8 @@ class BlockCascadeSampler(io.ComfyNode):
                              tooltip="Wan2.1 VAE: frames are decoded block by block as they finish. Without it "
                                      "the IMAGE output and the live view are a cheap latent-RGB preview "
                                      "(upscaled), not decoded video. Needed with start_image (it encodes the "
-                                     "image)."),
+                                     "image), and by Krea Realtime (kv_recompute) from the third block on (it "
+                                     "re-encodes a decoded frame into every block's context)."),
                 io.Image.Input("start_image", optional=True,
                                tooltip="Image to video: the image (the batch's first) scaled to cover width x "
                                        "height and centre-cropped, encoded by the vae, is the video's first "
@@ -220,7 +242,8 @@ class BlockCascadeSampler(io.ComfyNode):
         cfg.check_run(len(prompts.entries) - 1, len(run_devices))
         reencodes = why_a_vae(blocks, cfg.frames_per_block, cfg.kv_recompute)
         if reencodes and vae is None:
-            raise ValueError(f"vae: {reencodes}: connect the Wan2.1 VAE, or use fewer blocks")
+            raise ValueError(f"vae: {reencodes}: connect the Wan2.1 VAE (VAELoader) to the sampler's vae input, or "
+                             f"use at most {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)} blocks")
         settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
                                            [s for s, _ in prompts.entries[1:]], described, tuple(notes))
         vae_sd = vae_weights(vae)
@@ -258,10 +281,7 @@ class BlockCascadeSampler(io.ComfyNode):
             else:
                 decoder = stream.preview_decoder()
             if reencodes:
-                from cascade_core.reencode import ContextReencoder
-
-                extra["context_image"] = ContextReencoder.from_state_dict(vae_sd[0], dtype=vae_sd[1], device=device,
-                                                                          source="vae")
+                extra["context_image"] = context_reencoder(vae, vae_sd, device)
             lead = 0 if before is None else before.shape[2]
             reporter = stream.Reporter(node_id, blocks, lead + cfg.grid.total(blocks), len(cfg.steps) + 1,
                                        cfg.parallel, width, height, decoder, progress=progress,

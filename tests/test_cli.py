@@ -152,7 +152,7 @@ def test_krea_read_off_the_path_runs_with_its_kv_recompute_and_needs_the_vae_fro
     three = [*SMALL, "--checkpoint", path, "--blocks", "3"]
     assert main(["generate", *three]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "from block 2 on: pass --vae FILE" in err, err
+    assert len(err.splitlines()) == 1 and "from block 3 on (block index 2): pass --vae FILE (the complete Wan2.1 VAE), or at most --blocks 2" in err, err
     vae = tmp_path / "vae.safetensors"
     save_safetensors(tiny_models().vae_state_dict("tiny"), str(vae))
     video = tmp_path / "krea.mp4"
@@ -218,9 +218,8 @@ def test_prompt_switches_from_files_and_their_modes(tmp_path, capsys):
     (["--switch-mode", "recache"], "needs a --switch"),
     (["--family", "longlive", "--window", "0", "--sink", "3"], "a sink (3 frames) is kept only inside a local window"),
     (["--family", "krea-realtime", "--window", "9"], "cannot be combined with window 9"),
-    (["--family", "krea-realtime", "--blocks", "3"], "from block 2 on: pass --vae FILE"),
-    (["--family", "krea-realtime", "--image", "a.png", "--vae", "v.safetensors"],
-     "a context prefix is not defined with a KV cache recomputed"),
+    (["--family", "krea-realtime", "--blocks", "3"], "from block 3 on (block index 2): pass --vae FILE"),
+    (["--family", "krea-realtime", "--image", "a.png"], "a context prefix is not defined with a KV cache recomputed"),
     (["--family", "reward-forcing", "--parallel", "2"], "need one block in flight"),
     (["--family", "reward-forcing", "--window", "10"], "a window that ends on a block"),
     (["--first-block-steps", "250,500"], "strictly decrease"),

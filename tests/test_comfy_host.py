@@ -44,7 +44,7 @@ OUR_NODES = {
     "BlockCascadeFromModel": {"model"},
     "BlockCascadeConfig": {"parallel", "attention", "window", "sink", "steps", "shift", "devices",
                            "attention_backend", "flashblock", "family", "frames_per_block", "independent_first_frame",
-                           "first_block_steps", "warp", "context_noise"},
+                           "first_block_steps", "warp", "context_noise", "kv_recompute"},
     "BlockCascadePromptSchedule": {"conditioning", "start_block", "previous", "switch_mode"},
     "BlockCascadeEmbedsLoader": {"embeds"},
     "BlockCascadeSampler": {"model", "config", "width", "height", "blocks", "seed", "positive", "schedule", "vae",
@@ -381,6 +381,8 @@ def shipped_with_tiny_models(host, name: str, blocks: int, model_name: str) -> d
     ("causal_forcing_framewise.json", "causal_forcing-framewise.safetensors",
      "causal-forcing-framewise: 1 latent frame(s) a block"),
     ("longlive_interactive.json", "longlive_base.safetensors", "window 12 (sink 3); switch recache"),
+    # 6 blocks: blocks 2..5 re-encode a frame decoded by the graph's VAE (core VAELoader's state dict)
+    ("krea_realtime.json", "krea-realtime-video-14b.safetensors", "KV cache rebuilt every block from 3 context frames"),
 ])
 def test_the_family_workflows_run_to_success(host, name, model_name, settings):
     wf = shipped_with_tiny_models(host, name, 6, model_name)

@@ -287,6 +287,9 @@ def test_the_loop_separates_what_it_checks(model, one_thread):
     ("autoregressive_checkpoint_warp_4step_cfg2/causvid.pt", None, "causvid-warp"),
     ("CausVid/autoregressive_checkpoint/model.pt", None, "causvid"),
     ("checkpoints/krea-realtime-video-14b.safetensors", None, "krea-realtime"),
+    ("diffusion_models/KreaRealtime14B.safetensors", None, "krea-realtime"),
+    ("diffusion_models/krea14b_fp8.safetensors", None, "krea-realtime"),
+    ("diffusion_models/kreations.safetensors", None, None),
     ("wan2.1_t2v_1.3B_bf16.safetensors", None, None),
 ])
 def test_the_family_is_read_off_released_paths(path, lora, family):

@@ -182,7 +182,7 @@ def test_settings_a_kv_recompute_does_not_define_are_refused(model, extra, messa
 def test_a_missing_reencoder_a_prefix_and_several_devices_are_refused_before_model_work(model):
     cfg = family_config("krea-realtime")
     prompts = PromptSchedule.single(embedding(1))
-    with pytest.raises(ValueError, match="from block 2 on: it needs the VAE"):
+    with pytest.raises(ValueError, match="from block 3 on \\(block index 2\\): it needs the VAE"):
         generate(model, prompts, cfg, blocks=3, width=W, height=H)
     assert generate(model, prompts, cfg, blocks=2, width=W, height=H).forwards == 11  # nothing re-encoded yet
     with pytest.raises(ValueError, match="a context prefix is not defined with a KV cache recomputed"):

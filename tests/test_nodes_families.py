@@ -143,29 +143,39 @@ def test_krea_read_off_the_file_name_runs_as_the_engine_with_the_graphs_vae_reen
     from safetensors.torch import load_file
 
     from cascade_core.reencode import ContextReencoder
+    from cascade_core.vae_encode import load_encoder
     from test_nodes import WRITTEN
 
     sd = load_file(WRITTEN["vae"])
 
-    class CoreVAE:  # what VAELoader returns, as far as the pack uses it
-        latent_channels = 16
+    class CoreVAE:  # what VAELoader returns, as far as the pack uses it: its weights, and its encoder
+        latent_channels = 16                                      # (here diffusers', on the same weights)
+        encoder = load_encoder(WRITTEN["vae"])
 
         def get_sd(self):
             return sd
 
+        def encode(self, pixels):  # [B, H, W, 3] in 0..1 -> raw latents (the mean), as core's
+            self.encoded.append(pixels.shape)
+            video = pixels.movedim(-1, 0).unsqueeze(0) * 2 - 1  # [1, 3, B, H, W]
+            return self.encoder.encode(video).latent_dist.mode()
+
     model = loaded_as("krea-realtime-video-14b.safetensors")
     (settings,) = run("BlockCascadeConfig", **AUTO)
-    with pytest.raises(ValueError, match="vae: a KV cache recomputed every block .* from block 2 on: connect the "
-                                         "Wan2.1 VAE"):
+    with pytest.raises(ValueError, match="vae: a KV cache recomputed every block .* from block 3 on .*: connect the "
+                                         "Wan2.1 VAE .* or use at most 2 blocks"):
         sampler_run(model, settings, prompt, 3, 1)
     assert torch.equal(sampler_run(model, settings, prompt, 2, 1)[0],  # blocks 0 and 1 re-encode nothing
                        engine_run(model, prompt, family_config("krea-realtime"), 2, 1))
+    vae = CoreVAE()
+    vae.encoded = []
     with Recorder() as rec:
         latent, images = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=3,
-                             seed=1, positive=prompt, vae=CoreVAE())
+                             seed=1, positive=prompt, vae=vae)
     ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), family_config("krea-realtime"), blocks=3,
                    width=W, height=H, seed=1, context_image=ContextReencoder.from_state_dict(sd))
-    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    assert (latent["samples"] - normalized_to_raw(ref.latents.float())).abs().max() <= 1e-5
+    assert vae.encoded == [(1, H, W, 3)]  # block 2's first context frame, through the graph's VAE
     assert images.shape[0] == 1 + 4 * 8
     text = rec.events("start")[0][1]["settings"]
     assert text.startswith("krea-realtime (assumed: the checkpoint path") and "rebuilt every block from 3" in text

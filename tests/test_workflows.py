@@ -81,12 +81,12 @@ def load(name):
     return ui, api
 
 
-def test_every_ui_workflow_has_an_api_twin_and_the_eight_are_there():
+def test_every_ui_workflow_has_an_api_twin_and_the_nine_are_there():
     api_names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "workflows", "api", "*.json")))
     assert NAMES == api_names
     assert set(NAMES) >= {"text_to_video_cascade.json", "prompt_switching.json", "long_video_window_sink.json",
                           "multi_gpu.json", "causal_forcing_framewise.json", "longlive_interactive.json",
-                          "image_to_video.json", "extend_video.json"}
+                          "image_to_video.json", "extend_video.json", "krea_realtime.json"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -212,6 +212,12 @@ def test_each_workflow_is_what_it_claims():
     assert len(schedules) >= 2 and all(s["switch_mode"] == "recache" for s in schedules)
     (loader,) = _by_type(live, "BlockCascadeModelLoader")
     assert loader["lora"] != "none"  # LongLive ships base + LoRA
+    _, krea = load("krea_realtime.json")
+    (cfg,) = _by_type(krea, "BlockCascadeConfig")
+    (smp,) = _by_type(krea, "BlockCascadeSampler")
+    (vae_id,) = [k for k, n in krea.items() if n["class_type"] == "VAELoader"]
+    assert cfg["family"] == "krea-realtime" and (cfg["parallel"], cfg["kv_recompute"]) == (0, -1)  # the family's
+    assert smp["vae"] == [vae_id, 0] and smp["blocks"] == 9  # re-encodes from block 3 on; Krea's default length
     _, i2v = load("image_to_video.json")
     (smp,) = _by_type(i2v, "BlockCascadeSampler")
     (image_id,) = [k for k, n in i2v.items() if n["class_type"] == "LoadImage"]
