@@ -117,6 +117,7 @@ class CascadeConfig:
             return
         clash = [name for name, on in (
             (f"parallel {self.parallel}", self.parallel > 1), ("fold-clean", self.fold_clean),
+            ("bidirectional attention", self.attention != "causal"),
             (f"window {self.window}", self.window is not None), (f"sink {self.sink}", self.sink),
             (f"RoPE positions {self.rope_positions}", self.rope_positions != "absolute"),
             ("an EMA sink", self.sink_ema), ("a rolling window", self.rolling_window),
@@ -144,6 +145,7 @@ class CascadeConfig:
             raise ValueError(f"parallelism must lie in 1..{len(self.steps) + 1} (steps + 1), got {self.parallel}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"in-flight attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        self._check_kv_recompute()  # first: a window or sink is refused with it, not explained apart
         check_window(self.window, self.sink, self.frames_per_block, unlimited_window)
         if self.flashblock not in FLASHBLOCK_MODES:
             raise ValueError(f"flashblock must be one of {FLASHBLOCK_MODES}, got {self.flashblock!r}")
@@ -172,7 +174,6 @@ class CascadeConfig:
         if self.rolling_window and (self.window is None or self.rope_positions != "absolute" or self.sink_ema):
             raise ValueError("a rolling window (Rolling Forcing) needs a window, absolute RoPE positions and no EMA "
                              "sink")
-        self._check_kv_recompute()
         mixed = self.grid.first != self.grid.frames
         if mixed and self.attention == "bidirectional" and self.parallel > 1:
             raise ValueError("bidirectional in-flight attention needs blocks of one size: it cannot be combined "

@@ -5,9 +5,11 @@ The rule (krea-ai/realtime-video ``release_server.py``: ``get_clean_context_fram
 ``recompute_kv_cache`` 588-633, ``generate_block_internal`` 637-708), for blocks of N latent frames,
 K = ``kv_recompute`` context frames and block b starting at frame E = bN:
 - block 0 runs on an empty cache at RoPE positions 0..N-1;
-- block b >= 1 first runs one forward over C = min(E, K) context frames at t = context noise (0), RoPE
-  positions 0..C-1, block-causal in blocks of N counted from the context's first frame, writing the
-  cache; the block's steps then run at positions C..C+N-1 and attend the context and themselves;
+- block b >= 1 first rebuilds the cache from C = min(E, K) context frames at t = context noise (0),
+  RoPE positions 0..C-1, block-causal in blocks of N counted from the context's first frame: the
+  reference's one masked forward, run here as one forward per N-frame block of the context (one for
+  Krea's K = N = 3; causal attention makes them equal); the block's steps then run at positions
+  C..C+N-1 and attend the context and themselves;
 - the context is frame 0 followed by the last C - 1 frames before E while (b - 1)N < K; after that, the
   latent of frame E - K's last video frame (decoded with the whole video before it, encoded alone as
   an image by the VAE encoder: the oldest of the last 1 + 4(K - 1) decoded frames) followed by frames

@@ -283,9 +283,10 @@ class BlockCascadeSampler(io.ComfyNode):
             if reencodes:
                 extra["context_image"] = context_reencoder(vae, vae_sd, device)
             lead = 0 if before is None else before.shape[2]
-            reporter = stream.Reporter(node_id, blocks, lead + cfg.grid.total(blocks), len(cfg.steps) + 1,
+            clean_pass = not cfg.kv_recompute
+            reporter = stream.Reporter(node_id, blocks, lead + cfg.grid.total(blocks), len(cfg.steps) + clean_pass,
                                        cfg.parallel, width, height, decoder, progress=progress,
-                                       should_stop=_interrupted, settings=settings_text)
+                                       should_stop=_interrupted, settings=settings_text, clean_pass=clean_pass)
             log.info("Block Cascade: %s", settings_text)
             reporter.start()
             if before is not None:

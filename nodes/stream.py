@@ -1,7 +1,7 @@
 """Frames out of finished blocks, and the widget events that carry them.
 
 Event contract (JSON only, sent to the client that queued the prompt; META is {node, run, blocks,
-frames_total, fps, width, height, stages, parallel}, repeated so that a page reloaded mid-run joins):
+frames_total, fps, width, height, stages, parallel, clean_pass}, repeated so that a page reloaded mid-run joins):
   block_cascade.start  {META}
   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
@@ -96,8 +96,9 @@ class Reporter:
     def __init__(self, node: str, blocks: int, latent_frames: int, stages: int, parallel: int,
                  width: int, height: int, decoder, send: Callable[[str, dict], None] | None = None,
                  progress=None, clock: Callable[[], float] = time.perf_counter,
-                 should_stop: Callable[[], bool] | None = None, settings: str = ""):
+                 should_stop: Callable[[], bool] | None = None, settings: str = "", clean_pass: bool = True):
         self.node, self.run = str(node), uuid.uuid4().hex[:12]
+        self.clean_pass = clean_pass  # a block's last stage is its clean pass (not with a KV recompute)
         self.blocks, self.latent_frames, self.stages, self.parallel = blocks, latent_frames, stages, parallel
         self.settings = settings
         self.width, self.height = width, height
@@ -128,6 +129,7 @@ class Reporter:
         return {"node": self.node, "run": self.run, "blocks": self.blocks,
                 "frames_total": video_frames(self.latent_frames), "fps": FPS, "width": self.preview_w,
                 "height": self.preview_h, "stages": self.stages, "parallel": self.parallel,
+                "clean_pass": self.clean_pass,
                 "settings": self.settings}
 
     def start(self) -> None:

@@ -169,6 +169,8 @@ def test_the_context_takes_the_previous_blocks_prompt(model, vae_sd, their_vae):
     (dict(parallel=2), "cannot be combined with parallel 2"),
     (dict(window=12, sink=3), "cannot be combined with window 12, sink 3"),
     (dict(fold_clean=True), "fold-clean"),
+    (dict(sink=3), "cannot be combined with sink 3: leave those to the family"),  # not "set a window"
+    (dict(attention="bidirectional"), "cannot be combined with bidirectional attention"),
     (dict(independent_first_frame=True), "an independent first frame"),
     (dict(kv_recompute=1), "0 \\(off\\) or the context frames"),
     (dict(kv_recompute=-2), "0 \\(off\\) or the context frames"),

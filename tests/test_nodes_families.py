@@ -179,6 +179,8 @@ def test_krea_read_off_the_file_name_runs_as_the_engine_with_the_graphs_vae_reen
     assert images.shape[0] == 1 + 4 * 8
     text = rec.events("start")[0][1]["settings"]
     assert text.startswith("krea-realtime (assumed: the checkpoint path") and "rebuilt every block from 3" in text
+    start = rec.events("start")[0][1]
+    assert (start["stages"], start["clean_pass"]) == (5, False)  # five steps, no clean pass
 
 
 @pytest.mark.parametrize("widgets,message", [

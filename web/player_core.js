@@ -1,7 +1,7 @@
 // Block Cascade player: pure bookkeeping (no DOM, no ComfyUI), so `node --test` can exercise it.
 //
 // Events (websocket, JSON; `detail` is the event's data; META = node, run, blocks, frames_total, fps,
-// width, height, stages, parallel, repeated in state and frames so a page reloaded mid-run joins):
+// width, height, stages, parallel, clean_pass, repeated in state and frames so a page reloaded mid-run joins):
 //   block_cascade.start  {META}
 //   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
 //   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
@@ -30,6 +30,7 @@ export class Stream {
     this.width = num(start.width, 0);
     this.height = num(start.height, 0);
     this.stages = num(start.stages, 1);
+    this.cleanPass = start.clean_pass !== false; // the last stage is a clean pass (not with Krea's KV recompute)
     this.parallel = num(start.parallel, 1);
     this.settings = typeof start.settings === "string" ? start.settings : ""; // the run's effective sampling settings
     this.frames = []; // base64 JPEG by frame index (sparse until every block arrived)
@@ -113,10 +114,11 @@ export class Stream {
     return n;
   }
 
-  /** In-flight blocks as [{block, stage, clean}] (stage 0..stages-2 = step, stages-1 = clean pass). */
+  /** In-flight blocks as [{block, stage, clean}] (stage 0..stages-2 = step, stages-1 = clean pass; without
+   * clean passes every stage is a step). */
   get cascade() {
     if (!this.state) return [];
-    return this.state.pairs.map(([block, stage]) => ({ block, stage, clean: stage >= this.stages - 1 }));
+    return this.state.pairs.map(([block, stage]) => ({ block, stage, clean: this.cleanPass && stage >= this.stages - 1 }));
   }
 
   /**

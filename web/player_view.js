@@ -119,11 +119,12 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
     for (const { block, stage, clean } of s ? s.cascade : []) {
       const row = el(doc, "div", "bc-row", grid);
       el(doc, "span", null, row).textContent = `B${block}`;
+      const steps = s.cleanPass ? s.stages - 1 : s.stages;
       for (let k = 0; k < s.stages; k++) {
         const cell = el(doc, "div", "bc-cell", row);
-        if (k <= stage) cell.classList.add(k === s.stages - 1 ? "clean" : "on");
+        if (k <= stage) cell.classList.add(k >= steps ? "clean" : "on");
       }
-      el(doc, "span", null, row).textContent = clean ? "clean" : `${stage + 1}/${s.stages - 1}`;
+      el(doc, "span", null, row).textContent = clean ? "clean" : `${stage + 1}/${steps}`;
     }
   }
 

@@ -71,6 +71,9 @@ test("cascade state rows: steps and the clean pass", () => {
   const [hub, s] = started();
   hub.handle("block_cascade.state", { node: "7", run: "r1", tick: 3, ticks: 10, pairs: [[0, 4], [1, 2]], done_blocks: 0, elapsed: 0.3 });
   assert.deepEqual(s.cascade, [{ block: 0, stage: 4, clean: true }, { block: 1, stage: 2, clean: false }]);
+  const krea = new Hub().handle("block_cascade.start", { ...START, node: "8", clean_pass: false });
+  krea.state = { tick: 3, ticks: 10, pairs: [[0, 4]], doneBlocks: 0 };
+  assert.deepEqual(krea.cascade, [{ block: 0, stage: 4, clean: false }], "without clean passes the last stage is a step");
   assert.equal(s.elapsed, 0.3);
   assert.match(describe(s).cascade, /tick 3\/10 · blocks done 0\/3/);
   hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 2, frames: 0 });
