@@ -9,6 +9,7 @@ Pure PyTorch; never imports ComfyUI. Modules:
   sampler     runs the ticks: noise, batched forwards, re-noising, clean passes, prompt switches
   fp8         optional fp8 matrix products
   checkpoint  one loader for every DiT layout, with named errors
+  dit_names   the DiT's weight names in each layout, and the checks that weights are a Wan2.1 T2V DiT
   vae, taew   streaming Wan2.1 VAE decoder and the tiny preview decoder
   frames      frames out while the DiT goes on (decode per finished block; MP4/PNG)
   text        umt5-xxl prompt embeddings from local files

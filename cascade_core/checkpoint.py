@@ -2,7 +2,9 @@
 
 :func:`load_dit` returns a state dict with the canonical parameter names of :class:`model.WanModel`
 (the original Wan / ComfyUI names) in the requested dtype, and a :class:`CheckpointInfo` saying
-what was found.
+what was found. This module reads the file, chooses the weights inside it (EMA or base, the
+container trail), dequantises them and merges a LoRA; the names of each layout and the checks that
+the weights are a Wan2.1 T2V DiT are :mod:`dit_names`'s.
 
 Guarantees:
 - Files are read only through :mod:`safe_io`: safetensors memory-mapped, ``.pt`` through
@@ -27,27 +29,24 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
-from .model import WanConfig, WanModel
+from .dit_names import (check_keys_and_shapes, dit_prefix, from_diffusers, is_diffusers_layout, read_config,
+                        unwrap_names, wan_variant)
 from .fp8 import FP8_DTYPES, dequantize_state_dict as dequantize
-from .safe_io import SAFETENSORS_EXT, SHOW, CheckpointError, first_keys, looks_like, read_weights
+from .lora import merge_lora
+from .model import WanConfig
+from .safe_io import SAFETENSORS_EXT, SHOW, CheckpointError, first_keys, read_weights
 
 EMA_MODES = ("auto", "ema", "base")
 
 # Containers of training checkpoints, most specific first.
 EMA_KEYS = ("generator_ema", "model_ema", "ema")
 BASE_KEYS = ("generator", "model", "state_dict", "module")
-# Wrapper names that FSDP, activation checkpointing and torch.compile insert into parameter names.
-WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-# Layers only image-to-video Wan DiTs have (original and diffusers names): image cross-attention and
-# the CLIP image embedding.
-I2V_LAYERS = ("img_emb", "k_img", "v_img", "norm_k_img", "image_embedder", "add_k_proj", "add_v_proj", "norm_added_k")
 
 
 # ---- what was loaded ---------------------------------------------------------------------------
@@ -118,96 +117,6 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
 
 
-# ---- diffusers names ---------------------------------------------------------------------------
-
-_TOP_TO_DIFFUSERS = {
-    "patch_embedding": "patch_embedding",
-    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
-    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
-    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
-    "time_projection.1": "condition_embedder.time_proj",
-    "head.head": "proj_out",
-}
-# Inside a block. Wan's norm3 is the affine LayerNorm before cross-attention (diffusers' norm2);
-# Wan's norm1 / norm2 (diffusers' norm1 / norm3) have no parameters.
-_BLOCK_TO_DIFFUSERS = {"norm3": "norm2", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
-for _ours, _theirs in (("self_attn", "attn1"), ("cross_attn", "attn2")):
-    _BLOCK_TO_DIFFUSERS.update({f"{_ours}.q": f"{_theirs}.to_q", f"{_ours}.k": f"{_theirs}.to_k",
-                                f"{_ours}.v": f"{_theirs}.to_v", f"{_ours}.o": f"{_theirs}.to_out.0",
-                                f"{_ours}.norm_q": f"{_theirs}.norm_q", f"{_ours}.norm_k": f"{_theirs}.norm_k"})
-
-
-def diffusers_name(name: str) -> str:
-    """The diffusers ``WanTransformer3DModel`` name of a canonical Wan parameter or layer name.
-
-    The modulation tables keep their shapes ([1, 6, dim] per block, [1, 2, dim] for the head) and
-    their order (shift, scale, gate of attention, then of the FFN; shift, scale of the head).
-    """
-    if name == "head.modulation":
-        return "scale_shift_table"
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    if m:
-        rest = m.group(2)
-        if rest == "modulation":
-            return f"blocks.{m.group(1)}.scale_shift_table"
-        module, _, leaf = rest.rpartition(".")
-        for key in (rest, module):  # a layer name, or a parameter of a layer
-            if key in _BLOCK_TO_DIFFUSERS:
-                tail = rest[len(key):]
-                return f"blocks.{m.group(1)}.{_BLOCK_TO_DIFFUSERS[key]}{tail}"
-        return name
-    module, _, leaf = name.rpartition(".")
-    for key in (name, module):
-        if key in _TOP_TO_DIFFUSERS:
-            return _TOP_TO_DIFFUSERS[key] + name[len(key):]
-    return name
-
-
-def canonical_names(cfg: WanConfig) -> dict[str, torch.Size]:
-    """Canonical parameter names and shapes of a Wan model of this configuration (nothing allocated)."""
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
-# ---- recognising files -------------------------------------------------------------------------
-
-_ANCHOR = re.compile(r"^(.*?)blocks\.\d+\.(self_attn\.q|attn1\.to_q)\.weight$")
-
-
-def _wan_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """Why a Wan-family DiT is not a Wan2.1 text-to-video one (None: it is)."""
-    keys = list(sd)
-
-    def has(*parts: str) -> bool:
-        return any(any(p in k for p in parts) for k in keys)
-
-    if has(*I2V_LAYERS):
-        return "a Wan image-to-video DiT (img_emb / k_img: Wan2.1 I2V or FLF2V)"
-    if has("vace_blocks.", "vace_patch_embedding"):
-        return "a Wan VACE DiT (vace_blocks)"
-    if has("control_adapter."):
-        return "a Wan Fun camera-control DiT (control_adapter)"
-    if has("casual_audio_encoder.", "audio_proj.", "audio_injector."):
-        return "a Wan speech/audio-to-video DiT (S2V / HuMo)"
-    if has("face_adapter.", "motion_encoder.", "pose_patch_embedding"):
-        return "a Wan2.2 Animate DiT (face_adapter / motion_encoder)"
-    if has("ref_conv."):
-        return "a Wan Fun control/reference DiT (ref_conv)"
-    w = sd.get("patch_embedding.weight")
-    if w is not None and w.dim() == 5:
-        in_dim = w.shape[1]
-        if in_dim == 36:
-            return ("an image-to-video DiT (36 input channels: Wan2.2 I2V-A14B or a Wan Fun InP model); "
-                    "text-to-video takes 16")
-        if in_dim == 48:
-            return "a Wan2.2 TI2V-5B DiT (48 latent channels, for the Wan2.2 VAE); Wan2.1 T2V takes 16"
-        if in_dim != 16:
-            return f"a Wan-family DiT with {in_dim} input channels (a control/inpainting variant?); T2V takes 16"
-    return None
-
-
 # ---- choosing the weights inside a file ------------------------------------------------------
 
 def _select(obj: Any, path: str, ema: str, prefer_base: bool) -> tuple[dict, list[str], bool, bool]:
@@ -253,14 +162,6 @@ def _keys(obj: Mapping) -> str:
     return ", ".join(keys[:SHOW]) + (f" and {len(keys) - SHOW} more" if len(keys) > SHOW else "")
 
 
-def _unwrap_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for part in WRAPPER_PARTS:
-            k = k.replace(part, "")
-        out[k] = v
-    return out
-
 
 # ---- precision ---------------------------------------------------------------------------------
 
@@ -305,24 +206,14 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     raw, kind, folder_cfg = read_weights(path)
     tensors, trail, ema_used, ema_available = _select(raw, path, ema, prefer_base=lora is not None)
     del raw
-    sd = _unwrap_names(tensors)
+    sd = unwrap_names(tensors)
 
-    # Where the DiT is inside the file: the prefix of its attention weights.
-    prefixes = Counter(m.group(1) for k in sd if (m := _ANCHOR.match(k)) and m.group(1)[-1:] in ("", "."))
-    if not prefixes:
-        looks = looks_like(list(sd))
-        what = f"it looks like {looks}" if looks else \
-            f"none of its {len(sd)} tensors has Wan DiT names (first: {first_keys(list(sd)[:SHOW], len(sd))})"
-        raise CheckpointError(path, f"not a Wan2.1 T2V DiT: {what}")
-    if len(prefixes) > 1:
-        raise CheckpointError(path, f"holds several DiTs (prefixes {', '.join(repr(p) for p in prefixes)}); "
-                                    "extract one")
-    prefix = next(iter(prefixes))
+    prefix = dit_prefix(sd, path)
     ignored = sum(1 for k in sd if not k.startswith(prefix))
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     source_dtypes = dict(Counter(str(v.dtype).removeprefix("torch.") for v in sd.values()).most_common())
-    diffusers = any((m := _ANCHOR.match(k)) and m.group(2) == "attn1.to_q" for k in sd)
-    variant = _wan_variant(sd)
+    diffusers = is_diffusers_layout(sd)
+    variant = wan_variant(sd)
     if variant:
         raise CheckpointError(path, f"not a Wan2.1 text-to-video DiT: it is {variant}")
 
@@ -330,15 +221,13 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     heads = num_heads or folder_cfg.get("num_heads") or folder_cfg.get("num_attention_heads")
     heads = int(heads) if isinstance(heads, (int, float)) and heads > 0 else None
     if diffusers:
-        sd = _from_diffusers(sd, path)
+        sd = from_diffusers(sd, path)
     sd = {k: v for k, v in sd.items() if not k.startswith("rope.") and k != "freqs"}  # recomputed, never stored weights
-    cfg = _config(sd, path, heads)
-    _check_keys_and_shapes(sd, cfg, path)
+    cfg = read_config(sd, path, heads)
+    check_keys_and_shapes(sd, cfg, path)
 
     lora_name, merged = None, None
     if lora is not None:
-        from .lora import merge_lora  # the LoRA module builds on this one's names
-
         merged = merge_lora(sd, lora, lora_scale, dtype)
         lora_name = os.path.basename(os.fspath(lora))
 
@@ -367,59 +256,3 @@ def _format_label(path: str, kind: str, trail: list[str], prefix: str, diffusers
     else:
         label = ".pt" + (f" ({'/'.join(trail)})" if trail else " state dict")
     return label + (f", {quant}" if quant else "")
-
-
-def _from_diffusers(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
-    """Rename diffusers keys to Wan keys (exact lookups; anything unknown is reported)."""
-    try:
-        layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        w = sd["patch_embedding.weight"]
-        cfg = WanConfig(dim=w.shape[0], ffn_dim=sd["blocks.0.ffn.net.0.proj.weight"].shape[0], num_heads=1,
-                        num_layers=layers, in_dim=w.shape[1],
-                        out_dim=sd["proj_out.weight"].shape[0] // math.prod(w.shape[2:]),
-                        text_dim=sd["condition_embedder.text_embedder.linear_1.weight"].shape[1],
-                        freq_dim=sd["condition_embedder.time_embedder.linear_1.weight"].shape[1],
-                        patch_size=tuple(w.shape[2:]), qk_norm="blocks.0.attn1.norm_q.weight" in sd,
-                        cross_attn_norm="blocks.0.norm2.weight" in sd)
-    except (KeyError, ValueError, IndexError) as exc:
-        raise CheckpointError(path, f"incomplete diffusers Wan transformer (missing {exc})") from None
-    theirs_to_ours = {diffusers_name(k): k for k in canonical_names(cfg)}
-    unknown = [k for k in sd if k not in theirs_to_ours]
-    if unknown:
-        raise CheckpointError(path, f"unexpected keys for a diffusers Wan2.1 T2V transformer: {first_keys(unknown)}")
-    return {theirs_to_ours[k]: v for k, v in sd.items()}
-
-
-_REQUIRED = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "head.head.weight",
-             "blocks.0.ffn.0.weight")
-
-
-def _config(sd: dict[str, torch.Tensor], path: str, heads: int | None) -> WanConfig:
-    missing = [k for k in _REQUIRED if k not in sd]
-    if missing:
-        raise CheckpointError(path, f"missing keys: {first_keys(missing)}")
-    if sd["patch_embedding.weight"].dim() != 5:
-        raise CheckpointError(path, f"patch_embedding.weight has shape {list(sd['patch_embedding.weight'].shape)}; "
-                                    "a Wan DiT has a 3-D patch convolution [dim, 16, 1, 2, 2]")
-    try:
-        return WanConfig.from_state_dict(sd, heads)
-    except (KeyError, ValueError, IndexError) as exc:
-        raise CheckpointError(path, f"cannot read the model configuration ({exc})") from None
-
-
-def _check_keys_and_shapes(sd: dict[str, torch.Tensor], cfg: WanConfig, path: str) -> None:
-    expected = canonical_names(cfg)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {first_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {first_keys(unexpected)}")
-        raise CheckpointError(path, "; ".join(parts) + f" (a Wan2.1 T2V DiT of width {cfg.dim}, "
-                                                       f"{cfg.num_layers} layers)")
-    for k, shape in expected.items():
-        if sd[k].shape != shape:
-            raise CheckpointError(path, f"inconsistent shapes: {k} is {list(sd[k].shape)} but the model read from "
-                                        f"the other weights (width {cfg.dim}, ffn {cfg.ffn_dim}) needs {list(shape)}")

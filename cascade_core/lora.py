@@ -23,8 +23,8 @@ from typing import Mapping
 
 import torch
 
-from .checkpoint import I2V_LAYERS, _unwrap_names, diffusers_name, first_keys
-from .safe_io import CheckpointError, read_tensor_file
+from .dit_names import I2V_LAYERS, diffusers_name, unwrap_names
+from .safe_io import CheckpointError, first_keys, read_tensor_file
 
 _LORA_PARTS = (
     (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
@@ -104,7 +104,7 @@ def _read_lora(lora_path: str) -> dict[str, torch.Tensor]:
         obj = obj[inner]
     if not isinstance(obj, Mapping):
         raise CheckpointError(lora_path, f"holds a {type(obj).__name__}, not a dict of LoRA tensors")
-    tensors = _unwrap_names({str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+    tensors = unwrap_names({str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)})
     if not tensors:
         raise CheckpointError(lora_path, "holds no tensors")
     return tensors

@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import dequantize_state_dict, first_keys
-from .safe_io import CheckpointError, looks_like, read_tensor_file
+from .checkpoint import dequantize_state_dict
+from .safe_io import CheckpointError, first_keys, looks_like, read_tensor_file
 
 MAX_TOKENS = 512
 _ANCHOR = re.compile(r"^(.*?)encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight$")

@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascade_core.checkpoint import CheckpointInfo, diffusers_name, load_dit
+from cascade_core.checkpoint import CheckpointInfo, load_dit
 from cascade_core.cli import main
+from cascade_core.dit_names import diffusers_name
 from cascade_core.model import WanConfig, WanModel
 from cascade_core.safe_io import CheckpointError, save_safetensors
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate

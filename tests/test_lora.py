@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascade_core.checkpoint import diffusers_name, load_dit
+from cascade_core.checkpoint import load_dit
 from cascade_core.cli import main
+from cascade_core.dit_names import diffusers_name
 from cascade_core.safe_io import CheckpointError, read_tensor_file, save_safetensors
 from test_checkpoint import SMALL, assert_same_weights, latents, ref  # noqa: F401  (ref: a fixture)
 

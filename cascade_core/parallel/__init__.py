@@ -6,6 +6,7 @@ the whole and re-exports the public API), one job per module.
 - :mod:`.partition`: a tick's blocks over the ranks and the per-layer k/v all-gather.
 - :mod:`.rank`: the per-rank engine, also for a process group made by torchrun.
 - :mod:`.worker`: the worker process, imported by its stable name.
-- :mod:`.pool`: the pool's lifecycle on the caller's side, and the module's pool.
+- :mod:`.processes`: the worker processes on the caller's side: start, watch, fail, stop.
+- :mod:`.pool`: the pool's jobs on the caller's side (weights, memory check, runs), and the module's pool.
 - :mod:`.faults`: a rank's failures and the one message composed from them.
 """
