@@ -7,6 +7,7 @@ Pure PyTorch; never imports ComfyUI. Modules:
   kv_pool     preallocated self-attention K/V: sink, rolling window, in-flight blocks
   attention   one attention function over several backends (log-sum-exp for exact merges)
   sampler     runs the ticks: noise, batched forwards, re-noising, clean passes, prompt switches
+  steer       the prompt of every block, and switches that arrive while a run goes on
   fp8         optional fp8 matrix products
   checkpoint  one loader for every DiT layout, with named errors
   vae, taew   streaming Wan2.1 VAE decoder and the tiny preview decoder
