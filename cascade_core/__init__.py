@@ -16,7 +16,7 @@ Pure PyTorch; never imports ComfyUI. Modules:
   distributed several devices sharing the KV pool (torch.distributed)
   memory      how much memory a run needs and a device has (one estimate for nodes and CLI)
   cli, cli_checks, cli_run  ``python -m cascade_core generate|decode``; bench: ``python -m cascade_core.bench``
-  client      the headless ComfyUI client
+  client      the headless ComfyUI client (client_steer: its --steer)
 """
 __version__ = "0.1.0"
 
