@@ -68,11 +68,10 @@ def test_a_text_sent_while_the_sampler_runs_switches_at_the_reported_block(model
     assert steer_mod.submit({"node": "12", "text": "a cat"}) == (409, {"error": "node 12 is not running"})
 
 
-def test_texts_are_encoded_once_and_one_that_cannot_be_encoded_is_dropped(model, prompts):
+def test_texts_are_encoded_once_and_one_that_cannot_be_encoded_is_dropped(prompts):
     e1 = prompts[1][0][0][0]
-    clip = FakeClip({"a cat": e1})
+    clip, sent = FakeClip({"a cat": e1}), []
     live = steer_mod.Running("5", 3, clip, e1.shape[-1], lambda block, text, dropped: sent.append((text, dropped)))
-    sent = []
     for text, block in (("a cat", None), ("a cat", 2), ("a dog", None)):
         live.requests.put((text, block))
     items = live.steer()
