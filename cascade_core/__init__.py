@@ -7,6 +7,7 @@ Pure PyTorch; never imports ComfyUI. Modules:
   kv_pool     preallocated self-attention K/V: sink, rolling window, in-flight blocks
   attention   one attention function over several backends (log-sum-exp for exact merges)
   sampler     runs the ticks: noise, batched forwards, re-noising, clean passes, prompt switches
+  steer       the prompt of every block, and switches that arrive while a run goes on
   fp8         optional fp8 matrix products
   checkpoint  one loader for every DiT layout, with named errors
   dit_names   the DiT's weight names in each layout, and the checks that weights are a Wan2.1 T2V DiT
@@ -16,7 +17,7 @@ Pure PyTorch; never imports ComfyUI. Modules:
   distributed several devices sharing the KV pool (torch.distributed)
   memory      how much memory a run needs and a device has (one estimate for nodes and CLI)
   cli, cli_checks, cli_run  ``python -m cascade_core generate|decode``; bench: ``python -m cascade_core.bench``
-  client      the headless ComfyUI client
+  client      the headless ComfyUI client (client_steer: its --steer)
 """
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """``python -m cascade_core.client``: queue an API-format workflow on a ComfyUI server and watch it.
 
     python -m cascade_core.client workflows/api/<file>.json --server 127.0.0.1:8188 \\
-        [--set NODE.INPUT=VALUE ...] [--out DIR] [--timeout S] [--allow-partial]
+        [--set NODE.INPUT=VALUE ...] [--out DIR] [--timeout S] [--allow-partial] [--steer [--steer-node ID]]
 
 See ``RULES`` (also the end of ``--help``) for what counts as success and the exit codes. Standard
 library plus ``websocket-client`` and ``tqdm``; never imports ComfyUI.
@@ -22,6 +22,7 @@ import uuid
 
 from tqdm import tqdm
 
+from cascade_core import client_steer
 from cascade_core.comfy_answers import (dropped_outputs, node_error_lines, output_files, rejection,
                                         sink_output_nodes)
 
@@ -44,6 +45,10 @@ output sockets (SaveImage, SaveVideo, PreviewImage, ...). After the run every si
 the workflow, except those ComfyUI dropped, must have an entry in the prompt's /history outputs;
 else the run is "incomplete" (exit 1). Output nodes with output sockets (the Block Cascade Sampler)
 are not checked: they show nothing in /history.
+
+Steering (--steer): once the sampler streams, each stdin line BLOCK:TEXT or now:TEXT switches its
+prompt at that block or the next to enter (POST /block_cascade/steer; the sampler needs a CLIP on its
+clip input). Answers and switches (block_cascade.switch) are printed; the summary lists the switches.
 
 Exit codes: 0 success (or partial with --allow-partial), 1 failed (execution error, interrupted,
 incomplete outputs, server unreachable), 2 rejected, partial graph, or bad arguments (a missing or
@@ -211,6 +216,12 @@ def run(args) -> dict:
     prompt = load_workflow(args.workflow)
     for spec in args.set:
         apply_override(prompt, spec)
+    steered = None
+    if args.steer or args.steer_node is not None:
+        try:
+            steered = client_steer.steer_node(prompt, args.steer_node)
+        except ValueError as e:
+            raise ClientError(str(e), EXIT_REJECTED, "usage") from None
     try:
         import websocket  # websocket-client
     except ImportError:
@@ -251,7 +262,7 @@ def run(args) -> dict:
             bar.note(f"dropped: {line}")
         out_dir = args.out or os.path.join("out", prompt_id)
         stream_dir = os.path.join(out_dir, "stream")
-        frames_saved, cached = 0, []
+        frames_saved, cached, switches = 0, [], []
         bar.note(f"queued prompt {prompt_id}")
 
         while True:
@@ -281,6 +292,13 @@ def run(args) -> dict:
             elif kind == "block_cascade.start":
                 bar.note(f"node {data.get('node')}: streaming {data.get('frames_total')} frames "
                          f"({data.get('width')}x{data.get('height')} at {data.get('fps')} fps)")
+                if steered is not None and str(data.get("node")) == steered:  # one reader for the run
+                    client_steer.start_reader(sys.stdin, server.json, steered, bar.note)
+                    steered = None
+            elif kind == "block_cascade.switch":
+                bar.note(client_steer.switch_note(data))
+                if not data.get("dropped"):
+                    switches.append({"node": data.get("node"), "block": data.get("block"), "text": data.get("text")})
             elif kind == "block_cascade.frames":
                 os.makedirs(stream_dir, exist_ok=True)
                 first = int(data.get("first_frame", 0))
@@ -325,6 +343,8 @@ def run(args) -> dict:
               "stream_frames": frames_saved, "stream_dir": stream_dir if frames_saved else None,
               "outputs": outputs, "out": out_dir,
               "cached_nodes": cached}  # answered from ComfyUI's cache: they ran (and streamed) nothing
+    if switches:
+        result["switches"] = switches
     if partial:
         result.update(reasons=partial, dropped_outputs=dropped)
     object_info = {}
@@ -351,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt (default 3600)")
     p.add_argument("--allow-partial", action="store_true",
                    help="run what ComfyUI accepts when it drops output nodes that fail validation")
+    p.add_argument("--steer", action="store_true",
+                   help="while the sampler runs, switch its prompt with lines BLOCK:TEXT or now:TEXT on stdin")
+    p.add_argument("--steer-node", metavar="ID",
+                   help="the Block Cascade Sampler to steer when the workflow has several (implies --steer)")
     return p
 
 

@@ -180,6 +180,15 @@ class CascadeConfig:
                              "with an independent first frame at parallel > 1")
 
 
+def check_prompt(embeds: torch.Tensor, text_dim: int | None, what: str) -> None:
+    """Raise ValueError (naming ``what``) for prompt embeddings [L, text_dim] of another width
+    (``text_dim`` None: any) or holding NaN or infinite values."""
+    if text_dim is not None and embeds.shape[-1] != text_dim:
+        raise ValueError(f"{what} has width {embeds.shape[-1]}; the model expects {text_dim} (umt5-xxl embeddings)")
+    if not bool(torch.isfinite(embeds).all()):
+        raise ValueError(f"{what} holds NaN or infinite values")
+
+
 @dataclass
 class PromptSchedule:
     """(start block, prompt embeddings [L, text_dim]) entries; the first must start at block 0.
@@ -205,11 +214,7 @@ class PromptSchedule:
             raise ValueError(f"a prompt switch at block {starts[-1]} is beyond the video "
                              f"(blocks 0..{blocks - 1})")
         for s, e in self.entries:
-            if text_dim is not None and e.shape[-1] != text_dim:
-                raise ValueError(f"the prompt at block {s} has width {e.shape[-1]}; the model "
-                                 f"expects {text_dim} (umt5-xxl embeddings)")
-            if not bool(torch.isfinite(e).all()):
-                raise ValueError(f"the prompt at block {s} holds NaN or infinite values")
+            check_prompt(e, text_dim, f"the prompt at block {s}")
 
     def index_for(self, block: int) -> int:
         return max(i for i, (s, _) in enumerate(self.entries) if s <= block)

@@ -18,6 +18,9 @@ Guarantees:
   device gives identical latents.
 - A prompt schedule assigns each block the prompt of the last entry starting at or before it; every
   prompt's text K/V is computed once per run, so a switch in mode "none" costs no model forward.
+- Steering (``steer``, one process only): switches that arrive while the run goes on land at the next
+  block to enter (or a later one asked for) and give exactly what the same switch in the schedule from
+  the start gives (:mod:`steer`; ``on_switch`` reports each, a :class:`SwitchEvent`).
 - The KV pool is allocated once per run (see :mod:`kv_pool`).
 - A context prefix (``prefix``: F clean latent frames, a start image or a video to continue) is frames
   [0, F) of the video: clean forwards write their K/V before block 0, as the finished blocks they
@@ -50,6 +53,7 @@ from .model import WanModel
 from .schedule import BlockGrid, Tick
 from .plan import plan_run
 from .recompute import ContextImage, recompute_pass, why_a_vae
+from .steer import LivePrompts, Steer, SwitchEvent
 from .transfer import to_device
 
 
@@ -223,7 +227,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
              should_stop: Callable[[], bool] | None = None,
              partition: Partition | None = None, prefix: torch.Tensor | None = None,
              include_prefix: bool = True, block_offset: int = 0,
-             context_image: ContextImage | None = None) -> Result:
+             context_image: ContextImage | None = None, steer: Steer | None = None,
+             on_switch: Callable[[SwitchEvent], None] | None = None) -> Result:
     """Generate ``blocks`` blocks of latent video; see the module docstring for the guarantees.
 
     ``prompts``: embeddings [L, text_dim] per entry; ``width``/``height`` in pixels (multiples of 16);
@@ -242,15 +247,28 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     context. Raises ValueError for a bad config, size, schedule, noise shape or prefix (before any
     model work, see :func:`plan_run`) and :class:`Interrupted` when ``should_stop`` says so.
 
+    ``steer``: asked once before every tick (for tick 0 before the context's passes) for prompt switches
+    [(block or None, embeddings [L, text_dim]), ...] that land while the run goes on (:mod:`steer`);
+    ``on_switch`` gets a :class:`SwitchEvent` for each switch that lands or is dropped. A steered run
+    checks its switch mode as one with switches (ValueError: a re-cache needs parallel 1, ...).
+
     ``partition``: this process's share of the work when several run the same video (used by
-    :mod:`distributed`); the default computes everything here.
+    :mod:`distributed`); the default computes everything here. Steering runs on one process only
+    (ValueError with another partition).
     """
+    if steer is not None and partition is not None and type(partition) is not Partition:
+        raise ValueError("steering a running video (steer) runs on one device for now: give one device")
     part = partition or Partition()
     run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix,
                    block_offset=block_offset, dtype=model.dtype)
     plan, grid, shape, lead = run.schedule, run.grid, run.shape, run.grid.offset
     if context_image is None and (why := why_a_vae(blocks, grid.frames, cfg.kv_recompute)):
         raise ValueError(f"{why}: it needs the VAE (context_image)")
+    if steer is not None:
+        try:
+            cfg.check_run(switches=1)
+        except ValueError as exc:
+            raise ValueError(f"steering (prompt switches while the video runs): {exc}") from None
     device, dtype = model.device, model.dtype
     noise = initial_noise(seed, run.noise_shape, device, dtype) if noise is None else to_device(noise, device).to(dtype)
 
@@ -266,8 +284,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                       keep_external=cfg.flashblock == "reuse",
                       slot_positions=cfg.rope_positions == "slots" or bool(cfg.kv_recompute),
                       sink_ema=cfg.sink_ema, shift_keys=model.shift_frames)
-        text = [model.encode_prompt(e) for _, e in prompts.entries]
-        prompt_of = [text[prompts.index_for(b)] for b in range(blocks)]
+        live = LivePrompts(model, prompts, plan, cfg.switch_mode == "recache", steer, on_switch)
+        prompt_of, recache_at = live.prompt_of, live.recache_at  # changed in place by steered switches
         out = torch.empty(shape, device=device, dtype=dtype)
         if lead:  # every process writes the prefix's K/V itself (each keeps a whole KV pool)
             out[:, :, :lead] = to_device(prefix, device).to(dtype)
@@ -276,20 +294,22 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         step_t = {id(f): to_device(f.timesteps, device) for f in (run.first_flow, run.flow)}
         done, first_block = 0, None
         wants_stop = lambda: should_stop is not None and should_stop()  # noqa: E731
-        forwards = prefix_pass(model, pool, out, grid, text[0], cfg.context_noise,
+        live.poll(0)  # a switch before tick 0 replaces the first prompt, which the prefix passes take too
+        forwards = prefix_pass(model, pool, out, grid, prompt_of[0], cfg.context_noise,
                                lambda index: part.stop(Tick(index, ()), wants_stop()))
-        recache_at = {s: i for i, (s, _) in enumerate(prompts.entries) if s and cfg.switch_mode == "recache"}
         ticks = plan.ticks()
         for tick in ticks:
             if part.stop(tick, wants_stop()):
                 raise Interrupted(f"stopped at tick {tick.index} of {len(ticks)}")
+            if tick.index:
+                live.poll(tick.index)
             blocks_now = [b for b, _ in tick.pairs]
             for b, stage in tick.pairs:
                 if stage == 0 and part.owns(b):
                     x_t[b] = noise[:, :, grid.start(b) - lead:grid.end(b) - lead]
             entering = blocks_now[-1] if tick.pairs[-1][1] == 0 else None
             if entering in recache_at:  # before the window makes room for the new block
-                forwards += _recache(model, pool, out, grid.start(blocks_now[0]), text[recache_at[entering]],
+                forwards += _recache(model, pool, out, grid.start(blocks_now[0]), recache_at[entering],
                                      cfg.context_noise)
             pool.make_room(blocks_now[0], blocks_now[-1])
             if cfg.kv_recompute and entering:  # one block in flight: it is the entering one

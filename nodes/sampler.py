@@ -16,7 +16,7 @@ from cascade_core.sampler import Interrupted
 from cascade_core.latents import normalized_to_raw, raw_to_normalized
 from cascade_core.recompute import first_reencoding_block, why_a_vae
 
-from . import checks, devices, stream
+from . import checks, devices, steer, stream
 from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
 
 log = logging.getLogger("block_cascade")
@@ -186,6 +186,11 @@ class BlockCascadeSampler(io.ComfyNode):
                 io.Int.Input("context_frames", default=0, min=0, max=checks.MAX_LATENT_FRAMES, optional=True,
                              tooltip="With prefix: how many of its last latent frames the new blocks see. 0 = "
                                      "the config's window (every frame without a window)."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Steer while it runs: a core CLIP (CLIPLoader, type wan) that encodes "
+                                      "prompts sent while the node runs (POST /block_cascade/steer, the "
+                                      "client's --steer); each switches at the next block to enter. One "
+                                      "device only."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT",
@@ -202,7 +207,7 @@ class BlockCascadeSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, config, width, height, blocks, seed, positive=None, schedule=None,
-                vae=None, start_image=None, prefix=None, context_frames=0) -> io.NodeOutput:
+                vae=None, start_image=None, prefix=None, context_frames=0, clip=None) -> io.NodeOutput:
         # ---- every check, before anything touches a GPU ------------------------------------------------
         guess = getattr(model, "family", None)
         cfg, family, assumed = config.config_for(guess[0] if guess else None,
@@ -240,6 +245,7 @@ class BlockCascadeSampler(io.ComfyNode):
             described = f"the last {context.shape[2]} of the prefix's {before.shape[2]} latent frames"
             notes += context_notes(context_frames, context.shape[2])
         cfg.check_run(len(prompts.entries) - 1, len(run_devices))
+        steer.check(clip, cfg, len(run_devices))
         reencodes = why_a_vae(blocks, cfg.frames_per_block, cfg.kv_recompute)
         if reencodes and vae is None:
             raise ValueError(f"vae: {reencodes}: connect the Wan2.1 VAE (VAELoader) to the sampler's vae input, or "
@@ -266,7 +272,7 @@ class BlockCascadeSampler(io.ComfyNode):
         attention_backends.set_backend(config.attention_backend)
         node_id = cls.hidden.unique_id if cls.hidden is not None and cls.hidden.unique_id is not None else ""
         progress = comfy.utils.ProgressBar(blocks, node_id=node_id or None)
-        wan = decoder = reporter = result = None
+        wan = decoder = reporter = result = live = None
         extra = {}  # the context re-encoder of a KV recompute
         try:
             if kind == START_IMAGE:  # before the DiT is loaded: ComfyUI may unload the VAE for it afterwards
@@ -292,6 +298,10 @@ class BlockCascadeSampler(io.ComfyNode):
             if before is not None:
                 reporter.show_context(given)
             run = devices.runner(run_devices)
+            live = steer.Running(node_id, blocks, clip, model.cfg.text_dim, reporter.switch)
+            if clip is not None:
+                extra.update(steer=live.steer, on_switch=live.on_switch)
+            steer.register(live)
             result = run(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,
                          on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted,
                          prefix=context, include_prefix=False, **extra)
@@ -317,8 +327,9 @@ class BlockCascadeSampler(io.ComfyNode):
                 reporter.done(error="interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
             raise
         finally:
+            steer.unregister(live)
             # Drop every reference to device tensors of this run, then give cached blocks back.
-            del wan, decoder, result, vae_sd, context, given, extra
+            del wan, decoder, result, vae_sd, context, given, extra, live
             if reporter is not None:
                 reporter.frames, reporter.decoding = [], None
             gc.collect()

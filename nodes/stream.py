@@ -6,6 +6,8 @@ frames_total, fps, width, height, stages, parallel, clean_pass}, repeated so tha
   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
   block_cascade.done   {node, run, seconds, frames, blocks (whose frames were sent), error?}
+  block_cascade.switch {node, run, block, text, dropped?}: a steered prompt landed at ``block`` (block
+                       null and ``dropped`` saying why when it could not land; see :mod:`nodes.steer`)
 ``width``/``height`` are those of the preview JPEGs (longest side <= PREVIEW_MAX). A run after a
 context (a start image, a video continued) sends that context's frames first, as block -1 from frame 0
 (``frames_total`` counts them; ``blocks`` and ``done.blocks`` count generated blocks only). State events are
@@ -179,6 +181,14 @@ class Reporter:
         self._emit("frames", {**self.meta(), "block": int(ev.block),
                               "first_frame": int(ev.first_frame), "frames": [encode_jpeg(f) for f in small],
                               "elapsed": self.elapsed()})
+
+    def switch(self, block: int | None, text: str, dropped: str = "") -> None:
+        """Tell the client that a steered prompt ``text`` landed at ``block`` (or, with ``dropped``, why
+        it did not)."""
+        data = {"node": self.node, "run": self.run, "block": block, "text": text}
+        if dropped:
+            data["dropped"] = dropped
+        self._emit("switch", data)
 
     def done(self, error: str | None = None) -> None:
         """The run's last event, after the frames of the blocks already pushed (the frames thread ends)."""

@@ -62,11 +62,15 @@ class FakeComfy:
             "SaveImage": {"output_node": True, "output": []},
         }
         self.posts = []  # (path, body) of every POST other than /prompt
+        self.on_steer = lambda body: (200, {"queued": True})  # (http status, json) for /block_cascade/steer
 
     def push(self, client_id, messages):
         conn = self.sockets[client_id]
         for m in messages:
             time.sleep(0.01)
+            if callable(m):  # a step of the run that waits for the client (e.g. its steer requests)
+                m()
+                continue
             try:
                 conn.sendall(ws_frame(m, 0x2) if isinstance(m, bytes) else ws_frame(json.dumps(m).encode()))
             except OSError:
@@ -108,6 +112,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path in ("/queue", "/interrupt"):
             self.fake.posts.append((self.path, body))
             return self.reply(200, {})
+        if self.path == "/block_cascade/steer":
+            self.fake.posts.append((self.path, body))
+            return self.reply(*self.fake.on_steer(body))
         if self.path != "/prompt":
             return self.reply(404, {})
         self.fake.prompts.append(body)
@@ -429,3 +436,68 @@ def test_history_written_after_success_is_waited_for(fake, workflow, tmp_path, c
     result, err = summary(capsys)
     assert rc == 0, err
     assert result["outputs"] == [str(tmp_path / "out" / f"bc_{i:05d}_.png") for i in (1, 2)]
+
+
+# ---- --steer -------------------------------------------------------------------------------------------
+def test_steer_posts_stdin_lines_while_the_sampler_runs_and_prints_the_switches(fake, workflow, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("now: a cat\n\n7:a dog\nnonsense\n1:a bird\n"))
+    fake.on_steer = lambda body: ((400, {"error": "block 7 is beyond the video (blocks 0..1)"})
+                                  if body.get("block") == 7 else (200, {"queued": True}))
+
+    def steer_answered():  # the sampler goes on once the client's requests are in
+        end = time.monotonic() + 10
+        while len([p for p, _ in fake.posts if p == "/block_cascade/steer"]) < 3 and time.monotonic() < end:
+            time.sleep(0.01)
+
+    switches = [steer_answered,
+                {"type": "block_cascade.switch", "data": {"node": "3", "run": "r1", "block": 1, "text": "a cat"}},
+                {"type": "block_cascade.switch", "data": {"node": "3", "run": "r1", "block": None, "text": "a bird",
+                                                          "dropped": "every block has entered the cascade"}}]
+    messages = success_messages()
+    at = next(i for i, m in enumerate(messages) if isinstance(m, dict) and m["type"] == "block_cascade.start") + 1
+    fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}},
+                                   messages[:at] + switches + messages[at:])
+    fake.history[PID] = history_entry("3")
+    rc = run_client(fake, workflow, "--steer", "--out", str(tmp_path / "out"))
+    result, err = summary(capsys)
+    assert rc == 0, err
+    assert [b for p, b in fake.posts if p == "/block_cascade/steer"] == [
+        {"node": "3", "text": "a cat"}, {"node": "3", "text": "a dog", "block": 7},
+        {"node": "3", "text": "a bird", "block": 1}]
+    assert "steer: 'a cat' queued for node 3 (next block)" in err
+    assert "steer: 'a dog' refused: block 7 is beyond the video (blocks 0..1)" in err
+    assert "steer: 'nonsense': expected BLOCK:TEXT or now:TEXT" in err
+    assert "node 3: switched to 'a cat' at block 1" in err
+    assert "node 3: steered prompt 'a bird' dropped: every block has entered the cascade" in err
+    assert result["switches"] == [{"node": "3", "block": 1, "text": "a cat"}] and result["stream_frames"] == 6
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--steer"], "several BlockCascadeSampler nodes (3, 4); choose one with --steer-node ID"),
+    (["--steer-node", "9"], "--steer-node 9: not a BlockCascadeSampler of the workflow (those: 3, 4)"),
+])
+def test_steer_needs_one_sampler_and_says_so_in_one_line(tmp_path, capsys, extra, words):
+    two = {**WORKFLOW, "4": {**WORKFLOW["3"], "_meta": {"title": "Second"}}}
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(two))
+    rc = client.main([str(path), "--server", f"127.0.0.1:{closed_port()}", "--timeout", "5", *extra])
+    result, err = summary(capsys)
+    assert rc == 2 and err.strip().count("\n") == 0 and words in err, err  # before reaching the server
+    assert result["status"] == "usage"
+
+
+def test_steer_lines_and_sampler_choice():
+    from cascade_core import client_steer
+
+    assert client_steer.parse_line("now:a cat, 4k\n") == (None, "a cat, 4k")
+    assert client_steer.parse_line("NOW : a cat") == (None, "a cat")
+    assert client_steer.parse_line("12:a dog: running") == (12, "a dog: running")
+    for bad in ("a cat", "-1:a cat", "x:a cat", "3:", "now:  ", "1.5:a"):
+        with pytest.raises(ValueError, match="expected BLOCK:TEXT or now:TEXT"):
+            client_steer.parse_line(bad)
+    assert client_steer.steer_node(WORKFLOW, None) == "3" and client_steer.steer_node(WORKFLOW, "3") == "3"
+    with pytest.raises(ValueError, match="has no BlockCascadeSampler"):
+        client_steer.steer_node({"9": WORKFLOW["9"]}, None)

@@ -48,7 +48,7 @@ OUR_NODES = {
     "BlockCascadePromptSchedule": {"conditioning", "start_block", "previous", "switch_mode"},
     "BlockCascadeEmbedsLoader": {"embeds"},
     "BlockCascadeSampler": {"model", "config", "width", "height", "blocks", "seed", "positive", "schedule", "vae",
-                            "start_image", "prefix", "context_frames"},
+                            "start_image", "prefix", "context_frames", "clip"},
 }
 DIT = "block_cascade_tiny_dit.safetensors"
 EMBEDS = ("block_cascade_tiny_a.safetensors", "block_cascade_tiny_b.safetensors")

@@ -130,7 +130,8 @@ def test_schemas_build_and_register_through_the_v3_entry_point():
     assert [o.io_type for o in s.outputs] == ["LATENT", "IMAGE"]
     assert "UNIQUE_ID" in [h.value for h in s.hidden]
     ins = s.input_types()
-    assert set(ins["optional"]) == {"positive", "schedule", "vae", "start_image", "prefix", "context_frames"}
+    assert set(ins["optional"]) == {"positive", "schedule", "vae", "start_image", "prefix", "context_frames", "clip"}
+    assert ins["optional"]["clip"][0] == "CLIP" and "type wan" in ins["optional"]["clip"][1]["tooltip"]
     assert "blocks" in ins["required"]["blocks"][1]["display_name"] and "16 fps" in ins["required"]["blocks"][1]["tooltip"]
     assert "frame-wise" in ins["required"]["blocks"][1]["tooltip"]
     assert "latent-RGB preview" in ins["optional"]["vae"][1]["tooltip"]

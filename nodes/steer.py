@@ -1,0 +1,168 @@
+"""Steering a running Block Cascade Sampler: prompts typed while it runs, through ComfyUI's server.
+
+Contract:
+  POST /block_cascade/steer  {"node": id, "text": str, "block": int (optional)}
+    200 {"queued": true}: the text waits for the sampler node ``id``, which encodes it with the CLIP on
+        its ``clip`` input and switches to it at the next block to enter the cascade (or at ``block``
+        when that is later; see :mod:`cascade_core.steer`);
+    400 {"error": one line}: not a JSON object, an empty text, a block that is no int >= 0 or beyond the
+        video, or the running node has no CLIP connected;
+    409 {"error": "node N is not running"}.
+  Each switch that lands is sent to the client that queued the prompt as the websocket event
+  ``block_cascade.switch`` {node, run, block, text}; one that could not land (no block left, or the
+  text could not be encoded) as {node, run, block: null, text, dropped: why}.
+
+The registry (:func:`register`, :func:`unregister`) holds one :class:`Running` per sampler node while it runs, each with a
+thread-safe queue: the server's thread puts requests, the sampler's thread takes them between ticks
+(the engine's ``steer`` poll), so the text is encoded in the sampler's thread. The route is added to
+ComfyUI's server when this module is imported inside it (:func:`register_route`).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable
+
+from . import checks
+
+log = logging.getLogger("block_cascade")
+
+ROUTE = "/block_cascade/steer"
+NO_CLIP = "connect a CLIP (type wan) to the sampler's clip input to steer it"
+
+
+class Running:
+    """A running sampler node that takes steered prompts: ``node`` its id, ``blocks`` its video's
+    length, ``clip`` the core CLIP that encodes texts (None: none connected), ``text_dim`` the width
+    the model expects, ``send(block, text, dropped)`` where each switch is told (the widget event)."""
+
+    def __init__(self, node: str, blocks: int, clip, text_dim: int,
+                 send: Callable[[int | None, str, str], None] = lambda block, text, dropped: None):
+        self.node, self.blocks, self.clip, self.text_dim, self.send = node, blocks, clip, text_dim, send
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()  # (text, block or None)
+        self.texts: list[str] = []  # by the engine's switch index
+        self._encoded: dict = {}  # text -> embeddings [L, text_dim]
+
+    def encode(self, text: str):
+        """Embeddings [L, text_dim] of ``text`` by the CLIP (each text once). Raises ValueError."""
+        if text not in self._encoded:
+            cond = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+            embeds = checks.conditioning_embeds(cond, "steered text")
+            checks.prompt_width(embeds, self.text_dim, "steered text")
+            self._encoded[text] = embeds
+        return self._encoded[text]
+
+    def steer(self) -> list:
+        """The engine's ``steer`` poll: the queued texts, encoded, as [(block or None, embeddings)]. A
+        text that cannot be encoded is dropped (told through ``send``), the run goes on."""
+        items = []
+        while True:
+            try:
+                text, block = self.requests.get_nowait()
+            except queue.Empty:
+                return items
+            try:
+                embeds = self.encode(text)
+            except Exception as exc:  # noqa: BLE001 - a typed prompt must not end the run
+                why = f"could not encode it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                log.warning("Block Cascade: steered text %r %s", text, why)
+                self.send(None, text, why)
+                continue
+            self.texts.append(text)
+            items.append((block, embeds))
+
+    def on_switch(self, ev) -> None:
+        """The engine's ``on_switch``: a :class:`cascade_core.steer.SwitchEvent` told through ``send``."""
+        text = self.texts[ev.index]
+        if ev.dropped:
+            log.warning("Block Cascade: steered text %r dropped: %s", text, ev.dropped)
+        self.send(ev.block, text, ev.dropped)
+
+
+_lock = threading.Lock()
+_running: dict[str, Running] = {}
+
+
+def check(clip, cfg, devices: int) -> None:
+    """Refuse a sampler run with a CLIP connected (to steer it) where the engine cannot take live
+    switches, before any model work: not a core CLIP, several devices, or a switch mode its config
+    does not allow switches in (``cfg.check_run``). Raises ValueError."""
+    if clip is None:
+        return
+    if not all(callable(getattr(clip, name, None)) for name in ("tokenize", "encode_from_tokens_scheduled")):
+        raise ValueError(f"clip: expected a core CLIP (CLIPLoader with type wan), got {type(clip).__name__}")
+    why = "steering (prompts typed while the sampler runs)"
+    if devices > 1:
+        raise ValueError(f"clip: {why} runs on one device for now: choose one device in the config, or "
+                         f"disconnect clip")
+    try:
+        cfg.check_run(1)
+    except ValueError as exc:
+        raise ValueError(f"clip: {why}: {exc}") from None
+
+
+def register(entry: Running) -> None:
+    """Make ``entry`` the running sampler of its node id (steer requests reach it from now on)."""
+    with _lock:
+        _running[entry.node] = entry
+
+
+def unregister(entry: Running | None) -> None:
+    """Forget ``entry`` (None, or one already replaced: nothing happens)."""
+    with _lock:
+        if entry is not None and _running.get(entry.node) is entry:
+            del _running[entry.node]
+
+
+def submit(body) -> tuple[int, dict]:
+    """Check a steer request's JSON body and queue it for its running node: (HTTP status, JSON answer)
+    as the module docstring lists them."""
+    if not isinstance(body, dict):
+        return 400, {"error": 'the body must be a JSON object {"node": id, "text": str, "block": int (optional)}'}
+    node, text, block = body.get("node"), body.get("text"), body.get("block")
+    if not isinstance(text, str) or not text.strip():
+        return 400, {"error": "text must be a non-empty string (the prompt to switch to)"}
+    if block is not None and (type(block) is not int or block < 0):
+        return 400, {"error": f"block must be an int >= 0 (the block to switch at) or left out (the next block), "
+                              f"got {block!r}"}
+    with _lock:
+        entry = _running.get(str(node))
+    if entry is None:
+        return 409, {"error": f"node {node} is not running"}
+    if entry.clip is None:
+        return 400, {"error": NO_CLIP}
+    if block is not None and block >= entry.blocks:
+        return 400, {"error": f"block {block} is beyond the video (blocks 0..{entry.blocks - 1})"}
+    entry.requests.put((text, block))
+    return 200, {"queued": True}
+
+
+async def handle(request):
+    """The aiohttp handler of ``POST /block_cascade/steer`` (see :func:`submit`)."""
+    from aiohttp import web
+
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    status, answer = submit(body)
+    return web.json_response(answer, status=status)
+
+
+def register_route() -> bool:
+    """Add ``POST /block_cascade/steer`` to ComfyUI's running server, once. Returns whether a server
+    takes it now (False outside ComfyUI)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return False
+    routes = getattr(getattr(PromptServer, "instance", None), "routes", None)
+    if routes is None:
+        return False
+    if not any(getattr(r, "path", None) == ROUTE and getattr(r, "method", None) == "POST" for r in routes):
+        routes.post(ROUTE)(handle)
+    return True
+
+
+register_route()

@@ -1,0 +1,175 @@
+"""Steering the sampler node while it runs: POST /block_cascade/steer, the registry of running samplers,
+the clip input and the block_cascade.switch event (stand-in comfy modules, tiny model, CPU).
+
+What this proves: a text sent while the sampler runs is encoded by the graph's CLIP and switches at
+the block the switch event reports, giving exactly the engine's run with that switch scheduled there;
+the route answers 200/400/409 as documented (handler called with a stand-in request, aiohttp stood in);
+the route is added to the server once; a sampler is registered only while it runs (also after an error
+or a Cancel); a text the CLIP cannot encode is dropped and the run goes on; steering is refused
+before any engine work where the engine cannot take it.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import types
+
+import pytest
+import torch
+
+from cascade_core.latents import normalized_to_raw
+from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
+from test_nodes import (PKG, W, H, Recorder, config, fast_state_events, mm, model, no_engine,  # noqa: F401
+                        prompts, run, stream_mod, values_mod)
+
+steer_mod = sys.modules[f"{PKG}.nodes.steer"]
+
+
+class FakeClip:
+    """A core CLIP as far as the sampler uses it: texts -> CONDITIONING [[embeds [1, L, D], {}]] from a
+    table; an unknown text raises as a broken encoder would. Counts the encodings."""
+
+    def __init__(self, table: dict):
+        self.table, self.encoded = table, []
+
+    def tokenize(self, text):
+        return {"text": text}
+
+    def encode_from_tokens_scheduled(self, tokens):
+        text = tokens["text"]
+        self.encoded.append(text)
+        if text not in self.table:
+            raise RuntimeError(f"no tokens for {text!r}")
+        return [[self.table[text][None], {"pooled_output": None}]]
+
+
+def sender_at(tick: int, body: dict, answers: list):
+    """A Recorder hook that POSTs ``body`` (through the route's checks) after ``tick``'s state event."""
+    def on_event(event, data):
+        if event == "block_cascade.state" and data["tick"] == tick:
+            answers.append(steer_mod.submit(body))
+    return on_event
+
+
+def test_a_text_sent_while_the_sampler_runs_switches_at_the_reported_block(model, prompts):
+    e0, e1 = prompts[0][0][0][0], prompts[1][0][0][0]
+    clip, answers, blocks = FakeClip({"a cat": e1}), [], 4
+    settings = config(parallel=2, attention="causal")
+    with Recorder(sender_at(1, {"node": "12", "text": "a cat"}, answers)) as rec:
+        latent, _ = run("BlockCascadeSampler", unique_id="12", model=model, config=settings, width=W, height=H,
+                        blocks=blocks, seed=4, positive=prompts[0], clip=clip)
+    assert answers == [(200, {"queued": True})] and clip.encoded == ["a cat"]
+    [(_, ev)] = rec.events("switch")
+    (_, start), = rec.events("start")
+    assert ev == {"node": "12", "run": start["run"], "block": ev["block"], "text": "a cat"} and ev["block"] > 0
+    ref = generate(model.model, PromptSchedule([(0, e0), (ev["block"], e1)]), settings.cascade, blocks=blocks,
+                   width=W, height=H, seed=4)
+    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    assert steer_mod.submit({"node": "12", "text": "a cat"}) == (409, {"error": "node 12 is not running"})
+
+
+def test_texts_are_encoded_once_and_one_that_cannot_be_encoded_is_dropped(prompts):
+    e1 = prompts[1][0][0][0]
+    clip, sent = FakeClip({"a cat": e1}), []
+    live = steer_mod.Running("5", 3, clip, e1.shape[-1], lambda block, text, dropped: sent.append((text, dropped)))
+    for text, block in (("a cat", None), ("a cat", 2), ("a dog", None)):
+        live.requests.put((text, block))
+    items = live.steer()
+    assert [(b, torch.equal(e, e1)) for b, e in items] == [(None, True), (2, True)]
+    assert clip.encoded == ["a cat", "a dog"]  # "a cat" once
+    assert len(sent) == 1 and sent[0][0] == "a dog" and "could not encode it: no tokens for 'a dog'" in sent[0][1]
+    assert live.steer() == []
+
+
+def test_the_route_answers_as_documented(monkeypatch):
+    web = types.SimpleNamespace(json_response=lambda data, status=200: (status, data))
+    monkeypatch.setitem(sys.modules, "aiohttp", types.SimpleNamespace(web=web))
+
+    class Request:
+        def __init__(self, body):
+            self.body = body
+
+        async def json(self):
+            if isinstance(self.body, Exception):
+                raise self.body
+            return self.body
+
+    post = lambda body: asyncio.run(steer_mod.handle(Request(body)))  # noqa: E731
+    assert post({"node": 99, "text": "a cat"}) == (409, {"error": "node 99 is not running"})
+    blind = steer_mod.Running("98", 3, None, 32)
+    steer_mod.register(blind)
+    live = steer_mod.Running("99", 3, FakeClip({}), 32)
+    steer_mod.register(live)
+    try:
+        assert post({"node": 98, "text": "a cat"}) == (400, {"error": steer_mod.NO_CLIP})
+        for body, text in (({"node": 99, "text": "  "}, "text must be a non-empty string"),
+                           ({"node": 99}, "text must be a non-empty string"),
+                           ({"node": 99, "text": "a", "block": "2"}, "block must be an int >= 0"),
+                           ({"node": 99, "text": "a", "block": True}, "block must be an int >= 0"),
+                           ({"node": 99, "text": "a", "block": -1}, "block must be an int >= 0"),
+                           ({"node": 99, "text": "a", "block": 3}, "block 3 is beyond the video (blocks 0..2)"),
+                           (ValueError("not JSON"), "the body must be a JSON object"),
+                           (["a"], "the body must be a JSON object")):
+            status, answer = post(body)
+            assert status == 400 and text in answer["error"] and "\n" not in answer["error"], body
+        assert post({"node": "99", "text": "a cat", "block": 2}) == (200, {"queued": True})
+        assert post({"node": 99, "text": "a dog"}) == (200, {"queued": True})
+        assert [live.requests.get_nowait() for _ in range(2)] == [("a cat", 2), ("a dog", None)]
+    finally:
+        steer_mod.unregister(blind)
+        steer_mod.unregister(live)
+    assert post({"node": 99, "text": "a cat"})[0] == 409
+
+
+def test_the_route_is_added_to_the_server_once(monkeypatch):
+    import server
+
+    class Routes(list):  # aiohttp's RouteTableDef, as far as it is used
+        def post(self, path):
+            def add(handler):
+                self.append(types.SimpleNamespace(method="POST", path=path, handler=handler))
+                return handler
+            return add
+
+    instance = types.SimpleNamespace(routes=Routes())
+    monkeypatch.setattr(server.PromptServer, "instance", instance)
+    assert steer_mod.register_route() and steer_mod.register_route()
+    assert [(r.method, r.path, r.handler) for r in instance.routes] == [("POST", "/block_cascade/steer",
+                                                                          steer_mod.handle)]
+    monkeypatch.setattr(server.PromptServer, "instance", None)
+    assert not steer_mod.register_route()
+
+
+@pytest.mark.parametrize("stop", ["error", "cancel"])
+def test_a_sampler_is_registered_only_while_it_runs(model, prompts, stop, monkeypatch):
+    answers = []
+    real_on_tick = stream_mod.Reporter.on_tick
+
+    def on_tick(reporter, ev):
+        real_on_tick(reporter, ev)
+        if ev.tick == 1:
+            answers.append(steer_mod.submit({"node": "12", "text": "a cat"}))
+            if stop == "cancel":
+                mm.interrupt_current_processing(True)  # what POST /interrupt does
+            else:
+                raise RuntimeError("the widget's events failed")
+
+    monkeypatch.setattr(stream_mod.Reporter, "on_tick", on_tick)
+    with Recorder(), pytest.raises((RuntimeError, mm.InterruptProcessingException)):
+        run("BlockCascadeSampler", unique_id="12", model=model, config=config(), width=W, height=H, blocks=3,
+            seed=1, positive=prompts[0])
+    assert answers == [(400, {"error": steer_mod.NO_CLIP})]  # registered while running, without a CLIP
+    assert steer_mod.submit({"node": "12", "text": "a cat"})[0] == 409
+
+
+def test_steering_is_refused_before_any_engine_work_where_it_cannot_run(model, prompts, no_engine):  # noqa: F811
+    clip = FakeClip({})
+    two = values_mod.Settings(cascade=CascadeConfig(frames_per_block=3), devices="cpu,cpu")
+    (recache,) = run("BlockCascadePromptSchedule", conditioning=prompts[0], start_block=0, switch_mode="recache")
+    for kw, text in ((dict(config=two, positive=prompts[0]), "runs on one device for now"),
+                     (dict(config=config(parallel=3), schedule=recache), "needs parallel 1"),
+                     (dict(config=config(), positive=prompts[0], clip=object()), "expected a core CLIP")):
+        kw = {"clip": clip, **kw}
+        with Recorder(), pytest.raises(ValueError, match=text) as err:
+            run("BlockCascadeSampler", model=model, width=W, height=H, blocks=3, seed=0, **kw)
+        assert str(err.value).startswith("clip: ") and "\n" not in str(err.value)
