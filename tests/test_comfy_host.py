@@ -429,6 +429,14 @@ def test_the_context_workflows_run_to_success(host, name, leads):
     assert any(isinstance(v, list) and v for out in saved.values() for v in out.values())
 
 
+def test_the_steer_route_answers_on_the_real_server(host):
+    """The pack's POST /block_cascade/steer is served by ComfyUI's own aiohttp app (added at import)."""
+    assert host.post("/block_cascade/steer", {"node": "4242", "text": "a fox"}) == \
+        (409, {"error": "node 4242 is not running"})
+    status, answer = host.post("/block_cascade/steer", {"node": "4242", "text": " "})
+    assert status == 400 and "text must be a non-empty string" in answer["error"]
+
+
 def test_interrupt_stops_the_run_and_the_next_run_works(host):
     sent = {}
 
