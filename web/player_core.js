@@ -7,16 +7,22 @@
 //   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
 //     (block -1: the frames of a context before block 0, a start image or the video continued)
 //   block_cascade.done   {node, run, seconds, frames, blocks, error?}
+//   block_cascade.switch {node, run, block, text, dropped?}: a steered prompt landed at `block` (block
+//     null and `dropped` saying why when it could not land)
 // A Hub keeps one Stream per sampler node id; a Stream holds one run's frames, stats, cascade state
 // and the playback clock (frames are shown at the video's fps, never faster). The Hub also follows
 // ComfyUI's own execution events (Hub.comfy) to say what a sampler waits for, or that its outputs
 // came from the cache.
 
 export const EVENT_PREFIX = "block_cascade.";
-export const EVENTS = ["start", "state", "frames", "done"].map((k) => EVENT_PREFIX + k);
+export const EVENTS = ["start", "state", "frames", "done", "switch"].map((k) => EVENT_PREFIX + k);
 /** ComfyUI's own websocket events that Hub.comfy follows. */
 export const COMFY_EVENTS = ["execution_start", "executing", "execution_cached", "execution_success",
   "execution_error", "execution_interrupted"];
+
+/** The most steered-prompt switches a Stream keeps (the latest ones), and the most describe() lists. */
+export const SWITCHES_KEPT = 100;
+export const SWITCHES_SHOWN = 4;
 
 const num = (v, fallback) => (Number.isFinite(Number(v)) && Number(v) > 0 ? Number(v) : fallback);
 
@@ -38,6 +44,8 @@ export class Stream {
     this.elapsed = 0; // seconds since run start, latest the backend told us
     this.firstFrameAt = null; // seconds from run start to the first frames message
     this.state = null; // {tick, ticks, pairs, doneBlocks}
+    this.switches = []; // steered prompts of this run, oldest first: [{block (null: dropped), text, dropped}]
+    this.switchCount = 0; // switches told so far (the list keeps the last SWITCHES_KEPT)
     this.status = "running"; // running | done | error
     this.joined = false; // picked up mid-run (page reloaded): frames before the join are missing
     this.cached = false; // ComfyUI answered a later prompt from the cache: these are that run's frames
@@ -90,6 +98,15 @@ export class Stream {
       if (!d.error) Object.assign(this.state, { tick: this.state.ticks, doneBlocks: this.blocks });
       else if (Number.isFinite(Number(d.blocks))) this.state.doneBlocks = Number(d.blocks); // = frames shown
     }
+    this.version++;
+  }
+
+  /** A steered prompt landed at `d.block`, or (`d.dropped`: why) could not land. */
+  onSwitch(d) {
+    const block = Number.isInteger(d.block) && !d.dropped ? d.block : null;
+    this.switches.push({ block, text: String(d.text ?? ""), dropped: d.dropped ? String(d.dropped) : "" });
+    if (this.switches.length > SWITCHES_KEPT) this.switches.splice(0, this.switches.length - SWITCHES_KEPT);
+    this.switchCount++;
     this.version++;
   }
 
@@ -268,6 +285,7 @@ export class Hub {
     if (kind === "state") s.onState(detail);
     else if (kind === "frames") s.onFrames(detail);
     else if (kind === "done") s.onDone(detail);
+    else if (kind === "switch") s.onSwitch(detail);
     else return null;
     return s;
   }
@@ -281,9 +299,27 @@ function noteText(note) {
   return "From the cache: ComfyUI reused an earlier run's outputs (same inputs) and this page has not seen its frames; change the seed or an input to stream again.";
 }
 
-/** Short status lines for a Stream (or null) and the node's note (Hub.note), shared by the widget and the test harness. */
+/**
+ * The last SWITCHES_SHOWN switches of a Stream as lines [{text, dropped}], oldest first: "block 4: a red
+ * fox" for a landed one, "not used: a red fox (why)" with dropped true for one that could not land, led
+ * by "… N earlier switches" when there were more.
+ */
+function switchLines(s) {
+  const lines = s.switches.slice(-SWITCHES_SHOWN).map((w) => (w.dropped
+    ? { text: `not used: ${w.text} (${w.dropped})`, dropped: true }
+    : { text: `block ${w.block}: ${w.text}`, dropped: false }));
+  const earlier = s.switchCount - lines.length;
+  if (earlier > 0) lines.unshift({ text: `… ${earlier} earlier switch${earlier === 1 ? "" : "es"}`, dropped: false });
+  return lines;
+}
+
+/**
+ * Short status lines for a Stream (or null) and the node's note (Hub.note), shared by the widget and the
+ * test harness: {status, stats, cascade, settings} strings and `switches` (the steered prompts, see
+ * switchLines).
+ */
 export function describe(s, note = null) {
-  if (!s) return { status: noteText(note) || "No stream yet: queue the workflow to watch frames arrive here.", stats: "", cascade: "", settings: "" };
+  if (!s) return { status: noteText(note) || "No stream yet: queue the workflow to watch frames arrive here.", stats: "", cascade: "", settings: "", switches: [] };
   const f1 = (x) => x.toFixed(1);
   let status;
   if (s.status === "error") status = `Error: ${s.error}`;
@@ -303,5 +339,5 @@ export function describe(s, note = null) {
   if (s.state) {
     cascade = `tick ${s.state.tick}/${s.state.ticks} · blocks done ${s.state.doneBlocks}/${s.blocks}`;
   }
-  return { status, stats, cascade, settings: s.settings };
+  return { status, stats, cascade, settings: s.settings, switches: switchLines(s) };
 }

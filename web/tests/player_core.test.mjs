@@ -1,7 +1,7 @@
 // node --test web/tests/
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { EVENTS, Hub, Stream, describe } from "../player_core.js";
+import { EVENTS, Hub, SWITCHES_KEPT, SWITCHES_SHOWN, Stream, describe } from "../player_core.js";
 
 const START = { node: "7", run: "r1", blocks: 3, frames_total: 12, fps: 16, width: 64, height: 40, stages: 5, parallel: 2 };
 const frames = (node, run, first, n, elapsed = 1) =>
@@ -14,7 +14,8 @@ function started(accept) {
 }
 
 test("event names", () => {
-  assert.deepEqual(EVENTS, ["block_cascade.start", "block_cascade.state", "block_cascade.frames", "block_cascade.done"]);
+  assert.deepEqual(EVENTS, ["block_cascade.start", "block_cascade.state", "block_cascade.frames", "block_cascade.done",
+    "block_cascade.switch"]);
 });
 
 test("start creates a stream per node with its metadata", () => {
@@ -232,4 +233,38 @@ test("the run's effective settings are shown as the backend names them", () => {
   hub.handle("block_cascade.start", { ...START, run: "r2", settings: 42 });
   assert.equal(describe(hub.get("7")).settings, "", "a non-string is not shown");
   assert.equal(describe(null).settings, "");
+});
+
+test("steered switches: kept per run, dropped ones with their reason, other runs and nodes ignored", () => {
+  const [hub, s] = started((id) => id === "7");
+  const v = s.version;
+  assert.equal(hub.handle("block_cascade.switch", { node: "7", run: "r1", block: 4, text: "a red fox" }), s);
+  assert.ok(s.version > v, "the view re-renders");
+  hub.handle("block_cascade.switch", { node: "7", run: "r1", block: null, text: "snow", dropped: "no block left" });
+  assert.equal(hub.handle("block_cascade.switch", { node: "7", run: "old", block: 1, text: "stale" }), null);
+  assert.equal(hub.handle("block_cascade.switch", { node: "99", run: "r1", block: 1, text: "foreign" }), null);
+  assert.deepEqual(s.switches, [{ block: 4, text: "a red fox", dropped: "" }, { block: null, text: "snow", dropped: "no block left" }]);
+  assert.deepEqual(describe(s).switches, [
+    { text: "block 4: a red fox", dropped: false },
+    { text: "not used: snow (no block left)", dropped: true },
+  ]);
+  assert.deepEqual(describe(null).switches, []);
+  // switches survive the run's end; a new run starts with none
+  hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 1, frames: 0 });
+  assert.equal(hub.get("7").switches.length, 2);
+  hub.handle("block_cascade.start", { ...START, run: "r2" });
+  assert.deepEqual(hub.get("7").switches, []);
+  assert.deepEqual(describe(hub.get("7")).switches, []);
+});
+
+test("the switch list stays bounded and the view lists the latest few", () => {
+  const [hub, s] = started();
+  const n = SWITCHES_KEPT + 7;
+  for (let k = 0; k < n; k++) hub.handle("block_cascade.switch", { node: "7", run: "r1", block: k, text: `p${k}` });
+  assert.equal(s.switches.length, SWITCHES_KEPT);
+  assert.deepEqual(s.switches[0], { block: 7, text: "p7", dropped: "" }, "the oldest ones go first");
+  assert.deepEqual(s.switches.at(-1), { block: n - 1, text: `p${n - 1}`, dropped: "" });
+  const lines = describe(s).switches.map((l) => l.text);
+  const last = Array.from({ length: SWITCHES_SHOWN }, (_, i) => `block ${n - SWITCHES_SHOWN + i}: p${n - SWITCHES_SHOWN + i}`);
+  assert.deepEqual(lines, [`… ${n - SWITCHES_SHOWN} earlier switches`, ...last]);
 });
