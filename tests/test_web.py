@@ -67,15 +67,15 @@ class _Handler(SimpleHTTPRequestHandler):
         self.box["event"].set()
 
 
-def run_harness(chromium, query="", extra_flags=()):
-    """Open the harness (`query`: e.g. "?until=400"); returns (posted result, dumped DOM)."""
+def run_harness(chromium, query="", extra_flags=(), page="harness.html"):
+    """Open a page of tests/web_fixtures (`query`: e.g. "?until=400"); returns (posted result, dumped DOM)."""
     box = {"event": threading.Event(), "result": None}
     handler = functools.partial(_Handler, box=box, directory=ROOT)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/tests/web_fixtures/harness.html{query}"
+    url = f"http://127.0.0.1:{server.server_address[1]}/tests/web_fixtures/{page}{query}"
     try:
         with tempfile.TemporaryDirectory() as profile:
             proc = subprocess.run([chromium, *CHROME_FLAGS, *extra_flags, f"--user-data-dir={profile}", "--dump-dom", url],
@@ -119,3 +119,23 @@ def test_player_draws_streamed_frames_in_chromium():
     assert res["status"].startswith("Done"), res["status"]
     assert f"{n}/{n} frames" in res["stats"]
     assert '"draws"' in dom  # the page's own copy of the result is in the dumped DOM as well
+
+
+def test_steer_box_in_chromium():
+    """While the run goes on the box is shown; Enter POSTs {node, text} as JSON, a queued text clears the
+    box, a refusal shows the server's error; the switches are listed (a dropped one greyed, with its
+    reason); the box goes when the run is done."""
+    chromium = find_chromium()
+    if not chromium:
+        pytest.skip("no chromium binary")
+    res, _ = run_harness(chromium, page="steer.html")
+    assert "error" not in res, res["error"]
+    assert res["beforeRun"] is False and res["running"] is True and res["afterDone"] is False
+    assert res["placeholder"] == "steer: type a prompt, Enter"
+    assert res["requests"] == [
+        {"path": "/block_cascade/steer", "method": "POST", "type": "application/json", "body": {"node": "7", "text": t}}
+        for t in ("a red fox", "snow")]
+    assert res["queued"] == {"value": "", "error": ""}
+    assert res["refused"] == {"value": "snow", "error": "node 7 is not running"}
+    assert [w["text"] for w in res["switches"]] == ["block 2: a red fox", "not used: snow (no block left)"]
+    assert res["switches"][0]["color"] != res["switches"][1]["color"], "the dropped one is greyed"

@@ -31,7 +31,10 @@ function ensureLoop() {
 }
 
 function attachPlayer(node) {
-  const view = createPlayerView(document, () => hub.get(node.id), { getNote: () => hub.note(node.id) });
+  const view = createPlayerView(document, () => hub.get(node.id), {
+    getNote: () => hub.note(node.id),
+    post: (path, init) => api.fetchApi(path, init), // steered prompts, through ComfyUI's server
+  });
   views.add(view);
   ensureLoop();
   const widget = node.addDOMWidget("block_cascade_player", "block_cascade_player", view.element, {

@@ -1,5 +1,6 @@
-// Block Cascade player: the DOM part (canvas, stats, cascade grid, controls). No ComfyUI imports:
-// the node widget (block_cascade.js) and the test harness (tests/web_fixtures) both build it from here.
+// Block Cascade player: the DOM part (canvas, stats, cascade grid, controls, the steer box and the
+// steered switches). No ComfyUI imports: the node widget (block_cascade.js) and the test harness
+// (tests/web_fixtures) both build it from here.
 import { describe } from "./player_core.js";
 
 const CSS = `
@@ -15,7 +16,44 @@ const CSS = `
 .bc-player .bc-cell.clean { background: #8cf; }
 .bc-player .bc-controls { display: flex; gap: 6px; align-items: center; }
 .bc-player .bc-controls input { flex: 1; }
+.bc-player .bc-switches div, .bc-player .bc-steer-error { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.bc-player .bc-switches .dropped { color: #777; }
+.bc-player .bc-steer input { width: 100%; box-sizing: border-box; }
+.bc-player .bc-steer-error { color: #e88; }
 `;
+
+/** The server route that takes steered prompts (nodes/steer.py). */
+export const STEER_ROUTE = "/block_cascade/steer";
+
+const firstLine = (x) => String(x).split("\n")[0];
+
+/**
+ * Send `text` to the running sampler `node` through `post(path, init)`, a fetch-like function (resolves
+ * to a Response: `status`, `json()`): POST STEER_ROUTE with the JSON body {node, text}. Resolves to null
+ * when nothing was sent (a blank text), "" when the server queued it (200), else one line saying why not
+ * (the server's "error", or the HTTP status, or the failed request). Never rejects.
+ */
+export async function steer(post, node, text) {
+  if (typeof text !== "string" || !text.trim()) return null;
+  let res;
+  try {
+    res = await post(STEER_ROUTE, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ node: String(node), text }),
+    });
+  } catch (e) {
+    return `not sent: ${firstLine((e && e.message) || e)}`;
+  }
+  if (res.status === 200) return "";
+  let answer = null;
+  try {
+    answer = await res.json();
+  } catch {
+    // not JSON (an older server without the route): the status says enough
+  }
+  return answer && typeof answer.error === "string" ? firstLine(answer.error) : `refused: HTTP ${res.status}`;
+}
 
 /** Draw `img` into the canvas, letterboxed to keep its aspect ratio. */
 export function drawFit(ctx, img) {
@@ -40,8 +78,9 @@ function el(doc, tag, cls, parent) {
  * Build a player bound to `getStream()` (returns the node's current Stream or null) and `getNote()`
  * (the node's Hub.note: what it waits for, or null).
  * Call `update(nowMs)` every animation frame; `onDraw(index, shownAt)` is told each frame drawn.
+ * With `post` (fetch-like, see steer()) a running stream shows a text box: Enter steers it.
  */
-export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, getNote = () => null } = {}) {
+export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, getNote = () => null, post = null } = {}) {
   if (!doc.getElementById("bc-player-style")) {
     const style = el(doc, "style", null, doc.head);
     style.id = "bc-player-style";
@@ -63,11 +102,29 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
   const position = el(doc, "span", null, controls);
   slider.type = "range";
   slider.min = "0";
-  // keep canvas clicks from dragging the node
+  const switchList = el(doc, "div", "bc-switches", root);
+  const steerBox = el(doc, "div", "bc-steer", root);
+  const steerInput = el(doc, "input", null, steerBox);
+  const steerError = el(doc, "div", "bc-steer-error", steerBox);
+  steerInput.type = "text";
+  steerInput.placeholder = "steer: type a prompt, Enter";
+  // keep canvas clicks from dragging the node, and typing from reaching the graph's shortcuts
   for (const e of ["pointerdown", "mousedown", "wheel"]) controls.addEventListener(e, (ev) => ev.stopPropagation());
+  for (const e of ["pointerdown", "mousedown", "wheel", "keydown", "keyup"]) steerBox.addEventListener(e, (ev) => ev.stopPropagation());
 
-  let stream = null, version = -1, noted = null, drawn = -1, images = new Map();
+  let stream = null, version = -1, noted = null, drawn = -1, images = new Map(), sending = false;
   button.onclick = () => stream && stream.toggle();
+  steerInput.addEventListener("keydown", (ev) => {
+    if (ev.key !== "Enter" || sending || !stream || !post) return;
+    const s = stream, text = steerInput.value;
+    sending = true;
+    steer(post, s.node, text).then((error) => {
+      sending = false;
+      if (stream !== s || error === null) return; // another run by now, or nothing sent
+      if (error === "" && steerInput.value === text) steerInput.value = "";
+      steerError.textContent = error;
+    });
+  });
   slider.oninput = () => {
     if (!stream) return;
     stream.pause();
@@ -112,6 +169,7 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
     }
     ctx.fillStyle = "#111";
     ctx.fillRect(0, 0, canvas.width, canvas.height);
+    steerError.textContent = "";
   }
 
   function renderGrid(s) {
@@ -145,6 +203,12 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
     cascadeLine.textContent = d.cascade;
     settingsLine.textContent = d.settings;
     renderGrid(s);
+    switchList.replaceChildren();
+    for (const line of d.switches) {
+      const row = el(doc, "div", line.dropped ? "dropped" : null, switchList);
+      row.textContent = row.title = line.text;
+    }
+    steerBox.style.display = post && s && s.status === "running" ? "" : "none";
     const n = s ? s.frames.length : 0;
     controls.style.display = n ? "" : "none";
     button.textContent = s && s.playing ? "❚❚" : "▶";
