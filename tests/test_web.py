@@ -4,6 +4,7 @@ The browser test serves the repository on a loopback port, opens tests/web_fixtu
 (the same player_core.js / player_view.js the node widget uses, without ComfyUI), which replays the
 recorded events in tests/web_fixtures/events.json and posts back every frame it drew with the canvas
 pixel read right after drawing. Regenerate the fixture with tests/web_fixtures/make_events.py.
+tests/web_fixtures/steer.html drives the player's steer box the same way, with a fake `post`.
 """
 import functools
 import json
