@@ -40,12 +40,12 @@ function attachPlayer(node) {
   const widget = node.addDOMWidget("block_cascade_player", "block_cascade_player", view.element, {
     serialize: false,
     hideOnZoom: false,
-    getMinHeight: () => 220,
+    getMinHeight: () => 380, // the frames (at least 120 px), stats, cascade rows, controls, steer box
   });
   node.bcPlayerView = view;
   widget.onRemove = () => views.delete(view);
   const [w, h] = node.size;
-  node.setSize([Math.max(w, 360), Math.max(h, 420)]);
+  node.setSize([Math.max(w, 360), Math.max(h, 640)]);
 }
 
 app.registerExtension({

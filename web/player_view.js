@@ -5,7 +5,7 @@ import { describe } from "./player_core.js";
 
 const CSS = `
 .bc-player { display: flex; flex-direction: column; gap: 4px; font: 11px sans-serif; color: #ccc; width: 100%; height: 100%; box-sizing: border-box; }
-.bc-player canvas { width: 100%; flex: 1 1 auto; min-height: 0; object-fit: contain; background: #111; border-radius: 4px; }
+.bc-player canvas { width: 100%; flex: 1 1 auto; min-height: 120px; object-fit: contain; background: #111; border-radius: 4px; }
 .bc-player .bc-status { color: #eee; }
 .bc-player .bc-settings { color: #aaa; }
 .bc-player .bc-grid { display: flex; flex-direction: column; gap: 2px; }
