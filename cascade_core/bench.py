@@ -20,6 +20,7 @@ from .fp8 import quantize_layers
 from .frames import FrameStream, video_frames
 from .model import WanConfig, WanModel
 from .config import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule
+from .schedule import CascadeSchedule
 from .sampler import generate
 from .vae import WanVAEDecoder
 
@@ -99,12 +100,27 @@ def end_to_end(model, embeds, levels, a, device, size) -> None:
                  dit_seconds=round(res.seconds, 4))
 
 
-def switch_series(model, embeds, levels, a, device, size) -> None:
+def switch_configs(levels, a, steps):
+    """(parallel, switch mode, config) of each switching run: every level in mode none, and with
+    ``--switch-mode`` also recache where it is defined (P1; a row says why not elsewhere)."""
+    for p in levels:
+        for mode in a.switch_mode.split(","):
+            cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window, sink=a.sink,
+                                flashblock=a.flashblock.split(",")[-1], switch_mode=mode)
+            try:
+                cfg.validate()
+                cfg.check_run(1)
+            except ValueError as exc:
+                emit(figure="switch_skipped", parallel=p, switch_mode=mode, why=str(exc))
+                continue
+            yield p, mode, cfg
+
+
+def switch_series(model, embeds, levels, a, device, size, steps) -> None:
     """Per-tick wall times of runs whose prompt switches every ``a.switch_every`` blocks (new random
     prompts in every run), after one warm-up run: a stall at a switch (a recompilation, a re-cache)
     shows as a tick far above the median."""
-    for p in levels:
-        cfg = CascadeConfig(parallel=p, flashblock=a.flashblock.split(",")[-1])
+    for p, mode, cfg in switch_configs(levels, a, steps):
         for r in range(a.runs + 1):  # the first is the warm-up
             g = torch.Generator().manual_seed(2 + r)
             prompts = PromptSchedule([(b, torch.randn(embeds.shape, generator=g))
@@ -120,9 +136,52 @@ def switch_series(model, embeds, levels, a, device, size) -> None:
                             on_tick=on_tick)
             ticks = [round(t - s, 4) for s, t in zip([t0] + marks, marks)]
             median = sorted(ticks)[len(ticks) // 2]
-            emit(figure="switch_ticks", size=size, parallel=p, switch_every=a.switch_every, run=r - 1,
-                 switches=len(prompts.entries) - 1, seconds=round(res.seconds, 4), median_tick_s=median,
-                 max_over_median=round(max(ticks) / median, 2), tick_seconds=ticks)
+            emit(figure="switch_ticks", size=size, parallel=p, switch_mode=mode, window=a.window, sink=a.sink,
+                 switch_every=a.switch_every, run=r - 1, switches=len(prompts.entries) - 1, forwards=res.forwards,
+                 seconds=round(res.seconds, 4), median_tick_s=median, max_over_median=round(max(ticks) / median, 2),
+                 switch_ticks=entry_ticks(cfg, a.blocks, [s for s, _ in prompts.entries[1:]]),
+                 tick_seconds=ticks)
+
+
+def entry_ticks(cfg: CascadeConfig, blocks: int, starts: list[int]) -> list[int]:
+    """The ticks in which the blocks ``starts`` take their first step."""
+    plan = CascadeSchedule(blocks, len(cfg.steps), cfg.parallel, cfg.fold_clean)
+    return [plan.entry(b) for b in starts]
+
+
+def steer_latency(model, embeds, levels, a, device, size, steps) -> None:
+    """Seconds from a steered prompt switch (returned by ``steer`` before a tick) to the end of the first
+    block that takes it (its latents final: the first new frames, before decoding), for switches at
+    several ticks spread over the middle of the video, after one warm-up run per configuration."""
+    for p, mode, cfg in switch_configs(levels, a, steps):
+        ticks = len(CascadeSchedule(a.blocks, len(cfg.steps), cfg.parallel, cfg.fold_clean))
+        at_ticks = sorted({ticks // 4 + i * (ticks // 2) // max(a.steer_runs - 1, 1) for i in range(a.steer_runs)})
+        latencies = []
+        for r, at in enumerate([at_ticks[0]] + at_ticks):  # the first is the warm-up
+            polls, sent, landed, done = [0], [], [], {}
+            new = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(50 + r))
+
+            def steer(polls=polls, sent=sent, at=at, new=new):
+                polls[0] += 1
+                if polls[0] - 1 != at:
+                    return []
+                sync(device)
+                sent.append(time.perf_counter())
+                return [(None, new)]
+
+            def on_block(e, done=done):
+                sync(device)
+                done[e.block] = time.perf_counter()
+            runner(a)(model, PromptSchedule.single(embeds), cfg, blocks=a.blocks, width=a.width, height=a.height,
+                      seed=0, steer=steer, on_switch=landed.append, on_block=on_block)
+            if r and landed and landed[0].block is not None:
+                latencies.append(done[landed[0].block] - sent[0])
+                emit(figure="steer_latency", size=size, parallel=p, switch_mode=mode, steered_before_tick=at,
+                     landed_block=landed[0].block, seconds=round(latencies[-1], 4))
+        if latencies:
+            emit(figure="steer_latency_summary", size=size, parallel=p, switch_mode=mode, runs=len(latencies),
+                 min_s=round(min(latencies), 4), median_s=round(sorted(latencies)[len(latencies) // 2], 4),
+                 max_s=round(max(latencies), 4))
 
 
 def lse_backends(device, repeats: int = 20) -> None:
@@ -176,6 +235,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="also time the streaming VAE alone and end to end (frames out, decode overlapped)")
     ap.add_argument("--switch-every", type=int, default=0, metavar="N",
                     help="also time every tick of runs whose prompt switches every N blocks")
+    ap.add_argument("--switch-mode", default="none", help="switch modes of --switch-every and --steer-runs runs: "
+                                                          "none, recache or none,recache (recache at P1 only)")
+    ap.add_argument("--steer-runs", type=int, default=0, metavar="N",
+                    help="also measure N steered switches per level and mode: seconds from the switch to the end of "
+                         "the first block that takes it")
     ap.add_argument("--lse", action="store_true",
                     help="also time attention with log-sum-exp per backend and flex_attention (GPU)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one run of the first level")
@@ -229,7 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.lse and device.type == "cuda":
         lse_backends(device)
     if a.switch_every:
-        switch_series(model, embeds, levels, a, device, size)
+        switch_series(model, embeds, levels, a, device, size, steps)
+    if a.steer_runs:
+        steer_latency(model, embeds, levels, a, device, size, steps)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
         attention.set_backend(a.backend.split(",")[0])

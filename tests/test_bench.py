@@ -1,0 +1,27 @@
+"""The speed tool's switching figures on the CPU (tiny shapes): what each row reports, not its timing."""
+import json
+
+from cascade_core import bench
+
+
+def rows(capsys, *args):
+    bench.main(["--size", "tiny", "--width", "64", "--height", "32", "--blocks", "5", "--runs", "1", *args])
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_switch_ticks_and_steered_latency_per_mode(capsys, one_thread):
+    out = rows(capsys, "--parallel", "1,5", "--switch-every", "2", "--switch-mode", "none,recache",
+               "--steer-runs", "2", "--window", "9", "--sink", "3")
+    ticks = {(r["parallel"], r["switch_mode"]): r for r in out if r["figure"] == "switch_ticks" and r["run"] == 0}
+    assert set(ticks) == {(1, "none"), (1, "recache"), (5, "none")}
+    assert ticks[1, "recache"]["forwards"] == ticks[1, "none"]["forwards"] + 2  # switches at blocks 2 and 4
+    assert ticks[1, "none"]["switch_ticks"] == [2 * 5, 4 * 5] and ticks[5, "none"]["switch_ticks"] == [2, 4]
+    skipped = [r for r in out if r["figure"] == "switch_skipped"]  # once for the ticks, once for the latency
+    assert len(skipped) == 2 and all((r["parallel"], r["switch_mode"]) == (5, "recache") and "needs parallel 1"
+                                     in r["why"] for r in skipped)
+    steered = [r for r in out if r["figure"] == "steer_latency"]
+    assert {(r["parallel"], r["switch_mode"]) for r in steered} == set(ticks)
+    for r in steered:  # it lands at the next block to enter: at P1 every 5 ticks, at P5 every tick
+        assert r["landed_block"] == (-(-r["steered_before_tick"] // 5) if r["parallel"] == 1
+                                     else r["steered_before_tick"]) and r["seconds"] > 0
+    assert len([r for r in out if r["figure"] == "steer_latency_summary"]) == 3
