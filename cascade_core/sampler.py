@@ -212,12 +212,17 @@ def _recache(model: WanModel, pool: KVPool, out: torch.Tensor, end: int, prompt,
     """LongLive's KV re-cache at a prompt switch: the committed frames before frame ``end`` that the
     new block will see (a context prefix's frames among them), run once more at ``context_noise``
     under the new prompt (one forward over them together, their own clean latents from ``out``), so
-    their K/V carry it. Returns the forwards run (0 when nothing is committed yet)."""
+    their K/V carry it. Returns the forwards run (0 when nothing is committed yet).
+
+    The forward runs eagerly even where the model's layers are compiled: its frame counts (the window's
+    committed frames) occur only at switches, and compiling each new one stalled the stream about 10 s
+    at 1.3B on an H200 (BENCHMARKS.md)."""
     found = pool.recache_attention(end)
     if found is None:
         return 0
     lo, context = found
-    return _clean_forward(model, pool, out, lo, end, prompt, context_noise, context)
+    with torch.compiler.set_stance("force_eager"):
+        return _clean_forward(model, pool, out, lo, end, prompt, context_noise, context)
 
 
 def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int,

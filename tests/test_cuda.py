@@ -126,6 +126,31 @@ def test_prompt_switches_recompile_nothing_with_inductor():
     assert after.get("unique_graphs", 0) == before.get("unique_graphs", 0), (before, after)
 
 
+def test_recache_switches_recompile_nothing_with_inductor():
+    """LongLive's re-cache forward (6, then 9 frames: shapes no block has) runs eagerly in compiled
+    runs: after a warm-up without switches, a run with three re-cache switches compiles no new graph."""
+    from torch._dynamo.utils import counters
+
+    model = WanModel.random(SMALL, seed=0, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    a, b, c, d = (torch.randn(10 + 7 * i, 64, generator=g) for i in range(4))
+    cfg = CascadeConfig(window=12, sink=3, switch_mode="recache")
+    run = dict(blocks=8, width=128, height=64, seed=1)
+    torch._dynamo.reset()
+    model.compile_layers()
+    try:
+        plain = generate(model, PromptSchedule.single(a), cfg, **run)
+        before = dict(counters["stats"])
+        switched = generate(model, PromptSchedule([(0, b), (2, c), (4, d), (6, a)]), cfg, **run)
+        after = dict(counters["stats"])
+    finally:
+        model.compile_layers(False)
+        torch._dynamo.reset()
+    assert switched.forwards == plain.forwards + 3
+    assert before.get("unique_graphs", 0) > 0
+    assert after.get("unique_graphs", 0) == before.get("unique_graphs", 0), (before, after)
+
+
 def _tiny_vae_on_cuda():
     from cascade_core.vae import WanVAEDecoder
 
