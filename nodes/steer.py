@@ -24,7 +24,7 @@ import queue
 import threading
 from typing import Callable
 
-from . import checks
+from . import checks, routes
 
 log = logging.getLogger("block_cascade")
 
@@ -153,16 +153,6 @@ async def handle(request):
 def register_route() -> bool:
     """Add ``POST /block_cascade/steer`` to ComfyUI's running server, once. Returns whether a server
     takes it now (False outside ComfyUI)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return False
-    routes = getattr(getattr(PromptServer, "instance", None), "routes", None)
-    if routes is None:
-        return False
-    if not any(getattr(r, "path", None) == ROUTE and getattr(r, "method", None) == "POST" for r in routes):
-        routes.post(ROUTE)(handle)
-    return True
-
+    return routes.add_route("POST", ROUTE, handle)
 
 register_route()
