@@ -14,7 +14,8 @@ context (a start image, a video continued) sends that context's frames first, as
 rate-limited (at most one per STATE_INTERVAL seconds, the last tick always); frames go once per block.
 Frames come from cascade_core.frames.FrameStream (in block order, decoded on the VAE's own CUDA
 stream when there is a VAE, the latent-RGB preview otherwise); the JPEG encoding and the frames
-events run on its writer thread, never on the sampler's loop.
+events run on its writer thread, never on the sampler's loop. The same JPEG bytes go to the run's MJPEG
+feed (GET /block_cascade/stream/{node}.mjpeg, see :mod:`nodes.mjpeg`) while it runs (start to done).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 
 from cascade_core.frames import FrameStream, FramesEvent, video_frames
 from cascade_core.sampler import BlockEvent
+
+from . import mjpeg
 
 log = logging.getLogger("block_cascade")
 
@@ -59,14 +62,14 @@ def client_sender() -> Callable[[str, dict], None]:
     return lambda event, data: server.send_sync(event, data, sid)
 
 
-def encode_jpeg(frame: torch.Tensor, quality: int = JPEG_QUALITY) -> str:
-    """One frame [H, W, 3] in 0..1 -> base64 JPEG text."""
+def encode_jpeg(frame: torch.Tensor, quality: int = JPEG_QUALITY) -> bytes:
+    """One frame [H, W, 3] in 0..1 -> JPEG bytes."""
     from PIL import Image
 
     arr = (frame.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     buf = _io.BytesIO()
     Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=quality)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def resize_frames(frames: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -115,6 +118,7 @@ class Reporter:
         self.start_time = clock()
         self._last_state = None
         self.finished = False
+        self.feed = None  # the MJPEG feed of this run, from start() to done()
 
     def _emit(self, name: str, data: dict) -> None:
         try:
@@ -136,6 +140,7 @@ class Reporter:
 
     def start(self) -> None:
         self.start_time = self.clock()
+        self.feed = mjpeg.open_feed(self.node, FPS)
         self._emit("start", self.meta())
 
     def on_tick(self, ev) -> None:
@@ -178,8 +183,11 @@ class Reporter:
         self.frame_count += frames.shape[0]
         small = resize_frames(frames, self.preview_w, self.preview_h)
         self.frame_blocks += ev.block != CONTEXT_BLOCK
-        self._emit("frames", {**self.meta(), "block": int(ev.block),
-                              "first_frame": int(ev.first_frame), "frames": [encode_jpeg(f) for f in small],
+        jpegs = [encode_jpeg(f) for f in small]
+        if self.feed is not None:
+            self.feed.publish(jpegs)
+        self._emit("frames", {**self.meta(), "block": int(ev.block), "first_frame": int(ev.first_frame),
+                              "frames": [base64.b64encode(j).decode("ascii") for j in jpegs],
                               "elapsed": self.elapsed()})
 
     def switch(self, block: int | None, text: str, dropped: str = "") -> None:
@@ -196,6 +204,7 @@ class Reporter:
             return
         self.finished = True
         self.decoding.close()
+        mjpeg.close_feed(self.feed)
         data = {"node": self.node, "run": self.run, "seconds": self.elapsed(), "frames": self.frame_count,
                 "blocks": self.frame_blocks}
         if error is not None:
