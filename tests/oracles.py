@@ -1,7 +1,8 @@
 """Documented sampler rules re-implemented for the test oracles, apart from the engine's own code.
 
 Each function follows a docstring of :mod:`cascade_core.sampler` or :mod:`cascade_core.schedule`
-(quoted below), so an oracle built on them catches a change of the engine that breaks its promise.
+(quoted below), so an oracle built on them catches a change of the engine that breaks its promise;
+:func:`mjpeg_parts` reads the MJPEG stream as :mod:`nodes.mjpeg` documents it.
 """
 import torch
 
@@ -64,3 +65,21 @@ def rotate_frames(k, delta):
     re, im = x[..., 0], x[..., 1]
     turned = (re * angle.cos() - im * angle.sin(), re * angle.sin() + im * angle.cos())
     return torch.stack(turned, -1).flatten(-2).to(k.dtype)
+
+
+def mjpeg_parts(body: bytes, boundary: bytes = b"frame") -> tuple[list[bytes], bool]:
+    """``multipart/x-mixed-replace; boundary=frame`` bytes -> ([payload of each part], whether the closing
+    delimiter ended them), checking that each part is ``Content-Type: image/jpeg`` with a
+    ``Content-Length`` that is its payload's length (a body cut off mid-part raises AssertionError)."""
+    parts, rest = [], body
+    while rest.startswith(b"--" + boundary + b"\r\n"):
+        head, _, rest = rest[len(boundary) + 4:].partition(b"\r\n\r\n")
+        headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n"))
+        assert headers[b"Content-Type"] == b"image/jpeg"
+        n = int(headers[b"Content-Length"])
+        parts.append(rest[:n])
+        assert rest[n:n + 2] == b"\r\n"
+        rest = rest[n + 2:]
+    closed = rest == b"--" + boundary + b"--\r\n"
+    assert closed or rest == b"", rest[:40]
+    return parts, closed

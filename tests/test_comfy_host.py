@@ -14,6 +14,8 @@ embeddings), then checks over HTTP and the websocket:
   block_cascade.start/state/frames/done for both samplers and a progress bar per block;
 - the shipped family workflows and the context ones (image to video through core LoadImage of a small
   PNG put in the input folder; a video continued by a second sampler) run to execution_success;
+- GET /block_cascade/stream/{node}.mjpeg answers 404 for a node not running and streams a running
+  sampler's JPEGs (those of its frames events) until the run ends;
 - POST /interrupt mid-run ends it (execution_interrupted) and the next run succeeds.
 COMFYUI_PYTHON defaults to the interpreter running the tests; the host needs the pack's requirements.
 """
@@ -28,12 +30,15 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 
 import pytest
+
+from oracles import mjpeg_parts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -435,6 +440,40 @@ def test_the_steer_route_answers_on_the_real_server(host):
         (409, {"error": "node 4242 is not running"})
     status, answer = host.post("/block_cascade/steer", {"node": "4242", "text": " "})
     assert status == 400 and "text must be a non-empty string" in answer["error"]
+
+
+def test_the_mjpeg_stream_plays_a_running_sampler_on_the_real_server(host):
+    """The pack's GET /block_cascade/stream/{node}.mjpeg is served by ComfyUI's own aiohttp app: a node that
+    is not running gets a one-line 404; a client that connects when the sampler starts reads JPEG parts
+    until the run ends."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(host.url + "/block_cascade/stream/4242.mjpeg", timeout=30)
+    assert refused.value.code == 404 and refused.value.read() == b"node 4242 is not running"
+    got = {}
+
+    def read(response):
+        with response:
+            got["body"] = response.read()
+
+    def on_message(msg):  # urlopen returns once the stream's headers came: subscribed before block 0's frames
+        if msg["type"] == "block_cascade.start" and "reader" not in got:
+            response = urllib.request.urlopen(host.url + f"/block_cascade/stream/{msg['data']['node']}.mjpeg",
+                                              timeout=120)
+            got["type"] = response.headers["Content-Type"]
+            got["reader"] = threading.Thread(target=read, args=(response,))
+            got["reader"].start()
+
+    wf = workflow(seed=random.randrange(1 << 30), blocks=4)
+    for n in ("9", "10", "11", "12", "13", "14", "15", "16"):
+        del wf[n]
+    final, msgs, _ = host.run(wf, on_message=on_message)
+    assert final == "execution_success", host.log_text()[-3000:]
+    got["reader"].join(120)
+    assert got["type"] == "multipart/x-mixed-replace; boundary=frame"
+    parts, closed = mjpeg_parts(got["body"])
+    sent = [base64.b64decode(f) for d in events(msgs, "frames", "8") for f in d["frames"]]
+    assert closed and len(parts) >= 2 and parts == sent[len(sent) - len(parts):]
+    assert all(p[:2] == b"\xff\xd8" and p[-2:] == b"\xff\xd9" for p in parts)
 
 
 def test_interrupt_stops_the_run_and_the_next_run_works(host):

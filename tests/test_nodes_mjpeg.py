@@ -20,6 +20,7 @@ import torch
 
 from cascade_core.frames import LatentRGBDecoder
 from cascade_core.sampler import BlockEvent
+from oracles import mjpeg_parts
 from test_nodes import PKG, W, H, Recorder, config, model, prompts, run, stream_mod  # noqa: F401
 
 mjpeg_mod = sys.modules[f"{PKG}.nodes.mjpeg"]
@@ -62,23 +63,6 @@ def web(monkeypatch):
 
 def request(node: str):
     return types.SimpleNamespace(match_info={"node": node})
-
-
-def parse_parts(body: bytes, boundary: bytes = b"frame") -> tuple[list[bytes], bool]:
-    """Multipart bytes -> ([payload of each part], whether the closing delimiter ended them), checking
-    each part's headers and that its Content-Length is its payload's length."""
-    parts, rest = [], body
-    while rest.startswith(b"--" + boundary + b"\r\n"):
-        head, _, rest = rest[len(boundary) + 4:].partition(b"\r\n\r\n")
-        headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n"))
-        assert headers[b"Content-Type"] == b"image/jpeg"
-        n = int(headers[b"Content-Length"])
-        parts.append(rest[:n])
-        assert rest[n:n + 2] == b"\r\n"
-        rest = rest[n + 2:]
-    closed = rest == b"--" + boundary + b"--\r\n"
-    assert closed or rest == b"", rest[:40]
-    return parts, closed
 
 
 def test_a_feed_keeps_nothing_without_subscribers_and_a_slow_reader_keeps_the_newest_frames():
@@ -137,7 +121,7 @@ def test_the_stream_sends_the_widgets_jpegs_as_parts_at_the_fps_until_the_run_en
     response, widget = asyncio.run(main())
     assert response is web.made[0] and response.prepared and response.status == 200
     assert response.headers["Content-Type"] == "multipart/x-mixed-replace; boundary=frame"
-    parts, closed = parse_parts(b"".join(response.writes))
+    parts, closed = mjpeg_parts(b"".join(response.writes))
     assert closed and len(widget) == 21 and parts == [base64.b64decode(f) for f in widget]
     assert all(p[:2] == b"\xff\xd8" and p[-2:] == b"\xff\xd9" for p in parts)  # JPEG SOI ... EOI
     gaps = [b - a for a, b in zip(response.times, response.times[1:len(parts)])]
@@ -168,7 +152,7 @@ def test_a_client_that_goes_away_leaves_no_subscriber(web):
         return web.made[0]
 
     first = asyncio.run(main())
-    assert len(parse_parts(b"".join(first.writes))[0]) == 2
+    assert len(mjpeg_parts(b"".join(first.writes))[0]) == 2
 
 
 def test_a_node_that_is_not_running_gets_a_one_line_404(web):
