@@ -446,9 +446,10 @@ def test_the_mjpeg_stream_plays_a_running_sampler_on_the_real_server(host):
     """The pack's GET /block_cascade/stream/{node}.mjpeg is served by ComfyUI's own aiohttp app: a node that
     is not running gets a one-line 404; a client that connects when the sampler starts reads JPEG parts
     until the run ends."""
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(host.url + "/block_cascade/stream/4242.mjpeg", timeout=30)
-    assert refused.value.code == 404 and refused.value.read() == b"node 4242 is not running"
+    for prefix in ("", "/api"):  # the widget's link goes through ComfyUI's /api mirror of every route
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(host.url + prefix + "/block_cascade/stream/4242.mjpeg", timeout=30)
+        assert refused.value.code == 404 and refused.value.read() == b"node 4242 is not running"
     got = {}
 
     def read(response):

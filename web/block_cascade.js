@@ -34,6 +34,7 @@ function attachPlayer(node) {
   const view = createPlayerView(document, () => hub.get(node.id), {
     getNote: () => hub.note(node.id),
     post: (path, init) => api.fetchApi(path, init), // steered prompts, through ComfyUI's server
+    url: (path) => api.apiURL(path), // the MJPEG link
   });
   views.add(view);
   ensureLoop();

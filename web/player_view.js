@@ -8,6 +8,7 @@ const CSS = `
 .bc-player canvas { width: 100%; flex: 1 1 auto; min-height: 120px; object-fit: contain; background: #111; border-radius: 4px; }
 .bc-player .bc-status { color: #eee; }
 .bc-player .bc-settings { color: #aaa; }
+.bc-player .bc-mjpeg { color: #8cf; }
 .bc-player .bc-grid { display: flex; flex-direction: column; gap: 2px; }
 .bc-player .bc-row { display: flex; align-items: center; gap: 2px; }
 .bc-player .bc-row span { width: 3.5em; }
@@ -21,6 +22,11 @@ const CSS = `
 .bc-player .bc-steer input { width: 100%; box-sizing: border-box; }
 .bc-player .bc-steer-error { color: #e88; }
 `;
+
+/** The path of a running sampler's MJPEG stream (nodes/mjpeg.py), for players outside ComfyUI. */
+export function mjpegPath(node) {
+  return `/block_cascade/stream/${encodeURIComponent(String(node))}.mjpeg`;
+}
 
 /** The server route that takes steered prompts (nodes/steer.py). */
 export const STEER_ROUTE = "/block_cascade/steer";
@@ -79,8 +85,10 @@ function el(doc, tag, cls, parent) {
  * (the node's Hub.note: what it waits for, or null).
  * Call `update(nowMs)` every animation frame; `onDraw(index, shownAt)` is told each frame drawn.
  * With `post` (fetch-like, see steer()) a running stream shows a text box: Enter steers it.
+ * A running stream shows a link to its MJPEG stream at `url(mjpegPath(node))` (`url`: the server's URL of a path).
  */
-export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, getNote = () => null, post = null } = {}) {
+export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, getNote = () => null, post = null,
+                                                   url = (path) => path } = {}) {
   if (!doc.getElementById("bc-player-style")) {
     const style = el(doc, "style", null, doc.head);
     style.id = "bc-player-style";
@@ -95,6 +103,9 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
   const stats = el(doc, "div", "bc-stats", root);
   const cascadeLine = el(doc, "div", "bc-cascade", root);
   const settingsLine = el(doc, "div", "bc-settings", root);
+  const live = el(doc, "a", "bc-mjpeg", root);
+  live.target = "_blank";
+  live.textContent = "MJPEG stream (OBS, a browser)";
   const grid = el(doc, "div", "bc-grid", root);
   const controls = el(doc, "div", "bc-controls", root);
   const button = el(doc, "button", null, controls);
@@ -209,6 +220,8 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
       row.textContent = row.title = line.text;
     }
     steerBox.style.display = post && s && s.status === "running" ? "" : "none";
+    live.style.display = s && s.status === "running" ? "" : "none";
+    if (s) live.href = url(mjpegPath(s.node));
     const n = s ? s.frames.length : 0;
     controls.style.display = n ? "" : "none";
     button.textContent = s && s.playing ? "❚❚" : "▶";

@@ -1,7 +1,7 @@
 // node --test web/tests/: the steer request of player_view.js, with a fake fetch-like `post`
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { STEER_ROUTE, steer } from "../player_view.js";
+import { STEER_ROUTE, mjpegPath, steer } from "../player_view.js";
 
 /** A fake `post` answering `status` with `body` (an object sent as JSON, or a string that is not JSON). */
 function fake(status, body) {
@@ -43,4 +43,10 @@ test("refusals show the server's one-line error, else the HTTP status or why it 
     throw new TypeError("Failed to fetch");
   };
   assert.equal(await steer(down, "7", "x"), "not sent: Failed to fetch");
+});
+
+test("the MJPEG link points at the stream route of the node", () => {
+  assert.equal(mjpegPath("7"), "/block_cascade/stream/7.mjpeg");
+  assert.equal(mjpegPath(12), "/block_cascade/stream/12.mjpeg");
+  assert.equal(mjpegPath("5:3"), "/block_cascade/stream/5%3A3.mjpeg"); // a subgraph node id, kept in one path segment
 });
