@@ -29,6 +29,22 @@ def tiny_models():
     return mod
 
 
+def counted(model, run):
+    """(result of run(), forwards the model actually ran)."""
+    calls = {"n": 0}
+    real = model.forward
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    model.forward = counting
+    try:
+        return run(), calls["n"]
+    finally:
+        del model.forward
+
+
 @pytest.fixture(scope="module")
 def model():
     return WanModel.random(TINY, seed=0)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from cascade_core.kv_pool import KVPool, PoolLayout
 from cascade_core.model import WanConfig, WanModel
-from conftest import TINY
+from conftest import TINY, counted
 from oracles import noise_after_step, noise_levels, renoised, starting_noise, x0_from_velocity
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate, step_noise
 from cascade_core.schedule import CascadeSchedule, FlowSchedule
@@ -277,21 +277,10 @@ def test_bidirectional_tick_equals_masked_oracle(model, prompt):
 def test_prompt_switch_changes_nothing_before_its_block_and_adds_no_forward(model, prompt, parallel):
     other = torch.randn(9, TINY.text_dim, generator=torch.Generator().manual_seed(4))
     cfg = CascadeConfig(frames_per_block=2, parallel=parallel)
-    calls = {"n": 0}
-    real_forward = model.forward
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real_forward(*a, **k)
-
-    model.forward = counting
-    try:
-        one = generate(model, PromptSchedule.single(prompt), cfg, blocks=5, width=W, height=H, seed=2)
-        n_one, calls["n"] = calls["n"], 0
-        two = generate(model, PromptSchedule([(0, prompt), (3, other)]), cfg, blocks=5, width=W, height=H, seed=2)
-        n_two = calls["n"]
-    finally:
-        del model.forward
+    one, n_one = counted(model, lambda: generate(model, PromptSchedule.single(prompt), cfg, blocks=5, width=W,
+                                                 height=H, seed=2))
+    two, n_two = counted(model, lambda: generate(model, PromptSchedule([(0, prompt), (3, other)]), cfg, blocks=5,
+                                                 width=W, height=H, seed=2))
     assert n_one == n_two == one.forwards == two.forwards
     assert torch.equal(one.latents[:, :, :6], two.latents[:, :, :6])  # blocks 0..2
     assert not torch.equal(one.latents[:, :, 6:8], two.latents[:, :, 6:8])  # block 3 follows the new prompt

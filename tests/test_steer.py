@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cascade_core.sampler import CascadeConfig, Partition, PromptSchedule, SwitchEvent, generate
-from conftest import TINY
+from conftest import TINY, counted
 
 W, H = 64, 32
 BLOCKS = 5
@@ -27,22 +27,6 @@ class Steerer:
 
     def on_switch(self, ev: SwitchEvent) -> None:
         self.events.append(ev)
-
-
-def counted(model, run):
-    """(result of run(), forwards the model actually ran)."""
-    calls = {"n": 0}
-    real = model.forward
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    model.forward = counting
-    try:
-        return run(), calls["n"]
-    finally:
-        del model.forward
 
 
 def first_entry_at_or_after(cfg, tick: int) -> int:
