@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 
+import types
+
 import pytest
 import torch
 
@@ -808,3 +810,27 @@ def test_the_node_and_the_command_line_parse_device_lists_alike(spec, message, m
     assert cli_main(["generate", "--width", "64", "--height", "32", "--blocks", "1", "--quiet",
                      "--devices", spec]) == 2
     assert capsys.readouterr().err.strip().endswith(message)
+
+
+@pytest.fixture
+def server_routes(monkeypatch):
+    """A route table on the stand-in ComfyUI server (aiohttp's RouteTableDef, as far as the pack uses
+    it: ``get``/``post`` decorators); the routes added, as (method, path, handler)."""
+    import server
+
+    class Routes(list):
+        def _add(self, method, path):
+            def add(handler):
+                self.append(types.SimpleNamespace(method=method, path=path, handler=handler))
+                return handler
+            return add
+
+        def get(self, path):
+            return self._add("GET", path)
+
+        def post(self, path):
+            return self._add("POST", path)
+
+    routes = Routes()
+    monkeypatch.setattr(server.PromptServer, "instance", types.SimpleNamespace(routes=routes))
+    return routes

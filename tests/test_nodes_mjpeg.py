@@ -21,7 +21,7 @@ import torch
 from cascade_core.frames import LatentRGBDecoder
 from cascade_core.sampler import BlockEvent
 from oracles import mjpeg_parts
-from test_nodes import PKG, W, H, Recorder, config, model, prompts, run, stream_mod  # noqa: F401
+from test_nodes import PKG, W, H, Recorder, config, model, prompts, run, server_routes, stream_mod  # noqa: F401
 
 mjpeg_mod = sys.modules[f"{PKG}.nodes.mjpeg"]
 
@@ -167,20 +167,9 @@ def test_a_node_that_is_not_running_gets_a_one_line_404(web):
     assert asyncio.run(get("34")).status == 404 and not web.made
 
 
-def test_the_stream_route_is_added_to_the_server_once(monkeypatch):
-    import server
-
-    class Routes(list):  # aiohttp's RouteTableDef, as far as it is used
-        def get(self, path):
-            def add(handler):
-                self.append(types.SimpleNamespace(method="GET", path=path, handler=handler))
-                return handler
-            return add
-
-    instance = types.SimpleNamespace(routes=Routes())
-    monkeypatch.setattr(server.PromptServer, "instance", instance)
+def test_the_stream_route_is_added_to_the_server_once(server_routes):
     assert mjpeg_mod.register_route() and mjpeg_mod.register_route()
-    assert [(r.method, r.path, r.handler) for r in instance.routes] == \
+    assert [(r.method, r.path, r.handler) for r in server_routes] == \
         [("GET", "/block_cascade/stream/{node}.mjpeg", mjpeg_mod.handle)]
 
 

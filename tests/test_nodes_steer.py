@@ -20,7 +20,7 @@ import torch
 from cascade_core.latents import normalized_to_raw
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 from test_nodes import (PKG, W, H, Recorder, config, fast_state_events, mm, model, no_engine,  # noqa: F401
-                        prompts, run, stream_mod, values_mod)
+                        prompts, run, server_routes, stream_mod, values_mod)
 
 steer_mod = sys.modules[f"{PKG}.nodes.steer"]
 
@@ -121,21 +121,12 @@ def test_the_route_answers_as_documented(monkeypatch):
     assert post({"node": 99, "text": "a cat"})[0] == 409
 
 
-def test_the_route_is_added_to_the_server_once(monkeypatch):
+def test_the_route_is_added_to_the_server_once(server_routes, monkeypatch):
     import server
 
-    class Routes(list):  # aiohttp's RouteTableDef, as far as it is used
-        def post(self, path):
-            def add(handler):
-                self.append(types.SimpleNamespace(method="POST", path=path, handler=handler))
-                return handler
-            return add
-
-    instance = types.SimpleNamespace(routes=Routes())
-    monkeypatch.setattr(server.PromptServer, "instance", instance)
     assert steer_mod.register_route() and steer_mod.register_route()
-    assert [(r.method, r.path, r.handler) for r in instance.routes] == [("POST", "/block_cascade/steer",
-                                                                          steer_mod.handle)]
+    assert [(r.method, r.path, r.handler) for r in server_routes] == [("POST", "/block_cascade/steer",
+                                                                        steer_mod.handle)]
     monkeypatch.setattr(server.PromptServer, "instance", None)
     assert not steer_mod.register_route()
 
