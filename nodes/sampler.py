@@ -76,24 +76,23 @@ def encode_start_image(vae, image: torch.Tensor, width: int, height: int) -> tor
     return encode_image(vae, pixels[:, :, :, :3], "the start image")
 
 
-def context_reencoder(vae, weights, device):
+def context_reencoder(vae, decoder):
     """Krea Realtime's context re-encoder (:class:`cascade_core.reencode.ContextReencoder`) from a core
-    ``vae``: frames decoded by the pack's streaming decoder (its ``weights``: :func:`vae_weights`, on
-    ``device``), encoded by the core VAE itself (ComfyUI's own encoder, as for a start image)."""
+    ``vae``: frames decoded by ``decoder``, the run's Wan2.1 decoder (its weights shared; the re-encoder
+    keeps its own causal state and stream), encoded by the core VAE itself (ComfyUI's own encoder, as
+    for a start image)."""
     from cascade_core.reencode import ContextReencoder
-    from cascade_core.vae import WanVAEDecoder
 
     def encode(frame: torch.Tensor) -> torch.Tensor:  # [1, 3, 1, H, W] in -1..1 -> normalised [1, 16, 1, h, w]
         pixels = (frame[:, :, 0].movedim(1, -1).float() + 1) / 2  # [1, H, W, 3] in 0..1
         return raw_to_normalized(encode_image(vae, pixels, "a frame of the context"))
 
-    return ContextReencoder(WanVAEDecoder.from_state_dict(weights[0], dtype=weights[1], device=device, source="vae"),
-                            encode)
+    return ContextReencoder(decoder, encode)
 
 
 def _vae_bytes(weights, reencodes: bool) -> int:
-    """Bytes of the decoder's weights, twice for a context re-encoder (its own decoder; it encodes with
-    the core VAE, which ComfyUI places)."""
+    """Bytes of the decoder's weights, counted twice for a context re-encoder (a second decode beside
+    the frames', sharing the weights; it encodes with the core VAE, which ComfyUI places)."""
     if weights is None:
         return 0
     sd, dtype = weights
@@ -287,7 +286,7 @@ class BlockCascadeSampler(io.ComfyNode):
             else:
                 decoder = stream.preview_decoder()
             if reencodes:
-                extra["context_image"] = context_reencoder(vae, vae_sd, device)
+                extra["context_image"] = context_reencoder(vae, decoder)
             lead = 0 if before is None else before.shape[2]
             clean_pass = not cfg.kv_recompute
             reporter = stream.Reporter(node_id, blocks, lead + cfg.grid.total(blocks), len(cfg.steps) + clean_pass,
