@@ -89,13 +89,21 @@ class CascadeConfig:
         first = flow if self.first_block_steps is None else FlowSchedule(self.first_block_steps, self.shift, self.warp)
         return first, flow
 
-    def check_run(self, switches: int, devices: int = 1) -> None:
-        """Refuse what is not defined for a run with ``switches`` prompt switches on ``devices`` devices:
-        a KV re-cache (switch mode recache) needs parallel 1 (at P>1 blocks before the switch are
-        still in flight and would see the re-cached keys), fold-clean off (the previous block's clean
-        pass must be done first) and one device (the committed latents stay with the devices that
-        made them); a KV recompute runs on one device (its context is re-encoded from the decoded
-        video). Raises ValueError."""
+    def check_run(self, switches: int, devices: int = 1, endless: bool = False) -> None:
+        """Refuse what is not defined for a run with ``switches`` prompt switches on ``devices`` devices,
+        ``endless`` or not: a KV re-cache (switch mode recache) needs parallel 1 (at P>1 blocks before
+        the switch are still in flight and would see the re-cached keys), fold-clean off (the previous
+        block's clean pass must be done first) and one device (the committed latents stay with the
+        devices that made them); a KV recompute runs on one device (its context is re-encoded from the
+        decoded video); an endless video needs a window (memory flat: a block attends a bounded
+        number of frames) and runs on one device for now. Raises ValueError."""
+        if endless and self.attended_window is None:
+            raise ValueError("an endless video (blocks 0, until stopped) needs a local window, or every frame it "
+                             "made would stay attended and memory would grow without bound: set a window (e.g. "
+                             "window 12 with sink 3, LongLive's) or a length in blocks")
+        if endless and devices > 1:
+            raise ValueError("an endless video (blocks 0) runs on one device for now: give one device, or a length "
+                             "in blocks")
         if self.kv_recompute and devices > 1:
             raise ValueError(f"a KV cache recomputed every block (kv_recompute {self.kv_recompute}, as Krea Realtime "
                              f"samples) runs one block at a time on one device: give one device")
@@ -194,7 +202,7 @@ class PromptSchedule:
     """(start block, prompt embeddings [L, text_dim]) entries; the first must start at block 0.
 
     :meth:`validate` raises ValueError for an empty schedule, starts that do not increase, a switch
-    beyond the video or embeddings of the wrong width."""
+    beyond the video (``blocks`` 0: an endless one, which has none) or embeddings of the wrong width."""
 
     entries: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
@@ -210,7 +218,7 @@ class PromptSchedule:
             raise ValueError(f"the first prompt must start at block 0, got {starts[0]}")
         if any(a >= b for a, b in zip(starts, starts[1:])):
             raise ValueError(f"prompt switches must be at increasing blocks, got {starts}")
-        if starts[-1] >= blocks:
+        if blocks and starts[-1] >= blocks:  # blocks 0: endless
             raise ValueError(f"a prompt switch at block {starts[-1]} is beyond the video "
                              f"(blocks 0..{blocks - 1})")
         for s, e in self.entries:

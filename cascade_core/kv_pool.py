@@ -81,7 +81,7 @@ def check_window(window: int | None, sink: int, frames_per_block: int, unlimited
 class PoolLayout:
     frames_per_block: int
     tokens_per_frame: int
-    total_frames: int
+    total_frames: int | None  # the video's latent frames, context prefix included (None: endless)
     window: int | None = None  # latent frames a block attends to, sink and itself included
     sink: int = 0
     max_in_flight: int = 1
@@ -91,6 +91,8 @@ class PoolLayout:
 
     def __post_init__(self):
         check_window(self.window, self.sink, self.frames_per_block)
+        if self.total_frames is None and self.window is None:
+            raise ValueError("an endless video needs a window (the pool holds what a block attends)")
 
     @property
     def grid(self) -> BlockGrid:
@@ -102,7 +104,7 @@ class PoolLayout:
             return self.total_frames
         rolling_clean = self.sink if self.rolling else 0  # a clean pass's window reaches past the sink
         blocks = self.window + rolling_clean + (self.max_in_flight - 1) * self.frames_per_block
-        return min(self.total_frames, blocks)
+        return blocks if self.total_frames is None else min(self.total_frames, blocks)
 
     def visible_frames(self, end: int, hi: int, clean: bool = False) -> list[tuple[int, int]]:
         """Frame ranges [lo, hi) seen by the queries of a block ending at frame ``end`` when the visible

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .config import CascadeConfig, PromptSchedule
+from .latent_window import held_frames
 from .model import WanConfig
 from .schedule import BlockGrid, CascadeSchedule, FlowSchedule
 
@@ -33,7 +34,9 @@ def latent_size(width: int, height: int, patch: Sequence[int] = (1, 2, 2)) -> tu
 @dataclass(frozen=True)
 class RunPlan:
     """A checked run: block sizes (``grid.offset``: the context prefix's frames), noise levels, tick
-    plan and the shape [1, 16, F + T, h, w] of the latents, prefix included."""
+    plan and the shape [1, 16, F + T, h, w] of the latents, prefix included; an endless run's
+    (``schedule.endless``) holds only its last frames, [1, 16, held, h, w]
+    (:func:`latent_window.held_frames`)."""
 
     grid: BlockGrid
     first_flow: FlowSchedule
@@ -46,7 +49,7 @@ class RunPlan:
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
-        """The initial noise's shape [1, 16, T, h, w]: the generated frames only."""
+        """The initial noise's shape [1, 16, T, h, w]: the generated frames only (a finite run)."""
         return (*self.shape[:2], self.shape[2] - self.grid.offset, *self.shape[3:])
 
 
@@ -99,10 +102,15 @@ def plan_run(model_cfg: WanConfig, prompts: PromptSchedule, cfg: CascadeConfig, 
     schedule = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first),
                                clean_pass=not cfg.kv_recompute)
     prompts.validate(blocks, model_cfg.text_dim)
-    cfg.check_run(len(prompts.entries) - 1)
+    cfg.check_run(len(prompts.entries) - 1, endless=schedule.endless)
     h, w = latent_size(width, height, model_cfg.patch_size)
     grid = BlockGrid(cfg.grid.frames, cfg.grid.first, check_prefix(prefix, cfg, h, w, dtype))
-    run = RunPlan(grid, first, flow, schedule, (1, LATENT_CHANNELS, grid.total(blocks), h, w))
+    held = held_frames(None if schedule.endless else grid.total(blocks), cfg.attended_window, grid.offset,
+                       cfg.frames_per_block if cfg.kv_recompute else 0)
+    run = RunPlan(grid, first, flow, schedule, (1, LATENT_CHANNELS, held, h, w))
+    if noise is not None and schedule.endless:
+        raise ValueError("an endless video draws each block's initial noise as it enters (noise.block_noise): "
+                         "give no initial noise, or a length in blocks")
     if noise is not None and tuple(noise.shape) != run.noise_shape:
         raise ValueError(f"the initial noise must be {list(run.noise_shape)}, got {list(noise.shape)}")
     if noise is not None and not bool(torch.isfinite(noise).all()):

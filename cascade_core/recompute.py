@@ -30,12 +30,14 @@ from typing import Callable
 import torch
 
 from .kv_pool import KVPool
+from .latent_window import LatentWindow
 from .model import WanModel
 from .schedule import BlockGrid
 
-# The first context frame re-encoded: normalised latents [1, 16, j + 1, h, w] of frames 0..j -> the
-# latent [1, 16, 1, h, w] of frame j's last video frame encoded alone (see the module docstring)
-ContextImage = Callable[[torch.Tensor], torch.Tensor]
+# The first context frame re-encoded: normalised latents [1, 16, n, h, w] of frames first..j of one video
+# and ``first`` -> the latent [1, 16, 1, h, w] of frame j's last video frame encoded alone (see the module
+# docstring); ``first`` is at most the first frame the callable has not seen yet
+ContextImage = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def reencoded_frame(block: int, frames_per_block: int, context: int) -> int | None:
@@ -55,26 +57,27 @@ def why_a_vae(blocks: int, frames_per_block: int, context: int) -> str | None:
     """Why a video of ``blocks`` blocks with a KV recompute from ``context`` frames (0: none) needs the
     VAE (it re-encodes a frame), for the caller to finish with how to give one; None when it does not."""
     first = first_reencoding_block(frames_per_block, context) if context else None
-    if first is None or blocks <= first:
+    if first is None or 0 < blocks <= first:  # blocks 0: endless
         return None
     return (f"a KV cache recomputed every block (kv_recompute {context}, as Krea Realtime samples) re-encodes a "
             f"decoded frame into the context of every block from block {first + 1} on (block index {first})")
 
 
-def recompute_pass(model: WanModel, pool: KVPool, out: torch.Tensor, grid: BlockGrid, block: int, context: int,
+def recompute_pass(model: WanModel, pool: KVPool, out: LatentWindow, grid: BlockGrid, block: int, context: int,
                    prompt, context_noise: float, context_image: ContextImage | None) -> int:
-    """Rebuild the K/V that block ``block`` (>= 1) attends, from the clean latents ``out`` [1, 16, T, h,
-    w] of the blocks before it (see the module docstring). The pool must hold frames [E - C, E) in its
-    first slots with slot RoPE positions (a window of K + N frames, no sink). Returns the forwards run."""
+    """Rebuild the K/V that block ``block`` (>= 1) attends, from the clean latents in ``out`` of the blocks
+    before it (see the module docstring). The pool must hold frames [E - C, E) in its first slots with
+    slot RoPE positions (a window of K + N frames, no sink); ``out`` the frames from the re-encoder's
+    next one on (:func:`latent_window.held_frames`). Returns the forwards run."""
     end = grid.start(block)
     lo = end - min(end, context)
     again = reencoded_frame(block, grid.frames, context)
-    first = out[:, :, :1] if again is None else context_image(out[:, :, :again + 1]).to(out)
-    latents = torch.cat([first, out[:, :, lo + 1:end]], dim=2)  # [1, 16, C, h, w]
+    first = out.read(0, 1) if again is None else context_image(out.read(out.first, again + 1), out.first).to(out.data)
+    latents = torch.cat([first, out.read(lo + 1, end)], dim=2)  # [1, 16, C, h, w]
     forwards = 0
     for a in range(lo, end, grid.frames):  # block-causal from the context's first frame
         b = min(a + grid.frames, end)
-        t = torch.full((1, b - a), float(context_noise), device=out.device)
+        t = torch.full((1, b - a), float(context_noise), device=out.data.device)
         model(latents[:, :, a - lo:b - lo], t, [pool.position(a)], [prompt], pool.context_attention(a, b, lo))
         forwards += 1
     return forwards

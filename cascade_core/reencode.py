@@ -26,7 +26,8 @@ class ContextReencoder:
     """Decode-then-encode of a video's latest given frame; ``decoder`` a Wan2.1 :class:`LatentVideoDecoder`,
     ``encode`` the Wan2.1 VAE encoder of one frame: [1, 3, 1, H, W] on the [-1, 1] scale -> normalised
     latents [1, 16, 1, H/8, W/8]. Calls must give growing runs of one video's latents [1, 16, j + 1, h, w]
-    (the frames already decoded unchanged); ValueError otherwise."""
+    (the frames already decoded unchanged), or their tail from a frame not yet decoded on; ValueError
+    otherwise."""
 
     def __init__(self, decoder: LatentVideoDecoder, encode: Callable[[torch.Tensor], torch.Tensor]):
         self.stream = decoder.stream(frames_per_pass=1)
@@ -50,14 +51,14 @@ class ContextReencoder:
         path = os.fspath(path)
         return cls.from_state_dict(read_weights(path)[0], dtype=dtype, device=device, source=path)
 
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        """[1, 16, j + 1, h, w] normalised latents of frames 0..j -> [1, 16, 1, h, w] normalised latents
-        (as ``encode`` gives them)."""
-        frames = latents.shape[2]
-        if frames < max(self.decoded, 1):
+    def __call__(self, latents: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """[1, 16, n, h, w] normalised latents of frames first..j (``first`` at most the number of frames
+        decoded so far) -> [1, 16, 1, h, w] normalised latents (as ``encode`` gives them)."""
+        end = first + latents.shape[2]
+        if end < max(self.decoded, 1) or first > self.decoded:
             raise ValueError(f"the context re-encoder has decoded {self.decoded} latent frames of this video; "
-                             f"it was given {frames}")
-        if frames > self.decoded:
-            self.last = self.stream.decode(latents[:, :, self.decoded:])[:, :, -1:]
-            self.decoded = frames
+                             f"it was given frames {first}..{end - 1}")
+        if end > self.decoded:
+            self.last = self.stream.decode(latents[:, :, self.decoded - first:])[:, :, -1:]
+            self.decoded = end
         return self.encode(self.last)

@@ -12,7 +12,8 @@ Guarantees:
 - With a KV recompute (``kv_recompute``, Krea Realtime) blocks run one at a time without clean passes,
   each after a forward that rebuilds its context's K/V (:mod:`recompute`); ``context_image``
   re-encodes the context's first frame.
-- Randomness: the initial noise comes from ``seed`` (or is given); the re-noising noise of block b
+- Randomness (:mod:`noise`): the initial noise comes from ``seed`` (or is given; an endless run draws
+  each block's from its own generator); the re-noising noise of block b
   after step j is :func:`step_noise` (seed, b, j), drawn from its own generator, so every
   parallelism level uses the same noise for the same block and step, and the same seed on the same
   device gives identical latents.
@@ -21,7 +22,9 @@ Guarantees:
 - Steering (``steer``, one process only): switches that arrive while the run goes on land at the next
   block to enter (or a later one asked for) and give exactly what the same switch in the schedule from
   the start gives (:mod:`steer`; ``on_switch`` reports each, a :class:`SwitchEvent`).
-- The KV pool is allocated once per run (see :mod:`kv_pool`).
+- The KV pool and the latents the run reads back are allocated once per run (see :mod:`kv_pool`,
+  :mod:`latent_window`); an endless run (``blocks`` 0, with a window) keeps them, and its prompt
+  table, bounded however long it goes.
 - A context prefix (``prefix``: F clean latent frames, a start image or a video to continue) is frames
   [0, F) of the video: clean forwards write their K/V before block 0, as the finished blocks they
   are made of (:func:`prefix_pass`); block b then holds frames F + its place in the grid (RoPE
@@ -48,8 +51,10 @@ import torch
 
 from .config import CascadeConfig, PromptSchedule
 from .kv_pool import KVPool, PoolLayout
+from .latent_window import LatentWindow
 from .pool_attention import FULL, REUSE, SPLIT, STORE, Exchange
 from .model import WanModel
+from .noise import block_noise, initial_noise, step_noise
 from .schedule import BlockGrid, Tick
 from .plan import plan_run
 from .recompute import ContextImage, recompute_pass, why_a_vae
@@ -87,48 +92,19 @@ class Result:
     seconds: float
     first_block_seconds: float
     prefix_frames: int = 0  # frames of the context prefix at the start of ``latents`` (0: none or left out)
+    first_frame: int = 0  # video-wide index of latents' first frame (prefix counted): > 0 when frames before it
+    # are left out (the prefix, or all but an endless run's last window)
 
     @classmethod
-    def of_run(cls, out: torch.Tensor, prefix_frames: int, include_prefix: bool, *stats) -> "Result":
-        """The result of a run whose latents ``out`` [1, 16, F + T, h, w] start with a context prefix of
-        F = ``prefix_frames`` frames, kept or left out (``include_prefix``); ``stats``: blocks, ticks,
-        forwards, seconds, first_block_seconds."""
-        if include_prefix or not prefix_frames:
-            return cls(out, *stats, prefix_frames)
-        return cls(out[:, :, prefix_frames:], *stats, 0)
-
-
-def derived_seed(seed: int, block: int, step: int) -> int:
-    """A distinct 63-bit seed per (run seed, block, step), independent of the order of work.
-
-    With exact (unbounded Python) integers: x = seed*0x9E3779B97F4A7C15 + (block+1)*0xBF58476D1CE4E5B9
-    + (step+1)*0x94D049BB133111EB, then x ^= x >> 31, and the result is x & (2**63 - 1).
-    """
-    x = (seed * 0x9E3779B97F4A7C15 + (block + 1) * 0xBF58476D1CE4E5B9 + (step + 1) * 0x94D049BB133111EB)
-    x ^= x >> 31
-    return x & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def initial_noise(seed: int, shape: Sequence[int], device: torch.device | str,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """The run's starting noise [shape]: one ``torch.randn(shape)`` in float32 from a new
-    ``torch.Generator`` on ``device`` seeded with ``seed``, cast to ``dtype``; block b takes frames
-    [b*frames_per_block, (b+1)*frames_per_block) of it."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-
-
-def step_noise(seed: int, block: int, step: int, like: torch.Tensor) -> torch.Tensor:
-    """The fresh Gaussian noise that re-noises ``block`` after its denoising step ``step``.
-
-    ``block`` is the absolute block index and ``step`` the 0-based index of the step just taken (the
-    noise takes the block's x0 to the level of step ``step + 1``). The draw: a new
-    ``torch.Generator`` on ``like.device`` seeded with :func:`derived_seed` (seed, block, step), one
-    ``torch.randn(like.shape)`` call in float32 from it, cast to ``like.dtype``. Returns a tensor
-    shaped like ``like`` ([1, 16, frames_per_block, h, w] in the sampler).
-    """
-    g = torch.Generator(device=like.device).manual_seed(derived_seed(seed, block, step))
-    return torch.randn(like.shape, generator=g, device=like.device, dtype=torch.float32).to(like.dtype)
+    def of_run(cls, latents: torch.Tensor, first_frame: int, prefix_frames: int, include_prefix: bool,
+               *stats) -> "Result":
+        """The result of a run that holds ``latents`` [1, 16, n, h, w], frames [first_frame, first_frame +
+        n) of a video that starts with a context prefix of ``prefix_frames`` frames, those among them
+        kept or left out (``include_prefix``); ``stats``: blocks, ticks, forwards, seconds,
+        first_block_seconds."""
+        held_prefix = max(0, prefix_frames - first_frame)
+        cut = 0 if include_prefix else held_prefix
+        return cls(latents[:, :, cut:], *stats, held_prefix - cut, first_frame + cut)
 
 
 def attention_mode(flashblock: str, stage: int, clean: bool) -> str:
@@ -180,19 +156,19 @@ def size_groups(blocks: Sequence[int], grid: BlockGrid) -> list[list[int]]:
     return groups
 
 
-def _clean_forward(model: WanModel, pool: KVPool, out: torch.Tensor, lo: int, end: int, prompt,
+def _clean_forward(model: WanModel, pool: KVPool, out: LatentWindow, lo: int, end: int, prompt,
                    context_noise: float, context) -> int:
-    """One forward over the clean latents ``out[:, :, lo:end]`` at t = ``context_noise``, RoPE'd from
-    the pool's position of frame ``lo``, writing their K/V through ``context``. Returns 1."""
-    t = torch.full((1, end - lo), float(context_noise), device=out.device)
-    model(out[:, :, lo:end], t, [pool.position(lo)], [prompt], context)
+    """One forward over the clean latents of frames [lo, end) in ``out`` at t = ``context_noise``, RoPE'd
+    from the pool's position of frame ``lo``, writing their K/V through ``context``. Returns 1."""
+    t = torch.full((1, end - lo), float(context_noise), device=out.data.device)
+    model(out.read(lo, end), t, [pool.position(lo)], [prompt], context)
     return 1
 
 
-def prefix_pass(model: WanModel, pool: KVPool, out: torch.Tensor, grid: BlockGrid, prompt, context_noise: float,
+def prefix_pass(model: WanModel, pool: KVPool, out: LatentWindow, grid: BlockGrid, prompt, context_noise: float,
                 stop: Callable[[int], bool] = lambda index: False) -> int:
     """A context prefix's clean passes, under the run's first prompt, before block 0: its clean
-    latents ``out[:, :, :grid.offset]`` are written as the finished blocks they are made of
+    latents (frames [0, grid.offset) of ``out``) are written as the finished blocks they are made of
     (:meth:`BlockGrid.prefix_chunks`), oldest first, one forward each at t = ``context_noise`` and
     RoPE positions at their frames, each attending what a clean pass of a block there attends (the
     earlier prefix frames its window holds, and its own). A start image (one frame at t = 0) is core
@@ -208,7 +184,7 @@ def prefix_pass(model: WanModel, pool: KVPool, out: torch.Tensor, grid: BlockGri
     return len(chunks)
 
 
-def _recache(model: WanModel, pool: KVPool, out: torch.Tensor, end: int, prompt, context_noise: float) -> int:
+def _recache(model: WanModel, pool: KVPool, out: LatentWindow, end: int, prompt, context_noise: float) -> int:
     """LongLive's KV re-cache at a prompt switch: the committed frames before frame ``end`` that the
     new block will see (a context prefix's frames among them), run once more at ``context_noise``
     under the new prompt (one forward over them together, their own clean latents from ``out``), so
@@ -234,7 +210,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
              include_prefix: bool = True, block_offset: int = 0,
              context_image: ContextImage | None = None, steer: Steer | None = None,
              on_switch: Callable[[SwitchEvent], None] | None = None) -> Result:
-    """Generate ``blocks`` blocks of latent video; see the module docstring for the guarantees.
+    """Generate ``blocks`` blocks of latent video (0: endless, until ``should_stop``); see the module
+    docstring for the guarantees.
 
     ``prompts``: embeddings [L, text_dim] per entry; ``width``/``height`` in pixels (multiples of 16);
     ``noise``: the initial noise [1, 16, T, height/8, width/8] with T = ``cfg.grid.total(blocks)``
@@ -251,6 +228,13 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     ``on_block`` when a block is final, ``should_stop`` before every tick and every block of the
     context. Raises ValueError for a bad config, size, schedule, noise shape or prefix (before any
     model work, see :func:`plan_run`) and :class:`Interrupted` when ``should_stop`` says so.
+
+    An endless run (``blocks`` 0; a window is needed, one device, no ``noise``) draws each block's
+    initial noise as it enters (:func:`noise.block_noise`, its video-wide index ``block_offset`` + b),
+    holds a bounded KV pool, latent window and prompt table however long it runs, and ends normally
+    when ``should_stop`` says so before a tick: its :class:`Result` then counts the blocks finished
+    and holds the last window's latents (``Result.first_frame`` says where they start; blocks still
+    in flight are dropped). ``on_tick``'s ``ticks`` is 0 (unknown).
 
     ``steer``: asked once before every tick (for tick 0 before the context's passes) for prompt switches
     [(block or None, embeddings [L, text_dim]), ...] that land while the run goes on (:mod:`steer`);
@@ -275,12 +259,22 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         except ValueError as exc:
             raise ValueError(f"steering (prompt switches while the video runs): {exc}") from None
     device, dtype = model.device, model.dtype
-    noise = initial_noise(seed, run.noise_shape, device, dtype) if noise is None else to_device(noise, device).to(dtype)
+    endless = plan.endless
+    if noise is None and not endless:
+        noise = initial_noise(seed, run.noise_shape, device, dtype)
+    elif noise is not None:
+        noise = to_device(noise, device).to(dtype)
 
     h, w = shape[-2:]
+
+    def noise_of(b: int) -> torch.Tensor:  # block b's initial noise [1, 16, its frames, h, w]
+        if endless:
+            return block_noise(seed, block_offset + b, (*shape[:2], grid.size(b), h, w), device, dtype)
+        return noise[:, :, grid.start(b) - lead:grid.end(b) - lead]
+
     p = model.cfg.patch_size
     layout = PoolLayout(frames_per_block=grid.frames, tokens_per_frame=(h // p[1]) * (w // p[2]),
-                        total_frames=shape[2], window=cfg.attended_window, sink=cfg.sink,
+                        total_frames=None if endless else shape[2], window=cfg.attended_window, sink=cfg.sink,
                         max_in_flight=plan.max_in_flight,
                         first_block_frames=grid.first, rolling=cfg.rolling_window, prefix_frames=lead)
     start = time.perf_counter()
@@ -290,35 +284,40 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                       slot_positions=cfg.rope_positions == "slots" or bool(cfg.kv_recompute),
                       sink_ema=cfg.sink_ema, shift_keys=model.shift_frames)
         live = LivePrompts(model, prompts, plan, cfg.switch_mode == "recache", steer, on_switch)
-        prompt_of, recache_at = live.prompt_of, live.recache_at  # changed in place by steered switches
-        out = torch.empty(shape, device=device, dtype=dtype)
+        recache_at = live.recache_at  # changed in place by steered switches
+        out = LatentWindow(shape[2], shape[1], h, w, dtype, device)
         if lead:  # every process writes the prefix's K/V itself (each keeps a whole KV pool)
-            out[:, :, :lead] = to_device(prefix, device).to(dtype)
+            out.write(0, to_device(prefix, device).to(dtype))
         x_t: dict[int, torch.Tensor] = {}  # in-flight blocks: current noisy input (or x0 for the clean pass)
         clean_t = torch.full((max(grid.first, grid.frames),), float(cfg.context_noise), device=device)
         step_t = {id(f): to_device(f.timesteps, device) for f in (run.first_flow, run.flow)}
         done, first_block = 0, None
         wants_stop = lambda: should_stop is not None and should_stop()  # noqa: E731
         live.poll(0)  # a switch before tick 0 replaces the first prompt, which the prefix passes take too
-        forwards = prefix_pass(model, pool, out, grid, prompt_of[0], cfg.context_noise,
+        forwards = prefix_pass(model, pool, out, grid, live.prompt(0), cfg.context_noise,
                                lambda index: part.stop(Tick(index, ()), wants_stop()))
-        ticks = plan.ticks()
-        for tick in ticks:
+        ticks_total = 0 if endless else len(plan)
+        ticks_run = 0
+        for tick in plan.iter_ticks():
             if part.stop(tick, wants_stop()):
-                raise Interrupted(f"stopped at tick {tick.index} of {len(ticks)}")
+                if endless:  # the normal end of an endless video
+                    break
+                raise Interrupted(f"stopped at tick {tick.index} of {ticks_total}")
+            ticks_run += 1
             if tick.index:
                 live.poll(tick.index)
             blocks_now = [b for b, _ in tick.pairs]
+            live.forget_before(max(0, blocks_now[0] - 1))  # a KV recompute takes the block before's prompt
             for b, stage in tick.pairs:
                 if stage == 0 and part.owns(b):
-                    x_t[b] = noise[:, :, grid.start(b) - lead:grid.end(b) - lead]
+                    x_t[b] = noise_of(b)
             entering = blocks_now[-1] if tick.pairs[-1][1] == 0 else None
             if entering in recache_at:  # before the window makes room for the new block
                 forwards += _recache(model, pool, out, grid.start(blocks_now[0]), recache_at[entering],
                                      cfg.context_noise)
             pool.make_room(blocks_now[0], blocks_now[-1])
             if cfg.kv_recompute and entering:  # one block in flight: it is the entering one
-                forwards += recompute_pass(model, pool, out, grid, entering, cfg.kv_recompute, prompt_of[entering - 1],
+                forwards += recompute_pass(model, pool, out, grid, entering, cfg.kv_recompute, live.prompt(entering - 1),
                                            cfg.context_noise, context_image)
             newest_end = grid.end(blocks_now[-1])
             v_of: dict[int, torch.Tensor] = {}  # segment index -> velocity [1, 16, frames, h, w]
@@ -340,7 +339,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                                  for k in local])  # [n, frames]
                 mine = [gb[k] for k in local]
                 v = model(torch.cat([x_t[b] for b in mine]), t, [pool.position(grid.start(b)) for b in mine],
-                          [prompt_of[b] for b in mine], context)
+                          [live.prompt(b) for b in mine], context)
                 v_of.update({group[k]: v[r:r + 1] for r, k in enumerate(local)})
             for i, (b, stage) in enumerate(tick.pairs):
                 if plan.is_clean(b, stage):
@@ -362,12 +361,14 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                 latents = part.collect(b, x0, grid.size(b))
                 if latents is None:  # finished on another process, reported there
                     continue
-                out[:, :, grid.start(b):grid.end(b)] = latents
+                out.write(grid.start(b), latents)
                 elapsed = time.perf_counter() - start
                 first_block = elapsed if first_block is None else first_block
                 if on_block is not None:
                     on_block(BlockEvent(b, latents, tick.index, elapsed))
             if on_tick is not None:
-                on_tick(TickEvent(tick.index, len(ticks), tick.pairs, done, time.perf_counter() - start))
+                on_tick(TickEvent(tick.index, ticks_total, tick.pairs, done, time.perf_counter() - start))
     seconds = time.perf_counter() - start
-    return Result.of_run(out, lead, include_prefix, blocks, len(ticks), forwards, seconds, first_block or seconds)
+    first, latents = out.last(cfg.attended_window if endless else out.end)
+    return Result.of_run(latents, first, lead, include_prefix, done if endless else blocks, ticks_run, forwards,
+                         seconds, first_block or seconds)

@@ -17,7 +17,9 @@ Guarantees:
   step list). Block b >= 1 enters at tick floor(b*(S+1)/P) + d with d = max(S0 - S, 1 - floor((S+1)/P))
   (d = 0 when S0 = S), so at most P blocks are in flight; P=1 is the reference's sequential order and
   P=S+1 emits one block per tick. ``fold_clean`` (P1 only) runs a block's clean pass in the same
-  forward as the next block's first step: the same result, one tick fewer per block. Without clean
+  forward as the next block's first step: the same result, one tick fewer per block. An endless
+  schedule (n = 0: until the caller stops) has the same ticks as a long enough finite one, listed
+  lazily (:meth:`CascadeSchedule.iter_ticks`). Without clean
   passes (``clean_pass=False``: a KV cache recomputed before every block, Krea Realtime) a block's last
   stage is its last denoising step.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -133,14 +135,15 @@ class CascadeSchedule:
 
     def __init__(self, blocks: int, steps: int, parallel: int = 1, fold_clean: bool = False,
                  first_steps: int | None = None, clean_pass: bool = True):
-        if blocks < 1:
-            raise ValueError(f"the video needs at least 1 block, got {blocks}")
+        if blocks < 0:
+            raise ValueError(f"the video needs at least 1 block (0: endless), got {blocks}")
         first_steps = steps if first_steps is None else first_steps
         if min(steps, first_steps) < 1:
             raise ValueError(f"at least 1 denoising step is needed, got {min(steps, first_steps)}")
         if not 1 <= parallel <= steps + 1:
             raise ValueError(f"parallelism must lie in 1..{steps + 1} (steps + 1), got {parallel}")
         self.blocks, self.steps, self.parallel, self.first_steps = blocks, steps, parallel, first_steps
+        self.endless = blocks == 0  # blocks until the caller stops
         if not clean_pass and parallel > steps:
             raise ValueError(f"without clean passes a block has {steps} stages: parallelism must lie in 1..{steps}, "
                              f"got {parallel}")
@@ -169,18 +172,46 @@ class CascadeSchedule:
             return self.first_steps + (block - 1) * self.steps
         return block * self.stages // self.parallel + self._delay
 
+    def next_entering(self, tick: int) -> int:
+        """The first block that enters at ``tick`` or later (``blocks`` when none is left)."""
+        lo, hi = 0, tick + self.stages + 1  # entry(b) >= b + delay >= b - stages (parallel <= stages)
+        if not self.endless:
+            hi = min(hi, self.blocks)
+        while lo < hi:  # entry() increases with the block
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if self.entry(mid) < tick else (lo, mid)
+        return lo
+
     @functools.cached_property
     def max_in_flight(self) -> int:
-        """The most blocks any tick holds."""
+        """The most blocks any tick holds (an endless schedule: those of a finite one long enough for
+        the steady state, every block's span overlapping those it can)."""
+        if self.endless:
+            longest = self.first_steps + 2 * (self.stages + 1)
+            return CascadeSchedule(longest, self.steps, self.parallel, self.fold_clean, self.first_steps,
+                                   self.clean_pass).max_in_flight
         return max(len(t.pairs) for t in self.ticks())
 
     def __len__(self) -> int:
+        if self.endless:
+            raise TypeError("an endless schedule has no length")
         last = self.blocks - 1
         return self.entry(last) + self.steps_of(last) + self.clean_pass
 
     def ticks(self) -> list[Tick]:
-        plan: list[list[tuple[int, int]]] = [[] for _ in range(len(self))]
-        for b in range(self.blocks):
-            for stage in range(self.steps_of(b) + self.clean_pass):
-                plan[self.entry(b) + stage].append((b, stage))
-        return [Tick(i, tuple(pairs)) for i, pairs in enumerate(plan)]
+        """Every tick of a finite schedule."""
+        return list(self.iter_ticks())
+
+    def iter_ticks(self) -> Iterator[Tick]:
+        """The ticks in order, made one at a time (endless: without end); a block's stages run in
+        consecutive ticks from its entry, oldest block first in each tick."""
+        in_flight: list[int] = []  # blocks entered and not done, oldest first
+        entering, tick = 0, 0
+        while in_flight or self.endless or entering < self.blocks:
+            while (self.endless or entering < self.blocks) and self.entry(entering) == tick:
+                in_flight.append(entering)
+                entering += 1
+            pairs = tuple((b, tick - self.entry(b)) for b in in_flight)
+            in_flight = [b for b, stage in pairs if stage + 1 < self.steps_of(b) + self.clean_pass]
+            yield Tick(tick, pairs)
+            tick += 1

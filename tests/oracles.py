@@ -23,6 +23,12 @@ def noise_after_step(seed, block, step, shape):
     return starting_noise(x & MASK63, shape)
 
 
+def endless_block_noise(seed, block, shape):
+    """``noise.block_noise`` (an endless run's initial noise of ``block``): :func:`noise_after_step` of
+    step -1, i.e. randn(shape) from a generator seeded with ``derived_seed`` (seed, block, -1)."""
+    return noise_after_step(seed, block, -1, shape)
+
+
 def noise_levels(steps=(1000, 750, 500, 250), shift=5.0):
     """(timesteps, sigmas) of a warped step list: sigma(s) = shift*s / (1 + (shift-1)*s) on the float32
     table s = linspace(1, 0, 1001)[:-1], step st read at entry 1000 - st, t = 1000*sigma."""

@@ -488,7 +488,7 @@ def test_a_run_rank_0_refuses_ends_every_rank_at_once(tmp_path):
         try:
             if dist.get_rank() == 0:
                 d.generate_collective(model, PromptSchedule.single(torch.ones(3, 32)), CascadeConfig(),
-                                      blocks=0, width=64, height=32)
+                                      blocks=-1, width=64, height=32)
             else:
                 d.generate_collective(None, None, None)
         except ValueError as exc:

@@ -207,7 +207,7 @@ def test_schedule_rejects_bad_levels():
     with pytest.raises(ValueError, match="1..5"):
         CascadeSchedule(blocks=3, steps=4, parallel=6)
     with pytest.raises(ValueError, match="at least 1 block"):
-        CascadeSchedule(blocks=0, steps=4)
+        CascadeSchedule(blocks=-1, steps=4)
 
 
 def test_batched_tick_equals_pairs_one_at_a_time(model, prompt):

@@ -237,7 +237,7 @@ class WorkerPool(WorkerProcesses):
         ticks, forwards, seconds, first = state["stats"]
         if state["blocks"] != job["blocks"]:
             raise WorkerError(f"rank 0 reported {state['blocks']} of {job['blocks']} blocks")
-        return Result.of_run(out, job["prefix"], job["include_prefix"], job["blocks"], ticks, forwards, seconds, first)
+        return Result.of_run(out, 0, job["prefix"], job["include_prefix"], job["blocks"], ticks, forwards, seconds, first)
 
 
 _POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
