@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "carries its tokenizer, as ComfyUI's do)")
     g.add_argument("--width", type=int, default=832, help="video width in pixels, a multiple of 16")
     g.add_argument("--height", type=int, default=480, help="video height in pixels, a multiple of 16")
-    g.add_argument("--blocks", type=int, default=7, help="latent blocks (7 x 3 latent frames = 81 video frames)")
+    g.add_argument("--blocks", type=int, default=7,
+                   help="latent blocks (7 x 3 latent frames = 81 video frames); 0 = endless, until Ctrl-C (needs a "
+                        "window; the MP4 is written as it goes and finalised at the end)")
     g.add_argument("--family", choices=FAMILIES,
                    help="checkpoint family: fills every sampling setting below from its reference inference "
                         "code (default: read off the --checkpoint/--lora path where it says, else self-forcing); "

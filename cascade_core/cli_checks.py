@@ -166,14 +166,15 @@ def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
 def prompt_switches(specs: list[str], blocks: int) -> list[tuple[int, str, bool]]:
     """--switch BLOCK:FILE|BLOCK:TEXT values -> sorted (block, file or text, is a file). A value ending
     in .safetensors is an embedding file (it must exist); anything else is a prompt text. Raises
-    UsageError for a malformed value, a block outside 1..blocks-1 or two switches at one block."""
+    UsageError for a malformed value, a block outside 1..blocks-1 (any block >= 1 in an endless video,
+    ``blocks`` 0) or two switches at one block."""
     out = {}
     for spec in specs:
         block, sep, value = spec.partition(":")
         if not sep or not block.strip().isdigit() or not value.strip():
             raise UsageError(f"--switch {spec!r}: expected BLOCK:FILE (a .safetensors embedding) or BLOCK:TEXT")
         b = int(block)
-        if not 1 <= b < blocks:
+        if b < 1 or (blocks and b >= blocks):
             raise UsageError(f"--switch {spec!r}: the block must lie in 1..{blocks - 1} (block 0 takes the first "
                              f"prompt; the video has {blocks} blocks)")
         if b in out:

@@ -67,9 +67,10 @@ class StopRequest:
 
 
 class BlockProgress:
-    """A progress bar on stderr (tqdm), advanced per finished block; ``done`` counts the blocks."""
+    """A progress bar on stderr (tqdm), advanced per finished block; ``done`` counts the blocks
+    (``blocks`` None: an endless video, a counter without a total)."""
 
-    def __init__(self, blocks: int, enabled: bool, unit: str = "block"):
+    def __init__(self, blocks: int | None, enabled: bool, unit: str = "block"):
         self.blocks, self.enabled, self.done = blocks, enabled, 0
         self.bar = tqdm(total=blocks, unit=unit, disable=not enabled, file=sys.stderr, leave=True,
                         dynamic_ncols=True)
@@ -108,7 +109,7 @@ def summary(result: Result, latents: torch.Tensor, args, model_label: str, devic
     """The JSON line: what was made (``latents``, the output: ``latent_frames``; ``video_frames`` only
     where decoded) and timing (``latent_frames_per_second``: the generated frames)."""
     latent_frames = latents.shape[2]
-    generated = result.latents.shape[2] - result.prefix_frames
+    generated = cfg.grid.total(result.blocks)
     return {
         "model": model_label,
         "device": str(device),
@@ -216,12 +217,16 @@ def run_generate(args) -> dict | None:
     devices = several_devices(args)
     dtype = DTYPES[args.dtype]
     cfg, family, assumed = cli_checks.sampling_config(args)
-    if args.blocks < 1:
-        raise UsageError(f"--blocks must be >= 1, got {args.blocks}")
+    if args.blocks < 0:
+        raise UsageError(f"--blocks must be >= 1 (0: endless, until Ctrl-C), got {args.blocks}")
+    endless = args.blocks == 0
+    if endless and args.noise:
+        raise UsageError("--noise gives the initial noise of a video of known length; an endless one (--blocks 0) "
+                         "draws each block's as it enters: leave --noise out")
     switches = cli_checks.prompt_switches(args.switch, args.blocks)
     ranks = 1 if devices is None else len(devices) if isinstance(devices, list) else int(os.environ.get("WORLD_SIZE", 2))
     try:
-        cfg.check_run(len(switches), ranks)
+        cfg.check_run(len(switches), ranks, endless)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     latent_size(args.width, args.height)
@@ -267,9 +272,10 @@ def run_generate(args) -> dict | None:
     finished = []  # latents [1, 16, fpb, h, w] of the finished blocks, kept for a stopped run
 
     def on_block(event):
-        if args.latents_out:
+        if args.latents_out and not endless:  # an endless run writes its last window (Result.latents)
             finished.append(event.latents)  # no copy in the tick loop; written only if stopped
-        if frames is not None and not stop():  # after Ctrl-C: no new decoding, what was decoded is kept
+        # after Ctrl-C: no new decoding, what was decoded is kept; an endless run's every final block is
+        if frames is not None and (endless or not stop()):
             frames.push(event)
         progress(event)
 
@@ -283,7 +289,7 @@ def run_generate(args) -> dict | None:
                 pool = distributed.WorkerPool(devices)
                 startup = time.perf_counter() - start
                 run = pool.generate
-            progress = BlockProgress(args.blocks, not args.quiet)  # after the workers' start-up
+            progress = BlockProgress(args.blocks or None, not args.quiet)  # after the workers' start-up
             if frames is not None and lead is not None:  # the video starts with the frames before block 0,
                 for at in range(0, lead.shape[2], cfg.frames_per_block):  # pushed a block's worth at a time
                     if stop():  # Ctrl-C while a long given video is decoded: what is decoded is kept
@@ -311,12 +317,14 @@ def run_generate(args) -> dict | None:
                 writer.close()
             if pool is not None:
                 pool.close()
-    latents = result.latents if head is None else torch.cat([head.to(result.latents), result.latents], 2)
+    latents = result.latents if head is None or endless else torch.cat([head.to(result.latents), result.latents], 2)
     if args.latents_out:
         save_safetensors({"latents": latents}, os.path.realpath(args.latents_out))  # through a link
     out = summary(result, latents, args, label, where, cfg)
     out.update(family=family, family_assumed=assumed, settings=describe(cfg),
                prompt_switches=[b for b, *_ in switches])
+    if endless:  # ended by Ctrl-C, its normal end; the latents are its last window
+        out.update(endless=True, stopped="Ctrl-C", latents_first_frame=result.first_frame)
     if startup is not None:
         out["worker_startup_seconds"] = round(startup, 4)
     if writer is not None:

@@ -220,7 +220,14 @@ def to_uint8_frames(frames: torch.Tensor) -> torch.Tensor:
 
 
 class VideoWriter:
-    """An H.264 MP4 written frame by frame (PyAV), and optionally each frame as a PNG in a folder."""
+    """An H.264 MP4 written frame by frame (PyAV), and optionally each frame as a PNG in a folder.
+
+    The MP4 is fragmented (an empty ``moov`` first, then a ``moof``/``mdat`` fragment per keyframe, one
+    every KEYFRAME_SECONDS, each flushed to the file as it is written): a file cut off at any moment
+    (the process killed, the disk full) plays up to its last whole fragment, and :meth:`close` only
+    adds the frames still in the encoder. Browsers, ffmpeg and the usual players play such files."""
+
+    KEYFRAME_SECONDS = 2
 
     def __init__(self, path: str | None, fps: int = 16, frames_dir: str | None = None):
         self.path, self.fps, self.frames_dir = path, fps, frames_dir
@@ -249,9 +256,11 @@ class VideoWriter:
             raise RuntimeError("writing MP4 needs PyAV: pip install av") from None
         self._av = av
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.container = av.open(self.path, mode="w")
+        self.container = av.open(self.path, mode="w", options={
+            "movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"})
         self.video = self.container.add_stream("libx264", rate=self.fps)
         self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
+        self.video.codec_context.gop_size = self.KEYFRAME_SECONDS * self.fps
 
     def close(self) -> None:
         if self.container is not None:

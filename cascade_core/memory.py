@@ -10,6 +10,7 @@ import os
 import torch
 
 from .kv_pool import PoolLayout
+from .latent_window import held_frames
 from .plan import latent_size
 from .sampler import CascadeConfig
 
@@ -22,7 +23,7 @@ def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks
 
     ``model_cfg``: the model's :class:`~cascade_core.model.WanConfig`; ``dtype``: the DiT's dtype;
     ``width``/``height`` in pixels (ValueError unless multiples of 16); ``prompts``: entries of the
-    prompt schedule; ``vae_bytes``: the decoder's weights in bytes (0 without a VAE); ``ranks``: the
+    prompt schedule; ``blocks`` 0: an endless video (with a window: checked before); ``vae_bytes``: the decoder's weights in bytes (0 without a VAE); ``ranks``: the
     devices of a worker pool (each keeps a full KV cache replica, computes its share of the blocks in
     flight and holds the k/v all-gather buffers): the result is then one rank's need; ``prefix_frames``:
     latent frames of a context prefix before block 0 (held as any frames of the video).
@@ -32,8 +33,9 @@ def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks
     h, w = latent_size(width, height, c.patch_size)
     tpf = (h // c.patch_size[1]) * (w // c.patch_size[2])
     fpb = cfg.frames_per_block
-    frames = cfg.grid.total(blocks) + prefix_frames
-    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=frames, window=cfg.attended_window,
+    total = cfg.grid.total(blocks) + prefix_frames if blocks else None  # blocks 0: endless
+    frames = held_frames(total, cfg.attended_window, prefix_frames, fpb if cfg.kv_recompute else 0)
+    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=total, window=cfg.attended_window,
                         sink=cfg.sink, max_in_flight=cfg.parallel, rolling=cfg.rolling_window,
                         prefix_frames=prefix_frames)
     elem = 4 if dtype == torch.float32 else 2

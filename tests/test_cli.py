@@ -56,7 +56,7 @@ def test_parallel_levels_from_the_cli(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--width", "250"], "width must be a positive multiple of 16"),
-    (["--blocks", "0"], "--blocks must be >= 1"),
+    (["--blocks", "-2"], "--blocks must be >= 1 (0: endless, until Ctrl-C), got -2"),
     (["--parallel", "6"], "parallelism must lie in 1..5"),
     (["--window", "2"], "window must be 0 (unlimited) or at least sink + one block"),
     (["--steps", "500,750"], "strictly decrease"),

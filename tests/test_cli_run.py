@@ -152,6 +152,34 @@ def test_ctrl_c_stops_with_one_line_a_playable_mp4_and_no_processes_left(tmp_pat
     assert not any(_running(p) for p in family)
 
 
+def test_ctrl_c_ends_an_endless_generate_normally_with_a_finalised_mp4(tmp_path):
+    """A real SIGINT to a real process: exit 0, the summary line, the MP4 holding every final block."""
+    from cascade_core.taew import TinyWanDecoder
+
+    vae = tmp_path / "taew.safetensors"
+    save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(), str(vae))
+    video, pngs = tmp_path / "v.mp4", tmp_path / "pngs"
+    cmd = [sys.executable, "-m", "cascade_core", "generate", *SMALL, "--device", "cpu", "--blocks", "0",
+           "--window", "6", "--vae", str(vae), "--video-out", str(video), "--frames-dir", str(pngs)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (pngs.is_dir() and len(os.listdir(pngs)) >= 21) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["endless"] and summary["blocks"] >= 2
+    assert summary["video_frames"] == 1 + 4 * (3 * summary["blocks"] - 1) == _mp4_frames(video) == len(os.listdir(pngs))
+
+
 def test_package_exposes_the_main_entry_points_lazily():
     code = ("import sys, cascade_core; light = 'torch' not in sys.modules; "
             "from cascade_core import generate, CascadeConfig, PromptSchedule, load_dit; "
@@ -269,3 +297,61 @@ def test_a_second_ctrl_c_stops_at_once_and_says_so(capsys, monkeypatch):
     assert main(["generate", *SMALL]) == 130
     assert capsys.readouterr().err.strip() == ("interrupted: a second Ctrl-C stopped the run at once; "
                                                "what was written is finalised")
+
+
+def test_an_mp4_cut_off_while_it_is_written_plays_up_to_its_last_fragment(tmp_path):
+    """The writer's file, copied as it is mid-run (what a killed process leaves), decodes its first frames
+    exactly; the closed file decodes every frame."""
+    import shutil
+
+    from cascade_core.frames import FramesEvent, VideoWriter
+
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(1, 3, 120, 32, 64, generator=g) * 2 - 1  # [1, 3, F, H, W] in [-1, 1]
+    path, cut = tmp_path / "v.mp4", tmp_path / "cut.mp4"
+    writer = VideoWriter(str(path))
+    for at in range(0, 120, 12):
+        writer.write(FramesEvent(at // 12, at, frames[:, :, at:at + 12], 0.0))
+    shutil.copy(path, cut)
+    writer.close()
+    import av
+
+    def decoded(p):
+        with av.open(str(p)) as container:
+            return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+    whole, kept = decoded(path), decoded(cut)
+    assert len(whole) == 120
+    # the encoder still holds its look-ahead; the whole fragments before it (one per keyframe) are in the file
+    assert VideoWriter.KEYFRAME_SECONDS * 16 <= len(kept) < 120
+    assert all(np.array_equal(a, b) for a, b in zip(kept, whole))
+
+
+def test_an_endless_generate_ends_at_ctrl_c_with_its_video_and_last_window(tmp_path, capsys, monkeypatch):
+    from cascade_core.taew import TinyWanDecoder
+
+    vae = tmp_path / "taew.safetensors"
+    save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(), str(vae))
+    _stop_after(monkeypatch, 23)  # at P1 a block takes 5 ticks: four blocks are final by then
+    video, lat = tmp_path / "v.mp4", tmp_path / "lat.safetensors"
+    assert main(["generate", *SMALL, "--device", "cpu", "--blocks", "0", "--window", "6", "--vae", str(vae),
+                 "--video-out", str(video), "--latents-out", str(lat)]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    blocks = summary["blocks"]
+    assert blocks == 4 and summary["endless"] and summary["stopped"] == "Ctrl-C"
+    assert summary["video_frames"] == 1 + 4 * (3 * blocks - 1) == _mp4_frames(video)  # every final block's
+    assert summary["latents_first_frame"] == 3 * blocks - 6 and summary["latent_shape"] == [1, 16, 6, 4, 8]
+    assert read_tensor_file(str(lat))["latents"].shape == (1, 16, 6, 4, 8)
+    assert "Traceback" not in out.err
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "endless video .* needs a local window"),
+    (["--window", "6", "--noise", "n.safetensors"], "an endless one .* leave --noise out"),
+    (["--window", "6", "--devices", "cpu,cpu"], "endless video .* one device"),
+    (["--window", "6", "--blocks", "-1"], "--blocks must be >= 1 .0: endless")])
+def test_an_endless_generate_refuses_in_one_line(capsys, extra, message):
+    assert main(["generate", *SMALL, "--blocks", "0", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
