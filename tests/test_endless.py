@@ -181,3 +181,19 @@ def test_the_latent_window_keeps_the_last_frames_in_order():
         win.read(5, 7)
     with pytest.raises(RuntimeError, match="in order"):
         win.write(11, frames[:, :, :1])
+
+
+@pytest.mark.parametrize("family,window", [("rolling-forcing", 7), ("reward-forcing", 4)])
+def test_endless_runs_of_the_windowed_families_equal_a_longer_run(model, prompt, family, window):
+    """Rolling Forcing's rolling window (P6, bidirectional) and Reward Forcing's EMA sink with slot RoPE
+    positions, frame-wise with a small window so that 12 blocks evict many times."""
+    from cascade_core.families import family_config
+
+    cfg = family_config(family, frames_per_block=1, window=window, sink=1)
+    k, longer = 12, 12 + 2 * cfg.parallel + 2
+    stop = StopAfter(k)
+    generate(model, PromptSchedule.single(prompt), cfg, blocks=0, width=W, height=H, seed=SEED, should_stop=stop,
+             on_block=stop.on_block)
+    finite = generate(model, PromptSchedule.single(prompt), cfg, blocks=longer, width=W, height=H, seed=SEED,
+                      noise=their_noise(cfg, longer))
+    assert torch.equal(torch.cat([x for _, x in stop.finished[:k]], 2), finite.latents[:, :, :k])
