@@ -148,13 +148,12 @@ async def handle(request):
     loop, period = asyncio.get_running_loop(), 1.0 / feed.fps
     try:
         await response.prepare(request)
-        due = loop.time()  # when the next frame may go
+        due = loop.time()  # when the next frame may go: a period after the last one went, never sooner
         while (jpeg := await sub.next()) is not None:
-            now = loop.time()
-            if due > now:
-                await asyncio.sleep(due - now)
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+            due = loop.time() + period  # from when it really goes: a late wake-up delays, never hurries, the next
             await response.write(part(jpeg))
-            due = max(due, now) + period
         await response.write(f"--{BOUNDARY}--\r\n".encode("ascii"))
     except ConnectionError:  # the client went away
         pass
