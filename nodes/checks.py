@@ -57,7 +57,8 @@ def video_size(width, height) -> None:
 
 
 def blocks(value) -> None:
-    int_range("length (blocks)", value, 1, MAX_BLOCKS, " (1 block = 12 video frames = 0.75 s at 16 fps)")
+    int_range("length (blocks)", value, 0, MAX_BLOCKS, " (1 block = 12 video frames = 0.75 s at 16 fps; 0 = endless, "
+              "until Cancel)")
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
@@ -176,7 +177,8 @@ def schedule(entries, blocks_: int, text_dim: int) -> PromptSchedule:
     try:
         sched.validate(blocks_, text_dim)
     except ValueError as exc:
-        raise ValueError(f"prompt schedule: {exc} (switch blocks must lie in 0..{blocks_ - 1}, the first at 0)") from None
+        where = f"0..{blocks_ - 1}" if blocks_ else "0 or later (an endless video)"
+        raise ValueError(f"prompt schedule: {exc} (switch blocks must lie in {where}, the first at 0)") from None
     return sched
 
 

@@ -16,7 +16,7 @@ from cascade_core.sampler import Interrupted
 from cascade_core.latents import normalized_to_raw, raw_to_normalized
 from cascade_core.recompute import first_reencoding_block, why_a_vae
 
-from . import checks, devices, steer, stream
+from . import checks, devices, recording, steer, stream
 from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
 
 log = logging.getLogger("block_cascade")
@@ -156,12 +156,15 @@ class BlockCascadeSampler(io.ComfyNode):
                              step=checks.SIZE_MULTIPLE),
                 io.Int.Input("height", default=480, min=checks.SIZE_MULTIPLE, max=checks.MAX_SIZE,
                              step=checks.SIZE_MULTIPLE),
-                io.Int.Input("blocks", display_name="length (blocks)", default=7, min=1,
+                io.Int.Input("blocks", display_name="length (blocks)", default=7, min=0,
                              max=checks.MAX_BLOCKS,
                              tooltip="Video length in blocks, block 0 included. Chunk-wise (3 latent frames a "
                                      "block): 12 video frames = 0.75 s at 16 fps each (the first gives 9), 7 "
                                      "blocks = 81 frames; frame-wise (1 latent frame): 4 video frames a block, "
-                                     "21 blocks = 81 frames."),
+                                     "21 blocks = 81 frames. 0 = endless: streams until Cancel, which ends it "
+                                     "and keeps everything (needs a window: LongLive, Rolling/Reward Forcing, "
+                                     "Krea, or a config window); the video is written to the output folder "
+                                     "(block_cascade/stream_*.mp4) as it streams."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="One prompt (CLIPTextEncode with a wan CLIPLoader). Connect this "
@@ -195,10 +198,11 @@ class BlockCascadeSampler(io.ComfyNode):
                 io.Latent.Output(display_name="LATENT",
                                  tooltip="Raw Wan2.1 latents [1, 16, T, H/8, W/8] (core VAEDecode takes them): "
                                          "the start image's frame or the whole prefix first, then the new "
-                                         "frames."),
+                                         "frames. Endless: the last window's frames (a prefix to continue)."),
                 io.Image.Output(display_name="IMAGE",
                                 tooltip="The frames of LATENT, all of them (decoded with the VAE, else the "
-                                        "latent-RGB preview)."),
+                                        "latent-RGB preview). Endless: the last window's frames; the whole "
+                                        "video is the MP4 in the output folder."),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -243,7 +247,8 @@ class BlockCascadeSampler(io.ComfyNode):
             context = context_of(given, cfg, context_frames)
             described = f"the last {context.shape[2]} of the prefix's {before.shape[2]} latent frames"
             notes += context_notes(context_frames, context.shape[2])
-        cfg.check_run(len(prompts.entries) - 1, len(run_devices))
+        endless = blocks == 0
+        cfg.check_run(len(prompts.entries) - 1, len(run_devices), endless)
         steer.check(clip, cfg, len(run_devices))
         reencodes = why_a_vae(blocks, cfg.frames_per_block, cfg.kv_recompute)
         if reencodes and vae is None:
@@ -270,7 +275,7 @@ class BlockCascadeSampler(io.ComfyNode):
 
         attention_backends.set_backend(config.attention_backend)
         node_id = cls.hidden.unique_id if cls.hidden is not None and cls.hidden.unique_id is not None else ""
-        progress = comfy.utils.ProgressBar(blocks, node_id=node_id or None)
+        progress = None if endless else comfy.utils.ProgressBar(blocks, node_id=node_id or None)
         wan = decoder = reporter = result = live = None
         extra = {}  # the context re-encoder of a KV recompute
         try:
@@ -289,9 +294,13 @@ class BlockCascadeSampler(io.ComfyNode):
                 extra["context_image"] = context_reencoder(vae, decoder)
             lead = 0 if before is None else before.shape[2]
             clean_pass = not cfg.kv_recompute
-            reporter = stream.Reporter(node_id, blocks, lead + cfg.grid.total(blocks), len(cfg.steps) + clean_pass,
-                                       cfg.parallel, width, height, decoder, progress=progress,
-                                       should_stop=_interrupted, settings=settings_text, clean_pass=clean_pass)
+            # endless: frames_total unknown, Cancel decodes every final block, the last window's frames kept
+            reporter = stream.Reporter(node_id, blocks, 0 if endless else lead + cfg.grid.total(blocks),
+                                       len(cfg.steps) + clean_pass, cfg.parallel, width, height, decoder,
+                                       progress=progress, should_stop=None if endless else _interrupted,
+                                       settings=settings_text, clean_pass=clean_pass,
+                                       keep_frames=4 * cfg.attended_window if endless else None,  # video frames of W latent
+                                       recording=recording.Recording(stream.FPS) if endless else None)
             log.info("Block Cascade: %s", settings_text)
             reporter.start()
             if before is not None:
@@ -304,16 +313,21 @@ class BlockCascadeSampler(io.ComfyNode):
             result = run(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,
                          on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted,
                          prefix=context, include_prefix=False, **extra)
+            stopped = endless and _interrupted()
+            if stopped:  # Cancel ended the stream: its outputs go on through the graph, as a run's would
+                _mm().interrupt_current_processing(False)
             raw = normalized_to_raw(result.latents.float()).cpu()
-            if before is not None:  # the given latents themselves, not a round trip through normalisation
+            if before is not None and not endless:  # the given latents themselves, not a round trip
                 raw = torch.cat([before.cpu(), raw], 2)
             reporter.finish()  # frames still being decoded
             images = reporter.images()
             # the run's wall time as the node saw it (a worker pool's own figure leaves out the rest)
             log.info("Block Cascade: %d blocks, %d frames in %.2f s (%d ticks, first block after %.2f s)",
-                     blocks, images.shape[0], reporter.elapsed(), result.ticks, result.first_block_seconds)
-            reporter.done()
-            return io.NodeOutput({"samples": raw}, images)
+                     result.blocks, reporter.frame_count, reporter.elapsed(), result.ticks, result.first_block_seconds)
+            reporter.done(stopped=stopped)
+            if not endless:
+                return io.NodeOutput({"samples": raw}, images)
+            return io.NodeOutput({"samples": raw}, images, ui=reporter.recording.ui() if reporter.recording.count else None)
         except Interrupted as exc:
             traceback.clear_frames(exc.__traceback__)  # the engine's frames hold the KV cache
             if reporter is not None:

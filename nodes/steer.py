@@ -132,7 +132,7 @@ def submit(body) -> tuple[int, dict]:
         return 409, {"error": f"node {node} is not running"}
     if entry.clip is None:
         return 400, {"error": NO_CLIP}
-    if block is not None and block >= entry.blocks:
+    if block is not None and entry.blocks and block >= entry.blocks:  # blocks 0: endless
         return 400, {"error": f"block {block} is beyond the video (blocks 0..{entry.blocks - 1})"}
     entry.requests.put((text, block))
     return 200, {"queued": True}

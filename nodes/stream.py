@@ -5,10 +5,13 @@ frames_total, fps, width, height, stages, parallel, clean_pass}, repeated so tha
   block_cascade.start  {META}
   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
-  block_cascade.done   {node, run, seconds, frames, blocks (whose frames were sent), error?}
+  block_cascade.done   {node, run, seconds, frames, blocks (whose frames were sent), error?, stopped?, video?}
   block_cascade.switch {node, run, block, text, dropped?}: a steered prompt landed at ``block`` (block
                        null and ``dropped`` saying why when it could not land; see :mod:`nodes.steer`)
-``width``/``height`` are those of the preview JPEGs (longest side <= PREVIEW_MAX). A run after a
+``width``/``height`` are those of the preview JPEGs (longest side <= PREVIEW_MAX). An endless run
+(``blocks`` 0) has ``frames_total`` 0 and state ``ticks`` 0 (unknown); it ends with ``stopped: true``
+(Cancel, its normal end) and ``video`` {filename, subfolder, type} naming the MP4 in ComfyUI's output
+folder that its frames were written to as they came (:mod:`nodes.recording`). A run after a
 context (a start image, a video continued) sends that context's frames first, as block -1 from frame 0
 (``frames_total`` counts them; ``blocks`` and ``done.blocks`` count generated blocks only). State events are
 rate-limited (at most one per STATE_INTERVAL seconds, the last tick always); frames go once per block.
@@ -101,7 +104,11 @@ class Reporter:
     def __init__(self, node: str, blocks: int, latent_frames: int, stages: int, parallel: int,
                  width: int, height: int, decoder, send: Callable[[str, dict], None] | None = None,
                  progress=None, clock: Callable[[], float] = time.perf_counter,
-                 should_stop: Callable[[], bool] | None = None, settings: str = "", clean_pass: bool = True):
+                 should_stop: Callable[[], bool] | None = None, settings: str = "", clean_pass: bool = True,
+                 keep_frames: int | None = None, recording=None):
+        """``keep_frames``: the most (latest) frames :meth:`images` holds (None: all); ``recording``: a
+        :class:`cascade_core.frames.VideoWriter` that every block's frames are written to as they come
+        (closed by :meth:`done`)."""
         self.node, self.run = str(node), uuid.uuid4().hex[:12]
         self.clean_pass = clean_pass  # a block's last stage is its clean pass (not with a KV recompute)
         self.blocks, self.latent_frames, self.stages, self.parallel = blocks, latent_frames, stages, parallel
@@ -111,7 +118,8 @@ class Reporter:
         self.send, self.progress, self.clock = send or client_sender(), progress, clock
         self.decoding = FrameStream(decoder, on_frames=self._send_frames, keep=False,
                                     should_stop=should_stop)
-        self.frames: list[torch.Tensor] = []
+        self.frames: list[torch.Tensor] = []  # [F, H, W, 3] per block, the latest keep_frames in all
+        self.keep_frames, self.recording = keep_frames, recording
         self.frame_count = 0
         self.frame_blocks = 0  # blocks whose frames were sent
         self.done_blocks = 0
@@ -179,8 +187,15 @@ class Reporter:
     def _send_frames(self, ev: FramesEvent) -> None:
         frames = ((ev.frames[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)  # [N, H, W, 3], host
         frames = resize_frames(frames, self.width, self.height).contiguous()
+        if self.recording is not None:
+            self.recording.write(ev)
         self.frames.append(frames)
         self.frame_count += frames.shape[0]
+        while self.keep_frames is not None and sum(f.shape[0] for f in self.frames) > self.keep_frames:
+            extra = sum(f.shape[0] for f in self.frames) - self.keep_frames
+            self.frames[0] = self.frames[0][extra:]  # a view: the block's tensor goes once it is all dropped
+            if not len(self.frames[0]):
+                self.frames.pop(0)
         small = resize_frames(frames, self.preview_w, self.preview_h)
         self.frame_blocks += ev.block != CONTEXT_BLOCK
         jpegs = [encode_jpeg(f) for f in small]
@@ -198,8 +213,9 @@ class Reporter:
             data["dropped"] = dropped
         self._emit("switch", data)
 
-    def done(self, error: str | None = None) -> None:
-        """The run's last event, after the frames of the blocks already pushed (the frames thread ends)."""
+    def done(self, error: str | None = None, stopped: bool = False) -> None:
+        """The run's last event, after the frames of the blocks already pushed (the frames thread ends,
+        the recording is closed and named); ``stopped``: an endless run ended by Cancel."""
         if self.finished:
             return
         self.finished = True
@@ -207,8 +223,14 @@ class Reporter:
         mjpeg.close_feed(self.feed)
         data = {"node": self.node, "run": self.run, "seconds": self.elapsed(), "frames": self.frame_count,
                 "blocks": self.frame_blocks}
+        if self.recording is not None:
+            self.recording.close()
+            if self.recording.count:
+                data["video"] = self.recording.file()
         if error is not None:
             data["error"] = error
+        elif stopped:
+            data["stopped"] = True
         self._emit("done", data)
 
     def images(self) -> torch.Tensor:

@@ -491,7 +491,8 @@ def cond(width=4096, tokens=8, n=1):
     (dict(schedule="WIDE"), r"prompt at block 0: .*width 1024"),
     (dict(positive=cond(), width=830), r"width must be a multiple of 16 in 16\.\.4096"),
     (dict(positive=cond(), height=0), r"height must be a multiple of 16"),
-    (dict(positive=cond(), blocks=0), r"length \(blocks\) must lie in 1\.\.1000"),
+    (dict(positive=cond(), blocks=-1), r"length \(blocks\) must lie in 0\.\.1000 .*0 = endless"),
+    (dict(positive=cond(), blocks=0), r"^an endless video \(blocks 0, until stopped\) needs a local window"),
 ])
 def test_bad_sampler_inputs_are_refused_before_the_engine_runs(model, no_engine, kw, message):
     ScheduleValue = values_mod.ScheduleValue
@@ -522,7 +523,7 @@ def queue_errors(node: str, **inputs) -> list[tuple[str, str]]:
     ("BlockCascadeConfig", dict(attention_backend="nope"), "attention_backend", "nope"),
     ("BlockCascadeConfig", dict(attention="sideways"), "attention", "sideways"),
     ("BlockCascadeSampler", dict(width=3), "width", ""),
-    ("BlockCascadeSampler", dict(blocks=0), "blocks", ""),
+    ("BlockCascadeSampler", dict(blocks=-1), "blocks", ""),
     ("BlockCascadePromptSchedule", dict(conditioning=["3", 0], start_block=1000), "start_block", "0..999"),
 ])
 def test_a_refused_input_is_reported_once_on_the_input_at_fault(node, bad, fault, text):

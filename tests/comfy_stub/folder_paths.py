@@ -43,3 +43,17 @@ def get_full_path_or_raise(name, filename):
     if p is None:
         raise FileNotFoundError(f"Model in folder '{name}' with filename '{filename}' not found.")
     return p
+
+
+def get_output_directory():
+    return os.path.join(base_path, "output")
+
+
+def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height=0):
+    """(folder, file name, counter, subfolder, prefix): the counter is one past the highest of the files
+    named ``name_NNNNN_...`` already in the folder, as ComfyUI's own counts."""
+    subfolder, name = os.path.split(os.path.normpath(filename_prefix))
+    folder = os.path.join(output_dir, subfolder)
+    taken = [int(f[len(name) + 1:].split("_")[0]) for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if f.startswith(name + "_") and f[len(name) + 1:].split("_")[0].isdigit()]
+    return folder, name, max(taken, default=0) + 1, subfolder, filename_prefix

@@ -1,0 +1,84 @@
+"""An endless sampler run (blocks 0) in the node: it streams until Cancel, which ends it and keeps
+everything: the fragmented MP4 in ComfyUI's output folder (named in the done event and the node's UI
+output), the last window's latents and frames as outputs, ComfyUI's interrupt flag consumed so the
+graph goes on (stand-in comfy modules, tiny model, CPU)."""
+from __future__ import annotations
+
+import os
+
+import av
+import pytest
+
+from cascade_core.frames import video_frames
+from test_nodes import NODES, W, H, Recorder, config, model, prompts, stream_mod  # noqa: F401  (stand-ins first)
+
+import comfy.model_management as mm  # noqa: E402
+import folder_paths  # noqa: E402
+
+WINDOW = 6  # latent frames
+
+
+def decoded_frames(path: str) -> int:
+    with av.open(path) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def run_until_cancel(model, prompts, blocks_before_cancel: int, **kw):
+    """Run the sampler endlessly; press Cancel once ``blocks_before_cancel`` frames events came.
+    Returns (NodeOutput, the Recorder)."""
+    def on_event(event, data):
+        if event == "block_cascade.frames" and data["block"] + 1 >= blocks_before_cancel:
+            mm.interrupt_current_processing(True)  # what POST /interrupt does
+
+    cls = NODES["BlockCascadeSampler"].PREPARE_CLASS_CLONE({"UNIQUE_ID": "7"})
+    with Recorder(on_event) as rec:
+        out = cls.execute(model=model, config=config(parallel=1, attention="causal", window=WINDOW, sink=3),
+                          width=W, height=H, blocks=0, seed=3, positive=prompts[0], **kw)
+    return out, rec
+
+
+def test_cancel_ends_an_endless_run_keeping_its_video_and_last_window(model, prompts):
+    out, rec = run_until_cancel(model, prompts, 4)
+    assert not mm.processing_interrupted()  # consumed: the rest of the graph runs on the outputs
+    (_, start), = rec.events("start")
+    assert start["blocks"] == 0 and start["frames_total"] == 0
+    assert all(d["ticks"] == 0 for _, d in rec.events("state"))
+    (_, done), = rec.events("done")
+    assert done["stopped"] is True and "error" not in done
+    blocks = done["blocks"]
+    assert blocks >= 4 and [d["block"] for _, d in rec.events("frames")] == list(range(blocks))
+    # the MP4: every final block's frames, in the output folder under the name the UI gets
+    video = done["video"]
+    assert out.ui == {"images": [video], "animated": [True]} and video["type"] == "output"
+    path = os.path.join(folder_paths.get_output_directory(), video["subfolder"], video["filename"])
+    assert decoded_frames(path) == done["frames"] == video_frames(3 * blocks)
+    # the outputs: the last window's latents and its frames
+    latent, images = out.args
+    assert latent["samples"].shape == (1, 16, WINDOW, H // 8, W // 8)
+    assert images.shape == (4 * WINDOW, H, W, 3)
+
+
+def test_each_endless_run_gets_a_file_of_its_own(model, prompts):
+    first, rec1 = run_until_cancel(model, prompts, 1)
+    second, rec2 = run_until_cancel(model, prompts, 1)
+    names = [r.events("done")[0][1]["video"]["filename"] for r in (rec1, rec2)]
+    assert names[0] != names[1] and all(n.startswith("stream_") and n.endswith(".mp4") for n in names)
+
+
+def test_an_error_in_an_endless_run_still_finalises_its_video(model, prompts, monkeypatch):
+    sent = []
+
+    def failing_block(self, ev):
+        sent.append(ev.block)
+        if len(sent) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, ev)
+
+    real = stream_mod.Reporter.on_block
+    monkeypatch.setattr(stream_mod.Reporter, "on_block", failing_block)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_until_cancel(model, prompts, 100)
+    mm.interrupt_current_processing(False)
+    folder = os.path.join(folder_paths.get_output_directory(), "block_cascade")
+    newest = max((os.path.join(folder, f) for f in os.listdir(folder)), key=os.path.getmtime)
+    assert decoded_frames(newest) == video_frames(3 * 2)  # the two blocks before the failure, playable
