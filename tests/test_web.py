@@ -4,7 +4,8 @@ The browser test serves the repository on a loopback port, opens tests/web_fixtu
 (the same player_core.js / player_view.js the node widget uses, without ComfyUI), which replays the
 recorded events in tests/web_fixtures/events.json and posts back every frame it drew with the canvas
 pixel read right after drawing. Regenerate the fixture with tests/web_fixtures/make_events.py.
-tests/web_fixtures/steer.html drives the player's steer box the same way, with a fake `post`.
+tests/web_fixtures/steer.html drives the player's steer box the same way, with a fake `post`;
+tests/web_fixtures/endless.html streams an endless run of 10,008 frames and measures the JS heap.
 """
 import functools
 import json
@@ -123,20 +124,55 @@ def test_player_draws_streamed_frames_in_chromium():
 
 
 def test_steer_box_in_chromium():
-    """While the run goes on the box is shown; Enter POSTs {node, text} as JSON, a queued text clears the
-    box, a refusal shows the server's error; the switches are listed (a dropped one greyed, with its
-    reason); the box goes when the run is done."""
+    """While the run goes on the box is shown; Enter POSTs {node, text} as JSON (plus "block" when the
+    "at block" field next to it is filled), a queued text clears the box, a refusal shows the server's
+    error, a bad block is not sent; the switches are listed (a dropped one greyed, with its reason) and
+    the landed one is a tick on the timeline at block/blocks; the box goes when the run is done."""
     chromium = find_chromium()
     if not chromium:
         pytest.skip("no chromium binary")
     res, _ = run_harness(chromium, page="steer.html")
     assert "error" not in res, res["error"]
     assert res["beforeRun"] is False and res["running"] is True and res["afterDone"] is False
-    assert res["placeholder"] == "steer: type a prompt, Enter"
+    assert res["placeholder"] == "steer: type a prompt, Enter" and res["blockPlaceholder"] == "at block"
+    assert res["sameRow"], "the block field sits next to the text box"
+    bodies = [{"node": "7", "text": "a red fox"}, {"node": "7", "text": "snow"}, {"node": "7", "text": "rain", "block": 5}]
     assert res["requests"] == [
-        {"path": "/block_cascade/steer", "method": "POST", "type": "application/json", "body": {"node": "7", "text": t}}
-        for t in ("a red fox", "snow")]
-    assert res["queued"] == {"value": "", "error": ""}
-    assert res["refused"] == {"value": "snow", "error": "node 7 is not running"}
+        {"path": "/block_cascade/steer", "method": "POST", "type": "application/json", "body": b} for b in bodies]
+    assert res["queued"] == {"value": "", "block": "", "error": ""}
+    assert res["refused"] == {"value": "snow", "block": "", "error": "node 7 is not running"}
+    assert res["atBlock"] == {"value": "", "block": "", "error": ""}
+    assert res["badBlock"]["value"] == "hail" and res["badBlock"]["error"].startswith('not sent: "at block"')
     assert [w["text"] for w in res["switches"]] == ["block 2: a red fox", "not used: snow (no block left)"]
     assert res["switches"][0]["color"] != res["switches"][1]["color"], "the dropped one is greyed"
+    [tick] = res["ticks"]  # the landed switch only, at block 2 of 3
+    assert tick["title"] == "block 2: a red fox" and tick["visible"]
+    assert abs(tick["at"] - 2 / 3) < 0.02, tick
+
+
+def test_endless_stream_memory_in_chromium():
+    """An endless run (blocks 0) of 10,008 frames, each event through JSON text like a websocket
+    message: the Stream holds at most FRAMES_KEPT frames, the JS heap after a GC stays within 2 MB of
+    the heap after the first 1,008 frames (holding every frame would add about 8 MB of these small
+    JPEGs), the player's elements do not pile up, playback follows the kept frames, the lines say
+    "endless" without totals of 0, and a run stopped by Cancel links its saved video."""
+    chromium = find_chromium()
+    if not chromium:
+        pytest.skip("no chromium binary")
+    res, _ = run_harness(chromium, page="endless.html",
+                         extra_flags=("--enable-precise-memory-info", "--js-flags=--expose-gc"))
+    assert "error" not in res, res["error"]
+    assert res["received"] == 834 * 12 and res["lastIndex"] == 834 * 12 - 1
+    assert 0 < res["held"] <= res["kept"], res
+    assert res["heap10k"] - res["heap1k"] < 2 * 2**20, (res["heap1k"], res["heap10k"])
+    assert res["nodes10k"] - res["nodes1k"] <= 4, (res["nodes1k"], res["nodes10k"])  # a few rows of status, not per frame
+    assert res["shown"] > res["lastIndex"] - res["kept"], "playback went on from the frames kept"
+    status, stats, cascade = res["lines"]
+    assert status == "Streaming" and cascade == "block 834 · endless: Cancel ends it and keeps the video", res["lines"]
+    assert stats.startswith(f"{834 * 12} frames (last {res['held']} kept)"), stats
+    assert not any(bad in line for line in res["lines"] for bad in ("NaN", "/0", "undefined")), res["lines"]
+    assert res["ticks"] == ["block 808: prompt 808"]  # the switches of the latest blocks only
+    assert res["stopped"] == {"status": "Stopped by Cancel after 626.5 s: the video is saved",
+                              "cascade": "endless: 834 blocks done",
+                              "link": "/api/view?filename=block_cascade_00001.mp4&subfolder=&type=output",
+                              "linkText": "saved video: block_cascade_00001.mp4", "linkShown": True}

@@ -34,14 +34,14 @@ function attachPlayer(node) {
   const view = createPlayerView(document, () => hub.get(node.id), {
     getNote: () => hub.note(node.id),
     post: (path, init) => api.fetchApi(path, init), // steered prompts, through ComfyUI's server
-    url: (path) => api.apiURL(path), // the MJPEG link
+    url: (path) => api.apiURL(path), // the MJPEG link and the saved video
   });
   views.add(view);
   ensureLoop();
   const widget = node.addDOMWidget("block_cascade_player", "block_cascade_player", view.element, {
     serialize: false,
     hideOnZoom: false,
-    getMinHeight: () => 380, // the frames (at least 120 px), stats, cascade rows, controls, steer box
+    getMinHeight: () => 400, // the frames (at least 120 px), stats, cascade rows, controls, timeline, steer box
   });
   node.bcPlayerView = view;
   widget.onRemove = () => views.delete(view);

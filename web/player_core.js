@@ -6,7 +6,10 @@
 //   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
 //   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
 //     (block -1: the frames of a context before block 0, a start image or the video continued)
-//   block_cascade.done   {node, run, seconds, frames, blocks, error?}
+//   block_cascade.done   {node, run, seconds, frames, blocks, error?, stopped?, video?: {filename, subfolder, type}}
+//     (stopped: an endless run ended by Cancel; video: the MP4 saved in ComfyUI's output folder)
+// An endless run (until Cancel) has META blocks 0 and frames_total 0, and state ticks 0 (all unknown);
+// its block and frame numbers grow without bound, so a Stream keeps only the last FRAMES_KEPT frames.
 //   block_cascade.switch {node, run, block, text, dropped?}: a steered prompt landed at `block` (block
 //     null and `dropped` saying why when it could not land)
 // A Hub keeps one Stream per sampler node id; a Stream holds one run's frames, stats, cascade state
@@ -23,6 +26,12 @@ export const COMFY_EVENTS = ["execution_start", "executing", "execution_cached",
 /** The most steered-prompt switches a Stream keeps (the latest ones), and the most describe() lists. */
 export const SWITCHES_KEPT = 100;
 export const SWITCHES_SHOWN = 4;
+/** The most frames a Stream keeps (the latest frame indices; older ones are dropped). A preview JPEG
+ * (longest side 320 px, quality 80) is about 10-20 kB, so about 14-27 kB as a base64 string: 1000
+ * frames (about a minute at 16 fps) bound a Stream's frames to about 15-30 MB. */
+export const FRAMES_KEPT = 1000;
+/** How many of the latest blocks the timeline of an endless run spans (its switch ticks move left). */
+export const ENDLESS_TIMELINE_BLOCKS = 50;
 
 const num = (v, fallback) => (Number.isFinite(Number(v)) && Number(v) > 0 ? Number(v) : fallback);
 
@@ -39,8 +48,13 @@ export class Stream {
     this.cleanPass = start.clean_pass !== false; // the last stage is a clean pass (not with Krea's KV recompute)
     this.parallel = num(start.parallel, 1);
     this.settings = typeof start.settings === "string" ? start.settings : ""; // the run's effective sampling settings
-    this.frames = []; // base64 JPEG by frame index (sparse until every block arrived)
-    this.received = 0; // distinct frames received
+    this.frames = new Map(); // frame index -> base64 JPEG, the last FRAMES_KEPT indices at most
+    this.last = -1; // the highest frame index received
+    this.oldest = -1; // the lowest frame index kept (-1: none)
+    this.received = 0; // distinct frames received (kept or dropped since)
+    this.dropped = 0; // frames dropped to keep FRAMES_KEPT
+    this.joinedFrom = -1; // the first frame index received after joining a run mid-way
+    this.newestBlock = -1; // the highest block number seen (in frames, state or switches)
     this.elapsed = 0; // seconds since run start, latest the backend told us
     this.firstFrameAt = null; // seconds from run start to the first frames message
     this.state = null; // {tick, ticks, pairs, doneBlocks}
@@ -49,6 +63,8 @@ export class Stream {
     this.status = "running"; // running | done | error
     this.joined = false; // picked up mid-run (page reloaded): frames before the join are missing
     this.cached = false; // ComfyUI answered a later prompt from the cache: these are that run's frames
+    this.stopped = false; // an endless run ended by Cancel (status "done")
+    this.video = null; // {filename, subfolder, type}: the MP4 ComfyUI saved, when done told it
     this.error = null;
     this.seconds = null;
     // playback
@@ -64,6 +80,20 @@ export class Stream {
     return 1000 / this.fps;
   }
 
+  /** An endless run (blocks 0: until Cancel). */
+  get endless() {
+    return this.blocks === 0;
+  }
+
+  /** The base64 JPEG of frame `i`, or undefined (not received, or dropped). */
+  frame(i) {
+    return this.frames.get(i);
+  }
+
+  _block(b) {
+    if (Number.isInteger(b) && b > this.newestBlock) this.newestBlock = b;
+  }
+
   onState(d) {
     this.state = {
       tick: Number(d.tick) || 0,
@@ -71,31 +101,59 @@ export class Stream {
       pairs: Array.isArray(d.pairs) ? d.pairs.map(([b, s]) => [Number(b), Number(s)]) : [],
       doneBlocks: Number(d.done_blocks) || 0,
     };
+    for (const [b] of this.state.pairs) this._block(b);
     this._seen(d.elapsed);
     this.version++;
   }
 
+  /** Frames `d.frames` from index `d.first_frame` on. Frames older than the kept window (the last
+   * FRAMES_KEPT indices) are ignored; newer ones push the oldest out. */
   onFrames(d) {
-    const first = Number(d.first_frame) || 0;
+    const first = Math.max(0, Math.floor(Number(d.first_frame)) || 0);
     const list = Array.isArray(d.frames) ? d.frames : [];
-    if (this.joined && this.received === 0 && list.length) this.playhead = first; // play from the join
-    list.forEach((f, i) => {
-      if (typeof f !== "string" || !f) return;
-      if (this.frames[first + i] === undefined) this.received++;
-      this.frames[first + i] = f;
+    if (this.joined && this.received === 0 && list.length) this.playhead = this.joinedFrom = first; // play from the join
+    list.forEach((f, k) => {
+      const i = first + k;
+      if (typeof f !== "string" || !f || i <= this.last - FRAMES_KEPT) return;
+      if (!this.frames.has(i)) this.received++;
+      this.frames.set(i, f);
+      if (this.oldest < 0 || i < this.oldest) this.oldest = i;
+      if (i > this.last) this.last = i;
     });
+    this._drop();
+    this._block(Number(d.block));
     if (list.length && this.firstFrameAt === null) this.firstFrameAt = Number(d.elapsed) || 0;
     this._seen(d.elapsed);
     this.version++;
   }
 
+  /** Drop the frames below the kept window; `oldest` moves to the lowest index still kept. */
+  _drop() {
+    const cut = this.last - FRAMES_KEPT + 1; // the lowest index that may stay
+    if (this.oldest < 0 || this.oldest >= cut) return;
+    const before = this.frames.size;
+    if (cut - this.oldest > before) {
+      for (const i of this.frames.keys()) if (i < cut) this.frames.delete(i);
+    } else for (let i = this.oldest; i < cut; i++) this.frames.delete(i);
+    this.dropped += before - this.frames.size;
+    let i = cut;
+    while (!this.frames.has(i)) i++; // frame `last` is kept, so this stops
+    this.oldest = i;
+  }
+
+  /** The run ended: done, an error, or (`d.stopped`) an endless run stopped by Cancel, with `d.video`
+   * naming the MP4 ComfyUI saved ({filename, subfolder, type}; ignored without a filename). */
   onDone(d) {
     this.status = d.error ? "error" : "done";
     this.error = d.error ? String(d.error) : null;
+    this.stopped = !d.error && Boolean(d.stopped);
+    const v = d.video;
+    this.video = v && typeof v === "object" && typeof v.filename === "string" && v.filename
+      ? { filename: v.filename, subfolder: String(v.subfolder ?? ""), type: String(v.type || "output") } : null;
     this.seconds = Number.isFinite(Number(d.seconds)) ? Number(d.seconds) : this.elapsed;
     if (this.state) {
       this.state = { ...this.state, pairs: [] };
-      if (!d.error) Object.assign(this.state, { tick: this.state.ticks, doneBlocks: this.blocks });
+      if (!d.error && !this.stopped && !this.endless) Object.assign(this.state, { tick: this.state.ticks, doneBlocks: this.blocks });
       else if (Number.isFinite(Number(d.blocks))) this.state.doneBlocks = Number(d.blocks); // = frames shown
     }
     this.version++;
@@ -105,6 +163,7 @@ export class Stream {
   onSwitch(d) {
     const block = Number.isInteger(d.block) && !d.dropped ? d.block : null;
     this.switches.push({ block, text: String(d.text ?? ""), dropped: d.dropped ? String(d.dropped) : "" });
+    this._block(block);
     if (this.switches.length > SWITCHES_KEPT) this.switches.splice(0, this.switches.length - SWITCHES_KEPT);
     this.switchCount++;
     this.version++;
@@ -120,14 +179,15 @@ export class Stream {
     return this.elapsed > 0 ? this.received / this.elapsed : 0;
   }
 
+  /** The highest frame index received (-1: none yet). */
   get lastIndex() {
-    return this.frames.length - 1;
+    return this.last;
   }
 
   /** Frames ready to play after the one on screen (contiguous). */
   get buffered() {
     let n = 0;
-    while (this.frames[this.playhead + n] !== undefined) n++;
+    while (this.frames.has(this.playhead + n)) n++;
     return n;
   }
 
@@ -146,16 +206,17 @@ export class Stream {
   tick(now) {
     if (!this.playing) return false;
     if (this.nextDue !== null && now < this.nextDue) return false;
+    if (this.playhead <= this.last - FRAMES_KEPT) this.playhead = this.oldest; // fell behind the kept frames
     if (this.status !== "running") {
       // finished: skip frames that never came, stop after the last one
-      while (this.playhead <= this.lastIndex && this.frames[this.playhead] === undefined) this.playhead++;
+      while (this.playhead <= this.lastIndex && !this.frames.has(this.playhead)) this.playhead++;
       if (this.playhead > this.lastIndex) {
         this.playing = false;
         this.version++;
         return false;
       }
     }
-    if (this.frames[this.playhead] === undefined) return false; // waiting for the generator
+    if (!this.frames.has(this.playhead)) return false; // waiting for the generator
     this.shown = this.playhead++;
     this.shownAt = now;
     // keep a steady cadence, but after a stall restart from now instead of catching up in a burst
@@ -165,10 +226,10 @@ export class Stream {
     return true;
   }
 
-  /** Show frame `i` now (clamped); playback continues from the next one. */
+  /** Show frame `i` now (clamped to the kept frames); playback continues from the next one. */
   seek(i) {
-    if (this.frames.length === 0) return;
-    this.shown = Math.max(0, Math.min(this.lastIndex, Math.round(Number(i) || 0)));
+    if (this.frames.size === 0) return;
+    this.shown = Math.max(this.oldest, Math.min(this.lastIndex, Math.round(Number(i) || 0)));
     this.playhead = this.shown + 1;
     this.shownAt = null;
     this.nextDue = null;
@@ -177,7 +238,7 @@ export class Stream {
 
   play() {
     if (this.status !== "running" && this.playhead > this.lastIndex) {
-      this.playhead = 0; // replay from the start
+      this.playhead = Math.max(0, this.oldest); // replay from the oldest frame kept
     }
     this.playing = true;
     this.nextDue = null;
@@ -289,55 +350,4 @@ export class Hub {
     else return null;
     return s;
   }
-}
-
-/** What a note from Hub.comfy says (or null). */
-function noteText(note) {
-  if (!note) return null;
-  if (note.kind === "waiting") return note.on ? `Waiting for ${note.on} (runs before this node)…` : "Queued: waiting for the nodes before this one…";
-  if (note.kind === "running") return "Running: frames appear here as blocks finish…";
-  return "From the cache: ComfyUI reused an earlier run's outputs (same inputs) and this page has not seen its frames; change the seed or an input to stream again.";
-}
-
-/**
- * The last SWITCHES_SHOWN switches of a Stream as lines [{text, dropped}], oldest first: "block 4: a red
- * fox" for a landed one, "not used: a red fox (why)" with dropped true for one that could not land, led
- * by "… N earlier switches" when there were more.
- */
-function switchLines(s) {
-  const lines = s.switches.slice(-SWITCHES_SHOWN).map((w) => (w.dropped
-    ? { text: `not used: ${w.text} (${w.dropped})`, dropped: true }
-    : { text: `block ${w.block}: ${w.text}`, dropped: false }));
-  const earlier = s.switchCount - lines.length;
-  if (earlier > 0) lines.unshift({ text: `… ${earlier} earlier switch${earlier === 1 ? "" : "es"}`, dropped: false });
-  return lines;
-}
-
-/**
- * Short status lines for a Stream (or null) and the node's note (Hub.note), shared by the widget and the
- * test harness: {status, stats, cascade, settings} strings and `switches` (the steered prompts, see
- * switchLines).
- */
-export function describe(s, note = null) {
-  if (!s) return { status: noteText(note) || "No stream yet: queue the workflow to watch frames arrive here.", stats: "", cascade: "", settings: "", switches: [] };
-  const f1 = (x) => x.toFixed(1);
-  let status;
-  if (s.status === "error") status = `Error: ${s.error}`;
-  else if (s.status === "done") status = s.received ? `Done in ${f1(s.seconds)} s` : `Done in ${f1(s.seconds)} s, no frames received`;
-  else status = s.received ? "Streaming" : "Waiting for the first frame…";
-  if (s.joined && s.received) status += ` (joined during the run: from frame ${s.frames.findIndex((f) => f !== undefined) + 1})`;
-  if (s.cached) status = `From the cache (same inputs): the last run's frames. ${status}`;
-  status = noteText(note) || status;
-  const total = s.framesTotal ? `/${s.framesTotal}` : "";
-  const stats = [
-    `${s.received}${total} frames`,
-    `gen ${f1(s.genFps)} fps (play ${s.fps})`,
-    s.firstFrameAt === null ? "first frame –" : `first frame ${s.firstFrameAt.toFixed(2)} s`,
-    `buffer ${s.buffered}`,
-  ].join(" · ");
-  let cascade = "";
-  if (s.state) {
-    cascade = `tick ${s.state.tick}/${s.state.ticks} · blocks done ${s.state.doneBlocks}/${s.blocks}`;
-  }
-  return { status, stats, cascade, settings: s.settings, switches: switchLines(s) };
 }

@@ -1,14 +1,14 @@
-// Block Cascade player: the DOM part (canvas, stats, cascade grid, controls, the steer box and the
-// steered switches). No ComfyUI imports: the node widget (block_cascade.js) and the test harness
+// Block Cascade player: the DOM part (canvas, stats, cascade grid, controls, the timeline of steered
+// switches, the steer box and the switches list). No ComfyUI imports: the node widget (block_cascade.js) and the test harness
 // (tests/web_fixtures) both build it from here.
-import { describe } from "./player_core.js";
+import { describe } from "./player_describe.js";
 
 const CSS = `
 .bc-player { display: flex; flex-direction: column; gap: 4px; font: 11px sans-serif; color: #ccc; width: 100%; height: 100%; box-sizing: border-box; }
 .bc-player canvas { width: 100%; flex: 1 1 auto; min-height: 120px; object-fit: contain; background: #111; border-radius: 4px; }
 .bc-player .bc-status { color: #eee; }
 .bc-player .bc-settings { color: #aaa; }
-.bc-player .bc-mjpeg { color: #8cf; }
+.bc-player .bc-mjpeg, .bc-player .bc-video { color: #8cf; }
 .bc-player .bc-grid { display: flex; flex-direction: column; gap: 2px; }
 .bc-player .bc-row { display: flex; align-items: center; gap: 2px; }
 .bc-player .bc-row span { width: 3.5em; }
@@ -19,13 +19,24 @@ const CSS = `
 .bc-player .bc-controls input { flex: 1; }
 .bc-player .bc-switches div, .bc-player .bc-steer-error { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .bc-player .bc-switches .dropped { color: #777; }
-.bc-player .bc-steer input { width: 100%; box-sizing: border-box; }
+.bc-player .bc-timeline { position: relative; height: 8px; background: #333; border-radius: 2px; }
+.bc-player .bc-tick { position: absolute; top: 0; width: 3px; height: 100%; margin-left: -1px; background: #fc6; }
+.bc-player .bc-steer-row { display: flex; gap: 4px; }
+.bc-player .bc-steer-row input { min-width: 0; box-sizing: border-box; }
+.bc-player .bc-steer-text { flex: 1; }
+.bc-player .bc-steer-block { width: 6em; }
 .bc-player .bc-steer-error { color: #e88; }
 `;
 
 /** The path of a running sampler's MJPEG stream (nodes/mjpeg.py), for players outside ComfyUI. */
 export function mjpegPath(node) {
   return `/block_cascade/stream/${encodeURIComponent(String(node))}.mjpeg`;
+}
+
+/** The path ComfyUI serves a saved file at (`video`: {filename, subfolder, type} from the done event). */
+export function videoPath(video) {
+  const { filename, subfolder = "", type = "output" } = video;
+  return `/view?${new URLSearchParams({ filename, subfolder, type })}`;
 }
 
 /** The server route that takes steered prompts (nodes/steer.py). */
@@ -35,18 +46,26 @@ const firstLine = (x) => String(x).split("\n")[0];
 
 /**
  * Send `text` to the running sampler `node` through `post(path, init)`, a fetch-like function (resolves
- * to a Response: `status`, `json()`): POST STEER_ROUTE with the JSON body {node, text}. Resolves to null
- * when nothing was sent (a blank text), "" when the server queued it (200), else one line saying why not
- * (the server's "error", or the HTTP status, or the failed request). Never rejects.
+ * to a Response: `status`, `json()`): POST STEER_ROUTE with the JSON body {node, text}, plus `block` when
+ * `block` is given (a whole number >= 0, or a string of one: the block to switch at; null, undefined or
+ * a blank string: the next block to enter). Resolves to null when nothing was sent (a blank text), "" when
+ * the server queued it (200), else one line saying why not (a bad block, which is not sent; the server's
+ * "error", or the HTTP status, or the failed request). Never rejects.
  */
-export async function steer(post, node, text) {
+export async function steer(post, node, text, block = null) {
   if (typeof text !== "string" || !text.trim()) return null;
+  const body = { node: String(node), text };
+  if (block !== null && block !== undefined && String(block).trim() !== "") {
+    const b = Number(String(block).trim());
+    if (!Number.isInteger(b) || b < 0) return `not sent: "at block" must be a whole number >= 0, got ${firstLine(block)}`;
+    body.block = b;
+  }
   let res;
   try {
     res = await post(STEER_ROUTE, {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ node: String(node), text }),
+      body: JSON.stringify(body),
     });
   } catch (e) {
     return `not sent: ${firstLine((e && e.message) || e)}`;
@@ -84,8 +103,9 @@ function el(doc, tag, cls, parent) {
  * Build a player bound to `getStream()` (returns the node's current Stream or null) and `getNote()`
  * (the node's Hub.note: what it waits for, or null).
  * Call `update(nowMs)` every animation frame; `onDraw(index, shownAt)` is told each frame drawn.
- * With `post` (fetch-like, see steer()) a running stream shows a text box: Enter steers it.
- * A running stream shows a link to its MJPEG stream at `url(mjpegPath(node))` (`url`: the server's URL of a path).
+ * With `post` (fetch-like, see steer()) a running stream shows a text box and an optional "at block"
+ * number: Enter steers it. A running stream shows a link to its MJPEG stream at `url(mjpegPath(node))`
+ * (`url`: the server's URL of a path), a finished one the video it saved at `url(videoPath(video))`.
  */
 export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, getNote = () => null, post = null,
                                                    url = (path) => path } = {}) {
@@ -106,33 +126,42 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
   const live = el(doc, "a", "bc-mjpeg", root);
   live.target = "_blank";
   live.textContent = "MJPEG stream (OBS, a browser)";
+  const saved = el(doc, "a", "bc-video", root);
+  saved.target = "_blank";
   const grid = el(doc, "div", "bc-grid", root);
   const controls = el(doc, "div", "bc-controls", root);
   const button = el(doc, "button", null, controls);
   const slider = el(doc, "input", null, controls);
   const position = el(doc, "span", null, controls);
   slider.type = "range";
-  slider.min = "0";
+  const timeline = el(doc, "div", "bc-timeline", root);
   const switchList = el(doc, "div", "bc-switches", root);
   const steerBox = el(doc, "div", "bc-steer", root);
-  const steerInput = el(doc, "input", null, steerBox);
+  const steerRow = el(doc, "div", "bc-steer-row", steerBox);
+  const steerInput = el(doc, "input", "bc-steer-text", steerRow);
+  const blockInput = el(doc, "input", "bc-steer-block", steerRow);
   const steerError = el(doc, "div", "bc-steer-error", steerBox);
   steerInput.type = "text";
   steerInput.placeholder = "steer: type a prompt, Enter";
+  blockInput.type = "number";
+  blockInput.min = "0";
+  blockInput.step = "1";
+  blockInput.placeholder = "at block";
+  blockInput.title = "the block to switch at (empty: the next block to enter)";
   // keep canvas clicks from dragging the node, and typing from reaching the graph's shortcuts
   for (const e of ["pointerdown", "mousedown", "wheel"]) controls.addEventListener(e, (ev) => ev.stopPropagation());
   for (const e of ["pointerdown", "mousedown", "wheel", "keydown", "keyup"]) steerBox.addEventListener(e, (ev) => ev.stopPropagation());
 
   let stream = null, version = -1, noted = null, drawn = -1, images = new Map(), sending = false;
   button.onclick = () => stream && stream.toggle();
-  steerInput.addEventListener("keydown", (ev) => {
+  steerBox.addEventListener("keydown", (ev) => {
     if (ev.key !== "Enter" || sending || !stream || !post) return;
-    const s = stream, text = steerInput.value;
+    const s = stream, text = steerInput.value, block = blockInput.value;
     sending = true;
-    steer(post, s.node, text).then((error) => {
+    steer(post, s.node, text, block).then((error) => {
       sending = false;
       if (stream !== s || error === null) return; // another run by now, or nothing sent
-      if (error === "" && steerInput.value === text) steerInput.value = "";
+      if (error === "" && steerInput.value === text && blockInput.value === block) steerInput.value = blockInput.value = "";
       steerError.textContent = error;
     });
   });
@@ -145,9 +174,10 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
   // decoded <img> per frame index, kept for the frames around the playhead only
   function image(i) {
     let img = images.get(i);
-    if (!img && stream && stream.frames[i] !== undefined) {
+    const jpeg = stream ? stream.frame(i) : undefined;
+    if (!img && jpeg !== undefined) {
       img = new (doc.defaultView.Image)();
-      img.src = "data:image/jpeg;base64," + stream.frames[i];
+      img.src = "data:image/jpeg;base64," + jpeg;
       images.set(i, img);
     }
     return img || null;
@@ -219,15 +249,28 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
       const row = el(doc, "div", line.dropped ? "dropped" : null, switchList);
       row.textContent = row.title = line.text;
     }
+    timeline.replaceChildren();
+    for (const { pos, text } of d.ticks) {
+      const mark = el(doc, "div", "bc-tick", timeline);
+      mark.style.left = `${(100 * pos).toFixed(3)}%`;
+      mark.title = text;
+    }
+    timeline.style.display = d.ticks.length ? "" : "none";
     steerBox.style.display = post && s && s.status === "running" ? "" : "none";
     live.style.display = s && s.status === "running" ? "" : "none";
     if (s) live.href = url(mjpegPath(s.node));
-    const n = s ? s.frames.length : 0;
+    saved.style.display = s && s.video ? "" : "none";
+    if (s && s.video) {
+      saved.href = url(videoPath(s.video));
+      saved.textContent = `saved video: ${s.video.filename}`;
+    }
+    const n = s ? s.frames.size : 0;
     controls.style.display = n ? "" : "none";
     button.textContent = s && s.playing ? "❚❚" : "▶";
-    slider.max = String(Math.max(0, n - 1));
-    slider.value = String(Math.max(0, s ? s.shown : 0));
-    position.textContent = n ? `${s.shown + 1}/${n}` : "";
+    slider.min = String(n ? s.oldest : 0);
+    slider.max = String(n ? s.lastIndex : 0);
+    slider.value = String(Math.max(n ? s.oldest : 0, s ? s.shown : 0));
+    position.textContent = n ? `${s.shown + 1}/${s.lastIndex + 1}` : "";
   }
 
   update(0);

@@ -1,7 +1,8 @@
 // node --test web/tests/
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { EVENTS, Hub, SWITCHES_KEPT, SWITCHES_SHOWN, Stream, describe } from "../player_core.js";
+import { EVENTS, FRAMES_KEPT, Hub, SWITCHES_KEPT, SWITCHES_SHOWN, Stream } from "../player_core.js";
+import { describe, switchTicks } from "../player_describe.js";
 
 const START = { node: "7", run: "r1", blocks: 3, frames_total: 12, fps: 16, width: 64, height: 40, stages: 5, parallel: 2 };
 const frames = (node, run, first, n, elapsed = 1) =>
@@ -65,7 +66,7 @@ test("frames, generation fps, time to first frame, duplicates", () => {
   assert.equal(s.received, 8);
   assert.equal(s.firstFrameAt, 0.5);
   assert.equal(s.genFps, 8);
-  assert.equal(s.frames[5], "f5");
+  assert.equal(s.frame(5), "f5");
 });
 
 test("cascade state rows: steps and the clean pass", () => {
@@ -267,4 +268,108 @@ test("the switch list stays bounded and the view lists the latest few", () => {
   const lines = describe(s).switches.map((l) => l.text);
   const last = Array.from({ length: SWITCHES_SHOWN }, (_, i) => `block ${n - SWITCHES_SHOWN + i}: p${n - SWITCHES_SHOWN + i}`);
   assert.deepEqual(lines, [`… ${n - SWITCHES_SHOWN} earlier switches`, ...last]);
+});
+
+const ENDLESS = { ...START, blocks: 0, frames_total: 0 };
+const block12 = (b, run = "r1") => ({ ...ENDLESS, run, block: b, first_frame: 12 * b,
+  frames: Array.from({ length: 12 }, (_, i) => `b${b}f${i}`), elapsed: b });
+
+test("a Stream keeps the last FRAMES_KEPT frames; playback that fell behind goes on from the oldest kept", () => {
+  const hub = new Hub();
+  hub.handle("block_cascade.start", ENDLESS);
+  const s = hub.get("7");
+  hub.handle("block_cascade.frames", block12(0));
+  assert.ok(s.tick(0) && s.shown === 0);
+  const blocks = Math.ceil((FRAMES_KEPT + 500) / 12);
+  for (let b = 1; b < blocks; b++) hub.handle("block_cascade.frames", block12(b));
+  const last = 12 * blocks - 1;
+  assert.equal(s.received, 12 * blocks, "every frame counted as received");
+  assert.equal(s.lastIndex, last);
+  assert.equal(s.frames.size, FRAMES_KEPT);
+  assert.equal(s.dropped, 12 * blocks - FRAMES_KEPT);
+  const oldest = last - FRAMES_KEPT + 1;
+  assert.equal(s.oldest, oldest);
+  assert.deepEqual([...s.frames.keys()].sort((a, b) => a - b), Array.from({ length: FRAMES_KEPT }, (_, i) => oldest + i));
+  assert.equal(s.frame(oldest), `b${Math.floor(oldest / 12)}f${oldest % 12}`);
+  assert.equal(s.frame(oldest - 1), undefined);
+  assert.ok(s.tick(1000), "the next frame to play was dropped: play the oldest kept one");
+  assert.equal(s.shown, oldest);
+  assert.equal(s.buffered, FRAMES_KEPT - 1);
+  assert.match(describe(s).stats, new RegExp(`^${12 * blocks} frames \\(last ${FRAMES_KEPT} kept\\) · `));
+  // a late copy of a dropped frame is not taken back; a seek is clamped to the frames kept
+  hub.handle("block_cascade.frames", block12(0));
+  assert.equal(s.frame(0), undefined);
+  assert.equal(s.received, 12 * blocks, "nor counted again");
+  assert.equal(s.frames.size, FRAMES_KEPT);
+  s.seek(3);
+  assert.equal(s.shown, oldest);
+  // after done, replay starts at the oldest kept frame
+  hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 9, frames: 12 * blocks, blocks, stopped: true });
+  s.seek(last);
+  let t = 2000;
+  while (s.playing && t < 5000) s.tick((t += 100));
+  s.play();
+  assert.ok(s.tick(t + 100));
+  assert.equal(s.shown, oldest);
+});
+
+test("frame numbers far into an endless run, and joining one, hold no more than the frames kept", () => {
+  const hub = new Hub({ accept: (id) => id === "7" });
+  const b0 = 100000; // a run going on for hours when this page joins it
+  for (let b = b0; b < b0 + 200; b++) hub.handle("block_cascade.frames", block12(b));
+  const s = hub.get("7");
+  assert.ok(s.joined);
+  assert.equal(s.frames.size, FRAMES_KEPT);
+  assert.equal(s.lastIndex, 12 * (b0 + 200) - 1);
+  assert.match(describe(s).status, new RegExp(`^Streaming \\(joined during the run: from frame ${12 * b0 + 1}\\)`));
+  assert.ok(s.tick(0));
+  assert.equal(s.shown, s.oldest, "the join's first frame was dropped since: the oldest kept plays");
+});
+
+test("an endless run says so: no totals of 0, no NaN; stopped by Cancel links its saved video", () => {
+  const hub = new Hub();
+  hub.handle("block_cascade.start", ENDLESS);
+  const s = hub.get("7");
+  assert.ok(s.endless);
+  hub.handle("block_cascade.state", { ...ENDLESS, tick: 40, ticks: 0, pairs: [[1233, 4], [1234, 1]], done_blocks: 1233, elapsed: 9 });
+  hub.handle("block_cascade.frames", block12(1232));
+  let d = describe(s);
+  assert.equal(d.cascade, "block 1234 · endless: Cancel ends it and keeps the video");
+  assert.match(d.stats, /^12 frames · gen /);
+  for (const line of [d.status, d.stats, d.cascade]) assert.doesNotMatch(line, /NaN|\/0\b|Infinity|undefined/, line);
+  const video = { filename: "block_cascade_00001.mp4", subfolder: "", type: "output" };
+  hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 80.25, frames: 12, blocks: 1233, stopped: true, video });
+  d = describe(s);
+  assert.equal(s.status, "done");
+  assert.ok(s.stopped);
+  assert.deepEqual(s.video, video);
+  assert.equal(d.status, "Stopped by Cancel after 80.3 s: the video is saved");
+  assert.equal(d.cascade, "endless: 1233 blocks done");
+  // without a video (or a malformed one) the status says stopped, nothing more
+  hub.handle("block_cascade.start", { ...ENDLESS, run: "r2" });
+  hub.handle("block_cascade.done", { node: "7", run: "r2", seconds: 2, frames: 0, blocks: 0, stopped: true, video: { filename: "" } });
+  assert.equal(hub.get("7").video, null);
+  assert.equal(describe(hub.get("7")).status, "Stopped by Cancel after 2.0 s");
+  assert.equal(describe(hub.get("7")).cascade, "endless: 0 blocks done");
+});
+
+test("landed switches are ticks on the timeline: block/blocks, or a window of the latest blocks when endless", () => {
+  const [hub, s] = started(); // 3 blocks
+  hub.handle("block_cascade.switch", { node: "7", run: "r1", block: 1, text: "a red fox" });
+  hub.handle("block_cascade.switch", { node: "7", run: "r1", block: null, text: "snow", dropped: "no block left" });
+  hub.handle("block_cascade.switch", { node: "7", run: "r1", block: 2, text: "night" });
+  assert.deepEqual(switchTicks(s), [{ pos: 1 / 3, text: "block 1: a red fox" }, { pos: 2 / 3, text: "block 2: night" }]);
+  assert.deepEqual(describe(s).ticks, switchTicks(s));
+  assert.deepEqual(switchTicks(null), []);
+  // endless: the latest 50 blocks, up to the newest block seen
+  const e = new Hub();
+  e.handle("block_cascade.start", ENDLESS);
+  const es = e.get("7");
+  e.handle("block_cascade.switch", { node: "7", run: "r1", block: 10, text: "early" });
+  assert.deepEqual(switchTicks(es), [{ pos: 10 / 50, text: "block 10: early" }]);
+  e.handle("block_cascade.state", { ...ENDLESS, tick: 1, ticks: 0, pairs: [[99, 0]], done_blocks: 98, elapsed: 1 });
+  e.handle("block_cascade.switch", { node: "7", run: "r1", block: 70, text: "late" });
+  // blocks 50..99 are on the timeline now: block 10 fell off its left end
+  assert.deepEqual(switchTicks(es), [{ pos: 20 / 50, text: "block 70: late" }]);
+  for (const { pos } of switchTicks(es)) assert.ok(pos >= 0 && pos < 1);
 });

@@ -1,7 +1,7 @@
 // node --test web/tests/: the steer request of player_view.js, with a fake fetch-like `post`
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { STEER_ROUTE, mjpegPath, steer } from "../player_view.js";
+import { STEER_ROUTE, mjpegPath, steer, videoPath } from "../player_view.js";
 
 /** A fake `post` answering `status` with `body` (an object sent as JSON, or a string that is not JSON). */
 function fake(status, body) {
@@ -49,4 +49,26 @@ test("the MJPEG link points at the stream route of the node", () => {
   assert.equal(mjpegPath("7"), "/block_cascade/stream/7.mjpeg");
   assert.equal(mjpegPath(12), "/block_cascade/stream/12.mjpeg");
   assert.equal(mjpegPath("5:3"), "/block_cascade/stream/5%3A3.mjpeg"); // a subgraph node id, kept in one path segment
+});
+
+test("an \"at block\" number goes out as \"block\"; empty means the next block; a bad one is not sent", async () => {
+  const { post, calls } = fake(200, { queued: true });
+  assert.equal(await steer(post, "7", "a red fox", "5"), "");
+  assert.deepEqual(JSON.parse(calls[0].init.body), { node: "7", text: "a red fox", block: 5 });
+  assert.equal(await steer(post, "7", "snow", 0), "");
+  assert.deepEqual(JSON.parse(calls[1].init.body), { node: "7", text: "snow", block: 0 });
+  for (const empty of ["", "  ", null, undefined]) await steer(post, "7", "night", empty);
+  for (const c of calls.slice(2)) assert.deepEqual(JSON.parse(c.init.body), { node: "7", text: "night" });
+  const sent = calls.length;
+  for (const bad of ["-1", "2.5", "x", -3]) {
+    assert.match(await steer(post, "7", "rain", bad), /^not sent: "at block" must be a whole number >= 0, got /);
+  }
+  assert.equal(calls.length, sent, "nothing sent for a bad block");
+});
+
+test("a saved video is linked through ComfyUI's /view route", () => {
+  const q = new URL("http://h" + videoPath({ filename: "bc 1.mp4", subfolder: "runs/a", type: "output" }));
+  assert.equal(q.pathname, "/view");
+  assert.deepEqual(Object.fromEntries(q.searchParams), { filename: "bc 1.mp4", subfolder: "runs/a", type: "output" });
+  assert.equal(new URL("http://h" + videoPath({ filename: "a&b.mp4" })).searchParams.get("filename"), "a&b.mp4");
 });
