@@ -498,6 +498,35 @@ def test_interrupt_stops_the_run_and_the_next_run_works(host):
     assert final == "execution_success"
 
 
+def test_an_endless_run_ends_at_cancel_with_its_video_and_the_graph_goes_on(host):
+    """blocks 0 (a window set): POST /interrupt ends the stream; the prompt succeeds, the nodes after the
+    sampler run on its last window, and the MP4 the done event names is in the output folder, whole."""
+    import av
+
+    sent = {}
+
+    def on_message(msg):
+        if msg["type"] == "block_cascade.frames" and msg["data"]["block"] >= 2 and not sent:
+            sent["at"] = msg["data"]["block"]
+            host.post("/interrupt", {})
+
+    wf = workflow(seed=random.randrange(1 << 30), blocks=0)
+    for n in ("13", "14", "15", "9", "10"):
+        del wf[n]
+    wf["6"]["inputs"].update(parallel=1, attention="causal", window=6, sink=3)
+    wf["5"]["inputs"]["start_block"] = 4
+    final, msgs, pid = host.run(wf, on_message=on_message)
+    assert sent and final == "execution_success", [m["type"] for m in msgs][-10:]
+    done = events(msgs, "done", "8")[0]
+    assert done.get("stopped") and "error" not in done
+    outputs = host.history(pid)["outputs"]
+    assert outputs["8"]["images"] == [done["video"]]  # the sampler's UI output: the recording
+    assert {"12", "16"} <= set(outputs)  # the nodes after it ran (the last window decoded, its frames)
+    path = os.path.join(host.base, "output", done["video"]["subfolder"], done["video"]["filename"])
+    with av.open(path) as container:
+        assert sum(1 for _ in container.decode(video=0)) == done["frames"] == 1 + 4 * (3 * done["blocks"] - 1)
+
+
 POOL_WEIGHTS_SCRIPT = """
 import importlib.util, os, sys
 import torch
