@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
 import sys
 import time
 
@@ -30,6 +29,7 @@ from .families import describe
 from .plan import latent_size
 from .recompute import why_a_vae
 from .reencode import ContextReencoder
+from .stop import StopRequest
 from .sampler import BlockEvent, CascadeConfig, Interrupted, PromptSchedule, Result, generate
 
 DEFAULT_VIDEO = "out/video.mp4"
@@ -37,33 +37,6 @@ DEFAULT_VIDEO = "out/video.mp4"
 
 class Stopped(Exception):
     """The run was stopped by Ctrl-C; the message says where and what was kept (exit code 130)."""
-
-
-class StopRequest:
-    """While active, the first SIGINT makes ``self()`` true (the run stops before its next tick) and a
-    second raises KeyboardInterrupt. Only in the main thread (elsewhere it does nothing)."""
-
-    def __init__(self):
-        self.requested, self.previous = False, None
-
-    def __enter__(self) -> "StopRequest":
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, _signum, _frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt("a second Ctrl-C stopped the run at once; what was written is finalised")
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def __call__(self) -> bool:
-        return self.requested
 
 
 class BlockProgress:

@@ -20,13 +20,14 @@ import urllib.parse
 import urllib.request
 import uuid
 
-from tqdm import tqdm
 
 from cascade_core import client_steer
+from cascade_core.client_io import ProgressBar, Server
+from cascade_core.stop import StopRequest
 from cascade_core.comfy_answers import (dropped_outputs, node_error_lines, output_files, rejection,
                                         sink_output_nodes)
 
-EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_TIMEOUT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_REJECTED, EXIT_TIMEOUT, EXIT_STOPPED = 0, 1, 2, 3, 130
 HISTORY_GRACE_S = 10.0  # ComfyUI writes a prompt's history just after it reports success
 
 RULES = """\
@@ -50,9 +51,13 @@ Steering (--steer): once the sampler streams, each stdin line BLOCK:TEXT or now:
 prompt at that block or the next to enter (POST /block_cascade/steer; the sampler needs a CLIP on its
 clip input). Answers and switches (block_cascade.switch) are printed; the summary lists the switches.
 
+Ctrl-C interrupts the prompt on the server (that prompt only) and waits for its end: an endless
+sampler (blocks 0) ends normally, and its MP4 and the other outputs are fetched ("stopped": "Ctrl-C"
+in the summary); a run of known length ends interrupted. A second Ctrl-C leaves at once (exit 130).
+
 Exit codes: 0 success (or partial with --allow-partial), 1 failed (execution error, interrupted,
 incomplete outputs, server unreachable), 2 rejected, partial graph, or bad arguments (a missing or
-malformed workflow, a bad --set), 3 timeout.
+malformed workflow, a bad --set), 3 timeout, 130 a second Ctrl-C.
 """
 
 
@@ -129,53 +134,6 @@ def apply_override(prompt: dict, spec: str) -> tuple[str, str, object]:
 
 # ---------------------------------------------------------------------------------------------- server I/O
 
-class Server:
-    """ComfyUI's HTTP API at ``address`` (``host:port`` or a URL); ``timeout`` in seconds per request."""
-
-    def __init__(self, address: str, timeout: float = 30.0):
-        address = address.rstrip("/")
-        if "://" not in address:
-            address = "http://" + address
-        self.http = address
-        self.ws = re.sub(r"^http", "ws", address)
-        self.timeout = timeout
-
-    def request(self, path: str, body=None) -> bytes:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.http + path, data=data,
-                                     headers={"Content-Type": "application/json"} if data else {})
-        with urllib.request.urlopen(req, timeout=self.timeout) as r:
-            return r.read()
-
-    def json(self, path: str, body=None):
-        return json.loads(self.request(path, body))
-
-
-class ProgressBar:
-    """ComfyUI's per-node progress as a tqdm bar on stderr: a new bar whenever the node (or its step
-    count) changes; ``note`` prints a line above it."""
-
-    def __init__(self, stream=None):
-        self.out = stream or sys.stderr
-        self.bar, self.key = None, None
-
-    def update(self, value: float, maximum: float, label: str = ""):
-        if (label, maximum) != self.key:
-            self.close()
-            self.bar = tqdm(total=maximum, desc=label or None, file=self.out, leave=True, dynamic_ncols=True)
-            self.key = (label, maximum)
-        self.bar.n = value
-        self.bar.refresh()
-
-    def note(self, text: str):
-        tqdm.write(text, file=self.out)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        self.bar, self.key = None, None
-
-
 def withdraw(server: Server, prompt_id: str) -> str:
     """Take a queued prompt back: off the queue if it waits, interrupted (that prompt only) if it runs.
 
@@ -211,8 +169,9 @@ def safe_name(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- the run
 
-def run(args) -> dict:
-    """Queue ``args.workflow`` and watch it to the end; returns the summary dict, raises ClientError."""
+def run(args, stop=lambda: False) -> dict:
+    """Queue ``args.workflow`` and watch it to the end; returns the summary dict, raises ClientError.
+    ``stop()`` turning true (Ctrl-C) interrupts the prompt on the server, which is then watched to its end."""
     prompt = load_workflow(args.workflow)
     for spec in args.set:
         apply_override(prompt, spec)
@@ -262,10 +221,13 @@ def run(args) -> dict:
             bar.note(f"dropped: {line}")
         out_dir = args.out or os.path.join("out", prompt_id)
         stream_dir = os.path.join(out_dir, "stream")
-        frames_saved, cached, switches = 0, [], []
+        frames_saved, cached, switches, stopped = 0, [], [], False
         bar.note(f"queued prompt {prompt_id}")
 
         while True:
+            if stop() and not stopped:  # an endless sampler then ends and keeps its video; others are interrupted
+                stopped = True
+                bar.note(f"Ctrl-C: {withdraw(server, prompt_id)}; Ctrl-C again leaves at once")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ClientError(f"timed out after {args.timeout:g} s waiting for prompt {prompt_id} "
@@ -345,6 +307,8 @@ def run(args) -> dict:
               "cached_nodes": cached}  # answered from ComfyUI's cache: they ran (and streamed) nothing
     if switches:
         result["switches"] = switches
+    if stopped:
+        result["stopped"] = "Ctrl-C"
     if partial:
         result.update(reasons=partial, dropped_outputs=dropped)
     object_info = {}
@@ -382,7 +346,12 @@ def main(argv=None) -> int:
     """The command line: prints the summary line, returns the exit code (see ``RULES``)."""
     args = build_parser().parse_args(argv)
     try:
-        summary = run(args)
+        with StopRequest() as stop:
+            summary = run(args, stop)
+    except KeyboardInterrupt:
+        print("stopped at once by a second Ctrl-C; the prompt may still run on the server", file=sys.stderr)
+        print(json.dumps({"status": "stopped", "error": "a second Ctrl-C"}))
+        return EXIT_STOPPED
     except ClientError as e:
         print("\n".join([str(e), *e.reasons]), file=sys.stderr)
         result = {"status": e.status, "error": str(e).splitlines()[0] if str(e) else ""}

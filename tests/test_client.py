@@ -501,3 +501,37 @@ def test_steer_lines_and_sampler_choice():
     assert client_steer.steer_node(WORKFLOW, None) == "3" and client_steer.steer_node(WORKFLOW, "3") == "3"
     with pytest.raises(ValueError, match="has no BlockCascadeSampler"):
         client_steer.steer_node({"9": WORKFLOW["9"]}, None)
+
+
+def test_ctrl_c_interrupts_the_prompt_and_an_endless_run_still_ends_with_its_outputs(fake, workflow, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """The first Ctrl-C interrupts that prompt on the server and keeps watching: an endless sampler then
+    ends normally (ComfyUI reports success) and the outputs are fetched; the summary says it was stopped."""
+    def interrupted():  # the server side: the run goes on until the client's /interrupt arrives
+        deadline = time.monotonic() + 10
+        while ("/interrupt", {"prompt_id": PID}) not in fake.posts and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    messages = success_messages()
+    end = next(i for i, m in enumerate(messages) if isinstance(m, dict) and m["type"] == "block_cascade.done")
+    messages.insert(end, interrupted)
+    fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}}, messages)
+    fake.history[PID] = history_entry("3")
+    asked = []
+    monkeypatch.setattr(client.StopRequest, "__call__", lambda self: asked.append(1) or len(asked) >= 3)
+    rc = run_client(fake, workflow, "--out", str(tmp_path / "out"))
+    result, err = summary(capsys)
+    assert rc == 0, err
+    assert result["status"] == "success" and result["stopped"] == "Ctrl-C" and len(result["outputs"]) == 2
+    assert fake.posts.count(("/interrupt", {"prompt_id": PID})) == 1  # once, however often it is asked
+    assert f"Ctrl-C: prompt {PID} withdrawn" in err
+
+
+def test_a_second_ctrl_c_leaves_at_once_in_one_line(fake, workflow, capsys, monkeypatch):
+    def second_ctrl_c():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client, "run", lambda args, stop: second_ctrl_c())
+    assert run_client(fake, workflow) == 130
+    result, err = summary(capsys)
+    assert result["status"] == "stopped" and len(err.strip().splitlines()) == 1
