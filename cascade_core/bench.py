@@ -184,6 +184,45 @@ def steer_latency(model, embeds, levels, a, device, size, steps) -> None:
                  max_s=round(max(latencies), 4))
 
 
+def endless_runs(model, embeds, levels, a, device, size, steps) -> None:
+    """Endless videos (blocks 0, a window needed) stopped after ``a.endless`` final blocks, after a warm-up
+    of a few blocks: per-block GPU memory in use (flat: the KV cache, latent window and prompt table are
+    bounded), the steady-state rate over the second half, and, with ``--switch-every N``, a steered
+    switch to a new random prompt every N blocks (the prompts before each are dropped)."""
+    for p in levels:
+        cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window, sink=a.sink,
+                            flashblock=a.flashblock.split(",")[-1])
+        for blocks in (3, a.endless):  # the first is the warm-up
+            done, allocated = [], []
+            g = torch.Generator().manual_seed(7)
+
+            def on_block(e, done=done, allocated=allocated):
+                sync(device)
+                done.append(time.perf_counter())
+                allocated.append(torch.cuda.memory_allocated(device) if device.type == "cuda" else 0)
+
+            def steer(done=done, g=g, sent=[0]):  # noqa: B006 - one counter per run
+                due = a.switch_every and len(done) // a.switch_every > sent[0]
+                sent[0] += bool(due)
+                return [(None, torch.randn(embeds.shape, generator=g))] if due else []
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            res = generate(model, PromptSchedule.single(embeds), cfg, blocks=0, width=a.width, height=a.height,
+                           seed=0, on_block=on_block, should_stop=lambda done=done, n=blocks: len(done) >= n,
+                           steer=steer)
+            if blocks == 3:
+                continue
+            half = blocks // 2
+            frames = video_frames(cfg.grid.total(blocks)) - video_frames(cfg.grid.total(half))
+            gib = [round(x / 2**30, 3) for x in allocated]
+            emit(figure="endless", size=size, parallel=p, window=a.window, sink=a.sink, blocks=res.blocks,
+                 switch_every=a.switch_every, first_block_s=round(res.first_block_seconds, 4),
+                 steady_fps=round(frames / (done[-1] - done[half - 1]), 2),
+                 gib_at_block={b: gib[b - 1] for b in (10, half, blocks)}, gib_min_after_10=min(gib[9:]),
+                 gib_max_after_10=max(gib[9:]), peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+                 if device.type == "cuda" else None)
+
+
 def lse_backends(device, repeats: int = 20) -> None:
     """Attention with log-sum-exp (the FlashBlock path) per backend, against the public
     ``flex_attention(..., return_lse=True)`` (compiled): 12 heads x 128, bf16, 4680 queries."""
@@ -240,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steer-runs", type=int, default=0, metavar="N",
                     help="also measure N steered switches per level and mode: seconds from the switch to the end of "
                          "the first block that takes it")
+    ap.add_argument("--endless", type=int, default=0, metavar="N",
+                    help="also run endless videos (blocks 0; needs --window) stopped after N blocks: per-block "
+                         "memory and the steady rate (with --switch-every: a steered switch every N blocks)")
     ap.add_argument("--lse", action="store_true",
                     help="also time attention with log-sum-exp per backend and flex_attention (GPU)")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one run of the first level")
@@ -296,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         switch_series(model, embeds, levels, a, device, size, steps)
     if a.steer_runs:
         steer_latency(model, embeds, levels, a, device, size, steps)
+    if a.endless:
+        endless_runs(model, embeds, levels, a, device, size, steps)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
         attention.set_backend(a.backend.split(",")[0])

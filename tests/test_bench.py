@@ -25,3 +25,11 @@ def test_switch_ticks_and_steered_latency_per_mode(capsys, one_thread):
         assert r["landed_block"] == (-(-r["steered_before_tick"] // 5) if r["parallel"] == 1
                                      else r["steered_before_tick"]) and r["seconds"] > 0
     assert len([r for r in out if r["figure"] == "steer_latency_summary"]) == 3
+
+
+def test_endless_rows_report_the_blocks_asked_for_and_per_block_memory(capsys, one_thread):
+    out = rows(capsys, "--parallel", "1,4", "--window", "6", "--sink", "3", "--endless", "12", "--switch-every", "4")
+    endless = [r for r in out if r["figure"] == "endless"]
+    assert [r["parallel"] for r in endless] == [1, 4]
+    for r in endless:
+        assert r["blocks"] == 12 and set(r["gib_at_block"]) == {"10", "6", "12"} and r["steady_fps"] > 0

@@ -323,3 +323,27 @@ def test_krea_compiled_with_its_reencoder_on_the_gpu_equals_eager_with_it_on_the
         model.compile_layers(False)
     assert compiled.forwards == eager.forwards == 4 * 5 + 3
     assert rel(compiled.latents, eager.latents) < 1e-3
+
+
+def test_an_endless_run_holds_flat_gpu_memory_over_120_steered_blocks():
+    """Blocks 0 with a window at P3: the memory in use after blocks 60..120 never exceeds what it was after
+    blocks 20..60 (KV cache, latent window, prompt table bounded), prompts switched every 5 blocks."""
+    model = WanModel.random(SMALL, seed=0, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randn(12, 64, generator=g) for _ in range(3)]
+    allocated, sent = [], [0]
+
+    def steer():
+        due = len(allocated) // 5 > sent[0]
+        sent[0] += due
+        return [(None, prompts[sent[0] % 3])] if due else []
+
+    def on_block(ev):
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+
+    res = generate(model, PromptSchedule.single(prompts[0]), CascadeConfig(frames_per_block=1, parallel=3, window=6,
+                   sink=2), blocks=0, width=128, height=64, seed=1, on_block=on_block, steer=steer,
+                   should_stop=lambda: len(allocated) >= 120)
+    assert res.blocks == 120 and sent[0] >= 20
+    assert max(allocated[60:]) <= max(allocated[20:60]), (max(allocated[20:60]), max(allocated[60:]))
