@@ -196,8 +196,8 @@ def check_settings(args, cfg: CascadeConfig) -> None:
         raise UsageError("--attention bidirectional needs --parallel 2 or more (at P1 no other block is "
                          "in flight to see)")
     if (why := why_a_vae(args.blocks, cfg.frames_per_block, cfg.kv_recompute)) and not args.vae:
-        raise UsageError(f"{why}: pass --vae FILE (the complete Wan2.1 VAE), or at most "
-                         f"--blocks {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)}")
+        fewer = f", or at most --blocks {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)}"
+        raise UsageError(f"{why}: pass --vae FILE (the complete Wan2.1 VAE){fewer if args.blocks else ''}")
     if args.independent_first_frame and cfg.frames_per_block == 1:
         raise UsageError("--independent-first-frame with 1 frame per block does nothing (every block is one "
                          "latent frame already)")

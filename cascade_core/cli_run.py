@@ -279,8 +279,14 @@ def run_generate(args) -> dict | None:
             if frames is not None:
                 frames.finish()  # the blocks that finished are decoded and written
             progress.close()  # ends the bar's line before the message
-            raise Stopped(f"stopped at block {min(progress.done + 1, args.blocks)} of {args.blocks}; "
-                          f"{kept(writer)}{kept_latents(args.latents_out, finished, lead)}") from None
+            where = (f"stopped at block {min(progress.done + 1, args.blocks)} of {args.blocks}" if args.blocks
+                     else "stopped before the endless video's first block was final")
+            raise Stopped(f"{where}; {kept(writer)}{kept_latents(args.latents_out, finished, lead)}") from None
+        except KeyboardInterrupt as exc:  # a second Ctrl-C: say what the finalised files hold
+            for done_with in (frames, writer):
+                if done_with is not None:
+                    done_with.close()
+            raise KeyboardInterrupt(f"{exc}; {kept(writer)}") from None
         finally:
             if progress is not None:
                 progress.close()
@@ -297,7 +303,9 @@ def run_generate(args) -> dict | None:
     out.update(family=family, family_assumed=assumed, settings=describe(cfg),
                prompt_switches=[b for b, *_ in switches])
     if endless:  # ended by Ctrl-C, its normal end; the latents are its last window
-        out.update(endless=True, stopped="Ctrl-C", latents_first_frame=result.first_frame)
+        given_before = 0 if head is None else head.shape[2]  # the output video's frames before the context
+        out.update(endless=True, stopped="Ctrl-C", latents_first_frame=given_before + result.first_frame,
+                   generated_latent_frames=cfg.grid.total(result.blocks))
     if startup is not None:
         out["worker_startup_seconds"] = round(startup, 4)
     if writer is not None:
@@ -307,8 +315,9 @@ def run_generate(args) -> dict | None:
     if prompt_label:
         out["prompt"] = prompt_label
     if prefix_in is not None:
-        given = result.prefix_frames + (0 if prefix_in.head is None else prefix_in.head.shape[2])
-        out.update(prefix_source=prefix_in.source, prefix_file=prefix_in.path, prefix_frames=result.prefix_frames,
+        written = prefix.shape[2]  # the context's frames (an endless run's latents may have left them behind)
+        given = written + (0 if prefix_in.head is None else prefix_in.head.shape[2])
+        out.update(prefix_source=prefix_in.source, prefix_file=prefix_in.path, prefix_frames=written,
                    given_frames=given)
     return out
 

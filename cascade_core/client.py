@@ -51,13 +51,16 @@ Steering (--steer): once the sampler streams, each stdin line BLOCK:TEXT or now:
 prompt at that block or the next to enter (POST /block_cascade/steer; the sampler needs a CLIP on its
 clip input). Answers and switches (block_cascade.switch) are printed; the summary lists the switches.
 
-Ctrl-C interrupts the prompt on the server (that prompt only) and waits for its end: an endless
-sampler (blocks 0) ends normally, and its MP4 and the other outputs are fetched ("stopped": "Ctrl-C"
-in the summary); a run of known length ends interrupted. A second Ctrl-C leaves at once (exit 130).
+Endless samplers (blocks 0): a counter of their blocks instead of a bar; their frames are not saved
+one by one (the MP4 in the outputs holds them). Ctrl-C interrupts the prompt on the server (that
+prompt only) and waits for its end: an endless sampler ends normally, and its MP4 and the other
+outputs are fetched ("stopped": "Ctrl-C" in the summary); a run of known length ends interrupted; a
+prompt still queued is taken off the queue and the client ends at once (exit 130). A second Ctrl-C
+leaves at once (exit 130).
 
 Exit codes: 0 success (or partial with --allow-partial), 1 failed (execution error, interrupted,
 incomplete outputs, server unreachable), 2 rejected, partial graph, or bad arguments (a missing or
-malformed workflow, a bad --set), 3 timeout, 130 a second Ctrl-C.
+malformed workflow, a bad --set), 3 timeout, 130 Ctrl-C before the prompt ran, or a second Ctrl-C.
 """
 
 
@@ -221,13 +224,17 @@ def run(args, stop=lambda: False) -> dict:
             bar.note(f"dropped: {line}")
         out_dir = args.out or os.path.join("out", prompt_id)
         stream_dir = os.path.join(out_dir, "stream")
-        frames_saved, cached, switches, stopped = 0, [], [], False
+        frames_saved, cached, switches, stopped, running, endless = 0, [], [], False, False, set()
         bar.note(f"queued prompt {prompt_id}")
 
         while True:
             if stop() and not stopped:  # an endless sampler then ends and keeps its video; others are interrupted
-                stopped = True
-                bar.note(f"Ctrl-C: {withdraw(server, prompt_id)}; Ctrl-C again leaves at once")
+                stopped, taken_back = True, withdraw(server, prompt_id)
+                if not running:  # still queued: nothing ran, nothing will
+                    raise ClientError(f"Ctrl-C before prompt {prompt_id} started: {taken_back}", EXIT_STOPPED,
+                                      "stopped", prompt_id=prompt_id)
+                bar.note(f"Ctrl-C: asked ComfyUI to stop prompt {prompt_id} ({taken_back}): an endless stream ends "
+                         f"and keeps its video, a run of known length is interrupted; Ctrl-C again leaves at once")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ClientError(f"timed out after {args.timeout:g} s waiting for prompt {prompt_id} "
@@ -247,13 +254,23 @@ def run(args, stop=lambda: False) -> dict:
                 continue
             if data.get("prompt_id") not in (None, prompt_id):
                 continue
+            running = running or data.get("prompt_id") == prompt_id or kind.startswith("block_cascade.")
             if kind == "execution_cached":
                 cached = [str(n) for n in data.get("nodes") or []]
             elif kind == "progress":
                 bar.update(data.get("value", 0), data.get("max", 1), f"node {data.get('node', '')}")
             elif kind == "block_cascade.start":
-                bar.note(f"node {data.get('node')}: streaming {data.get('frames_total')} frames "
-                         f"({data.get('width')}x{data.get('height')} at {data.get('fps')} fps)")
+                node = str(data.get("node"))
+                if data.get("blocks") == 0:  # an endless stream: its MP4 comes with the outputs
+                    endless.add(node)
+                    bar.note(f"node {node}: streaming endlessly until Ctrl-C ({data.get('width')}x{data.get('height')} "
+                             f"at {data.get('fps')} fps; its frames are not saved one by one: the MP4 comes with "
+                             f"the outputs)")
+                else:
+                    bar.note(f"node {node}: streaming {data.get('frames_total')} frames "
+                             f"({data.get('width')}x{data.get('height')} at {data.get('fps')} fps)")
+                if steered == node and data.get("steerable") is False:
+                    bar.note(f"node {node} has no CLIP on its clip input: the prompts you type will be refused")
                 if steered is not None and str(data.get("node")) == steered:  # one reader for the run
                     client_steer.start_reader(sys.stdin, server.json, steered, bar.note)
                     steered = None
@@ -261,6 +278,8 @@ def run(args, stop=lambda: False) -> dict:
                 bar.note(client_steer.switch_note(data))
                 if not data.get("dropped"):
                     switches.append({"node": data.get("node"), "block": data.get("block"), "text": data.get("text")})
+            elif kind == "block_cascade.frames" and str(data.get("node")) in endless:
+                bar.update(int(data.get("block", 0)) + 1, None, f"node {data.get('node')} blocks")
             elif kind == "block_cascade.frames":
                 os.makedirs(stream_dir, exist_ok=True)
                 first = int(data.get("first_frame", 0))
@@ -309,6 +328,8 @@ def run(args, stop=lambda: False) -> dict:
         result["switches"] = switches
     if stopped:
         result["stopped"] = "Ctrl-C"
+    if endless:
+        result["endless_nodes"] = sorted(endless)
     if partial:
         result.update(reasons=partial, dropped_outputs=dropped)
     object_info = {}

@@ -40,7 +40,8 @@ class ProgressBar:
         self.out = stream or sys.stderr
         self.bar, self.key = None, None
 
-    def update(self, value: float, maximum: float, label: str = ""):
+    def update(self, value: float, maximum: float | None, label: str = ""):
+        """Show ``value`` of ``maximum`` (None: a counter without a total) for ``label``."""
         if (label, maximum) != self.key:
             self.close()
             self.bar = tqdm(total=maximum, desc=label or None, file=self.out, leave=True, dynamic_ncols=True)

@@ -99,8 +99,9 @@ class CascadeConfig:
         number of frames) and runs on one device for now. Raises ValueError."""
         if endless and self.attended_window is None:
             raise ValueError("an endless video (blocks 0, until stopped) needs a local window, or every frame it "
-                             "made would stay attended and memory would grow without bound: set a window (e.g. "
-                             "window 12 with sink 3, LongLive's) or a length in blocks")
+                             "made would stay attended and memory would grow without bound: set a window (LongLive's "
+                             "is 12 with sink 3: --window 12 --sink 3, or the config's window and sink), a family "
+                             "that has one (longlive), or a length in blocks")
         if endless and devices > 1:
             raise ValueError("an endless video (blocks 0) runs on one device for now: give one device, or a length "
                              "in blocks")

@@ -232,9 +232,10 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     An endless run (``blocks`` 0; a window is needed, one device, no ``noise``) draws each block's
     initial noise as it enters (:func:`noise.block_noise`, its video-wide index ``block_offset`` + b),
     holds a bounded KV pool, latent window and prompt table however long it runs, and ends normally
-    when ``should_stop`` says so before a tick: its :class:`Result` then counts the blocks finished
-    and holds the last window's latents (``Result.first_frame`` says where they start; blocks still
-    in flight are dropped). ``on_tick``'s ``ticks`` is 0 (unknown).
+    when ``should_stop`` says so before a tick once a block is final: its :class:`Result` then counts
+    the blocks finished and holds the last window's latents (``Result.first_frame`` says where they
+    start; blocks still in flight are dropped); stopped before that, it raises :class:`Interrupted`
+    (nothing was made). ``on_tick``'s ``ticks`` is 0 (unknown).
 
     ``steer``: asked once before every tick (for tick 0 before the context's passes) for prompt switches
     [(block or None, embeddings [L, text_dim]), ...] that land while the run goes on (:mod:`steer`);
@@ -300,9 +301,10 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         ticks_run = 0
         for tick in plan.iter_ticks():
             if part.stop(tick, wants_stop()):
-                if endless:  # the normal end of an endless video
+                if endless and done:  # the normal end of an endless video, once it made something
                     break
-                raise Interrupted(f"stopped at tick {tick.index} of {ticks_total}")
+                raise Interrupted(f"stopped at tick {tick.index}" + (" before block 0 was final" if endless else
+                                                                     f" of {ticks_total}"))
             ticks_run += 1
             if tick.index:
                 live.poll(tick.index)

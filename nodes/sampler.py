@@ -252,8 +252,9 @@ class BlockCascadeSampler(io.ComfyNode):
         steer.check(clip, cfg, len(run_devices))
         reencodes = why_a_vae(blocks, cfg.frames_per_block, cfg.kv_recompute)
         if reencodes and vae is None:
-            raise ValueError(f"vae: {reencodes}: connect the Wan2.1 VAE (VAELoader) to the sampler's vae input, or "
-                             f"use at most {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)} blocks")
+            fewer = f", or use at most {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)} blocks"
+            raise ValueError(f"vae: {reencodes}: connect the Wan2.1 VAE (VAELoader) to the sampler's vae input"
+                             f"{fewer if blocks else ''}")
         settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
                                            [s for s, _ in prompts.entries[1:]], described, tuple(notes))
         vae_sd = vae_weights(vae)
@@ -300,7 +301,8 @@ class BlockCascadeSampler(io.ComfyNode):
                                        progress=progress, should_stop=None if endless else _interrupted,
                                        settings=settings_text, clean_pass=clean_pass,
                                        keep_frames=4 * cfg.attended_window if endless else None,  # video frames of W latent
-                                       recording=recording.Recording(stream.FPS) if endless else None)
+                                       recording=recording.Recording(stream.FPS) if endless else None,
+                                       steerable=clip is not None)
             log.info("Block Cascade: %s", settings_text)
             reporter.start()
             if before is not None:
@@ -312,7 +314,7 @@ class BlockCascadeSampler(io.ComfyNode):
             steer.register(live)
             result = run(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,
                          on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted,
-                         prefix=context, include_prefix=False, **extra)
+                         prefix=context, include_prefix=endless, **extra)
             stopped = endless and _interrupted()
             if stopped:  # Cancel ended the stream: its outputs go on through the graph, as a run's would
                 _mm().interrupt_current_processing(False)
@@ -321,6 +323,10 @@ class BlockCascadeSampler(io.ComfyNode):
                 raw = torch.cat([before.cpu(), raw], 2)
             reporter.finish()  # frames still being decoded
             images = reporter.images()
+            if endless:  # LATENT is the last window (context frames in it included): IMAGE its frames
+                shown_before = 0 if before is None else before.shape[2] - context.shape[2]  # given, not context
+                n = raw.shape[2]
+                images = images[-(4 * n - 3 if result.first_frame + shown_before == 0 else 4 * n):]
             # the run's wall time as the node saw it (a worker pool's own figure leaves out the rest)
             log.info("Block Cascade: %d blocks, %d frames in %.2f s (%d ticks, first block after %.2f s)",
                      result.blocks, reporter.frame_count, reporter.elapsed(), result.ticks, result.first_block_seconds)

@@ -1,7 +1,8 @@
 """Frames out of finished blocks, and the widget events that carry them.
 
 Event contract (JSON only, sent to the client that queued the prompt; META is {node, run, blocks,
-frames_total, fps, width, height, stages, parallel, clean_pass}, repeated so that a page reloaded mid-run joins):
+frames_total, fps, width, height, stages, parallel, clean_pass, steerable (a CLIP is connected),
+settings}, repeated so that a page reloaded mid-run joins):
   block_cascade.start  {META}
   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
@@ -105,10 +106,10 @@ class Reporter:
                  width: int, height: int, decoder, send: Callable[[str, dict], None] | None = None,
                  progress=None, clock: Callable[[], float] = time.perf_counter,
                  should_stop: Callable[[], bool] | None = None, settings: str = "", clean_pass: bool = True,
-                 keep_frames: int | None = None, recording=None):
+                 keep_frames: int | None = None, recording=None, steerable: bool = False):
         """``keep_frames``: the most (latest) frames :meth:`images` holds (None: all); ``recording``: a
         :class:`cascade_core.frames.VideoWriter` that every block's frames are written to as they come
-        (closed by :meth:`done`)."""
+        (closed by :meth:`done`); ``steerable``: a CLIP is connected (META's ``steerable``)."""
         self.node, self.run = str(node), uuid.uuid4().hex[:12]
         self.clean_pass = clean_pass  # a block's last stage is its clean pass (not with a KV recompute)
         self.blocks, self.latent_frames, self.stages, self.parallel = blocks, latent_frames, stages, parallel
@@ -119,7 +120,7 @@ class Reporter:
         self.decoding = FrameStream(decoder, on_frames=self._send_frames, keep=False,
                                     should_stop=should_stop)
         self.frames: list[torch.Tensor] = []  # [F, H, W, 3] per block, the latest keep_frames in all
-        self.keep_frames, self.recording = keep_frames, recording
+        self.keep_frames, self.recording, self.steerable = keep_frames, recording, steerable
         self.frame_count = 0
         self.frame_blocks = 0  # blocks whose frames were sent
         self.done_blocks = 0
@@ -143,7 +144,7 @@ class Reporter:
         return {"node": self.node, "run": self.run, "blocks": self.blocks,
                 "frames_total": video_frames(self.latent_frames), "fps": FPS, "width": self.preview_w,
                 "height": self.preview_h, "stages": self.stages, "parallel": self.parallel,
-                "clean_pass": self.clean_pass,
+                "clean_pass": self.clean_pass, "steerable": self.steerable,
                 "settings": self.settings}
 
     def start(self) -> None:

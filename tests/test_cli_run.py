@@ -355,3 +355,28 @@ def test_an_endless_generate_refuses_in_one_line(capsys, extra, message):
     assert main(["generate", *SMALL, "--blocks", "0", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_an_endless_generate_stopped_before_its_first_block_made_nothing(tmp_path, capsys, monkeypatch):
+    _stop_after(monkeypatch, 1)
+    lat = tmp_path / "lat.safetensors"
+    assert main(["generate", *SMALL, "--device", "cpu", "--blocks", "0", "--window", "6",
+                 "--latents-out", str(lat)]) == 130
+    assert capsys.readouterr().err.strip() == ("interrupted: stopped before the endless video's first block was "
+                                               "final; no frames were decoded yet")
+    assert not lat.exists()
+
+
+def test_an_endless_continuation_says_where_its_window_lies_in_the_output_video(tmp_path, capsys, monkeypatch):
+    first = tmp_path / "first.safetensors"
+    assert main(["generate", *SMALL, "--device", "cpu", "--blocks", "4", "--latents-out", str(first)]) == 0
+    capsys.readouterr()
+    _stop_after(monkeypatch, 16)  # three blocks final (5 ticks each at P1), after the context's pass
+    lat = tmp_path / "lat.safetensors"
+    assert main(["generate", *SMALL, "--device", "cpu", "--blocks", "0", "--window", "6", "--continue", str(first),
+                 "--latents-out", str(lat)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 12 given latent frames, the last 6 the context (the window); then the generated blocks
+    assert (summary["given_frames"], summary["prefix_frames"]) == (12, 6)
+    made = 12 + summary["generated_latent_frames"]
+    assert summary["latents_first_frame"] == made - 6 and summary["latent_shape"][2] == 6

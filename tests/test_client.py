@@ -524,7 +524,7 @@ def test_ctrl_c_interrupts_the_prompt_and_an_endless_run_still_ends_with_its_out
     assert rc == 0, err
     assert result["status"] == "success" and result["stopped"] == "Ctrl-C" and len(result["outputs"]) == 2
     assert fake.posts.count(("/interrupt", {"prompt_id": PID})) == 1  # once, however often it is asked
-    assert f"Ctrl-C: prompt {PID} withdrawn" in err
+    assert f"Ctrl-C: asked ComfyUI to stop prompt {PID} (prompt {PID} withdrawn): an endless stream ends" in err
 
 
 def test_a_second_ctrl_c_leaves_at_once_in_one_line(fake, workflow, capsys, monkeypatch):
@@ -535,3 +535,32 @@ def test_a_second_ctrl_c_leaves_at_once_in_one_line(fake, workflow, capsys, monk
     assert run_client(fake, workflow) == 130
     result, err = summary(capsys)
     assert result["status"] == "stopped" and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_while_the_prompt_waits_in_the_queue_takes_it_back_and_ends_at_once(fake, workflow, capsys,
+                                                                                 monkeypatch):
+    fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 3, "node_errors": {}}, [])  # queued behind others
+    monkeypatch.setattr(client.StopRequest, "__call__", lambda self: True)
+    started = time.monotonic()
+    rc = run_client(fake, workflow, timeout="30")
+    result, err = summary(capsys)
+    assert rc == 130 and time.monotonic() - started < 10, err
+    assert result["status"] == "stopped" and f"Ctrl-C before prompt {PID} started: prompt {PID} withdrawn" in err
+    assert fake.posts == [("/queue", {"delete": [PID]}), ("/interrupt", {"prompt_id": PID})]
+
+
+def test_an_endless_stream_is_counted_in_blocks_and_its_frames_are_not_saved_one_by_one(fake, workflow, tmp_path,
+                                                                                       capsys):
+    messages = success_messages()
+    for m in messages:
+        if isinstance(m, dict) and m["type"].startswith("block_cascade.") and "blocks" in m["data"]:
+            m["data"].update(blocks=0, frames_total=0, steerable=False)
+    fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}}, messages)
+    fake.history[PID] = history_entry("3")
+    out = tmp_path / "out"
+    rc = run_client(fake, workflow, "--out", str(out), "--steer")
+    result, err = summary(capsys)
+    assert rc == 0, err
+    assert result["endless_nodes"] == ["3"] and result["stream_frames"] == 0 and not (out / "stream").exists()
+    assert "node 3: streaming endlessly until Ctrl-C" in err and "node 3 blocks" in err
+    assert "node 3 has no CLIP on its clip input" in err

@@ -82,3 +82,48 @@ def test_an_error_in_an_endless_run_still_finalises_its_video(model, prompts, mo
     folder = os.path.join(folder_paths.get_output_directory(), "block_cascade")
     newest = max((os.path.join(folder, f) for f in os.listdir(folder)), key=os.path.getmtime)
     assert decoded_frames(newest) == video_frames(3 * 2)  # the two blocks before the failure, playable
+
+
+def test_cancel_before_the_first_block_is_final_interrupts_as_any_cancel(model, prompts):
+    """Nothing was made: the prompt is interrupted (ComfyUI's own exception), no empty outputs go on."""
+    cls = NODES["BlockCascadeSampler"].PREPARE_CLASS_CLONE({"UNIQUE_ID": "7"})
+    mm.interrupt_current_processing(True)
+    with Recorder() as rec, pytest.raises(mm.InterruptProcessingException):
+        cls.execute(model=model, config=config(parallel=1, attention="causal", window=WINDOW, sink=3),
+                    width=W, height=H, blocks=0, seed=3, positive=prompts[0])
+    (_, done), = rec.events("done")
+    assert done["error"] == "interrupted" and "video" not in done and not mm.processing_interrupted()
+
+
+def test_an_endless_run_after_a_start_image_outputs_its_last_window_and_that_windows_frames(model, prompts):
+    """The start image's frame is frame 0 of the video: in LATENT while the last window still holds it,
+    IMAGE always the frames of LATENT (the first latent frame gives 1 video frame, every other 4)."""
+    from test_nodes_context import EncodingVAE, images
+
+    seen = set()
+    for cancel_after in (1, 4):  # soon: the image and a block or so; later: the window only
+        out, rec = run_until_cancel(model, prompts, cancel_after, start_image=images(0, H, W), vae=EncodingVAE())
+        latent, image = out.args
+        made = 1 + 3 * rec.events("done")[0][1]["blocks"]  # latent frames of the video: the image's, then blocks'
+        frames = min(made, WINDOW)
+        assert latent["samples"].shape[2] == frames, cancel_after
+        assert image.shape[0] == (video_frames(frames) if made <= WINDOW else 4 * frames), cancel_after
+        seen.add(made <= WINDOW)
+    assert seen == {True, False}  # both cases ran
+
+
+def test_the_widget_is_told_whether_the_run_can_be_steered(model, prompts):
+    _, rec = run_until_cancel(model, prompts, 1)
+    assert rec.events("start")[0][1]["steerable"] is False
+
+
+def test_an_endless_run_after_a_longer_prefix_outputs_the_frames_of_its_window_only(model, prompts):
+    """A prefix of 4 latent frames of which the last 2 are the context: the widget shows all 4 first, but
+    LATENT (context and blocks in the last window) and IMAGE (their frames, 4 each: none is frame 0 of
+    the video) leave the earlier given frames out."""
+    from test_nodes_context import EncodingVAE, _latent
+
+    out, rec = run_until_cancel(model, prompts, 1, prefix=_latent(frames=4), context_frames=2, vae=EncodingVAE())
+    latent, image = out.args
+    frames = min(2 + 3 * rec.events("done")[0][1]["blocks"], WINDOW)
+    assert latent["samples"].shape[2] == frames and image.shape[0] == 4 * frames

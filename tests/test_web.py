@@ -148,6 +148,9 @@ def test_steer_box_in_chromium():
     [tick] = res["ticks"]  # the landed switch only, at block 2 of 3
     assert tick["title"] == "block 2: a red fox" and tick["visible"]
     assert abs(tick["at"] - 2 / 3) < 0.02, tick
+    # a sampler without a CLIP: the box says how to steer, and takes nothing
+    assert res["noClip"] == {"shown": True, "disabled": True, "sent": 0, "placeholder":
+                             "to steer, connect a CLIP (CLIPLoader, type wan) to the sampler's clip input"}
 
 
 def test_endless_stream_memory_in_chromium():

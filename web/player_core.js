@@ -46,6 +46,7 @@ export class Stream {
     this.height = num(start.height, 0);
     this.stages = num(start.stages, 1);
     this.cleanPass = start.clean_pass !== false; // the last stage is a clean pass (not with Krea's KV recompute)
+    this.steerable = start.steerable !== false; // a CLIP is connected (older servers do not say: assume so)
     this.parallel = num(start.parallel, 1);
     this.settings = typeof start.settings === "string" ? start.settings : ""; // the run's effective sampling settings
     this.frames = new Map(); // frame index -> base64 JPEG, the last FRAMES_KEPT indices at most

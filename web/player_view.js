@@ -155,7 +155,7 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
   let stream = null, version = -1, noted = null, drawn = -1, images = new Map(), sending = false;
   button.onclick = () => stream && stream.toggle();
   steerBox.addEventListener("keydown", (ev) => {
-    if (ev.key !== "Enter" || sending || !stream || !post) return;
+    if (ev.key !== "Enter" || sending || !stream || !stream.steerable || !post) return;
     const s = stream, text = steerInput.value, block = blockInput.value;
     sending = true;
     steer(post, s.node, text, block).then((error) => {
@@ -257,6 +257,10 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
     }
     timeline.style.display = d.ticks.length ? "" : "none";
     steerBox.style.display = post && s && s.status === "running" ? "" : "none";
+    const canSteer = !s || s.steerable;
+    steerInput.disabled = blockInput.disabled = !canSteer;
+    steerInput.placeholder = canSteer ? "steer: type a prompt, Enter"
+      : "to steer, connect a CLIP (CLIPLoader, type wan) to the sampler's clip input";
     live.style.display = s && s.status === "running" ? "" : "none";
     if (s) live.href = url(mjpegPath(s.node));
     saved.style.display = s && s.video ? "" : "none";
