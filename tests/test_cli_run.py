@@ -103,6 +103,26 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _ctrl_c_once_pngs_are_written(cmd, pngs, count: int):
+    """Run ``cmd`` in a session of its own; once ``count`` PNGs are in ``pngs``, SIGINT its process group
+    (what Ctrl-C in a terminal does). Returns (process, stdout, stderr, pids of its descendants then)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (pngs.is_dir() and len(os.listdir(pngs)) >= count) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        family = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc, out, err, family
+
+
 @pytest.mark.parametrize("devices", [["--device", "cpu"], ["--devices", "cpu,cpu"]])
 def test_ctrl_c_stops_with_one_line_a_playable_mp4_and_no_processes_left(tmp_path, devices):
     import av
@@ -115,20 +135,7 @@ def test_ctrl_c_stops_with_one_line_a_playable_mp4_and_no_processes_left(tmp_pat
     cmd = [sys.executable, "-m", "cascade_core", "generate", *SMALL, *devices, "--blocks", "3000",
            "--window", "6", "--vae", str(vae), "--video-out", str(video), "--frames-dir", str(pngs),
            "--latents-out", str(lat)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (pngs.is_dir() and len(os.listdir(pngs)) >= 9) and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.2)
-        family = _descendants(proc.pid)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc, _, err, family = _ctrl_c_once_pngs_are_written(cmd, pngs, 9)
     assert proc.returncode == 130, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -161,19 +168,7 @@ def test_ctrl_c_ends_an_endless_generate_normally_with_a_finalised_mp4(tmp_path)
     video, pngs = tmp_path / "v.mp4", tmp_path / "pngs"
     cmd = [sys.executable, "-m", "cascade_core", "generate", *SMALL, "--device", "cpu", "--blocks", "0",
            "--window", "6", "--vae", str(vae), "--video-out", str(video), "--frames-dir", str(pngs)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (pngs.is_dir() and len(os.listdir(pngs)) >= 21) and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc, out, err, _ = _ctrl_c_once_pngs_are_written(cmd, pngs, 21)
     assert proc.returncode == 0 and "Traceback" not in err, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["endless"] and summary["blocks"] >= 2

@@ -179,7 +179,7 @@ def test_sampler_end_to_end_events_progress_and_outputs(model, prompts):
     (_, start), = rec.events("start")
     assert start == {"node": "12", "run": start["run"], "blocks": BLOCKS, "frames_total": frames, "fps": 16,
                      "width": W, "height": H, "stages": 5, "parallel": 3, "settings": start["settings"],
-                     "clean_pass": True}
+                     "clean_pass": True, "steerable": False}
     assert start["settings"].startswith("self-forcing: 3 latent frame(s) a block; steps 1000,750,500,250 (warped, "
                                         "shift 5)") and "P3 bidirectional" in start["settings"]
     states = [d for _, d in rec.events("state")]

@@ -1,7 +1,8 @@
 // Block Cascade player: pure bookkeeping (no DOM, no ComfyUI), so `node --test` can exercise it.
 //
 // Events (websocket, JSON; `detail` is the event's data; META = node, run, blocks, frames_total, fps,
-// width, height, stages, parallel, clean_pass, repeated in state and frames so a page reloaded mid-run joins):
+// width, height, stages, parallel, clean_pass, steerable (a CLIP is connected), settings, repeated in
+// state and frames so a page reloaded mid-run joins):
 //   block_cascade.start  {META}
 //   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
 //   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
