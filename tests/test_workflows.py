@@ -81,12 +81,12 @@ def load(name):
     return ui, api
 
 
-def test_every_ui_workflow_has_an_api_twin_and_the_nine_are_there():
+def test_every_ui_workflow_has_an_api_twin_and_the_ten_are_there():
     api_names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "workflows", "api", "*.json")))
     assert NAMES == api_names
     assert set(NAMES) >= {"text_to_video_cascade.json", "prompt_switching.json", "long_video_window_sink.json",
                           "multi_gpu.json", "causal_forcing_framewise.json", "longlive_interactive.json",
-                          "image_to_video.json", "extend_video.json", "krea_realtime.json"}
+                          "image_to_video.json", "extend_video.json", "krea_realtime.json", "live_stream_endless.json"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -229,6 +229,12 @@ def test_each_workflow_is_what_it_claims():
     assert samplers[second]["prefix"] == [first, 0] and samplers[first]["seed"] != samplers[second]["seed"]
     (cv,) = _by_type(extend, "CreateVideo")
     assert cv["images"] == [second, 1]  # the whole video: the second sampler's IMAGE
+    _, stream = load("live_stream_endless.json")
+    (cfg,) = _by_type(stream, "BlockCascadeConfig")
+    (smp,) = _by_type(stream, "BlockCascadeSampler")
+    (clip_id,) = [k for k, n in stream.items() if n["class_type"] == "CLIPLoader"]
+    assert cfg["family"] == "longlive" and smp["blocks"] == 0  # endless, in LongLive's window
+    assert smp["clip"] == [clip_id, 0] and "vae" in smp  # steerable, decoded into the recording
     for name in NAMES:
         _, api = load(name)
         types = {n["class_type"] for n in api.values()}
