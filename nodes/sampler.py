@@ -300,7 +300,7 @@ class BlockCascadeSampler(io.ComfyNode):
                                        len(cfg.steps) + clean_pass, cfg.parallel, width, height, decoder,
                                        progress=progress, should_stop=None if endless else _interrupted,
                                        settings=settings_text, clean_pass=clean_pass,
-                                       keep_frames=4 * cfg.attended_window if endless else None,  # video frames of W latent
+                                       keep_frames=4 * cfg.attended_window if endless else None,  # 4 a latent frame
                                        recording=recording.Recording(stream.FPS) if endless else None,
                                        steerable=clip is not None)
             log.info("Block Cascade: %s", settings_text)
