@@ -62,10 +62,10 @@ def vae_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def open_video(vae: str, video_out: str | None, frames_dir: str | None, device: torch.device,
-               dtype: torch.dtype) -> tuple[VideoWriter, FrameStream]:
-    """The decoder of ``vae`` (:func:`vae_dtype`) streaming into an MP4 (``video_out``; none when only
-    ``frames_dir`` is given) and/or PNGs in ``frames_dir``."""
-    decoder = load_decoder(vae, vae_dtype(device, dtype), device)
+               dtype: torch.dtype, decoder=None) -> tuple[VideoWriter, FrameStream]:
+    """The decoder of ``vae`` (:func:`vae_dtype`; or ``decoder``, that file's already loaded) streaming
+    into an MP4 (``video_out``; none when only ``frames_dir`` is given) and/or PNGs in ``frames_dir``."""
+    decoder = decoder or load_decoder(vae, vae_dtype(device, dtype), device)
     writer = VideoWriter(video_out, frames_dir=frames_dir)
     return writer, FrameStream(decoder, on_frames=writer.write, keep=False)
 
@@ -238,7 +238,8 @@ def run_generate(args) -> dict | None:
         print(line, file=sys.stderr)
     writer = frames = progress = None
     if args.vae:
-        writer, frames = open_video(args.vae, video_path(args), args.frames_dir, device, dtype)
+        writer, frames = open_video(args.vae, video_path(args), args.frames_dir, device, dtype,
+                                    None if context_image is None else context_image.decoder)  # read once
     head = None if prefix_in is None else prefix_in.head  # given latents before the context, output as they are
     lead = None if prefix is None else prefix if head is None else torch.cat([head, prefix], 2)
 

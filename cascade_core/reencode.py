@@ -30,6 +30,7 @@ class ContextReencoder:
     otherwise."""
 
     def __init__(self, decoder: LatentVideoDecoder, encode: Callable[[torch.Tensor], torch.Tensor]):
+        self.decoder = decoder  # its weights may serve other streams too (the video's frames)
         self.stream = decoder.stream(frames_per_pass=1)
         self.encode = encode
         self.decoded = 0  # latent frames of this video decoded so far

@@ -156,7 +156,15 @@ def test_krea_read_off_the_path_runs_with_its_kv_recompute_and_needs_the_vae_fro
     vae = tmp_path / "vae.safetensors"
     save_safetensors(tiny_models().vae_state_dict("tiny"), str(vae))
     video = tmp_path / "krea.mp4"
-    assert main(["generate", *three, "--vae", str(vae), "--video-out", str(video)]) == 0
+    from cascade_core import reencode, safe_io
+
+    reads, read = [], safe_io.read_weights
+    counted = lambda p, *a, **k: reads.append(p) or read(p, *a, **k)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:  # the re-encoder's decoder also decodes the video's frames
+        mp.setattr(safe_io, "read_weights", counted)
+        mp.setattr(reencode, "read_weights", counted)
+        assert main(["generate", *three, "--vae", str(vae), "--video-out", str(video)]) == 0
+    assert reads.count(str(vae)) == 1, reads
     s = _summary(capsys)
     assert s["forwards"] == 3 * 5 + 2 and s["latent_frames"] == 9 and s["video_frames"] == 1 + 4 * 8
     assert main(["generate", *three, "--vae", str(vae), "--kv-recompute", "0"]) == 0  # explicit settings win
