@@ -223,9 +223,18 @@ class Host:
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
+    yield from started_host(tmp_path_factory)
+
+
+def started_host(tmp_path_factory, extra_nodes: dict[str, str] | None = None):
+    """A Host on a new base folder: this pack and ``extra_nodes`` ({file name: Python source}, test-only
+    custom nodes) in custom_nodes/, tiny models in models/; stopped when the generator closes."""
     base = str(tmp_path_factory.mktemp("comfy-base"))
     os.makedirs(os.path.join(base, "custom_nodes"))
     os.symlink(ROOT, os.path.join(base, "custom_nodes", "block_cascade"))
+    for name, source in (extra_nodes or {}).items():
+        with open(os.path.join(base, "custom_nodes", name), "w") as f:
+            f.write(source)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tiny_models.py"),
                           os.path.join(base, "models"), "--vae", "full"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
