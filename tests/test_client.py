@@ -6,6 +6,7 @@ error/node_errors for a rejected prompt, and history entries whose outputs list 
 """
 import base64
 import hashlib
+import io
 import json
 import os
 import socket
@@ -441,7 +442,6 @@ def test_history_written_after_success_is_waited_for(fake, workflow, tmp_path, c
 # ---- --steer -------------------------------------------------------------------------------------------
 def test_steer_posts_stdin_lines_while_the_sampler_runs_and_prints_the_switches(fake, workflow, tmp_path, capsys,
                                                                                   monkeypatch):
-    import io
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("now: a cat\n\n7:a dog\nnonsense\n1:a bird\n"))
     fake.on_steer = lambda body: ((400, {"error": "block 7 is beyond the video (blocks 0..1)"})
@@ -550,7 +550,8 @@ def test_ctrl_c_while_the_prompt_waits_in_the_queue_takes_it_back_and_ends_at_on
 
 
 def test_an_endless_stream_is_counted_in_blocks_and_its_frames_are_not_saved_one_by_one(fake, workflow, tmp_path,
-                                                                                       capsys):
+                                                                                       capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # --steer reads it
     messages = success_messages()
     for m in messages:
         if isinstance(m, dict) and m["type"].startswith("block_cascade.") and "blocks" in m["data"]:

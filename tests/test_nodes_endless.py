@@ -10,7 +10,8 @@ import av
 import pytest
 
 from cascade_core.frames import video_frames
-from test_nodes import NODES, W, H, Recorder, config, model, prompts, stream_mod  # noqa: F401  (stand-ins first)
+from test_nodes import (NODES, W, H, Recorder, config, fast_state_events, model, prompts,  # noqa: F401
+                        stream_mod)  # (the stand-in comfy modules first; fast_state_events clears Cancel per test)
 
 import comfy.model_management as mm  # noqa: E402
 import folder_paths  # noqa: E402
@@ -24,10 +25,13 @@ def decoded_frames(path: str) -> int:
 
 
 def run_until_cancel(model, prompts, blocks_before_cancel: int, **kw):
-    """Run the sampler endlessly; press Cancel once ``blocks_before_cancel`` frames events came.
-    Returns (NodeOutput, the Recorder)."""
+    """Run the sampler endlessly; press Cancel once, when ``blocks_before_cancel`` frames events came
+    (not again for frames sent while the run ends). Returns (NodeOutput, the Recorder)."""
+    pressed = []
+
     def on_event(event, data):
-        if event == "block_cascade.frames" and data["block"] + 1 >= blocks_before_cancel:
+        if event == "block_cascade.frames" and data["block"] + 1 >= blocks_before_cancel and not pressed:
+            pressed.append(data["block"])
             mm.interrupt_current_processing(True)  # what POST /interrupt does
 
     cls = NODES["BlockCascadeSampler"].PREPARE_CLASS_CLONE({"UNIQUE_ID": "7"})
