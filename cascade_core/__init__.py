@@ -6,7 +6,9 @@ Pure PyTorch; never imports ComfyUI. Modules:
   schedule    flow-matching step list (FlowSchedule) and the cascade tick plan (CascadeSchedule)
   kv_pool     preallocated self-attention K/V: sink, rolling window, in-flight blocks
   attention   one attention function over several backends (log-sum-exp for exact merges)
-  sampler     runs the ticks: noise, batched forwards, re-noising, clean passes, prompt switches
+  sampler     runs the ticks: batched forwards, re-noising, clean passes, prompt switches, endless runs
+  noise       the run's random numbers (one generator per draw)
+  latent_window  the clean latents a run reads back (the whole video, or an endless one's last frames)
   steer       the prompt of every block, and switches that arrive while a run goes on
   fp8         optional fp8 matrix products
   checkpoint  one loader for every DiT layout, with named errors
@@ -17,7 +19,8 @@ Pure PyTorch; never imports ComfyUI. Modules:
   distributed several devices sharing the KV pool (torch.distributed)
   memory      how much memory a run needs and a device has (one estimate for nodes and CLI)
   cli, cli_checks, cli_run  ``python -m cascade_core generate|decode``; bench: ``python -m cascade_core.bench``
-  client      the headless ComfyUI client (client_steer: its --steer)
+  client      the headless ComfyUI client (client_steer: its --steer; client_io: HTTP, progress bar)
+  stop        Ctrl-C as a request to stop (the command line's runs and the client)
 """
 __version__ = "0.1.0"
 
