@@ -31,6 +31,11 @@ export const SWITCHES_SHOWN = 4;
  * (longest side 320 px, quality 80) is about 10-20 kB, so about 14-27 kB as a base64 string: 1000
  * frames (about a minute at 16 fps) bound a Stream's frames to about 15-30 MB. */
 export const FRAMES_KEPT = 1000;
+/** An endless stream plays live: once more than LIVE_MAX_BEHIND_S seconds of frames wait behind the
+ * newest, playback jumps to LIVE_BEHIND_S seconds behind it (the generator may outrun 16 fps; the frames
+ * skipped are in the saved video), so what a steered prompt changes shows within seconds. */
+export const LIVE_MAX_BEHIND_S = 3;
+export const LIVE_BEHIND_S = 1;
 /** How many of the latest blocks the timeline of an endless run spans (its switch ticks move left). */
 export const ENDLESS_TIMELINE_BLOCKS = 50;
 
@@ -209,6 +214,9 @@ export class Stream {
     if (!this.playing) return false;
     if (this.nextDue !== null && now < this.nextDue) return false;
     if (this.playhead <= this.last - FRAMES_KEPT) this.playhead = this.oldest; // fell behind the kept frames
+    if (this.endless && this.status === "running" && this.last - this.playhead > LIVE_MAX_BEHIND_S * this.fps) {
+      this.playhead = Math.max(this.oldest, this.last - Math.round(LIVE_BEHIND_S * this.fps)); // back to live
+    }
     if (this.status !== "running") {
       // finished: skip frames that never came, stop after the last one
       while (this.playhead <= this.lastIndex && !this.frames.has(this.playhead)) this.playhead++;

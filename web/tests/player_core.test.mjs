@@ -1,7 +1,8 @@
 // node --test web/tests/
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { EVENTS, FRAMES_KEPT, Hub, SWITCHES_KEPT, SWITCHES_SHOWN, Stream } from "../player_core.js";
+import { EVENTS, FRAMES_KEPT, Hub, LIVE_BEHIND_S, LIVE_MAX_BEHIND_S, SWITCHES_KEPT, SWITCHES_SHOWN, Stream }
+  from "../player_core.js";
 import { describe, switchTicks } from "../player_describe.js";
 
 const START = { node: "7", run: "r1", blocks: 3, frames_total: 12, fps: 16, width: 64, height: 40, stages: 5, parallel: 2 };
@@ -274,6 +275,40 @@ const ENDLESS = { ...START, blocks: 0, frames_total: 0 };
 const block12 = (b, run = "r1") => ({ ...ENDLESS, run, block: b, first_frame: 12 * b,
   frames: Array.from({ length: 12 }, (_, i) => `b${b}f${i}`), elapsed: b });
 
+test("a long run of known length that fell behind the kept frames plays on from the oldest kept", () => {
+  const hub = new Hub();
+  const blocks = Math.ceil((FRAMES_KEPT + 500) / 12);
+  const finite = { ...START, blocks, frames_total: 12 * blocks };
+  hub.handle("block_cascade.start", finite);
+  const s = hub.get("7");
+  for (let b = 0; b < blocks; b++) hub.handle("block_cascade.frames", { ...block12(b), ...finite, block: b });
+  assert.ok(s.tick(0));
+  assert.equal(s.shown, 12 * blocks - FRAMES_KEPT);
+  assert.equal(s.buffered, FRAMES_KEPT - 1, "a run of known length plays every frame kept");
+});
+
+test("an endless stream plays live: never more than LIVE_MAX_BEHIND_S seconds behind the newest frame", () => {
+  const hub = new Hub();
+  hub.handle("block_cascade.start", ENDLESS);
+  const s = hub.get("7");
+  hub.handle("block_cascade.frames", block12(0));
+  assert.ok(s.tick(0) && s.shown === 0);
+  for (let b = 1; b <= 4; b++) hub.handle("block_cascade.frames", block12(b)); // 59 behind: within 3 s at 16 fps?
+  assert.ok(s.tick(100));
+  assert.equal(s.shown, 59 - 16, "more than 48 frames behind: back to 16 behind the newest");
+  hub.handle("block_cascade.frames", block12(5)); // 71 is the newest, 44 the next to play: 27 behind
+  assert.ok(s.tick(200));
+  assert.equal(s.shown, 44, "within the allowance: every frame plays");
+  assert.equal(LIVE_MAX_BEHIND_S * 16, 48);
+  s.pause();
+  for (let b = 6; b <= 12; b++) hub.handle("block_cascade.frames", block12(b));
+  assert.equal(s.tick(300), false, "paused: no jump");
+  hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 9, frames: 156, blocks: 13, stopped: true });
+  s.play();
+  assert.ok(s.tick(400));
+  assert.equal(s.shown, 45, "after the run, what is kept plays in order");
+});
+
 test("a Stream keeps the last FRAMES_KEPT frames; playback that fell behind goes on from the oldest kept", () => {
   const hub = new Hub();
   hub.handle("block_cascade.start", ENDLESS);
@@ -292,9 +327,9 @@ test("a Stream keeps the last FRAMES_KEPT frames; playback that fell behind goes
   assert.deepEqual([...s.frames.keys()].sort((a, b) => a - b), Array.from({ length: FRAMES_KEPT }, (_, i) => oldest + i));
   assert.equal(s.frame(oldest), `b${Math.floor(oldest / 12)}f${oldest % 12}`);
   assert.equal(s.frame(oldest - 1), undefined);
-  assert.ok(s.tick(1000), "the next frame to play was dropped: play the oldest kept one");
-  assert.equal(s.shown, oldest);
-  assert.equal(s.buffered, FRAMES_KEPT - 1);
+  assert.ok(s.tick(1000), "far behind the newest frame: an endless stream jumps back to live");
+  assert.equal(s.shown, last - LIVE_BEHIND_S * 16);
+  assert.equal(s.buffered, LIVE_BEHIND_S * 16);
   assert.match(describe(s).stats, new RegExp(`^${12 * blocks} frames \\(last ${FRAMES_KEPT} kept\\) · `));
   // a late copy of a dropped frame is not taken back; a seek is clamped to the frames kept
   hub.handle("block_cascade.frames", block12(0));
@@ -323,7 +358,7 @@ test("frame numbers far into an endless run, and joining one, hold no more than 
   assert.equal(s.lastIndex, 12 * (b0 + 200) - 1);
   assert.match(describe(s).status, new RegExp(`^Streaming \\(joined during the run: from frame ${12 * b0 + 1}\\)`));
   assert.ok(s.tick(0));
-  assert.equal(s.shown, s.oldest, "the join's first frame was dropped since: the oldest kept plays");
+  assert.equal(s.shown, s.lastIndex - LIVE_BEHIND_S * 16, "a stream joined far behind plays live");
 });
 
 test("an endless run says so: no totals of 0, no NaN; stopped by Cancel links its saved video", () => {
