@@ -14,19 +14,25 @@ so every earlier block is written). A finite run holds its whole video, which is
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from .config import CascadeConfig
 
-def held_frames(total: int | None, window: int | None, prefix: int, reencode_lag: int = 0) -> int:
+
+def held_frames(cfg: "CascadeConfig", total: int | None, prefix: int) -> int:
     """Latent frames a run's :class:`LatentWindow` holds: the whole video's ``total`` (prefix included)
-    for a run of known length; for an endless one (``total`` None, ``window`` set: checked by
-    :meth:`config.CascadeConfig.check_run`) the larger of the attended ``window`` plus
-    ``reencode_lag`` and the ``prefix``. ``reencode_lag``: frames by which a KV recompute's
-    re-encoder may still have to decode before the context (one block: its first call decodes from
-    frame 0, ceil(K/N) + 1 blocks in; later ones up to a block before the context)."""
+    for a run of known length; for an endless one (``total`` None; ``cfg`` has a window, checked by
+    :meth:`config.CascadeConfig.check_run`) the larger of the ``prefix`` and the attended window
+    (``cfg.attended_window``) plus, with a KV recompute, one block: its re-encoder may still have to
+    decode that far before the context (its first call decodes from frame 0, ceil(K/N) + 1 blocks in;
+    later ones up to a block before the context)."""
     if total is not None:
         return total
-    return max(window + reencode_lag, prefix)
+    reencode_lag = cfg.frames_per_block if cfg.kv_recompute else 0
+    return max(cfg.attended_window + reencode_lag, prefix)
 
 
 class LatentWindow:

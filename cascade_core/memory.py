@@ -34,7 +34,7 @@ def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks
     tpf = (h // c.patch_size[1]) * (w // c.patch_size[2])
     fpb = cfg.frames_per_block
     total = cfg.grid.total(blocks) + prefix_frames if blocks else None  # blocks 0: endless
-    frames = held_frames(total, cfg.attended_window, prefix_frames, fpb if cfg.kv_recompute else 0)
+    frames = held_frames(cfg, total, prefix_frames)
     layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=total, window=cfg.attended_window,
                         sink=cfg.sink, max_in_flight=cfg.parallel, rolling=cfg.rolling_window,
                         prefix_frames=prefix_frames)

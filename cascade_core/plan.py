@@ -105,8 +105,7 @@ def plan_run(model_cfg: WanConfig, prompts: PromptSchedule, cfg: CascadeConfig, 
     cfg.check_run(len(prompts.entries) - 1, endless=schedule.endless)
     h, w = latent_size(width, height, model_cfg.patch_size)
     grid = BlockGrid(cfg.grid.frames, cfg.grid.first, check_prefix(prefix, cfg, h, w, dtype))
-    held = held_frames(None if schedule.endless else grid.total(blocks), cfg.attended_window, grid.offset,
-                       cfg.frames_per_block if cfg.kv_recompute else 0)
+    held = held_frames(cfg, None if schedule.endless else grid.total(blocks), grid.offset)
     run = RunPlan(grid, first, flow, schedule, (1, LATENT_CHANNELS, held, h, w))
     if noise is not None and schedule.endless:
         raise ValueError("an endless video draws each block's initial noise as it enters (noise.block_noise): "
