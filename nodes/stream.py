@@ -192,11 +192,12 @@ class Reporter:
             self.recording.write(ev)
         self.frames.append(frames)
         self.frame_count += frames.shape[0]
-        while self.keep_frames is not None and sum(f.shape[0] for f in self.frames) > self.keep_frames:
-            extra = sum(f.shape[0] for f in self.frames) - self.keep_frames
-            self.frames[0] = self.frames[0][extra:]  # a view: the block's tensor goes once it is all dropped
-            if not len(self.frames[0]):
-                self.frames.pop(0)
+        excess = 0 if self.keep_frames is None else sum(f.shape[0] for f in self.frames) - self.keep_frames
+        while excess > 0:  # drop the oldest frames (a view of a block's tensor keeps it until it is all gone)
+            oldest = self.frames.pop(0)
+            if len(oldest) > excess:
+                self.frames.insert(0, oldest[excess:])
+            excess -= len(oldest)
         small = resize_frames(frames, self.preview_w, self.preview_h)
         self.frame_blocks += ev.block != CONTEXT_BLOCK
         jpegs = [encode_jpeg(f) for f in small]

@@ -131,3 +131,26 @@ def test_an_endless_run_after_a_longer_prefix_outputs_the_frames_of_its_window_o
     latent, image = out.args
     frames = min(2 + 3 * rec.events("done")[0][1]["blocks"], WINDOW)
     assert latent["samples"].shape[2] == frames and image.shape[0] == 4 * frames
+
+
+def test_the_reporter_holds_only_the_latest_frames_it_is_asked_to_keep():
+    """An endless run's frames for the outputs stay bounded: the last keep_frames of every frame sent,
+    in order (a run of known length keeps all of them)."""
+    import torch
+
+    from cascade_core.frames import LatentRGBDecoder
+    from cascade_core.sampler import BlockEvent
+
+    z = torch.randn(1, 16, 15, 2, 4, generator=torch.Generator().manual_seed(4))
+    held = {}
+    for keep in (None, 17):
+        r = stream_mod.Reporter("3", 0, 0, 5, 1, 64, 32, LatentRGBDecoder(), send=lambda e, d: None,
+                                keep_frames=keep)
+        r.start()
+        for b in range(5):
+            r.on_block(BlockEvent(b, z[:, :, 3 * b:3 * b + 3], b, 0.0))
+        r.finish()
+        held[keep] = r.images()
+        r.done()
+    assert held[None].shape[0] == video_frames(15) and held[17].shape[0] == 17
+    assert torch.equal(held[17], held[None][-17:])
