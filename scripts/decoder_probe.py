@@ -1,0 +1,120 @@
+"""Time the streaming Wan2.1 decoder as it is and with changes tried for speed (CUDA only).
+
+    python3 scripts/decoder_probe.py [--runs 3] [--profile]
+
+Random weights of the released width (``WanVAEDecoder(dim=96)``), fp16, 21 latent frames at 832x480
+decoded as 7 blocks of 3, a whole block per decoder pass (the widget's and the CLI's path). Variants,
+each a fresh decoder and stream, timed after one warm-up decode: ``as_is``; ``cudnn_benchmark``
+(cuDNN autotuning on); ``channels_last_3d`` (3-D weights and the latents in that memory format);
+``fused_norm_silu`` (each residual block's RMS norm + SiLU as one ``torch.compile``d function). One
+JSON line per variant: warm seconds, the warm-up's seconds, and the largest and mean absolute difference
+of the frames from ``as_is``. ``--profile``: GPU time of one ``as_is`` decode by kind of kernel.
+None of the variants is part of the decoder; BENCHMARKS.md says what each did.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cascade_core import vae  # noqa: E402
+
+LATENTS = (1, 16, 21, 60, 104)  # 832x480
+
+
+def decode(decoder, latents: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(seconds, frames [1, 3, F, H, W]) of one streamed decode, block by block."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    stream = decoder.stream(None)
+    frames = [stream.decode(latents[:, :, b:b + 3]) for b in range(0, latents.shape[2], 3)]
+    stream.synchronize()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, torch.cat(frames, 2)
+
+
+def _norm_silu(x, gamma, scale):
+    return F.silu(F.normalize(x, dim=1) * scale * gamma)
+
+
+@contextlib.contextmanager
+def variant(name: str, decoder):
+    """The decoder (and a latents layout) with the change ``name`` applied while inside."""
+    fmt = torch.contiguous_format
+    saved_forward = vae.ResidualBlock.forward
+    if name == "cudnn_benchmark":
+        torch.backends.cudnn.benchmark = True
+    elif name == "channels_last_3d":
+        fmt = torch.channels_last_3d
+        for p in decoder.parameters():
+            if p.dim() == 5:
+                p.data = p.data.contiguous(memory_format=fmt)
+    elif name == "fused_norm_silu":
+        fused = torch.compile(_norm_silu, dynamic=True)
+
+        def forward(self, x, state):
+            norm1, _, conv1, norm2, _, _, conv2 = self.residual
+            h = conv1(fused(x, norm1.gamma, norm1.scale), state)
+            return conv2(fused(h, norm2.gamma, norm2.scale), state) + self.shortcut(x)
+
+        vae.ResidualBlock.forward = forward
+    try:
+        yield fmt
+    finally:
+        torch.backends.cudnn.benchmark = False
+        vae.ResidualBlock.forward = saved_forward
+
+
+def kernel_kind(name: str) -> str:
+    if "nchwToNhwc" in name or "nhwcToNchw" in name:
+        return "layout transposes"
+    if "xmma" in name or "implicit_gemm" in name or "conv" in name.lower():
+        return "convolutions"
+    if "elementwise" in name or "reduce" in name or "norm" in name.lower():
+        return "element-wise and reductions"
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    latents = torch.randn(LATENTS, generator=torch.Generator().manual_seed(0)).to("cuda", torch.float16)
+    reference = None
+    for name in ("as_is", "cudnn_benchmark", "channels_last_3d", "fused_norm_silu"):
+        torch.manual_seed(0)  # the same random weights for every variant
+        decoder = vae.WanVAEDecoder(dim=96).to("cuda", torch.float16).eval()
+        with variant(name, decoder) as fmt:
+            lat = latents.contiguous(memory_format=fmt)
+            warmup, _ = decode(decoder, lat)
+            runs = [decode(decoder, lat) for _ in range(a.runs)]
+        frames = runs[-1][1].float()
+        reference = frames if reference is None else reference
+        diff = (frames - reference).abs()
+        print(json.dumps({"figure": "decoder_variant", "variant": name, "warmup_s": round(warmup, 4),
+                          "seconds": [round(t, 4) for t, _ in runs], "max_abs_diff": float(diff.max()),
+                          "mean_abs_diff": float(diff.mean())}), flush=True)
+    if a.profile:
+        torch.manual_seed(0)
+        decoder = vae.WanVAEDecoder(dim=96).to("cuda", torch.float16).eval()
+        decode(decoder, latents)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            decode(decoder, latents)
+        kinds: dict[str, float] = {}
+        for e in prof.key_averages():
+            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e6
+        print(json.dumps({"figure": "decoder_profile", "seconds_by_kind": {k: round(v, 4) for k, v in kinds.items()},
+                          "total_s": round(sum(kinds.values()), 4)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
