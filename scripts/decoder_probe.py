@@ -1,6 +1,6 @@
 """Time the streaming Wan2.1 decoder as it is and with changes tried for speed (CUDA only).
 
-    python3 scripts/decoder_probe.py [--runs 3] [--profile]
+    python3 scripts/decoder_probe.py [--runs 3] [--profile [--shapes]]
 
 Random weights of the released width (``WanVAEDecoder(dim=96)``), fp16, 21 latent frames at 832x480
 decoded as 7 blocks of 3, a whole block per decoder pass (the widget's and the CLI's path). Variants,
@@ -8,7 +8,8 @@ each a fresh decoder and stream, timed after one warm-up decode: ``as_is``; ``cu
 (cuDNN autotuning on); ``channels_last_3d`` (3-D weights and the latents in that memory format);
 ``fused_norm_silu`` (each residual block's RMS norm + SiLU as one ``torch.compile``d function). One
 JSON line per variant: warm seconds, the warm-up's seconds, and the largest and mean absolute difference
-of the frames from ``as_is``. ``--profile``: GPU time of one ``as_is`` decode by kind of kernel.
+of the frames from ``as_is``. ``--profile``: GPU time of one ``as_is`` decode by kind of kernel (``--shapes``: and a table of the
+operators taking the most of it, by input shape).
 None of the variants is part of the decoder; BENCHMARKS.md says what each did.
 """
 from __future__ import annotations
@@ -87,6 +88,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--shapes", action="store_true",
+                    help="with --profile: also the operators taking the most GPU time, by input shape")
     a = ap.parse_args()
     latents = torch.randn(LATENTS, generator=torch.Generator().manual_seed(0)).to("cuda", torch.float16)
     reference = None
@@ -114,6 +117,14 @@ def main() -> None:
             kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e6
         print(json.dumps({"figure": "decoder_profile", "seconds_by_kind": {k: round(v, 4) for k, v in kinds.items()},
                           "total_s": round(sum(kinds.values()), 4)}), flush=True)
+        if a.shapes:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA],
+                                        record_shapes=True) as prof:
+                decode(decoder, latents)
+            print(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=40,
+                max_shapes_column_width=90), flush=True)
 
 
 if __name__ == "__main__":
