@@ -1,10 +1,14 @@
-"""Scaled dot-product attention over several backends, chosen once per device.
+"""Scaled dot-product attention over several backends, chosen once per device and kind of call.
 
 Guarantees: every backend computes softmax(q k^T / sqrt(d)) v for q [B, H, Lq, d] and k, v
 [B, H, Lk, d] (any strides with a contiguous last dim); the choice changes speed, not the function.
 ``set_backend`` picks one by name. "auto" on a CUDA device times every fused backend once per
-(device, heads, head width, dtype) on the first call of that kind, at that call's shape, and uses the
-fastest from then on; elsewhere it lets torch dispatch.
+(device, heads, head width, dtype, query and key lengths rounded up to a power of two) on the first
+call of that kind, at that call's shape, and uses the fastest from then on; elsewhere it lets torch
+dispatch. The fused backends are torch's SDPA kernels (cuDNN, flash, efficient) and, where the
+optional ``flash-attn-4`` package is installed, FlashAttention-4 ("flash4": its CuTe DSL kernels for
+Hopper and Blackwell, compiled on first use; it takes [B, L, H, d], the layout of the KV pool and of
+the model's projections, so the transposes here are views).
 
 :func:`attend_lse` also returns the log-sum-exp of the scores [B, H, Lq] (float32, natural log), so
 attention over disjoint key sets can be computed piecewise and combined exactly by
@@ -26,20 +30,76 @@ SDPA_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-BACKENDS = ("auto", *SDPA_BACKENDS)
+BACKENDS = ("auto", *SDPA_BACKENDS, "flash4")
+FUSED = ("cudnn", "flash", "efficient", "flash4")  # what "auto" times
 
 log = logging.getLogger("block_cascade")
 
 _backend = "auto"
-_measured: dict[tuple, str | None] = {}  # (device, heads, head_dim, dtype) -> fastest fused backend
+_measured: dict[tuple, str | None] = {}  # (device, heads, head_dim, dtype, Lq, Lk bucket) -> fastest
+_flash4_func = None  # flash_attn.cute.flash_attn_func once imported; False where it cannot be
+
+
+def flash4_available() -> bool:
+    """Whether FlashAttention-4 (the ``flash-attn-4`` package, ``flash_attn.cute``) can be imported.
+    The import is tried once; it is slow (the CuTe DSL loads its compiler)."""
+    global _flash4_func
+    if _flash4_func is None:
+        try:
+            from flash_attn.cute import flash_attn_func
+        except Exception as exc:  # not installed, or installed without its CUDA libraries
+            if not isinstance(exc, ImportError):
+                log.warning("flash-attn-4 is installed but does not import (%s); not using it",
+                            str(exc).splitlines()[0][:160])
+            flash_attn_func = False
+        _flash4_func = flash_attn_func
+    return _flash4_func is not False
+
+
+@torch.compiler.disable  # a library call, never traced (the cross-attention runs in compiled regions)
+def _flash4(q, k, v, lse: bool):
+    """FlashAttention-4 over [B, H, L, d] tensors: (out [B, H, Lq, d], lse [B, H, Lq] float32 or None).
+    It takes [B, L, H, d]; it copies a transposed input that is not contiguous in that layout."""
+    if not flash4_available():
+        raise RuntimeError("flash4 needs the flash-attn-4 package (pip install flash-attn-4)")
+    out, out_lse = _flash4_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_lse=lse)
+    return out.transpose(1, 2), out_lse
 
 
 def set_backend(name: str) -> None:
-    """Use one backend for every following call ("auto": torch's own dispatch)."""
+    """Use one backend for every following call ("auto": the fastest measured; torch's dispatch off CUDA).
+
+    Raises ValueError for an unknown name, and for "flash4" where flash-attn-4 does not import."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "flash4" and not flash4_available():
+        raise ValueError("attention backend flash4 needs the flash-attn-4 package (pip install flash-attn-4); "
+                         "use auto")
     _backend = name
+
+
+def refusal(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why backend ``name`` cannot run attention on ``device`` in ``dtype``, in one line; None if it
+    can ("auto" and "math" always can). A tiny probe call of the kernel decides the fused ones."""
+    if name not in BACKENDS:
+        return f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}"
+    if name in ("auto", "math"):
+        return None
+    if name == "flash4" and not flash4_available():
+        return "attention backend flash4 needs the flash-attn-4 package (pip install flash-attn-4); use auto"
+    if name == "flash4" and (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
+        return f"attention backend flash4 runs on CUDA GPUs in float16 or bfloat16, not {device} {str(dtype)[6:]}"
+    q = torch.zeros(1, 1, 8, 128, device=device, dtype=dtype)
+    try:
+        if name == "flash4":
+            _flash4(q, q, q, lse=False)
+        else:
+            with sdpa_kernel([SDPA_BACKENDS[name]]):
+                F.scaled_dot_product_attention(q, q, q)
+    except REFUSALS:
+        return f"attention backend {name} is not available on {device} for {str(dtype)[6:]}; use auto (or math)"
+    return None
 
 
 def get_backend() -> str:
@@ -50,7 +110,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention output [B, H, Lq, d]; ``mask`` (bool, True = attend) broadcasts to [B, H, Lq, Lk]."""
     name = _backend if _backend != "auto" or mask is not None else fastest(q, k, v)
-    ctx = contextlib.nullcontext() if name in ("auto", None) or mask is not None else sdpa_kernel(
+    if name == "flash4" and mask is None:
+        return _flash4(q, k, v, lse=False)[0]
+    ctx = contextlib.nullcontext() if name in ("auto", "flash4", None) or mask is not None else sdpa_kernel(
         [SDPA_BACKENDS[name]])
     with ctx:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -60,55 +122,74 @@ def fastest(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """The fused backend that ran this kind of call fastest on this device (None: let torch choose)."""
     if q.device.type != "cuda":
         return None
-    key = (q.device, q.shape[1], q.shape[-1], q.dtype)
+    key = (q.device, q.shape[1], q.shape[-1], q.dtype, _bucket(q.shape[2]), _bucket(k.shape[2]))
     if key not in _measured:
         _measured[key] = _time_backends(q, k, v)
     return _measured[key]
 
 
+def _bucket(n: int) -> int:
+    """A length rounded up to a power of two: calls within one bucket share a measurement."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _time_backends(q, k, v, repeats: int = 5) -> str | None:
     """Quick timing of each fused backend: one warm-up call, then ``repeats`` calls between events."""
     times = {}
-    for name in ("cudnn", "flash", "efficient"):
+    for name in FUSED:
+        if name == "flash4" and not flash4_available():
+            continue
+        call = (lambda: _flash4(q, k, v, lse=True)) if name == "flash4" else \
+            (lambda name=name: _sdpa_lse(name, q, k, v))
         try:
-            with sdpa_kernel([SDPA_BACKENDS[name]]):
-                F.scaled_dot_product_attention(q, k, v)  # warm-up (and: does this backend take it?)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(repeats):
-                    F.scaled_dot_product_attention(q, k, v)
-                end.record()
+            call()  # warm-up (and: does this backend take it? flash4 compiles here)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                call()
+            end.record()
             end.synchronize()
             times[name] = start.elapsed_time(end)
-        except RuntimeError:
+        except REFUSALS:
             continue
     return min(times, key=times.get) if times else None
 
 
 def measured_backends() -> dict[str, str | None]:
     """What "auto" chose so far, for reports: "device heads x head_dim dtype" -> backend."""
-    return {f"{d} {h}x{hd} {str(t).removeprefix('torch.')}": b for (d, h, hd, t), b in _measured.items()}
+    return {f"{d} {h}x{hd} {str(t).removeprefix('torch.')} q<={lq} k<={lk}": b
+            for (d, h, hd, t, lq, lk), b in _measured.items()}
+
+
+# what a fused kernel raises for a shape, dtype or device it does not take
+REFUSALS = (RuntimeError, AssertionError, ValueError, NotImplementedError)
+
+
+def _sdpa_lse(name: str, q, k, v):
+    """(out, lse [B, H, Lq] float32) from one of torch's fused SDPA kernels."""
+    if name == "cudnn":
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
+    elif name == "flash":
+        r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+    else:
+        r = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False)
+    # cuDNN gives [B, H, Lq, 1], flash [B, H, Lq], efficient [B, H, Lq rounded up to 32]
+    return r[0], r[1].reshape(*q.shape[:2], -1)[..., :q.shape[2]].float()
 
 
 def _lse_cuda(q, k, v):
-    """(out, lse) from a fused CUDA kernel: cuDNN first (fastest on Hopper), then flash."""
-    if _backend == "auto":  # the measured fastest first, then the usual order on Hopper
+    """(out, lse) from a fused CUDA kernel: the chosen one, or under "auto" the measured fastest,
+    then cuDNN and flash (the usual order on Hopper)."""
+    if _backend == "auto":
         order = tuple(dict.fromkeys(n for n in (fastest(q, k, v), "cudnn", "flash") if n))
     else:
         order = (_backend,)
     for name in order:
+        if name not in FUSED:
+            break
         try:
-            if name == "cudnn":
-                r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
-            elif name == "flash":
-                r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
-            elif name == "efficient":
-                r = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False)
-            else:
-                break
-            # cuDNN gives [B, H, Lq, 1], flash [B, H, Lq], efficient [B, H, Lq rounded up to 32]
-            return r[0], r[1].reshape(*q.shape[:2], -1)[..., :q.shape[2]].float()
-        except RuntimeError as exc:
+            return _flash4(q, k, v, lse=True) if name == "flash4" else _sdpa_lse(name, q, k, v)
+        except REFUSALS as exc:
             _fell_back(name, q, exc)
     _fell_back("fused kernels", q, None)
     return _lse_math(q, k, v)

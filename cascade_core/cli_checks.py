@@ -114,16 +114,10 @@ def input_bytes(path: str) -> int:
 
 
 def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse an attention backend that this device cannot run (a tiny probe call of that kernel)."""
-    if name in ("auto", "math"):
-        return
-    q = torch.zeros(1, 1, 8, 64, device=device, dtype=dtype)
-    try:
-        with torch.nn.attention.sdpa_kernel([attention.SDPA_BACKENDS[name]]):
-            torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    except RuntimeError:
-        raise UsageError(f"--attention-backend {name} is not available on {device} for {str(dtype)[6:]}; "
-                         f"use auto (or math)") from None
+    """Refuse an attention backend that this device cannot run (:func:`attention.refusal`)."""
+    why = attention.refusal(name, device, dtype)
+    if why is not None:
+        raise UsageError(f"--attention-backend: {why}")
 
 
 def check_fp8(fp8: bool, device: torch.device) -> None:

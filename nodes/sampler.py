@@ -219,8 +219,9 @@ class BlockCascadeSampler(io.ComfyNode):
         checks.blocks(blocks)
         run_devices = devices.check(config.devices)
         device = run_devices[0]  # one device: the run's; several: where this process decodes frames
-        if config.attention_backend not in attention_backends.BACKENDS:
-            raise ValueError(f"attention backend must be one of {', '.join(attention_backends.BACKENDS)}")
+        why = attention_backends.refusal(config.attention_backend, device, model.dtype)
+        if why is not None:
+            raise ValueError(why)
         if positive is not None and schedule is not None:
             raise ValueError("connect either positive (one prompt) or schedule (Prompt Schedule), not both")
         if positive is None and schedule is None:

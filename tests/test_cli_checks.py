@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 
-from cascade_core import cli_run
+from cascade_core import attention, cli_run
 from cascade_core.cli import main
 from cascade_core.safe_io import read_tensor_file
 
@@ -82,6 +82,12 @@ def test_output_paths_are_checked_before_the_run(tmp_path, capsys, no_model_work
 def test_bad_settings_give_one_line_and_exit_2(args, message, capsys, no_model_work):
     assert main(["generate", *SMALL, *args]) == 2
     one_line(capsys, message)
+
+
+def test_flash4_without_its_package_gives_one_line_and_exit_2(capsys, no_model_work, monkeypatch):
+    monkeypatch.setattr(attention, "_flash4_func", False)  # flash-attn-4 not installed
+    assert main(["generate", *SMALL, "--attention-backend", "flash4"]) == 2
+    one_line(capsys, "pip install flash-attn-4")
 
 
 def test_largest_seed_runs(tmp_path, capsys):

@@ -15,12 +15,17 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("backend", ["auto", "cudnn", "flash", "efficient"])
-def test_fused_lse_merge_matches_sdpa_over_the_union(backend, caplog):
+@pytest.mark.parametrize("backend,pool_layout", [("auto", False), ("cudnn", False), ("flash", False),
+                                                 ("efficient", False), ("flash4", False), ("flash4", True)])
+def test_fused_lse_merge_matches_sdpa_over_the_union(backend, pool_layout, caplog):
     """Each fused kernel's own log-sum-exp layout is read right (efficient pads it to 32 rows; 4680
-    queries are not a multiple of 32), with no silent fall-back to the float32 path."""
+    queries are not a multiple of 32; flash4 takes [B, L, H, d], the pool's layout), with no silent
+    fall-back to the float32 path. flash4 runs where the flash-attn-4 package is installed."""
+    if backend == "flash4" and not attention.flash4_available():
+        pytest.skip("flash-attn-4 is not installed")
     g = torch.Generator("cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, 12, n, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (torch.randn(1, n, 12, 128, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+               if pool_layout else torch.randn(1, 12, n, 128, generator=g, device="cuda", dtype=torch.bfloat16)
                for n in (4680, 9360, 9360))
     attention.set_backend(backend)
     try:
@@ -72,14 +77,21 @@ def test_fp8_scaled_mm_matches_the_reference_product():
     assert rel(fast, exact) < 5e-2
 
 
-def test_auto_backend_is_measured_once_per_kind_of_call():
+def test_auto_backend_is_measured_once_per_kind_of_call(monkeypatch):
+    """One measurement per (heads, width, dtype, length buckets): 4680 and 6000 keys share one, 32760
+    keys get their own; whichever kernel wins (flash4 too, where installed) gives the attention."""
+    monkeypatch.setattr(attention, "_measured", {})  # what earlier tests measured does not count
     g = torch.Generator("cuda").manual_seed(1)
-    q, k, v = (torch.randn(1, 12, n, 128, generator=g, device="cuda", dtype=torch.bfloat16) for n in (4680,) * 3)
-    out = attention.attend(q, k, v)
+    q = torch.randn(1, 12, 4680, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    for keys, new in ((4680, 1), (6000, 0), (32760, 1)):
+        k, v = (torch.randn(1, 12, keys, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        before = len(attention.measured_backends())
+        out = attention.attend(q, k, v)
+        assert len(attention.measured_backends()) == before + new
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        assert rel(out, ref) < 1e-2
     chosen = attention.measured_backends()
-    assert any(key.startswith("cuda") and "12x128 bfloat16" in key for key in chosen)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    assert rel(out, ref) < 1e-2
+    assert any(key.startswith("cuda") and "12x128 bfloat16 q<=8192 k<=32768" in key for key in chosen)
 
 
 def test_one_gpu_worker_pool_equals_the_in_process_run():
