@@ -133,8 +133,9 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _time_backends(q, k, v, repeats: int = 5) -> str | None:
-    """Quick timing of each fused backend: one warm-up call, then ``repeats`` calls between events."""
+def _time_backends(q, k, v, repeats: int = 10) -> str | None:
+    """Quick timing of each fused backend: two warm-up calls, then ``repeats`` calls between events
+    (a few milliseconds at the DiT's shapes; fewer repeats picked a kernel 20 % slower at times)."""
     times = {}
     for name in FUSED:
         if name == "flash4" and not flash4_available():
@@ -142,7 +143,7 @@ def _time_backends(q, k, v, repeats: int = 5) -> str | None:
         call = (lambda: _flash4(q, k, v, lse=True)) if name == "flash4" else \
             (lambda name=name: _sdpa_lse(name, q, k, v))
         try:
-            call()  # warm-up (and: does this backend take it? flash4 compiles here)
+            call(), call()  # warm-up (and: does this backend take it? flash4 compiles here)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(repeats):

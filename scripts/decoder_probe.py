@@ -1,15 +1,16 @@
 """Time the streaming Wan2.1 decoder as it is and with changes tried for speed (CUDA only).
 
-    python3 scripts/decoder_probe.py [--runs 3] [--profile [--shapes]]
+    python3 scripts/decoder_probe.py [--runs 3] [--variants as_is,...] [--profile [--shapes]]
 
 Random weights of the released width (``WanVAEDecoder(dim=96)``), fp16, 21 latent frames at 832x480
 decoded as 7 blocks of 3, a whole block per decoder pass (the widget's and the CLI's path). Variants,
 each a fresh decoder and stream, timed after one warm-up decode: ``as_is``; ``cudnn_benchmark``
 (cuDNN autotuning on); ``channels_last_3d`` (3-D weights and the latents in that memory format);
-``fused_norm_silu`` (each residual block's RMS norm + SiLU as one ``torch.compile``d function). One
-JSON line per variant: warm seconds, the warm-up's seconds, and the largest and mean absolute difference
-of the frames from ``as_is``. ``--profile``: GPU time of one ``as_is`` decode by kind of kernel (``--shapes``: and a table of the
-operators taking the most of it, by input shape).
+``fused_norm_silu`` (each residual block's RMS norm + SiLU as one ``torch.compile``d function);
+``folded_norm`` (the RMS norm as x * (1/|x|) * (sqrt(C) gamma): one pass over the frames fewer). One
+JSON line per variant: warm seconds, the warm-up's seconds, and the largest and mean absolute
+difference of the frames from ``as_is``. ``--profile``: GPU time of one ``as_is`` decode by kind of
+kernel (``--shapes``: and a table of the operators taking the most of it, by input shape).
 None of the variants is part of the decoder; BENCHMARKS.md says what each did.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _norm_silu(x, gamma, scale):
 def variant(name: str, decoder):
     """The decoder (and a latents layout) with the change ``name`` applied while inside."""
     fmt = torch.contiguous_format
-    saved_forward = vae.ResidualBlock.forward
+    saved_forward, saved_norm = vae.ResidualBlock.forward, vae.RMSNorm.forward
     if name == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = True
     elif name == "channels_last_3d":
@@ -67,11 +68,17 @@ def variant(name: str, decoder):
             return conv2(fused(h, norm2.gamma, norm2.scale), state) + self.shortcut(x)
 
         vae.ResidualBlock.forward = forward
+    elif name == "folded_norm":
+        def norm(self, x):  # one pass fewer: 1/|x| and sqrt(C) * gamma applied as two products
+            inverse = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_()
+            return x * inverse * (self.gamma * self.scale)
+
+        vae.RMSNorm.forward = norm
     try:
         yield fmt
     finally:
         torch.backends.cudnn.benchmark = False
-        vae.ResidualBlock.forward = saved_forward
+        vae.ResidualBlock.forward, vae.RMSNorm.forward = saved_forward, saved_norm
 
 
 def kernel_kind(name: str) -> str:
@@ -87,13 +94,15 @@ def kernel_kind(name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--variants", default="as_is,cudnn_benchmark,channels_last_3d,fused_norm_silu,folded_norm",
+                    help="which to time, as_is first (the others are compared with it)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--shapes", action="store_true",
                     help="with --profile: also the operators taking the most GPU time, by input shape")
     a = ap.parse_args()
     latents = torch.randn(LATENTS, generator=torch.Generator().manual_seed(0)).to("cuda", torch.float16)
     reference = None
-    for name in ("as_is", "cudnn_benchmark", "channels_last_3d", "fused_norm_silu"):
+    for name in a.variants.split(","):
         torch.manual_seed(0)  # the same random weights for every variant
         decoder = vae.WanVAEDecoder(dim=96).to("cuda", torch.float16).eval()
         with variant(name, decoder) as fmt:
