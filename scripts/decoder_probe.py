@@ -6,8 +6,7 @@ Random weights of the released width (``WanVAEDecoder(dim=96)``), fp16, 21 laten
 decoded as 7 blocks of 3, a whole block per decoder pass (the widget's and the CLI's path). Variants,
 each a fresh decoder and stream, timed after one warm-up decode: ``as_is``; ``cudnn_benchmark``
 (cuDNN autotuning on); ``channels_last_3d`` (3-D weights and the latents in that memory format);
-``fused_norm_silu`` (each residual block's RMS norm + SiLU as one ``torch.compile``d function);
-``folded_norm`` (the RMS norm as x * (1/|x|) * (sqrt(C) gamma): one pass over the frames fewer). One
+``fused_norm_silu`` (each residual block's RMS norm + SiLU as one ``torch.compile``d function). One
 JSON line per variant: warm seconds, the warm-up's seconds, and the largest and mean absolute
 difference of the frames from ``as_is``. ``--profile``: GPU time of one ``as_is`` decode by kind of
 kernel (``--shapes``: and a table of the operators taking the most of it, by input shape).
@@ -51,7 +50,7 @@ def _norm_silu(x, gamma, scale):
 def variant(name: str, decoder):
     """The decoder (and a latents layout) with the change ``name`` applied while inside."""
     fmt = torch.contiguous_format
-    saved_forward, saved_norm = vae.ResidualBlock.forward, vae.RMSNorm.forward
+    saved_forward = vae.ResidualBlock.forward
     if name == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = True
     elif name == "channels_last_3d":
@@ -68,17 +67,11 @@ def variant(name: str, decoder):
             return conv2(fused(h, norm2.gamma, norm2.scale), state) + self.shortcut(x)
 
         vae.ResidualBlock.forward = forward
-    elif name == "folded_norm":
-        def norm(self, x):  # one pass fewer: 1/|x| and sqrt(C) * gamma applied as two products
-            inverse = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_()
-            return x * inverse * (self.gamma * self.scale)
-
-        vae.RMSNorm.forward = norm
     try:
         yield fmt
     finally:
         torch.backends.cudnn.benchmark = False
-        vae.ResidualBlock.forward, vae.RMSNorm.forward = saved_forward, saved_norm
+        vae.ResidualBlock.forward = saved_forward
 
 
 def kernel_kind(name: str) -> str:
@@ -94,7 +87,7 @@ def kernel_kind(name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--variants", default="as_is,cudnn_benchmark,channels_last_3d,fused_norm_silu,folded_norm",
+    ap.add_argument("--variants", default="as_is,cudnn_benchmark,channels_last_3d,fused_norm_silu",
                     help="which to time, as_is first (the others are compared with it)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--shapes", action="store_true",
