@@ -505,6 +505,20 @@ def test_bad_sampler_inputs_are_refused_before_the_engine_runs(model, no_engine,
         sample(model, **kw)
 
 
+@pytest.mark.parametrize("backend, message", [
+    ("flash4", r"flash4 needs the flash-attn-4 package \(pip install flash-attn-4\); use auto$"),
+    ("cudnn", r"attention backend cudnn is not available on cpu for float32; use auto"),
+])
+def test_an_attention_backend_the_device_lacks_is_refused_before_the_engine_runs(model, no_engine, monkeypatch,
+                                                                                  backend, message):
+    from cascade_core import attention
+
+    monkeypatch.setattr(attention, "_flash4_func", False)  # flash-attn-4 not installed
+    settings = values_mod.Settings(cascade=CascadeConfig(), attention_backend=backend)
+    with pytest.raises(ValueError, match=message):
+        sample(model, config=settings, positive=cond())
+
+
 CONFIG_WIDGETS = dict(parallel=1, attention="causal", window=0, sink=0, steps="1000,750,500,250", shift=5.0,
                       devices="auto", attention_backend="auto", flashblock=False)
 SAMPLER_WIDGETS = dict(model=["1", 0], config=["2", 0], width=832, height=480, blocks=7, seed=0)
