@@ -22,6 +22,7 @@ from .model import WanConfig, WanModel
 from .config import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule
 from .schedule import CascadeSchedule
 from .sampler import generate
+from .taew import TinyWanDecoder
 from .vae import WanVAEDecoder
 
 SIZES = {
@@ -66,10 +67,21 @@ def timed_runs(model, embeds, cfg, a, device, tag):
         yield res, time.perf_counter() - t0
 
 
-def end_to_end(model, embeds, levels, a, device, size) -> None:
-    """Streaming VAE (random weights; released width on the GPU) alone, then DiT + overlapped decode."""
+def bench_decoder(kind: str, device: torch.device):
+    """A decoder with random weights: the Wan VAE's (``wan``) or taew2_1's (``taew``), the released
+    widths on a GPU (fp16), tiny ones elsewhere (float32)."""
     gpu = device.type == "cuda"
-    decoder = WanVAEDecoder(dim=96 if gpu else 8).to(device, torch.float16 if gpu else torch.float32).eval()
+    if kind == "taew":
+        decoder = TinyWanDecoder() if gpu else TinyWanDecoder((8, 8, 8, 8))
+    else:
+        decoder = WanVAEDecoder(dim=96 if gpu else 8)
+    return decoder.to(device, torch.float16 if gpu else torch.float32).eval()
+
+
+def end_to_end(model, embeds, levels, a, device, size, kind: str) -> None:
+    """Streaming decoder ``kind`` alone, then DiT + overlapped decode, with the time from the run's
+    start to its first frames handed out."""
+    decoder = bench_decoder(kind, device)
     generate_run = runner(a)  # with --devices: the DiT on the pool's devices, the decoder on --device
     lat = generate_run(model, PromptSchedule.single(embeds), CascadeConfig(parallel=levels[0]), blocks=a.blocks,
                        width=a.width, height=a.height, seed=0).latents.to(device)
@@ -82,22 +94,23 @@ def end_to_end(model, embeds, levels, a, device, size) -> None:
             for b in range(a.blocks):
                 stream.decode(lat[:, :, b * fpb:(b + 1) * fpb])
             stream.synchronize()
-            emit(figure="vae_stream", size=size, frames_per_pass=per_pass or fpb, run=r - 1,
+            emit(figure="vae_stream", size=size, decoder=kind, frames_per_pass=per_pass or fpb, run=r - 1,
                  seconds=round(time.perf_counter() - t0, 4), latent_frames=lat.shape[2])
     for p in levels:
         cfg = CascadeConfig(parallel=p, flashblock=a.flashblock.split(",")[-1])
         for r in range(a.runs + 1):
             sync(device)
             t0 = time.perf_counter()
-            frames = FrameStream(decoder)
+            handed_out: list[float] = []  # seconds from the stream's start, per block of frames
+            frames = FrameStream(decoder, on_frames=lambda event: handed_out.append(event.seconds))
             res = generate_run(model, PromptSchedule.single(embeds), cfg, blocks=a.blocks, width=a.width,
                                height=a.height, seed=0, on_block=frames.push, on_tick=frames.poll)
             video = frames.finish()
             sync(device)
             seconds = time.perf_counter() - t0
-            emit(figure="end_to_end", size=size, parallel=p, flashblock=cfg.flashblock, run=r - 1,
-                 seconds=round(seconds, 4), frames=video.shape[2], fps=round(video.shape[2] / seconds, 2),
-                 dit_seconds=round(res.seconds, 4))
+            emit(figure="end_to_end", size=size, decoder=kind, parallel=p, flashblock=cfg.flashblock,
+                 run=r - 1, seconds=round(seconds, 4), frames=video.shape[2], fps=round(video.shape[2] / seconds, 2),
+                 first_frames_s=round(handed_out[0], 4), dit_seconds=round(res.seconds, 4))
 
 
 def switch_configs(levels, a, steps):
@@ -275,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fp8", action="store_true", help="fp8 matrix products in the layers")
     ap.add_argument("--vae", action="store_true",
                     help="also time the streaming VAE alone and end to end (frames out, decode overlapped)")
+    ap.add_argument("--decoder", default="wan",
+                    help="with --vae: decoders to time, of wan (the Wan2.1 VAE's) and taew (the taew2_1 "
+                         "preview decoder, the widget's), e.g. wan,taew")
     ap.add_argument("--switch-every", type=int, default=0, metavar="N",
                     help="also time every tick of runs whose prompt switches every N blocks")
     ap.add_argument("--switch-mode", default="none", help="switch modes of --switch-every and --steer-runs runs: "
@@ -294,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     size = a.size or ("1.3B" if device.type == "cuda" else "tiny")
     if device.type == "cpu" and size != "tiny":
         ap.error("the real shapes need a GPU; use --size tiny on the CPU")
+    if not set(a.decoder.split(",")) <= {"wan", "taew"}:
+        ap.error(f"--decoder {a.decoder}: choose from wan, taew (comma-separated)")
     steps = tuple(int(s) for s in a.steps.split(","))
     levels = list(range(1, len(steps) + 2)) if a.parallel == "all" else [int(p) for p in a.parallel.split(",")]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -334,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
 
     emit(figure="attention_backends", chosen=attention.measured_backends())
     if a.vae:
-        end_to_end(model, embeds, levels, a, device, size)
+        for kind in a.decoder.split(","):
+            end_to_end(model, embeds, levels, a, device, size, kind)
     if a.lse and device.type == "cuda":
         lse_backends(device)
     if a.switch_every:

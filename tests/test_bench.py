@@ -33,3 +33,28 @@ def test_endless_rows_report_the_blocks_asked_for_and_per_block_memory(capsys, o
     assert [r["parallel"] for r in endless] == [1, 4]
     for r in endless:
         assert r["blocks"] == 12 and set(r["gib_at_block"]) == {"10", "6", "12"} and r["steady_fps"] > 0
+
+
+def test_end_to_end_rows_per_decoder_count_the_videos_frames_and_the_first_frames_time(capsys, one_thread,
+                                                                                         monkeypatch):
+    """--vae with either decoder: every run's row has the whole video (5 blocks of 3 latent frames:
+    1 + 4 * 14 = 57 frames) and the time to its first frames, inside the run's time."""
+    built = []
+
+    def spy(name):
+        cls = getattr(bench, name)
+
+        def build(*args, **kwargs):
+            built.append(name)
+            return cls(*args, **kwargs)
+        return build
+
+    for name in ("WanVAEDecoder", "TinyWanDecoder"):
+        monkeypatch.setattr(bench, name, spy(name))
+    out = rows(capsys, "--parallel", "2", "--vae", "--decoder", "wan,taew")
+    assert built == ["WanVAEDecoder", "TinyWanDecoder"]
+    for decoder in ("wan", "taew"):
+        ends = [r for r in out if r["figure"] == "end_to_end" and r["decoder"] == decoder]
+        assert len(ends) == 2 and all(r["decoder"] == decoder and r["frames"] == 57 for r in ends)
+        assert all(0 < r["first_frames_s"] < r["seconds"] for r in ends)
+    assert {r["decoder"] for r in out if r["figure"] == "vae_stream"} == {"wan", "taew"}
