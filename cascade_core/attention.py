@@ -85,10 +85,11 @@ def refusal(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
         return f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}"
     if name in ("auto", "math"):
         return None
+    if name == "flash4" and (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
+        return (f"attention backend flash4 runs on NVIDIA GPUs (Hopper, Blackwell) in float16 or bfloat16, "
+                f"not {device} {str(dtype)[6:]}; use auto")
     if name == "flash4" and not flash4_available():
         return "attention backend flash4 needs the flash-attn-4 package (pip install flash-attn-4); use auto"
-    if name == "flash4" and (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
-        return f"attention backend flash4 runs on CUDA GPUs in float16 or bfloat16, not {device} {str(dtype)[6:]}"
     q = torch.zeros(1, 1, 8, 128, device=device, dtype=dtype)
     try:
         _flash4(q, q, q, lse=False) if name == "flash4" else _sdpa(name, q, q, q)

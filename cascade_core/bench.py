@@ -108,9 +108,10 @@ def end_to_end(model, embeds, levels, a, device, size, kind: str) -> None:
             video = frames.finish()
             sync(device)
             seconds = time.perf_counter() - t0
-            emit(figure="end_to_end", size=size, decoder=kind, parallel=p, flashblock=cfg.flashblock,
-                 run=r - 1, seconds=round(seconds, 4), frames=video.shape[2], fps=round(video.shape[2] / seconds, 2),
-                 first_frames_s=round(handed_out[0], 4), dit_seconds=round(res.seconds, 4))
+            emit(figure="end_to_end", size=size, decoder=kind, backend=attention.get_backend(), parallel=p,
+                 flashblock=cfg.flashblock, run=r - 1, seconds=round(seconds, 4), frames=video.shape[2],
+                 fps=round(video.shape[2] / seconds, 2), first_frames_s=round(handed_out[0], 4),
+                 dit_seconds=round(res.seconds, 4))
 
 
 def switch_configs(levels, a, steps):
@@ -312,9 +313,15 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("the real shapes need a GPU; use --size tiny on the CPU")
     if not set(a.decoder.split(",")) <= {"wan", "taew"}:
         ap.error(f"--decoder {a.decoder}: choose from wan, taew (comma-separated)")
+    if a.decoder != "wan" and not a.vae:
+        ap.error("--decoder is for the decoder runs of --vae; add --vae")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for backend in a.backend.split(","):  # every backend asked for, before any work
+        why = attention.refusal(backend, device, dtype)
+        if why is not None:
+            ap.error(f"--backend: {why}")
     steps = tuple(int(s) for s in a.steps.split(","))
     levels = list(range(1, len(steps) + 2)) if a.parallel == "all" else [int(p) for p in a.parallel.split(",")]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = WanModel.random(SIZES[size], seed=0, device=device, dtype=dtype)
     embeds = torch.randn(512, model.cfg.text_dim, generator=torch.Generator().manual_seed(1))
     # every row's deviation is measured against the exact engine: P1, no FlashBlock, no fp8

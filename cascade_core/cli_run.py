@@ -80,7 +80,9 @@ def kept(writer: VideoWriter | None) -> str:
 
 def summary(result: Result, latents: torch.Tensor, args, model_label: str, device, cfg: CascadeConfig) -> dict:
     """The JSON line: what was made (``latents``, the output: ``latent_frames``; ``video_frames`` only
-    where decoded) and timing (``latent_frames_per_second``: the generated frames)."""
+    where decoded), timing (``latent_frames_per_second``: the generated frames) and the attention
+    kernels (``attention_kernels``: what ``auto`` measured and chose in this process, per kind of call;
+    empty where nothing was measured here: a pinned backend, a CPU, or the worker pool's processes)."""
     latent_frames = latents.shape[2]
     generated = cfg.grid.total(result.blocks)
     return {
@@ -91,6 +93,8 @@ def summary(result: Result, latents: torch.Tensor, args, model_label: str, devic
         "forwards": result.forwards,
         "parallel": cfg.parallel,
         "fp8": args.fp8,
+        "attention_backend": args.attention_backend,
+        "attention_kernels": attention.measured_backends(),
         "latent_shape": list(latents.shape),
         "latent_frames": latent_frames,
         "seconds": round(result.seconds, 4),

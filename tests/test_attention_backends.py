@@ -69,13 +69,20 @@ def test_flash4_without_the_package_is_refused_in_one_line(not_installed):
     with pytest.raises(ValueError, match="pip install flash-attn-4"):
         attention.set_backend("flash4")
     assert attention.get_backend() == "auto"
-    why = attention.refusal("flash4", torch.device("cpu"), torch.bfloat16)
-    assert "flash-attn-4" in why and "\n" not in why
+    why = attention.refusal("flash4", torch.device("cuda"), torch.bfloat16)  # a GPU it could run on
+    assert "pip install flash-attn-4" in why and "\n" not in why
 
 
-def test_flash4_on_the_cpu_is_refused(stand_in):
-    why = attention.refusal("flash4", torch.device("cpu"), torch.bfloat16)
-    assert "CUDA" in why and "\n" not in why
+@pytest.mark.parametrize("installed", [True, False])
+def test_flash4_off_the_gpu_is_refused_without_the_install_hint(monkeypatch, installed):
+    """On the CPU, or in float32, installing the package would not help: the refusal says why."""
+    monkeypatch.setattr(attention, "_flash4_func", flash_layout_attention if installed else False)
+    for device, dtype in ((torch.device("cpu"), torch.bfloat16), (torch.device("cuda"), torch.float32)):
+        why = attention.refusal("flash4", device, dtype)
+        assert "NVIDIA GPUs" in why and "pip install" not in why and "\n" not in why
+
+
+def test_auto_always_runs_and_unknown_names_are_refused():
     assert attention.refusal("auto", torch.device("cpu"), torch.float32) is None
     assert "unknown attention backend" in attention.refusal("fa9", torch.device("cpu"), torch.float32)
 

@@ -1,5 +1,7 @@
-"""The speed tool's switching figures on the CPU (tiny shapes): what each row reports, not its timing."""
+"""The speed tool on the CPU (tiny shapes): what each row reports and what it refuses, not its timing."""
 import json
+
+import pytest
 
 from cascade_core import bench
 
@@ -58,3 +60,18 @@ def test_end_to_end_rows_per_decoder_count_the_videos_frames_and_the_first_frame
         assert len(ends) == 2 and all(r["decoder"] == decoder and r["frames"] == 57 for r in ends)
         assert all(0 < r["first_frames_s"] < r["seconds"] for r in ends)
     assert {r["decoder"] for r in out if r["figure"] == "vae_stream"} == {"wan", "taew"}
+
+
+def test_bad_backends_and_a_decoder_without_vae_are_refused_before_any_work(capsys, monkeypatch):
+    """Every --backend is checked first (cudnn on the CPU would fail only after the earlier backends'
+    runs); one line on stderr, exit 2, no model built."""
+    import pytest
+
+    monkeypatch.setattr(bench.WanModel, "random", lambda *a, **k: pytest.fail("a model was built"))
+    for args, message in ((["--backend", "auto,cudnn"], "--backend: attention backend cudnn is not available"),
+                          (["--backend", "flash4"], "--backend: attention backend flash4 runs on NVIDIA GPUs"),
+                          (["--decoder", "taew"], "--decoder is for the decoder runs of --vae")):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--size", "tiny", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and message in err[-1], err

@@ -29,6 +29,8 @@ def test_main_job_runs_and_writes_latents(tmp_path):
     assert summary["model"].startswith("built-in untrained")
     assert summary["blocks"] == 2 and summary["ticks"] == summary["forwards"] == 10
     assert summary["latent_frames"] == 6 and "video_frames" not in summary  # no VAE: no video was made
+    # which attention ran: auto, and on the CPU nothing measured (torch's own dispatch)
+    assert summary["attention_backend"] == "auto" and summary["attention_kernels"] == {}
     assert "2/2 [" in r.stderr and "block" in r.stderr  # the progress bar (tqdm)
     lat = read_tensor_file(str(out))["latents"]
     assert list(lat.shape) == summary["latent_shape"] == [1, 16, 6, 8, 16]

@@ -84,10 +84,11 @@ def test_bad_settings_give_one_line_and_exit_2(args, message, capsys, no_model_w
     one_line(capsys, message)
 
 
-def test_flash4_without_its_package_gives_one_line_and_exit_2(capsys, no_model_work, monkeypatch):
-    monkeypatch.setattr(attention, "_flash4_func", False)  # flash-attn-4 not installed
+@pytest.mark.parametrize("installed", [True, False])
+def test_flash4_on_the_cpu_gives_one_line_and_exit_2(capsys, no_model_work, monkeypatch, installed):
+    monkeypatch.setattr(attention, "_flash4_func", (lambda *a, **k: None) if installed else False)
     assert main(["generate", *SMALL, "--attention-backend", "flash4"]) == 2
-    one_line(capsys, "pip install flash-attn-4")
+    one_line(capsys, "flash4 runs on NVIDIA GPUs (Hopper, Blackwell) in float16 or bfloat16, not cpu float32")
 
 
 def test_largest_seed_runs(tmp_path, capsys):
