@@ -8,7 +8,9 @@ call of that kind, at that call's shape, and uses the fastest from then on; else
 dispatch. The fused backends are torch's SDPA kernels (cuDNN, flash, efficient) and, where the
 optional ``flash-attn-4`` package is installed, FlashAttention-4 ("flash4": its CuTe DSL kernels for
 Hopper and Blackwell, compiled on first use; it takes [B, L, H, d], the layout of the KV pool and of
-the model's projections, so the transposes here are views).
+the model's projections, so the transposes here are views; CUDA tensors only). A kernel that raises,
+whatever the exception, is skipped by "auto" and, in :func:`attend_lse`, fallen back from with one
+warning.
 
 :func:`attend_lse` also returns the log-sum-exp of the scores [B, H, Lq] (float32, natural log), so
 attention over disjoint key sets can be computed piecewise and combined exactly by
@@ -22,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .safe_io import first_line
 
 SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -37,20 +41,29 @@ log = logging.getLogger("block_cascade")
 _backend = "auto"
 _measured: dict[tuple, str | None] = {}  # (device, heads, head_dim, dtype, Lq, Lk bucket) -> fastest
 _flash4_func = None  # flash_attn.cute.flash_attn_func once imported; False where it cannot be
+_flash4_broken: str | None = None  # why an installed flash-attn-4 does not import
+
+# What a fused kernel raises for a shape, dtype or device it does not take: torch's kernels raise
+# RuntimeError; flash-attn-4 (a beta) also asserts, and its compiler raises classes of its own. Any
+# of them makes the kernel skipped (auto's timing) or fallen back from, with one warning.
+REFUSALS = (Exception,)
+
+
+def _short(exc: BaseException | str) -> str:
+    return (first_line(exc) if isinstance(exc, BaseException) else exc)[:160]
 
 
 def flash4_available() -> bool:
-    """Whether FlashAttention-4 (the ``flash-attn-4`` package, ``flash_attn.cute``) can be imported.
-    The import is tried once; it is slow (the CuTe DSL loads its compiler)."""
-    global _flash4_func
+    """Whether FlashAttention-4 (the ``flash-attn-4`` package, ``flash_attn.cute``) imports. Tried
+    once (slow: the CuTe DSL loads its compiler); an installed package that fails to import (its CUDA
+    libraries, a missing dependency) counts as unavailable, the reason kept for :func:`refusal`."""
+    global _flash4_func, _flash4_broken
     if _flash4_func is None:
         try:
             from flash_attn.cute import flash_attn_func
-        except Exception as exc:  # not installed, or installed without its CUDA libraries
-            if not isinstance(exc, ImportError):
-                log.warning("flash-attn-4 is installed but does not import (%s); not using it",
-                            str(exc).splitlines()[0][:160])
-            flash_attn_func = False
+        except Exception as exc:
+            not_installed = isinstance(exc, ModuleNotFoundError) and exc.name in ("flash_attn", "flash_attn.cute")
+            flash_attn_func, _flash4_broken = False, None if not_installed else _short(exc)
         _flash4_func = flash_attn_func
     return _flash4_func is not False
 
@@ -60,7 +73,7 @@ def _flash4(q, k, v, lse: bool):
     """FlashAttention-4 over [B, H, L, d] tensors: (out [B, H, Lq, d], lse [B, H, Lq] float32 or None).
     It takes [B, L, H, d]; it copies a transposed input that is not contiguous in that layout."""
     if not flash4_available():
-        raise RuntimeError("flash4 needs the flash-attn-4 package (pip install flash-attn-4)")
+        raise RuntimeError(_flash4_missing())
     out, out_lse = _flash4_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_lse=lse)
     return out.transpose(1, 2), out_lse
 
@@ -73,8 +86,7 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "flash4" and not flash4_available():
-        raise ValueError("attention backend flash4 needs the flash-attn-4 package (pip install flash-attn-4); "
-                         "use auto")
+        raise ValueError(_flash4_missing())
     _backend = name
 
 
@@ -89,13 +101,20 @@ def refusal(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
         return (f"attention backend flash4 runs on NVIDIA GPUs (Hopper, Blackwell) in float16 or bfloat16, "
                 f"not {device} {str(dtype)[6:]}; use auto")
     if name == "flash4" and not flash4_available():
-        return "attention backend flash4 needs the flash-attn-4 package (pip install flash-attn-4); use auto"
+        return _flash4_missing()
     q = torch.zeros(1, 1, 8, 128, device=device, dtype=dtype)
     try:
         _flash4(q, q, q, lse=False) if name == "flash4" else _sdpa(name, q, q, q)
-    except REFUSALS:
-        return f"attention backend {name} is not available on {device} for {str(dtype)[6:]}; use auto (or math)"
+    except REFUSALS as exc:  # torch's own reason only says no kernel was left; flash4's says why
+        why = f" ({_short(exc)})" if name == "flash4" else ""
+        return f"attention backend {name} is not available on {device} for {str(dtype)[6:]}{why}; use auto (or math)"
     return None
+
+
+def _flash4_missing() -> str:
+    if _flash4_broken is not None:
+        return f"attention backend flash4: flash-attn-4 is installed but does not import ({_flash4_broken}); use auto"
+    return "attention backend flash4 needs the flash-attn-4 package (pip install flash-attn-4); use auto"
 
 
 def get_backend() -> str:
@@ -104,9 +123,10 @@ def get_backend() -> str:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention output [B, H, Lq, d]; ``mask`` (bool, True = attend) broadcasts to [B, H, Lq, Lk]."""
+    """Attention output [B, H, Lq, d]; ``mask`` (bool, True = attend) broadcasts to [B, H, Lq, Lk].
+    flash4 runs CUDA tensors only: elsewhere (and with a mask) torch's own dispatch chooses."""
     name = _backend if _backend != "auto" or mask is not None else fastest(q, k, v)
-    if mask is not None or name in ("auto", None):
+    if mask is not None or name in ("auto", None) or (name == "flash4" and q.device.type != "cuda"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return _flash4(q, k, v, lse=False)[0] if name == "flash4" else _sdpa(name, q, k, v)
 
@@ -138,6 +158,8 @@ def _time_backends(q, k, v, repeats: int = 10) -> str | None:
     times = {}
     for name in FUSED:
         if name == "flash4" and not flash4_available():
+            if _flash4_broken is not None:  # installed but broken: say so once, time the others
+                _fell_back(name, q, _flash4_broken)
             continue
         call = (lambda: _flash4(q, k, v, lse=False)) if name == "flash4" else \
             (lambda name=name: _sdpa(name, q, k, v))  # what attend() runs, the dispatcher's checks too
@@ -159,10 +181,6 @@ def measured_backends() -> dict[str, str | None]:
     """What "auto" chose so far, for reports: "device heads x head_dim dtype" -> backend."""
     return {f"{d} {h}x{hd} {str(t).removeprefix('torch.')} q<={lq} k<={lk}": b
             for (d, h, hd, t, lq, lk), b in _measured.items()}
-
-
-# what a fused kernel raises for a shape, dtype or device it does not take
-REFUSALS = (RuntimeError, AssertionError, ValueError, NotImplementedError)
 
 
 def _sdpa_lse(name: str, q, k, v):
@@ -204,7 +222,7 @@ def _fell_back(name: str, q: torch.Tensor, exc: Exception | None) -> None:
     key = (name, q.device, q.shape[1], q.shape[-1], q.dtype)
     if key not in _warned:
         _warned.add(key)
-        why = f": {str(exc).splitlines()[0][:160]}" if exc is not None else ""
+        why = f": {_short(exc)}" if exc is not None else ""
         nxt = "trying the next" if exc is not None else "using the float32 reference path (slow, large)"
         log.warning("attention with log-sum-exp: %s unavailable for %d heads x %d %s on %s%s; %s",
                     name, q.shape[1], q.shape[-1], str(q.dtype).removeprefix("torch."), q.device, why, nxt)
@@ -218,10 +236,13 @@ def _lse_math(q, k, v):
 
 
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention output [B, H, Lq, d] and the log-sum-exp of the scaled scores [B, H, Lq] (float32)."""
+    """Attention output [B, H, Lq, d] and the log-sum-exp of the scaled scores [B, H, Lq] (float32;
+    -inf over no keys). Off CUDA every backend but auto and flash takes the float32 reference path."""
     if q.device.type == "cuda" and _backend != "math" and q.dtype in (torch.float16, torch.bfloat16):
         return _lse_cuda(q, k, v)  # the fused kernels take half precision only
-    if q.device.type == "cpu" and _backend in ("auto", "flash"):
+    # torch's CPU flash kernel: not for empty key sets or a strided last dim (it does not check them)
+    if q.device.type == "cpu" and _backend in ("auto", "flash") and k.shape[2] and \
+            all(t.stride(-1) == 1 for t in (q, k, v)):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
         return out, lse.float()
     return _lse_math(q, k, v)

@@ -9,28 +9,21 @@ fp8, reported rather than hidden.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
 from . import attention
+from .bench_args import SIZES, parse_arguments, run_config
+from .config import CascadeConfig, PromptSchedule
 from .fp8 import quantize_layers
 from .frames import FrameStream, video_frames
-from .model import WanConfig, WanModel
-from .config import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig, PromptSchedule
+from .model import WanModel
 from .schedule import CascadeSchedule
 from .sampler import generate
 from .taew import TinyWanDecoder
 from .vae import WanVAEDecoder
-
-SIZES = {
-    "1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-    "14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    "tiny": WanConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2),
-}
-
 
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
@@ -78,12 +71,12 @@ def bench_decoder(kind: str, device: torch.device):
     return decoder.to(device, torch.float16 if gpu else torch.float32).eval()
 
 
-def end_to_end(model, embeds, levels, a, device, size, kind: str) -> None:
+def end_to_end(model, embeds, levels, a, device, size, steps, kind: str) -> None:
     """Streaming decoder ``kind`` alone, then DiT + overlapped decode, with the time from the run's
     start to its first frames handed out."""
     decoder = bench_decoder(kind, device)
     generate_run = runner(a)  # with --devices: the DiT on the pool's devices, the decoder on --device
-    lat = generate_run(model, PromptSchedule.single(embeds), CascadeConfig(parallel=levels[0]), blocks=a.blocks,
+    lat = generate_run(model, PromptSchedule.single(embeds), run_config(a, steps, levels[0]), blocks=a.blocks,
                        width=a.width, height=a.height, seed=0).latents.to(device)
     fpb = CascadeConfig().frames_per_block
     for per_pass in (1, None):  # one latent frame per decoder pass, or a whole block
@@ -97,7 +90,7 @@ def end_to_end(model, embeds, levels, a, device, size, kind: str) -> None:
             emit(figure="vae_stream", size=size, decoder=kind, frames_per_pass=per_pass or fpb, run=r - 1,
                  seconds=round(time.perf_counter() - t0, 4), latent_frames=lat.shape[2])
     for p in levels:
-        cfg = CascadeConfig(parallel=p, flashblock=a.flashblock.split(",")[-1])
+        cfg = run_config(a, steps, p, a.flashblock.split(",")[-1], fold_clean=a.fold_clean)
         for r in range(a.runs + 1):
             sync(device)
             t0 = time.perf_counter()
@@ -111,7 +104,7 @@ def end_to_end(model, embeds, levels, a, device, size, kind: str) -> None:
             emit(figure="end_to_end", size=size, decoder=kind, backend=attention.get_backend(), parallel=p,
                  flashblock=cfg.flashblock, run=r - 1, seconds=round(seconds, 4), frames=video.shape[2],
                  fps=round(video.shape[2] / seconds, 2), first_frames_s=round(handed_out[0], 4),
-                 dit_seconds=round(res.seconds, 4))
+                 dit_seconds=round(res.seconds, 4), ticks=res.ticks)
 
 
 def switch_configs(levels, a, steps):
@@ -119,8 +112,7 @@ def switch_configs(levels, a, steps):
     ``--switch-mode`` also recache where it is defined (P1; a row says why not elsewhere)."""
     for p in levels:
         for mode in a.switch_mode.split(","):
-            cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window, sink=a.sink,
-                                flashblock=a.flashblock.split(",")[-1], switch_mode=mode)
+            cfg = run_config(a, steps, p, a.flashblock.split(",")[-1], switch_mode=mode)
             try:
                 cfg.validate()
                 cfg.check_run(1)
@@ -204,8 +196,7 @@ def endless_runs(model, embeds, levels, a, device, size, steps) -> None:
     bounded), the steady-state rate over the second half, and, with ``--switch-every N``, a steered
     switch to a new random prompt every N blocks (the prompts before each are dropped)."""
     for p in levels:
-        cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window, sink=a.sink,
-                            flashblock=a.flashblock.split(",")[-1])
+        cfg = run_config(a, steps, p, a.flashblock.split(",")[-1])
         for blocks in (3, a.endless):  # the first is the warm-up
             done, allocated = [], []
             g = torch.Generator().manual_seed(7)
@@ -268,64 +259,11 @@ def lse_backends(device, repeats: int = 20) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m cascade_core.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=SIZES, help="model shape (default: 1.3B on CUDA, tiny on CPU)")
-    ap.add_argument("--parallel", default="all", help="levels to run, e.g. 1,3,5 (default: 1..steps+1)")
-    ap.add_argument("--blocks", type=int, default=7)
-    ap.add_argument("--width", type=int, default=832)
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--steps", default="1000,750,500,250")
-    ap.add_argument("--attention", choices=ATTENTION_MODES, default="causal")
-    ap.add_argument("--window", type=int)
-    ap.add_argument("--sink", type=int, default=0)
-    ap.add_argument("--backend", default="auto", help="attention backends to compare, e.g. auto,cudnn,flash")
-    ap.add_argument("--flashblock", default="off", help=f"modes to compare, of {FLASHBLOCK_MODES}")
-    ap.add_argument("--fold-clean", action="store_true", help="fold clean passes into the next block's tick (P1)")
-    ap.add_argument("--runs", type=int, default=2, help="timed runs per level (after one warm-up)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--devices", help="several devices through the worker pool, e.g. cuda:0,cuda:1 (the "
-                                      "exact reference still runs on --device); peak memory is then --device's")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the layers' non-attention regions")
-    ap.add_argument("--fp8", action="store_true", help="fp8 matrix products in the layers")
-    ap.add_argument("--vae", action="store_true",
-                    help="also time the streaming VAE alone and end to end (frames out, decode overlapped)")
-    ap.add_argument("--decoder", default="wan",
-                    help="with --vae: decoders to time, of wan (the Wan2.1 VAE's) and taew (the taew2_1 "
-                         "preview decoder, the widget's), e.g. wan,taew")
-    ap.add_argument("--switch-every", type=int, default=0, metavar="N",
-                    help="also time every tick of runs whose prompt switches every N blocks")
-    ap.add_argument("--switch-mode", default="none", help="switch modes of --switch-every and --steer-runs runs: "
-                                                          "none, recache or none,recache (recache at P1 only)")
-    ap.add_argument("--steer-runs", type=int, default=0, metavar="N",
-                    help="also measure N steered switches per level and mode: seconds from the switch to the end of "
-                         "the first block that takes it")
-    ap.add_argument("--endless", type=int, default=0, metavar="N",
-                    help="also run endless videos (blocks 0; needs --window) stopped after N blocks: per-block "
-                         "memory and the steady rate (with --switch-every: a steered switch every N blocks)")
-    ap.add_argument("--lse", action="store_true",
-                    help="also time attention with log-sum-exp per backend and flex_attention (GPU)")
-    ap.add_argument("--profile", action="store_true", help="print the top kernels of one run of the first level")
-    a = ap.parse_args(argv)
-
-    device = torch.device(a.device)
-    size = a.size or ("1.3B" if device.type == "cuda" else "tiny")
-    if device.type == "cpu" and size != "tiny":
-        ap.error("the real shapes need a GPU; use --size tiny on the CPU")
-    if not set(a.decoder.split(",")) <= {"wan", "taew"}:
-        ap.error(f"--decoder {a.decoder}: choose from wan, taew (comma-separated)")
-    if a.decoder != "wan" and not a.vae:
-        ap.error("--decoder is for the decoder runs of --vae; add --vae")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for backend in a.backend.split(","):  # every backend asked for, before any work
-        why = attention.refusal(backend, device, dtype)
-        if why is not None:
-            ap.error(f"--backend: {why}")
-    steps = tuple(int(s) for s in a.steps.split(","))
-    levels = list(range(1, len(steps) + 2)) if a.parallel == "all" else [int(p) for p in a.parallel.split(",")]
+    a, device, size, dtype, steps, levels = parse_arguments(argv, __doc__.splitlines()[0])
     model = WanModel.random(SIZES[size], seed=0, device=device, dtype=dtype)
     embeds = torch.randn(512, model.cfg.text_dim, generator=torch.Generator().manual_seed(1))
     # every row's deviation is measured against the exact engine: P1, no FlashBlock, no fp8
-    exact = CascadeConfig(steps=steps, attention=a.attention, window=a.window, sink=a.sink)
+    exact = run_config(a, steps)
     reference = generate(model, PromptSchedule.single(embeds), exact, blocks=a.blocks, width=a.width,
                          height=a.height, seed=0).latents.float()
     if a.devices:  # the pool's GPUs hold the weights: none stay on --device beside rank 0's copy
@@ -343,8 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         for flashblock in a.flashblock.split(","):
             for p in levels:
                 attention.set_backend(backend)
-                cfg = CascadeConfig(steps=steps, parallel=p, attention=a.attention, window=a.window,
-                                    sink=a.sink, flashblock=flashblock, fold_clean=a.fold_clean)
+                cfg = run_config(a, steps, p, flashblock, fold_clean=a.fold_clean)
                 tag = dict(size=size, backend=backend, flashblock=flashblock, parallel=p, compile=a.compile,
                            fp8=a.fp8, fold_clean=a.fold_clean, devices=a.devices or str(device))
                 for r, (res, seconds) in enumerate(timed_runs(model, embeds, cfg, a, device, tag)):
@@ -359,8 +296,8 @@ def main(argv: list[str] | None = None) -> None:
 
     emit(figure="attention_backends", chosen=attention.measured_backends())
     if a.vae:
-        for kind in a.decoder.split(","):
-            end_to_end(model, embeds, levels, a, device, size, kind)
+        for kind in dict.fromkeys(a.decoder.split(",")):
+            end_to_end(model, embeds, levels, a, device, size, steps, kind)
     if a.lse and device.type == "cuda":
         lse_backends(device)
     if a.switch_every:
@@ -372,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
         attention.set_backend(a.backend.split(",")[0])
-        cfg = CascadeConfig(steps=steps, parallel=levels[0], attention=a.attention, window=a.window, sink=a.sink)
+        cfg = run_config(a, steps, levels[0])
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             generate(model, PromptSchedule.single(embeds), cfg, blocks=a.blocks, width=a.width,
                      height=a.height, seed=0)

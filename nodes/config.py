@@ -51,8 +51,9 @@ class BlockCascadeConfig(io.ComfyNode):
                                 tooltip="auto (ComfyUI's device), cpu, cuda:N; several (cuda:0,cuda:1) share "
                                         "the cascade: one process per GPU, kept alive between runs."),
                 io.Combo.Input("attention_backend", options=list(attention_backends.BACKENDS), default="auto",
-                               tooltip="Attention kernel. auto: the fastest, measured on the first call of each kind; "
-                                       "flash4: FlashAttention-4, where the flash-attn-4 package is installed."),
+                               tooltip="Attention kernel. auto: on a CUDA GPU the fastest, measured on the first call "
+                                       "of each kind (elsewhere torch's choice); flash4: FlashAttention-4, where "
+                                       "the flash-attn-4 package is installed (NVIDIA Hopper, Blackwell)."),
                 io.Boolean.Input("flashblock", default=False,
                                  tooltip="FlashBlock: compute a block's attention to earlier frames once and reuse "
                                          "it at its later steps."),

@@ -24,12 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cascade_core import attention  # noqa: E402
 from cascade_core.attention import merge_attention  # noqa: E402
-
-try:  # FlashAttention-4 (the flash-attn-4 package, CuTe DSL kernels for Hopper and Blackwell)
-    from flash_attn.cute import flash_attn_func as flash4
-except ImportError:
-    flash4 = None
 
 TOKENS_PER_FRAME, QUERY_FRAMES, HEAD_DIM = 1560, 3, 128
 
@@ -79,6 +75,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--only", default="", help="comma-separated variant name prefixes to run (default: all)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("attention_probe.py times CUDA kernels: it needs a CUDA GPU")
+    # FlashAttention-4 (the flash-attn-4 package), called directly for its own options
+    flash4 = attention._flash4_func if attention.flash4_available() else None
     torch.manual_seed(0)
     dev, dt = torch.device("cuda"), torch.bfloat16
     lq = TOKENS_PER_FRAME * QUERY_FRAMES

@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--shapes", action="store_true",
                     help="with --profile: also the operators taking the most GPU time, by input shape")
     a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("decoder_probe.py times the decoder on a CUDA GPU: it needs one")
     latents = torch.randn(LATENTS, generator=torch.Generator().manual_seed(0)).to("cuda", torch.float16)
     reference = None
     for name in a.variants.split(","):

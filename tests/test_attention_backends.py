@@ -1,6 +1,8 @@
 """The optional FlashAttention-4 backend ("flash4"): its layout glue, and its refusals where the
 flash-attn-4 package or a GPU is missing. The kernel itself runs in tests/test_cuda.py (on a GPU with
 the package installed); here a stand-in with FlashAttention's interface computes attention its own way."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,3 +92,60 @@ def test_auto_always_runs_and_unknown_names_are_refused():
 def test_lengths_in_one_bucket_share_a_measurement():
     assert [attention._bucket(n) for n in (1, 2, 3, 512, 4680, 8192, 8193, 32760)] == \
         [1, 2, 4, 512, 8192, 8192, 16384, 32768]
+
+
+class CompilerError(Exception):
+    """Like the CuTe DSL's own errors: not a RuntimeError."""
+
+
+@pytest.mark.parametrize("error", [CompilerError("kernel failed to compile"), RuntimeError(), TypeError("api")])
+def test_a_failing_flash4_call_falls_back_with_one_warning(monkeypatch, caplog, error):
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(attention, "_flash4_func", failing)
+    monkeypatch.setattr(attention, "_warned", set())  # warnings are once per process and kind of call
+    attention.set_backend("flash4")
+    q, k, v = qkv(True)
+    with caplog.at_level("WARNING", logger="block_cascade"):
+        out, lse = attention._lse_cuda(q, k, v)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    assert caplog.text.count("flash4 unavailable") == 1
+    assert (str(error) or type(error).__name__) in caplog.text
+
+
+def test_a_broken_install_is_named_as_such(monkeypatch, tmp_path):
+    """flash-attn-4 present but failing to import (its CUDA libraries): refused as broken, not missing."""
+    package = tmp_path / "flash_attn" / "cute"
+    package.mkdir(parents=True)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("raise OSError()\n")  # no message, as some loaders raise
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(attention, "_flash4_func", None)
+    monkeypatch.setattr(attention, "_flash4_broken", None)
+    assert not attention.flash4_available()
+    why = attention.refusal("flash4", torch.device("cuda"), torch.bfloat16)
+    assert why == "attention backend flash4: flash-attn-4 is installed but does not import (OSError); use auto"
+
+
+def test_a_missing_package_is_named_as_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails as for an absent package
+    monkeypatch.setattr(attention, "_flash4_func", None)
+    monkeypatch.setattr(attention, "_flash4_broken", None)
+    assert not attention.flash4_available()
+    assert "pip install flash-attn-4" in attention.refusal("flash4", torch.device("cuda"), torch.bfloat16)
+
+
+def test_cpu_log_sum_exp_over_no_keys_and_strided_inputs():
+    """torch's CPU flash kernel checks neither: an empty key set must give -inf and zeros (it used to
+    end the process), a strided last dim the right attention (it used to be silently wrong)."""
+    q = torch.randn(2, 3, 4, 8)
+    out, lse = attention.attend_lse(q, q[:, :, :0], q[:, :, :0])
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    x = torch.randn(2, 3, 5, 16)[..., ::2]
+    out, lse = attention.attend_lse(x, x, x)
+    torch.testing.assert_close(out.double(), F.scaled_dot_product_attention(x.double(), x.double(), x.double()),
+                               rtol=1e-5, atol=1e-5)

@@ -65,13 +65,25 @@ def test_end_to_end_rows_per_decoder_count_the_videos_frames_and_the_first_frame
 def test_bad_backends_and_a_decoder_without_vae_are_refused_before_any_work(capsys, monkeypatch):
     """Every --backend is checked first (cudnn on the CPU would fail only after the earlier backends'
     runs); one line on stderr, exit 2, no model built."""
-    import pytest
-
     monkeypatch.setattr(bench.WanModel, "random", lambda *a, **k: pytest.fail("a model was built"))
     for args, message in ((["--backend", "auto,cudnn"], "--backend: attention backend cudnn is not available"),
                           (["--backend", "flash4"], "--backend: attention backend flash4 runs on NVIDIA GPUs"),
-                          (["--decoder", "taew"], "--decoder is for the decoder runs of --vae")):
+                          (["--decoder", "taew"], "--decoder is for the decoder runs of --vae"),
+                          (["--vae", "--decoder", "wan,bogus"], "--decoder wan,bogus: choose from wan, taew"),
+                          (["--parallel", "1,x"], "comma-separated integers"),
+                          (["--flashblock", "exact,bogus"], "flashblock must be one of"),
+                          (["--steps", "1000,500", "--parallel", "1,4"], "parallelism must lie in 1..3"),
+                          (["--window", "6", "--endless", "4"], "--endless 4: at least 10 blocks"),
+                          (["--bogus"], "unrecognized arguments: --bogus")):
         with pytest.raises(SystemExit) as stop:
             bench.main(["--size", "tiny", *args])
         err = capsys.readouterr().err.strip().splitlines()
-        assert stop.value.code == 2 and message in err[-1], err
+        assert stop.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_end_to_end_runs_take_the_command_lines_step_list(capsys, one_thread):
+    """The decoder rows sample with the settings the DiT rows use: 2 steps + a clean pass per block at
+    P1 are 3 ticks a block, where the default step list would give 5."""
+    out = rows(capsys, "--steps", "1000,500", "--parallel", "1", "--blocks", "2", "--vae", "--decoder", "taew")
+    ends = [r for r in out if r["figure"] == "end_to_end"]
+    assert ends and all(r["ticks"] == 2 * 3 for r in ends)
