@@ -42,6 +42,17 @@ def runner(a):
     return generate
 
 
+def exchange_row(a, tag: dict, run: int, ticks: int) -> None:
+    """Each rank's K/V exchange in the pool's last run, per tick: MiB received from the other ranks
+    and milliseconds its work waited for them (the exposed communication)."""
+    from .distributed import get_pool
+
+    per_rank = get_pool(a.devices).last_exchange
+    emit(figure="exchange", **tag, run=run, ticks=ticks,
+         mib_per_tick={r: round(b / ticks / 2**20, 3) for r, (b, _) in sorted(per_rank.items())},
+         exposed_ms_per_tick={r: round(s / ticks * 1000, 3) for r, (_, s) in sorted(per_rank.items())})
+
+
 def timed_runs(model, embeds, cfg, a, device, tag):
     """One warm-up run (kernels, compilation; its time is printed), then ``a.runs`` timed runs."""
     run = dict(blocks=a.blocks, width=a.width, height=a.height, seed=0)
@@ -293,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                          peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                          if device.type == "cuda" else None,
                          rel_l2_vs_exact=round(float((lat - reference).norm() / reference.norm()), 5))
+                    if a.devices:
+                        exchange_row(a, tag, r, res.ticks)
 
     emit(figure="attention_backends", chosen=attention.measured_backends())
     if a.vae:

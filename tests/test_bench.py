@@ -87,3 +87,19 @@ def test_end_to_end_runs_take_the_command_lines_step_list(capsys, one_thread):
     out = rows(capsys, "--steps", "1000,500", "--parallel", "1", "--blocks", "2", "--vae", "--decoder", "taew")
     ends = [r for r in out if r["figure"] == "end_to_end"]
     assert ends and all(r["ticks"] == 2 * 3 for r in ends)
+
+
+def test_several_devices_report_each_ranks_exchange_per_tick(capsys, one_thread):
+    from cascade_core import distributed
+
+    try:
+        out = rows(capsys, "--parallel", "2", "--blocks", "2", "--devices", "cpu,cpu")
+    finally:
+        distributed.close_pools()
+    dit = [r for r in out if r["figure"] == "cascade_dit"]
+    exchange = [r for r in out if r["figure"] == "exchange"]
+    assert [r["run"] for r in exchange] == [r["run"] for r in dit] == [0]
+    for r in exchange:
+        assert set(r["mib_per_tick"]) == set(r["exposed_ms_per_tick"]) == {"0", "1"}
+        assert all(v > 0 for v in r["mib_per_tick"].values())
+        assert all(v >= 0 for v in r["exposed_ms_per_tick"].values())

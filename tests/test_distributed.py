@@ -563,3 +563,19 @@ def test_a_rolling_window_equals_one_process_while_its_sink_is_in_flight_elsewhe
     ref = single(model, PromptSchedule.single(prompt), cfg, 5)
     res = pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=5, **RUN)
     assert (res.latents - ref.latents).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_each_rank_reports_the_bytes_its_exchange_brought_and_its_wait(model, prompt, pool2, pool3, ranks):
+    """Counted here: at P2 every forward holds at most one block per rank, so each layer's all-gather
+    brings each rank the k and v of one block (16 tokens: 2 latent frames of 2x4 patches) from each
+    other rank, in float32, every tick, whether the rank has a block in it or not."""
+    pool = pool2 if ranks == 2 else pool3
+    cfg = CascadeConfig(frames_per_block=2, parallel=2)
+    res = pool.generate(model, PromptSchedule.single(prompt), cfg, blocks=4, **RUN)
+    c = model.cfg
+    per_layer = (ranks - 1) * 2 * 16 * c.num_heads * (c.dim // c.num_heads) * 4  # others x (k, v) x tokens x width
+    assert set(pool.last_exchange) == set(range(ranks))
+    for received, waited in pool.last_exchange.values():
+        assert received == res.ticks * c.num_layers * per_layer
+        assert 0 <= waited <= res.seconds

@@ -11,6 +11,9 @@ Guarantees:
 - A run's callbacks run in the caller's thread; one that raises stops every rank at the same tick
   and its exception is raised once they all stopped, leaving the pool usable.
 - :func:`close_pools` closes every pool of the process at exit, a busy one first.
+- After a run, :attr:`WorkerPool.last_exchange` gives each rank's K/V exchange of that run: bytes
+  received from the other ranks and seconds its work waited for them
+  (:class:`~.partition.ExchangeMeter`).
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ class WorkerPool(WorkerProcesses):
         self._closed = False
         self._busy = False  # the workers are in the middle of a command
         self._options: dict = {}
+        self.last_exchange: dict[int, tuple[int, float]] = {}  # rank -> (bytes received, seconds waited)
         _POOLS.add(self)
         self._start()
 
@@ -179,6 +183,7 @@ class WorkerPool(WorkerProcesses):
         if job["prefix"]:
             out[:, :, :job["prefix"]] = tensors["prefix"].to(model.device, model.dtype)
         finished, interrupted, state = set(), {}, {"stats": None, "error": None, "blocks": 0}
+        self.last_exchange = {}
 
         def stop_all(exc: BaseException | None = None) -> None:
             if exc is not None and state["error"] is None:
@@ -191,6 +196,7 @@ class WorkerPool(WorkerProcesses):
                 finished.add(msg[1])
                 self._workers[msg[1]].memory = msg[3]
                 self._workers[msg[1]].threads = msg[4]
+                self.last_exchange[msg[1]] = msg[5]
                 if msg[1] == 0:
                     state["stats"] = msg[2]
             elif tag == "interrupted":

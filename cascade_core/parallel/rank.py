@@ -27,6 +27,7 @@ class _Rank:
     def __init__(self, rank: int, world: int, device: torch.device, ctrl):
         self.rank, self.world, self.device, self.ctrl = rank, world, device, ctrl
         self.model: WanModel | None = None
+        self.last_exchange = (0, 0.0)  # the last run's K/V exchange: (bytes received, seconds waited)
 
     def drop_model(self) -> None:
         self.model = None
@@ -87,14 +88,16 @@ class _Rank:
         part = RankPartition(self.rank, self.world, self.ctrl, (1, LATENT_CHANNELS, cfg.frames_per_block, h, w), model.dtype,
                              device, _test_fault(job.get("fault"), self.rank))
         try:
-            return run_loop(model, PromptSchedule(list(zip(job["starts"], embeds))), cfg, blocks=job["blocks"],
-                            width=job["width"], height=job["height"], seed=job["seed"], noise=noise,
-                            on_tick=on_tick, on_block=on_block, should_stop=should_stop, partition=part,
-                            prefix=prefix, include_prefix=job.get("include_prefix", True),
-                            block_offset=job.get("block_offset", 0))
+            result = run_loop(model, PromptSchedule(list(zip(job["starts"], embeds))), cfg, blocks=job["blocks"],
+                              width=job["width"], height=job["height"], seed=job["seed"], noise=noise,
+                              on_tick=on_tick, on_block=on_block, should_stop=should_stop, partition=part,
+                              prefix=prefix, include_prefix=job.get("include_prefix", True),
+                              block_offset=job.get("block_offset", 0))
         except Interrupted as exc:
             exc.tick = part.stopped_at
             raise
+        self.last_exchange = (part.meter.received_bytes, part.meter.exposed_seconds())
+        return result
 
 
 def rank_device(rank_local: int) -> torch.device:

@@ -138,7 +138,7 @@ def _worker_main(rank: int, devices: list[str], port: int, cmd, events, lifeline
                                      should_stop=lambda: bool(stop_flag.value))
                 result = engine.run(job, tensors, **callbacks)
                 stats = None if rank else (result.ticks, result.forwards, result.seconds, result.first_block_seconds)
-                outbox.send(("done", rank, stats, _free_bytes(device), torch.get_num_threads()))
+                outbox.send(("done", rank, stats, _free_bytes(device), torch.get_num_threads(), engine.last_exchange))
         except Interrupted as exc:
             outbox.send(("interrupted", rank, getattr(exc, "tick", None), str(exc)))
         except BaseException as exc:  # noqa: BLE001 - reported; the caller tears the pool down
