@@ -178,7 +178,7 @@ def _time_backends(q, k, v, repeats: int = 10) -> str | None:
 
 
 def measured_backends() -> dict[str, str | None]:
-    """What "auto" chose so far, for reports: "device heads x head_dim dtype" -> backend."""
+    """What "auto" chose so far, for reports: "device heads x head_dim dtype q<=Lq bucket k<=Lk bucket" -> backend."""
     return {f"{d} {h}x{hd} {str(t).removeprefix('torch.')} q<={lq} k<={lk}": b
             for (d, h, hd, t, lq, lk), b in _measured.items()}
 

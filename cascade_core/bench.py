@@ -25,6 +25,7 @@ from .sampler import generate
 from .taew import TinyWanDecoder
 from .vae import WanVAEDecoder
 
+
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
