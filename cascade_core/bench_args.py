@@ -9,8 +9,10 @@ import torch
 from . import attention
 from .cli import OneLineParser
 from .cli_checks import UsageError
-from .config import ATTENTION_MODES, FLASHBLOCK_MODES, CascadeConfig
+from .config import ATTENTION_MODES, FLASHBLOCK_MODES, SWITCH_MODES, CascadeConfig
 from .model import WanConfig
+from .parallel.devices import parse_devices
+from .plan import latent_size
 from .safe_io import first_line
 
 SIZES = {
@@ -61,12 +63,28 @@ def parse_arguments(argv: list[str] | None, description: str):
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one run of the first level")
     try:
         a = ap.parse_args(argv)
-        device = torch.device(a.device)
+        device = checked_device(a)
         size, dtype, steps, levels = checked_arguments(a, device)
     except UsageError as exc:  # one line, exit status 2, before any work (as the CLI refuses)
         print(f"python -m cascade_core.bench: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return a, device, size, dtype, steps, levels
+
+
+def checked_device(a) -> torch.device:
+    """--device (one device that this machine has) and --devices (the pool's list), by the one parser
+    of device names; the endless runs are single-device, as the engine's own check says."""
+    try:
+        devices = parse_devices(a.device)
+        if a.devices is not None:
+            parse_devices(a.devices)
+    except ValueError as exc:
+        raise UsageError(first_line(exc)) from None
+    if len(devices) > 1:
+        raise UsageError(f"--device takes one device; for several use --devices {a.device}")
+    if a.devices is not None and a.endless:
+        raise UsageError("--endless runs on one device (an endless video runs on one device for now)")
+    return devices[0]
 
 
 def checked_arguments(a, device: torch.device):
@@ -81,6 +99,17 @@ def checked_arguments(a, device: torch.device):
         raise UsageError("--decoder is for the decoder runs of --vae; add --vae")
     if a.endless and a.endless < 10:
         raise UsageError(f"--endless {a.endless}: at least 10 blocks (memory is reported from block 10 on)")
+    if a.blocks < 1:
+        raise UsageError(f"--blocks must be at least 1 (for endless videos: --endless N), got {a.blocks}")
+    if a.runs < 1:
+        raise UsageError(f"--runs must be at least 1, got {a.runs}")
+    for flag, value in (("--switch-every", a.switch_every), ("--steer-runs", a.steer_runs)):
+        if value < 0:
+            raise UsageError(f"{flag} must be 0 (off) or more, got {value}")
+    try:
+        latent_size(a.width, a.height)
+    except ValueError as exc:
+        raise UsageError(first_line(exc)) from None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for backend in a.backend.split(","):
         why = attention.refusal(backend, device, dtype)
@@ -96,8 +125,14 @@ def checked_arguments(a, device: torch.device):
         for flashblock in a.flashblock.split(","):
             try:
                 run_config(a, steps, p, flashblock, fold_clean=a.fold_clean).validate()
+                if a.endless:
+                    run_config(a, steps, p, flashblock).check_run(0, endless=True)
             except ValueError as exc:
                 raise UsageError(first_line(exc)) from None
+    if a.switch_every or a.steer_runs:
+        for mode in a.switch_mode.split(","):
+            if mode not in SWITCH_MODES:
+                raise UsageError(f"--switch-mode {a.switch_mode}: choose from {', '.join(SWITCH_MODES)}")
     return size, dtype, steps, levels
 
 

@@ -74,7 +74,17 @@ def test_bad_backends_and_a_decoder_without_vae_are_refused_before_any_work(caps
                           (["--flashblock", "exact,bogus"], "flashblock must be one of"),
                           (["--steps", "1000,500", "--parallel", "1,4"], "parallelism must lie in 1..3"),
                           (["--window", "6", "--endless", "4"], "--endless 4: at least 10 blocks"),
-                          (["--bogus"], "unrecognized arguments: --bogus")):
+                          (["--bogus"], "unrecognized arguments: --bogus"),
+                          (["--blocks", "0"], "--blocks must be at least 1"),
+                          (["--runs", "0"], "--runs must be at least 1"),
+                          (["--width", "70"], "width must be a positive multiple of 16"),
+                          (["--device", "meta"], "'meta' is not supported"),
+                          (["--devices", "bogus"], "'bogus' is not a device"),
+                          (["--endless", "12"], "needs a local window"),
+                          (["--window", "6", "--endless", "12", "--devices", "cpu,cpu"],
+                           "--endless runs on one device"),
+                          (["--switch-every=-1"], "--switch-every must be 0 (off) or more"),
+                          (["--switch-every", "1", "--switch-mode", "bogus"], "--switch-mode bogus: choose from")):
         with pytest.raises(SystemExit) as stop:
             bench.main(["--size", "tiny", *args])
         err = capsys.readouterr().err.strip().splitlines()

@@ -13,7 +13,7 @@ Guarantees:
 - :func:`close_pools` closes every pool of the process at exit, a busy one first.
 - After a run, :attr:`WorkerPool.last_exchange` gives each rank's K/V exchange of that run: bytes
   received from the other ranks and seconds its work waited for them
-  (:class:`~.partition.ExchangeMeter`).
+  (:class:`~.partition.ExchangeMeter`); empty after a run that was stopped or failed.
 """
 from __future__ import annotations
 
