@@ -6,9 +6,8 @@ import sys
 
 import torch
 
-from . import attention
-from .cli import OneLineParser
-from .cli_checks import UsageError
+from .cli import OneLineParser, resolve_device
+from .cli_checks import UsageError, check_backend
 from .config import ATTENTION_MODES, FLASHBLOCK_MODES, SWITCH_MODES, CascadeConfig
 from .model import WanConfig
 from .parallel.devices import parse_devices
@@ -75,16 +74,14 @@ def checked_device(a) -> torch.device:
     """--device (one device that this machine has) and --devices (the pool's list), by the one parser
     of device names; the endless runs are single-device, as the engine's own check says."""
     try:
-        devices = parse_devices(a.device)
+        device = resolve_device(a.device)
         if a.devices is not None:
             parse_devices(a.devices)
     except ValueError as exc:
         raise UsageError(first_line(exc)) from None
-    if len(devices) > 1:
-        raise UsageError(f"--device takes one device; for several use --devices {a.device}")
     if a.devices is not None and a.endless:
         raise UsageError("--endless runs on one device (an endless video runs on one device for now)")
-    return devices[0]
+    return device
 
 
 def checked_arguments(a, device: torch.device):
@@ -112,9 +109,7 @@ def checked_arguments(a, device: torch.device):
         raise UsageError(first_line(exc)) from None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for backend in a.backend.split(","):
-        why = attention.refusal(backend, device, dtype)
-        if why is not None:
-            raise UsageError(f"--backend: {why}")
+        check_backend(backend, device, dtype, flag="--backend")
     try:
         steps = tuple(int(t) for t in a.steps.split(","))
         levels = list(range(1, len(steps) + 2)) if a.parallel == "all" else [int(p) for p in a.parallel.split(",")]

@@ -113,11 +113,11 @@ def input_bytes(path: str) -> int:
     return os.path.getsize(path)
 
 
-def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse an attention backend that this device cannot run (:func:`attention.refusal`)."""
+def check_backend(name: str, device: torch.device, dtype: torch.dtype, flag: str = "--attention-backend") -> None:
+    """Refuse an attention backend that this device cannot run (:func:`attention.refusal`), naming ``flag``."""
     why = attention.refusal(name, device, dtype)
     if why is not None:
-        raise UsageError(f"--attention-backend: {why}")
+        raise UsageError(f"{flag}: {why}")
 
 
 def check_fp8(fp8: bool, device: torch.device) -> None:
