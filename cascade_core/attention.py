@@ -5,12 +5,10 @@ Guarantees: every backend computes softmax(q k^T / sqrt(d)) v for q [B, H, Lq, d
 ``set_backend`` picks one by name. "auto" on a CUDA device times every fused backend once per
 (device, heads, head width, dtype, query and key lengths rounded up to a power of two) on the first
 call of that kind, at that call's shape, and uses the fastest from then on; elsewhere it lets torch
-dispatch. The fused backends are torch's SDPA kernels (cuDNN, flash, efficient) and, where the
-optional ``flash-attn-4`` package is installed, FlashAttention-4 ("flash4": its CuTe DSL kernels for
-Hopper and Blackwell, compiled on first use; it takes [B, L, H, d], the layout of the KV pool and of
-the model's projections, so the transposes here are views; CUDA tensors only). A kernel that raises,
-whatever the exception, is skipped by "auto" and, in :func:`attend_lse`, fallen back from with one
-warning.
+dispatch. The fused backends are torch's SDPA kernels (cuDNN, flash, efficient) and, where their
+optional packages are installed, FlashAttention-4 ("flash4") and xformers ("xformers"), CUDA tensors
+only (:mod:`attention_libraries`). A kernel that raises, whatever the exception, is skipped by "auto"
+and, in :func:`attend_lse`, fallen back from with one warning.
 
 :func:`attend_lse` also returns the log-sum-exp of the scores [B, H, Lq] (float32, natural log), so
 attention over disjoint key sets can be computed piecewise and combined exactly by
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention_libraries import LIBRARY_KERNELS
 from .safe_io import first_line
 
 SDPA_BACKENDS = {
@@ -33,15 +32,13 @@ SDPA_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-BACKENDS = ("auto", *SDPA_BACKENDS, "flash4")
-FUSED = ("cudnn", "flash", "efficient", "flash4")  # what "auto" times
+BACKENDS = ("auto", *SDPA_BACKENDS, *LIBRARY_KERNELS)
+FUSED = ("cudnn", "flash", "efficient", *LIBRARY_KERNELS)  # what "auto" times
 
 log = logging.getLogger("block_cascade")
 
 _backend = "auto"
 _measured: dict[tuple, str | None] = {}  # (device, heads, head_dim, dtype, Lq, Lk bucket) -> fastest
-_flash4_func = None  # flash_attn.cute.flash_attn_func once imported; False where it cannot be
-_flash4_broken: str | None = None  # why an installed flash-attn-4 does not import
 
 # What a fused kernel raises for a shape, dtype or device it does not take: torch's kernels raise
 # RuntimeError; flash-attn-4 (a beta) also asserts, and its compiler raises classes of its own. Any
@@ -53,40 +50,16 @@ def _short(exc: BaseException | str) -> str:
     return (first_line(exc) if isinstance(exc, BaseException) else exc)[:160]
 
 
-def flash4_available() -> bool:
-    """Whether FlashAttention-4 (the ``flash-attn-4`` package, ``flash_attn.cute``) imports. Tried
-    once (slow: the CuTe DSL loads its compiler); an installed package that fails to import (its CUDA
-    libraries, a missing dependency) counts as unavailable, the reason kept for :func:`refusal`."""
-    global _flash4_func, _flash4_broken
-    if _flash4_func is None:
-        try:
-            from flash_attn.cute import flash_attn_func
-        except Exception as exc:
-            not_installed = isinstance(exc, ModuleNotFoundError) and exc.name in ("flash_attn", "flash_attn.cute")
-            flash_attn_func, _flash4_broken = False, None if not_installed else _short(exc)
-        _flash4_func = flash_attn_func
-    return _flash4_func is not False
-
-
-@torch.compiler.disable  # a library call, never traced (the cross-attention runs in compiled regions)
-def _flash4(q, k, v, lse: bool):
-    """FlashAttention-4 over [B, H, L, d] tensors: (out [B, H, Lq, d], lse [B, H, Lq] float32 or None).
-    It takes [B, L, H, d]; it copies a transposed input that is not contiguous in that layout."""
-    if not flash4_available():
-        raise RuntimeError(_flash4_missing())
-    out, out_lse = _flash4_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_lse=lse)
-    return out.transpose(1, 2), out_lse
-
-
 def set_backend(name: str) -> None:
     """Use one backend for every following call ("auto": the fastest measured; torch's dispatch off CUDA).
 
-    Raises ValueError for an unknown name, and for "flash4" where flash-attn-4 does not import."""
+    Raises ValueError for an unknown name, and for a library kernel (flash4, xformers) whose package
+    does not import."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "flash4" and not flash4_available():
-        raise ValueError(_flash4_missing())
+    if name in LIBRARY_KERNELS and not LIBRARY_KERNELS[name].available():
+        raise ValueError(LIBRARY_KERNELS[name].unavailable())
     _backend = name
 
 
@@ -97,24 +70,18 @@ def refusal(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
         return f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}"
     if name in ("auto", "math"):
         return None
-    if name == "flash4" and (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
-        return (f"attention backend flash4 runs on NVIDIA GPUs (Hopper, Blackwell) in float16 or bfloat16, "
-                f"not {device} {str(dtype)[6:]}; use auto")
-    if name == "flash4" and not flash4_available():
-        return _flash4_missing()
+    library = LIBRARY_KERNELS.get(name)
+    if library is not None:
+        why_not = library.off_device(device, dtype) or (None if library.available() else library.unavailable())
+        if why_not:
+            return why_not
     q = torch.zeros(1, 1, 8, 128, device=device, dtype=dtype)
     try:
-        _flash4(q, q, q, lse=False) if name == "flash4" else _sdpa(name, q, q, q)
-    except REFUSALS as exc:  # torch's own reason only says no kernel was left; flash4's says why
-        why = f" ({_short(exc)})" if name == "flash4" else ""
+        library(q, q, q, lse=False) if library else _sdpa(name, q, q, q)
+    except REFUSALS as exc:  # torch's own reason only says no kernel was left; a library's says why
+        why = f" ({_short(exc)})" if library else ""
         return f"attention backend {name} is not available on {device} for {str(dtype)[6:]}{why}; use auto (or math)"
     return None
-
-
-def _flash4_missing() -> str:
-    if _flash4_broken is not None:
-        return f"attention backend flash4: flash-attn-4 is installed but does not import ({_flash4_broken}); use auto"
-    return "attention backend flash4 needs the flash-attn-4 package (pip install flash-attn-4); use auto"
 
 
 def get_backend() -> str:
@@ -124,11 +91,11 @@ def get_backend() -> str:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention output [B, H, Lq, d]; ``mask`` (bool, True = attend) broadcasts to [B, H, Lq, Lk].
-    flash4 runs CUDA tensors only: elsewhere (and with a mask) torch's own dispatch chooses."""
+    The library kernels run CUDA tensors only: elsewhere (and with a mask) torch's own dispatch chooses."""
     name = _backend if _backend != "auto" or mask is not None else fastest(q, k, v)
-    if mask is not None or name in ("auto", None) or (name == "flash4" and q.device.type != "cuda"):
+    if mask is not None or name in ("auto", None) or (name in LIBRARY_KERNELS and q.device.type != "cuda"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return _flash4(q, k, v, lse=False)[0] if name == "flash4" else _sdpa(name, q, k, v)
+    return LIBRARY_KERNELS[name](q, k, v, lse=False)[0] if name in LIBRARY_KERNELS else _sdpa(name, q, k, v)
 
 
 def _sdpa(name: str, q, k, v) -> torch.Tensor:
@@ -157,11 +124,12 @@ def _time_backends(q, k, v, repeats: int = 10) -> str | None:
     (a few milliseconds at the DiT's shapes; fewer repeats picked a kernel 20 % slower at times)."""
     times = {}
     for name in FUSED:
-        if name == "flash4" and not flash4_available():
-            if _flash4_broken is not None:  # installed but broken: say so once, time the others
-                _fell_back(name, q, _flash4_broken)
+        library = LIBRARY_KERNELS.get(name)
+        if library is not None and not library.available():
+            if library.broken is not None:  # installed but broken: say so once, time the others
+                _fell_back(name, q, library.broken)
             continue
-        call = (lambda: _flash4(q, k, v, lse=False)) if name == "flash4" else \
+        call = (lambda: library(q, k, v, lse=False)) if library else \
             (lambda name=name: _sdpa(name, q, k, v))  # what attend() runs, the dispatcher's checks too
         try:
             call(), call()  # warm-up (and: does this backend take it? flash4 compiles here)
@@ -206,7 +174,9 @@ def _lse_cuda(q, k, v):
         if name not in FUSED:
             break
         try:
-            return _flash4(q, k, v, lse=True) if name == "flash4" else _sdpa_lse(name, q, k, v)
+            if name in LIBRARY_KERNELS:
+                return LIBRARY_KERNELS[name](q, k, v, lse=True)
+            return _sdpa_lse(name, q, k, v)
         except REFUSALS as exc:
             _fell_back(name, q, exc)
     _fell_back("fused kernels", q, None)

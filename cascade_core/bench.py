@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import attention
+from .attention_libraries import LIBRARY_KERNELS
 from .bench_args import SIZES, parse_arguments, run_config
 from .config import CascadeConfig, PromptSchedule
 from .fp8 import quantize_layers
@@ -242,7 +243,7 @@ def endless_runs(model, embeds, levels, a, device, size, steps) -> None:
 
 
 def lse_backends(device, repeats: int = 20) -> None:
-    """Attention with log-sum-exp (the FlashBlock path) per fused backend (flash4 where installed),
+    """Attention with log-sum-exp (the FlashBlock path) per fused backend (flash4, xformers where installed),
     against the public ``flex_attention(..., return_lse=True)`` (compiled): 12 heads x 128, bf16,
     4680 queries."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -252,7 +253,7 @@ def lse_backends(device, repeats: int = 20) -> None:
     for keys in (4680, 32760):
         q = torch.randn(1, 12, 4680, 128, generator=g, device=device, dtype=torch.bfloat16)
         k, v = (torch.randn(1, 12, keys, 128, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
-        fused = [n for n in attention.FUSED if n != "flash4" or attention.flash4_available()]
+        fused = [n for n in attention.FUSED if n not in LIBRARY_KERNELS or LIBRARY_KERNELS[n].available()]
         calls = {name: (lambda name=name: (attention.set_backend(name), attention.attend_lse(q, k, v)))
                  for name in fused}
         calls["flex_attention"] = lambda: flex(q, k, v, return_lse=True)

@@ -53,7 +53,8 @@ class BlockCascadeConfig(io.ComfyNode):
                 io.Combo.Input("attention_backend", options=list(attention_backends.BACKENDS), default="auto",
                                tooltip="Attention kernel. auto: on a CUDA GPU the fastest, measured on the first call "
                                        "of each kind (elsewhere torch's choice); flash4: FlashAttention-4, where "
-                                       "the flash-attn-4 package is installed (NVIDIA Hopper, Blackwell)."),
+                                       "the flash-attn-4 package is installed (NVIDIA Hopper, Blackwell); "
+                                       "xformers: where xformers is installed (NVIDIA GPUs)."),
                 io.Boolean.Input("flashblock", default=False,
                                  tooltip="FlashBlock: compute a block's attention to earlier frames once and reuse "
                                          "it at its later steps."),

@@ -5,7 +5,8 @@
 One block of 3 latent frames at 832x480 (4680 query tokens, head width 128, bf16) over 3..21 frames
 of keys (1560 tokens a frame), the self-attention of the exact engine at P1; and the text
 cross-attention (512 keys). For each shape: every fused backend (cuDNN, flash, efficient) as the
-engine calls it, FlashAttention-4 where the flash-attn-4 package is importable, and cuDNN with the keys split into s equal parts run as one batched call
+engine calls it, FlashAttention-4 and xformers where their packages import, and cuDNN with the keys
+split into s equal parts run as one batched call
 (q repeated, the key parts as strided views of the pool's [tokens, heads, d] layout) and merged by
 their log-sum-exps, to see whether filling the last wave of thread blocks pays for the merge.
 One JSON line per (heads, keys, variant): median milliseconds and the rate (4 Lq Lk d heads FLOP
@@ -24,8 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cascade_core import attention  # noqa: E402
 from cascade_core.attention import merge_attention  # noqa: E402
+from cascade_core.attention_libraries import LIBRARY_KERNELS  # noqa: E402
 
 TOKENS_PER_FRAME, QUERY_FRAMES, HEAD_DIM = 1560, 3, 128
 
@@ -78,7 +79,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("attention_probe.py times CUDA kernels: it needs a CUDA GPU")
     # FlashAttention-4 (the flash-attn-4 package), called directly for its own options
-    flash4 = attention._flash4_func if attention.flash4_available() else None
+    flash4 = LIBRARY_KERNELS["flash4"].loaded if LIBRARY_KERNELS["flash4"].available() else None
+    xformers = LIBRARY_KERNELS["xformers"] if LIBRARY_KERNELS["xformers"].available() else None
     torch.manual_seed(0)
     dev, dt = torch.device("cuda"), torch.bfloat16
     lq = TOKENS_PER_FRAME * QUERY_FRAMES
@@ -122,6 +124,10 @@ def main() -> None:
                            lambda n=splits: flash4(q4c, k4, v4, num_splits=n, return_lse=True),
                            check=lambda n=splits: flash4(q4c, k4, v4, num_splits=n, return_lse=True)[0].transpose(1, 2))
                 report("flash4 lse, q a view", lambda: flash4(q4, k4, v4, return_lse=True))
+            if xformers is not None:  # as the engine calls it: views of the pool's layout
+                report("xformers (no lse)", lambda: xformers(q, k, v, lse=False))
+                report("xformers lse", lambda: xformers(q, k, v, lse=True),
+                       check=lambda: xformers(q, k, v, lse=True)[0])
             for s in (2, 3, 4):
                 if key_tokens % s:
                     continue

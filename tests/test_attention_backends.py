@@ -1,13 +1,16 @@
-"""The optional FlashAttention-4 backend ("flash4"): its layout glue, and its refusals where the
-flash-attn-4 package or a GPU is missing. The kernel itself runs in tests/test_cuda.py (on a GPU with
-the package installed); here a stand-in with FlashAttention's interface computes attention its own way."""
+"""The optional library backends, FlashAttention-4 ("flash4") and xformers: their layout glue, and
+their refusals where a package or a GPU is missing. The kernels themselves run in tests/test_cuda.py
+(on a GPU with the packages installed); here stand-ins with each library's interface compute
+attention their own way."""
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cascade_core import attention
+from cascade_core.attention_libraries import LIBRARY_KERNELS
 
 B, HEADS, LQ, LK, D = 2, 3, 5, 7, 16  # all different, so a swapped axis cannot go unseen
 
@@ -20,29 +23,51 @@ def flash_layout_attention(q, k, v, return_lse=False):
     return out, (torch.logsumexp(scores, -1).float() if return_lse else None)
 
 
-@pytest.fixture
-def stand_in(monkeypatch):
-    monkeypatch.setattr(attention, "_flash4_func", flash_layout_attention)
+def xformers_partial(q, k, v):
+    """Stand-in for xformers' memory_efficient_attention_partial: its output float32 (its documented
+    default), its log-sum-exp with rows of padding past Lq (which its own shape check allows)."""
+    out, lse = flash_layout_attention(q, k, v, return_lse=True)
+    return out.float(), torch.cat([lse, torch.full_like(lse, 7.0)[..., :3]], -1)
+
+
+XFORMERS_FMHA = SimpleNamespace(memory_efficient_attention=lambda q, k, v: flash_layout_attention(q, k, v)[0],
+                                memory_efficient_attention_partial=xformers_partial)
+STAND_INS = {"flash4": flash_layout_attention, "xformers": XFORMERS_FMHA}
+INSTALLS = {"flash4": "flash-attn-4", "xformers": "xformers"}
+
+
+@pytest.fixture(params=list(LIBRARY_KERNELS))
+def library(request):
+    """Each library backend's name."""
+    return request.param
 
 
 @pytest.fixture
-def not_installed(monkeypatch):
-    monkeypatch.setattr(attention, "_flash4_func", False)
+def stand_in(monkeypatch, library):
+    monkeypatch.setattr(LIBRARY_KERNELS[library], "loaded", STAND_INS[library])
+    return library
 
 
-def qkv(pool_layout: bool):
+@pytest.fixture
+def not_installed(monkeypatch, library):
+    monkeypatch.setattr(LIBRARY_KERNELS[library], "loaded", False)
+    monkeypatch.setattr(LIBRARY_KERNELS[library], "broken", None)
+    return library
+
+
+def qkv(pool_layout: bool, dtype=torch.float32):
     """q [B, H, Lq, d], k, v [B, H, Lk, d]: views of [B, L, H, d] storage (the KV pool's and the
     model's layout) or contiguous in [B, H, L, d]."""
     g = torch.Generator().manual_seed(0)
     if pool_layout:
-        return [torch.randn(B, n, HEADS, D, generator=g).transpose(1, 2) for n in (LQ, LK, LK)]
-    return [torch.randn(B, HEADS, n, D, generator=g) for n in (LQ, LK, LK)]
+        return [torch.randn(B, n, HEADS, D, generator=g, dtype=dtype).transpose(1, 2) for n in (LQ, LK, LK)]
+    return [torch.randn(B, HEADS, n, D, generator=g, dtype=dtype) for n in (LQ, LK, LK)]
 
 
 @pytest.mark.parametrize("pool_layout", [True, False])
-def test_flash4_gives_attention_in_the_engines_layout(stand_in, pool_layout, caplog):
-    q, k, v = qkv(pool_layout)
-    attention.set_backend("flash4")
+def test_a_library_kernel_gives_attention_in_the_engines_layout(stand_in, pool_layout, caplog):
+    q, k, v = qkv(pool_layout, torch.bfloat16)
+    attention.set_backend(stand_in)
     out = attention.attend(q, k, v)
     with caplog.at_level("WARNING", logger="block_cascade"):
         out_lse, lse = attention._lse_cuda(q, k, v)  # the log-sum-exp path, as on a GPU
@@ -50,15 +75,16 @@ def test_flash4_gives_attention_in_the_engines_layout(stand_in, pool_layout, cap
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     scores = (q.double() @ k.double().transpose(-1, -2)) / D ** 0.5
     assert out.shape == out_lse.shape == (B, HEADS, LQ, D) and lse.shape == (B, HEADS, LQ)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out_lse.double(), ref, rtol=1e-5, atol=1e-6)
+    assert out.dtype == out_lse.dtype == q.dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)  # bf16 outputs
+    torch.testing.assert_close(out_lse.double(), ref, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-6)
 
 
-def test_flash4_pieces_merge_into_attention_over_the_union(stand_in, caplog):
-    """The FlashBlock path: pieces over disjoint keys from flash4, merged by their log-sum-exps."""
+def test_a_library_kernels_pieces_merge_into_attention_over_the_union(stand_in, caplog):
+    """The FlashBlock path: pieces over disjoint keys from a library kernel, merged by their log-sum-exps."""
     q, k, v = qkv(True)
-    attention.set_backend("flash4")
+    attention.set_backend(stand_in)
     with caplog.at_level("WARNING", logger="block_cascade"):
         merged, _ = attention.merge_attention([attention._lse_cuda(q, k[:, :, :3], v[:, :, :3]),
                                                attention._lse_cuda(q, k[:, :, 3:], v[:, :, 3:])])
@@ -67,20 +93,21 @@ def test_flash4_pieces_merge_into_attention_over_the_union(stand_in, caplog):
     torch.testing.assert_close(merged.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_flash4_without_the_package_is_refused_in_one_line(not_installed):
-    with pytest.raises(ValueError, match="pip install flash-attn-4"):
-        attention.set_backend("flash4")
+def test_a_library_backend_without_its_package_is_refused_in_one_line(not_installed):
+    hint = f"pip install {INSTALLS[not_installed]}"
+    with pytest.raises(ValueError, match=hint):
+        attention.set_backend(not_installed)
     assert attention.get_backend() == "auto"
-    why = attention.refusal("flash4", torch.device("cuda"), torch.bfloat16)  # a GPU it could run on
-    assert "pip install flash-attn-4" in why and "\n" not in why
+    why = attention.refusal(not_installed, torch.device("cuda"), torch.bfloat16)  # a GPU it could run on
+    assert hint in why and "\n" not in why
 
 
 @pytest.mark.parametrize("installed", [True, False])
-def test_flash4_off_the_gpu_is_refused_without_the_install_hint(monkeypatch, installed):
+def test_a_library_backend_off_the_gpu_is_refused_without_the_install_hint(monkeypatch, library, installed):
     """On the CPU, or in float32, installing the package would not help: the refusal says why."""
-    monkeypatch.setattr(attention, "_flash4_func", flash_layout_attention if installed else False)
+    monkeypatch.setattr(LIBRARY_KERNELS[library], "loaded", STAND_INS[library] if installed else False)
     for device, dtype in ((torch.device("cpu"), torch.bfloat16), (torch.device("cuda"), torch.float32)):
-        why = attention.refusal("flash4", device, dtype)
+        why = attention.refusal(library, device, dtype)
         assert "NVIDIA GPUs" in why and "pip install" not in why and "\n" not in why
 
 
@@ -99,44 +126,59 @@ class CompilerError(Exception):
 
 
 @pytest.mark.parametrize("error", [CompilerError("kernel failed to compile"), RuntimeError(), TypeError("api")])
-def test_a_failing_flash4_call_falls_back_with_one_warning(monkeypatch, caplog, error):
+def test_a_failing_library_call_falls_back_with_one_warning(monkeypatch, caplog, library, error):
     def failing(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(attention, "_flash4_func", failing)
+    monkeypatch.setattr(LIBRARY_KERNELS[library], "loaded", SimpleNamespace(
+        memory_efficient_attention=failing, memory_efficient_attention_partial=failing) if library == "xformers"
+        else failing)
     monkeypatch.setattr(attention, "_warned", set())  # warnings are once per process and kind of call
-    attention.set_backend("flash4")
+    attention.set_backend(library)
     q, k, v = qkv(True)
     with caplog.at_level("WARNING", logger="block_cascade"):
         out, lse = attention._lse_cuda(q, k, v)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
-    assert caplog.text.count("flash4 unavailable") == 1
+    assert caplog.text.count(f"{library} unavailable") == 1
     assert (str(error) or type(error).__name__) in caplog.text
 
 
-def test_a_broken_install_is_named_as_such(monkeypatch, tmp_path):
-    """flash-attn-4 present but failing to import (its CUDA libraries): refused as broken, not missing."""
-    package = tmp_path / "flash_attn" / "cute"
-    package.mkdir(parents=True)
-    (tmp_path / "flash_attn" / "__init__.py").write_text("")
-    (package / "__init__.py").write_text("raise OSError()\n")  # no message, as some loaders raise
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("flash_attn", "flash_attn.cute"):
+def untried(monkeypatch, library):
+    """The kernel as before its first import, with its package's modules forgotten."""
+    kernel = LIBRARY_KERNELS[library]
+    monkeypatch.setattr(kernel, "loaded", None)
+    monkeypatch.setattr(kernel, "broken", None)
+    parts = kernel.module.split(".")
+    for name in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.setattr(attention, "_flash4_func", None)
-    monkeypatch.setattr(attention, "_flash4_broken", None)
-    assert not attention.flash4_available()
-    why = attention.refusal("flash4", torch.device("cuda"), torch.bfloat16)
-    assert why == "attention backend flash4: flash-attn-4 is installed but does not import (OSError); use auto"
+    return kernel
 
 
-def test_a_missing_package_is_named_as_missing(monkeypatch):
-    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails as for an absent package
-    monkeypatch.setattr(attention, "_flash4_func", None)
-    monkeypatch.setattr(attention, "_flash4_broken", None)
-    assert not attention.flash4_available()
-    assert "pip install flash-attn-4" in attention.refusal("flash4", torch.device("cuda"), torch.bfloat16)
+@pytest.mark.parametrize("failure, reason", [("raise OSError()", "OSError"),
+                                             ("import a_dependency_that_is_missing", "No module named")])
+def test_a_broken_install_is_named_as_such(monkeypatch, tmp_path, library, failure, reason):
+    """The package present but failing to import (its CUDA libraries, a dependency of its own):
+    refused as broken, with the reason, not as missing."""
+    kernel = untried(monkeypatch, library)
+    folder = tmp_path
+    for part in kernel.module.split("."):
+        folder = folder / part
+        folder.mkdir()
+        (folder / "__init__.py").write_text("")
+    (folder / "__init__.py").write_text(failure + "\n")  # OSError() has no message, as some loaders raise
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not kernel.available()
+    why = attention.refusal(library, torch.device("cuda"), torch.bfloat16)
+    assert why.startswith(f"attention backend {library}: {INSTALLS[library]} is installed but does not import ({reason}")
+    assert why.endswith("); use auto") and "pip install" not in why
+
+
+def test_a_missing_package_is_named_as_missing(monkeypatch, library):
+    kernel = untried(monkeypatch, library)
+    monkeypatch.setitem(sys.modules, kernel.module.split(".")[0], None)  # import fails as for an absent package
+    assert not kernel.available()
+    assert f"pip install {INSTALLS[library]}" in attention.refusal(library, torch.device("cuda"), torch.bfloat16)
 
 
 def test_cpu_log_sum_exp_over_no_keys_and_strided_inputs():

@@ -9,7 +9,8 @@ import tempfile
 import pytest
 import torch
 
-from cascade_core import attention, cli_run
+from cascade_core import cli_run
+from cascade_core.attention_libraries import LIBRARY_KERNELS
 from cascade_core.cli import main
 from cascade_core.safe_io import read_tensor_file
 
@@ -86,7 +87,7 @@ def test_bad_settings_give_one_line_and_exit_2(args, message, capsys, no_model_w
 
 @pytest.mark.parametrize("installed", [True, False])
 def test_flash4_on_the_cpu_gives_one_line_and_exit_2(capsys, no_model_work, monkeypatch, installed):
-    monkeypatch.setattr(attention, "_flash4_func", (lambda *a, **k: None) if installed else False)
+    monkeypatch.setattr(LIBRARY_KERNELS["flash4"], "loaded", (lambda *a, **k: None) if installed else False)
     assert main(["generate", *SMALL, "--attention-backend", "flash4"]) == 2
     one_line(capsys, "flash4 runs on NVIDIA GPUs (Hopper, Blackwell) in float16 or bfloat16, not cpu float32")
 

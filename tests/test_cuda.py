@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cascade_core import attention
+from cascade_core.attention_libraries import LIBRARY_KERNELS
 from cascade_core.model import WanConfig, WanModel
 from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 
@@ -16,13 +17,15 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("backend,pool_layout", [("auto", False), ("cudnn", False), ("flash", False),
-                                                 ("efficient", False), ("flash4", False), ("flash4", True)])
+                                                 ("efficient", False), ("flash4", False), ("flash4", True),
+                                                 ("xformers", False), ("xformers", True)])
 def test_fused_lse_merge_matches_sdpa_over_the_union(backend, pool_layout, caplog):
     """Each fused kernel's own log-sum-exp layout is read right (efficient pads it to 32 rows; 4680
-    queries are not a multiple of 32; flash4 takes [B, L, H, d], the pool's layout), with no silent
-    fall-back to the float32 path. flash4 runs where the flash-attn-4 package is installed."""
-    if backend == "flash4" and not attention.flash4_available():
-        pytest.skip("flash-attn-4 is not installed")
+    queries are not a multiple of 32; flash4 and xformers take [B, L, H, d], the pool's layout), with
+    no silent fall-back to the float32 path. The library kernels run where their packages import."""
+    library = LIBRARY_KERNELS.get(backend)
+    if library is not None and not library.available():
+        pytest.skip(f"{library.install} does not import")
     g = torch.Generator("cuda").manual_seed(0)
     q, k, v = (torch.randn(1, n, 12, 128, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                if pool_layout else torch.randn(1, 12, n, 128, generator=g, device="cuda", dtype=torch.bfloat16)

@@ -511,9 +511,9 @@ def test_bad_sampler_inputs_are_refused_before_the_engine_runs(model, no_engine,
 ])
 def test_an_attention_backend_the_device_lacks_is_refused_before_the_engine_runs(model, no_engine, monkeypatch,
                                                                                   backend, message):
-    from cascade_core import attention
+    from cascade_core.attention_libraries import LIBRARY_KERNELS
 
-    monkeypatch.setattr(attention, "_flash4_func", False)  # flash-attn-4 not installed
+    monkeypatch.setattr(LIBRARY_KERNELS["flash4"], "loaded", False)  # flash-attn-4 not installed
     settings = values_mod.Settings(cascade=CascadeConfig(), attention_backend=backend)
     with pytest.raises(ValueError, match=message):
         sample(model, config=settings, positive=cond())
