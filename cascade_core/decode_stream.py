@@ -37,18 +37,24 @@ class CausalState:
         self.started = False
         self._frames: dict[nn.Module, torch.Tensor] = {}
 
-    def with_past(self, layer: nn.Module, x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    def with_past(self, layer: nn.Module, x: torch.Tensor, n: int, dim: int,
+                  fill: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
         """``x`` with the ``n`` frames that came before it put in front along ``dim`` (time).
 
-        Remembers the last ``n`` frames of the result for ``layer``'s next call.
+        With ``fill``, ``x`` gives only the shape, dtype and device: ``fill(room)`` writes this call's
+        frames into ``room``, the view of the result behind the past frames, which saves copying them
+        there. Remembers the last ``n`` frames of the result for ``layer``'s next call.
         """
         past = self._frames.get(layer)
         if past is None:
             shape = list(x.shape)
             shape[dim] = n
             past = self._frames[layer] = x.new_zeros(shape)
-        joined = torch.cat([past, x], dim=dim)  # time: n + T
-        past.copy_(joined.narrow(dim, joined.shape[dim] - n, n))
+        joined = x.new_empty(x.shape[:dim] + (n + x.shape[dim],) + x.shape[dim + 1:])  # time: n + T
+        joined.narrow(dim, 0, n).copy_(past)
+        room = joined.narrow(dim, n, x.shape[dim])
+        fill(room) if fill is not None else room.copy_(x)
+        past.copy_(joined.narrow(dim, x.shape[dim], n))
         return joined
 
     def clear(self) -> None:
