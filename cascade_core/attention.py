@@ -187,14 +187,15 @@ _warned: set[tuple] = set()
 
 
 def _fell_back(name: str, q: torch.Tensor, exc: Exception | None) -> None:
-    """Log once per (backend, device, shape kind) that a log-sum-exp kernel was skipped: the next
-    one, or in the end the float32 reference path (score matrices of Lq x Lk floats), runs instead."""
+    """Log once per (backend, device, shape kind) that a kernel was skipped (a broken install, in
+    "auto"'s timing; a failing call, with the log-sum-exp): the next one, or in the end the float32
+    reference path (score matrices of Lq x Lk floats), runs instead."""
     key = (name, q.device, q.shape[1], q.shape[-1], q.dtype)
     if key not in _warned:
         _warned.add(key)
         why = f": {_short(exc)}" if exc is not None else ""
         nxt = "trying the next" if exc is not None else "using the float32 reference path (slow, large)"
-        log.warning("attention with log-sum-exp: %s unavailable for %d heads x %d %s on %s%s; %s",
+        log.warning("attention: %s unavailable for %d heads x %d %s on %s%s; %s",
                     name, q.shape[1], q.shape[-1], str(q.dtype).removeprefix("torch."), q.device, why, nxt)
 
 
