@@ -209,11 +209,12 @@ def _lse_math(q, k, v):
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output [B, H, Lq, d] and the log-sum-exp of the scaled scores [B, H, Lq] (float32;
     -inf over no keys). Off CUDA every backend but auto and flash takes the float32 reference path."""
+    if k.shape[2] == 0:  # no kernel is asked: torch's give +inf or finite log-sum-exps over no keys
+        return q.new_zeros(q.shape[:3] + v.shape[3:]), q.new_full(q.shape[:3], -math.inf, dtype=torch.float32)
     if q.device.type == "cuda" and _backend != "math" and q.dtype in (torch.float16, torch.bfloat16):
         return _lse_cuda(q, k, v)  # the fused kernels take half precision only
-    # torch's CPU flash kernel: not for empty key sets or a strided last dim (it does not check them)
-    if q.device.type == "cpu" and _backend in ("auto", "flash") and k.shape[2] and \
-            all(t.stride(-1) == 1 for t in (q, k, v)):
+    # torch's CPU flash kernel: not for a strided last dim (it does not check it)
+    if q.device.type == "cpu" and _backend in ("auto", "flash") and all(t.stride(-1) == 1 for t in (q, k, v)):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
         return out, lse.float()
     return _lse_math(q, k, v)

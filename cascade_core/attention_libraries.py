@@ -17,6 +17,7 @@ kept for a one-line refusal.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any, Callable
 
 import torch
@@ -40,15 +41,16 @@ class LibraryKernel:
         self.broken: str | None = None  # why an installed package does not import
 
     def available(self) -> bool:
-        """Whether the package imports. Tried once (FlashAttention-4's import loads its compiler)."""
+        """Whether the package imports. Tried once (FlashAttention-4's import loads its compiler).
+        Where it does not, the package counts as installed but broken when its distribution is
+        installed (so a broken FlashAttention-2, which owns ``flash_attn`` too, is not taken for a
+        broken flash-attn-4)."""
         if self.loaded is None:
             try:
                 module = importlib.import_module(self.module)
                 self.loaded = getattr(module, self.attribute) if self.attribute else module
             except Exception as exc:
-                parents = {".".join(self.module.split(".")[:i + 1]) for i in range(self.module.count(".") + 1)}
-                missing = isinstance(exc, ModuleNotFoundError) and exc.name in parents
-                self.loaded, self.broken = False, None if missing else first_line(exc)[:160]
+                self.loaded, self.broken = False, first_line(exc)[:160] if installed(self.install) else None
         return self.loaded is not False
 
     def unavailable(self) -> str:
@@ -73,8 +75,17 @@ class LibraryKernel:
             raise RuntimeError(self.unavailable())
         out, out_lse = self._call(self.loaded, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lse)
         if out_lse is not None:  # xformers allows rows of padding past Lq
-            out_lse = out_lse[..., :q.shape[2]]
+            out_lse = out_lse[..., :q.shape[2]].float()
         return out.transpose(1, 2).to(q.dtype), out_lse
+
+
+def installed(distribution: str) -> bool:
+    """Whether a distribution of that name (as pip names it) is installed."""
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _flash4_call(flash_attn_func, q, k, v, lse: bool):

@@ -81,7 +81,10 @@ def read_pickle(path: str) -> Any:
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none), for a one-line error."""
-    text = str(exc).strip()
+    try:
+        text = str(exc).strip()
+    except Exception:  # an exception whose message cannot be made
+        text = ""
     return text.splitlines()[0] if text else type(exc).__name__
 
 

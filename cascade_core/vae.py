@@ -198,6 +198,7 @@ class WanVAEDecoder(LatentVideoDecoder):
         self.conv2 = CausalConv3d(LATENT_CHANNELS, LATENT_CHANNELS, 1)
         self.decoder = Decoder3d(dim)
 
+    @torch.no_grad()  # inference only: the norms write into views of preallocated tensors
     def decode_pass(self, z: torch.Tensor, state: CausalState) -> torch.Tensor:
         x = self.conv2(normalized_to_raw(z.float()).to(self.dtype))
         return self.decoder(x, state)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascade_core import attention
+from cascade_core import attention, attention_libraries
 from cascade_core.attention_libraries import LIBRARY_KERNELS
 
 B, HEADS, LQ, LK, D = 2, 3, 5, 7, 16  # all different, so a swapped axis cannot go unseen
@@ -167,6 +167,7 @@ def test_a_broken_install_is_named_as_such(monkeypatch, tmp_path, library, failu
         folder.mkdir()
         (folder / "__init__.py").write_text("")
     (folder / "__init__.py").write_text(failure + "\n")  # OSError() has no message, as some loaders raise
+    installed_distribution(tmp_path, kernel.install)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert not kernel.available()
     why = attention.refusal(library, torch.device("cuda"), torch.bfloat16)
@@ -174,11 +175,55 @@ def test_a_broken_install_is_named_as_such(monkeypatch, tmp_path, library, failu
     assert why.endswith("); use auto") and "pip install" not in why
 
 
+def installed_distribution(folder, name: str) -> None:
+    """Metadata of an installed distribution ``name`` in ``folder`` (what pip leaves beside a package)."""
+    info = folder / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+
+
 def test_a_missing_package_is_named_as_missing(monkeypatch, library):
     kernel = untried(monkeypatch, library)
     monkeypatch.setitem(sys.modules, kernel.module.split(".")[0], None)  # import fails as for an absent package
+    monkeypatch.setattr(attention_libraries, "installed", lambda name: False)
     assert not kernel.available()
     assert f"pip install {INSTALLS[library]}" in attention.refusal(library, torch.device("cuda"), torch.bfloat16)
+
+
+def test_a_broken_flash_attention_2_is_not_taken_for_a_broken_flash_attn_4(monkeypatch, tmp_path):
+    """FlashAttention-2 owns the ``flash_attn`` package too; one that fails to import (built for
+    another torch) makes ``flash_attn.cute`` fail, but flash-attn-4 is still what is missing."""
+    kernel = untried(monkeypatch, "flash4")
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda: undefined symbol')\n")
+    installed_distribution(tmp_path, "flash-attn")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(attention_libraries, "installed", lambda name: name == "flash-attn")
+    assert not kernel.available()
+    assert attention.refusal("flash4", torch.device("cuda"), torch.bfloat16) == \
+        "attention backend flash4 needs the flash-attn-4 package (pip install flash-attn-4); use auto"
+
+
+def test_a_library_log_sum_exp_comes_out_float32(monkeypatch):
+    def half_lse(q, k, v, return_lse=False):
+        out, lse = flash_layout_attention(q, k, v, return_lse)
+        return out, lse.to(torch.bfloat16)
+
+    monkeypatch.setattr(LIBRARY_KERNELS["flash4"], "loaded", half_lse)
+    assert LIBRARY_KERNELS["flash4"](*qkv(True), lse=True)[1].dtype == torch.float32
+
+
+def test_log_sum_exp_over_no_keys_on_any_backend(stand_in, monkeypatch):
+    """No kernel is asked about an empty key set (torch's CUDA kernels answer +inf or finite values)."""
+    def asked(*args):
+        raise AssertionError("a kernel was asked about no keys")
+
+    monkeypatch.setattr(attention, "_lse_cuda", asked)
+    monkeypatch.setattr(attention, "_lse_math", asked)
+    q, k, v = qkv(True)
+    attention.set_backend(stand_in)
+    out, lse = attention.attend_lse(q, k[:, :, :0], v[:, :, :0])
+    assert out.shape == q.shape and (out == 0).all() and torch.isneginf(lse).all() and lse.dtype == torch.float32
 
 
 def test_cpu_log_sum_exp_over_no_keys_and_strided_inputs():
@@ -191,3 +236,19 @@ def test_cpu_log_sum_exp_over_no_keys_and_strided_inputs():
     out, lse = attention.attend_lse(x, x, x)
     torch.testing.assert_close(out.double(), F.scaled_dot_product_attention(x.double(), x.double(), x.double()),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_an_exception_without_a_printable_message_still_gives_a_line(monkeypatch, caplog):
+    class Unprintable(RuntimeError):
+        def __str__(self):
+            raise TypeError("no message")
+
+    def failing(*args, **kwargs):
+        raise Unprintable()
+
+    monkeypatch.setattr(LIBRARY_KERNELS["flash4"], "loaded", failing)
+    monkeypatch.setattr(attention, "_warned", set())
+    attention.set_backend("flash4")
+    with caplog.at_level("WARNING", logger="block_cascade"):
+        out, _ = attention._lse_cuda(*qkv(True))
+    assert "flash4 unavailable" in caplog.text and "Unprintable" in caplog.text

@@ -45,6 +45,21 @@ def test_fused_lse_merge_matches_sdpa_over_the_union(backend, pool_layout, caplo
     assert (lse - torch.logsumexp(scores, -1)).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("backend", ["auto", "cudnn", "flash", "efficient"])
+def test_log_sum_exp_over_no_keys_merges_as_nothing(backend):
+    """An empty key set gives zeros and -inf, so merging it changes nothing (torch's kernels answer
+    +inf, or finite values, over no keys)."""
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k = (torch.randn(1, 2, n, 128, generator=g, device="cuda", dtype=torch.bfloat16) for n in (5, 7))
+    attention.set_backend(backend)
+    try:
+        whole = attention.attend_lse(q, k, k)
+        merged = attention.merge_attention([whole, attention.attend_lse(q, k[:, :, :0], k[:, :, :0])])
+    finally:
+        attention.set_backend("auto")
+    assert torch.equal(merged[0], whole[0]) and torch.equal(merged[1], whole[1])
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_compiled_layers_match_eager(dtype, tol):
     model = WanModel.random(SMALL, seed=0, device="cuda", dtype=dtype)

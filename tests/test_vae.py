@@ -486,3 +486,14 @@ def test_frame_stream_close_hands_out_what_was_pushed_ends_the_thread_and_does_n
         frames.close()
     assert handed == [0, 1, 9] and "disk full" in caplog.text
     assert set(threading.enumerate()) == before
+
+
+def test_vae_decodes_with_autograd_on():
+    """The norms write into views of preallocated tensors, which autograd refuses: a decode pass
+    called directly, on a fresh module whose weights require gradients, runs as inference."""
+    from cascade_core.decode_stream import CausalState
+
+    decoder = WanVAEDecoder(dim=8)
+    assert next(decoder.parameters()).requires_grad
+    frames = decoder.decode_pass(torch.randn(1, 16, 2, 4, 4), CausalState())
+    assert frames.shape == (1, 3, 5, 32, 32) and not frames.requires_grad
