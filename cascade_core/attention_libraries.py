@@ -63,8 +63,8 @@ class LibraryKernel:
     def off_device(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why the kernel cannot run on ``device`` in ``dtype`` whatever is installed; None if it may."""
         if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-            return (f"attention backend {self.name} runs on {self.runs_on} in float16 or bfloat16, "
-                    f"not {device} {str(dtype).removeprefix('torch.')}; use auto")
+            return (f"attention backend {self.name} runs only on {self.runs_on} in float16 or bfloat16; "
+                    f"this run is on {device} in {str(dtype).removeprefix('torch.')}: run on a CUDA GPU, or use auto")
         return None
 
     @torch.compiler.disable  # a library call, never traced (the cross-attention runs in compiled regions)
@@ -101,7 +101,7 @@ def _xformers_call(fmha, q, k, v, lse: bool):
 
 LIBRARY_KERNELS = {
     "flash4": LibraryKernel("flash4", "flash-attn-4", "flash_attn.cute", "flash_attn_func", _flash4_call,
-                            "NVIDIA GPUs (Hopper, Blackwell)"),
+                            "NVIDIA Hopper and Blackwell GPUs (CUDA)"),
     "xformers": LibraryKernel("xformers", "xformers", "xformers.ops.fmha", None, _xformers_call,
-                              "NVIDIA GPUs"),
+                              "NVIDIA GPUs (CUDA)"),
 }

@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "cuda:0,cuda:1,... (NCCL) or cpu,cpu (gloo); torchrun: the ranks torchrun "
                                      "started (several machines; see the README)")
     g.add_argument("--attention-backend", choices=attention.BACKENDS, default="auto",
-                   help="attention kernel (auto: the fastest on CUDA, torch's choice elsewhere); refused where "
-                        "the device lacks it")
+                   help="attention kernel (auto: the fastest on CUDA, torch's choice elsewhere); flash4 and "
+                        "xformers need their optional packages (pip install flash-attn-4 / xformers); refused "
+                        "where the device lacks it")
     g.add_argument("--fp8", action="store_true",
                    help="fp8 matrix products in the transformer layers (faster on GPUs with fp8 units; approximate)")
     g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",

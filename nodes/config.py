@@ -52,9 +52,10 @@ class BlockCascadeConfig(io.ComfyNode):
                                         "the cascade: one process per GPU, kept alive between runs."),
                 io.Combo.Input("attention_backend", options=list(attention_backends.BACKENDS), default="auto",
                                tooltip="Attention kernel. auto: on a CUDA GPU the fastest, measured on the first call "
-                                       "of each kind (elsewhere torch's choice); flash4: FlashAttention-4, where "
-                                       "the flash-attn-4 package is installed (NVIDIA Hopper, Blackwell); "
-                                       "xformers: where xformers is installed (NVIDIA GPUs)."),
+                                       "of each kind, installed flash4 and xformers included (elsewhere torch's "
+                                       "choice); flash4: FlashAttention-4 (pip install flash-attn-4; NVIDIA "
+                                       "Hopper, Blackwell); xformers (pip install xformers, a build matching "
+                                       "your torch; NVIDIA GPUs)."),
                 io.Boolean.Input("flashblock", default=False,
                                  tooltip="FlashBlock: compute a block's attention to earlier frames once and reuse "
                                          "it at its later steps."),

@@ -108,7 +108,8 @@ def test_a_library_backend_off_the_gpu_is_refused_without_the_install_hint(monke
     monkeypatch.setattr(LIBRARY_KERNELS[library], "loaded", STAND_INS[library] if installed else False)
     for device, dtype in ((torch.device("cpu"), torch.bfloat16), (torch.device("cuda"), torch.float32)):
         why = attention.refusal(library, device, dtype)
-        assert "NVIDIA GPUs" in why and "pip install" not in why and "\n" not in why
+        assert "runs only on NVIDIA" in why and "run on a CUDA GPU" in why and "pip install" not in why
+        assert "\n" not in why
 
 
 def test_auto_always_runs_and_unknown_names_are_refused():

@@ -67,7 +67,7 @@ def test_bad_backends_and_a_decoder_without_vae_are_refused_before_any_work(caps
     runs); one line on stderr, exit 2, no model built."""
     monkeypatch.setattr(bench.WanModel, "random", lambda *a, **k: pytest.fail("a model was built"))
     for args, message in ((["--backend", "auto,cudnn"], "--backend: attention backend cudnn is not available"),
-                          (["--backend", "flash4"], "--backend: attention backend flash4 runs on NVIDIA GPUs"),
+                          (["--backend", "flash4"], "--backend: attention backend flash4 runs only on NVIDIA Hopper"),
                           (["--decoder", "taew"], "--decoder is for the decoder runs of --vae"),
                           (["--vae", "--decoder", "wan,bogus"], "--decoder wan,bogus: choose from wan, taew"),
                           (["--parallel", "1,x"], "comma-separated integers"),

@@ -89,7 +89,8 @@ def test_bad_settings_give_one_line_and_exit_2(args, message, capsys, no_model_w
 def test_flash4_on_the_cpu_gives_one_line_and_exit_2(capsys, no_model_work, monkeypatch, installed):
     monkeypatch.setattr(LIBRARY_KERNELS["flash4"], "loaded", (lambda *a, **k: None) if installed else False)
     assert main(["generate", *SMALL, "--attention-backend", "flash4"]) == 2
-    one_line(capsys, "flash4 runs on NVIDIA GPUs (Hopper, Blackwell) in float16 or bfloat16, not cpu float32")
+    one_line(capsys, "flash4 runs only on NVIDIA Hopper and Blackwell GPUs (CUDA) in float16 or bfloat16; "
+                     "this run is on cpu in float32: run on a CUDA GPU, or use auto")
 
 
 def test_largest_seed_runs(tmp_path, capsys):

@@ -506,7 +506,8 @@ def test_bad_sampler_inputs_are_refused_before_the_engine_runs(model, no_engine,
 
 
 @pytest.mark.parametrize("backend, message", [
-    ("flash4", r"flash4 runs on NVIDIA GPUs \(Hopper, Blackwell\) in float16 or bfloat16, not cpu float32; use auto$"),
+    ("flash4", r"flash4 runs only on NVIDIA Hopper and Blackwell GPUs \(CUDA\) in float16 or bfloat16; "
+               r"this run is on cpu in float32: run on a CUDA GPU, or use auto$"),
     ("cudnn", r"attention backend cudnn is not available on cpu for float32; use auto"),
 ])
 def test_an_attention_backend_the_device_lacks_is_refused_before_the_engine_runs(model, no_engine, monkeypatch,
