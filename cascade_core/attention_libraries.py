@@ -89,8 +89,7 @@ def installed(distribution: str) -> bool:
 
 
 def _flash4_call(flash_attn_func, q, k, v, lse: bool):
-    out, out_lse = flash_attn_func(q, k, v, return_lse=lse)
-    return out, out_lse
+    return flash_attn_func(q, k, v, return_lse=lse)
 
 
 def _xformers_call(fmha, q, k, v, lse: bool):

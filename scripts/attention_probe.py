@@ -6,9 +6,9 @@ One block of 3 latent frames at 832x480 (4680 query tokens, head width 128, bf16
 of keys (1560 tokens a frame), the self-attention of the exact engine at P1; and the text
 cross-attention (512 keys). For each shape: every fused backend (cuDNN, flash, efficient) as the
 engine calls it, FlashAttention-4 and xformers where their packages import, and cuDNN with the keys
-split into s equal parts run as one batched call
-(q repeated, the key parts as strided views of the pool's [tokens, heads, d] layout) and merged by
-their log-sum-exps, to see whether filling the last wave of thread blocks pays for the merge.
+split into s equal parts run as one batched call (q repeated, the key parts as strided views of the
+pool's [tokens, heads, d] layout) and merged by their log-sum-exps, to see whether filling the last
+wave of thread blocks pays for the merge.
 One JSON line per (heads, keys, variant): median milliseconds and the rate (4 Lq Lk d heads FLOP
 over the median time). The split's output is checked against the whole call's.
 """
