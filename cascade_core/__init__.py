@@ -1,32 +1,34 @@
 """Block Cascade engine: block-causal Wan2.1 video generation with Block Cascading.
 
-Pure PyTorch; never imports ComfyUI. Modules:
-  safe_io     reading tensor files without running pickled code
-  model       the Wan2.1 T2V DiT (original parameter names, config read from the weights)
-  schedule    flow-matching step list (FlowSchedule) and the cascade tick plan (CascadeSchedule)
-  kv_pool     preallocated self-attention K/V: sink, rolling window, in-flight blocks
-  attention   one attention function over several backends (log-sum-exp for exact merges)
-  sampler     runs the ticks: batched forwards, re-noising, clean passes, prompt switches, endless runs
-  noise       the run's random numbers (one generator per draw)
-  latent_window  the clean latents a run reads back (the whole video, or an endless one's last frames)
-  steer       the prompt of every block, and switches that arrive while a run goes on
-  fp8         optional fp8 matrix products
-  checkpoint  one loader for every DiT layout, with named errors
-  dit_names   the DiT's weight names in each layout, and the checks that weights are a Wan2.1 T2V DiT
-  vae, taew   streaming Wan2.1 VAE decoder and the tiny preview decoder
-  frames      frames out while the DiT goes on (decode per finished block; MP4/PNG)
-  text        umt5-xxl prompt embeddings from local files
-  distributed several devices sharing the KV pool (torch.distributed)
-  memory      how much memory a run needs and a device has (one estimate for nodes and CLI)
-  cli, cli_checks, cli_run  ``python -m cascade_core generate|decode``; bench: ``python -m cascade_core.bench``
-  client      the headless ComfyUI client (client_steer: its --steer; client_io: HTTP, progress bar)
-  stop        Ctrl-C as a request to stop (the command line's runs and the client)
+Pure PyTorch; never imports ComfyUI. Sub-packages, lowest first; each imports only those above it in
+this list (``tests/architecture`` holds it so):
+
+  common/       constants of the latent space and the text context, one-line messages, host/device copies, Ctrl-C
+  model/        the Wan2.1 DiT, the block grid, the KV pool and its attention, attention kernels, fp8 products
+  weights/      files of weights read safely: the DiT in every layout, LoRA, the text encoder, key-name tables
+  sampling/     a run's settings, the families, the one run plan, noise, steering, memory, the tick loop
+  video/        latent space, the streaming Wan2.1 VAE decoder and taew, the encoder, frame writers
+  distributed/  several devices sharing one KV pool (worker processes, torchrun)
+  session/      one run as the command line and the ComfyUI sampler node both drive it: checks, memory,
+                decoder, run, outputs, cleanup
+  cli/          ``python -m cascade_core generate|decode`` and ``python -m cascade_core.bench``
+  client/       ``python -m cascade_core.client``: the headless ComfyUI client (imports common/ only)
+
+"parallel" means blocks in flight (``CascadeConfig.parallel``); several devices are ``distributed``.
+
+The public API, importable from here (each imported on first use, so ``import cascade_core`` stays light):
+:func:`generate` (the tick loop), :class:`CascadeConfig`, :class:`PromptSchedule`, :func:`load_dit`,
+:func:`step_noise` (the one re-noising draw), :func:`block_noise`, :class:`WanConfig`, :class:`WanModel`,
+:class:`WanVAEDecoder`, :func:`raw_to_normalized` and :func:`normalized_to_raw`.
 """
 __version__ = "0.1.0"
 
-# The main entry points, imported on first use (importing the package itself stays light)
-_EXPORTS = {"generate": "sampler", "CascadeConfig": "sampler", "PromptSchedule": "sampler",
-            "load_dit": "checkpoint"}
+_EXPORTS = {
+    "generate": "sampling.loop", "CascadeConfig": "sampling.config", "PromptSchedule": "sampling.config",
+    "load_dit": "weights.checkpoint", "step_noise": "sampling.noise", "block_noise": "sampling.noise",
+    "WanConfig": "model.dit", "WanModel": "model.dit", "WanVAEDecoder": "video.vae",
+    "raw_to_normalized": "video.latents", "normalized_to_raw": "video.latents",
+}
 __all__ = list(_EXPORTS)
 
 

@@ -1,7 +1,7 @@
 import sys
 
 try:
-    from .cli import main
+    from .cli.command import main
 except KeyboardInterrupt:  # Ctrl-C while torch is still being imported
     print("interrupted before the run started", file=sys.stderr)
     sys.exit(130)

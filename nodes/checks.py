@@ -13,10 +13,11 @@ from typing import Callable
 
 import torch
 
-from cascade_core.context import CONTINUATION, START_IMAGE
-from cascade_core.families import DEFAULT_FAMILY, family_with
-from cascade_core.plan import LATENT_CHANNELS, check_prefix, check_prefix_config, latent_size
-from cascade_core.sampler import CascadeConfig, PromptSchedule
+from cascade_core.common.constants import LATENT_CHANNELS, TEXT_TOKENS
+from cascade_core.sampling.context import CONTINUATION, START_IMAGE
+from cascade_core.sampling.families import DEFAULT_FAMILY, family_with
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule
+from cascade_core.sampling.plan import check_prefix, check_prefix_config, latent_size
 
 log = logging.getLogger("block_cascade")
 
@@ -25,7 +26,6 @@ MAX_SIZE = 4096
 MAX_BLOCKS = 1000
 MAX_STEPS = 16
 MAX_LATENT_FRAMES = 10000
-TEXT_LEN = 512
 
 
 def as_validation(check: Callable[[], object]) -> bool | str:
@@ -155,9 +155,9 @@ def conditioning_embeds(cond, what: str) -> torch.Tensor:
     if not torch.is_tensor(t) or t.dim() != 3 or t.shape[0] != 1 or t.shape[1] < 1:
         shape = list(t.shape) if torch.is_tensor(t) else type(t).__name__
         raise ValueError(f"{what}: expected prompt embeddings [1, L, 4096], got {shape}")
-    if t.shape[1] > TEXT_LEN:  # the reference's text encoder keeps the first 512 tokens too
-        log.warning("Block Cascade: %s has %d tokens; the model reads the first %d", what, t.shape[1], TEXT_LEN)
-        return t[0, :TEXT_LEN]
+    if t.shape[1] > TEXT_TOKENS:  # the reference's text encoder keeps the first 512 tokens too
+        log.warning("Block Cascade: %s has %d tokens; the model reads the first %d", what, t.shape[1], TEXT_TOKENS)
+        return t[0, :TEXT_TOKENS]
     return t[0]
 
 
@@ -243,11 +243,11 @@ def prefix_latents(prefix, width: int, height: int) -> torch.Tensor:
 
 def context_allowed(context: torch.Tensor | None, cfg: CascadeConfig, width: int, height: int, what: str,
                     dtype: torch.dtype | None = None) -> None:
-    """The engine's rules for a context prefix (:func:`cascade_core.plan.check_prefix`, ``dtype``: the
+    """The engine's rules for a context prefix (:func:`cascade_core.sampling.plan.check_prefix`, ``dtype``: the
     model's), before any model work: on the normalised latents [1, 16, T, h, w] of a continuation
     (every frame of the given video, context or not: the outputs hold them all), or, for a start
     image not encoded yet (``context`` None), the config's rules only
-    (:func:`cascade_core.plan.check_prefix_config`). Raises ValueError naming the input ``what``."""
+    (:func:`cascade_core.sampling.plan.check_prefix_config`). Raises ValueError naming the input ``what``."""
     h, w = latent_size(int(width), int(height))
     try:
         if context is None:

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from cascade_core import attention as attention_backends
-from cascade_core.families import FAMILIES
-from cascade_core.config import SWITCH_MODES
+from cascade_core.model import attention as attention_backends
+from cascade_core.sampling.config import SWITCH_MODES
+from cascade_core.sampling.families import FAMILIES
 
 from . import checks
 from . import devices as device_list
 from .sockets import CATEGORY, ConfigType, ScheduleType
 from .values import ScheduleValue, Settings
-
 
 FAMILY_CHOICES = ["auto", *FAMILIES]
 FAMILY_TIP = "; ".join(f"{f.name}: {f.description}" for f in FAMILIES.values())

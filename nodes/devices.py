@@ -15,10 +15,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from cascade_core.memory import available_bytes
-from cascade_core.parallel import devices as engine_devices
-
-GIB = 1024 ** 3
+from cascade_core.common.constants import GIB
+from cascade_core.distributed import devices as engine_devices
+from cascade_core.sampling.memory import available_bytes
 
 
 def _comfy_mm():
@@ -53,7 +52,7 @@ def free_bytes(device: torch.device) -> int:
 
 def check(spec: str) -> list[torch.device]:
     """The config's ``devices`` text as torch devices, by the engine's parser
-    (:func:`cascade_core.parallel.devices.parse_devices`) with ComfyUI's hooks: "auto" (or nothing)
+    (:func:`cascade_core.distributed.devices.parse_devices`) with ComfyUI's hooks: "auto" (or nothing)
     is ComfyUI's own device, and a missing GPU's message lists the GPUs present with ComfyUI's free
     memory. Raises ValueError naming what is wrong."""
     return engine_devices.parse_devices(spec, auto=default_device, count=cuda_count(), free=free_bytes)
@@ -62,7 +61,7 @@ def check(spec: str) -> list[torch.device]:
 def runner(devices: Sequence[torch.device]):
     """The engine's generate for these devices (same signature and result for one or several)."""
     if len(devices) == 1:
-        from cascade_core.sampler import generate
+        from cascade_core.sampling.loop import generate
         return generate
     from cascade_core.distributed import get_pool
     return get_pool([str(d) for d in devices]).generate

@@ -3,22 +3,21 @@ from __future__ import annotations
 
 import logging
 
+import folder_paths
 import torch
 from comfy_api.latest import io
 
-import folder_paths
-from cascade_core.families import guess_family
-from cascade_core.fp8 import DROP_SUFFIXES, MARKER, SCALE_SUFFIXES
-from cascade_core.model import WanConfig, WanModel
-from cascade_core.safe_io import CheckpointError, read_tensor_file
+from cascade_core.common.constants import DTYPES, TEXT_TOKENS
+from cascade_core.model.dit import WanConfig, WanModel
+from cascade_core.model.fp8 import DROP_SUFFIXES, MARKER, SCALE_SUFFIXES
+from cascade_core.sampling.families import guess_family
+from cascade_core.weights.safe_io import CheckpointError, read_tensor_file
 
-from .checks import TEXT_LEN
 from .sockets import CATEGORY, EMBEDS_FOLDER, EngineModelType, register_folders
 from .values import CoreModel, FileModel
 
 log = logging.getLogger("block_cascade")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EMA_CHOICES = ("auto", "ema", "base")
 
 
@@ -51,7 +50,7 @@ class BlockCascadeModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, dtype, ema, lora="none", lora_strength=1.0) -> io.NodeOutput:
-        from cascade_core.checkpoint import load_dit
+        from cascade_core.weights.checkpoint import load_dit
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         lora_path = None if lora in (None, "", "none") else folder_paths.get_full_path_or_raise("loras", lora)
@@ -134,7 +133,7 @@ class BlockCascadeEmbedsLoader(io.ComfyNode):
         t = next(iter(tensors.values()))
         if t.dim() == 3 and t.shape[0] == 1:
             t = t[0]
-        if t.dim() != 2 or not t.is_floating_point() or not 1 <= t.shape[0] <= TEXT_LEN:
-            raise CheckpointError(path, f"expected prompt embeddings [L, 4096] with L in 1..{TEXT_LEN}, "
+        if t.dim() != 2 or not t.is_floating_point() or not 1 <= t.shape[0] <= TEXT_TOKENS:
+            raise CheckpointError(path, f"expected prompt embeddings [L, 4096] with L in 1..{TEXT_TOKENS}, "
                                         f"got {list(t.shape)} {t.dtype}")
         return io.NodeOutput([[t.float().unsqueeze(0).contiguous(), {}]])

@@ -2,7 +2,7 @@
 
 Guarantees: the file is named as ComfyUI's own save nodes name theirs (``folder_paths.
 get_save_image_path``: ``block_cascade/stream_00001_.mp4``, the counter past the files already there)
-and written by :class:`cascade_core.frames.VideoWriter`, fragmented and flushed as it goes, so
+and written by :class:`cascade_core.video.frames.VideoWriter`, fragmented and flushed as it goes, so
 Cancel, a crash or a killed server leave a playable file; :meth:`Recording.ui` is the node's UI output
 that shows it (the shape of core ``SaveVideo``'s: ``{"images": [file], "animated": [True]}``).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from cascade_core.frames import VideoWriter
+from cascade_core.video.frames import VideoWriter
 
 PREFIX = "block_cascade/stream"
 

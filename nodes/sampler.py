@@ -9,19 +9,19 @@ import warnings
 import torch
 from comfy_api.latest import io
 
-from cascade_core import attention as attention_backends
-from cascade_core.context import START_IMAGE, context_notes, context_of, prefix_config
-from cascade_core.memory import estimate_run_bytes
-from cascade_core.sampler import Interrupted
-from cascade_core.latents import normalized_to_raw, raw_to_normalized
-from cascade_core.recompute import first_reencoding_block, why_a_vae
+from cascade_core.common.constants import GIB
+from cascade_core.model import attention as attention_backends
+from cascade_core.sampling.context import START_IMAGE, context_notes, context_of, prefix_config
+from cascade_core.sampling.loop import Interrupted
+from cascade_core.sampling.memory import estimate_run_bytes
+from cascade_core.sampling.recompute import first_reencoding_block, why_a_vae
+from cascade_core.video.latents import normalized_to_raw, raw_to_normalized
 
 from . import checks, devices, recording, steer, stream
 from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
 
 log = logging.getLogger("block_cascade")
 
-GIB = 1024 ** 3
 
 
 def _mm():
@@ -33,7 +33,7 @@ def vae_weights(vae):
     """(state dict, dtype) of a core VAE that holds the Wan2.1 VAE; checked without allocating anything."""
     if vae is None:
         return None
-    from cascade_core.vae import WanVAEDecoder
+    from cascade_core.video.vae import WanVAEDecoder
 
     get_sd = getattr(vae, "get_sd", None)
     if get_sd is None:
@@ -77,11 +77,11 @@ def encode_start_image(vae, image: torch.Tensor, width: int, height: int) -> tor
 
 
 def context_reencoder(vae, decoder):
-    """Krea Realtime's context re-encoder (:class:`cascade_core.reencode.ContextReencoder`) from a core
+    """Krea Realtime's context re-encoder (:class:`cascade_core.video.reencode.ContextReencoder`) from a core
     ``vae``: frames decoded by ``decoder``, the run's Wan2.1 decoder (its weights shared; the re-encoder
     keeps its own causal state and stream), encoded by the core VAE itself (ComfyUI's own encoder, as
     for a start image)."""
-    from cascade_core.reencode import ContextReencoder
+    from cascade_core.video.reencode import ContextReencoder
 
     def encode(frame: torch.Tensor) -> torch.Tensor:  # [1, 3, 1, H, W] in -1..1 -> normalised [1, 16, 1, h, w]
         pixels = (frame[:, :, 0].movedim(1, -1).float() + 1) / 2  # [1, H, W, 3] in 0..1
@@ -287,7 +287,7 @@ class BlockCascadeSampler(io.ComfyNode):
             # several devices: the weights stay on the CPU here; the pool holds the GPU copies
             wan = model.acquire_for_pool() if pooled else model.acquire(device, run_bytes)
             if vae_sd is not None:
-                from cascade_core.vae import WanVAEDecoder
+                from cascade_core.video.vae import WanVAEDecoder
 
                 decoder = WanVAEDecoder.from_state_dict(vae_sd[0], dtype=vae_sd[1], device=device, source="vae")
             else:

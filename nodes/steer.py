@@ -4,7 +4,7 @@ Contract:
   POST /block_cascade/steer  {"node": id, "text": str, "block": int (optional)}
     200 {"queued": true}: the text waits for the sampler node ``id``, which encodes it with the CLIP on
         its ``clip`` input and switches to it at the next block to enter the cascade (or at ``block``
-        when that is later; see :mod:`cascade_core.steer`);
+        when that is later; see :mod:`cascade_core.sampling.steer`);
     400 {"error": one line}: not a JSON object, an empty text, a block that is no int >= 0 or beyond the
         video, or the running node has no CLIP connected;
     409 {"error": "node N is not running"}.
@@ -73,7 +73,7 @@ class Running:
             items.append((block, embeds))
 
     def on_switch(self, ev) -> None:
-        """The engine's ``on_switch``: a :class:`cascade_core.steer.SwitchEvent` told through ``send``."""
+        """The engine's ``on_switch``: a :class:`cascade_core.sampling.steer.SwitchEvent` told through ``send``."""
         text = self.texts[ev.index]
         if ev.dropped:
             log.warning("Block Cascade: steered text %r dropped: %s", text, ev.dropped)

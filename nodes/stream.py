@@ -16,7 +16,7 @@ folder that its frames were written to as they came (:mod:`nodes.recording`). A 
 context (a start image, a video continued) sends that context's frames first, as block -1 from frame 0
 (``frames_total`` counts them; ``blocks`` and ``done.blocks`` count generated blocks only). State events are
 rate-limited (at most one per STATE_INTERVAL seconds, the last tick always); frames go once per block.
-Frames come from cascade_core.frames.FrameStream (in block order, decoded on the VAE's own CUDA
+Frames come from cascade_core.video.frames.FrameStream (in block order, decoded on the VAE's own CUDA
 stream when there is a VAE, the latent-RGB preview otherwise); the JPEG encoding and the frames
 events run on its writer thread, never on the sampler's loop. The same JPEG bytes go to the run's MJPEG
 feed (GET /block_cascade/stream/{node}.mjpeg, see :mod:`nodes.mjpeg`) while it runs (start to done).
@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cascade_core.frames import FrameStream, FramesEvent, video_frames
-from cascade_core.sampler import BlockEvent
+from cascade_core.sampling.loop import BlockEvent
+from cascade_core.video.frames import FramesEvent, FrameStream, video_frames
 
 from . import mjpeg
 
@@ -89,7 +89,7 @@ def resize_frames(frames: torch.Tensor, width: int, height: int) -> torch.Tensor
 
 def preview_decoder():
     """The no-VAE preview: ComfyUI's own Wan2.1 latent-to-RGB table (that of its sampler previews)."""
-    from cascade_core.frames import LatentRGBDecoder
+    from cascade_core.video.frames import LatentRGBDecoder
 
     try:
         from comfy.latent_formats import Wan21
@@ -108,7 +108,7 @@ class Reporter:
                  should_stop: Callable[[], bool] | None = None, settings: str = "", clean_pass: bool = True,
                  keep_frames: int | None = None, recording=None, steerable: bool = False):
         """``keep_frames``: the most (latest) frames :meth:`images` holds (None: all); ``recording``: a
-        :class:`cascade_core.frames.VideoWriter` that every block's frames are written to as they come
+        :class:`cascade_core.video.frames.VideoWriter` that every block's frames are written to as they come
         (closed by :meth:`done`); ``steerable``: a CLIP is connected (META's ``steerable``)."""
         self.node, self.run = str(node), uuid.uuid4().hex[:12]
         self.clean_pass = clean_pass  # a block's last stage is its clean pass (not with a KV recompute)

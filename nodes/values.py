@@ -1,7 +1,7 @@
 """The values that travel on the pack's own sockets, and the engine-model handles.
 
 A ``BLOCK_CASCADE_MODEL`` is an :class:`EngineModel`: it knows the model's configuration without
-touching a GPU, and hands out a :class:`cascade_core.model.WanModel` on a device for one run
+touching a GPU, and hands out a :class:`cascade_core.model.dit.WanModel` on a device for one run
 (:meth:`EngineModel.acquire`). Two kinds:
 
 - :class:`FileModel` (Load Causal Video Model): the weights live on the offload device and are
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cascade_core.fp8 import DROP_SUFFIXES, FP8_DTYPES, MARKER, SCALE_SUFFIXES, dequantize_state_dict
-from cascade_core.model import WanConfig, WanModel
-from cascade_core.families import DEFAULT_FAMILY, family_with
-from cascade_core.sampler import CascadeConfig
+from cascade_core.model.dit import WanConfig, WanModel
+from cascade_core.model.fp8 import DROP_SUFFIXES, FP8_DTYPES, MARKER, SCALE_SUFFIXES, dequantize_state_dict
+from cascade_core.sampling.families import DEFAULT_FAMILY, family_with
+from cascade_core.sampling.loop import CascadeConfig
 
 log = logging.getLogger("block_cascade")
 
@@ -252,7 +252,7 @@ def compute_weights(sd: dict[str, torch.Tensor], cast_dtype: torch.dtype | None
 
     Returns the state dict (the same tensors where nothing changes) and the dtype to cast to (None
     when the weights already share one usable dtype). fp8 and scaled weights are dequantised by the
-    engine's :func:`cascade_core.fp8.dequantize_state_dict` (the checkpoint loader's own), to
+    engine's :func:`cascade_core.model.fp8.dequantize_state_dict` (the checkpoint loader's own), to
     ComfyUI's ``manual_cast_dtype`` when it names one, else to the model's non-fp8 dtype.
     Raises ValueError for a scale that fits no weight.
     """

@@ -25,8 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cascade_core.attention import merge_attention  # noqa: E402
-from cascade_core.attention_libraries import LIBRARY_KERNELS  # noqa: E402
+from cascade_core.model.attention import merge_attention  # noqa: E402
+from cascade_core.model.attention_libraries import LIBRARY_KERNELS  # noqa: E402
 
 TOKENS_PER_FRAME, QUERY_FRAMES, HEAD_DIM = 1560, 3, 128
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cascade_core import vae  # noqa: E402
+from cascade_core.video import vae
 
 LATENTS = (1, 16, 21, 60, 104)  # 832x480
 

@@ -9,7 +9,7 @@ Writes
       so real umt5-xxl-shaped prompt embeddings fit;
   MODELS_DIR/prompt_embeds/block_cascade_tiny_{a,b}.safetensors
       two [16, 4096] prompt embeddings (what the Prompt Embeddings from File node reads);
-  MODELS_DIR/vae/block_cascade_tiny_vae.safetensors (needs cascade_core.vae)
+  MODELS_DIR/vae/block_cascade_tiny_vae.safetensors (needs cascade_core.video.vae)
       a complete Wan2.1 VAE (encoder and decoder, Wan2.1's temporal layout, the key names of the
       released Wan2.1_VAE.pth / ComfyUI's wan_2.1_vae.safetensors), random:
       --vae tiny: base width 8 (for cascade_core's decoder; ComfyUI's own VAELoader only builds the
@@ -31,8 +31,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from cascade_core.model import WanConfig, WanModel  # noqa: E402
-from cascade_core.safe_io import save_safetensors  # noqa: E402
+from cascade_core.model.dit import WanConfig, WanModel  # noqa: E402
+from cascade_core.weights.safe_io import save_safetensors  # noqa: E402
 
 TINY_DIT = WanConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=4096)
 DIT_NAME = "block_cascade_tiny_dit.safetensors"
@@ -98,10 +98,10 @@ def vae_encoder_shapes(dim: int, z_dim: int = 16) -> dict[str, tuple[int, ...]]:
 
 
 def vae_state_dict(width: str = "tiny", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random complete Wan2.1 VAE state dict (canonical names): the decoder of cascade_core.vae with
+    """A random complete Wan2.1 VAE state dict (canonical names): the decoder of cascade_core.video.vae with
     torch's default initialisation, and the encoder of :func:`vae_encoder_shapes` (weights
     ~ N(0, 1/fan_in), biases 0, norm gains 1). Base width 8 ("tiny", fp32) or 96 ("full", fp16)."""
-    from cascade_core.vae import WanVAEDecoder
+    from cascade_core.video.vae import WanVAEDecoder
 
     dim = 96 if width == "full" else 8
     torch.manual_seed(seed)

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cascade_core.model import WanConfig, WanModel  # noqa: E402
+from cascade_core.model.dit import WanConfig, WanModel  # noqa: E402
 
 TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32)
 
@@ -70,7 +70,7 @@ def one_thread():
 def attention_backend_back_to_auto():
     """A run (a node, the CLI) sets the process's attention backend for what follows; every test starts
     and ends on torch's own dispatch, so no test depends on the order the suite runs in."""
-    from cascade_core import attention
+    from cascade_core.model import attention
 
     attention.set_backend("auto")
     yield

@@ -1,6 +1,6 @@
 """Documented sampler rules re-implemented for the test oracles, apart from the engine's own code.
 
-Each function follows a docstring of :mod:`cascade_core.sampler` or :mod:`cascade_core.schedule`
+Each function follows a docstring of :mod:`cascade_core.sampling.loop` or :mod:`cascade_core.sampling.schedule`
 (quoted below), so an oracle built on them catches a change of the engine that breaks its promise;
 :func:`mjpeg_parts` reads the MJPEG stream as :mod:`nodes.mjpeg` documents it.
 """

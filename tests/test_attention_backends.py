@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascade_core import attention, attention_libraries
-from cascade_core.attention_libraries import LIBRARY_KERNELS
+from cascade_core.model import attention, attention_libraries
+from cascade_core.model.attention_libraries import LIBRARY_KERNELS
 
 B, HEADS, LQ, LK, D = 2, 3, 5, 7, 16  # all different, so a swapped axis cannot go unseen
 

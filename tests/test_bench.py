@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from cascade_core import bench
+from cascade_core.cli import bench
 
 
 def rows(capsys, *args):

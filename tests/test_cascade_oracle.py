@@ -23,9 +23,9 @@ import math
 
 import pytest
 import torch
-
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 from oracles import noise_after_step, noise_levels, renoised, starting_noise, x0_from_velocity
+
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
 
 W, H = 64, 32  # latent 4 x 8 -> 2 x 4 = 8 tokens per frame
 FPB, BLOCKS, SEED = 2, 5, 13

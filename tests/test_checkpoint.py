@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascade_core.checkpoint import CheckpointInfo, load_dit
-from cascade_core.cli import main
-from cascade_core.dit_names import diffusers_name
-from cascade_core.model import WanConfig, WanModel
-from cascade_core.safe_io import CheckpointError, save_safetensors
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
+from cascade_core.cli.command import main
+from cascade_core.model.dit import WanConfig, WanModel
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
+from cascade_core.weights.checkpoint import CheckpointInfo, load_dit
+from cascade_core.weights.dit_names import diffusers_name
+from cascade_core.weights.safe_io import CheckpointError, save_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import tiny_models
 
-from cascade_core.cli import main
-from cascade_core.safe_io import read_tensor_file, save_safetensors
+from cascade_core.cli.command import main
+from cascade_core.weights.safe_io import read_tensor_file, save_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--width", "64", "--height", "32", "--blocks", "2", "--quiet", "--dtype", "fp32", "--device", "cpu"]
@@ -87,7 +87,7 @@ def test_bad_files_give_one_line_and_exit_2(tmp_path, capsys):
 def test_vae_streams_frames_into_an_mp4_and_pngs(tmp_path):
     import av
 
-    from cascade_core.taew import TinyWanDecoder
+    from cascade_core.video.taew import TinyWanDecoder
 
     for name, weights in (("wan", tiny_models().vae_state_dict("tiny")),
                           ("taew", TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict())):
@@ -158,7 +158,8 @@ def test_krea_read_off_the_path_runs_with_its_kv_recompute_and_needs_the_vae_fro
     vae = tmp_path / "vae.safetensors"
     save_safetensors(tiny_models().vae_state_dict("tiny"), str(vae))
     video = tmp_path / "krea.mp4"
-    from cascade_core import reencode, safe_io
+    from cascade_core.video import reencode
+    from cascade_core.weights import safe_io
 
     reads, read = [], safe_io.read_weights
     counted = lambda p, *a, **k: reads.append(p) or read(p, *a, **k)  # noqa: E731
@@ -270,10 +271,10 @@ def test_rolling_forcing_from_the_cli_runs_its_joint_window(capsys):
 def direct_run(prefix, seed=0, blocks=2, **settings):
     """The oracle of a CLI run after a prefix: the CLI's built-in model, prompt and family settings
     through generate(prefix=...) here, the generated frames only."""
-    from cascade_core.cli import BUILTIN
-    from cascade_core.families import family_config
-    from cascade_core.model import WanModel
-    from cascade_core.sampler import PromptSchedule, generate
+    from cascade_core.cli.inputs import BUILTIN
+    from cascade_core.model.dit import WanModel
+    from cascade_core.sampling.families import family_config
+    from cascade_core.sampling.loop import PromptSchedule, generate
 
     model = WanModel.random(BUILTIN, seed=0)
     embeds = torch.randn(16, BUILTIN.text_dim, generator=torch.Generator().manual_seed(seed))

@@ -3,16 +3,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 import tempfile
+import time
 
 import pytest
 import torch
 
-from cascade_core import cli_run
-from cascade_core.attention_libraries import LIBRARY_KERNELS
-from cascade_core.cli import main
-from cascade_core.safe_io import read_tensor_file
+from cascade_core.cli import run as cli_run
+from cascade_core.cli.command import main
+from cascade_core.model.attention_libraries import LIBRARY_KERNELS
+from cascade_core.weights.safe_io import read_tensor_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--width", "64", "--height", "32", "--blocks", "2", "--quiet", "--dtype", "fp32", "--device", "cpu"]
@@ -100,7 +100,7 @@ def test_largest_seed_runs(tmp_path, capsys):
 
 def test_a_run_that_cannot_fit_is_refused_first(monkeypatch, capsys, no_model_work):
     # the device's available memory is what the check compares with: 1 MiB holds no run
-    monkeypatch.setattr("cascade_core.cli_checks.available_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr("cascade_core.cli.checks.available_bytes", lambda device: 1 << 20)
     assert main(["generate", *SMALL]) == 2
     one_line(capsys, "needs about")
     # the real available memory of the CPU: no machine holds a 65536 x 65536 video's KV cache (>1 TB)
@@ -111,7 +111,7 @@ def test_a_run_that_cannot_fit_is_refused_first(monkeypatch, capsys, no_model_wo
 
 
 def test_a_run_that_fits_is_not_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr("cascade_core.cli_checks.available_bytes", lambda device: 1 << 40)
+    monkeypatch.setattr("cascade_core.cli.checks.available_bytes", lambda device: 1 << 40)
     assert main(["generate", *SMALL, "--latents-out", str(tmp_path / "a.safetensors")]) == 0
 
 
@@ -127,8 +127,8 @@ def test_a_video_past_the_trained_length_warns_once(capsys):
 
 
 def test_frames_dir_alone_writes_pngs_and_no_mp4(tmp_path, monkeypatch, capsys):
-    from cascade_core.vae import WanVAEDecoder
-    from cascade_core.safe_io import save_safetensors
+    from cascade_core.video.vae import WanVAEDecoder
+    from cascade_core.weights.safe_io import save_safetensors
 
     vae = tmp_path / "vae.safetensors"
     save_safetensors(WanVAEDecoder(dim=8).state_dict(), str(vae))
@@ -200,7 +200,7 @@ def test_an_output_that_is_no_regular_file_is_refused(tmp_path, capsys, no_model
 
 
 def test_non_finite_noise_is_refused_in_one_line(tmp_path, capsys):
-    from cascade_core.safe_io import save_safetensors
+    from cascade_core.weights.safe_io import save_safetensors
 
     noise = torch.randn(1, 16, 6, 4, 8)
     noise[0, 3, 2, 1, 1] = float("nan")
@@ -213,7 +213,7 @@ def test_non_finite_noise_is_refused_in_one_line(tmp_path, capsys):
 def test_bad_start_images_and_continuations_give_one_line_before_the_model(tmp_path, capsys, no_model_work):
     from conftest import tiny_models
 
-    from cascade_core.safe_io import save_safetensors
+    from cascade_core.weights.safe_io import save_safetensors
 
     vae = tmp_path / "vae.safetensors"
     save_safetensors(tiny_models().vae_state_dict("tiny"), str(vae))
@@ -262,8 +262,8 @@ def test_bad_start_images_and_continuations_give_one_line_before_the_model(tmp_p
 
 def test_the_memory_check_counts_the_context_prefix(tmp_path, monkeypatch, capsys, no_model_work):
     """The frames of a continued video's context are in the estimate the memory check compares."""
-    from cascade_core import cli_checks
-    from cascade_core.safe_io import save_safetensors
+    from cascade_core.cli import checks as cli_checks
+    from cascade_core.weights.safe_io import save_safetensors
 
     given = tmp_path / "given.safetensors"
     save_safetensors({"latents": torch.zeros(1, 16, 5, 4, 8)}, str(given))
@@ -278,7 +278,7 @@ def test_the_memory_check_counts_the_context_prefix(tmp_path, monkeypatch, capsy
 
 
 def test_the_trained_length_warning_counts_the_context(tmp_path, capsys):
-    from cascade_core.safe_io import save_safetensors
+    from cascade_core.weights.safe_io import save_safetensors
 
     given = tmp_path / "given.safetensors"
     save_safetensors({"latents": torch.zeros(1, 16, 18, 4, 8)}, str(given))

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cascade_core.cli import build_parser, main
-from cascade_core.safe_io import read_tensor_file, save_safetensors
+from cascade_core.cli.command import main
+from cascade_core.cli.parser import build_parser
+from cascade_core.weights.safe_io import read_tensor_file, save_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--width", "64", "--height", "32", "--quiet", "--dtype", "fp32"]
@@ -42,7 +43,7 @@ def test_decode_turns_latents_into_the_frames_of_a_direct_decode(tmp_path, capsy
     import av
     from PIL import Image
 
-    from cascade_core.vae import WanVAEDecoder
+    from cascade_core.video.vae import WanVAEDecoder
 
     decoder = WanVAEDecoder(dim=8)
     vae = tmp_path / "vae.safetensors"
@@ -127,7 +128,7 @@ def _ctrl_c_once_pngs_are_written(cmd, pngs, count: int):
 def test_ctrl_c_stops_with_one_line_a_playable_mp4_and_no_processes_left(tmp_path, devices):
     import av
 
-    from cascade_core.taew import TinyWanDecoder
+    from cascade_core.video.taew import TinyWanDecoder
 
     vae = tmp_path / "taew.safetensors"
     save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(), str(vae))
@@ -161,7 +162,7 @@ def test_ctrl_c_stops_with_one_line_a_playable_mp4_and_no_processes_left(tmp_pat
 
 def test_ctrl_c_ends_an_endless_generate_normally_with_a_finalised_mp4(tmp_path):
     """A real SIGINT to a real process: exit 0, the summary line, the MP4 holding every final block."""
-    from cascade_core.taew import TinyWanDecoder
+    from cascade_core.video.taew import TinyWanDecoder
 
     vae = tmp_path / "taew.safetensors"
     save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(), str(vae))
@@ -186,7 +187,7 @@ def test_package_exposes_the_main_entry_points_lazily():
 
 def _slow_writer(monkeypatch):
     """Every block's frames are written 0.2 s late, on the FrameStream's writer thread."""
-    from cascade_core.frames import VideoWriter
+    from cascade_core.video.frames import VideoWriter
 
     write = VideoWriter.write
 
@@ -199,7 +200,7 @@ def _slow_writer(monkeypatch):
 
 def _stop_after(monkeypatch, calls: int) -> None:
     """Ctrl-C as the run sees it: the stop request turns true at its ``calls``-th question."""
-    from cascade_core import cli_run
+    from cascade_core.cli import run as cli_run
 
     asked = []
     monkeypatch.setattr(cli_run.StopRequest, "__call__", lambda self: asked.append(1) or len(asked) >= calls)
@@ -215,7 +216,7 @@ def _mp4_frames(path) -> int:
 def test_a_stopped_generate_writes_every_decoded_frame_though_the_writer_lags(tmp_path, capsys, monkeypatch):
     import threading
 
-    from cascade_core.taew import TinyWanDecoder
+    from cascade_core.video.taew import TinyWanDecoder
 
     vae = tmp_path / "taew.safetensors"
     save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(), str(vae))
@@ -237,7 +238,7 @@ def test_a_stopped_generate_writes_every_decoded_frame_though_the_writer_lags(tm
 def test_a_stopped_decode_tells_the_frames_it_wrote(tmp_path, capsys, monkeypatch):
     import threading
 
-    from cascade_core.vae import WanVAEDecoder
+    from cascade_core.video.vae import WanVAEDecoder
 
     vae = tmp_path / "vae.safetensors"
     save_safetensors(WanVAEDecoder(dim=8).state_dict(), str(vae))
@@ -258,7 +259,7 @@ def test_a_stop_while_a_long_given_video_is_decoded_is_heard_and_keeps_everythin
     """Ctrl-C before the first block: the given video is decoded a block's worth at a time and the
     stop is asked between, so it ends at once with the frames decoded so far; no block was made, so
     no latents file is written (the given one holds them)."""
-    from cascade_core.taew import TinyWanDecoder
+    from cascade_core.video.taew import TinyWanDecoder
 
     vae = tmp_path / "taew.safetensors"
     save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(), str(vae))
@@ -277,7 +278,7 @@ def test_a_stop_while_a_long_given_video_is_decoded_is_heard_and_keeps_everythin
 def test_a_second_ctrl_c_stops_at_once_and_says_so(capsys, monkeypatch):
     """The first Ctrl-C asks the run to stop at its next tick; a second stops it at once, and the
     message says that (not that the run had not started)."""
-    from cascade_core import cli_run
+    from cascade_core.cli import run as cli_run
 
     with cli_run.StopRequest() as stop:
         stop._handle(signal.SIGINT, None)
@@ -299,7 +300,7 @@ def test_an_mp4_cut_off_while_it_is_written_plays_up_to_its_last_fragment(tmp_pa
     exactly; the closed file decodes every frame."""
     import shutil
 
-    from cascade_core.frames import FramesEvent, VideoWriter
+    from cascade_core.video.frames import FramesEvent, VideoWriter
 
     g = torch.Generator().manual_seed(0)
     frames = torch.rand(1, 3, 120, 32, 64, generator=g) * 2 - 1  # [1, 3, F, H, W] in [-1, 1]
@@ -323,7 +324,7 @@ def test_an_mp4_cut_off_while_it_is_written_plays_up_to_its_last_fragment(tmp_pa
 
 
 def test_an_endless_generate_ends_at_ctrl_c_with_its_video_and_last_window(tmp_path, capsys, monkeypatch):
-    from cascade_core.taew import TinyWanDecoder
+    from cascade_core.video.taew import TinyWanDecoder
 
     vae = tmp_path / "taew.safetensors"
     save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(), str(vae))

@@ -1,4 +1,4 @@
-"""cascade_core.client against a tiny fake ComfyUI (loopback only): /prompt, /ws, /history, /view.
+"""cascade_core.client.headless against a tiny fake ComfyUI (loopback only): /prompt, /ws, /history, /view.
 
 The fake speaks just enough of ComfyUI's protocol: a websocket handshake at /ws?clientId=..., JSON
 text messages {"type", "data"} (plus one binary preview frame the client must skip), HTTP 400 with
@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("websocket")  # websocket-client, the client's one dependency
 
-from cascade_core import client  # noqa: E402
+from cascade_core.client import headless as client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -273,7 +273,7 @@ def test_rejected_prompt_exits_2_with_the_servers_message(fake, workflow):
                                      "details": "steps", "extra_info": {}}],
                          "dependent_outputs": ["9"], "class_type": "BlockCascadeSampler"}}
     fake.on_prompt = lambda body: (400, {"error": error, "node_errors": node_errors}, [])
-    r = subprocess.run([sys.executable, "-m", "cascade_core.client", workflow, "--server", fake.address,
+    r = subprocess.run([sys.executable, "-m", "cascade_core.client.headless", workflow, "--server", fake.address,
                         "--set", "3.steps=0", "--timeout", "20"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "Prompt outputs failed validation" in r.stderr
@@ -490,7 +490,7 @@ def test_steer_needs_one_sampler_and_says_so_in_one_line(tmp_path, capsys, extra
 
 
 def test_steer_lines_and_sampler_choice():
-    from cascade_core import client_steer
+    from cascade_core.client import steer as client_steer
 
     assert client_steer.parse_line("now:a cat, 4k\n") == (None, "a cat, 4k")
     assert client_steer.parse_line("NOW : a cat") == (None, "a cat")

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from test_comfy_host import COMFYUI_DIR, EMBEDS, started_host, workflow
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the real host")

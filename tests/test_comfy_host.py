@@ -37,7 +37,6 @@ import urllib.request
 import uuid
 
 import pytest
-
 from oracles import mjpeg_parts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -574,7 +573,7 @@ pack = importlib.util.module_from_spec(spec)
 sys.modules["custom_nodes_pack"] = pack
 spec.loader.exec_module(pack)
 from custom_nodes_pack.nodes.values import CoreModel
-from cascade_core.model import WanConfig, WanModel
+from cascade_core.model.dit import WanConfig, WanModel
 
 class Holder(torch.nn.Module):
     def __init__(self, m):

@@ -1,9 +1,9 @@
-"""What the frontends put before the first generated block (cascade_core.context)."""
+"""What the frontends put before the first generated block (cascade_core.sampling.context)."""
 import pytest
 import torch
 
-from cascade_core.config import CascadeConfig
-from cascade_core.context import CONTINUATION, START_IMAGE, context_frames_for, context_of, prefix_config
+from cascade_core.sampling.config import CascadeConfig
+from cascade_core.sampling.context import CONTINUATION, START_IMAGE, context_frames_for, context_of, prefix_config
 
 
 def test_a_start_image_is_the_independent_first_frame_and_keeps_block_0_steps():

@@ -3,10 +3,10 @@ frames out of a run without synchronising its loop."""
 import pytest
 import torch
 
-from cascade_core import attention
-from cascade_core.attention_libraries import LIBRARY_KERNELS
-from cascade_core.model import WanConfig, WanModel
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
+from cascade_core.model import attention
+from cascade_core.model.attention_libraries import LIBRARY_KERNELS
+from cascade_core.model.dit import WanConfig, WanModel
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SMALL = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=3, text_dim=64)
@@ -81,7 +81,7 @@ def test_flashblock_exact_equals_off_on_the_gpu():
 
 
 def test_fp8_scaled_mm_matches_the_reference_product():
-    from cascade_core.fp8 import Fp8Linear, has_fp8_matmul, quantize_rows
+    from cascade_core.model.fp8 import Fp8Linear, has_fp8_matmul, quantize_rows
     if not has_fp8_matmul(torch.device("cuda")):
         pytest.skip("no fp8 matrix units")
     lin = torch.nn.Linear(1536, 8960, device="cuda", dtype=torch.bfloat16)
@@ -183,7 +183,7 @@ def test_recache_switches_recompile_nothing_with_inductor():
 
 
 def _tiny_vae_on_cuda():
-    from cascade_core.vae import WanVAEDecoder
+    from cascade_core.video.vae import WanVAEDecoder
 
     torch.manual_seed(0)
     return WanVAEDecoder.from_state_dict(WanVAEDecoder(dim=8).state_dict(), dtype=torch.float16, device="cuda")
@@ -197,7 +197,7 @@ def test_frames_leave_the_gpu_without_stalling_the_tick_loop():
     first calls included, raises nothing; the frames are those of a plain decode of its latents."""
     import threading
 
-    from cascade_core.frames import FrameStream
+    from cascade_core.video.frames import FrameStream
 
     model = WanModel.random(SMALL, seed=0, device="cuda", dtype=torch.bfloat16)
     decoder = _tiny_vae_on_cuda()
@@ -298,7 +298,7 @@ def test_two_gpu_faults_behave_as_on_the_cpu(fault, message, monkeypatch):
     import signal
 
     from cascade_core.distributed import TEST_FAULT_ENV, WorkerError, WorkerPool
-    from cascade_core.sampler import Interrupted
+    from cascade_core.sampling.loop import Interrupted
 
     model = WanModel.random(SMALL, seed=0, device="cuda", dtype=torch.bfloat16)
     embeds = torch.randn(20, 64)
@@ -337,8 +337,8 @@ def test_krea_compiled_with_its_reencoder_on_the_gpu_equals_eager_with_it_on_the
     seed on one device draws the same noise)."""
     from conftest import tiny_models
 
-    from cascade_core.families import family_config
-    from cascade_core.reencode import ContextReencoder
+    from cascade_core.sampling.families import family_config
+    from cascade_core.video.reencode import ContextReencoder
 
     sd = tiny_models().vae_state_dict("tiny")
     embeds = torch.randn(20, 64, generator=torch.Generator().manual_seed(2))

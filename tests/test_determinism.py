@@ -17,8 +17,8 @@ sys.path[:0] = [{ROOT!r}, {TESTS!r}]
 import torch
 from safetensors.torch import save_file
 from conftest import TINY
-from cascade_core.model import WanModel
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
+from cascade_core.model.dit import WanModel
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
 
 torch.set_num_threads(1)
 model = WanModel.random(TINY, seed=0)

@@ -19,14 +19,14 @@ import time
 
 import pytest
 import torch
+from conftest import TINY
 
 from cascade_core import distributed
-from cascade_core.cli import main
+from cascade_core.cli.command import main
 from cascade_core.distributed import TEST_FAULT_ENV, WorkerError, WorkerPool, parse_devices
-from cascade_core.model import WanConfig, WanModel
-from conftest import TINY
-from cascade_core.safe_io import read_tensor_file
-from cascade_core.sampler import CascadeConfig, Interrupted, PromptSchedule, generate
+from cascade_core.model.dit import WanConfig, WanModel
+from cascade_core.sampling.loop import CascadeConfig, Interrupted, PromptSchedule, generate
+from cascade_core.weights.safe_io import read_tensor_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -250,7 +250,7 @@ def test_new_weights_may_use_the_memory_of_the_weights_they_replace(prompt, pool
     """A pool that holds weights W and reports u usable bytes per GPU takes new weights of the same
     size when u + W covers them and the run (the workers drop W first); it refuses them when even
     u + W does not. (What the workers' caching allocators keep unused is in u already.)"""
-    from cascade_core.memory import estimate_run_bytes
+    from cascade_core.sampling.memory import estimate_run_bytes
 
     cfg = CascadeConfig(frames_per_block=2)
     first, second = WanModel.random(TINY, seed=11), WanModel.random(TINY, seed=12)
@@ -274,7 +274,7 @@ def test_new_weights_may_use_the_memory_of_the_weights_they_replace(prompt, pool
 def test_each_rank_is_held_to_the_engines_one_memory_estimate(model, prompt, pool2):
     """The pool refuses a run exactly when a rank has less room than memory.estimate_run_bytes says
     one of its ranks needs (the nodes' and the command line's estimate, per-rank share)."""
-    from cascade_core.memory import estimate_run_bytes
+    from cascade_core.sampling.memory import estimate_run_bytes
 
     cfg = CascadeConfig(frames_per_block=2, parallel=2)
     pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=2, **RUN)  # weights uploaded
@@ -395,8 +395,8 @@ def test_workers_exit_with_their_host_and_import_the_pack_by_its_stable_name(tmp
         spec.loader.exec_module(pack)
         sys.path.remove({ROOT!r})  # the pack's __init__ put it there; a host may not have it
         import custom_nodes_x1.cascade_core.distributed as d
-        from custom_nodes_x1.cascade_core.model import WanConfig, WanModel
-        from custom_nodes_x1.cascade_core.sampler import CascadeConfig, PromptSchedule, generate
+        from custom_nodes_x1.cascade_core.model.dit import WanConfig, WanModel
+        from custom_nodes_x1.cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
         assert "cascade_core" not in sys.modules
         m = WanModel.random(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32))
         p = PromptSchedule.single(torch.ones(3, 32))
@@ -479,8 +479,8 @@ def test_a_run_rank_0_refuses_ends_every_rank_at_once(tmp_path):
         sys.path.insert(0, {ROOT!r})
         import torch.distributed as dist
         from cascade_core import distributed as d
-        from cascade_core.model import WanConfig, WanModel
-        from cascade_core.sampler import CascadeConfig, PromptSchedule
+        from cascade_core.model.dit import WanConfig, WanModel
+        from cascade_core.sampling.loop import CascadeConfig, PromptSchedule
         d.init_from_env(timeout=120)
         start = time.monotonic()
         model = WanModel.random(WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32))

@@ -6,12 +6,12 @@ import itertools
 
 import pytest
 import torch
-
-from cascade_core.latent_window import LatentWindow
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
-from cascade_core.schedule import CascadeSchedule
 from conftest import TINY, counted
 from oracles import endless_block_noise
+
+from cascade_core.sampling.latent_window import LatentWindow
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
+from cascade_core.sampling.schedule import CascadeSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 W, H, SEED = 64, 32, 5
@@ -105,7 +105,7 @@ def test_an_endless_krea_run_reencodes_from_a_bounded_window(model, prompt):
     first call decodes from frame 0, which the latent window must still hold."""
     from conftest import tiny_models
 
-    from cascade_core.reencode import ContextReencoder
+    from cascade_core.video.reencode import ContextReencoder
 
     vae_sd = tiny_models().vae_state_dict("tiny")
     cfg = CascadeConfig(steps=(1000, 500, 0), kv_recompute=4, frames_per_block=3)
@@ -187,7 +187,7 @@ def test_the_latent_window_keeps_the_last_frames_in_order():
 def test_endless_runs_of_the_windowed_families_equal_a_longer_run(model, prompt, family, window):
     """Rolling Forcing's rolling window (P6, bidirectional) and Reward Forcing's EMA sink with slot RoPE
     positions, frame-wise with a small window so that 12 blocks evict many times."""
-    from cascade_core.families import family_config
+    from cascade_core.sampling.families import family_config
 
     cfg = family_config(family, frames_per_block=1, window=window, sink=1)
     k, longer = 12, 12 + 2 * cfg.parallel + 2

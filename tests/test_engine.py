@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from cascade_core.kv_pool import KVPool, PoolLayout
-from cascade_core.model import WanConfig, WanModel
 from conftest import TINY, counted
 from oracles import noise_after_step, noise_levels, renoised, starting_noise, x0_from_velocity
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate, step_noise
-from cascade_core.schedule import CascadeSchedule, FlowSchedule
+
+from cascade_core.model.dit import WanConfig, WanModel
+from cascade_core.model.kv_pool import KVPool, PoolLayout
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate, step_noise
+from cascade_core.sampling.schedule import CascadeSchedule, FlowSchedule
 
 W, H = 64, 32  # pixels -> latent 4 x 8 -> 2 x 4 = 8 tokens per frame
 

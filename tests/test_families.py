@@ -27,11 +27,18 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import (
+    noise_after_step,
+    noise_levels,
+    raw_noise_levels,
+    renoised,
+    rotate_frames,
+    starting_noise,
+    x0_from_velocity,
+)
 
-from cascade_core.families import FAMILIES, family_config, guess_family
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
-from oracles import (noise_after_step, noise_levels, raw_noise_levels, renoised, rotate_frames, starting_noise,
-                     x0_from_velocity)
+from cascade_core.sampling.families import family_config, guess_family
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
 
 W, H, SEED = 64, 32, 21  # latent 4 x 8 -> 8 tokens per frame
 # float rounding, through every block, of a log-sum-exp merge against one softmax and of keys the pool

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from cascade_core import attention
-from cascade_core.kv_pool import KVPool, PoolLayout
-from cascade_core.pool_attention import FULL, REUSE, STORE
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
+from cascade_core.model import attention
+from cascade_core.model.kv_pool import KVPool, PoolLayout
+from cascade_core.model.pool_attention import FULL, REUSE, STORE
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
 
 
 @pytest.mark.parametrize("backend", ["auto", "math"])

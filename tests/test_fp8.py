@@ -2,9 +2,9 @@
 import torch
 from torch import nn
 
-from cascade_core.fp8 import FP8, Fp8Linear, quantize_layers, quantize_rows
-from cascade_core.model import WanConfig, WanModel
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
+from cascade_core.model.dit import WanConfig, WanModel
+from cascade_core.model.fp8 import FP8, Fp8Linear, quantize_layers, quantize_rows
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
 
 
 def test_row_quantization_error_is_within_e4m3_precision():

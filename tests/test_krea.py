@@ -22,12 +22,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_models
-
-from cascade_core.families import family_config
-from cascade_core.latents import LATENT_MEAN, LATENT_STD
-from cascade_core.reencode import ContextReencoder
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 from oracles import noise_after_step, renoised, starting_noise, x0_from_velocity
+
+from cascade_core.sampling.families import family_config
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
+from cascade_core.video.latents import LATENT_MEAN, LATENT_STD
+from cascade_core.video.reencode import ContextReencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 W, H, SEED = 64, 32, 13  # latent 4 x 8: 8 tokens per frame

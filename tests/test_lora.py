@@ -10,12 +10,12 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-
-from cascade_core.checkpoint import load_dit
-from cascade_core.cli import main
-from cascade_core.dit_names import diffusers_name
-from cascade_core.safe_io import CheckpointError, read_tensor_file, save_safetensors
 from test_checkpoint import SMALL, assert_same_weights, latents, ref  # noqa: F401  (ref: a fixture)
+
+from cascade_core.cli.command import main
+from cascade_core.weights.checkpoint import load_dit
+from cascade_core.weights.dit_names import diffusers_name
+from cascade_core.weights.safe_io import CheckpointError, read_tensor_file, save_safetensors
 
 RANK = 4
 TARGETS = ["blocks.0.self_attn.q", "blocks.1.cross_attn.o", "blocks.0.ffn.0", "blocks.1.ffn.2"]

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tempfile
-
 import types
 
 import pytest
@@ -32,12 +31,12 @@ import comfy.utils  # noqa: E402
 import execution  # noqa: E402  (the stand-in's queue-time validation)
 import folder_paths  # noqa: E402
 import server  # noqa: E402
-from custom_node_loader import load_pack  # noqa: E402
 from conftest import TINY, tiny_models  # noqa: E402
+from custom_node_loader import load_pack  # noqa: E402
 
-from cascade_core.frames import LatentRGBDecoder  # noqa: E402
-from cascade_core.model import WanModel  # noqa: E402
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate  # noqa: E402
+from cascade_core.model.dit import WanModel  # noqa: E402
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate  # noqa: E402
+from cascade_core.video.frames import LatentRGBDecoder  # noqa: E402
 
 PACK, NODES = load_pack(ROOT)
 PKG = PACK.__name__
@@ -158,7 +157,7 @@ def test_root_module_imports_nothing_heavy_and_exposes_the_engine_by_name():
 
 # ---- end to end ------------------------------------------------------------------------------------
 def test_sampler_end_to_end_events_progress_and_outputs(model, prompts):
-    from cascade_core.latents import normalized_to_raw
+    from cascade_core.video.latents import normalized_to_raw
 
     settings = config()
     with Recorder() as rec:
@@ -209,7 +208,7 @@ def test_prompt_schedule_switches_prompts_at_blocks(model, prompts):
     e0, e1 = prompts[0][0][0][0], prompts[1][0][0][0]
     ref = generate(model.model, PromptSchedule([(0, e0), (2, e1)]), settings.cascade, blocks=BLOCKS, width=W,
                    height=H, seed=1)
-    from cascade_core.latents import normalized_to_raw
+    from cascade_core.video.latents import normalized_to_raw
     assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
     # order of chaining does not matter; a second prompt at one block is refused
     (t1,) = run("BlockCascadePromptSchedule", conditioning=prompts[1], start_block=2)
@@ -220,7 +219,7 @@ def test_prompt_schedule_switches_prompts_at_blocks(model, prompts):
 
 
 def test_sampler_with_a_core_vae_streams_decoded_frames(model, prompts):
-    from cascade_core.vae import WanVAEDecoder
+    from cascade_core.video.vae import WanVAEDecoder
 
     sd = {k: v for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(WRITTEN["vae"]).items()}
 
@@ -233,7 +232,7 @@ def test_sampler_with_a_core_vae_streams_decoded_frames(model, prompts):
     with Recorder() as rec:
         latent, images = run("BlockCascadeSampler", model=model, config=config(), width=W, height=H,
                              blocks=BLOCKS, seed=2, vae=CoreVAE(), positive=prompts[0])
-    from cascade_core.latents import raw_to_normalized
+    from cascade_core.video.latents import raw_to_normalized
     z = raw_to_normalized(latent["samples"])
     stream = WanVAEDecoder.from_state_dict(sd, dtype=torch.float32, device="cpu").stream()
     ref = torch.cat([stream.decode(z[:, :, 3 * b:3 * b + 3]) for b in range(BLOCKS)], 2)
@@ -375,7 +374,7 @@ def test_comfy_progress_hook_raising_on_interrupt_also_ends_the_run_cleanly(mode
 def test_cancel_while_a_block_is_being_decoded_stops_after_one_latent_frame(model, prompts, monkeypatch):
     from safetensors.torch import load_file
 
-    from cascade_core.vae import WanVAEDecoder
+    from cascade_core.video.vae import WanVAEDecoder
 
     sd = load_file(WRITTEN["vae"])
 
@@ -512,7 +511,7 @@ def test_bad_sampler_inputs_are_refused_before_the_engine_runs(model, no_engine,
 ])
 def test_an_attention_backend_the_device_lacks_is_refused_before_the_engine_runs(model, no_engine, monkeypatch,
                                                                                   backend, message):
-    from cascade_core.attention_libraries import LIBRARY_KERNELS
+    from cascade_core.model.attention_libraries import LIBRARY_KERNELS
 
     monkeypatch.setattr(LIBRARY_KERNELS["flash4"], "loaded", False)  # flash-attn-4 not installed
     settings = values_mod.Settings(cascade=CascadeConfig(), attention_backend=backend)
@@ -701,7 +700,7 @@ def test_state_events_are_rate_limited_but_the_last_tick_always_goes(monkeypatch
 def test_frames_are_encoded_and_sent_off_the_loop_thread_in_order_before_done():
     import threading
 
-    from cascade_core.sampler import BlockEvent
+    from cascade_core.sampling.loop import BlockEvent
 
     g = torch.Generator().manual_seed(4)
     factors = torch.randn(16, 3, generator=g) * 0.02
@@ -759,7 +758,7 @@ def test_window_sink_and_flashblock_settings_reach_the_engine(model, prompts):
         latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=4, seed=9,
                         positive=prompts[0])
     ref = generate(model.model, PromptSchedule.single(prompts[0][0][0][0]), c, blocks=4, width=W, height=H, seed=9)
-    from cascade_core.latents import normalized_to_raw
+    from cascade_core.video.latents import normalized_to_raw
     assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
     assert len(rec.events("frames")) == 4
 
@@ -774,8 +773,8 @@ def test_fp8_weights_read_the_same_from_a_file_and_from_a_core_model(fp8, naming
     """A scaled or unscaled e4m3 / e5m2 model (per-tensor or per-row scales, either scale name, with
     ComfyUI's activation scales) gives identical bf16 weights through the checkpoint loader and
     through the Causal Model from MODEL path, both equal to weight.float() * scale cast to bf16."""
-    from cascade_core.checkpoint import load_dit
-    from cascade_core.safe_io import save_safetensors
+    from cascade_core.weights.checkpoint import load_dit
+    from cascade_core.weights.safe_io import save_safetensors
 
     g = torch.Generator().manual_seed(7)
     stored, expected = {}, {}
@@ -811,7 +810,7 @@ def test_fp8_weights_read_the_same_from_a_file_and_from_a_core_model(fp8, naming
 def test_the_node_and_the_command_line_parse_device_lists_alike(spec, message, monkeypatch, capsys):
     """One parser: the config node and --devices refuse a bad list with the same words; the node
     adds ComfyUI's free memory (the command line, the device's own)."""
-    from cascade_core.cli import main as cli_main
+    from cascade_core.cli.command import main as cli_main
 
     GIB = 1024 ** 3
     monkeypatch.setattr(devices_mod, "cuda_count", lambda: 2)

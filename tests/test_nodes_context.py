@@ -16,13 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_nodes import WRITTEN, Recorder, config, model, no_engine, prompts, queue_errors, run, values_mod  # noqa: F401
 
-from cascade_core.frames import video_frames
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
-from cascade_core.latents import normalized_to_raw, raw_to_normalized
-from cascade_core.vae import WanVAEDecoder
-from test_nodes import (WRITTEN, Recorder, config, model, no_engine, prompts, queue_errors,  # noqa: F401
-                        run, values_mod)
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
+from cascade_core.video.frames import video_frames
+from cascade_core.video.latents import normalized_to_raw, raw_to_normalized
+from cascade_core.video.vae import WanVAEDecoder
 
 W, H = 64, 32
 VAE_SD = load_file(WRITTEN["vae"])

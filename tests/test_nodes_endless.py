@@ -7,14 +7,22 @@ from __future__ import annotations
 import os
 
 import av
-import pytest
-
-from cascade_core.frames import video_frames
-from test_nodes import (NODES, W, H, Recorder, config, fast_state_events, model, prompts,  # noqa: F401
-                        stream_mod)  # (the stand-in comfy modules first; fast_state_events clears Cancel per test)
-
 import comfy.model_management as mm  # noqa: E402
 import folder_paths  # noqa: E402
+import pytest
+from test_nodes import (  # noqa: F401
+    NODES,
+    H,
+    Recorder,
+    W,
+    config,
+    fast_state_events,
+    model,
+    prompts,
+    stream_mod,  # (the stand-in comfy modules first; fast_state_events clears Cancel per test)
+)
+
+from cascade_core.video.frames import video_frames
 
 WINDOW = 6  # latent frames
 
@@ -138,8 +146,8 @@ def test_the_reporter_holds_only_the_latest_frames_it_is_asked_to_keep():
     in order (a run of known length keeps all of them)."""
     import torch
 
-    from cascade_core.frames import LatentRGBDecoder
-    from cascade_core.sampler import BlockEvent
+    from cascade_core.sampling.loop import BlockEvent
+    from cascade_core.video.frames import LatentRGBDecoder
 
     z = torch.randn(1, 16, 15, 2, 4, generator=torch.Generator().manual_seed(4))
     held = {}

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
-
-from cascade_core.families import FAMILIES, family_config
-from cascade_core.sampler import PromptSchedule, generate
-from cascade_core.latents import normalized_to_raw
 from test_nodes import MODELS, NODES, Recorder, run, tiny
+
+from cascade_core.sampling.families import FAMILIES, family_config
+from cascade_core.sampling.loop import PromptSchedule, generate
+from cascade_core.video.latents import normalized_to_raw
 
 W, H = 64, 32
 SETTINGS = ("family", "frames_per_block", "independent_first_frame", "steps", "first_block_steps", "warp", "shift",
@@ -141,10 +141,10 @@ def test_one_switch_mode_a_schedule_and_an_unlimited_window_without_the_familys_
 
 def test_krea_read_off_the_file_name_runs_as_the_engine_with_the_graphs_vae_reencoding(prompt):
     from safetensors.torch import load_file
-
-    from cascade_core.reencode import ContextReencoder
-    from cascade_core.vae_encode import load_encoder
     from test_nodes import WRITTEN
+
+    from cascade_core.video.reencode import ContextReencoder
+    from cascade_core.video.vae_encode import load_encoder
 
     sd = load_file(WRITTEN["vae"])
 

@@ -17,11 +17,11 @@ import types
 
 import pytest
 import torch
-
-from cascade_core.frames import LatentRGBDecoder
-from cascade_core.sampler import BlockEvent
 from oracles import mjpeg_parts
-from test_nodes import PKG, W, H, Recorder, config, model, prompts, run, server_routes, stream_mod  # noqa: F401
+from test_nodes import PKG, H, Recorder, W, config, model, prompts, run, server_routes, stream_mod  # noqa: F401
+
+from cascade_core.sampling.loop import BlockEvent
+from cascade_core.video.frames import LatentRGBDecoder
 
 mjpeg_mod = sys.modules[f"{PKG}.nodes.mjpeg"]
 

@@ -16,11 +16,25 @@ import types
 
 import pytest
 import torch
+from test_nodes import (  # noqa: F401
+    PKG,
+    H,
+    Recorder,
+    W,
+    config,
+    fast_state_events,
+    mm,
+    model,
+    no_engine,
+    prompts,
+    run,
+    server_routes,
+    stream_mod,
+    values_mod,
+)
 
-from cascade_core.latents import normalized_to_raw
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
-from test_nodes import (PKG, W, H, Recorder, config, fast_state_events, mm, model, no_engine,  # noqa: F401
-                        prompts, run, server_routes, stream_mod, values_mod)
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
+from cascade_core.video.latents import normalized_to_raw
 
 steer_mod = sys.modules[f"{PKG}.nodes.steer"]
 

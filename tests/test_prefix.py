@@ -8,12 +8,13 @@ are already-finished frames of the video.
 """
 import pytest
 import torch
+from test_cascade_oracle import SEED as CASCADE_SEED
+from test_cascade_oracle import cascade_oracle
+from test_families import FOUR, SEED, H, W, embedding, family_loop
 
-from cascade_core.context import CONTINUATION, prefix_config
 from cascade_core.distributed import WorkerPool
-from cascade_core.sampler import CascadeConfig, Interrupted, PromptSchedule, generate
-from test_cascade_oracle import SEED as CASCADE_SEED, cascade_oracle
-from test_families import FOUR, H, SEED, W, embedding, family_loop
+from cascade_core.sampling.context import CONTINUATION, prefix_config
+from cascade_core.sampling.loop import CascadeConfig, Interrupted, PromptSchedule, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 P1_TOLERANCE = 1e-5  # the sink and the recent frames merged by log-sum-exp (see test_families)
@@ -240,7 +241,7 @@ def test_a_block_offset_that_is_no_int_from_0_is_refused(model, offset):
 def test_the_memory_estimate_counts_the_prefix_frames(model):
     """Without a window every prefix frame's K/V stays (2 x layers x tokens x dim x bytes per frame, plus
     its latents); with a window the K/V cache does not grow, the latents still do."""
-    from cascade_core.memory import estimate_run_bytes
+    from cascade_core.sampling.memory import estimate_run_bytes
     c = model.cfg
     tpf = (H // 16) * (W // 16)
 

@@ -1,11 +1,11 @@
 """Long, switching runs: prompt switches compile nothing, and memory stays bounded over endless videos."""
 import pytest
 import torch
-
 from conftest import TINY
-from cascade_core.model import apply_rope
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 from oracles import rotate_frames
+
+from cascade_core.model.dit import apply_rope
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny products: one thread is fastest on a busy machine
 W, H = 64, 32  # pixels -> latent 4 x 8 -> 2 x 4 = 8 tokens per frame
@@ -78,7 +78,7 @@ def tensor_bytes(obj):
 def test_two_hundred_windowed_blocks_hold_constant_memory(model, prompt):
     """Block after block with a window and a sink: the RoPE tables the model keeps and the KV pool's
     tensors are as large after block 200 as after block 20."""
-    from cascade_core.kv_pool import KVPool, PoolLayout
+    from cascade_core.model.kv_pool import KVPool, PoolLayout
     fpb, window, sink, blocks = 1, 4, 1, 200
     layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=4, total_frames=blocks * fpb, window=window, sink=sink)
     pool = KVPool(layout, TINY.num_layers, TINY.num_heads, TINY.head_dim, torch.float32, "cpu")

@@ -22,10 +22,10 @@ re-positions the sink's stored keys in float32).
 import pytest
 import torch
 import torch.nn.functional as F
-
-from cascade_core.families import family_config
-from cascade_core.sampler import CascadeConfig, PromptSchedule, generate
 from oracles import noise_after_step, noise_levels, renoised, rotate_frames, starting_noise, x0_from_velocity
+
+from cascade_core.sampling.families import family_config
+from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
 
 W, H, SEED = 64, 32, 17
 FPB, MAX_KEYS, ANCHOR = 3, 21, 3  # frames per block, key frames of a joint forward, anchor frames (block 0)

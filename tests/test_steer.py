@@ -2,9 +2,9 @@
 (tiny random model of the real architecture, CPU, fp32, one thread)."""
 import pytest
 import torch
-
-from cascade_core.sampler import CascadeConfig, Partition, PromptSchedule, SwitchEvent, generate
 from conftest import TINY, counted
+
+from cascade_core.sampling.loop import CascadeConfig, Partition, PromptSchedule, SwitchEvent, generate
 
 W, H = 64, 32
 BLOCKS = 5
@@ -32,7 +32,7 @@ class Steerer:
 def first_entry_at_or_after(cfg, tick: int) -> int:
     """The first block whose first step (stage 0) is in tick ``tick`` or later, read off a plain
     listing of the tick plan's pairs."""
-    from cascade_core.schedule import CascadeSchedule
+    from cascade_core.sampling.schedule import CascadeSchedule
 
     plan = CascadeSchedule(BLOCKS, len(cfg.steps), cfg.parallel)
     return min(b for t in plan.ticks()[tick:] for b, s in t.pairs if s == 0)
@@ -88,7 +88,7 @@ def test_a_switch_for_a_later_block_is_held_until_that_block_enters(model, promp
                        steer=steer, on_switch=steer.on_switch)
     now = first_entry_at_or_after(cfg, 1)
     assert now < 4
-    from cascade_core.schedule import CascadeSchedule
+    from cascade_core.sampling.schedule import CascadeSchedule
     entry4 = next(t.index for t in CascadeSchedule(BLOCKS, 4, 2).ticks() if (4, 0) in t.pairs)
     assert sorted((e.index, e.block, e.requested, e.tick) for e in steer.events) == \
         [(0, 4, 4, entry4), (1, now, None, next(t.index for t in CascadeSchedule(BLOCKS, 4, 2).ticks()

@@ -9,12 +9,14 @@ import json
 import pytest
 import torch
 
+from cascade_core.common.constants import TEXT_TOKENS
+
 transformers = pytest.importorskip("transformers")
 
-from cascade_core.cli import main  # noqa: E402
-from cascade_core.model import WanConfig, WanModel  # noqa: E402
-from cascade_core.safe_io import CheckpointError, read_tensor_file, save_safetensors  # noqa: E402
-from cascade_core.text import MAX_TOKENS, TextEncoder, clean, encode_prompts  # noqa: E402
+from cascade_core.cli.command import main  # noqa: E402
+from cascade_core.model.dit import WanConfig, WanModel  # noqa: E402
+from cascade_core.weights.safe_io import CheckpointError, read_tensor_file, save_safetensors  # noqa: E402
+from cascade_core.weights.text import TextEncoder, clean, encode_prompts  # noqa: E402
 
 D_MODEL = 32
 SENTENCES = ["a cat walks on the beach at sunset", "a dog runs through the snow", "waves crash on dark rocks",
@@ -76,7 +78,7 @@ def test_cleaning_and_truncation(files):
     a, b = enc(["  a   cat &amp;amp; fish\n"]), enc(["a cat & fish"])
     assert torch.equal(a[0], b[0])
     long = enc([" ".join(["fish"] * 700)])[0]
-    assert long.shape == (MAX_TOKENS, D_MODEL)
+    assert long.shape == (TEXT_TOKENS, D_MODEL)
     assert "umt5 encoder (d_model 32, 2 layers, 4 heads, d_ff 48, vocab 64" in enc.description
 
 

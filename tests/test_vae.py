@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import tiny_models
 
-from cascade_core.safe_io import CheckpointError, save_safetensors
-from cascade_core.taew import TAEW2_1_WIDTHS, TinyWanDecoder
-from cascade_core.latents import LATENT_MEAN, LATENT_STD, normalized_to_raw, raw_to_normalized
-from cascade_core.vae import WanVAEDecoder
+from cascade_core.video.latents import LATENT_MEAN, LATENT_STD, normalized_to_raw, raw_to_normalized
+from cascade_core.video.taew import TAEW2_1_WIDTHS, TinyWanDecoder
+from cascade_core.video.vae import WanVAEDecoder
+from cascade_core.weights.safe_io import CheckpointError, save_safetensors
 
 DIM = 8  # Wan VAE base width (96 when released)
 WIDTHS = (16, 8, 8, 8)  # taew2_1 widths (256, 128, 64, 64 when released)
@@ -255,7 +255,7 @@ def test_vae_loads_the_diffusers_layout_like_diffusers_decodes(tmp_path):
     # load into our decoder, whose frames are diffusers' own decode of the same latents.
     from diffusers import AutoencoderKLWan
 
-    from cascade_core.frames import load_decoder
+    from cascade_core.video.frames import load_decoder
 
     torch.manual_seed(0)
     theirs = AutoencoderKLWan(base_dim=DIM).eval()
@@ -386,8 +386,8 @@ def test_cuda_stream_decode_waits_for_the_latents(cls, weights):
 
 
 def test_latent_rgb_preview_streams_like_a_decoder():
-    from cascade_core.frames import FrameStream, LatentRGBDecoder
-    from cascade_core.sampler import BlockEvent
+    from cascade_core.sampling.loop import BlockEvent
+    from cascade_core.video.frames import FrameStream, LatentRGBDecoder
 
     g = torch.Generator().manual_seed(0)
     factors = torch.randn(16, 3, generator=g) * 0.02  # small enough that no pixel reaches the clamp at +-1
@@ -408,7 +408,7 @@ def test_latent_rgb_preview_streams_like_a_decoder():
 # ---- FrameStream: frames handed out in order by a writer thread --------------------------------------
 
 def push_blocks(frames, z: torch.Tensor, sizes: list[int]) -> None:
-    from cascade_core.sampler import BlockEvent
+    from cascade_core.sampling.loop import BlockEvent
 
     at = 0
     for b, n in enumerate(sizes):
@@ -419,7 +419,7 @@ def push_blocks(frames, z: torch.Tensor, sizes: list[int]) -> None:
 def test_frame_stream_hands_out_a_direct_decode_in_order_on_its_own_thread(vae):
     import threading
 
-    from cascade_core.frames import FrameStream
+    from cascade_core.video.frames import FrameStream
 
     z = latents(7)
     whole = vae.decode(z, frames_per_pass=None)  # the oracle: one decode of the whole video
@@ -441,7 +441,7 @@ def test_frame_stream_hands_out_a_direct_decode_in_order_on_its_own_thread(vae):
 def test_frame_stream_raises_a_writer_error_on_the_callers_thread_and_keeps_raising_it(vae):
     import threading
 
-    from cascade_core.frames import FrameStream
+    from cascade_core.video.frames import FrameStream
 
     where, handed = [], []
 
@@ -469,7 +469,7 @@ def test_frame_stream_close_hands_out_what_was_pushed_ends_the_thread_and_does_n
     import threading
     import time
 
-    from cascade_core.frames import FrameStream
+    from cascade_core.video.frames import FrameStream
 
     handed = []
 
@@ -491,7 +491,7 @@ def test_frame_stream_close_hands_out_what_was_pushed_ends_the_thread_and_does_n
 def test_vae_decodes_with_autograd_on():
     """The norms write into views of preallocated tensors, which autograd refuses: a decode pass
     called directly, on a fresh module whose weights require gradients, runs as inference."""
-    from cascade_core.decode_stream import CausalState
+    from cascade_core.video.decode_stream import CausalState
 
     decoder = WanVAEDecoder(dim=8)
     assert next(decoder.parameters()).requires_grad

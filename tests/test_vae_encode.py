@@ -14,9 +14,9 @@ import torch
 from conftest import tiny_models
 from PIL import Image
 
-from cascade_core.safe_io import CheckpointError, save_safetensors
-from cascade_core.latents import LATENT_MEAN, LATENT_STD
-from cascade_core.vae_encode import encode, load_encoder, load_image, load_video
+from cascade_core.video.latents import LATENT_MEAN, LATENT_STD
+from cascade_core.video.vae_encode import encode, load_encoder, load_image, load_video
+from cascade_core.weights.safe_io import CheckpointError, save_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 W, H = 64, 32  # the run's pixel size

@@ -1,0 +1,230 @@
+"""The command line's checks: everything that can be refused or warned about before any model work.
+
+Each check raises :class:`UsageError` (one line, exit code 2) or writes one ``warning:`` line to
+stderr. Nothing here loads weights or runs a model.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+
+import torch
+
+from ..common.constants import GIB
+from ..model import attention
+from ..sampling.families import DEFAULT_FAMILY, family_config, guess_family
+from ..sampling.loop import CascadeConfig
+from ..sampling.memory import available_bytes, estimate_run_bytes
+from ..sampling.recompute import first_reencoding_block, why_a_vae
+
+SEED_MAX = 2 ** 64 - 1  # torch generators take unsigned 64-bit seeds
+TRAINED_LATENT_FRAMES = 21  # what the released 1.3B block-causal checkpoints were trained on (81 frames)
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit code 2."""
+
+
+def seed_value(text: str) -> int:
+    """argparse type of --seed: an integer in 0..2^64-1."""
+    try:
+        seed = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{SEED_MAX}, got {text!r}") from None
+    if not 0 <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must lie in 0..2^64-1 ({SEED_MAX}), got {seed}")
+    return seed
+
+
+def _nearest_existing(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def _probe_folder(folder: str, flag: str, path: str) -> None:
+    """Create and remove a nameless file in ``folder``: the real permission (root, read-only mounts)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write into {folder} ({exc.strerror})") from None
+
+
+def _check_new_path(flag: str, path: str) -> None:
+    """A path that does not exist yet: its nearest existing parent must be a writable folder."""
+    folder = _nearest_existing(path)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: {folder} is a file, not a folder")
+    _probe_folder(folder, flag, path)
+
+
+def check_output_file(flag: str, path: str | None) -> None:
+    """Refuse an output file that cannot be written: a folder, under a file, no write permission.
+
+    Missing folders are fine where they can be created (the writers create them)."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    if os.path.exists(path) and not os.path.isfile(path):  # a device, a FIFO: writers replace it by a file
+        raise UsageError(f"{flag} {path} is not a regular file; give a file name")
+    if os.path.exists(path):
+        try:
+            with open(path, "ab"):  # appends nothing: the file stays as it is until the run writes it
+                pass
+        except OSError as exc:
+            raise UsageError(f"{flag} {path}: cannot write it ({exc.strerror})") from None
+        return
+    _check_new_path(flag, path)
+
+
+def check_output_folder(flag: str, path: str | None) -> None:
+    """Refuse an output folder that is a file, lies under a file or cannot be written into."""
+    if path is None:
+        return
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"{flag} {path} is a file, not a folder")
+        _probe_folder(path, flag, path)
+        return
+    _check_new_path(flag, path)
+
+
+def check_input(flag: str, path: str | None) -> None:
+    """Refuse an input file or folder (a diffusers folder) that is not there."""
+    if path is not None and not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file or folder")
+
+
+def check_latents(flag: str, path: str, latents: torch.Tensor) -> None:
+    """Refuse a tensor that is not latents [1, 16, T, H/8, W/8] with T >= 1 (as --latents-out writes them)."""
+    if latents.dim() != 5 or latents.shape[:2] != (1, 16) or latents.shape[2] < 1:
+        raise UsageError(f"{flag} {path}: expected latents [1, 16, T, H/8, W/8], got {list(latents.shape)}")
+
+
+def input_bytes(path: str) -> int:
+    """Bytes of an input file, or of every file in an input folder."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    return os.path.getsize(path)
+
+
+def check_backend(name: str, device: torch.device, dtype: torch.dtype, flag: str = "--attention-backend") -> None:
+    """Refuse an attention backend that this device cannot run (:func:`attention.refusal`), naming ``flag``."""
+    why = attention.refusal(name, device, dtype)
+    if why is not None:
+        raise UsageError(f"{flag}: {why}")
+
+
+def check_fp8(fp8: bool, device: torch.device) -> None:
+    """Warn once when --fp8 can only cost precision: a device without fp8 matrix units."""
+    from ..model.fp8 import has_fp8_matmul
+
+    if fp8 and device.type != "meta" and not has_fp8_matmul(device):
+        print(f"warning: --fp8 on {device}: no fp8 matrix units, so the products are not faster; the weights "
+              f"are still rounded to fp8 (approximate, half the weight memory)", file=sys.stderr)
+
+
+def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
+    """(config, family name, why it was assumed or None) of a ``generate`` run: the --family's
+    reference settings (or the family the --checkpoint/--lora path names; else self-forcing), with every
+    explicit option over them. Raises UsageError for settings out of range."""
+    name, assumed = args.family, None
+    if name is None:
+        guess = guess_family(args.checkpoint or "", args.lora)
+        name = guess[0] if guess else DEFAULT_FAMILY
+        assumed = guess[1] if guess else None
+    first_steps = None if args.first_block_steps == "none" else args.first_block_steps
+    explicit = {"steps": args.steps, "first_block_steps": first_steps, "shift": args.shift,
+                "warp": None if args.warp is None else args.warp == "on", "frames_per_block": args.frames_per_block,
+                "independent_first_frame": args.independent_first_frame, "context_noise": args.context_noise,
+                "parallel": args.parallel, "attention": args.attention, "window": args.window or None,
+                "sink": args.sink, "flashblock": args.flashblock, "fold_clean": args.fold_clean,
+                "switch_mode": args.switch_mode, "kv_recompute": args.kv_recompute}
+    try:
+        cfg = family_config(name, **explicit)
+        if args.window == 0:  # explicitly unlimited, whatever the family's window (and its sink)
+            cfg = dataclasses.replace(cfg, window=None, sink=cfg.sink if args.sink is not None else 0)
+        if args.first_block_steps == "none":  # block 0 takes the step list, whatever the family says
+            cfg = dataclasses.replace(cfg, first_block_steps=None)
+        cfg.validate(unlimited_window="0")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return cfg, name, assumed
+
+
+def prompt_switches(specs: list[str], blocks: int) -> list[tuple[int, str, bool]]:
+    """--switch BLOCK:FILE|BLOCK:TEXT values -> sorted (block, file or text, is a file). A value ending
+    in .safetensors is an embedding file (it must exist); anything else is a prompt text. Raises
+    UsageError for a malformed value, a block outside 1..blocks-1 (any block >= 1 in an endless video,
+    ``blocks`` 0) or two switches at one block."""
+    out = {}
+    for spec in specs:
+        block, sep, value = spec.partition(":")
+        if not sep or not block.strip().isdigit() or not value.strip():
+            raise UsageError(f"--switch {spec!r}: expected BLOCK:FILE (a .safetensors embedding) or BLOCK:TEXT")
+        b = int(block)
+        if b < 1 or (blocks and b >= blocks):
+            raise UsageError(f"--switch {spec!r}: the block must lie in 1..{blocks - 1} (block 0 takes the first "
+                             f"prompt; the video has {blocks} blocks)")
+        if b in out:
+            raise UsageError(f"--switch: two prompts at block {b}")
+        is_file = value.lower().endswith(".safetensors")
+        if is_file:
+            check_input("--switch", value)
+        out[b] = (value, is_file)
+    return [(b, *out[b]) for b in sorted(out)]
+
+
+def check_settings(args, cfg: CascadeConfig) -> None:
+    """Refuse settings that would silently do nothing (UsageError)."""
+    if args.switch_mode is not None and not args.switch:
+        raise UsageError(f"--switch-mode {args.switch_mode} needs a --switch (it says what a prompt switch does)")
+    if args.fold_clean and cfg.parallel > 1:
+        raise UsageError("--fold-clean works at --parallel 1 only (at P>1 clean passes already share ticks)")
+    if args.attention == "bidirectional" and cfg.parallel == 1:
+        raise UsageError("--attention bidirectional needs --parallel 2 or more (at P1 no other block is "
+                         "in flight to see)")
+    if (why := why_a_vae(args.blocks, cfg.frames_per_block, cfg.kv_recompute)) and not args.vae:
+        fewer = f", or at most --blocks {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)}"
+        raise UsageError(f"{why}: pass --vae FILE (the complete Wan2.1 VAE){fewer if args.blocks else ''}")
+    if args.independent_first_frame and cfg.frames_per_block == 1:
+        raise UsageError("--independent-first-frame with 1 frame per block does nothing (every block is one "
+                         "latent frame already)")
+
+
+def length_warnings(cfg: CascadeConfig, blocks: int, context_frames: int = 0) -> list[str]:
+    """The warning line to print once every check has passed (so a refusal stays one line) when a video
+    of ``blocks`` blocks after ``context_frames`` latent frames of context attends more frames than the
+    released models were trained on; none with a window."""
+    frames = cfg.grid.total(blocks) + context_frames
+    if cfg.attended_window is None and frames > TRAINED_LATENT_FRAMES:
+        most = max(b for b in range(1, TRAINED_LATENT_FRAMES + 1) if cfg.grid.total(b) <= TRAINED_LATENT_FRAMES) \
+            if cfg.grid.first <= TRAINED_LATENT_FRAMES else 0
+        fewer = (", or fewer blocks or --context-frames" if context_frames else
+                 f", or use at most {most} blocks" if most else "")
+        return [f"warning: {frames} latent frames without a window exceed the {TRAINED_LATENT_FRAMES} the "
+                f"released 1.3B models were trained on (quality drops past it); bound the attention with "
+                f"--window 12 --sink 3{fewer}"]
+    return []
+
+
+def check_memory(device: torch.device, model_cfg, dtype: torch.dtype, weight_bytes: int, cfg: CascadeConfig,
+                 args, vae_bytes: int, prefix_frames: int = 0) -> None:
+    """Refuse a run whose estimated need (weights + :func:`memory.estimate_run_bytes`, a context prefix
+    of ``prefix_frames`` latent frames included) exceeds what ``device`` has available now."""
+    free = available_bytes(device)
+    if free is None:
+        return
+    run, what = estimate_run_bytes(model_cfg, dtype, cfg, args.blocks, args.width, args.height, 1, vae_bytes,
+                                   prefix_frames=prefix_frames)
+    need = run + weight_bytes
+    if need > free:
+        raise UsageError(f"the run needs about {need / GIB:.2f} GiB on {device} (weights "
+                         f"{weight_bytes / GIB:.2f} GiB, {what}) but {free / GIB:.2f} GiB are available; "
+                         f"use fewer --blocks, a --window, a smaller size or another device")

@@ -1,0 +1,5 @@
+import sys
+
+from .headless import main
+
+sys.exit(main())

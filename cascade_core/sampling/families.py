@@ -1,0 +1,146 @@
+"""Released checkpoint families and the sampling settings their own inference code uses.
+
+Each :class:`Family` holds the :class:`~cascade_core.sampling.loop.CascadeConfig` fields that differ from
+the engine's defaults, read from the family's public inference code (``source`` names the file and
+lines). :func:`family_config` fills a config from a family and lets explicit settings override it;
+:func:`guess_family` reads a family off a file name and says why, or returns None (it never guesses
+silently: the caller prints the reason).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from .loop import CascadeConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    description: str
+    settings: dict = field(default_factory=dict)  # CascadeConfig fields that differ from the defaults
+    source: str = ""  # reference file and lines the settings come from
+
+
+_FOUR_STEPS = (1000, 750, 500, 250)
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("self-forcing", "Self-Forcing (chunk-wise, 4 warped steps at shift 5)", {},
+           "guandeh17/Self-Forcing configs/self_forcing_dmd.yaml, pipeline/causal_inference.py"),
+    Family("causvid", "CausVid (3 raw steps 1000, 757, 522 at shift 8)",
+           {"steps": (1000, 757, 522), "warp": False, "shift": 8.0},
+           "tianweiy/CausVid configs/wan_causal_dmd.yaml:14-18,53; shift 8.0 in the wrapper"),
+    Family("causvid-warp", "CausVid's 4-step warped checkpoint (shift 8)",
+           {"steps": _FOUR_STEPS, "warp": True, "shift": 8.0},
+           "tianweiy/CausVid configs/wan_causal_dmd_warp_4step_cfg2.yaml:14-19,54"),
+    Family("causal-forcing", "Causal Forcing, chunk-wise (as Self-Forcing)", {},
+           "thu-ml/Causal-Forcing configs/causal_forcing_dmd_chunkwise.yaml"),
+    Family("causal-forcing-framewise", "Causal Forcing, frame-wise (1 latent frame a block)",
+           {"frames_per_block": 1},
+           "thu-ml/Causal-Forcing configs/causal_forcing_dmd_framewise.yaml"),
+    Family("causal-forcing-framewise-2step", "Causal Forcing++ frame-wise 2-step (block 0: 4 steps)",
+           {"frames_per_block": 1, "steps": (1000, 500), "first_block_steps": _FOUR_STEPS},
+           "thu-ml/Causal-Forcing configs/causal_forcing_dmd_framewise_2step.yaml:7-14,50; "
+           "pipeline/causal_inference.py:34-44,222-228"),
+    Family("causal-forcing-framewise-1step", "Causal Forcing++ frame-wise 1-step (block 0: 4 steps)",
+           {"frames_per_block": 1, "steps": (1000,), "first_block_steps": _FOUR_STEPS},
+           "thu-ml/Causal-Forcing configs/causal_forcing_dmd_framewise_1step.yaml:7-13,49"),
+    Family("longlive", "LongLive (window 12, sink 3, KV re-cache at a prompt switch)",
+           {"window": 12, "sink": 3, "switch_mode": "recache"},
+           "NVlabs/LongLive@v1.0 configs/longlive_inference.yaml:1-12, "
+           "pipeline/interactive_causal_inference.py:34-96"),
+    Family("rolling-forcing", "Rolling Forcing (5 blocks denoised jointly at staggered noise levels, "
+                              "anchor re-positioned before the window)",
+           {"steps": (1000, 800, 600, 400, 200), "parallel": 6, "attention": "bidirectional", "window": 21,
+            "sink": 3, "rolling_window": True},
+           "TencentARC/RollingForcing@a1477d0 configs/rolling_forcing_dmd.yaml:7-13,45-48, "
+           "pipeline/rolling_forcing_inference.py:174-295, wan/modules/causal_model.py:195-300"),
+    Family("causal-forcing-longvideo", "Causal Forcing's long-video model (Rolling Forcing's sampler, 4 steps)",
+           {"parallel": 5, "attention": "bidirectional", "window": 21, "sink": 3, "rolling_window": True},
+           "thu-ml/Causal-Forcing long_video/ (Rolling Forcing's pipeline with steps 1000,750,500,250)"),
+    Family("reward-forcing", "Reward Forcing (window 9, EMA sink 3 at 0.999, relative RoPE positions)",
+           {"window": 9, "sink": 3, "rope_positions": "slots", "sink_ema": 0.999},
+           "JaydenLyh/Reward-Forcing@4317f5a configs/reward_forcing.yaml:51-57, "
+           "wan/modules/causal_model.py:67,77,105-106,142-255"),
+    Family("krea-realtime", "Krea Realtime 14B (KV cache rebuilt every block from 3 context frames, the first "
+                            "re-encoded by the VAE; 4 warped steps and a last one at t = 0; no clean pass)",
+           {"steps": (1000, 750, 500, 250, 0), "kv_recompute": 3},
+           "krea-ai/realtime-video@acf4b7b release_server.py:328-330,396,416-418,559-560,563-633,637-708; "
+           "v2v.py:133-136"),
+)}
+DEFAULT_FAMILY = "self-forcing"
+
+
+def get_family(name: str) -> Family:
+    """The family called ``name``; ValueError listing the names otherwise."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown family {name!r}; one of {', '.join(FAMILIES)}") from None
+
+
+def family_config(name: str | None, **overrides) -> CascadeConfig:
+    """A :class:`CascadeConfig` with the family's settings, then ``overrides`` (explicit settings win;
+    None values are ignored). A family whose own sampler denoises every step of a window at once
+    (a rolling window: Rolling Forcing) keeps parallel = steps + 1 for another step list unless
+    parallel is given. Raises ValueError for an unknown family."""
+    family = get_family(name or DEFAULT_FAMILY)
+    fields = {f.name for f in dataclasses.fields(CascadeConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"not a sampling setting: {', '.join(sorted(unknown))}")
+    settings = {**family.settings, **{k: v for k, v in overrides.items() if v is not None}}
+    if family.settings.get("rolling_window") and overrides.get("parallel") is None:
+        settings["parallel"] = len(settings.get("steps", CascadeConfig.steps)) + 1
+    return CascadeConfig(**settings)
+
+
+def family_with(name: str | None, given: dict) -> CascadeConfig:
+    """:func:`family_config` where every key of ``given`` was set explicitly, None values included (an
+    unlimited window, block 0 without a schedule of its own), as the Config node's widgets set them."""
+    return dataclasses.replace(family_config(name, **given), **given)
+
+
+def describe(cfg: CascadeConfig) -> dict:
+    """The effective sampling settings, for summaries and the sampler node's text."""
+    return {"frames_per_block": cfg.frames_per_block, "independent_first_frame": cfg.independent_first_frame,
+            "steps": list(cfg.steps), "first_block_steps": None if cfg.first_block_steps is None
+            else list(cfg.first_block_steps), "warp": cfg.warp, "shift": cfg.shift,
+            "context_noise": cfg.context_noise, "window": cfg.window, "sink": cfg.sink,
+            "parallel": cfg.parallel, "attention": cfg.attention, "flashblock": cfg.flashblock,
+            "switch_mode": cfg.switch_mode, "rope_positions": cfg.rope_positions, "sink_ema": cfg.sink_ema,
+            "rolling_window": cfg.rolling_window, "kv_recompute": cfg.kv_recompute}
+
+
+# File-name words of released checkpoints and what they say (first match wins; longest names first)
+_NAME_RULES = (
+    (r"framewise[-_]?1[-_]?step|1[-_]?step.*framewise", "causal-forcing-framewise-1step"),
+    (r"framewise[-_]?2[-_]?step|2[-_]?step.*framewise", "causal-forcing-framewise-2step"),
+    (r"causal[-_]?forcing.*frame[-_]?wise|frame[-_]?wise.*causal[-_]?forcing", "causal-forcing-framewise"),
+    (r"causal[-_]?forcing", "causal-forcing"),
+    (r"long[-_]?live", "longlive"),
+    (r"self[-_]?forcing", "self-forcing"),
+    (r"causvid.*warp|warp.*causvid", "causvid-warp"),
+    (r"causvid", "causvid"),
+    (r"rolling[-_]?forcing", "rolling-forcing"),
+    (r"causal[-_]?forcing.*long[-_]?video|long[-_]?video.*causal[-_]?forcing", "causal-forcing-longvideo"),
+    (r"reward[-_]?forcing", "reward-forcing"),
+    (r"krea(?:[-_]?real[-_]?time)?(?:[-_]?video)?(?:[-_]?14b)?", "krea-realtime"),
+)
+
+
+def guess_family(path: str, lora: str | None = None) -> tuple[str, str] | None:
+    """(family, reason) read from a checkpoint's path or its LoRA's; None when nothing in the names
+    says it. The file and the two folders above it count (released files sit in folders such as
+    ``framewise/``), ``/`` and ``\\`` both separate, names match as whole words (``krea`` is not in
+    ``kreations``), and the match nearest the file's own name wins (then the earlier rule)."""
+    for what, p in (("LoRA", lora), ("checkpoint", path)):
+        if not p:
+            continue
+        tail = "/".join(part for part in re.split(r"[/\\]", p) if part)
+        tail = "/".join(tail.split("/")[-3:])  # the file and the two folders above it
+        found = [(m.end(), -rank, family) for rank, (pattern, family) in enumerate(_NAME_RULES)
+                 for m in re.finditer(rf"(?<![a-z0-9])(?:{pattern})(?![a-z0-9])", tail.lower())]
+        if found:
+            return max(found)[2], f"the {what} path {tail!r} names it"
+    return None

@@ -1,0 +1,377 @@
+"""Block-causal sampling with Block Cascading: the run loop (its settings: :mod:`config`, re-exported).
+
+Guarantees:
+- At parallelism 1 the order of work is the reference's: each block runs its S denoising steps
+  (re-noised with fresh Gaussian noise between steps), then one clean pass at ``context_noise`` that
+  writes its clean K/V, then the next block starts.
+- At parallelism P, :class:`CascadeSchedule` decides which (block, stage) pairs share a tick; all
+  pairs of a tick run in ONE model forward (one segment per block), except that a block 0 of its own
+  size (an independent first frame) takes a forward of its own, before the others of its tick.
+- A prompt switch in mode "recache" (LongLive) adds one forward before its block (see
+  :data:`config.SWITCH_MODES`); ``Result.forwards`` counts every forward.
+- With a KV recompute (``kv_recompute``, Krea Realtime) blocks run one at a time without clean passes,
+  each after a forward that rebuilds its context's K/V (:mod:`recompute`); ``context_image``
+  re-encodes the context's first frame.
+- Randomness (:mod:`noise`): the initial noise comes from ``seed`` (or is given; an endless run draws
+  each block's from its own generator); the re-noising noise of block b
+  after step j is :func:`step_noise` (seed, b, j), drawn from its own generator, so every
+  parallelism level uses the same noise for the same block and step, and the same seed on the same
+  device gives identical latents.
+- A prompt schedule assigns each block the prompt of the last entry starting at or before it; every
+  prompt's text K/V is computed once per run, so a switch in mode "none" costs no model forward.
+- Steering (``steer``, one process only): switches that arrive while the run goes on land at the next
+  block to enter (or a later one asked for) and give exactly what the same switch in the schedule from
+  the start gives (:mod:`steer`; ``on_switch`` reports each, a :class:`SwitchEvent`).
+- The KV pool and the latents the run reads back are allocated once per run (see :mod:`kv_pool`,
+  :mod:`latent_window`); an endless run (``blocks`` 0, with a window) keeps them, and its prompt
+  table, bounded however long it goes.
+- A context prefix (``prefix``: F clean latent frames, a start image or a video to continue) is frames
+  [0, F) of the video: clean forwards write their K/V before block 0, as the finished blocks they
+  are made of (:func:`prefix_pass`); block b then holds frames F + its place in the grid (RoPE
+  positions are these absolute indices), and the sink and window treat prefix frames as any frames.
+  Block indices (``on_block``, the initial noise, prompt switches) count generated blocks only, from
+  0; the re-noising noise of block b is drawn for block ``block_offset`` + b.
+- A continuation equals one long run: after a first run of N blocks (latents A, initial noise
+  [1, 16, T, h, w] the first frames of a long run's noise Z), ``generate(prefix=A, blocks=M,
+  noise=Z[:, :, T:], block_offset=N)`` gives the long run's last M blocks, at parallelism 1 with
+  the first run's grid and window, when A is the whole first video (the prefix blocks then are the
+  first run's blocks, each written seeing what it saw there).
+- One loop for one process and for each rank of several (:mod:`distributed`): a :class:`Partition`
+  says which segments of a tick this process computes, how the other segments' K/V of each layer
+  arrive, where finished blocks are reported, and whether the processes agree to stop. The default
+  (one process) computes everything, receives nothing and reports every block where it finishes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..common.transfer import to_device
+from ..model.dit import WanModel
+from ..model.grid import BlockGrid
+from ..model.kv_pool import KVPool, PoolLayout
+from ..model.pool_attention import FULL, REUSE, SPLIT, STORE, Exchange
+from .config import CascadeConfig, PromptSchedule
+from .latent_window import LatentWindow
+from .noise import block_noise, initial_noise, step_noise
+from .plan import plan_run
+from .recompute import ContextImage, recompute_pass, why_a_vae
+from .schedule import Tick
+from .steer import LivePrompts, Steer, SwitchEvent
+
+
+class Interrupted(Exception):
+    """The caller asked the run to stop (raised between ticks, or between a context's blocks)."""
+
+
+@dataclass(frozen=True)
+class TickEvent:
+    tick: int
+    ticks: int
+    pairs: tuple[tuple[int, int], ...]
+    done_blocks: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BlockEvent:
+    block: int
+    latents: torch.Tensor  # [1, 16, frames_per_block, h, w], normalised latents
+    tick: int
+    seconds: float
+
+
+@dataclass
+class Result:
+    latents: torch.Tensor  # [1, 16, prefix_frames + T, h, w]: T generated frames after the prefix kept
+    blocks: int
+    ticks: int
+    forwards: int
+    seconds: float
+    first_block_seconds: float
+    prefix_frames: int = 0  # frames of the context prefix at the start of ``latents`` (0: none or left out)
+    first_frame: int = 0  # video-wide index of latents' first frame (prefix counted): > 0 when frames before it
+    # are left out (the prefix, or all but an endless run's last window)
+
+    @classmethod
+    def of_run(cls, latents: torch.Tensor, first_frame: int, prefix_frames: int, include_prefix: bool,
+               *stats) -> "Result":
+        """The result of a run that holds ``latents`` [1, 16, n, h, w], frames [first_frame, first_frame +
+        n) of a video that starts with a context prefix of ``prefix_frames`` frames, those among them
+        kept or left out (``include_prefix``); ``stats``: blocks, ticks, forwards, seconds,
+        first_block_seconds."""
+        held_prefix = max(0, prefix_frames - first_frame)
+        cut = 0 if include_prefix else held_prefix
+        return cls(latents[:, :, cut:], *stats, held_prefix - cut, first_frame + cut)
+
+
+def attention_mode(flashblock: str, stage: int, clean: bool) -> str:
+    """The KV pool's attention mode for one (block, stage) pair under a FlashBlock setting."""
+    if flashblock == "off" or clean:
+        return FULL
+    if flashblock == "exact":
+        return SPLIT
+    return STORE if stage == 0 else REUSE
+
+
+class Partition:
+    """How the segments of each tick are shared among processes; this base class is one process.
+
+    Every process runs the same loop over every tick and keeps the same KV pool; only the segments it
+    owns go through its model. A block keeps one owner for its whole life (its x_t never moves).
+    """
+
+    def owns(self, block: int) -> bool:
+        """Whether this process computes ``block``'s segments."""
+        return True
+
+    def exchange(self, blocks: list[int], local: list[int]) -> Exchange | None:
+        """How the K/V of the tick's non-local segments arrive (None: every segment is local)."""
+        return None
+
+    def collect(self, block: int, x0: torch.Tensor | None, frames: int) -> torch.Tensor | None:
+        """A finished block's latents [1, 16, frames, h, w] where it is reported (None elsewhere);
+        ``x0`` where owned."""
+        return x0
+
+    def stop(self, tick: Tick, requested: bool) -> bool:
+        """Whether every process stops before ``tick`` (``requested``: this process's own wish; a
+        negative index: a block of the context prefix, see :func:`prefix_pass`)."""
+        return requested
+
+
+def size_groups(blocks: Sequence[int], grid: BlockGrid) -> list[list[int]]:
+    """Indices of a tick's segments grouped into runs of equal block size, oldest first: one model
+    forward each (segments of one forward share a shape). Only block 0 can differ (an independent
+    first frame), so a tick has at most two groups; causal attention makes two forwards in this order
+    equal to one (a segment sees only older blocks, whose K/V the earlier forward wrote)."""
+    groups: list[list[int]] = []
+    for i, b in enumerate(blocks):
+        if groups and grid.size(blocks[groups[-1][-1]]) == grid.size(b):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _clean_forward(model: WanModel, pool: KVPool, out: LatentWindow, lo: int, end: int, prompt,
+                   context_noise: float, context) -> int:
+    """One forward over the clean latents of frames [lo, end) in ``out`` at t = ``context_noise``, RoPE'd
+    from the pool's position of frame ``lo``, writing their K/V through ``context``. Returns 1."""
+    t = torch.full((1, end - lo), float(context_noise), device=out.data.device)
+    model(out.read(lo, end), t, [pool.position(lo)], [prompt], context)
+    return 1
+
+
+def prefix_pass(model: WanModel, pool: KVPool, out: LatentWindow, grid: BlockGrid, prompt, context_noise: float,
+                stop: Callable[[int], bool] = lambda index: False) -> int:
+    """A context prefix's clean passes, under the run's first prompt, before block 0: its clean
+    latents (frames [0, grid.offset) of ``out``) are written as the finished blocks they are made of
+    (:meth:`BlockGrid.prefix_chunks`), oldest first, one forward each at t = ``context_noise`` and
+    RoPE positions at their frames, each attending what a clean pass of a block there attends (the
+    earlier prefix frames its window holds, and its own). A start image (one frame at t = 0) is core
+    ComfyUI's ARVideoI2V and Causal Forcing's I2V (one clean pass at position 0); a longer prefix
+    gets the K/V a run that had generated those frames would hold. ``stop(index)`` is asked before
+    each (index -n..-1 for n blocks: the ticks before tick 0). Returns the forwards run; raises
+    :class:`Interrupted` when ``stop`` says so."""
+    chunks = grid.prefix_chunks()
+    for i, (lo, hi) in enumerate(chunks):
+        if stop(i - len(chunks)):
+            raise Interrupted(f"stopped while writing the context (its block {i + 1} of {len(chunks)})")
+        _clean_forward(model, pool, out, lo, hi, prompt, context_noise, pool.clean_attention(lo, hi))
+    return len(chunks)
+
+
+def _recache(model: WanModel, pool: KVPool, out: LatentWindow, end: int, prompt, context_noise: float) -> int:
+    """LongLive's KV re-cache at a prompt switch: the committed frames before frame ``end`` that the
+    new block will see (a context prefix's frames among them), run once more at ``context_noise``
+    under the new prompt (one forward over them together, their own clean latents from ``out``), so
+    their K/V carry it. Returns the forwards run (0 when nothing is committed yet).
+
+    The forward runs eagerly even where the model's layers are compiled: its frame counts (the window's
+    committed frames) occur only at switches, and compiling each new one stalled the stream about 10 s
+    at 1.3B on an H200 (BENCHMARKS.md)."""
+    found = pool.recache_attention(end)
+    if found is None:
+        return 0
+    lo, context = found
+    with torch.compiler.set_stance("force_eager"):
+        return _clean_forward(model, pool, out, lo, end, prompt, context_noise, context)
+
+
+def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int,
+             width: int, height: int, seed: int = 0, noise: torch.Tensor | None = None,
+             on_tick: Callable[[TickEvent], None] | None = None,
+             on_block: Callable[[BlockEvent], None] | None = None,
+             should_stop: Callable[[], bool] | None = None,
+             partition: Partition | None = None, prefix: torch.Tensor | None = None,
+             include_prefix: bool = True, block_offset: int = 0,
+             context_image: ContextImage | None = None, steer: Steer | None = None,
+             on_switch: Callable[[SwitchEvent], None] | None = None) -> Result:
+    """Generate ``blocks`` blocks of latent video (0: endless, until ``should_stop``); see the module
+    docstring for the guarantees.
+
+    ``prompts``: embeddings [L, text_dim] per entry; ``width``/``height`` in pixels (multiples of 16);
+    ``noise``: the initial noise [1, 16, T, height/8, width/8] with T = ``cfg.grid.total(blocks)``
+    (drawn from ``seed`` when None; the generated frames only). ``prefix``: a context prefix of clean
+    normalised latents [1, 16, F, height/8, width/8] (a start image, F = 1, or frames to continue):
+    its K/V are written by :func:`prefix_pass` (counted in ``Result.forwards``) and the ``blocks``
+    blocks come after it. ``block_offset``: the video-wide index of block 0 for the re-noising noise
+    (:func:`step_noise`; a continuation of a run of N blocks passes N, see the module docstring).
+    ``context_image``: with a KV recompute, the re-encoder of the context's first frame
+    (:data:`recompute.ContextImage`; a VAE decode and encode), needed once a block re-encodes one.
+    Returns a :class:`Result` whose ``latents`` [1, 16, F + T, h, w] (the prefix left out unless
+    ``include_prefix``; ``Result.prefix_frames`` says) are normalised (DiT-space) latents on the
+    model's device, ``seconds`` the wall time of the loop. Callbacks: ``on_tick`` after every tick,
+    ``on_block`` when a block is final, ``should_stop`` before every tick and every block of the
+    context. Raises ValueError for a bad config, size, schedule, noise shape or prefix (before any
+    model work, see :func:`plan_run`) and :class:`Interrupted` when ``should_stop`` says so.
+
+    An endless run (``blocks`` 0; a window is needed, one device, no ``noise``) draws each block's
+    initial noise as it enters (:func:`noise.block_noise`, its video-wide index ``block_offset`` + b),
+    holds a bounded KV pool, latent window and prompt table however long it runs, and ends normally
+    when ``should_stop`` says so before a tick once a block is final: its :class:`Result` then counts
+    the blocks finished and holds the last window's latents (``Result.first_frame`` says where they
+    start; blocks still in flight are dropped); stopped before that, it raises :class:`Interrupted`
+    (nothing was made). ``on_tick``'s ``ticks`` is 0 (unknown).
+
+    ``steer``: asked once before every tick (for tick 0 before the context's passes) for prompt switches
+    [(block or None, embeddings [L, text_dim]), ...] that land while the run goes on (:mod:`steer`);
+    ``on_switch`` gets a :class:`SwitchEvent` for each switch that lands or is dropped. A steered run
+    checks its switch mode as one with switches (ValueError: a re-cache needs parallel 1, ...).
+
+    ``partition``: this process's share of the work when several run the same video (used by
+    :mod:`distributed`); the default computes everything here. Steering runs on one process only
+    (ValueError with another partition).
+    """
+    if steer is not None and partition is not None and type(partition) is not Partition:
+        raise ValueError("steering a running video (steer) runs on one device for now: give one device")
+    part = partition or Partition()
+    run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix,
+                   block_offset=block_offset, dtype=model.dtype)
+    plan, grid, shape, lead = run.schedule, run.grid, run.shape, run.grid.offset
+    if context_image is None and (why := why_a_vae(blocks, grid.frames, cfg.kv_recompute)):
+        raise ValueError(f"{why}: it needs the VAE (context_image)")
+    if steer is not None:
+        try:
+            cfg.check_run(switches=1)
+        except ValueError as exc:
+            raise ValueError(f"steering (prompt switches while the video runs): {exc}") from None
+    device, dtype = model.device, model.dtype
+    endless = plan.endless
+    if noise is None and not endless:
+        noise = initial_noise(seed, run.noise_shape, device, dtype)
+    elif noise is not None:
+        noise = to_device(noise, device).to(dtype)
+
+    h, w = shape[-2:]
+
+    def noise_of(b: int) -> torch.Tensor:  # block b's initial noise [1, 16, its frames, h, w]
+        if endless:
+            return block_noise(seed, block_offset + b, (*shape[:2], grid.size(b), h, w), device, dtype)
+        return noise[:, :, grid.start(b) - lead:grid.end(b) - lead]
+
+    p = model.cfg.patch_size
+    layout = PoolLayout(frames_per_block=grid.frames, tokens_per_frame=(h // p[1]) * (w // p[2]),
+                        total_frames=None if endless else shape[2], window=cfg.attended_window, sink=cfg.sink,
+                        max_in_flight=plan.max_in_flight,
+                        first_block_frames=grid.first, rolling=cfg.rolling_window, prefix_frames=lead)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        pool = KVPool(layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
+                      keep_external=cfg.flashblock == "reuse",
+                      slot_positions=cfg.rope_positions == "slots" or bool(cfg.kv_recompute),
+                      sink_ema=cfg.sink_ema, shift_keys=model.shift_frames)
+        live = LivePrompts(model, prompts, plan, cfg.switch_mode == "recache", steer, on_switch)
+        recache_at = live.recache_at  # changed in place by steered switches
+        out = LatentWindow(shape[2], shape[1], h, w, dtype, device)
+        if lead:  # every process writes the prefix's K/V itself (each keeps a whole KV pool)
+            out.write(0, to_device(prefix, device).to(dtype))
+        x_t: dict[int, torch.Tensor] = {}  # in-flight blocks: current noisy input (or x0 for the clean pass)
+        clean_t = torch.full((max(grid.first, grid.frames),), float(cfg.context_noise), device=device)
+        step_t = {id(f): to_device(f.timesteps, device) for f in (run.first_flow, run.flow)}
+        done, first_block = 0, None
+        wants_stop = lambda: should_stop is not None and should_stop()  # noqa: E731
+        live.poll(0)  # a switch before tick 0 replaces the first prompt, which the prefix passes take too
+        forwards = prefix_pass(model, pool, out, grid, live.prompt(0), cfg.context_noise,
+                               lambda index: part.stop(Tick(index, ()), wants_stop()))
+        ticks_total = 0 if endless else len(plan)
+        ticks_run = 0
+        for tick in plan.iter_ticks():
+            if part.stop(tick, wants_stop()):
+                if endless and done:  # the normal end of an endless video, once it made something
+                    break
+                raise Interrupted(f"stopped at tick {tick.index}" + (" before block 0 was final" if endless else
+                                                                     f" of {ticks_total}"))
+            ticks_run += 1
+            if tick.index:
+                live.poll(tick.index)
+            blocks_now = [b for b, _ in tick.pairs]
+            live.forget_before(max(0, blocks_now[0] - 1))  # a KV recompute takes the block before's prompt
+            for b, stage in tick.pairs:
+                if stage == 0 and part.owns(b):
+                    x_t[b] = noise_of(b)
+            entering = blocks_now[-1] if tick.pairs[-1][1] == 0 else None
+            if entering in recache_at:  # before the window makes room for the new block
+                forwards += _recache(model, pool, out, grid.start(blocks_now[0]), recache_at[entering],
+                                     cfg.context_noise)
+            pool.make_room(blocks_now[0], blocks_now[-1])
+            if cfg.kv_recompute and entering:  # one block in flight: it is the entering one
+                forwards += recompute_pass(model, pool, out, grid, entering, cfg.kv_recompute, live.prompt(entering - 1),
+                                           cfg.context_noise, context_image)
+            newest_end = grid.end(blocks_now[-1])
+            v_of: dict[int, torch.Tensor] = {}  # segment index -> velocity [1, 16, frames, h, w]
+            for group in size_groups(blocks_now, grid):
+                pairs = [tick.pairs[i] for i in group]
+                gb = [b for b, _ in pairs]
+                clean = [plan.is_clean(b, s) for b, s in pairs]
+                his = [newest_end if cfg.attention == "bidirectional" and not c else grid.end(b)
+                       for (b, _), c in zip(pairs, clean)]
+                modes = [attention_mode(cfg.flashblock, s, c) for (_, s), c in zip(pairs, clean)]
+                local = [k for k, b in enumerate(gb) if part.owns(b)]
+                context = pool.attention(gb, his, modes, local, part.exchange(gb, local), clean)
+                forwards += 1
+                if not local:  # nothing to compute here: only take part in the K/V exchange
+                    context.skip(model.cfg.num_layers)
+                    continue
+                size = grid.size(gb[0])
+                t = torch.stack([clean_t[:size] if clean[k] else step_t[id(run.flow_of(gb[k]))][pairs[k][1]].expand(size)
+                                 for k in local])  # [n, frames]
+                mine = [gb[k] for k in local]
+                v = model(torch.cat([x_t[b] for b in mine]), t, [pool.position(grid.start(b)) for b in mine],
+                          [live.prompt(b) for b in mine], context)
+                v_of.update({group[k]: v[r:r + 1] for r, k in enumerate(local)})
+            for i, (b, stage) in enumerate(tick.pairs):
+                if plan.is_clean(b, stage):
+                    x_t.pop(b, None)
+                    continue
+                flow = run.flow_of(b)
+                last = stage + 1 == len(flow)
+                x0 = None
+                if i in v_of:
+                    x0 = flow.x0(x_t[b], v_of[i].to(dtype), stage)
+                    # after the last step the clean pass runs on x0 itself
+                    x_t[b] = x0 if last else flow.renoise(x0, stage + 1,
+                                                          step_noise(seed, block_offset + b, stage, x0))
+                if not last:
+                    continue
+                if not plan.clean_pass:  # no clean pass follows: the block is done
+                    x_t.pop(b, None)
+                done += 1
+                latents = part.collect(b, x0, grid.size(b))
+                if latents is None:  # finished on another process, reported there
+                    continue
+                out.write(grid.start(b), latents)
+                elapsed = time.perf_counter() - start
+                first_block = elapsed if first_block is None else first_block
+                if on_block is not None:
+                    on_block(BlockEvent(b, latents, tick.index, elapsed))
+            if on_tick is not None:
+                on_tick(TickEvent(tick.index, ticks_total, tick.pairs, done, time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    first, latents = out.last(cfg.attended_window if endless else out.end)
+    return Result.of_run(latents, first, lead, include_prefix, done if endless else blocks, ticks_run, forwards,
+                         seconds, first_block or seconds)

@@ -1,0 +1,78 @@
+"""How much memory a run needs, and how much a device has: the one estimate the nodes and the CLI share.
+
+:func:`estimate_run_bytes` is deliberately generous (20 % and 256 MiB on top): it is used to refuse a
+run that cannot fit before any model work starts, not to size allocations.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..common.constants import GIB, LATENT_CHANNELS
+from ..model.kv_pool import PoolLayout
+from .latent_window import held_frames
+from .loop import CascadeConfig
+from .plan import latent_size
+
+
+def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks: int, width: int, height: int,
+                       prompts: int, vae_bytes: int, ranks: int = 1, prefix_frames: int = 0) -> tuple[int, str]:
+    """About how many bytes a run needs on its device besides the DiT weights, and what they are made of.
+
+    ``model_cfg``: the model's :class:`~cascade_core.model.dit.WanConfig`; ``dtype``: the DiT's dtype;
+    ``width``/``height`` in pixels (ValueError unless multiples of 16); ``prompts``: entries of the
+    prompt schedule; ``blocks`` 0: an endless video (with a window: checked before); ``vae_bytes``: the decoder's weights in bytes (0 without a VAE); ``ranks``: the
+    devices of a worker pool (each keeps a full KV cache replica, computes its share of the blocks in
+    flight and holds the k/v all-gather buffers): the result is then one rank's need; ``prefix_frames``:
+    latent frames of a context prefix before block 0 (held as any frames of the video).
+    Returns (bytes, "KV cache x GiB, activations y GiB, VAE z GiB").
+    """
+    c = model_cfg
+    h, w = latent_size(width, height, c.patch_size)
+    tpf = (h // c.patch_size[1]) * (w // c.patch_size[2])
+    fpb = cfg.frames_per_block
+    total = cfg.grid.total(blocks) + prefix_frames if blocks else None  # blocks 0: endless
+    frames = held_frames(cfg, total, prefix_frames)
+    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=total, window=cfg.attended_window,
+                        sink=cfg.sink, max_in_flight=cfg.parallel, rolling=cfg.rolling_window,
+                        prefix_frames=prefix_frames)
+    elem = 4 if dtype == torch.float32 else 2
+    anchors = cfg.sink * cfg.parallel if cfg.rolling_window else 0  # re-positioned copies of the sink
+    kv = 2 * c.num_layers * (layout.capacity_frames + anchors) * tpf * c.dim * elem
+    tokens = cfg.parallel * fpb * tpf
+    share = -(-cfg.parallel // ranks) * fpb * tpf  # tokens of the largest share of the blocks in flight
+    activations = share * (c.ffn_dim + 8 * c.dim) * elem * 2
+    if ranks > 1:  # the all-gather of one layer's k/v: a send share and every rank's share
+        activations += (ranks + 1) * share * 2 * c.dim * elem
+    if cfg.flashblock != "off":
+        activations += c.num_layers * tokens * c.dim * 4 * 2  # kept block-external outputs + log-sum-exp
+    text = prompts * c.num_layers * 2 * c.text_len * c.dim * elem
+    latents = 3 * LATENT_CHANNELS * frames * h * w * 4
+    vae_work = (vae_bytes + 3000 * h * w * 64 * elem) if vae_bytes else 0
+    total = int((kv + activations + text + latents + vae_work) * 1.2) + 256 * 1024 ** 2
+    what = (f"KV cache {kv / GIB:.2f} GiB, activations {activations / GIB:.2f} GiB, "
+            f"VAE {vae_work / GIB:.2f} GiB")
+    return total, what
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can use now: free GPU memory plus what this process's
+    caching allocator holds unused (CUDA), or the system's available memory (CPU, MemAvailable of
+    /proc/meminfo); None where it cannot be told."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

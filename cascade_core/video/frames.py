@@ -1,0 +1,270 @@
+"""Frames out while the DiT goes on.
+
+:class:`FrameStream` takes each finished block from the sampler (``on_block``), queues its decode on
+the VAE's own CUDA stream (so it overlaps the next ticks' DiT work) followed by a copy into pinned
+host memory and an event, and hands the frames out in block order on its own writer thread, which
+waits for each block's event and runs ``on_frames`` (the PNG/MP4/JPEG encoding):
+
+    frames = FrameStream(decoder, on_frames=show)
+    result = generate(..., on_block=frames.push, on_tick=frames.poll)
+    video = frames.finish()
+
+Guarantees: the caller's thread never waits for the GPU in ``push``/``poll`` (no ``.cpu()``, no
+blocking copy, no synchronisation); frames of block b are handed out after those of block b-1, each
+exactly once, on the writer thread; the frame indices are those of one decode of the whole video
+(1 + 4(n-1) frames for the first block of n latent frames, 4n after). An exception raised on the
+writer thread (by ``on_frames`` too) is raised again by the next ``push``, ``poll`` or ``finish``;
+after it no more frames are handed out. ``finish`` hands out every queued block and ends the thread;
+``close`` does the same without raising (cleanup on an error path). On the CPU a block is decoded at
+once in ``push``; only ``on_frames`` runs on the writer thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..common.transfer import to_host_async
+from ..sampling.loop import BlockEvent
+
+log = logging.getLogger("block_cascade")
+
+
+def video_frames(latent_frames: int) -> int:
+    """Wan's VAE: the first latent frame gives 1 video frame, each later one 4."""
+    return 1 + 4 * (latent_frames - 1) if latent_frames > 0 else 0
+
+
+@dataclass(frozen=True)
+class FramesEvent:
+    block: int
+    first_frame: int  # index in the video of frames[:, :, 0]
+    frames: torch.Tensor  # [1, 3, F, H, W] float32 in [-1, 1], in host memory (pinned after a GPU decode)
+    seconds: float  # since the stream was created, when the frames were handed out
+
+
+class FrameStream:
+    """See the module docstring. ``keep``: also collect every frame for :meth:`finish` to return."""
+
+    def __init__(self, decoder, on_frames: Callable[[FramesEvent], None] | None = None, keep: bool = True,
+                 frames_per_pass: int | None = None, should_stop: Callable[[], bool] | None = None):
+        # a whole block per decoder pass: faster than one latent frame per pass on an H100 at 832x480
+        # (bench --vae times both), for a few GB more activation memory. With ``should_stop`` on the
+        # CPU, where a decode holds the caller, one latent frame per pass, and a stop is looked for
+        # between passes (raising cascade_core.sampling.loop.Interrupted).
+        if should_stop is not None and frames_per_pass is None and torch.device(decoder.device).type == "cpu":
+            frames_per_pass = 1
+        self.stream = decoder.stream(frames_per_pass, should_stop)
+        self.on_frames, self.keep = on_frames, keep
+        self.kept: list[torch.Tensor] = []
+        self.next_frame = 0
+        self.start = time.perf_counter()
+        self._queue: queue.Queue = queue.Queue()  # (block, DecodeHandle) in block order; None ends the thread
+        self._thread: threading.Thread | None = None  # started by the first push, ended by finish/close
+        self._error: BaseException | None = None  # raised on the writer thread, raised again here
+
+    def push(self, event: BlockEvent) -> None:
+        """Queue the decode of a finished block (blocks arrive in order); never waits for the GPU.
+
+        Raises what the writer thread raised for an earlier block, and on the CPU what the decode
+        raises (:class:`cascade_core.sampling.loop.Interrupted` when ``should_stop`` says so).
+        """
+        self._raise()
+        handle = self.stream.decode_async(event.latents, to_host=True)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write, name="block-cascade-frames", daemon=True)
+            self._thread.start()
+        self._queue.put((event.block, handle))
+
+    def poll(self, _event=None, wait: bool = False) -> None:
+        """Raise what the writer thread raised, if anything (an ``on_tick`` callback); with ``wait``,
+        first wait until the frames of every block pushed so far are handed out."""
+        if wait and self._thread is not None:
+            self._queue.join()
+        self._raise()
+
+    def finish(self) -> torch.Tensor | None:
+        """Hand out the frames of every pushed block and end the writer thread; with ``keep``, all
+        frames [1, 3, F, H, W] in host memory (else None). Raises what the writer thread raised."""
+        self._end_thread()
+        self._raise()
+        return torch.cat(self.kept, 2) if self.keep and self.kept else None
+
+    def close(self) -> None:
+        """Like :meth:`finish`, but logs the writer thread's exception instead of raising it (for a
+        ``finally`` while another exception is on its way)."""
+        self._end_thread()
+        if self._error is not None:
+            log.warning("Block Cascade: handing out frames failed: %s: %s", type(self._error).__name__, self._error)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _end_thread(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _write(self) -> None:
+        """The writer thread: in block order, wait for a block's frames, then hand them out."""
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    self._hand_out(*item)
+            except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _hand_out(self, block: int, handle) -> None:
+        frames = handle.result()  # waits for the decode and the copy to the host (this thread only)
+        if self.keep:
+            self.kept.append(frames)
+        if self.on_frames is not None:
+            self.on_frames(FramesEvent(block, self.next_frame, frames, time.perf_counter() - self.start))
+        self.next_frame += frames.shape[2]
+
+
+def load_decoder(path: str, dtype: torch.dtype, device: torch.device | str):
+    """A taew2_1 file -> the tiny preview decoder; anything else -> WanVAEDecoder (a Wan2.1 VAE file or
+    diffusers folder; other files raise its :class:`CheckpointError`, which says what they are)."""
+    from ..weights.safe_io import read_weights
+    from .taew import TinyWanDecoder
+    from .vae import WanVAEDecoder
+
+    sd = read_weights(path)[0]
+    tiny = isinstance(sd, dict) and any(k.endswith("decoder.22.weight") for k in sd)
+    cls = TinyWanDecoder if tiny else WanVAEDecoder
+    return cls.from_state_dict(sd, dtype=dtype, device=device, source=path)
+
+
+class LatentRGBDecoder:
+    """A decoder-shaped cheap preview: a linear map of the 16 latent channels to RGB, upscaled 8x.
+
+    ``factors`` [16, 3] and ``bias`` [3] map normalised (DiT-space) latents to RGB in [-1, 1]
+    (ComfyUI's latent formats carry such tables for their sampler previews, in that space). Same streaming interface and frame counts as
+    the real decoders (first latent frame -> 1 frame, later ones -> 4 by repetition), so FrameStream
+    takes it unchanged; without factors it shows the channel mean in grey.
+    """
+
+    def __init__(self, factors=None, bias=None, device: torch.device | str = "cpu"):
+        self.factors = None if factors is None else torch.as_tensor(factors, dtype=torch.float32)
+        self.bias = None if bias is None else torch.as_tensor(bias, dtype=torch.float32)
+        self.device = torch.device(device)
+
+    def stream(self, frames_per_pass=None, should_stop=None) -> "LatentRGBDecoder._Stream":
+        """A new video (a preview decode is instant: nothing to stop)."""
+        return LatentRGBDecoder._Stream(self)
+
+    def rgb(self, z: torch.Tensor, first_block: bool) -> torch.Tensor:
+        """Normalised latents [1, 16, T, h, w] in host memory -> frames [1, 3, F, 8h, 8w] in [-1, 1]
+        (host memory)."""
+        z = z[0].float()  # [16, T, h, w]
+        if self.factors is not None and self.factors.shape[0] == z.shape[0]:
+            rgb = torch.einsum("cthw,cr->trhw", z, self.factors)
+            rgb = rgb if self.bias is None else rgb + self.bias.view(1, 3, 1, 1)
+        else:
+            rgb = z.mean(0, keepdim=True).transpose(0, 1).expand(-1, 3, -1, -1) * 0.5
+        rgb = torch.nn.functional.interpolate(rgb, scale_factor=8, mode="bilinear", align_corners=False)
+        repeats = torch.full((rgb.shape[0],), 4, dtype=torch.long)
+        repeats[0] = 1 if first_block else 4
+        frames = rgb.repeat_interleave(repeats, dim=0)  # [F, 3, H, W]
+        return frames.permute(1, 0, 2, 3).unsqueeze(0).clamp(-1, 1)
+
+    class _Stream:
+        def __init__(self, decoder: "LatentRGBDecoder"):
+            self.decoder, self.started = decoder, False
+
+        def decode_async(self, z: torch.Tensor, to_host: bool = False) -> "_Later":
+            """Queue the preview of the next block (the StreamingDecode interface): latents on a GPU
+            are copied to pinned host memory without waiting; ``result()`` computes the frames (on
+            the decoder's device, or in host memory with ``to_host``)."""
+            host, copied = to_host_async(z)
+            first, self.started = not self.started, True
+            device = torch.device("cpu") if to_host else self.decoder.device
+            return _Later(lambda: self.decoder.rgb(host, first).to(device), copied)
+
+
+class _Later:
+    """Frames computed on the host once a copy to it is done (the DecodeHandle interface):
+    ``ready()`` polls the copy; ``result()`` waits for it (this thread only) and computes them once."""
+
+    def __init__(self, compute: Callable[[], torch.Tensor], copied: "torch.cuda.Event | None"):
+        self.compute, self.copied, self.frames = compute, copied, None
+
+    def ready(self) -> bool:
+        return self.copied is None or self.copied.query()
+
+    def result(self) -> torch.Tensor:
+        if self.frames is None:
+            if self.copied is not None:
+                self.copied.synchronize()
+            self.frames = self.compute()
+        return self.frames
+
+
+def to_uint8_frames(frames: torch.Tensor) -> torch.Tensor:
+    """[1, 3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8 on the CPU."""
+    return ((frames[0].permute(1, 2, 3, 0).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+class VideoWriter:
+    """An H.264 MP4 written frame by frame (PyAV), and optionally each frame as a PNG in a folder.
+
+    The MP4 is fragmented (an empty ``moov`` first, then a ``moof``/``mdat`` fragment per keyframe, one
+    every KEYFRAME_SECONDS, each flushed to the file as it is written): a file cut off at any moment
+    (the process killed, the disk full) plays up to its last whole fragment, and :meth:`close` only
+    adds the frames still in the encoder. Browsers, ffmpeg and the usual players play such files."""
+
+    KEYFRAME_SECONDS = 2
+
+    def __init__(self, path: str | None, fps: int = 16, frames_dir: str | None = None):
+        self.path, self.fps, self.frames_dir = path, fps, frames_dir
+        self.container = self.video = None
+        self.count = 0
+        if frames_dir:
+            os.makedirs(frames_dir, exist_ok=True)
+
+    def write(self, event: FramesEvent) -> None:
+        pixels = to_uint8_frames(event.frames)  # [F, H, W, 3]
+        if self.path and self.container is None:
+            self._open(pixels.shape[2], pixels.shape[1])
+        for i, frame in enumerate(pixels.numpy()):
+            if self.container is not None:
+                for packet in self.video.encode(self._av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    self.container.mux(packet)
+            if self.frames_dir:
+                from PIL import Image  # Pillow comes with ComfyUI and with PyAV's usual installs
+                Image.fromarray(frame).save(os.path.join(self.frames_dir, f"{event.first_frame + i:05d}.png"))
+        self.count += len(pixels)
+
+    def _open(self, width: int, height: int) -> None:
+        try:
+            import av
+        except ImportError:
+            raise RuntimeError("writing MP4 needs PyAV: pip install av") from None
+        self._av = av
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.container = av.open(self.path, mode="w", options={
+            "movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"})
+        self.video = self.container.add_stream("libx264", rate=self.fps)
+        self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
+        self.video.codec_context.gop_size = self.KEYFRAME_SECONDS * self.fps
+
+    def close(self) -> None:
+        if self.container is not None:
+            for packet in self.video.encode():
+                self.container.mux(packet)
+            self.container.close()
+            self.container = None

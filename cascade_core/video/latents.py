@@ -1,0 +1,43 @@
+"""The Wan2.1 latent space: 16 channels, a latent frame per 4 video frames after the first, 8x8 pixels
+per latent pixel, and the per-channel normalisation between the VAE's raw latents (what ComfyUI's
+``LATENT`` holds) and the normalised latents the DiT works in (the released VAE's mean and std).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..common.constants import LATENT_CHANNELS
+from ..common.transfer import to_device
+
+LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
+
+# ---- latent normalisation ----------------------------------------------------------------------
+
+def check_latents(z: torch.Tensor) -> None:
+    """ValueError unless ``z`` is latents [B, 16, T, h, w]."""
+    if z.dim() != 5 or z.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"expected latents [B, {LATENT_CHANNELS}, T, h, w], got {tuple(z.shape)}")
+
+
+def _per_channel(values: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
+    # uploaded without blocking: on the VAE's stream a blocking copy would wait for the DiT's tick
+    return to_device(torch.tensor(values, dtype=torch.float32), z.device).view(1, -1, 1, 1, 1)
+
+
+def normalized_to_raw(z: torch.Tensor) -> torch.Tensor:
+    """DiT-space latents -> the VAE's raw latents, ``z * std + mean`` per channel (z: [B,16,T,h,w]).
+
+    Computed in float32, returned in z's dtype.
+    """
+    check_latents(z)
+    return (z.float() * _per_channel(LATENT_STD, z) + _per_channel(LATENT_MEAN, z)).to(z.dtype)
+
+
+def raw_to_normalized(z: torch.Tensor) -> torch.Tensor:
+    """The VAE's raw latents (ComfyUI's ``LATENT``) -> DiT-space latents; inverse of :func:`normalized_to_raw`."""
+    check_latents(z)
+    return ((z.float() - _per_channel(LATENT_MEAN, z)) / _per_channel(LATENT_STD, z)).to(z.dtype)

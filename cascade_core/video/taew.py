@@ -1,0 +1,143 @@
+"""A tiny, fast preview decoder for Wan2.1 latents: the decoder of "taew2_1" (madebyollin's TAEHV
+architecture), with the same streaming interface as :class:`cascade_core.video.vae.WanVAEDecoder`.
+
+Guarantees:
+- Parameter names are those of ``taew2_1.pth`` / ``taew2_1.safetensors``: ``decoder.N.*`` with N the
+  layer's index in the original sequential decoder (listed below). ``encoder.*`` keys and a common
+  prefix (``first_stage_model.``, ComfyUI's ``taehv_`` in ``taehv_decoder.*``) are ignored. A first
+  time-growth layer stored with more output channels than used keeps its last ones (the last time
+  step), as the original loader does. Other files raise :class:`CheckpointError`. (The Hunyuan
+  ``taehv.pth`` has the same shapes and cannot be told apart; it decodes other latents.)
+- Inputs are normalised latents [B, 16, T, h, w] (what the DiT produces, as for the full decoder);
+  outputs are [B, 3, F, 8h, 8w] float32 in [-1, 1] with the full decoder's frame counts: the network
+  makes 4 frames per latent frame and the video's first 3 are dropped, as in the original.
+- Causal: each memory block sees its own input and the previous frame's (zeros before the first),
+  nothing else crosses frames. With that one frame of memory per block kept in a
+  :class:`~cascade_core.video.decode_stream.CausalState`, decoding block by block equals decoding all at once (up to
+  floating-point summation order), and the first-3-frames drop happens once per video.
+
+Layout (widths c0..c3 = 256, 128, 64, 64 in taew2_1)::
+
+    0 soft clamp  1 conv 16 -> c0  2 ReLU
+    3-5 MemBlock(c0)   6 upsample x2   7 TimeGrow(c0, x1)   8 conv c0 -> c1 (no bias)
+    9-11 MemBlock(c1)  12 upsample x2  13 TimeGrow(c1, x2)  14 conv c1 -> c2 (no bias)
+    15-17 MemBlock(c2) 18 upsample x2  19 TimeGrow(c2, x2)  20 conv c2 -> c3 (no bias)
+    21 ReLU  22 conv c3 -> 3   (output on the [0, 1] scale)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..common.constants import FRAMES_PER_LATENT, LATENT_CHANNELS
+from ..weights.safe_io import CheckpointError
+from ..weights.vae_names import component_weights, describe
+from .decode_stream import CausalState, LatentVideoDecoder
+
+TAEW2_1_WIDTHS = (256, 128, 64, 64)
+TIME_STRIDES = (1, 2, 2)  # frames per input frame at each level: 4 in all, as the full decoder
+
+
+def _conv3x3(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+
+
+class SoftClamp(nn.Module):
+    """``3 tanh(x / 3)``: keeps latents within (-3, 3), nearly unchanged near 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+class MemBlock(nn.Module):
+    """``relu(convs([x_t, x_{t-1}]) + x_t)``: a residual block that also sees the previous frame's input.
+
+    Works on frames flattened to [(B T), C, H, W]; x_{t-1} of a call's first frame comes from the
+    :class:`CausalState` (zeros at the start of a video).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            _conv3x3(2 * channels, channels), nn.ReLU(),
+            _conv3x3(channels, channels), nn.ReLU(),
+            _conv3x3(channels, channels))
+
+    def forward(self, x: torch.Tensor, batch: int, state: CausalState) -> torch.Tensor:
+        frames = rearrange(x, "(b t) c h w -> b t c h w", b=batch)
+        joined = state.with_past(self, frames, 1, dim=1)  # [B, 1 + T, C, H, W]
+        previous = rearrange(joined[:, :-1], "b t c h w -> (b t) c h w")
+        return F.relu(self.conv(torch.cat([x, previous], dim=1)) + x)
+
+
+class TimeGrow(nn.Module):
+    """Each frame becomes ``stride`` consecutive frames: a 1x1 conv to stride*C channels, channel
+    group s giving sub-frame s. [(B T), C, H, W] -> [(B T stride), C, H, W]."""
+
+    def __init__(self, channels: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(channels, channels * stride, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return self.conv(x).reshape(n * self.stride, c, h, w)
+
+
+class TinyWanDecoder(LatentVideoDecoder):
+    """The taew2_1 decoder (widths ``widths``; the released ones are :data:`TAEW2_1_WIDTHS`)."""
+
+    frames_dropped = FRAMES_PER_LATENT - 1  # the network's first frames of a video, not part of the video
+
+    def __init__(self, widths: tuple[int, int, int, int] = TAEW2_1_WIDTHS):
+        super().__init__()
+        c0, c1, c2, c3 = widths
+        self.widths = tuple(widths)
+        layers: list[nn.Module] = [SoftClamp(), _conv3x3(LATENT_CHANNELS, c0), nn.ReLU()]
+        for (cin, cout), stride in zip(((c0, c1), (c1, c2), (c2, c3)), TIME_STRIDES):
+            layers += [MemBlock(cin), MemBlock(cin), MemBlock(cin), nn.Upsample(scale_factor=2),
+                       TimeGrow(cin, stride), _conv3x3(cin, cout, bias=False)]
+        layers += [nn.ReLU(), _conv3x3(c3, 3)]
+        self.decoder = nn.Sequential(*layers)
+
+    def decode_pass(self, z: torch.Tensor, state: CausalState) -> torch.Tensor:
+        batch = z.shape[0]
+        x = rearrange(z.to(self.dtype), "b c t h w -> (b t) c h w")
+        for layer in self.decoder:
+            x = layer(x, batch, state) if isinstance(layer, MemBlock) else layer(x)
+        frames = rearrange(x, "(b t) c h w -> b c t h w", b=batch)
+        if not state.started:
+            frames = frames[:, :, self.frames_dropped:]
+        return frames * 2 - 1  # [0, 1] -> [-1, 1]
+
+    @classmethod
+    def _weights_and_config(cls, sd: Any, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        weights = component_weights(sd, "decoder.1.weight", ("decoder.",), source)
+        if weights is None or "decoder.22.weight" not in weights:
+            raise CheckpointError(source, f"not a taew2_1 tiny decoder (no decoder.1.weight / decoder.22.weight): "
+                                          f"it looks like {describe(sd)}")
+        first, last = weights["decoder.1.weight"], weights["decoder.22.weight"]  # [c0, 16, 3, 3], [3, c3, 3, 3]
+        if first.dim() != 4 or first.shape[1] != LATENT_CHANNELS:
+            raise CheckpointError(source, f"a tiny decoder for {first.shape[1] if first.dim() == 4 else '?'}-channel "
+                                          f"latents (taew2_2 / taehv1_5?); Wan2.1 has {LATENT_CHANNELS}")
+        if last.dim() != 4 or last.shape[0] != 3:
+            raise CheckpointError(source, f"a tiny decoder with {last.shape[0]} output channels (a patched "
+                                          "model such as taew2_2?); taew2_1 outputs 3")
+        try:
+            widths = tuple(weights[f"decoder.{i}.weight"].shape[0] for i in (1, 8, 14, 20))
+        except KeyError as exc:
+            raise CheckpointError(source, f"missing decoder key {exc.args[0]}") from None
+        with torch.device("meta"):
+            layers = cls(widths).decoder
+        weights = dict(weights)
+        for index, layer in enumerate(layers):
+            name = f"decoder.{index}.conv.weight"
+            if isinstance(layer, TimeGrow) and name in weights:
+                used, stored = layer.conv.weight.shape[0], weights[name].shape[0]  # stride * C
+                if stored > used and stored % layer.conv.weight.shape[1] == 0:
+                    weights[name] = weights[name][-used:]  # keep the last time step's channels
+        return weights, {"widths": widths}

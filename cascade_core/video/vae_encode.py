@@ -1,0 +1,198 @@
+"""Pixels into the DiT's latents: the Wan2.1 VAE encoder (diffusers' ``AutoencoderKLWan``), and the
+start image or video frames it encodes.
+
+Guarantees:
+- The encoder is read from the same files as the decoder of :mod:`vae` (the original Wan / ComfyUI
+  layout as ``.safetensors`` or a ``.pt`` read with ``weights_only``, a diffusers folder or file, a
+  common key prefix), through :func:`safe_io.read_weights`; nothing in them runs. Original names
+  are converted by diffusers' own ``convert_wan_vae_to_diffusers``; the model is sized from the
+  weights and loaded strictly. A file that is not a complete 16-channel Wan2.1 VAE raises
+  :class:`CheckpointError` naming the file (a decoder-only file: the encoder half is missing).
+- :func:`encode` returns normalised (DiT-space) latents: the latent distribution's mode (its mean),
+  then :func:`latents.raw_to_normalized`. Video frame 0 gives latent frame 0, every 4 later frames one more.
+- Images and video frames are scaled to cover width x height keeping their aspect ratio, then
+  centre-cropped (Pillow's ``ImageOps.fit``; core ComfyUI's ``common_upscale(..., "center")`` rule);
+  RGB, alpha dropped; pixels on the [-1, 1] scale. 16-bit and 32-bit images are scaled to 8 bits,
+  not clipped (:func:`load_image`).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from ..common.constants import FRAMES_PER_LATENT, PIXELS_PER_LATENT
+from ..common.messages import first_line
+from ..weights.safe_io import CheckpointError, read_weights
+from ..weights.vae_names import (
+    DIFFUSERS_ANCHOR,
+    DIFFUSERS_ENCODER_ANCHOR,
+    DIFFUSERS_ENCODER_PARTS,
+    DIFFUSERS_PARTS,
+    ENCODER_ANCHOR,
+    ENCODER_PARTS,
+    check_weight_names,
+    component_weights,
+)
+from .latents import raw_to_normalized
+from .vae import WanVAEDecoder
+
+ORIGINAL_DECODER_PARTS = ("decoder.", "conv2.")
+
+
+def video_frames_for(latent_frames: int) -> int:
+    """Video frames that encode into ``latent_frames`` latent frames: 1 + 4(K - 1)."""
+    return 1 + FRAMES_PER_LATENT * (latent_frames - 1)
+
+
+def _complete_weights(sd, source: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a complete Wan2.1 VAE in ``sd`` under diffusers' names (prefix removed)."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    original = component_weights(sd, ENCODER_ANCHOR, ENCODER_PARTS + ORIGINAL_DECODER_PARTS, source)
+    if original is not None:
+        return convert_wan_vae_to_diffusers(original)
+    weights = component_weights(sd, DIFFUSERS_ENCODER_ANCHOR, DIFFUSERS_ENCODER_PARTS + DIFFUSERS_PARTS, source)
+    if weights is not None and weights[DIFFUSERS_ENCODER_ANCHOR].dim() == 5 and DIFFUSERS_ANCHOR in weights:
+        return weights
+    raise CheckpointError(source, "holds only the decoder half of the Wan2.1 VAE; the encoder half "
+                                  f"({ENCODER_ANCHOR.split('.')[0]}.*) that encodes images and videos is missing: "
+                                  "use the complete VAE (wan_2.1_vae.safetensors, Wan2.1_VAE.pth or the "
+                                  "diffusers vae/ folder)")
+
+
+def load_encoder(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+    """diffusers' ``AutoencoderKLWan`` (eval, no gradients, ``dtype`` on ``device``) with the weights of
+    the complete Wan2.1 VAE in ``path`` (a file or a diffusers folder, see :func:`safe_io.read_weights`);
+    see :func:`encoder_from_state_dict`."""
+    path = os.fspath(path)
+    return encoder_from_state_dict(read_weights(path)[0], dtype=dtype, device=device, source=path)
+
+
+def encoder_from_state_dict(sd, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                            source: str = "state dict"):
+    """diffusers' ``AutoencoderKLWan`` (eval, no gradients, ``dtype`` on ``device``) with the weights of
+    the complete Wan2.1 VAE in ``sd`` (any layout :func:`load_encoder` reads), its base width read from
+    them; the weights are copied. Raises :class:`CheckpointError` naming ``source`` when ``sd`` is not a
+    16-channel Wan2.1 VAE (what it looks like instead, or the missing/unexpected keys) or lacks the
+    encoder half."""
+    from diffusers import AutoencoderKLWan
+
+    dim = WanVAEDecoder.from_state_dict(sd, device="meta", source=source).dim  # a Wan2.1 VAE, or why not
+    weights = _complete_weights(sd, source)
+    with torch.device("meta"):
+        model = AutoencoderKLWan(base_dim=dim)
+    check_weight_names(model.state_dict(), weights, source, "VAE")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in weights.items()}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Frames [1, 3, T, H, W] on the [-1, 1] scale, T = 1 + 4k, H and W multiples of 8 -> normalised
+    latents [1, 16, 1 + (T - 1) // 4, H/8, W/8] float32 on ``vae``'s device (a :func:`load_encoder`
+    model). Raises ValueError for another shape."""
+    shape = list(pixels.shape)
+    if len(shape) != 5 or shape[:2] != [1, 3] or shape[3] % PIXELS_PER_LATENT or shape[4] % PIXELS_PER_LATENT:
+        raise ValueError(f"pixels must be [1, 3, T, H, W] with H and W multiples of {PIXELS_PER_LATENT}, got {shape}")
+    if shape[2] < 1 or (shape[2] - 1) % FRAMES_PER_LATENT:
+        raise ValueError(f"the VAE encodes 1 + 4k frames (1, 5, 9, ...), got {shape[2]}")
+    param = next(vae.parameters())
+    with torch.inference_mode():
+        raw = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
+    return raw_to_normalized(raw.float())
+
+
+def _eight_bit(image):
+    """A Pillow image with integer ("I;16*", "I": 0..65535) or float ("F": 0..1) grey levels -> mode "L"
+    on the 0..255 scale (rounded, clipped); any other image unchanged."""
+    from PIL import Image
+
+    if image.mode == "F":
+        scale = 255.0
+    elif image.mode == "I" or image.mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    else:
+        return image
+    levels = np.asarray(image).astype(np.float32) * scale
+    return Image.fromarray(np.clip(np.nan_to_num(levels).round(), 0, 255).astype(np.uint8))
+
+
+def _fitted(image, width: int, height: int) -> np.ndarray:
+    """A Pillow image -> uint8 [height, width, 3]: RGB (alpha dropped; see :func:`_eight_bit`), covering
+    the size, centre-cropped."""
+    from PIL import Image, ImageOps
+
+    rgb = _eight_bit(image).convert("RGB")
+    return np.asarray(ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5)))
+
+
+def _to_pixels(frames: list[np.ndarray]) -> torch.Tensor:
+    """uint8 frames [H, W, 3] -> [1, 3, T, H, W] float32 on the [-1, 1] scale."""
+    video = torch.from_numpy(np.stack(frames)).float() / 127.5 - 1.0  # [T, H, W, 3]
+    return video.permute(3, 0, 1, 2).unsqueeze(0).contiguous()
+
+
+def load_image(path: str, width: int, height: int) -> torch.Tensor:
+    """A still image (PNG, JPEG, ...; EXIF orientation applied) -> [1, 3, 1, height, width] on the
+    [-1, 1] scale. 16-bit and 32-bit integer grey levels (modes "I;16", "I") are read on the 16-bit
+    scale 0..65535 and float ones ("F") on 0..1, then scaled to 8 bits. An image of more pixels than
+    Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89 megapixels by default,
+    over 5 times a 4096 x 4096 frame) is refused from its header, before any pixel is decoded, and without
+    Pillow's warning. Raises :class:`CheckpointError` naming the file when it is missing, unreadable
+    or too large."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise CheckpointError(path, "no such file")
+    limit = Image.MAX_IMAGE_PIXELS
+    why = f"Pillow's decompression-bomb limit is {limit} pixels; scale it down"
+    try:
+        with warnings.catch_warnings():  # past the limit it is refused below, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            if limit is not None and image.width * image.height > limit:
+                raise CheckpointError(path, f"too large: {image.width} x {image.height} pixels ({why})")
+            frame = _fitted(ImageOps.exif_transpose(image), width, height)
+    except Image.DecompressionBombError:  # over twice the limit: Pillow refuses it without giving the size
+        raise CheckpointError(path, f"too large: more than {2 * limit} pixels ({why})") from None
+    except CheckpointError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise CheckpointError(path, f"not a readable image ({first_line(exc)})") from None
+    return _to_pixels([frame])
+
+
+def load_video(path: str, width: int, height: int, latent_frames: int | None = None) -> torch.Tensor:
+    """The last 1 + 4(K - 1) frames of a video file (MP4, WebM, ...; K = ``latent_frames``, or the
+    largest such count the file holds when it is shorter; every 1 + 4k of its last frames when None)
+    -> [1, 3, 1 + 4(K - 1), height, width] on the [-1, 1] scale, each frame scaled and cropped as
+    :func:`load_image`. Raises :class:`CheckpointError` naming the file when it is missing, unreadable
+    or holds no video frames, ValueError for ``latent_frames`` < 1."""
+    import av
+
+    if latent_frames is not None and latent_frames < 1:
+        raise ValueError(f"latent frames must be >= 1, got {latent_frames}")
+    if not os.path.isfile(path):
+        raise CheckpointError(path, "no such file")
+    keep = collections.deque(maxlen=None if latent_frames is None else video_frames_for(latent_frames))
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError) as exc:
+        raise CheckpointError(path, f"not a readable video ({first_line(exc)})") from None
+    with container:
+        if not container.streams.video:
+            raise CheckpointError(path, "holds no video stream")
+        try:
+            for frame in container.decode(video=0):
+                keep.append(_fitted(frame.to_image(), width, height))
+        except (av.FFmpegError, OSError) as exc:
+            raise CheckpointError(path, f"not a readable video ({first_line(exc)})") from None
+    if not keep:
+        raise CheckpointError(path, "holds no video frames")
+    count = video_frames_for(1 + (len(keep) - 1) // FRAMES_PER_LATENT)
+    return _to_pixels(list(keep)[len(keep) - count:])

@@ -1,0 +1,267 @@
+"""One loader for Wan2.1 text-to-video DiT weights, whatever layout they were saved in.
+
+:func:`load_dit` returns a state dict with the canonical parameter names of :class:`model.WanModel`
+(the original Wan / ComfyUI names) in the requested dtype, and a :class:`CheckpointInfo` saying
+what was found. This module reads the file, chooses the weights inside it (EMA or base, the
+container trail), dequantises them and merges a LoRA; the names of each layout and the checks that
+the weights are a Wan2.1 T2V DiT are :mod:`dit_names`'s.
+
+Guarantees:
+- Files are read only through :mod:`safe_io`: safetensors memory-mapped, ``.pt`` through
+  ``torch.load(weights_only=True)``; no pickled code ever runs. Files are never written.
+- Layouts understood: training checkpoints of Self-Forcing, CausVid, Causal Forcing and LongLive
+  (``generator_ema`` / ``generator`` / ``model`` / ``state_dict`` / ``module`` containers, possibly
+  nested, keys under ``model.``, ``module.`` and FSDP / activation-checkpoint / compile wrapper names);
+  ComfyUI and repackaged safetensors with or without ``model.diffusion_model.`` / ``diffusion_model.``
+  / ``model.`` prefixes; the diffusers ``WanTransformer3DModel`` layout; a folder of (sharded)
+  ``diffusion_pytorch_model*.safetensors`` with its ``config.json`` (original Wan or diffusers).
+- Precision: fp32 / fp16 / bf16 sources, and fp8 (``float8_e4m3fn``, ``float8_e5m2``) with or
+  without a per-tensor scale (ComfyUI "fp8 scaled": ``<layer>.scale_weight`` beside
+  ``<layer>.weight`` and a ``scaled_fp8`` marker; newer files name it ``<layer>.weight_scale``),
+  dequantised as ``weight.float() * scale`` and then cast.
+- A LoRA (``lora=``) is merged at load by :func:`lora.merge_lora` (every key style it reads is
+  listed there).
+- Every failure is a :class:`safe_io.CheckpointError` that names the file and says what is wrong:
+  what the file looks like when it is not a Wan2.1 T2V DiT, which keys are missing or unexpected
+  (the first few), which tensor has an inconsistent shape, which LoRA keys match no layer.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from ..common.messages import SHOW, first_keys
+from ..model.dit import WanConfig
+from ..model.fp8 import FP8_DTYPES
+from ..model.fp8 import dequantize_state_dict as dequantize
+from .dit_names import (
+    check_keys_and_shapes,
+    dit_prefix,
+    from_diffusers,
+    is_diffusers_layout,
+    read_config,
+    unwrap_names,
+    wan_variant,
+)
+from .lora import merge_lora
+from .safe_io import SAFETENSORS_EXT, CheckpointError, read_weights
+
+EMA_MODES = ("auto", "ema", "base")
+
+# Containers of training checkpoints, most specific first.
+EMA_KEYS = ("generator_ema", "model_ema", "ema")
+BASE_KEYS = ("generator", "model", "state_dict", "module")
+
+
+# ---- what was loaded ---------------------------------------------------------------------------
+
+@dataclass
+class CheckpointInfo:
+    """What :func:`load_dit` found and did."""
+
+    path: str
+    source_format: str  # e.g. "self-forcing .pt (generator_ema)", "comfyui safetensors", "diffusers"
+    source_dtypes: dict[str, int]  # stored dtype -> number of tensors
+    dtype: str  # dtype of the returned tensors
+    parameters: int
+    bytes: int  # size of the returned tensors
+    config: WanConfig
+    ema_used: bool = False
+    ema_available: bool = False
+    quantization: str | None = None  # e.g. "fp8 e4m3fn scaled"
+    lora: str | None = None
+    lora_scale: float = 0.0
+    lora_layers: int = 0
+    lora_note: str | None = None  # what the merge left out (image-to-video layers), one line
+    ignored_tensors: int = 0  # tensors outside the DiT (VAE, text encoder of a bundled file)
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.config.ffn_dim
+
+    @property
+    def model_name(self) -> str:
+        known = {(1536, 30, 8960): "Wan2.1 T2V 1.3B", (5120, 40, 13824): "Wan2.1 T2V 14B"}
+        return known.get((self.dim, self.num_layers, self.ffn_dim), "Wan2.1-style T2V DiT")
+
+    def describe(self) -> str:
+        """One line: model, shape, size, source, EMA and LoRA."""
+        c = self.config
+        dtypes = "+".join(self.source_dtypes)
+        parts = [f"{self.model_name} (dim {c.dim}, {c.num_layers} layers, {c.num_heads} heads, ffn {c.ffn_dim})",
+                 f"{_count(self.parameters)} params, {_size(self.bytes)} {self.dtype}",
+                 f"from {self.source_format} [{dtypes}]"]
+        if self.ema_available or self.ema_used:
+            parts.append("EMA weights" if self.ema_used else "base (non-EMA) weights")
+        if self.lora:
+            parts.append(f"LoRA {self.lora} x{self.lora_scale:g} merged into {self.lora_layers} layers"
+                         + (f", {self.lora_note}" if self.lora_note else ""))
+        if self.ignored_tensors:
+            parts.append(f"{self.ignored_tensors} non-DiT tensors ignored")
+        return f"{os.path.basename(self.path)}: " + "; ".join(parts)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
+
+
+# ---- choosing the weights inside a file ------------------------------------------------------
+
+def _select(obj: Any, path: str, ema: str, prefer_base: bool) -> tuple[dict, list[str], bool, bool]:
+    """The tensor dict of a (possibly nested) checkpoint: (tensors, container trail, ema used, ema available)."""
+    trail: list[str] = []
+    ema_used = ema_available = False
+    outer: list[str] = []  # the containers of the first level, for messages
+    while True:
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(path, f"holds a {type(obj).__name__}, not a dict of tensors")
+        containers = {k: v for k, v in obj.items() if isinstance(v, Mapping)}
+        ema_key = next((k for k in EMA_KEYS if k in containers), None)
+        base_key = next((k for k in BASE_KEYS if k in containers), None)
+        if ema_key is None and base_key is None:
+            break
+        outer = outer or [str(k) for k in containers]
+        ema_available |= ema_key is not None
+        if ema == "ema":
+            key = ema_key or base_key  # an EMA container may sit deeper
+        elif ema == "base":
+            if base_key is None:
+                raise CheckpointError(path, f"holds only EMA weights ({ema_key}); use ema 'auto' or 'ema'")
+            key = base_key
+        else:
+            key = base_key if (prefer_base and base_key) or ema_key is None else ema_key
+        ema_used |= key == ema_key
+        trail.append(str(key))
+        obj = containers[key]
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        if "generator_lora" in obj or "critic_lora" in obj:
+            raise CheckpointError(path, "holds only LoRA weights (generator_lora); load it as the LoRA "
+                                        "of a base checkpoint")
+        raise CheckpointError(path, f"holds no tensors where weights were expected (keys: {_keys(obj)})")
+    if ema == "ema" and not ema_used:
+        what = f"it holds {_keys(outer)}" if outer else "a plain state dict"
+        raise CheckpointError(path, f"has no EMA weights ({what}); use ema 'auto' or 'base'")
+    return tensors, trail, ema_used, ema_available
+
+
+def _keys(obj: Mapping) -> str:
+    keys = [str(k) for k in obj]
+    return ", ".join(keys[:SHOW]) + (f" and {len(keys) - SHOW} more" if len(keys) > SHOW else "")
+
+
+
+# ---- precision ---------------------------------------------------------------------------------
+
+def dequantize_state_dict(sd: dict[str, torch.Tensor], path: str, dtype: torch.dtype) -> tuple[dict, str | None]:
+    """:func:`fp8.dequantize_state_dict` for a file: (tensors in ``dtype``, quantization label).
+
+    Raises CheckpointError naming ``path`` for integer-packed weights (a quantisation format this
+    loader does not read), a scale without its weight or a scale that does not fit its weight."""
+    ints = [k for k, v in sd.items() if not v.is_floating_point() and k != "scaled_fp8"
+            and not k.endswith(".comfy_quant")]
+    if ints:
+        raise CheckpointError(path, f"integer-packed weights ({sd[ints[0]].dtype} in {first_keys(ints)}): a "
+                                    "quantisation format (int8 / nvfp4 / GGUF-style) this loader does not read; "
+                                    "use a bf16, fp16 or fp8 file")
+    try:
+        return dequantize(sd, dtype)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc)) from None
+
+
+# ---- the loader ----------------------------------------------------------------------------------
+
+def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto", lora: str | None = None,
+             lora_scale: float = 1.0, num_heads: int | None = None) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Load Wan2.1 T2V DiT weights -> (canonical state dict in ``dtype``, :class:`CheckpointInfo`).
+
+    ``ema``: "auto" takes EMA weights when the file has them, except with a LoRA, which is merged
+    into the base (non-EMA) weights it was trained on (as LongLive does); "ema" / "base" insist.
+    ``num_heads``: not stored in the weights; by default the folder's config.json says, else
+    dim // 128 (every released Wan2.1 model).
+    Tensors are named as in Wan (``patch_embedding.weight`` [dim, 16, 1, 2, 2], ...), on the CPU.
+    Raises CheckpointError (naming the file and what was found) for a missing, corrupt or foreign
+    file, or a pickle that would run code; ValueError for a bad ``ema`` or ``dtype``.
+    """
+    path = os.fspath(path)
+    if ema not in EMA_MODES:
+        raise ValueError(f"ema must be one of {EMA_MODES}, got {ema!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype in FP8_DTYPES:
+        raise ValueError(f"dtype must be a floating dtype such as torch.bfloat16, got {dtype}")
+    if not math.isfinite(lora_scale):
+        raise ValueError(f"lora_scale must be a finite number, got {lora_scale}")
+    raw, kind, folder_cfg = read_weights(path)
+    tensors, trail, ema_used, ema_available = _select(raw, path, ema, prefer_base=lora is not None)
+    del raw
+    sd = unwrap_names(tensors)
+
+    prefix = dit_prefix(sd, path)
+    ignored = sum(1 for k in sd if not k.startswith(prefix))
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    source_dtypes = dict(Counter(str(v.dtype).removeprefix("torch.") for v in sd.values()).most_common())
+    diffusers = is_diffusers_layout(sd)
+    variant = wan_variant(sd)
+    if variant:
+        raise CheckpointError(path, f"not a Wan2.1 text-to-video DiT: it is {variant}")
+
+    sd, quant = dequantize_state_dict(sd, path, dtype)
+    heads = num_heads or folder_cfg.get("num_heads") or folder_cfg.get("num_attention_heads")
+    heads = int(heads) if isinstance(heads, (int, float)) and heads > 0 else None
+    if diffusers:
+        sd = from_diffusers(sd, path)
+    sd = {k: v for k, v in sd.items() if not k.startswith("rope.") and k != "freqs"}  # recomputed, never stored weights
+    cfg = read_config(sd, path, heads)
+    check_keys_and_shapes(sd, cfg, path)
+
+    lora_name, merged = None, None
+    if lora is not None:
+        merged = merge_lora(sd, lora, lora_scale, dtype)
+        lora_name = os.path.basename(os.fspath(lora))
+
+    label = _format_label(path, kind, trail, prefix, diffusers, quant)
+    info = CheckpointInfo(
+        path=path, source_format=label, source_dtypes=source_dtypes, dtype=str(dtype).removeprefix("torch."),
+        parameters=sum(v.numel() for v in sd.values()), bytes=sum(v.numel() * v.element_size() for v in sd.values()),
+        config=cfg, ema_used=ema_used, ema_available=ema_available, quantization=quant,
+        lora=lora_name, lora_scale=float(lora_scale) if lora is not None else 0.0,
+        lora_layers=merged.layers if merged else 0, lora_note=merged.note if merged else None,
+        ignored_tensors=ignored)
+    return sd, info
+
+
+def _format_label(path: str, kind: str, trail: list[str], prefix: str, diffusers: bool, quant: str | None) -> str:
+    lower = path.lower()
+    if diffusers:
+        label = "diffusers" + (" folder" if kind == "folder" else "")
+    elif kind == "folder":
+        label = "Wan safetensors folder"
+    elif lower.endswith(SAFETENSORS_EXT):
+        label = "comfyui safetensors" if "diffusion_model." in prefix else \
+            "safetensors" + (f" (prefix {prefix})" if prefix else "")
+    elif trail and trail[0] in ("generator", "generator_ema"):
+        label = f"self-forcing .pt ({'/'.join(trail)})"
+    else:
+        label = ".pt" + (f" ({'/'.join(trail)})" if trail else " state dict")
+    return label + (f", {quant}" if quant else "")

@@ -1,0 +1,193 @@
+"""LoRA files merged into canonical Wan2.1 T2V weights (:func:`merge_lora`, called by ``load_dit``).
+
+``W += lora_scale * alpha / rank * B @ A``. Key styles: peft (``base_model.model.<layer>.lora_A.weight``
+/ ``lora_B.weight``, LongLive's ``generator_lora``), ComfyUI / kohya (``lora_down`` / ``lora_up`` /
+``.alpha``, ``lora_unet_blocks_0_self_attn_q``), diffusers layer names, and full ``.diff`` /
+``.diff_b`` deltas. A ``<layer>.alpha`` is honoured in every style; without one (peft state dicts
+never carry it) alpha = rank, as LongLive configures it. The strength ``lora_scale`` applies to pairs
+and full deltas alike.
+
+Layer names are normalised once, whatever the style: dots and runs of underscores all become one
+underscore, so ``lora_unet__blocks_0_self_attn_q`` and ``lora_unet_blocks_0.self_attn.q`` name the
+same layer as ``blocks.0.self_attn.q``. Image-to-video layers (``k_img``, ``v_img``, ``norm_k_img``,
+``img_emb`` and their diffusers names) have no counterpart in a text-to-video model: they are left
+out, and the one-line note saying so is logged as a warning and kept in :class:`LoraMerge`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from ..common.messages import first_keys
+from .dit_names import I2V_LAYERS, diffusers_name, unwrap_names
+from .safe_io import CheckpointError, read_tensor_file
+
+_LORA_PARTS = (
+    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
+    (".alpha", "alpha"), (".diff_b", "diff_b"), (".diff", "diff"),
+)
+# Wrapper prefixes of the styles, normalised (see _normalise); removed one at a time.
+_LORA_PREFIXES = ("base_model_model_", "model_diffusion_model_", "diffusion_model_", "transformer_", "model_",
+                  "module_", "unet_", "lora_unet_", "lycoris_", "lora_transformer_")
+LORA_CONTAINERS = ("generator_lora", "lora", "state_dict")
+_I2V_LONGEST_FIRST = sorted(I2V_LAYERS, key=len, reverse=True)
+
+log = logging.getLogger("block_cascade")
+
+
+@dataclass
+class LoraMerge:
+    """What :func:`merge_lora` did: ``layers`` changed, and the image-to-video layers it ``left_out``
+    (kind such as ``k_img`` or ``img_emb`` -> number of layers of that kind)."""
+
+    layers: int
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def note(self) -> str | None:
+        """One line on the layers left out (None when none were)."""
+        if not self.left_out:
+            return None
+        n = sum(self.left_out.values())
+        kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(self.left_out.items()))
+        return (f"left out {n} image-to-video layer{'s' if n != 1 else ''} ({kinds}): a text-to-video model "
+                "has no image input for them")
+
+
+def _normalise(name: str) -> str:
+    """One spelling for every separator style: ``a.b__c`` -> ``a_b_c``."""
+    return re.sub(r"[._]+", "_", name).strip("_")
+
+
+def _lora_layer_names(names: Mapping[str, torch.Size]) -> dict[str, str]:
+    """Normalised spelling (original and diffusers name) -> canonical layer name (``blocks.0.self_attn.q``)."""
+    table: dict[str, str] = {}
+    for p in names:
+        if p.endswith(".bias"):
+            continue
+        layer = p.removesuffix(".weight")  # a layer, or a bare parameter such as blocks.0.modulation
+        for spelling in (layer, diffusers_name(layer)):
+            table[_normalise(spelling)] = layer
+    return table
+
+
+def _resolve_layer(name: str, table: dict[str, str]) -> str | None:
+    """A normalised LoRA layer name -> canonical layer, after removing wrapper prefixes one at a time."""
+    while name not in table:
+        prefix = next((p for p in _LORA_PREFIXES if name.startswith(p) and len(name) > len(p)), None)
+        if prefix is None:
+            return None
+        name = name[len(prefix):]
+    return table[name]
+
+
+def _i2v_kind(name: str) -> str | None:
+    """The image-to-video layer kind a normalised name holds (``norm_k_img``, ``k_img``, ...), if any."""
+    padded = f"_{name}_"
+    return next((kind for kind in _I2V_LONGEST_FIRST if f"_{kind}_" in padded), None)
+
+
+def _read_lora(lora_path: str) -> dict[str, torch.Tensor]:
+    obj = read_tensor_file(lora_path)
+    while isinstance(obj, Mapping):
+        inner = next((k for k in LORA_CONTAINERS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = obj[inner]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(lora_path, f"holds a {type(obj).__name__}, not a dict of LoRA tensors")
+    tensors = unwrap_names({str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+    if not tensors:
+        raise CheckpointError(lora_path, "holds no tensors")
+    return tensors
+
+
+def _check_layer(layer: str, parts: dict[str, torch.Tensor], sd: Mapping[str, torch.Tensor], lora_path: str) -> None:
+    """Raise :class:`CheckpointError` unless the parts of one layer fit its weights."""
+    wkey = layer + ".weight" if layer + ".weight" in sd else layer
+    if "down" in parts or "up" in parts:
+        if "down" not in parts or "up" not in parts:
+            have, need = ("lora_A/down", "lora_B/up") if "down" in parts else ("lora_B/up", "lora_A/down")
+            raise CheckpointError(lora_path, f"{layer}: has {have} but no {need}")
+        down, up, w = parts["down"], parts["up"], sd[wkey]
+        if up.dim() < 2 or up.shape[1] != down.shape[0] or up.shape[0] != w.shape[0] or \
+                down[0].numel() != w[0].numel():
+            raise CheckpointError(lora_path, f"{layer}: LoRA shapes {list(up.shape)} x {list(down.shape)} do not "
+                                             f"fit the weight {list(w.shape)} (a LoRA for another model size?)")
+        if "alpha" in parts and parts["alpha"].numel() != 1:
+            raise CheckpointError(lora_path, f"{layer}.alpha has shape {list(parts['alpha'].shape)}; an alpha is "
+                                             "one number")
+    elif "alpha" in parts and "diff" not in parts and "diff_b" not in parts:
+        raise CheckpointError(lora_path, f"{layer}: has an alpha but no LoRA matrices")
+    for role, key in (("diff", wkey), ("diff_b", layer + ".bias")):
+        if role in parts and (key not in sd or parts[role].shape != sd[key].shape):
+            got = list(sd[key].shape) if key in sd else "nothing"
+            raise CheckpointError(lora_path, f"{layer}.{role} has shape {list(parts[role].shape)} but the "
+                                             f"model has {got}")
+
+
+def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
+               dtype: torch.dtype | None = None) -> LoraMerge:
+    """Merge a LoRA file into canonical weights ``sd`` (tensors replaced, never modified in place).
+
+    ``scale``: the strength, applied to every style (low-rank pairs and full deltas alike).
+    Returns a :class:`LoraMerge`; image-to-video layers are left out with a logged warning. Unknown
+    keys, half-pairs and shapes that do not fit (a LoRA for another model size) raise
+    :class:`CheckpointError` naming the LoRA file, before any weight is changed.
+    """
+    lora_path = os.fspath(lora_path)
+    tensors = _read_lora(lora_path)
+    table = _lora_layer_names({k: v.shape for k, v in sd.items()})
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    left_out: dict[str, set[str]] = {}
+    unknown: list[str] = []
+    for key, t in tensors.items():
+        part = next(((key[: -len(s)], role) for s, role in _LORA_PARTS if key.endswith(s)), None)
+        if part is None:
+            unknown.append(key)
+            continue
+        name, role = _normalise(part[0]), part[1]
+        layer = _resolve_layer(name, table)
+        if layer is not None:
+            groups.setdefault(layer, {})[role] = t
+        elif (kind := _i2v_kind(name)) is not None:
+            left_out.setdefault(kind, set()).add(name)
+        else:
+            unknown.append(key)
+    for layer, parts in groups.items():  # shapes first: a LoRA for another size is named as such
+        _check_layer(layer, parts, sd, lora_path)
+    if unknown:
+        looks = "" if any(k.endswith(tuple(s for s, _ in _LORA_PARTS)) for k in tensors) else \
+            " (this does not look like a LoRA file)"
+        layers = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        raise CheckpointError(lora_path, f"{len(unknown)} LoRA keys match no layer of this Wan2.1 DiT ({layers} "
+                                         f"layers, width {sd['patch_embedding.weight'].shape[0]}): "
+                                         f"{first_keys(unknown)}{looks}")
+    for layer, parts in groups.items():
+        wkey = layer + ".weight" if layer + ".weight" in sd else layer
+        if "down" in parts:
+            down, up, w = parts["down"].float(), parts["up"].float(), sd[wkey]
+            rank = down.shape[0]
+            alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+            sd[wkey] = (w.float() + (scale * alpha / rank) * delta).to(dtype or w.dtype)
+        for role, key in (("diff", wkey), ("diff_b", layer + ".bias")):
+            if role in parts:
+                sd[key] = (sd[key].float() + scale * parts[role].float()).to(dtype or sd[key].dtype)
+        for key in (wkey, layer + ".bias"):
+            if key in sd and not bool(torch.isfinite(sd[key]).all()):
+                raise CheckpointError(lora_path, f"merging it at strength {scale:g} gives NaN or infinite "
+                                                 f"weights in {key}")
+    result = LoraMerge(len(groups), {kind: len(names) for kind, names in left_out.items()})
+    if result.note:
+        log.warning("LoRA %s: %s", os.path.basename(lora_path), result.note)
+    return result
