@@ -1,4 +1,5 @@
-"""Test setup: the repository root is importable (``import cascade_core`` works from a clone), and the
+"""Test setup: the repository root and every test folder are importable (``import cascade_core`` works from a
+clone), and the
 tiny random model of the real architecture that the engine tests share.
 
 Fixtures: ``model`` (WanModel.random(TINY, seed 0), fp32), ``prompt`` (a seeded [5, text_dim]
@@ -12,9 +13,15 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# The test folders mirror cascade_core's sub-packages; a test module may take helpers of another folder's
+# by module name (``from test_vae_encode import ...``), so every folder is importable (basenames are
+# unique across folders: tests/architecture checks it).
+FOLDERS = sorted(e.path for e in os.scandir(TESTS) if e.is_dir() and any(f.startswith("test_") for f in os.listdir(e.path)))
+sys.path[len(sys.path):] = [f for f in FOLDERS if f not in sys.path]
 
 from cascade_core.model.dit import WanConfig, WanModel  # noqa: E402
 

@@ -5,6 +5,7 @@ Each function follows a docstring of :mod:`cascade_core.sampling.loop` or :mod:`
 :func:`mjpeg_parts` reads the MJPEG stream as :mod:`nodes.mjpeg` documents it.
 """
 import torch
+import torch.nn.functional as F
 
 MASK63 = 2 ** 63 - 1
 
@@ -89,3 +90,22 @@ def mjpeg_parts(body: bytes, boundary: bytes = b"frame") -> tuple[list[bytes], b
     closed = rest == b"--" + boundary + b"--\r\n"
     assert closed or rest == b"", rest[:40]
     return parts, closed
+
+
+# ---- attention over one full sequence with an explicit mask (independent of the KV pool) ----------
+
+class MaskedAttention:
+    def __init__(self, mask):
+        self.mask = mask  # [L, L] bool, True = attend
+
+    def __call__(self, layer, q, k, v):
+        tr = lambda x: x.transpose(1, 2)  # [n, L, heads, hd] -> [n, heads, L, hd]
+        return tr(F.scaled_dot_product_attention(tr(q), tr(k), tr(v), attn_mask=self.mask))
+
+
+def frame_mask(block_of_frame, sees, tokens_per_frame):
+    """Token mask from a frame-level rule sees(query_frame, key_frame), each frame ``tokens_per_frame`` tokens."""
+    frames = len(block_of_frame)
+    m = torch.tensor([[sees(fq, fk) for fk in range(frames)] for fq in range(frames)])
+    tpf = tokens_per_frame
+    return m.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)

@@ -1,6 +1,6 @@
 // Block Cascade player: the DOM part (canvas, stats, cascade grid, controls, the timeline of steered
 // switches, the steer box and the switches list). No ComfyUI imports: the node widget (block_cascade.js) and the test harness
-// (tests/web_fixtures) both build it from here.
+// (tests/web/fixtures) both build it from here.
 import { describe } from "./player_describe.js";
 
 const CSS = `

@@ -71,8 +71,7 @@ from .faults import OOM, WorkerError
 from .partition import RankPartition
 from .pool import WorkerPool, close_pools, generate, get_pool
 from .rank import DEFAULT_TIMEOUT, CollectiveRefused, generate_collective, init_from_env, rank_device, refuse_collective
-from .wire import TEST_FAULT_ENV
 
-__all__ = ["DEFAULT_TIMEOUT", "OOM", "TEST_FAULT_ENV", "CollectiveRefused", "RankPartition", "WorkerError",
+__all__ = ["DEFAULT_TIMEOUT", "OOM", "CollectiveRefused", "RankPartition", "WorkerError",
            "WorkerPool", "close_pools", "generate", "generate_collective", "get_pool", "init_from_env",
            "parse_devices", "rank_device", "refuse_collective"]

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import signal
 import traceback
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -40,26 +38,6 @@ def _describe(exc: BaseException, device: torch.device) -> dict:
     first = text.splitlines()[0] if text else ""
     return {"type": type(exc).__name__, "message": first[:600], "oom": oom, "comm": comm and not oom,
             "memory": memory, "traceback": "".join(traceback.format_exception(exc))}
-
-
-def _test_fault(spec: str | None, rank: int) -> Callable[[int], None] | None:
-    """Tests only: BLOCK_CASCADE_TEST_FAULT="rank:tick:kind" in the caller's environment makes that
-    rank fail at that tick of the next runs (exit: the process exits; oom: out of memory; raise)."""
-    if not spec:
-        return None
-    r, at, kind = spec.split(":")
-    if int(r) != rank:
-        return None
-
-    def fault(tick: int) -> None:
-        if tick != int(at):
-            return
-        if kind == "exit":
-            os._exit(3)
-        if kind == "oom":
-            raise OOM(f"test: simulated out of memory at tick {tick}")
-        raise RuntimeError(f"test: simulated failure at tick {tick}")
-    return fault
 
 
 def _short(message: str, limit: int = 160) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -84,9 +83,9 @@ class RankPartition(Partition):
     """One rank's share: blocks b with b % ranks == rank; K/V by all-gather; blocks reported on rank 0."""
 
     def __init__(self, rank: int, world: int, ctrl, block_shape: tuple, dtype: torch.dtype,
-                 device: torch.device, fault: Callable[[int], None] | None = None):
+                 device: torch.device):
         self.rank, self.world, self.ctrl = rank, world, ctrl
-        self.block_shape, self.dtype, self.device, self.fault = block_shape, dtype, device, fault
+        self.block_shape, self.dtype, self.device = block_shape, dtype, device
         self.stopped_at: int | None = None
         self.meter = ExchangeMeter(device)
 
@@ -112,8 +111,6 @@ class RankPartition(Partition):
         return buf
 
     def stop(self, tick: Tick, requested: bool) -> bool:
-        if self.fault is not None:
-            self.fault(tick.index)
         flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
         dist.broadcast(flag, src=0, group=self.ctrl)
         if flag.item():

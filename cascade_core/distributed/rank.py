@@ -16,7 +16,6 @@ from ..model.fp8 import quantize_layers
 from ..sampling.loop import CascadeConfig, Interrupted, PromptSchedule, Result, initial_noise
 from ..sampling.loop import generate as run_loop
 from ..sampling.plan import latent_size
-from .faults import _test_fault
 from .partition import RankPartition
 from .wire import _dtype, _make_job, _pack, _weights_plan
 
@@ -87,7 +86,7 @@ class _Rank:
                 torch.empty((1, LATENT_CHANNELS, job["prefix"], h, w), dtype=model.dtype, device=device)
             dist.broadcast(prefix, src=0)
         part = RankPartition(self.rank, self.world, self.ctrl, (1, LATENT_CHANNELS, cfg.frames_per_block, h, w), model.dtype,
-                             device, _test_fault(job.get("fault"), self.rank))
+                             device)
         try:
             result = run_loop(model, PromptSchedule(list(zip(job["starts"], embeds))), cfg, blocks=job["blocks"],
                               width=job["width"], height=job["height"], seed=job["seed"], noise=noise,

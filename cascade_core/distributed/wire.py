@@ -3,7 +3,6 @@ weights' plan, chunks and fingerprint, and the job every rank runs."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
@@ -15,7 +14,6 @@ from ..sampling.plan import plan_run
 
 CHUNK_BYTES = 256 << 20  # weights travel in chunks of about this size
 ALIGN = 64
-TEST_FAULT_ENV = "BLOCK_CASCADE_TEST_FAULT"  # tests only: see faults._test_fault
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
@@ -94,6 +92,5 @@ def _make_job(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, bloc
            "embeds": [(tuple(e.shape), _dtype_name(e.dtype)) for e in embeds],
            "noise": noise is not None, "prefix": run.grid.offset, "include_prefix": include_prefix,
            "block_offset": block_offset,
-           "backend": attention.get_backend(),
-           "fault": os.environ.get(TEST_FAULT_ENV) or None}
+           "backend": attention.get_backend()}
     return job, {"embeds": embeds, "noise": noise, "prefix": prefix}

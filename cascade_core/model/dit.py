@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,20 @@ class Attention(nn.Module):
         return k, v
 
 
+class Modulation(NamedTuple):
+    """A layer's six adaLN modulation tensors, each [n, gf, 1, dim] (one per frame group of a segment), in
+    the order of the ``modulation`` parameter's rows: shift, scale and gate of the self-attention's input
+    and output, then of the FFN's (diffusers' ``transformer_wan.py`` calls them shift_msa, scale_msa,
+    gate_msa, c_shift_msa, c_scale_msa, c_gate_msa)."""
+
+    attn_shift: torch.Tensor
+    attn_scale: torch.Tensor
+    attn_gate: torch.Tensor
+    ffn_shift: torch.Tensor
+    ffn_scale: torch.Tensor
+    ffn_gate: torch.Tensor
+
+
 class Block(nn.Module):
     """One DiT layer: modulated self-attention, cross-attention to the prompt, modulated FFN."""
 
@@ -136,16 +150,16 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
         self.eps = cfg.eps
 
-    def modulations(self, e6: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Six adaLN tensors [n, gf, 1, dim] (shift, scale, gate of attention; then of the FFN)."""
-        return (self.modulation.unsqueeze(1) + e6).unsqueeze(3).unbind(2)
+    def modulations(self, e6: torch.Tensor) -> Modulation:
+        """The six adaLN tensors of the timestep embedding e6 [n, gf, 6, dim]."""
+        return Modulation(*(self.modulation.unsqueeze(1) + e6).unsqueeze(3).unbind(2))
 
     def self_attention_inputs(self, h: torch.Tensor, e6: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [n, L, dim] -> q, k, v [n, L, heads, hd] (modulated LayerNorm, RMS q/k norms, RoPE)."""
-        shift, scale = self.modulations(e6)[:2]
+        m = self.modulations(e6)
         a = self.self_attn
-        y = (per_frame(F.layer_norm(h, h.shape[-1:], eps=self.eps), e6) * (1 + scale) + shift).flatten(1, 2)
+        y = (per_frame(F.layer_norm(h, h.shape[-1:], eps=self.eps), e6) * (1 + m.attn_scale) + m.attn_shift).flatten(1, 2)
         q = apply_rope(a.split_heads(a.norm_q(a.q(y))), cos, sin)
         k = apply_rope(a.split_heads(a.norm_k(a.k(y))), cos, sin)
         return q, k, a.split_heads(a.v(y))
@@ -157,14 +171,14 @@ class Block(nn.Module):
         text_k, text_v: [n, heads, text_len, hd], each segment's prompt K/V (a fixed shape whatever
         the prompts, so a compiled region never sees a prompt's identity).
         """
-        _, _, gate1, shift2, scale2, gate2 = self.modulations(e6)
-        h = h + (per_frame(self.self_attn.o(attn.flatten(2)), e6) * gate1).flatten(1, 2)
+        m = self.modulations(e6)
+        h = h + (per_frame(self.self_attn.o(attn.flatten(2)), e6) * m.attn_gate).flatten(1, 2)
         c = self.cross_attn
         q = c.split_heads(c.norm_q(c.q(self.norm3(h) if self.norm3 is not None else h)))
         y = attend(q.transpose(1, 2), text_k, text_v).transpose(1, 2)  # [n, L, heads, hd]
         h = h + c.o(y.flatten(2))
-        y = (per_frame(F.layer_norm(h, h.shape[-1:], eps=self.eps), e6) * (1 + scale2) + shift2).flatten(1, 2)
-        return h + (per_frame(self.ffn(y), e6) * gate2).flatten(1, 2)
+        y = (per_frame(F.layer_norm(h, h.shape[-1:], eps=self.eps), e6) * (1 + m.ffn_scale) + m.ffn_shift).flatten(1, 2)
+        return h + (per_frame(self.ffn(y), e6) * m.ffn_gate).flatten(1, 2)
 
 
 def per_frame(y: torch.Tensor, e6: torch.Tensor) -> torch.Tensor:

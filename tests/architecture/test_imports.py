@@ -129,3 +129,10 @@ def test_the_docstring_states_the_order():
     doc = cascade_core.__doc__
     positions = [doc.index(f"{names[0]}/") for names in LAYERS]
     assert positions == sorted(positions)
+
+
+def test_test_modules_have_unique_names_across_folders():
+    """conftest puts every test folder on sys.path; two test modules of one name would shadow each other."""
+    tests = pathlib.Path(__file__).parents[1]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert sorted(names) == sorted(set(names))

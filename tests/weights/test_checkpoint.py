@@ -20,7 +20,7 @@ from cascade_core.weights.checkpoint import CheckpointInfo, load_dit
 from cascade_core.weights.dit_names import diffusers_name
 from cascade_core.weights.safe_io import CheckpointError, save_safetensors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32)
 SMALL = ["--width", "64", "--height", "32", "--blocks", "2", "--steps", "1000,500", "--quiet", "--dtype", "fp32",
          "--device", "cpu", "--compile", "off"]

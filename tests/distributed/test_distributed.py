@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import sys
 import textwrap
 import time
@@ -23,12 +24,12 @@ from conftest import TINY
 
 from cascade_core import distributed
 from cascade_core.cli.command import main
-from cascade_core.distributed import TEST_FAULT_ENV, WorkerError, WorkerPool, parse_devices
+from cascade_core.distributed import WorkerError, WorkerPool, parse_devices
 from cascade_core.model.dit import WanConfig, WanModel
 from cascade_core.sampling.loop import CascadeConfig, Interrupted, PromptSchedule, generate
 from cascade_core.weights.safe_io import read_tensor_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = 1e-4
 RUN = dict(width=64, height=32, seed=7)
 
@@ -37,13 +38,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _SHARED: dict[str, WorkerPool] = {}
+# the workers of this module's pools fail where this file says (fault_injection/sitecustomize.py)
+FAULT_FILE = os.path.join(tempfile.mkdtemp(prefix="bc-faults-"), "fault")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_shared_pools():
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "BLOCK_CASCADE_TEST_FAULT_FILE")}
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_injection")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, saved["PYTHONPATH"]) if p)
+    os.environ["BLOCK_CASCADE_TEST_FAULT_FILE"] = FAULT_FILE
     yield
     for pool in _SHARED.values():
         pool.close()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def inject_fault(spec: str) -> None:
+    """"rank:tick:kind" (kind exit, oom or raise) for the next runs of this module's pools; "" for none."""
+    with open(FAULT_FILE, "w") as f:
+        f.write(spec)
 
 
 def shared_pool(devices: str) -> WorkerPool:
@@ -185,11 +200,13 @@ def test_killed_worker_gives_a_clear_error_leaves_nothing_and_the_next_run_works
 def test_worker_failure_names_rank_and_device(model, prompt, pool2, monkeypatch, kind, message):
     cfg = CascadeConfig(frames_per_block=2, parallel=2)
     pids = pool2.pids
-    monkeypatch.setenv(TEST_FAULT_ENV, f"1:3:{kind}")
-    with pytest.raises(WorkerError, match=message):
-        pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=4, **RUN)
+    inject_fault(f"1:3:{kind}")
+    try:
+        with pytest.raises(WorkerError, match=message):
+            pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=4, **RUN)
+    finally:
+        inject_fault("")
     assert all(gone(p) for p in pids)
-    monkeypatch.delenv(TEST_FAULT_ENV)
     res = pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=3, **RUN)
     assert (res.latents - single(model, PromptSchedule.single(prompt), cfg, 3).latents).abs().max() <= TOL
 

@@ -8,8 +8,8 @@ are already-finished frames of the video.
 """
 import pytest
 import torch
-from test_cascade_oracle import SEED as CASCADE_SEED
-from test_cascade_oracle import cascade_oracle
+from test_cascade import SEED as CASCADE_SEED
+from test_cascade import cascade_oracle
 from test_families import FOUR, SEED, H, W, embedding, family_loop
 
 from cascade_core.distributed import WorkerPool

@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "comfy_stub"))
 os.environ.setdefault("BLOCK_CASCADE_TEST_ROOT", tempfile.mkdtemp(prefix="bc-comfy-"))
 

@@ -1,11 +1,11 @@
 """The web extension: node's unit tests of the player logic, and the real player in headless Chromium.
 
-The browser test serves the repository on a loopback port, opens tests/web_fixtures/harness.html
+The browser test serves the repository on a loopback port, opens tests/web/fixtures/harness.html
 (the same player_core.js / player_view.js the node widget uses, without ComfyUI), which replays the
-recorded events in tests/web_fixtures/events.json and posts back every frame it drew with the canvas
-pixel read right after drawing. Regenerate the fixture with tests/web_fixtures/make_events.py.
-tests/web_fixtures/steer.html drives the player's steer box the same way, with a fake `post`;
-tests/web_fixtures/endless.html streams an endless run of 10,008 frames and measures the JS heap.
+recorded events in tests/web/fixtures/events.json and posts back every frame it drew with the canvas
+pixel read right after drawing. Regenerate the fixture with tests/web/fixtures/make_events.py.
+tests/web/fixtures/steer.html drives the player's steer box the same way, with a fake `post`;
+tests/web/fixtures/endless.html streams an endless run of 10,008 frames and measures the JS heap.
 """
 import functools
 import json
@@ -18,8 +18,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "web_fixtures")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.path.join(ROOT, "tests", "web", "fixtures")
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -70,14 +70,14 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 def run_harness(chromium, query="", extra_flags=(), page="harness.html"):
-    """Open a page of tests/web_fixtures (`query`: e.g. "?until=400"); returns (posted result, dumped DOM)."""
+    """Open a page of tests/web/fixtures (`query`: e.g. "?until=400"); returns (posted result, dumped DOM)."""
     box = {"event": threading.Event(), "result": None}
     handler = functools.partial(_Handler, box=box, directory=ROOT)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/tests/web_fixtures/{page}{query}"
+    url = f"http://127.0.0.1:{server.server_address[1]}/tests/web/fixtures/{page}{query}"
     try:
         with tempfile.TemporaryDirectory() as profile:
             proc = subprocess.run([chromium, *CHROME_FLAGS, *extra_flags, f"--user-data-dir={profile}", "--dump-dom", url],

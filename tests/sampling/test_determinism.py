@@ -6,7 +6,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(TESTS)
 SEEDS = (21, 22)
 

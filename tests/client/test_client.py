@@ -24,7 +24,7 @@ pytest.importorskip("websocket")  # websocket-client, the client's one dependenc
 
 from cascade_core.client import headless as client
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 PID = "prompt-1"
 FAKE_JPEGS = [b"\xff\xd8\xff\xe0" + bytes([i]) * 20 + b"\xff\xd9" for i in range(6)]

@@ -15,7 +15,7 @@ from cascade_core.cli.command import main
 from cascade_core.cli.parser import build_parser
 from cascade_core.weights.safe_io import read_tensor_file, save_safetensors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["--width", "64", "--height", "32", "--quiet", "--dtype", "fp32"]
 
 

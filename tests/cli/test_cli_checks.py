@@ -14,7 +14,7 @@ from cascade_core.cli.command import main
 from cascade_core.model.attention_libraries import LIBRARY_KERNELS
 from cascade_core.weights.safe_io import read_tensor_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["--width", "64", "--height", "32", "--blocks", "2", "--quiet", "--dtype", "fp32", "--device", "cpu"]
 
 
