@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 
 from cascade_core.common.constants import LATENT_CHANNELS, TEXT_TOKENS
+from cascade_core.sampling.config import CascadeConfig, PromptSchedule
 from cascade_core.sampling.context import CONTINUATION, START_IMAGE
 from cascade_core.sampling.families import DEFAULT_FAMILY, family_with
-from cascade_core.sampling.loop import CascadeConfig, PromptSchedule
 from cascade_core.sampling.plan import check_prefix, check_prefix_config, latent_size
 
 log = logging.getLogger("block_cascade")

@@ -25,8 +25,8 @@ import torch
 
 from cascade_core.model.dit import WanConfig, WanModel
 from cascade_core.model.fp8 import DROP_SUFFIXES, FP8_DTYPES, MARKER, SCALE_SUFFIXES, dequantize_state_dict
+from cascade_core.sampling.config import CascadeConfig
 from cascade_core.sampling.families import DEFAULT_FAMILY, family_with
-from cascade_core.sampling.loop import CascadeConfig
 
 log = logging.getLogger("block_cascade")
 

@@ -15,8 +15,8 @@ import torch
 
 from ..common.constants import GIB
 from ..model import attention
+from ..sampling.config import CascadeConfig
 from ..sampling.families import DEFAULT_FAMILY, family_config, guess_family
-from ..sampling.loop import CascadeConfig
 from ..sampling.memory import available_bytes, estimate_run_bytes
 from ..sampling.recompute import first_reencoding_block, why_a_vae
 
@@ -185,11 +185,6 @@ def check_settings(args, cfg: CascadeConfig) -> None:
     """Refuse settings that would silently do nothing (UsageError)."""
     if args.switch_mode is not None and not args.switch:
         raise UsageError(f"--switch-mode {args.switch_mode} needs a --switch (it says what a prompt switch does)")
-    if args.fold_clean and cfg.parallel > 1:
-        raise UsageError("--fold-clean works at --parallel 1 only (at P>1 clean passes already share ticks)")
-    if args.attention == "bidirectional" and cfg.parallel == 1:
-        raise UsageError("--attention bidirectional needs --parallel 2 or more (at P1 no other block is "
-                         "in flight to see)")
     if (why := why_a_vae(args.blocks, cfg.frames_per_block, cfg.kv_recompute)) and not args.vae:
         fewer = f", or at most --blocks {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)}"
         raise UsageError(f"{why}: pass --vae FILE (the complete Wan2.1 VAE){fewer if args.blocks else ''}")

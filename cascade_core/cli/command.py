@@ -9,9 +9,9 @@ import torch
 
 from .. import distributed
 from ..weights.safe_io import CheckpointError
+from . import run
 from .checks import UsageError
 from .parser import build_parser
-from . import run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,10 @@ from ..common.stop import StopRequest
 from ..model import attention
 from ..model.dit import WanConfig
 from ..model.fp8 import quantize_layers
+from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.context import context_notes
 from ..sampling.families import describe
-from ..sampling.loop import BlockEvent, CascadeConfig, Interrupted, PromptSchedule, Result, generate
+from ..sampling.loop import BlockEvent, Interrupted, Result, generate
 from ..sampling.plan import latent_size
 from ..sampling.recompute import why_a_vae
 from ..video.frames import FrameStream, VideoWriter, load_decoder

@@ -29,7 +29,8 @@ import torch
 
 from ..common.constants import GIB, LATENT_CHANNELS
 from ..model.dit import WanModel
-from ..sampling.loop import BlockEvent, CascadeConfig, Interrupted, PromptSchedule, Result, TickEvent
+from ..sampling.config import CascadeConfig, PromptSchedule
+from ..sampling.loop import BlockEvent, Interrupted, Result, TickEvent
 from ..sampling.memory import estimate_run_bytes
 from ..sampling.plan import latent_size
 from .devices import parse_devices

@@ -13,7 +13,9 @@ from ..common.constants import LATENT_CHANNELS
 from ..model import attention
 from ..model.dit import WanConfig, WanModel
 from ..model.fp8 import quantize_layers
-from ..sampling.loop import CascadeConfig, Interrupted, PromptSchedule, Result, initial_noise
+from ..sampling.config import CascadeConfig, PromptSchedule
+from ..sampling.loop import Interrupted, Result
+from ..sampling.noise import initial_noise
 from ..sampling.loop import generate as run_loop
 from ..sampling.plan import latent_size
 from .partition import RankPartition

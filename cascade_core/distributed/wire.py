@@ -9,7 +9,7 @@ import torch
 from ..model import attention
 from ..model.dit import WanModel
 from ..model.fp8 import Fp8Linear
-from ..sampling.loop import CascadeConfig, PromptSchedule
+from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.plan import plan_run
 
 CHUNK_BYTES = 256 << 20  # weights travel in chunks of about this size

@@ -14,7 +14,7 @@ import torch
 
 from ..model.grid import BlockGrid
 from ..model.kv_pool import check_window
-from .schedule import FlowSchedule
+from .schedule import CascadeSchedule, FlowSchedule
 
 ATTENTION_MODES = ("causal", "bidirectional")
 FLASHBLOCK_MODES = ("off", "exact", "reuse")
@@ -151,11 +151,13 @@ class CascadeConfig:
                              f"{exc}") from None
         if self.frames_per_block < 1:
             raise ValueError(f"frames per block must be >= 1, got {self.frames_per_block}")
-        if not 1 <= self.parallel <= len(self.steps) + 1:
-            raise ValueError(f"parallelism must lie in 1..{len(self.steps) + 1} (steps + 1), got {self.parallel}")
+        CascadeSchedule(1, len(self.steps), self.parallel, self.fold_clean)  # blocks in flight: its rules
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"in-flight attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         self._check_kv_recompute()  # first: a window or sink is refused with it, not explained apart
+        if self.attention == "bidirectional" and self.parallel == 1:
+            raise ValueError("bidirectional in-flight attention needs parallel 2 or more (at P1 no other block is "
+                             "in flight to see)")
         check_window(self.window, self.sink, self.frames_per_block, unlimited_window)
         if self.flashblock not in FLASHBLOCK_MODES:
             raise ValueError(f"flashblock must be one of {FLASHBLOCK_MODES}, got {self.flashblock!r}")

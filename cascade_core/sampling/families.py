@@ -12,7 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from .loop import CascadeConfig
+from .config import CascadeConfig
 
 
 @dataclass(frozen=True)

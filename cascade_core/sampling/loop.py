@@ -52,7 +52,7 @@ import torch
 from ..common.transfer import to_device
 from ..model.dit import WanModel
 from ..model.grid import BlockGrid
-from ..model.kv_pool import KVPool, PoolLayout
+from ..model.kv_pool import KVPool
 from ..model.pool_attention import FULL, REUSE, SPLIT, STORE, Exchange
 from .config import CascadeConfig, PromptSchedule
 from .latent_window import LatentWindow
@@ -274,14 +274,9 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
             return block_noise(seed, block_offset + b, (*shape[:2], grid.size(b), h, w), device, dtype)
         return noise[:, :, grid.start(b) - lead:grid.end(b) - lead]
 
-    p = model.cfg.patch_size
-    layout = PoolLayout(frames_per_block=grid.frames, tokens_per_frame=(h // p[1]) * (w // p[2]),
-                        total_frames=None if endless else shape[2], window=cfg.attended_window, sink=cfg.sink,
-                        max_in_flight=plan.max_in_flight,
-                        first_block_frames=grid.first, rolling=cfg.rolling_window, prefix_frames=lead)
     start = time.perf_counter()
     with torch.inference_mode():
-        pool = KVPool(layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
+        pool = KVPool(run.layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
                       keep_external=cfg.flashblock == "reuse",
                       slot_positions=cfg.rope_positions == "slots" or bool(cfg.kv_recompute),
                       sink_ema=cfg.sink_ema, shift_keys=model.shift_frames)

@@ -10,10 +10,10 @@ import os
 import torch
 
 from ..common.constants import GIB, LATENT_CHANNELS
-from ..model.kv_pool import PoolLayout
+from ..model.grid import BlockGrid
+from .config import CascadeConfig
 from .latent_window import held_frames
-from .loop import CascadeConfig
-from .plan import latent_size
+from .plan import latent_size, layout_of, schedule_of
 
 
 def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks: int, width: int, height: int,
@@ -30,18 +30,16 @@ def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks
     """
     c = model_cfg
     h, w = latent_size(width, height, c.patch_size)
-    tpf = (h // c.patch_size[1]) * (w // c.patch_size[2])
-    fpb = cfg.frames_per_block
-    total = cfg.grid.total(blocks) + prefix_frames if blocks else None  # blocks 0: endless
+    grid = BlockGrid(cfg.grid.frames, cfg.grid.first, prefix_frames)
+    total = grid.total(blocks) if blocks else None  # blocks 0: endless
     frames = held_frames(cfg, total, prefix_frames)
-    layout = PoolLayout(frames_per_block=fpb, tokens_per_frame=tpf, total_frames=total, window=cfg.attended_window,
-                        sink=cfg.sink, max_in_flight=cfg.parallel, rolling=cfg.rolling_window,
-                        prefix_frames=prefix_frames)
+    layout = layout_of(c, cfg, schedule_of(cfg, blocks), grid, h, w, total)  # the pool the run allocates
+    tpf, fpb, in_flight = layout.tokens_per_frame, layout.frames_per_block, layout.max_in_flight
     elem = 4 if dtype == torch.float32 else 2
-    anchors = cfg.sink * cfg.parallel if cfg.rolling_window else 0  # re-positioned copies of the sink
+    anchors = cfg.sink * in_flight if cfg.rolling_window else 0  # re-positioned copies of the sink
     kv = 2 * c.num_layers * (layout.capacity_frames + anchors) * tpf * c.dim * elem
-    tokens = cfg.parallel * fpb * tpf
-    share = -(-cfg.parallel // ranks) * fpb * tpf  # tokens of the largest share of the blocks in flight
+    tokens = in_flight * fpb * tpf
+    share = -(-in_flight // ranks) * fpb * tpf  # tokens of the largest share of the blocks in flight
     activations = share * (c.ffn_dim + 8 * c.dim) * elem * 2
     if ranks > 1:  # the all-gather of one layer's k/v: a send share and every rank's share
         activations += (ranks + 1) * share * 2 * c.dim * elem

@@ -16,6 +16,7 @@ import torch
 from ..common.constants import LATENT_CHANNELS, PIXELS_PER_LATENT
 from ..model.dit import WanConfig
 from ..model.grid import BlockGrid
+from ..model.kv_pool import PoolLayout
 from .config import CascadeConfig, PromptSchedule
 from .latent_window import held_frames
 from .schedule import CascadeSchedule, FlowSchedule
@@ -42,6 +43,7 @@ class RunPlan:
     flow: FlowSchedule
     schedule: CascadeSchedule
     shape: tuple[int, ...]
+    layout: PoolLayout  # the KV pool's frames: window, sink, its anchors, the blocks in flight
 
     def flow_of(self, block: int) -> FlowSchedule:
         return self.first_flow if block == 0 else self.flow
@@ -50,6 +52,24 @@ class RunPlan:
     def noise_shape(self) -> tuple[int, ...]:
         """The initial noise's shape [1, 16, T, h, w]: the generated frames only (a finite run)."""
         return (*self.shape[:2], self.shape[2] - self.grid.offset, *self.shape[3:])
+
+
+def schedule_of(cfg: CascadeConfig, blocks: int) -> CascadeSchedule:
+    """The tick plan of ``blocks`` blocks (0: endless) under ``cfg``: the one place that says how many blocks
+    are in flight (``max_in_flight``). Raises ValueError for a bad step list or parallelism."""
+    first, flow = cfg.flows()
+    return CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first), clean_pass=not cfg.kv_recompute)
+
+
+def layout_of(model_cfg: WanConfig, cfg: CascadeConfig, schedule: CascadeSchedule, grid: BlockGrid, h: int, w: int,
+              total_frames: int | None) -> PoolLayout:
+    """The KV pool's layout for latents of h x w: tokens per frame from the model's patch, the window and sink,
+    the blocks in flight of ``schedule``; ``total_frames`` None: an endless video (a bounded pool)."""
+    p = model_cfg.patch_size
+    return PoolLayout(frames_per_block=grid.frames, tokens_per_frame=(h // p[1]) * (w // p[2]),
+                      total_frames=total_frames, window=cfg.attended_window, sink=cfg.sink,
+                      max_in_flight=schedule.max_in_flight, first_block_frames=grid.first, rolling=cfg.rolling_window,
+                      prefix_frames=grid.offset)
 
 
 def check_prefix_config(cfg: CascadeConfig) -> None:
@@ -98,14 +118,14 @@ def plan_run(model_cfg: WanConfig, prompts: PromptSchedule, cfg: CascadeConfig, 
     if type(block_offset) is not int or block_offset < 0:
         raise ValueError(f"block_offset (the video-wide index of block 0) must be an int >= 0, got {block_offset!r}")
     first, flow = cfg.flows()
-    schedule = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first),
-                               clean_pass=not cfg.kv_recompute)
+    schedule = schedule_of(cfg, blocks)
     prompts.validate(blocks, model_cfg.text_dim)
     cfg.check_run(len(prompts.entries) - 1, endless=schedule.endless)
     h, w = latent_size(width, height, model_cfg.patch_size)
     grid = BlockGrid(cfg.grid.frames, cfg.grid.first, check_prefix(prefix, cfg, h, w, dtype))
     held = held_frames(cfg, None if schedule.endless else grid.total(blocks), grid.offset)
-    run = RunPlan(grid, first, flow, schedule, (1, LATENT_CHANNELS, held, h, w))
+    run = RunPlan(grid, first, flow, schedule, (1, LATENT_CHANNELS, held, h, w),
+                  layout_of(model_cfg, cfg, schedule, grid, h, w, None if schedule.endless else held))
     if noise is not None and schedule.endless:
         raise ValueError("an endless video draws each block's initial noise as it enters (noise.block_noise): "
                          "give no initial noise, or a length in blocks")

@@ -98,12 +98,15 @@ class CascadeSchedule:
         if not clean_pass and parallel > steps:
             raise ValueError(f"without clean passes a block has {steps} stages: parallelism must lie in 1..{steps}, "
                              f"got {parallel}")
+        if fold_clean and parallel > 1:
+            raise ValueError(f"fold-clean works at parallel 1 only (at P>1 clean passes already share ticks), got "
+                             f"parallel {parallel}")
         self.clean_pass = clean_pass
         self.stages = steps + clean_pass
         # P1 only: the clean pass of block b shares a tick with the first step of block b+1. Exact,
         # since in one forward every segment's K/V are written before any is read (block b+1 sees
         # block b's clean K/V at every layer, as in the sequential order); one tick fewer per block.
-        self.fold_clean = fold_clean and parallel == 1 and clean_pass
+        self.fold_clean = fold_clean and clean_pass
         # later blocks follow the uniform cascade, delayed so block 0's span fits inside the span the
         # uniform block 0 would have had (hence still at most P in flight; see the module docstring)
         self._delay = max(first_steps - steps, 1 - self.stages // parallel)

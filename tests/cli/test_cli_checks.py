@@ -74,11 +74,11 @@ def test_output_paths_are_checked_before_the_run(tmp_path, capsys, no_model_work
     (["--attention-backend", "cudnn"], "not available on cpu"),
     (["--attention-backend", "efficient"], "not available on cpu"),
     (["--sink", "3"], "set a window (e.g. window 12 with sink 3) or sink 0"),
-    (["--fold-clean", "--parallel", "2"], "--parallel 1 only"),
+    (["--fold-clean", "--parallel", "2"], "fold-clean works at parallel 1 only"),
     (["--shift", "nan"], "shift must be a positive finite number"),
     (["--context-noise", "nan"], "context noise must lie in 0..1000"),
     (["--steps", "1000,,500"], "--steps"),
-    (["--attention", "bidirectional"], "needs --parallel 2"),
+    (["--attention", "bidirectional"], "needs parallel 2 or more"),
 ])
 def test_bad_settings_give_one_line_and_exit_2(args, message, capsys, no_model_work):
     assert main(["generate", *SMALL, *args]) == 2

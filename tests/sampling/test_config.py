@@ -3,8 +3,12 @@
 import pytest
 import torch
 
+from cascade_core.model.dit import WanConfig
 from cascade_core.model.kv_pool import PoolLayout
-from cascade_core.sampling.loop import CascadeConfig, PromptSchedule
+from cascade_core.sampling.config import CascadeConfig, PromptSchedule
+from cascade_core.sampling.loop import generate
+from cascade_core.sampling.memory import estimate_run_bytes
+from cascade_core.sampling.plan import plan_run
 
 W, H = 64, 32  # pixels -> latent 4 x 8 -> 2 x 4 = 8 tokens per frame
 
@@ -36,3 +40,32 @@ def test_one_window_check_says_the_same_on_every_path(window, sink, fpb):
     assert str(layout.value) == str(config.value) == expected
     PoolLayout(frames_per_block=fpb, tokens_per_frame=8, total_frames=30, window=sink + fpb, sink=sink)
     CascadeConfig(frames_per_block=fpb, window=sink + fpb, sink=sink).validate()
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(parallel=2, fold_clean=True), "fold-clean works at parallel 1 only"),
+    (dict(parallel=1, attention="bidirectional"), "bidirectional in-flight attention needs parallel 2 or more"),
+    (dict(parallel=6), r"parallelism must lie in 1\.\.5"),
+])
+def test_the_rules_of_blocks_in_flight_hold_for_every_frontend(model, prompt, settings, message):
+    """Checked by the config itself (once, by plan_run), so the API and the nodes refuse what the CLI does."""
+    cfg = CascadeConfig(**settings)
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+    with pytest.raises(ValueError, match=message):
+        generate(model, PromptSchedule.single(prompt), cfg, blocks=2, width=64, height=32)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(fold_clean=True), dict(parallel=3), dict(parallel=5, window=8, sink=2),
+                                      dict(fold_clean=True, window=6, sink=2), dict(independent_first_frame=True, parallel=2)])
+def test_the_memory_estimate_sizes_the_pool_the_run_allocates(settings):
+    """One derivation of the KV pool's layout (blocks in flight from the schedule): the estimate's KV cache is the
+    pool of plan_run's layout (at P1 with fold-clean two blocks are in flight, not one)."""
+    cfg = CascadeConfig(frames_per_block=2, **settings)
+    shapes = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)  # 1.3B: a block's K/V 0.86 GB in bf16
+    run = plan_run(shapes, PromptSchedule.single(torch.zeros(3, shapes.text_dim)), cfg, blocks=5, width=832, height=480)
+    _, what = estimate_run_bytes(shapes, torch.bfloat16, cfg, 5, 832, 480, 1, 0)
+    lay = run.layout
+    kv = 2 * shapes.num_layers * lay.capacity_frames * lay.tokens_per_frame * shapes.dim * 2
+    assert what.startswith(f"KV cache {kv / 1024 ** 3:.2f} GiB")
+    assert lay.max_in_flight == run.schedule.max_in_flight == (2 if cfg.fold_clean else cfg.parallel)

@@ -105,7 +105,7 @@ def test_batched_tick_equals_pairs_one_at_a_time(model, prompt):
 def test_every_level_is_deterministic_and_finite(model, prompt, attention):
     results = {}
     for p in range(1, 6):
-        cfg = CascadeConfig(frames_per_block=2, parallel=p, attention=attention)
+        cfg = CascadeConfig(frames_per_block=2, parallel=p, attention=attention if p > 1 else "causal")  # P1: none
         a = generate(model, PromptSchedule.single(prompt), cfg, blocks=4, width=W, height=H, seed=11)
         b = generate(model, PromptSchedule.single(prompt), cfg, blocks=4, width=W, height=H, seed=11)
         assert torch.equal(a.latents, b.latents)

@@ -76,4 +76,5 @@ def test_folded_clean_pass_schedule():
     assert len(ticks) == 4 * 4 + 1 and plan.max_in_flight == 2
     shared = [t.pairs for t in ticks if len(t.pairs) == 2]
     assert shared == [((b, 4), (b + 1, 0)) for b in range(3)]  # clean pass of b with step 0 of b+1
-    assert CascadeSchedule(blocks=4, steps=4, parallel=3, fold_clean=True).entry(1) == 1  # P>1: unchanged
+    with pytest.raises(ValueError, match="fold-clean works at parallel 1 only"):  # refused, not dropped
+        CascadeSchedule(blocks=4, steps=4, parallel=3, fold_clean=True)
