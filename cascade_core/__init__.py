@@ -9,8 +9,6 @@ this list (``tests/architecture`` holds it so):
   sampling/     a run's settings, the families, the one run plan, noise, steering, memory, the tick loop
   video/        latent space, the streaming Wan2.1 VAE decoder and taew, the encoder, frame writers
   distributed/  several devices sharing one KV pool (worker processes, torchrun)
-  session/      one run as the command line and the ComfyUI sampler node both drive it: checks, memory,
-                decoder, run, outputs, cleanup
   cli/          ``python -m cascade_core generate|decode`` and ``python -m cascade_core.bench``
   client/       ``python -m cascade_core.client``: the headless ComfyUI client (imports common/ only)
 

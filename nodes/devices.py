@@ -3,9 +3,9 @@
 - :func:`check` turns the config's ``devices`` text ("auto", "cpu", "cuda:0", "cuda:0,cuda:1") into a
   list of torch devices through the engine's parser, checking that each is present (a pure function
   of the text and of what is installed, so it runs at validation time).
-- :func:`runner` is the one place where one device and several part: one device runs the engine in
-  ComfyUI's process, several run through cascade_core.distributed's persistent worker pool (one
-  process per GPU, the KV pool shared over NCCL), with the same arguments and result.
+- Where one device and several part is the run session's (:class:`cascade_core.session.RunSession`, kept
+  pool): one device runs the engine in ComfyUI's process, several run through cascade_core.distributed's
+  persistent worker pool (one process per GPU, the KV pool shared over NCCL).
 - :func:`check_free_memory` refuses a run whose estimate does not fit, naming every GPU and its free
   memory.
 """
@@ -56,15 +56,6 @@ def check(spec: str) -> list[torch.device]:
     is ComfyUI's own device, and a missing GPU's message lists the GPUs present with ComfyUI's free
     memory. Raises ValueError naming what is wrong."""
     return engine_devices.parse_devices(spec, auto=default_device, count=cuda_count(), free=free_bytes)
-
-
-def runner(devices: Sequence[torch.device]):
-    """The engine's generate for these devices (same signature and result for one or several)."""
-    if len(devices) == 1:
-        from cascade_core.sampling.loop import generate
-        return generate
-    from cascade_core.distributed import get_pool
-    return get_pool([str(d) for d in devices]).generate
 
 
 def check_free_memory(devices: Sequence[torch.device], required: int, what: str,

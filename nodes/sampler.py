@@ -1,10 +1,10 @@
 """Block Cascade Sampler: checks everything, then streams a video block by block."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import traceback
-import warnings
 
 import torch
 from comfy_api.latest import io
@@ -13,11 +13,13 @@ from cascade_core.common.constants import GIB
 from cascade_core.model import attention as attention_backends
 from cascade_core.sampling.context import START_IMAGE, context_notes, context_of, prefix_config
 from cascade_core.sampling.loop import Interrupted
-from cascade_core.sampling.memory import estimate_run_bytes
+from cascade_core.sampling.plan import SteeringRefused
 from cascade_core.sampling.recompute import first_reencoding_block, why_a_vae
+from cascade_core.session import RunSession
 from cascade_core.video.latents import normalized_to_raw, raw_to_normalized
 
 from . import checks, devices, recording, steer, stream
+from .core_vae import context_reencoder, encode_start_image, vae_bytes, vae_weights
 from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
 
 log = logging.getLogger("block_cascade")
@@ -27,77 +29,6 @@ log = logging.getLogger("block_cascade")
 def _mm():
     import comfy.model_management as mm
     return mm
-
-
-def vae_weights(vae):
-    """(state dict, dtype) of a core VAE that holds the Wan2.1 VAE; checked without allocating anything."""
-    if vae is None:
-        return None
-    from cascade_core.video.vae import WanVAEDecoder
-
-    get_sd = getattr(vae, "get_sd", None)
-    if get_sd is None:
-        raise ValueError(f"vae: expected a core VAE (VAELoader), got {type(vae).__name__}")
-    channels = getattr(vae, "latent_channels", 16)
-    if channels != 16:
-        raise ValueError(f"vae: this VAE has {channels} latent channels; Block Cascade needs the Wan2.1 VAE "
-                         f"(16 channels, e.g. wan_2.1_vae.safetensors)")
-    sd = get_sd()
-    dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
-    try:
-        with warnings.catch_warnings():  # loading into meta tensors checks names and shapes, copies nothing
-            warnings.simplefilter("ignore")
-            WanVAEDecoder.from_state_dict(sd, dtype=dtype, device="meta", source="vae")
-    except Exception as exc:  # noqa: BLE001 - any mismatch means: not a Wan2.1 VAE
-        reason = getattr(exc, "reason", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise ValueError(f"vae: not a usable Wan2.1 VAE: {reason} (use wan_2.1_vae.safetensors)") from None
-    return sd, dtype
-
-
-def encode_image(vae, pixels: torch.Tensor, what: str) -> torch.Tensor:
-    """Raw latents [1, 16, 1, H/8, W/8] (float32, CPU) of one image [1, H, W, 3] in 0..1, encoded by the
-    core ``vae`` (the latent distribution's mean). Raises ValueError (naming ``what``) when the VAE
-    gives another shape."""
-    raw = vae.encode(pixels)
-    want = [1, 16, 1, pixels.shape[1] // 8, pixels.shape[2] // 8]
-    if not torch.is_tensor(raw) or list(raw.shape) != want:
-        got = list(raw.shape) if torch.is_tensor(raw) else type(raw).__name__
-        raise ValueError(f"vae: encoding {what} gave {got}, expected {want} (a Wan2.1 VAE)")
-    return raw.float().cpu()
-
-
-def encode_start_image(vae, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """The raw latents [1, 16, 1, height/8, width/8] (float32, CPU) of a start image: the batch's first
-    image [H, W, C] of ``image`` [B, H, W, C] in 0..1, scaled to cover width x height and centre-cropped
-    (core ``common_upscale``, bilinear), its first three channels encoded by :func:`encode_image`."""
-    import comfy.utils
-
-    pixels = comfy.utils.common_upscale(image[:1].movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
-    return encode_image(vae, pixels[:, :, :, :3], "the start image")
-
-
-def context_reencoder(vae, decoder):
-    """Krea Realtime's context re-encoder (:class:`cascade_core.video.reencode.ContextReencoder`) from a core
-    ``vae``: frames decoded by ``decoder``, the run's Wan2.1 decoder (its weights shared; the re-encoder
-    keeps its own causal state and stream), encoded by the core VAE itself (ComfyUI's own encoder, as
-    for a start image)."""
-    from cascade_core.video.reencode import ContextReencoder
-
-    def encode(frame: torch.Tensor) -> torch.Tensor:  # [1, 3, 1, H, W] in -1..1 -> normalised [1, 16, 1, h, w]
-        pixels = (frame[:, :, 0].movedim(1, -1).float() + 1) / 2  # [1, H, W, 3] in 0..1
-        return raw_to_normalized(encode_image(vae, pixels, "a frame of the context"))
-
-    return ContextReencoder(decoder, encode)
-
-
-def _vae_bytes(weights, reencodes: bool) -> int:
-    """Bytes of the decoder's weights, counted twice for a context re-encoder (a second decode beside
-    the frames', sharing the weights; it encodes with the core VAE, which ComfyUI places)."""
-    if weights is None:
-        return 0
-    sd, dtype = weights
-    elem = torch.empty((), dtype=dtype).element_size()
-    return sum(t.numel() for k, t in sd.items() if k.startswith(("decoder.", "conv2."))) * elem * (2 if reencodes else 1)
 
 
 def effective_settings(family: str, cfg, assumed: str | None, switches: list[int], context: str = "",
@@ -211,146 +142,197 @@ class BlockCascadeSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, config, width, height, blocks, seed, positive=None, schedule=None,
                 vae=None, start_image=None, prefix=None, context_frames=0, clip=None) -> io.NodeOutput:
-        # ---- every check, before anything touches a GPU ------------------------------------------------
-        guess = getattr(model, "family", None)
-        cfg, family, assumed = config.config_for(guess[0] if guess else None,
-                                                 schedule.switch_mode if schedule is not None else "auto")
-        checks.video_size(width, height)
-        checks.blocks(blocks)
-        run_devices = devices.check(config.devices)
-        device = run_devices[0]  # one device: the run's; several: where this process decodes frames
-        why = attention_backends.refusal(config.attention_backend, device, model.dtype)
-        if why is not None:
-            raise ValueError(why)
-        if positive is not None and schedule is not None:
-            raise ValueError("connect either positive (one prompt) or schedule (Prompt Schedule), not both")
-        if positive is None and schedule is None:
-            raise ValueError("no prompt: connect positive (one prompt) or schedule (Prompt Schedule)")
-        if positive is not None:
-            entries = [(0, checks.conditioning_embeds(positive, "positive"))]
-        else:
-            entries = list(schedule.entries)
-        prompts = checks.schedule(entries, blocks, model.cfg.text_dim)
-        kind = checks.context_kind(start_image, prefix, vae, width, height, context_frames)
-        # raw latents before block 0 in the outputs, the same normalised, and the engine's prefix (their end)
-        before = given = context = None
-        notes, described = [], ""
-        if kind is not None:
-            cfg, notes = prefix_config(cfg, kind)
-        if kind == START_IMAGE:
-            checks.context_allowed(None, cfg, width, height, "start_image")
-            described = "start image (1 latent frame)"
-        elif kind is not None:
-            before = checks.prefix_latents(prefix, width, height).float()
-            given = raw_to_normalized(before)
-            # every frame (the outputs hold them), as the model's dtype will hold them
-            checks.context_allowed(given, cfg, width, height, "prefix", model.dtype)
-            context = context_of(given, cfg, context_frames)
-            described = f"the last {context.shape[2]} of the prefix's {before.shape[2]} latent frames"
-            notes += context_notes(context_frames, context.shape[2])
-        endless = blocks == 0
-        cfg.check_run(len(prompts.entries) - 1, len(run_devices), endless)
-        steer.check(clip, cfg, len(run_devices))
-        reencodes = why_a_vae(blocks, cfg.frames_per_block, cfg.kv_recompute)
-        if reencodes and vae is None:
-            fewer = f", or use at most {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)} blocks"
-            raise ValueError(f"vae: {reencodes}: connect the Wan2.1 VAE (VAELoader) to the sampler's vae input"
-                             f"{fewer if blocks else ''}")
-        settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
-                                           [s for s, _ in prompts.entries[1:]], described, tuple(notes))
-        vae_sd = vae_weights(vae)
-        context_frames_held = 0 if kind is None else 1 if context is None else context.shape[2]
-        run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
-                                             len(prompts.entries), _vae_bytes(vae_sd, bool(reencodes)),
-                                             prefix_frames=context_frames_held)
-        pooled = len(run_devices) > 1
-        if pooled:  # the worker pool checks each GPU itself (its own share of the run, its own weights)
-            for d in run_devices:
-                devices.make_room(d, run_bytes + model.weight_bytes())
-        else:
-            devices.make_room(device, run_bytes + (0 if model.resident_on(device) else model.weight_bytes()))
-            weights = 0 if model.resident_on(device) else model.weight_bytes()  # making room may unload them
-            devices.check_free_memory([device], run_bytes + weights, f"weights {weights / GIB:.2f} GiB, {what}")
-
-        # ---- the run ------------------------------------------------------------------------------
-        import comfy.utils
-
-        attention_backends.set_backend(config.attention_backend)
+        run = check(model, config, width, height, blocks, positive, schedule, vae, start_image, prefix,
+                    context_frames, clip)  # every check, before anything touches a GPU
+        make_room(run, model)  # the one memory estimate of the run's plan
         node_id = cls.hidden.unique_id if cls.hidden is not None and cls.hidden.unique_id is not None else ""
-        progress = None if endless else comfy.utils.ProgressBar(blocks, node_id=node_id or None)
-        wan = decoder = reporter = result = live = None
-        extra = {}  # the context re-encoder of a KV recompute
-        try:
-            if kind == START_IMAGE:  # before the DiT is loaded: ComfyUI may unload the VAE for it afterwards
-                before = encode_start_image(vae, start_image, width, height)
-                given = context = raw_to_normalized(before)
-            # several devices: the weights stay on the CPU here; the pool holds the GPU copies
-            wan = model.acquire_for_pool() if pooled else model.acquire(device, run_bytes)
-            if vae_sd is not None:
-                from cascade_core.video.vae import WanVAEDecoder
+        return sample(run, model, vae, start_image, seed, clip, node_id)  # decoder, run, outputs, cleanup
 
-                decoder = WanVAEDecoder.from_state_dict(vae_sd[0], dtype=vae_sd[1], device=device, source="vae")
-            else:
-                decoder = stream.preview_decoder()
-            if reencodes:
-                extra["context_image"] = context_reencoder(vae, decoder)
-            lead = 0 if before is None else before.shape[2]
-            clean_pass = not cfg.kv_recompute
-            # endless: frames_total unknown, Cancel decodes every final block, the last window's frames kept
-            reporter = stream.Reporter(node_id, blocks, 0 if endless else lead + cfg.grid.total(blocks),
-                                       len(cfg.steps) + clean_pass, cfg.parallel, width, height, decoder,
-                                       progress=progress, should_stop=None if endless else _interrupted,
-                                       settings=settings_text, clean_pass=clean_pass,
-                                       keep_frames=4 * cfg.attended_window if endless else None,  # 4 a latent frame
-                                       recording=recording.Recording(stream.FPS) if endless else None,
-                                       steerable=clip is not None)
-            log.info("Block Cascade: %s", settings_text)
-            reporter.start()
-            if before is not None:
-                reporter.show_context(given)
-            run = devices.runner(run_devices)
-            live = steer.Running(node_id, blocks, clip, model.cfg.text_dim, reporter.switch)
-            if clip is not None:
-                extra.update(steer=live.steer, on_switch=live.on_switch)
-            steer.register(live)
-            result = run(wan, prompts, cfg, blocks=blocks, width=width, height=height, seed=seed,
-                         on_tick=reporter.on_tick, on_block=reporter.on_block, should_stop=_interrupted,
-                         prefix=context, include_prefix=endless, **extra)
-            stopped = endless and _interrupted()
-            if stopped:  # Cancel ended the stream: its outputs go on through the graph, as a run's would
-                _mm().interrupt_current_processing(False)
-            raw = normalized_to_raw(result.latents.float()).cpu()
-            if before is not None and not endless:  # the given latents themselves, not a round trip
-                raw = torch.cat([before.cpu(), raw], 2)
-            reporter.finish()  # frames still being decoded
-            images = reporter.images()
-            if endless:  # LATENT is the last window (context frames in it included): IMAGE its frames
-                shown_before = 0 if before is None else before.shape[2] - context.shape[2]  # given, not context
-                n = raw.shape[2]
-                images = images[-(4 * n - 3 if result.first_frame + shown_before == 0 else 4 * n):]
-            # the run's wall time as the node saw it (a worker pool's own figure leaves out the rest)
-            log.info("Block Cascade: %d blocks, %d frames in %.2f s (%d ticks, first block after %.2f s)",
-                     result.blocks, reporter.frame_count, reporter.elapsed(), result.ticks, result.first_block_seconds)
-            reporter.done(stopped=stopped)
-            if not endless:
-                return io.NodeOutput({"samples": raw}, images)
-            return io.NodeOutput({"samples": raw}, images, ui=reporter.recording.ui() if reporter.recording.count else None)
-        except Interrupted as exc:
-            traceback.clear_frames(exc.__traceback__)  # the engine's frames hold the KV cache
-            if reporter is not None:
-                reporter.done(error="interrupted")
-            _raise_interrupt()
-        except BaseException as exc:
-            traceback.clear_frames(exc.__traceback__)
-            if reporter is not None:
-                interrupted = type(exc).__name__ == "InterruptProcessingException"
-                reporter.done(error="interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
-            raise
-        finally:
-            steer.unregister(live)
-            # Drop every reference to device tensors of this run, then give cached blocks back.
-            del wan, decoder, result, vae_sd, context, given, extra, live
-            if reporter is not None:
-                reporter.frames, reporter.decoding = [], None
-            gc.collect()
-            devices.empty_cache()
+
+@dataclasses.dataclass
+class Checked:
+    """What :func:`check` found, before any GPU work: the settings and the run's session (its plan), the
+    devices (the first: where this process decodes), the prompts, the context before block 0 (``kind``;
+    ``before``: raw latents the outputs start with, ``given`` the same normalised, ``context`` the engine's
+    prefix), the VAE's weights and whether the run re-encodes frames, and the settings line."""
+    cfg: object
+    session: RunSession
+    devices: list
+    prompts: object
+    kind: str | None
+    before: torch.Tensor | None
+    given: torch.Tensor | None
+    context: torch.Tensor | None
+    vae_sd: tuple | None
+    reencodes: str | None
+    settings_text: str
+    attention_backend: str
+    need: int = 0  # bytes the run needs besides the weights (:func:`make_room`)
+
+    @property
+    def endless(self) -> bool:
+        return self.session.plan.schedule.endless
+
+
+def check(model, config, width, height, blocks, positive, schedule, vae, start_image, prefix, context_frames,
+          clip) -> Checked:
+    """Every check of a sampler run (ValueError naming the input at fault), before anything touches a GPU."""
+    guess = getattr(model, "family", None)
+    cfg, family, assumed = config.config_for(guess[0] if guess else None,
+                                             schedule.switch_mode if schedule is not None else "auto")
+    checks.video_size(width, height)
+    checks.blocks(blocks)
+    run_devices = devices.check(config.devices)
+    why = attention_backends.refusal(config.attention_backend, run_devices[0], model.dtype)
+    if why is not None:
+        raise ValueError(why)
+    if positive is not None and schedule is not None:
+        raise ValueError("connect either positive (one prompt) or schedule (Prompt Schedule), not both")
+    if positive is None and schedule is None:
+        raise ValueError("no prompt: connect positive (one prompt) or schedule (Prompt Schedule)")
+    entries = [(0, checks.conditioning_embeds(positive, "positive"))] if positive is not None else list(schedule.entries)
+    prompts = checks.schedule(entries, blocks, model.cfg.text_dim)
+    kind = checks.context_kind(start_image, prefix, vae, width, height, context_frames)
+    before = given = context = None  # raw latents before block 0, the same normalised, the engine's prefix
+    notes, described = [], ""
+    if kind is not None:
+        cfg, notes = prefix_config(cfg, kind)
+    if kind == START_IMAGE:
+        checks.context_allowed(None, cfg, width, height, "start_image")
+        described = "start image (1 latent frame)"
+    elif kind is not None:
+        before = checks.prefix_latents(prefix, width, height).float()
+        given = raw_to_normalized(before)
+        # every frame (the outputs hold them), as the model's dtype will hold them
+        checks.context_allowed(given, cfg, width, height, "prefix", model.dtype)
+        context = context_of(given, cfg, context_frames)
+        described = f"the last {context.shape[2]} of the prefix's {before.shape[2]} latent frames"
+        notes += context_notes(context_frames, context.shape[2])
+    steer.check(clip)
+    try:  # the run's one plan: every rule of its settings, once
+        session = RunSession(cfg, blocks=blocks, width=width, height=height, devices=run_devices,
+                             prefix_frames=0 if kind is None else 1 if context is None else context.shape[2],
+                             switches=len(prompts.entries) - 1, steered=clip is not None,
+                             patch=model.cfg.patch_size, keep_pool=True)
+    except SteeringRefused as exc:
+        raise ValueError(f"clip: {exc}; or disconnect clip") from None
+    reencodes = why_a_vae(blocks, cfg.frames_per_block, cfg.kv_recompute)
+    if reencodes and vae is None:
+        fewer = f", or use at most {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)} blocks"
+        raise ValueError(f"vae: {reencodes}: connect the Wan2.1 VAE (VAELoader) to the sampler's vae input"
+                         f"{fewer if blocks else ''}")
+    settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
+                                       [s for s, _ in prompts.entries[1:]], described, tuple(notes))
+    return Checked(cfg, session, run_devices, prompts, kind, before, given, context, vae_weights(vae), reencodes,
+                   settings_text, config.attention_backend)
+
+
+def make_room(run: Checked, model) -> None:
+    """ComfyUI asked to free what the run needs, then the run refused where it still cannot fit (the worker
+    pool checks each GPU itself: its own share, its own weights); ``run.need``: the run's bytes besides the
+    weights."""
+    need, what = run.session.memory(model.cfg, model.dtype, len(run.prompts.entries),
+                                    vae_bytes(run.vae_sd, bool(run.reencodes)))
+    device = run.devices[0]
+    if run.session.pooled:
+        for d in run.devices:
+            devices.make_room(d, need + model.weight_bytes())
+    else:
+        devices.make_room(device, need + (0 if model.resident_on(device) else model.weight_bytes()))
+        weights = 0 if model.resident_on(device) else model.weight_bytes()  # making room may unload them
+        devices.check_free_memory([device], need + weights, f"weights {weights / GIB:.2f} GiB, {what}")
+    run.need = need
+
+
+def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str) -> io.NodeOutput:
+    """The decoder, the run streamed to the widget, the outputs; every reference to the run's device tensors
+    dropped at the end, whatever happened."""
+    import comfy.utils
+
+    cfg, session, endless, device = run.cfg, run.session, run.endless, run.devices[0]
+    plan = session.plan
+    attention_backends.set_backend(run.attention_backend)
+    progress = None if endless else comfy.utils.ProgressBar(plan.schedule.blocks, node_id=node_id or None)
+    wan = decoder = reporter = result = live = None
+    before, given, context, extra = run.before, run.given, run.context, {}
+    try:
+        if run.kind == START_IMAGE:  # before the DiT is loaded: ComfyUI may unload the VAE for it afterwards
+            before = encode_start_image(vae, start_image, plan.width, plan.height)
+            given = context = raw_to_normalized(before)
+        # several devices: the weights stay on the CPU here; the pool holds the GPU copies
+        wan = model.acquire_for_pool() if session.pooled else model.acquire(device, run.need)
+        if run.vae_sd is not None:
+            from cascade_core.video.vae import WanVAEDecoder
+
+            decoder = WanVAEDecoder.from_state_dict(run.vae_sd[0], dtype=run.vae_sd[1], device=device, source="vae")
+        else:
+            decoder = stream.preview_decoder()
+        if run.reencodes:
+            extra["context_image"] = context_reencoder(vae, decoder)
+        lead = 0 if before is None else before.shape[2]
+        clean_pass = not cfg.kv_recompute
+        blocks = plan.schedule.blocks
+        # endless: frames_total unknown, Cancel decodes every final block, the last window's frames kept
+        reporter = stream.Reporter(node_id, blocks, 0 if endless else lead + cfg.grid.total(blocks),
+                                   len(cfg.steps) + clean_pass, cfg.parallel, plan.width, plan.height, decoder,
+                                   progress=progress, should_stop=None if endless else _interrupted,
+                                   settings=run.settings_text, clean_pass=clean_pass,
+                                   keep_frames=4 * cfg.attended_window if endless else None,  # 4 a latent frame
+                                   recording=recording.Recording(stream.FPS) if endless else None,
+                                   steerable=clip is not None)
+        log.info("Block Cascade: %s", run.settings_text)
+        reporter.start()
+        if before is not None:
+            reporter.show_context(given)
+        live = steer.Running(node_id, blocks, clip, model.cfg.text_dim, reporter.switch)
+        if clip is not None:
+            extra.update(steer=live.steer, on_switch=live.on_switch)
+        steer.register(live)
+        result = session.run(wan, run.prompts, seed=seed, on_tick=reporter.on_tick, on_block=reporter.on_block,
+                             should_stop=_interrupted, prefix=context, include_prefix=endless, **extra)
+        return outputs(run, result, reporter, before, context)
+    except Interrupted as exc:
+        traceback.clear_frames(exc.__traceback__)  # the engine's frames hold the KV cache
+        if reporter is not None:
+            reporter.done(error="interrupted")
+        _raise_interrupt()
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        if reporter is not None:
+            interrupted = type(exc).__name__ == "InterruptProcessingException"
+            reporter.done(error="interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        steer.unregister(live)
+        # Drop every reference to device tensors of this run, then give cached blocks back.
+        run.vae_sd = run.context = run.given = None
+        del wan, decoder, result, context, given, extra, live
+        if reporter is not None:
+            reporter.frames, reporter.decoding = [], None
+        gc.collect()
+        devices.empty_cache()
+
+
+def outputs(run: Checked, result, reporter, before, context) -> io.NodeOutput:
+    """LATENT (raw, the given latents first) and IMAGE of a finished run; an endless run's last window and the
+    recording of the whole stream."""
+    endless = run.endless
+    stopped = endless and _interrupted()
+    if stopped:  # Cancel ended the stream: its outputs go on through the graph, as a run's would
+        _mm().interrupt_current_processing(False)
+    raw = normalized_to_raw(result.latents.float()).cpu()
+    if before is not None and not endless:  # the given latents themselves, not a round trip
+        raw = torch.cat([before.cpu(), raw], 2)
+    reporter.finish()  # frames still being decoded
+    images = reporter.images()
+    if endless:  # LATENT is the last window (context frames in it included): IMAGE its frames
+        shown_before = 0 if before is None else before.shape[2] - context.shape[2]  # given, not context
+        n = raw.shape[2]
+        images = images[-(4 * n - 3 if result.first_frame + shown_before == 0 else 4 * n):]
+    # the run's wall time as the node saw it (a worker pool's own figure leaves out the rest)
+    log.info("Block Cascade: %d blocks, %d frames in %.2f s (%d ticks, first block after %.2f s)",
+             result.blocks, reporter.frame_count, reporter.elapsed(), result.ticks, result.first_block_seconds)
+    reporter.done(stopped=stopped)
+    if not endless:
+        return io.NodeOutput({"samples": raw}, images)
+    return io.NodeOutput({"samples": raw}, images, ui=reporter.recording.ui() if reporter.recording.count else None)

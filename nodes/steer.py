@@ -84,22 +84,13 @@ _lock = threading.Lock()
 _running: dict[str, Running] = {}
 
 
-def check(clip, cfg, devices: int) -> None:
-    """Refuse a sampler run with a CLIP connected (to steer it) where the engine cannot take live
-    switches, before any model work: not a core CLIP, several devices, or a switch mode its config
-    does not allow switches in (``cfg.check_run``). Raises ValueError."""
+def check(clip) -> None:
+    """Refuse a CLIP input (to steer a run) that is no core CLIP, before any model work (whether the run can
+    take switches while it goes on is the plan's rule: ``plan_run(..., steered=True)``). Raises ValueError."""
     if clip is None:
         return
     if not all(callable(getattr(clip, name, None)) for name in ("tokenize", "encode_from_tokens_scheduled")):
         raise ValueError(f"clip: expected a core CLIP (CLIPLoader with type wan), got {type(clip).__name__}")
-    why = "steering (prompts typed while the sampler runs)"
-    if devices > 1:
-        raise ValueError(f"clip: {why} runs on one device for now: choose one device in the config, or "
-                         f"disconnect clip")
-    try:
-        cfg.check_run(1)
-    except ValueError as exc:
-        raise ValueError(f"clip: {why}: {exc}") from None
 
 
 def register(entry: Running) -> None:

@@ -17,7 +17,7 @@ from ..common.constants import GIB
 from ..model import attention
 from ..sampling.config import CascadeConfig
 from ..sampling.families import DEFAULT_FAMILY, family_config, guess_family
-from ..sampling.memory import available_bytes, estimate_run_bytes
+from ..sampling.memory import available_bytes
 from ..sampling.recompute import first_reencoding_block, why_a_vae
 
 SEED_MAX = 2 ** 64 - 1  # torch generators take unsigned 64-bit seeds
@@ -115,7 +115,7 @@ def input_bytes(path: str) -> int:
 
 
 def check_backend(name: str, device: torch.device, dtype: torch.dtype, flag: str = "--attention-backend") -> None:
-    """Refuse an attention backend that this device cannot run (:func:`attention.refusal`), naming ``flag``."""
+    """Refuse an attention backend that this device cannot run (:func:`model.attention.refusal`), naming ``flag``."""
     why = attention.refusal(name, device, dtype)
     if why is not None:
         raise UsageError(f"{flag}: {why}")
@@ -209,17 +209,10 @@ def length_warnings(cfg: CascadeConfig, blocks: int, context_frames: int = 0) ->
     return []
 
 
-def check_memory(device: torch.device, model_cfg, dtype: torch.dtype, weight_bytes: int, cfg: CascadeConfig,
-                 args, vae_bytes: int, prefix_frames: int = 0) -> None:
-    """Refuse a run whose estimated need (weights + :func:`memory.estimate_run_bytes`, a context prefix
-    of ``prefix_frames`` latent frames included) exceeds what ``device`` has available now."""
+def check_memory(device: torch.device, need: int, what: str) -> None:
+    """Refuse a run that needs ``need`` bytes on ``device`` (``what``: their parts) where less is available now
+    (UsageError); nothing where it cannot be told."""
     free = available_bytes(device)
-    if free is None:
-        return
-    run, what = estimate_run_bytes(model_cfg, dtype, cfg, args.blocks, args.width, args.height, 1, vae_bytes,
-                                   prefix_frames=prefix_frames)
-    need = run + weight_bytes
-    if need > free:
-        raise UsageError(f"the run needs about {need / GIB:.2f} GiB on {device} (weights "
-                         f"{weight_bytes / GIB:.2f} GiB, {what}) but {free / GIB:.2f} GiB are available; "
-                         f"use fewer --blocks, a --window, a smaller size or another device")
+    if free is not None and need > free:
+        raise UsageError(f"the run needs about {need / GIB:.2f} GiB on {device} ({what}) but {free / GIB:.2f} GiB "
+                         f"are available; use fewer --blocks, a --window, a smaller size or another device")

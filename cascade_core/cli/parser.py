@@ -3,10 +3,10 @@ and latents into a video.
 
 Without ``--checkpoint`` a small built-in model with random weights runs (labelled untrained in the
 summary), so the command works on any machine. ``--checkpoint`` reads any Wan2.1 T2V DiT layout
-(:mod:`checkpoint`), ``--lora`` merges a LoRA into it, ``--prompt`` embeds a text with a local umt5-xxl
-encoder (:mod:`text`). ``decode`` turns latents that ``generate --latents-out`` wrote into an MP4
+(:mod:`weights.checkpoint`), ``--lora`` merges a LoRA into it, ``--prompt`` embeds a text with a local umt5-xxl
+encoder (:mod:`weights.text`). ``decode`` turns latents that ``generate --latents-out`` wrote into an MP4
 and/or PNGs. Bad arguments print one line and exit with code 2 (checked before any model work, see
-:mod:`cli_checks`); Ctrl-C stops with one line and exit code 130 (:mod:`cli_run`). Progress goes to
+:mod:`cli.checks`); Ctrl-C stops with one line and exit code 130 (:mod:`cli.run`). Progress goes to
 stderr, one JSON summary line to stdout.
 """
 from __future__ import annotations

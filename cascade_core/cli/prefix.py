@@ -1,11 +1,11 @@
 """The command line's context prefix: ``generate --image FILE`` (a start image) and ``--continue FILE``
 (latents that ``--latents-out`` wrote, or a video file), checked and read before any model work, then
-encoded by the Wan2.1 VAE encoder (:mod:`vae_encode`) where they are pixels.
+encoded by the Wan2.1 VAE encoder (:mod:`video.vae_encode`) where they are pixels.
 
 What the outputs hold (``--latents-out``, the decoded video): the start image's latent frame then the
 generated blocks; with ``--continue LATENTS`` every given latent frame then the new ones (so runs
 chain); with ``--continue VIDEO`` the encoded context frames then the new ones. The context of a
-continuation is the last K latent frames (:func:`context.context_of`, K = ``--context-frames``, else
+continuation is the last K latent frames (:func:`sampling.context.context_of`, K = ``--context-frames``, else
 the window, else every frame).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ class PrefixInput:
 
 
 def prefix_settings(args, cfg: CascadeConfig) -> tuple[CascadeConfig, list[str]]:
-    """The config of a run with ``--image``/``--continue`` (:func:`context.prefix_config`) and its
+    """The config of a run with ``--image``/``--continue`` (:func:`sampling.context.prefix_config`) and its
     ``note:`` lines; ``cfg`` unchanged without them. Reads no file. Raises UsageError for options
     that do not fit together or a config under which a prefix is not defined."""
     if args.context_frames < 0:
@@ -101,9 +101,9 @@ def read_prefix(args, cfg: CascadeConfig) -> PrefixInput | None:
 
 def prefix_latents(prefix: PrefixInput, cfg: CascadeConfig, asked: int, vae: str, device: torch.device,
                    dtype: torch.dtype) -> torch.Tensor:
-    """The context prefix [1, 16, K, h, w] for :func:`sampler.generate`: ``prefix.context``, or its
+    """The context prefix [1, 16, K, h, w] for :func:`sampling.loop.generate`: ``prefix.context``, or its
     pixels through the Wan2.1 VAE encoder of ``vae`` (``dtype`` on ``device``, freed afterwards) and,
-    for a video, its last K latent frames (``asked``, see :func:`context.context_of`). Raises
+    for a video, its last K latent frames (``asked``, see :func:`sampling.context.context_of`). Raises
     CheckpointError when ``vae`` is not a complete Wan2.1 VAE."""
     if prefix.context is not None:
         return prefix.context

@@ -11,7 +11,7 @@ Public API
     CPUs the thread count changes the rounding of matrix products).
 ``WorkerPool.generate(model, prompts, cfg, *, blocks, width, height, seed=0, noise=None,
 on_tick=None, on_block=None, should_stop=None, prefix=None, include_prefix=True, block_offset=0) -> Result``
-    Same signature and result as :func:`sampler.generate`; the callbacks run in the caller's thread,
+    Same signature and result as :func:`sampling.loop.generate`; the callbacks run in the caller's thread,
     the latents land on ``model.device``. The weights go to the workers on the first run and again
     only when the model (or any of its tensors) changed; ``drop_weights()`` forces a new upload.
 ``WorkerPool.close()``; ``.devices``, ``.world_size``, ``.pids``, ``.worker_threads``, ``.alive``.
@@ -30,7 +30,7 @@ Result; the other ranks may pass None and get None. A run rank 0 refuses (or
 
 How the work is shared
 ----------------------
-Every rank runs :func:`sampler.generate`'s own loop over every tick and keeps a full replica of the
+Every rank runs :func:`sampling.loop.generate`'s own loop over every tick and keeps a full replica of the
 KV pool; a :class:`RankPartition` is the only difference. Block b belongs to rank ``b % ranks`` for
 its whole life (its x_t never moves), so the blocks in flight spread over the ranks. In each layer
 of a tick a rank computes q/k/v of its own segments, starts an all-gather of every rank's k/v (one

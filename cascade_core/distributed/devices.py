@@ -19,7 +19,7 @@ def cuda_count() -> int:
 def describe_cuda(count: int, free: Callable[[torch.device], int | None] | None = None) -> str:
     """'cuda:0 (NVIDIA H100, 71.2 GiB free), cuda:1 (...)' for the first ``count`` GPUs, or 'none'.
 
-    ``free``: free bytes of a device (default :func:`memory.available_bytes`)."""
+    ``free``: free bytes of a device (default :func:`sampling.memory.available_bytes`)."""
     if count == 0:
         return "none"
     free = free or available_bytes

@@ -7,7 +7,7 @@ Guarantees:
   (the caller's KeyboardInterrupt, a broken pipe) stops the workers, so no half-done command survives.
 - The weights go to the workers only when they do not hold this model's current weights; nothing
   is sent while a GPU that reports its memory lacks room for the weights and the run
-  (:func:`memory.estimate_run_bytes`, per rank): that is a ValueError naming the devices.
+  (:func:`sampling.memory.estimate_run_bytes`, per rank): that is a ValueError naming the devices.
 - A run's callbacks run in the caller's thread; one that raises stops every rank at the same tick
   and its exception is raised once they all stopped, leaving the pool usable.
 - :func:`close_pools` closes every pool of the process at exit, a busy one first.
@@ -32,7 +32,7 @@ from ..model.dit import WanModel
 from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.loop import BlockEvent, Interrupted, Result, TickEvent
 from ..sampling.memory import estimate_run_bytes
-from ..sampling.plan import latent_size
+from ..sampling.plan import RunPlan, latent_size
 from .devices import parse_devices
 from .faults import WorkerError
 from .processes import WorkerProcesses
@@ -69,7 +69,7 @@ class WorkerPool(WorkerProcesses):
     def close(self, wait: float = CLOSE_WAIT) -> None:
         """Stop every worker and wait for them; idempotent. A run in progress (in another thread) is
         interrupted at its next tick and given ``wait`` seconds to end (it raises
-        :class:`sampler.Interrupted`); if it has not by then (a rank stuck in a collective), the
+        :class:`sampling.loop.Interrupted`); if it has not by then (a rank stuck in a collective), the
         workers are killed, which ends that run with a :class:`WorkerError`."""
         self._closed = True
         if self._workers:
@@ -142,10 +142,11 @@ class WorkerPool(WorkerProcesses):
                  on_tick: Callable[[TickEvent], None] | None = None,
                  on_block: Callable[[BlockEvent], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, prefix: torch.Tensor | None = None,
-                 include_prefix: bool = True, block_offset: int = 0) -> Result:
-        """Like :func:`sampler.generate`, spread over the pool's devices (see the module docstring)."""
-        job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise, self.world_size,
-                                 prefix, include_prefix, block_offset)
+                 include_prefix: bool = True, block_offset: int = 0, plan: RunPlan | None = None) -> Result:
+        """Like :func:`sampling.loop.generate`, spread over the pool's devices (see the module docstring);
+        ``plan``: the caller's plan of the run for this pool's devices (:func:`sampling.plan.plan_run`)."""
+        run, job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise, self.world_size,
+                                      prefix, include_prefix, block_offset, plan)
         with self._lock:
             if self._closed:
                 raise RuntimeError("this WorkerPool was closed")
@@ -155,9 +156,8 @@ class WorkerPool(WorkerProcesses):
                 self._shutdown(graceful=False)
                 self._start()
             try:
-                run_bytes, what = estimate_run_bytes(model.cfg, model.dtype, cfg, blocks, width, height,
-                                                     len(prompts.entries), 0, ranks=self.world_size,
-                                                     prefix_frames=job["prefix"])
+                run_bytes, what = estimate_run_bytes(run, model.cfg, model.dtype, len(prompts.entries), 0,
+                                                     ranks=self.world_size)
                 if not self._weights_current(model):
                     self._upload(model, run_bytes, what)
                 else:
@@ -273,7 +273,7 @@ def get_pool(devices: str | Sequence[str | torch.device], **options) -> WorkerPo
 
 def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *,
              devices: str | Sequence[str | torch.device], **kw) -> Result:
-    """:func:`sampler.generate` on several devices through the module's pool."""
+    """:func:`sampling.loop.generate` on several devices through the module's pool."""
     return get_pool(devices).generate(model, prompts, cfg, **kw)
 
 

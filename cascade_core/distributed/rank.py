@@ -15,8 +15,8 @@ from ..model.dit import WanConfig, WanModel
 from ..model.fp8 import quantize_layers
 from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.loop import Interrupted, Result
-from ..sampling.noise import initial_noise
 from ..sampling.loop import generate as run_loop
+from ..sampling.noise import initial_noise
 from ..sampling.plan import latent_size
 from .partition import RankPartition
 from .wire import _dtype, _make_job, _pack, _weights_plan
@@ -155,14 +155,15 @@ def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, 
                         blocks: int = 0, width: int = 0, height: int = 0, seed: int = 0,
                         noise: torch.Tensor | None = None, on_tick=None, on_block=None, should_stop=None,
                         device: torch.device | None = None, prefix: torch.Tensor | None = None,
-                        include_prefix: bool = True, block_offset: int = 0) -> Result | None:
+                        include_prefix: bool = True, block_offset: int = 0, plan=None) -> Result | None:
     """Every rank of the initialised default process group calls this; rank 0 passes the model,
     prompts, config and run arguments (the others' are ignored: the weights, prompt embeddings and
-    noise come from rank 0) and gets the Result, the others get None. ``device``: this rank's device
+    noise come from rank 0) and gets the Result, the others get None; ``plan``: rank 0's plan of the run
+    (:func:`sampling.plan.plan_run`, made at the caller's entry; else made here). ``device``: this rank's device
     (default: cuda:LOCAL_RANK or the CPU). The weights are broadcast on every call; the caller's model
     is never moved or changed (rank 0 runs it in place only when it already lies on ``device``).
 
-    Raises on rank 0 what :func:`sampler.generate` raises for bad arguments, before any collective
+    Raises on rank 0 what :func:`sampling.loop.generate` raises for bad arguments, before any collective
     but the one that tells the other ranks (they raise :class:`CollectiveRefused`, see also
     :func:`refuse_collective`)."""
     rank = dist.get_rank()
@@ -174,8 +175,8 @@ def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, 
             try:
                 if model is None or prompts is None or cfg is None:
                     raise ValueError("rank 0 needs the model, the prompts and the config")
-                job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise,
-                                         dist.get_world_size(), prefix, include_prefix, block_offset)
+                _, job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise,
+                                            dist.get_world_size(), prefix, include_prefix, block_offset, plan)
             except Exception as exc:
                 dist.broadcast_object_list([("refused", str(exc))], src=0, group=ctrl)
                 raise

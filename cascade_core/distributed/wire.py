@@ -10,7 +10,7 @@ from ..model import attention
 from ..model.dit import WanModel
 from ..model.fp8 import Fp8Linear
 from ..sampling.config import CascadeConfig, PromptSchedule
-from ..sampling.plan import plan_run
+from ..sampling.plan import RunPlan, check_inputs, plan_run, prefix_frames_of
 
 CHUNK_BYTES = 256 << 20  # weights travel in chunks of about this size
 ALIGN = 64
@@ -80,12 +80,16 @@ def _fingerprint(model: WanModel) -> tuple:
 def _make_job(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, blocks: int, width: int,
               height: int, seed: int, noise: torch.Tensor | None, devices: int,
               prefix: torch.Tensor | None = None, include_prefix: bool = True,
-              block_offset: int = 0) -> tuple[dict, dict]:
-    """Validate a run as :func:`sampler.generate` does; (job for every rank, tensors for rank 0).
+              block_offset: int = 0, plan: RunPlan | None = None) -> tuple[RunPlan, dict, dict]:
+    """Plan and check a run as :func:`sampling.loop.generate` does, for ``devices`` devices (``plan``: the
+    caller's, made at its entry); (its plan, the job for every rank, tensors for rank 0).
     ``job["prefix"]``: the context prefix's frames (0: none)."""
-    run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix,
-                   block_offset=block_offset, dtype=model.dtype)
-    cfg.check_run(len(prompts.entries) - 1, devices)
+    run = plan or plan_run(cfg, blocks=blocks, width=width, height=height, patch=model.cfg.patch_size,
+                           prefix_frames=prefix_frames_of(prefix), switches=len(prompts.entries) - 1, devices=devices)
+    if not run.fits(cfg, blocks, width, height, model.cfg.patch_size) or run.devices != devices:
+        raise ValueError("the plan given to the pool is the plan of another run (its settings, size or devices)")
+    check_inputs(run, prompts, model.cfg.text_dim, noise=noise, prefix=prefix, block_offset=block_offset,
+                 dtype=model.dtype)
     embeds = [e.detach() for _, e in prompts.entries]
     job = {"cfg": dataclasses.asdict(cfg), "blocks": blocks, "width": width, "height": height, "seed": seed,
            "starts": [s for s, _ in prompts.entries],
@@ -93,4 +97,4 @@ def _make_job(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, bloc
            "noise": noise is not None, "prefix": run.grid.offset, "include_prefix": include_prefix,
            "block_offset": block_offset,
            "backend": attention.get_backend()}
-    return job, {"embeds": embeds, "noise": noise, "prefix": prefix}
+    return run, job, {"embeds": embeds, "noise": noise, "prefix": prefix}

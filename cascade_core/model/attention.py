@@ -7,7 +7,7 @@ Guarantees: every backend computes softmax(q k^T / sqrt(d)) v for q [B, H, Lq, d
 call of that kind, at that call's shape, and uses the fastest from then on; elsewhere it lets torch
 dispatch. The fused backends are torch's SDPA kernels (cuDNN, flash, efficient) and, where their
 optional packages are installed, FlashAttention-4 ("flash4") and xformers ("xformers"), CUDA tensors
-only (:mod:`attention_libraries`). A kernel that raises, whatever the exception, is skipped by "auto"
+only (:mod:`model.attention_libraries`). A kernel that raises, whatever the exception, is skipped by "auto"
 and, in :func:`attend_lse`, fallen back from with one warning.
 
 :func:`attend_lse` also returns the log-sum-exp of the scores [B, H, Lq] (float32, natural log), so

@@ -2,7 +2,7 @@
 
 Guarantees: a :class:`LibraryKernel` computes softmax(q k^T / sqrt(d)) v, and on request the
 log-sum-exp of the scaled scores [B, H, Lq] (float32, natural log), for q [B, H, Lq, d] and k, v
-[B, H, Lk, d], like the rest of :mod:`attention`. Both libraries take [B, L, H, d], the layout of the
+[B, H, Lk, d], like the rest of :mod:`model.attention`. Both libraries take [B, L, H, d], the layout of the
 KV pool and of the model's projections, so the transposes here are views of it. Neither package is
 ever required: each is imported on first use, and a missing package, or one that is installed but
 does not import (its CUDA libraries, a missing dependency), makes its kernel unavailable, the reason
@@ -12,7 +12,7 @@ kept for a one-line refusal.
   Hopper and Blackwell, compiled on first use).
 - xformers: ``xformers.ops.fmha.memory_efficient_attention`` and, with the log-sum-exp,
   ``memory_efficient_attention_partial`` (whose outputs are meant to be merged by log-sum-exp, as
-  :func:`attention.merge_attention` does); its dispatcher picks among the kernels its build carries.
+  :func:`model.attention.merge_attention` does); its dispatcher picks among the kernels its build carries.
 """
 from __future__ import annotations
 

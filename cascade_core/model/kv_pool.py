@@ -37,12 +37,12 @@ A context prefix (``prefix_frames`` = F) is frames [0, F) of the video, written 
 finished blocks it is made of (:meth:`grid.BlockGrid.prefix_chunks`, one clean forward each,
 :meth:`KVPool.clean_attention`) and held like any other frames: the sink may hold them and the window
 drops them as it drops any frame.
-A KV recompute (Krea Realtime, :mod:`recompute`) rewrites, before a block, the K/V of the context
+A KV recompute (Krea Realtime, :mod:`sampling.recompute`) rewrites, before a block, the K/V of the context
 frames it will see with a forward that attends those frames only (:meth:`KVPool.context_attention`);
 with slot positions and a window of the context and the block, they sit at positions 0.. again.
 With ``keep_external`` the pool also holds, per in-flight block and layer, the attention output and
 log-sum-exp of its queries over the keys outside the block (FlashBlock reuse).
-Attention over the pool (the segments of a forward, FlashBlock, several processes): :mod:`pool_attention`.
+Attention over the pool (the segments of a forward, FlashBlock, several processes): :mod:`model.pool_attention`.
 """
 from __future__ import annotations
 

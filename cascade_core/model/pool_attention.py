@@ -1,4 +1,4 @@
-"""Self-attention of a forward's segments over the KV pool (:mod:`kv_pool`).
+"""Self-attention of a forward's segments over the KV pool (:mod:`model.kv_pool`).
 
 Each segment writes its K/V into its frames' slots, then attends its visible spans: in full, or split
 into the keys outside its block and its own (FlashBlock, arXiv 2602.05305), merged by log-sum-exp.

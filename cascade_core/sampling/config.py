@@ -1,6 +1,6 @@
 """How a video is sampled (:class:`CascadeConfig`) and which prompt each block takes
 (:class:`PromptSchedule`): the settings of a run and their checks, apart from the run loop
-(:mod:`sampler`), which re-exports them.
+(:mod:`sampling.loop`), which re-exports them.
 
 Guarantees: :meth:`CascadeConfig.validate` and :meth:`PromptSchedule.validate` raise ValueError naming
 the allowed range for anything out of range, and :meth:`CascadeConfig.check_run` refuses a KV
@@ -39,13 +39,13 @@ class CascadeConfig:
     ``switch_mode``: what a prompt switch does (see :data:`SWITCH_MODES`); ``rope_positions``: see
     :data:`ROPE_POSITIONS`; ``sink_ema``: the EMA sink's weight a (0 = off; Reward Forcing 0.999): each
     block the window drops is blended into the sink's K/V, sink = a*sink + (1-a)*dropped (see
-    :mod:`kv_pool`). Both need parallel 1 without ``fold_clean`` (one block in flight: otherwise the
+    :mod:`model.kv_pool`). Both need parallel 1 without ``fold_clean`` (one block in flight: otherwise the
     pool's slots are no relative positions and the eviction moment differs from the reference).
     ``rolling_window``: Rolling Forcing's window (denoising steps see the sink re-positioned just before
     the last window - sink frames up to the newest block in flight; clean passes see the last
-    ``window`` frames: :meth:`kv_pool.PoolLayout.visible_frames`); needs a window.
+    ``window`` frames: :meth:`model.kv_pool.PoolLayout.visible_frames`); needs a window.
     ``kv_recompute``: K >= 2 context frames from which the KV cache is rebuilt before every block, with
-    no clean passes (Krea Realtime: 3; 0 = off; the rules: :mod:`recompute`); one block in flight,
+    no clean passes (Krea Realtime: 3; 0 = off; the rules: :mod:`sampling.recompute`); one block in flight,
     no window, sink, other RoPE positions, independent first frame or re-cache of its own.
     :meth:`validate` raises ValueError naming the allowed range."""
 
@@ -141,7 +141,7 @@ class CascadeConfig:
 
     def validate(self, unlimited_window: str | None = None) -> None:
         """Raise ValueError with the allowed range for anything out of range. ``unlimited_window``:
-        how the caller spells "no window" (see :func:`kv_pool.check_window`)."""
+        how the caller spells "no window" (see :func:`model.kv_pool.check_window`)."""
         try:
             self.flows()
         except ValueError as exc:

@@ -1,5 +1,5 @@
 """What the frontends (command line, nodes) put before the first generated block: a start image or
-the end of a video to continue, as a context prefix for :func:`sampler.generate`.
+the end of a video to continue, as a context prefix for :func:`sampling.loop.generate`.
 
 Guarantees (one place for both frontends):
 - A start image is the video's first latent frame. A family whose block 0 is an independent first

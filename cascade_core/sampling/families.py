@@ -83,7 +83,8 @@ def family_config(name: str | None, **overrides) -> CascadeConfig:
     """A :class:`CascadeConfig` with the family's settings, then ``overrides`` (explicit settings win;
     None values are ignored). A family whose own sampler denoises every step of a window at once
     (a rolling window: Rolling Forcing) keeps parallel = steps + 1 for another step list unless
-    parallel is given. Raises ValueError for an unknown family."""
+    parallel is given; at parallel 1 a family's bidirectional in-flight attention is causal (no other block
+    is in flight; bidirectional is refused there when asked for). Raises ValueError for an unknown family."""
     family = get_family(name or DEFAULT_FAMILY)
     fields = {f.name for f in dataclasses.fields(CascadeConfig)}
     unknown = set(overrides) - fields
@@ -92,6 +93,8 @@ def family_config(name: str | None, **overrides) -> CascadeConfig:
     settings = {**family.settings, **{k: v for k, v in overrides.items() if v is not None}}
     if family.settings.get("rolling_window") and overrides.get("parallel") is None:
         settings["parallel"] = len(settings.get("steps", CascadeConfig.steps)) + 1
+    if overrides.get("attention") is None and settings.get("parallel", 1) == 1:
+        settings["attention"] = "causal"  # the family's in-flight visibility: the same with one block in flight
     return CascadeConfig(**settings)
 
 

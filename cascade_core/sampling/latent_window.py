@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def held_frames(cfg: "CascadeConfig", total: int | None, prefix: int) -> int:
     """Latent frames a run's :class:`LatentWindow` holds: the whole video's ``total`` (prefix included)
     for a run of known length; for an endless one (``total`` None; ``cfg`` has a window, checked by
-    :meth:`config.CascadeConfig.check_run`) the larger of the ``prefix`` and the attended window
+    :meth:`sampling.config.CascadeConfig.check_run`) the larger of the ``prefix`` and the attended window
     (``cfg.attended_window``) plus, with a KV recompute, one block: its re-encoder may still have to
     decode that far before the context (its first call decodes from frame 0, ceil(K/N) + 1 blocks in;
     later ones up to a block before the context)."""

@@ -1,4 +1,4 @@
-"""Block-causal sampling with Block Cascading: the run loop (its settings: :mod:`config`, re-exported).
+"""Block-causal sampling with Block Cascading: the run loop (its settings: :mod:`sampling.config`, re-exported).
 
 Guarantees:
 - At parallelism 1 the order of work is the reference's: each block runs its S denoising steps
@@ -8,11 +8,11 @@ Guarantees:
   pairs of a tick run in ONE model forward (one segment per block), except that a block 0 of its own
   size (an independent first frame) takes a forward of its own, before the others of its tick.
 - A prompt switch in mode "recache" (LongLive) adds one forward before its block (see
-  :data:`config.SWITCH_MODES`); ``Result.forwards`` counts every forward.
+  :data:`sampling.config.SWITCH_MODES`); ``Result.forwards`` counts every forward.
 - With a KV recompute (``kv_recompute``, Krea Realtime) blocks run one at a time without clean passes,
-  each after a forward that rebuilds its context's K/V (:mod:`recompute`); ``context_image``
+  each after a forward that rebuilds its context's K/V (:mod:`sampling.recompute`); ``context_image``
   re-encodes the context's first frame.
-- Randomness (:mod:`noise`): the initial noise comes from ``seed`` (or is given; an endless run draws
+- Randomness (:mod:`sampling.noise`): the initial noise comes from ``seed`` (or is given; an endless run draws
   each block's from its own generator); the re-noising noise of block b
   after step j is :func:`step_noise` (seed, b, j), drawn from its own generator, so every
   parallelism level uses the same noise for the same block and step, and the same seed on the same
@@ -21,9 +21,9 @@ Guarantees:
   prompt's text K/V is computed once per run, so a switch in mode "none" costs no model forward.
 - Steering (``steer``, one process only): switches that arrive while the run goes on land at the next
   block to enter (or a later one asked for) and give exactly what the same switch in the schedule from
-  the start gives (:mod:`steer`; ``on_switch`` reports each, a :class:`SwitchEvent`).
-- The KV pool and the latents the run reads back are allocated once per run (see :mod:`kv_pool`,
-  :mod:`latent_window`); an endless run (``blocks`` 0, with a window) keeps them, and its prompt
+  the start gives (:mod:`sampling.steer`; ``on_switch`` reports each, a :class:`SwitchEvent`).
+- The KV pool and the latents the run reads back are allocated once per run (see :mod:`model.kv_pool`,
+  :mod:`sampling.latent_window`); an endless run (``blocks`` 0, with a window) keeps them, and its prompt
   table, bounded however long it goes.
 - A context prefix (``prefix``: F clean latent frames, a start image or a video to continue) is frames
   [0, F) of the video: clean forwards write their K/V before block 0, as the finished blocks they
@@ -45,26 +45,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from ..common.transfer import to_device
 from ..model.dit import WanModel
-from ..model.grid import BlockGrid
 from ..model.kv_pool import KVPool
-from ..model.pool_attention import FULL, REUSE, SPLIT, STORE, Exchange
+from ..model.pool_attention import Exchange
 from .config import CascadeConfig, PromptSchedule
 from .latent_window import LatentWindow
-from .noise import block_noise, initial_noise, step_noise
-from .plan import plan_run
-from .recompute import ContextImage, recompute_pass, why_a_vae
+from .noise import block_noise, initial_noise
+from .plan import RunPlan, check_inputs, plan_run, prefix_frames_of
+from .recompute import ContextImage, why_a_vae
 from .schedule import Tick
 from .steer import LivePrompts, Steer, SwitchEvent
-
-
-class Interrupted(Exception):
-    """The caller asked the run to stop (raised between ticks, or between a context's blocks)."""
+from .ticks import Interrupted, TickPhases, prefix_pass
 
 
 @dataclass(frozen=True)
@@ -108,15 +104,6 @@ class Result:
         return cls(latents[:, :, cut:], *stats, held_prefix - cut, first_frame + cut)
 
 
-def attention_mode(flashblock: str, stage: int, clean: bool) -> str:
-    """The KV pool's attention mode for one (block, stage) pair under a FlashBlock setting."""
-    if flashblock == "off" or clean:
-        return FULL
-    if flashblock == "exact":
-        return SPLIT
-    return STORE if stage == 0 else REUSE
-
-
 class Partition:
     """How the segments of each tick are shared among processes; this base class is one process.
 
@@ -143,65 +130,6 @@ class Partition:
         return requested
 
 
-def size_groups(blocks: Sequence[int], grid: BlockGrid) -> list[list[int]]:
-    """Indices of a tick's segments grouped into runs of equal block size, oldest first: one model
-    forward each (segments of one forward share a shape). Only block 0 can differ (an independent
-    first frame), so a tick has at most two groups; causal attention makes two forwards in this order
-    equal to one (a segment sees only older blocks, whose K/V the earlier forward wrote)."""
-    groups: list[list[int]] = []
-    for i, b in enumerate(blocks):
-        if groups and grid.size(blocks[groups[-1][-1]]) == grid.size(b):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
-def _clean_forward(model: WanModel, pool: KVPool, out: LatentWindow, lo: int, end: int, prompt,
-                   context_noise: float, context) -> int:
-    """One forward over the clean latents of frames [lo, end) in ``out`` at t = ``context_noise``, RoPE'd
-    from the pool's position of frame ``lo``, writing their K/V through ``context``. Returns 1."""
-    t = torch.full((1, end - lo), float(context_noise), device=out.data.device)
-    model(out.read(lo, end), t, [pool.position(lo)], [prompt], context)
-    return 1
-
-
-def prefix_pass(model: WanModel, pool: KVPool, out: LatentWindow, grid: BlockGrid, prompt, context_noise: float,
-                stop: Callable[[int], bool] = lambda index: False) -> int:
-    """A context prefix's clean passes, under the run's first prompt, before block 0: its clean
-    latents (frames [0, grid.offset) of ``out``) are written as the finished blocks they are made of
-    (:meth:`BlockGrid.prefix_chunks`), oldest first, one forward each at t = ``context_noise`` and
-    RoPE positions at their frames, each attending what a clean pass of a block there attends (the
-    earlier prefix frames its window holds, and its own). A start image (one frame at t = 0) is core
-    ComfyUI's ARVideoI2V and Causal Forcing's I2V (one clean pass at position 0); a longer prefix
-    gets the K/V a run that had generated those frames would hold. ``stop(index)`` is asked before
-    each (index -n..-1 for n blocks: the ticks before tick 0). Returns the forwards run; raises
-    :class:`Interrupted` when ``stop`` says so."""
-    chunks = grid.prefix_chunks()
-    for i, (lo, hi) in enumerate(chunks):
-        if stop(i - len(chunks)):
-            raise Interrupted(f"stopped while writing the context (its block {i + 1} of {len(chunks)})")
-        _clean_forward(model, pool, out, lo, hi, prompt, context_noise, pool.clean_attention(lo, hi))
-    return len(chunks)
-
-
-def _recache(model: WanModel, pool: KVPool, out: LatentWindow, end: int, prompt, context_noise: float) -> int:
-    """LongLive's KV re-cache at a prompt switch: the committed frames before frame ``end`` that the
-    new block will see (a context prefix's frames among them), run once more at ``context_noise``
-    under the new prompt (one forward over them together, their own clean latents from ``out``), so
-    their K/V carry it. Returns the forwards run (0 when nothing is committed yet).
-
-    The forward runs eagerly even where the model's layers are compiled: its frame counts (the window's
-    committed frames) occur only at switches, and compiling each new one stalled the stream about 10 s
-    at 1.3B on an H200 (BENCHMARKS.md)."""
-    found = pool.recache_attention(end)
-    if found is None:
-        return 0
-    lo, context = found
-    with torch.compiler.set_stance("force_eager"):
-        return _clean_forward(model, pool, out, lo, end, prompt, context_noise, context)
-
-
 def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int,
              width: int, height: int, seed: int = 0, noise: torch.Tensor | None = None,
              on_tick: Callable[[TickEvent], None] | None = None,
@@ -210,7 +138,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
              partition: Partition | None = None, prefix: torch.Tensor | None = None,
              include_prefix: bool = True, block_offset: int = 0,
              context_image: ContextImage | None = None, steer: Steer | None = None,
-             on_switch: Callable[[SwitchEvent], None] | None = None) -> Result:
+             on_switch: Callable[[SwitchEvent], None] | None = None, plan: RunPlan | None = None) -> Result:
     """Generate ``blocks`` blocks of latent video (0: endless, until ``should_stop``); see the module
     docstring for the guarantees.
 
@@ -222,7 +150,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     blocks come after it. ``block_offset``: the video-wide index of block 0 for the re-noising noise
     (:func:`step_noise`; a continuation of a run of N blocks passes N, see the module docstring).
     ``context_image``: with a KV recompute, the re-encoder of the context's first frame
-    (:data:`recompute.ContextImage`; a VAE decode and encode), needed once a block re-encodes one.
+    (:data:`sampling.recompute.ContextImage`; a VAE decode and encode), needed once a block re-encodes one.
     Returns a :class:`Result` whose ``latents`` [1, 16, F + T, h, w] (the prefix left out unless
     ``include_prefix``; ``Result.prefix_frames`` says) are normalised (DiT-space) latents on the
     model's device, ``seconds`` the wall time of the loop. Callbacks: ``on_tick`` after every tick,
@@ -231,7 +159,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     model work, see :func:`plan_run`) and :class:`Interrupted` when ``should_stop`` says so.
 
     An endless run (``blocks`` 0; a window is needed, one device, no ``noise``) draws each block's
-    initial noise as it enters (:func:`noise.block_noise`, its video-wide index ``block_offset`` + b),
+    initial noise as it enters (:func:`sampling.noise.block_noise`, its video-wide index ``block_offset`` + b),
     holds a bounded KV pool, latent window and prompt table however long it runs, and ends normally
     when ``should_stop`` says so before a tick once a block is final: its :class:`Result` then counts
     the blocks finished and holds the last window's latents (``Result.first_frame`` says where they
@@ -239,29 +167,32 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     (nothing was made). ``on_tick``'s ``ticks`` is 0 (unknown).
 
     ``steer``: asked once before every tick (for tick 0 before the context's passes) for prompt switches
-    [(block or None, embeddings [L, text_dim]), ...] that land while the run goes on (:mod:`steer`);
+    [(block or None, embeddings [L, text_dim]), ...] that land while the run goes on (:mod:`sampling.steer`);
     ``on_switch`` gets a :class:`SwitchEvent` for each switch that lands or is dropped. A steered run
     checks its switch mode as one with switches (ValueError: a re-cache needs parallel 1, ...).
 
     ``partition``: this process's share of the work when several run the same video (used by
     :mod:`distributed`); the default computes everything here. Steering runs on one process only
     (ValueError with another partition).
+
+    ``plan``: the run's plan where the caller made it at its entry (:func:`sampling.plan.plan_run`, its rules
+    checked there); without it the run is planned here. ValueError for a plan of another run.
     """
     if steer is not None and partition is not None and type(partition) is not Partition:
         raise ValueError("steering a running video (steer) runs on one device for now: give one device")
     part = partition or Partition()
-    run = plan_run(model.cfg, prompts, cfg, blocks=blocks, width=width, height=height, noise=noise, prefix=prefix,
-                   block_offset=block_offset, dtype=model.dtype)
-    plan, grid, shape, lead = run.schedule, run.grid, run.shape, run.grid.offset
+    run = plan or plan_run(cfg, blocks=blocks, width=width, height=height, patch=model.cfg.patch_size,
+                           prefix_frames=prefix_frames_of(prefix), switches=len(prompts.entries) - 1,
+                           steered=steer is not None)
+    if not run.fits(cfg, blocks, width, height, model.cfg.patch_size) or (steer is not None and not run.steered):
+        raise ValueError("the plan given to generate is the plan of another run (its settings, size or steering)")
+    check_inputs(run, prompts, model.cfg.text_dim, noise=noise, prefix=prefix, block_offset=block_offset,
+                 dtype=model.dtype)
+    schedule, grid, shape, lead = run.schedule, run.grid, run.shape, run.grid.offset
     if context_image is None and (why := why_a_vae(blocks, grid.frames, cfg.kv_recompute)):
         raise ValueError(f"{why}: it needs the VAE (context_image)")
-    if steer is not None:
-        try:
-            cfg.check_run(switches=1)
-        except ValueError as exc:
-            raise ValueError(f"steering (prompt switches while the video runs): {exc}") from None
     device, dtype = model.device, model.dtype
-    endless = plan.endless
+    endless = schedule.endless
     if noise is None and not endless:
         noise = initial_noise(seed, run.noise_shape, device, dtype)
     elif noise is not None:
@@ -280,81 +211,29 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
                       keep_external=cfg.flashblock == "reuse",
                       slot_positions=cfg.rope_positions == "slots" or bool(cfg.kv_recompute),
                       sink_ema=cfg.sink_ema, shift_keys=model.shift_frames)
-        live = LivePrompts(model, prompts, plan, cfg.switch_mode == "recache", steer, on_switch)
-        recache_at = live.recache_at  # changed in place by steered switches
+        live = LivePrompts(model, prompts, schedule, cfg.switch_mode == "recache", steer, on_switch)
         out = LatentWindow(shape[2], shape[1], h, w, dtype, device)
         if lead:  # every process writes the prefix's K/V itself (each keeps a whole KV pool)
             out.write(0, to_device(prefix, device).to(dtype))
-        x_t: dict[int, torch.Tensor] = {}  # in-flight blocks: current noisy input (or x0 for the clean pass)
-        clean_t = torch.full((max(grid.first, grid.frames),), float(cfg.context_noise), device=device)
-        step_t = {id(f): to_device(f.timesteps, device) for f in (run.first_flow, run.flow)}
-        done, first_block = 0, None
+        phases = TickPhases(model, run, pool, live, out, part, noise_of, seed, block_offset, context_image)
+        done, first_block, ticks_run = 0, None, 0
         wants_stop = lambda: should_stop is not None and should_stop()  # noqa: E731
         live.poll(0)  # a switch before tick 0 replaces the first prompt, which the prefix passes take too
         forwards = prefix_pass(model, pool, out, grid, live.prompt(0), cfg.context_noise,
                                lambda index: part.stop(Tick(index, ()), wants_stop()))
-        ticks_total = 0 if endless else len(plan)
-        ticks_run = 0
-        for tick in plan.iter_ticks():
+        ticks_total = 0 if endless else len(schedule)
+        for tick in schedule.iter_ticks():
             if part.stop(tick, wants_stop()):
                 if endless and done:  # the normal end of an endless video, once it made something
                     break
                 raise Interrupted(f"stopped at tick {tick.index}" + (" before block 0 was final" if endless else
                                                                      f" of {ticks_total}"))
             ticks_run += 1
-            if tick.index:
-                live.poll(tick.index)
-            blocks_now = [b for b, _ in tick.pairs]
-            live.forget_before(max(0, blocks_now[0] - 1))  # a KV recompute takes the block before's prompt
-            for b, stage in tick.pairs:
-                if stage == 0 and part.owns(b):
-                    x_t[b] = noise_of(b)
-            entering = blocks_now[-1] if tick.pairs[-1][1] == 0 else None
-            if entering in recache_at:  # before the window makes room for the new block
-                forwards += _recache(model, pool, out, grid.start(blocks_now[0]), recache_at[entering],
-                                     cfg.context_noise)
-            pool.make_room(blocks_now[0], blocks_now[-1])
-            if cfg.kv_recompute and entering:  # one block in flight: it is the entering one
-                forwards += recompute_pass(model, pool, out, grid, entering, cfg.kv_recompute, live.prompt(entering - 1),
-                                           cfg.context_noise, context_image)
-            newest_end = grid.end(blocks_now[-1])
-            v_of: dict[int, torch.Tensor] = {}  # segment index -> velocity [1, 16, frames, h, w]
-            for group in size_groups(blocks_now, grid):
-                pairs = [tick.pairs[i] for i in group]
-                gb = [b for b, _ in pairs]
-                clean = [plan.is_clean(b, s) for b, s in pairs]
-                his = [newest_end if cfg.attention == "bidirectional" and not c else grid.end(b)
-                       for (b, _), c in zip(pairs, clean)]
-                modes = [attention_mode(cfg.flashblock, s, c) for (_, s), c in zip(pairs, clean)]
-                local = [k for k, b in enumerate(gb) if part.owns(b)]
-                context = pool.attention(gb, his, modes, local, part.exchange(gb, local), clean)
-                forwards += 1
-                if not local:  # nothing to compute here: only take part in the K/V exchange
-                    context.skip(model.cfg.num_layers)
-                    continue
-                size = grid.size(gb[0])
-                t = torch.stack([clean_t[:size] if clean[k] else step_t[id(run.flow_of(gb[k]))][pairs[k][1]].expand(size)
-                                 for k in local])  # [n, frames]
-                mine = [gb[k] for k in local]
-                v = model(torch.cat([x_t[b] for b in mine]), t, [pool.position(grid.start(b)) for b in mine],
-                          [live.prompt(b) for b in mine], context)
-                v_of.update({group[k]: v[r:r + 1] for r, k in enumerate(local)})
-            for i, (b, stage) in enumerate(tick.pairs):
-                if plan.is_clean(b, stage):
-                    x_t.pop(b, None)
-                    continue
-                flow = run.flow_of(b)
-                last = stage + 1 == len(flow)
-                x0 = None
-                if i in v_of:
-                    x0 = flow.x0(x_t[b], v_of[i].to(dtype), stage)
-                    # after the last step the clean pass runs on x0 itself
-                    x_t[b] = x0 if last else flow.renoise(x0, stage + 1,
-                                                          step_noise(seed, block_offset + b, stage, x0))
-                if not last:
-                    continue
-                if not plan.clean_pass:  # no clean pass follows: the block is done
-                    x_t.pop(b, None)
+            phases.enter(tick)
+            forwards += phases.make_context(tick)
+            v_of, forwarded = phases.denoise(tick)
+            forwards += forwarded
+            for b, x0 in phases.advance(tick, v_of):
                 done += 1
                 latents = part.collect(b, x0, grid.size(b))
                 if latents is None:  # finished on another process, reported there

@@ -10,30 +10,22 @@ import os
 import torch
 
 from ..common.constants import GIB, LATENT_CHANNELS
-from ..model.grid import BlockGrid
-from .config import CascadeConfig
-from .latent_window import held_frames
-from .plan import latent_size, layout_of, schedule_of
+from .plan import RunPlan
 
 
-def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks: int, width: int, height: int,
-                       prompts: int, vae_bytes: int, ranks: int = 1, prefix_frames: int = 0) -> tuple[int, str]:
-    """About how many bytes a run needs on its device besides the DiT weights, and what they are made of.
+def estimate_run_bytes(run: RunPlan, model_cfg, dtype: torch.dtype, prompts: int, vae_bytes: int,
+                       ranks: int = 1) -> tuple[int, str]:
+    """About how many bytes the planned ``run`` (:func:`sampling.plan.plan_run`: its KV pool layout, blocks
+    in flight and latents) needs on its device besides the DiT weights, and what they are made of.
 
-    ``model_cfg``: the model's :class:`~cascade_core.model.dit.WanConfig`; ``dtype``: the DiT's dtype;
-    ``width``/``height`` in pixels (ValueError unless multiples of 16); ``prompts``: entries of the
-    prompt schedule; ``blocks`` 0: an endless video (with a window: checked before); ``vae_bytes``: the decoder's weights in bytes (0 without a VAE); ``ranks``: the
-    devices of a worker pool (each keeps a full KV cache replica, computes its share of the blocks in
-    flight and holds the k/v all-gather buffers): the result is then one rank's need; ``prefix_frames``:
-    latent frames of a context prefix before block 0 (held as any frames of the video).
+    ``model_cfg``: the model's :class:`~model.dit.WanConfig`; ``dtype``: the DiT's dtype; ``prompts``:
+    entries of the prompt schedule; ``vae_bytes``: the decoder's weights in bytes (0 without a VAE);
+    ``ranks``: the devices of a worker pool (each keeps a full KV cache replica, computes its share of the
+    blocks in flight and holds the k/v all-gather buffers): the result is then one rank's need.
     Returns (bytes, "KV cache x GiB, activations y GiB, VAE z GiB").
     """
-    c = model_cfg
-    h, w = latent_size(width, height, c.patch_size)
-    grid = BlockGrid(cfg.grid.frames, cfg.grid.first, prefix_frames)
-    total = grid.total(blocks) if blocks else None  # blocks 0: endless
-    frames = held_frames(cfg, total, prefix_frames)
-    layout = layout_of(c, cfg, schedule_of(cfg, blocks), grid, h, w, total)  # the pool the run allocates
+    c, cfg, layout = model_cfg, run.cfg, run.layout
+    h, w = run.shape[-2:]
     tpf, fpb, in_flight = layout.tokens_per_frame, layout.frames_per_block, layout.max_in_flight
     elem = 4 if dtype == torch.float32 else 2
     anchors = cfg.sink * in_flight if cfg.rolling_window else 0  # re-positioned copies of the sink
@@ -46,7 +38,7 @@ def estimate_run_bytes(model_cfg, dtype: torch.dtype, cfg: CascadeConfig, blocks
     if cfg.flashblock != "off":
         activations += c.num_layers * tokens * c.dim * 4 * 2  # kept block-external outputs + log-sum-exp
     text = prompts * c.num_layers * 2 * c.text_len * c.dim * elem
-    latents = 3 * LATENT_CHANNELS * frames * h * w * 4
+    latents = 3 * LATENT_CHANNELS * run.shape[2] * h * w * 4
     vae_work = (vae_bytes + 3000 * h * w * 64 * elem) if vae_bytes else 0
     total = int((kv + activations + text + latents + vae_work) * 1.2) + 256 * 1024 ** 2
     what = (f"KV cache {kv / GIB:.2f} GiB, activations {activations / GIB:.2f} GiB, "

@@ -1,10 +1,12 @@
-"""A run's arguments checked and planned before any model work: the one place for one process and
-for several (:mod:`parallel.wire` validates a pool's job with it).
+"""The one plan of a run, derived once where the run enters (the CLI, the sampler node, the API's
+:func:`sampling.loop.generate`, a worker pool's job) and taken by everything after it: the tick loop, the
+memory estimate, the pool.
 
-Guarantees: :func:`plan_run` raises ValueError for a bad config, size, prompt schedule, initial noise,
-context prefix or block offset before anything is allocated; the :class:`RunPlan` it returns fixes the
-block grid (the prefix's frames before block 0), the noise levels, the tick plan and the latents'
-shape.
+Guarantees: :func:`plan_run` checks every rule of a run's settings (the config, the size, prompt switches,
+devices, steering, a prefix where one is defined) before anything is loaded or allocated, and fixes the
+block grid (the prefix's frames before block 0), the noise levels, the tick plan with its blocks in flight,
+the KV pool's layout and the latents' shape; :func:`check_inputs` checks the run's tensors (prompts, initial
+noise, prefix, block offset) against it. Both raise ValueError.
 """
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ from typing import Sequence
 import torch
 
 from ..common.constants import LATENT_CHANNELS, PIXELS_PER_LATENT
-from ..model.dit import WanConfig
 from ..model.grid import BlockGrid
 from ..model.kv_pool import PoolLayout
 from .config import CascadeConfig, PromptSchedule
 from .latent_window import held_frames
 from .schedule import CascadeSchedule, FlowSchedule
+
+
+class SteeringRefused(ValueError):
+    """A run that cannot take prompt switches while it goes on (``plan_run(..., steered=True)``)."""
 
 
 def latent_size(width: int, height: int, patch: Sequence[int] = (1, 2, 2)) -> tuple[int, int]:
@@ -36,14 +41,41 @@ class RunPlan:
     """A checked run: block sizes (``grid.offset``: the context prefix's frames), noise levels, tick
     plan and the shape [1, 16, F + T, h, w] of the latents, prefix included; an endless run's
     (``schedule.endless``) holds only its last frames, [1, 16, held, h, w]
-    (:func:`latent_window.held_frames`)."""
+    (:func:`sampling.latent_window.held_frames`)."""
 
+    cfg: CascadeConfig
     grid: BlockGrid
     first_flow: FlowSchedule
     flow: FlowSchedule
-    schedule: CascadeSchedule
+    schedule: CascadeSchedule  # the ticks; ``max_in_flight``: the blocks in flight, said here only
     shape: tuple[int, ...]
     layout: PoolLayout  # the KV pool's frames: window, sink, its anchors, the blocks in flight
+    patch: tuple[int, ...]  # the model's patch (t, h, w) the size was checked against
+    switches: int  # prompt switches of the schedule it was planned for
+    devices: int
+    steered: bool
+
+    @property
+    def width(self) -> int:
+        """The video's width in pixels."""
+        return self.shape[-1] * PIXELS_PER_LATENT
+
+    @property
+    def height(self) -> int:
+        """The video's height in pixels."""
+        return self.shape[-2] * PIXELS_PER_LATENT
+
+    def with_prefix(self, frames: int) -> RunPlan:
+        """This plan with a context prefix of ``frames`` latent frames before block 0, for a frontend that
+        learns their count from a file after planning (where a prefix is defined is checked with the prefix
+        itself: :func:`check_prefix`)."""
+        return _derive(self.cfg, self.first_flow, self.flow, self.schedule, *self.shape[-2:], self.patch, frames,
+                       self.switches, self.devices, self.steered)
+
+    def fits(self, cfg: CascadeConfig, blocks: int, width: int, height: int, patch: Sequence[int]) -> bool:
+        """Whether this plan is the plan of a run with these arguments."""
+        return (self.cfg == cfg and self.schedule.blocks == blocks and tuple(patch) == self.patch
+                and (self.width, self.height) == (width, height))
 
     def flow_of(self, block: int) -> FlowSchedule:
         return self.first_flow if block == 0 else self.flow
@@ -52,24 +84,6 @@ class RunPlan:
     def noise_shape(self) -> tuple[int, ...]:
         """The initial noise's shape [1, 16, T, h, w]: the generated frames only (a finite run)."""
         return (*self.shape[:2], self.shape[2] - self.grid.offset, *self.shape[3:])
-
-
-def schedule_of(cfg: CascadeConfig, blocks: int) -> CascadeSchedule:
-    """The tick plan of ``blocks`` blocks (0: endless) under ``cfg``: the one place that says how many blocks
-    are in flight (``max_in_flight``). Raises ValueError for a bad step list or parallelism."""
-    first, flow = cfg.flows()
-    return CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first), clean_pass=not cfg.kv_recompute)
-
-
-def layout_of(model_cfg: WanConfig, cfg: CascadeConfig, schedule: CascadeSchedule, grid: BlockGrid, h: int, w: int,
-              total_frames: int | None) -> PoolLayout:
-    """The KV pool's layout for latents of h x w: tokens per frame from the model's patch, the window and sink,
-    the blocks in flight of ``schedule``; ``total_frames`` None: an endless video (a bounded pool)."""
-    p = model_cfg.patch_size
-    return PoolLayout(frames_per_block=grid.frames, tokens_per_frame=(h // p[1]) * (w // p[2]),
-                      total_frames=total_frames, window=cfg.attended_window, sink=cfg.sink,
-                      max_in_flight=schedule.max_in_flight, first_block_frames=grid.first, rolling=cfg.rolling_window,
-                      prefix_frames=grid.offset)
 
 
 def check_prefix_config(cfg: CascadeConfig) -> None:
@@ -108,29 +122,74 @@ def check_prefix(prefix: torch.Tensor | None, cfg: CascadeConfig, h: int, w: int
     return shape[2]
 
 
-def plan_run(model_cfg: WanConfig, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int, width: int,
-             height: int, noise: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-             block_offset: int = 0, dtype: torch.dtype | None = None) -> RunPlan:
-    """Every check of a run's arguments, before any model work (one place for one process and for
-    several). Raises ValueError for a bad config, size, prompt schedule, initial noise or context
-    prefix (:func:`check_prefix`, ``dtype``: the run's) or a ``block_offset`` that is no int >= 0."""
+def plan_run(cfg: CascadeConfig, *, blocks: int, width: int, height: int, patch: Sequence[int] = (1, 2, 2),
+             prefix_frames: int = 0, switches: int = 0, devices: int = 1, steered: bool = False) -> RunPlan:
+    """The one plan of a run, its settings checked: every rule once, before any model work and before any
+    tensor exists (frontends call it where a run enters; :func:`sampling.loop.generate` takes the plan).
+
+    ``blocks`` 0: endless; ``width``/``height`` in pixels (multiples of 8 x the model's ``patch``);
+    ``prefix_frames``: latent frames of a context prefix before block 0; ``switches``: prompt switches of
+    the schedule; ``devices``: devices the run is spread over; ``steered``: switches may arrive while it runs
+    (checked as a run with switches; :class:`SteeringRefused` where it cannot be). Raises ValueError naming the rule (the config's
+    :meth:`~sampling.config.CascadeConfig.validate` and ``check_run``, the size, a prefix where none is
+    defined)."""
     cfg.validate()
+    first, flow = cfg.flows()
+    schedule = CascadeSchedule(blocks, len(flow), cfg.parallel, cfg.fold_clean, len(first),
+                               clean_pass=not cfg.kv_recompute)
+    cfg.check_run(switches, devices, endless=schedule.endless)
+    if steered:
+        why = "steering (prompt switches while the video runs)"
+        if devices > 1:
+            raise SteeringRefused(f"{why} runs on one device for now: give one device")
+        try:
+            cfg.check_run(switches=1, devices=devices)
+        except ValueError as exc:
+            raise SteeringRefused(f"{why}: {exc}") from None
+    h, w = latent_size(width, height, patch)
+    if prefix_frames:
+        check_prefix_config(cfg)
+    return _derive(cfg, first, flow, schedule, h, w, tuple(patch), prefix_frames, switches, devices, steered)
+
+
+def _derive(cfg: CascadeConfig, first: FlowSchedule, flow: FlowSchedule, schedule: CascadeSchedule, h: int, w: int,
+            patch: tuple[int, ...], prefix_frames: int, switches: int, devices: int, steered: bool) -> RunPlan:
+    """The plan's derived parts: the block grid after the prefix, the latents held, the KV pool's layout."""
+    grid = BlockGrid(cfg.grid.frames, cfg.grid.first, prefix_frames)
+    held = held_frames(cfg, None if schedule.endless else grid.total(schedule.blocks), grid.offset)
+    layout = PoolLayout(frames_per_block=grid.frames, tokens_per_frame=(h // patch[1]) * (w // patch[2]),
+                        total_frames=None if schedule.endless else held, window=cfg.attended_window, sink=cfg.sink,
+                        max_in_flight=schedule.max_in_flight, first_block_frames=grid.first,
+                        rolling=cfg.rolling_window, prefix_frames=grid.offset)
+    return RunPlan(cfg, grid, first, flow, schedule, (1, LATENT_CHANNELS, held, h, w), layout, patch, switches,
+                   devices, steered)
+
+
+def check_inputs(run: RunPlan, prompts: PromptSchedule, text_dim: int | None, *, noise: torch.Tensor | None = None,
+                 prefix: torch.Tensor | None = None, block_offset: int = 0, dtype: torch.dtype | None = None) -> None:
+    """The run's tensors against its plan: the prompt schedule (``text_dim``: the model's; no more switches
+    than planned), the initial noise, the context prefix (:func:`check_prefix`, ``dtype``: the run's) and a
+    ``block_offset`` that is an int >= 0. Raises ValueError."""
     if type(block_offset) is not int or block_offset < 0:
         raise ValueError(f"block_offset (the video-wide index of block 0) must be an int >= 0, got {block_offset!r}")
-    first, flow = cfg.flows()
-    schedule = schedule_of(cfg, blocks)
-    prompts.validate(blocks, model_cfg.text_dim)
-    cfg.check_run(len(prompts.entries) - 1, endless=schedule.endless)
-    h, w = latent_size(width, height, model_cfg.patch_size)
-    grid = BlockGrid(cfg.grid.frames, cfg.grid.first, check_prefix(prefix, cfg, h, w, dtype))
-    held = held_frames(cfg, None if schedule.endless else grid.total(blocks), grid.offset)
-    run = RunPlan(grid, first, flow, schedule, (1, LATENT_CHANNELS, held, h, w),
-                  layout_of(model_cfg, cfg, schedule, grid, h, w, None if schedule.endless else held))
-    if noise is not None and schedule.endless:
+    prompts.validate(run.schedule.blocks, text_dim)
+    if len(prompts.entries) - 1 > run.switches:
+        raise ValueError(f"the prompt schedule holds {len(prompts.entries) - 1} switches; the run was planned with "
+                         f"{run.switches}")
+    h, w = run.shape[-2:]
+    frames = check_prefix(prefix, run.cfg, h, w, dtype)
+    if frames != run.grid.offset:
+        raise ValueError(f"the prefix holds {frames} latent frames; the run was planned with {run.grid.offset}")
+    if noise is not None and run.schedule.endless:
         raise ValueError("an endless video draws each block's initial noise as it enters (noise.block_noise): "
                          "give no initial noise, or a length in blocks")
     if noise is not None and tuple(noise.shape) != run.noise_shape:
         raise ValueError(f"the initial noise must be {list(run.noise_shape)}, got {list(noise.shape)}")
     if noise is not None and not bool(torch.isfinite(noise).all()):
         raise ValueError("the initial noise holds NaN or infinite values")
-    return run
+
+
+def prefix_frames_of(prefix) -> int:
+    """Latent frames of a context prefix [1, 16, F, h, w] for its plan (0 for None or anything of another
+    form: :func:`check_inputs` names what is wrong with it)."""
+    return prefix.shape[2] if isinstance(prefix, torch.Tensor) and prefix.dim() == 5 else 0

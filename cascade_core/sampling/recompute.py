@@ -21,7 +21,7 @@ K = ``kv_recompute`` context frames and block b starting at frame E = bN:
   cache still holds it then; a new prompt is taken up by the block's own steps).
 
 Frames are absolute indices of the video; a context prefix before block 0 is not defined here
-(:func:`plan.check_prefix_config` refuses it).
+(:func:`sampling.plan.check_prefix_config` refuses it).
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def recompute_pass(model: WanModel, pool: KVPool, out: LatentWindow, grid: Block
     """Rebuild the K/V that block ``block`` (>= 1) attends, from the clean latents in ``out`` of the blocks
     before it (see the module docstring). The pool must hold frames [E - C, E) in its first slots with
     slot RoPE positions (a window of K + N frames, no sink); ``out`` the frames from the re-encoder's
-    next one on (:func:`latent_window.held_frames`). Returns the forwards run."""
+    next one on (:func:`sampling.latent_window.held_frames`). Returns the forwards run."""
     end = grid.start(block)
     lo = end - min(end, context)
     again = reencoded_frame(block, grid.frames, context)

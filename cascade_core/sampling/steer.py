@@ -55,7 +55,7 @@ class LivePrompts:
     """The prompt of every block of a run, changed by steered switches (see the module docstring).
 
     ``prompts``: the run's checked schedule; ``plan``: its tick plan; ``recache``: whether a switch
-    re-caches (switch mode "recache"); ``steer``/``on_switch``: as :func:`sampler.generate` takes them."""
+    re-caches (switch mode "recache"); ``steer``/``on_switch``: as :func:`sampling.loop.generate` takes them."""
 
     def __init__(self, model, prompts: PromptSchedule, plan: CascadeSchedule, recache: bool,
                  steer: Steer | None = None, on_switch: Callable[[SwitchEvent], None] | None = None):

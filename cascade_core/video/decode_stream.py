@@ -1,5 +1,5 @@
-"""Streaming decode shared by the Wan2.1 VAE decoder (:mod:`vae`) and the taew2_1 preview decoder
-(:mod:`taew`): the causal memory one video's decode keeps between calls, the decoder base class
+"""Streaming decode shared by the Wan2.1 VAE decoder (:mod:`video.vae`) and the taew2_1 preview decoder
+(:mod:`video.taew`): the causal memory one video's decode keeps between calls, the decoder base class
 (loading from a file or a state dict) and the stream that decodes latent blocks one after another.
 
 Guarantees: a :class:`CausalState` holds, per temporal layer, the input frames a later call needs
@@ -255,7 +255,7 @@ class LatentVideoDecoder(nn.Module):
     def from_file(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu"):
         """Load from a .safetensors or .pt/.pth file, or a diffusers folder (``diffusion_pytorch_model*``
-        .safetensors, see :func:`safe_io.read_weights`); see :meth:`from_state_dict`."""
+        .safetensors, see :func:`weights.safe_io.read_weights`); see :meth:`from_state_dict`."""
         path = os.fspath(path)
         return cls.from_state_dict(read_weights(path)[0], dtype=dtype, device=device, source=path)
 

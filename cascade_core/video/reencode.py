@@ -1,10 +1,10 @@
-"""The first context frame of a KV recompute (Krea Realtime, :mod:`recompute`) from the Wan2.1 VAE.
+"""The first context frame of a KV recompute (Krea Realtime, :mod:`sampling.recompute`) from the Wan2.1 VAE.
 
-Guarantees: :class:`ContextReencoder` is a :data:`recompute.ContextImage`: for the latents of frames
+Guarantees: :class:`ContextReencoder` is a :data:`sampling.recompute.ContextImage`: for the latents of frames
 0..j of one video it returns the normalised latent [1, 16, 1, h, w] of frame j's last video frame,
-decoded by the streaming decoder (:mod:`decode_stream`: the frames of one decode of the whole video,
+decoded by the streaming decoder (:mod:`video.decode_stream`: the frames of one decode of the whole video,
 clamped to [-1, 1]) and encoded alone, as an image, by the VAE encoder it is given (diffusers' through
-:func:`vae_encode.encode` in :meth:`ContextReencoder.from_state_dict`; ComfyUI's own VAE in the nodes). This is krea-ai/realtime-video's ``get_clean_context_frames``
+:func:`video.vae_encode.encode` in :meth:`ContextReencoder.from_state_dict`; ComfyUI's own VAE in the nodes). This is krea-ai/realtime-video's ``get_clean_context_frames``
 (``release_server.py:563-576``; its decoder ``demo_utils/vae_block3.py:200-230`` clamps too). Each
 latent frame is decoded once, as the calls reach it.
 """
@@ -39,7 +39,7 @@ class ContextReencoder:
     @classmethod
     def from_state_dict(cls, sd, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                         source: str = "state dict") -> "ContextReencoder":
-        """Decoder and encoder of the complete Wan2.1 VAE in ``sd`` (any layout :mod:`vae_encode` reads),
+        """Decoder and encoder of the complete Wan2.1 VAE in ``sd`` (any layout :mod:`video.vae_encode` reads),
         ``dtype`` on ``device``. Raises :class:`CheckpointError` naming ``source`` when ``sd`` is no such VAE."""
         encoder = encoder_from_state_dict(sd, dtype=dtype, device=device, source=source)
         return cls(WanVAEDecoder.from_state_dict(sd, dtype=dtype, device=device, source=source),
@@ -48,7 +48,7 @@ class ContextReencoder:
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> "ContextReencoder":
-        """:meth:`from_state_dict` of a VAE file or diffusers folder (:func:`safe_io.read_weights`)."""
+        """:meth:`from_state_dict` of a VAE file or diffusers folder (:func:`weights.safe_io.read_weights`)."""
         path = os.fspath(path)
         return cls.from_state_dict(read_weights(path)[0], dtype=dtype, device=device, source=path)
 

@@ -5,21 +5,21 @@ Guarantees:
 - Architecture and parameter names are those of the 16-channel Wan2.1 VAE (``Wan2.1_VAE.pth``,
   ComfyUI's ``wan_2.1_vae.safetensors``, the state dict of a ComfyUI ``VAE`` object): the post-quant
   convolution ``conv2.*`` and ``decoder.*``. The diffusers ``AutoencoderKLWan`` layout is read too
-  (a ``diffusion_pytorch_model.safetensors`` or its folder; names mapped by :mod:`vae_names`). The
+  (a ``diffusion_pytorch_model.safetensors`` or its folder; names mapped by :mod:`weights.vae_names`). The
   encoder half (``encoder.*``, ``conv1.*`` / ``quant_conv.*``) and a common key prefix
   (``first_stage_model.``, ``vae.`` ...) are ignored; anything that is not a Wan2.1 VAE raises
   :class:`CheckpointError` naming the file and saying what it looks like (a DiT, an image VAE, a text
   encoder ...) or which keys are missing.
 - Every operation along time is causal. The input frames that a temporal convolution needs from before
-  a call are kept in a :class:`~decode_stream.CausalState`, so decoding block by block with one
-  :class:`~decode_stream.StreamingDecode` equals one decode of everything, up to floating-point
+  a call are kept in a :class:`~video.decode_stream.CausalState`, so decoding block by block with one
+  :class:`~video.decode_stream.StreamingDecode` equals one decode of everything, up to floating-point
   summation order.
 - Latent frame 0 of a video decodes to 1 frame, every later latent frame to 4: a first block of n
   latent frames gives 1 + 4(n-1) frames, every later block 4n. Frames are 8x the latent size.
-- Inputs are *normalised* latents (what the DiT works on); :mod:`latents` converts from and to the
+- Inputs are *normalised* latents (what the DiT works on); :mod:`video.latents` converts from and to the
   raw latents that ComfyUI's ``LATENT`` holds.
 - On CUDA each stream decodes on its own CUDA stream, ordered after the caller's queued work
-  (see :class:`~decode_stream.StreamingDecode` for what the caller must do).
+  (see :class:`~video.decode_stream.StreamingDecode` for what the caller must do).
 
 Decoder layout for base width d (the released VAE has d = 96); "up" levels double height and width,
 the first two also double the frame count (except for the video's first frame)::

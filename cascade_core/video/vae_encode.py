@@ -2,14 +2,14 @@
 start image or video frames it encodes.
 
 Guarantees:
-- The encoder is read from the same files as the decoder of :mod:`vae` (the original Wan / ComfyUI
+- The encoder is read from the same files as the decoder of :mod:`video.vae` (the original Wan / ComfyUI
   layout as ``.safetensors`` or a ``.pt`` read with ``weights_only``, a diffusers folder or file, a
-  common key prefix), through :func:`safe_io.read_weights`; nothing in them runs. Original names
+  common key prefix), through :func:`weights.safe_io.read_weights`; nothing in them runs. Original names
   are converted by diffusers' own ``convert_wan_vae_to_diffusers``; the model is sized from the
   weights and loaded strictly. A file that is not a complete 16-channel Wan2.1 VAE raises
   :class:`CheckpointError` naming the file (a decoder-only file: the encoder half is missing).
 - :func:`encode` returns normalised (DiT-space) latents: the latent distribution's mode (its mean),
-  then :func:`latents.raw_to_normalized`. Video frame 0 gives latent frame 0, every 4 later frames one more.
+  then :func:`video.latents.raw_to_normalized`. Video frame 0 gives latent frame 0, every 4 later frames one more.
 - Images and video frames are scaled to cover width x height keeping their aspect ratio, then
   centre-cropped (Pillow's ``ImageOps.fit``; core ComfyUI's ``common_upscale(..., "center")`` rule);
   RGB, alpha dropped; pixels on the [-1, 1] scale. 16-bit and 32-bit images are scaled to 8 bits,
@@ -67,7 +67,7 @@ def _complete_weights(sd, source: str) -> dict[str, torch.Tensor]:
 def load_encoder(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
     """diffusers' ``AutoencoderKLWan`` (eval, no gradients, ``dtype`` on ``device``) with the weights of
-    the complete Wan2.1 VAE in ``path`` (a file or a diffusers folder, see :func:`safe_io.read_weights`);
+    the complete Wan2.1 VAE in ``path`` (a file or a diffusers folder, see :func:`weights.safe_io.read_weights`);
     see :func:`encoder_from_state_dict`."""
     path = os.fspath(path)
     return encoder_from_state_dict(read_weights(path)[0], dtype=dtype, device=device, source=path)

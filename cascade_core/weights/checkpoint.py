@@ -1,13 +1,13 @@
 """One loader for Wan2.1 text-to-video DiT weights, whatever layout they were saved in.
 
-:func:`load_dit` returns a state dict with the canonical parameter names of :class:`model.WanModel`
+:func:`load_dit` returns a state dict with the canonical parameter names of :class:`model.dit.WanModel`
 (the original Wan / ComfyUI names) in the requested dtype, and a :class:`CheckpointInfo` saying
 what was found. This module reads the file, chooses the weights inside it (EMA or base, the
 container trail), dequantises them and merges a LoRA; the names of each layout and the checks that
-the weights are a Wan2.1 T2V DiT are :mod:`dit_names`'s.
+the weights are a Wan2.1 T2V DiT are :mod:`weights.dit_names`'s.
 
 Guarantees:
-- Files are read only through :mod:`safe_io`: safetensors memory-mapped, ``.pt`` through
+- Files are read only through :mod:`weights.safe_io`: safetensors memory-mapped, ``.pt`` through
   ``torch.load(weights_only=True)``; no pickled code ever runs. Files are never written.
 - Layouts understood: training checkpoints of Self-Forcing, CausVid, Causal Forcing and LongLive
   (``generator_ema`` / ``generator`` / ``model`` / ``state_dict`` / ``module`` containers, possibly
@@ -19,9 +19,9 @@ Guarantees:
   without a per-tensor scale (ComfyUI "fp8 scaled": ``<layer>.scale_weight`` beside
   ``<layer>.weight`` and a ``scaled_fp8`` marker; newer files name it ``<layer>.weight_scale``),
   dequantised as ``weight.float() * scale`` and then cast.
-- A LoRA (``lora=``) is merged at load by :func:`lora.merge_lora` (every key style it reads is
+- A LoRA (``lora=``) is merged at load by :func:`weights.lora.merge_lora` (every key style it reads is
   listed there).
-- Every failure is a :class:`safe_io.CheckpointError` that names the file and says what is wrong:
+- Every failure is a :class:`weights.safe_io.CheckpointError` that names the file and says what is wrong:
   what the file looks like when it is not a Wan2.1 T2V DiT, which keys are missing or unexpected
   (the first few), which tensor has an inconsistent shape, which LoRA keys match no layer.
 """

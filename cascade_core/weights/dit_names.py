@@ -1,4 +1,4 @@
-"""The Wan2.1 T2V DiT's weight names in every layout :func:`checkpoint.load_dit` reads, and the
+"""The Wan2.1 T2V DiT's weight names in every layout :func:`weights.checkpoint.load_dit` reads, and the
 checks that a state dict is one.
 
 - :func:`diffusers_name`: the diffusers ``WanTransformer3DModel`` name of each canonical (original
@@ -6,12 +6,12 @@ checks that a state dict is one.
 - :func:`unwrap_names`: the FSDP / activation-checkpoint / torch.compile wrapper parts removed.
 - :func:`dit_prefix`, :func:`is_diffusers_layout`: where the DiT sits in a file and which naming it uses.
 - :func:`wan_variant`: why a Wan-family DiT is not a text-to-video one (image-to-video, VACE, ...).
-- :func:`read_config`, :func:`check_keys_and_shapes`: the :class:`model.WanConfig` read off the
+- :func:`read_config`, :func:`check_keys_and_shapes`: the :class:`model.dit.WanConfig` read off the
   weights, and every canonical key present with its shape.
 
 Guarantees: only names and shapes are looked at (no tensor is read, copied or allocated: the
-model's own names come from a meta-device :class:`model.WanModel`); every refusal is a
-:class:`safe_io.CheckpointError` naming the file and what is wrong (the first few keys of a list).
+model's own names come from a meta-device :class:`model.dit.WanModel`); every refusal is a
+:class:`weights.safe_io.CheckpointError` naming the file and what is wrong (the first few keys of a list).
 """
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ _REQUIRED = ("patch_embedding.weight", "text_embedding.0.weight", "time_embeddin
 
 
 def read_config(sd: dict[str, torch.Tensor], path: str, heads: int | None) -> WanConfig:
-    """The :class:`model.WanConfig` of canonical weights (``heads``: None for dim // 128).
+    """The :class:`model.dit.WanConfig` of canonical weights (``heads``: None for dim // 128).
 
     Raises CheckpointError naming ``path`` for a missing key the shape is read from, a patch
     embedding that is not a 3-D convolution, or shapes the configuration cannot come from."""

@@ -4,7 +4,7 @@ Guarantees:
 - Nothing is fetched from a hub: the weights come from one local file, the tokenizer from a local
   folder (``AutoTokenizer.from_pretrained(dir, local_files_only=True)``) or from the sentencepiece
   model that ComfyUI text-encoder files carry (``spiece_model``).
-- Weights are read only through :mod:`safe_io` (no pickled code runs). Accepted files: ComfyUI /
+- Weights are read only through :mod:`weights.safe_io` (no pickled code runs). Accepted files: ComfyUI /
   Hugging Face names (``encoder.block.N.layer...``, ``shared.weight``, with or without a prefix), in
   fp32 / fp16 / bf16 or fp8 (``scaled_fp8`` with ``.scale_weight``), and the original Wan release
   file (``models_t5_umt5-xxl-enc-bf16.pth``: ``token_embedding``, ``blocks.N.attn`` ...).

@@ -24,7 +24,7 @@ from .safe_io import CheckpointError, looks_like
 
 DIFFUSERS_ANCHOR = "decoder.conv_in.weight"  # [4*dim, 16, 3, 3, 3]; an image VAE's is 2-D
 DIFFUSERS_PARTS = ("decoder.", "post_quant_conv.")
-# The encoder half, in both layouts (read whole by diffusers' AutoencoderKLWan, see :mod:`vae_encode`).
+# The encoder half, in both layouts (read whole by diffusers' AutoencoderKLWan, see :mod:`video.vae_encode`).
 ENCODER_ANCHOR, ENCODER_PARTS = "encoder.conv1.weight", ("encoder.", "conv1.")  # [dim, 3, 3, 3, 3]
 DIFFUSERS_ENCODER_ANCHOR, DIFFUSERS_ENCODER_PARTS = "encoder.conv_in.weight", ("encoder.", "quant_conv.")
 
@@ -72,7 +72,7 @@ def _few(names: list[str], n: int = 4) -> str:
 
 
 def describe(sd: Mapping[str, torch.Tensor]) -> str:
-    """What a state dict that is not the wanted decoder looks like (see :func:`safe_io.looks_like`)."""
+    """What a state dict that is not the wanted decoder looks like (see :func:`weights.safe_io.looks_like`)."""
     return looks_like(list(sd)) or f"none of the known files; its keys are unlike a VAE's: {_few(list(sd))}"
 
 

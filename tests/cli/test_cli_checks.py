@@ -263,14 +263,15 @@ def test_bad_start_images_and_continuations_give_one_line_before_the_model(tmp_p
 def test_the_memory_check_counts_the_context_prefix(tmp_path, monkeypatch, capsys, no_model_work):
     """The frames of a continued video's context are in the estimate the memory check compares."""
     from cascade_core.cli import checks as cli_checks
+    from cascade_core.session import run_session
     from cascade_core.weights.safe_io import save_safetensors
 
     given = tmp_path / "given.safetensors"
     save_safetensors({"latents": torch.zeros(1, 16, 5, 4, 8)}, str(given))
     seen = []
-    estimate = cli_checks.estimate_run_bytes
-    monkeypatch.setattr(cli_checks, "estimate_run_bytes",
-                        lambda *a, **k: seen.append(k.get("prefix_frames", 0)) or estimate(*a, **k))
+    estimate = run_session.estimate_run_bytes
+    monkeypatch.setattr(run_session, "estimate_run_bytes",
+                        lambda plan, *a, **k: seen.append(plan.grid.offset) or estimate(plan, *a, **k))
     monkeypatch.setattr(cli_checks, "available_bytes", lambda device: 1 << 20)  # refused after the estimate
     assert main(["generate", *SMALL, "--continue", str(given), "--context-frames", "4"]) == 2
     one_line(capsys, "needs about")

@@ -268,12 +268,14 @@ def test_new_weights_may_use_the_memory_of_the_weights_they_replace(prompt, pool
     size when u + W covers them and the run (the workers drop W first); it refuses them when even
     u + W does not. (What the workers' caching allocators keep unused is in u already.)"""
     from cascade_core.sampling.memory import estimate_run_bytes
+    from cascade_core.sampling.plan import plan_run
 
     cfg = CascadeConfig(frames_per_block=2)
     first, second = WanModel.random(TINY, seed=11), WanModel.random(TINY, seed=12)
     pool2.generate(first, PromptSchedule.single(prompt), cfg, blocks=2, **RUN)  # the pool holds `first`
     weights = sum(t.numel() * t.element_size() for t in first.state_dict().values())
-    run, _ = estimate_run_bytes(first.cfg, first.dtype, cfg, 2, RUN["width"], RUN["height"], 1, 0, ranks=2)
+    plan = plan_run(cfg, blocks=2, width=RUN["width"], height=RUN["height"], devices=2)
+    run, _ = estimate_run_bytes(plan, first.cfg, first.dtype, 1, 0, ranks=2)
     try:
         for w in pool2._workers:  # what a CUDA worker reports: (usable, total) bytes
             w.memory = (run + weights // 2, 80 << 30)  # too little beside `first`, enough instead of it
@@ -292,11 +294,13 @@ def test_each_rank_is_held_to_the_engines_one_memory_estimate(model, prompt, poo
     """The pool refuses a run exactly when a rank has less room than memory.estimate_run_bytes says
     one of its ranks needs (the nodes' and the command line's estimate, per-rank share)."""
     from cascade_core.sampling.memory import estimate_run_bytes
+    from cascade_core.sampling.plan import plan_run
 
     cfg = CascadeConfig(frames_per_block=2, parallel=2)
     pool2.generate(model, PromptSchedule.single(prompt), cfg, blocks=2, **RUN)  # weights uploaded
-    need, what = estimate_run_bytes(model.cfg, model.dtype, cfg, 2, RUN["width"], RUN["height"], 1, 0, ranks=2)
-    assert need < estimate_run_bytes(model.cfg, model.dtype, cfg, 2, RUN["width"], RUN["height"], 1, 0)[0]
+    plan = plan_run(cfg, blocks=2, width=RUN["width"], height=RUN["height"], devices=2)
+    need, what = estimate_run_bytes(plan, model.cfg, model.dtype, 1, 0, ranks=2)
+    assert need < estimate_run_bytes(plan, model.cfg, model.dtype, 1, 0)[0]
     try:
         for w in pool2._workers:
             w.memory = (need - 1, 80 << 30)

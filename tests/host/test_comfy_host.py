@@ -1,6 +1,6 @@
 """The pack inside a real ComfyUI (CPU): skipped unless COMFYUI_DIR points at a ComfyUI checkout.
 
-    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/its/venv/bin/python python -m pytest -q tests/test_comfy_host.py
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/its/venv/bin/python python -m pytest -q tests/host/test_comfy_host.py
 
 It starts ComfyUI (``main.py --cpu``) on a free local port with a throwaway base directory whose
 custom_nodes/ holds a link to this pack and whose models/ holds tiny test models written by
@@ -500,7 +500,7 @@ def test_interrupt_stops_the_run_and_the_next_run_works(host):
     for n in ("11", "12", "13", "14", "15", "16", "9", "10"):
         del wf[n]
     wf["8"]["inputs"].pop("vae")
-    wf["6"]["inputs"]["parallel"] = 1
+    wf["6"]["inputs"].update(parallel=1, attention="causal")  # (bidirectional needs blocks in flight to see)
     final, msgs, _ = host.run(wf, on_message=on_message)
     assert sent and final == "execution_interrupted", [m["type"] for m in msgs][-10:]
     frames = events(msgs, "frames", "8")

@@ -1,5 +1,5 @@
 """The optional library backends, FlashAttention-4 ("flash4") and xformers: their layout glue, and
-their refusals where a package or a GPU is missing. The kernels themselves run in tests/test_cuda.py
+their refusals where a package or a GPU is missing. The kernels themselves run in tests/device/test_cuda.py
 (on a GPU with the packages installed); here stand-ins with each library's interface compute
 attention their own way."""
 import sys

@@ -35,6 +35,7 @@ from conftest import TINY, tiny_models  # noqa: E402
 from custom_node_loader import load_pack  # noqa: E402
 
 from cascade_core.model.dit import WanModel  # noqa: E402
+from cascade_core.session import RunSession  # noqa: E402
 from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate  # noqa: E402
 from cascade_core.video.frames import LatentRGBDecoder  # noqa: E402
 
@@ -414,7 +415,7 @@ def test_the_log_gives_the_runs_real_duration_also_through_a_worker_pool(model, 
             return dataclasses.replace(generate(*a, **k), seconds=0.001)
         return run
 
-    monkeypatch.setattr(devices_mod, "runner", pool_like)
+    monkeypatch.setattr(RunSession, "runner", lambda self, device=None: pool_like(self.devices))
     with caplog.at_level(logging.INFO, logger="block_cascade"):
         with Recorder() as rec:
             run("BlockCascadeSampler", model=model, config=config(), width=W, height=H, blocks=BLOCKS, seed=3,
@@ -443,7 +444,7 @@ def no_engine(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("the engine ran although the input is bad")
 
-    monkeypatch.setattr(devices_mod, "runner", lambda run_devices: forbidden)
+    monkeypatch.setattr(RunSession, "runner", lambda self, device=None: forbidden)
     monkeypatch.setattr(values_mod.FileModel, "acquire", forbidden)
     monkeypatch.setattr(values_mod.CoreModel, "acquire", forbidden)
 

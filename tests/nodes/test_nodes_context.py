@@ -233,15 +233,12 @@ def test_context_frames_is_checked_at_queue_time():
 
 def test_the_memory_estimate_counts_the_context_frames(model, prompt, monkeypatch):
     """The frames of the context are in the estimate the node's memory check compares."""
-    import sys
+    from cascade_core.session import run_session
 
-    from test_nodes import PKG
-
-    sampler_node = sys.modules[f"{PKG}.nodes.sampler"]
     seen = []
-    estimate = sampler_node.estimate_run_bytes
-    monkeypatch.setattr(sampler_node, "estimate_run_bytes",
-                        lambda *a, **k: seen.append(k.get("prefix_frames", 0)) or estimate(*a, **k))
+    estimate = run_session.estimate_run_bytes
+    monkeypatch.setattr(run_session, "estimate_run_bytes",
+                        lambda plan, *a, **k: seen.append(plan.grid.offset) or estimate(plan, *a, **k))
     sampler(model, prompt, config(), 1, 5, prefix=_latent(frames=4), context_frames=3)
     sampler(model, prompt, config(), 1, 5, start_image=images(1, H, W), vae=EncodingVAE())
     sampler(model, prompt, config(), 1, 5)

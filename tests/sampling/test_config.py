@@ -63,9 +63,38 @@ def test_the_memory_estimate_sizes_the_pool_the_run_allocates(settings):
     pool of plan_run's layout (at P1 with fold-clean two blocks are in flight, not one)."""
     cfg = CascadeConfig(frames_per_block=2, **settings)
     shapes = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)  # 1.3B: a block's K/V 0.86 GB in bf16
-    run = plan_run(shapes, PromptSchedule.single(torch.zeros(3, shapes.text_dim)), cfg, blocks=5, width=832, height=480)
-    _, what = estimate_run_bytes(shapes, torch.bfloat16, cfg, 5, 832, 480, 1, 0)
+    run = plan_run(cfg, blocks=5, width=832, height=480)
+    _, what = estimate_run_bytes(run, shapes, torch.bfloat16, 1, 0)
     lay = run.layout
     kv = 2 * shapes.num_layers * lay.capacity_frames * lay.tokens_per_frame * shapes.dim * 2
     assert what.startswith(f"KV cache {kv / 1024 ** 3:.2f} GiB")
     assert lay.max_in_flight == run.schedule.max_in_flight == (2 if cfg.fold_clean else cfg.parallel)
+
+
+def test_a_run_takes_the_plan_its_caller_made_and_refuses_one_of_another_run(model, prompt):
+    """A frontend plans once at its entry and hands the plan on; the loop checks it is this run's plan."""
+    cfg = CascadeConfig(frames_per_block=2, parallel=2)
+    plan = plan_run(cfg, blocks=3, width=W, height=H)
+    given = generate(model, PromptSchedule.single(prompt), cfg, blocks=3, width=W, height=H, seed=4, plan=plan)
+    planned_here = generate(model, PromptSchedule.single(prompt), cfg, blocks=3, width=W, height=H, seed=4)
+    assert torch.equal(given.latents, planned_here.latents)
+    for other in (dict(blocks=4), dict(width=2 * W), dict(cfg=CascadeConfig(frames_per_block=2, parallel=3))):
+        args = {"cfg": cfg, "blocks": 3, "width": W, "height": H, **other}
+        with pytest.raises(ValueError, match="the plan of another run"):
+            generate(model, PromptSchedule.single(prompt), args.pop("cfg"), **args, plan=plan)
+    with pytest.raises(ValueError, match="planned with 0"):  # a schedule with a switch the plan did not check
+        generate(model, PromptSchedule([(0, prompt), (1, prompt)]), cfg, blocks=3, width=W, height=H, plan=plan)
+
+
+def test_a_familys_bidirectional_attention_is_causal_at_p1_and_asked_for_there_is_refused():
+    """Rolling Forcing's family attends bidirectionally among its blocks in flight; with one block in flight
+    that is causal attention (nothing else to see), so its family at parallel 1 runs; asked for explicitly at
+    parallel 1, bidirectional is refused (it would do nothing)."""
+    from cascade_core.sampling.families import family_config
+
+    assert family_config("rolling-forcing").attention == "bidirectional"
+    at_p1 = family_config("rolling-forcing", parallel=1)
+    assert at_p1.attention == "causal"
+    at_p1.validate()
+    with pytest.raises(ValueError, match="needs parallel 2 or more"):
+        family_config("rolling-forcing", parallel=1, attention="bidirectional").validate()

@@ -3,7 +3,7 @@
 import torch
 from oracles import noise_after_step
 
-from cascade_core.sampling.loop import step_noise
+from cascade_core.sampling.noise import step_noise
 
 W, H = 64, 32  # pixels -> latent 4 x 8 -> 2 x 4 = 8 tokens per frame
 

@@ -242,11 +242,13 @@ def test_the_memory_estimate_counts_the_prefix_frames(model):
     """Without a window every prefix frame's K/V stays (2 x layers x tokens x dim x bytes per frame, plus
     its latents); with a window the K/V cache does not grow, the latents still do."""
     from cascade_core.sampling.memory import estimate_run_bytes
+    from cascade_core.sampling.plan import plan_run
     c = model.cfg
     tpf = (H // 16) * (W // 16)
 
     def need(cfg, frames):
-        return estimate_run_bytes(c, torch.float32, cfg, 4, W, H, 1, 0, prefix_frames=frames)[0]
+        return estimate_run_bytes(plan_run(cfg, blocks=4, width=W, height=H, prefix_frames=frames), c, torch.float32,
+                                  1, 0)[0]
 
     per_frame_kv = 2 * c.num_layers * tpf * c.dim * 4
     grown = need(CascadeConfig(), 5) - need(CascadeConfig(), 0)
