@@ -9,6 +9,7 @@ this list (``tests/architecture`` holds it so):
   sampling/     a run's settings, the families, the one run plan, noise, steering, memory, the tick loop
   video/        latent space, the streaming Wan2.1 VAE decoder and taew, the encoder, frame writers
   distributed/  several devices sharing one KV pool (worker processes, torchrun)
+  session/      one run as every frontend drives it: its plan, memory, runner (one device, a pool, torchrun), close
   cli/          ``python -m cascade_core generate|decode`` and ``python -m cascade_core.bench``
   client/       ``python -m cascade_core.client``: the headless ComfyUI client (imports common/ only)
 

@@ -9,7 +9,7 @@ import cascade_core
 
 CORE = pathlib.Path(cascade_core.__file__).parent
 # lowest first; a sub-package may import only those before it (the docstring of cascade_core states it)
-LAYERS = [("common",), ("model",), ("weights",), ("sampling",), ("video",), ("distributed",),
+LAYERS = [("common",), ("model",), ("weights",), ("sampling",), ("video",), ("distributed",), ("session",),
           ("cli", "client")]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 
