@@ -25,7 +25,6 @@ from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
 log = logging.getLogger("block_cascade")
 
 
-
 def _mm():
     import comfy.model_management as mm
     return mm

@@ -2,8 +2,9 @@
 (latents written by ``generate --latents-out`` into an MP4 and/or PNGs).
 
 ``generate`` is one :class:`~session.RunSession` in named steps: :func:`check` (every refusal, before model
-work; the session plans the run), :func:`load` (memory, weights, prompts, prefix), :func:`open_decoder`,
-:func:`make_video` (the run) and :func:`outputs`; the session's ``with`` block is the cleanup.
+work; the session plans the run), :func:`load` (memory, weights, prompts, prefix), the decoder
+(:func:`cli.outputs.open_video`), :func:`make_video` (the run) and :func:`outputs`; the session's ``with``
+block is the cleanup.
 Ctrl-C during a run asks it to stop before the next tick (on every device); what was decoded so far
 is finalised as a playable MP4, and :class:`Stopped` carries the one line to print (exit code 130).
 A second Ctrl-C aborts at once.
@@ -35,10 +36,27 @@ from ..weights.safe_io import save_safetensors
 from . import checks as cli_checks
 from . import prefix as cli_prefix
 from .checks import UsageError
-from .inputs import (BUILTIN, build_model, check_text_arguments, load_weights, prompt_embeddings, resolve_device,
-                     several_devices, single_tensor)
-from .outputs import (DEFAULT_VIDEO, BlockProgress, check_outputs, kept, kept_latents, open_video, summary,
-                      vae_dtype, video_path)
+from .inputs import (
+    BUILTIN,
+    build_model,
+    check_text_arguments,
+    load_weights,
+    prompt_embeddings,
+    resolve_device,
+    several_devices,
+    single_tensor,
+)
+from .outputs import (
+    DEFAULT_VIDEO,
+    BlockProgress,
+    check_outputs,
+    kept,
+    kept_latents,
+    open_video,
+    summary,
+    vae_dtype,
+    video_path,
+)
 
 
 class Stopped(Exception):
@@ -138,7 +156,7 @@ def load(args, run: Checked) -> Loaded:
         model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
         vae_bytes = cli_checks.input_bytes(args.vae) if args.vae else 0
         vae_bytes *= 2 if plan.cfg.kv_recompute else 1  # the context re-encoder holds its own copy
-        need, what = session.memory(model_cfg, dtype, 1, vae_bytes)
+        need, what = session.memory(model_cfg, dtype, 1 + len(run.switches), vae_bytes)
         weights_bytes = weight_bytes(model_cfg, weights, dtype)
         cli_checks.check_memory(device, need + weights_bytes, f"weights {weights_bytes / GIB:.2f} GiB, {what}")
     prefix_in = run.prefix_in
@@ -194,7 +212,7 @@ def make_video(args, run: Checked, loaded: Loaded, context_image, writer, frames
     start = time.perf_counter()
     with StopRequest() as stop:
         try:
-            runner = run.session.runner(run.device)  # a worker pool starts here
+            run.session.runner(run.device)  # a worker pool starts here (kept for the run)
             startup = time.perf_counter() - start
             progress = BlockProgress(args.blocks or None, not args.quiet)  # after the workers' start-up
             if frames is not None and lead is not None:  # the video starts with the frames before block 0,
@@ -202,12 +220,11 @@ def make_video(args, run: Checked, loaded: Loaded, context_image, writer, frames
                     if stop():  # Ctrl-C while a long given video is decoded: what is decoded is kept
                         raise Interrupted("stopped while decoding the frames before block 0")
                     frames.push(BlockEvent(-1, lead[:, :, at:at + cfg.frames_per_block].to(run.dtype), 0, 0.0))
-            plan = run.session.plan
-            result = runner(loaded.model, loaded.prompts, cfg, blocks=args.blocks, width=args.width,
-                            height=args.height, seed=args.seed, noise=loaded.noise, on_block=on_block,
-                            on_tick=None if frames is None else frames.poll, should_stop=stop,
-                            prefix=loaded.prefix, include_prefix=True, plan=plan,
-                            **({} if context_image is None else {"context_image": context_image}))
+            result = run.session.run(loaded.model, loaded.prompts, device=run.device, seed=args.seed,
+                                     noise=loaded.noise, on_block=on_block,
+                                     on_tick=None if frames is None else frames.poll, should_stop=stop,
+                                     prefix=loaded.prefix, include_prefix=True,
+                                     **({} if context_image is None else {"context_image": context_image}))
             if frames is not None:
                 frames.finish()
         except Interrupted:

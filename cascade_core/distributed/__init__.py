@@ -10,8 +10,10 @@ Public API
     ``torch.get_num_threads()`` at each run, so every rank does the caller's arithmetic: on some
     CPUs the thread count changes the rounding of matrix products).
 ``WorkerPool.generate(model, prompts, cfg, *, blocks, width, height, seed=0, noise=None,
-on_tick=None, on_block=None, should_stop=None, prefix=None, include_prefix=True, block_offset=0) -> Result``
-    Same signature and result as :func:`sampling.loop.generate`; the callbacks run in the caller's thread,
+on_tick=None, on_block=None, should_stop=None, prefix=None, include_prefix=True, block_offset=0, plan=None)
+-> Result``
+    Same signature and result as :func:`sampling.loop.generate` (``plan``: the caller's plan of the run for the
+    pool's devices, :func:`sampling.plan.plan_run`); the callbacks run in the caller's thread,
     the latents land on ``model.device``. The weights go to the workers on the first run and again
     only when the model (or any of its tensors) changed; ``drop_weights()`` forces a new upload.
 ``WorkerPool.close()``; ``.devices``, ``.world_size``, ``.pids``, ``.worker_threads``, ``.alive``.

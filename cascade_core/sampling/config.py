@@ -1,6 +1,6 @@
 """How a video is sampled (:class:`CascadeConfig`) and which prompt each block takes
 (:class:`PromptSchedule`): the settings of a run and their checks, apart from the run loop
-(:mod:`sampling.loop`), which re-exports them.
+(:mod:`sampling.loop`); the rules of a whole run are checked once by :func:`sampling.plan.plan_run`.
 
 Guarantees: :meth:`CascadeConfig.validate` and :meth:`PromptSchedule.validate` raise ValueError naming
 the allowed range for anything out of range, and :meth:`CascadeConfig.check_run` refuses a KV

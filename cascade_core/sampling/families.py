@@ -1,6 +1,6 @@
 """Released checkpoint families and the sampling settings their own inference code uses.
 
-Each :class:`Family` holds the :class:`~cascade_core.sampling.loop.CascadeConfig` fields that differ from
+Each :class:`Family` holds the :class:`~cascade_core.sampling.config.CascadeConfig` fields that differ from
 the engine's defaults, read from the family's public inference code (``source`` names the file and
 lines). :func:`family_config` fills a config from a family and lets explicit settings override it;
 :func:`guess_family` reads a family off a file name and says why, or returns None (it never guesses

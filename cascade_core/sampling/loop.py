@@ -1,4 +1,5 @@
-"""Block-causal sampling with Block Cascading: the run loop (its settings: :mod:`sampling.config`, re-exported).
+"""Block-causal sampling with Block Cascading: the run loop (its settings: :mod:`sampling.config`; its plan:
+:mod:`sampling.plan`; the phases of a tick: :mod:`sampling.ticks`).
 
 Guarantees:
 - At parallelism 1 the order of work is the reference's: each block runs its S denoising steps
@@ -52,7 +53,6 @@ import torch
 from ..common.transfer import to_device
 from ..model.dit import WanModel
 from ..model.kv_pool import KVPool
-from ..model.pool_attention import Exchange
 from .config import CascadeConfig, PromptSchedule
 from .latent_window import LatentWindow
 from .noise import block_noise, initial_noise
@@ -60,7 +60,7 @@ from .plan import RunPlan, check_inputs, plan_run, prefix_frames_of
 from .recompute import ContextImage, why_a_vae
 from .schedule import Tick
 from .steer import LivePrompts, Steer, SwitchEvent
-from .ticks import Interrupted, TickPhases, prefix_pass
+from .ticks import Interrupted, Partition, TickPhases, prefix_pass
 
 
 @dataclass(frozen=True)
@@ -102,32 +102,6 @@ class Result:
         held_prefix = max(0, prefix_frames - first_frame)
         cut = 0 if include_prefix else held_prefix
         return cls(latents[:, :, cut:], *stats, held_prefix - cut, first_frame + cut)
-
-
-class Partition:
-    """How the segments of each tick are shared among processes; this base class is one process.
-
-    Every process runs the same loop over every tick and keeps the same KV pool; only the segments it
-    owns go through its model. A block keeps one owner for its whole life (its x_t never moves).
-    """
-
-    def owns(self, block: int) -> bool:
-        """Whether this process computes ``block``'s segments."""
-        return True
-
-    def exchange(self, blocks: list[int], local: list[int]) -> Exchange | None:
-        """How the K/V of the tick's non-local segments arrive (None: every segment is local)."""
-        return None
-
-    def collect(self, block: int, x0: torch.Tensor | None, frames: int) -> torch.Tensor | None:
-        """A finished block's latents [1, 16, frames, h, w] where it is reported (None elsewhere);
-        ``x0`` where owned."""
-        return x0
-
-    def stop(self, tick: Tick, requested: bool) -> bool:
-        """Whether every process stops before ``tick`` (``requested``: this process's own wish; a
-        negative index: a block of the context prefix, see :func:`prefix_pass`)."""
-        return requested
 
 
 def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, blocks: int,
@@ -184,8 +158,10 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     run = plan or plan_run(cfg, blocks=blocks, width=width, height=height, patch=model.cfg.patch_size,
                            prefix_frames=prefix_frames_of(prefix), switches=len(prompts.entries) - 1,
                            steered=steer is not None)
-    if not run.fits(cfg, blocks, width, height, model.cfg.patch_size) or (steer is not None and not run.steered):
-        raise ValueError("the plan given to generate is the plan of another run (its settings, size or steering)")
+    if not run.fits(cfg, blocks, width, height, model.cfg.patch_size) or (steer is not None and not run.steered) \
+            or (partition is None and run.devices != 1):
+        raise ValueError("the plan given to generate is the plan of another run (its settings, size, steering or "
+                         "devices)")
     check_inputs(run, prompts, model.cfg.text_dim, noise=noise, prefix=prefix, block_offset=block_offset,
                  dtype=model.dtype)
     schedule, grid, shape, lead = run.schedule, run.grid, run.shape, run.grid.offset

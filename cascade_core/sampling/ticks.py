@@ -17,7 +17,7 @@ from ..common.transfer import to_device
 from ..model.dit import WanModel
 from ..model.grid import BlockGrid
 from ..model.kv_pool import KVPool
-from ..model.pool_attention import FULL, REUSE, SPLIT, STORE
+from ..model.pool_attention import FULL, REUSE, SPLIT, STORE, Exchange
 from .latent_window import LatentWindow
 from .noise import step_noise
 from .recompute import ContextImage, recompute_pass
@@ -25,7 +25,6 @@ from .schedule import Tick
 from .steer import LivePrompts
 
 if TYPE_CHECKING:
-    from .loop import Partition
     from .plan import RunPlan
 
 
@@ -99,6 +98,32 @@ def _recache(model: WanModel, pool: KVPool, out: LatentWindow, end: int, prompt,
     lo, context = found
     with torch.compiler.set_stance("force_eager"):
         return _clean_forward(model, pool, out, lo, end, prompt, context_noise, context)
+
+
+class Partition:
+    """How the segments of each tick are shared among processes; this base class is one process.
+
+    Every process runs the same loop over every tick and keeps the same KV pool; only the segments it
+    owns go through its model. A block keeps one owner for its whole life (its x_t never moves).
+    """
+
+    def owns(self, block: int) -> bool:
+        """Whether this process computes ``block``'s segments."""
+        return True
+
+    def exchange(self, blocks: list[int], local: list[int]) -> Exchange | None:
+        """How the K/V of the tick's non-local segments arrive (None: every segment is local)."""
+        return None
+
+    def collect(self, block: int, x0: torch.Tensor | None, frames: int) -> torch.Tensor | None:
+        """A finished block's latents [1, 16, frames, h, w] where it is reported (None elsewhere);
+        ``x0`` where owned."""
+        return x0
+
+    def stop(self, tick: Tick, requested: bool) -> bool:
+        """Whether every process stops before ``tick`` (``requested``: this process's own wish; a
+        negative index: a block of the context prefix, see :func:`prefix_pass`)."""
+        return requested
 
 
 class TickPhases:

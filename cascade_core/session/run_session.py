@@ -37,6 +37,8 @@ class RunSession:
     def __init__(self, cfg: CascadeConfig, *, blocks: int, width: int, height: int,
                  devices: Sequence[torch.device] | str, ranks: int | None = None, prefix_frames: int = 0,
                  switches: int = 0, steered: bool = False, patch: Sequence[int] = (1, 2, 2), keep_pool: bool = False):
+        if isinstance(devices, str) and (devices != TORCHRUN or not isinstance(ranks, int) or ranks < 1):
+            raise ValueError(f"devices: a list of devices, or {TORCHRUN!r} with its number of ranks; got {devices!r}")
         self.devices = devices
         self.ranks = ranks if devices == TORCHRUN else len(devices)
         self.keep_pool = keep_pool

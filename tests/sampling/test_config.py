@@ -98,3 +98,16 @@ def test_a_familys_bidirectional_attention_is_causal_at_p1_and_asked_for_there_i
     at_p1.validate()
     with pytest.raises(ValueError, match="needs parallel 2 or more"):
         family_config("rolling-forcing", parallel=1, attention="bidirectional").validate()
+
+
+def test_a_plan_of_several_devices_is_refused_by_one_process_and_a_session_needs_real_devices(model, prompt):
+    from cascade_core.session import RunSession
+
+    cfg = CascadeConfig(frames_per_block=2, parallel=2)
+    pooled = plan_run(cfg, blocks=2, width=W, height=H, devices=2)
+    with pytest.raises(ValueError, match="the plan of another run"):
+        generate(model, PromptSchedule.single(prompt), cfg, blocks=2, width=W, height=H, plan=pooled)
+    for devices, ranks in (("cpu", None), ("torchrun", None)):
+        with pytest.raises(ValueError, match="a list of devices, or 'torchrun' with its number of ranks"):
+            RunSession(cfg, blocks=2, width=W, height=H, devices=devices, ranks=ranks)
+    assert RunSession(cfg, blocks=2, width=W, height=H, devices="torchrun", ranks=3).plan.devices == 3
