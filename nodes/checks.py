@@ -91,12 +91,13 @@ def cascade_config(family: str, steps: str, parallel: int, attention: str, windo
                    shift: float = 0.0, flashblock: bool = False, frames_per_block: int = 0,
                    independent_first_frame: str = "auto", first_block_steps: str = "auto",
                    warp: str = "auto", context_noise: float = 0.0,
-                   kv_recompute: int = -1) -> tuple[CascadeConfig, tuple[str, ...]]:
+                   kv_recompute: int = -1, kv_dtype: str = "default") -> tuple[CascadeConfig, tuple[str, ...]]:
     """(config, the fields the widgets set) of the config node: the family's settings (auto: read as
     self-forcing here; the sampler reads the model's) under every widget not left to the family
     (steps "auto", shift 0, frames per block 0, window/sink/kv_recompute -1, auto choices). Every range is
     checked."""
-    explicit = {"flashblock": "reuse" if flashblock else "off", "context_noise": float(context_noise)}
+    explicit = {"flashblock": "reuse" if flashblock else "off", "context_noise": float(context_noise),
+                "kv_dtype": kv_dtype}
     if int(parallel):
         explicit["parallel"] = int(parallel)
     if attention != "auto":

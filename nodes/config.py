@@ -4,6 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from cascade_core.model import attention as attention_backends
+from cascade_core.model.compiling import COMPILE_CHOICES
+from cascade_core.model.kv_store import KV_DTYPES
 from cascade_core.sampling.config import SWITCH_MODES
 from cascade_core.sampling.families import FAMILIES
 
@@ -84,6 +86,20 @@ class BlockCascadeConfig(io.ComfyNode):
                                      "the first re-encoded by the VAE (connect it to the sampler: needed from the "
                                      "third block on), with no clean passes (Krea Realtime: 3); 0 = off; -1 = the "
                                      "family's."),
+                io.Combo.Input("compile", options=list(COMPILE_CHOICES), default="auto", optional=True,
+                               tooltip="torch.compile the transformer layers (about 1.4x faster on CUDA). auto: on "
+                                       "where it can run (a CUDA GPU and Triton; Windows: pip install "
+                                       "triton-windows), else off with a log line saying why. The first run of a "
+                                       "video size compiles (tens of seconds, 'compiling' on the node); what it "
+                                       "compiled is kept in ComfyUI's user folder for the next start."),
+                io.Combo.Input("kv_dtype", options=list(KV_DTYPES), default="default", optional=True,
+                               tooltip="KV cache storage: default (the model's dtype) or fp8 (about half the cache's "
+                                       "memory; a small approximation, measured in BENCHMARKS.md)."),
+                io.Int.Input("swap_blocks", default=-1, min=-1, max=64, optional=True,
+                             tooltip="Transformer blocks whose weights stay in CPU memory and are streamed to the GPU "
+                                     "as the forward reaches them (for models larger than the card). -1 = auto: as "
+                                     "few as fit, from the memory estimate (0 when the model fits); 0 = all on the "
+                                     "GPU."),
             ],
             outputs=[ConfigType.Output(display_name="config")],
         )
@@ -98,19 +114,24 @@ class BlockCascadeConfig(io.ComfyNode):
     @classmethod
     def execute(cls, parallel, attention, window, sink, steps, shift, devices, attention_backend, flashblock,
                 family="auto", frames_per_block=0, independent_first_frame="auto", first_block_steps="auto",
-                warp="auto", context_noise=0.0, kv_recompute=-1) -> io.NodeOutput:
+                warp="auto", context_noise=0.0, kv_recompute=-1, compile="auto", kv_dtype="default",
+                swap_blocks=-1) -> io.NodeOutput:
         if family not in FAMILY_CHOICES:
             raise ValueError(f"family must be one of {', '.join(FAMILY_CHOICES)}, got {family!r}")
         cfg, explicit = checks.cascade_config(family, steps, parallel, attention, window, sink, shift, flashblock,
                                               frames_per_block, independent_first_frame, first_block_steps, warp,
-                                              context_noise, kv_recompute)
+                                              context_noise, kv_recompute, kv_dtype)
         if attention_backend not in attention_backends.BACKENDS:
             raise ValueError(f"attention backend must be one of {', '.join(attention_backends.BACKENDS)}, "
                              f"got {attention_backend!r}")
         device_list.check(devices)
+        if compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}")
         return io.NodeOutput(Settings(cascade=cfg, devices=str(devices).strip() or "auto",
                                       attention_backend=attention_backend, flashblock=bool(flashblock),
-                                      family=family, explicit=explicit))
+                                      family=family, explicit=explicit, compile=compile,
+                                      swap_blocks=checks.int_range("swap_blocks", swap_blocks, -1, 64,
+                                                                   " blocks (-1 = auto, 0 = none)")))
 
 
 class BlockCascadePromptSchedule(io.ComfyNode):

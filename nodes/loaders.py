@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from cascade_core.common.constants import DTYPES, TEXT_TOKENS
 from cascade_core.model.dit import WanConfig, WanModel
-from cascade_core.model.fp8 import DROP_SUFFIXES, MARKER, SCALE_SUFFIXES
+from cascade_core.model.fp8 import DROP_SUFFIXES, MARKER, SCALE_SUFFIXES, WEIGHT_DTYPES
 from cascade_core.sampling.families import guess_family
 from cascade_core.weights.safe_io import CheckpointError, read_tensor_file
 
@@ -34,7 +34,8 @@ class BlockCascadeModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models")),
                 io.Combo.Input("dtype", options=list(DTYPES), default="bf16",
-                               tooltip="Compute precision of the weights (fp8 files are widened to it)."),
+                               tooltip="Compute precision (activations, and the weights outside the transformer "
+                                       "blocks' fp8 layers)."),
                 io.Combo.Input("ema", options=list(EMA_CHOICES), default="auto",
                                tooltip="Training checkpoints hold EMA and base weights: auto takes EMA when present."),
                 io.Combo.Input("lora", options=["none", *folder_paths.get_filename_list("loras")], default="none",
@@ -44,19 +45,24 @@ class BlockCascadeModelLoader(io.ComfyNode):
                 io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of the LoRA: 0 leaves the weights as they are, 0.5 adds half "
                                        "of its change, 1 all of it."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default", optional=True,
+                               tooltip="Storage of the transformer blocks' weights, as Load Diffusion Model: default "
+                                       "keeps an fp8 file fp8 on the GPU (fp8 products on RTX 40xx and newer, "
+                                       "widened per layer elsewhere); fp8_e4m3fn / fp8_e5m2 store a bf16 file as "
+                                       "fp8 (half the memory); fp8_e4m3fn_fast also multiplies in fp8."),
             ],
             outputs=[EngineModelType.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, model_name, dtype, ema, lora="none", lora_strength=1.0) -> io.NodeOutput:
+    def execute(cls, model_name, dtype, ema, lora="none", lora_strength=1.0, weight_dtype="default") -> io.NodeOutput:
         from cascade_core.weights.checkpoint import load_dit
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         lora_path = None if lora in (None, "", "none") else folder_paths.get_full_path_or_raise("loras", lora)
-        sd, info = load_dit(path, dtype=DTYPES[dtype], ema=ema, lora=lora_path,
-                            lora_scale=lora_strength)  # names and shapes checked
-        model = WanModel.from_state_dict(sd, num_heads=info.num_heads)
+        sd, info = load_dit(path, dtype=DTYPES[dtype], ema=ema, lora=lora_path, lora_scale=lora_strength,
+                            weight_dtype=weight_dtype)  # names and shapes checked
+        model = WanModel.from_state_dict(sd, num_heads=info.num_heads, fast_fp8=info.fast_fp8)
         log.info("Block Cascade: %s", info.describe())
         loaded = FileModel(model, model_name, info.describe())
         loaded.family = guess_family(model_name, None if lora_path is None else lora)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import traceback
 
 import torch
@@ -11,6 +12,7 @@ from comfy_api.latest import io
 
 from cascade_core.common.constants import GIB
 from cascade_core.model import attention as attention_backends
+from cascade_core.model.compiling import resolve_compile, use_disk_cache
 from cascade_core.sampling.context import START_IMAGE, context_notes, context_of, prefix_config
 from cascade_core.sampling.loop import Interrupted
 from cascade_core.sampling.plan import SteeringRefused
@@ -166,6 +168,7 @@ class Checked:
     reencodes: str | None
     settings_text: str
     attention_backend: str
+    compiled: bool = False  # the layers run compiled (:func:`cascade_core.model.compiling.resolve_compile`)
     need: int = 0  # bytes the run needs besides the weights (:func:`make_room`)
 
     @property
@@ -220,10 +223,14 @@ def check(model, config, width, height, blocks, positive, schedule, vae, start_i
         fewer = f", or use at most {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)} blocks"
         raise ValueError(f"vae: {reencodes}: connect the Wan2.1 VAE (VAELoader) to the sampler's vae input"
                          f"{fewer if blocks else ''}")
+    compiled, why_not = resolve_compile(getattr(config, "compile", "auto"), run_devices[0])
+    if why_not:
+        log.info("Block Cascade: %s", why_not)
     settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
                                        [s for s, _ in prompts.entries[1:]], described, tuple(notes))
+    settings_text += "; compiled" if compiled else "; not compiled"
     return Checked(cfg, session, run_devices, prompts, kind, before, given, context, vae_weights(vae), reencodes,
-                   settings_text, config.attention_backend)
+                   settings_text, config.attention_backend, compiled)
 
 
 def make_room(run: Checked, model) -> None:
@@ -260,6 +267,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
             given = context = raw_to_normalized(before)
         # several devices: the weights stay on the CPU here; the pool holds the GPU copies
         wan = model.acquire_for_pool() if session.pooled else model.acquire(device, run.need)
+        compiling = compile_layers(wan, run)
         if run.vae_sd is not None:
             from cascade_core.video.vae import WanVAEDecoder
 
@@ -278,7 +286,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
                                    settings=run.settings_text, clean_pass=clean_pass,
                                    keep_frames=4 * cfg.attended_window if endless else None,  # 4 a latent frame
                                    recording=recording.Recording(stream.FPS) if endless else None,
-                                   steerable=clip is not None)
+                                   steerable=clip is not None, compiling=compiling)
         log.info("Block Cascade: %s", run.settings_text)
         reporter.start()
         if before is not None:
@@ -289,6 +297,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
         steer.register(live)
         result = session.run(wan, run.prompts, seed=seed, on_tick=reporter.on_tick, on_block=reporter.on_block,
                              should_stop=_interrupted, prefix=context, include_prefix=endless, **extra)
+        COMPILED_SHAPES.add(_compile_key(run))
         return outputs(run, result, reporter, before, context)
     except Interrupted as exc:
         traceback.clear_frames(exc.__traceback__)  # the engine's frames hold the KV cache
@@ -310,6 +319,25 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
             reporter.frames, reporter.decoding = [], None
         gc.collect()
         devices.empty_cache()
+
+
+COMPILED_SHAPES: set[tuple] = set()  # (devices, width, height, frames a block) this process ran compiled
+
+
+def _compile_key(run: Checked) -> tuple:
+    return tuple(map(str, run.devices)), run.session.plan.width, run.session.plan.height, run.cfg.frames_per_block
+
+
+def compile_layers(wan, run: Checked) -> bool:
+    """Compile the model's layers as the run asks (torch's compile caches in ComfyUI's user folder, kept across
+    restarts); whether this run compiles them for its shape for the first time in this process (the widget
+    says "compiling")."""
+    if run.compiled:
+        import folder_paths
+
+        use_disk_cache(os.path.join(folder_paths.get_user_directory(), "block_cascade", "compile_cache"))
+    wan.compile_layers(run.compiled)
+    return run.compiled and _compile_key(run) not in COMPILED_SHAPES
 
 
 def outputs(run: Checked, result, reporter, before, context) -> io.NodeOutput:

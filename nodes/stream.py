@@ -2,7 +2,8 @@
 
 Event contract (JSON only, sent to the client that queued the prompt; META is {node, run, blocks,
 frames_total, fps, width, height, stages, parallel, clean_pass, steerable (a CLIP is connected),
-settings}, repeated so that a page reloaded mid-run joins):
+compiling (the layers are compiled first: until the first block is done), settings}, repeated so that a
+page reloaded mid-run joins):
   block_cascade.start  {META}
   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
@@ -106,10 +107,11 @@ class Reporter:
                  width: int, height: int, decoder, send: Callable[[str, dict], None] | None = None,
                  progress=None, clock: Callable[[], float] = time.perf_counter,
                  should_stop: Callable[[], bool] | None = None, settings: str = "", clean_pass: bool = True,
-                 keep_frames: int | None = None, recording=None, steerable: bool = False):
+                 keep_frames: int | None = None, recording=None, steerable: bool = False, compiling: bool = False):
         """``keep_frames``: the most (latest) frames :meth:`images` holds (None: all); ``recording``: a
         :class:`cascade_core.video.frames.VideoWriter` that every block's frames are written to as they come
-        (closed by :meth:`done`); ``steerable``: a CLIP is connected (META's ``steerable``)."""
+        (closed by :meth:`done`); ``steerable``: a CLIP is connected (META's ``steerable``); ``compiling``: the
+        run compiles the model's layers first (META's ``compiling``, until its first block is done)."""
         self.node, self.run = str(node), uuid.uuid4().hex[:12]
         self.clean_pass = clean_pass  # a block's last stage is its clean pass (not with a KV recompute)
         self.blocks, self.latent_frames, self.stages, self.parallel = blocks, latent_frames, stages, parallel
@@ -121,6 +123,7 @@ class Reporter:
                                     should_stop=should_stop)
         self.frames: list[torch.Tensor] = []  # [F, H, W, 3] per block, the latest keep_frames in all
         self.keep_frames, self.recording, self.steerable = keep_frames, recording, steerable
+        self.compiling = compiling
         self.frame_count = 0
         self.frame_blocks = 0  # blocks whose frames were sent
         self.done_blocks = 0
@@ -144,7 +147,7 @@ class Reporter:
         return {"node": self.node, "run": self.run, "blocks": self.blocks,
                 "frames_total": video_frames(self.latent_frames), "fps": FPS, "width": self.preview_w,
                 "height": self.preview_h, "stages": self.stages, "parallel": self.parallel,
-                "clean_pass": self.clean_pass, "steerable": self.steerable,
+                "clean_pass": self.clean_pass, "steerable": self.steerable, "compiling": self.compiling,
                 "settings": self.settings}
 
     def start(self) -> None:
@@ -172,6 +175,7 @@ class Reporter:
     def on_block(self, ev) -> None:
         self.decoding.push(ev)  # decoded on the VAE's own CUDA stream while the DiT goes on, sent by a thread
         self.done_blocks += 1
+        self.compiling = False
         self.flush()
         if self.progress is not None:
             self.progress.update_absolute(self.done_blocks, self.blocks)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cascade_core.model.dit import WanConfig, WanModel
-from cascade_core.model.fp8 import DROP_SUFFIXES, FP8_DTYPES, MARKER, SCALE_SUFFIXES, dequantize_state_dict
+from cascade_core.model.fp8 import DROP_SUFFIXES, FP8_DTYPES, MARKER, SCALE_SUFFIXES, prepare_weights
 from cascade_core.sampling.config import CascadeConfig
 from cascade_core.sampling.families import DEFAULT_FAMILY, family_with
 
@@ -58,6 +58,8 @@ class Settings:
     flashblock: bool = False
     family: str = "auto"
     explicit: tuple[str, ...] | None = None
+    compile: str = "auto"
+    swap_blocks: int = -1  # transformer blocks streamed from CPU memory (-1: as the memory estimate says)
 
     def config_for(self, model_family: str | None, switch_mode: str = "auto") -> tuple[CascadeConfig, str, bool]:
         """(config, family, whether the family was the model's guess) of a run: with family "auto"
@@ -204,7 +206,10 @@ class CoreModel(EngineModel):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._module().patch_embedding.weight.dtype
+        """The compute dtype: ComfyUI's manual cast dtype where the weights are stored fp8."""
+        stored = self._module().patch_embedding.weight.dtype
+        cast = getattr(self.patcher.model, "manual_cast_dtype", None)
+        return stored if stored not in FP8_DTYPES else cast if cast not in (None, *FP8_DTYPES) else torch.bfloat16
 
     def weight_bytes(self) -> int:
         return self._bytes
@@ -221,11 +226,14 @@ class CoreModel(EngineModel):
         return self._engine_model(device)
 
     def _engine_model(self, device: torch.device) -> WanModel:
-        """A WanModel around the live (patched) tensors, shared where they already lie on ``device``."""
-        sd, dtype = compute_weights(self._module().state_dict(),
-                                    getattr(self.patcher.model, "manual_cast_dtype", None))
+        """A WanModel around the live (patched) tensors, shared where they already lie on ``device``; block
+        weights ComfyUI holds as fp8 stay fp8 (fp8 products where ComfyUI's own "fast" choice asked)."""
+        sd, dtype, fast = compute_weights(self._module().state_dict(),
+                                          getattr(self.patcher.model, "manual_cast_dtype", None),
+                                          fast=_fast_fp8(self.patcher))
         first = next(iter(sd.values()))
-        return WanModel.from_state_dict(sd, dtype=dtype, device=device if first.device != device else None)
+        return WanModel.from_state_dict(sd, dtype=dtype, device=device if first.device != device else None,
+                                        fast_fp8=fast)
 
     def acquire_for_pool(self) -> WanModel:
         # ComfyUI's patches (LoRAs, ...) are identified by the patcher's patches_uuid: while it stays
@@ -246,25 +254,34 @@ class CoreModel(EngineModel):
         return model
 
 
-def compute_weights(sd: dict[str, torch.Tensor], cast_dtype: torch.dtype | None
-                    ) -> tuple[dict[str, torch.Tensor], torch.dtype | None]:
-    """Make a core model's state dict usable by the engine: one compute dtype, no fp8 storage.
+def _fast_fp8(patcher) -> bool:
+    """Whether ComfyUI's model options ask for fp8 products (UNETLoader's fp8_e4m3fn_fast)."""
+    options = getattr(getattr(patcher, "model", None), "model_config", None)
+    optimizations = getattr(options, "optimizations", None) or {}
+    return bool(optimizations.get("fp8", False)) if isinstance(optimizations, dict) else False
 
-    Returns the state dict (the same tensors where nothing changes) and the dtype to cast to (None
-    when the weights already share one usable dtype). fp8 and scaled weights are dequantised by the
-    engine's :func:`cascade_core.model.fp8.dequantize_state_dict` (the checkpoint loader's own), to
-    ComfyUI's ``manual_cast_dtype`` when it names one, else to the model's non-fp8 dtype.
-    Raises ValueError for a scale that fits no weight.
+
+def compute_weights(sd: dict[str, torch.Tensor], cast_dtype: torch.dtype | None, fast: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], torch.dtype | None, bool]:
+    """Make a core model's state dict usable by the engine: one compute dtype, the block weights stored fp8
+    kept fp8 (:func:`cascade_core.model.fp8.prepare_weights`, the checkpoint loader's own reader).
+
+    Returns the state dict (the same tensors where nothing changes), the dtype to cast the rest to (None when
+    the weights already share one usable dtype: ComfyUI's ``manual_cast_dtype`` when it names one, else the
+    model's non-fp8 dtype) and whether the fp8 layers multiply as fp8 (``fast``, or an e4m3 file kept as
+    stored). Raises ValueError for a scale that fits no weight.
     """
     dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
     extra = any(k.endswith(SCALE_SUFFIXES + DROP_SUFFIXES) or k == MARKER for k in sd)
     if not dtypes.intersection(FP8_DTYPES) and len(dtypes) == 1 and not extra:
-        return sd, None
+        return sd, None, False
     target = cast_dtype if cast_dtype is not None and cast_dtype not in FP8_DTYPES else None
     if target is None:
         usable = [d for d in dtypes if d not in FP8_DTYPES]
         target = sd["patch_embedding.weight"].dtype if sd["patch_embedding.weight"].dtype in usable else (
             usable[0] if len(usable) == 1 else torch.bfloat16)
-    out, _ = dequantize_state_dict(sd, target)
-    log.info("Block Cascade: the model's weights are used as %s for the run", target)
-    return out, target
+    prepared = prepare_weights(sd, target, "fp8_e4m3fn_fast" if fast else "default")
+    kept = sum(t.dtype in FP8_DTYPES for t in prepared.sd.values())
+    log.info("Block Cascade: the model's weights are used as %s for the run%s", target,
+             f" ({kept} block layers kept fp8{', fp8 products' if prepared.fast else ''})" if kept else "")
+    return prepared.sd, target, prepared.fast

@@ -1,7 +1,8 @@
 // Block Cascade player: pure bookkeeping (no DOM, no ComfyUI), so `node --test` can exercise it.
 //
 // Events (websocket, JSON; `detail` is the event's data; META = node, run, blocks, frames_total, fps,
-// width, height, stages, parallel, clean_pass, steerable (a CLIP is connected), settings, repeated in
+// width, height, stages, parallel, clean_pass, steerable (a CLIP is connected), compiling (the layers are
+// being compiled for this video size: the first frames come after it), settings, repeated in
 // state and frames so a page reloaded mid-run joins):
 //   block_cascade.start  {META}
 //   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
@@ -55,6 +56,7 @@ export class Stream {
     this.steerable = start.steerable !== false; // a CLIP is connected (older servers do not say: assume so)
     this.parallel = num(start.parallel, 1);
     this.settings = typeof start.settings === "string" ? start.settings : ""; // the run's effective sampling settings
+    this.compiling = start.compiling === true; // compiling its layers first (until the first block is done)
     this.frames = new Map(); // frame index -> base64 JPEG, the last FRAMES_KEPT indices at most
     this.last = -1; // the highest frame index received
     this.oldest = -1; // the lowest frame index kept (-1: none)
@@ -109,6 +111,7 @@ export class Stream {
       doneBlocks: Number(d.done_blocks) || 0,
     };
     for (const [b] of this.state.pairs) this._block(b);
+    this.compiling = d.compiling === true;
     this._seen(d.elapsed);
     this.version++;
   }

@@ -50,7 +50,8 @@ export function describe(s, note = null) {
   if (s.status === "error") status = `Error: ${s.error}`;
   else if (s.stopped) status = `Stopped by Cancel after ${f1(s.seconds)} s${s.video ? ": the video is saved" : ""}`;
   else if (s.status === "done") status = s.received ? `Done in ${f1(s.seconds)} s` : `Done in ${f1(s.seconds)} s, no frames received`;
-  else status = s.received ? "Streaming" : "Waiting for the first frame…";
+  else if (s.received) status = "Streaming";
+  else status = s.compiling ? "Compiling (first run of this size; kept for the next)…" : "Waiting for the first frame…";
   if (s.joined && s.received) status += ` (joined during the run: from frame ${s.joinedFrom + 1})`;
   if (s.cached) status = `From the cache (same inputs): the last run's frames. ${status}`;
   status = noteText(note) || status;

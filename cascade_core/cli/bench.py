@@ -18,7 +18,6 @@ from ..common.constants import TEXT_TOKENS
 from ..model import attention
 from ..model.attention_libraries import LIBRARY_KERNELS
 from ..model.dit import WanModel
-from ..model.fp8 import quantize_layers
 from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.loop import generate
 from ..sampling.schedule import CascadeSchedule
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if a.fp8:
-        quantize_layers(model)
+        model = model.with_weight_dtype("fp8_e4m3fn_fast")
     model.compile_layers(a.compile)
     emit(figure="env", torch=torch.__version__, device=str(device),
          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", size=size)

@@ -121,13 +121,18 @@ def check_backend(name: str, device: torch.device, dtype: torch.dtype, flag: str
         raise UsageError(f"{flag}: {why}")
 
 
-def check_fp8(fp8: bool, device: torch.device) -> None:
-    """Warn once when --fp8 can only cost precision: a device without fp8 matrix units."""
+def check_weight_dtype(args, device: torch.device) -> None:
+    """--fp8 read as --weight-dtype fp8_e4m3fn_fast (refused beside another choice); a warning when fp8
+    products were asked of a device without fp8 matrix units (the weights are widened per product there)."""
     from ..model.fp8 import has_fp8_matmul
 
-    if fp8 and device.type != "meta" and not has_fp8_matmul(device):
-        print(f"warning: --fp8 on {device}: no fp8 matrix units, so the products are not faster; the weights "
-              f"are still rounded to fp8 (approximate, half the weight memory)", file=sys.stderr)
+    if args.fp8:
+        if args.weight_dtype not in ("default", "fp8_e4m3fn_fast"):
+            raise UsageError(f"--fp8 is --weight-dtype fp8_e4m3fn_fast; it excludes --weight-dtype {args.weight_dtype}")
+        args.weight_dtype = "fp8_e4m3fn_fast"
+    if args.weight_dtype == "fp8_e4m3fn_fast" and device.type != "meta" and not has_fp8_matmul(device):
+        print(f"warning: fp8 products on {device}: no fp8 matrix units, so each layer's weight is widened for its "
+              f"product instead (half the weight memory, the weights rounded to fp8)", file=sys.stderr)
 
 
 def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
@@ -145,7 +150,7 @@ def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
                 "independent_first_frame": args.independent_first_frame, "context_noise": args.context_noise,
                 "parallel": args.parallel, "attention": args.attention, "window": args.window or None,
                 "sink": args.sink, "flashblock": args.flashblock, "fold_clean": args.fold_clean,
-                "switch_mode": args.switch_mode, "kv_recompute": args.kv_recompute}
+                "switch_mode": args.switch_mode, "kv_recompute": args.kv_recompute, "kv_dtype": args.kv_dtype}
     try:
         cfg = family_config(name, **explicit)
         if args.window == 0:  # explicitly unlimited, whatever the family's window (and its sink)

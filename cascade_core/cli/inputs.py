@@ -50,14 +50,20 @@ def load_weights(args, dtype: torch.dtype):
     """(state dict on the CPU, CheckpointInfo) of --checkpoint with --lora merged; None without one."""
     if args.checkpoint is None:
         return None
-    return load_dit(args.checkpoint, dtype=dtype, ema=args.ema, lora=args.lora, lora_scale=args.lora_scale)
+    return load_dit(args.checkpoint, dtype=dtype, ema=args.ema, lora=args.lora, lora_scale=args.lora_scale,
+                    weight_dtype=args.weight_dtype)
 
 
-def build_model(weights, device: torch.device, dtype: torch.dtype) -> tuple[WanModel, str]:
+def build_model(weights, device: torch.device, dtype: torch.dtype, weight_dtype: str = "default"
+                ) -> tuple[WanModel, str]:
+    """The DiT on ``device`` from :func:`load_weights`' result (its block weights stored as read), or the
+    built-in untrained model with ``weight_dtype``; (model, one line saying what it is)."""
     if weights is None:
-        return WanModel.random(BUILTIN, seed=0).to(device, dtype), "built-in untrained model (random weights)"
+        model = WanModel.random(BUILTIN, seed=0).to(dtype).with_weight_dtype(weight_dtype).to(device)
+        return model, "built-in untrained model (random weights)"
     sd, info = weights
-    return WanModel.from_state_dict(sd, device=device, num_heads=info.num_heads), info.describe()
+    return (WanModel.from_state_dict(sd, device=device, num_heads=info.num_heads, fast_fp8=info.fast_fp8),
+            info.describe())
 
 
 def check_text_arguments(args, switch_texts: int = 0) -> None:

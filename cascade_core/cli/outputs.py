@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from ..model import attention
+from ..model.fp8 import tensor_bytes, weight_dtype_of
 from ..sampling.config import CascadeConfig
 from ..sampling.loop import Result
 from ..video.frames import FrameStream, VideoWriter, load_decoder
@@ -58,11 +59,13 @@ def kept(writer: VideoWriter | None) -> str:
     return f"{where} {'hold' if writer.path and writer.frames_dir else 'holds'} {writer.count} frames"
 
 
-def summary(result: Result, latents: torch.Tensor, args, model_label: str, device, cfg: CascadeConfig) -> dict:
+def summary(result: Result, latents: torch.Tensor, args, model, model_label: str, device, cfg: CascadeConfig) -> dict:
     """The JSON line: what was made (``latents``, the output: ``latent_frames``; ``video_frames`` only
     where decoded), timing (``latent_frames_per_second``: the generated frames) and the attention
     kernels (``attention_kernels``: what ``auto`` measured and chose in this process, per kind of call;
-    empty where nothing was measured here: a pinned backend, a CPU, or the worker pool's processes)."""
+    empty where nothing was measured here: a pinned backend, a CPU, or the worker pool's processes) and the
+    weights (``weight_dtype``: the block weights' storage, :func:`model.fp8.weight_dtype_of`; ``weight_bytes``:
+    the DiT's parameters and buffers as this process holds them)."""
     latent_frames = latents.shape[2]
     generated = cfg.grid.total(result.blocks)
     return {
@@ -72,7 +75,8 @@ def summary(result: Result, latents: torch.Tensor, args, model_label: str, devic
         "ticks": result.ticks,
         "forwards": result.forwards,
         "parallel": cfg.parallel,
-        "fp8": args.fp8,
+        "weight_dtype": weight_dtype_of(model),
+        "weight_bytes": tensor_bytes(model),
         "attention_backend": args.attention_backend,
         "attention_kernels": attention.measured_backends(),
         "latent_shape": list(latents.shape),

@@ -15,6 +15,9 @@ import argparse
 
 from ..common.constants import DTYPES
 from ..model import attention
+from ..model.compiling import COMPILE_CHOICES
+from ..model.fp8 import WEIGHT_DTYPES
+from ..model.kv_store import KV_DTYPES
 from ..sampling.config import ATTENTION_MODES, FLASHBLOCK_MODES, SWITCH_MODES
 from ..sampling.families import FAMILIES
 from ..weights.checkpoint import EMA_MODES
@@ -123,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flashblock", choices=FLASHBLOCK_MODES, default="off",
                    help="FlashBlock: reuse block-external attention across a block's steps (reuse, approximate), "
                         "or split and merge at every step (exact: equal to off up to float rounding)")
+    g.add_argument("--kv-dtype", choices=KV_DTYPES, default="default",
+                   help="KV cache storage: default (the model's dtype) or fp8 (e4m3 with a scale per token and head: "
+                        "about half the cache's memory, approximate; see BENCHMARKS.md for its deviation)")
     g.add_argument("--fold-clean", action="store_true",
                    help="P1: run each clean pass in the next block's first forward (the same result up to float "
                         "rounding, one forward fewer per block)")
@@ -136,10 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernel (auto: the fastest on CUDA, torch's choice elsewhere); flash4 and "
                         "xformers need their optional packages (pip install flash-attn-4 / xformers); refused "
                         "where the device lacks it")
-    g.add_argument("--fp8", action="store_true",
-                   help="fp8 matrix products in the transformer layers (faster on GPUs with fp8 units; approximate)")
-    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the layers (auto: on CUDA); the first run pays the compilation")
+    g.add_argument("--weight-dtype", choices=tuple(WEIGHT_DTYPES), default="default",
+                   help="storage of the transformer blocks' weights, as ComfyUI's UNETLoader: default keeps an fp8 "
+                        "file fp8 (fp8 products where the GPU has fp8 units) and other files in --dtype; fp8_e4m3fn "
+                        "and fp8_e5m2 store them fp8 (half the memory), widened per layer for its product; "
+                        "fp8_e4m3fn_fast multiplies in fp8 (faster on GPUs with fp8 units; approximate)")
+    g.add_argument("--fp8", action="store_true", help="the same as --weight-dtype fp8_e4m3fn_fast")
+    g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                   help="torch.compile the layers (auto: on CUDA where Triton is installed); the first run of a "
+                        "video size pays the compilation (torch keeps it on disk for later processes)")
     g.add_argument("--noise", help=".safetensors with the initial noise [1, 16, T, H/8, W/8] (the generated frames)")
     before = g.add_mutually_exclusive_group()
     before.add_argument("--image", metavar="FILE",

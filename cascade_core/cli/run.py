@@ -23,8 +23,8 @@ from .. import distributed
 from ..common.constants import DTYPES, GIB
 from ..common.stop import StopRequest
 from ..model import attention
+from ..model.compiling import resolve_compile
 from ..model.dit import WanConfig, WanModel
-from ..model.fp8 import quantize_layers
 from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.context import context_notes
 from ..sampling.families import describe
@@ -134,7 +134,7 @@ def check(args) -> Checked:
         session.plan = session.plan.with_prefix(prefix_in.frames)
     lines = cli_checks.length_warnings(cfg, args.blocks, 0 if prefix_in is None else prefix_in.frames)
     cli_checks.check_backend(args.attention_backend, device, dtype)
-    cli_checks.check_fp8(args.fp8, device)
+    cli_checks.check_weight_dtype(args, device)
     return Checked(cfg, family, assumed, session, device, where, dtype, switches, prefix_in, lines, prefix_notes)
 
 
@@ -167,11 +167,12 @@ def load(args, run: Checked) -> Loaded:
     embeds = encoded.pop(0) if args.prompt is not None else None
     prompt_label = None if embeds is None else f"{len(embeds)} tokens"
     # several local devices: the weights stay on the CPU here and go to the workers once
-    model, label = build_model(weights, torch.device("cpu") if session.pooled else device, dtype)
+    model, label = build_model(weights, torch.device("cpu") if session.pooled else device, dtype, args.weight_dtype)
     del weights
-    if args.fp8:
-        quantize_layers(model)
-    model.compile_layers(args.compile == "on" or (args.compile == "auto" and device.type == "cuda"))
+    compiled, why_not = resolve_compile(args.compile, device)
+    if why_not and device.type == "cuda":
+        print(f"note: {why_not}", file=sys.stderr)
+    model.compile_layers(compiled)
     if args.embeds:
         embeds = single_tensor(args.embeds, "a [L, 4096] prompt embedding")
     elif embeds is None:
@@ -258,7 +259,7 @@ def outputs(args, run: Checked, loaded: Loaded, result: Result, writer, seconds:
     latents = result.latents if head is None or endless else torch.cat([head.to(result.latents), result.latents], 2)
     if args.latents_out:
         save_safetensors({"latents": latents}, os.path.realpath(args.latents_out))  # through a link
-    out = summary(result, latents, args, loaded.label, run.where, cfg)
+    out = summary(result, latents, args, loaded.model, loaded.label, run.where, cfg)
     out.update(family=run.family, family_assumed=run.assumed, settings=describe(cfg),
                prompt_switches=[b for b, *_ in run.switches])
     if endless:  # ended by Ctrl-C, its normal end; the latents are its last window

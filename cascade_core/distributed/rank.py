@@ -12,7 +12,6 @@ import torch.distributed as dist
 from ..common.constants import LATENT_CHANNELS
 from ..model import attention
 from ..model.dit import WanConfig, WanModel
-from ..model.fp8 import quantize_layers
 from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.loop import Interrupted, Result
 from ..sampling.loop import generate as run_loop
@@ -54,12 +53,9 @@ class _Rank:
         if own_model is not None:
             self.model = own_model
             return
-        with torch.device("meta"):
-            model = WanModel(WanConfig(**spec["cfg"]))
-        if spec["fp8"]:
-            quantize_layers(model)
-        model.load_state_dict(sd, strict=True, assign=True)
-        self.model = model.eval().requires_grad_(False).compile_layers(spec["compile"])
+        cfg = WanConfig(**spec["cfg"])
+        model = WanModel.from_state_dict(sd, num_heads=cfg.num_heads, fast_fp8=spec["fast_fp8"])
+        self.model = model.compile_layers(spec["compile"])
 
     def run(self, job: dict, tensors: dict | None, *, on_tick=None, on_block=None, should_stop=None) -> Result:
         """One video; ``tensors`` (prompt embeddings, optional noise and context prefix) and the

@@ -49,7 +49,8 @@ def _weights_plan(model: WanModel) -> tuple[dict, dict[str, torch.Tensor]]:
         chunks[-1].append((name, _dtype_name(t.dtype), tuple(t.shape), size, n))
         size += -(-n // ALIGN) * ALIGN
         sizes[-1] = size
-    spec = {"cfg": dataclasses.asdict(model.cfg), "fp8": any(isinstance(m, Fp8Linear) for m in model.modules()),
+    spec = {"cfg": dataclasses.asdict(model.cfg),
+            "fast_fp8": any(isinstance(m, Fp8Linear) and m.fast for m in model.modules()),
             "compile": model.compiled, "chunks": chunks, "sizes": sizes, "bytes": sum(sizes)}
     return spec, sd
 

@@ -25,6 +25,7 @@ from torch import nn
 from ..common.constants import LATENT_CHANNELS, TEXT_TOKENS
 from ..common.transfer import to_device
 from .attention import attend
+from .fp8 import FP8_DTYPES, prepare_weights, use_fp8_layers
 
 HEAD_DIM = 128  # every released Wan2.1 model (1.3B: 1536/12, 14B: 5120/40)
 
@@ -181,6 +182,18 @@ class Block(nn.Module):
         return h + (per_frame(self.ffn(y), e6) * m.ffn_gate).flatten(1, 2)
 
 
+COMPILED_REGIONS: dict[object, tuple[Callable, Callable]] = {}  # backend -> the two compiled regions of a layer
+
+
+def compiled_regions(backend: str | Callable) -> tuple[Callable, Callable]:
+    """The process's compiled versions of :meth:`Block.self_attention_inputs` and
+    :meth:`Block.after_self_attention` for ``backend`` (made on first use, shared by every model)."""
+    if backend not in COMPILED_REGIONS:
+        COMPILED_REGIONS[backend] = tuple(torch.compile(r, dynamic=None, backend=backend)
+                                          for r in (Block.self_attention_inputs, Block.after_self_attention))
+    return COMPILED_REGIONS[backend]
+
+
 def per_frame(y: torch.Tensor, e6: torch.Tensor) -> torch.Tensor:
     """[n, L, dim] -> [n, gf, L/gf, dim], to broadcast per-frame modulation e6 [n, gf, 6, dim]."""
     return y.unflatten(1, (e6.shape[1], -1))
@@ -213,37 +226,57 @@ class WanModel(nn.Module):
         self.compile_layers(False)
 
     def compile_layers(self, enabled: bool = True, backend: str | Callable = "inductor") -> "WanModel":
-        """Compile the two regions of a layer around self-attention (torch.compile, static shapes).
+        """Compile the two regions of a layer around self-attention (torch.compile).
 
-        Every layer shares one compiled version of each region per segment count: the regions take
-        only tensors whose shapes depend on the segment count and the video size (prompts enter as
-        gathered [n, heads, text_len, hd] K/V), so neither a prompt switch nor a new mix of prompts
-        in a forward compiles anything. Self-attention itself stays eager (the KV pool).
-        ``backend``: torch.compile's backend (a name or a callable, e.g. a graph counter in tests).
+        Every layer of every model in the process shares the compiled regions (one torch.compile of each
+        per backend, :data:`COMPILED_REGIONS`): the regions take only tensors whose shapes depend on the
+        segment count and the video size (prompts enter as gathered [n, heads, text_len, hd] K/V), so
+        neither a prompt switch, a new mix of prompts nor a newly built model compiles anything. The
+        segment count (blocks in flight) is left to torch's automatic dynamic shapes: the first count
+        compiles a static version, a second one a version for every count, so a cascade of any depth
+        pays two compilations per video size, not one per depth. Self-attention itself stays eager
+        (the KV pool). ``backend``: torch.compile's backend (a name or a callable, e.g. a graph counter
+        in tests).
         """
-        regions = (Block.self_attention_inputs, Block.after_self_attention)
-        self._regions = (tuple(torch.compile(r, dynamic=False, backend=backend) for r in regions)
-                         if enabled else regions)
+        self._regions = compiled_regions(backend) if enabled else (Block.self_attention_inputs,
+                                                                   Block.after_self_attention)
         self.compiled = enabled
         return self
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None,
-                        num_heads: int | None = None) -> "WanModel":
+                        device: torch.device | str | None = None, num_heads: int | None = None,
+                        fast_fp8: bool = False) -> "WanModel":
         """Build a model whose configuration is read from ``sd`` and load it (every key must match).
 
         The model takes the tensors of ``sd`` as its parameters (no copy); a dtype or device change
         copies only what changes. Pass a copy if the caller's tensors must stay independent.
+        Block Linear weights stored fp8 (with ``<layer>.weight_scale`` [out, 1], see
+        :func:`model.fp8.prepare_weights`) become :class:`model.fp8.Fp8Linear` layers and stay fp8
+        (``dtype`` casts only the other floating tensors); ``fast_fp8``: their products run as fp8
+        where the GPU can.
         """
         cfg = WanConfig.from_state_dict(sd, num_heads)
         with torch.device("meta"):
             model = cls(cfg)
+        use_fp8_layers(model, sd, fast_fp8)
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() and v.dtype not in FP8_DTYPES
+                  and not k.endswith(".weight_scale") else v for k, v in sd.items()}
         model.load_state_dict(sd, strict=True, assign=True)
-        if dtype is not None or device is not None:
-            model.to(device=device, dtype=dtype)
+        if device is not None:
+            model.to(device=device)
         return model.eval().requires_grad_(False)
+
+    def with_weight_dtype(self, weight_dtype: str) -> "WanModel":
+        """This model with its block weights stored as ``weight_dtype`` (:data:`model.fp8.WEIGHT_DTYPES`; the
+        same model for "default"), on the same device, compiled as it is."""
+        if weight_dtype == "default":
+            return self
+        prepared = prepare_weights(self.state_dict(), self.dtype, weight_dtype)
+        return WanModel.from_state_dict(prepared.sd, num_heads=self.cfg.num_heads,
+                                        fast_fp8=prepared.fast).compile_layers(self.compiled)
 
     @classmethod
     def random(cls, cfg: WanConfig, seed: int = 0, *, device: torch.device | str = "cpu",

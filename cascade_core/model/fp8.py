@@ -1,20 +1,29 @@
-"""Optional fp8 matrix products for the transformer layers (an approximation; off by default).
+"""fp8 weights: stored fp8 on the device, widened per product or multiplied as fp8.
 
-:func:`quantize_layers` replaces the Linear layers inside the DiT's blocks (attention q/k/v/o and the
-FFN) by :class:`Fp8Linear`: weights stored as float8 e4m3 with one scale per output row, activations
-quantized per token on the fly, products through ``torch._scaled_mm`` on GPUs that have fp8 units
-(compute capability 8.9+). Elsewhere the same quantized numbers are multiplied in the activation dtype,
-so CPU tests see the same approximation. Embeddings, the head and the norms stay in their dtype.
-The weights take half the memory of bf16.
+- :func:`prepare_weights` is the one reader of a DiT's stored weights for the model (the checkpoint
+  loader, a core MODEL, the worker ranks): the transformer blocks' Linear weights stay fp8 when the file
+  stores them so (``weight_dtype`` "default") or become fp8 when asked (``fp8_e4m3fn``,
+  ``fp8_e4m3fn_fast``, ``fp8_e5m2``, the choices of ComfyUI's UNETLoader), each with one float32 scale
+  per output row; every other tensor is widened to the compute dtype.
+- :class:`Fp8Linear` holds such a weight. Its product either widens the weight just before it
+  (``(weight.float() * scale).to(x.dtype)``: exactly the widened model's weight, so exactly its
+  output) or, with ``fast`` on a GPU with fp8 units (compute capability 8.9+) and e4m3 weights, runs
+  ``torch._scaled_mm`` on activations quantized per token (approximate; the CLI's ``--fp8``). The whole
+  model is never widened: one layer's weight at a time.
+- :func:`dequantize_state_dict` widens every tensor (the text encoder, and LoRA merging): float8 e4m3 /
+  e5m2 (and their fnuz variants), unscaled or scaled (``<layer>.scale_weight`` or ``<layer>.weight_scale``,
+  one scale per tensor or per output row), as ``weight.float() * scale`` and then cast.
 
-:func:`dequantize_state_dict` is the one reader of fp8-stored weights (the checkpoint loader, the text
-encoder loader and the nodes' core-MODEL path use it): float8 e4m3 / e5m2 (and their fnuz variants),
-unscaled or scaled (``<layer>.scale_weight`` or ``<layer>.weight_scale``, one scale per tensor or per
-output row), dequantised as ``weight.float() * scale`` and then cast.
+Casting a model that holds Fp8Linear layers with ``model.to(dtype)`` would widen them too: the dtype is
+set on the state dict before loading (:meth:`model.dit.WanModel.from_state_dict`).
 """
 from __future__ import annotations
 
+import re
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..common.messages import first_keys
@@ -22,25 +31,30 @@ from ..common.messages import first_keys
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
-
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
                    if hasattr(torch, n))
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # ComfyUI "fp8 scaled"; newer files' name
 DROP_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")  # activation scales, format tags: unused
 MARKER = "scaled_fp8"  # ComfyUI's marker tensor of a scaled fp8 file
+# ComfyUI's UNETLoader choices: stored dtype of the blocks' Linear weights (None: as the file has them)
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+                 "fp8_e5m2": torch.float8_e5m2}
+BLOCK_LINEAR = re.compile(r"^blocks\.\d+\.((self|cross)_attn\.[qkvo]|ffn\.[02])\.weight$")
 
 
-def dequantize_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Weights in ``dtype`` from fp8-stored (or any floating) ones -> (tensors, quantization label).
+class PreparedWeights(NamedTuple):
+    """What :func:`prepare_weights` returns: the state dict for :meth:`WanModel.from_state_dict`, the
+    quantization label of the source ("fp8 e4m3fn scaled", "scaled weights" or None) and whether the fp8
+    layers multiply as fp8 where the GPU can (``fast``)."""
 
-    Scaled weights become ``(weight.float() * scale.float()).to(dtype)`` (a scale [] per tensor or
-    broadcastable per row, e.g. [out, 1]); other floating tensors ``.to(dtype)`` (the very tensor
-    when it already has ``dtype``); non-floating tensors pass unchanged. Scale entries, activation
-    scales, format tags and the ``scaled_fp8`` marker are dropped. The label is e.g. "fp8 e4m3fn
-    scaled", "scaled weights" or None. ``sd`` is not modified.
-    Raises ValueError for a scale without its weight or one whose shape does not fit the weight."""
+    sd: dict[str, torch.Tensor]
+    label: str | None
+    fast: bool
+
+
+def _split(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, str | None]:
+    """(weights and other tensors, scale of each scaled weight by the weight's name, source label)."""
     scales, rest = {}, {}
-    marker = MARKER in sd
     for k, v in sd.items():
         if k.endswith(SCALE_SUFFIXES):
             scales[k.rsplit(".", 1)[0] + ".weight"] = v
@@ -50,26 +64,81 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> tu
     if orphans:
         raise ValueError(f"weight scales without a weight: {first_keys(orphans)}")
     fp8 = {str(v.dtype).removeprefix("torch.float8_"): None for v in rest.values() if v.dtype in FP8_DTYPES}
-    out = {}
+    if fp8:
+        label = f"fp8 {'/'.join(fp8)}" + (" scaled" if scales or MARKER in sd else "")
+    else:
+        label = "scaled weights" if scales else None
+    return rest, scales, label
+
+
+def _widen(name: str, w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` in ``dtype``: ``(w.float() * scale).to(dtype)`` when scaled (the very tensor when it has ``dtype``)."""
+    if scale is None:
+        return w.to(dtype) if w.is_floating_point() else w
+    try:
+        return (w.float() * scale.float()).to(dtype)
+    except RuntimeError:
+        raise ValueError(f"scale of {name} has shape {list(scale.shape)}, which does not fit the weight "
+                         f"{list(w.shape)}") from None
+
+
+def row_scale(name: str, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A stored weight's scale as float32 [out, 1] (one per output row; a per-tensor scale repeated)."""
+    if scale is None:
+        return torch.ones(w.shape[0], 1)
+    if scale.numel() == 1:
+        return scale.float().reshape(1, 1).expand(w.shape[0], 1).contiguous()
+    if scale.numel() == w.shape[0]:
+        return scale.float().reshape(w.shape[0], 1)
+    raise ValueError(f"scale of {name} has shape {list(scale.shape)}, which does not fit the weight {list(w.shape)}")
+
+
+def dequantize_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Every floating tensor in ``dtype`` -> (tensors, quantization label), fp8 and scaled weights widened.
+
+    Scaled weights become ``(weight.float() * scale.float()).to(dtype)`` (a scale [] per tensor or
+    broadcastable per row, e.g. [out, 1]); other floating tensors ``.to(dtype)`` (the very tensor when it
+    already has ``dtype``); non-floating tensors pass unchanged. Scale entries, activation scales, format
+    tags and the ``scaled_fp8`` marker are dropped. ``sd`` is not modified.
+    Raises ValueError for a scale without its weight or one whose shape does not fit the weight."""
+    rest, scales, label = _split(sd)
+    return {k: _widen(k, v, scales.get(k), dtype) for k, v in rest.items()}, label
+
+
+def prepare_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype, weight_dtype: str = "default"
+                    ) -> PreparedWeights:
+    """A DiT's state dict for the model: the blocks' Linear weights fp8 where asked or stored so, the rest in
+    ``dtype``.
+
+    ``weight_dtype`` (:data:`WEIGHT_DTYPES`): "default" keeps fp8-stored block weights as they are (values
+    and scale; fast products for e4m3 weights) and widens nothing else's storage; an fp8 choice stores every
+    block Linear weight in that fp8 type (re-quantized per row from the widened value unless it is stored
+    so already), "_fast" asking for fp8 products. Kept weights carry ``<layer>.weight_scale`` float32
+    [out, 1] (1 for unscaled files). Raises ValueError for an unknown choice or a scale that fits no weight.
+    """
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    target = WEIGHT_DTYPES[weight_dtype]
+    rest, scales, label = _split(sd)
+    out, fast = {}, weight_dtype == "fp8_e4m3fn_fast"
     for k, v in rest.items():
         scale = scales.get(k)
-        if scale is not None:
-            try:
-                out[k] = (v.float() * scale.float()).to(dtype)
-            except RuntimeError:
-                raise ValueError(f"scale of {k} has shape {list(scale.shape)}, which does not fit the weight "
-                                 f"{list(v.shape)}") from None
+        stored_fp8 = v.dtype in FP8_DTYPES
+        if not BLOCK_LINEAR.match(k) or (target is None and not stored_fp8):
+            out[k] = _widen(k, v, scale, dtype)
+        elif target is None or v.dtype == target:  # kept as stored
+            out[k], out[k[:-len("weight")] + "weight_scale"] = v, row_scale(k, v, scale)
+            fast = fast or (weight_dtype == "default" and v.dtype == torch.float8_e4m3fn)
         else:
-            out[k] = v.to(dtype) if v.is_floating_point() else v
-    if fp8:
-        return out, f"fp8 {'/'.join(fp8)}" + (" scaled" if scales or marker else "")
-    return out, "scaled weights" if scales else None
+            q, s = quantize_rows(_widen(k, v, scale, torch.float32), target)
+            out[k], out[k[:-len("weight")] + "weight_scale"] = q, s
+    return PreparedWeights(out, label, fast)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (fp8 [M, K], float32 scale [M, 1]) with x ~= fp8 * scale, one scale per row."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).to(FP8), scale
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (``dtype`` fp8 [M, K], float32 scale [M, 1]) with x ~= fp8 * scale, one scale per row."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(dtype).max
+    return (x.float() / scale).to(dtype), scale
 
 
 def has_fp8_matmul(device: torch.device) -> bool:
@@ -77,34 +146,57 @@ def has_fp8_matmul(device: torch.device) -> bool:
 
 
 class Fp8Linear(nn.Module):
-    """y = x W^T + b with W and x quantized to fp8 (per output row / per token scales)."""
+    """y = x W^T + b with W [out, in] stored fp8 and one float32 scale per output row [out, 1].
 
-    def __init__(self, linear: nn.Linear):
+    ``fast``: fp8 products (activations quantized per token, ``torch._scaled_mm``) on GPUs with fp8 units
+    and e4m3 weights; otherwise, and everywhere else, W is widened to x's dtype just before the product."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, fast: bool = False):
         super().__init__()
-        w, scale = quantize_rows(linear.weight.detach())
-        self.register_buffer("weight", w)  # [out, in] float8
-        self.register_buffer("weight_scale", scale.reshape(1, -1))  # [1, out] float32
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-        self.out_features, self.in_features = w.shape
+        self.register_buffer("weight", weight)  # [out, in] float8
+        self.register_buffer("weight_scale", scale)  # [out, 1] float32
+        self.register_buffer("bias", bias)
+        self.out_features, self.in_features = weight.shape
+        self.fast = fast
+
+    @classmethod
+    def like(cls, linear: nn.Linear, dtype: torch.dtype, fast: bool) -> "Fp8Linear":
+        """An empty layer of ``linear``'s shape (on its device, e.g. meta) to load a state dict into."""
+        w = linear.weight
+        bias = None if linear.bias is None else torch.empty_like(linear.bias)
+        return cls(torch.empty(w.shape, dtype=dtype, device=w.device),
+                   torch.empty(w.shape[0], 1, device=w.device), bias, fast)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # [..., in] -> [M, in]
-        xq, x_scale = quantize_rows(x2)
-        if has_fp8_matmul(x.device):
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
+        if self.fast and self.weight.dtype == FP8 and has_fp8_matmul(x.device):
+            x2 = x.reshape(-1, self.in_features)  # [..., in] -> [M, in]
+            xq, x_scale = quantize_rows(x2)
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(),
                                  out_dtype=x.dtype)
-        else:  # the same quantized operands, multiplied in float32
-            y = ((xq.float() * x_scale) @ (self.weight.float() * self.weight_scale.t()).t()).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = y if self.bias is None else y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, (self.weight.float() * self.weight_scale).to(x.dtype), self.bias)
 
 
-def quantize_layers(model: nn.Module) -> nn.Module:
-    """Swap every nn.Linear inside ``model.blocks`` for an :class:`Fp8Linear` (in place)."""
-    for block in model.blocks:
-        for name, child in list(block.named_modules()):
-            for attr, sub in list(child.named_children()):
-                if isinstance(sub, nn.Linear):
-                    setattr(child, attr, Fp8Linear(sub))
-    return model
+def use_fp8_layers(model: nn.Module, sd: dict[str, torch.Tensor], fast: bool) -> None:
+    """Replace (in place) each Linear of ``model`` whose weight ``sd`` stores in fp8 by an empty
+    :class:`Fp8Linear` of that dtype, so that ``model.load_state_dict(sd, assign=True)`` fits."""
+    for key, t in sd.items():
+        if t.dtype in FP8_DTYPES and BLOCK_LINEAR.match(key):
+            parent, _, attr = key[:-len(".weight")].rpartition(".")
+            owner = model.get_submodule(parent)
+            setattr(owner, attr, Fp8Linear.like(getattr(owner, attr), t.dtype, fast))
+
+
+def weight_dtype_of(model: nn.Module) -> str:
+    """The model's weight storage in the loader's words: "fp8_e4m3fn[_fast]", "fp8_e5m2" (its block layers),
+    else the dtype of its parameters ("bfloat16", ...)."""
+    for m in model.modules():
+        if isinstance(m, Fp8Linear):
+            return "fp8_" + str(m.weight.dtype).removeprefix("torch.float8_") + ("_fast" if m.fast else "")
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (where they are stored, fp8 counted as one byte)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from .grid import BlockGrid
+from .kv_store import KV_DTYPES, KVStore
 from .pool_attention import FULL, PoolAttention
 
 if TYPE_CHECKING:
@@ -136,12 +137,14 @@ class KVPool:
 
     ``slot_positions``: keys are RoPE'd at their slot rather than their frame; ``sink_ema``: the EMA
     sink's weight a (0 = off); both need ``shift_keys`` (k [tokens, heads, hd], delta frames) -> k
-    re-rotated by delta (:meth:`~cascade_core.model.dit.WanModel.shift_frames`). Raises ValueError otherwise."""
+    re-rotated by delta (:meth:`~cascade_core.model.dit.WanModel.shift_frames`). Raises ValueError otherwise.
+    ``kv_dtype``: "default" stores K/V in ``dtype``; "fp8" as fp8 e4m3 with a scale per token and head
+    (:class:`model.kv_store.KVStore`; about half the memory, reads widened per attention call)."""
 
     def __init__(self, layout: PoolLayout, layers: int, heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, keep_external: bool = False,
                  slot_positions: bool = False, sink_ema: float = 0.0,
-                 shift_keys: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
+                 shift_keys: Callable[[torch.Tensor, int], torch.Tensor] | None = None, kv_dtype: str = "default"):
         if (slot_positions or sink_ema) and shift_keys is None:
             raise ValueError("slot positions and an EMA sink re-rotate keys: pass shift_keys")
         self.layout = layout
@@ -151,8 +154,10 @@ class KVPool:
         # a rolling window also keeps, per in-flight block, the sink's keys re-positioned ("anchors")
         anchors = layout.sink * layout.max_in_flight if layout.rolling else 0
         tokens = (layout.capacity_frames + anchors) * layout.tokens_per_frame
-        self.k = torch.zeros(layers, tokens, heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+        self.dtype = dtype
+        self.k, self.v = (KVStore(layers, tokens, heads, head_dim, dtype, device, kv_dtype == "fp8") for _ in "kv")
         if keep_external:  # [in-flight slot, layer, 1, heads, block tokens, (head_dim)]
             block_tokens = max(layout.grid.first, layout.grid.frames) * layout.tokens_per_frame
             shape = (layout.max_in_flight, layers, 1, heads, block_tokens)
@@ -212,11 +217,12 @@ class KVPool:
             dst, src = (lay.sink + f - keep_from) * tpf, self.slot(f) * tpf
             if dst != src:  # ascending whole-frame moves never overwrite an unread source
                 if self.slot_positions:  # per layer: float32 temporaries of one frame of one layer
-                    for k in self.k:
-                        k[dst:dst + tpf] = self.shift_keys(k[src:src + tpf], (dst - src) // tpf)
+                    for layer in range(self.k.shape[0]):
+                        shifted = self.shift_keys(self.k.get(layer, src, src + tpf), (dst - src) // tpf)
+                        self.k.put(layer, dst, dst + tpf, shifted)
                 else:
-                    self.k[:, dst:dst + tpf] = self.k[:, src:src + tpf]
-                self.v[:, dst:dst + tpf] = self.v[:, src:src + tpf]
+                    self.k.move(dst, src, tpf)
+                self.v.move(dst, src, tpf)
         self.base = keep_from
 
     def _fold_into_sink(self, lo: int, hi: int) -> None:
@@ -226,11 +232,11 @@ class KVPool:
         sink, tpf, a = self.layout.sink, self.layout.tokens_per_frame, self.sink_ema
         if hi - lo != sink:
             raise RuntimeError(f"an EMA sink of {sink} frames cannot take {hi - lo} dropped frames")
-        src = self.slot(lo) * tpf
+        src, n = self.slot(lo) * tpf, sink * tpf
         for layer in range(self.k.shape[0]):
-            dropped_k = self.shift_keys(self.k[layer, src:src + sink * tpf], -self.position(lo))
-            self.k[layer, :sink * tpf].mul_(a).add_(dropped_k * (1 - a))
-            self.v[layer, :sink * tpf].mul_(a).add_(self.v[layer, src:src + sink * tpf] * (1 - a))
+            dropped_k = self.shift_keys(self.k.get(layer, src, src + n), -self.position(lo))
+            self.k.put(layer, 0, n, self.k.get(layer, 0, n).mul_(a).add_(dropped_k * (1 - a)))
+            self.v.put(layer, 0, n, self.v.get(layer, 0, n).mul_(a).add_(self.v.get(layer, src, src + n) * (1 - a)))
 
     # ---- attention --------------------------------------------------------------------------------
     def attention(self, blocks: list[int], hi_frames: list[int], modes: list[str] | None = None,

@@ -95,26 +95,23 @@ class PoolAttention:
         self.anchors_late = bool(self.anchors) and any(a < n for a, _ in self.remote)
         self.late = self.remote + ([(at, at + n) for at, _ in self.anchors] if self.anchors_late else [])
 
-    def _keys(self, layer: int, a: int, b: int):  # pool span -> [1, heads, b-a, hd] views
-        return (self.pool.k[layer, a:b].unsqueeze(0).transpose(1, 2),
-                self.pool.v[layer, a:b].unsqueeze(0).transpose(1, 2))
+    def _keys(self, layer: int, a: int, b: int):  # pool span -> [1, heads, b-a, hd] (views unless fp8)
+        return (self.pool.k.get(layer, a, b).unsqueeze(0).transpose(1, 2),
+                self.pool.v.get(layer, a, b).unsqueeze(0).transpose(1, 2))
+
+    def _put(self, layer: int, a: int, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.pool.k.put(layer, a, b, k)
+        self.pool.v.put(layer, a, b, v)
 
     def _receive(self, layer: int, pending) -> None:
-        pk, pv = self.pool.k[layer], self.pool.v[layer]
         for i, ki, vi in pending.wait():
-            a, b = self.writes[i]
-            pk[a:b] = ki
-            pv[a:b] = vi
+            self._put(layer, *self.writes[i], ki, vi)
 
     @torch.compiler.disable
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        pool = self.pool
         pending = self.exchange.start(layer, k, v) if self.exchange is not None else None
-        pk, pv = pool.k[layer], pool.v[layer]  # [tokens, heads, hd]
         for j, i in enumerate(self.local):
-            a, b = self.writes[i]
-            pk[a:b] = k[j]
-            pv[a:b] = v[j]
+            self._put(layer, *self.writes[i], k[j], v[j])
         if not self.anchors_late:
             self._fill_anchors(layer)
 
@@ -138,10 +135,9 @@ class PoolAttention:
     def _fill_anchors(self, layer: int) -> None:
         """Rolling Forcing's anchors: the sink's K (re-positioned) and V copied after the slots."""
         pool = self.pool
-        pk, pv, n = pool.k[layer], pool.v[layer], pool.layout.sink * pool.layout.tokens_per_frame
+        n = pool.layout.sink * pool.layout.tokens_per_frame
         for at, frames in self.anchors:
-            pk[at:at + n] = pool.shift_keys(pk[:n], frames)
-            pv[at:at + n] = pv[:n]
+            self._put(layer, at, at + n, pool.shift_keys(pool.k.get(layer, 0, n), frames), pool.v.get(layer, 0, n))
 
     def _attend(self, layer: int, i: int, qi: torch.Tensor) -> torch.Tensor:
         """Segment i over its visible spans, every key already in the pool (the single-process path)."""
@@ -197,6 +193,6 @@ class PoolAttention:
         if self.exchange is None:
             return
         a, b = self.writes[0]
-        empty = self.pool.k.new_empty(0, b - a, *self.pool.k.shape[2:])
+        empty = torch.empty(0, b - a, *self.pool.k.shape[2:], dtype=self.pool.dtype, device=self.pool.k.device)
         for layer in range(layers):
             self._receive(layer, self.exchange.start(layer, empty, empty))

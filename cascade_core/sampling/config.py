@@ -14,6 +14,7 @@ import torch
 
 from ..model.grid import BlockGrid
 from ..model.kv_pool import check_window
+from ..model.kv_store import KV_DTYPES
 from .schedule import CascadeSchedule, FlowSchedule
 
 ATTENTION_MODES = ("causal", "bidirectional")
@@ -72,6 +73,9 @@ class CascadeConfig:
     sink_ema: float = 0.0
     rolling_window: bool = False
     kv_recompute: int = 0
+    # the KV cache's storage: "default" (the model's dtype) or "fp8" (e4m3, a scale per token and head:
+    # about half the memory, an approximation; :mod:`model.kv_store`)
+    kv_dtype: str = "default"
 
     @property
     def attended_window(self) -> int | None:
@@ -161,6 +165,8 @@ class CascadeConfig:
         check_window(self.window, self.sink, self.frames_per_block, unlimited_window)
         if self.flashblock not in FLASHBLOCK_MODES:
             raise ValueError(f"flashblock must be one of {FLASHBLOCK_MODES}, got {self.flashblock!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if not 0 <= self.context_noise <= 1000:  # (NaN fails this too)
             raise ValueError(f"context noise must lie in 0..1000, got {self.context_noise}")
         if self.switch_mode not in SWITCH_MODES:

@@ -186,7 +186,7 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
         pool = KVPool(run.layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
                       keep_external=cfg.flashblock == "reuse",
                       slot_positions=cfg.rope_positions == "slots" or bool(cfg.kv_recompute),
-                      sink_ema=cfg.sink_ema, shift_keys=model.shift_frames)
+                      sink_ema=cfg.sink_ema, shift_keys=model.shift_frames, kv_dtype=cfg.kv_dtype)
         live = LivePrompts(model, prompts, schedule, cfg.switch_mode == "recache", steer, on_switch)
         out = LatentWindow(shape[2], shape[1], h, w, dtype, device)
         if lead:  # every process writes the prefix's K/V itself (each keeps a whole KV pool)

@@ -28,8 +28,9 @@ def estimate_run_bytes(run: RunPlan, model_cfg, dtype: torch.dtype, prompts: int
     h, w = run.shape[-2:]
     tpf, fpb, in_flight = layout.tokens_per_frame, layout.frames_per_block, layout.max_in_flight
     elem = 4 if dtype == torch.float32 else 2
+    kv_elem = 1 + 4 / c.head_dim if cfg.kv_dtype == "fp8" else elem  # fp8 and a float32 scale a token and head
     anchors = cfg.sink * in_flight if cfg.rolling_window else 0  # re-positioned copies of the sink
-    kv = 2 * c.num_layers * (layout.capacity_frames + anchors) * tpf * c.dim * elem
+    kv = 2 * c.num_layers * (layout.capacity_frames + anchors) * tpf * c.dim * kv_elem
     tokens = in_flight * fpb * tpf
     share = -(-in_flight // ranks) * fpb * tpf  # tokens of the largest share of the blocks in flight
     activations = share * (c.ffn_dim + 8 * c.dim) * elem * 2

@@ -37,7 +37,7 @@ import torch
 
 from ..common.messages import SHOW, first_keys
 from ..model.dit import WanConfig
-from ..model.fp8 import FP8_DTYPES
+from ..model.fp8 import FP8_DTYPES, WEIGHT_DTYPES, prepare_weights
 from ..model.fp8 import dequantize_state_dict as dequantize
 from .dit_names import (
     check_keys_and_shapes,
@@ -67,7 +67,7 @@ class CheckpointInfo:
     path: str
     source_format: str  # e.g. "self-forcing .pt (generator_ema)", "comfyui safetensors", "diffusers"
     source_dtypes: dict[str, int]  # stored dtype -> number of tensors
-    dtype: str  # dtype of the returned tensors
+    dtype: str  # compute dtype of the returned tensors
     parameters: int
     bytes: int  # size of the returned tensors
     config: WanConfig
@@ -79,6 +79,8 @@ class CheckpointInfo:
     lora_layers: int = 0
     lora_note: str | None = None  # what the merge left out (image-to-video layers), one line
     ignored_tensors: int = 0  # tensors outside the DiT (VAE, text encoder of a bundled file)
+    weight_dtype: str = "default"  # storage of the blocks' Linear weights: "fp8_e4m3fn", ... ("default": dtype)
+    fast_fp8: bool = False  # their products run as fp8 where the GPU can
 
     @property
     def dim(self) -> int:
@@ -106,7 +108,8 @@ class CheckpointInfo:
         c = self.config
         dtypes = "+".join(self.source_dtypes)
         parts = [f"{self.model_name} (dim {c.dim}, {c.num_layers} layers, {c.num_heads} heads, ffn {c.ffn_dim})",
-                 f"{_count(self.parameters)} params, {_size(self.bytes)} {self.dtype}",
+                 f"{_count(self.parameters)} params, {_size(self.bytes)} {self.dtype}"
+                 + ("" if self.weight_dtype == "default" else f" (block weights {self.weight_dtype})"),
                  f"from {self.source_format} [{dtypes}]"]
         if self.ema_available or self.ema_used:
             parts.append("EMA weights" if self.ema_used else "base (non-EMA) weights")
@@ -174,8 +177,10 @@ def _keys(obj: Mapping) -> str:
 
 # ---- precision ---------------------------------------------------------------------------------
 
-def dequantize_state_dict(sd: dict[str, torch.Tensor], path: str, dtype: torch.dtype) -> tuple[dict, str | None]:
-    """:func:`fp8.dequantize_state_dict` for a file: (tensors in ``dtype``, quantization label).
+def dequantize_state_dict(sd: dict[str, torch.Tensor], path: str, dtype: torch.dtype,
+                          weight_dtype: str | None = None) -> tuple[dict, str | None]:
+    """:func:`fp8.dequantize_state_dict` for a file: (tensors in ``dtype``, quantization label); with a
+    ``weight_dtype`` :func:`fp8.prepare_weights` instead (block weights fp8 where asked or stored so).
 
     Raises CheckpointError naming ``path`` for integer-packed weights (a quantisation format this
     loader does not read), a scale without its weight or a scale that does not fit its weight."""
@@ -186,7 +191,7 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], path: str, dtype: torch.d
                                     "quantisation format (int8 / nvfp4 / GGUF-style) this loader does not read; "
                                     "use a bf16, fp16 or fp8 file")
     try:
-        return dequantize(sd, dtype)
+        return dequantize(sd, dtype) if weight_dtype is None else prepare_weights(sd, dtype, weight_dtype)[:2]
     except ValueError as exc:
         raise CheckpointError(path, str(exc)) from None
 
@@ -194,8 +199,15 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], path: str, dtype: torch.d
 # ---- the loader ----------------------------------------------------------------------------------
 
 def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto", lora: str | None = None,
-             lora_scale: float = 1.0, num_heads: int | None = None) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+             lora_scale: float = 1.0, num_heads: int | None = None,
+             weight_dtype: str = "default") -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Load Wan2.1 T2V DiT weights -> (canonical state dict in ``dtype``, :class:`CheckpointInfo`).
+
+    ``weight_dtype`` (:data:`model.fp8.WEIGHT_DTYPES`): "default" keeps block Linear weights stored fp8 as
+    they are (values and scales, ``<layer>.weight_scale`` [out, 1]); an fp8 choice stores them so; every
+    other tensor is in ``dtype``. A LoRA is merged into the widened weights, which are then stored as asked
+    (a file's own fp8 type with "default"). Build the model with :meth:`WanModel.from_state_dict` and
+    ``fast_fp8=info.fast_fp8``.
 
     ``ema``: "auto" takes EMA weights when the file has them, except with a LoRA, which is merged
     into the base (non-EMA) weights it was trained on (as LongLive does); "ema" / "base" insist.
@@ -210,6 +222,8 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
         raise ValueError(f"ema must be one of {EMA_MODES}, got {ema!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype in FP8_DTYPES:
         raise ValueError(f"dtype must be a floating dtype such as torch.bfloat16, got {dtype}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     if not math.isfinite(lora_scale):
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale}")
     raw, kind, folder_cfg = read_weights(path)
@@ -226,19 +240,29 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     if variant:
         raise CheckpointError(path, f"not a Wan2.1 text-to-video DiT: it is {variant}")
 
-    sd, quant = dequantize_state_dict(sd, path, dtype)
+    # kept as stored where asked; widened for a LoRA merge or a diffusers renaming, stored as asked after it
+    stored = next((v.dtype for k, v in sd.items() if v.dtype in FP8_DTYPES and k.endswith(".weight")), None)
+    widen = lora is not None or diffusers
+    sd, quant = dequantize_state_dict(sd, path, dtype, None if widen else weight_dtype)
     heads = num_heads or folder_cfg.get("num_heads") or folder_cfg.get("num_attention_heads")
     heads = int(heads) if isinstance(heads, (int, float)) and heads > 0 else None
     if diffusers:
         sd = from_diffusers(sd, path)
     sd = {k: v for k, v in sd.items() if not k.startswith("rope.") and k != "freqs"}  # recomputed, never stored weights
-    cfg = read_config(sd, path, heads)
-    check_keys_and_shapes(sd, cfg, path)
+    params = {k: v for k, v in sd.items() if not k.endswith(".weight_scale")}
+    cfg = read_config(params, path, heads)
+    check_keys_and_shapes(params, cfg, path)
 
     lora_name, merged = None, None
     if lora is not None:
         merged = merge_lora(sd, lora, lora_scale, dtype)
         lora_name = os.path.basename(os.fspath(lora))
+    if widen:
+        as_stored = {torch.float8_e4m3fn: "fp8_e4m3fn_fast", torch.float8_e5m2: "fp8_e5m2"}.get(stored, "default")
+        sd, _ = dequantize_state_dict(sd, path, dtype, as_stored if weight_dtype == "default" else weight_dtype)
+    kept = {v.dtype for v in sd.values() if v.dtype in FP8_DTYPES}
+    fast = weight_dtype == "fp8_e4m3fn_fast" or (weight_dtype == "default" and kept == {torch.float8_e4m3fn})
+    stored_as = "default" if not kept else "fp8_" + str(kept.pop()).removeprefix("torch.float8_") + "_fast" * fast
 
     label = _format_label(path, kind, trail, prefix, diffusers, quant)
     info = CheckpointInfo(
@@ -247,7 +271,7 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
         config=cfg, ema_used=ema_used, ema_available=ema_available, quantization=quant,
         lora=lora_name, lora_scale=float(lora_scale) if lora is not None else 0.0,
         lora_layers=merged.layers if merged else 0, lora_note=merged.note if merged else None,
-        ignored_tensors=ignored)
+        ignored_tensors=ignored, weight_dtype=stored_as, fast_fp8=fast)
     return sd, info
 
 

@@ -49,6 +49,10 @@ def get_output_directory():
     return os.path.join(base_path, "output")
 
 
+def get_user_directory():
+    return os.path.join(base_path, "user")
+
+
 def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height=0):
     """(folder, file name, counter, subfolder, prefix): the counter is one past the highest of the files
     named ``name_NNNNN_...`` already in the folder, as ComfyUI's own counts."""

@@ -60,7 +60,7 @@ def test_reuse_merges_each_blocks_own_first_step_external_attention():
     g = torch.Generator().manual_seed(8)
     qkv = lambda n: [torch.randn(n, tpf, heads, hd, generator=g) for _ in range(3)]  # noqa: E731
     pool.attention([0], [1], [FULL])(0, *qkv(1))  # block 0 committed
-    k0, v0 = pool.k[0, :tpf].clone(), pool.v[0, :tpf].clone()
+    k0, v0 = pool.k.get(0, 0, tpf).clone(), pool.v.get(0, 0, tpf).clone()
 
     def oracle(q_ext, k_ext, v_ext, q, k, v):  # all [L, heads, hd]; returns [L, heads, hd]
         scores = torch.cat([torch.einsum("qhd,khd->hqk", q_ext, k_ext),

@@ -772,8 +772,10 @@ FP8_VARIANTS = [(fp8, naming, per_row) for fp8 in (torch.float8_e4m3fn, torch.fl
 @pytest.mark.parametrize("fp8, naming, per_row", FP8_VARIANTS)
 def test_fp8_weights_read_the_same_from_a_file_and_from_a_core_model(fp8, naming, per_row, tmp_path):
     """A scaled or unscaled e4m3 / e5m2 model (per-tensor or per-row scales, either scale name, with
-    ComfyUI's activation scales) gives identical bf16 weights through the checkpoint loader and
-    through the Causal Model from MODEL path, both equal to weight.float() * scale cast to bf16."""
+    ComfyUI's activation scales) gives identical weights through the checkpoint loader and through the
+    Causal Model from MODEL path: the blocks' Linear weights kept fp8 (their stored bytes, a scale a row),
+    every weight, widened, equal to weight.float() * scale cast to bf16."""
+    from cascade_core.model.fp8 import dequantize_state_dict
     from cascade_core.weights.checkpoint import load_dit
     from cascade_core.weights.safe_io import save_safetensors
 
@@ -793,13 +795,19 @@ def test_fp8_weights_read_the_same_from_a_file_and_from_a_core_model(fp8, naming
             stored[k], expected[k] = v, v.bfloat16()
     path = str(tmp_path / "model.safetensors")
     save_safetensors({"model.diffusion_model." + k: v for k, v in stored.items()}, path)
-    from_file, _ = load_dit(path, dtype=torch.bfloat16)
-    from_model, dtype = values_mod.compute_weights(dict(stored), torch.bfloat16)
-    assert dtype == torch.bfloat16
-    assert set(from_file) == set(from_model) == set(expected)
+    from_file, info = load_dit(path, dtype=torch.bfloat16)
+    from_model, dtype, fast = values_mod.compute_weights(dict(stored), torch.bfloat16)
+    assert dtype == torch.bfloat16 and fast == info.fast_fp8 == (fp8 == torch.float8_e4m3fn)
+    assert set(from_file) == set(from_model)
+    kept = [k for k, v in from_model.items() if v.dtype == fp8]
+    assert len(kept) == TINY.num_layers * 10 and all(k.startswith("blocks.") for k in kept)
+    for k in kept:  # the stored bytes themselves
+        assert torch.equal(from_model[k].view(torch.uint8), stored[k].view(torch.uint8)), k
+    widened_file, widened_model = (dequantize_state_dict(sd, torch.bfloat16)[0] for sd in (from_file, from_model))
+    assert set(widened_file) == set(widened_model) == set(expected)
     for k in expected:
-        assert torch.equal(from_file[k], expected[k]), k
-        assert torch.equal(from_model[k], expected[k]), k
+        assert torch.equal(widened_file[k], expected[k]), k
+        assert torch.equal(widened_model[k], expected[k]), k
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -92,7 +92,7 @@ def test_batched_tick_equals_pairs_one_at_a_time(model, prompt):
     x = torch.randn(3, 16, fpb, H // 8, W // 8, generator=g)
     t = torch.tensor([[0.0] * fpb, [625.0] * fpb, [937.5] * fpb])  # clean pass, step 3, step 1
     solo_pool = KVPool(layout, TINY.num_layers, TINY.num_heads, TINY.head_dim, torch.float32, "cpu")
-    solo_pool.k.copy_(pool.k), solo_pool.v.copy_(pool.v)
+    solo_pool.k.copy_(pool.k), solo_pool.v.copy_(pool.v)  # KVStore.copy_
     solo_pool.stored_end = pool.stored_end
     ends = [(b + 1) * fpb for b in blocks]
     batched = model(x, t, [b * fpb for b in blocks], [text] * 3, pool.attention(blocks, ends))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from cascade_core.cli.command import main
 from cascade_core.model.dit import WanConfig, WanModel
+from cascade_core.model.fp8 import dequantize_state_dict
 from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
 from cascade_core.weights.checkpoint import CheckpointInfo, load_dit
 from cascade_core.weights.dit_names import diffusers_name
@@ -67,13 +68,16 @@ def assert_same_weights(got, want):
         assert torch.equal(got[k], want[k]), k
 
 
-def fp8_quantize(sd, fp8, scaled, naming="scale_weight"):
-    """ComfyUI-style fp8: matrices stored in fp8 (scaled per tensor by amax/max), the rest in fp32.
-    Returns (stored tensors, the exact dequantised weights)."""
+def fp8_quantize(sd, fp8, scaled, naming="scale_weight", per_row=False):
+    """ComfyUI-style fp8: matrices stored in fp8 (scaled per tensor by amax/max, or per output row of the
+    Linear weights [out, 1]), the rest in fp32. Returns (stored tensors, the exact dequantised weights)."""
     stored, exact = {}, {}
     for k, v in sd.items():
         if v.dim() >= 2 and k.endswith(".weight"):
-            scale = (v.abs().max() / FP8_MAX[fp8]).reshape(()) if scaled else torch.tensor(1.0)
+            if per_row and v.dim() == 2:
+                scale = v.abs().amax(1, keepdim=True) / FP8_MAX[fp8]
+            else:
+                scale = (v.abs().max() / FP8_MAX[fp8]).reshape(()) if scaled else torch.tensor(1.0)
             q = (v / scale).to(fp8)
             stored[k] = q
             if scaled:
@@ -123,7 +127,8 @@ def write(kind, sd, path):
         return sd
     if kind.startswith("fp8"):
         fp8 = E4M3 if "e4m3" in kind else E5M2
-        stored, exact = fp8_quantize(sd, fp8, "scaled" in kind, "weight_scale" if "new" in kind else "scale_weight")
+        stored, exact = fp8_quantize(sd, fp8, "scaled" in kind, "weight_scale" if "new" in kind else "scale_weight",
+                                     per_row="per row" in kind)
         save_safetensors({"model.diffusion_model." + k: v for k, v in stored.items()}, path)
         return exact
     raise AssertionError(kind)
@@ -131,7 +136,8 @@ def write(kind, sd, path):
 
 KINDS = ["self-forcing .pt (generator_ema)", "self-forcing .pt (generator)", "fsdp-wrapped names", "plain .pt",
          "comfyui fp16", "comfyui bf16", "safetensors fp32", "diffusers", "fp8 e4m3fn", "fp8 e5m2",
-         "fp8 e4m3fn scaled", "fp8 e5m2 scaled", "fp8 e4m3fn scaled new"]
+         "fp8 e4m3fn scaled", "fp8 e5m2 scaled", "fp8 e4m3fn scaled new", "fp8 e4m3fn scaled per row"]
+BLOCK_LINEARS = 2 * (4 + 4 + 2)  # TINY's layers: self q,k,v,o; cross q,k,v,o; ffn 0,2
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -139,17 +145,32 @@ def test_every_layout_loads_the_same_weights_and_latents(kind, ref, prompt, tmp_
     path = str(tmp_path / ("w.pt" if ".pt" in kind or "fsdp" in kind else "w.safetensors"))
     want = write(kind, ref, path)
     sd, info = load_dit(path, dtype=torch.float32, num_heads=4)
-    assert_same_weights(sd, want)
+    if kind.startswith("fp8"):  # the blocks' Linear weights stay fp8 (values and one scale a row), the rest widened
+        fp8 = E4M3 if "e4m3" in kind else E5M2
+        assert sum(v.dtype == fp8 for v in sd.values()) == BLOCK_LINEARS and info.weight_dtype.startswith(
+            "fp8_" + str(fp8).removeprefix("torch.float8_"))
+        assert info.fast_fp8 == (fp8 == E4M3)
+        assert all(sd[k[:-len("weight")] + "weight_scale"].shape == (v.shape[0], 1)
+                   for k, v in sd.items() if v.dtype == fp8)
+        scales = sum(v.numel() * 4 for k, v in sd.items() if k.endswith(".weight_scale"))
+        fp8_params = sum(v.numel() for v in sd.values() if v.dtype == fp8)
+        params = sum(v.numel() for v in ref.values())
+        assert info.bytes == 4 * (params - fp8_params) + fp8_params + scales
+        assert_same_weights(dequantize_state_dict(sd, torch.float32)[0], want)
+    else:
+        assert_same_weights(sd, want)
+        assert info.bytes == 4 * sum(v.numel() for v in ref.values())
     assert isinstance(info, CheckpointInfo)
     assert (info.dim, info.num_layers, info.num_heads, info.ffn_dim) == (64, 2, 4, 128)
-    assert info.parameters == sum(v.numel() for v in ref.values()) and info.bytes == 4 * info.parameters
+    assert info.parameters == sum(v.numel() for v in sd.values())
     assert info.ema_used == (kind == "self-forcing .pt (generator_ema)")
     line = info.describe()
     assert "\n" not in line and "dim 64, 2 layers, 4 heads, ffn 128" in line
     if kind.startswith("self-forcing"):
         assert info.source_format == kind
     if kind.startswith("fp8"):
-        assert info.quantization == kind.removesuffix(" new") and "float8" in "".join(info.source_dtypes)
+        assert info.quantization == kind.removesuffix(" new").removesuffix(" per row") and "float8" in "".join(
+            info.source_dtypes)
     if kind.startswith("comfyui"):
         assert info.source_format.startswith("comfyui safetensors")
     if kind == "diffusers":

@@ -408,3 +408,16 @@ test("landed switches are ticks on the timeline: block/blocks, or a window of th
   assert.deepEqual(switchTicks(es), [{ pos: 20 / 50, text: "block 70: late" }]);
   for (const { pos } of switchTicks(es)) assert.ok(pos >= 0 && pos < 1);
 });
+
+test("a run that compiles first says so until its first block, then streams", () => {
+  const hub = new Hub();
+  hub.handle("block_cascade.start", { ...START, compiling: true });
+  const s = hub.get("7");
+  assert.match(describe(s).status, /^Compiling \(first run of this size/);
+  hub.handle("block_cascade.state", { ...START, compiling: true, tick: 0, ticks: 10, pairs: [[0, 0]], done_blocks: 0 });
+  assert.match(describe(s).status, /^Compiling/);
+  hub.handle("block_cascade.state", { ...START, compiling: false, tick: 3, ticks: 10, pairs: [[1, 0]], done_blocks: 1 });
+  assert.match(describe(s).status, /Waiting for the first frame/);
+  hub.handle("block_cascade.frames", { ...START, block: 0, first_frame: 0, frames: ["AAAA"], elapsed: 1 });
+  assert.match(describe(s).status, /^Streaming/);
+});
