@@ -15,6 +15,7 @@ from cascade_core.model import attention as attention_backends
 from cascade_core.model.compiling import resolve_compile, use_disk_cache
 from cascade_core.sampling.context import START_IMAGE, context_notes, context_of, prefix_config
 from cascade_core.sampling.loop import Interrupted
+from cascade_core.sampling.memory import blocks_to_swap, cheaper_settings, placement_words
 from cascade_core.sampling.plan import SteeringRefused
 from cascade_core.sampling.recompute import first_reencoding_block, why_a_vae
 from cascade_core.session import RunSession
@@ -169,6 +170,8 @@ class Checked:
     settings_text: str
     attention_backend: str
     compiled: bool = False  # the layers run compiled (:func:`cascade_core.model.compiling.resolve_compile`)
+    swap_blocks: int = -1  # the config's choice (-1: the memory estimate's)
+    swapped: int = 0  # blocks streamed from host memory (:func:`make_room`)
     need: int = 0  # bytes the run needs besides the weights (:func:`make_room`)
 
     @property
@@ -230,24 +233,41 @@ def check(model, config, width, height, blocks, positive, schedule, vae, start_i
                                        [s for s, _ in prompts.entries[1:]], described, tuple(notes))
     settings_text += "; compiled" if compiled else "; not compiled"
     return Checked(cfg, session, run_devices, prompts, kind, before, given, context, vae_weights(vae), reencodes,
-                   settings_text, config.attention_backend, compiled)
+                   settings_text, config.attention_backend, compiled, getattr(config, "swap_blocks", -1))
 
 
 def make_room(run: Checked, model) -> None:
-    """ComfyUI asked to free what the run needs, then the run refused where it still cannot fit (the worker
-    pool checks each GPU itself: its own share, its own weights); ``run.need``: the run's bytes besides the
-    weights."""
-    need, what = run.session.memory(model.cfg, model.dtype, len(run.prompts.entries),
-                                    vae_bytes(run.vae_sd, bool(run.reencodes)))
-    device = run.devices[0]
+    """ComfyUI asked to free what the run needs, then where the weights sit: resident, or as few blocks as fit
+    streamed from host memory (``run.swapped``: the config's swap_blocks, or the memory estimate's choice);
+    refused in one line, naming the cheapest setting that would fit, where even every block swapped cannot
+    (the worker pool checks each GPU itself: its own share, its own weights). ``run.need``: the run's bytes
+    besides the weights; the settings line gets where the weights sit."""
+    vae = vae_bytes(run.vae_sd, bool(run.reencodes))
+    need, what = run.session.memory(model.cfg, model.dtype, len(run.prompts.entries), vae)
+    device, weights, forced = run.devices[0], model.weight_bytes(), run.swap_blocks
     if run.session.pooled:
+        if forced > 0:
+            raise ValueError("swap_blocks: block swap runs on one device; set it to -1 or 0 with several devices")
         for d in run.devices:
-            devices.make_room(d, need + model.weight_bytes())
-    else:
-        devices.make_room(device, need + (0 if model.resident_on(device) else model.weight_bytes()))
-        weights = 0 if model.resident_on(device) else model.weight_bytes()  # making room may unload them
-        devices.check_free_memory([device], need + weights, f"weights {weights / GIB:.2f} GiB, {what}")
-    run.need = need
+            devices.make_room(d, need + weights)
+        run.need = need
+        return
+    if forced > model.cfg.num_layers:
+        raise ValueError(f"swap_blocks: the model has {model.cfg.num_layers} blocks, got {forced}")
+    resident = model.resident_on(device)
+    devices.make_room(device, need + (0 if resident else weights))
+    free = devices.free_bytes(device) + (weights if resident else 0) if device.type == "cuda" else None
+    swapped = blocks_to_swap(free, need, weights, model.block_bytes(), model.cfg.num_layers, forced)
+    if swapped is None:
+        cheaper = cheaper_settings(run.session.plan, model.cfg, model.dtype, len(run.prompts.entries), vae, free,
+                                   weights, model.block_bytes(), model.weight_dtype().startswith("fp8"))
+        raise ValueError(f"not enough GPU memory on {device}: the run needs about {need / GIB:.2f} GiB ({what}) "
+                         f"besides the weights ({weights / GIB:.2f} GiB), and {free / GIB:.2f} GiB are free even with "
+                         f"every block swapped to CPU memory; " + (f"{cheaper} would fit" if cheaper else
+                                                                   "use fewer blocks, a smaller size or another device"))
+    run.need, run.swapped = need, swapped
+    run.settings_text += "; " + placement_words(swapped, model.cfg.num_layers, model.weight_dtype()) + (
+        " (chosen: the model does not fit)" if swapped and forced < 0 else "")
 
 
 def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str) -> io.NodeOutput:
@@ -266,7 +286,8 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
             before = encode_start_image(vae, start_image, plan.width, plan.height)
             given = context = raw_to_normalized(before)
         # several devices: the weights stay on the CPU here; the pool holds the GPU copies
-        wan = model.acquire_for_pool() if session.pooled else model.acquire(device, run.need)
+        wan = (model.acquire_for_pool() if session.pooled else model.acquire_swapped(device, run.swapped)
+               if run.swapped else model.acquire(device, run.need))
         compiling = compile_layers(wan, run)
         if run.vae_sd is not None:
             from cascade_core.video.vae import WanVAEDecoder
@@ -313,6 +334,8 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
     finally:
         steer.unregister(live)
         # Drop every reference to device tensors of this run, then give cached blocks back.
+        if wan is not None and wan.swap is not None:  # swapped: nothing of the model stays on the device
+            wan.swap.detach()
         run.vae_sd = run.context = run.given = None
         del wan, decoder, result, context, given, extra, live
         if reporter is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cascade_core.model.dit import WanConfig, WanModel
-from cascade_core.model.fp8 import DROP_SUFFIXES, FP8_DTYPES, MARKER, SCALE_SUFFIXES, prepare_weights
+from cascade_core.model.fp8 import DROP_SUFFIXES, FP8_DTYPES, MARKER, SCALE_SUFFIXES, prepare_weights, weight_dtype_of
 from cascade_core.sampling.config import CascadeConfig
 from cascade_core.sampling.families import DEFAULT_FAMILY, family_with
 
@@ -112,6 +112,19 @@ class EngineModel:
     def weight_bytes(self) -> int:
         raise NotImplementedError
 
+    def block_bytes(self) -> int:
+        """Bytes of one transformer block's weights (every block has the same)."""
+        raise NotImplementedError
+
+    def weight_dtype(self) -> str:
+        """The block weights' storage in the loader's words (:func:`cascade_core.model.fp8.weight_dtype_of`)."""
+        return str(self.dtype).removeprefix("torch.")
+
+    def acquire_swapped(self, device: torch.device, swapped: int) -> WanModel:
+        """The model running on ``device`` with its last ``swapped`` blocks streamed from host memory (the
+        weights taken off ComfyUI's device first, as for a pool; ``model.swap.detach()`` after the run)."""
+        return self.acquire_for_pool().swap_blocks(device, swapped)
+
     def resident_on(self, device: torch.device) -> bool:
         return False
 
@@ -151,6 +164,12 @@ class FileModel(EngineModel):
 
     def weight_bytes(self) -> int:
         return state_dict_bytes(self.model.state_dict())
+
+    def block_bytes(self) -> int:
+        return state_dict_bytes(self.model.blocks[0].state_dict())
+
+    def weight_dtype(self) -> str:
+        return weight_dtype_of(self.model)
 
     def resident_on(self, device: torch.device) -> bool:
         return self.model.device == device
@@ -199,6 +218,7 @@ class CoreModel(EngineModel):
         sd = self._module().state_dict()  # shapes only; nothing moves
         self.cfg = WanConfig.from_state_dict(sd)
         self._bytes = state_dict_bytes(sd)
+        self._block_bytes = state_dict_bytes({k: v for k, v in sd.items() if k.startswith("blocks.0.")})
         self._pool_model: tuple | None = None  # (patches key, WanModel on the CPU) of the last pool run
 
     def _module(self) -> torch.nn.Module:
@@ -213,6 +233,9 @@ class CoreModel(EngineModel):
 
     def weight_bytes(self) -> int:
         return self._bytes
+
+    def block_bytes(self) -> int:
+        return self._block_bytes
 
     def resident_on(self, device: torch.device) -> bool:
         return self._module().patch_embedding.weight.device == device

@@ -17,7 +17,7 @@ from ..common.constants import GIB
 from ..model import attention
 from ..sampling.config import CascadeConfig
 from ..sampling.families import DEFAULT_FAMILY, family_config, guess_family
-from ..sampling.memory import available_bytes
+from ..sampling.memory import available_bytes, blocks_to_swap, cheaper_settings
 from ..sampling.recompute import first_reencoding_block, why_a_vae
 
 SEED_MAX = 2 ** 64 - 1  # torch generators take unsigned 64-bit seeds
@@ -214,10 +214,30 @@ def length_warnings(cfg: CascadeConfig, blocks: int, context_frames: int = 0) ->
     return []
 
 
-def check_memory(device: torch.device, need: int, what: str) -> None:
-    """Refuse a run that needs ``need`` bytes on ``device`` (``what``: their parts) where less is available now
-    (UsageError); nothing where it cannot be told."""
+def place_weights(args, device: torch.device, plan, model_cfg, dtype: torch.dtype, prompts: int, vae_bytes: int,
+                  need: int, what: str, weights: int, block: int) -> int:
+    """Blocks of the DiT streamed from host memory (--swap-blocks, or as few as fit what ``device`` has
+    available now: :func:`sampling.memory.blocks_to_swap`); UsageError naming the cheapest setting that would
+    fit where even every block swapped does not (``need``: the run's bytes besides the weights, ``what`` their
+    parts; ``weights``/``block``: the DiT's bytes and one block's)."""
+    layers = model_cfg.num_layers
+    if args.swap_blocks > layers:
+        raise UsageError(f"--swap-blocks: the model has {layers} blocks, got {args.swap_blocks}")
     free = available_bytes(device)
-    if free is not None and need > free:
-        raise UsageError(f"the run needs about {need / GIB:.2f} GiB on {device} ({what}) but {free / GIB:.2f} GiB "
-                         f"are available; use fewer --blocks, a --window, a smaller size or another device")
+    if device.type == "cuda":
+        swapped = blocks_to_swap(free, need, weights, block, layers, args.swap_blocks)
+    else:  # host memory is the device's: streaming blocks from it saves nothing (done only when asked)
+        swapped = max(args.swap_blocks, 0) if free is None or need + weights <= free else None
+    if swapped is None:
+        cheaper = cheaper_settings(plan, model_cfg, dtype, prompts, vae_bytes, free, weights, block,
+                                   args.weight_dtype != "default")
+        flag = {"weight_dtype fp8_e4m3fn": "--weight-dtype fp8_e4m3fn", "kv_dtype fp8": "--kv-dtype fp8"}.get(
+            cheaper, "--window 12 --sink 3" if cheaper else "")
+        raise UsageError(f"the run needs about {need / GIB:.2f} GiB on {device} ({what}) besides the weights "
+                         f"({weights / GIB:.2f} GiB) but {free / GIB:.2f} GiB are available even with every block "
+                         f"swapped to CPU memory; " + (f"{flag} would fit" if flag else
+                                                       "use fewer --blocks, a smaller size or another device"))
+    if swapped and args.swap_blocks < 0:
+        print(f"note: {swapped} of {layers} blocks swapped to CPU memory: the weights do not fit {device} beside "
+              f"the run ({free / GIB:.2f} GiB available)", file=sys.stderr)
+    return swapped

@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and fp8_e5m2 store them fp8 (half the memory), widened per layer for its product; "
                         "fp8_e4m3fn_fast multiplies in fp8 (faster on GPUs with fp8 units; approximate)")
     g.add_argument("--fp8", action="store_true", help="the same as --weight-dtype fp8_e4m3fn_fast")
+    g.add_argument("--swap-blocks", type=int, default=-1, metavar="N",
+                   help="keep the last N transformer blocks' weights in CPU memory, streamed to the GPU as the "
+                        "forward reaches them (-1, the default: as few as fit the GPU's free memory; 0: none)")
     g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help="torch.compile the layers (auto: on CUDA where Triton is installed); the first run of a "
                         "video size pays the compilation (torch keeps it on disk for later processes)")

@@ -20,7 +20,7 @@ import time
 import torch
 
 from .. import distributed
-from ..common.constants import DTYPES, GIB
+from ..common.constants import DTYPES
 from ..common.stop import StopRequest
 from ..model import attention
 from ..model.compiling import resolve_compile
@@ -79,6 +79,7 @@ class Checked:
     prefix_in: cli_prefix.PrefixInput | None
     lines: list[str]
     prefix_notes: list[str]
+    swapped: int = 0  # blocks streamed from host memory (:func:`load`)
 
 
 @dataclasses.dataclass
@@ -138,12 +139,15 @@ def check(args) -> Checked:
     return Checked(cfg, family, assumed, session, device, where, dtype, switches, prefix_in, lines, prefix_notes)
 
 
-def weight_bytes(model_cfg: WanConfig, weights, dtype: torch.dtype) -> int:
-    """Bytes of the DiT's weights: those read (``weights``), else the built-in model's in ``dtype``."""
-    if weights is not None:
-        return sum(t.numel() * t.element_size() for t in weights[0].values())
-    with torch.device("meta"):
-        return sum(p.numel() for p in WanModel(model_cfg).parameters()) * torch.empty((), dtype=dtype).element_size()
+def weight_bytes(model_cfg: WanConfig, weights, dtype: torch.dtype) -> tuple[int, int]:
+    """Bytes of the DiT's weights and of one block's: those read (``weights``), else the built-in model's in
+    ``dtype``."""
+    if weights is None:
+        with torch.device("meta"):
+            weights = (WanModel(model_cfg).to(dtype).state_dict(), None)
+    sd = weights[0]
+    size = lambda keys: sum(sd[k].numel() * sd[k].element_size() for k in keys)  # noqa: E731
+    return size(sd), size([k for k in sd if k.startswith("blocks.0.")])
 
 
 def load(args, run: Checked) -> Loaded:
@@ -157,8 +161,9 @@ def load(args, run: Checked) -> Loaded:
         vae_bytes = cli_checks.input_bytes(args.vae) if args.vae else 0
         vae_bytes *= 2 if plan.cfg.kv_recompute else 1  # the context re-encoder holds its own copy
         need, what = session.memory(model_cfg, dtype, 1 + len(run.switches), vae_bytes)
-        weights_bytes = weight_bytes(model_cfg, weights, dtype)
-        cli_checks.check_memory(device, need + weights_bytes, f"weights {weights_bytes / GIB:.2f} GiB, {what}")
+        total, block = weight_bytes(model_cfg, weights, dtype)
+        run.swapped = cli_checks.place_weights(args, device, session.plan, model_cfg, dtype, 1 + len(run.switches),
+                                               vae_bytes, need, what, total, block)
     prefix_in = run.prefix_in
     prefix = None if prefix_in is None else cli_prefix.prefix_latents(
         prefix_in, plan.cfg, args.context_frames, args.vae, device, vae_dtype(device, dtype))
@@ -167,8 +172,11 @@ def load(args, run: Checked) -> Loaded:
     embeds = encoded.pop(0) if args.prompt is not None else None
     prompt_label = None if embeds is None else f"{len(embeds)} tokens"
     # several local devices: the weights stay on the CPU here and go to the workers once
-    model, label = build_model(weights, torch.device("cpu") if session.pooled else device, dtype, args.weight_dtype)
+    model, label = build_model(weights, torch.device("cpu") if session.pooled or run.swapped else device, dtype,
+                               args.weight_dtype)
     del weights
+    if run.swapped:
+        model.swap_blocks(device, run.swapped)
     compiled, why_not = resolve_compile(args.compile, device)
     if why_not and device.type == "cuda":
         print(f"note: {why_not}", file=sys.stderr)

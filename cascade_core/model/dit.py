@@ -25,6 +25,7 @@ from torch import nn
 from ..common.constants import LATENT_CHANNELS, TEXT_TOKENS
 from ..common.transfer import to_device
 from .attention import attend
+from .block_swap import BlockSwap
 from .fp8 import FP8_DTYPES, prepare_weights, use_fp8_layers
 
 HEAD_DIM = 128  # every released Wan2.1 model (1.3B: 1536/12, 14B: 5120/40)
@@ -223,6 +224,7 @@ class WanModel(nn.Module):
         self.head.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.head.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}  # see rope()
+        self.swap: BlockSwap | None = None  # blocks streamed from host memory (swap_blocks)
         self.compile_layers(False)
 
     def compile_layers(self, enabled: bool = True, backend: str | Callable = "inductor") -> "WanModel":
@@ -242,6 +244,21 @@ class WanModel(nn.Module):
                                                                    Block.after_self_attention)
         self.compiled = enabled
         return self
+
+    def swap_blocks(self, device: torch.device | str, swapped: int) -> "WanModel":
+        """Run on ``device`` with the last ``swapped`` blocks' weights in pinned host memory, streamed in as the
+        forward reaches them (:class:`model.block_swap.BlockSwap`; 0: every weight moved to ``device``).
+        ``self.swap.detach()`` takes them all back to the CPU."""
+        if self.swap is not None:
+            self.swap.detach()
+        if swapped == 0:
+            return self.to(device)
+        self.swap = BlockSwap(self, torch.device(device), swapped)
+        return self
+
+    def layers(self):
+        """The blocks in order, on the model's device when each runs (streamed in where blocks are swapped)."""
+        return iter(self.blocks) if self.swap is None else self.swap.layers()
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -329,7 +346,7 @@ class WanModel(nn.Module):
         padded = e.new_zeros(1, cfg.text_len, cfg.text_dim)
         padded[0, : e.shape[0]] = e
         context = self.text_embedding(to_device(padded, self.device).to(self.dtype))  # [1, text_len, dim]
-        return [blk.cross_attn.text_kv(context) for blk in self.blocks]
+        return [blk.cross_attn.text_kv(context) for blk in self.layers()]
 
     # ---- positions -------------------------------------------------------------------------------
     def _axis_frequencies(self) -> list[torch.Tensor]:
@@ -413,7 +430,7 @@ class WanModel(nn.Module):
         e6 = self.time_projection(e).unflatten(-1, (6, cfg.dim))  # [n, gf, 6, dim]
         cos, sin = self.rope(frame_starts, gf, gh, gw)  # [n, L, 1, hd/2]
         inputs, after = self._regions
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self.layers()):
             q, k, v = inputs(blk, h, e6, cos, sin)
             text_k = torch.cat([p[i][0] for p in prompts])  # [n, heads, text_len, hd]
             text_v = torch.cat([p[i][1] for p in prompts])

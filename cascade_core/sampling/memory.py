@@ -67,3 +67,57 @@ def available_bytes(device: torch.device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def blocks_to_swap(free: int | None, run_bytes: int, weight_bytes: int, block_bytes: int, layers: int,
+                   forced: int = -1) -> int | None:
+    """How many of the model's ``layers`` transformer blocks a run streams from host memory
+    (:class:`model.block_swap.BlockSwap`): ``forced`` when >= 0, else the fewest that fit ``free`` bytes
+    (None: unknown, nothing swapped) beside the run's ``run_bytes`` (:func:`estimate_run_bytes`), the
+    weights left on the device (``weight_bytes`` less the swapped blocks, ``block_bytes`` each) and the two
+    device slots they stream through. None when even every block swapped does not fit."""
+    if forced >= 0:
+        return forced
+    if free is None or run_bytes + weight_bytes <= free:
+        return 0
+    for swapped in range(1, layers + 1):
+        if run_bytes + weight_bytes - swapped * block_bytes + min(2, swapped) * block_bytes <= free:
+            return swapped
+    return None
+
+
+def placement_words(swapped: int, layers: int, weights: str) -> str:
+    """The settings line's words for where the weights sit: "weights fp8_e4m3fn, resident" or "..., 12 of 40
+    blocks swapped"."""
+    return f"weights {weights}, " + ("resident" if not swapped else f"{swapped} of {layers} blocks swapped")
+
+
+def cheaper_settings(run: RunPlan, model_cfg, dtype: torch.dtype, prompts: int, vae_bytes: int, free: int,
+                     weight_bytes: int, block_bytes: int, fp8_weights: bool) -> str:
+    """The cheapest of fp8 weights, an fp8 KV cache and a window (12 latent frames, sink 3: LongLive's) that
+    would let the run fit ``free`` bytes with every block swapped, as words for a refusal ("" when none)."""
+    from dataclasses import replace
+
+    from .plan import plan_run
+
+    def fits(plan: RunPlan, weights: int) -> bool:
+        need = estimate_run_bytes(plan, model_cfg, dtype, prompts, vae_bytes)[0]
+        return blocks_to_swap(free, need, weights, block_bytes * weights // weight_bytes, model_cfg.num_layers) \
+            is not None
+
+    tries = []
+    if not fp8_weights:
+        tries.append(("weight_dtype fp8_e4m3fn", run, weight_bytes // 2))
+    if run.cfg.kv_dtype != "fp8":
+        tries.append(("kv_dtype fp8", replace(run, cfg=replace(run.cfg, kv_dtype="fp8")), weight_bytes))
+    if run.cfg.window is None and not run.cfg.kv_recompute:
+        try:
+            windowed = plan_run(replace(run.cfg, window=12, sink=3), blocks=run.schedule.blocks, width=run.width,
+                                height=run.height, patch=run.patch, switches=run.switches, devices=run.devices)
+            tries.append(("a window (12 latent frames, sink 3)", windowed, weight_bytes))
+        except ValueError:
+            pass
+    for words, plan, weights in tries:
+        if fits(plan, weights):
+            return words
+    return ""

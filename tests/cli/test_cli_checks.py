@@ -182,11 +182,29 @@ def test_decode_frames_per_pass_must_be_positive(value, tmp_path, capsys):
 
 
 def test_fp8_without_fp8_units_is_warned_and_named_in_the_summary(capsys):
+    """--fp8 is --weight-dtype fp8_e4m3fn_fast; without fp8 units each weight is widened for its product."""
+    assert main(["generate", *SMALL, "--blocks", "1"]) == 0
+    full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert full["weight_dtype"] == "float32" and full["swapped_blocks"] == 0
     assert main(["generate", *SMALL, "--fp8", "--blocks", "1"]) == 0
     captured = capsys.readouterr()
-    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: --fp8")]
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: fp8 products")]
     assert len(warnings) == 1 and "no fp8 matrix units" in warnings[0], captured.err
-    assert json.loads(captured.out.strip().splitlines()[-1])["fp8"] is True
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["weight_dtype"] == "fp8_e4m3fn_fast" and summary["weight_bytes"] < 0.7 * full["weight_bytes"]  # the blocks: 1 byte of 4
+    assert main(["generate", *SMALL, "--fp8", "--weight-dtype", "fp8_e5m2"]) == 2
+    one_line(capsys, "--fp8 is --weight-dtype fp8_e4m3fn_fast; it excludes --weight-dtype fp8_e5m2")
+
+
+def test_forced_block_swap_gives_the_resident_latents(tmp_path, capsys):
+    paths = [str(tmp_path / f"{n}.safetensors") for n in ("resident", "swapped")]
+    assert main(["generate", *SMALL, "--latents-out", paths[0]]) == 0
+    assert main(["generate", *SMALL, "--latents-out", paths[1], "--swap-blocks", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["swapped_blocks"] == 2
+    a, b = (read_tensor_file(p)["latents"] for p in paths)
+    assert torch.equal(a, b)
+    assert main(["generate", *SMALL, "--swap-blocks", "99"]) == 2
+    one_line(capsys, "--swap-blocks: the model has")
 
 
 def test_an_output_that_is_no_regular_file_is_refused(tmp_path, capsys, no_model_work):
