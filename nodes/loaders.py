@@ -24,13 +24,15 @@ EMA_CHOICES = ("auto", "ema", "base")
 class BlockCascadeModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        register_folders()  # .gguf files in the list
         return io.Schema(
             node_id="BlockCascadeModelLoader",
             display_name="Load Causal Video Model",
             category=CATEGORY,
             description="Loads a block-causal Wan2.1 T2V DiT (Self-Forcing, CausVid, LongLive, Causal Forcing; "
-                        "1.3B or 14B) from models/diffusion_models: Self-Forcing .pt, ComfyUI or diffusers "
-                        ".safetensors, fp8. Pickles are read with weights_only.",
+                        "1.3B or 14B) from models/diffusion_models (or models/unet): Self-Forcing .pt, ComfyUI or "
+                        "diffusers .safetensors, fp8 (kept fp8), ComfyUI-GGUF .gguf (kept quantised). Pickles are "
+                        "read with weights_only.",
             inputs=[
                 io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models")),
                 io.Combo.Input("dtype", options=list(DTYPES), default="bf16",

@@ -11,7 +11,9 @@ EMBEDS_FOLDER = "prompt_embeds"
 
 
 def register_folders() -> None:
-    """models/prompt_embeds: precomputed [L, 4096] prompt embeddings (.safetensors)."""
+    """models/prompt_embeds: precomputed [L, 4096] prompt embeddings (.safetensors); and ``.gguf`` files listed in
+    diffusion_models (models/diffusion_models and models/unet), as ComfyUI-GGUF lists them (a set of their
+    own: the extension set ComfyUI shares between folders is left as it is)."""
     import os
 
     import folder_paths
@@ -19,3 +21,6 @@ def register_folders() -> None:
     if EMBEDS_FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[EMBEDS_FOLDER] = (
             [os.path.join(folder_paths.models_dir, EMBEDS_FOLDER)], {".safetensors"})
+    paths, extensions = folder_paths.folder_names_and_paths["diffusion_models"]
+    if ".gguf" not in extensions:
+        folder_paths.folder_names_and_paths["diffusion_models"] = (paths, set(extensions) | {".gguf"})

@@ -26,7 +26,7 @@ from ..common.constants import LATENT_CHANNELS, TEXT_TOKENS
 from ..common.transfer import to_device
 from .attention import attend
 from .block_swap import BlockSwap
-from .fp8 import FP8_DTYPES, prepare_weights, use_fp8_layers
+from .fp8 import FP8_DTYPES, prepare_weights, use_stored_layers
 
 HEAD_DIM = 128  # every released Wan2.1 model (1.3B: 1536/12, 14B: 5120/40)
 
@@ -270,14 +270,15 @@ class WanModel(nn.Module):
         The model takes the tensors of ``sd`` as its parameters (no copy); a dtype or device change
         copies only what changes. Pass a copy if the caller's tensors must stay independent.
         Block Linear weights stored fp8 (with ``<layer>.weight_scale`` [out, 1], see
-        :func:`model.fp8.prepare_weights`) become :class:`model.fp8.Fp8Linear` layers and stay fp8
+        :func:`model.fp8.prepare_weights`) or as GGUF blocks (:mod:`model.gguf`) become
+        :class:`model.fp8.Fp8Linear` / :class:`model.gguf.GGUFLinear` layers and stay so
         (``dtype`` casts only the other floating tensors); ``fast_fp8``: their products run as fp8
         where the GPU can.
         """
         cfg = WanConfig.from_state_dict(sd, num_heads)
         with torch.device("meta"):
             model = cls(cfg)
-        use_fp8_layers(model, sd, fast_fp8)
+        use_stored_layers(model, sd, fast_fp8)
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() and v.dtype not in FP8_DTYPES
                   and not k.endswith(".weight_scale") else v for k, v in sd.items()}

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.messages import first_keys
+from . import gguf
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -53,18 +54,27 @@ class PreparedWeights(NamedTuple):
 
 
 def _split(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, str | None]:
-    """(weights and other tensors, scale of each scaled weight by the weight's name, source label)."""
-    scales, rest = {}, {}
+    """(weights and other tensors, scale of each scaled weight by the weight's name, source label). A GGUF
+    weight's type entry (:mod:`model.gguf`) counts as its scale: the weight's int64 [] quantisation type."""
+    scales, rest, gguf_types = {}, {}, {}
     for k, v in sd.items():
         if k.endswith(SCALE_SUFFIXES):
             scales[k.rsplit(".", 1)[0] + ".weight"] = v
+        elif k.endswith(gguf.TYPE_SUFFIX):
+            scales[k.removesuffix(gguf.TYPE_SUFFIX) + ".weight"] = gguf_types[k] = v
         elif not k.endswith(DROP_SUFFIXES) and k != MARKER:
             rest[k] = v
+    if gguf_types:
+        names = sorted({gguf.type_name(t) for t in gguf_types.values()})
+        if any(v.dtype in FP8_DTYPES for v in rest.values()) or len(gguf_types) != len(scales):
+            raise ValueError("a file of GGUF and fp8 weights at once")
     orphans = [k for k in scales if k not in rest]
     if orphans:
         raise ValueError(f"weight scales without a weight: {first_keys(orphans)}")
     fp8 = {str(v.dtype).removeprefix("torch.float8_"): None for v in rest.values() if v.dtype in FP8_DTYPES}
-    if fp8:
+    if gguf_types:
+        label = f"GGUF {'/'.join(names)}"
+    elif fp8:
         label = f"fp8 {'/'.join(fp8)}" + (" scaled" if scales or MARKER in sd else "")
     else:
         label = "scaled weights" if scales else None
@@ -72,9 +82,12 @@ def _split(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, str | None]:
 
 
 def _widen(name: str, w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``w`` in ``dtype``: ``(w.float() * scale).to(dtype)`` when scaled (the very tensor when it has ``dtype``)."""
+    """``w`` in ``dtype``: ``(w.float() * scale).to(dtype)`` when scaled (the very tensor when it has ``dtype``);
+    GGUF blocks (a uint8 weight whose "scale" is its type) dequantised by :func:`model.gguf.dequantize`."""
     if scale is None:
         return w.to(dtype) if w.is_floating_point() else w
+    if w.dtype == torch.uint8 and not scale.is_floating_point():
+        return gguf.dequantize(w, int(scale), dtype)
     try:
         return (w.float() * scale.float()).to(dtype)
     except RuntimeError:
@@ -123,9 +136,11 @@ def prepare_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype, weight_dtyp
     out, fast = {}, weight_dtype == "fp8_e4m3fn_fast"
     for k, v in rest.items():
         scale = scales.get(k)
-        stored_fp8 = v.dtype in FP8_DTYPES
+        stored_fp8 = v.dtype in FP8_DTYPES or v.dtype == torch.uint8  # fp8 or GGUF blocks
         if not BLOCK_LINEAR.match(k) or (target is None and not stored_fp8):
             out[k] = _widen(k, v, scale, dtype)
+        elif target is None and v.dtype == torch.uint8:  # GGUF blocks, kept as stored
+            out[k], out[k.removesuffix(".weight") + gguf.TYPE_SUFFIX] = v, scale
         elif target is None or v.dtype == target:  # kept as stored
             out[k], out[k[:-len("weight")] + "weight_scale"] = v, row_scale(k, v, scale)
             fast = fast or (weight_dtype == "default" and v.dtype == torch.float8_e4m3fn)
@@ -178,22 +193,30 @@ class Fp8Linear(nn.Module):
         return F.linear(x, (self.weight.float() * self.weight_scale).to(x.dtype), self.bias)
 
 
-def use_fp8_layers(model: nn.Module, sd: dict[str, torch.Tensor], fast: bool) -> None:
-    """Replace (in place) each Linear of ``model`` whose weight ``sd`` stores in fp8 by an empty
-    :class:`Fp8Linear` of that dtype, so that ``model.load_state_dict(sd, assign=True)`` fits."""
+def use_stored_layers(model: nn.Module, sd: dict[str, torch.Tensor], fast: bool) -> None:
+    """Replace (in place) each Linear of ``model`` whose weight ``sd`` stores in fp8 or as GGUF blocks by an
+    empty :class:`Fp8Linear` of that dtype or :class:`model.gguf.GGUFLinear` of that type, so that
+    ``model.load_state_dict(sd, assign=True)`` fits."""
     for key, t in sd.items():
-        if t.dtype in FP8_DTYPES and BLOCK_LINEAR.match(key):
+        if BLOCK_LINEAR.match(key) and (t.dtype in FP8_DTYPES or t.dtype == torch.uint8):
             parent, _, attr = key[:-len(".weight")].rpartition(".")
-            owner = model.get_submodule(parent)
-            setattr(owner, attr, Fp8Linear.like(getattr(owner, attr), t.dtype, fast))
+            owner, linear = model.get_submodule(parent), getattr(model.get_submodule(parent), attr)
+            if t.dtype == torch.uint8:
+                qtype = int(sd[key.removesuffix(".weight") + gguf.TYPE_SUFFIX])
+                setattr(owner, attr, gguf.GGUFLinear.like(linear, tuple(t.shape), qtype))
+            else:
+                setattr(owner, attr, Fp8Linear.like(linear, t.dtype, fast))
 
 
 def weight_dtype_of(model: nn.Module) -> str:
-    """The model's weight storage in the loader's words: "fp8_e4m3fn[_fast]", "fp8_e5m2" (its block layers),
-    else the dtype of its parameters ("bfloat16", ...)."""
+    """The model's weight storage in the loader's words: "fp8_e4m3fn[_fast]", "fp8_e5m2", "gguf_Q4_K/Q6_K" (its
+    block layers), else the dtype of its parameters ("bfloat16", ...)."""
     for m in model.modules():
         if isinstance(m, Fp8Linear):
             return "fp8_" + str(m.weight.dtype).removeprefix("torch.float8_") + ("_fast" if m.fast else "")
+        if isinstance(m, gguf.GGUFLinear):
+            return "gguf_" + "/".join(sorted({gguf.type_name(g.qtype) for g in model.modules()
+                                              if isinstance(g, gguf.GGUFLinear)}))
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 

@@ -39,6 +39,7 @@ from ..common.messages import SHOW, first_keys
 from ..model.dit import WanConfig
 from ..model.fp8 import FP8_DTYPES, WEIGHT_DTYPES, prepare_weights
 from ..model.fp8 import dequantize_state_dict as dequantize
+from ..model.gguf import TYPE_SUFFIX, logical_shape
 from .dit_names import (
     check_keys_and_shapes,
     dit_prefix,
@@ -184,8 +185,10 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], path: str, dtype: torch.d
 
     Raises CheckpointError naming ``path`` for integer-packed weights (a quantisation format this
     loader does not read), a scale without its weight or a scale that does not fit its weight."""
+    gguf = {k for k in sd if k.endswith(TYPE_SUFFIX)} | {k.removesuffix(TYPE_SUFFIX) + ".weight" for k in sd
+                                                         if k.endswith(TYPE_SUFFIX)}  # GGUF blocks and their types
     ints = [k for k, v in sd.items() if not v.is_floating_point() and k != "scaled_fp8"
-            and not k.endswith(".comfy_quant")]
+            and not k.endswith(".comfy_quant") and k not in gguf]
     if ints:
         raise CheckpointError(path, f"integer-packed weights ({sd[ints[0]].dtype} in {first_keys(ints)}): a "
                                     "quantisation format (int8 / nvfp4 / GGUF-style) this loader does not read; "
@@ -194,6 +197,18 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], path: str, dtype: torch.d
         return dequantize(sd, dtype) if weight_dtype is None else prepare_weights(sd, dtype, weight_dtype)[:2]
     except ValueError as exc:
         raise CheckpointError(path, str(exc)) from None
+
+
+def shapes_of(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's parameters as the names and shapes checks see them: scales and GGUF types left out, GGUF
+    blocks as meta tensors of the weight's shape."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".weight_scale", TYPE_SUFFIX)):
+            continue
+        qtype = sd.get(k.removesuffix(".weight") + TYPE_SUFFIX)
+        out[k] = v if qtype is None else torch.empty(logical_shape(v, int(qtype)), device="meta")
+    return out
 
 
 # ---- the loader ----------------------------------------------------------------------------------
@@ -207,7 +222,8 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     they are (values and scales, ``<layer>.weight_scale`` [out, 1]); an fp8 choice stores them so; every
     other tensor is in ``dtype``. A LoRA is merged into the widened weights, which are then stored as asked
     (a file's own fp8 type with "default"). Build the model with :meth:`WanModel.from_state_dict` and
-    ``fast_fp8=info.fast_fp8``.
+    ``fast_fp8=info.fast_fp8``. A ComfyUI-GGUF ``.gguf`` file's quantised block weights stay GGUF blocks
+    (:mod:`model.gguf`) with "default"; merged with a LoRA they are stored as fp8 e4m3.
 
     ``ema``: "auto" takes EMA weights when the file has them, except with a LoRA, which is merged
     into the base (non-EMA) weights it was trained on (as LongLive does); "ema" / "base" insist.
@@ -242,6 +258,8 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
 
     # kept as stored where asked; widened for a LoRA merge or a diffusers renaming, stored as asked after it
     stored = next((v.dtype for k, v in sd.items() if v.dtype in FP8_DTYPES and k.endswith(".weight")), None)
+    if any(k.endswith(TYPE_SUFFIX) for k in sd):  # GGUF blocks with a LoRA merged: stored as fp8 again
+        stored = torch.float8_e4m3fn
     widen = lora is not None or diffusers
     sd, quant = dequantize_state_dict(sd, path, dtype, None if widen else weight_dtype)
     heads = num_heads or folder_cfg.get("num_heads") or folder_cfg.get("num_attention_heads")
@@ -249,7 +267,7 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     if diffusers:
         sd = from_diffusers(sd, path)
     sd = {k: v for k, v in sd.items() if not k.startswith("rope.") and k != "freqs"}  # recomputed, never stored weights
-    params = {k: v for k, v in sd.items() if not k.endswith(".weight_scale")}
+    params = shapes_of(sd)
     cfg = read_config(params, path, heads)
     check_keys_and_shapes(params, cfg, path)
 
@@ -263,11 +281,13 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     kept = {v.dtype for v in sd.values() if v.dtype in FP8_DTYPES}
     fast = weight_dtype == "fp8_e4m3fn_fast" or (weight_dtype == "default" and kept == {torch.float8_e4m3fn})
     stored_as = "default" if not kept else "fp8_" + str(kept.pop()).removeprefix("torch.float8_") + "_fast" * fast
+    if any(k.endswith(TYPE_SUFFIX) for k in sd):
+        stored_as = "gguf"
 
     label = _format_label(path, kind, trail, prefix, diffusers, quant)
     info = CheckpointInfo(
         path=path, source_format=label, source_dtypes=source_dtypes, dtype=str(dtype).removeprefix("torch."),
-        parameters=sum(v.numel() for v in sd.values()), bytes=sum(v.numel() * v.element_size() for v in sd.values()),
+        parameters=sum(v.numel() for v in shapes_of(sd).values()), bytes=sum(v.numel() * v.element_size() for v in sd.values()),
         config=cfg, ema_used=ema_used, ema_available=ema_available, quantization=quant,
         lora=lora_name, lora_scale=float(lora_scale) if lora is not None else 0.0,
         lora_layers=merged.layers if merged else 0, lora_note=merged.note if merged else None,
@@ -277,7 +297,9 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
 
 def _format_label(path: str, kind: str, trail: list[str], prefix: str, diffusers: bool, quant: str | None) -> str:
     lower = path.lower()
-    if diffusers:
+    if lower.endswith(".gguf"):
+        label = "ComfyUI-GGUF file"
+    elif diffusers:
         label = "diffusers" + (" folder" if kind == "folder" else "")
     elif kind == "folder":
         label = "Wan safetensors folder"

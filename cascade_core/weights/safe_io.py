@@ -24,6 +24,7 @@ from ..common.messages import first_line
 
 SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".pt", ".pth", ".ckpt", ".bin")
+GGUF_EXT = (".gguf",)
 
 
 class CheckpointError(ValueError):
@@ -82,8 +83,12 @@ def read_tensor_file(path: str) -> Any:
         return read_safetensors(path)
     if lower.endswith(PICKLE_EXT):
         return read_pickle(path)
+    if lower.endswith(GGUF_EXT):
+        from .gguf_file import read_gguf
+
+        return read_gguf(path)
     raise CheckpointError(
-        path, f"unknown file type; expected one of {', '.join(SAFETENSORS_EXT + PICKLE_EXT)}")
+        path, f"unknown file type; expected one of {', '.join(SAFETENSORS_EXT + PICKLE_EXT + GGUF_EXT)}")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:

@@ -8,8 +8,22 @@ import dataclasses
 
 import pytest
 import torch
-from test_nodes import (BLOCKS, H, W, Recorder, cond, config, devices_mod, model, no_engine, run,  # noqa: F401
-                        sampler_mod, tiny, values_mod)
+from test_nodes import (  # noqa: F401
+    BLOCKS,
+    NODES,
+    H,
+    Recorder,
+    W,
+    cond,
+    config,
+    devices_mod,
+    model,
+    no_engine,
+    run,
+    sampler_mod,
+    tiny,
+    values_mod,
+)
 
 from cascade_core.model.dit import WanModel
 from cascade_core.model.fp8 import Fp8Linear
@@ -103,3 +117,18 @@ def test_settings_carry_the_new_choices():
     settings = config(compile="off", kv_dtype="fp8", swap_blocks=4)
     assert (settings.compile, settings.cascade.kv_dtype, settings.swap_blocks) == ("off", "fp8", 4)
     assert dataclasses.replace(CascadeConfig(), kv_dtype="fp8").kv_dtype == "fp8"
+
+
+def test_the_loader_lists_and_loads_gguf_files_kept_quantised(tmp_path):
+    import folder_paths
+    from test_gguf import write_gguf
+
+    from cascade_core.model.gguf import GGUFLinear
+
+    folder = folder_paths.get_folder_paths("diffusion_models")[0]
+    write_gguf(f"{folder}/tiny_q8.gguf")
+    options = NODES["BlockCascadeModelLoader"].GET_SCHEMA().inputs[0].options  # read when the node is drawn
+    assert "tiny_q8.gguf" in (options["options"] if isinstance(options, dict) else options)
+    (loaded,) = run("BlockCascadeModelLoader", model_name="tiny_q8.gguf", dtype="fp32", ema="auto")
+    assert loaded.weight_dtype() == "gguf_Q4_K/Q8_0"
+    assert sum(isinstance(m, GGUFLinear) for m in loaded.model.modules()) == loaded.cfg.num_layers * 10

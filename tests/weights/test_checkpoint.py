@@ -162,7 +162,7 @@ def test_every_layout_loads_the_same_weights_and_latents(kind, ref, prompt, tmp_
         assert info.bytes == 4 * sum(v.numel() for v in ref.values())
     assert isinstance(info, CheckpointInfo)
     assert (info.dim, info.num_layers, info.num_heads, info.ffn_dim) == (64, 2, 4, 128)
-    assert info.parameters == sum(v.numel() for v in sd.values())
+    assert info.parameters == sum(v.numel() for v in ref.values())  # scales are no parameters
     assert info.ema_used == (kind == "self-forcing .pt (generator_ema)")
     line = info.describe()
     assert "\n" not in line and "dim 64, 2 layers, 4 heads, ffn 128" in line
@@ -376,7 +376,8 @@ def test_lora_only_training_file_as_checkpoint(tmp_path):
     ("junk.safetensors", b"\x13\x37" * 300, "truncated or corrupt"),
     ("junk.pt", b"not a checkpoint at all" * 10, "truncated or corrupt"),
     ("empty.safetensors", b"", "the file is empty"),
-    ("weights.gguf", b"GGUF" * 10, "unknown file type"),
+    ("weights.gguf", b"GGUF" * 10, "not a readable GGUF file"),
+    ("weights.onnx", b"\x08\x07" * 10, "unknown file type"),
 ])
 def test_broken_files(name, content, message, ref, tmp_path, capsys):
     path = tmp_path / name
