@@ -303,10 +303,11 @@ class WanModel(nn.Module):
 
         Matrix weights ~ N(0, 1/fan_in), modulations ~ N(0, 1/dim), biases ~ N(0, 0.02^2), norms 1,
         so activations stay O(1) at any depth. Drawn on ``device`` (the same seed gives the same
-        weights on every machine of that device type), then cast to ``dtype``.
+        weights on every machine of that device type) in float32, then rounded to ``dtype`` as each parameter
+        (allocated in ``dtype``: a 14B model in bf16 never holds a float32 copy) takes them.
         """
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(cfg).to(dtype)
         model.to_empty(device=device)
         g = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():

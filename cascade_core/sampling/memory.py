@@ -48,12 +48,17 @@ def estimate_run_bytes(run: RunPlan, model_cfg, dtype: torch.dtype, prompts: int
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Bytes a new allocation on ``device`` can use now: free GPU memory plus what this process's
-    caching allocator holds unused (CUDA), or the system's available memory (CPU, MemAvailable of
-    /proc/meminfo); None where it cannot be told."""
+    """Bytes a new allocation on ``device`` can use now: free GPU memory (no more than a cap set with
+    ``torch.cuda.set_per_process_memory_fraction`` leaves) plus what this process's caching allocator holds
+    unused (CUDA), or the system's available memory (CPU, MemAvailable of /proc/meminfo); None where it
+    cannot be told."""
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        free, total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.memory_reserved(device)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+        if fraction < 1.0:
+            free = min(free, max(0, int(fraction * total) - reserved))
+        return int(free + reserved - torch.cuda.memory_allocated(device))
     if device.type != "cpu":
         return None
     try:

@@ -12,23 +12,23 @@ import numpy as np
 import torch
 
 from ..model.gguf import TYPE_SUFFIX
-from .safe_io import CheckpointError
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def read_gguf(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.gguf`` file (see the module docstring). Raises CheckpointError naming ``path``
-    for a file the reader cannot parse or a tensor type diffusers cannot dequantise."""
+    """The tensors of a ``.gguf`` file (see the module docstring). Raises ValueError (one line, without the
+    path: :func:`safe_io.read_tensor_file` names it) for a file the reader cannot parse or a tensor type
+    diffusers cannot dequantise."""
     try:
         import gguf
         from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
 
         reader = gguf.GGUFReader(path)
     except ImportError as exc:
-        raise CheckpointError(path, f"reading .gguf files needs the gguf and diffusers packages ({exc})") from None
+        raise ValueError(f"reading .gguf files needs the gguf and diffusers packages ({exc})") from None
     except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise CheckpointError(path, f"not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"not a readable GGUF file ({type(exc).__name__}: {exc})") from None
     shapes = {}
     for name, field in reader.fields.items():
         if name.startswith("comfy.gguf.orig_shape."):
@@ -47,6 +47,6 @@ def read_gguf(path: str) -> dict[str, torch.Tensor]:
             out[t.name] = torch.from_numpy(data.reshape(shape[0], -1).copy())  # uint8 [out, bytes a row]
             out[t.name.removesuffix(".weight") + TYPE_SUFFIX] = torch.tensor(int(kind))
         else:
-            raise CheckpointError(path, f"{t.name} is stored as {kind.name}, a GGUF type this loader does not "
-                                        f"dequantise; use a Q8_0, Q6_K, Q5_K or Q4_K file")
+            raise ValueError(f"{t.name} is stored as {kind.name}, a GGUF type this loader does not dequantise; use "
+                             f"a Q8_0, Q6_K, Q5_K or Q4_K file")
     return out

@@ -86,7 +86,10 @@ def read_tensor_file(path: str) -> Any:
     if lower.endswith(GGUF_EXT):
         from .gguf_file import read_gguf
 
-        return read_gguf(path)
+        try:
+            return read_gguf(path)
+        except ValueError as exc:
+            raise CheckpointError(path, str(exc)) from None
     raise CheckpointError(
         path, f"unknown file type; expected one of {', '.join(SAFETENSORS_EXT + PICKLE_EXT + GGUF_EXT)}")
 
