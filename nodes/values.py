@@ -237,6 +237,13 @@ class CoreModel(EngineModel):
     def block_bytes(self) -> int:
         return self._block_bytes
 
+    def weight_dtype(self) -> str:
+        """fp8 where ComfyUI holds the blocks' weights as fp8 (they stay so in the run), else the compute dtype."""
+        stored = self._module().blocks[0].ffn[0].weight.dtype
+        if stored not in FP8_DTYPES:
+            return super().weight_dtype()
+        return "fp8_" + str(stored).removeprefix("torch.float8_") + ("_fast" if _fast_fp8(self.patcher) else "")
+
     def resident_on(self, device: torch.device) -> bool:
         return self._module().patch_embedding.weight.device == device
 

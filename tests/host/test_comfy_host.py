@@ -44,11 +44,12 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the real host")
 
 OUR_NODES = {
-    "BlockCascadeModelLoader": {"model_name", "dtype", "ema", "lora", "lora_strength"},
+    "BlockCascadeModelLoader": {"model_name", "dtype", "ema", "lora", "lora_strength", "weight_dtype"},
     "BlockCascadeFromModel": {"model"},
     "BlockCascadeConfig": {"parallel", "attention", "window", "sink", "steps", "shift", "devices",
                            "attention_backend", "flashblock", "family", "frames_per_block", "independent_first_frame",
-                           "first_block_steps", "warp", "context_noise", "kv_recompute"},
+                           "first_block_steps", "warp", "context_noise", "kv_recompute", "compile", "kv_dtype",
+                           "swap_blocks"},
     "BlockCascadePromptSchedule": {"conditioning", "start_block", "previous", "switch_mode"},
     "BlockCascadeEmbedsLoader": {"embeds"},
     "BlockCascadeSampler": {"model", "config", "width", "height", "blocks", "seed", "positive", "schedule", "vae",
@@ -354,6 +355,19 @@ def test_workflow_with_tiny_models_runs_to_success_and_streams_frames(host):
     worst = max(float(abs(a - b).max()) for a, b in zip(core, ours))
     assert worst <= 3 / 255, worst
     assert float(np.std(core)) > 0.02 and 0.02 < float(np.mean(core)) < 0.98  # real pictures, not saturated
+
+
+def test_a_core_fp8_model_keeps_fp8_through_the_pack(host):
+    """UNETLoader with weight_dtype fp8_e4m3fn -> Causal Model from MODEL -> the sampler: ComfyUI's fp8 weights
+    are the run's (the settings line says the blocks run as fp8_e4m3fn; nothing widened the model)."""
+    wf = workflow(seed=3)
+    wf["13"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    wf = {k: v for k, v in wf.items() if k in ("2", "6", "13", "14", "15")}
+    final, msgs, _ = host.run(wf)
+    assert final == "execution_success", [m for m in msgs if m["type"] == "execution_error"] or host.log_text()[-3000:]
+    (start,) = events(msgs, "start", "15")
+    assert "weights fp8_e4m3fn" in start["settings"], start["settings"]
+    assert len(events(msgs, "frames", "15")) == 2
 
 
 def preview_frames(host, images: list) -> list:
