@@ -55,7 +55,10 @@ def available_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         reserved = torch.cuda.memory_reserved(device)
-        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+        try:
+            fraction = torch.cuda.get_per_process_memory_fraction(device)
+        except (AttributeError, RuntimeError, AssertionError, ValueError):  # an older torch; no such GPU yet
+            fraction = 1.0
         if fraction < 1.0:
             free = min(free, max(0, int(fraction * total) - reserved))
         return int(free + reserved - torch.cuda.memory_allocated(device))

@@ -359,15 +359,19 @@ def test_workflow_with_tiny_models_runs_to_success_and_streams_frames(host):
 
 def test_a_core_fp8_model_keeps_fp8_through_the_pack(host):
     """UNETLoader with weight_dtype fp8_e4m3fn -> Causal Model from MODEL -> the sampler: ComfyUI's fp8 weights
-    are the run's (the settings line says the blocks run as fp8_e4m3fn; nothing widened the model)."""
+    are the run's (the settings line says the blocks run as fp8_e4m3fn; nothing widened the model); and the
+    pack's own loader with the same choice, its fp8 layers loaded by ComfyUI's model management."""
     wf = workflow(seed=3)
     wf["13"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
-    wf = {k: v for k, v in wf.items() if k in ("2", "6", "13", "14", "15")}
+    wf["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    wf = {k: v for k, v in wf.items() if k in ("1", "2", "6", "13", "14", "15")}
+    wf["17"] = {"class_type": "BlockCascadeSampler", "inputs": {**wf["15"]["inputs"], "model": ["1", 0]}}
     final, msgs, _ = host.run(wf)
     assert final == "execution_success", [m for m in msgs if m["type"] == "execution_error"] or host.log_text()[-3000:]
-    (start,) = events(msgs, "start", "15")
-    assert "weights fp8_e4m3fn" in start["settings"], start["settings"]
-    assert len(events(msgs, "frames", "15")) == 2
+    for node in ("15", "17"):
+        (start,) = events(msgs, "start", node)
+        assert "weights fp8_e4m3fn" in start["settings"], start["settings"]
+        assert len(events(msgs, "frames", node)) == 2
 
 
 def preview_frames(host, images: list) -> list:
