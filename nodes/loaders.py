@@ -99,6 +99,9 @@ class BlockCascadeFromModel(io.ComfyNode):
         kind = type(inner).__name__ if inner is not None else type(model).__name__
         if not isinstance(module, torch.nn.Module):
             raise ValueError(f"MODEL: expected a core diffusion MODEL (ModelPatcher), got {kind}")
+        if any(t.dtype == torch.uint8 for t in module.state_dict().values()):
+            raise ValueError("MODEL: its weights are quantised blocks (a GGUF loader's MODEL); load the .gguf file with "
+                             "Load Causal Video Model, which keeps them quantised")
         keys = {k for k in module.state_dict() if not k.endswith(SCALE_SUFFIXES + DROP_SUFFIXES) and k != MARKER}
         try:
             cfg = WanConfig.from_state_dict(module.state_dict())

@@ -254,13 +254,13 @@ def make_room(run: Checked, model) -> None:
         return
     if forced > model.cfg.num_layers:
         raise ValueError(f"swap_blocks: the model has {model.cfg.num_layers} blocks, got {forced}")
-    resident = model.resident_on(device)
-    devices.make_room(device, need + (0 if resident else weights))
+    devices.make_room(device, need + (0 if model.resident_on(device) else weights))
+    resident = model.resident_on(device)  # after making room: ComfyUI may have unloaded them
     free = devices.free_bytes(device) + (weights if resident else 0) if device.type == "cuda" else None
     swapped = blocks_to_swap(free, need, weights, model.block_bytes(), model.cfg.num_layers, forced)
     if swapped is None:
         cheaper = cheaper_settings(run.session.plan, model.cfg, model.dtype, len(run.prompts.entries), vae, free,
-                                   weights, model.block_bytes(), model.weight_dtype().startswith("fp8"))
+                                   weights, model.block_bytes(), model.weight_dtype().startswith(("fp8", "gguf")))
         raise ValueError(f"not enough GPU memory on {device}: the run needs about {need / GIB:.2f} GiB ({what}) "
                          f"besides the weights ({weights / GIB:.2f} GiB), and {free / GIB:.2f} GiB are free even with "
                          f"every block swapped to CPU memory; " + (f"{cheaper} would fit" if cheaper else

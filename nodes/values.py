@@ -113,7 +113,7 @@ class EngineModel:
         raise NotImplementedError
 
     def block_bytes(self) -> int:
-        """Bytes of one transformer block's weights (every block has the same)."""
+        """Bytes of the largest transformer block's weights (what a swap slot holds)."""
         raise NotImplementedError
 
     def weight_dtype(self) -> str:
@@ -166,7 +166,7 @@ class FileModel(EngineModel):
         return state_dict_bytes(self.model.state_dict())
 
     def block_bytes(self) -> int:
-        return state_dict_bytes(self.model.blocks[0].state_dict())
+        return max(state_dict_bytes(b.state_dict()) for b in self.model.blocks)
 
     def weight_dtype(self) -> str:
         return weight_dtype_of(self.model)
@@ -218,7 +218,8 @@ class CoreModel(EngineModel):
         sd = self._module().state_dict()  # shapes only; nothing moves
         self.cfg = WanConfig.from_state_dict(sd)
         self._bytes = state_dict_bytes(sd)
-        self._block_bytes = state_dict_bytes({k: v for k, v in sd.items() if k.startswith("blocks.0.")})
+        self._block_bytes = max(state_dict_bytes({k: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")})
+                                for i in range(self.cfg.num_layers))
         self._pool_model: tuple | None = None  # (patches key, WanModel on the CPU) of the last pool run
 
     def _module(self) -> torch.nn.Module:
@@ -264,6 +265,13 @@ class CoreModel(EngineModel):
         first = next(iter(sd.values()))
         return WanModel.from_state_dict(sd, dtype=dtype, device=device if first.device != device else None,
                                         fast_fp8=fast)
+
+    def acquire_swapped(self, device: torch.device, swapped: int) -> WanModel:
+        """As the base, with the CPU model not kept for a later pool run: swapping moves its tensors into copies
+        of its own (pinned, or moved back from the device), which must not stay beside ComfyUI's."""
+        model = self.acquire_for_pool()
+        self._pool_model = None
+        return model.swap_blocks(device, swapped)
 
     def acquire_for_pool(self) -> WanModel:
         # ComfyUI's patches (LoRAs, ...) are identified by the patcher's patches_uuid: while it stays

@@ -215,11 +215,11 @@ def length_warnings(cfg: CascadeConfig, blocks: int, context_frames: int = 0) ->
 
 
 def place_weights(args, device: torch.device, plan, model_cfg, dtype: torch.dtype, prompts: int, vae_bytes: int,
-                  need: int, what: str, weights: int, block: int) -> int:
+                  need: int, what: str, weights: int, block: int, stored_small: bool) -> int:
     """Blocks of the DiT streamed from host memory (--swap-blocks, or as few as fit what ``device`` has
     available now: :func:`sampling.memory.blocks_to_swap`); UsageError naming the cheapest setting that would
     fit where even every block swapped does not (``need``: the run's bytes besides the weights, ``what`` their
-    parts; ``weights``/``block``: the DiT's bytes and one block's)."""
+    parts; ``weights``/``block``: the DiT's bytes and its largest block's; ``stored_small``: they are fp8 or GGUF)."""
     layers = model_cfg.num_layers
     if args.swap_blocks > layers:
         raise UsageError(f"--swap-blocks: the model has {layers} blocks, got {args.swap_blocks}")
@@ -229,8 +229,7 @@ def place_weights(args, device: torch.device, plan, model_cfg, dtype: torch.dtyp
     else:  # host memory is the device's: streaming blocks from it saves nothing (done only when asked)
         swapped = max(args.swap_blocks, 0) if free is None or need + weights <= free else None
     if swapped is None:
-        cheaper = cheaper_settings(plan, model_cfg, dtype, prompts, vae_bytes, free, weights, block,
-                                   args.weight_dtype != "default")
+        cheaper = cheaper_settings(plan, model_cfg, dtype, prompts, vae_bytes, free, weights, block, stored_small)
         flag = {"weight_dtype fp8_e4m3fn": "--weight-dtype fp8_e4m3fn", "kv_dtype fp8": "--kv-dtype fp8"}.get(
             cheaper, "--window 12 --sink 3" if cheaper else "")
         raise UsageError(f"the run needs about {need / GIB:.2f} GiB on {device} ({what}) besides the weights "

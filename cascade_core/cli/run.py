@@ -140,14 +140,15 @@ def check(args) -> Checked:
 
 
 def weight_bytes(model_cfg: WanConfig, weights, dtype: torch.dtype) -> tuple[int, int]:
-    """Bytes of the DiT's weights and of one block's: those read (``weights``), else the built-in model's in
-    ``dtype``."""
+    """Bytes of the DiT's weights and of its largest block's: those read (``weights``), else the built-in model's
+    in ``dtype``."""
     if weights is None:
         with torch.device("meta"):
             weights = (WanModel(model_cfg).to(dtype).state_dict(), None)
     sd = weights[0]
     size = lambda keys: sum(sd[k].numel() * sd[k].element_size() for k in keys)  # noqa: E731
-    return size(sd), size([k for k in sd if k.startswith("blocks.0.")])
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    return size(sd), max(size([k for k in sd if k.startswith(f"blocks.{i}.")]) for i in range(layers))
 
 
 def load(args, run: Checked) -> Loaded:
@@ -162,8 +163,9 @@ def load(args, run: Checked) -> Loaded:
         vae_bytes *= 2 if plan.cfg.kv_recompute else 1  # the context re-encoder holds its own copy
         need, what = session.memory(model_cfg, dtype, 1 + len(run.switches), vae_bytes)
         total, block = weight_bytes(model_cfg, weights, dtype)
+        stored_small = args.weight_dtype != "default" or (weights is not None and weights[1].weight_dtype != "default")
         run.swapped = cli_checks.place_weights(args, device, session.plan, model_cfg, dtype, 1 + len(run.switches),
-                                               vae_bytes, need, what, total, block)
+                                               vae_bytes, need, what, total, block, stored_small)
     prefix_in = run.prefix_in
     prefix = None if prefix_in is None else cli_prefix.prefix_latents(
         prefix_in, plan.cfg, args.context_frames, args.vae, device, vae_dtype(device, dtype))

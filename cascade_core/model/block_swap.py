@@ -32,6 +32,11 @@ class BlockSwap:
         if not 0 < swapped <= len(blocks):
             raise ValueError(f"blocks to swap must lie in 1..{len(blocks)}, got {swapped}")
         self.model, self.device, self.first = model, torch.device(device), len(blocks) - swapped
+        layouts = {_layout(blocks[i]) for i in range(self.first, len(blocks))}
+        if len(layouts) > 1:  # the slots hold one layout; a tensor copied into another's would be read wrongly
+            raise ValueError(f"block swap needs the swapped blocks stored alike; blocks {self.first}..{len(blocks) - 1} "
+                             f"mix storages (e.g. GGUF types or fp8 and bf16 layers): swap fewer blocks or use a "
+                             f"file stored alike")
         cuda = self.device.type == "cuda"
         for name, child in model.named_children():  # embeddings, head and the resident blocks on the device
             if name != "blocks":
@@ -98,6 +103,13 @@ class BlockSwap:
         self.model.to("cpu")
         self.slots, self._pairs = [], []
         self.model.swap = None
+
+
+def _layout(block: nn.Module) -> tuple:
+    """What a slot must match to hold ``block``: every tensor's name, shape and dtype, and each layer's product
+    settings (an fp8 layer's ``fast``, a GGUF layer's type)."""
+    tensors = tuple((k, tuple(t.shape), t.dtype) for k, t in block.state_dict().items())
+    return tensors + tuple((n, getattr(m, "fast", None), getattr(m, "qtype", None)) for n, m in block.named_modules())
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -240,6 +240,8 @@ class WanModel(nn.Module):
         (the KV pool). ``backend``: torch.compile's backend (a name or a callable, e.g. a graph counter
         in tests).
         """
+        if enabled:  # each weight storage and video size is a version of its own: room for a few of each
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._regions = compiled_regions(backend) if enabled else (Block.self_attention_inputs,
                                                                    Block.after_self_attention)
         self.compiled = enabled
@@ -253,7 +255,11 @@ class WanModel(nn.Module):
             self.swap.detach()
         if swapped == 0:
             return self.to(device)
-        self.swap = BlockSwap(self, torch.device(device), swapped)
+        try:
+            self.swap = BlockSwap(self, torch.device(device), swapped)
+        except BaseException:  # refused or out of memory half-way: nothing stays on the device
+            self.to("cpu")
+            raise
         return self
 
     def layers(self):

@@ -14,8 +14,8 @@
   e5m2 (and their fnuz variants), unscaled or scaled (``<layer>.scale_weight`` or ``<layer>.weight_scale``,
   one scale per tensor or per output row), as ``weight.float() * scale`` and then cast.
 
-Casting a model that holds Fp8Linear layers with ``model.to(dtype)`` would widen them too: the dtype is
-set on the state dict before loading (:meth:`model.dit.WanModel.from_state_dict`).
+Casting a model that holds Fp8Linear layers with ``model.to(dtype)`` casts their biases only: the stored weights
+and scales keep their dtypes.
 """
 from __future__ import annotations
 
@@ -88,6 +88,8 @@ def _widen(name: str, w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.
         return w.to(dtype) if w.is_floating_point() else w
     if w.dtype == torch.uint8 and not scale.is_floating_point():
         return gguf.dequantize(w, int(scale), dtype)
+    if scale.dim() == 1 and scale.numel() == w.shape[0] > 1:  # one per output row, stored flat: [out] -> [out, 1]
+        scale = scale.reshape(-1, *([1] * (w.dim() - 1)))
     try:
         return (w.float() * scale.float()).to(dtype)
     except RuntimeError:
@@ -139,6 +141,8 @@ def prepare_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype, weight_dtyp
         stored_fp8 = v.dtype in FP8_DTYPES or v.dtype == torch.uint8  # fp8 or GGUF blocks
         if not BLOCK_LINEAR.match(k) or (target is None and not stored_fp8):
             out[k] = _widen(k, v, scale, dtype)
+        elif v.dtype == torch.uint8 and scale is None:
+            raise ValueError(f"{k} is stored as bytes (uint8) without its GGUF type: not a weight this loader reads")
         elif target is None and v.dtype == torch.uint8:  # GGUF blocks, kept as stored
             out[k], out[k.removesuffix(".weight") + gguf.TYPE_SUFFIX] = v, scale
         elif target is None or v.dtype == target:  # kept as stored
@@ -181,6 +185,15 @@ class Fp8Linear(nn.Module):
         bias = None if linear.bias is None else torch.empty_like(linear.bias)
         return cls(torch.empty(w.shape, dtype=dtype, device=w.device),
                    torch.empty(w.shape[0], 1, device=w.device), bias, fast)
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply; a dtype cast of the model (``model.to(torch.bfloat16)``) leaves the stored weight
+        and its float32 scale as they are (it would widen the layer whole) and casts only the bias."""
+        for name, t in self._buffers.items():
+            if t is not None:
+                moved = fn(t)
+                self._buffers[name] = moved if name == "bias" or moved.dtype == t.dtype else t.to(moved.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast and self.weight.dtype == FP8 and has_fp8_matmul(x.device):

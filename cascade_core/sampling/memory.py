@@ -101,9 +101,10 @@ def placement_words(swapped: int, layers: int, weights: str) -> str:
 
 
 def cheaper_settings(run: RunPlan, model_cfg, dtype: torch.dtype, prompts: int, vae_bytes: int, free: int,
-                     weight_bytes: int, block_bytes: int, fp8_weights: bool) -> str:
+                     weight_bytes: int, block_bytes: int, stored_small: bool) -> str:
     """The cheapest of fp8 weights, an fp8 KV cache and a window (12 latent frames, sink 3: LongLive's) that
-    would let the run fit ``free`` bytes with every block swapped, as words for a refusal ("" when none)."""
+    would let the run fit ``free`` bytes with every block swapped, as words for a refusal ("" when none).
+    ``stored_small``: the weights are fp8 or GGUF already (fp8 weights would not make them smaller)."""
     from dataclasses import replace
 
     from .plan import plan_run
@@ -114,7 +115,7 @@ def cheaper_settings(run: RunPlan, model_cfg, dtype: torch.dtype, prompts: int, 
             is not None
 
     tries = []
-    if not fp8_weights:
+    if not stored_small:
         tries.append(("weight_dtype fp8_e4m3fn", run, weight_bytes // 2))
     if run.cfg.kv_dtype != "fp8":
         tries.append(("kv_dtype fp8", replace(run, cfg=replace(run.cfg, kv_dtype="fp8")), weight_bytes))

@@ -45,3 +45,17 @@ def test_fp8_layers_swap_as_they_are():
 def test_a_wrong_count_is_refused():
     with pytest.raises(ValueError, match="blocks to swap must lie in 1..5"):
         WanModel.random(DEEP, 0).swap_blocks("cpu", 6)
+
+
+def test_blocks_stored_unalike_are_refused_and_nothing_stays_moved():
+    """A file whose swapped blocks mix storages (an fp8 block beside a wider one) would be read through one
+    slot layout: refused in one line, the model left whole on the CPU."""
+    sd = WanModel.random(DEEP, 2).state_dict()
+    prepared = prepare_weights({k: v for k, v in sd.items() if k.startswith("blocks.4.")}, torch.float32,
+                               "fp8_e4m3fn").sd
+    model = WanModel.from_state_dict({**sd, **prepared}, num_heads=DEEP.num_heads)
+    with pytest.raises(ValueError, match="block swap needs the swapped blocks stored alike"):
+        model.swap_blocks("cpu", 3)
+    assert model.swap is None and all(t.device.type == "cpu" for t in model.state_dict().values())
+    model.swap_blocks("cpu", 1)  # the fp8 block alone: one layout
+    assert model.swap.swapped == 1

@@ -90,3 +90,30 @@ def test_a_model_of_fp8_weights_is_never_widened_whole():
 def test_unknown_weight_dtype_is_refused():
     with pytest.raises(ValueError, match="weight_dtype must be one of default, fp8_e4m3fn"):
         prepare_weights({}, torch.float32, "int4")
+
+
+def test_a_dtype_cast_of_the_model_keeps_fp8_layers_stored():
+    prepared = prepare_weights(WanModel.random(CFG, 0).state_dict(), torch.float32, "fp8_e4m3fn")
+    model = WanModel.from_state_dict(prepared.sd, num_heads=CFG.num_heads)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(torch.bfloat16)
+    for name, m in model.named_modules():
+        if isinstance(m, Fp8Linear):
+            assert m.weight.dtype == FP8 and m.weight_scale.dtype == torch.float32, name
+            assert torch.equal(m.weight_scale, before[name + ".weight_scale"]) and m.bias.dtype == torch.bfloat16
+    assert weight_dtype_of(model) == "fp8_e4m3fn" and model.dtype == torch.bfloat16
+
+
+def test_a_flat_per_row_scale_scales_rows():
+    """A scale [out] (one per output row, stored flat) multiplies rows, also of a square weight."""
+    w = torch.randn(8, 8).to(FP8)
+    scale = torch.arange(1, 9, dtype=torch.float32)
+    got, _ = dequantize_state_dict({"blocks.0.ffn.0.weight": w, "blocks.0.ffn.0.weight_scale": scale}, torch.float32)
+    assert torch.equal(got["blocks.0.ffn.0.weight"], w.float() * scale[:, None])
+    kept = prepare_weights({"blocks.0.ffn.0.weight": w, "blocks.0.ffn.0.weight_scale": scale}, torch.float32).sd
+    assert torch.equal(kept["blocks.0.ffn.0.weight_scale"], scale[:, None])
+
+
+def test_bytes_without_a_gguf_type_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="stored as bytes .uint8. without its GGUF type"):
+        prepare_weights({"blocks.0.ffn.0.weight": torch.zeros(4, 8, dtype=torch.uint8)}, torch.float32)

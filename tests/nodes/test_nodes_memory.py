@@ -132,3 +132,18 @@ def test_the_loader_lists_and_loads_gguf_files_kept_quantised(tmp_path):
     (loaded,) = run("BlockCascadeModelLoader", model_name="tiny_q8.gguf", dtype="fp32", ema="auto")
     assert loaded.weight_dtype() == "gguf_Q4_K/Q8_0"
     assert sum(isinstance(m, GGUFLinear) for m in loaded.model.modules()) == loaded.cfg.num_layers * 10
+
+
+def test_weights_comfyui_unloads_while_making_room_are_not_counted_free_twice(model, monkeypatch, no_engine):
+    """Resident before ComfyUI makes room, unloaded by it: the free memory it reports already holds them."""
+    deep = values_mod.FileModel(WanModel.random(dataclasses.replace(model.cfg, num_layers=6), 0), "deep")
+    monkeypatch.setattr(devices_mod, "cuda_count", lambda: 1)
+    settings = config(devices="cuda:0")
+    checked = sampler_mod.check(deep, settings, W, H, BLOCKS, cond(), None, None, None, None, 0, None)
+    need = checked.session.memory(deep.cfg, deep.dtype, 1, 0)[0]
+    unloaded = []
+    monkeypatch.setattr(deep, "resident_on", lambda d: not unloaded)
+    monkeypatch.setattr(devices_mod, "make_room", lambda d, n: unloaded.append(d))
+    monkeypatch.setattr(devices_mod, "free_bytes", lambda d: need + deep.weight_bytes() - 1)  # after unloading
+    sampler_mod.make_room(checked, deep)
+    assert unloaded and checked.swapped == 3  # one byte short of resident: the fewest swapped that fit
