@@ -1,5 +1,6 @@
 """When the DiT's regions are compiled, and where torch keeps what it compiled.
 
+- :func:`compiled_regions`: the one torch.compile of a layer's regions per process and backend.
 - :func:`resolve_compile` is the one reading of the compile choice (auto / on / off) of the nodes, the CLI
   and the bench: auto compiles on CUDA where torch.compile can generate kernels there (Triton importable),
   and otherwise says in one line why not and what to install.
@@ -11,10 +12,25 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Callable, Sequence
 
 import torch
 
 COMPILE_CHOICES = ("auto", "on", "off")
+COMPILED: dict[tuple, tuple[Callable, ...]] = {}  # (functions, backend) -> their compiled versions
+
+
+def compiled_regions(functions: Sequence[Callable], backend: str | Callable = "inductor") -> tuple[Callable, ...]:
+    """The process's compiled versions of ``functions`` (a layer's regions) for ``backend``: made on first use,
+    then shared by every model, so a model built again compiles nothing. The number of segments is left to
+    torch's automatic dynamic shapes (a second count compiles a version for every count). Each weight
+    storage and video size is a version of its own: dynamo keeps up to 64 of a function (its default, 8,
+    would run a process of several models eagerly without a word)."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    key = (tuple(functions), backend)
+    if key not in COMPILED:
+        COMPILED[key] = tuple(torch.compile(f, dynamic=None, backend=backend) for f in functions)
+    return COMPILED[key]
 
 
 def can_compile(device: torch.device) -> str | None:

@@ -26,6 +26,7 @@ from ..common.constants import LATENT_CHANNELS, TEXT_TOKENS
 from ..common.transfer import to_device
 from .attention import attend
 from .block_swap import BlockSwap
+from .compiling import compiled_regions
 from .fp8 import FP8_DTYPES, prepare_weights, use_stored_layers
 
 HEAD_DIM = 128  # every released Wan2.1 model (1.3B: 1536/12, 14B: 5120/40)
@@ -183,18 +184,6 @@ class Block(nn.Module):
         return h + (per_frame(self.ffn(y), e6) * m.ffn_gate).flatten(1, 2)
 
 
-COMPILED_REGIONS: dict[object, tuple[Callable, Callable]] = {}  # backend -> the two compiled regions of a layer
-
-
-def compiled_regions(backend: str | Callable) -> tuple[Callable, Callable]:
-    """The process's compiled versions of :meth:`Block.self_attention_inputs` and
-    :meth:`Block.after_self_attention` for ``backend`` (made on first use, shared by every model)."""
-    if backend not in COMPILED_REGIONS:
-        COMPILED_REGIONS[backend] = tuple(torch.compile(r, dynamic=None, backend=backend)
-                                          for r in (Block.self_attention_inputs, Block.after_self_attention))
-    return COMPILED_REGIONS[backend]
-
-
 def per_frame(y: torch.Tensor, e6: torch.Tensor) -> torch.Tensor:
     """[n, L, dim] -> [n, gf, L/gf, dim], to broadcast per-frame modulation e6 [n, gf, 6, dim]."""
     return y.unflatten(1, (e6.shape[1], -1))
@@ -231,7 +220,7 @@ class WanModel(nn.Module):
         """Compile the two regions of a layer around self-attention (torch.compile).
 
         Every layer of every model in the process shares the compiled regions (one torch.compile of each
-        per backend, :data:`COMPILED_REGIONS`): the regions take only tensors whose shapes depend on the
+        per backend, :func:`model.compiling.compiled_regions`): the regions take only tensors whose shapes depend on the
         segment count and the video size (prompts enter as gathered [n, heads, text_len, hd] K/V), so
         neither a prompt switch, a new mix of prompts nor a newly built model compiles anything. The
         segment count (blocks in flight) is left to torch's automatic dynamic shapes: the first count
@@ -240,10 +229,8 @@ class WanModel(nn.Module):
         (the KV pool). ``backend``: torch.compile's backend (a name or a callable, e.g. a graph counter
         in tests).
         """
-        if enabled:  # each weight storage and video size is a version of its own: room for a few of each
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self._regions = compiled_regions(backend) if enabled else (Block.self_attention_inputs,
-                                                                   Block.after_self_attention)
+        regions = (Block.self_attention_inputs, Block.after_self_attention)
+        self._regions = compiled_regions(regions, backend) if enabled else regions
         self.compiled = enabled
         return self
 
