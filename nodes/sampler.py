@@ -253,7 +253,7 @@ def make_room(run: Checked, model) -> None:
         run.need = need
         return
     if forced > model.cfg.num_layers:
-        raise ValueError(f"swap_blocks: the model has {model.cfg.num_layers} blocks, got {forced}")
+        raise ValueError(f"swap_blocks: the model has {model.cfg.num_layers} transformer blocks, got {forced}")
     devices.make_room(device, need + (0 if model.resident_on(device) else weights))
     resident = model.resident_on(device)  # after making room: ComfyUI may have unloaded them
     free = devices.free_bytes(device) + (weights if resident else 0) if device.type == "cuda" else None

@@ -132,7 +132,7 @@ def check_weight_dtype(args, device: torch.device) -> None:
         args.weight_dtype = "fp8_e4m3fn_fast"
     if args.weight_dtype == "fp8_e4m3fn_fast" and device.type != "meta" and not has_fp8_matmul(device):
         print(f"warning: fp8 products on {device}: no fp8 matrix units, so each layer's weight is widened for its "
-              f"product instead (half the weight memory, the weights rounded to fp8)", file=sys.stderr)
+              f"product instead (one byte a block weight, rounded to fp8)", file=sys.stderr)
 
 
 def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
@@ -188,6 +188,9 @@ def prompt_switches(specs: list[str], blocks: int) -> list[tuple[int, str, bool]
 
 def check_settings(args, cfg: CascadeConfig) -> None:
     """Refuse settings that would silently do nothing (UsageError)."""
+    if args.swap_blocks > 0 and args.devices is not None:
+        raise UsageError("--swap-blocks streams weights to one device; with --devices each worker holds the whole "
+                         "model: leave it out (or give -1)")
     if args.switch_mode is not None and not args.switch:
         raise UsageError(f"--switch-mode {args.switch_mode} needs a --switch (it says what a prompt switch does)")
     if (why := why_a_vae(args.blocks, cfg.frames_per_block, cfg.kv_recompute)) and not args.vae:
@@ -221,13 +224,17 @@ def place_weights(args, device: torch.device, plan, model_cfg, dtype: torch.dtyp
     fit where even every block swapped does not (``need``: the run's bytes besides the weights, ``what`` their
     parts; ``weights``/``block``: the DiT's bytes and its largest block's; ``stored_small``: they are fp8 or GGUF)."""
     layers = model_cfg.num_layers
-    if args.swap_blocks > layers:
-        raise UsageError(f"--swap-blocks: the model has {layers} blocks, got {args.swap_blocks}")
+    if not -1 <= args.swap_blocks <= layers:
+        raise UsageError(f"--swap-blocks: the model has {layers} transformer blocks; give 0..{layers}, or -1 (as "
+                         f"few as fit), got {args.swap_blocks}")
     free = available_bytes(device)
     if device.type == "cuda":
         swapped = blocks_to_swap(free, need, weights, block, layers, args.swap_blocks)
     else:  # host memory is the device's: streaming blocks from it saves nothing (done only when asked)
         swapped = max(args.swap_blocks, 0) if free is None or need + weights <= free else None
+        if swapped:
+            print(f"note: --swap-blocks on {device}: the weights already live in host memory; swapping saves "
+                  f"nothing there (it adds two staging blocks)", file=sys.stderr)
     if swapped is None:
         cheaper = cheaper_settings(plan, model_cfg, dtype, prompts, vae_bytes, free, weights, block, stored_small)
         flag = {"weight_dtype fp8_e4m3fn": "--weight-dtype fp8_e4m3fn", "kv_dtype fp8": "--kv-dtype fp8"}.get(

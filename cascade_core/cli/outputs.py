@@ -78,6 +78,8 @@ def summary(result: Result, latents: torch.Tensor, args, model, model_label: str
         "weight_dtype": weight_dtype_of(model),
         "weight_bytes": tensor_bytes(model) if model.swap is None else model.swap.device_bytes(),
         "swapped_blocks": 0 if model.swap is None else model.swap.swapped,
+        "kv_dtype": cfg.kv_dtype,
+        "compiled": model.compiled,
         "attention_backend": args.attention_backend,
         "attention_kernels": attention.measured_backends(),
         "latent_shape": list(latents.shape),

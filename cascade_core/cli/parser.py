@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     g = sub.add_parser("generate", help="generate latent video", formatter_class=Formatter,
                        description="Generate latents [1, 16, T, H/8, W/8] (optionally decoded into a video).")
-    g.add_argument("--checkpoint", help="Wan2.1 T2V DiT weights: .safetensors (ComfyUI, diffusers, fp8), "
-                                        "a training .pt (read with weights_only) or a diffusers/Wan folder")
+    g.add_argument("--checkpoint", help="Wan2.1 T2V DiT weights: .safetensors (ComfyUI, diffusers, fp8), a "
+                                        "ComfyUI-GGUF .gguf, a training .pt (read with weights_only) or a "
+                                        "diffusers/Wan folder")
     g.add_argument("--ema", choices=EMA_MODES, default="auto",
                    help="EMA weights of a training checkpoint (auto: when present and no --lora)")
     g.add_argument("--lora", help="LoRA merged into --checkpoint at load (LongLive, peft, kohya, ComfyUI or diffusers keys)")
@@ -144,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "where the device lacks it")
     g.add_argument("--weight-dtype", choices=tuple(WEIGHT_DTYPES), default="default",
                    help="storage of the transformer blocks' weights, as ComfyUI's UNETLoader: default keeps an fp8 "
-                        "file fp8 (fp8 products where the GPU has fp8 units) and other files in --dtype; fp8_e4m3fn "
-                        "and fp8_e5m2 store them fp8 (half the memory), widened per layer for its product; "
-                        "fp8_e4m3fn_fast multiplies in fp8 (faster on GPUs with fp8 units; approximate)")
+                        "file fp8 (fp8 products where the GPU has fp8 units) and a GGUF file quantised, other files "
+                        "in --dtype; fp8_e4m3fn and fp8_e5m2 store them fp8 (one byte a weight), widened per layer "
+                        "for its product; fp8_e4m3fn_fast multiplies in fp8 (faster on GPUs with fp8 units; "
+                        "approximate)")
     g.add_argument("--fp8", action="store_true", help="the same as --weight-dtype fp8_e4m3fn_fast")
     g.add_argument("--swap-blocks", type=int, default=-1, metavar="N",
                    help="keep the last N transformer blocks' weights in CPU memory, streamed to the GPU as the "

@@ -182,6 +182,9 @@ def load(args, run: Checked) -> Loaded:
     compiled, why_not = resolve_compile(args.compile, device)
     if why_not and device.type == "cuda":
         print(f"note: {why_not}", file=sys.stderr)
+    elif compiled and not args.quiet:
+        print("note: the layers compile during the first forwards (tens of seconds for a new video size; torch "
+              "keeps them on disk for the next process)", file=sys.stderr)
     model.compile_layers(compiled)
     if args.embeds:
         embeds = single_tensor(args.embeds, "a [L, 4096] prompt embedding")

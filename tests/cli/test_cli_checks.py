@@ -185,7 +185,8 @@ def test_fp8_without_fp8_units_is_warned_and_named_in_the_summary(capsys):
     """--fp8 is --weight-dtype fp8_e4m3fn_fast; without fp8 units each weight is widened for its product."""
     assert main(["generate", *SMALL, "--blocks", "1"]) == 0
     full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert full["weight_dtype"] == "float32" and full["swapped_blocks"] == 0
+    assert full["weight_dtype"] == "float32" and full["swapped_blocks"] == 0 and full["kv_dtype"] == "default"
+    assert full["compiled"] is False
     assert main(["generate", *SMALL, "--fp8", "--blocks", "1"]) == 0
     captured = capsys.readouterr()
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning: fp8 products")]
@@ -204,7 +205,12 @@ def test_forced_block_swap_gives_the_resident_latents(tmp_path, capsys):
     a, b = (read_tensor_file(p)["latents"] for p in paths)
     assert torch.equal(a, b)
     assert main(["generate", *SMALL, "--swap-blocks", "99"]) == 2
-    one_line(capsys, "--swap-blocks: the model has")
+    one_line(capsys, "--swap-blocks: the model has 2 transformer blocks; give 0..2")
+    assert main(["generate", *SMALL, "--swap-blocks", "-5"]) == 2
+    one_line(capsys, "got -5")
+    pooled = [a for a in SMALL if a not in ("--device", "cpu")]
+    assert main(["generate", *pooled, "--swap-blocks", "1", "--devices", "cpu,cpu"]) == 2
+    one_line(capsys, "--swap-blocks streams weights to one device")
 
 
 def test_an_output_that_is_no_regular_file_is_refused(tmp_path, capsys, no_model_work):

@@ -79,7 +79,7 @@ def test_the_placement_follows_the_memory_estimate(model, monkeypatch, no_engine
 def test_a_forced_swap_with_several_devices_or_too_many_blocks_is_refused(model, no_engine):
     with pytest.raises(ValueError, match="swap_blocks: block swap runs on one device"):
         _sample(model, config(devices="cpu,cpu", swap_blocks=1), cond())
-    with pytest.raises(ValueError, match=f"swap_blocks: the model has {model.cfg.num_layers} blocks, got 9"):
+    with pytest.raises(ValueError, match=f"swap_blocks: the model has {model.cfg.num_layers} transformer blocks, got 9"):
         _sample(model, config(swap_blocks=9), cond())
 
 
