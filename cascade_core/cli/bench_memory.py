@@ -30,7 +30,7 @@ from .bench_args import SIZES
 
 def one(a) -> dict:
     """One capped run in this process (see the module docstring)."""
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     cfg = family_config(a.family, parallel=a.parallel or None, window=a.window, sink=a.sink, kv_dtype=a.kv_dtype)
     model = WanModel.random(SIZES[a.size], seed=0, device=device, dtype=torch.bfloat16)
     model = model.with_weight_dtype(a.weight_dtype).to("cpu")

@@ -53,6 +53,7 @@ def available_bytes(device: torch.device) -> int | None:
     unused (CUDA), or the system's available memory (CPU, MemAvailable of /proc/meminfo); None where it
     cannot be told."""
     if device.type == "cuda":
+        device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
         free, total = torch.cuda.mem_get_info(device)
         reserved = torch.cuda.memory_reserved(device)
         try:
