@@ -339,7 +339,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
         run.vae_sd = run.context = run.given = None
         del wan, decoder, result, context, given, extra, live
         if reporter is not None:
-            reporter.frames, reporter.decoding = [], None
+            reporter.frames, reporter.decoding, reporter.video = [], None, None
         gc.collect()
         devices.empty_cache()
 
