@@ -3,6 +3,7 @@
 Contract:
   GET /block_cascade/stream/{node}.mjpeg
     404 (one line of text): the sampler node ``node`` is not running;
+    503 (one line of text): MAX_VIEWERS clients already watch it;
     200 ``multipart/x-mixed-replace; boundary=frame``: each frame the node sends to its widget from now
         on (the preview JPEGs of ``block_cascade.frames``, longest side <= PREVIEW_MAX) as one part
         (``Content-Type: image/jpeg``, ``Content-Length``), paced at the video's fps as frames arrive;
@@ -24,6 +25,7 @@ from . import routes
 ROUTE = "/block_cascade/stream/{node}.mjpeg"
 BOUNDARY = "frame"
 QUEUED = 64  # frames a subscriber may fall behind by (4 s at 16 fps) before its oldest are dropped
+MAX_VIEWERS = 16  # clients reading one node's stream at once
 
 
 class Subscriber:
@@ -74,10 +76,13 @@ class Feed:
         with self._lock:
             return len(self._subscribers)
 
-    def subscribe(self) -> Subscriber:
-        """A new subscriber, read on the running event loop (call it from a coroutine)."""
+    def subscribe(self) -> Subscriber | None:
+        """A new subscriber, read on the running event loop (call it from a coroutine); None when MAX_VIEWERS
+        already read this feed."""
         sub = Subscriber(self, asyncio.get_running_loop())
         with self._lock:
+            if len(self._subscribers) >= MAX_VIEWERS:
+                return None
             self._subscribers.add(sub)
         return sub
 
@@ -143,6 +148,8 @@ async def handle(request):
     if feed is None:
         return web.Response(status=404, text=f"node {node} is not running")
     sub = feed.subscribe()
+    if sub is None:
+        return web.Response(status=503, text=f"{MAX_VIEWERS} clients already watch node {node}; close one first")
     response = web.StreamResponse(headers={"Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
                                            "Cache-Control": "no-cache, no-store"})
     loop, period = asyncio.get_running_loop(), 1.0 / feed.fps

@@ -176,6 +176,22 @@ def test_a_node_that_is_not_running_gets_a_one_line_404(web):
     assert asyncio.run(get("34")).status == 404 and not web.made
 
 
+def test_viewers_of_one_node_are_bounded_and_one_leaving_makes_room(web):
+    async def main():
+        feed = mjpeg_mod.open_feed("35", 16)
+        subs = [feed.subscribe() for _ in range(mjpeg_mod.MAX_VIEWERS)]
+        assert None not in subs and feed.subscribe() is None
+        refused = await mjpeg_mod.handle(request("35"))
+        subs.pop().close()
+        again = feed.subscribe()
+        mjpeg_mod.close_feed(feed)
+        return refused, again
+
+    refused, again = asyncio.run(main())
+    assert refused.status == 503 and f"{mjpeg_mod.MAX_VIEWERS} clients already watch node 35" in refused.text
+    assert "\n" not in refused.text and again is not None
+
+
 def test_the_stream_route_is_added_to_the_server_once(server_routes):
     assert mjpeg_mod.register_route() and mjpeg_mod.register_route()
     assert [(r.method, r.path, r.handler) for r in server_routes] == \

@@ -11,6 +11,7 @@ before any engine work where the engine cannot take it.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import types
 
@@ -99,14 +100,14 @@ def test_the_route_answers_as_documented(monkeypatch):
     web = types.SimpleNamespace(json_response=lambda data, status=200: (status, data))
     monkeypatch.setitem(sys.modules, "aiohttp", types.SimpleNamespace(web=web))
 
-    class Request:
-        def __init__(self, body):
-            self.body = body
+    class Request:  # aiohttp's as far as the handler reads it: the announced length and the body's bytes
+        def __init__(self, body, length=None):
+            self.raw = b"not JSON {" if isinstance(body, Exception) else json.dumps(body).encode()
+            self.content_length = len(self.raw) if length is None else length
+            self.content = types.SimpleNamespace(read=self.read)
 
-        async def json(self):
-            if isinstance(self.body, Exception):
-                raise self.body
-            return self.body
+        async def read(self, n):
+            return self.raw[:n]
 
     post = lambda body: asyncio.run(steer_mod.handle(Request(body)))  # noqa: E731
     assert post({"node": 99, "text": "a cat"}) == (409, {"error": "node 99 is not running"})
@@ -129,6 +130,16 @@ def test_the_route_answers_as_documented(monkeypatch):
         assert post({"node": "99", "text": "a cat", "block": 2}) == (200, {"queued": True})
         assert post({"node": 99, "text": "a dog"}) == (200, {"queued": True})
         assert [live.requests.get_nowait() for _ in range(2)] == [("a cat", 2), ("a dog", None)]
+        # bounded: a text, a body (announced or not), the queue
+        status, answer = post({"node": 99, "text": "x" * (steer_mod.MAX_TEXT + 1)})
+        assert status == 400 and f"at most {steer_mod.MAX_TEXT}" in answer["error"]
+        huge = {"node": 99, "text": "a", "pad": "x" * steer_mod.MAX_BODY}
+        assert asyncio.run(steer_mod.handle(Request(huge)))[0] == 413
+        assert asyncio.run(steer_mod.handle(Request(huge, length=10)))[0] == 413  # a length header that lies
+        for _ in range(steer_mod.MAX_WAITING):
+            assert post({"node": 99, "text": "a cat"})[0] == 200
+        status, answer = post({"node": 99, "text": "a cat"})
+        assert status == 429 and "already wait" in answer["error"] and "\n" not in answer["error"]
     finally:
         steer_mod.unregister(blind)
         steer_mod.unregister(live)
@@ -178,3 +189,21 @@ def test_steering_is_refused_before_any_engine_work_where_it_cannot_run(model, p
         with Recorder(), pytest.raises(ValueError, match=text) as err:
             run("BlockCascadeSampler", model=model, width=W, height=H, blocks=3, seed=0, **kw)
         assert str(err.value).startswith("clip: ") and "\n" not in str(err.value)
+
+
+def test_an_hours_long_stream_keeps_a_bounded_number_of_texts_and_encodings(prompts):
+    """Unique texts steered one after another: the encodings kept stay ENCODED at most (a text that comes
+    back is encoded again), and each switch's text is forgotten once its event is told."""
+    e1 = prompts[1][0][0][0]
+    texts = [f"prompt {i}" for i in range(3 * steer_mod.ENCODED)]
+    clip, sent = FakeClip({t: e1 for t in texts}), []
+    live = steer_mod.Running("5", 0, clip, e1.shape[-1], lambda block, text, dropped: sent.append((block, text)))
+    for i, text in enumerate(texts):
+        live.requests.put((text, None))
+        (item,) = live.steer()
+        live.on_switch(types.SimpleNamespace(index=i, block=i + 1, dropped=""))
+    assert len(live._encoded) == steer_mod.ENCODED and live.texts == {}
+    assert sent == [(i + 1, t) for i, t in enumerate(texts)]
+    live.requests.put((texts[0], None))  # evicted long ago: encoded again
+    live.steer()
+    assert clip.encoded.count(texts[0]) == 2 and clip.encoded.count(texts[-1]) == 1
