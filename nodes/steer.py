@@ -162,7 +162,9 @@ async def handle(request):
     if request.content_length is not None and request.content_length > MAX_BODY:
         return web.json_response({"error": f"the request body is {request.content_length} bytes; at most {MAX_BODY}"},
                                  status=413)
-    raw = await request.content.read(MAX_BODY + 1)  # never more than the bound, whatever the headers said
+    raw = b""  # read as it arrives, never more than the bound, whatever the headers said
+    while len(raw) <= MAX_BODY and (chunk := await request.content.read(MAX_BODY + 1 - len(raw))):
+        raw += chunk
     if len(raw) > MAX_BODY:
         return web.json_response({"error": f"the request body is over {MAX_BODY} bytes"}, status=413)
     try:

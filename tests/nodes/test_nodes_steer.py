@@ -106,8 +106,9 @@ def test_the_route_answers_as_documented(monkeypatch):
             self.content_length = len(self.raw) if length is None else length
             self.content = types.SimpleNamespace(read=self.read)
 
-        async def read(self, n):
-            return self.raw[:n]
+        async def read(self, n):  # as a stream: in pieces of at most 1000 bytes, then b"" at the end
+            piece, self.raw = self.raw[:min(n, 1000)], self.raw[min(n, 1000):]
+            return piece
 
     post = lambda body: asyncio.run(steer_mod.handle(Request(body)))  # noqa: E731
     assert post({"node": 99, "text": "a cat"}) == (409, {"error": "node 99 is not running"})
