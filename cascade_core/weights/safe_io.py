@@ -72,12 +72,21 @@ def read_pickle(path: str) -> Any:
         raise CheckpointError(path, f"truncated or corrupt file ({first_line(exc)})") from None
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
 def read_tensor_file(path: str) -> Any:
-    """Read a .safetensors (dict of tensors) or a .pt/.pth (tensors in plain containers)."""
+    """Read a .safetensors (dict of tensors), a .pt/.pth (tensors in plain containers) or a ComfyUI-GGUF .gguf.
+    A Git LFS pointer (the few lines a clone without ``git lfs pull`` leaves) is named as such."""
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(path, "the file is empty")
+    if os.path.getsize(path) < 1024:
+        with open(path, "rb") as f:
+            if f.read(len(LFS_POINTER)) == LFS_POINTER:
+                raise CheckpointError(path, "this is a Git LFS pointer, not the weights: run `git lfs pull` in the "
+                                            "repository it came from, or download the file itself")
     lower = str(path).lower()
     if lower.endswith(SAFETENSORS_EXT):
         return read_safetensors(path)

@@ -377,6 +377,8 @@ def test_lora_only_training_file_as_checkpoint(tmp_path):
     ("junk.pt", b"not a checkpoint at all" * 10, "truncated or corrupt"),
     ("empty.safetensors", b"", "the file is empty"),
     ("weights.gguf", b"GGUF" * 10, "not a readable GGUF file"),
+    ("lfs.safetensors", b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"ab" * 32 + b"\nsize 5678\n",
+     "a Git LFS pointer, not the weights: run `git lfs pull`"),
     ("weights.onnx", b"\x08\x07" * 10, "unknown file type"),
 ])
 def test_broken_files(name, content, message, ref, tmp_path, capsys):
