@@ -106,7 +106,8 @@ def load_workflow(path: str) -> dict:
     """The API-format workflow at ``path``: ``{node id: {"class_type": str, "inputs": {...}}}``.
 
     Raises ClientError (exit 2, one line naming the file) for a missing or unreadable file, text that
-    is not JSON, a UI-format workflow, or an entry that is not a node.
+    is not JSON, a UI-format workflow, an entry that is not a node, or a link (``[node id, output]``) to a
+    node the workflow does not hold (checked here: ComfyUI's own answer to it names no input).
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -124,6 +125,13 @@ def load_workflow(path: str) -> dict:
                 or not isinstance(node.get("inputs", {}), dict):
             raise ClientError(f"{path}: entry {nid!r} is not a node {{class_type, inputs}} of an API-format workflow",
                               EXIT_REJECTED, "usage")
+    for nid, node in prompt.items():
+        for name, value in node.get("inputs", {}).items():
+            is_link = isinstance(value, list) and len(value) == 2 and isinstance(value[1], int) \
+                and isinstance(value[0], (str, int))
+            if is_link and str(value[0]) not in prompt:
+                raise ClientError(f"{path}: node {nid} ({node['class_type']}) input {name!r} is linked to node "
+                                  f"{value[0]}, which the workflow does not hold", EXIT_REJECTED, "usage")
     return prompt
 
 

@@ -345,6 +345,8 @@ def test_set_override_parsing():
     (json.dumps({"nodes": [], "links": []}), [], "not an API-format workflow"),
     (json.dumps({"3": 5}), ["3.seed=1"], "entry '3' is not a node"),
     (json.dumps({"3": {"inputs": {}}}), [], "entry '3' is not a node"),
+    (json.dumps({"3": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["3", 1]}}}), [],
+     "node 3 (VAEDecode) input 'samples' is linked to node 9, which the workflow does not hold"),
     (json.dumps(WORKFLOW), ["3.seed"], "expected NODE.INPUT=VALUE"),
     (json.dumps(WORKFLOW), ["Save.filename_prefix=x"], "several nodes"),
 ])
