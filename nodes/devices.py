@@ -6,16 +6,13 @@
 - Where one device and several part is the run session's (:class:`cascade_core.session.RunSession`, kept
   pool): one device runs the engine in ComfyUI's process, several run through cascade_core.distributed's
   persistent worker pool (one process per GPU, the KV pool shared over NCCL).
-- :func:`check_free_memory` refuses a run whose estimate does not fit, naming every GPU and its free
-  memory.
+- :func:`make_room` asks ComfyUI to unload its models until a run fits; where the weights then sit (resident or
+  swapped), or the refusal, is the sampler's :func:`nodes.sampler.make_room` over the one memory estimate.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import torch
 
-from cascade_core.common.constants import GIB
 from cascade_core.distributed import devices as engine_devices
 from cascade_core.sampling.memory import available_bytes
 
@@ -56,18 +53,6 @@ def check(spec: str) -> list[torch.device]:
     is ComfyUI's own device, and a missing GPU's message lists the GPUs present with ComfyUI's free
     memory. Raises ValueError naming what is wrong."""
     return engine_devices.parse_devices(spec, auto=default_device, count=cuda_count(), free=free_bytes)
-
-
-def check_free_memory(devices: Sequence[torch.device], required: int, what: str,
-                      free: Callable[[torch.device], int] | None = None) -> None:
-    """Raise if a CUDA device has less free memory than ``required`` bytes (estimate described by ``what``)."""
-    free = free or free_bytes
-    short = [d for d in devices if d.type == "cuda" and free(d) < required]
-    if short:
-        listing = ", ".join(f"{d} {free(d) / GIB:.2f} GiB free" for d in devices if d.type == "cuda")
-        raise ValueError(f"not enough GPU memory on {', '.join(str(d) for d in short)}: the run needs about "
-                         f"{required / GIB:.2f} GiB ({what}); {listing}. Close other work on the GPU, "
-                         f"use fewer blocks, a window, a smaller size, or another device.")
 
 
 def make_room(device: torch.device, required: int) -> None:
