@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     text = g.add_mutually_exclusive_group()
     text.add_argument("--embeds", help=".safetensors holding one [L, 4096] prompt embedding (random if absent)")
     text.add_argument("--prompt", help="prompt text, embedded with --text-encoder")
-    g.add_argument("--text-encoder", help="umt5-xxl encoder weights (ComfyUI text_encoders/umt5_xxl_*.safetensors "
-                                          "or Wan's models_t5_umt5-xxl-enc-bf16.pth)")
+    g.add_argument("--text-encoder", help="umt5-xxl encoder weights (ComfyUI text_encoders/umt5_xxl_*.safetensors, "
+                                          "Wan's models_t5_umt5-xxl-enc-bf16.pth, or a diffusers repository's "
+                                          "text_encoder/ folder of sharded model*.safetensors)")
     g.add_argument("--tokenizer", help="local umt5-xxl tokenizer folder (optional when the encoder file "
                                        "carries its tokenizer, as ComfyUI's do)")
     g.add_argument("--width", type=int, default=832, help="video width in pixels, a multiple of 16")

@@ -116,8 +116,9 @@ def read_weights(path: str) -> tuple[Any, str, dict]:
     """A weights file or a diffusers-style folder -> (raw object, kind "file" / "folder", folder config).
 
     A folder holds (sharded) ``diffusion_pytorch_model*.safetensors`` (with an ``*.index.json`` when
-    sharded) and optionally ``config.json``, as diffusers' ``save_pretrained`` writes it; its tensors
-    come back merged into one dict. Raises :class:`CheckpointError` naming the file or folder.
+    sharded) and optionally ``config.json``, as diffusers' ``save_pretrained`` writes it, or transformers'
+    ``model*.safetensors`` (a diffusers repository's ``text_encoder/``); its tensors come back merged into
+    one dict. Raises :class:`CheckpointError` naming the file or folder.
     """
     if not os.path.isdir(path):
         return read_tensor_file(path), "file", {}
@@ -130,10 +131,11 @@ def read_weights(path: str) -> tuple[Any, str, dict]:
                 files = sorted(set(json.load(f)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(path, f"unreadable shard index {index[0]} ({exc})") from None
+    for stem in ("diffusion_pytorch_model", "model"):
+        files = files or [n for n in names if n.startswith(stem) and n.endswith(SAFETENSORS_EXT)]
     if not files:
-        files = [n for n in names if n.startswith("diffusion_pytorch_model") and n.endswith(SAFETENSORS_EXT)]
-    if not files:
-        raise CheckpointError(path, "this folder holds no diffusion_pytorch_model*.safetensors")
+        raise CheckpointError(path, "this folder holds no diffusion_pytorch_model*.safetensors or model*.safetensors "
+                                    "(a diffusers or transformers folder of weights)")
     merged: dict[str, torch.Tensor] = {}
     for n in files:
         merged.update(read_tensor_file(os.path.join(path, n)))

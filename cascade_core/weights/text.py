@@ -27,7 +27,7 @@ import torch
 from ..common.constants import TEXT_TOKENS
 from ..common.messages import first_keys
 from .checkpoint import dequantize_state_dict
-from .safe_io import CheckpointError, looks_like, read_tensor_file
+from .safe_io import CheckpointError, looks_like, read_weights
 
 _ANCHOR = re.compile(r"^(.*?)encoder\.block\.0\.layer\.0\.SelfAttention\.q\.weight$")
 _WAN_ANCHOR = re.compile(r"^(.*?)blocks\.0\.attn\.q\.weight$")
@@ -63,9 +63,10 @@ def _from_wan_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def read_umt5(path: str, dtype: torch.dtype = torch.bfloat16
               ) -> tuple[dict[str, torch.Tensor], dict, bytes | None, str]:
-    """A umt5 encoder file -> (HF-named state dict in ``dtype``, UMT5Config arguments,
+    """A umt5 encoder file, or a transformers folder of (sharded) ``model*.safetensors`` with its index (a
+    diffusers repository's ``text_encoder/``) -> (HF-named state dict in ``dtype``, UMT5Config arguments,
     embedded sentencepiece model or None, one-line description)."""
-    raw = read_tensor_file(path)
+    raw = read_weights(path)[0]
     if not isinstance(raw, dict) or not any(isinstance(v, torch.Tensor) for v in raw.values()):
         raise CheckpointError(path, "holds no tensors where umt5 weights were expected")
     sd = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}

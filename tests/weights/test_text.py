@@ -214,3 +214,23 @@ def test_cli_prompt_errors_are_one_line(args, message, capsys):
     assert main(["generate", *SMALL, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_sharded_transformers_folder_loads_as_one(files, tmp_path):
+    """A diffusers repository's text_encoder/: model-0000k-of-00002.safetensors and their index, as transformers'
+    save_pretrained shards them: the same embeddings as the single file."""
+    folder = tmp_path / "text_encoder"
+    names = sorted(files["sd"])
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_safetensors({k: files["sd"][k] for k in keys}, str(folder / shard))
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text("{}")
+    text = "a cat walks on the beach"
+    one = encode_prompts([text], text_encoder=files["encoder"], tokenizer=files["tokenizer"], dtype=torch.float32)
+    sharded = encode_prompts([text], text_encoder=str(folder), tokenizer=files["tokenizer"], dtype=torch.float32)
+    assert torch.equal(one[0], sharded[0])
+    (folder / "model.safetensors.index.json").unlink()  # no index: every model*.safetensors of the folder
+    assert torch.equal(one[0], encode_prompts([text], text_encoder=str(folder), tokenizer=files["tokenizer"],
+                                              dtype=torch.float32)[0])
