@@ -39,6 +39,9 @@ _LORA_PARTS = (
 _LORA_PREFIXES = ("base_model_model_", "model_diffusion_model_", "diffusion_model_", "transformer_", "model_",
                   "module_", "unet_", "lora_unet_", "lycoris_", "lora_transformer_")
 LORA_CONTAINERS = ("generator_lora", "lora", "state_dict")
+# Key endings of LoRA variants this loader does not merge (core ComfyUI's LoRA loader does): name -> endings
+_VARIANTS = {"DoRA": (".dora_scale",), "LyCORIS LoKr": (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a"),
+             "LyCORIS LoHa": (".hada_w1_a", ".hada_w2_a"), "OFT": (".oft_blocks", ".oft_diag")}
 _I2V_LONGEST_FIRST = sorted(I2V_LAYERS, key=len, reverse=True)
 
 log = logging.getLogger("block_cascade")
@@ -141,11 +144,17 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
 
     ``scale``: the strength, applied to every style (low-rank pairs and full deltas alike).
     Returns a :class:`LoraMerge`; image-to-video layers are left out with a logged warning. Unknown
-    keys, half-pairs and shapes that do not fit (a LoRA for another model size) raise
-    :class:`CheckpointError` naming the LoRA file, before any weight is changed.
+    keys, half-pairs, shapes that do not fit (a LoRA for another model size) and LoRA variants it does not
+    merge (DoRA, LyCORIS LoKr/LoHa, OFT: named, with the core nodes that do) raise :class:`CheckpointError`
+    naming the LoRA file, before any weight is changed.
     """
     lora_path = os.fspath(lora_path)
     tensors = _read_lora(lora_path)
+    for kind, endings in _VARIANTS.items():
+        if (key := next((k for k in tensors if k.endswith(endings)), None)) is not None:
+            raise CheckpointError(lora_path, f"a {kind} LoRA ({key}): this loader merges plain low-rank LoRAs; "
+                                             f"load the model with core Load Diffusion Model, apply this one with "
+                                             f"core LoraLoaderModelOnly and connect Causal Model from MODEL")
     table = _lora_layer_names({k: v.shape for k, v in sd.items()})
     groups: dict[str, dict[str, torch.Tensor]] = {}
     left_out: dict[str, set[str]] = {}

@@ -225,6 +225,12 @@ def test_a_lora_for_another_model_size_is_refused_naming_both_shapes(tmp_path, b
     ({"blocks.0.self_attn.q.lora_A.weight": (4, 64)}, "blocks.0.self_attn.q: has lora_A/down but no lora_B/up"),
     ({"lora_unet_blocks_0_self_attn_q.alpha": ()}, "blocks.0.self_attn.q: has an alpha but no LoRA matrices"),
     ({"something_else": (3,)}, "this does not look like a LoRA file"),
+    ({"blocks.0.self_attn.q.lora_A.weight": (4, 64), "blocks.0.self_attn.q.lora_B.weight": (64, 4),
+      "blocks.0.self_attn.q.dora_scale": (64, 1)}, "a DoRA LoRA (blocks.0.self_attn.q.dora_scale): this loader"),
+    ({"lycoris_blocks_0_self_attn_q.lokr_w1": (8, 8), "lycoris_blocks_0_self_attn_q.lokr_w2": (8, 8)},
+     "a LyCORIS LoKr LoRA (lycoris_blocks_0_self_attn_q.lokr_w1"),
+    ({"lycoris_blocks_0_ffn_0.hada_w1_a": (128, 4), "lycoris_blocks_0_ffn_0.hada_w1_b": (4, 64)},
+     "a LyCORIS LoHa LoRA"),
 ])
 def test_bad_loras_are_named(keys, message, base_pt, tmp_path):
     path = str(tmp_path / "bad_lora.safetensors")
