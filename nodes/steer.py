@@ -30,6 +30,8 @@ import queue
 import threading
 from typing import Callable
 
+from cascade_core.common.messages import first_line
+
 from . import checks, routes
 
 log = logging.getLogger("block_cascade")
@@ -81,7 +83,7 @@ class Running:
             try:
                 embeds = self.encode(text)
             except Exception as exc:  # noqa: BLE001 - a typed prompt must not end the run
-                why = f"could not encode it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                why = f"could not encode it: {first_line(exc)}"
                 log.warning("Block Cascade: steered text %r %s", text, why)
                 self.send(None, text, why)
                 continue

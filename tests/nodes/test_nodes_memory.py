@@ -167,3 +167,17 @@ def test_a_runs_frames_are_written_in_place_and_image_is_that_tensor(model, monk
     ((out, video, joined),) = seen
     assert isinstance(video, torch.Tensor) and out.untyped_storage().data_ptr() == video.untyped_storage().data_ptr()
     assert torch.equal(out, joined) and out.shape[0] == video.shape[0]  # every announced frame came
+
+
+def test_a_run_that_fails_tells_the_client_one_line(model, monkeypatch):
+    """An error of many lines (CUDA's out-of-memory text, a worker's trace) reaches the widget as its first line;
+    ComfyUI gets the exception itself (its log keeps the rest)."""
+    def broken(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n  File \"x.py\", line 3, in f\n    boom()")
+
+    monkeypatch.setattr(sampler_mod.RunSession, "runner", lambda self, device=None: broken)
+    with Recorder() as rec, pytest.raises(RuntimeError, match="boom"):
+        run("BlockCascadeSampler", model=model, config=config(), positive=cond(), width=W, height=H, blocks=BLOCKS,
+            seed=3)
+    (done,) = [d for e, d in rec.events("done")]
+    assert done["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
