@@ -1,7 +1,8 @@
 """The sampler node on the cards users own: where the weights sit (resident, or blocks streamed from host
 memory, chosen from the memory estimate or forced), fp8 weights kept fp8, the fp8 KV cache and the compile
-choice, through the stand-in comfy modules on the tiny model (CPU; a CUDA device is faked only where the
-placement is decided, before any tensor moves)."""
+choice; and what a run costs the node beyond the engine's loop (frames written in place) and tells its client
+(one line when it fails): through the stand-in comfy modules on the tiny model (CPU; a CUDA device is faked
+only where the placement is decided, before any tensor moves)."""
 from __future__ import annotations
 
 import dataclasses
