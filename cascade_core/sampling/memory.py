@@ -6,11 +6,12 @@ run that cannot fit before any model work starts, not to size allocations.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
 from ..common.constants import GIB, LATENT_CHANNELS
-from .plan import RunPlan
+from .plan import RunPlan, plan_run
 
 
 def estimate_run_bytes(run: RunPlan, model_cfg, dtype: torch.dtype, prompts: int, vae_bytes: int,
@@ -106,10 +107,6 @@ def cheaper_settings(run: RunPlan, model_cfg, dtype: torch.dtype, prompts: int, 
     """The cheapest of fp8 weights, an fp8 KV cache and a window (12 latent frames, sink 3: LongLive's) that
     would let the run fit ``free`` bytes with every block swapped, as words for a refusal ("" when none).
     ``stored_small``: the weights are fp8 or GGUF already (fp8 weights would not make them smaller)."""
-    from dataclasses import replace
-
-    from .plan import plan_run
-
     def fits(plan: RunPlan, weights: int) -> bool:
         need = estimate_run_bytes(plan, model_cfg, dtype, prompts, vae_bytes)[0]
         return blocks_to_swap(free, need, weights, block_bytes * weights // weight_bytes, model_cfg.num_layers) \
