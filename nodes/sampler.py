@@ -273,7 +273,7 @@ def make_room(run: Checked, model) -> None:
 
 def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str) -> io.NodeOutput:
     """The decoder, the run streamed to the widget, the outputs; every reference to the run's device tensors
-    dropped at the end, whatever happened."""
+    dropped at the end, whatever happened (after a failure, also collected and the device's cache emptied)."""
     import comfy.utils
 
     cfg, session, endless, device = run.cfg, run.session, run.endless, run.devices[0]
@@ -282,6 +282,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
     progress = None if endless else comfy.utils.ProgressBar(plan.schedule.blocks, node_id=node_id or None)
     wan = decoder = reporter = result = live = None
     before, given, context, extra = run.before, run.given, run.context, {}
+    finished = False
     try:
         if run.kind == START_IMAGE:  # before the DiT is loaded: ComfyUI may unload the VAE for it afterwards
             before = encode_start_image(vae, start_image, plan.width, plan.height)
@@ -320,7 +321,9 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
         result = session.run(wan, run.prompts, seed=seed, on_tick=reporter.on_tick, on_block=reporter.on_block,
                              should_stop=_interrupted, prefix=context, include_prefix=endless, **extra)
         COMPILED_SHAPES.add(_compile_key(run))
-        return outputs(run, result, reporter, before, context)
+        out = outputs(run, result, reporter, before, context)
+        finished = True
+        return out
     except Interrupted as exc:
         traceback.clear_frames(exc.__traceback__)  # the engine's frames hold the KV cache
         if reporter is not None:
@@ -342,8 +345,12 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
         del wan, decoder, result, context, given, extra, live
         if reporter is not None:
             reporter.frames, reporter.decoding, reporter.video = [], None, None
-        gc.collect()
-        devices.empty_cache()
+        if not finished:  # an exception's frames may hold device tensors in cycles: collected, the cache given back
+            gc.collect()
+            devices.empty_cache()
+        # a finished run's tensors are freed as their last reference goes; the caching allocator keeps their memory
+        # for the next run (the memory estimate counts it as available) until ComfyUI empties it (it does between
+        # prompts, and before it loads a model that needs it)
 
 
 COMPILED_SHAPES: set[tuple] = set()  # (devices, width, height, frames a block) this process ran compiled

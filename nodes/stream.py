@@ -191,11 +191,13 @@ class Reporter:
         self.decoding.finish()
 
     def _send_frames(self, ev: FramesEvent) -> None:
-        frames = ((ev.frames[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)  # [N, H, W, 3], host
-        frames = resize_frames(frames, self.width, self.height).contiguous()
+        frames = ev.frames[0].permute(1, 2, 3, 0)  # [N, H, W, 3] in [-1, 1], host
+        if frames.shape[1:3] != (self.height, self.width):
+            frames = resize_frames(frames.float(), self.width, self.height)
         if self.recording is not None:
             self.recording.write(ev)
-        frames = self._into_video(frames)
+        # to [0, 1] straight into their place (the whole video's tensor, or a new one): one pass there, two in it
+        frames = torch.add(frames, 1, out=self._video_slot(frames.shape)).mul_(0.5).clamp_(0, 1)
         self.frames.append(frames)
         self.frame_count += frames.shape[0]
         excess = 0 if self.keep_frames is None else sum(f.shape[0] for f in self.frames) - self.keep_frames
@@ -241,21 +243,20 @@ class Reporter:
             data["stopped"] = True
         self._emit("done", data)
 
-    def _into_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """A run of known length: the frames [N, H, W, 3] written into the whole video's tensor as they come (in
-        the decoding thread, while the model runs), so :meth:`images` has nothing left to join at the end (a
-        join of 81 frames at 832x480 is 0.4 GB copied); returns where they now lie."""
+    def _video_slot(self, shape: torch.Size) -> torch.Tensor:
+        """Where the next frames [N, H, W, 3] go: in a run of known length, their place in the whole video's tensor
+        (filled as they come, in the decoding thread while the model runs, so :meth:`images` has nothing left to
+        join at the end: a join of 81 frames at 832x480 is 0.4 GB copied); else a new tensor."""
         total = video_frames(self.latent_frames)
         if self.keep_frames is not None or not total or self.video is False:
-            return frames
+            return torch.empty(shape)
         if self.video is None:
-            self.video = torch.empty(total, *frames.shape[1:])
+            self.video = torch.empty(total, *shape[1:])
         n = self.frame_count
-        if n + len(frames) > total or self.video.shape[1:] != frames.shape[1:]:
+        if n + shape[0] > total or self.video.shape[1:] != shape[1:]:
             self.video = False  # more frames than announced: joined at the end after all
-            return frames
-        self.video[n:n + len(frames)] = frames
-        return self.video[n:n + len(frames)]
+            return torch.empty(shape)
+        return self.video[n:n + shape[0]]
 
     def images(self) -> torch.Tensor:
         if not self.frames:

@@ -9,6 +9,7 @@ fp8, reported rather than hidden.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -290,24 +291,24 @@ def main(argv: list[str] | None = None) -> None:
     emit(figure="env", torch=torch.__version__, device=str(device),
          gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", size=size)
 
-    for backend in a.backend.split(","):
-        for flashblock in a.flashblock.split(","):
-            for p in levels:
-                attention.set_backend(backend)
-                cfg = run_config(a, steps, p, flashblock, fold_clean=a.fold_clean)
-                tag = dict(size=size, backend=backend, flashblock=flashblock, parallel=p, compile=a.compile,
-                           fp8=a.fp8, fold_clean=a.fold_clean, devices=a.devices or str(device))
-                for r, (res, seconds) in enumerate(timed_runs(model, embeds, cfg, a, device, tag)):
-                    lat = res.latents.float()
-                    frames = video_frames(lat.shape[2])
-                    emit(figure="cascade_dit", **tag, attention=a.attention, run=r, ticks=res.ticks,
-                         seconds=round(seconds, 4), frames=frames, fps=round(frames / seconds, 2),
-                         first_block_s=round(res.first_block_seconds, 4),
-                         peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                         if device.type == "cuda" else None,
-                         rel_l2_vs_exact=round(float((lat - reference).norm() / reference.norm()), 5))
-                    if a.devices:
-                        exchange_row(a, tag, r, res.ticks)
+    for backend, flashblock, kv_dtype in itertools.product(*(x.split(",") for x in (a.backend, a.flashblock,
+                                                                                a.kv_dtype))):
+        for p in levels:
+            attention.set_backend(backend)
+            cfg = run_config(a, steps, p, flashblock, fold_clean=a.fold_clean, kv_dtype=kv_dtype)
+            tag = dict(size=size, backend=backend, flashblock=flashblock, parallel=p, compile=a.compile,
+                       fp8=a.fp8, kv_dtype=kv_dtype, fold_clean=a.fold_clean, devices=a.devices or str(device))
+            for r, (res, seconds) in enumerate(timed_runs(model, embeds, cfg, a, device, tag)):
+                lat = res.latents.float()
+                frames = video_frames(lat.shape[2])
+                emit(figure="cascade_dit", **tag, attention=a.attention, run=r, ticks=res.ticks,
+                     seconds=round(seconds, 4), frames=frames, fps=round(frames / seconds, 2),
+                     first_block_s=round(res.first_block_seconds, 4),
+                     peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                     if device.type == "cuda" else None,
+                     rel_l2_vs_exact=round(float((lat - reference).norm() / reference.norm()), 5))
+                if a.devices:
+                    exchange_row(a, tag, r, res.ticks)
 
     emit(figure="attention_backends", chosen=attention.measured_backends())
     if a.vae:

@@ -43,6 +43,7 @@ def parse_arguments(argv: list[str] | None, description: str):
                                       "exact reference still runs on --device); peak memory is then --device's")
     ap.add_argument("--compile", action="store_true", help="torch.compile the layers' non-attention regions")
     ap.add_argument("--fp8", action="store_true", help="fp8 matrix products in the layers")
+    ap.add_argument("--kv-dtype", default="default", help="KV cache storages to compare, e.g. default,fp8")
     ap.add_argument("--vae", action="store_true",
                     help="also time the streaming VAE alone and end to end (frames out, decode overlapped)")
     ap.add_argument("--decoder", default="wan",

@@ -27,13 +27,44 @@ from ..sampling.plan import plan_run
 from ..video.frames import video_frames
 from .bench_args import SIZES
 
+GGUF_Q4_K_M = "gguf_Q4_K_M"  # --weight-dtype of the GGUF stand-in below
+
+
+def gguf_stand_in(model: WanModel) -> WanModel:
+    """``model`` with its blocks' Linear weights replaced by random GGUF blocks of a Q4_K_M file's sizes (timing
+    and memory only: the values are random, not a quantisation of ``model``'s): Q4_K (144 bytes a 256 values)
+    everywhere but the FFN's down projection, Q6_K (210 bytes), as llama.cpp's Q4_K_M keeps part of its down
+    projections at 6 bits. Super-block scales (fp16) are set so that weights stay about 1/sqrt(fan_in)."""
+    from ..model import gguf
+
+    q4k, q6k = 12, 14  # GGML quantisation type numbers
+    g = torch.Generator(model.device).manual_seed(0)
+    sd = {}
+    for key, v in model.state_dict().items():
+        if not (key.startswith("blocks.") and key.endswith(".weight") and v.dim() == 2):
+            sd[key] = v
+            continue
+        six = key.endswith("ffn.2.weight")
+        out_features, in_features = v.shape
+        raw = torch.randint(0, 256, (out_features, in_features // 256, 210 if six else 144), generator=g,
+                            dtype=torch.uint8, device=v.device)  # [out, super-blocks a row, bytes a super-block]
+        scale = torch.tensor([in_features ** -0.5 / (1400 if six else 220)], dtype=torch.float16, device=v.device)
+        if six:  # ql, qh, 16 int8 scales, then d
+            raw[..., 208:210] = scale.view(torch.uint8)
+        else:  # d, dmin, 12 bytes of scales and mins, then the nibbles
+            raw[..., 0:2] = raw[..., 2:4] = scale.view(torch.uint8)
+        sd[key] = raw.reshape(out_features, -1)
+        sd[key.removesuffix(".weight") + gguf.TYPE_SUFFIX] = torch.tensor(q6k if six else q4k)
+    return WanModel.from_state_dict(sd, num_heads=model.cfg.num_heads)
+
 
 def one(a) -> dict:
     """One capped run in this process (see the module docstring)."""
     device = torch.device("cuda", torch.cuda.current_device())
     cfg = family_config(a.family, parallel=a.parallel or None, window=a.window, sink=a.sink, kv_dtype=a.kv_dtype)
     model = WanModel.random(SIZES[a.size], seed=0, device=device, dtype=torch.bfloat16)
-    model = model.with_weight_dtype(a.weight_dtype).to("cpu")
+    model = gguf_stand_in(model) if a.weight_dtype == GGUF_Q4_K_M else model.with_weight_dtype(a.weight_dtype)
+    model = model.to("cpu")
     torch.cuda.empty_cache()
     total = torch.cuda.mem_get_info(device)[1]
     if a.cap:
@@ -82,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parallel", type=int, default=0, help="blocks in flight (0: the family's)")
     ap.add_argument("--window", type=int)
     ap.add_argument("--sink", type=int)
-    ap.add_argument("--weight-dtype", default="default")
+    ap.add_argument("--weight-dtype", default="default", help=f"a loader's choice, or {GGUF_Q4_K_M} (random blocks)")
     ap.add_argument("--kv-dtype", default="default")
     ap.add_argument("--swap-blocks", type=int, default=-1)
     ap.add_argument("--compile", action="store_true")

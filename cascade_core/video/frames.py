@@ -153,7 +153,8 @@ class LatentRGBDecoder:
     """A decoder-shaped cheap preview: a linear map of the 16 latent channels to RGB, upscaled 8x.
 
     ``factors`` [16, 3] and ``bias`` [3] map normalised (DiT-space) latents to RGB in [-1, 1]
-    (ComfyUI's latent formats carry such tables for their sampler previews, in that space). Same streaming interface and frame counts as
+    (ComfyUI's latent formats carry such tables for their sampler previews, in that space), computed where the
+    latents are (on a GPU a few small kernels, then a copy to the host). Same streaming interface and frame counts as
     the real decoders (first latent frame -> 1 frame, later ones -> 4 by repetition), so FrameStream
     takes it unchanged; without factors it shows the channel mean in grey.
     """
@@ -168,18 +169,18 @@ class LatentRGBDecoder:
         return LatentRGBDecoder._Stream(self)
 
     def rgb(self, z: torch.Tensor, first_block: bool) -> torch.Tensor:
-        """Normalised latents [1, 16, T, h, w] in host memory -> frames [1, 3, F, 8h, 8w] in [-1, 1]
-        (host memory)."""
+        """Normalised latents [1, 16, T, h, w] -> frames [1, 3, F, 8h, 8w] in [-1, 1], computed where ``z`` is."""
         z = z[0].float()  # [16, T, h, w]
         if self.factors is not None and self.factors.shape[0] == z.shape[0]:
-            rgb = torch.einsum("cthw,cr->trhw", z, self.factors)
-            rgb = rgb if self.bias is None else rgb + self.bias.view(1, 3, 1, 1)
+            rgb = torch.einsum("cthw,cr->trhw", z, self.factors.to(z.device))
+            rgb = rgb if self.bias is None else rgb + self.bias.to(z.device).view(1, 3, 1, 1)
         else:
             rgb = z.mean(0, keepdim=True).transpose(0, 1).expand(-1, 3, -1, -1) * 0.5
         rgb = torch.nn.functional.interpolate(rgb, scale_factor=8, mode="bilinear", align_corners=False)
-        repeats = torch.full((rgb.shape[0],), 4, dtype=torch.long)
+        repeats = torch.full((rgb.shape[0],), 4, dtype=torch.long, device=rgb.device)
         repeats[0] = 1 if first_block else 4
-        frames = rgb.repeat_interleave(repeats, dim=0)  # [F, 3, H, W]
+        count = rgb.shape[0] * 4 - (3 if first_block else 0)  # given: no wait for the GPU to count them
+        frames = rgb.repeat_interleave(repeats, dim=0, output_size=count)  # [F, 3, H, W]
         return frames.permute(1, 0, 2, 3).unsqueeze(0).clamp(-1, 1)
 
     class _Stream:
@@ -187,13 +188,18 @@ class LatentRGBDecoder:
             self.decoder, self.started = decoder, False
 
         def decode_async(self, z: torch.Tensor, to_host: bool = False) -> "_Later":
-            """Queue the preview of the next block (the StreamingDecode interface): latents on a GPU
-            are copied to pinned host memory without waiting; ``result()`` computes the frames (on
-            the decoder's device, or in host memory with ``to_host``)."""
-            host, copied = to_host_async(z)
+            """Queue the preview of the next block (the StreamingDecode interface), computed where ``z`` is: on
+            a GPU, queued on its current stream (a few small kernels) and, with ``to_host``, copied to pinned host
+            memory without waiting; ``result()`` waits for that copy."""
             first, self.started = not self.started, True
+            if z.is_cuda:
+                frames = self.decoder.rgb(z, first)
+                if not to_host:
+                    return _Later(lambda: frames, None)
+                host, copied = to_host_async(frames)
+                return _Later(lambda: host, copied)
             device = torch.device("cpu") if to_host else self.decoder.device
-            return _Later(lambda: self.decoder.rgb(host, first).to(device), copied)
+            return _Later(lambda: self.decoder.rgb(z, first).to(device), None)
 
 
 class _Later:

@@ -4,7 +4,7 @@
 
 Run it twice with a new, empty DIR: the first process compiles from nothing, the second reads what the
 first left on disk. Prints one JSON line: seconds from the process start (imports, random 1.3B weights on
-the GPU, compilation, the first block) and from the run's start.
+the GPU, compilation, the first block) and from the run's start; then torch's compile times by phase.
 """
 import time
 
@@ -36,3 +36,4 @@ print(json.dumps({"parallel": a.parallel, "cache": os.environ.get("TORCHINDUCTOR
                   "first_block_from_process_start_s": round(first[0] - START, 2),
                   "first_block_from_run_start_s": round(first[0] - run_start, 2),
                   "run_s": round(res.seconds, 2)}), flush=True)
+print(torch._dynamo.utils.compile_times(repr="str"), flush=True)  # where the compile time went, by phase
