@@ -20,18 +20,13 @@ from cascade_core.sampling.memory import blocks_to_swap, cheaper_settings, place
 from cascade_core.sampling.plan import SteeringRefused
 from cascade_core.sampling.recompute import first_reencoding_block, why_a_vae
 from cascade_core.session import RunSession
-from cascade_core.video.latents import normalized_to_raw, raw_to_normalized
+from cascade_core.video.latents import raw_to_normalized
 
-from . import checks, devices, recording, steer, stream
+from . import checks, devices, outputs, recording, steer, stream
 from .core_vae import context_reencoder, encode_start_image, vae_bytes, vae_weights
 from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
 
 log = logging.getLogger("block_cascade")
-
-
-def _mm():
-    import comfy.model_management as mm
-    return mm
 
 
 def effective_settings(family: str, cfg, assumed: str | None, switches: list[int], context: str = "",
@@ -60,17 +55,6 @@ def _switches(mode: str, blocks: list[int]) -> str:
     at = ", ".join(map(str, blocks))
     extra = " (one extra forward each)" if mode == "recache" else " (no extra forward)"
     return f"switch {mode} at block{'s' if len(blocks) > 1 else ''} {at}{extra}"
-
-
-def _interrupted() -> bool:
-    mm = _mm()
-    return bool(mm.processing_interrupted()) if hasattr(mm, "processing_interrupted") else False
-
-
-def _raise_interrupt() -> None:
-    mm = _mm()
-    mm.throw_exception_if_processing_interrupted()  # clears ComfyUI's flag and raises its own exception
-    raise mm.InterruptProcessingException()
 
 
 class BlockCascadeSampler(io.ComfyNode):
@@ -141,6 +125,12 @@ class BlockCascadeSampler(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, **inputs) -> int:
+        """ComfyUI runs the node again, not from its cache, once a run was stopped by Cancel (its outputs are
+        what was made before Cancel, not what the inputs ask for)."""
+        return outputs.stopped_runs()
 
     @classmethod
     def execute(cls, model, config, width, height, blocks, seed, positive=None, schedule=None,
@@ -282,7 +272,8 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
     progress = None if endless else comfy.utils.ProgressBar(plan.schedule.blocks, node_id=node_id or None)
     wan = decoder = reporter = result = live = None
     before, given, context, extra = run.before, run.given, run.context, {}
-    finished = False
+    ended_well = False
+    final_latents = []  # a run of known length: its final blocks' latents, handed on if Cancel stops it
     try:
         if run.kind == START_IMAGE:  # before the DiT is loaded: ComfyUI may unload the VAE for it afterwards
             before = encode_start_image(vae, start_image, plan.width, plan.height)
@@ -305,7 +296,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
         # endless: frames_total unknown, Cancel decodes every final block, the last window's frames kept
         reporter = stream.Reporter(node_id, blocks, 0 if endless else lead + cfg.grid.total(blocks),
                                    len(cfg.steps) + clean_pass, cfg.parallel, plan.width, plan.height, decoder,
-                                   progress=progress, should_stop=None if endless else _interrupted,
+                                   progress=progress,
                                    settings=run.settings_text, clean_pass=clean_pass,
                                    keep_frames=4 * cfg.attended_window if endless else None,  # 4 a latent frame
                                    recording=recording.Recording(stream.FPS) if endless else None,
@@ -318,17 +309,26 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
         if clip is not None:
             extra.update(steer=live.steer, on_switch=live.on_switch)
         steer.register(live)
-        result = session.run(wan, run.prompts, seed=seed, on_tick=reporter.on_tick, on_block=reporter.on_block,
-                             should_stop=_interrupted, prefix=context, include_prefix=endless, **extra)
+        def on_block(event):
+            if not endless:
+                final_latents.append(event.latents)  # no copy: the engine does not write a final block again
+            reporter.on_block(event)
+
+        result = session.run(wan, run.prompts, seed=seed, on_tick=reporter.on_tick, on_block=on_block,
+                             should_stop=outputs.interrupted, prefix=context, include_prefix=endless, **extra)
         COMPILED_SHAPES.add(_compile_key(run))
-        out = outputs(run, result, reporter, before, context)
-        finished = True
+        out = outputs.finished(run, result, reporter, before, context)
+        ended_well = True
         return out
     except Interrupted as exc:
         traceback.clear_frames(exc.__traceback__)  # the engine's frames hold the KV cache
-        if reporter is not None:
+        if reporter is not None and not endless:  # Cancel keeps what was made
+            out = outputs.stopped(run, final_latents, reporter, before)
+            if out is not None:
+                return out
+        elif reporter is not None:
             reporter.done(error="interrupted")
-        _raise_interrupt()
+        outputs.raise_interrupt()
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)
         if reporter is not None:
@@ -342,10 +342,11 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
         if wan is not None and wan.swap is not None:  # swapped: nothing of the model stays on the device
             wan.swap.detach()
         run.vae_sd = run.context = run.given = None
+        final_latents.clear()
         del wan, decoder, result, context, given, extra, live
         if reporter is not None:
             reporter.frames, reporter.decoding, reporter.video = [], None, None
-        if not finished:  # an exception's frames may hold device tensors in cycles: collected, the cache given back
+        if not ended_well:  # an exception's frames may hold device tensors in cycles: collected, the cache given back
             gc.collect()
             devices.empty_cache()
         # a finished run's tensors are freed as their last reference goes; the caching allocator keeps their memory
@@ -370,28 +371,3 @@ def compile_layers(wan, run: Checked) -> bool:
         use_disk_cache(os.path.join(folder_paths.get_user_directory(), "block_cascade", "compile_cache"))
     wan.compile_layers(run.compiled)
     return run.compiled and _compile_key(run) not in COMPILED_SHAPES
-
-
-def outputs(run: Checked, result, reporter, before, context) -> io.NodeOutput:
-    """LATENT (raw, the given latents first) and IMAGE of a finished run; an endless run's last window and the
-    recording of the whole stream."""
-    endless = run.endless
-    stopped = endless and _interrupted()
-    if stopped:  # Cancel ended the stream: its outputs go on through the graph, as a run's would
-        _mm().interrupt_current_processing(False)
-    raw = normalized_to_raw(result.latents.float()).cpu()
-    if before is not None and not endless:  # the given latents themselves, not a round trip
-        raw = torch.cat([before.cpu(), raw], 2)
-    reporter.finish()  # frames still being decoded
-    images = reporter.images()
-    if endless:  # LATENT is the last window (context frames in it included): IMAGE its frames
-        shown_before = 0 if before is None else before.shape[2] - context.shape[2]  # given, not context
-        n = raw.shape[2]
-        images = images[-(4 * n - 3 if result.first_frame + shown_before == 0 else 4 * n):]
-    # the run's wall time as the node saw it (a worker pool's own figure leaves out the rest)
-    log.info("Block Cascade: %d blocks, %d frames in %.2f s (%d ticks, first block after %.2f s)",
-             result.blocks, reporter.frame_count, reporter.elapsed(), result.ticks, result.first_block_seconds)
-    reporter.done(stopped=stopped)
-    if not endless:
-        return io.NodeOutput({"samples": raw}, images)
-    return io.NodeOutput({"samples": raw}, images, ui=reporter.recording.ui() if reporter.recording.count else None)

@@ -13,7 +13,9 @@ page reloaded mid-run joins):
 ``width``/``height`` are those of the preview JPEGs (longest side <= PREVIEW_MAX). An endless run
 (``blocks`` 0) has ``frames_total`` 0 and state ``ticks`` 0 (unknown); it ends with ``stopped: true``
 (Cancel, its normal end) and ``video`` {filename, subfolder, type} naming the MP4 in ComfyUI's output
-folder that its frames were written to as they came (:mod:`nodes.recording`). A run after a
+folder that its frames were written to as they came (:mod:`nodes.recording`). A run of known length stopped
+by Cancel ends with ``stopped: true``, ``blocks`` its final blocks and ``video`` the MP4 of their frames
+(none when no block was final yet; :mod:`nodes.outputs`). A run after a
 context (a start image, a video continued) sends that context's frames first, as block -1 from frame 0
 (``frames_total`` counts them; ``blocks`` and ``done.blocks`` count generated blocks only). State events are
 rate-limited (at most one per STATE_INTERVAL seconds, the last tick always); frames go once per block.
@@ -223,9 +225,10 @@ class Reporter:
             data["dropped"] = dropped
         self._emit("switch", data)
 
-    def done(self, error: str | None = None, stopped: bool = False) -> None:
+    def done(self, error: str | None = None, stopped: bool = False, video: dict | None = None) -> None:
         """The run's last event, after the frames of the blocks already pushed (the frames thread ends,
-        the recording is closed and named); ``stopped``: an endless run ended by Cancel."""
+        the recording is closed and named); ``stopped``: the run was ended by Cancel (an endless run's normal
+        end); ``video``: the MP4 saved of a stopped run of known length ({filename, subfolder, type})."""
         if self.finished:
             return
         self.finished = True
@@ -237,6 +240,8 @@ class Reporter:
             self.recording.close()
             if self.recording.count:
                 data["video"] = self.recording.file()
+        if video is not None:
+            data["video"] = video
         if error is not None:
             data["error"] = error
         elif stopped:

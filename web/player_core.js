@@ -9,7 +9,8 @@
 //   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
 //     (block -1: the frames of a context before block 0, a start image or the video continued)
 //   block_cascade.done   {node, run, seconds, frames, blocks, error?, stopped?, video?: {filename, subfolder, type}}
-//     (stopped: an endless run ended by Cancel; video: the MP4 saved in ComfyUI's output folder)
+//     (stopped: ended by Cancel, an endless run's normal end; video: the MP4 saved in ComfyUI's output folder,
+//     for a stopped run of known length the video so far)
 // An endless run (until Cancel) has META blocks 0 and frames_total 0, and state ticks 0 (all unknown);
 // its block and frame numbers grow without bound, so a Stream keeps only the last FRAMES_KEPT frames.
 //   block_cascade.switch {node, run, block, text, dropped?}: a steered prompt landed at `block` (block
@@ -72,7 +73,7 @@ export class Stream {
     this.status = "running"; // running | done | error
     this.joined = false; // picked up mid-run (page reloaded): frames before the join are missing
     this.cached = false; // ComfyUI answered a later prompt from the cache: these are that run's frames
-    this.stopped = false; // an endless run ended by Cancel (status "done")
+    this.stopped = false; // ended by Cancel, what was made kept (status "done")
     this.video = null; // {filename, subfolder, type}: the MP4 ComfyUI saved, when done told it
     this.error = null;
     this.seconds = null;
@@ -151,7 +152,7 @@ export class Stream {
     this.oldest = i;
   }
 
-  /** The run ended: done, an error, or (`d.stopped`) an endless run stopped by Cancel, with `d.video`
+  /** The run ended: done, an error, or (`d.stopped`) stopped by Cancel, with `d.video`
    * naming the MP4 ComfyUI saved ({filename, subfolder, type}; ignored without a filename). */
   onDone(d) {
     this.status = d.error ? "error" : "done";

@@ -38,6 +38,13 @@ export function switchTicks(s) {
     .map((w) => ({ pos: (w.block - start) / span, text: `block ${w.block}: ${w.text}` }));
 }
 
+/** A run of known length stopped by Cancel: where, and whether the video so far was saved. */
+function stoppedAt(s) {
+  const done = s.state ? s.state.doneBlocks : 0;
+  const at = `Stopped by Cancel at block ${Math.min(done + 1, s.blocks)} of ${s.blocks}`;
+  return done && s.video ? `${at}: the video so far is saved` : `${at}: no block was final yet, nothing to save`;
+}
+
 /**
  * Short status lines for a Stream (or null) and the node's note (Hub.note), shared by the widget and the
  * test harness: {status, stats, cascade, settings} strings, `switches` (the steered prompts, see
@@ -48,6 +55,7 @@ export function describe(s, note = null) {
   const f1 = (x) => x.toFixed(1);
   let status;
   if (s.status === "error") status = `Error: ${s.error}`;
+  else if (s.stopped && !s.endless) status = stoppedAt(s);
   else if (s.stopped) status = `Stopped by Cancel after ${f1(s.seconds)} s${s.video ? ": the video is saved" : ""}`;
   else if (s.status === "done") status = s.received ? `Done in ${f1(s.seconds)} s` : `Done in ${f1(s.seconds)} s, no frames received`;
   else if (s.received) status = "Streaming";

@@ -58,8 +58,8 @@ clip input). Answers and switches (block_cascade.switch) are printed; the summar
 Endless samplers (blocks 0): a counter of their blocks instead of a bar; their frames are not saved
 one by one (the MP4 in the outputs holds them). Ctrl-C interrupts the prompt on the server (that
 prompt only) and waits for its end: an endless sampler ends normally, and its MP4 and the other
-outputs are fetched ("stopped": "Ctrl-C" in the summary); a run of known length ends interrupted; a
-prompt still queued is taken off the queue and the client ends at once (exit 130). A second Ctrl-C
+outputs are fetched ("stopped": "Ctrl-C" in the summary); a sampler of known length ends so too with its
+blocks final so far (interrupted if none was, as a prompt stopped in another node); a prompt still queued is taken off the queue and the client ends at once (exit 130). A second Ctrl-C
 leaves at once (exit 130).
 
 Exit codes: 0 success (or partial with --allow-partial), 1 failed (execution error, interrupted,
@@ -240,13 +240,13 @@ def run(args, stop=lambda: False) -> dict:
         bar.note(f"queued prompt {prompt_id}")
 
         while True:
-            if stop() and not stopped:  # an endless sampler then ends and keeps its video; others are interrupted
+            if stop() and not stopped:  # a sampler then ends and keeps its video so far; other nodes are interrupted
                 stopped, taken_back = True, withdraw(server, prompt_id)
                 if not running:  # still queued: nothing ran, nothing will
                     raise ClientError(f"Ctrl-C before prompt {prompt_id} started: {taken_back}", EXIT_STOPPED,
                                       "stopped", prompt_id=prompt_id)
                 bar.note(f"Ctrl-C: asked ComfyUI to stop prompt {prompt_id} ({taken_back}): an endless stream ends "
-                         f"and keeps its video, a run of known length is interrupted; Ctrl-C again leaves at once")
+                         f"and a sampler keeps the video so far; Ctrl-C again leaves at once")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ClientError(f"timed out after {args.timeout:g} s waiting for prompt {prompt_id} "

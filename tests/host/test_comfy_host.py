@@ -16,7 +16,7 @@ embeddings), then checks over HTTP and the websocket:
   PNG put in the input folder; a video continued by a second sampler) run to execution_success;
 - GET /block_cascade/stream/{node}.mjpeg answers 404 for a node not running and streams a running
   sampler's JPEGs (those of its frames events) until the run ends;
-- POST /interrupt mid-run ends it (execution_interrupted) and the next run succeeds.
+- POST /interrupt mid-run keeps what was made (the MP4 of the final blocks) and the same prompt runs again.
 COMFYUI_PYTHON defaults to the interpreter running the tests; the host needs the pack's requirements.
 """
 from __future__ import annotations
@@ -506,7 +506,12 @@ def test_the_mjpeg_stream_plays_a_running_sampler_on_the_real_server(host):
     assert all(p[:2] == b"\xff\xd8" and p[-2:] == b"\xff\xd9" for p in parts)
 
 
-def test_interrupt_stops_the_run_and_the_next_run_works(host):
+def test_cancel_keeps_what_was_made_and_the_same_prompt_runs_again(host):
+    """POST /interrupt during a run of known length once a block is final: the prompt succeeds, the sampler's UI
+    output is the MP4 of the final blocks' frames (whole, in the output folder); queued again unchanged, the
+    sampler runs again (its fingerprint changed) instead of answering from ComfyUI's cache."""
+    import av
+
     sent = {}
 
     def on_message(msg):
@@ -519,12 +524,17 @@ def test_interrupt_stops_the_run_and_the_next_run_works(host):
         del wf[n]
     wf["8"]["inputs"].pop("vae")
     wf["6"]["inputs"].update(parallel=1, attention="causal")  # (bidirectional needs blocks in flight to see)
-    final, msgs, _ = host.run(wf, on_message=on_message)
-    assert sent and final == "execution_interrupted", [m["type"] for m in msgs][-10:]
-    frames = events(msgs, "frames", "8")
-    assert len(frames) < 40 and events(msgs, "done", "8")[0]["error"] == "interrupted"
-    final, msgs, _ = host.run(workflow(seed=random.randrange(1 << 30)))
-    assert final == "execution_success"
+    final, msgs, pid = host.run(wf, on_message=on_message)
+    assert sent and final == "execution_success", [m["type"] for m in msgs][-10:]
+    done = events(msgs, "done", "8")[0]
+    assert done.get("stopped") and "error" not in done and 1 <= done["blocks"] < 40
+    assert host.history(pid)["outputs"]["8"]["images"] == [done["video"]]
+    path = os.path.join(host.base, "output", done["video"]["subfolder"], done["video"]["filename"])
+    with av.open(path) as container:
+        assert sum(1 for _ in container.decode(video=0)) == done["frames"] == 1 + 4 * (3 * done["blocks"] - 1)
+    final, msgs, _ = host.run(wf)  # the same prompt: run, not cached
+    assert final == "execution_success" and events(msgs, "start", "8")
+    assert "error" not in events(msgs, "done", "8")[0]
 
 
 def test_the_live_stream_workflow_streams_until_cancel_and_saves_its_last_window(host):

@@ -388,6 +388,24 @@ test("an endless run says so: no totals of 0, no NaN; stopped by Cancel links it
   assert.equal(describe(hub.get("7")).cascade, "endless: 0 blocks done");
 });
 
+test("a run of known length stopped by Cancel says at which block, and links the video so far", () => {
+  const hub = new Hub();
+  hub.handle("block_cascade.start", START); // 3 blocks
+  hub.handle("block_cascade.state", { ...START, tick: 6, ticks: 10, pairs: [[1, 2], [2, 0]], done_blocks: 1, elapsed: 1 });
+  const video = { filename: "stream_00002_.mp4", subfolder: "block_cascade", type: "output" };
+  hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 1.5, frames: 9, blocks: 1, stopped: true, video });
+  const s = hub.get("7");
+  assert.ok(s.stopped && !s.endless);
+  assert.deepEqual(s.video, video);
+  assert.equal(describe(s).status, "Stopped by Cancel at block 2 of 3: the video so far is saved");
+  assert.equal(describe(s).cascade, "tick 6/10 · blocks done 1/3");
+  // stopped before any block was final: nothing saved, and it says so
+  hub.handle("block_cascade.start", { ...START, run: "r2" });
+  hub.handle("block_cascade.state", { ...START, run: "r2", tick: 2, ticks: 10, pairs: [[0, 2]], done_blocks: 0, elapsed: 1 });
+  hub.handle("block_cascade.done", { node: "7", run: "r2", seconds: 0.5, frames: 0, blocks: 0, stopped: true });
+  assert.equal(describe(hub.get("7")).status, "Stopped by Cancel at block 1 of 3: no block was final yet, nothing to save");
+});
+
 test("landed switches are ticks on the timeline: block/blocks, or a window of the latest blocks when endless", () => {
   const [hub, s] = started(); // 3 blocks
   hub.handle("block_cascade.switch", { node: "7", run: "r1", block: 1, text: "a red fox" });

@@ -1,0 +1,109 @@
+"""What a sampler run hands on: LATENT and IMAGE for the nodes after it, and the MP4 it saved.
+
+A run ends in one of three ways, and each hands on what it made:
+- finished (a run of known length): every block's latents and frames;
+- an endless run ended by Cancel (its normal end): the last window's latents and frames, and the MP4 its frames
+  were written to as they streamed (:mod:`nodes.recording`);
+- a run of known length stopped by Cancel: the latents and frames of the blocks already final (decoded before
+  it ends), and an MP4 of those frames written into ComfyUI's output folder then.
+In both stopped cases ComfyUI's interrupt is consumed, so the prompt ends as a finished one does and the nodes
+after the sampler run on what was made; the widget is told ``stopped`` with the MP4's name.
+"""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management as mm
+import torch
+from comfy_api.latest import io
+
+from cascade_core.video.frames import FramesEvent
+from cascade_core.video.latents import normalized_to_raw
+
+from . import recording, stream
+
+log = logging.getLogger("block_cascade")
+
+SAVE_CHUNK = 16  # frames converted at a time when a stopped run's frames are saved (bounds the extra memory)
+_stopped_runs = [0]  # runs ended by Cancel in this process (see stopped_runs)
+
+
+def stopped_runs() -> int:
+    """How many runs Cancel ended in this process: the sampler's ``fingerprint_inputs``, so that ComfyUI runs the
+    node again after one instead of answering the same inputs with the stopped run's outputs from its cache."""
+    return _stopped_runs[0]
+
+
+def interrupted() -> bool:
+    """Whether ComfyUI's Cancel (its interrupt flag) is up."""
+    return bool(mm.processing_interrupted()) if hasattr(mm, "processing_interrupted") else False
+
+
+def raise_interrupt() -> None:
+    """End the prompt as interrupted: ComfyUI's own exception (its flag lowered)."""
+    mm.throw_exception_if_processing_interrupted()  # lowers the flag and raises, when it is up
+    raise mm.InterruptProcessingException()
+
+
+def consume_interrupt() -> None:
+    """Lower ComfyUI's interrupt flag: the prompt goes on past the sampler."""
+    mm.interrupt_current_processing(False)
+
+
+def finished(run, result, reporter, before, context) -> io.NodeOutput:
+    """LATENT (raw, the given latents first) and IMAGE of a run that ended without an error; an endless run's
+    last window and the recording of the whole stream."""
+    endless = run.endless
+    stopped = endless and interrupted()
+    if stopped:  # Cancel ended the stream: its outputs go on through the graph, as a run's would
+        consume_interrupt()
+        _stopped_runs[0] += 1
+    raw = normalized_to_raw(result.latents.float()).cpu()
+    if before is not None and not endless:  # the given latents themselves, not a round trip
+        raw = torch.cat([before.cpu(), raw], 2)
+    reporter.finish()  # frames still being decoded
+    images = reporter.images()
+    if endless:  # LATENT is the last window (context frames in it included): IMAGE its frames
+        shown_before = 0 if before is None else before.shape[2] - context.shape[2]  # given, not context
+        n = raw.shape[2]
+        images = images[-(4 * n - 3 if result.first_frame + shown_before == 0 else 4 * n):]
+    # the run's wall time as the node saw it (a worker pool's own figure leaves out the rest)
+    log.info("Block Cascade: %d blocks, %d frames in %.2f s (%d ticks, first block after %.2f s)",
+             result.blocks, reporter.frame_count, reporter.elapsed(), result.ticks, result.first_block_seconds)
+    reporter.done(stopped=stopped)
+    if not endless:
+        return io.NodeOutput({"samples": raw}, images)
+    return io.NodeOutput({"samples": raw}, images, ui=reporter.recording.ui() if reporter.recording.count else None)
+
+
+def stopped(run, final_latents: list[torch.Tensor], reporter, before) -> io.NodeOutput | None:
+    """A run of known length stopped by Cancel: the blocks already final (``final_latents``, normalised [1, 16, f,
+    h, w] each, in block order) are decoded, their frames saved as an MP4 in ComfyUI's output folder, the widget
+    told, the interrupt consumed; LATENT (the given latents first) and IMAGE of what was made, with the MP4 as the
+    node's UI output. None when no block was final yet (nothing to hand on: the prompt stays interrupted)."""
+    _stopped_runs[0] += 1
+    reporter.finish()  # the final blocks' frames: decoded, sent, written into IMAGE
+    log.info("Block Cascade: stopped by Cancel after %d of %d blocks", len(final_latents), reporter.blocks)
+    if not final_latents:
+        reporter.done(stopped=True)
+        return None
+    images = reporter.images()
+    video = save_frames(images)
+    reporter.done(stopped=True, video=video.file())
+    raw = normalized_to_raw(torch.cat(final_latents, 2).float()).cpu()
+    if before is not None:
+        raw = torch.cat([before.cpu(), raw], 2)
+    consume_interrupt()
+    return io.NodeOutput({"samples": raw}, images, ui=video.ui())
+
+
+def save_frames(images: torch.Tensor) -> recording.Recording:
+    """Frames [F, H, W, 3] in 0..1 written to a finalised MP4 at the next free name in ComfyUI's output folder."""
+    video = recording.Recording(stream.FPS)
+    try:
+        for at in range(0, images.shape[0], SAVE_CHUNK):
+            chunk = images[at:at + SAVE_CHUNK].permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1  # [1, 3, n, H, W] in [-1, 1]
+            video.write(FramesEvent(0, at, chunk, 0.0))
+    finally:
+        video.close()
+    return video
