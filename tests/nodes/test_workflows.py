@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -46,6 +47,17 @@ CORE = {
 CLIP_TYPES_064 = {"stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
                   "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+NOTES = {"Note", "MarkdownNote"}  # the frontend's virtual note nodes: in the UI file only, never in the API
+# (node type, widget) -> the models folder its file is in; a widget value ending like a model file (the
+# frontend's test for its missing-models scan) must be one of these and have a `models` entry
+FILE_WIDGETS = {("CLIPLoader", "clip_name"): "text_encoders", ("VAELoader", "vae_name"): "vae",
+                ("BlockCascadeModelLoader", "model_name"): "diffusion_models",
+                ("BlockCascadeModelLoader", "lora"): "loras", ("BlockCascadeEmbedsLoader", "embeds"): "prompt_embeds"}
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".gguf")
+# ComfyUI 0.3.64 app/custom_node_manager.py (unchanged through 0.27): the folders of a custom node pack it
+# serves as workflow templates, each globbed as <custom_nodes>/*/<folder>/*.json and statically served
+# at /api/workflow_templates/<pack>/
+TEMPLATE_FOLDERS = ["example_workflows", "example", "examples", "workflow", "workflows"]
 CONTROL = "control_after_generate"
 UI_ONLY = {CONTROL, "upload"}  # widget values of the UI file that the API format leaves out
 
@@ -114,9 +126,12 @@ def test_ui_workflow_is_a_consistent_litegraph_graph(name):
         assert link_id in out["links"] and inp["link"] == link_id
         assert out["type"] == inp["type"] == typ
     for n in ui["nodes"]:
-        facts = node_facts(n["type"])
         assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
                 "widgets_values"} <= set(n)
+        if n["type"] in NOTES:  # one text widget, no sockets
+            assert n["inputs"] == n["outputs"] == [] and [type(v) for v in n["widgets_values"]] == [str]
+            continue
+        facts = node_facts(n["type"])
         assert n["properties"]["Node name for S&R"] == n["type"]
         for i in n["inputs"]:
             assert facts["sockets"][i["name"]] == i["type"]
@@ -133,6 +148,8 @@ def ui_as_api(ui: dict) -> dict:
     links = {l[0]: l for l in ui["links"]}
     out = {}
     for n in ui["nodes"]:
+        if n["type"] in NOTES:  # virtual: the export leaves notes out
+            continue
         facts = node_facts(n["type"])
         inputs = {w: v for w, v in zip(facts["widgets"], n["widgets_values"]) if w not in UI_ONLY}
         for i in n["inputs"]:
@@ -212,6 +229,11 @@ def test_each_workflow_is_what_it_claims():
     assert len(schedules) >= 2 and all(s["switch_mode"] == "recache" for s in schedules)
     (loader,) = _by_type(live, "BlockCascadeModelLoader")
     assert loader["lora"] != "none"  # LongLive ships base + LoRA
+    (smp,) = _by_type(live, "BlockCascadeSampler")
+    (clip_id,) = [k for k, n in live.items() if n["class_type"] == "CLIPLoader"]
+    # steerable: the prompts' CLIP on the sampler's clip input, at one block in flight (a re-cache at P>1
+    # allows no switch, so a connected CLIP would be refused)
+    assert smp["clip"] == [clip_id, 0] and cfg["parallel"] == 1
     _, krea = load("krea_realtime.json")
     (cfg,) = _by_type(krea, "BlockCascadeConfig")
     (smp,) = _by_type(krea, "BlockCascadeSampler")
@@ -241,3 +263,108 @@ def test_each_workflow_is_what_it_claims():
         assert {"CLIPLoader", "CLIPTextEncode", "VAELoader", "CreateVideo", "SaveVideo", "BlockCascadeSampler"} <= types
         (cv,) = _by_type(api, "CreateVideo")
         assert cv["fps"] == 16.0
+
+
+def _file_widgets(ui: dict):
+    """(node, widget name, value) for each widget value of a UI workflow that names a model file."""
+    for n in ui["nodes"]:
+        if n["type"] in NOTES:
+            continue
+        for widget, value in zip(node_facts(n["type"])["widgets"], n["widgets_values"]):
+            if (n["type"], widget) in FILE_WIDGETS and value != "none" or \
+                    isinstance(value, str) and value.lower().endswith(MODEL_SUFFIXES):
+                yield n, widget, value
+
+
+def _url_names_file(url: str, name: str) -> bool:
+    """An https Hugging Face resolve URL of the file (same base name), or the repository's page."""
+    resolve = re.fullmatch(r"https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/[\w.-]+/(\S+)", url)
+    return bool(resolve and resolve.group(1).split("/")[-1] == name.split("/")[-1]
+                or re.fullmatch(r"https://huggingface\.co/[\w.-]+/[\w.-]+", url))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_file_a_loader_names_has_a_models_entry(name):
+    """As core templates do (properties.models of the loader node: name as in the widget, a direct
+    download URL, the models folder), so ComfyUI's missing-models dialog names and offers each file."""
+    ui, _ = load(name)
+    files = list(_file_widgets(ui))
+    assert files
+    for n, widget, value in files:
+        assert (n["type"], widget) in FILE_WIDGETS, f"{name}: node {n['id']} {widget}={value!r}: folder unknown"
+        entries = [m for m in n["properties"].get("models", []) if m["name"] == value]
+        assert len(entries) == 1, f"{name}: node {n['id']} ({n['type']}) has no models entry for {value!r}"
+        (m,) = entries
+        assert set(m) == {"name", "url", "directory"}
+        assert m["directory"] == FILE_WIDGETS[n["type"], widget], (name, m)
+        assert _url_names_file(m["url"], value), (name, m)
+    for n in ui["nodes"]:  # and no entry naming a file the node does not use
+        used = {v for node, _, v in files if node is n}
+        assert {m["name"] for m in n["properties"].get("models", [])} == used, (name, n["id"])
+
+
+def test_each_file_has_one_spelling_across_the_workflows_and_readme():
+    """One URL per file name and one name per URL over every workflow (UI and API agree by the twin
+    test); each model's LoRA is the same file everywhere; and README names each file as the workflows do
+    (alone or as the end of the path in its repository)."""
+    by_name, by_url, loras = {}, {}, {}
+    for name in NAMES:
+        ui, api = load(name)
+        for n in ui["nodes"]:
+            for m in n["properties"].get("models", []):
+                by_name.setdefault(m["name"], set()).add(m["url"])
+                by_url.setdefault(m["url"], set()).add(m["name"])
+        for loader in _by_type(api, "BlockCascadeModelLoader"):
+            if loader["lora"] != "none":
+                loras.setdefault(loader["model_name"], set()).add(loader["lora"])
+    assert by_name and all(len(urls) == 1 for urls in by_name.values()), by_name
+    assert all(len(names) == 1 for names in by_url.values()), by_url
+    assert all(len(files) == 1 for files in loras.values()), loras
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    for file in by_name:
+        assert re.search(r"`(?:[\w.+-]+/)*" + re.escape(file) + "`", readme), f"README does not name {file}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_ui_workflow_carries_a_note_naming_its_checkpoint_and_what_to_try(name):
+    ui, api = load(name)
+    notes = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] in NOTES]
+    assert len(notes) == 1, name
+    (text,) = notes
+    assert len(text.splitlines()) >= 3 and "Try" in text, name
+    for loader in _by_type(api, "BlockCascadeModelLoader"):  # the checkpoint (and LoRA) it is for
+        assert loader["model_name"] in text and (loader["lora"] == "none" or loader["lora"] in text), name
+    assert not any(n["class_type"] in NOTES for n in api.values())
+
+
+def _template_listing(custom_nodes: str) -> dict:
+    """What ComfyUI's GET /workflow_templates answers for a custom_nodes folder (its code, as facts)."""
+    listing = {}
+    for folder in TEMPLATE_FOLDERS:
+        for file in glob.glob(os.path.join(custom_nodes, f"*/{folder}/*.json")):
+            pack = os.path.basename(os.path.dirname(os.path.dirname(file)))
+            listing.setdefault(pack, []).append(os.path.splitext(os.path.basename(file))[0])
+    return listing
+
+
+def test_the_template_browser_lists_each_ui_workflow_once(tmp_path):
+    """ComfyUI serves a pack's workflows/ as templates (one of the folder names it reads; example_workflows
+    is another): the pack holds one such folder (a second would list every workflow twice) and the
+    listing is exactly the UI workflows, the API twins in workflows/api not among them."""
+    held = [f for f in TEMPLATE_FOLDERS if os.path.isdir(os.path.join(ROOT, f))]
+    assert held == ["workflows"]
+    os.symlink(ROOT, tmp_path / "block_cascade")
+    listing = _template_listing(str(tmp_path))
+    assert sorted(listing["block_cascade"]) == [os.path.splitext(n)[0] for n in NAMES]
+    for stem in listing["block_cascade"]:  # what /api/workflow_templates/<pack>/<stem>.json serves
+        with open(os.path.join(ROOT, "workflows", stem + ".json")) as f:
+            assert "nodes" in json.load(f)
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout")
+def test_the_template_folders_are_those_comfyui_reads():
+    with open(os.path.join(os.environ["COMFYUI_DIR"], "app", "custom_node_manager.py")) as f:
+        source = f.read()
+    (names,) = re.findall(r"example_workflow_folder_names = (\[[^\]]*\])", source)
+    assert json.loads(names) == TEMPLATE_FOLDERS
