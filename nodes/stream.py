@@ -108,7 +108,7 @@ class Reporter:
     def __init__(self, node: str, blocks: int, latent_frames: int, stages: int, parallel: int,
                  width: int, height: int, decoder, send: Callable[[str, dict], None] | None = None,
                  progress=None, clock: Callable[[], float] = time.perf_counter,
-                 should_stop: Callable[[], bool] | None = None, settings: str = "", clean_pass: bool = True,
+                 settings: str = "", clean_pass: bool = True,
                  keep_frames: int | None = None, recording=None, steerable: bool = False, compiling: bool = False):
         """``keep_frames``: the most (latest) frames :meth:`images` holds (None: all); ``recording``: a
         :class:`cascade_core.video.frames.VideoWriter` that every block's frames are written to as they come
@@ -121,8 +121,8 @@ class Reporter:
         self.width, self.height = width, height
         self.preview_w, self.preview_h = preview_size(width, height)
         self.send, self.progress, self.clock = send or client_sender(), progress, clock
-        self.decoding = FrameStream(decoder, on_frames=self._send_frames, keep=False,
-                                    should_stop=should_stop)
+        # every pushed (final) block is decoded whole, also after Cancel: a stopped run keeps them
+        self.decoding = FrameStream(decoder, on_frames=self._send_frames, keep=False)
         self.frames: list[torch.Tensor] = []  # [F, H, W, 3] per block, the latest keep_frames in all
         self.video: torch.Tensor | None | bool = None  # a known-length run's frames, in place (see _into_video)
         self.keep_frames, self.recording, self.steerable = keep_frames, recording, steerable
