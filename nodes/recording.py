@@ -3,8 +3,9 @@
 Guarantees: the file is named as ComfyUI's own save nodes name theirs (``folder_paths.
 get_save_image_path``: ``block_cascade/stream_00001_.mp4``, the counter past the files already there)
 and written by :class:`cascade_core.video.frames.VideoWriter`, fragmented and flushed as it goes, so
-Cancel, a crash or a killed server leave a playable file; :meth:`Recording.ui` is the node's UI output
-that shows it (the shape of core ``SaveVideo``'s: ``{"images": [file], "animated": [True]}``).
+Cancel, a crash or a killed server leave a playable file; :meth:`Recording.ui` is the node's UI output that
+names it (``{"block_cascade_video": [file]}``: in the prompt's history, where API clients find it, but not under
+a key the frontend draws a preview of below the node: the sampler's widget links the video inside the node).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 from cascade_core.video.frames import VideoWriter
 
 PREFIX = "block_cascade/stream"
+UI_KEY = "block_cascade_video"  # the node's UI output naming the MP4 (see the module docstring)
 
 
 class Recording(VideoWriter):
@@ -31,4 +33,4 @@ class Recording(VideoWriter):
         return {"filename": self.filename, "subfolder": self.subfolder, "type": "output"}
 
     def ui(self) -> dict:
-        return {"images": [self.file()], "animated": [True]}
+        return {UI_KEY: [self.file()]}

@@ -269,7 +269,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
     cfg, session, endless, device = run.cfg, run.session, run.endless, run.devices[0]
     plan = session.plan
     attention_backends.set_backend(run.attention_backend)
-    progress = None if endless else comfy.utils.ProgressBar(plan.schedule.blocks, node_id=node_id or None)
+    progress = comfy.utils.ProgressBar(plan.schedule.blocks or 1, node_id=node_id or None)  # endless: see Reporter
     wan = decoder = reporter = result = live = None
     before, given, context, extra = run.before, run.given, run.context, {}
     ended_well = False
@@ -300,7 +300,8 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
                                    settings=run.settings_text, clean_pass=clean_pass,
                                    keep_frames=4 * cfg.attended_window if endless else None,  # 4 a latent frame
                                    recording=recording.Recording(stream.FPS) if endless else None,
-                                   steerable=clip is not None, compiling=compiling)
+                                   steerable=clip is not None, compiling=compiling,
+                                   scheduled=tuple(b for b, _ in run.prompts.entries if b > 0))
         log.info("Block Cascade: %s", run.settings_text)
         reporter.start()
         if before is not None:

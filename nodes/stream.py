@@ -6,9 +6,11 @@ compiling (the layers are compiled first: until the first block is done), settin
 page reloaded mid-run joins):
   block_cascade.start  {META}
   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
-  block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
+  block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed, first_block_s?}
+                       (``first_block_s`` on the first generated block's: the engine's seconds from the run's
+                       start to it, the log's "first block after", the widget's "first frame")
   block_cascade.done   {node, run, seconds, frames, blocks (whose frames were sent), error?, stopped?, video?}
-  block_cascade.switch {node, run, block, text, dropped?}: a steered prompt landed at ``block`` (block
+  block_cascade.switch {node, run, block, text, dropped?}: a steered or scheduled prompt landed at ``block`` (block
                        null and ``dropped`` saying why when it could not land; see :mod:`nodes.steer`)
 ``width``/``height`` are those of the preview JPEGs (longest side <= PREVIEW_MAX). An endless run
 (``blocks`` 0) has ``frames_total`` 0 and state ``ticks`` 0 (unknown); it ends with ``stopped: true``
@@ -109,11 +111,13 @@ class Reporter:
                  width: int, height: int, decoder, send: Callable[[str, dict], None] | None = None,
                  progress=None, clock: Callable[[], float] = time.perf_counter,
                  settings: str = "", clean_pass: bool = True,
-                 keep_frames: int | None = None, recording=None, steerable: bool = False, compiling: bool = False):
+                 keep_frames: int | None = None, recording=None, steerable: bool = False, compiling: bool = False,
+                 scheduled: tuple[int, ...] = ()):
         """``keep_frames``: the most (latest) frames :meth:`images` holds (None: all); ``recording``: a
         :class:`cascade_core.video.frames.VideoWriter` that every block's frames are written to as they come
         (closed by :meth:`done`); ``steerable``: a CLIP is connected (META's ``steerable``); ``compiling``: the
-        run compiles the model's layers first (META's ``compiling``, until its first block is done)."""
+        run compiles the model's layers first (META's ``compiling``, until its first block is done); ``scheduled``:
+        the blocks where the prompt schedule switches (each told as a ``switch`` when that block enters)."""
         self.node, self.run = str(node), uuid.uuid4().hex[:12]
         self.clean_pass = clean_pass  # a block's last stage is its clean pass (not with a KV recompute)
         self.blocks, self.latent_frames, self.stages, self.parallel = blocks, latent_frames, stages, parallel
@@ -127,6 +131,8 @@ class Reporter:
         self.video: torch.Tensor | None | bool = None  # a known-length run's frames, in place (see _into_video)
         self.keep_frames, self.recording, self.steerable = keep_frames, recording, steerable
         self.compiling = compiling
+        self.scheduled = {b: k + 2 for k, b in enumerate(sorted(scheduled))}  # block -> its prompt's number
+        self.first_block_s = None  # the engine's seconds to the first generated block (the log's "first block")
         self.frame_count = 0
         self.frame_blocks = 0  # blocks whose frames were sent
         self.done_blocks = 0
@@ -160,6 +166,9 @@ class Reporter:
 
     def on_tick(self, ev) -> None:
         self.flush()
+        for b, _ in ev.pairs:  # a scheduled switch lands as its block enters, and is told like a steered one
+            if int(b) in self.scheduled:
+                self.switch(int(b), f"scheduled prompt {self.scheduled.pop(int(b))}")
         now = self.clock()
         last = ev.tick == ev.ticks - 1
         if not last and self._last_state is not None and now - self._last_state < STATE_INTERVAL:
@@ -176,12 +185,14 @@ class Reporter:
         self.decoding.push(BlockEvent(CONTEXT_BLOCK, latents, -1, 0.0))
 
     def on_block(self, ev) -> None:
+        if self.first_block_s is None:  # before the push: the frames thread reads it
+            self.first_block_s = round(float(ev.seconds), 4)
         self.decoding.push(ev)  # decoded on the VAE's own CUDA stream while the DiT goes on, sent by a thread
         self.done_blocks += 1
         self.compiling = False
         self.flush()
-        if self.progress is not None:
-            self.progress.update_absolute(self.done_blocks, self.blocks)
+        if self.progress is not None:  # ComfyUI's own bar: blocks of blocks, or (endless) blocks done so far
+            self.progress.update_absolute(self.done_blocks, self.blocks or self.done_blocks + 1)
 
     def flush(self, wait: bool = False) -> None:
         """Raise what sending frames raised, if anything; with ``wait``, first wait until the frames
@@ -213,9 +224,10 @@ class Reporter:
         jpegs = [encode_jpeg(f) for f in small]
         if self.feed is not None:
             self.feed.publish(jpegs)
+        first = {"first_block_s": self.first_block_s} if ev.block != CONTEXT_BLOCK and self.frame_blocks == 1 else {}
         self._emit("frames", {**self.meta(), "block": int(ev.block), "first_frame": int(ev.first_frame),
                               "frames": [base64.b64encode(j).decode("ascii") for j in jpegs],
-                              "elapsed": self.elapsed()})
+                              "elapsed": self.elapsed(), **first})
 
     def switch(self, block: int | None, text: str, dropped: str = "") -> None:
         """Tell the client that a steered prompt ``text`` landed at ``block`` (or, with ``dropped``, why

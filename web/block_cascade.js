@@ -45,8 +45,10 @@ function attachPlayer(node) {
   });
   node.bcPlayerView = view;
   widget.onRemove = () => views.delete(view);
+  // sized to its content (inputs, widgets and the player's least height), never narrower than 360 px
   const [w, h] = node.size;
-  node.setSize([Math.max(w, 360), Math.max(h, 640)]);
+  const [cw, ch] = node.computeSize?.() ?? [w, h];
+  node.setSize([Math.max(w, cw, 360), Math.max(h, ch)]);
 }
 
 app.registerExtension({

@@ -38,6 +38,8 @@ export const FRAMES_KEPT = 1000;
  * skipped are in the saved video), so what a steered prompt changes shows within seconds. */
 export const LIVE_MAX_BEHIND_S = 3;
 export const LIVE_BEHIND_S = 1;
+/** Notes that outlive the prompt they are about (what happened to the node's last run). */
+const LASTING_NOTES = ["cached", "failed", "interrupted"];
 /** How many of the latest blocks the timeline of an endless run spans (its switch ticks move left). */
 export const ENDLESS_TIMELINE_BLOCKS = 50;
 
@@ -66,7 +68,7 @@ export class Stream {
     this.joinedFrom = -1; // the first frame index received after joining a run mid-way
     this.newestBlock = -1; // the highest block number seen (in frames, state or switches)
     this.elapsed = 0; // seconds since run start, latest the backend told us
-    this.firstFrameAt = null; // seconds from run start to the first frames message
+    this.firstFrameAt = null; // seconds from the run's start to its first generated block (the log's "first block")
     this.state = null; // {tick, ticks, pairs, doneBlocks}
     this.switches = []; // steered prompts of this run, oldest first: [{block (null: dropped), text, dropped}]
     this.switchCount = 0; // switches told so far (the list keeps the last SWITCHES_KEPT)
@@ -133,7 +135,11 @@ export class Stream {
     });
     this._drop();
     this._block(Number(d.block));
-    if (list.length && this.firstFrameAt === null) this.firstFrameAt = Number(d.elapsed) || 0;
+    // "first frame": the first generated block's (not a start image's), timed as the log times it
+    if (list.length && this.firstFrameAt === null && Number(d.block) >= 0) {
+      this.firstFrameAt = Number.isFinite(Number(d.first_block_s)) && d.first_block_s !== null
+        ? Number(d.first_block_s) : Number(d.elapsed) || 0;
+    }
     this._seen(d.elapsed);
     this.version++;
   }
@@ -288,7 +294,9 @@ export class Hub {
     return s;
   }
 
-  /** The note for a node (or null): {kind: "waiting", on} | {kind: "running"} | {kind: "cached"}. */
+  /** The note for a node (or null): {kind: "waiting", on} | {kind: "running"} | {kind: "cached"} |
+   * {kind: "failed", on, error} (the last prompt failed in node `on`, this one when null, before this node
+   * streamed) | {kind: "interrupted"} (cancelled before this node ran). */
   note(nodeId) {
     return this.notes.get(String(nodeId)) || null;
   }
@@ -303,7 +311,11 @@ export class Hub {
     const before = JSON.stringify([...this.notes]);
     const end = () => {
       this.pending.clear();
-      for (const [id, n] of this.notes) if (n.kind !== "cached") this.notes.delete(id);
+      for (const [id, n] of this.notes) if (!LASTING_NOTES.includes(n.kind)) this.notes.delete(id);
+    };
+    // the prompt ended without this node's stream: say why on the samplers that never streamed in it
+    const notRun = (note) => {
+      for (const [id, n] of this.notes) if (n.kind === "waiting" || n.kind === "running") this.notes.set(id, note(id));
     };
     if (type === "execution_start") {
       this.pending = new Set(samplers.map(String));
@@ -328,7 +340,15 @@ export class Hub {
         const s = this.get(raw);
         if (!s || s.status !== "running") this.notes.set(String(raw), { kind: "running" });
       } else for (const id of this.pending) this.notes.set(id, { kind: "waiting", on: title(String(raw)) });
-    } else if (["execution_success", "execution_error", "execution_interrupted"].includes(type)) end();
+    } else if (type === "execution_error") {
+      const at = detail && detail.node_id !== undefined && detail.node_id !== null ? String(detail.node_id) : null;
+      const error = String((detail && detail.exception_message) || "failed").trim().split("\n")[0];
+      notRun((id) => ({ kind: "failed", on: at === null || at === id ? null : title(at), error }));
+      end();
+    } else if (type === "execution_interrupted") {
+      notRun(() => ({ kind: "interrupted" }));
+      end();
+    } else if (type === "execution_success") end();
     return JSON.stringify([...this.notes]) !== before;
   }
 

@@ -7,6 +7,8 @@ function noteText(note) {
   if (!note) return null;
   if (note.kind === "waiting") return note.on ? `Waiting for ${note.on} (runs before this node)…` : "Queued: waiting for the nodes before this one…";
   if (note.kind === "running") return "Running: frames appear here as blocks finish…";
+  if (note.kind === "failed") return note.on ? `Not run: ${note.on} failed before it (${note.error})` : `Error: ${note.error}`;
+  if (note.kind === "interrupted") return "Cancelled before this node ran";
   return "From the cache: ComfyUI reused an earlier run's outputs (same inputs) and this page has not seen its frames; change the seed or an input to stream again.";
 }
 
@@ -47,11 +49,11 @@ function stoppedAt(s) {
 
 /**
  * Short status lines for a Stream (or null) and the node's note (Hub.note), shared by the widget and the
- * test harness: {status, stats, cascade, settings} strings, `switches` (the steered prompts, see
+ * test harness: {status, stats, details (the stats explained, shown on hover), cascade, settings} strings, `switches` (the steered prompts, see
  * switchLines) and `ticks` (their timeline marks, see switchTicks).
  */
 export function describe(s, note = null) {
-  if (!s) return { status: noteText(note) || "No stream yet: queue the workflow to watch frames arrive here.", stats: "", cascade: "", settings: "", switches: [], ticks: [] };
+  if (!s) return { status: noteText(note) || "No stream yet: queue the workflow to watch frames arrive here.", stats: "", details: "", cascade: "", settings: "", switches: [], ticks: [] };
   const f1 = (x) => x.toFixed(1);
   let status;
   if (s.status === "error") status = `Error: ${s.error}`;
@@ -66,10 +68,15 @@ export function describe(s, note = null) {
   const total = s.framesTotal ? `/${s.framesTotal}` : "";
   const stats = [
     `${s.received}${total} frames${s.dropped ? ` (last ${s.frames.size} kept)` : ""}`,
-    `gen ${f1(s.genFps)} fps (play ${s.fps})`,
+    `${f1(s.genFps)} fps`,
     s.firstFrameAt === null ? "first frame –" : `first frame ${s.firstFrameAt.toFixed(2)} s`,
-    `buffer ${s.buffered}`,
   ].join(" · ");
+  const details = [ // on hover
+    `generated at ${f1(s.genFps)} frames a second, played at ${s.fps}`,
+    "first frame: seconds from the run's start to its first generated block",
+    `${s.buffered} frames buffered ahead of the one shown`,
+    ...(s.dropped ? [`only the last ${s.frames.size} frames are kept here (the saved video has them all)`] : []),
+  ].join("\n");
   let cascade = "";
   if (s.endless) {
     const at = s.newestBlock >= 0 ? `block ${s.newestBlock} · ` : "";
@@ -79,5 +86,5 @@ export function describe(s, note = null) {
     const ticks = s.state.ticks ? `/${s.state.ticks}` : "";
     cascade = `tick ${s.state.tick}${ticks} · blocks done ${s.state.doneBlocks}/${s.blocks}`;
   }
-  return { status, stats, cascade, settings: s.settings, switches: switchLines(s), ticks: switchTicks(s) };
+  return { status, stats, details, cascade, settings: s.settings, switches: switchLines(s), ticks: switchTicks(s) };
 }

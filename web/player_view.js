@@ -4,9 +4,10 @@
 import { describe } from "./player_describe.js";
 
 const CSS = `
-.bc-player { display: flex; flex-direction: column; gap: 4px; font: 11px sans-serif; color: #ccc; width: 100%; height: 100%; box-sizing: border-box; }
+.bc-player { display: flex; flex-direction: column; gap: 4px; font: 12px sans-serif; color: #ccc; width: 100%; height: 100%; box-sizing: border-box; overflow: hidden; }
+.bc-player .bc-status, .bc-player .bc-stats, .bc-player .bc-cascade, .bc-player .bc-settings, .bc-player .bc-video { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; flex: none; }
 .bc-player canvas { width: 100%; flex: 1 1 auto; min-height: 120px; object-fit: contain; background: #111; border-radius: 4px; }
-.bc-player .bc-status { color: #eee; }
+.bc-player .bc-status { color: #eee; font-size: 14px; }
 .bc-player .bc-settings { color: #aaa; }
 .bc-player .bc-mjpeg, .bc-player .bc-video { color: #8cf; }
 .bc-player .bc-grid { display: flex; flex-direction: column; gap: 2px; }
@@ -239,10 +240,13 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
     version = s ? s.version : -1;
     noted = note;
     const d = describe(s, note);
-    status.textContent = d.status;
+    // one line each (never wider than the node), the whole text on hover
+    status.textContent = status.title = d.status;
     stats.textContent = d.stats;
-    cascadeLine.textContent = d.cascade;
-    settingsLine.textContent = d.settings;
+    stats.title = d.details;
+    cascadeLine.textContent = cascadeLine.title = d.cascade;
+    settingsLine.textContent = d.settings ? `settings: ${d.settings}` : "";
+    settingsLine.title = d.settings;
     renderGrid(s);
     switchList.replaceChildren();
     for (const line of d.switches) {
@@ -266,7 +270,7 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
     saved.style.display = s && s.video ? "" : "none";
     if (s && s.video) {
       saved.href = url(videoPath(s.video));
-      saved.textContent = `saved video: ${s.video.filename}`;
+      saved.textContent = saved.title = `saved video: ${s.video.filename}`;
     }
     const n = s ? s.frames.size : 0;
     controls.style.display = n ? "" : "none";

@@ -528,7 +528,7 @@ def test_cancel_keeps_what_was_made_and_the_same_prompt_runs_again(host):
     assert sent and final == "execution_success", [m["type"] for m in msgs][-10:]
     done = events(msgs, "done", "8")[0]
     assert done.get("stopped") and "error" not in done and 1 <= done["blocks"] < 40
-    assert host.history(pid)["outputs"]["8"]["images"] == [done["video"]]
+    assert host.history(pid)["outputs"]["8"]["block_cascade_video"] == [done["video"]]
     path = os.path.join(host.base, "output", done["video"]["subfolder"], done["video"]["filename"])
     with av.open(path) as container:
         assert sum(1 for _ in container.decode(video=0)) == done["frames"] == 1 + 4 * (3 * done["blocks"] - 1)
@@ -553,7 +553,7 @@ def test_the_live_stream_workflow_streams_until_cancel_and_saves_its_last_window
     outputs = host.history(pid)["outputs"]
     sampler = next(k for k, n in wf.items() if n["class_type"] == "BlockCascadeSampler")
     saver = next(k for k, n in wf.items() if n["class_type"] == "SaveVideo")
-    assert outputs[sampler]["images"] == [events(msgs, "done")[0]["video"]] and outputs[saver]
+    assert outputs[sampler]["block_cascade_video"] == [events(msgs, "done")[0]["video"]] and outputs[saver]
 
 
 def test_an_endless_run_ends_at_cancel_with_its_video_and_the_graph_goes_on(host):
@@ -578,7 +578,7 @@ def test_an_endless_run_ends_at_cancel_with_its_video_and_the_graph_goes_on(host
     done = events(msgs, "done", "8")[0]
     assert done.get("stopped") and "error" not in done
     outputs = host.history(pid)["outputs"]
-    assert outputs["8"]["images"] == [done["video"]]  # the sampler's UI output: the recording
+    assert outputs["8"]["block_cascade_video"] == [done["video"]]  # the UI output: the recording
     assert {"12", "16"} <= set(outputs)  # the nodes after it ran (the last window decoded, its frames)
     path = os.path.join(host.base, "output", done["video"]["subfolder"], done["video"]["filename"])
     with av.open(path) as container:

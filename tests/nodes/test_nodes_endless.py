@@ -61,7 +61,7 @@ def test_cancel_ends_an_endless_run_keeping_its_video_and_last_window(model, pro
     assert blocks >= 4 and [d["block"] for _, d in rec.events("frames")] == list(range(blocks))
     # the MP4: every final block's frames, in the output folder under the name the UI gets
     video = done["video"]
-    assert out.ui == {"images": [video], "animated": [True]} and video["type"] == "output"
+    assert out.ui == {"block_cascade_video": [video]} and video["type"] == "output"
     path = os.path.join(folder_paths.get_output_directory(), video["subfolder"], video["filename"])
     assert decoded_frames(path) == done["frames"] == video_frames(3 * blocks)
     # the outputs: the last window's latents and its frames

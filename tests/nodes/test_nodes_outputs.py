@@ -52,7 +52,7 @@ def test_cancel_keeps_the_final_blocks_their_frames_and_an_mp4_of_them(model, pr
     import folder_paths  # the stand-in's (test_nodes puts it first on the path)
 
     video = done["video"]
-    assert out.ui == {"images": [video], "animated": [True]}
+    assert out.ui == {"block_cascade_video": [video]}
     path = os.path.join(folder_paths.get_output_directory(), video["subfolder"], video["filename"])
     assert decoded_frames(path) == images.shape[0]  # finalised: every kept frame plays
 

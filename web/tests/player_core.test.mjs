@@ -70,6 +70,36 @@ test("frames, generation fps, time to first frame, duplicates", () => {
   assert.equal(s.frame(5), "f5");
 });
 
+test("the first frame is the first generated block's, timed as the log times it (not a start image's)", () => {
+  const [hub, s] = started();
+  hub.handle("block_cascade.frames", { ...frames("7", "r1", 0, 1, 0.4), block: -1 }); // the start image
+  assert.equal(s.firstFrameAt, null);
+  hub.handle("block_cascade.frames", { ...frames("7", "r1", 1, 8, 5.46), block: 0, first_block_s: 0.22 });
+  assert.equal(s.firstFrameAt, 0.22);
+  assert.match(describe(s).stats, /first frame 0\.22 s/);
+  hub.handle("block_cascade.frames", { ...frames("7", "r1", 9, 4, 6), block: 1 });
+  assert.equal(s.firstFrameAt, 0.22, "set once");
+});
+
+test("the widget says what happened to the last run: failed before it, failed in it, cancelled before it", () => {
+  const hub = new Hub();
+  const title = (id) => `“Loader ${id}”`;
+  hub.comfy("execution_start", {}, { samplers: ["7", "9"], title });
+  hub.comfy("executing", "3", { title });
+  hub.comfy("execution_error", { node_id: "3", exception_message: "file not found\ntrace..." }, { title });
+  assert.equal(describe(null, hub.note("7")).status, "Not run: “Loader 3” failed before it (file not found)");
+  hub.comfy("executing", null, { title }); // the prompt's end does not wipe it
+  assert.equal(hub.note("9").kind, "failed");
+  hub.comfy("execution_start", {}, { samplers: ["7"], title });
+  assert.equal(hub.note("7").kind, "waiting", "a new prompt: waiting again");
+  hub.comfy("executing", "7", { title });
+  hub.comfy("execution_error", { node_id: "7", exception_message: "width: must be a multiple of 16" }, { title });
+  assert.equal(describe(null, hub.note("7")).status, "Error: width: must be a multiple of 16");
+  hub.comfy("execution_start", {}, { samplers: ["7"], title });
+  hub.comfy("execution_interrupted", { node_id: "2" }, { title });
+  assert.equal(describe(null, hub.note("7")).status, "Cancelled before this node ran");
+});
+
 test("cascade state rows: steps and the clean pass", () => {
   const [hub, s] = started();
   hub.handle("block_cascade.state", { node: "7", run: "r1", tick: 3, ticks: 10, pairs: [[0, 4], [1, 2]], done_blocks: 0, elapsed: 0.3 });
@@ -370,7 +400,8 @@ test("an endless run says so: no totals of 0, no NaN; stopped by Cancel links it
   hub.handle("block_cascade.frames", block12(1232));
   let d = describe(s);
   assert.equal(d.cascade, "block 1234 · endless: Cancel ends it and keeps the video");
-  assert.match(d.stats, /^12 frames · gen /);
+  assert.match(d.stats, /^12 frames · \d+\.\d fps · first frame /);
+  assert.match(d.details, /played at 16/);
   for (const line of [d.status, d.stats, d.cascade]) assert.doesNotMatch(line, /NaN|\/0\b|Infinity|undefined/, line);
   const video = { filename: "block_cascade_00001.mp4", subfolder: "", type: "output" };
   hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 80.25, frames: 12, blocks: 1233, stopped: true, video });
