@@ -1,11 +1,15 @@
 """LoRA files merged into canonical Wan2.1 T2V weights (:func:`merge_lora`, called by ``load_dit``).
 
-``W += lora_scale * alpha / rank * B @ A``. Key styles: peft (``base_model.model.<layer>.lora_A.weight``
-/ ``lora_B.weight``, LongLive's ``generator_lora``), ComfyUI / kohya (``lora_down`` / ``lora_up`` /
-``.alpha``, ``lora_unet_blocks_0_self_attn_q``), diffusers layer names, and full ``.diff`` /
-``.diff_b`` deltas. A ``<layer>.alpha`` is honoured in every style; without one (peft state dicts
-never carry it) alpha = rank, as LongLive configures it. The strength ``lora_scale`` applies to pairs
-and full deltas alike.
+``W += lora_scale * alpha / rank * B @ A``; LyCORIS LoHa ``W += lora_scale * alpha / rank * (W1a @ W1b) * (W2a @ W2b)``
+(an element-wise product of two low-rank products; rank = W1b's rows) and LoKr ``W += lora_scale * s * kron(W1, W2)``
+(each factor whole or a low-rank product ``Wk_a @ Wk_b``; s = alpha / that product's rank when the file gives an
+alpha and one factor is low-rank, else 1), as LyCORIS defines them and ComfyUI merges them.
+Key styles: peft (``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight``, LongLive's
+``generator_lora``), ComfyUI / kohya (``lora_down`` / ``lora_up`` / ``.alpha``,
+``lora_unet_blocks_0_self_attn_q``), LyCORIS (``lycoris_<layer>.hada_w1_a`` ..., ``.lokr_w1`` ...), diffusers
+layer names, and full ``.diff`` / ``.diff_b`` deltas. A ``<layer>.alpha`` is honoured in every style;
+without one (peft state dicts never carry it) alpha = rank, as LongLive configures it. The strength
+``lora_scale`` applies to pairs, LyCORIS deltas and full deltas alike.
 
 Layer names are normalised once, whatever the style: dots and runs of underscores all become one
 underscore, so ``lora_unet__blocks_0_self_attn_q`` and ``lora_unet_blocks_0.self_attn.q`` name the
@@ -34,14 +38,18 @@ _LORA_PARTS = (
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
     (".alpha", "alpha"), (".diff_b", "diff_b"), (".diff", "diff"),
+    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"), (".hada_w2_b", "hada_w2_b"),
+    (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"), (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"),
+    (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"),
 )
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 # Wrapper prefixes of the styles, normalised (see _normalise); removed one at a time.
 _LORA_PREFIXES = ("base_model_model_", "model_diffusion_model_", "diffusion_model_", "transformer_", "model_",
                   "module_", "unet_", "lora_unet_", "lycoris_", "lora_transformer_")
 LORA_CONTAINERS = ("generator_lora", "lora", "state_dict")
 # Key endings of LoRA variants this loader does not merge (core ComfyUI's LoRA loader does): name -> endings
-_VARIANTS = {"DoRA": (".dora_scale",), "LyCORIS LoKr": (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a"),
-             "LyCORIS LoHa": (".hada_w1_a", ".hada_w2_a"), "OFT": (".oft_blocks", ".oft_diag")}
+_VARIANTS = {"DoRA": (".dora_scale",), "LyCORIS LoKr (Tucker)": (".lokr_t2",),
+             "LyCORIS LoHa (Tucker)": (".hada_t1", ".hada_t2"), "OFT": (".oft_blocks", ".oft_diag")}
 _I2V_LONGEST_FIRST = sorted(I2V_LAYERS, key=len, reverse=True)
 
 log = logging.getLogger("block_cascade")
@@ -129,6 +137,16 @@ def _check_layer(layer: str, parts: dict[str, torch.Tensor], sd: Mapping[str, to
         if "alpha" in parts and parts["alpha"].numel() != 1:
             raise CheckpointError(lora_path, f"{layer}.alpha has shape {list(parts['alpha'].shape)}; an alpha is "
                                              "one number")
+    elif any(role.startswith(("hada_", "lokr_")) for role in parts):
+        w = sd[wkey]
+        try:
+            delta, _ = _lycoris_delta(parts)
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(lora_path, f"{layer}: an incomplete or ill-shaped LyCORIS "
+                                             f"{'LoHa' if 'hada_w1_a' in parts else 'LoKr'} ({exc.args[0]})") from None
+        if delta.shape[0] != w.shape[0] or delta.numel() != w.numel():
+            raise CheckpointError(lora_path, f"{layer}: the LyCORIS delta {list(delta.shape)} does not fit the weight "
+                                             f"{list(w.shape)} (a LoRA for another model size?)")
     elif "alpha" in parts and "diff" not in parts and "diff_b" not in parts:
         raise CheckpointError(lora_path, f"{layer}: has an alpha but no LoRA matrices")
     for role, key in (("diff", wkey), ("diff_b", layer + ".bias")):
@@ -138,6 +156,27 @@ def _check_layer(layer: str, parts: dict[str, torch.Tensor], sd: Mapping[str, to
                                              f"model has {got}")
 
 
+def _lycoris_delta(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int | None]:
+    """A LoHa's or LoKr's weight delta [out, in...] (float32, before alpha and strength) and the rank its alpha
+    divides by (None: alpha does not apply). Raises KeyError for a missing part, RuntimeError for shapes that do not
+    multiply."""
+    f = {k: v.float().flatten(1) if v.dim() > 2 else v.float() for k, v in parts.items() if k != "alpha"}
+    if "hada_w1_a" in parts or "hada_w2_a" in parts:
+        missing = [k for k in _LOHA if k not in f]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        return (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"]), f["hada_w1_b"].shape[0]
+    rank = None
+    factors = []
+    for k in ("lokr_w1", "lokr_w2"):
+        if k in f:
+            factors.append(f[k])
+        else:
+            factors.append(f[k + "_a"] @ f[k + "_b"])
+            rank = f[k + "_b"].shape[0]
+    return torch.kron(*factors), rank
+
+
 def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
                dtype: torch.dtype | None = None) -> LoraMerge:
     """Merge a LoRA file into canonical weights ``sd`` (tensors replaced, never modified in place).
@@ -145,7 +184,7 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
     ``scale``: the strength, applied to every style (low-rank pairs and full deltas alike).
     Returns a :class:`LoraMerge`; image-to-video layers are left out with a logged warning. Unknown
     keys, half-pairs, shapes that do not fit (a LoRA for another model size) and LoRA variants it does not
-    merge (DoRA, LyCORIS LoKr/LoHa, OFT: named, with the core nodes that do) raise :class:`CheckpointError`
+    merge (DoRA, OFT, LoHa/LoKr with a Tucker core: named, with the core nodes that do) raise :class:`CheckpointError`
     naming the LoRA file, before any weight is changed.
     """
     lora_path = os.fspath(lora_path)
@@ -189,6 +228,11 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
             alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
             delta = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
             sd[wkey] = (w.float() + (scale * alpha / rank) * delta).to(dtype or w.dtype)
+        elif any(role.startswith(("hada_", "lokr_")) for role in parts):
+            w = sd[wkey]
+            delta, rank = _lycoris_delta(parts)
+            factor = float(parts["alpha"].float().item()) / rank if "alpha" in parts and rank else 1.0
+            sd[wkey] = (w.float() + (scale * factor) * delta.reshape(w.shape)).to(dtype or w.dtype)
         for role, key in (("diff", wkey), ("diff_b", layer + ".bias")):
             if role in parts:
                 sd[key] = (sd[key].float() + scale * parts[role].float()).to(dtype or sd[key].dtype)

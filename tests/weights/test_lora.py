@@ -129,6 +129,36 @@ def test_every_lora_style_merges_to_the_oracle(style, alpha, ref, base_pt, tmp_p
     assert_close_weights(got, oracle(ref, pairs, 0.7, alpha))
 
 
+@pytest.mark.parametrize("alpha", [None, 3.0])
+def test_lycoris_loha_and_lokr_merge_as_lycoris_defines_them(alpha, ref, base_pt, tmp_path):
+    """LoHa: W + s * alpha/r * (W1a W1b) (element-wise) (W2a W2b); LoKr: W + s * alpha/r * kron(W1, W2a W2b), r the
+    low-rank factor's rank (alpha/r = 1 without an alpha); the oracle computed here from the file's tensors."""
+    g = torch.Generator().manual_seed(3)
+    r, strength = 2, 0.6
+    q, f0 = ref["blocks.0.self_attn.q.weight"], ref["blocks.0.ffn.0.weight"]  # [64, 64], [128, 64]
+    loha = {k: torch.randn(*shape, generator=g) * 0.3 for k, shape in (
+        ("hada_w1_a", (128, r)), ("hada_w1_b", (r, 64)), ("hada_w2_a", (128, r)), ("hada_w2_b", (r, 64)))}
+    lokr = {"lokr_w1": torch.randn(4, 4, generator=g) * 0.3, "lokr_w2_a": torch.randn(16, r, generator=g) * 0.3,
+            "lokr_w2_b": torch.randn(r, 16, generator=g) * 0.3}
+    tensors = {f"lycoris_blocks_0_ffn_0.{k}": v for k, v in loha.items()}
+    tensors.update({f"lycoris_blocks_0_self_attn_q.{k}": v for k, v in lokr.items()})
+    if alpha is not None:
+        for stem in ("lycoris_blocks_0_ffn_0", "lycoris_blocks_0_self_attn_q"):
+            tensors[stem + ".alpha"] = torch.tensor(alpha)
+    path = str(tmp_path / "lycoris.safetensors")
+    save_safetensors(tensors, path)
+    got, info = load_dit(base_pt, dtype=torch.float32, lora=path, lora_scale=strength, num_heads=4)
+    factor = 1.0 if alpha is None else alpha / r
+    want_f0 = f0 + strength * factor * (loha["hada_w1_a"] @ loha["hada_w1_b"]) * (loha["hada_w2_a"] @ loha["hada_w2_b"])
+    kron = torch.einsum("ab,cd->acbd", lokr["lokr_w1"], lokr["lokr_w2_a"] @ lokr["lokr_w2_b"]).reshape(64, 64)
+    want_q = q + strength * factor * kron
+    assert info.lora_layers == 2
+    assert torch.allclose(got["blocks.0.ffn.0.weight"], want_f0, atol=1e-6)
+    assert torch.allclose(got["blocks.0.self_attn.q.weight"], want_q, atol=1e-6)
+    assert all(torch.equal(got[k], ref[k]) for k in ref if k not in ("blocks.0.ffn.0.weight",
+                                                                        "blocks.0.self_attn.q.weight"))
+
+
 @pytest.mark.parametrize("style", [*STYLES, "diff"])
 def test_strength_zero_gives_the_base_and_half_gives_half_the_delta(style, ref, base_pt, tmp_path):
     pairs = lora_pairs(ref)
@@ -227,10 +257,13 @@ def test_a_lora_for_another_model_size_is_refused_naming_both_shapes(tmp_path, b
     ({"something_else": (3,)}, "this does not look like a LoRA file"),
     ({"blocks.0.self_attn.q.lora_A.weight": (4, 64), "blocks.0.self_attn.q.lora_B.weight": (64, 4),
       "blocks.0.self_attn.q.dora_scale": (64, 1)}, "a DoRA LoRA (blocks.0.self_attn.q.dora_scale): this loader"),
-    ({"lycoris_blocks_0_self_attn_q.lokr_w1": (8, 8), "lycoris_blocks_0_self_attn_q.lokr_w2": (8, 8)},
-     "a LyCORIS LoKr LoRA (lycoris_blocks_0_self_attn_q.lokr_w1"),
+    ({"lycoris_blocks_0_self_attn_q.lokr_w1": (8, 8), "lycoris_blocks_0_self_attn_q.lokr_w2_a": (8, 2),
+      "lycoris_blocks_0_self_attn_q.lokr_w2_b": (2, 2), "lycoris_blocks_0_self_attn_q.lokr_t2": (2, 2, 3, 3)},
+     "a LyCORIS LoKr (Tucker) LoRA (lycoris_blocks_0_self_attn_q.lokr_t2"),
     ({"lycoris_blocks_0_ffn_0.hada_w1_a": (128, 4), "lycoris_blocks_0_ffn_0.hada_w1_b": (4, 64)},
-     "a LyCORIS LoHa LoRA"),
+     "blocks.0.ffn.0: an incomplete or ill-shaped LyCORIS LoHa (no hada_w2_a, hada_w2_b)"),
+    ({"lycoris_blocks_0_self_attn_q.lokr_w1": (4, 4), "lycoris_blocks_0_self_attn_q.lokr_w2": (8, 8)},
+     "blocks.0.self_attn.q: the LyCORIS delta [32, 32] does not fit the weight [64, 64]"),
 ])
 def test_bad_loras_are_named(keys, message, base_pt, tmp_path):
     path = str(tmp_path / "bad_lora.safetensors")
