@@ -1,9 +1,13 @@
 """LoRA files merged into canonical Wan2.1 T2V weights (:func:`merge_lora`, called by ``load_dit``).
 
-``W += lora_scale * alpha / rank * B @ A``; LyCORIS LoHa ``W += lora_scale * alpha / rank * (W1a @ W1b) * (W2a @ W2b)``
-(an element-wise product of two low-rank products; rank = W1b's rows) and LoKr ``W += lora_scale * s * kron(W1, W2)``
-(each factor whole or a low-rank product ``Wk_a @ Wk_b``; s = alpha / that product's rank when the file gives an
-alpha and one factor is low-rank, else 1), as LyCORIS defines them and ComfyUI merges them.
+What a layer's delta is, before the strength ``lora_scale``:
+- a low-rank pair: ``alpha / rank * B @ A``;
+- LyCORIS LoHa: ``alpha / rank * (W1a @ W1b) * (W2a @ W2b)`` (element-wise; rank = W1b's rows);
+- LyCORIS LoKr: ``s * kron(W1, W2)``, each factor whole or a low-rank product ``Wk_a @ Wk_b`` (s = alpha / that
+  product's rank when the file gives an alpha and a factor is low-rank, else 1), as LyCORIS defines them;
+- a full ``.diff`` / ``.diff_b``.
+``W += lora_scale * delta``; with a ``dora_scale`` (DoRA), W moves by ``lora_scale`` toward ``W + delta`` rescaled to
+those magnitudes (:func:`_dora`), as ComfyUI applies a strength to it.
 Key styles: peft (``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight``, LongLive's
 ``generator_lora``), ComfyUI / kohya (``lora_down`` / ``lora_up`` / ``.alpha``,
 ``lora_unet_blocks_0_self_attn_q``), LyCORIS (``lycoris_<layer>.hada_w1_a`` ..., ``.lokr_w1`` ...), diffusers
@@ -40,7 +44,7 @@ _LORA_PARTS = (
     (".alpha", "alpha"), (".diff_b", "diff_b"), (".diff", "diff"),
     (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"), (".hada_w2_b", "hada_w2_b"),
     (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"), (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"),
-    (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"),
+    (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".dora_scale", "dora_scale"),
 )
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 # Wrapper prefixes of the styles, normalised (see _normalise); removed one at a time.
@@ -48,8 +52,8 @@ _LORA_PREFIXES = ("base_model_model_", "model_diffusion_model_", "diffusion_mode
                   "module_", "unet_", "lora_unet_", "lycoris_", "lora_transformer_")
 LORA_CONTAINERS = ("generator_lora", "lora", "state_dict")
 # Key endings of LoRA variants this loader does not merge (core ComfyUI's LoRA loader does): name -> endings
-_VARIANTS = {"DoRA": (".dora_scale",), "LyCORIS LoKr (Tucker)": (".lokr_t2",),
-             "LyCORIS LoHa (Tucker)": (".hada_t1", ".hada_t2"), "OFT": (".oft_blocks", ".oft_diag")}
+_VARIANTS = {"a LyCORIS LoKr with a Tucker core": (".lokr_t2",),
+             "a LyCORIS LoHa with a Tucker core": (".hada_t1", ".hada_t2"), "an OFT LoRA": (".oft_blocks", ".oft_diag")}
 _I2V_LONGEST_FIRST = sorted(I2V_LAYERS, key=len, reverse=True)
 
 log = logging.getLogger("block_cascade")
@@ -149,6 +153,13 @@ def _check_layer(layer: str, parts: dict[str, torch.Tensor], sd: Mapping[str, to
                                              f"{list(w.shape)} (a LoRA for another model size?)")
     elif "alpha" in parts and "diff" not in parts and "diff_b" not in parts:
         raise CheckpointError(lora_path, f"{layer}: has an alpha but no LoRA matrices")
+    if "dora_scale" in parts:
+        w, magnitude = sd[wkey], parts["dora_scale"]
+        if not any(role in parts for role in ("down", *_LOHA, "lokr_w1", "lokr_w1_a")):
+            raise CheckpointError(lora_path, f"{layer}: has a dora_scale but no LoRA matrices")
+        if magnitude.numel() not in (w.shape[0], w[0].numel()):
+            raise CheckpointError(lora_path, f"{layer}.dora_scale has {magnitude.numel()} values; the weight "
+                                             f"{list(w.shape)} needs one a row or one a column")
     for role, key in (("diff", wkey), ("diff_b", layer + ".bias")):
         if role in parts and (key not in sd or parts[role].shape != sd[key].shape):
             got = list(sd[key].shape) if key in sd else "nothing"
@@ -177,6 +188,34 @@ def _lycoris_delta(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int | 
     return torch.kron(*factors), rank
 
 
+def _weight_delta(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
+    """The layer's weight delta (float32, ``shape``) with alpha applied, before the strength: a low-rank pair's
+    ``alpha / rank * up @ down``, a LoHa's or LoKr's (:func:`_lycoris_delta`); None without either."""
+    if "down" in parts:
+        down, up = parts["down"].float(), parts["up"].float()
+        rank = down.shape[0]
+        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
+        return (alpha / rank) * (up.flatten(1) @ down.flatten(1)).reshape(shape)
+    if any(role.startswith(("hada_", "lokr_")) for role in parts):
+        delta, rank = _lycoris_delta(parts)
+        factor = float(parts["alpha"].float().item()) / rank if "alpha" in parts and rank else 1.0
+        return factor * delta.reshape(shape)
+    return None
+
+
+def _dora(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's merged weight (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"): the direction
+    ``w + delta`` scaled to ``magnitude`` along each output row (``magnitude`` of ``out`` values: peft's and
+    kohya's layout), or each input column (``in`` values)."""
+    merged = w + delta
+    flat = merged.flatten(1)  # [out, in...]
+    if magnitude.numel() == flat.shape[0]:
+        norm = flat.norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+    else:
+        norm = flat.norm(dim=0).reshape(1, *w.shape[1:])
+    return merged * (magnitude.float().reshape(norm.shape) / norm)
+
+
 def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
                dtype: torch.dtype | None = None) -> LoraMerge:
     """Merge a LoRA file into canonical weights ``sd`` (tensors replaced, never modified in place).
@@ -184,14 +223,15 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
     ``scale``: the strength, applied to every style (low-rank pairs and full deltas alike).
     Returns a :class:`LoraMerge`; image-to-video layers are left out with a logged warning. Unknown
     keys, half-pairs, shapes that do not fit (a LoRA for another model size) and LoRA variants it does not
-    merge (DoRA, OFT, LoHa/LoKr with a Tucker core: named, with the core nodes that do) raise :class:`CheckpointError`
+    merge (OFT, LoHa/LoKr with a Tucker core: named, with the core nodes that do) raise :class:`CheckpointError`
     naming the LoRA file, before any weight is changed.
     """
     lora_path = os.fspath(lora_path)
     tensors = _read_lora(lora_path)
     for kind, endings in _VARIANTS.items():
         if (key := next((k for k in tensors if k.endswith(endings)), None)) is not None:
-            raise CheckpointError(lora_path, f"a {kind} LoRA ({key}): this loader merges plain low-rank LoRAs; "
+            raise CheckpointError(lora_path, f"{kind} ({key}): this loader merges low-rank LoRAs, DoRA, LoHa and "
+                                             f"LoKr, not this kind; "
                                              f"load the model with core Load Diffusion Model, apply this one with "
                                              f"core LoraLoaderModelOnly and connect Causal Model from MODEL")
     table = _lora_layer_names({k: v.shape for k, v in sd.items()})
@@ -222,17 +262,13 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
                                          f"{first_keys(unknown)}{looks}")
     for layer, parts in groups.items():
         wkey = layer + ".weight" if layer + ".weight" in sd else layer
-        if "down" in parts:
-            down, up, w = parts["down"].float(), parts["up"].float(), sd[wkey]
-            rank = down.shape[0]
-            alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
-            sd[wkey] = (w.float() + (scale * alpha / rank) * delta).to(dtype or w.dtype)
-        elif any(role.startswith(("hada_", "lokr_")) for role in parts):
-            w = sd[wkey]
-            delta, rank = _lycoris_delta(parts)
-            factor = float(parts["alpha"].float().item()) / rank if "alpha" in parts and rank else 1.0
-            sd[wkey] = (w.float() + (scale * factor) * delta.reshape(w.shape)).to(dtype or w.dtype)
+        delta = _weight_delta(parts, sd[wkey].shape)
+        if delta is not None:
+            w = sd[wkey].float()
+            if "dora_scale" in parts:  # the strength moves the weight toward the DoRA-merged one, as ComfyUI does
+                sd[wkey] = (w + scale * (_dora(w, delta, parts["dora_scale"]) - w)).to(dtype or sd[wkey].dtype)
+            else:
+                sd[wkey] = (w + scale * delta).to(dtype or sd[wkey].dtype)
         for role, key in (("diff", wkey), ("diff_b", layer + ".bias")):
             if role in parts:
                 sd[key] = (sd[key].float() + scale * parts[role].float()).to(dtype or sd[key].dtype)

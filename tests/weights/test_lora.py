@@ -129,6 +129,27 @@ def test_every_lora_style_merges_to_the_oracle(style, alpha, ref, base_pt, tmp_p
     assert_close_weights(got, oracle(ref, pairs, 0.7, alpha))
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_a_dora_lora_merges_as_dora_defines_it(layout, ref, base_pt, tmp_path):
+    """DoRA: the merged direction W + alpha/r * up @ down rescaled to the file's magnitudes (one an output row, peft's
+    and kohya's layout, or one an input column), the strength moving W toward it; the oracle computed here."""
+    g = torch.Generator().manual_seed(5)
+    r, alpha, strength = 4, 2.0, 0.5
+    w = ref["blocks.1.ffn.2.weight"]  # [64, 128]
+    down, up = torch.randn(r, 128, generator=g) * 0.2, torch.randn(64, r, generator=g) * 0.2
+    magnitude = torch.rand(64, 1, generator=g) + 0.5 if layout == "rows" else torch.rand(1, 128, generator=g) + 0.5
+    stem = "lora_unet_blocks_1_ffn_2"
+    path = str(tmp_path / "dora.safetensors")
+    save_safetensors({stem + ".lora_down.weight": down, stem + ".lora_up.weight": up,
+                      stem + ".alpha": torch.tensor(alpha), stem + ".dora_scale": magnitude}, path)
+    got, info = load_dit(base_pt, dtype=torch.float32, lora=path, lora_scale=strength, num_heads=4)
+    direction = w + alpha / r * up @ down
+    norm = direction.norm(dim=1, keepdim=True) if layout == "rows" else direction.norm(dim=0, keepdim=True)
+    want = w + strength * (magnitude * direction / norm - w)
+    assert info.lora_layers == 1
+    assert torch.allclose(got["blocks.1.ffn.2.weight"], want, atol=1e-6)
+
+
 @pytest.mark.parametrize("alpha", [None, 3.0])
 def test_lycoris_loha_and_lokr_merge_as_lycoris_defines_them(alpha, ref, base_pt, tmp_path):
     """LoHa: W + s * alpha/r * (W1a W1b) (element-wise) (W2a W2b); LoKr: W + s * alpha/r * kron(W1, W2a W2b), r the
@@ -256,10 +277,14 @@ def test_a_lora_for_another_model_size_is_refused_naming_both_shapes(tmp_path, b
     ({"lora_unet_blocks_0_self_attn_q.alpha": ()}, "blocks.0.self_attn.q: has an alpha but no LoRA matrices"),
     ({"something_else": (3,)}, "this does not look like a LoRA file"),
     ({"blocks.0.self_attn.q.lora_A.weight": (4, 64), "blocks.0.self_attn.q.lora_B.weight": (64, 4),
-      "blocks.0.self_attn.q.dora_scale": (64, 1)}, "a DoRA LoRA (blocks.0.self_attn.q.dora_scale): this loader"),
+      "blocks.0.self_attn.q.dora_scale": (32, 1)},
+     "blocks.0.self_attn.q.dora_scale has 32 values; the weight [64, 64]"),
+    ({"blocks.0.self_attn.q.dora_scale": (64, 1)}, "blocks.0.self_attn.q: has a dora_scale but no LoRA matrices"),
+    ({"blocks.0.self_attn.q.oft_blocks": (4, 16, 16)}, "an OFT LoRA (blocks.0.self_attn.q.oft_blocks): this loader"),
+    ({"lycoris_blocks_0_ffn_0.hada_t1": (4, 4, 3, 3)}, "a LyCORIS LoHa with a Tucker core (lycoris_blocks_0_ffn_0"),
     ({"lycoris_blocks_0_self_attn_q.lokr_w1": (8, 8), "lycoris_blocks_0_self_attn_q.lokr_w2_a": (8, 2),
       "lycoris_blocks_0_self_attn_q.lokr_w2_b": (2, 2), "lycoris_blocks_0_self_attn_q.lokr_t2": (2, 2, 3, 3)},
-     "a LyCORIS LoKr (Tucker) LoRA (lycoris_blocks_0_self_attn_q.lokr_t2"),
+     "a LyCORIS LoKr with a Tucker core (lycoris_blocks_0_self_attn_q.lokr_t2): this loader merges"),
     ({"lycoris_blocks_0_ffn_0.hada_w1_a": (128, 4), "lycoris_blocks_0_ffn_0.hada_w1_b": (4, 64)},
      "blocks.0.ffn.0: an incomplete or ill-shaped LyCORIS LoHa (no hada_w2_a, hada_w2_b)"),
     ({"lycoris_blocks_0_self_attn_q.lokr_w1": (4, 4), "lycoris_blocks_0_self_attn_q.lokr_w2": (8, 8)},
