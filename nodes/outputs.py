@@ -50,6 +50,26 @@ def consume_interrupt() -> None:
     mm.interrupt_current_processing(False)
 
 
+class Progress:
+    """ComfyUI's progress bar of a run (``update_absolute``), which never ends the run itself: ComfyUI's progress
+    hook raises its interrupt exception when Cancel is up (lowering the flag), which would end a run without
+    keeping what it made. So no update is sent while Cancel is up, and if the hook raises anyway (Cancel pressed
+    meanwhile) the flag is raised again: the run sees Cancel at its next tick and ends as a stopped run does."""
+
+    def __init__(self, total: int, node_id: str | None):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def update_absolute(self, value: int, total: int) -> None:
+        if interrupted():
+            return
+        try:
+            self.bar.update_absolute(value, total)
+        except mm.InterruptProcessingException:
+            mm.interrupt_current_processing(True)
+
+
 def finished(run, result, reporter, before, context) -> io.NodeOutput:
     """LATENT (raw, the given latents first) and IMAGE of a run that ended without an error; an endless run's
     last window and the recording of the whole stream."""

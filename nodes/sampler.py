@@ -264,12 +264,10 @@ def make_room(run: Checked, model) -> None:
 def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str) -> io.NodeOutput:
     """The decoder, the run streamed to the widget, the outputs; every reference to the run's device tensors
     dropped at the end, whatever happened (after a failure, also collected and the device's cache emptied)."""
-    import comfy.utils
-
     cfg, session, endless, device = run.cfg, run.session, run.endless, run.devices[0]
     plan = session.plan
     attention_backends.set_backend(run.attention_backend)
-    progress = comfy.utils.ProgressBar(plan.schedule.blocks or 1, node_id=node_id or None)  # endless: see Reporter
+    progress = outputs.Progress(plan.schedule.blocks or 1, node_id or None)  # endless: see Reporter.on_block
     wan = decoder = reporter = result = live = None
     before, given, context, extra = run.before, run.given, run.context, {}
     ended_well = False
