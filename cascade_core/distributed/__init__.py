@@ -59,9 +59,11 @@ The caller's thread watches every worker while it waits: a worker that dies, run
 raises makes ``generate`` raise :class:`WorkerError` naming the rank and device (within about a
 second of a death; a rank stuck in a collective fails after ``timeout``); then every worker is
 stopped (SIGTERM, then SIGKILL) and reaped, and the next ``generate`` starts a fresh pool. Workers
-exit by themselves when the caller's process goes away (a lifeline pipe) and ignore SIGINT (the
-caller decides). Rendezvous: a store in the caller listening on 127.0.0.1 and a free port only
-(gloo and NCCL bootstrap on the loopback interface). Workers import this package under its stable
+exit by themselves within a second when the caller's process goes away, even SIGKILLed mid-run with
+a rank waiting in a collective (a lifeline pipe, and a watch on their parent process for where a fork
+of the caller keeps the pipe open), and ignore SIGINT (the caller decides). Rendezvous: a store in
+the caller listening on 127.0.0.1 and a free port only (gloo and NCCL bootstrap on the loopback
+interface). Workers import this package under its stable
 name ``cascade_core`` (ComfyUI imports custom nodes under path-derived names) and never re-run the
 caller's ``__main__``. On CUDA: one process per GPU; NCCL_P2P_DISABLE=1 when a pair of the GPUs lacks
 peer access; NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 always (no NVLink multicast).

@@ -3,7 +3,9 @@ watched while the caller waits on them, and stopped; the base of :class:`pool.Wo
 
 Guarantees:
 - Start-up: a store on 127.0.0.1 and a free port only; each worker gets a command pipe, an event
-  pipe and a lifeline (it exits by itself when the caller's end closes); start-up ends when every
+  pipe and a lifeline, and exits by itself when the caller's end of the lifeline closes or the
+  caller's process is gone (:func:`worker._watch_caller`: within a second of a SIGKILL of the caller,
+  whatever the worker was doing); start-up ends when every
   rank said it is ready (with its usable GPU memory) or fails after ``START_TIMEOUT`` seconds.
 - Watching (:meth:`WorkerProcesses._pump`): the workers' messages are dispatched in the caller's
   thread; a worker that dies, raises or stays silent past the phase's limit fails the whole group:
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import os
 import socket
 import time
 from multiprocessing import connection as mp_connection
@@ -92,7 +95,7 @@ class WorkerProcesses:
         self._store = dist.TCPStore("127.0.0.1", port, None, True, datetime.timedelta(seconds=self.timeout),
                                     wait_for_workers=False, master_listen_fd=sock.detach())
         self._stop_flag = ctx.Value("b", 0, lock=False)
-        options = {"env": _worker_env(), "timeout": self.timeout}
+        options = {"env": _worker_env(), "timeout": self.timeout, "caller": os.getpid()}
         names = [str(d) for d in self.devices]
         self._weights, self._held_bytes = None, 0
         try:

@@ -1,5 +1,5 @@
 """The worker process: its entry point (imported by its stable name in the spawned process), the
-outbox of messages to the caller and the lifeline that ends it with its caller."""
+outbox of messages to the caller and the watch that ends it with its caller."""
 from __future__ import annotations
 
 import contextlib
@@ -68,13 +68,29 @@ class _Outbox:
         self.thread.join(timeout)
 
 
-def _watch_lifeline(lifeline) -> None:
-    """Exit as soon as the caller's end of the lifeline closes (caller exited, crashed or closed us)."""
+WATCH_EVERY = 0.25  # seconds between two looks at this process's parent
+
+
+def _watch_caller(lifeline, caller: int) -> None:
+    """End this process (``os._exit``, from a thread of its own, which runs whatever the main thread is
+    doing: torch's collectives and tensor ops release the GIL) as soon as either says the caller is gone:
+    - the caller's end of the lifeline closed (the caller exited, was killed, or closed it to stop us);
+      seen at once;
+    - this process's parent is no longer ``caller``'s pid (the kernel handed the orphan to init or a
+      subreaper; POSIX); seen within ``WATCH_EVERY`` seconds. This one holds where the first cannot: a process
+      the caller forked (``os.fork``, a fork-started multiprocessing child of another package) holds a
+      copy of the lifeline's end, so that end stays open after the caller died.
+    (Linux's PR_SET_PDEATHSIG is not used: it fires when the *thread* that started the worker ends,
+    and a pool may be started by a thread that ends before the process does.)"""
     def watch():
-        try:
-            lifeline.recv()
-        except BaseException:  # noqa: BLE001 - EOF or anything: the caller is gone
-            pass
+        while True:
+            try:
+                if lifeline.poll(WATCH_EVERY):  # EOF (nothing is ever sent on it)
+                    break
+            except (EOFError, OSError):
+                break
+            if os.getppid() != caller:
+                break
         os._exit(0)
     threading.Thread(target=watch, name="block-cascade-lifeline", daemon=True).start()
 
@@ -82,7 +98,7 @@ def _watch_lifeline(lifeline) -> None:
 def _worker_main(rank: int, devices: list[str], port: int, cmd, events, lifeline, stop_flag,
                  options: dict) -> None:
     """Entry point of one worker process (spawned; see WorkerPool)."""
-    _watch_lifeline(lifeline)
+    _watch_caller(lifeline, options["caller"])
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(options["env"])
     device = torch.device(devices[rank])
