@@ -9,6 +9,19 @@ frontend's own Cancel button ends the stream; the widget then says it stopped an
 video, the prompt succeeds, and the MP4 in the output folder holds every frame the widget counted.
 The steering CLIP is a stand-in node of this test (text -> seeded [1, 8, 4096] conditioning):
 core's umt5-xxl does not fit a small CPU machine.
+
+It runs once per node renderer of the frontend: ``canvas`` (LiteGraph draws the nodes; the widget is a DOM
+element laid over the canvas) and ``vue`` (the "Modern Node Design (Nodes 2.0)" renderer: every node is a Vue
+component and the widget's element is mounted inside the node's own DOM). The renderer is the frontend setting
+``Comfy.VueNodes.Enabled``, written to the server's user settings (POST /settings, as the settings dialog
+does) before the page loads, and checked on the page (the setting's value, and where the widget's element
+sits). A frontend that does not define that setting (older than 1.27.1) has no Vue renderer: that case skips,
+naming the frontend's version. Checked on ComfyUI 0.27 with frontend 1.45.20 and 1.58.1.
+
+BLOCK_CASCADE_SCREENSHOTS=DIR keeps the page's screenshots there, named by the frontend's version and the
+renderer: ``fe<version>-<renderer>-running.png`` (mid-run, after the steered prompt landed), ``-widget.png``
+(the sampler's widget alone, then) and ``-stopped.png`` (after Cancel), or ``-failed.png`` where the page
+timed out.
 """
 from __future__ import annotations
 
@@ -55,15 +68,20 @@ class StandInCLIP:
 NODE_CLASS_MAPPINGS = {"StandInCLIP": StandInCLIP}
 '''
 
-# Runs in the host's Python: argv = url, workflow file, screenshot file; prints one JSON line.
+VUE_SETTING = "Comfy.VueNodes.Enabled"  # the frontend's node renderer: false canvas (LiteGraph), true Vue
+RENDERERS = ("canvas", "vue")
+
+# Runs in the host's Python: argv = url, workflow file, screenshot folder, renderer, the renderer's setting; prints
+# one JSON line ({"skip": why} where the frontend has no such renderer).
 DRIVE_PAGE = r'''
-import json, sys, tempfile, time
+import json, os, sys, tempfile, time
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-url, wf_path, shot = sys.argv[1:4]
+url, wf_path, shots, renderer, SETTING = sys.argv[1:6]
+prefix = os.path.join(shots, renderer)  # the frontend's version goes in front once the page tells it
 wf = json.load(open(wf_path))
 opts = webdriver.ChromeOptions()
 opts.binary_location = "/usr/bin/chromium"
@@ -73,6 +91,10 @@ for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-s
     opts.add_argument(flag)
 driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 res = {}
+
+
+def shot(name):
+    driver.save_screenshot(f"{prefix}-{name}.png")
 
 
 def wait(expr, timeout=120):
@@ -85,7 +107,13 @@ def wait(expr, timeout=120):
         except Exception:
             pass
         time.sleep(0.25)
-    raise SystemExit(json.dumps({**res, "timeout": expr}))
+    # what the widget and the page saw, for the failure message
+    for key, sel in (("status", ".bc-status"), ("stats", ".bc-stats"), ("cascade", ".bc-cascade")):
+        res.setdefault(key, text(sel))
+    res["events"] = driver.execute_script("return window.__bcEvents || []")[-12:]
+    res["timeout"] = expr
+    shot("failed")
+    raise SystemExit(json.dumps(res))
 
 
 def text(sel):
@@ -102,11 +130,34 @@ try:
     wait("window.app && app.graph && Object.keys(LiteGraph.registered_node_types).length > 0")
     time.sleep(2)
     driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)  # a first-run dialog
+    res["frontend"] = driver.execute_script("return window.__COMFYUI_FRONTEND_VERSION__ || 'unknown'")
+    # the renderer: the setting the test wrote on the server before the page loaded, as the page read it
+    defined, vue = driver.execute_script(
+        "const s = app.extensionManager && app.extensionManager.setting;"
+        " return [Boolean(s && s.settings && s.settings[arguments[0]]), s ? s.get(arguments[0]) : null]", SETTING)
+    if renderer == "vue" and not defined:
+        print(json.dumps({"skip": f"frontend {res['frontend']} has no Vue node renderer (no {SETTING} setting)"}))
+        raise SystemExit(0)
+    if bool(vue) != (renderer == "vue"):
+        raise SystemExit(json.dumps({**res, "error": f"{SETTING} is {vue!r} on the page, wanted the {renderer} renderer"}))
+    prefix = os.path.join(shots, f"fe{res['frontend']}-{renderer}")
+    driver.execute_script(  # the events the page receives, for a failure's message
+        "window.__bcEvents = []; for (const t of ['block_cascade.done', 'execution_error', 'execution_interrupted',"
+        " 'execution_success']) app.api.addEventListener(t, (e) => window.__bcEvents.push([t, JSON.stringify("
+        "e.detail).slice(0, 300)]));")
     driver.execute_script("app.loadApiJson(arguments[0], 'endless.json')", wf)
+    # where the widget's element sits: inside the sampler's Vue node (mounted there once the node renders), or
+    # laid over the canvas
+    res["renderer_seen"] = wait(
+        "(() => { const p = document.querySelector('.bc-player'); if (!p || !p.isConnected) return null;"
+        " const n = p.closest('[data-node-id]'); return n ? 'vue:' + n.getAttribute('data-node-id')"
+        f" : {renderer!r} === 'vue' ? null : 'canvas'; }})()")
     reply = driver.execute_async_script(
         "const [wf, done] = arguments; fetch('/prompt', {method: 'POST', headers: {'Content-Type': 'application/json'},"
         " body: JSON.stringify({prompt: wf, client_id: app.api.clientId})}).then(r => r.json()).then(done);", wf)
     res["prompt_id"] = reply.get("prompt_id")
+    if not res["prompt_id"]:
+        raise SystemExit(json.dumps({**res, "refused": reply}))
     wait("/block [3-9]|block \\d\\d/.test(document.querySelector('.bc-player .bc-cascade').textContent)")
     box = driver.find_element(By.CSS_SELECTOR, ".bc-player .bc-steer-text")
     box.click()
@@ -119,6 +170,8 @@ try:
     wait(f"(() => {{ const m = /block (\\d+)/.exec(document.querySelector('.bc-player .bc-cascade').textContent);"
          f" return m && Number(m[1]) >= {landed + 2}; }})()")  # frames go on after the switch
     res["block_before_cancel"] = block()
+    shot("running")
+    driver.find_element(By.CSS_SELECTOR, ".bc-player").screenshot(prefix + "-widget.png")
     cancel = driver.execute_script(
         "return [...document.querySelectorAll('button')].find(b => /cancel|interrupt/i.test("
         "(b.getAttribute('aria-label') || '') + ' ' + (b.title || '')))")
@@ -129,7 +182,7 @@ try:
     res["status"], res["stats"] = text(".bc-status"), text(".bc-stats")
     res["video_link"] = driver.execute_script("return document.querySelector('.bc-player .bc-video').href")
     time.sleep(1)
-    driver.save_screenshot(shot)
+    shot("stopped")
     print(json.dumps(res))
 finally:
     driver.quit()
@@ -141,7 +194,8 @@ def host(tmp_path_factory):
     yield from started_host(tmp_path_factory, {"stand_in_clip.py": STAND_IN_CLIP})
 
 
-def test_an_endless_run_is_steered_and_cancelled_in_the_real_frontend(host, tmp_path):
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_an_endless_run_is_steered_and_cancelled_in_the_real_frontend(host, tmp_path, renderer):
     python = os.environ.get("COMFYUI_PYTHON") or "python3"
     has = subprocess.run([python, "-c", "import selenium"], capture_output=True).returncode == 0
     if not (has and shutil.which("chromium") and shutil.which("chromedriver")):
@@ -155,20 +209,26 @@ def test_an_endless_run_is_steered_and_cancelled_in_the_real_frontend(host, tmp_
     wf["8"]["inputs"].update(positive=["2", 0], clip=["20", 0])
     wf["16"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 1]}}
     assert wf["2"]["inputs"]["embeds"] == EMBEDS[0]
-    wf_path, shot = tmp_path / "endless.json", tmp_path / "endless.png"
+    wf_path, shots = tmp_path / "endless.json", os.environ.get("BLOCK_CASCADE_SCREENSHOTS") or str(tmp_path)
     wf_path.write_text(json.dumps(wf))
-    run = subprocess.run([python, "-c", DRIVE_PAGE, host.url, str(wf_path), str(shot)], capture_output=True,
-                         text=True, timeout=600)
+    os.makedirs(shots, exist_ok=True)
+    # the renderer is a user setting: written before the page loads, so the page starts in it
+    status, reply = host.post("/settings", {VUE_SETTING: renderer == "vue"})
+    assert status == 200, reply
+    run = subprocess.run([python, "-c", DRIVE_PAGE, host.url, str(wf_path), shots, renderer, VUE_SETTING],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     res = json.loads(run.stdout.strip().splitlines()[-1])
-    if os.environ.get("BLOCK_CASCADE_KEEP_SCREENSHOT"):
-        shutil.copy(shot, os.environ["BLOCK_CASCADE_KEEP_SCREENSHOT"])
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    # the widget sits where the renderer puts it: in the sampler's Vue node, or over the canvas
+    assert res["renderer_seen"] == ("vue:8" if renderer == "vue" else "canvas"), res
     landed = int(re.search(r"block (\d+)", res["switches"]).group(1))
     assert res["tick"] == f"block {landed}: a red fox running through snow" and landed > res["typed_at_block"] - 1
     assert res["block_before_cancel"] >= landed + 2 and res["status"].startswith("Stopped by Cancel")
     history = host.history(res["prompt_id"])
     assert history["status"]["status_str"] == "success" and "16" in history["outputs"]  # the graph went on
-    (video,) = history["outputs"]["8"]["images"]
+    (video,) = history["outputs"]["8"]["block_cascade_video"]  # the sampler's UI output: the recording
     assert res["video_link"].endswith(f"filename={video['filename']}&subfolder={video['subfolder']}&type=output")
     import av
 
