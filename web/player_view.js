@@ -13,14 +13,14 @@ const CSS = `
 .bc-player .bc-grid { display: flex; flex-direction: column; gap: 2px; }
 .bc-player .bc-row { display: flex; align-items: center; gap: 2px; }
 .bc-player .bc-row span { width: 3.5em; }
-.bc-player .bc-cell { width: 10px; height: 8px; background: #333; border-radius: 1px; }
+.bc-player .bc-cell { width: 10px; height: 8px; background: #555; border-radius: 1px; }
 .bc-player .bc-cell.on { background: #4a8; }
 .bc-player .bc-cell.clean { background: #8cf; }
 .bc-player .bc-controls { display: flex; gap: 6px; align-items: center; }
 .bc-player .bc-controls input { flex: 1; }
 .bc-player .bc-switches div, .bc-player .bc-steer-error { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .bc-player .bc-switches .dropped { color: #777; }
-.bc-player .bc-timeline { position: relative; height: 8px; background: #333; border-radius: 2px; }
+.bc-player .bc-timeline { position: relative; height: 8px; background: #4a4a4a; border-radius: 2px; }
 .bc-player .bc-tick { position: absolute; top: 0; width: 3px; height: 100%; margin-left: -1px; background: #fc6; }
 .bc-player .bc-steer-row { display: flex; gap: 4px; }
 .bc-player .bc-steer-row input { min-width: 0; box-sizing: border-box; }
