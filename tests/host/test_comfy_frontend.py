@@ -189,6 +189,9 @@ finally:
 '''
 
 
+VUE_DOM_WIDGETS = (1, 45)  # the oldest frontend whose Vue renderer was seen drawing the widget (1.45.20)
+
+
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     yield from started_host(tmp_path_factory, {"stand_in_clip.py": STAND_IN_CLIP})
@@ -217,6 +220,12 @@ def test_an_endless_run_is_steered_and_cancelled_in_the_real_frontend(host, tmp_
     assert status == 200, reply
     run = subprocess.run([python, "-c", DRIVE_PAGE, host.url, str(wf_path), shots, renderer, VUE_SETTING],
                          capture_output=True, text=True, timeout=600)
+    said = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith('{"frontend"')]
+    frontend = json.loads(said[-1])["frontend"] if said else ""  # a failure's JSON comes on stderr
+    if run.returncode and renderer == "vue" and frontend and tuple(map(int, frontend.split("."))) < VUE_DOM_WIDGETS:
+        # seen on 1.27.10: its Vue nodes draw no DOM widget (the sampler's node ends after its inputs)
+        pytest.skip(f"frontend {frontend}'s experimental Vue renderer draws no DOM widgets; the widget shows there "
+                    f"in the canvas renderer")
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     res = json.loads(run.stdout.strip().splitlines()[-1])
     if "skip" in res:
