@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from test_distributed import gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only: /proc, SIGSTOP, fork")
@@ -43,15 +44,6 @@ pool.generate(model, PromptSchedule.single(torch.ones(3, 32)), CascadeConfig(fra
               window=6, sink=2), blocks=5000, width=64, height=32, on_tick=on_tick)
 print("FINISHED", flush=True)
 """
-
-
-def gone(pid: int) -> bool:
-    """No such process (reaped), or only a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def wait_gone(pids: list[int], within: float) -> float:

@@ -56,7 +56,7 @@ for _path in (os.path.dirname(HERE), HERE):  # tests/ (oracles) and tests/host, 
         sys.path.insert(0, _path)
 
 import test_comfy_host
-from test_comfy_frontend import STAND_IN_CLIP
+from test_comfy_frontend import STAND_IN_CLIP, START_CHROMIUM
 from test_comfy_host import WebSocket, started_host, workflow
 
 NODE = "8"  # the sampler's id in the workflow
@@ -65,19 +65,10 @@ WORDS = ("red", "quiet", "golden", "misty", "neon", "frozen", "wild", "ancient",
 
 # Runs in ComfyUI's Python (selenium there, as in test_comfy_frontend): argv = the page's url. Reads commands on
 # stdin ("reload", "quit"), answers one JSON line each on stdout; the first line says the browser is up.
-BROWSER = r'''
-import json, shutil, sys, tempfile, time
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
+BROWSER = 'WINDOW = "1280,900"\n' + START_CHROMIUM + r'''
+import json, shutil, sys, time
 
 url = sys.argv[1]
-profile = tempfile.mkdtemp(prefix="soak-chromium-")
-opts = webdriver.ChromeOptions()
-opts.binary_location = "/usr/bin/chromium"
-for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900",
-             f"--user-data-dir={profile}"):
-    opts.add_argument(flag)
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 READY = ("try { return !!(window.app && app.graph && window.LiteGraph"
          " && LiteGraph.registered_node_types['BlockCascadeSampler']); } catch (e) { return false; }")
 print(json.dumps({"up": True}), flush=True)

@@ -73,23 +73,31 @@ RENDERERS = ("canvas", "vue")
 
 # Runs in the host's Python: argv = url, workflow file, screenshot folder, renderer, the renderer's setting; prints
 # one JSON line ({"skip": why} where the frontend has no such renderer).
-DRIVE_PAGE = r'''
-import json, os, sys, tempfile, time
+# Starts headless Chromium in the host's Python (Debian's chromium and chromedriver): ``driver``, its fresh
+# ``profile`` folder. The scripts that drive a page begin with it, after setting WINDOW ("width,height").
+START_CHROMIUM = r'''
+import tempfile
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+
+profile = tempfile.mkdtemp(prefix="comfy-chromium-")
+_options = webdriver.ChromeOptions()
+_options.binary_location = "/usr/bin/chromium"
+for _flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--window-size={WINDOW}",
+              f"--user-data-dir={profile}"):
+    _options.add_argument(_flag)
+driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=_options)
+'''
+
+# tall enough for the whole sampler node (its steer box) where either frontend places it
+DRIVE_PAGE = 'WINDOW = "1600,1400"\n' + START_CHROMIUM + r'''
+import json, os, sys, time
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 url, wf_path, shots, renderer, SETTING = sys.argv[1:6]
 prefix = os.path.join(shots, renderer)  # the frontend's version goes in front once the page tells it
 wf = json.load(open(wf_path))
-opts = webdriver.ChromeOptions()
-opts.binary_location = "/usr/bin/chromium"
-# tall enough for the whole sampler node (its steer box) where either frontend places it
-for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1600,1400",
-             f"--user-data-dir={tempfile.mkdtemp()}"):
-    opts.add_argument(flag)
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 res = {}
 
 
