@@ -78,6 +78,8 @@ def finished(run, result, reporter, before, context) -> io.NodeOutput:
     if stopped:  # Cancel ended the stream: its outputs go on through the graph, as a run's would
         consume_interrupt()
         _stopped_runs[0] += 1
+    elif interrupted():  # Cancel came as the last block was final: the whole video is made, and goes on
+        consume_interrupt()
     raw = normalized_to_raw(result.latents.float()).cpu()
     if before is not None and not endless:  # the given latents themselves, not a round trip
         raw = torch.cat([before.cpu(), raw], 2)

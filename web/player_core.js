@@ -296,7 +296,8 @@ export class Hub {
 
   /** The note for a node (or null): {kind: "waiting", on} | {kind: "running"} | {kind: "cached"} |
    * {kind: "failed", on, error} (the last prompt failed in node `on`, this one when null, before this node
-   * streamed) | {kind: "interrupted"} (cancelled before this node ran). */
+   * streamed) | {kind: "interrupted", started?} (cancelled before this node ran, or, `started`, while it was
+   * starting: before its stream began). */
   note(nodeId) {
     return this.notes.get(String(nodeId)) || null;
   }
@@ -338,7 +339,9 @@ export class Hub {
       else if (this.accept(String(raw))) {
         this.pending.delete(String(raw));
         const s = this.get(raw);
+        // its own stream shows what it does; else say it runs (a stale "waiting" note never stays)
         if (!s || s.status !== "running") this.notes.set(String(raw), { kind: "running" });
+        else this.notes.delete(String(raw));
       } else for (const id of this.pending) this.notes.set(id, { kind: "waiting", on: title(String(raw)) });
     } else if (type === "execution_error") {
       const at = detail && detail.node_id !== undefined && detail.node_id !== null ? String(detail.node_id) : null;
@@ -346,6 +349,7 @@ export class Hub {
       notRun((id) => ({ kind: "failed", on: at === null || at === id ? null : title(at), error }));
       end();
     } else if (type === "execution_interrupted") {
+      for (const [id, n] of this.notes) if (n.kind === "running") this.notes.set(id, { kind: "interrupted", started: true });
       notRun(() => ({ kind: "interrupted" }));
       end();
     } else if (type === "execution_success") end();

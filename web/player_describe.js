@@ -8,7 +8,7 @@ function noteText(note) {
   if (note.kind === "waiting") return note.on ? `Waiting for ${note.on} (runs before this node)…` : "Queued: waiting for the nodes before this one…";
   if (note.kind === "running") return "Running: frames appear here as blocks finish…";
   if (note.kind === "failed") return note.on ? `Not run: ${note.on} failed before it (${note.error})` : `Error: ${note.error}`;
-  if (note.kind === "interrupted") return "Cancelled before this node ran";
+  if (note.kind === "interrupted") return note.started ? "Cancelled while this node was starting (before its first block)" : "Cancelled before this node ran";
   return "From the cache: ComfyUI reused an earlier run's outputs (same inputs) and this page has not seen its frames; change the seed or an input to stream again.";
 }
 

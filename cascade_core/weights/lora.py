@@ -134,18 +134,15 @@ def _check_layer(layer: str, parts: dict[str, torch.Tensor], sd: Mapping[str, to
             have, need = ("lora_A/down", "lora_B/up") if "down" in parts else ("lora_B/up", "lora_A/down")
             raise CheckpointError(lora_path, f"{layer}: has {have} but no {need}")
         down, up, w = parts["down"], parts["up"], sd[wkey]
-        if up.dim() < 2 or up.shape[1] != down.shape[0] or up.shape[0] != w.shape[0] or \
-                down[0].numel() != w[0].numel():
+        if down.dim() < 2 or up.dim() < 2 or down.shape[0] == 0 or up.shape[1] != down.shape[0] or \
+                up.shape[0] != w.shape[0] or down[0].numel() != w[0].numel():
             raise CheckpointError(lora_path, f"{layer}: LoRA shapes {list(up.shape)} x {list(down.shape)} do not "
                                              f"fit the weight {list(w.shape)} (a LoRA for another model size?)")
-        if "alpha" in parts and parts["alpha"].numel() != 1:
-            raise CheckpointError(lora_path, f"{layer}.alpha has shape {list(parts['alpha'].shape)}; an alpha is "
-                                             "one number")
     elif any(role.startswith(("hada_", "lokr_")) for role in parts):
         w = sd[wkey]
         try:
             delta, _ = _lycoris_delta(parts)
-        except (KeyError, RuntimeError) as exc:
+        except (KeyError, RuntimeError, IndexError) as exc:
             raise CheckpointError(lora_path, f"{layer}: an incomplete or ill-shaped LyCORIS "
                                              f"{'LoHa' if 'hada_w1_a' in parts else 'LoKr'} ({exc.args[0]})") from None
         if delta.shape[0] != w.shape[0] or delta.numel() != w.numel():
@@ -153,13 +150,16 @@ def _check_layer(layer: str, parts: dict[str, torch.Tensor], sd: Mapping[str, to
                                              f"{list(w.shape)} (a LoRA for another model size?)")
     elif "alpha" in parts and "diff" not in parts and "diff_b" not in parts:
         raise CheckpointError(lora_path, f"{layer}: has an alpha but no LoRA matrices")
+    if "alpha" in parts and parts["alpha"].numel() != 1:
+        raise CheckpointError(lora_path, f"{layer}.alpha has shape {list(parts['alpha'].shape)}; an alpha is "
+                                         "one number")
     if "dora_scale" in parts:
         w, magnitude = sd[wkey], parts["dora_scale"]
         if not any(role in parts for role in ("down", *_LOHA, "lokr_w1", "lokr_w1_a")):
             raise CheckpointError(lora_path, f"{layer}: has a dora_scale but no LoRA matrices")
-        if magnitude.numel() not in (w.shape[0], w[0].numel()):
-            raise CheckpointError(lora_path, f"{layer}.dora_scale has {magnitude.numel()} values; the weight "
-                                             f"{list(w.shape)} needs one a row or one a column")
+        if magnitude.numel() != (w.shape[0] if _dora_on_rows(w, magnitude) else w.shape[1]):
+            raise CheckpointError(lora_path, f"{layer}.dora_scale has shape {list(magnitude.shape)}; the weight "
+                                             f"{list(w.shape)} needs one value an output row or an input channel")
     for role, key in (("diff", wkey), ("diff_b", layer + ".bias")):
         if role in parts and (key not in sd or parts[role].shape != sd[key].shape):
             got = list(sd[key].shape) if key in sd else "nothing"
@@ -203,16 +203,21 @@ def _weight_delta(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Te
     return None
 
 
+def _dora_on_rows(w: torch.Tensor, magnitude: torch.Tensor) -> bool:
+    """Whether a ``dora_scale`` holds one magnitude an output row (its first size is the weight's, as peft's and
+    kohya's [out, 1]) rather than one an input channel (LyCORIS's default [1, in, ...]); ComfyUI decides so."""
+    return magnitude.dim() > 0 and magnitude.shape[0] == w.shape[0]
+
+
 def _dora(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """DoRA's merged weight (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"): the direction
-    ``w + delta`` scaled to ``magnitude`` along each output row (``magnitude`` of ``out`` values: peft's and
-    kohya's layout), or each input column (``in`` values)."""
+    ``w + delta`` [out, in, ...] scaled to ``magnitude`` along each output row or each input channel
+    (:func:`_dora_on_rows`)."""
     merged = w + delta
-    flat = merged.flatten(1)  # [out, in...]
-    if magnitude.numel() == flat.shape[0]:
-        norm = flat.norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+    if _dora_on_rows(w, magnitude):
+        norm = merged.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))  # [out, 1, ...]
     else:
-        norm = flat.norm(dim=0).reshape(1, *w.shape[1:])
+        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *([1] * (w.dim() - 2)))  # [1, in, ...]
     return merged * (magnitude.float().reshape(norm.shape) / norm)
 
 

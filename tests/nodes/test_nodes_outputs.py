@@ -73,3 +73,20 @@ def test_after_a_stopped_run_comfyui_runs_the_node_again_rather_than_from_its_ca
     assert sampler.fingerprint_inputs() == before
     run_cancelled_after(model, prompts, 1)
     assert sampler.fingerprint_inputs() != before
+
+
+def test_cancel_at_the_last_tick_hands_the_whole_video_on(model, prompts):
+    """Cancel pressed as the run's last tick is done (too late to stop anything): the whole video is made, the
+    interrupt is consumed (else ComfyUI would end the prompt before the next node and the run would be lost)."""
+    whole, _ = run("BlockCascadeSampler", model=model, config=config(**P1), width=W, height=H, blocks=BLOCKS, seed=3,
+                   positive=prompts[0])
+
+    def on_event(event, data):
+        if event == "block_cascade.state" and data["tick"] == data["ticks"] - 1:
+            mm.interrupt_current_processing(True)
+
+    with Recorder(on_event) as rec:
+        latent, _ = run("BlockCascadeSampler", model=model, config=config(**P1), width=W, height=H, blocks=BLOCKS,
+                        seed=3, positive=prompts[0])
+    assert not mm.processing_interrupted()
+    assert torch.equal(latent["samples"], whole["samples"]) and "error" not in rec.events("done")[0][1]

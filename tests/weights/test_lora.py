@@ -129,16 +129,19 @@ def test_every_lora_style_merges_to_the_oracle(style, alpha, ref, base_pt, tmp_p
     assert_close_weights(got, oracle(ref, pairs, 0.7, alpha))
 
 
-@pytest.mark.parametrize("layout", ["rows", "columns"])
-def test_a_dora_lora_merges_as_dora_defines_it(layout, ref, base_pt, tmp_path):
-    """DoRA: the merged direction W + alpha/r * up @ down rescaled to the file's magnitudes (one an output row, peft's
-    and kohya's layout, or one an input column), the strength moving W toward it; the oracle computed here."""
+@pytest.mark.parametrize("layer,layout", [("blocks.1.ffn.2", "rows"), ("blocks.1.ffn.2", "columns"),
+                                          ("blocks.0.self_attn.q", "rows"), ("blocks.0.self_attn.q", "columns")])
+def test_a_dora_lora_merges_as_dora_defines_it(layer, layout, ref, base_pt, tmp_path):
+    """DoRA: the merged direction W + alpha/r * up @ down rescaled to the file's magnitudes (one an output row,
+    [out, 1] as peft and kohya store them, or one an input column, [1, in] as LyCORIS does: told apart by the
+    magnitudes' first size, also on a square layer), the strength moving W toward it; the oracle computed here."""
     g = torch.Generator().manual_seed(5)
     r, alpha, strength = 4, 2.0, 0.5
-    w = ref["blocks.1.ffn.2.weight"]  # [64, 128]
-    down, up = torch.randn(r, 128, generator=g) * 0.2, torch.randn(64, r, generator=g) * 0.2
-    magnitude = torch.rand(64, 1, generator=g) + 0.5 if layout == "rows" else torch.rand(1, 128, generator=g) + 0.5
-    stem = "lora_unet_blocks_1_ffn_2"
+    w = ref[layer + ".weight"]  # [64, 128] or [64, 64]
+    out_f, in_f = w.shape
+    down, up = torch.randn(r, in_f, generator=g) * 0.2, torch.randn(out_f, r, generator=g) * 0.2
+    magnitude = torch.rand(out_f, 1, generator=g) + 0.5 if layout == "rows" else torch.rand(1, in_f, generator=g) + 0.5
+    stem = "lora_unet_" + layer.replace(".", "_")
     path = str(tmp_path / "dora.safetensors")
     save_safetensors({stem + ".lora_down.weight": down, stem + ".lora_up.weight": up,
                       stem + ".alpha": torch.tensor(alpha), stem + ".dora_scale": magnitude}, path)
@@ -147,7 +150,7 @@ def test_a_dora_lora_merges_as_dora_defines_it(layout, ref, base_pt, tmp_path):
     norm = direction.norm(dim=1, keepdim=True) if layout == "rows" else direction.norm(dim=0, keepdim=True)
     want = w + strength * (magnitude * direction / norm - w)
     assert info.lora_layers == 1
-    assert torch.allclose(got["blocks.1.ffn.2.weight"], want, atol=1e-6)
+    assert torch.allclose(got[layer + ".weight"], want, atol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [None, 3.0])
@@ -278,7 +281,12 @@ def test_a_lora_for_another_model_size_is_refused_naming_both_shapes(tmp_path, b
     ({"something_else": (3,)}, "this does not look like a LoRA file"),
     ({"blocks.0.self_attn.q.lora_A.weight": (4, 64), "blocks.0.self_attn.q.lora_B.weight": (64, 4),
       "blocks.0.self_attn.q.dora_scale": (32, 1)},
-     "blocks.0.self_attn.q.dora_scale has 32 values; the weight [64, 64]"),
+     "blocks.0.self_attn.q.dora_scale has shape [32, 1]; the weight [64, 64] needs one value an output row"),
+    ({"blocks.0.self_attn.q.lora_A.weight": (0, 64), "blocks.0.self_attn.q.lora_B.weight": (64, 0)},
+     "blocks.0.self_attn.q: LoRA shapes [64, 0] x [0, 64] do not fit"),
+    ({"lycoris_blocks_0_ffn_0.hada_w1_a": (128, 2), "lycoris_blocks_0_ffn_0.hada_w1_b": (2, 64),
+      "lycoris_blocks_0_ffn_0.hada_w2_a": (128, 2), "lycoris_blocks_0_ffn_0.hada_w2_b": (2, 64),
+      "lycoris_blocks_0_ffn_0.alpha": (2,)}, "blocks.0.ffn.0.alpha has shape [2]; an alpha is one number"),
     ({"blocks.0.self_attn.q.dora_scale": (64, 1)}, "blocks.0.self_attn.q: has a dora_scale but no LoRA matrices"),
     ({"blocks.0.self_attn.q.oft_blocks": (4, 16, 16)}, "an OFT LoRA (blocks.0.self_attn.q.oft_blocks): this loader"),
     ({"lycoris_blocks_0_ffn_0.hada_t1": (4, 4, 3, 3)}, "a LyCORIS LoHa with a Tucker core (lycoris_blocks_0_ffn_0"),

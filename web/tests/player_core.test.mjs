@@ -98,6 +98,20 @@ test("the widget says what happened to the last run: failed before it, failed in
   hub.comfy("execution_start", {}, { samplers: ["7"], title });
   hub.comfy("execution_interrupted", { node_id: "2" }, { title });
   assert.equal(describe(null, hub.note("7")).status, "Cancelled before this node ran");
+  hub.comfy("execution_start", {}, { samplers: ["7"], title });
+  hub.comfy("executing", "7", { title });
+  hub.comfy("execution_interrupted", { node_id: "7" }, { title });
+  assert.equal(describe(null, hub.note("7")).status, "Cancelled while this node was starting (before its first block)");
+});
+
+test("a sampler that runs never keeps a stale waiting note, even beside a stream whose end was missed", () => {
+  const hub = new Hub();
+  hub.handle("block_cascade.start", START); // its done never came (a dropped socket)
+  hub.comfy("execution_start", {}, { samplers: ["7"] });
+  hub.comfy("executing", "3", { title: () => "node 3" });
+  assert.equal(hub.note("7").kind, "waiting");
+  hub.comfy("executing", "7");
+  assert.equal(hub.note("7"), null, "the stream's own status shows, not 'waiting for node 3'");
 });
 
 test("cascade state rows: steps and the clean pass", () => {
