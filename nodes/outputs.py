@@ -17,7 +17,6 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from cascade_core.video.frames import FramesEvent
 from cascade_core.video.latents import normalized_to_raw
 
 from . import recording, stream
@@ -74,12 +73,13 @@ def finished(run, result, reporter, before, context) -> io.NodeOutput:
     """LATENT (raw, the given latents first) and IMAGE of a run that ended without an error; an endless run's
     last window and the recording of the whole stream."""
     endless = run.endless
-    stopped = endless and interrupted()
-    if stopped:  # Cancel ended the stream: its outputs go on through the graph, as a run's would
+    # Cancel ended the stream (its normal end), or came as a known-length run's last block was final (the whole
+    # video is made): either way the outputs go on through the graph
+    cancelled = interrupted()
+    if cancelled:
         consume_interrupt()
-        _stopped_runs[0] += 1
-    elif interrupted():  # Cancel came as the last block was final: the whole video is made, and goes on
-        consume_interrupt()
+    stopped = endless and cancelled
+    _stopped_runs[0] += stopped
     raw = normalized_to_raw(result.latents.float()).cpu()
     if before is not None and not endless:  # the given latents themselves, not a round trip
         raw = torch.cat([before.cpu(), raw], 2)
@@ -124,8 +124,7 @@ def save_frames(images: torch.Tensor) -> recording.Recording:
     video = recording.Recording(stream.FPS)
     try:
         for at in range(0, images.shape[0], SAVE_CHUNK):
-            chunk = images[at:at + SAVE_CHUNK].permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1  # [1, 3, n, H, W] in [-1, 1]
-            video.write(FramesEvent(0, at, chunk, 0.0))
+            video.write_pixels((images[at:at + SAVE_CHUNK] * 255).round().to(torch.uint8), at)  # [n, H, W, 3]
     finally:
         video.close()
     return video

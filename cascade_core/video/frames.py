@@ -243,7 +243,10 @@ class VideoWriter:
             os.makedirs(frames_dir, exist_ok=True)
 
     def write(self, event: FramesEvent) -> None:
-        pixels = to_uint8_frames(event.frames)  # [F, H, W, 3]
+        self.write_pixels(to_uint8_frames(event.frames), event.first_frame)
+
+    def write_pixels(self, pixels: torch.Tensor, first_frame: int) -> None:
+        """Frames [F, H, W, 3] uint8 on the CPU, the first being the video's frame ``first_frame``."""
         if self.path and self.container is None:
             self._open(pixels.shape[2], pixels.shape[1])
         for i, frame in enumerate(pixels.numpy()):
@@ -252,7 +255,7 @@ class VideoWriter:
                     self.container.mux(packet)
             if self.frames_dir:
                 from PIL import Image  # Pillow comes with ComfyUI and with PyAV's usual installs
-                Image.fromarray(frame).save(os.path.join(self.frames_dir, f"{event.first_frame + i:05d}.png"))
+                Image.fromarray(frame).save(os.path.join(self.frames_dir, f"{first_frame + i:05d}.png"))
         self.count += len(pixels)
 
     def _open(self, width: int, height: int) -> None:
