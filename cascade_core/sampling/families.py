@@ -21,6 +21,8 @@ class Family:
     description: str
     settings: dict = field(default_factory=dict)  # CascadeConfig fields that differ from the defaults
     source: str = ""  # reference file and lines the settings come from
+    # the Wan2.1 decoder's window rule where the family's own code decodes (video.vae.Upsample: "wan" or "krea")
+    time_cache: str = "wan"
 
 
 _FOUR_STEPS = (1000, 750, 500, 250)
@@ -66,7 +68,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                             "re-encoded by the VAE; 4 warped steps and a last one at t = 0; no clean pass)",
            {"steps": (1000, 750, 500, 250, 0), "kv_recompute": 3},
            "krea-ai/realtime-video@acf4b7b release_server.py:328-330,396,416-418,559-560,563-633,637-708; "
-           "v2v.py:133-136"),
+           "v2v.py:133-136; its decoder (output and re-encoded frame): release_server.py:190-225,719-721, "
+           "demo_utils/vae_block3.py:46-63", time_cache="krea"),
 )}
 DEFAULT_FAMILY = "self-forcing"
 

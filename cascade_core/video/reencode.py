@@ -3,10 +3,14 @@
 Guarantees: :class:`ContextReencoder` is a :data:`sampling.recompute.ContextImage`: for the latents of frames
 0..j of one video it returns the normalised latent [1, 16, 1, h, w] of frame j's last video frame,
 decoded by the streaming decoder (:mod:`video.decode_stream`: the frames of one decode of the whole video,
-clamped to [-1, 1]) and encoded alone, as an image, by the VAE encoder it is given (diffusers' through
-:func:`video.vae_encode.encode` in :meth:`ContextReencoder.from_state_dict`; ComfyUI's own VAE in the nodes). This is krea-ai/realtime-video's ``get_clean_context_frames``
-(``release_server.py:563-576``; its decoder ``demo_utils/vae_block3.py:200-230`` clamps too). Each
-latent frame is decoded once, as the calls reach it.
+clamped to [-1, 1], under the decoder's window rule :attr:`video.vae.WanVAEDecoder.time_cache`) and encoded
+alone, as an image, by the VAE encoder it is given (diffusers' through :func:`video.vae_encode.encode` in
+:meth:`ContextReencoder.from_state_dict`; ComfyUI's own VAE in the nodes). This is krea-ai/realtime-video's
+``get_clean_context_frames`` (``release_server.py:563-576``): the frame it re-encodes is one its server
+decoded for the output video (``release_server.py:719-721``) with its own decoder
+(``demo_utils/vae_block3.py``, loaded at ``release_server.py:190-225``), which clamps too (226) and whose
+window rule is "krea", so family krea-realtime decodes under it. Each latent frame is decoded once, as the
+calls reach it.
 """
 from __future__ import annotations
 
@@ -38,19 +42,23 @@ class ContextReencoder:
 
     @classmethod
     def from_state_dict(cls, sd, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                        source: str = "state dict") -> "ContextReencoder":
+                        source: str = "state dict", time_cache: str = "wan") -> "ContextReencoder":
         """Decoder and encoder of the complete Wan2.1 VAE in ``sd`` (any layout :mod:`video.vae_encode` reads),
-        ``dtype`` on ``device``. Raises :class:`CheckpointError` naming ``source`` when ``sd`` is no such VAE."""
+        ``dtype`` on ``device``; the decoder's window rule ``time_cache`` (:attr:`WanVAEDecoder.time_cache`:
+        "krea" for family krea-realtime, as Krea's server decodes). Raises :class:`CheckpointError` naming
+        ``source`` when ``sd`` is no such VAE."""
         encoder = encoder_from_state_dict(sd, dtype=dtype, device=device, source=source)
-        return cls(WanVAEDecoder.from_state_dict(sd, dtype=dtype, device=device, source=source),
-                   functools.partial(encode, encoder))
+        decoder = WanVAEDecoder.from_state_dict(sd, dtype=dtype, device=device, source=source)
+        decoder.time_cache = time_cache
+        return cls(decoder, functools.partial(encode, encoder))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> "ContextReencoder":
+                  device: torch.device | str = "cpu", time_cache: str = "wan") -> "ContextReencoder":
         """:meth:`from_state_dict` of a VAE file or diffusers folder (:func:`weights.safe_io.read_weights`)."""
         path = os.fspath(path)
-        return cls.from_state_dict(read_weights(path)[0], dtype=dtype, device=device, source=path)
+        return cls.from_state_dict(read_weights(path)[0], dtype=dtype, device=device, source=path,
+                                   time_cache=time_cache)
 
     def __call__(self, latents: torch.Tensor, first: int = 0) -> torch.Tensor:
         """[1, 16, n, h, w] normalised latents of frames first..j (``first`` at most the number of frames

@@ -21,7 +21,12 @@ Guarantees:
 - On CUDA each stream decodes on its own CUDA stream, ordered after the caller's queued work
   (see :class:`~video.decode_stream.StreamingDecode` for what the caller must do).
 
-Decoder layout for base width d (the released VAE has d = 96); "up" levels double height and width,
+Inside the decoder every layer works on frames [B, T, H, W, C] (channels last) and the convolutions'
+weights are stored channels-last, so cuDNN runs NDHWC kernels with no layout transposes between layers;
+names and shapes of the parameters are the original ones.
+
+Decoder layout for base width d (the released VAE has d = 96, LightVAE ``lightvaew2_1`` of lightx2v, the
+same network pruned by 75 %, d = 24); "up" levels double height and width,
 the first two also double the frame count (except for the video's first frame)::
 
     z [B,16,T,h,w] -> conv2 (1x1x1) -> decoder.conv1 (3x3x3, 16 -> 4d)
@@ -34,11 +39,10 @@ the first two also double the frame count (except for the video's first frame)::
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from ..common.constants import LATENT_CHANNELS
@@ -49,55 +53,66 @@ from .latents import normalized_to_raw
 
 # ---- layers ------------------------------------------------------------------------------------
 
+NORM_EPS = 1e-12  # added to the mean square of [C] channel vectors (the original clamps |x| at 1e-12)
+
+
 class CausalConv3d(nn.Conv3d):
-    """A 3-D convolution whose temporal window ends at the output frame.
+    """A 3-D convolution whose temporal window ends at the output frame, on frames [B, T, H, W, C].
 
     With a temporal kernel of k, output frame t sees input frames t-k+1 .. t; the k-1 frames before a
     call's first frame come from the :class:`CausalState`. Height and width are zero-padded by
-    ``spatial_padding`` as in a plain convolution.
+    ``spatial_padding`` as in a plain convolution. The weight keeps the original [Cout, Cin, kt, kh, kw]
+    shape (and name); the decoder stores it channels-last, so cuDNN reads and writes NDHWC with no
+    layout transposes around it.
     """
 
     def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int, int], spatial_padding: int = 0):
         kernel = (kernel,) * 3 if isinstance(kernel, int) else kernel
         super().__init__(cin, cout, kernel, padding=(0, spatial_padding, spatial_padding))
 
-    def forward(self, x: torch.Tensor, state: CausalState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: CausalState | None = None,
+                fill: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
+        """[B, T, H, W, Cin] -> [B, T, H', W', Cout]. With ``fill`` (see :meth:`RMSNorm.silu_into`), ``x`` gives
+        only the shape: ``fill(room)`` writes this call's input frames straight behind the cached ones."""
         history = self.kernel_size[0] - 1
         if history:
-            x = state.with_past(self, x, history, dim=2)  # [B, C, history + T, H, W]
-        return super().forward(x)
-
-    def after_norm_silu(self, norm: RMSNorm, x: torch.Tensor, state: CausalState) -> torch.Tensor:
-        """``self(silu(norm(x)), state)``, the normalised frames written straight behind the cached
-        ones: no copy of the whole input to put them there (1.3 % of a decode on an H200, BENCHMARKS.md)."""
-        def fill(room: torch.Tensor) -> None:  # room: [B, C, T, H, W], a view
-            norm(x, out=room)
-            F.silu(room, inplace=True)
-
-        return super().forward(state.with_past(self, x, self.kernel_size[0] - 1, dim=2, fill=fill))
+            x = state.with_past(self, x, history, dim=1, fill=fill)  # [B, history + T, H, W, Cin]
+        elif fill is not None:
+            room = torch.empty_like(x)
+            fill(room)
+            x = room
+        y = F.conv3d(x.permute(0, 4, 1, 2, 3), self.weight, self.bias, padding=self.padding)  # NDHWC in memory
+        return y.permute(0, 2, 3, 4, 1)
 
 
 class RMSNorm(nn.Module):
-    """``x / |x| * sqrt(C) * gamma`` over the channels (dim 1) of [B, C, *spatial] tensors."""
+    """``x / |x| * sqrt(C) * gamma`` over the channels (the last dim) of [..., C] frames.
+
+    ``gamma`` keeps the original shape [C, 1, 1(, 1)] (and name). Computed by ``F.rms_norm`` (x over the root
+    mean square: the same thing; one fused pass on CUDA) with an epsilon far below any activation's mean square,
+    where the original clamps the norm at 1e-12.
+    """
 
     def __init__(self, channels: int, spatial_dims: int):
         super().__init__()
-        self.scale = channels ** 0.5
         self.gamma = nn.Parameter(torch.ones(channels, *([1] * spatial_dims)))
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The normalised x; written into ``out`` (a tensor of x's shape, or a view) where given."""
-        # F.normalize(x, dim=1) * scale * gamma with one pass over the frames fewer (3 % of a decode)
-        inverse_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_()
-        return torch.mul(x * inverse_norm, self.gamma * self.scale, out=out)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.gamma.reshape(-1), NORM_EPS)
+
+    def silu_into(self, x: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        """A ``fill`` for :meth:`CausalConv3d.forward`: writes silu(norm(x)) into the view it is given."""
+        def fill(room: torch.Tensor) -> None:
+            torch.ops.aten.silu.out(self(x), out=room)
+        return fill
 
 
 class ResidualBlock(nn.Module):
     """Twice (RMSNorm, SiLU, causal 3x3x3 conv), plus a shortcut (1x1x1 conv where the width changes).
 
     ``residual`` keeps the original indices: 0 and 3 the norms, 2 and 6 the convolutions
-    (1 and 4 are the SiLUs, 5 stands where the original had dropout). Each convolution runs through
-    :meth:`CausalConv3d.after_norm_silu`, which applies its norm and SiLU.
+    (1 and 4 are the SiLUs, 5 stands where the original had dropout). Each convolution writes its norm's
+    and SiLU's output straight behind its cached frames (:meth:`RMSNorm.silu_into`). Frames [B, T, H, W, C].
     """
 
     def __init__(self, cin: int, cout: int):
@@ -109,13 +124,14 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = conv1.after_norm_silu(norm1, x, state)
-        h = conv2.after_norm_silu(norm2, h, state)
-        return h + self.shortcut(x)
+        h = conv1(x, state, fill=norm1.silu_into(x))
+        h = conv2(h, state, fill=norm2.silu_into(h))
+        return h.add_(x if isinstance(self.shortcut, nn.Identity) else self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention among the positions of each frame; nothing crosses frames."""
+    """Single-head self-attention among the positions of each frame; nothing crosses frames. Frames
+    [B, T, H, W, C]; the 1x1 convolutions (original names and shapes) act as linear maps of the channels."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -124,12 +140,15 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:  # state: not needed
-        b, _, _, h, _ = x.shape
-        y = self.norm(rearrange(x, "b c t h w -> (b t) c h w"))
-        q, k, v = rearrange(self.to_qkv(y), "n (three c) h w -> three n 1 (h w) c", three=3)
-        y = F.scaled_dot_product_attention(q, k, v)  # [(b t), 1, h*w, c]
-        y = self.proj(rearrange(y, "n 1 (h w) c -> n c h w", h=h))
-        return x + rearrange(y, "(b t) c h w -> b c t h w", b=b)
+        b, t, h, w, c = x.shape
+        y = self.norm(x).reshape(b * t, 1, h * w, c)  # one head per frame
+        qkv = F.linear(y, self.to_qkv.weight.reshape(3 * c, c), self.to_qkv.bias)
+        y = F.scaled_dot_product_attention(*qkv.chunk(3, dim=-1))  # [(b t), 1, h*w, c]
+        y = F.linear(y, self.proj.weight.reshape(c, c), self.proj.bias)
+        return x + y.reshape(b, t, h, w, c)
+
+
+TIME_CACHES = ("wan", "krea")  # the rules an :class:`Upsample`'s temporal convolution may see its past by
 
 
 class Upsample(nn.Module):
@@ -139,34 +158,68 @@ class Upsample(nn.Module):
     Temporal doubling: a causal (3,1,1) convolution makes 2C channels per frame, read as two
     consecutive frames of C channels. The video's first frame is neither doubled nor convolved; the
     convolution's history starts after it, with zeros.
+
+    ``time_cache`` (temporal layers only; an attribute, settable) is the window of the convolution. With
+    x_1, x_2, ... the layer's input frames after the video's first (latent frames 1, 2, ...) and
+    x_{-1} = x_0 = 0 (the zeros the history starts with):
+
+    - ``"wan"``, the Wan2.1 code's: frame k sees (x_{k-2}, x_{k-1}, x_k).
+    - ``"krea"``, the decoder of Krea Realtime's server (krea-ai/realtime-video@acf4b7b
+      ``demo_utils/vae_block3.py:46-63``): frame k sees (x'_{k-1}, x_{k-1}, x_k), x'_{k-1} being x_{k-1}
+      where x_{k-2} != 0 and 0 where x_{k-2} == 0, element by element. That code decodes one latent frame
+      per call (``vae_block3.py:212-224``) and after a call of one frame keeps ``where(last cached == 0, 0,
+      current)`` and the current frame (``vae_block3.py:56-59``, 62): while the cache still holds the
+      zeros it starts with (frames 1 and 2) that is the Wan2.1 window; from frame 3 on the current frame
+      stands twice. Its second temporal upsample always gets two frames a call, so the rule never applies
+      there: :class:`WanVAEDecoder` sets it on the first one only.
+
+    The :class:`CausalState` holds the same two past frames under both rules, so a video decoded in
+    blocks of any size gives the frames of one decode of everything under either.
     """
 
-    def __init__(self, channels: int, temporal: bool):
+    def __init__(self, channels: int, temporal: bool, time_cache: str = "wan"):
         super().__init__()
         self.resample = nn.Sequential(
             nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(channels, channels // 2, 3, padding=1))
         self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
+        if time_cache not in TIME_CACHES or (time_cache != "wan" and not temporal):
+            raise ValueError(f"time_cache {time_cache!r}: one of {', '.join(TIME_CACHES)} "
+                             "(other than wan only on a temporal layer)")
+        self.time_cache = time_cache
 
     def forward(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:
+        """[B, T, H, W, C] -> [B, T', 2H, 2W, C/2] (T' = 2T, or 2T - 1 in the video's first call, if temporal)."""
         if self.time_conv is not None:
             x = self._double_frames(x, state)
-        t = x.shape[2]
-        y = self.resample(rearrange(x, "b c t h w -> (b t) c h w"))
-        return rearrange(y, "(b t) c h w -> b c t h w", t=t)
+        b, t, h, w, c = x.shape
+        frames = x.reshape(b * t, h, w, c).permute(0, 3, 1, 2)  # NCHW, channels-last in memory
+        y = self.resample[1](F.interpolate(frames, scale_factor=2.0, mode="nearest"))
+        return y.permute(0, 2, 3, 1).reshape(b, t, 2 * h, 2 * w, y.shape[1])
 
     def _double_frames(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:
         parts = []
         if not state.started:  # the video's first frame passes through as one frame
-            parts.append(x[:, :, :1])
-            x = x[:, :, 1:]
-        if x.shape[2]:
-            pairs = self.time_conv(x, state)  # [B, 2C, T, H, W]
-            parts.append(rearrange(pairs, "b (two c) t h w -> b c (t two) h w", two=2))
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+            parts.append(x[:, :1])
+            x = x[:, 1:]
+        if x.shape[1]:
+            pairs = self._krea_time_conv(x, state) if self.time_cache == "krea" else self.time_conv(x, state)
+            b, t, h, w, c2 = pairs.shape  # channels [0, C) are the first frame of a pair, [C, 2C) the second
+            parts.append(pairs.reshape(b, t, h, w, 2, c2 // 2).permute(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, -1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def _krea_time_conv(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:
+        """The temporal convolution under the "krea" window (see the class): [B, T, H, W, C] -> [B, T, H, W, 2C]."""
+        seq = state.with_past(self.time_conv, x, 2, dim=1)  # x_{k-2}, x_{k-1}, then this call's x_k
+        before, previous, current = seq[:, :-2], seq[:, 1:-1], seq[:, 2:]
+        repeated = torch.where(before == 0, 0, previous)
+        windows = torch.stack((repeated, previous, current), dim=2).flatten(1, 2)  # [B, 3T, H, W, C]
+        y = F.conv3d(windows.permute(0, 4, 1, 2, 3), self.time_conv.weight, self.time_conv.bias, stride=(3, 1, 1))
+        return y.permute(0, 2, 3, 4, 1)
 
 
 class Decoder3d(nn.Module):
-    """The ``decoder.*`` part: raw (post-conv2) latents [B,16,T,h,w] -> frames [B,3,F,8h,8w], unclamped."""
+    """The ``decoder.*`` part: raw (post-conv2) latents [B,T,h,w,16] -> frames [B,F,8h,8w,3], unclamped
+    (channels last: every layer works on [B, T, H, W, C])."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -187,7 +240,7 @@ class Decoder3d(nn.Module):
         for layer in (*self.middle, *self.upsamples):
             x = layer(x, state)
         norm, _, conv = self.head
-        return conv.after_norm_silu(norm, x, state)
+        return conv(x, state, fill=norm.silu_into(x))
 
 
 class WanVAEDecoder(LatentVideoDecoder):
@@ -201,8 +254,36 @@ class WanVAEDecoder(LatentVideoDecoder):
 
     @torch.no_grad()  # inference only: the norms write into views of preallocated tensors
     def decode_pass(self, z: torch.Tensor, state: CausalState) -> torch.Tensor:
-        x = self.conv2(normalized_to_raw(z.float()).to(self.dtype))
-        return self.decoder(x, state)
+        """Normalised latents [B, 16, T, h, w] -> frames [B, 3, F, 8h, 8w] (a view of channels-last memory)."""
+        self._weights_channels_last()
+        x = normalized_to_raw(z.float()).to(self.dtype).permute(0, 2, 3, 4, 1)  # [B, T, h, w, 16]
+        return self.decoder(self.conv2(x), state).permute(0, 4, 1, 2, 3)
+
+    def _weights_channels_last(self) -> None:
+        """Store the convolutions' weights channels-last (once; ``.to()`` keeps the layout): with the frames
+        [B, T, H, W, C] cuDNN then runs NDHWC kernels with no transposes (BENCHMARKS.md, the decoder)."""
+        if self.decoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d):
+            return
+        for conv in self.modules():
+            if isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+                layout = torch.channels_last_3d if conv.weight.dim() == 5 else torch.channels_last
+                conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+
+    @property
+    def time_cache(self) -> str:
+        """The window rule of the first temporal upsample (:class:`Upsample`): "wan" (the Wan2.1 code's, the
+        default) or "krea" (Krea Realtime's server decoder, family krea-realtime). Set it before a video's
+        first decode; every stream of this decoder's weights follows it."""
+        return self._first_temporal_upsample().time_cache
+
+    @time_cache.setter
+    def time_cache(self, rule: str) -> None:
+        if rule not in TIME_CACHES:
+            raise ValueError(f"time_cache {rule!r}: one of {', '.join(TIME_CACHES)}")
+        self._first_temporal_upsample().time_cache = rule
+
+    def _first_temporal_upsample(self) -> Upsample:
+        return next(m for m in self.decoder.upsamples if isinstance(m, Upsample) and m.time_conv is not None)
 
     @classmethod
     def _weights_and_config(cls, sd: Any, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -173,7 +173,7 @@ def test_krea_read_off_the_file_name_runs_as_the_engine_with_the_graphs_vae_reen
         latent, images = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=3,
                              seed=1, positive=prompt, vae=vae)
     ref = generate(model.model, PromptSchedule.single(prompt[0][0][0]), family_config("krea-realtime"), blocks=3,
-                   width=W, height=H, seed=1, context_image=ContextReencoder.from_state_dict(sd))
+                   width=W, height=H, seed=1, context_image=ContextReencoder.from_state_dict(sd, time_cache="krea"))
     assert (latent["samples"] - normalized_to_raw(ref.latents.float())).abs().max() <= 1e-5
     assert vae.encoded == [(1, H, W, 3)]  # block 2's first context frame, through the graph's VAE
     assert images.shape[0] == 1 + 4 * 8

@@ -10,9 +10,13 @@ The loop, per block b of N latent frames (E = bN frames before it), with K conte
   cross-attention cache is reset for a new prompt only after it, 662-666). The context
   (``get_clean_context_frames``, 563-576) is frame 0 and the last K - 1 frames of frames 1..E-1 while
   (b - 1)N < K; after that, frames 1..E-1's last K - 1 preceded by the oldest of the last 1 + 4(K - 1)
-  decoded video frames, encoded alone by the VAE encoder (the video decoded here in one go by
-  diffusers' AutoencoderKLWan, clamped to [-1, 1]; Krea decodes block by block with a causal cache,
-  which gives the same frames);
+  decoded video frames, encoded alone by the VAE encoder. Those frames are the server's output video,
+  decoded block by block with a causal cache by its own decoder (``load_vae``, 190-225; 719-721:
+  ``demo_utils/vae_block3.py``, one latent frame a call, clamped to [-1, 1]). That decoder is the Wan2.1
+  one but for its temporal upsamples (``vae_block3.py:46-63``): after a call of one frame, the layer's
+  cache holds the current frame twice, except where the last frame it held is exactly 0 (there 0 in the
+  first place). Here: diffusers' AutoencoderKLWan (the Wan2.1 decoder and encoder, frame by frame) with
+  that cache rule put on its temporal upsamples (:func:`kreas_vae`);
 - the block's steps run at positions C..C+N-1 and attend the context and themselves (686-705); the
   step list is read through the shifted table padded with t = 0 (``v2v.py:133-136``), sigma the
   nearest table entry; x0 = x_t - sigma*v; re-noised between steps; no clean pass (708).
@@ -37,6 +41,42 @@ KREA_STEPS = (1000, 750, 500, 250, 0)
 TOLERANCE = 1e-5
 
 
+def diffusers_vae(vae_sd):
+    """diffusers' AutoencoderKLWan with the tiny VAE's weights (names converted by diffusers)."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    vae = AutoencoderKLWan(base_dim=8)
+    vae.load_state_dict(convert_wan_vae_to_diffusers(dict(vae_sd)), strict=True)
+    return vae.eval()
+
+
+def with_kreas_cache_rule(vae):
+    """``vae`` (diffusers') decoding as Krea's server decoder: every temporal upsample, after a call of one
+    frame x, keeps (where(the frame it kept last == 0, 0, x), x) rather than (the frame it kept last, x).
+    diffusers marks a layer's first call by "Rep" and keeps (0, x) after the second, which Krea's zeros
+    give too; its decode runs one latent frame a call, as Krea's (``vae_block3.py:212-224``)."""
+    layers = [u.upsamplers[0] for u in vae.decoder.up_blocks if u.upsamplers is not None]
+    temporal = [layer for layer in layers if layer.mode == "upsample3d"]
+    assert len(temporal) == 2
+
+    def rule(layer):
+        plain = layer.forward
+
+        def forward(x, feat_cache=None, feat_idx=None):
+            slot = feat_idx[0]
+            kept = feat_cache[slot]  # None before the first call, "Rep" before the second, then 2 frames
+            out = plain(x, feat_cache=feat_cache, feat_idx=feat_idx)
+            if torch.is_tensor(kept) and x.shape[2] == 1:
+                feat_cache[slot] = torch.cat([torch.where(kept[:, :, -1:] == 0, 0, x), x], dim=2)
+            return out
+        return forward
+
+    for layer in temporal:
+        layer.forward = rule(layer)
+    return vae
+
+
 def embedding(seed):
     from conftest import TINY
     return torch.randn(6, TINY.text_dim, generator=torch.Generator().manual_seed(seed))
@@ -49,13 +89,8 @@ def vae_sd():
 
 @pytest.fixture(scope="module")
 def their_vae(vae_sd):
-    """diffusers' AutoencoderKLWan with the tiny VAE's weights (names converted by diffusers)."""
-    from diffusers import AutoencoderKLWan
-    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-
-    vae = AutoencoderKLWan(base_dim=8)
-    vae.load_state_dict(convert_wan_vae_to_diffusers(dict(vae_sd)), strict=True)
-    return vae.eval()
+    """Krea's server VAE (module docstring): diffusers' with Krea's cache rule."""
+    return with_kreas_cache_rule(diffusers_vae(vae_sd))
 
 
 def krea_levels(steps, shift=5.0):
@@ -122,8 +157,8 @@ def krea_loop(model, vae, prompts, blocks, frames=3, context=3, steps=KREA_STEPS
     return latents, forwards
 
 
-def engine(model, vae_sd, prompts, blocks, cfg):
-    reencoder = ContextReencoder.from_state_dict(vae_sd)
+def engine(model, vae_sd, prompts, blocks, cfg, time_cache="krea"):
+    reencoder = ContextReencoder.from_state_dict(vae_sd, time_cache=time_cache)
     return generate(model, PromptSchedule(sorted(prompts.items())), cfg, blocks=blocks, width=W, height=H,
                     seed=SEED, context_image=reencoder)
 
@@ -153,6 +188,26 @@ def test_what_the_loop_checks_changes_the_video(model, vae_sd, their_vae):
               CascadeConfig(steps=KREA_STEPS, kv_recompute=4)]
     for cfg in others:
         assert (engine(model, vae_sd, prompts, 5, cfg).latents - expected).abs().max() > 100 * TOLERANCE, cfg
+    # the re-encoded frame decoded under the Wan2.1 rule rather than Krea's server decoder's
+    wan = engine(model, vae_sd, prompts, 5, family_config("krea-realtime"), time_cache="wan").latents
+    assert (wan - expected).abs().max() > 100 * TOLERANCE
+
+
+def test_the_decoder_under_kreas_rule_is_kreas_server_decoder(vae_sd, their_vae):
+    """Every frame of a video, streamed in blocks of 3 latent frames (as the family's output is), against
+    Krea's server decoder; diffusers' plain decoder (the Wan2.1 rule) differs from latent frame 3 on."""
+    z = torch.randn(1, 16, 7, H // 8, W // 8, generator=torch.Generator().manual_seed(4))
+    mean, std = (torch.tensor(v).view(1, 16, 1, 1, 1) for v in (LATENT_MEAN, LATENT_STD))
+    with torch.no_grad():
+        kreas = their_vae.decode(z * std + mean).sample
+        plain = diffusers_vae(vae_sd).decode(z * std + mean).sample
+    decoder = ContextReencoder.from_state_dict(vae_sd, time_cache="krea").decoder
+    stream = decoder.stream(None)
+    ours = torch.cat([stream.decode(z[:, :, at:at + 3]) for at in (0, 3, 6)], dim=2)
+    assert (ours - kreas).abs().max() <= TOLERANCE
+    first_changed = 1 + 4 * 2  # the first video frame of latent frame 3
+    assert (plain[:, :, :first_changed] - kreas[:, :, :first_changed]).abs().max() <= TOLERANCE
+    assert (plain[:, :, first_changed:] - kreas[:, :, first_changed:]).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-3
 
 
 def test_the_context_takes_the_previous_blocks_prompt(model, vae_sd, their_vae):
@@ -194,11 +249,13 @@ def test_a_missing_reencoder_a_prefix_and_several_devices_are_refused_before_mod
 
 
 def test_the_reencoder_decodes_each_frame_once_and_refuses_another_video(vae_sd, their_vae):
-    reencoder = ContextReencoder.from_state_dict(vae_sd)
+    reencoder = ContextReencoder.from_state_dict(vae_sd, time_cache="krea")
+    wan = ContextReencoder.from_state_dict(vae_sd)  # the Wan2.1 rule: Krea's frames from latent frame 3 on
     latents = torch.randn(1, 16, 7, H // 8, W // 8, generator=torch.Generator().manual_seed(3))
-    for j in (1, 4, 7):
+    for j in (1, 3, 4, 7):
         got = reencoder(latents[:, :, :j])
         assert (got - reencoded(their_vae, latents[:, :, :j], 1)).abs().max() <= TOLERANCE
+        assert ((wan(latents[:, :, :j]) - got).abs().max() > 100 * TOLERANCE) == (j > 3)
     assert reencoder.decoded == 7
     with pytest.raises(ValueError, match="has decoded 7 latent frames of this video"):
         reencoder(latents[:, :, :3])

@@ -173,6 +173,80 @@ def test_vae_stream_keeps_its_shape_until_reset(vae):
         stream.decode(torch.zeros(1, 48, 1, H, W))
 
 
+@pytest.fixture(scope="module")
+def krea_vae():
+    decoder = WanVAEDecoder.from_state_dict(vae_weights())
+    decoder.time_cache = "krea"
+    return decoder
+
+
+def test_vae_kreas_rule_differs_from_latent_frame_3_on_and_streams_like_one_decode(vae, krea_vae):
+    """Krea's window (video.vae.Upsample) first differs in the cache kept after latent frame 2, so
+    frames of latent frames 0-2 are the Wan2.1 rule's and every later one differs; blocks of any size
+    and any pass size give one decode of everything under it."""
+    z = latents(7)
+    wan, krea = vae.decode(z, frames_per_pass=None), krea_vae.decode(z, frames_per_pass=None)
+    first_changed = 1 + 4 * 2  # the first video frame of latent frame 3
+    assert (krea[:, :, :first_changed] - wan[:, :, :first_changed]).abs().max() <= 1e-5
+    assert (krea[:, :, first_changed:] - wan[:, :, first_changed:]).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-3
+    for sizes in ([3, 3, 1], [1] * 7, [2, 4, 1], [1, 3, 3]):
+        for per_pass in (None, 1, 2):
+            blocks = decode_in_blocks(krea_vae, z, sizes, frames_per_pass=per_pass)
+            assert [b.shape[2] for b in blocks] == expected_counts(sizes)
+            assert (torch.cat(blocks, dim=2) - krea).abs().max() <= 1e-5, (sizes, per_pass)
+
+
+def test_vae_kreas_rule_sits_on_the_first_temporal_upsample_only(krea_vae):
+    from cascade_core.video.vae import Upsample
+
+    rules = [(m.time_conv is not None, m.time_cache) for m in krea_vae.decoder.upsamples if isinstance(m, Upsample)]
+    assert rules == [(True, "krea"), (True, "wan"), (False, "wan")]
+    assert WanVAEDecoder(DIM).time_cache == "wan"
+    with pytest.raises(ValueError, match="one of wan, krea"):
+        WanVAEDecoder(DIM).time_cache = "vae_block3"
+    with pytest.raises(ValueError, match="a temporal layer"):
+        Upsample(4, temporal=False, time_cache="krea")
+
+
+def test_upsample_kreas_window_one_frame_a_call_with_exact_zeros():
+    """The "krea" layer against Krea's cache written out frame by frame: a cache of 2 frames, zeros at
+    first; the video's first frame passes; frame k is convolved over (cache, x_k), then the cache becomes
+    (x_k where the cache's last frame is not 0 else 0, x_k). Exact zeros in frame 2 are kept as zeros."""
+    from cascade_core.video.decode_stream import CausalState
+    from cascade_core.video.vae import Upsample
+
+    torch.manual_seed(0)
+    layer, plain = Upsample(4, temporal=True, time_cache="krea"), Upsample(4, temporal=True)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 4, 6, 3, 2)
+    x[:, :2, 2, 0] = 0.0
+    cache, doubled = torch.zeros(1, 4, 2, 3, 2), [x[:, :, :1]]
+    for k in range(1, x.shape[2]):
+        now = x[:, :, k:k + 1]
+        pairs = torch.nn.functional.conv3d(torch.cat([cache, now], 2), layer.time_conv.weight, layer.time_conv.bias)
+        doubled.append(pairs[:, :, 0].unflatten(1, (2, 4)).transpose(1, 2))  # [1, 4, 2, 3, 2]
+        cache = torch.cat([torch.where(cache[:, :, -1:] == 0, 0, now), now], 2)
+    doubled = torch.cat(doubled, 2)
+    with torch.no_grad():
+        expected = layer.resample(doubled.transpose(1, 2).flatten(0, 1)).unflatten(0, (1, -1)).transpose(1, 2)
+        for sizes in ([6], [1, 5], [2, 1, 3], [1] * 6):
+            state, parts, at = CausalState(), [], 0
+            for n in sizes:
+                parts.append(layer(x[:, :, at:at + n].movedim(1, -1), state).movedim(-1, 1))  # layers: [B,T,H,W,C]
+                state.started, at = True, at + n
+            assert (torch.cat(parts, 2) - expected).abs().max() <= 1e-6, sizes
+        plain_out = plain(x.movedim(1, -1), CausalState()).movedim(-1, 1)
+    # frames from latent frame 3 differ from the Wan2.1 window (2 output frames each, after the first)
+    assert (plain_out[:, :, :5] - expected[:, :, :5]).abs().max() <= 1e-6
+    assert (plain_out[:, :, 5:] - expected[:, :, 5:]).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-3
+    # the zeros of frame 2 are tested exactly: made 1e-30, frame 4's window sees frame 3 there instead of 0
+    nudged = x.clone()
+    nudged[:, :2, 2, 0] = 1e-30
+    with torch.no_grad():
+        moved = (layer(nudged.movedim(1, -1), CausalState()).movedim(-1, 1) - expected).abs().amax(dim=(0, 1, 3, 4))
+    assert moved[:7].max() <= 1e-6 and moved[7:9].min() > 1e-3 and moved[9:].max() <= 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_vae_low_precision_runs_close_to_fp32(vae, dtype):
     z = latents(2)
