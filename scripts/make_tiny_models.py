@@ -14,7 +14,11 @@ Writes
       released Wan2.1_VAE.pth / ComfyUI's wan_2.1_vae.safetensors), random:
       --vae tiny: base width 8 (for cascade_core's decoder; ComfyUI's own VAELoader only builds the
       full-width Wan2.1 VAE, so it cannot load this one);
-      --vae full: Wan2.1's real width (96), stored in fp16 (about 0.25 GB), which ComfyUI's VAELoader loads.
+      --vae full: Wan2.1's real width (96), stored in fp16 (about 0.25 GB), which ComfyUI's VAELoader loads;
+      --vae light: LightVAE's layout (lightvaew2_1: every width a quarter of Wan2.1's, base 24), fp32;
+  MODELS_DIR/vae_approx/block_cascade_tiny_{taew2_1,lighttaew2_1}.safetensors (--tiny-decoder, off by default)
+      a complete TAEHV-layout tiny decoder (encoder and decoder, the key names of taew2_1 / lighttaew2_1),
+      random, narrow; stored as released: taew2_1 in fp16, lighttaew2_1 in fp32.
 Prints one JSON line with the files written.
 """
 from __future__ import annotations
@@ -38,6 +42,7 @@ TINY_DIT = WanConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=4
 DIT_NAME = "block_cascade_tiny_dit.safetensors"
 EMBEDS_NAMES = ("block_cascade_tiny_a.safetensors", "block_cascade_tiny_b.safetensors")
 VAE_NAME = "block_cascade_tiny_vae.safetensors"
+TINY_DECODER_NAME = "block_cascade_tiny_{kind}.safetensors"  # kind: taew2_1 or lighttaew2_1
 EMBED_TOKENS = 16
 
 
@@ -100,10 +105,11 @@ def vae_encoder_shapes(dim: int, z_dim: int = 16) -> dict[str, tuple[int, ...]]:
 def vae_state_dict(width: str = "tiny", seed: int = 0) -> dict[str, torch.Tensor]:
     """A random complete Wan2.1 VAE state dict (canonical names): the decoder of cascade_core.video.vae with
     torch's default initialisation, and the encoder of :func:`vae_encoder_shapes` (weights
-    ~ N(0, 1/fan_in), biases 0, norm gains 1). Base width 8 ("tiny", fp32) or 96 ("full", fp16)."""
+    ~ N(0, 1/fan_in), biases 0, norm gains 1). Base width 8 ("tiny", fp32), 96 ("full", fp16) or 24
+    ("light": LightVAE's, fp32 as lightvaew2_1 is released)."""
     from cascade_core.video.vae import WanVAEDecoder
 
-    dim = 96 if width == "full" else 8
+    dim = {"full": 96, "light": 24}.get(width, 8)
     torch.manual_seed(seed)
     sd = dict(WanVAEDecoder(dim=dim).state_dict())
     for name, shape in vae_encoder_shapes(dim).items():
@@ -117,7 +123,43 @@ def vae_state_dict(width: str = "tiny", seed: int = 0) -> dict[str, torch.Tensor
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
-def write(models_dir: str, vae_width: str = "tiny") -> dict[str, str]:
+def taehv_encoder_shapes(width: int = 64, z_dim: int = 16) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the TAEHV encoder (``encoder.N.*``; taew2_1 and lighttaew2_1 keep it; width 64
+    when released; lightx2v ``models/video_encoders/hf/tae.py:188-207``). Layers: 0 conv 3 -> w; 2, 7, 12
+    time pools (a 1x1 conv of stride*w -> w, no bias; strides 2, 2, 1); 3, 8, 13 stride-2 3x3 convs (no
+    bias); 4-6, 9-11, 14-16 memory blocks (convs 2w -> w, w -> w, w -> w); 17 conv w -> z_dim."""
+    shapes: dict[str, tuple[int, ...]] = {"encoder.0.weight": (width, 3, 3, 3), "encoder.0.bias": (width,),
+                                          "encoder.17.weight": (z_dim, width, 3, 3), "encoder.17.bias": (z_dim,)}
+    for pool, stride in ((2, 2), (7, 2), (12, 1)):
+        shapes[f"encoder.{pool}.conv.weight"] = (width, width * stride, 1, 1)
+        shapes[f"encoder.{pool + 1}.weight"] = (width, width, 3, 3)
+        for block in range(pool + 2, pool + 5):
+            for i, cin in ((0, 2 * width), (2, width), (4, width)):
+                shapes[f"encoder.{block}.conv.{i}.weight"] = (width, cin, 3, 3)
+                shapes[f"encoder.{block}.conv.{i}.bias"] = (width,)
+    return shapes
+
+
+def tiny_decoder_state_dict(kind: str = "lighttaew2_1", width: str = "tiny", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random complete TAEHV-layout state dict of ``kind`` "taew2_1" or "lighttaew2_1" (the same names and
+    shapes): the decoder of cascade_core.video.taew with torch's default initialisation, the encoder of
+    :func:`taehv_encoder_shapes` (weights ~ N(0, 1/fan_in), biases 0). Widths "tiny" (decoder 16, 8, 8, 8;
+    encoder 8) or "full" (the released 256, 128, 64, 64 and 64). Stored as released: taew2_1 in fp16,
+    lighttaew2_1 in fp32."""
+    from cascade_core.video.taew import TAEW2_1_WIDTHS, TinyWanDecoder
+
+    if kind not in ("taew2_1", "lighttaew2_1"):
+        raise ValueError(f"kind {kind!r}: taew2_1 or lighttaew2_1")
+    widths, encoder_width = (TAEW2_1_WIDTHS, 64) if width == "full" else ((16, 8, 8, 8), 8)
+    torch.manual_seed(seed)
+    sd = dict(TinyWanDecoder(widths).state_dict())
+    for name, shape in taehv_encoder_shapes(encoder_width).items():
+        sd[name] = torch.zeros(shape) if len(shape) == 1 else torch.randn(shape) * math.prod(shape[1:]) ** -0.5
+    dtype = torch.float32 if kind == "lighttaew2_1" else torch.float16
+    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def write(models_dir: str, vae_width: str = "tiny", tiny_decoder: str = "none") -> dict[str, str]:
     written = {}
     dit = os.path.join(models_dir, "diffusion_models", DIT_NAME)
     save_safetensors(tiny_dit_state_dict(), dit)
@@ -130,17 +172,23 @@ def write(models_dir: str, vae_width: str = "tiny") -> dict[str, str]:
         path = os.path.join(models_dir, "vae", VAE_NAME)
         save_safetensors(vae_state_dict(vae_width), path)
         written["vae"] = path
+    if tiny_decoder != "none":
+        path = os.path.join(models_dir, "vae_approx", TINY_DECODER_NAME.format(kind=tiny_decoder))
+        save_safetensors(tiny_decoder_state_dict(tiny_decoder), path)
+        written["tiny_decoder"] = path
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models_dir", help="a ComfyUI models folder (e.g. ComfyUI/models)")
-    p.add_argument("--vae", choices=("tiny", "full", "none"), default="tiny",
+    p.add_argument("--vae", choices=("tiny", "full", "light", "none"), default="tiny",
                    help="the complete Wan2.1 VAE written: tiny (narrow, fast), full (the released widths, "
-                        "random weights, about 250 MB) or none")
+                        "random weights, about 250 MB), light (LightVAE's widths, about 32 MB) or none")
+    p.add_argument("--tiny-decoder", choices=("none", "taew2_1", "lighttaew2_1"), default="none",
+                   help="also write a narrow random tiny decoder of that kind into vae_approx/")
     args = p.parse_args(argv)
-    print(json.dumps(write(args.models_dir, args.vae)))
+    print(json.dumps(write(args.models_dir, args.vae, args.tiny_decoder)))
     return 0
 
 

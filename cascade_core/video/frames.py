@@ -136,16 +136,35 @@ class FrameStream:
         self.next_frame += frames.shape[2]
 
 
-def load_decoder(path: str, dtype: torch.dtype, device: torch.device | str):
-    """A taew2_1 file -> the tiny preview decoder; anything else -> WanVAEDecoder (a Wan2.1 VAE file or
-    diffusers folder; other files raise its :class:`CheckpointError`, which says what they are)."""
-    from ..weights.safe_io import read_weights
-    from .taew import TinyWanDecoder
+def load_decoder(path: str, dtype: torch.dtype, device: torch.device | str, kind: str | None = None):
+    """Any decoder file of Wan2.1 latents -> its streaming decoder, told by names and shapes
+    (:func:`weights.vae_names.decoder_kind`): the Wan2.1 VAE (file or diffusers folder) and LightVAE
+    (``lightvaew2_1``, a narrower Wan2.1 VAE) -> :class:`video.vae.WanVAEDecoder`; taew2_1 ->
+    :class:`video.taew.TinyWanDecoder`; LightTAE (``lighttaew2_1``) -> :class:`video.taew.LightTAEDecoder`.
+
+    All of them take normalised latents [B, 16, T, h, w] and give frames [B, 3, F, 8h, 8w] in [-1, 1].
+    ``kind`` ("taew2_1" / "lighttaew2_1") overrides which tiny decoder a TAEHV-layout file is (they share
+    names and shapes; without it, the file's name, then its dtype, decide). ``device="meta"`` only checks
+    the file. Raises :class:`CheckpointError` naming the file: one line saying what it looks like when
+    it is none of them, else what is missing or mis-shaped. Weights are read without running pickled code
+    (:func:`weights.safe_io.read_weights`).
+    """
+    from ..weights.safe_io import CheckpointError, read_weights
+    from ..weights.vae_names import DECODER_KINDS, decoder_kind, describe
+    from .taew import LightTAEDecoder, TinyWanDecoder
     from .vae import WanVAEDecoder
 
+    tiny = {"taew2_1": TinyWanDecoder, "lighttaew2_1": LightTAEDecoder}
+    if kind is not None and kind not in tiny:
+        raise ValueError(f"kind {kind!r}: one of {', '.join(tiny)} (a tiny decoder file), or None")
     sd = read_weights(path)[0]
-    tiny = isinstance(sd, dict) and any(k.endswith("decoder.22.weight") for k in sd)
-    cls = TinyWanDecoder if tiny else WanVAEDecoder
+    found = decoder_kind(sd, path)
+    if found is None:
+        raise CheckpointError(path, "not a decoder of Wan2.1 latents (the Wan2.1 VAE, LightVAE, taew2_1 or "
+                                    f"LightTAE): it looks like {describe(sd)}")
+    if kind is not None and found not in tiny:
+        raise CheckpointError(path, f"holds {DECODER_KINDS[found]}, not a tiny decoder ({kind} was asked for)")
+    cls = tiny.get(kind or found, WanVAEDecoder)
     return cls.from_state_dict(sd, dtype=dtype, device=device, source=path)
 
 
@@ -231,12 +250,15 @@ class VideoWriter:
     The MP4 is fragmented (an empty ``moov`` first, then a ``moof``/``mdat`` fragment per keyframe, one
     every KEYFRAME_SECONDS, each flushed to the file as it is written): a file cut off at any moment
     (the process killed, the disk full) plays up to its last whole fragment, and :meth:`close` only
-    adds the frames still in the encoder. Browsers, ffmpeg and the usual players play such files."""
+    adds the frames still in the encoder. Browsers, ffmpeg and the usual players play such files.
+    ``live``: each frame leaves the encoder at once (x264's zerolatency: no lookahead, no B-frames) in a fragment
+    of its own, so a player opening the file while it grows finds every frame written so far (a live preview;
+    slightly larger files)."""
 
     KEYFRAME_SECONDS = 2
 
-    def __init__(self, path: str | None, fps: int = 16, frames_dir: str | None = None):
-        self.path, self.fps, self.frames_dir = path, fps, frames_dir
+    def __init__(self, path: str | None, fps: int = 16, frames_dir: str | None = None, live: bool = False):
+        self.path, self.fps, self.frames_dir, self.live = path, fps, frames_dir, live
         self.container = self.video = None
         self.count = 0
         if frames_dir:
@@ -265,9 +287,11 @@ class VideoWriter:
             raise RuntimeError("writing MP4 needs PyAV: pip install av") from None
         self._av = av
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fragments = "frag_every_frame" if self.live else "frag_keyframe"
         self.container = av.open(self.path, mode="w", options={
-            "movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"})
-        self.video = self.container.add_stream("libx264", rate=self.fps)
+            "movflags": f"{fragments}+empty_moov+default_base_moof", "flush_packets": "1"})
+        self.video = self.container.add_stream("libx264", rate=self.fps,
+                                               options={"tune": "zerolatency"} if self.live else None)
         self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
         self.video.codec_context.gop_size = self.KEYFRAME_SECONDS * self.fps
 

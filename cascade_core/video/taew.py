@@ -1,5 +1,6 @@
 """A tiny, fast preview decoder for Wan2.1 latents: the decoder of "taew2_1" (madebyollin's TAEHV
-architecture), with the same streaming interface as :class:`cascade_core.video.vae.WanVAEDecoder`.
+architecture), with the same streaming interface as :class:`cascade_core.video.vae.WanVAEDecoder`; and
+LightTAE ("lighttaew2_1"), lightx2v's own weights for the same network, which read the VAE's *raw* latents.
 
 Guarantees:
 - Parameter names are those of ``taew2_1.pth`` / ``taew2_1.safetensors``: ``decoder.N.*`` with N the
@@ -11,6 +12,13 @@ Guarantees:
 - Inputs are normalised latents [B, 16, T, h, w] (what the DiT produces, as for the full decoder);
   outputs are [B, 3, F, 8h, 8w] float32 in [-1, 1] with the full decoder's frame counts: the network
   makes 4 frames per latent frame and the video's first 3 are dropped, as in the original.
+- LightTAE (:class:`LightTAEDecoder`): tensor names, shapes and computation are those of taew2_1
+  (lightx2v builds both with one class: ``lightx2v/models/video_encoders/hf/tae.py:162-234``, widths
+  256/128/64/64 hard-coded at line 208, loaded strictly at 245); its input is the VAE's raw latents,
+  ``z * std + mean`` of the normalised ones (``need_scaled``: ``hf/wan/vae_tiny.py:66-72``, switched on
+  for a "lighttae" file in ``lightx2v/pipeline.py:312-313``), where taew2_1 takes the normalised ones
+  (``need_scaled`` off). The released files differ only in dtype (lighttaew2_1 float32, taew2_1 float16),
+  so which one a file is comes from its name or dtype: :func:`cascade_core.weights.vae_names.decoder_kind`.
 - Causal: each memory block sees its own input and the previous frame's (zeros before the first),
   nothing else crosses frames. With that one frame of memory per block kept in a
   :class:`~cascade_core.video.decode_stream.CausalState`, decoding block by block equals decoding all at once (up to
@@ -37,6 +45,7 @@ from ..common.constants import FRAMES_PER_LATENT, LATENT_CHANNELS
 from ..weights.safe_io import CheckpointError
 from ..weights.vae_names import component_weights, describe
 from .decode_stream import CausalState, LatentVideoDecoder
+from .latents import normalized_to_raw
 
 TAEW2_1_WIDTHS = (256, 128, 64, 64)
 TIME_STRIDES = (1, 2, 2)  # frames per input frame at each level: 4 in all, as the full decoder
@@ -89,8 +98,16 @@ class TimeGrow(nn.Module):
 
 
 class TinyWanDecoder(LatentVideoDecoder):
-    """The taew2_1 decoder (widths ``widths``; the released ones are :data:`TAEW2_1_WIDTHS`)."""
+    """The taew2_1 decoder (widths ``widths``; the released ones are :data:`TAEW2_1_WIDTHS`).
 
+    Normalised latents [B, 16, T, h, w] -> frames [B, 3, F, 8h, 8w] on the [-1, 1] scale (see the module).
+    The layer list is ``decoder`` of TAEHV (``lightx2v/models/video_encoders/hf/tae.py:210-234``, or
+    madebyollin/taehv ``taehv.py``); a memory block's past is its input one frame earlier
+    (``tae.py:81-86``), zeros before the video's first frame.
+    """
+
+    kind = "taew2_1"  # which released decoder this class decodes as (a name for messages)
+    raw_latents = False  # True: the network reads the VAE's raw latents (LightTAE), not the normalised ones
     frames_dropped = FRAMES_PER_LATENT - 1  # the network's first frames of a video, not part of the video
 
     def __init__(self, widths: tuple[int, int, int, int] = TAEW2_1_WIDTHS):
@@ -106,6 +123,8 @@ class TinyWanDecoder(LatentVideoDecoder):
 
     def decode_pass(self, z: torch.Tensor, state: CausalState) -> torch.Tensor:
         batch = z.shape[0]
+        if self.raw_latents:
+            z = normalized_to_raw(z.float())  # z * std + mean, in float32
         x = rearrange(z.to(self.dtype), "b c t h w -> (b t) c h w")
         for layer in self.decoder:
             x = layer(x, batch, state) if isinstance(layer, MemBlock) else layer(x)
@@ -118,15 +137,18 @@ class TinyWanDecoder(LatentVideoDecoder):
     def _weights_and_config(cls, sd: Any, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         weights = component_weights(sd, "decoder.1.weight", ("decoder.",), source)
         if weights is None or "decoder.22.weight" not in weights:
-            raise CheckpointError(source, f"not a taew2_1 tiny decoder (no decoder.1.weight / decoder.22.weight): "
+            raise CheckpointError(source, f"not a {cls.kind} tiny decoder (no decoder.1.weight / decoder.22.weight): "
                                           f"it looks like {describe(sd)}")
         first, last = weights["decoder.1.weight"], weights["decoder.22.weight"]  # [c0, 16, 3, 3], [3, c3, 3, 3]
         if first.dim() != 4 or first.shape[1] != LATENT_CHANNELS:
-            raise CheckpointError(source, f"a tiny decoder for {first.shape[1] if first.dim() == 4 else '?'}-channel "
-                                          f"latents (taew2_2 / taehv1_5?); Wan2.1 has {LATENT_CHANNELS}")
+            channels = first.shape[1] if first.dim() == 4 else "?"
+            which = {48: " (taew2_2 / lighttaew2_2: Wan2.2 TI2V-5B's)", 32: " (taehv1_5 / lighttaehy1_5: HunyuanVideo "
+                     "1.5's)"}.get(channels, "")
+            raise CheckpointError(source, f"a tiny decoder for {channels}-channel latents{which}; Wan2.1 has "
+                                          f"{LATENT_CHANNELS}")
         if last.dim() != 4 or last.shape[0] != 3:
             raise CheckpointError(source, f"a tiny decoder with {last.shape[0]} output channels (a patched "
-                                          "model such as taew2_2?); taew2_1 outputs 3")
+                                          f"model such as taew2_2?); {cls.kind} outputs 3")
         try:
             widths = tuple(weights[f"decoder.{i}.weight"].shape[0] for i in (1, 8, 14, 20))
         except KeyError as exc:
@@ -141,3 +163,15 @@ class TinyWanDecoder(LatentVideoDecoder):
                 if stored > used and stored % layer.conv.weight.shape[1] == 0:
                     weights[name] = weights[name][-used:]  # keep the last time step's channels
         return weights, {"widths": widths}
+
+
+class LightTAEDecoder(TinyWanDecoder):
+    """LightTAE, ``lighttaew2_1.safetensors`` / ``.pth`` of Hugging Face ``lightx2v/Autoencoders``: the
+    :class:`TinyWanDecoder` network and names, fed the VAE's raw latents (see the module docstring).
+
+    Normalised latents [B, 16, T, h, w] -> frames [B, 3, F, 8h, 8w] in [-1, 1]; the conversion to raw
+    latents is done here, so callers give both tiny decoders the same (DiT-space) latents.
+    """
+
+    kind = "lighttaew2_1"
+    raw_latents = True

@@ -152,10 +152,12 @@ def read_weights(path: str) -> tuple[Any, str, dict]:
 
 # ---- what a file is --------------------------------------------------------------------------
 
-def looks_like(keys: list[str]) -> str | None:
+def looks_like(keys: list[str], tensors: Any = None) -> str | None:
     """What a file looks like, from its tensor names, for the message of a loader it does not fit
     (DiT, VAE or text encoder): a noun phrase such as "a Wan DiT (the video model)"; None when
-    nothing is recognisable."""
+    nothing is recognisable. ``tensors`` (optional, name -> tensor) lets shapes name the variants that
+    share their names: LightVAE, VAEs and tiny decoders of other latent spaces. (LightTAE and taew2_1 share
+    shapes too: see :func:`weights.vae_names.tiny_kind`.)"""
     ks = set(keys)
 
     def has(*parts: str) -> bool:
@@ -167,7 +169,7 @@ def looks_like(keys: list[str]) -> str | None:
         return "a Stable Diffusion / SDXL UNet (input_blocks / down_blocks)"
     if has("patch_embedding.") and has(".self_attn.q.", ".attn1.to_q."):
         return "a Wan DiT (the video model)"
-    vae = _vae_kind(keys)
+    vae = _vae_kind(keys, tensors)
     if vae:
         return vae
     if has("down_blocks.") and has(".resnets.") and has("attentions."):
@@ -194,17 +196,34 @@ def looks_like(keys: list[str]) -> str | None:
     return None
 
 
-def _vae_kind(keys: list[str]) -> str | None:
-    """Which VAE these names are, whatever their prefix, for :func:`looks_like` (None: none that it knows)."""
+def _vae_kind(keys: list[str], tensors: Any = None) -> str | None:
+    """Which VAE these names are, whatever their prefix, for :func:`looks_like` (None: none that it knows);
+    with ``tensors``, the shapes of a few of them too."""
     def has(*parts: str) -> bool:
         return any(p in k for k in keys for p in parts)
 
+    def shape_of(suffix: str) -> tuple[int, ...] | None:  # of the key ending in suffix, when tensors are given
+        key = next((k for k in keys if k.endswith(suffix)), None)
+        shape = getattr(tensors.get(key), "shape", None) if key is not None and hasattr(tensors, "get") else None
+        return tuple(shape) if shape is not None else None
+
     if has("decoder.middle.0.residual.", "encoder.middle.0.residual."):
+        conv1 = shape_of("decoder.conv1.weight") or ()  # [4 * base width, latent channels, 3, 3, 3]
+        if len(conv1) == 5 and conv1[1] != 16:
+            return f"a VAE: a video VAE of {conv1[1]} latent channels (Wan2.2's has 48), Wan layout"
+        if conv1[:1] == (96,):  # 4 x 24, 24 = 96 x (1 - 0.75): lightx2v's pruning (lightx2v wan/vae.py:398, 912)
+            return "a VAE: LightVAE (lightvaew2_1, the Wan2.1 video VAE with a quarter of its widths)"
         return "a VAE: the full Wan2.1 video VAE (Wan / ComfyUI layout)"
     if has("decoder.mid_block.") and has("norm1.gamma", "norm_out.gamma"):  # RMS norms: not an image VAE
         return "a VAE: the full Wan2.1 video VAE in the diffusers layout (AutoencoderKLWan)"
     if has("decoder.22.weight"):
-        return "a VAE: the tiny taew2_1 / TAEHV preview decoder"
+        first = shape_of("decoder.1.weight") or ()  # [c0, latent channels, 3, 3]
+        other = {48: "taew2_2 / lighttaew2_2, Wan2.2 TI2V-5B's", 32: "taehv1_5 / lighttaehy1_5, HunyuanVideo 1.5's"}
+        if len(first) == 4 and first[1] != 16:
+            what = other.get(first[1], "TAEHV layout")
+            return f"a VAE: a tiny decoder of {first[1]}-channel latents ({what}), not of Wan2.1's 16"
+        return ("a VAE: the tiny taew2_1 / TAEHV preview decoder (or LightTAE, lighttaew2_1: the same names "
+                "and shapes)")
     if has("decoder.conv_in.", "decoder.mid.block_1.", "decoder.mid_block.", "encoder.conv_in."):
         return "a VAE: an image VAE (Stable Diffusion / Flux style), not the Wan2.1 video VAE"
     return None

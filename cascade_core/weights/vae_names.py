@@ -15,6 +15,7 @@ differ. For the decoder half (``decoder.*`` and the post-quant convolution):
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Mapping
 
@@ -72,8 +73,9 @@ def _few(names: list[str], n: int = 4) -> str:
 
 
 def describe(sd: Mapping[str, torch.Tensor]) -> str:
-    """What a state dict that is not the wanted decoder looks like (see :func:`weights.safe_io.looks_like`)."""
-    return looks_like(list(sd)) or f"none of the known files; its keys are unlike a VAE's: {_few(list(sd))}"
+    """What a state dict that is not the wanted decoder looks like (see :func:`weights.safe_io.looks_like`,
+    given the tensors too: their shapes name LightVAE and the VAEs of other latent spaces)."""
+    return looks_like(list(sd), sd) or f"none of the known files; its keys are unlike a VAE's: {_few(list(sd))}"
 
 
 def component_weights(sd: Any, anchor: str, parts: tuple[str, ...], source: str) -> dict[str, torch.Tensor] | None:
@@ -107,3 +109,54 @@ def check_weight_names(expected: Mapping[str, torch.Tensor], given: Mapping[str,
         problems.append(f"wrong shapes: {_few(wrong, 3)}")
     if problems:
         raise CheckpointError(source, "; ".join(problems))
+
+
+# ---- which decoder of Wan2.1 latents a file holds ----------------------------------------------
+
+DECODER_KINDS = {  # kind -> what it is, for messages
+    "wan2.1_vae": "the Wan2.1 VAE",
+    "lightvaew2_1": "LightVAE (lightvaew2_1: the Wan2.1 VAE with a quarter of its widths)",
+    "taew2_1": "taew2_1 (the TAEHV tiny decoder; reads normalised latents)",
+    "lighttaew2_1": "LightTAE (lighttaew2_1: the TAEHV tiny decoder, lightx2v's weights; reads raw latents)",
+}
+LIGHTVAE_DIM = 24  # lightvaew2_1's base width: 96 x (1 - 0.75), lightx2v wan/vae.py:398 and 911-912
+TINY_ANCHOR = "decoder.22.weight"  # the TAEHV decoder's last convolution; no Wan2.1 VAE key ends so
+
+
+def tiny_kind(weights: Mapping[str, torch.Tensor], name: str = "") -> str:
+    """Which tiny decoder of Wan2.1 latents a TAEHV-layout state dict is: "lighttaew2_1" or "taew2_1".
+
+    The two released files hold the same tensor names and shapes (lightx2v loads both strictly into one
+    class, ``lightx2v/models/video_encoders/hf/tae.py:162-245``); only the input scale differs. So: a
+    file name with "lighttae" is LightTAE, one with "taew" or "taehv" taew2_1; otherwise the stored
+    dtype decides, as ComfyUI's ``comfy/sd.py`` does: float32 is LightTAE (lightx2v ships float32),
+    anything else taew2_1 (madebyollin ships float16).
+    """
+    base = os.path.basename(str(name)).lower()
+    if "lighttae" in base:
+        return "lighttaew2_1"
+    if "taew" in base or "taehv" in base:
+        return "taew2_1"
+    first = next((v for k, v in weights.items() if k.endswith("decoder.1.weight")), None)
+    return "lighttaew2_1" if first is not None and first.dtype == torch.float32 else "taew2_1"
+
+
+def decoder_kind(sd: Any, name: str = "") -> str | None:
+    """Which decoder of Wan2.1 latents the state dict ``sd`` (of the file ``name``) holds: a key of
+    :data:`DECODER_KINDS`, or None when it holds none of them (look at :func:`describe` then).
+
+    By names and shapes: a TAEHV layout (a key ending in ``decoder.22.weight``) is a tiny decoder
+    (which one: :func:`tiny_kind`); the Wan2.1 VAE layout (``decoder.conv1.weight``, or the diffusers
+    ``decoder.conv_in.weight``, 5-D) is LightVAE when its base width, ``conv1``'s output channels / 4,
+    is :data:`LIGHTVAE_DIM`, else the Wan2.1 VAE. Shapes beyond these (latent channels, every other
+    key) are checked by the decoder classes, whose messages name what is wrong. Raises
+    :class:`CheckpointError` if ``sd`` is not a dictionary of tensors.
+    """
+    tiny = component_weights(sd, TINY_ANCHOR, ("decoder.",), name)
+    if tiny is not None:
+        return tiny_kind(tiny, name)
+    for anchor in ("decoder.conv1.weight", DIFFUSERS_ANCHOR):
+        weights = component_weights(sd, anchor, ("decoder.",), name)
+        if weights is not None and weights[anchor].dim() == 5:
+            return "lightvaew2_1" if weights[anchor].shape[0] == 4 * LIGHTVAE_DIM else "wan2.1_vae"
+    return None
