@@ -8,6 +8,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .config import BlockCascadeConfig, BlockCascadePromptSchedule
+from .decoders import BlockCascadeDecoderLoader
 from .loaders import BlockCascadeEmbedsLoader, BlockCascadeFromModel, BlockCascadeModelLoader
 from .sampler import BlockCascadeSampler
 from .sockets import register_folders
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     BlockCascadeConfig,
     BlockCascadePromptSchedule,
     BlockCascadeEmbedsLoader,
+    BlockCascadeDecoderLoader,
     BlockCascadeSampler,
 ]
 

@@ -15,6 +15,7 @@ from cascade_core.common.messages import first_line
 from cascade_core.model import attention as attention_backends
 from cascade_core.model.compiling import resolve_compile, use_disk_cache
 from cascade_core.sampling.context import START_IMAGE, context_notes, context_of, prefix_config
+from cascade_core.sampling.families import get_family
 from cascade_core.sampling.loop import Interrupted
 from cascade_core.sampling.memory import blocks_to_swap, cheaper_settings, placement_words
 from cascade_core.sampling.plan import SteeringRefused
@@ -22,9 +23,9 @@ from cascade_core.sampling.recompute import first_reencoding_block, why_a_vae
 from cascade_core.session import RunSession
 from cascade_core.video.latents import raw_to_normalized
 
-from . import checks, devices, outputs, recording, steer, stream
+from . import checks, decoders, devices, outputs, recording, steer, stream
 from .core_vae import context_reencoder, encode_start_image, vae_bytes, vae_weights
-from .sockets import CATEGORY, ConfigType, EngineModelType, ScheduleType
+from .sockets import CATEGORY, ConfigType, DecoderType, EngineModelType, ScheduleType
 
 log = logging.getLogger("block_cascade")
 
@@ -89,9 +90,10 @@ class BlockCascadeSampler(io.ComfyNode):
                                               "or a schedule."),
                 ScheduleType.Input("schedule", optional=True, tooltip="Prompts switching at blocks."),
                 io.Vae.Input("vae", optional=True,
-                             tooltip="Wan2.1 VAE: frames are decoded block by block as they finish. Without it "
-                                     "the IMAGE output and the live view are a cheap latent-RGB preview "
-                                     "(upscaled), not decoded video. Needed with start_image (it encodes the "
+                             tooltip="Wan2.1 VAE: frames are decoded block by block as they finish (decoder, "
+                                     "when connected, decodes them instead). Without either (or a "
+                                     "preview_decoder) the IMAGE output and the live view are a cheap latent-RGB "
+                                     "preview (upscaled), not decoded video. Needed with start_image (it encodes the "
                                      "image), and by Krea Realtime (kv_recompute) from the third block on (it "
                                      "re-encodes a decoded frame into every block's context)."),
                 io.Image.Input("start_image", optional=True,
@@ -111,6 +113,14 @@ class BlockCascadeSampler(io.ComfyNode):
                                       "prompts sent while the node runs (POST /block_cascade/steer, the "
                                       "client's --steer); each switches at the next block to enter. One "
                                       "device only."),
+                DecoderType.Input("decoder", optional=True,
+                                  tooltip="Decodes the output frames (IMAGE) instead of the vae: LightVAE, the Wan2.1 "
+                                          "VAE or a tiny decoder (Load Video Decoder). The vae still encodes (start "
+                                          "image, Krea's re-encoded context frame)."),
+                DecoderType.Input("preview_decoder", optional=True,
+                                  tooltip="A fast decoder (taew2_1, LightTAE) for the live view, beside the decoder "
+                                          "or vae that makes IMAGE, each on its own CUDA stream. Alone (no decoder, "
+                                          "no vae) its frames are IMAGE too."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT",
@@ -118,8 +128,9 @@ class BlockCascadeSampler(io.ComfyNode):
                                          "the start image's frame or the whole prefix first, then the new "
                                          "frames. Endless: the last window's frames (a prefix to continue)."),
                 io.Image.Output(display_name="IMAGE",
-                                tooltip="The frames of LATENT, all of them (decoded with the VAE, else the "
-                                        "latent-RGB preview). Endless: the last window's frames; the whole "
+                                tooltip="The frames of LATENT, all of them (decoded with the decoder, else the VAE, "
+                                        "else the preview_decoder, else the latent-RGB preview). Endless: the "
+                                        "last window's frames; the whole "
                                         "video is the MP4 in the output folder."),
             ],
             hidden=[io.Hidden.unique_id],
@@ -134,9 +145,10 @@ class BlockCascadeSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, config, width, height, blocks, seed, positive=None, schedule=None,
-                vae=None, start_image=None, prefix=None, context_frames=0, clip=None) -> io.NodeOutput:
+                vae=None, start_image=None, prefix=None, context_frames=0, clip=None, decoder=None,
+                preview_decoder=None) -> io.NodeOutput:
         run = check(model, config, width, height, blocks, positive, schedule, vae, start_image, prefix,
-                    context_frames, clip)  # every check, before anything touches a GPU
+                    context_frames, clip, decoder, preview_decoder)  # every check, before anything touches a GPU
         make_room(run, model)  # the one memory estimate of the run's plan
         node_id = cls.hidden.unique_id if cls.hidden is not None and cls.hidden.unique_id is not None else ""
         return sample(run, model, vae, start_image, seed, clip, node_id)  # decoder, run, outputs, cleanup
@@ -164,6 +176,8 @@ class Checked:
     swap_blocks: int = -1  # the config's choice (-1: the memory estimate's)
     swapped: int = 0  # blocks streamed from host memory (:func:`make_room`)
     need: int = 0  # bytes the run needs besides the weights (:func:`make_room`)
+    time_cache: str = "wan"  # the Wan decoder's window rule where the family's code decodes (Krea: "krea")
+    decoder_files: decoders.Decoders = decoders.Decoders()  # the decoder / preview_decoder inputs, checked
 
     @property
     def endless(self) -> bool:
@@ -171,7 +185,7 @@ class Checked:
 
 
 def check(model, config, width, height, blocks, positive, schedule, vae, start_image, prefix, context_frames,
-          clip) -> Checked:
+          clip, decoder=None, preview_decoder=None) -> Checked:
     """Every check of a sampler run (ValueError naming the input at fault), before anything touches a GPU."""
     guess = getattr(model, "family", None)
     cfg, family, assumed = config.config_for(guess[0] if guess else None,
@@ -223,8 +237,12 @@ def check(model, config, width, height, blocks, positive, schedule, vae, start_i
     settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
                                        [s for s, _ in prompts.entries[1:]], described, tuple(notes))
     settings_text += "; compiled" if compiled else "; not compiled"
-    return Checked(cfg, session, run_devices, prompts, kind, before, given, context, vae_weights(vae), reencodes,
-                   settings_text, config.attention_backend, compiled, getattr(config, "swap_blocks", -1))
+    files = decoders.check(decoder, preview_decoder, vae)  # which decoder makes IMAGE, which the live view
+    vae_sd = vae_weights(vae)  # checked; kept where its Wan decoder decodes
+    return Checked(cfg, session, run_devices, prompts, kind, before, given, context,
+                   vae_sd if files.vae_decodes(reencodes) else None, reencodes,
+                   settings_text, config.attention_backend, compiled, getattr(config, "swap_blocks", -1),
+                   time_cache=get_family(family).time_cache, decoder_files=files)
 
 
 def make_room(run: Checked, model) -> None:
@@ -233,7 +251,8 @@ def make_room(run: Checked, model) -> None:
     refused in one line, naming the cheapest setting that would fit, where even every block swapped cannot
     (the worker pool checks each GPU itself: its own share, its own weights). ``run.need``: the run's bytes
     besides the weights; the settings line gets where the weights sit."""
-    vae = vae_bytes(run.vae_sd, bool(run.reencodes))
+    files = run.decoder_files  # every decoder's weights in the one estimate (a re-encoder's second decode too)
+    vae = vae_bytes(run.vae_sd, bool(run.reencodes) and files.output is None) + files.bytes(run.devices[0])
     need, what = run.session.memory(model.cfg, model.dtype, len(run.prompts.entries), vae)
     device, weights, forced = run.devices[0], model.weight_bytes(), run.swap_blocks
     if run.session.pooled:
@@ -268,7 +287,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
     plan = session.plan
     attention_backends.set_backend(run.attention_backend)
     progress = outputs.Progress(plan.schedule.blocks or 1, node_id or None)  # endless: see Reporter.on_block
-    wan = decoder = reporter = result = live = None
+    wan = decoder = preview = reporter = result = live = None
     before, given, context, extra = run.before, run.given, run.context, {}
     ended_well = False
     final_latents = []  # a run of known length: its final blocks' latents, handed on if Cancel stops it
@@ -284,10 +303,12 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
             from cascade_core.video.vae import WanVAEDecoder
 
             decoder = WanVAEDecoder.from_state_dict(run.vae_sd[0], dtype=run.vae_sd[1], device=device, source="vae")
+            decoder.time_cache = run.time_cache  # the video's and the re-encoded frame's decoder (shared)
         else:
             decoder = stream.preview_decoder()
         if run.reencodes:
             extra["context_image"] = context_reencoder(vae, decoder)
+        decoder, preview = decoders.for_run(run.decoder_files, decoder, device, run.time_cache)  # IMAGE's, live view's
         lead = 0 if before is None else before.shape[2]
         clean_pass = not cfg.kv_recompute
         blocks = plan.schedule.blocks
@@ -299,7 +320,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
                                    keep_frames=4 * cfg.attended_window if endless else None,  # 4 a latent frame
                                    recording=recording.Recording(stream.FPS) if endless else None,
                                    steerable=clip is not None, compiling=compiling,
-                                   scheduled=tuple(b for b, _ in run.prompts.entries if b > 0))
+                                   scheduled=tuple(b for b, _ in run.prompts.entries if b > 0), preview=preview)
         log.info("Block Cascade: %s", run.settings_text)
         reporter.start()
         if before is not None:
@@ -342,9 +363,9 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
             wan.swap.detach()
         run.vae_sd = run.context = run.given = None
         final_latents.clear()
-        del wan, decoder, result, context, given, extra, live
+        del wan, decoder, preview, result, context, given, extra, live
         if reporter is not None:
-            reporter.frames, reporter.decoding, reporter.video = [], None, None
+            reporter.frames, reporter.decoding, reporter.previewing, reporter.video = [], None, None, None
         if not ended_well:  # an exception's frames may hold device tensors in cycles: collected, the cache given back
             gc.collect()
             devices.empty_cache()

@@ -6,6 +6,7 @@ CATEGORY = "video/block cascade"
 EngineModelType = io.Custom("BLOCK_CASCADE_MODEL")
 ConfigType = io.Custom("BLOCK_CASCADE_CONFIG")
 ScheduleType = io.Custom("BLOCK_CASCADE_PROMPT_SCHEDULE")
+DecoderType = io.Custom("BLOCK_CASCADE_DECODER")  # a decoder file core VAELoader cannot load
 
 EMBEDS_FOLDER = "prompt_embeds"
 

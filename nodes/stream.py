@@ -23,8 +23,11 @@ context (a start image, a video continued) sends that context's frames first, as
 rate-limited (at most one per STATE_INTERVAL seconds, the last tick always); frames go once per block.
 Frames come from cascade_core.video.frames.FrameStream (in block order, decoded on the VAE's own CUDA
 stream when there is a VAE, the latent-RGB preview otherwise); the JPEG encoding and the frames
-events run on its writer thread, never on the sampler's loop. The same JPEG bytes go to the run's MJPEG
-feed (GET /block_cascade/stream/{node}.mjpeg, see :mod:`nodes.mjpeg`) while it runs (start to done).
+events run on its writer thread, never on the sampler's loop. With a preview decoder (the sampler's
+``preview_decoder``) a second FrameStream decodes every block with it, on its own CUDA stream: its frames
+are the frames events and the MJPEG feed, the first stream's the IMAGE output and the recording. The same
+JPEG bytes go to the run's MJPEG feed (GET /block_cascade/stream/{node}.mjpeg, see :mod:`nodes.mjpeg`) while it
+runs (start to done).
 """
 from __future__ import annotations
 
@@ -112,12 +115,14 @@ class Reporter:
                  progress=None, clock: Callable[[], float] = time.perf_counter,
                  settings: str = "", clean_pass: bool = True,
                  keep_frames: int | None = None, recording=None, steerable: bool = False, compiling: bool = False,
-                 scheduled: tuple[int, ...] = ()):
+                 scheduled: tuple[int, ...] = (), preview=None):
         """``keep_frames``: the most (latest) frames :meth:`images` holds (None: all); ``recording``: a
         :class:`cascade_core.video.frames.VideoWriter` that every block's frames are written to as they come
         (closed by :meth:`done`); ``steerable``: a CLIP is connected (META's ``steerable``); ``compiling``: the
         run compiles the model's layers first (META's ``compiling``, until its first block is done); ``scheduled``:
-        the blocks where the prompt schedule switches (each told as a ``switch`` when that block enters)."""
+        the blocks where the prompt schedule switches (each told as a ``switch`` when that block enters); ``preview``:
+        a second decoder whose frames are the live view (frames events, MJPEG feed) while ``decoder``'s are the
+        output (:meth:`images`, the recording); None: ``decoder``'s frames are both."""
         self.node, self.run = str(node), uuid.uuid4().hex[:12]
         self.clean_pass = clean_pass  # a block's last stage is its clean pass (not with a KV recompute)
         self.blocks, self.latent_frames, self.stages, self.parallel = blocks, latent_frames, stages, parallel
@@ -126,7 +131,8 @@ class Reporter:
         self.preview_w, self.preview_h = preview_size(width, height)
         self.send, self.progress, self.clock = send or client_sender(), progress, clock
         # every pushed (final) block is decoded whole, also after Cancel: a stopped run keeps them
-        self.decoding = FrameStream(decoder, on_frames=self._send_frames, keep=False)
+        self.decoding = FrameStream(decoder, on_frames=self._send_frames if preview is None else self._keep, keep=False)
+        self.previewing = None if preview is None else FrameStream(preview, on_frames=self._show, keep=False)
         self.frames: list[torch.Tensor] = []  # [F, H, W, 3] per block, the latest keep_frames in all
         self.video: torch.Tensor | None | bool = None  # a known-length run's frames, in place (see _into_video)
         self.keep_frames, self.recording, self.steerable = keep_frames, recording, steerable
@@ -182,12 +188,14 @@ class Reporter:
         """Queue the frames of the normalised latents [1, 16, F, h, w] that come before block 0 in the
         outputs (a start image, the whole video continued): decoded first, sent as block -1. Call it
         once, after :meth:`start` and before the run's first block; ``latent_frames`` counts them."""
-        self.decoding.push(BlockEvent(CONTEXT_BLOCK, latents, -1, 0.0))
+        for stream in self._streams():
+            stream.push(BlockEvent(CONTEXT_BLOCK, latents, -1, 0.0))
 
     def on_block(self, ev) -> None:
         if self.first_block_s is None:  # before the push: the frames thread reads it
             self.first_block_s = round(float(ev.seconds), 4)
-        self.decoding.push(ev)  # decoded on the VAE's own CUDA stream while the DiT goes on, sent by a thread
+        for stream in self._streams():  # decoded on each decoder's own CUDA stream while the DiT goes on (the
+            stream.push(ev)  # preview's first), handed out by each stream's thread
         self.done_blocks += 1
         self.compiling = False
         self.flush()
@@ -197,13 +205,24 @@ class Reporter:
     def flush(self, wait: bool = False) -> None:
         """Raise what sending frames raised, if anything; with ``wait``, first wait until the frames
         of every finished block are sent (they go in block order, from the FrameStream's thread)."""
-        self.decoding.poll(wait=wait)
+        for stream in self._streams():
+            stream.poll(wait=wait)
 
     def finish(self) -> None:
         """Send the frames of every finished block; then :meth:`images` holds them all."""
-        self.decoding.finish()
+        for stream in self._streams():
+            stream.finish()
+
+    def _streams(self) -> list[FrameStream]:
+        """The decoding streams, the live view's first (it gets each block first)."""
+        return [s for s in (self.previewing, self.decoding) if s is not None]
 
     def _send_frames(self, ev: FramesEvent) -> None:
+        """One decoder's frames: the output and the live view."""
+        self._show(ev, self._keep(ev))
+
+    def _keep(self, ev: FramesEvent) -> torch.Tensor:
+        """The output's frames of a block: recorded, kept for :meth:`images`; returned [N, H, W, 3] in 0..1."""
         frames = ev.frames[0].permute(1, 2, 3, 0)  # [N, H, W, 3] in [-1, 1], host
         if frames.shape[1:3] != (self.height, self.width):
             frames = resize_frames(frames.float(), self.width, self.height)
@@ -219,6 +238,13 @@ class Reporter:
             if len(oldest) > excess:
                 self.frames.insert(0, oldest[excess:])
             excess -= len(oldest)
+        return frames
+
+    def _show(self, ev: FramesEvent, frames: torch.Tensor | None = None) -> None:
+        """The live view of a block: JPEGs to the MJPEG feed and a frames event. ``frames``: [N, H, W, 3] in 0..1
+        (None: those of ``ev``, the preview decoder's)."""
+        if frames is None:
+            frames = ev.frames[0].permute(1, 2, 3, 0).float().add(1).mul_(0.5).clamp_(0, 1)
         small = resize_frames(frames, self.preview_w, self.preview_h)
         self.frame_blocks += ev.block != CONTEXT_BLOCK
         jpegs = [encode_jpeg(f) for f in small]
@@ -244,7 +270,8 @@ class Reporter:
         if self.finished:
             return
         self.finished = True
-        self.decoding.close()
+        for stream in self._streams():
+            stream.close()
         mjpeg.close_feed(self.feed)
         data = {"node": self.node, "run": self.run, "seconds": self.elapsed(), "frames": self.frame_count,
                 "blocks": self.frame_blocks}

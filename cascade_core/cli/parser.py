@@ -173,17 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent frames of --continue that are the context (0: the --window, or every frame "
                         "without one)")
     g.add_argument("--latents-out", help="write the latents [1, 16, T, H/8, W/8] to this .safetensors")
-    g.add_argument("--vae", help="Wan2.1 VAE (file, or diffusers vae/ folder) or taew2_1 preview decoder "
-                                 "weights: decode each block as it finishes, on its own CUDA stream; the complete "
+    g.add_argument("--vae", help="Wan2.1 VAE (file, or diffusers vae/ folder), LightVAE (lightvaew2_1) or a tiny "
+                                 "decoder (taew2_1, LightTAE lighttaew2_1): decode each block as it finishes, on its "
+                                 "own CUDA stream; the complete "
                                  "Wan2.1 VAE's encoder encodes --image and a --continue video")
     g.add_argument("--video-out", help="MP4 to write (with --vae; default: out/video.mp4 unless --frames-dir)")
     g.add_argument("--frames-dir", help="write each frame as a PNG into this folder as it is decoded (alone: no MP4)")
+    g.add_argument("--preview-vae", metavar="FILE",
+                   help="a second, fast decoder (taew2_1, LightTAE) for a live preview beside --vae (needed; it "
+                        "writes the video): each block decoded by both, each on its own CUDA stream")
+    g.add_argument("--preview-out", metavar="FILE.mp4",
+                   help="the preview's MP4, written as it grows (every frame flushed: a player opening it during "
+                        "the run plays what is there; default: beside the video, out/video.preview.mp4)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     d = sub.add_parser("decode", help="decode latents into a video", formatter_class=Formatter,
                        description="Decode latents that generate --latents-out wrote into an MP4 and/or PNGs.")
     d.add_argument("--latents", required=True, help=".safetensors holding latents [1, 16, T, H/8, W/8]")
-    d.add_argument("--vae", required=True, help="Wan2.1 VAE (file, or diffusers vae/ folder) or taew2_1 "
-                                                "preview decoder weights")
+    d.add_argument("--vae", required=True, help="Wan2.1 VAE (file, or diffusers vae/ folder), LightVAE "
+                                                "(lightvaew2_1) or a tiny decoder (taew2_1, LightTAE)")
     d.add_argument("--video-out", help="MP4 to write (default: out/video.mp4 unless --frames-dir)")
     d.add_argument("--frames-dir", help="write each frame as a PNG into this folder (alone: no MP4)")
     d.add_argument("--frames-per-pass", type=positive_int, default=3,

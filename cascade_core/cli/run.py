@@ -27,7 +27,7 @@ from ..model.compiling import resolve_compile
 from ..model.dit import WanConfig, WanModel
 from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.context import context_notes
-from ..sampling.families import describe
+from ..sampling.families import describe, get_family
 from ..sampling.loop import BlockEvent, Interrupted, Result
 from ..sampling.recompute import why_a_vae
 from ..session.run_session import TORCHRUN, RunSession
@@ -57,6 +57,7 @@ from .outputs import (
     vae_dtype,
     video_path,
 )
+from .preview import check_preview, open_decoding, preview_bytes
 
 
 class Stopped(Exception):
@@ -130,6 +131,7 @@ def check(args) -> Checked:
     check_text_arguments(args, sum(not is_file for *_, is_file in switches))
     cli_checks.check_settings(args, cfg)
     check_outputs(args)
+    check_preview(args)
     prefix_in = cli_prefix.read_prefix(args, cfg)
     if prefix_in is not None:  # its frames are known once its file is read
         session.plan = session.plan.with_prefix(prefix_in.frames)
@@ -161,6 +163,7 @@ def load(args, run: Checked) -> Loaded:
         model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
         vae_bytes = cli_checks.input_bytes(args.vae) if args.vae else 0
         vae_bytes *= 2 if plan.cfg.kv_recompute else 1  # the context re-encoder holds its own copy
+        vae_bytes += preview_bytes(args)  # both decoders' weights in the one estimate
         need, what = session.memory(model_cfg, dtype, 1 + len(run.switches), vae_bytes)
         total, block = weight_bytes(model_cfg, weights, dtype)
         stored_small = args.weight_dtype != "default" or (weights is not None and weights[1].weight_dtype != "default")
@@ -266,8 +269,9 @@ def make_video(args, run: Checked, loaded: Loaded, context_image, writer, frames
 
 
 def outputs(args, run: Checked, loaded: Loaded, result: Result, writer, seconds: float,
-            startup: float | None) -> dict:
-    """The latents written (--latents-out) and the JSON summary of the run."""
+            startup: float | None, frames=None) -> dict:
+    """The latents written (--latents-out) and the JSON summary of the run (``frames``: its
+    :class:`~cli.preview.Decoding`, which tells when the first frames were written)."""
     endless, head, cfg = args.blocks == 0, loaded.head, run.cfg
     latents = result.latents if head is None or endless else torch.cat([head.to(result.latents), result.latents], 2)
     if args.latents_out:
@@ -283,7 +287,8 @@ def outputs(args, run: Checked, loaded: Loaded, result: Result, writer, seconds:
         out["worker_startup_seconds"] = round(startup, 4)
     if writer is not None:
         out.update(video_frames=writer.count, video_out=writer.path, frames_dir=args.frames_dir,
-                   end_to_end_seconds=round(seconds, 4), video_frames_per_second=round(writer.count / seconds, 2))
+                   end_to_end_seconds=round(seconds, 4), video_frames_per_second=round(writer.count / seconds, 2),
+                   **frames.timings(startup or 0.0))
     if loaded.prompt_label:
         out["prompt"] = loaded.prompt_label
     prefix_in = run.prefix_in
@@ -321,9 +326,10 @@ def run_generate(args) -> dict | None:
             return None
     with run.session:
         context_image = None  # a KV recompute's re-encoder (one device: the plan refuses several)
+        time_cache = get_family(run.family).time_cache  # the Wan decoder's rule where the family's code decodes
         if why_a_vae(args.blocks, run.cfg.frames_per_block, run.cfg.kv_recompute):
             context_image = ContextReencoder.from_file(args.vae, dtype=vae_dtype(run.device, run.dtype),
-                                                       device=run.device)
+                                                       device=run.device, time_cache=time_cache)
         with _refusal_reaches_every_rank(torchrun):
             loaded = load(args, run)
         print_notes(args, run, loaded)
@@ -331,10 +337,14 @@ def run_generate(args) -> dict | None:
         if args.vae:
             writer, frames = open_video(args.vae, video_path(args), args.frames_dir, run.device, run.dtype,
                                         None if context_image is None else context_image.decoder)  # read once
+            if hasattr(frames.stream.decoder, "time_cache"):  # the Wan decoder (taew2_1 has no such rule)
+                frames.stream.decoder.time_cache = time_cache
+        if frames is not None:  # with --preview-vae a second decoder beside it, into its live MP4
+            frames = open_decoding(args, frames, run.device, run.dtype)
         start = time.perf_counter()
         result, startup = make_video(args, run, loaded, context_image, writer, frames)
         seconds = time.perf_counter() - start - startup
-    return outputs(args, run, loaded, result, writer, seconds, startup if run.session.pooled else None)
+    return outputs(args, run, loaded, result, writer, seconds, startup if run.session.pooled else None, frames)
 
 
 def run_decode(args) -> dict:

@@ -8,6 +8,7 @@ EXTS = {".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".sft"}
 folder_names_and_paths = {
     "diffusion_models": ([os.path.join(models_dir, "diffusion_models")], EXTS),
     "vae": ([os.path.join(models_dir, "vae")], EXTS),
+    "vae_approx": ([os.path.join(models_dir, "vae_approx")], EXTS),
     "text_encoders": ([os.path.join(models_dir, "text_encoders")], EXTS),
     "loras": ([os.path.join(models_dir, "loras")], EXTS),
 }

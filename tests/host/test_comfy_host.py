@@ -52,8 +52,9 @@ OUR_NODES = {
                            "swap_blocks"},
     "BlockCascadePromptSchedule": {"conditioning", "start_block", "previous", "switch_mode"},
     "BlockCascadeEmbedsLoader": {"embeds"},
+    "BlockCascadeDecoderLoader": {"decoder_name", "dtype"},
     "BlockCascadeSampler": {"model", "config", "width", "height", "blocks", "seed", "positive", "schedule", "vae",
-                            "start_image", "prefix", "context_frames", "clip"},
+                            "start_image", "prefix", "context_frames", "clip", "decoder", "preview_decoder"},
 }
 DIT = "block_cascade_tiny_dit.safetensors"
 EMBEDS = ("block_cascade_tiny_a.safetensors", "block_cascade_tiny_b.safetensors")
@@ -425,6 +426,29 @@ def test_the_family_workflows_run_to_success(host, name, model_name, settings):
     assert final == "execution_success", errors or host.log_text()[-3000:]
     (start,) = events(msgs, "start")
     assert settings in start["settings"], start["settings"]
+
+
+def test_the_two_decoder_workflow_runs_to_success(host):
+    """lightvae_live_preview.json on tiny files: Load Video Decoder gives the output decoder (here the Wan2.1 VAE
+    file in models/vae) and the live view's (a narrow taew2_1 in models/vae_approx, which core VAELoader cannot
+    load); the live view streams every block, the graph saves the video."""
+    from cascade_core.video.taew import TinyWanDecoder
+    from cascade_core.weights.safe_io import save_safetensors
+
+    save_safetensors(TinyWanDecoder(widths=(8, 8, 8, 8)).state_dict(),
+                     os.path.join(host.base, "models", "vae_approx", "block_cascade_tiny_taew2_1.safetensors"))
+    wf = shipped_with_tiny_models(host, "lightvae_live_preview.json", 2, "self_forcing_dmd.safetensors")
+    (smp,) = [n["inputs"] for n in wf.values() if n["class_type"] == "BlockCascadeSampler"]
+    wf[smp["decoder"][0]]["inputs"]["decoder_name"] = VAE
+    wf[smp["preview_decoder"][0]]["inputs"]["decoder_name"] = "block_cascade_tiny_taew2_1.safetensors"
+    final, msgs, pid = host.run(wf)
+    errors = [m for m in msgs if m["type"] == "execution_error"]
+    assert final == "execution_success", errors or host.log_text()[-3000:]
+    frames = events(msgs, "frames")
+    assert [f["block"] for f in frames] == [0, 1] and sum(len(f["frames"]) for f in frames) == 1 + 4 * 5
+    assert "error" not in events(msgs, "done")[0]
+    saved = host.history(pid)["outputs"]
+    assert any(isinstance(v, list) and v for out in saved.values() for v in out.values())
 
 
 def put_input_image(host, name: str, width: int, height: int) -> str:

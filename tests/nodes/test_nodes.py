@@ -123,7 +123,8 @@ def fast_state_events(monkeypatch):
 # ---- schemas ---------------------------------------------------------------------------------------
 def test_schemas_build_and_register_through_the_v3_entry_point():
     assert set(NODES) == {"BlockCascadeModelLoader", "BlockCascadeFromModel", "BlockCascadeConfig",
-                          "BlockCascadePromptSchedule", "BlockCascadeEmbedsLoader", "BlockCascadeSampler"}
+                          "BlockCascadePromptSchedule", "BlockCascadeEmbedsLoader", "BlockCascadeDecoderLoader",
+                          "BlockCascadeSampler"}
     assert not hasattr(PACK, "NODE_CLASS_MAPPINGS") and PACK.WEB_DIRECTORY == "./web"
     for cls in NODES.values():
         s = cls.GET_SCHEMA()
@@ -132,7 +133,8 @@ def test_schemas_build_and_register_through_the_v3_entry_point():
     assert [o.io_type for o in s.outputs] == ["LATENT", "IMAGE"]
     assert "UNIQUE_ID" in [h.value for h in s.hidden]
     ins = s.input_types()
-    assert set(ins["optional"]) == {"positive", "schedule", "vae", "start_image", "prefix", "context_frames", "clip"}
+    assert set(ins["optional"]) == {"positive", "schedule", "vae", "start_image", "prefix", "context_frames", "clip",
+                                    "decoder", "preview_decoder"}
     assert ins["optional"]["clip"][0] == "CLIP" and "type wan" in ins["optional"]["clip"][1]["tooltip"]
     assert "blocks" in ins["required"]["blocks"][1]["display_name"] and "16 fps" in ins["required"]["blocks"][1]["tooltip"]
     assert "frame-wise" in ins["required"]["blocks"][1]["tooltip"]

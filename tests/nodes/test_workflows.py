@@ -26,7 +26,7 @@ from custom_node_loader import load_pack  # noqa: E402
 
 PACK, OURS = load_pack(ROOT)
 checks = sys.modules[f"{PACK.__name__}.nodes.checks"]
-FILE_INPUTS = {"model_name", "lora", "embeds"}  # combos listing model folders
+FILE_INPUTS = {"model_name", "lora", "embeds", "decoder_name"}  # combos listing model folders
 
 # Core nodes of ComfyUI 0.3.64 that the workflows use (facts read from its nodes.py and
 # comfy_extras/nodes_video.py): socket inputs {name: (type, optional)}, widget names in widget order
@@ -52,7 +52,8 @@ NOTES = {"Note", "MarkdownNote"}  # the frontend's virtual note nodes: in the UI
 # frontend's test for its missing-models scan) must be one of these and have a `models` entry
 FILE_WIDGETS = {("CLIPLoader", "clip_name"): "text_encoders", ("VAELoader", "vae_name"): "vae",
                 ("BlockCascadeModelLoader", "model_name"): "diffusion_models",
-                ("BlockCascadeModelLoader", "lora"): "loras", ("BlockCascadeEmbedsLoader", "embeds"): "prompt_embeds"}
+                ("BlockCascadeModelLoader", "lora"): "loras", ("BlockCascadeEmbedsLoader", "embeds"): "prompt_embeds",
+                ("BlockCascadeDecoderLoader", "decoder_name"): ("vae", "vae_approx")}  # (it lists both folders)
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".gguf")
 # ComfyUI 0.3.64 app/custom_node_manager.py (unchanged through 0.27): the folders of a custom node pack it
 # serves as workflow templates, each globbed as <custom_nodes>/*/<folder>/*.json and statically served
@@ -177,7 +178,7 @@ def test_api_workflow_uses_known_nodes_and_input_names(name):
         assert set(node["inputs"]) <= known, f"{name}: {ct} has no input(s) {set(node['inputs']) - known}"
         required = known - facts["optional"]
         if ct == "BlockCascadeSampler":  # positive or schedule (checked at run), VAE optional
-            required -= {"positive", "schedule", "vae"}
+            required -= {"positive", "schedule", "vae", "decoder", "preview_decoder"}
         assert required <= set(node["inputs"]), f"{name}: {ct} lacks {required - set(node['inputs'])}"
         for inp, value in node["inputs"].items():
             if isinstance(value, list):
@@ -257,10 +258,16 @@ def test_each_workflow_is_what_it_claims():
     (clip_id,) = [k for k, n in stream.items() if n["class_type"] == "CLIPLoader"]
     assert cfg["family"] == "longlive" and smp["blocks"] == 0  # endless, in LongLive's window
     assert smp["clip"] == [clip_id, 0] and "vae" in smp  # steerable, decoded into the recording
+    _, light = load("lightvae_live_preview.json")
+    (smp,) = _by_type(light, "BlockCascadeSampler")
+    names = {k: n["inputs"]["decoder_name"] for k, n in light.items() if n["class_type"] == "BlockCascadeDecoderLoader"}
+    assert names[smp["decoder"][0]] == "lightvaew2_1.pth" and names[smp["preview_decoder"][0]] == "lighttaew2_1.pth"
+    assert "vae" not in smp and "VAELoader" not in {n["class_type"] for n in light.values()}  # nothing to encode
     for name in NAMES:
         _, api = load(name)
         types = {n["class_type"] for n in api.values()}
-        assert {"CLIPLoader", "CLIPTextEncode", "VAELoader", "CreateVideo", "SaveVideo", "BlockCascadeSampler"} <= types
+        assert {"CLIPLoader", "CLIPTextEncode", "CreateVideo", "SaveVideo", "BlockCascadeSampler"} <= types
+        assert types & {"VAELoader", "BlockCascadeDecoderLoader"}, name  # something decodes the video
         (cv,) = _by_type(api, "CreateVideo")
         assert cv["fps"] == 16.0
 
@@ -296,7 +303,8 @@ def test_every_file_a_loader_names_has_a_models_entry(name):
         assert len(entries) == 1, f"{name}: node {n['id']} ({n['type']}) has no models entry for {value!r}"
         (m,) = entries
         assert set(m) == {"name", "url", "directory"}
-        assert m["directory"] == FILE_WIDGETS[n["type"], widget], (name, m)
+        folders = FILE_WIDGETS[n["type"], widget]
+        assert m["directory"] in (folders if isinstance(folders, tuple) else (folders,)), (name, m)
         assert _url_names_file(m["url"], value), (name, m)
     for n in ui["nodes"]:  # and no entry naming a file the node does not use
         used = {v for node, _, v in files if node is n}

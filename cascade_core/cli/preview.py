@@ -1,0 +1,139 @@
+"""Two decoders at once on the command line: ``generate --preview-vae FILE`` decodes every block a second time with
+a fast decoder (taew2_1, LightTAE), on that decoder's own CUDA stream beside the ``--vae`` decoder's, into a live
+MP4 (``--preview-out``; every frame its own fragment, flushed as written, so a player opening the file while the
+run goes on finds every preview frame so far) while ``--vae`` writes the video; the summary tells each decoder's
+time to its first frame.
+
+Rules (checked before any model work, one line each): ``--preview-vae`` needs ``--vae`` (without it, give the fast
+decoder as ``--vae``: its frames are then the video) and another file than it (the video's frames would be the
+preview already); the file must hold a decoder :func:`video.frames.load_decoder` reads; ``--preview-out`` needs
+``--preview-vae`` and another path than the video's. Both decoders' weights count in the run's one memory estimate
+(:func:`preview_bytes`).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from ..video.frames import FrameStream, VideoWriter, load_decoder
+from ..weights.safe_io import CheckpointError
+from . import checks as cli_checks
+from .checks import UsageError
+from .outputs import vae_dtype, video_path
+
+
+def preview_path(args) -> str | None:
+    """The preview's MP4: --preview-out; else, with --preview-vae, beside the video (out/video.mp4 ->
+    out/video.preview.mp4; out/preview.mp4 where only PNGs are written)."""
+    if args.preview_out or not args.preview_vae:
+        return args.preview_out
+    video = video_path(args)
+    return os.path.join("out", "preview.mp4") if video is None else os.path.splitext(video)[0] + ".preview.mp4"
+
+
+def check_decoder(flag: str, path: str) -> None:
+    """Refuse a file or folder that holds no decoder :func:`video.frames.load_decoder` reads (UsageError naming
+    ``flag``, the file and what it holds). Its tensor names and shapes are checked, no weight is copied."""
+    try:
+        load_decoder(path, torch.float32, "meta")
+    except CheckpointError as exc:
+        raise UsageError(f"{flag} {exc}") from None
+
+
+def check_preview(args) -> None:
+    """The preview's options (UsageError, one line), before any model work."""
+    if args.preview_out and not args.preview_vae:
+        raise UsageError("--preview-out needs --preview-vae FILE (the preview decoder)")
+    if not args.preview_vae:
+        return
+    if not args.vae:
+        raise UsageError("--preview-vae is a second decoder beside --vae, which writes the video; without --vae, "
+                         "give the preview decoder as --vae (its frames are then the video)")
+    cli_checks.check_input("--preview-vae", args.preview_vae)
+    if os.path.exists(args.vae) and os.path.samefile(args.vae, args.preview_vae):
+        raise UsageError("--preview-vae is the --vae file: the video's frames are that preview already; leave "
+                         "--preview-vae out")
+    check_decoder("--preview-vae", args.preview_vae)
+    path, video = preview_path(args), video_path(args)
+    if video is not None and os.path.abspath(path) == os.path.abspath(video):
+        raise UsageError(f"--preview-out {path} is the video's file; give the preview another")
+    cli_checks.check_output_file("--preview-out", path)
+
+
+def preview_bytes(args) -> int:
+    """Bytes of the preview decoder's weights (the file's size; 0 without --preview-vae): the run's memory estimate
+    counts them beside the --vae decoder's."""
+    return cli_checks.input_bytes(args.preview_vae) if args.preview_vae else 0
+
+
+class Decoding:
+    """The run's decoding as :mod:`cli.run` drives it (:class:`~video.frames.FrameStream`'s push, poll, finish,
+    close): the video's stream and, with --preview-vae, the preview's, which gets every block first (its decode
+    queued first, on its own CUDA stream); :meth:`close` also closes the preview's MP4. It notes when each
+    stream's first and last frames were written, for :meth:`timings`."""
+
+    def __init__(self, video: FrameStream, preview: FrameStream | None = None,
+                 preview_writer: VideoWriter | None = None):
+        self.created = time.perf_counter()  # the run starts right after (cli.run.run_generate)
+        self.streams = {"video": video} if preview is None else {"preview": preview, "video": video}
+        self.preview_writer = preview_writer
+        self.written: dict[str, list[float]] = {name: [] for name in self.streams}  # [first, last] perf_counter
+        for name, stream in self.streams.items():
+            stream.on_frames = self._noted(name, stream.on_frames)
+
+    def _noted(self, name: str, on_frames):
+        def write(event) -> None:
+            on_frames(event)
+            now, times = time.perf_counter(), self.written[name]
+            times[:] = [times[0] if times else now, now]
+        return write
+
+    def push(self, event) -> None:
+        """Queue the block's decode on every stream (the preview's first); never waits for the GPU."""
+        for stream in self.streams.values():
+            stream.push(event)
+
+    def poll(self, _event=None, wait: bool = False) -> None:
+        """Raise what a writer thread raised (an ``on_tick`` callback); see :meth:`FrameStream.poll`."""
+        for stream in self.streams.values():
+            stream.poll(wait=wait)
+
+    def finish(self) -> None:
+        """Every pushed block's frames written, on every stream; raises what a writer thread raised."""
+        for stream in self.streams.values():
+            stream.finish()
+
+    def close(self) -> None:
+        """Like :meth:`finish` without raising (a ``finally``), then the preview's MP4 finalised."""
+        for stream in self.streams.values():
+            stream.close()
+        if self.preview_writer is not None:
+            self.preview_writer.close()
+
+    def timings(self, startup: float = 0.0) -> dict:
+        """``video_first_frame_seconds``; with a preview also ``preview_out``, ``preview_frames``,
+        ``preview_first_frame_seconds`` and ``preview_frames_per_second`` (its frames over the seconds to its last
+        one): seconds from the run's start (after ``startup``, the workers' start-up) to the frames in the file."""
+        since = lambda t: round(t - self.created - startup, 4)  # noqa: E731
+        out = {}
+        if self.written["video"]:
+            out["video_first_frame_seconds"] = since(self.written["video"][0])
+        if self.preview_writer is not None:
+            times, count = self.written["preview"], self.preview_writer.count
+            out.update(preview_out=self.preview_writer.path, preview_frames=count,
+                       preview_first_frame_seconds=since(times[0]) if times else None,
+                       preview_frames_per_second=round(count / since(times[1]), 2) if times and since(times[1]) > 0
+                       else None)
+        return out
+
+
+def open_decoding(args, video: FrameStream, device: torch.device, dtype: torch.dtype) -> Decoding:
+    """The run's :class:`Decoding`: ``video`` (the --vae decoder's stream) and, with --preview-vae, that decoder
+    (in the video decoder's dtype, :func:`cli.outputs.vae_dtype`) streaming into the live MP4 :func:`preview_path`."""
+    if not args.preview_vae:
+        return Decoding(video)
+    writer = VideoWriter(preview_path(args), live=True)
+    decoder = load_decoder(args.preview_vae, vae_dtype(device, dtype), device)
+    return Decoding(video, FrameStream(decoder, on_frames=writer.write, keep=False), writer)
