@@ -23,7 +23,7 @@ from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.loop import generate
 from ..sampling.schedule import CascadeSchedule
 from ..video.frames import FrameStream, video_frames
-from ..video.taew import TinyWanDecoder
+from ..video.taew import LightTAEDecoder, TinyWanDecoder
 from ..video.vae import WanVAEDecoder
 from .bench_args import SIZES, parse_arguments, run_config
 
@@ -75,19 +75,22 @@ def timed_runs(model, embeds, cfg, a, device, tag):
 
 
 def bench_decoder(kind: str, device: torch.device):
-    """A decoder with random weights: the Wan VAE's (``wan``) or taew2_1's (``taew``), the released
-    widths on a GPU (fp16), tiny ones elsewhere (float32)."""
+    """A decoder with random weights (one of :data:`BENCH_DECODERS`): the Wan VAE's (``wan``), LightVAE's
+    (``lightvae``, the Wan decoder at base width 24), taew2_1's (``taew``) or LightTAE's (``lighttae``); the
+    released widths on a GPU (fp16), tiny ones elsewhere (float32)."""
     gpu = device.type == "cuda"
-    if kind == "taew":
-        decoder = TinyWanDecoder() if gpu else TinyWanDecoder((8, 8, 8, 8))
+    if kind in ("taew", "lighttae"):
+        tiny = TinyWanDecoder if kind == "taew" else LightTAEDecoder
+        decoder = tiny() if gpu else tiny((8, 8, 8, 8))
     else:
-        decoder = WanVAEDecoder(dim=96 if gpu else 8)
+        decoder = WanVAEDecoder(dim=(96 if kind == "wan" else 24) if gpu else 8)
     return decoder.to(device, torch.float16 if gpu else torch.float32).eval()
 
 
 def end_to_end(model, embeds, levels, a, device, size, steps, kind: str) -> None:
-    """Streaming decoder ``kind`` alone, then DiT + overlapped decode, with the time from the run's
-    start to its first frames handed out."""
+    """Streaming decoder ``kind`` alone, then DiT + decode, with the time from the run's start to its first
+    frames handed out: the decode on its own CUDA stream beside the next blocks' DiT work (``overlap``), and
+    each block decoded while the DiT waits (what overlapping buys on one GPU, where both are compute-bound)."""
     decoder = bench_decoder(kind, device)
     generate_run = runner(a)  # with --devices: the DiT on the pool's devices, the decoder on --device
     lat = generate_run(model, PromptSchedule.single(embeds), run_config(a, steps, levels[0]), blocks=a.blocks,
@@ -103,20 +106,26 @@ def end_to_end(model, embeds, levels, a, device, size, steps, kind: str) -> None
             stream.synchronize()
             emit(figure="vae_stream", size=size, decoder=kind, frames_per_pass=per_pass or fpb, run=r - 1,
                  seconds=round(time.perf_counter() - t0, 4), latent_frames=lat.shape[2])
-    for p in levels:
+    for p, overlap in itertools.product(levels, (True, False)):  # decode beside the DiT, or after each block
         cfg = run_config(a, steps, p, a.flashblock.split(",")[-1], fold_clean=a.fold_clean)
         for r in range(a.runs + 1):
             sync(device)
             t0 = time.perf_counter()
             handed_out: list[float] = []  # seconds from the stream's start, per block of frames
             frames = FrameStream(decoder, on_frames=lambda event: handed_out.append(event.seconds))
+
+            def on_block(event, frames=frames, overlap=overlap):
+                frames.push(event)
+                if not overlap:  # the DiT waits until this block's frames are out
+                    frames.poll(wait=True)
+
             res = generate_run(model, PromptSchedule.single(embeds), cfg, blocks=a.blocks, width=a.width,
-                               height=a.height, seed=0, on_block=frames.push, on_tick=frames.poll)
+                               height=a.height, seed=0, on_block=on_block, on_tick=frames.poll)
             video = frames.finish()
             sync(device)
             seconds = time.perf_counter() - t0
             emit(figure="end_to_end", size=size, decoder=kind, backend=attention.get_backend(), parallel=p,
-                 flashblock=cfg.flashblock, run=r - 1, seconds=round(seconds, 4), frames=video.shape[2],
+                 overlap=overlap, flashblock=cfg.flashblock, run=r - 1, seconds=round(seconds, 4), frames=video.shape[2],
                  fps=round(video.shape[2] / seconds, 2), first_frames_s=round(handed_out[0], 4),
                  dit_seconds=round(res.seconds, 4), ticks=res.ticks)
 

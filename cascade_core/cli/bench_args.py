@@ -15,6 +15,7 @@ from .checks import UsageError, check_backend
 from .inputs import resolve_device
 from .parser import OneLineParser
 
+BENCH_DECODERS = ("wan", "lightvae", "taew", "lighttae")  # the decoders --vae times (--decoder)
 SIZES = {
     "1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
@@ -47,8 +48,9 @@ def parse_arguments(argv: list[str] | None, description: str):
     ap.add_argument("--vae", action="store_true",
                     help="also time the streaming VAE alone and end to end (frames out, decode overlapped)")
     ap.add_argument("--decoder", default="wan",
-                    help="with --vae: decoders to time, of wan (the Wan2.1 VAE's) and taew (the taew2_1 "
-                         "preview decoder, the widget's), e.g. wan,taew")
+                    help="with --vae: decoders to time, of wan (the Wan2.1 VAE's), lightvae (LightVAE: the Wan "
+                         "decoder pruned to base width 24), taew (the taew2_1 preview decoder) and lighttae "
+                         "(LightTAE), e.g. wan,lightvae,taew,lighttae")
     ap.add_argument("--switch-every", type=int, default=0, metavar="N",
                     help="also time every tick of runs whose prompt switches every N blocks")
     ap.add_argument("--switch-mode", default="none", help="switch modes of --switch-every and --steer-runs runs: "
@@ -92,8 +94,8 @@ def checked_arguments(a, device: torch.device):
     size = a.size or ("1.3B" if device.type == "cuda" else "tiny")
     if device.type == "cpu" and size != "tiny":
         raise UsageError("the real shapes need a GPU; use --size tiny on the CPU")
-    if not set(a.decoder.split(",")) <= {"wan", "taew"}:
-        raise UsageError(f"--decoder {a.decoder}: choose from wan, taew (comma-separated)")
+    if not set(a.decoder.split(",")) <= set(BENCH_DECODERS):
+        raise UsageError(f"--decoder {a.decoder}: choose from {', '.join(BENCH_DECODERS)} (comma-separated)")
     if a.decoder != "wan" and not a.vae:
         raise UsageError("--decoder is for the decoder runs of --vae; add --vae")
     if a.endless and a.endless < 10:

@@ -51,15 +51,16 @@ def test_end_to_end_rows_per_decoder_count_the_videos_frames_and_the_first_frame
             return cls(*args, **kwargs)
         return build
 
-    for name in ("WanVAEDecoder", "TinyWanDecoder"):
+    for name in ("WanVAEDecoder", "TinyWanDecoder", "LightTAEDecoder"):
         monkeypatch.setattr(bench, name, spy(name))
-    out = rows(capsys, "--parallel", "2", "--vae", "--decoder", "wan,taew")
-    assert built == ["WanVAEDecoder", "TinyWanDecoder"]
-    for decoder in ("wan", "taew"):
+    out = rows(capsys, "--parallel", "2", "--vae", "--decoder", "wan,lighttae")
+    assert built == ["WanVAEDecoder", "LightTAEDecoder"]
+    for decoder in ("wan", "lighttae"):
         ends = [r for r in out if r["figure"] == "end_to_end" and r["decoder"] == decoder]
-        assert len(ends) == 2 and all(r["decoder"] == decoder and r["frames"] == 57 for r in ends)
+        assert len(ends) == 4 and all(r["decoder"] == decoder and r["frames"] == 57 for r in ends)
+        assert sorted(r["overlap"] for r in ends) == [False, False, True, True]  # beside the DiT, and after it
         assert all(0 < r["first_frames_s"] < r["seconds"] for r in ends)
-    assert {r["decoder"] for r in out if r["figure"] == "vae_stream"} == {"wan", "taew"}
+    assert {r["decoder"] for r in out if r["figure"] == "vae_stream"} == {"wan", "lighttae"}
 
 
 def test_bad_backends_and_a_decoder_without_vae_are_refused_before_any_work(capsys, monkeypatch):
@@ -69,7 +70,7 @@ def test_bad_backends_and_a_decoder_without_vae_are_refused_before_any_work(caps
     for args, message in ((["--backend", "auto,cudnn"], "--backend: attention backend cudnn is not available"),
                           (["--backend", "flash4"], "--backend: attention backend flash4 runs only on NVIDIA Hopper"),
                           (["--decoder", "taew"], "--decoder is for the decoder runs of --vae"),
-                          (["--vae", "--decoder", "wan,bogus"], "--decoder wan,bogus: choose from wan, taew"),
+                          (["--vae", "--decoder", "wan,bogus"], "--decoder wan,bogus: choose from wan, lightvae, taew, lighttae"),
                           (["--parallel", "1,x"], "comma-separated integers"),
                           (["--flashblock", "exact,bogus"], "flashblock must be one of"),
                           (["--steps", "1000,500", "--parallel", "1,4"], "parallelism must lie in 1..3"),
