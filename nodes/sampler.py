@@ -299,16 +299,17 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
         wan = (model.acquire_for_pool() if session.pooled else model.acquire_swapped(device, run.swapped)
                if run.swapped else model.acquire(device, run.need))
         compiling = compile_layers(wan, run)
+        decode_on = session.decode_device(device)  # several devices: the last one's
         if run.vae_sd is not None:
             from cascade_core.video.vae import WanVAEDecoder
 
-            decoder = WanVAEDecoder.from_state_dict(run.vae_sd[0], dtype=run.vae_sd[1], device=device, source="vae")
+            decoder = WanVAEDecoder.from_state_dict(run.vae_sd[0], dtype=run.vae_sd[1], device=decode_on, source="vae")
             decoder.time_cache = run.time_cache  # the video's and the re-encoded frame's decoder (shared)
         else:
             decoder = stream.preview_decoder()
         if run.reencodes:
             extra["context_image"] = context_reencoder(vae, decoder)
-        decoder, preview = decoders.for_run(run.decoder_files, decoder, device, run.time_cache)  # IMAGE's, live view's
+        decoder, preview = decoders.for_run(run.decoder_files, decoder, decode_on, run.time_cache)  # IMAGE's, live view's
         lead = 0 if before is None else before.shape[2]
         clean_pass = not cfg.kv_recompute
         blocks = plan.schedule.blocks

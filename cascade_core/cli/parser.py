@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "decoder (taew2_1, LightTAE lighttaew2_1): decode each block as it finishes, on its "
                                  "own CUDA stream; the complete "
                                  "Wan2.1 VAE's encoder encodes --image and a --continue video")
+    g.add_argument("--decode-device", default="auto",
+                   help="where --vae and --preview-vae decode: auto (the run's device; with several --devices the "
+                        "last of them) or a device such as cuda:2 (a GPU of its own) or cpu")
     g.add_argument("--video-out", help="MP4 to write (with --vae; default: out/video.mp4 unless --frames-dir)")
     g.add_argument("--frames-dir", help="write each frame as a PNG into this folder as it is decoded (alone: no MP4)")
     g.add_argument("--preview-vae", metavar="FILE",

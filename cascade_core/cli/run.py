@@ -81,6 +81,7 @@ class Checked:
     lines: list[str]
     prefix_notes: list[str]
     swapped: int = 0  # blocks streamed from host memory (:func:`load`)
+    decode_device: torch.device | None = None  # where the decoders run (RunSession.decode_device)
 
 
 @dataclasses.dataclass
@@ -138,7 +139,11 @@ def check(args) -> Checked:
     lines = cli_checks.length_warnings(cfg, args.blocks, 0 if prefix_in is None else prefix_in.frames)
     cli_checks.check_backend(args.attention_backend, device, dtype)
     cli_checks.check_weight_dtype(args, device)
-    return Checked(cfg, family, assumed, session, device, where, dtype, switches, prefix_in, lines, prefix_notes)
+    if args.decode_device != "auto" and not args.vae:
+        raise UsageError("--decode-device places the decoders of --vae and --preview-vae; add --vae")
+    decode_on = session.decode_device(device, None if args.decode_device == "auto" else resolve_device(args.decode_device))
+    return Checked(cfg, family, assumed, session, device, where, dtype, switches, prefix_in, lines, prefix_notes,
+                   decode_device=decode_on)
 
 
 def weight_bytes(model_cfg: WanConfig, weights, dtype: torch.dtype) -> tuple[int, int]:
@@ -335,12 +340,13 @@ def run_generate(args) -> dict | None:
         print_notes(args, run, loaded)
         writer = frames = None
         if args.vae:
-            writer, frames = open_video(args.vae, video_path(args), args.frames_dir, run.device, run.dtype,
-                                        None if context_image is None else context_image.decoder)  # read once
+            shared = context_image is not None and run.decode_device == run.device  # the file read once
+            writer, frames = open_video(args.vae, video_path(args), args.frames_dir, run.decode_device, run.dtype,
+                                        context_image.decoder if shared else None)
             if hasattr(frames.stream.decoder, "time_cache"):  # the Wan decoder (taew2_1 has no such rule)
                 frames.stream.decoder.time_cache = time_cache
         if frames is not None:  # with --preview-vae a second decoder beside it, into its live MP4
-            frames = open_decoding(args, frames, run.device, run.dtype)
+            frames = open_decoding(args, frames, run.decode_device, run.dtype)
         start = time.perf_counter()
         result, startup = make_video(args, run, loaded, context_image, writer, frames)
         seconds = time.perf_counter() - start - startup

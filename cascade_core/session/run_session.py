@@ -57,6 +57,15 @@ class RunSession:
         on a pool); ``prompts``: entries of the prompt schedule, ``vae_bytes``: the decoders' weights there."""
         return estimate_run_bytes(self.plan, model_cfg, dtype, prompts, vae_bytes, ranks=self.ranks)
 
+    def decode_device(self, device: torch.device, choice: torch.device | None = None) -> torch.device:
+        """Where the frontend decodes finished blocks (the output's and the preview's decoders): ``choice`` (a device
+        of its own) where given; with several local devices the last of them, beside that rank's share of the DiT
+        rather than in the caller's process on the first; else ``device`` (the run's; this rank's under torchrun).
+        The blocks' latents reach it from host memory (the pool hands them out there)."""
+        if choice is not None:
+            return choice
+        return self.devices[-1] if self.pooled else device
+
     def runner(self, device: torch.device | None = None) -> Callable[..., Result]:
         """The engine's generate for the session's devices (same signature and result for each): one device,
         the worker pool (started here, or the process's lasting one), or the torchrun group (``device``: this

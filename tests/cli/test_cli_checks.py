@@ -315,3 +315,33 @@ def test_the_trained_length_warning_counts_the_context(tmp_path, capsys):
     assert len(warnings) == 1 and "24 latent frames" in warnings[0] and "--context-frames" in warnings[0]
     assert main([*run, "--blocks", "2", "--context-frames", "4"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_decode_device_places_the_decoders_and_needs_a_vae(tmp_path, monkeypatch, capsys, no_model_work):
+    """--decode-device without --vae is refused in one line, an absent GPU too; given, the device it names is
+    where the session decides the decoders run (RunSession.decode_device) and open_video builds them."""
+    from cascade_core.session.run_session import RunSession
+    from cascade_core.video.vae import WanVAEDecoder
+    from cascade_core.weights.safe_io import save_safetensors
+
+    assert main(["generate", *SMALL, "--decode-device", "cpu"]) == 2
+    one_line(capsys, "--decode-device places the decoders of --vae and --preview-vae; add --vae")
+    vae = tmp_path / "vae.safetensors"
+    save_safetensors(WanVAEDecoder(dim=8).state_dict(), str(vae))
+    assert main(["generate", *SMALL, "--vae", str(vae), "--decode-device", "cuda:7"]) == 2
+    one_line(capsys, "cuda:7 is not present")
+    asked, placed = [], []
+    real = RunSession.decode_device
+    monkeypatch.setattr(RunSession, "decode_device", lambda self, device, choice=None: asked.append(choice)
+                        or real(self, device, choice))
+
+    def open_video(vae, video_out, frames_dir, device, *rest):
+        placed.append(device)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli_run, "load", lambda *a: None)
+    monkeypatch.setattr(cli_run, "print_notes", lambda *a: None)
+    monkeypatch.setattr(cli_run, "open_video", open_video)
+    with pytest.raises(SystemExit):
+        main(["generate", *SMALL, "--vae", str(vae), "--decode-device", "cpu"])
+    assert asked == [torch.device("cpu")] and placed == [torch.device("cpu")]

@@ -100,6 +100,20 @@ def test_a_familys_bidirectional_attention_is_causal_at_p1_and_asked_for_there_i
         family_config("rolling-forcing", parallel=1, attention="bidirectional").validate()
 
 
+def test_decoders_run_on_the_last_of_several_devices_or_where_asked():
+    """With several local devices the finished blocks are decoded on the last of them (not beside the caller on
+    the first); one device or a torchrun rank decodes where it runs; a device asked for wins."""
+    from cascade_core.session import RunSession
+
+    cfg, first, last = CascadeConfig(frames_per_block=2, parallel=2), torch.device("cuda", 0), torch.device("cuda", 2)
+    pooled = RunSession(cfg, blocks=2, width=W, height=H, devices=[first, torch.device("cuda", 1), last])
+    assert pooled.decode_device(first) == last
+    assert pooled.decode_device(first, torch.device("cuda", 3)) == torch.device("cuda", 3)
+    assert RunSession(cfg, blocks=2, width=W, height=H, devices=[first]).decode_device(first) == first
+    ranks = RunSession(cfg, blocks=2, width=W, height=H, devices="torchrun", ranks=3)
+    assert ranks.decode_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+
+
 def test_a_plan_of_several_devices_is_refused_by_one_process_and_a_session_needs_real_devices(model, prompt):
     from cascade_core.session import RunSession
 
