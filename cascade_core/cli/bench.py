@@ -110,6 +110,8 @@ def end_to_end(model, embeds, levels, a, device, size, steps, kind: str) -> None
         cfg = run_config(a, steps, p, a.flashblock.split(",")[-1], fold_clean=a.fold_clean)
         for r in range(a.runs + 1):
             sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             handed_out: list[float] = []  # seconds from the stream's start, per block of frames
             frames = FrameStream(decoder, on_frames=lambda event: handed_out.append(event.seconds))
@@ -127,7 +129,8 @@ def end_to_end(model, embeds, levels, a, device, size, steps, kind: str) -> None
             emit(figure="end_to_end", size=size, decoder=kind, backend=attention.get_backend(), parallel=p,
                  overlap=overlap, flashblock=cfg.flashblock, run=r - 1, seconds=round(seconds, 4), frames=video.shape[2],
                  fps=round(video.shape[2] / seconds, 2), first_frames_s=round(handed_out[0], 4),
-                 dit_seconds=round(res.seconds, 4), ticks=res.ticks)
+                 dit_seconds=round(res.seconds, 4), ticks=res.ticks,
+                 peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
 
 
 def switch_configs(levels, a, steps):
