@@ -30,7 +30,8 @@ def vae_weights(vae):
             WanVAEDecoder.from_state_dict(sd, dtype=dtype, device="meta", source="vae")
     except Exception as exc:  # noqa: BLE001 - any mismatch means: not a Wan2.1 VAE
         reason = getattr(exc, "reason", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise ValueError(f"vae: not a usable Wan2.1 VAE: {reason} (use wan_2.1_vae.safetensors)") from None
+        raise ValueError(f"vae: not a usable Wan2.1 VAE: {reason} (use wan_2.1_vae.safetensors; LightVAE, LightTAE "
+                         f"and taew2_1 go through Load Video Decoder (Block Cascade) to the decoder inputs)") from None
     return sd, dtype
 
 

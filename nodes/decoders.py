@@ -1,4 +1,5 @@
-"""Decoders from files core ComfyUI cannot load (LightVAE, LightTAE; taew2_1 and the Wan2.1 VAE too), and the
+"""Decoders from files core ComfyUI cannot load or not as a video decoder (LightVAE; LightTAE and taew2_1, which
+newer cores load as preview VAEs; the Wan2.1 VAE too), and the
 sampler's rules for which decoder writes its output and which feeds its live view.
 
 The loader node checks a file (its tensor names and shapes, nothing copied) and hands on a :class:`DecoderFile`;
@@ -92,7 +93,7 @@ class BlockCascadeDecoderLoader(io.ComfyNode):
             category=CATEGORY,
             description="A Wan2.1 latent decoder for the Block Cascade Sampler's decoder and preview_decoder "
                         "inputs, from models/vae or models/vae_approx: lightx2v's LightVAE (lightvaew2_1) and "
-                        "LightTAE (lighttaew2_1), which core Load VAE cannot load, madebyollin's taew2_1, or the "
+                        "LightTAE (lighttaew2_1), madebyollin's taew2_1, or the "
                         "Wan2.1 VAE. Streamed block by block with its causal cache on its own CUDA stream.",
             inputs=[
                 io.Combo.Input("decoder_name", options=decoder_files(),

@@ -15,6 +15,7 @@ import torch
 
 from ..common.constants import GIB
 from ..model import attention
+from ..sampling.blend import check_blend_blocks
 from ..sampling.config import CascadeConfig
 from ..sampling.families import DEFAULT_FAMILY, family_config, guess_family
 from ..sampling.memory import available_bytes, blocks_to_swap, cheaper_settings
@@ -63,14 +64,17 @@ def _check_new_path(flag: str, path: str) -> None:
     _probe_folder(folder, flag, path)
 
 
-def check_output_file(flag: str, path: str | None) -> None:
-    """Refuse an output file that cannot be written: a folder, under a file, no write permission.
+def check_output_file(flag: str, path: str | None, suffix: str | None = None) -> None:
+    """Refuse an output file that cannot be written: a folder, under a file, no write permission, or (``suffix``,
+    e.g. ".mp4") a name of another kind of file than the one written.
 
     Missing folders are fine where they can be created (the writers create them)."""
     if path is None:
         return
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder; give a file name")
+    if suffix is not None and not path.lower().endswith(suffix):
+        raise UsageError(f"{flag} {path}: the file written is {suffix[1:].upper()}; give a name ending in {suffix}")
     if os.path.exists(path) and not os.path.isfile(path):  # a device, a FIFO: writers replace it by a file
         raise UsageError(f"{flag} {path} is not a regular file; give a file name")
     if os.path.exists(path):
@@ -163,16 +167,23 @@ def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
     return cfg, name, assumed
 
 
-def prompt_switches(specs: list[str], blocks: int) -> list[tuple[int, str, bool]]:
-    """--switch BLOCK:FILE|BLOCK:TEXT values -> sorted (block, file or text, is a file). A value ending
-    in .safetensors is an embedding file (it must exist); anything else is a prompt text. Raises
+def prompt_switches(specs: list[str], blocks: int) -> list[tuple[int, str, bool, int]]:
+    """--switch BLOCK[~N]:FILE|BLOCK[~N]:TEXT values -> sorted (block, file or text, is a file, N). A value
+    ending in .safetensors is an embedding file (it must exist); anything else is a prompt text; ``~N``
+    blends the old and new prompts over N blocks (:mod:`sampling.blend`; 0 or none: a hard switch). Raises
     UsageError for a malformed value, a block outside 1..blocks-1 (any block >= 1 in an endless video,
-    ``blocks`` 0) or two switches at one block."""
+    ``blocks`` 0), an N outside 0..MAX_BLEND_BLOCKS or two switches at one block."""
     out = {}
     for spec in specs:
-        block, sep, value = spec.partition(":")
-        if not sep or not block.strip().isdigit() or not value.strip():
-            raise UsageError(f"--switch {spec!r}: expected BLOCK:FILE (a .safetensors embedding) or BLOCK:TEXT")
+        head, sep, value = spec.partition(":")
+        block, tilde, blend = head.partition("~")
+        if not sep or not block.strip().isdigit() or not value.strip() or (tilde and not blend.strip().isdigit()):
+            raise UsageError(f"--switch {spec!r}: expected BLOCK:FILE (a .safetensors embedding) or BLOCK:TEXT, "
+                             f"BLOCK~N:... to blend the prompts over N blocks")
+        try:
+            n = check_blend_blocks(int(blend) if tilde else 0, f"--switch {spec!r}")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         b = int(block)
         if b < 1 or (blocks and b >= blocks):
             raise UsageError(f"--switch {spec!r}: the block must lie in 1..{blocks - 1} (block 0 takes the first "
@@ -182,7 +193,7 @@ def prompt_switches(specs: list[str], blocks: int) -> list[tuple[int, str, bool]
         is_file = value.lower().endswith(".safetensors")
         if is_file:
             check_input("--switch", value)
-        out[b] = (value, is_file)
+        out[b] = (value, is_file, n)
     return [(b, *out[b]) for b in sorted(out)]
 
 

@@ -31,6 +31,20 @@ def resolve_device(name: str) -> torch.device:
     return devices[0]
 
 
+def decode_device_choice(args) -> torch.device | None:
+    """The device --decode-device names (None for auto: the session's rule); UsageError naming the flag."""
+    if args.decode_device == "auto":
+        return None
+    if not args.vae:
+        raise UsageError("--decode-device places the decoders of --vae and --preview-vae; add --vae")
+    if "," in args.decode_device:
+        raise UsageError(f"--decode-device takes one device, got {args.decode_device}")
+    try:
+        return resolve_device(args.decode_device)
+    except ValueError as exc:
+        raise UsageError(f"--decode-device: {exc}") from None
+
+
 def several_devices(args):
     """None (one device, --device), "torchrun", or the two or more devices of --devices."""
     if args.devices is None:

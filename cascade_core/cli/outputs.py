@@ -96,7 +96,7 @@ def check_outputs(args) -> None:
     if (args.video_out or args.frames_dir) and not args.vae:
         raise UsageError("--video-out and --frames-dir need --vae FILE (the decoder)")
     cli_checks.check_output_file("--latents-out", args.latents_out)
-    cli_checks.check_output_file("--video-out", video_path(args))
+    cli_checks.check_output_file("--video-out", video_path(args), ".mp4")
     cli_checks.check_output_folder("--frames-dir", args.frames_dir)
     cli_checks.check_input("--vae", args.vae)
 

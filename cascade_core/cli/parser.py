@@ -114,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(family default; LongLive 12, Reward Forcing 9)")
     g.add_argument("--sink", type=int, help="first latent frames the --window always keeps (family default; "
                                             "LongLive 3, Reward Forcing 3 as an EMA sink)")
-    g.add_argument("--switch", action="append", default=[], metavar="BLOCK:FILE|BLOCK:TEXT",
+    g.add_argument("--switch", action="append", default=[], metavar="BLOCK[~N]:FILE|TEXT",
                    help="switch the prompt at a block: a .safetensors [L, 4096] embedding, or a text (embedded "
-                        "with --text-encoder); repeatable")
+                        "with --text-encoder); BLOCK~N blends the old and new prompts over N blocks (0..64; "
+                        "Krea's demo blends over 4); repeatable")
     g.add_argument("--switch-mode", choices=SWITCH_MODES,
                    help="none: in-flight blocks take the new prompt at their next step, no extra forward (Block "
                         "Cascading); recache: the window's committed K/V are recomputed under the new prompt, one "

@@ -13,6 +13,7 @@ preview already); the file must hold a decoder :func:`video.frames.load_decoder`
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -57,9 +58,9 @@ def check_preview(args) -> None:
                          "--preview-vae out")
     check_decoder("--preview-vae", args.preview_vae)
     path, video = preview_path(args), video_path(args)
-    if video is not None and os.path.abspath(path) == os.path.abspath(video):
+    if video is not None and os.path.realpath(path) == os.path.realpath(video):
         raise UsageError(f"--preview-out {path} is the video's file; give the preview another")
-    cli_checks.check_output_file("--preview-out", path)
+    cli_checks.check_output_file("--preview-out", path, ".mp4")
 
 
 def preview_bytes(args) -> int:
@@ -72,7 +73,8 @@ class Decoding:
     """The run's decoding as :mod:`cli.run` drives it (:class:`~video.frames.FrameStream`'s push, poll, finish,
     close): the video's stream and, with --preview-vae, the preview's, which gets every block first (its decode
     queued first, on its own CUDA stream); :meth:`close` also closes the preview's MP4. It notes when each
-    stream's first and last frames were written, for :meth:`timings`."""
+    stream's first and last frames were written, for :meth:`timings`. The preview is a view, not a result: when
+    writing it fails (a full disk, ...) one ``warning:`` line says so and the run and its video go on without it."""
 
     def __init__(self, video: FrameStream, preview: FrameStream | None = None,
                  preview_writer: VideoWriter | None = None):
@@ -80,37 +82,60 @@ class Decoding:
         self.streams = {"video": video} if preview is None else {"preview": preview, "video": video}
         self.preview_writer = preview_writer
         self.written: dict[str, list[float]] = {name: [] for name in self.streams}  # [first, last] perf_counter
+        self.preview_failed: str | None = None  # why the preview stopped, if it did
         for name, stream in self.streams.items():
             stream.on_frames = self._noted(name, stream.on_frames)
 
     def _noted(self, name: str, on_frames):
         def write(event) -> None:
-            on_frames(event)
+            if name == "preview" and self.preview_failed:
+                return
+            try:
+                on_frames(event)
+            except Exception as exc:  # noqa: BLE001 - the preview's own failure; the video's is raised
+                if name != "preview":
+                    raise
+                self._preview_stopped(exc)
+                return
             now, times = time.perf_counter(), self.written[name]
             times[:] = [times[0] if times else now, now]
         return write
 
+    def _preview_stopped(self, exc: BaseException) -> None:
+        if self.preview_failed is None:
+            self.preview_failed = f"{type(exc).__name__}: {exc}"
+            print(f"warning: the preview stopped ({self.preview_failed}); the video goes on without it",
+                  file=sys.stderr)
+
+    def _active(self):
+        return [s for n, s in self.streams.items() if not (n == "preview" and self.preview_failed)]
+
     def push(self, event) -> None:
-        """Queue the block's decode on every stream (the preview's first); never waits for the GPU."""
-        for stream in self.streams.values():
+        """Queue the block's decode on every stream (the preview's first, unless it stopped); never waits for the
+        GPU."""
+        for stream in self._active():
             stream.push(event)
 
     def poll(self, _event=None, wait: bool = False) -> None:
         """Raise what a writer thread raised (an ``on_tick`` callback); see :meth:`FrameStream.poll`."""
-        for stream in self.streams.values():
+        for stream in self._active():
             stream.poll(wait=wait)
 
     def finish(self) -> None:
-        """Every pushed block's frames written, on every stream; raises what a writer thread raised."""
+        """Every pushed block's frames written, on every stream; raises what the video's writer thread raised."""
         for stream in self.streams.values():
             stream.finish()
 
     def close(self) -> None:
-        """Like :meth:`finish` without raising (a ``finally``), then the preview's MP4 finalised."""
+        """Like :meth:`finish` without raising (a ``finally``), then the preview's MP4 finalised (a failure to
+        finalise it is a ``warning:`` line: the video's writer is closed after this, whatever happened here)."""
         for stream in self.streams.values():
             stream.close()
         if self.preview_writer is not None:
-            self.preview_writer.close()
+            try:
+                self.preview_writer.close()
+            except Exception as exc:  # noqa: BLE001 - see above
+                self._preview_stopped(exc)
 
     def timings(self, startup: float = 0.0) -> dict:
         """``video_first_frame_seconds``; with a preview also ``preview_out``, ``preview_frames``,
@@ -126,6 +151,8 @@ class Decoding:
                        preview_first_frame_seconds=since(times[0]) if times else None,
                        preview_frames_per_second=round(count / since(times[1]), 2) if times and since(times[1]) > 0
                        else None)
+            if self.preview_failed:
+                out["preview_stopped"] = self.preview_failed
         return out
 
 

@@ -25,6 +25,7 @@ from ..common.stop import StopRequest
 from ..model import attention
 from ..model.compiling import resolve_compile
 from ..model.dit import WanConfig, WanModel
+from ..sampling.blend import blend_text_sets
 from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.context import context_notes
 from ..sampling.families import describe, get_family
@@ -40,6 +41,7 @@ from .inputs import (
     BUILTIN,
     build_model,
     check_text_arguments,
+    decode_device_choice,
     load_weights,
     prompt_embeddings,
     resolve_device,
@@ -129,7 +131,7 @@ def check(args) -> Checked:
                              switches=len(switches))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    check_text_arguments(args, sum(not is_file for *_, is_file in switches))
+    check_text_arguments(args, sum(not is_file for _, _, is_file, _ in switches))
     cli_checks.check_settings(args, cfg)
     check_outputs(args)
     check_preview(args)
@@ -139,9 +141,7 @@ def check(args) -> Checked:
     lines = cli_checks.length_warnings(cfg, args.blocks, 0 if prefix_in is None else prefix_in.frames)
     cli_checks.check_backend(args.attention_backend, device, dtype)
     cli_checks.check_weight_dtype(args, device)
-    if args.decode_device != "auto" and not args.vae:
-        raise UsageError("--decode-device places the decoders of --vae and --preview-vae; add --vae")
-    decode_on = session.decode_device(device, None if args.decode_device == "auto" else resolve_device(args.decode_device))
+    decode_on = session.decode_device(device, decode_device_choice(args))
     return Checked(cfg, family, assumed, session, device, where, dtype, switches, prefix_in, lines, prefix_notes,
                    decode_device=decode_on)
 
@@ -166,18 +166,21 @@ def load(args, run: Checked) -> Loaded:
     weights = load_weights(args, dtype)  # checked (and kept on the CPU) before the text encoder runs
     if not session.pooled and session.devices != TORCHRUN:
         model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
-        vae_bytes = cli_checks.input_bytes(args.vae) if args.vae else 0
-        vae_bytes *= 2 if plan.cfg.kv_recompute else 1  # the context re-encoder holds its own copy
-        vae_bytes += preview_bytes(args)  # both decoders' weights in the one estimate
-        need, what = session.memory(model_cfg, dtype, 1 + len(run.switches), vae_bytes)
+        # the decoders' weights, where they share the DiT's device (--decode-device elsewhere: only a KV recompute's
+        # re-encoder stays here, whose Wan decoder the video then shares); both decoders in the one estimate
+        here = run.decode_device == device
+        vae_bytes = cli_checks.input_bytes(args.vae) if args.vae and (here or plan.cfg.kv_recompute) else 0
+        vae_bytes += preview_bytes(args) if here else 0
+        texts = 1 + len(run.switches) + blend_text_sets([n for *_, n in run.switches], plan.schedule.max_in_flight)
+        need, what = session.memory(model_cfg, dtype, texts, vae_bytes)
         total, block = weight_bytes(model_cfg, weights, dtype)
         stored_small = args.weight_dtype != "default" or (weights is not None and weights[1].weight_dtype != "default")
-        run.swapped = cli_checks.place_weights(args, device, session.plan, model_cfg, dtype, 1 + len(run.switches),
+        run.swapped = cli_checks.place_weights(args, device, session.plan, model_cfg, dtype, texts,
                                                vae_bytes, need, what, total, block, stored_small)
     prefix_in = run.prefix_in
     prefix = None if prefix_in is None else cli_prefix.prefix_latents(
         prefix_in, plan.cfg, args.context_frames, args.vae, device, vae_dtype(device, dtype))
-    texts = ([args.prompt] if args.prompt is not None else []) + [v for _, v, is_file in run.switches if not is_file]
+    texts = ([args.prompt] if args.prompt is not None else []) + [v for _, v, file, _ in run.switches if not file]
     encoded = prompt_embeddings(args, texts, device) if texts else []
     embeds = encoded.pop(0) if args.prompt is not None else None
     prompt_label = None if embeds is None else f"{len(embeds)} tokens"
@@ -200,9 +203,10 @@ def load(args, run: Checked) -> Loaded:
         embeds = torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(args.seed))
     noise = single_tensor(args.noise, "the initial noise") if args.noise else None
     entries = [(0, embeds)] + [(b, single_tensor(v, "a [L, 4096] prompt embedding") if is_file else encoded.pop(0))
-                               for b, v, is_file in run.switches]
+                               for b, v, is_file, _ in run.switches]
     head = None if prefix_in is None else prefix_in.head  # given latents before the context, output as they are
-    return Loaded(model, label, PromptSchedule(entries), prompt_label, noise, prefix, head)
+    prompts = PromptSchedule(entries, {b: n for b, *_, n in run.switches if n})
+    return Loaded(model, label, prompts, prompt_label, noise, prefix, head)
 
 
 def print_notes(args, run: Checked, loaded: Loaded) -> None:
@@ -284,6 +288,8 @@ def outputs(args, run: Checked, loaded: Loaded, result: Result, writer, seconds:
     out = summary(result, latents, args, loaded.model, loaded.label, run.where, cfg)
     out.update(family=run.family, family_assumed=run.assumed, settings=describe(cfg),
                prompt_switches=[b for b, *_ in run.switches])
+    if any(n for *_, n in run.switches):
+        out["prompt_blend_blocks"] = [n for *_, n in run.switches]
     if endless:  # ended by Ctrl-C, its normal end; the latents are its last window
         given_before = 0 if head is None else head.shape[2]  # the output video's frames before the context
         out.update(endless=True, stopped="Ctrl-C", latents_first_frame=given_before + result.first_frame,

@@ -52,6 +52,7 @@ def test_output_paths_are_checked_before_the_run(tmp_path, capsys, no_model_work
         (["--latents-out", str(a_file / "lat.safetensors")], "is a file, not a folder"),
         (["--latents-out", str(tmp_path)], "is a folder"),
         ([*vae, "--video-out", str(tmp_path)], "is a folder"),
+        ([*vae, "--video-out", str(tmp_path / "v.webm")], "the file written is MP4; give a name ending in .mp4"),
         ([*vae, "--video-out", str(a_file / "sub" / "v.mp4")], "is a file, not a folder"),
         ([*vae, "--frames-dir", str(a_file)], "is a file, not a folder"),
         ([*vae, "--frames-dir", str(a_file / "frames")], "is a file, not a folder"),
@@ -329,7 +330,9 @@ def test_decode_device_places_the_decoders_and_needs_a_vae(tmp_path, monkeypatch
     vae = tmp_path / "vae.safetensors"
     save_safetensors(WanVAEDecoder(dim=8).state_dict(), str(vae))
     assert main(["generate", *SMALL, "--vae", str(vae), "--decode-device", "cuda:7"]) == 2
-    one_line(capsys, "cuda:7 is not present")
+    one_line(capsys, "--decode-device: devices: cuda:7 is not present")
+    assert main(["generate", *SMALL, "--vae", str(vae), "--decode-device", "cpu,cpu"]) == 2
+    one_line(capsys, "--decode-device takes one device, got cpu,cpu")
     asked, placed = [], []
     real = RunSession.decode_device
     monkeypatch.setattr(RunSession, "decode_device", lambda self, device, choice=None: asked.append(choice)

@@ -129,11 +129,18 @@ def test_both_decoders_weights_are_in_the_one_memory_estimate(tmp_path, files, m
         assert main(["generate", *SMALL, "--vae", files["wan"], "--video-out", str(tmp_path / "v.mp4"), *extra]) == 0
     sizes = [os.path.getsize(files[k]) for k in ("wan", "taew")]
     assert asked == [sizes[0], sizes[0] + sizes[1]]
+    # decoders on a device of their own (a second CPU device stands in for another GPU): none on the DiT's
+    asked.clear()
+    monkeypatch.setattr(RunSession, "decode_device", lambda self, device, choice=None: torch.device("cpu", 1))
+    assert main(["generate", *SMALL, "--vae", files["wan"], "--video-out", str(tmp_path / "v.mp4"),
+                 "--preview-vae", files["taew"]]) == 0
+    assert asked == [0]
 
 
 def test_preview_refusals_are_one_line_before_model_work(tmp_path, files, capsys, no_model_work):
     a_folder = tmp_path / "folder"
     a_folder.mkdir()
+    (tmp_path / "link").symlink_to(a_folder)  # the video's folder under another name
     wan, taew = ["--vae", files["wan"]], ["--preview-vae", files["taew"]]
     cases = [
         (taew, "--preview-vae is a second decoder beside --vae"),
@@ -144,6 +151,10 @@ def test_preview_refusals_are_one_line_before_model_work(tmp_path, files, capsys
         ([*wan, *taew, "--video-out", str(tmp_path / "v.mp4"), "--preview-out", str(tmp_path / "v.mp4")],
          "is the video's file"),
         ([*wan, *taew, "--preview-out", str(a_folder)], "is a folder"),
+        ([*wan, *taew, "--video-out", str(a_folder / "v.mp4"), "--preview-out", str(tmp_path / "link" / "v.mp4")],
+         "is the video's file"),
+        ([*wan, *taew, "--preview-out", str(tmp_path / "p.webm")], "the file written is MP4; give a name ending in"),
+        ([*wan, *taew, "--preview-out", str(tmp_path / "p")], "the file written is MP4; give a name ending in"),
     ]
     for args, message in cases:
         assert main(["generate", *SMALL, *args]) == 2, args
@@ -160,3 +171,32 @@ def test_the_preview_path_rule():
     assert cli_preview.preview_path(args) == os.path.join("out", "preview.mp4")
     args.preview_out = "x.mp4"
     assert cli_preview.preview_path(args) == "x.mp4"
+
+
+@pytest.mark.parametrize("fails_at", ["write", "close"])
+def test_a_failing_preview_is_one_warning_and_the_run_keeps_its_video_and_latents(tmp_path, files, capsys,
+                                                                                 monkeypatch, fails_at):
+    """The preview's writer failing (a full disk) while writing or when finalised: one ``warning:`` line, exit 0,
+    the video's MP4 whole and the latents written; the summary says why the preview stopped."""
+    import av
+
+    preview = str(tmp_path / "p.mp4")
+    real_write, real_close = VideoWriter.write_pixels, VideoWriter.close
+
+    def full_disk(self, *args):
+        if self.path == preview:
+            raise OSError(28, "No space left on device")
+        return (real_write if args else real_close)(self, *args)
+
+    monkeypatch.setattr(VideoWriter, "write_pixels" if fails_at == "write" else "close", full_disk)
+    video, latents = tmp_path / "v.mp4", tmp_path / "lat.safetensors"
+    assert main(["generate", *SMALL, "--vae", files["wan"], "--video-out", str(video), "--preview-vae",
+                 files["taew"], "--preview-out", preview, "--latents-out", str(latents)]) == 0
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == ["warning: the preview stopped (OSError: [Errno 28] No space left on device); "
+                                        "the video goes on without it"], err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["preview_stopped"].startswith("OSError") and summary["video_frames"] == 1 + 4 * 5
+    with av.open(str(video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 1 + 4 * 5
+    assert read_tensor_file(str(latents))["latents"].shape[2] == 6
