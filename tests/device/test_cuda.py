@@ -239,6 +239,28 @@ def test_vae_uploads_host_latents_without_stalling_the_host():
     assert frames.shape == plain.shape == (1, 3, 9, 64, 128) and (frames - plain).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("kind,dtype,tol", [("wan", torch.float32, 1e-4), ("wan", torch.float16, 2e-2),
+                                             ("krea", torch.float16, 2e-2), ("lighttae", torch.float16, 2e-2)])
+def test_decoders_on_the_gpu_stream_the_frames_of_the_cpu(kind, dtype, tol):
+    """The channels-last Wan decoder (cuDNN NDHWC kernels, Krea's window too) and LightTAE on the GPU, streamed in
+    blocks of 3 and 2 latent frames, give the CPU's float32 frames of one decode (max abs difference)."""
+    from cascade_core.video.taew import LightTAEDecoder
+    from cascade_core.video.vae import WanVAEDecoder
+
+    torch.manual_seed(0)
+    decoder = LightTAEDecoder((16, 16, 16, 16)) if kind == "lighttae" else WanVAEDecoder(dim=16)
+    for p in decoder.parameters():  # frames inside (-1, 1): nothing hidden by the clamp
+        p.data.normal_(0, 0.05 if kind == "lighttae" else 0.2)
+    if kind == "krea":
+        decoder.time_cache = "krea"
+    z = torch.randn(1, 16, 5, 12, 20, generator=torch.Generator().manual_seed(1))
+    cpu = decoder.eval().decode(z, frames_per_pass=None)
+    gpu = decoder.to("cuda", dtype)
+    stream = gpu.stream(None)
+    frames = torch.cat([stream.decode(z[:, :, :3].cuda()), stream.decode(z[:, :, 3:].cuda())], 2).cpu()
+    assert frames.shape == cpu.shape and (frames - cpu).abs().max() < tol
+
+
 # ---- two GPUs (NCCL): skipped unless two are present ---------------------------------------------
 two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                               reason="needs two CUDA GPUs")
