@@ -1,5 +1,5 @@
-"""Streaming decode shared by the Wan2.1 VAE decoder (:mod:`video.vae`) and the taew2_1 preview decoder
-(:mod:`video.taew`): the causal memory one video's decode keeps between calls, the decoder base class
+"""Streaming decode shared by the Wan VAE decoders (:mod:`video.vae`, :mod:`video.vae22`) and the taew preview
+decoders (:mod:`video.taew`): the causal memory one video's decode keeps between calls, the decoder base class
 (loading from a file or a state dict) and the stream that decodes latent blocks one after another.
 
 Guarantees: a :class:`CausalState` holds, per temporal layer, the input frames a later call needs
@@ -16,12 +16,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..common.constants import FRAMES_PER_LATENT, PIXELS_PER_LATENT
 from ..common.transfer import to_device, to_host_async
 from ..sampling.loop import Interrupted
 from ..weights.safe_io import read_weights
 from ..weights.vae_names import check_weight_names
-from .latents import check_latents
+from .latents import WAN21_LATENTS, LatentSpace
 
 # ---- causal memory -----------------------------------------------------------------------------
 
@@ -139,13 +138,14 @@ class StreamingDecode:
         return self.decode_async(z).result()
 
     def decode_async(self, z: torch.Tensor, to_host: bool = False) -> DecodeHandle:
-        """Queue the decode of the next block of normalised latents z [B, 16, T, h, w].
+        """Queue the decode of the next block of normalised latents z [B, C, T, h, w] of the decoder's latent space
+        (:attr:`LatentVideoDecoder.latent_space`: C = 16, s = 8 for Wan2.1; C = 48, s = 16 for Wan2.2).
 
-        The handle's frames are [B, 3, F, 8h, 8w] float32 in [-1, 1], F = 1 + 4(T-1) for the video's
+        The handle's frames are [B, 3, F, s*h, s*w] float32 in [-1, 1], F = 1 + 4(T-1) for the video's
         first block and 4T after. With ``to_host`` they are in host memory: on CUDA a copy into a
         pinned buffer is queued on this object's stream after the decode (see :class:`DecodeHandle`).
         """
-        check_latents(z)
+        self.decoder.latent_space.check(z)
         if z.shape[2] == 0:
             raise ValueError("a block needs at least one latent frame")
         shape = (z.shape[0], z.shape[3], z.shape[4])
@@ -195,8 +195,9 @@ class StreamingDecode:
         dec = self.decoder
         z = to_device(z, dec.device)  # from host memory: queued on the current stream, no host wait
         b, _, t, h, w = z.shape
-        count = FRAMES_PER_LATENT * t - (0 if self.state.started else FRAMES_PER_LATENT - 1)
-        frames = torch.empty(b, 3, count, PIXELS_PER_LATENT * h, PIXELS_PER_LATENT * w, device=dec.device)
+        space = dec.latent_space
+        count = space.temporal * t - (0 if self.state.started else space.temporal - 1)
+        frames = torch.empty(b, 3, count, space.spatial * h, space.spatial * w, device=dec.device)
         step = self.frames_per_pass or t
         at = 0
         for start in range(0, t, step):
@@ -211,11 +212,14 @@ class StreamingDecode:
 
 
 class LatentVideoDecoder(nn.Module):
-    """What both decoders share: loading from a file or a state dict, and the streaming interface.
+    """What the decoders share: loading from a file or a state dict, and the streaming interface.
 
     Subclasses define ``decode_pass(z, state)`` (normalised latents of consecutive frames -> frames on
-    the [-1, 1] scale, unclamped) and ``_weights_and_config(sd, source)``.
+    the [-1, 1] scale, unclamped) and ``_weights_and_config(sd, source)``, and set ``latent_space`` when
+    they decode other latents than Wan2.1's.
     """
+
+    latent_space: LatentSpace = WAN21_LATENTS  # the latents it decodes (channels, normalisation, compression)
 
     @property
     def device(self) -> torch.device:
@@ -266,5 +270,6 @@ class LatentVideoDecoder(nn.Module):
         return StreamingDecode(self, frames_per_pass, should_stop)
 
     def decode(self, z: torch.Tensor, frames_per_pass: int | None = 1) -> torch.Tensor:
-        """All of a video's normalised latents at once: [B,16,T,h,w] -> [B,3,1+4(T-1),8h,8w] float32 in [-1, 1]."""
+        """All of a video's normalised latents at once: [B,C,T,h,w] -> [B,3,1+4(T-1),s*h,s*w] float32 in [-1, 1]
+        (C, s: :attr:`latent_space`'s channels and spatial factor)."""
         return self.stream(frames_per_pass).decode(z)

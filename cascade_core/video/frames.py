@@ -32,6 +32,7 @@ import torch
 
 from ..common.transfer import to_host_async
 from ..sampling.loop import BlockEvent
+from .latents import WAN21_LATENTS
 
 log = logging.getLogger("block_cascade")
 
@@ -136,35 +137,50 @@ class FrameStream:
         self.next_frame += frames.shape[2]
 
 
-def load_decoder(path: str, dtype: torch.dtype, device: torch.device | str, kind: str | None = None):
-    """Any decoder file of Wan2.1 latents -> its streaming decoder, told by names and shapes
+def load_decoder(path: str, dtype: torch.dtype, device: torch.device | str, kind: str | None = None,
+                 latent_space=WAN21_LATENTS):
+    """Any decoder file of Wan latents -> its streaming decoder, told by names and shapes
     (:func:`weights.vae_names.decoder_kind`): the Wan2.1 VAE (file or diffusers folder) and LightVAE
     (``lightvaew2_1``, a narrower Wan2.1 VAE) -> :class:`video.vae.WanVAEDecoder`; taew2_1 ->
-    :class:`video.taew.TinyWanDecoder`; LightTAE (``lighttaew2_1``) -> :class:`video.taew.LightTAEDecoder`.
+    :class:`video.taew.TinyWanDecoder`; LightTAE (``lighttaew2_1``) -> :class:`video.taew.LightTAEDecoder`;
+    the Wan2.2 VAE (file or diffusers folder) -> :class:`video.vae22.Wan22VAEDecoder`; taew2_2 ->
+    :class:`video.taew.TinyWan22Decoder`; lighttaew2_2 -> :class:`video.taew.LightTAE22Decoder`.
 
-    All of them take normalised latents [B, 16, T, h, w] and give frames [B, 3, F, 8h, 8w] in [-1, 1].
-    ``kind`` ("taew2_1" / "lighttaew2_1") overrides which tiny decoder a TAEHV-layout file is (they share
-    names and shapes; without it, the file's name, then its dtype, decide). ``device="meta"`` only checks
-    the file. Raises :class:`CheckpointError` naming the file: one line saying what it looks like when
-    it is none of them, else what is missing or mis-shaped. Weights are read without running pickled code
-    (:func:`weights.safe_io.read_weights`).
+    Each takes normalised latents [B, C, T, h, w] of its ``latent_space`` and gives frames [B, 3, F, s*h, s*w] in
+    [-1, 1] (Wan2.1: C = 16, s = 8; Wan2.2: C = 48, s = 16). ``latent_space`` is the run's (a
+    :class:`video.latents.LatentSpace`; default Wan2.1's): a decoder of another space is refused in one line
+    naming both; None takes any. ``kind`` (a tiny decoder's kind) overrides which tiny decoder a TAEHV-layout
+    file is (taew2_1 and lighttaew2_1 share names and shapes; without it, the file's name, then its dtype,
+    decide). ``device="meta"`` only checks the file. Raises :class:`CheckpointError` naming the file: one
+    line saying what it looks like when it is none of them, else what is missing or mis-shaped. Weights are
+    read without running pickled code (:func:`weights.safe_io.read_weights`).
     """
     from ..weights.safe_io import CheckpointError, read_weights
     from ..weights.vae_names import DECODER_KINDS, decoder_kind, describe
-    from .taew import LightTAEDecoder, TinyWanDecoder
+    from .taew import LightTAE22Decoder, LightTAEDecoder, TinyWan22Decoder, TinyWanDecoder
     from .vae import WanVAEDecoder
+    from .vae22 import Wan22VAEDecoder
 
-    tiny = {"taew2_1": TinyWanDecoder, "lighttaew2_1": LightTAEDecoder}
+    tiny = {"taew2_1": TinyWanDecoder, "lighttaew2_1": LightTAEDecoder, "taew2_2": TinyWan22Decoder,
+            "lighttaew2_2": LightTAE22Decoder}
+    classes = {**tiny, "wan2.1_vae": WanVAEDecoder, "lightvaew2_1": WanVAEDecoder, "wan2.2_vae": Wan22VAEDecoder}
     if kind is not None and kind not in tiny:
         raise ValueError(f"kind {kind!r}: one of {', '.join(tiny)} (a tiny decoder file), or None")
     sd = read_weights(path)[0]
     found = decoder_kind(sd, path)
     if found is None:
-        raise CheckpointError(path, "not a decoder of Wan2.1 latents (the Wan2.1 VAE, LightVAE, taew2_1 or "
-                                    f"LightTAE): it looks like {describe(sd)}")
+        space = "Wan" if latent_space is None else latent_space.name
+        names = [DECODER_KINDS[k].split(" (")[0] for k in DECODER_KINDS
+                 if latent_space is None or classes[k].latent_space.name == latent_space.name]
+        raise CheckpointError(path, f"not a decoder of {space} latents ({', '.join(names[:-1])} or {names[-1]}): "
+                                    f"it looks like {describe(sd)}")
     if kind is not None and found not in tiny:
         raise CheckpointError(path, f"holds {DECODER_KINDS[found]}, not a tiny decoder ({kind} was asked for)")
-    cls = tiny.get(kind or found, WanVAEDecoder)
+    cls = classes[kind or found]
+    if latent_space is not None and cls.latent_space.name != latent_space.name:
+        raise CheckpointError(path, f"holds {DECODER_KINDS[kind or found]}, a decoder of {cls.latent_space.name} "
+                                    f"latents ({cls.latent_space.channels} channels); this run's latents are "
+                                    f"{latent_space.name}'s ({latent_space.channels} channels)")
     return cls.from_state_dict(sd, dtype=dtype, device=device, source=path)
 
 
@@ -288,12 +304,16 @@ class VideoWriter:
         self._av = av
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         fragments = "frag_every_frame" if self.live else "frag_keyframe"
-        self.container = av.open(self.path, mode="w", options={
+        container = av.open(self.path, mode="w", format="mp4", options={  # MP4 whatever the name says
             "movflags": f"{fragments}+empty_moov+default_base_moof", "flush_packets": "1"})
-        self.video = self.container.add_stream("libx264", rate=self.fps,
-                                               options={"tune": "zerolatency"} if self.live else None)
-        self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
-        self.video.codec_context.gop_size = self.KEYFRAME_SECONDS * self.fps
+        try:
+            video = container.add_stream("libx264", rate=self.fps, options={"tune": "zerolatency"} if self.live else None)
+            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+            video.codec_context.gop_size = self.KEYFRAME_SECONDS * self.fps
+        except BaseException:
+            container.close()  # nothing half-open left for close()
+            raise
+        self.container, self.video = container, video
 
     def close(self) -> None:
         if self.container is not None:

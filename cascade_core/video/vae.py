@@ -152,8 +152,8 @@ TIME_CACHES = ("wan", "krea")  # the rules an :class:`Upsample`'s temporal convo
 
 
 class Upsample(nn.Module):
-    """Doubles height and width (nearest, then a 3x3 conv to half the channels); if ``temporal``,
-    first doubles the frame count.
+    """Doubles height and width (nearest, then a 3x3 conv to half the channels, or to ``out_channels``: the
+    Wan2.2 decoder keeps them, ``vae2_2.py:86-98``); if ``temporal``, first doubles the frame count.
 
     Temporal doubling: a causal (3,1,1) convolution makes 2C channels per frame, read as two
     consecutive frames of C channels. The video's first frame is neither doubled nor convolved; the
@@ -177,10 +177,11 @@ class Upsample(nn.Module):
     blocks of any size gives the frames of one decode of everything under either.
     """
 
-    def __init__(self, channels: int, temporal: bool, time_cache: str = "wan"):
+    def __init__(self, channels: int, temporal: bool, time_cache: str = "wan", out_channels: int | None = None):
         super().__init__()
+        out_channels = channels // 2 if out_channels is None else out_channels
         self.resample = nn.Sequential(
-            nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(channels, channels // 2, 3, padding=1))
+            nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
         if time_cache not in TIME_CACHES or (time_cache != "wan" and not temporal):
             raise ValueError(f"time_cache {time_cache!r}: one of {', '.join(TIME_CACHES)} "
@@ -188,7 +189,8 @@ class Upsample(nn.Module):
         self.time_cache = time_cache
 
     def forward(self, x: torch.Tensor, state: CausalState) -> torch.Tensor:
-        """[B, T, H, W, C] -> [B, T', 2H, 2W, C/2] (T' = 2T, or 2T - 1 in the video's first call, if temporal)."""
+        """[B, T, H, W, C] -> [B, T', 2H, 2W, C'] (C' = C/2 or ``out_channels``; T' = 2T, or 2T - 1 in the
+        video's first call, if temporal)."""
         if self.time_conv is not None:
             x = self._double_frames(x, state)
         b, t, h, w, c = x.shape

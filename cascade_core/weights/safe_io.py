@@ -209,16 +209,25 @@ def _vae_kind(keys: list[str], tensors: Any = None) -> str | None:
 
     if has("decoder.middle.0.residual.", "encoder.middle.0.residual."):
         conv1 = shape_of("decoder.conv1.weight") or ()  # [4 * base width, latent channels, 3, 3, 3]
+        if conv1[1:2] == (48,) or has("decoder.upsamples.0.upsamples.0."):  # nested up levels: Wan2.2 vae2_2.py:455
+            return "a VAE: the Wan2.2 video VAE (48 latent channels, Wan layout)"
         if len(conv1) == 5 and conv1[1] != 16:
             return f"a VAE: a video VAE of {conv1[1]} latent channels (Wan2.2's has 48), Wan layout"
         if conv1[:1] == (96,):  # 4 x 24, 24 = 96 x (1 - 0.75): lightx2v's pruning (lightx2v wan/vae.py:398, 912)
             return "a VAE: LightVAE (lightvaew2_1, the Wan2.1 video VAE with a quarter of its widths)"
         return "a VAE: the full Wan2.1 video VAE (Wan / ComfyUI layout)"
     if has("decoder.mid_block.") and has("norm1.gamma", "norm_out.gamma"):  # RMS norms: not an image VAE
+        if (shape_of("decoder.conv_in.weight") or ())[1:2] == (48,) or has("decoder.up_blocks.0.upsampler."):
+            return "a VAE: the Wan2.2 video VAE (48 latent channels) in the diffusers layout (AutoencoderKLWan)"
         return "a VAE: the full Wan2.1 video VAE in the diffusers layout (AutoencoderKLWan)"
     if has("decoder.22.weight"):
         first = shape_of("decoder.1.weight") or ()  # [c0, latent channels, 3, 3]
-        other = {48: "taew2_2 / lighttaew2_2, Wan2.2 TI2V-5B's", 32: "taehv1_5 / lighttaehy1_5, HunyuanVideo 1.5's"}
+        if not first and has("decoder.0.weight"):  # a 1x1 conv first: madebyollin/taehv taehv.py:217-225
+            return "a VAE: a TAEHV \"super\" tiny decoder (taew2_2_super / taehv1_5_super)"
+        if first[1:2] == (48,):
+            return ("a VAE: the tiny taew2_2 preview decoder of Wan2.2's 48-channel latents (or lighttaew2_2: the same "
+                    "names and shapes)")
+        other = {32: "taehv1_5 / lighttaehy1_5, HunyuanVideo 1.5's"}
         if len(first) == 4 and first[1] != 16:
             what = other.get(first[1], "TAEHV layout")
             return f"a VAE: a tiny decoder of {first[1]}-channel latents ({what}), not of Wan2.1's 16"

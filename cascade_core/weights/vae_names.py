@@ -1,6 +1,6 @@
-"""The Wan2.1 VAE's weight names: the diffusers names of the decoder (``AutoencoderKLWan``) mapped to
-the original ones, where each layout's encoder half starts, and finding and checking a VAE's
-tensors in a state dict (:func:`component_weights`, :func:`check_weight_names`).
+"""The Wan VAEs' weight names: the diffusers names of the decoder (``AutoencoderKLWan``) mapped to
+the original ones (Wan2.1's, and with ``residual_up`` Wan2.2's), where each layout's encoder half starts, and
+finding and checking a VAE's tensors in a state dict (:func:`component_weights`, :func:`check_weight_names`).
 
 The diffusers layout (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers/vae/diffusion_pytorch_model.safetensors``)
 holds the same tensors, with the same shapes, as the released ``Wan2.1_VAE.pth``; only the names
@@ -12,6 +12,12 @@ differ. For the decoder half (``decoder.*`` and the post-quant convolution):
     decoder.up_blocks.i.resnets.j         -> decoder.upsamples.(4i + j)      (j = 0, 1, 2)
     decoder.up_blocks.i.upsamplers.0      -> decoder.upsamples.(4i + 3)
     inside a residual block: norm1, conv1, norm2, conv2, conv_shortcut -> residual.0, 2, 3, 6, shortcut
+
+The Wan2.2 VAE (``Wan2.2_VAE.pth``; ``Wan-AI/Wan2.2-TI2V-5B-Diffusers/vae``, ``is_residual``) nests its up levels
+(``Up_ResidualBlock``, Wan2.2 ``wan/modules/vae2_2.py:455-497``; diffusers ``WanResidualUpBlock``), the rest as above:
+
+    decoder.up_blocks.i.resnets.j         -> decoder.upsamples.i.upsamples.j   (j = 0, 1, 2)
+    decoder.up_blocks.i.upsampler         -> decoder.upsamples.i.upsamples.3
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ _RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3"
 _PER_LEVEL = 4  # layers of one up level: three residual blocks and the upsampler
 _MIDDLE_KEY = re.compile(r"decoder\.mid_block\.(resnets\.\d+|attentions\.\d+)\.(.+)")
 _UP_KEY = re.compile(r"decoder\.up_blocks\.(\d+)\.(?:resnets\.(\d+)|upsamplers\.0)\.(.+)")
+_RESIDUAL_UP_KEY = re.compile(r"decoder\.up_blocks\.(\d+)\.(?:resnets\.(\d+)|upsampler)\.(.+)")  # Wan2.2
 
 
 def _inside(rest: str) -> str:
@@ -44,25 +51,28 @@ def _inside(rest: str) -> str:
     return f"{_RESIDUAL.get(layer, layer)}.{tail}"
 
 
-def original_name(name: str) -> str:
-    """The original (Wan / ComfyUI) name of a diffusers decoder parameter; an unknown name comes back as
-    it is (the loader then reports it as unexpected)."""
+def original_name(name: str, residual_up: bool = False) -> str:
+    """The original (Wan / ComfyUI) name of a diffusers decoder parameter, of the Wan2.2 layout with
+    ``residual_up``; an unknown name comes back as it is (the loader then reports it as unexpected)."""
     layer, _, leaf = name.rpartition(".")
     if layer in _TOP:
         return f"{_TOP[layer]}.{leaf}"
     m = _MIDDLE_KEY.fullmatch(name)
     if m and m.group(1) in _MIDDLE:
         return f"decoder.middle.{_MIDDLE[m.group(1)]}.{_inside(m.group(2))}"
-    m = _UP_KEY.fullmatch(name)
+    m = (_RESIDUAL_UP_KEY if residual_up else _UP_KEY).fullmatch(name)
     if m:
-        index = _PER_LEVEL * int(m.group(1)) + (int(m.group(2)) if m.group(2) is not None else _PER_LEVEL - 1)
-        return f"decoder.upsamples.{index}.{_inside(m.group(3))}"
+        within = int(m.group(2)) if m.group(2) is not None else _PER_LEVEL - 1
+        if residual_up:
+            return f"decoder.upsamples.{m.group(1)}.upsamples.{within}.{_inside(m.group(3))}"
+        return f"decoder.upsamples.{_PER_LEVEL * int(m.group(1)) + within}.{_inside(m.group(3))}"
     return name
 
 
-def from_diffusers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Decoder weights with diffusers names -> the same tensors under the original names."""
-    return {original_name(k): v for k, v in weights.items()}
+def from_diffusers(weights: dict[str, torch.Tensor], residual_up: bool = False) -> dict[str, torch.Tensor]:
+    """Decoder weights with diffusers names -> the same tensors under the original names (of the Wan2.2
+    layout with ``residual_up``)."""
+    return {original_name(k, residual_up): v for k, v in weights.items()}
 
 
 # ---- finding and checking a VAE's weights in a state dict -----------------------------------
@@ -111,43 +121,54 @@ def check_weight_names(expected: Mapping[str, torch.Tensor], given: Mapping[str,
         raise CheckpointError(source, "; ".join(problems))
 
 
-# ---- which decoder of Wan2.1 latents a file holds ----------------------------------------------
+# ---- which decoder of Wan latents a file holds --------------------------------------------------
 
-DECODER_KINDS = {  # kind -> what it is, for messages
+DECODER_KINDS = {  # kind -> what it is, for messages (a short name, then what it is in brackets)
     "wan2.1_vae": "the Wan2.1 VAE",
     "lightvaew2_1": "LightVAE (lightvaew2_1: the Wan2.1 VAE with a quarter of its widths)",
     "taew2_1": "taew2_1 (the TAEHV tiny decoder; reads normalised latents)",
     "lighttaew2_1": "LightTAE (lighttaew2_1: the TAEHV tiny decoder, lightx2v's weights; reads raw latents)",
+    "wan2.2_vae": "the Wan2.2 VAE (48 latent channels, 16 x 16 pixels a latent pixel)",
+    "taew2_2": "taew2_2 (the TAEHV tiny decoder of Wan2.2's 48-channel latents; reads normalised latents)",
+    "lighttaew2_2": "lighttaew2_2 (LightTAE of Wan2.2's 48-channel latents, lightx2v's weights; reads raw latents)",
 }
+WAN22_CHANNELS = 48  # latent channels of the Wan2.2 VAE (Wan2.2 wan/modules/vae2_2.py:892), which tell its files
 LIGHTVAE_DIM = 24  # lightvaew2_1's base width: 96 x (1 - 0.75), lightx2v wan/vae.py:398 and 911-912
 TINY_ANCHOR = "decoder.22.weight"  # the TAEHV decoder's last convolution; no Wan2.1 VAE key ends so
 
 
 def tiny_kind(weights: Mapping[str, torch.Tensor], name: str = "") -> str:
-    """Which tiny decoder of Wan2.1 latents a TAEHV-layout state dict is: "lighttaew2_1" or "taew2_1".
+    """Which tiny decoder of Wan latents a TAEHV-layout state dict is: "lighttaew2_1" or "taew2_1"; for 48-channel
+    latents (``decoder.1.weight`` [c0, 48, 3, 3]) "lighttaew2_2" when the file name has "lighttae", else "taew2_2".
 
     The two released files hold the same tensor names and shapes (lightx2v loads both strictly into one
     class, ``lightx2v/models/video_encoders/hf/tae.py:162-245``); only the input scale differs. So: a
     file name with "lighttae" is LightTAE, one with "taew" or "taehv" taew2_1; otherwise the stored
     dtype decides, as ComfyUI's ``comfy/sd.py`` does: float32 is LightTAE (lightx2v ships float32),
-    anything else taew2_1 (madebyollin ships float16).
+    anything else taew2_1 (madebyollin ships float16). For Wan2.2 the name alone decides: ComfyUI's
+    ``comfy/sd.py`` treats every 48-channel TAEHV file alike, and the released dtypes are not known here.
     """
     base = os.path.basename(str(name)).lower()
+    first = next((v for k, v in weights.items() if k.endswith("decoder.1.weight")), None)
+    if first is None:  # a TAEHV "super" decoder starts with a 1x1 conv, decoder.0 (taehv.py:217-225)
+        first = next((v for k, v in weights.items() if k.endswith("decoder.0.weight")), None)
+    if first is not None and first.dim() == 4 and first.shape[1] == WAN22_CHANNELS:
+        return "lighttaew2_2" if "lighttae" in base else "taew2_2"
     if "lighttae" in base:
         return "lighttaew2_1"
     if "taew" in base or "taehv" in base:
         return "taew2_1"
-    first = next((v for k, v in weights.items() if k.endswith("decoder.1.weight")), None)
     return "lighttaew2_1" if first is not None and first.dtype == torch.float32 else "taew2_1"
 
 
 def decoder_kind(sd: Any, name: str = "") -> str | None:
-    """Which decoder of Wan2.1 latents the state dict ``sd`` (of the file ``name``) holds: a key of
+    """Which decoder of Wan latents the state dict ``sd`` (of the file ``name``) holds: a key of
     :data:`DECODER_KINDS`, or None when it holds none of them (look at :func:`describe` then).
 
     By names and shapes: a TAEHV layout (a key ending in ``decoder.22.weight``) is a tiny decoder
-    (which one: :func:`tiny_kind`); the Wan2.1 VAE layout (``decoder.conv1.weight``, or the diffusers
-    ``decoder.conv_in.weight``, 5-D) is LightVAE when its base width, ``conv1``'s output channels / 4,
+    (which one: :func:`tiny_kind`); the Wan VAE layout (``decoder.conv1.weight``, or the diffusers
+    ``decoder.conv_in.weight``, 5-D) is the Wan2.2 VAE when it reads :data:`WAN22_CHANNELS` latent channels
+    (``conv1``'s input channels), else LightVAE when its base width, ``conv1``'s output channels / 4,
     is :data:`LIGHTVAE_DIM`, else the Wan2.1 VAE. Shapes beyond these (latent channels, every other
     key) are checked by the decoder classes, whose messages name what is wrong. Raises
     :class:`CheckpointError` if ``sd`` is not a dictionary of tensors.
@@ -158,5 +179,7 @@ def decoder_kind(sd: Any, name: str = "") -> str | None:
     for anchor in ("decoder.conv1.weight", DIFFUSERS_ANCHOR):
         weights = component_weights(sd, anchor, ("decoder.",), name)
         if weights is not None and weights[anchor].dim() == 5:
+            if weights[anchor].shape[1] == WAN22_CHANNELS:
+                return "wan2.2_vae"
             return "lightvaew2_1" if weights[anchor].shape[0] == 4 * LIGHTVAE_DIM else "wan2.1_vae"
     return None

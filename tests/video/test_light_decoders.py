@@ -305,7 +305,7 @@ def test_looks_like_names_the_light_decoders():
     tae = tae_file("lighttaew2_1")
     assert "taew2_1" in looks_like(list(tae), tae) and "LightTAE, lighttaew2_1" in looks_like(list(tae))
     tae48 = dict(tae, **{"decoder.1.weight": torch.zeros(16, 48, 3, 3)})
-    assert "48-channel latents (taew2_2 / lighttaew2_2" in looks_like(list(tae48), tae48)
+    assert "taew2_2 preview decoder of Wan2.2's 48-channel latents" in looks_like(list(tae48), tae48)
     wan22 = dict(mm.vae_state_dict("tiny"), **{"decoder.conv1.weight": torch.zeros(32, 48, 3, 3, 3)})
     assert "48 latent channels" in looks_like(list(wan22), wan22)
 
@@ -327,10 +327,12 @@ def other_files() -> dict[str, tuple[dict, str]]:
         "image_vae": ({"decoder.conv_in.weight": torch.zeros(8, 4, 3, 3), "decoder.mid_block.resnets.0.norm1.weight":
                        torch.zeros(8)}, "it looks like a VAE: an image VAE"),
         "unrelated": ({"alpha": torch.zeros(3)}, "its keys are unlike a VAE's"),
-        "taew2_2": (dict(tae, **{"decoder.1.weight": torch.zeros(16, 48, 3, 3)}),
-                    "a tiny decoder for 48-channel latents (taew2_2 / lighttaew2_2"),
+        "taew2_2": (dict(tae, **{"decoder.1.weight": torch.zeros(16, 48, 3, 3)}),  # refused for a Wan2.1 run
+                    "holds taew2_2 (the TAEHV tiny decoder of Wan2.2's 48-channel latents; reads normalised latents), "
+                    "a decoder of Wan2.2 latents (48 channels); this run's latents are Wan2.1's (16 channels)"),
         "lighttaehy1_5": (dict(tae, **{"decoder.1.weight": torch.zeros(16, 32, 3, 3)}), "(taehv1_5 / lighttaehy1_5"),
-        "wan22_vae": (wan22, "a VAE with 48 latent channels (a Wan2.2 VAE)"),
+        "wan22_vae": (wan22, "holds the Wan2.2 VAE (48 latent channels, 16 x 16 pixels a latent pixel), a decoder of "
+                             "Wan2.2 latents (48 channels); this run's latents are Wan2.1's (16 channels)"),
         "cut_lightvae": ({k: v for k, v in lightvae_file().items() if not k.startswith("decoder.upsamples.7.")},
                          "missing decoder keys: decoder.upsamples.7"),
     }
