@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from cascade_core.common.constants import LATENT_CHANNELS, TEXT_TOKENS
+from cascade_core.sampling.blend import MAX_BLEND_BLOCKS
 from cascade_core.sampling.config import CascadeConfig, PromptSchedule
 from cascade_core.sampling.context import CONTINUATION, START_IMAGE
 from cascade_core.sampling.families import DEFAULT_FAMILY, family_with
@@ -169,10 +170,23 @@ def prompt_width(embeds: torch.Tensor, text_dim: int, what: str) -> None:
                          f"{text_dim} (umt5-xxl: CLIPLoader with type wan, then CLIPTextEncode)")
 
 
-def schedule(entries, blocks_: int, text_dim: int) -> PromptSchedule:
+def blend_at(start_block, blend_blocks) -> int:
+    """A Prompt Schedule entry's blend_blocks (0..MAX_BLEND_BLOCKS; none at block 0, which has no prompt
+    before it), its start block checked too. Raises ValueError (one line)."""
+    start = int_range("start block", start_block, 0, MAX_BLOCKS - 1)
+    n = int_range("blend_blocks", blend_blocks or 0, 0, MAX_BLEND_BLOCKS, " (0: a hard switch)")
+    if n and start == 0:
+        raise ValueError(f"blend_blocks {n} at start block 0: the first prompt has nothing to blend from; set it "
+                         f"on a later entry, or 0")
+    return n
+
+
+def schedule(entries, blocks_: int, text_dim: int, blends=()) -> PromptSchedule:
+    """The sampler's checked :class:`PromptSchedule` of (start block, embeddings) ``entries`` and (start block,
+    N) ``blends`` for a video of ``blocks_`` blocks (0: endless). Raises ValueError (one line)."""
     if not entries:
         raise ValueError("the prompt schedule is empty; add a Prompt Schedule entry at block 0")
-    sched = PromptSchedule([(int(s), e) for s, e in entries])
+    sched = PromptSchedule([(int(s), e) for s, e in entries], dict(blends))
     for s, e in sched.entries:
         prompt_width(e, text_dim, f"prompt at block {s}")
     try:

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from cascade_core.model import attention as attention_backends
 from cascade_core.model.compiling import COMPILE_CHOICES
 from cascade_core.model.kv_store import KV_DTYPES
+from cascade_core.sampling.blend import MAX_BLEND_BLOCKS
 from cascade_core.sampling.config import SWITCH_MODES
 from cascade_core.sampling.families import FAMILIES
 
@@ -155,6 +156,10 @@ class BlockCascadePromptSchedule(io.ComfyNode):
                                        "window's clean K/V are recomputed under the new prompt, one forward per "
                                        "switch (LongLive); auto = the family's. A schedule has one mode: set it "
                                        "on any entry, the others auto."),
+                io.Int.Input("blend_blocks", default=0, min=0, max=MAX_BLEND_BLOCKS, optional=True,
+                             tooltip="Blocks over which this switch blends the previous prompt into this one "
+                                     "(block k of the blend takes (k+1)/(N+1) of it); 0 = a hard switch. "
+                                     "Krea's demo blends over 4."),
             ],
             outputs=[ScheduleType.Output(display_name="schedule")],
         )
@@ -164,10 +169,10 @@ class BlockCascadePromptSchedule(io.ComfyNode):
         return checks.as_validation(lambda: checks.int_range("start block", start_block, 0, checks.MAX_BLOCKS - 1))
 
     @classmethod
-    def execute(cls, conditioning, start_block, previous=None, switch_mode="auto") -> io.NodeOutput:
-        checks.int_range("start block", start_block, 0, checks.MAX_BLOCKS - 1)
+    def execute(cls, conditioning, start_block, previous=None, switch_mode="auto", blend_blocks=0) -> io.NodeOutput:
+        blend_blocks = checks.blend_at(start_block, blend_blocks)
         if switch_mode not in ("auto", *SWITCH_MODES):
             raise ValueError(f"switch mode must be one of auto, {', '.join(SWITCH_MODES)}, got {switch_mode!r}")
         embeds = checks.conditioning_embeds(conditioning, f"prompt at block {start_block}")
         base = previous if previous is not None else ScheduleValue()
-        return io.NodeOutput(base.with_entry(int(start_block), embeds, switch_mode))
+        return io.NodeOutput(base.with_entry(int(start_block), embeds, switch_mode, blend_blocks))

@@ -201,7 +201,7 @@ def check(model, config, width, height, blocks, positive, schedule, vae, start_i
     if positive is None and schedule is None:
         raise ValueError("no prompt: connect positive (one prompt) or schedule (Prompt Schedule)")
     entries = [(0, checks.conditioning_embeds(positive, "positive"))] if positive is not None else list(schedule.entries)
-    prompts = checks.schedule(entries, blocks, model.cfg.text_dim)
+    prompts = checks.schedule(entries, blocks, model.cfg.text_dim, schedule.blends if schedule is not None else ())
     kind = checks.context_kind(start_image, prefix, vae, width, height, context_frames)
     before = given = context = None  # raw latents before block 0, the same normalised, the engine's prefix
     notes, described = [], ""
@@ -253,7 +253,8 @@ def make_room(run: Checked, model) -> None:
     besides the weights; the settings line gets where the weights sit."""
     files = run.decoder_files  # every decoder's weights in the one estimate (a re-encoder's second decode too)
     vae = vae_bytes(run.vae_sd, bool(run.reencodes) and files.output is None) + files.bytes(run.devices[0])
-    need, what = run.session.memory(model.cfg, model.dtype, len(run.prompts.entries), vae)
+    texts = run.prompts.text_sets(run.session.plan.schedule.max_in_flight)  # text K/V sets, blends' included
+    need, what = run.session.memory(model.cfg, model.dtype, texts, vae)
     device, weights, forced = run.devices[0], model.weight_bytes(), run.swap_blocks
     if run.session.pooled:
         if forced > 0:
@@ -269,7 +270,7 @@ def make_room(run: Checked, model) -> None:
     free = devices.free_bytes(device) + (weights if resident else 0) if device.type == "cuda" else None
     swapped = blocks_to_swap(free, need, weights, model.block_bytes(), model.cfg.num_layers, forced)
     if swapped is None:
-        cheaper = cheaper_settings(run.session.plan, model.cfg, model.dtype, len(run.prompts.entries), vae, free,
+        cheaper = cheaper_settings(run.session.plan, model.cfg, model.dtype, texts, vae, free,
                                    weights, model.block_bytes(), model.weight_dtype().startswith(("fp8", "gguf")))
         raise ValueError(f"not enough GPU memory on {device}: the run needs about {need / GIB:.2f} GiB ({what}) "
                          f"besides the weights ({weights / GIB:.2f} GiB), and {free / GIB:.2f} GiB are free even with "

@@ -255,12 +255,14 @@ class Reporter:
                               "frames": [base64.b64encode(j).decode("ascii") for j in jpegs],
                               "elapsed": self.elapsed(), **first})
 
-    def switch(self, block: int | None, text: str, dropped: str = "") -> None:
+    def switch(self, block: int | None, text: str, dropped: str = "", blend_blocks: int = 0) -> None:
         """Tell the client that a steered prompt ``text`` landed at ``block`` (or, with ``dropped``, why
-        it did not)."""
+        it did not), blending over ``blend_blocks`` blocks (sent when > 0)."""
         data = {"node": self.node, "run": self.run, "block": block, "text": text}
         if dropped:
             data["dropped"] = dropped
+        if blend_blocks:
+            data["blend_blocks"] = blend_blocks
         self._emit("switch", data)
 
     def done(self, error: str | None = None, stopped: bool = False, video: dict | None = None) -> None:

@@ -81,13 +81,16 @@ class Settings:
 
 @dataclass(frozen=True)
 class ScheduleValue:
-    """A prompt schedule: (start block, prompt embeddings [L, text_dim]) sorted by start block, and
-    what a switch does (``switch_mode``: "auto" = the family's, or one of sampler.SWITCH_MODES)."""
+    """A prompt schedule: (start block, prompt embeddings [L, text_dim]) sorted by start block, what a
+    switch does (``switch_mode``: "auto" = the family's, or one of sampler.SWITCH_MODES) and (start block,
+    N) of the switches that blend the old and new prompts over N > 0 blocks (``blends``)."""
 
     entries: tuple[tuple[int, torch.Tensor], ...] = field(default_factory=tuple)
     switch_mode: str = "auto"
+    blends: tuple[tuple[int, int], ...] = ()
 
-    def with_entry(self, start: int, embeds: torch.Tensor, switch_mode: str = "auto") -> "ScheduleValue":
+    def with_entry(self, start: int, embeds: torch.Tensor, switch_mode: str = "auto",
+                   blend_blocks: int = 0) -> "ScheduleValue":
         if any(s == start for s, _ in self.entries):
             raise ValueError(f"the prompt schedule already has a prompt at block {start}; each start "
                              f"block may hold one prompt")
@@ -95,7 +98,8 @@ class ScheduleValue:
             raise ValueError(f"the prompt schedule's entries ask for switch modes {self.switch_mode} and "
                              f"{switch_mode}: a schedule has one mode; set it on one entry (the others auto)")
         mode = self.switch_mode if switch_mode == "auto" else switch_mode
-        return ScheduleValue(tuple(sorted(self.entries + ((start, embeds),), key=lambda e: e[0])), mode)
+        return ScheduleValue(tuple(sorted(self.entries + ((start, embeds),), key=lambda e: e[0])), mode,
+                             self.blends + (((start, blend_blocks),) if blend_blocks else ()))
 
 
 class EngineModel:

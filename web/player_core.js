@@ -13,8 +13,8 @@
 //     for a stopped run of known length the video so far)
 // An endless run (until Cancel) has META blocks 0 and frames_total 0, and state ticks 0 (all unknown);
 // its block and frame numbers grow without bound, so a Stream keeps only the last FRAMES_KEPT frames.
-//   block_cascade.switch {node, run, block, text, dropped?}: a steered prompt landed at `block` (block
-//     null and `dropped` saying why when it could not land)
+//   block_cascade.switch {node, run, block, text, dropped?, blend_blocks?}: a steered prompt landed at `block`
+//     (block null and `dropped` saying why when it could not land), blending over `blend_blocks` blocks
 // A Hub keeps one Stream per sampler node id; a Stream holds one run's frames, stats, cascade state
 // and the playback clock (frames are shown at the video's fps, never faster). The Hub also follows
 // ComfyUI's own execution events (Hub.comfy) to say what a sampler waits for, or that its outputs
@@ -179,7 +179,8 @@ export class Stream {
   /** A steered prompt landed at `d.block`, or (`d.dropped`: why) could not land. */
   onSwitch(d) {
     const block = Number.isInteger(d.block) && !d.dropped ? d.block : null;
-    this.switches.push({ block, text: String(d.text ?? ""), dropped: d.dropped ? String(d.dropped) : "" });
+    const blend = Number.isInteger(d.blend_blocks) && d.blend_blocks > 0 ? { blend: d.blend_blocks } : {}; // blocks blended over
+    this.switches.push({ block, text: String(d.text ?? ""), dropped: d.dropped ? String(d.dropped) : "", ...blend });
     this._block(block);
     if (this.switches.length > SWITCHES_KEPT) this.switches.splice(0, this.switches.length - SWITCHES_KEPT);
     this.switchCount++;

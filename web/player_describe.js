@@ -14,13 +14,15 @@ function noteText(note) {
 
 /**
  * The last SWITCHES_SHOWN switches of a Stream as lines [{text, dropped}], oldest first: "block 4: a red
- * fox" for a landed one, "not used: a red fox (why)" with dropped true for one that could not land, led
+ * fox" for a landed one ("block 4 (blend 4): ..." blending over 4 blocks), "not used: a red fox (why)" with dropped true for one that could not land, led
  * by "… N earlier switches" when there were more.
  */
+const landed = (w) => `block ${w.block}${w.blend ? ` (blend ${w.blend})` : ""}: ${w.text}`;
+
 function switchLines(s) {
   const lines = s.switches.slice(-SWITCHES_SHOWN).map((w) => (w.dropped
     ? { text: `not used: ${w.text} (${w.dropped})`, dropped: true }
-    : { text: `block ${w.block}: ${w.text}`, dropped: false }));
+    : { text: landed(w), dropped: false }));
   const earlier = s.switchCount - lines.length;
   if (earlier > 0) lines.unshift({ text: `… ${earlier} earlier switch${earlier === 1 ? "" : "es"}`, dropped: false });
   return lines;
@@ -37,7 +39,7 @@ export function switchTicks(s) {
   const start = s.endless ? Math.max(0, s.newestBlock - ENDLESS_TIMELINE_BLOCKS + 1) : 0;
   return s.switches
     .filter((w) => w.block !== null && w.block >= start && w.block < start + span)
-    .map((w) => ({ pos: (w.block - start) / span, text: `block ${w.block}: ${w.text}` }));
+    .map((w) => ({ pos: (w.block - start) / span, text: landed(w) }));
 }
 
 /** A run of known length stopped by Cancel: where, and whether the video so far was saved. */

@@ -25,7 +25,7 @@ const CSS = `
 .bc-player .bc-steer-row { display: flex; gap: 4px; }
 .bc-player .bc-steer-row input { min-width: 0; box-sizing: border-box; }
 .bc-player .bc-steer-text { flex: 1; }
-.bc-player .bc-steer-block { width: 6em; }
+.bc-player .bc-steer-block, .bc-player .bc-steer-blend { width: 6em; }
 .bc-player .bc-steer-error { color: #e88; }
 `;
 
@@ -45,21 +45,32 @@ export const STEER_ROUTE = "/block_cascade/steer";
 
 const firstLine = (x) => String(x).split("\n")[0];
 
+/** The most blocks a switch blends over (the route's bound, cascade_core/sampling/blend.py). */
+export const MAX_BLEND = 64;
+
 /**
  * Send `text` to the running sampler `node` through `post(path, init)`, a fetch-like function (resolves
  * to a Response: `status`, `json()`): POST STEER_ROUTE with the JSON body {node, text}, plus `block` when
  * `block` is given (a whole number >= 0, or a string of one: the block to switch at; null, undefined or
- * a blank string: the next block to enter). Resolves to null when nothing was sent (a blank text), "" when
- * the server queued it (200), else one line saying why not (a bad block, which is not sent; the server's
- * "error", or the HTTP status, or the failed request). Never rejects.
+ * a blank string: the next block to enter), plus `blend_blocks` when `blend` is a whole number 1..MAX_BLEND
+ * (or a string of one: the blocks to blend the old and new prompts over; blank or 0: a hard switch).
+ * Resolves to null when nothing was sent (a blank text), "" when the server queued it (200), else one line
+ * saying why not (a bad block or blend, which is not sent; the server's "error", or the HTTP status, or the
+ * failed request). Never rejects.
  */
-export async function steer(post, node, text, block = null) {
+export async function steer(post, node, text, block = null, blend = null) {
   if (typeof text !== "string" || !text.trim()) return null;
   const body = { node: String(node), text };
-  if (block !== null && block !== undefined && String(block).trim() !== "") {
+  const given = (v) => v !== null && v !== undefined && String(v).trim() !== "";
+  if (given(block)) {
     const b = Number(String(block).trim());
     if (!Number.isInteger(b) || b < 0) return `not sent: "at block" must be a whole number >= 0, got ${firstLine(block)}`;
     body.block = b;
+  }
+  if (given(blend)) {
+    const n = Number(String(blend).trim());
+    if (!Number.isInteger(n) || n < 0 || n > MAX_BLEND) return `not sent: "blend" must be a whole number 0..${MAX_BLEND}, got ${firstLine(blend)}`;
+    if (n) body.blend_blocks = n;
   }
   let res;
   try {
@@ -141,6 +152,7 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
   const steerRow = el(doc, "div", "bc-steer-row", steerBox);
   const steerInput = el(doc, "input", "bc-steer-text", steerRow);
   const blockInput = el(doc, "input", "bc-steer-block", steerRow);
+  const blendInput = el(doc, "input", "bc-steer-blend", steerRow);
   const steerError = el(doc, "div", "bc-steer-error", steerBox);
   steerInput.type = "text";
   steerInput.placeholder = "steer: type a prompt, Enter";
@@ -149,6 +161,8 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
   blockInput.step = "1";
   blockInput.placeholder = "at block";
   blockInput.title = "the block to switch at (empty: the next block to enter)";
+  Object.assign(blendInput, { type: "number", min: "0", max: String(MAX_BLEND), step: "1", placeholder: "blend",
+    title: "blocks to blend the old prompt into the new one over (empty or 0: at once; Krea's demo: 4)" });
   // keep canvas clicks from dragging the node, and typing from reaching the graph's shortcuts
   for (const e of ["pointerdown", "mousedown", "wheel"]) controls.addEventListener(e, (ev) => ev.stopPropagation());
   for (const e of ["pointerdown", "mousedown", "wheel", "keydown", "keyup"]) steerBox.addEventListener(e, (ev) => ev.stopPropagation());
@@ -157,11 +171,12 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
   button.onclick = () => stream && stream.toggle();
   steerBox.addEventListener("keydown", (ev) => {
     if (ev.key !== "Enter" || sending || !stream || !stream.steerable || !post) return;
-    const s = stream, text = steerInput.value, block = blockInput.value;
+    const s = stream, text = steerInput.value, block = blockInput.value, blend = blendInput.value;
     sending = true;
-    steer(post, s.node, text, block).then((error) => {
+    steer(post, s.node, text, block, blend).then((error) => {
       sending = false;
       if (stream !== s || error === null) return; // another run by now, or nothing sent
+      // the blend is kept: the next prompt typed likely wants the same transition
       if (error === "" && steerInput.value === text && blockInput.value === block) steerInput.value = blockInput.value = "";
       steerError.textContent = error;
     });
@@ -262,7 +277,7 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
     timeline.style.display = d.ticks.length ? "" : "none";
     steerBox.style.display = post && s && s.status === "running" ? "" : "none";
     const canSteer = !s || s.steerable;
-    steerInput.disabled = blockInput.disabled = !canSteer;
+    steerInput.disabled = blockInput.disabled = blendInput.disabled = !canSteer;
     steerInput.placeholder = canSteer ? "steer: type a prompt, Enter"
       : "to steer, connect a CLIP (CLIPLoader, type wan) to the sampler's clip input";
     live.style.display = s && s.status === "running" ? "" : "none";

@@ -1,7 +1,8 @@
 """``python -m cascade_core.client``: queue an API-format workflow on a ComfyUI server and watch it.
 
     python -m cascade_core.client workflows/api/<file>.json --server 127.0.0.1:8188 \\
-        [--set NODE.INPUT=VALUE ...] [--out DIR] [--timeout S] [--allow-partial] [--steer [--steer-node ID]]
+        [--set NODE.INPUT=VALUE ...] [--out DIR] [--timeout S] [--allow-partial]
+        [--steer [--steer-node ID] [--steer-blend N]]
 
 See ``RULES`` (also the end of ``--help``) for what counts as success and the exit codes. Standard
 library plus ``websocket-client`` and ``tqdm``; never imports ComfyUI.
@@ -51,9 +52,9 @@ the workflow, except those ComfyUI dropped, must have an entry in the prompt's /
 else the run is "incomplete" (exit 1). Output nodes with output sockets (the Block Cascade Sampler)
 are not checked: they show nothing in /history.
 
-Steering (--steer): once the sampler streams, each stdin line BLOCK:TEXT or now:TEXT switches its
-prompt at that block or the next to enter (POST /block_cascade/steer; the sampler needs a CLIP on its
-clip input). Answers and switches (block_cascade.switch) are printed; the summary lists the switches.
+Steering (--steer): once the sampler streams, each stdin line BLOCK:TEXT or now:TEXT switches its prompt
+at that block or the next to enter (BLOCK~N:, now~N: or --steer-blend N: blending over N blocks; POST
+/block_cascade/steer; the sampler needs a CLIP). Answers and switches are printed; the summary lists them.
 
 Endless samplers (blocks 0): a counter of their blocks instead of a bar; their frames are not saved
 one by one (the MP4 in the outputs holds them). Ctrl-C interrupts the prompt on the server (that
@@ -284,7 +285,7 @@ def run(args, stop=lambda: False) -> dict:
                 if steered == node and data.get("steerable") is False:
                     bar.note(f"node {node} has no CLIP on its clip input: the prompts you type will be refused")
                 if steered is not None and str(data.get("node")) == steered:  # one reader for the run
-                    client_steer.start_reader(sys.stdin, server.json, steered, bar.note)
+                    client_steer.start_reader(sys.stdin, server.json, steered, bar.note, args.steer_blend)
                     steered = None
             elif kind == "block_cascade.switch":
                 bar.note(client_steer.switch_note(data))
@@ -368,10 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt (default 3600)")
     p.add_argument("--allow-partial", action="store_true",
                    help="run what ComfyUI accepts when it drops output nodes that fail validation")
-    p.add_argument("--steer", action="store_true",
-                   help="while the sampler runs, switch its prompt with lines BLOCK:TEXT or now:TEXT on stdin")
-    p.add_argument("--steer-node", metavar="ID",
-                   help="the Block Cascade Sampler to steer when the workflow has several (implies --steer)")
+    client_steer.add_arguments(p)  # --steer, --steer-node, --steer-blend
     return p
 
 

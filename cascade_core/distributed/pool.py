@@ -156,7 +156,7 @@ class WorkerPool(WorkerProcesses):
                 self._shutdown(graceful=False)
                 self._start()
             try:
-                run_bytes, what = estimate_run_bytes(run, model.cfg, model.dtype, len(prompts.entries), 0,
+                run_bytes, what = estimate_run_bytes(run, model.cfg, model.dtype, prompts.text_sets(run.schedule.max_in_flight), 0,
                                                      ranks=self.world_size)
                 if not self._weights_current(model):
                     self._upload(model, run_bytes, what)

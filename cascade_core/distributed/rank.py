@@ -86,7 +86,8 @@ class _Rank:
         part = RankPartition(self.rank, self.world, self.ctrl, (1, LATENT_CHANNELS, cfg.frames_per_block, h, w), model.dtype,
                              device)
         try:
-            result = run_loop(model, PromptSchedule(list(zip(job["starts"], embeds))), cfg, blocks=job["blocks"],
+            prompts = PromptSchedule(list(zip(job["starts"], embeds)), job.get("blend_blocks", {}))
+            result = run_loop(model, prompts, cfg, blocks=job["blocks"],
                               width=job["width"], height=job["height"], seed=job["seed"], noise=noise,
                               on_tick=on_tick, on_block=on_block, should_stop=should_stop, partition=part,
                               prefix=prefix, include_prefix=job.get("include_prefix", True),

@@ -93,7 +93,7 @@ def _make_job(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, bloc
                  dtype=model.dtype)
     embeds = [e.detach() for _, e in prompts.entries]
     job = {"cfg": dataclasses.asdict(cfg), "blocks": blocks, "width": width, "height": height, "seed": seed,
-           "starts": [s for s, _ in prompts.entries],
+           "starts": [s for s, _ in prompts.entries], "blend_blocks": dict(prompts.blend_blocks),
            "embeds": [(tuple(e.shape), _dtype_name(e.dtype)) for e in embeds],
            "noise": noise is not None, "prefix": run.grid.offset, "include_prefix": include_prefix,
            "block_offset": block_offset,

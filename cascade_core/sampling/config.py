@@ -15,6 +15,7 @@ import torch
 from ..model.grid import BlockGrid
 from ..model.kv_pool import check_window
 from ..model.kv_store import KV_DTYPES
+from .blend import blend_text_sets, check_blend_blocks
 from .schedule import CascadeSchedule, FlowSchedule
 
 ATTENTION_MODES = ("causal", "bidirectional")
@@ -210,11 +211,15 @@ def check_prompt(embeds: torch.Tensor, text_dim: int | None, what: str) -> None:
 @dataclass
 class PromptSchedule:
     """(start block, prompt embeddings [L, text_dim]) entries; the first must start at block 0.
+    ``blend_blocks``: {start block of a switch: N}, the blocks over which that switch blends the old and
+    the new embeddings (absent or 0: a hard switch; the rule: :mod:`sampling.blend`).
 
     :meth:`validate` raises ValueError for an empty schedule, starts that do not increase, a switch
-    beyond the video (``blocks`` 0: an endless one, which has none) or embeddings of the wrong width."""
+    beyond the video (``blocks`` 0: an endless one, which has none), embeddings of the wrong width, or a
+    blend that is no int in 0..MAX_BLEND_BLOCKS, is at block 0 or at no switch."""
 
     entries: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    blend_blocks: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def single(cls, embeds: torch.Tensor) -> "PromptSchedule":
@@ -233,6 +238,17 @@ class PromptSchedule:
                              f"(blocks 0..{blocks - 1})")
         for s, e in self.entries:
             check_prompt(e, text_dim, f"the prompt at block {s}")
+        for s, n in self.blend_blocks.items():
+            check_blend_blocks(n, f"the prompt switch at block {s}")
+            if n and s not in starts[1:]:
+                raise ValueError(f"blend_blocks given for block {s}, which " + (
+                    "takes the first prompt: it has nothing to blend from" if s == 0 else
+                    f"holds no prompt switch (switches at {starts[1:]})"))
+
+    def text_sets(self, in_flight: int) -> int:
+        """Text K/V sets a run of this schedule with ``in_flight`` blocks in flight holds at most: one per
+        prompt and those its blends add (:func:`sampling.blend.blend_text_sets`)."""
+        return len(self.entries) + blend_text_sets(self.blend_blocks.values(), in_flight)
 
     def index_for(self, block: int) -> int:
         return max(i for i, (s, _) in enumerate(self.entries) if s <= block)

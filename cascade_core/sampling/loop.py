@@ -19,7 +19,9 @@ Guarantees:
   parallelism level uses the same noise for the same block and step, and the same seed on the same
   device gives identical latents.
 - A prompt schedule assigns each block the prompt of the last entry starting at or before it; every
-  prompt's text K/V is computed once per run, so a switch in mode "none" costs no model forward.
+  prompt's text K/V is computed once per run, so a switch in mode "none" costs no model forward. A switch
+  with ``blend_blocks`` N conditions its first N blocks on blends of the old and new embeddings
+  (:mod:`sampling.blend`; N = 0: the hard switch).
 - Steering (``steer``, one process only): switches that arrive while the run goes on land at the next
   block to enter (or a later one asked for) and give exactly what the same switch in the schedule from
   the start gives (:mod:`sampling.steer`; ``on_switch`` reports each, a :class:`SwitchEvent`).
@@ -141,7 +143,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
     (nothing was made). ``on_tick``'s ``ticks`` is 0 (unknown).
 
     ``steer``: asked once before every tick (for tick 0 before the context's passes) for prompt switches
-    [(block or None, embeddings [L, text_dim]), ...] that land while the run goes on (:mod:`sampling.steer`);
+    [(block or None, embeddings [L, text_dim][, blend_blocks]), ...] that land while the run goes on
+    (:mod:`sampling.steer`);
     ``on_switch`` gets a :class:`SwitchEvent` for each switch that lands or is dropped. A steered run
     checks its switch mode as one with switches (ValueError: a re-cache needs parallel 1, ...).
 

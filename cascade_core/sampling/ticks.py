@@ -161,9 +161,9 @@ class TickPhases:
         first, newest = tick.pairs[0][0], tick.pairs[-1][0]
         entering = newest if tick.pairs[-1][1] == 0 else None
         forwards = 0
-        if entering in self.live.recache_at:  # changed in place by steered switches
-            forwards += _recache(self.model, self.pool, self.out, grid.start(first), self.live.recache_at[entering],
-                                 cfg.context_noise)
+        recache = None if entering is None else self.live.recache_for(entering)  # steered switches included
+        if recache is not None:
+            forwards += _recache(self.model, self.pool, self.out, grid.start(first), recache, cfg.context_noise)
         self.pool.make_room(first, newest)
         if cfg.kv_recompute and entering:  # one block in flight: it is the entering one
             forwards += recompute_pass(self.model, self.pool, self.out, grid, entering, cfg.kv_recompute,

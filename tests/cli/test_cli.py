@@ -221,7 +221,34 @@ def test_prompt_switches_from_files_and_their_modes(tmp_path, capsys):
     assert _summary(capsys)["forwards"] == 4 * 5 + 2  # LongLive re-caches by default
 
 
+def test_a_switch_may_blend_over_blocks(tmp_path, capsys):
+    """--switch BLOCK~N:FILE: the engine's blended switch (sampling.blend) on the CLI's model, prompt and seed;
+    ~0 is the hard switch bit for bit; with recache every block whose conditioning changes re-caches."""
+    from cascade_core.cli.inputs import BUILTIN
+    from cascade_core.model.dit import WanModel
+    from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
+
+    path = str(tmp_path / "p.safetensors")
+    other = torch.randn(5, 4096, generator=torch.Generator().manual_seed(1))
+    save_safetensors({"e": other}, path)
+    base = ["generate", *SMALL, "--blocks", "3", "--seed", "3"]
+    out = {}
+    for spec in ("1", "1~0", "1~1"):
+        assert main([*base, "--switch", f"{spec}:{path}", "--latents-out", str(tmp_path / f"{spec}.safetensors")]) == 0
+        out[spec] = read_tensor_file(str(tmp_path / f"{spec}.safetensors"))["latents"], _summary(capsys)
+    assert torch.equal(out["1"][0], out["1~0"][0]) and "prompt_blend_blocks" not in out["1~0"][1]
+    assert out["1~1"][1]["prompt_blend_blocks"] == [1]
+    first = torch.randn(16, 4096, generator=torch.Generator().manual_seed(3))  # the CLI's prompt without --embeds
+    ref = generate(WanModel.random(BUILTIN, seed=0), PromptSchedule([(0, first), (1, other)], {1: 1}), CascadeConfig(),
+                   blocks=3, width=64, height=32, seed=3)
+    assert torch.equal(out["1~1"][0], ref.latents) and not torch.equal(out["1~1"][0], out["1"][0])
+    assert main([*base, "--switch", f"1~1:{path}", "--switch-mode", "recache"]) == 0
+    assert _summary(capsys)["forwards"] == 3 * 5 + 2  # blocks 1 (blended) and 2 (the new prompt alone)
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--switch", "2~65:a.safetensors"], "blend_blocks must be an int in 0..64"),
+    (["--switch", "1~x:a cat"], "BLOCK~N:... to blend the prompts over N blocks"),
     (["--switch", "x:a.safetensors"], "expected BLOCK:FILE"),
     (["--switch", "5:a text"], "the block must lie in 1..1"),
     (["--switch", "1:missing.safetensors"], "no such file"),

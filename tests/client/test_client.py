@@ -442,10 +442,11 @@ def test_history_written_after_success_is_waited_for(fake, workflow, tmp_path, c
 
 
 # ---- --steer -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("blend", [0, 2])
 def test_steer_posts_stdin_lines_while_the_sampler_runs_and_prints_the_switches(fake, workflow, tmp_path, capsys,
-                                                                                  monkeypatch):
-
-    monkeypatch.setattr(sys, "stdin", io.StringIO("now: a cat\n\n7:a dog\nnonsense\n1:a bird\n"))
+                                                                                  monkeypatch, blend):
+    """--steer-blend N: lines without their own ~N blend over N blocks (the route's blend_blocks)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("now: a cat\n\n7:a dog\nnonsense\n1~3:a bird\n"))
     fake.on_steer = lambda body: ((400, {"error": "block 7 is beyond the video (blocks 0..1)"})
                                   if body.get("block") == 7 else (200, {"queued": True}))
 
@@ -463,13 +464,14 @@ def test_steer_posts_stdin_lines_while_the_sampler_runs_and_prints_the_switches(
     fake.on_prompt = lambda body: (200, {"prompt_id": PID, "number": 0, "node_errors": {}},
                                    messages[:at] + switches + messages[at:])
     fake.history[PID] = history_entry("3")
-    rc = run_client(fake, workflow, "--steer", "--out", str(tmp_path / "out"))
+    rc = run_client(fake, workflow, "--steer", "--out", str(tmp_path / "out"), *(["--steer-blend", "2"] if blend else []))
     result, err = summary(capsys)
     assert rc == 0, err
+    given = {"blend_blocks": blend} if blend else {}
     assert [b for p, b in fake.posts if p == "/block_cascade/steer"] == [
-        {"node": "3", "text": "a cat"}, {"node": "3", "text": "a dog", "block": 7},
-        {"node": "3", "text": "a bird", "block": 1}]
-    assert "steer: 'a cat' queued for node 3 (next block)" in err
+        {"node": "3", "text": "a cat", **given}, {"node": "3", "text": "a dog", "block": 7, **given},
+        {"node": "3", "text": "a bird", "block": 1, "blend_blocks": 3}]
+    assert f"steer: 'a cat' queued for node 3 (next block{', blending over 2 blocks' if blend else ''})" in err
     assert "steer: 'a dog' refused: block 7 is beyond the video (blocks 0..1)" in err
     assert "steer: 'nonsense': expected BLOCK:TEXT or now:TEXT" in err
     assert "node 3: switched to 'a cat' at block 1" in err
@@ -491,15 +493,30 @@ def test_steer_needs_one_sampler_and_says_so_in_one_line(tmp_path, capsys, extra
     assert result["status"] == "usage"
 
 
-def test_steer_lines_and_sampler_choice():
+def test_steer_lines_and_sampler_choice(capsys):
     from cascade_core.client import steer as client_steer
 
-    assert client_steer.parse_line("now:a cat, 4k\n") == (None, "a cat, 4k")
-    assert client_steer.parse_line("NOW : a cat") == (None, "a cat")
-    assert client_steer.parse_line("12:a dog: running") == (12, "a dog: running")
-    for bad in ("a cat", "-1:a cat", "x:a cat", "3:", "now:  ", "1.5:a"):
+    assert client_steer.parse_line("now:a cat, 4k\n") == (None, "a cat, 4k", None)
+    assert client_steer.parse_line("NOW : a cat") == (None, "a cat", None)
+    assert client_steer.parse_line("12:a dog: running") == (12, "a dog: running", None)
+    assert client_steer.parse_line("12~4:a dog~2") == (12, "a dog~2", 4)  # blend over 4 blocks
+    assert client_steer.parse_line("now ~ 0 : a cat") == (None, "a cat", 0)
+    for bad in ("a cat", "-1:a cat", "x:a cat", "3:", "now:  ", "1.5:a", "3~:a", "3~x:a", "3~-1:a", "~2:a"):
         with pytest.raises(ValueError, match="expected BLOCK:TEXT or now:TEXT"):
             client_steer.parse_line(bad)
+    with pytest.raises(ValueError, match="blend over 0..64 blocks"):
+        client_steer.parse_line("now~65:a cat")
+    sent = []
+    post = lambda line, blend=0: (client_steer.post(lambda path, body: sent.append(body), "3", line, blend), sent[-1])
+    assert post("now~2:a cat") == ("steer: 'a cat' queued for node 3 (next block, blending over 2 blocks)",
+                                   {"node": "3", "text": "a cat", "blend_blocks": 2})
+    assert post("5:a dog", 4)[1] == {"node": "3", "text": "a dog", "block": 5, "blend_blocks": 4}  # --steer-blend 4
+    assert post("5~0:a dog", 4)[1] == {"node": "3", "text": "a dog", "block": 5}  # the line's ~0 wins: hard
+    assert client_steer.switch_note({"node": "3", "block": 2, "text": "a", "blend_blocks": 3}) == \
+        "node 3: switched to 'a' at block 2, blending over 3 blocks"
+    with pytest.raises(SystemExit):  # argparse's usage, then the reason on one line
+        client.main(["wf.json", "--steer", "--steer-blend", "65"])
+    assert "argument --steer-blend: blend over 0..64 blocks (0: a hard switch), got '65'" in capsys.readouterr().err
     assert client_steer.steer_node(WORKFLOW, None) == "3" and client_steer.steer_node(WORKFLOW, "3") == "3"
     with pytest.raises(ValueError, match="has no BlockCascadeSampler"):
         client_steer.steer_node({"9": WORKFLOW["9"]}, None)

@@ -141,6 +141,11 @@ def test_prompt_switch_given_noise_and_new_weights(model, prompt, pool3):
     ref = single(model, prompts, cfg, 5, noise=noise)
     res = pool3.generate(model, prompts, cfg, blocks=5, noise=noise, **RUN)
     assert (res.latents - ref.latents).abs().max() <= TOL
+    # a switch blending over 2 blocks (blend_blocks) reaches every rank: the blocks of another rank included
+    blended = PromptSchedule(prompts.entries, {2: 2})
+    res_b = pool3.generate(model, blended, cfg, blocks=5, noise=noise, **RUN)
+    ref_b = single(model, blended, cfg, 5, noise=noise)
+    assert (res_b.latents - ref_b.latents).abs().max() <= TOL < (ref_b.latents - ref.latents).abs().max()
     # weights changed in place (as a LoRA patch does) are uploaded again before the next run
     bias = model.blocks[0].ffn[0].bias
     with torch.no_grad():

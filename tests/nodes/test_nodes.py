@@ -221,6 +221,30 @@ def test_prompt_schedule_switches_prompts_at_blocks(model, prompts):
         run("BlockCascadePromptSchedule", conditioning=prompts[0], start_block=2, previous=t0)
 
 
+def test_a_prompt_schedule_entry_may_blend_into_its_prompt_over_blocks(model, prompts):
+    """blend_blocks N on an entry: the sampler runs the engine's blended switch (sampling.blend); 0 is the
+    hard switch; block 0 (nothing before it) and N outside 0..64 are refused in one line."""
+    (s0,) = run("BlockCascadePromptSchedule", conditioning=prompts[0], start_block=0)
+    (s1,) = run("BlockCascadePromptSchedule", conditioning=prompts[1], start_block=2, previous=s0, blend_blocks=2)
+    assert s1.blends == ((2, 2),)
+    settings = config(parallel=2, attention="causal")
+    with Recorder():
+        latent, _ = run("BlockCascadeSampler", model=model, config=settings, width=W, height=H, blocks=BLOCKS,
+                        seed=1, schedule=s1)
+    e0, e1 = prompts[0][0][0][0], prompts[1][0][0][0]
+    ref = generate(model.model, PromptSchedule([(0, e0), (2, e1)], {2: 2}), settings.cascade, blocks=BLOCKS,
+                   width=W, height=H, seed=1)
+    from cascade_core.video.latents import normalized_to_raw
+    assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
+    (hard,) = run("BlockCascadePromptSchedule", conditioning=prompts[1], start_block=2, previous=s0, blend_blocks=0)
+    assert hard.blends == ()
+    for start, n, words in ((0, 2, "at start block 0: the first prompt has nothing to blend from"),
+                            (2, 65, "blend_blocks must lie in 0..64")):
+        with pytest.raises(ValueError, match=words) as info:
+            run("BlockCascadePromptSchedule", conditioning=prompts[1], start_block=start, blend_blocks=n)
+        assert "\n" not in str(info.value)
+
+
 def test_sampler_with_a_core_vae_streams_decoded_frames(model, prompts):
     from cascade_core.video.vae import WanVAEDecoder
 
@@ -552,6 +576,8 @@ def queue_errors(node: str, **inputs) -> list[tuple[str, str]]:
     ("BlockCascadeSampler", dict(width=3), "width", ""),
     ("BlockCascadeSampler", dict(blocks=-1), "blocks", ""),
     ("BlockCascadePromptSchedule", dict(conditioning=["3", 0], start_block=1000), "start_block", "0..999"),
+    ("BlockCascadePromptSchedule", dict(conditioning=["3", 0], start_block=2, blend_blocks=65), "blend_blocks", ""),
+    ("BlockCascadePromptSchedule", dict(conditioning=["3", 0], start_block=2, blend_blocks=-1), "blend_blocks", ""),
 ])
 def test_a_refused_input_is_reported_once_on_the_input_at_fault(node, bad, fault, text):
     base = {"BlockCascadeConfig": CONFIG_WIDGETS, "BlockCascadeSampler": SAMPLER_WIDGETS,

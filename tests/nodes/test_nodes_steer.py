@@ -66,19 +66,23 @@ def sender_at(tick: int, body: dict, answers: list):
     return on_event
 
 
-def test_a_text_sent_while_the_sampler_runs_switches_at_the_reported_block(model, prompts):
+@pytest.mark.parametrize("blend", [0, 2])
+def test_a_text_sent_while_the_sampler_runs_switches_at_the_reported_block(model, prompts, blend):
+    """With blend_blocks (the widget's "blend" box), the switch blends as the engine's scheduled blend does."""
     e0, e1 = prompts[0][0][0][0], prompts[1][0][0][0]
     clip, answers, blocks = FakeClip({"a cat": e1}), [], 4
     settings = config(parallel=2, attention="causal")
-    with Recorder(sender_at(1, {"node": "12", "text": "a cat"}, answers)) as rec:
+    body = {"node": "12", "text": "a cat", **({"blend_blocks": blend} if blend else {})}
+    with Recorder(sender_at(1, body, answers)) as rec:
         latent, _ = run("BlockCascadeSampler", unique_id="12", model=model, config=settings, width=W, height=H,
                         blocks=blocks, seed=4, positive=prompts[0], clip=clip)
     assert answers == [(200, {"queued": True})] and clip.encoded == ["a cat"]
     [(_, ev)] = rec.events("switch")
     (_, start), = rec.events("start")
-    assert ev == {"node": "12", "run": start["run"], "block": ev["block"], "text": "a cat"} and ev["block"] > 0
-    ref = generate(model.model, PromptSchedule([(0, e0), (ev["block"], e1)]), settings.cascade, blocks=blocks,
-                   width=W, height=H, seed=4)
+    assert ev == {"node": "12", "run": start["run"], "block": ev["block"], "text": "a cat",
+                  **({"blend_blocks": blend} if blend else {})} and ev["block"] > 0
+    ref = generate(model.model, PromptSchedule([(0, e0), (ev["block"], e1)], {ev["block"]: blend}),
+                   settings.cascade, blocks=blocks, width=W, height=H, seed=4)
     assert torch.equal(latent["samples"], normalized_to_raw(ref.latents.float()))
     assert steer_mod.submit({"node": "12", "text": "a cat"}) == (409, {"error": "node 12 is not running"})
 
@@ -86,11 +90,11 @@ def test_a_text_sent_while_the_sampler_runs_switches_at_the_reported_block(model
 def test_texts_are_encoded_once_and_one_that_cannot_be_encoded_is_dropped(prompts):
     e1 = prompts[1][0][0][0]
     clip, sent = FakeClip({"a cat": e1}), []
-    live = steer_mod.Running("5", 3, clip, e1.shape[-1], lambda block, text, dropped: sent.append((text, dropped)))
-    for text, block in (("a cat", None), ("a cat", 2), ("a dog", None)):
-        live.requests.put((text, block))
+    live = steer_mod.Running("5", 3, clip, e1.shape[-1], lambda block, text, dropped, blend: sent.append((text, dropped)))
+    for text, block, blend in (("a cat", None, 0), ("a cat", 2, 3), ("a dog", None, 0)):
+        live.requests.put((text, block, blend))
     items = live.steer()
-    assert [(b, torch.equal(e, e1)) for b, e in items] == [(None, True), (2, True)]
+    assert [(b, torch.equal(e, e1), n) for b, e, n in items] == [(None, True, 0), (2, True, 3)]
     assert clip.encoded == ["a cat", "a dog"]  # "a cat" once
     assert len(sent) == 1 and sent[0][0] == "a dog" and "could not encode it: no tokens for 'a dog'" in sent[0][1]
     assert live.steer() == []
@@ -124,13 +128,20 @@ def test_the_route_answers_as_documented(monkeypatch):
                            ({"node": 99, "text": "a", "block": True}, "block must be an int >= 0"),
                            ({"node": 99, "text": "a", "block": -1}, "block must be an int >= 0"),
                            ({"node": 99, "text": "a", "block": 3}, "block 3 is beyond the video (blocks 0..2)"),
+                           ({"node": 99, "text": "a", "blend_blocks": -1}, "blend_blocks must be an int in 0..64"),
+                           ({"node": 99, "text": "a", "blend_blocks": 65}, "blend_blocks must be an int in 0..64"),
+                           ({"node": 99, "text": "a", "blend_blocks": "4"}, "blend_blocks must be an int in 0..64"),
+                           ({"node": 99, "text": "a", "blend_blocks": 2.0}, "blend_blocks must be an int in 0..64"),
+                           ({"node": 99, "text": "a", "blend_blocks": None}, "blend_blocks must be an int in 0..64"),
                            (ValueError("not JSON"), "the body must be a JSON object"),
                            (["a"], "the body must be a JSON object")):
             status, answer = post(body)
             assert status == 400 and text in answer["error"] and "\n" not in answer["error"], body
         assert post({"node": "99", "text": "a cat", "block": 2}) == (200, {"queued": True})
         assert post({"node": 99, "text": "a dog"}) == (200, {"queued": True})
-        assert [live.requests.get_nowait() for _ in range(2)] == [("a cat", 2), ("a dog", None)]
+        assert post({"node": 99, "text": "a cow", "blend_blocks": 4}) == (200, {"queued": True})
+        assert [live.requests.get_nowait() for _ in range(3)] == [("a cat", 2, 0), ("a dog", None, 0),
+                                                                  ("a cow", None, 4)]
         # bounded: a text, a body (announced or not), the queue
         status, answer = post({"node": 99, "text": "x" * (steer_mod.MAX_TEXT + 1)})
         assert status == 400 and f"at most {steer_mod.MAX_TEXT}" in answer["error"]
@@ -198,13 +209,13 @@ def test_an_hours_long_stream_keeps_a_bounded_number_of_texts_and_encodings(prom
     e1 = prompts[1][0][0][0]
     texts = [f"prompt {i}" for i in range(3 * steer_mod.ENCODED)]
     clip, sent = FakeClip({t: e1 for t in texts}), []
-    live = steer_mod.Running("5", 0, clip, e1.shape[-1], lambda block, text, dropped: sent.append((block, text)))
+    live = steer_mod.Running("5", 0, clip, e1.shape[-1], lambda block, text, dropped, blend: sent.append((block, text)))
     for i, text in enumerate(texts):
-        live.requests.put((text, None))
+        live.requests.put((text, None, 0))
         (item,) = live.steer()
-        live.on_switch(types.SimpleNamespace(index=i, block=i + 1, dropped=""))
+        live.on_switch(types.SimpleNamespace(index=i, block=i + 1, dropped="", blend_blocks=0))
     assert len(live._encoded) == steer_mod.ENCODED and live.texts == {}
     assert sent == [(i + 1, t) for i, t in enumerate(texts)]
-    live.requests.put((texts[0], None))  # evicted long ago: encoded again
+    live.requests.put((texts[0], None, 0))  # evicted long ago: encoded again
     live.steer()
     assert clip.encoded.count(texts[0]) == 2 and clip.encoded.count(texts[-1]) == 1

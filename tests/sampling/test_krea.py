@@ -220,6 +220,24 @@ def test_the_context_takes_the_previous_blocks_prompt(model, vae_sd, their_vae):
     assert (res.latents[:, :, 6:] - unswitched[:, :, 6:]).abs().max() > 100 * TOLERANCE
 
 
+def test_a_blended_switch_equals_kreas_loop_fed_kreas_blend(model, vae_sd, their_vae):
+    """Krea's server blend (release_server.py:459-468, 662-666): a prompt arriving before block 1 with
+    interp_steps 3 conditions blocks 1, 2, 3 on torch.lerp(old, new, linspace(0, 1, 3)[k]) of the
+    zero-padded embeddings, one a block; the engine's switch at block 2 blending over 1 block is that rule."""
+    from conftest import TINY
+
+    old, new = (torch.cat([e, torch.zeros(TINY.text_len - len(e), TINY.text_dim)]) for e in (embedding(1), embedding(2)))
+    weights = torch.linspace(0, 1, steps=3)
+    kreas = {0: embedding(1), **{1 + k: torch.lerp(old, new, w) for k, w in enumerate(weights)}}
+    expected, _ = krea_loop(model, their_vae, kreas, 4, frames=1)
+    cfg = family_config("krea-realtime", frames_per_block=1)
+    res = generate(model, PromptSchedule([(0, embedding(1)), (2, embedding(2))], {2: 1}), cfg, blocks=4, width=W,
+                   height=H, seed=SEED, context_image=ContextReencoder.from_state_dict(vae_sd, time_cache="krea"))
+    assert (res.latents - expected).abs().max() <= TOLERANCE
+    hard = engine(model, vae_sd, {0: embedding(1), 2: embedding(2)}, 4, cfg)
+    assert (hard.latents - expected).abs().max() > 100 * TOLERANCE
+
+
 @pytest.mark.parametrize("extra,message", [
     (dict(parallel=2), "cannot be combined with parallel 2"),
     (dict(window=12, sink=3), "cannot be combined with window 12, sink 3"),

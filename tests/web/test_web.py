@@ -125,9 +125,10 @@ def test_player_draws_streamed_frames_in_chromium():
 
 def test_steer_box_in_chromium():
     """While the run goes on the box is shown; Enter POSTs {node, text} as JSON (plus "block" when the
-    "at block" field next to it is filled), a queued text clears the box, a refusal shows the server's
-    error, a bad block is not sent; the switches are listed (a dropped one greyed, with its reason) and
-    the landed one is a tick on the timeline at block/blocks; the box goes when the run is done."""
+    "at block" field next to it is filled, "blend_blocks" when the "blend" field is), a queued text clears
+    the box (the blend stays), a refusal shows the server's error, a bad block or blend is not sent; the
+    switches are listed (a dropped one greyed, with its reason; a blended one with its blend) and the landed
+    one is a tick on the timeline at block/blocks; the box goes when the run is done."""
     chromium = find_chromium()
     if not chromium:
         pytest.skip("no chromium binary")
@@ -136,17 +137,20 @@ def test_steer_box_in_chromium():
     assert res["beforeRun"] is False and res["running"] is True and res["afterDone"] is False
     assert res["placeholder"] == "steer: type a prompt, Enter" and res["blockPlaceholder"] == "at block"
     assert res["sameRow"], "the block field sits next to the text box"
-    bodies = [{"node": "7", "text": "a red fox"}, {"node": "7", "text": "snow"}, {"node": "7", "text": "rain", "block": 5}]
+    bodies = [{"node": "7", "text": "a red fox"}, {"node": "7", "text": "snow"}, {"node": "7", "text": "rain", "block": 5},
+              {"node": "7", "text": "dusk", "blend_blocks": 4}]
     assert res["requests"] == [
         {"path": "/block_cascade/steer", "method": "POST", "type": "application/json", "body": b} for b in bodies]
     assert res["queued"] == {"value": "", "block": "", "error": ""}
     assert res["refused"] == {"value": "snow", "block": "", "error": "node 7 is not running"}
     assert res["atBlock"] == {"value": "", "block": "", "error": ""}
     assert res["badBlock"]["value"] == "hail" and res["badBlock"]["error"].startswith('not sent: "at block"')
-    assert [w["text"] for w in res["switches"]] == ["block 2: a red fox", "not used: snow (no block left)"]
+    assert res["blended"] == {"value": "", "block": "", "error": "", "blend": "4", "blendPlaceholder": "blend"}
+    assert res["badBlend"]["value"] == "fog" and res["badBlend"]["error"].startswith('not sent: "blend" must be')
+    assert [w["text"] for w in res["switches"]] == ["block 2 (blend 4): a red fox", "not used: snow (no block left)"]
     assert res["switches"][0]["color"] != res["switches"][1]["color"], "the dropped one is greyed"
     [tick] = res["ticks"]  # the landed switch only, at block 2 of 3
-    assert tick["title"] == "block 2: a red fox" and tick["visible"]
+    assert tick["title"] == "block 2 (blend 4): a red fox" and tick["visible"]
     assert abs(tick["at"] - 2 / 3) < 0.02, tick
     # a sampler without a CLIP: the box says how to steer, and takes nothing
     assert res["noClip"] == {"shown": True, "disabled": True, "sent": 0, "placeholder":

@@ -295,6 +295,13 @@ test("steered switches: kept per run, dropped ones with their reason, other runs
     { text: "not used: snow (no block left)", dropped: true },
   ]);
   assert.deepEqual(describe(null).switches, []);
+  // a switch blending over N blocks says so (an odd blend_blocks is ignored)
+  hub.handle("block_cascade.switch", { node: "7", run: "r1", block: 6, text: "dusk", blend_blocks: 4 });
+  hub.handle("block_cascade.switch", { node: "7", run: "r1", block: 7, text: "night", blend_blocks: "x" });
+  assert.deepEqual(s.switches.slice(2), [{ block: 6, text: "dusk", dropped: "", blend: 4 }, { block: 7, text: "night", dropped: "" }]);
+  assert.deepEqual(describe(s).switches.slice(2).map((l) => l.text), ["block 6 (blend 4): dusk", "block 7: night"]);
+  s.switches.splice(2);
+  s.switchCount -= 2;
   // switches survive the run's end; a new run starts with none
   hub.handle("block_cascade.done", { node: "7", run: "r1", seconds: 1, frames: 0 });
   assert.equal(hub.get("7").switches.length, 2);

@@ -1,7 +1,7 @@
 // node --test web/tests/: the steer request of player_view.js, with a fake fetch-like `post`
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { STEER_ROUTE, mjpegPath, steer, videoPath } from "../player_view.js";
+import { MAX_BLEND, STEER_ROUTE, mjpegPath, steer, videoPath } from "../player_view.js";
 
 /** A fake `post` answering `status` with `body` (an object sent as JSON, or a string that is not JSON). */
 function fake(status, body) {
@@ -64,6 +64,22 @@ test("an \"at block\" number goes out as \"block\"; empty means the next block; 
     assert.match(await steer(post, "7", "rain", bad), /^not sent: "at block" must be a whole number >= 0, got /);
   }
   assert.equal(calls.length, sent, "nothing sent for a bad block");
+});
+
+test("a \"blend\" number goes out as \"blend_blocks\"; empty or 0 is a hard switch; a bad one is not sent", async () => {
+  const { post, calls } = fake(200, { queued: true });
+  assert.equal(MAX_BLEND, 64, "the route's bound (cascade_core/sampling/blend.py)");
+  assert.equal(await steer(post, "7", "a red fox", "", "4"), "");
+  assert.deepEqual(JSON.parse(calls[0].init.body), { node: "7", text: "a red fox", blend_blocks: 4 });
+  assert.equal(await steer(post, "7", "snow", 3, 64), "");
+  assert.deepEqual(JSON.parse(calls[1].init.body), { node: "7", text: "snow", block: 3, blend_blocks: 64 });
+  for (const hard of ["", " ", null, undefined, "0", 0]) await steer(post, "7", "night", null, hard);
+  for (const c of calls.slice(2)) assert.deepEqual(JSON.parse(c.init.body), { node: "7", text: "night" });
+  const sent = calls.length;
+  for (const bad of ["-1", "2.5", "x", 65, "1e3"]) {
+    assert.match(await steer(post, "7", "rain", null, bad), /^not sent: "blend" must be a whole number 0\.\.64, got /);
+  }
+  assert.equal(calls.length, sent, "nothing sent for a bad blend");
 });
 
 test("a saved video is linked through ComfyUI's /view route", () => {
