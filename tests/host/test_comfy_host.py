@@ -50,7 +50,7 @@ OUR_NODES = {
                            "attention_backend", "flashblock", "family", "frames_per_block", "independent_first_frame",
                            "first_block_steps", "warp", "context_noise", "kv_recompute", "compile", "kv_dtype",
                            "swap_blocks"},
-    "BlockCascadePromptSchedule": {"conditioning", "start_block", "previous", "switch_mode"},
+    "BlockCascadePromptSchedule": {"conditioning", "start_block", "previous", "switch_mode", "blend_blocks"},
     "BlockCascadeEmbedsLoader": {"embeds"},
     "BlockCascadeDecoderLoader": {"decoder_name", "dtype"},
     "BlockCascadeSampler": {"model", "config", "width", "height", "blocks", "seed", "positive", "schedule", "vae",
