@@ -154,8 +154,10 @@ def check(decoder, preview_decoder, vae) -> Decoders:
 def for_run(files: Decoders, vae_decoder, device: torch.device, time_cache: str | None = None):
     """(output decoder, live-view decoder or None) of a run: ``files`` built on ``device``, the output's being
     ``vae_decoder`` (the core VAE's Wan decoder, or the latent-RGB preview without a VAE) where no ``decoder`` input
-    is given. ``time_cache``: the family's rule for a Wan decoder that writes the output (Krea's)."""
+    is given. ``time_cache``: the family's rule for a Wan decoder (Krea's), on whichever of them is one."""
     output = vae_decoder if files.output is None else files.output.build(device)
-    if files.output is not None and time_cache is not None and hasattr(output, "time_cache"):
-        output.time_cache = time_cache
-    return output, None if files.preview is None else files.preview.build(device)
+    preview = None if files.preview is None else files.preview.build(device)
+    for built in (output, preview) if files.output is not None else (preview,):
+        if time_cache is not None and hasattr(built, "time_cache"):
+            built.time_cache = time_cache
+    return output, preview

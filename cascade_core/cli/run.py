@@ -352,7 +352,7 @@ def run_generate(args) -> dict | None:
             if hasattr(frames.stream.decoder, "time_cache"):  # the Wan decoder (taew2_1 has no such rule)
                 frames.stream.decoder.time_cache = time_cache
         if frames is not None:  # with --preview-vae a second decoder beside it, into its live MP4
-            frames = open_decoding(args, frames, run.decode_device, run.dtype)
+            frames = open_decoding(args, frames, run.decode_device, run.dtype, time_cache)
         start = time.perf_counter()
         result, startup = make_video(args, run, loaded, context_image, writer, frames)
         seconds = time.perf_counter() - start - startup

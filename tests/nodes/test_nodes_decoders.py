@@ -232,3 +232,19 @@ def test_the_reporter_without_a_preview_decoder_hands_one_decode_to_both():
     r.finish()
     r.done()
     assert r.images().shape[0] == 9 and sent.count("block_cascade.frames") == 1
+
+
+def test_the_familys_decoder_rule_reaches_a_wan_decoder_on_either_input():
+    """Krea's window (family krea-realtime) is set on a Wan decoder given as ``decoder`` or as ``preview_decoder``;
+    a tiny decoder has no such rule and is left as it is; the core VAE's own decoder is the sampler's to set."""
+    from cascade_core.video.vae import WanVAEDecoder
+    from nodes import decoders
+
+    wan = loaded(os.path.basename(WRITTEN["vae"]))
+    for files in (decoders.Decoders(output=wan), decoders.Decoders(output=loaded(TAEW), preview=wan)):
+        output, preview = decoders.for_run(files, None, torch.device("cpu"), "krea")
+        built = [d for d in (output, preview) if isinstance(d, WanVAEDecoder)]
+        assert len(built) == 1 and built[0].time_cache == "krea"
+    core = WanVAEDecoder(dim=8)
+    output, preview = decoders.for_run(decoders.Decoders(preview=wan), core, torch.device("cpu"), "krea")
+    assert output is core and core.time_cache == "wan" and preview.time_cache == "krea"
