@@ -289,19 +289,32 @@ class WanVAEDecoder(LatentVideoDecoder):
 
     @classmethod
     def _weights_and_config(cls, sd: Any, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        weights = component_weights(sd, "decoder.conv1.weight", ("decoder.", "conv2."), source)
-        if weights is None:
-            weights = component_weights(sd, DIFFUSERS_ANCHOR, DIFFUSERS_PARTS, source)
-            if weights is not None and weights[DIFFUSERS_ANCHOR].dim() == 5:  # an image VAE's conv_in is 2-D
-                weights = from_diffusers(weights)
-            else:
-                raise CheckpointError(source, f"not a Wan2.1 VAE: it looks like {describe(sd)}")
-        first = weights["decoder.conv1.weight"]  # [4*dim, z_dim, 3, 3, 3]
-        if first.dim() != 5 or first.shape[0] % 4:
-            raise CheckpointError(source, f"decoder.conv1.weight has shape {tuple(first.shape)}, "
-                                          "not a Wan2.1 VAE's [4*dim, 16, 3, 3, 3]")
-        if first.shape[1] != LATENT_CHANNELS:
-            what = " (a Wan2.2 VAE)" if first.shape[1] == 48 else ""
-            raise CheckpointError(source, f"a VAE with {first.shape[1]} latent channels{what}; "
-                                          f"this decoder needs the {LATENT_CHANNELS}-channel Wan2.1 VAE")
-        return weights, {"dim": first.shape[0] // 4}
+        return wan_vae_weights(sd, source, "Wan2.1", LATENT_CHANNELS)
+
+
+_VAE_OF_CHANNELS = {16: "Wan2.1", 48: "Wan2.2"}  # latent channels -> the VAE, for messages
+
+
+def wan_vae_weights(sd: Any, source: str, vae: str, channels: int,
+                    residual_up: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The decoder's tensors of a Wan VAE (``vae``: "Wan2.1" or "Wan2.2", of ``channels`` latent channels) under
+    the original names, from the original or the diffusers layout (``residual_up``: Wan2.2's up blocks), and the
+    base width read from ``decoder.conv1`` [4*dim, channels, 3, 3, 3]: ``(weights, {"dim": dim})``. Raises
+    :class:`CheckpointError` naming ``source`` and what the file holds instead."""
+    weights = component_weights(sd, "decoder.conv1.weight", ("decoder.", "conv2."), source)
+    if weights is None:
+        weights = component_weights(sd, DIFFUSERS_ANCHOR, DIFFUSERS_PARTS, source)
+        if weights is not None and weights[DIFFUSERS_ANCHOR].dim() == 5:  # an image VAE's conv_in is 2-D
+            weights = from_diffusers(weights, residual_up=residual_up)
+        else:
+            raise CheckpointError(source, f"not a {vae} VAE: it looks like {describe(sd)}")
+    first = weights["decoder.conv1.weight"]
+    if first.dim() != 5 or first.shape[0] % 4:
+        raise CheckpointError(source, f"decoder.conv1.weight has shape {tuple(first.shape)}, "
+                                      f"not a {vae} VAE's [4*dim, {channels}, 3, 3, 3]")
+    if first.shape[1] != channels:
+        other = _VAE_OF_CHANNELS.get(first.shape[1])
+        what = f" (a {other} VAE)" if other and other != vae else ""
+        raise CheckpointError(source, f"a VAE with {first.shape[1]} latent channels{what}; "
+                                      f"this decoder needs the {channels}-channel {vae} VAE")
+    return weights, {"dim": first.shape[0] // 4}

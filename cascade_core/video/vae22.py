@@ -37,11 +37,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..weights.safe_io import CheckpointError
-from ..weights.vae_names import DIFFUSERS_ANCHOR, DIFFUSERS_PARTS, component_weights, describe, from_diffusers
 from .decode_stream import CausalState, LatentVideoDecoder
 from .latents import LatentSpace
-from .vae import AttentionBlock, CausalConv3d, Decoder3d, ResidualBlock, RMSNorm, Upsample, WanVAEDecoder
+from .vae import (
+    AttentionBlock,
+    CausalConv3d,
+    Decoder3d,
+    ResidualBlock,
+    RMSNorm,
+    Upsample,
+    WanVAEDecoder,
+    wan_vae_weights,
+)
 
 # Wan2.2 wan/modules/vae2_2.py:904-957 (mean) and 958-1011 (std); the same 48 values are diffusers'
 # latents_mean / latents_std in Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json.
@@ -144,19 +151,4 @@ class Wan22VAEDecoder(LatentVideoDecoder):
 
     @classmethod
     def _weights_and_config(cls, sd: Any, source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        weights = component_weights(sd, "decoder.conv1.weight", ("decoder.", "conv2."), source)
-        if weights is None:
-            weights = component_weights(sd, DIFFUSERS_ANCHOR, DIFFUSERS_PARTS, source)
-            if weights is not None and weights[DIFFUSERS_ANCHOR].dim() == 5:  # an image VAE's conv_in is 2-D
-                weights = from_diffusers(weights, residual_up=True)
-            else:
-                raise CheckpointError(source, f"not a Wan2.2 VAE: it looks like {describe(sd)}")
-        first = weights["decoder.conv1.weight"]  # [4*dim, 48, 3, 3, 3]
-        if first.dim() != 5 or first.shape[0] % 4:
-            raise CheckpointError(source, f"decoder.conv1.weight has shape {tuple(first.shape)}, "
-                                          "not a Wan2.2 VAE's [4*dim, 48, 3, 3, 3]")
-        if first.shape[1] != WAN22_LATENTS.channels:
-            what = " (a Wan2.1 VAE)" if first.shape[1] == 16 else ""
-            raise CheckpointError(source, f"a VAE with {first.shape[1]} latent channels{what}; this decoder needs "
-                                          f"the {WAN22_LATENTS.channels}-channel Wan2.2 VAE")
-        return weights, {"dim": first.shape[0] // 4}
+        return wan_vae_weights(sd, source, "Wan2.2", WAN22_LATENTS.channels, residual_up=True)
