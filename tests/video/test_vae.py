@@ -10,6 +10,7 @@ and parameter names are the original ones.
 import pytest
 import torch
 from conftest import tiny_models
+from test_light_decoders import seeded
 
 from cascade_core.video.latents import LATENT_MEAN, LATENT_STD, normalized_to_raw, raw_to_normalized
 from cascade_core.video.taew import TAEW2_1_WIDTHS, TinyWanDecoder
@@ -22,19 +23,8 @@ H, W = 4, 6  # latent height, width
 
 
 def seeded_weights(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Weights for ``model``'s parameter names and shapes, drawn in sorted-name order (so they depend on
-    the names and shapes only): matrices ~ N(0, 1/fan_in), norm gains ~ N(1, 0.1^2), biases ~ N(0, 0.05^2)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, p in sorted(model.state_dict().items()):
-        x = torch.randn(p.shape, generator=g)
-        if p.dim() > 1:
-            out[name] = x * p[0].numel() ** -0.5
-        elif name.endswith("gamma"):
-            out[name] = 1 + 0.1 * x
-        else:
-            out[name] = 0.05 * x
-    return out
+    """Weights for ``model``'s parameter names and shapes (:func:`test_light_decoders.seeded`)."""
+    return seeded(model.state_dict(), seed)
 
 
 def latents(t: int, seed: int = 1, h: int = H, w: int = W) -> torch.Tensor:
