@@ -367,7 +367,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
         final_latents.clear()
         del wan, decoder, preview, result, context, given, extra, live
         if reporter is not None:
-            reporter.frames, reporter.decoding, reporter.previewing, reporter.video = [], None, None, None
+            reporter.frames, reporter.decoding, reporter.video = [], None, None
         if not ended_well:  # an exception's frames may hold device tensors in cycles: collected, the cache given back
             gc.collect()
             devices.empty_cache()

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade_core.sampling.loop import BlockEvent
-from cascade_core.video.frames import FramesEvent, FrameStream, video_frames
+from cascade_core.video.frames import FramesEvent, FrameStream, FrameStreams, video_frames
 
 from . import mjpeg
 
@@ -131,8 +131,9 @@ class Reporter:
         self.preview_w, self.preview_h = preview_size(width, height)
         self.send, self.progress, self.clock = send or client_sender(), progress, clock
         # every pushed (final) block is decoded whole, also after Cancel: a stopped run keeps them
-        self.decoding = FrameStream(decoder, on_frames=self._send_frames if preview is None else self._keep, keep=False)
-        self.previewing = None if preview is None else FrameStream(preview, on_frames=self._show, keep=False)
+        self.decoding = FrameStreams(
+            FrameStream(decoder, on_frames=self._send_frames if preview is None else self._keep, keep=False),
+            None if preview is None else FrameStream(preview, on_frames=self._show, keep=False))
         self.frames: list[torch.Tensor] = []  # [F, H, W, 3] per block, the latest keep_frames in all
         self.video: torch.Tensor | None | bool = None  # a known-length run's frames, in place (see _into_video)
         self.keep_frames, self.recording, self.steerable = keep_frames, recording, steerable
@@ -188,14 +189,13 @@ class Reporter:
         """Queue the frames of the normalised latents [1, 16, F, h, w] that come before block 0 in the
         outputs (a start image, the whole video continued): decoded first, sent as block -1. Call it
         once, after :meth:`start` and before the run's first block; ``latent_frames`` counts them."""
-        for stream in self._streams():
-            stream.push(BlockEvent(CONTEXT_BLOCK, latents, -1, 0.0))
+        self.decoding.push(BlockEvent(CONTEXT_BLOCK, latents, -1, 0.0))
 
     def on_block(self, ev) -> None:
         if self.first_block_s is None:  # before the push: the frames thread reads it
             self.first_block_s = round(float(ev.seconds), 4)
-        for stream in self._streams():  # decoded on each decoder's own CUDA stream while the DiT goes on (the
-            stream.push(ev)  # preview's first), handed out by each stream's thread
+        self.decoding.push(ev)  # decoded on each decoder's own CUDA stream while the DiT goes on (the preview's
+        # first), handed out by each stream's thread
         self.done_blocks += 1
         self.compiling = False
         self.flush()
@@ -205,17 +205,11 @@ class Reporter:
     def flush(self, wait: bool = False) -> None:
         """Raise what sending frames raised, if anything; with ``wait``, first wait until the frames
         of every finished block are sent (they go in block order, from the FrameStream's thread)."""
-        for stream in self._streams():
-            stream.poll(wait=wait)
+        self.decoding.poll(wait=wait)
 
     def finish(self) -> None:
         """Send the frames of every finished block; then :meth:`images` holds them all."""
-        for stream in self._streams():
-            stream.finish()
-
-    def _streams(self) -> list[FrameStream]:
-        """The decoding streams, the live view's first (it gets each block first)."""
-        return [s for s in (self.previewing, self.decoding) if s is not None]
+        self.decoding.finish()
 
     def _send_frames(self, ev: FramesEvent) -> None:
         """One decoder's frames: the output and the live view."""
@@ -272,8 +266,7 @@ class Reporter:
         if self.finished:
             return
         self.finished = True
-        for stream in self._streams():
-            stream.close()
+        self.decoding.close()
         mjpeg.close_feed(self.feed)
         data = {"node": self.node, "run": self.run, "seconds": self.elapsed(), "frames": self.frame_count,
                 "blocks": self.frame_blocks}

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..video.frames import FrameStream, VideoWriter, load_decoder
+from ..video.frames import FrameStream, FrameStreams, VideoWriter, load_decoder
 from ..weights.safe_io import CheckpointError
 from . import checks as cli_checks
 from .checks import UsageError
@@ -69,22 +69,23 @@ def preview_bytes(args) -> int:
     return cli_checks.input_bytes(args.preview_vae) if args.preview_vae else 0
 
 
-class Decoding:
-    """The run's decoding as :mod:`cli.run` drives it (:class:`~video.frames.FrameStream`'s push, poll, finish,
-    close): the video's stream and, with --preview-vae, the preview's, which gets every block first (its decode
-    queued first, on its own CUDA stream); :meth:`close` also closes the preview's MP4. It notes when each
-    stream's first and last frames were written, for :meth:`timings`. The preview is a view, not a result: when
-    writing it fails (a full disk, ...) one ``warning:`` line says so and the run and its video go on without it."""
+class Decoding(FrameStreams):
+    """The run's decoding as :mod:`cli.run` drives it (:class:`~video.frames.FrameStreams`'s push, poll, finish,
+    close): the video's stream and, with --preview-vae, the preview's; :meth:`close` also closes the preview's MP4.
+    It notes when each stream's first and last frames were written, for :meth:`timings`. The preview is a view, not
+    a result: when writing it fails (a full disk, ...) one ``warning:`` line says so and the run and its video go
+    on without it."""
 
     def __init__(self, video: FrameStream, preview: FrameStream | None = None,
                  preview_writer: VideoWriter | None = None):
+        super().__init__(video, preview)
         self.created = time.perf_counter()  # the run starts right after (cli.run.run_generate)
-        self.streams = {"video": video} if preview is None else {"preview": preview, "video": video}
         self.preview_writer = preview_writer
-        self.written: dict[str, list[float]] = {name: [] for name in self.streams}  # [first, last] perf_counter
+        self.written: dict[str, list[float]] = {"video": [], "preview": []}  # [first, last] perf_counter
         self.preview_failed: str | None = None  # why the preview stopped, if it did
-        for name, stream in self.streams.items():
-            stream.on_frames = self._noted(name, stream.on_frames)
+        for name, stream in (("video", video), ("preview", preview)):
+            if stream is not None:
+                stream.on_frames = self._noted(name, stream.on_frames)
 
     def _noted(self, name: str, on_frames):
         def write(event) -> None:
@@ -104,33 +105,14 @@ class Decoding:
     def _preview_stopped(self, exc: BaseException) -> None:
         if self.preview_failed is None:
             self.preview_failed = f"{type(exc).__name__}: {exc}"
+            self.drop_preview()
             print(f"warning: the preview stopped ({self.preview_failed}); the video goes on without it",
                   file=sys.stderr)
-
-    def _active(self):
-        return [s for n, s in self.streams.items() if not (n == "preview" and self.preview_failed)]
-
-    def push(self, event) -> None:
-        """Queue the block's decode on every stream (the preview's first, unless it stopped); never waits for the
-        GPU."""
-        for stream in self._active():
-            stream.push(event)
-
-    def poll(self, _event=None, wait: bool = False) -> None:
-        """Raise what a writer thread raised (an ``on_tick`` callback); see :meth:`FrameStream.poll`."""
-        for stream in self._active():
-            stream.poll(wait=wait)
-
-    def finish(self) -> None:
-        """Every pushed block's frames written, on every stream; raises what the video's writer thread raised."""
-        for stream in self.streams.values():
-            stream.finish()
 
     def close(self) -> None:
         """Like :meth:`finish` without raising (a ``finally``), then the preview's MP4 finalised (a failure to
         finalise it is a ``warning:`` line: the video's writer is closed after this, whatever happened here)."""
-        for stream in self.streams.values():
-            stream.close()
+        super().close()
         if self.preview_writer is not None:
             try:
                 self.preview_writer.close()

@@ -137,6 +137,48 @@ class FrameStream:
         self.next_frame += frames.shape[2]
 
 
+class FrameStreams:
+    """A run's decoding streams, the live view's first: the output's :class:`FrameStream` and, optionally, a preview
+    decoder's, which gets every block first (its decode is queued first, on its own CUDA stream). :meth:`drop`
+    takes the preview out of a run whose preview failed (the output goes on); every other method goes to each
+    stream still in use, in that order."""
+
+    def __init__(self, output: FrameStream, preview: FrameStream | None = None):
+        self.output, self.preview = output, preview
+        self._dropped = False
+
+    def drop_preview(self) -> None:
+        """Stop pushing to and polling the preview's stream (it is still finished and closed)."""
+        self._dropped = True
+
+    def active(self) -> list[FrameStream]:
+        """The streams blocks go to: the preview's (unless dropped), then the output's."""
+        return [s for s in (None if self._dropped else self.preview, self.output) if s is not None]
+
+    def all(self) -> list[FrameStream]:
+        return [s for s in (self.preview, self.output) if s is not None]
+
+    def push(self, event: BlockEvent) -> None:
+        """Queue the block's decode on every active stream; never waits for the GPU."""
+        for stream in self.active():
+            stream.push(event)
+
+    def poll(self, _event=None, wait: bool = False) -> None:
+        """Raise what a writer thread raised (see :meth:`FrameStream.poll`)."""
+        for stream in self.active():
+            stream.poll(wait=wait)
+
+    def finish(self) -> None:
+        """Every pushed block's frames handed out, on every stream; raises what a writer thread raised."""
+        for stream in self.all():
+            stream.finish()
+
+    def close(self) -> None:
+        """Like :meth:`finish` without raising (a ``finally``)."""
+        for stream in self.all():
+            stream.close()
+
+
 def load_decoder(path: str, dtype: torch.dtype, device: torch.device | str, kind: str | None = None,
                  latent_space=WAN21_LATENTS):
     """Any decoder file of Wan latents -> its streaming decoder, told by names and shapes

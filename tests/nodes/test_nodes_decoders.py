@@ -226,7 +226,7 @@ def test_the_reporter_without_a_preview_decoder_hands_one_decode_to_both():
 
     sent = []
     r = stream_mod.Reporter("1", 1, 3, 5, 1, W, H, LatentRGBDecoder(), send=lambda e, d: sent.append(e))
-    assert r.previewing is None
+    assert r.decoding.preview is None and len(r.decoding.active()) == 1
     r.start()
     r.on_block(BlockEvent(0, torch.randn(1, 16, 3, H // 8, W // 8), 0, 0.1))
     r.finish()
