@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from cascade_core.common.constants import LATENT_CHANNELS, TEXT_TOKENS
+from cascade_core.common.constants import TEXT_TOKENS
+from cascade_core.common.latent_space import WAN21_LATENTS, LatentSpace
 from cascade_core.sampling.blend import MAX_BLEND_BLOCKS
 from cascade_core.sampling.config import CascadeConfig, PromptSchedule
 from cascade_core.sampling.context import CONTINUATION, START_IMAGE
@@ -22,7 +23,8 @@ from cascade_core.sampling.plan import check_prefix, check_prefix_config, latent
 
 log = logging.getLogger("block_cascade")
 
-SIZE_MULTIPLE = 16
+SIZE_MULTIPLE = 16  # the widgets' step: Wan2.1's rule (8 px a latent pixel x patch 2); a model's own rule is
+# its latent space's (LatentSpace.size_multiple: 32 px for Wan2.2), checked by video_size with the model
 MAX_SIZE = 4096
 MAX_BLOCKS = 1000
 MAX_STEPS = 16
@@ -46,15 +48,20 @@ def int_range(name: str, value, lo: int, hi: int, hint: str = "") -> int:
     return v
 
 
-def video_size(width, height) -> None:
+def video_size(width, height, latent_space: LatentSpace = WAN21_LATENTS, patch=(1, 2, 2)) -> None:
+    """The video's size in pixels (None: a linked input, checked at execution): multiples of ``latent_space``'s
+    rule for a model of ``patch`` (:meth:`LatentSpace.size_multiple`: 16 for Wan2.1, 32 for Wan2.2) up to
+    MAX_SIZE. Raises ValueError naming the input and the multiple."""
+    mult = latent_space.size_multiple(patch)
     for name, v in (("width", width), ("height", height)):
         if v is None:
             continue
-        if not SIZE_MULTIPLE <= int(v) <= MAX_SIZE or int(v) % SIZE_MULTIPLE:
-            raise ValueError(f"{name} must be a multiple of {SIZE_MULTIPLE} in {SIZE_MULTIPLE}..{MAX_SIZE} "
+        if not mult <= int(v) <= MAX_SIZE or int(v) % mult:
+            for_model = "" if latent_space == WAN21_LATENTS else f" for a model of {latent_space.name} latents"
+            raise ValueError(f"{name} must be a multiple of {mult} in {mult}..{MAX_SIZE}{for_model} "
                              f"(e.g. 832 x 480), got {v}")
     if width is not None and height is not None:
-        latent_size(int(width), int(height))
+        latent_size(int(width), int(height), patch, latent_space)
 
 
 def blocks(value) -> None:
@@ -197,9 +204,11 @@ def schedule(entries, blocks_: int, text_dim: int, blends=()) -> PromptSchedule:
     return sched
 
 
-def context_kind(start_image, prefix, vae, width: int, height: int, context_frames: int = 0) -> str | None:
+def context_kind(start_image, prefix, vae, width: int, height: int, context_frames: int = 0,
+                 cfg: CascadeConfig | None = None) -> str | None:
     """What comes before block 0 by the sampler's optional inputs: ``context.START_IMAGE`` (with
-    ``start_image``, which needs ``vae`` to be encoded), ``context.CONTINUATION`` (with ``prefix``) or
+    ``start_image``, which needs ``vae`` to be encoded; :data:`HELD_IMAGE` where ``cfg`` holds the image as block 0's
+    frame 0 instead, :func:`holds_image`), ``context.CONTINUATION`` (with ``prefix``) or
     None. Raises ValueError naming the input for both at once, ``context_frames`` without a prefix, a
     start image without a VAE, one that is not a float IMAGE [B, H, W, C >= 3] (0..1), whose first
     image (the one encoded) holds NaN or infinite values, or whose centre crop to the aspect ratio of
@@ -212,8 +221,9 @@ def context_kind(start_image, prefix, vae, width: int, height: int, context_fram
     if start_image is None:
         return None if prefix is None else CONTINUATION
     if vae is None:
-        raise ValueError("start_image needs the vae input: the Wan2.1 VAE encodes the image into the video's "
-                         "first latent frame (connect a VAELoader with wan_2.1_vae.safetensors)")
+        raise ValueError("start_image needs the vae input: the model's VAE encodes the image into the video's "
+                         "first latent frame (connect a VAELoader with wan_2.1_vae.safetensors, or "
+                         "wan2.2_vae.safetensors for a Wan2.2 model)")
     shape = list(start_image.shape) if torch.is_tensor(start_image) else type(start_image).__name__
     if not torch.is_tensor(start_image) or start_image.dim() != 4 or start_image.shape[3] < 3 \
             or 0 in start_image.shape:
@@ -229,45 +239,105 @@ def context_kind(start_image, prefix, vae, width: int, height: int, context_fram
         raise ValueError(f"start_image: its centre crop to the video's aspect ratio ({width} x {height}) keeps "
                          f"{kept_w:.3g} x {kept_h:.3g} of its {w} x {h} pixels, less than 2 either way; use a "
                          f"larger image, or one closer to that aspect ratio")
-    return START_IMAGE
+    return HELD_IMAGE if cfg is not None and holds_image(cfg) else START_IMAGE
 
 
-def prefix_latents(prefix, width: int, height: int) -> torch.Tensor:
-    """The raw latents [1, 16, T, height/8, width/8] of the sampler's ``prefix`` LATENT (a sampler's
-    output: ``{"samples": ...}``). Raises ValueError for anything else: another layout, a batch of
+# ---- Wan2.2: a start image held as block 0's frame 0, decoders of the run's latent space -------------------------
+
+HELD_IMAGE = "held image"  # a start image that is block 0's frame 0 (LongLive 2.0), not a frame before block 0
+HELD_WORDS = "start image as block 0's frame 0 (held at timestep 0)"  # the settings line's context
+
+
+def holds_image(cfg: CascadeConfig) -> bool:
+    """Whether a start image is block 0's frame 0 under ``cfg`` (LongLive 2.0: the UniPC step rule; its
+    image-to-video, :func:`cascade_core.sampling.loop.generate`'s ``image_latent``), as the command line's
+    ``cli.prefix.holds_image`` decides; otherwise it is a context prefix before block 0."""
+    return getattr(cfg, "solver", None) == "unipc"
+
+
+def held_image(kind: str | None, session) -> None:
+    """A held start image (:data:`HELD_IMAGE`) checked against the run's plan before any GPU work: the engine's rules
+    (:func:`cascade_core.sampling.ticks.check_image_latent`, on a stand-in of its shape) and one device (the worker
+    pool does not take it). ValueError naming ``start_image``."""
+    if kind != HELD_IMAGE:
+        return
+    from cascade_core.sampling.ticks import check_image_latent
+
+    if session.pooled:
+        raise ValueError("start_image: LongLive 2.0's start image (block 0's frame 0) runs on one device for now; "
+                         "set the config's devices to one GPU")
+    plan = session.plan
+    try:
+        check_image_latent(torch.zeros(1, plan.latent_space.channels, 1, *plan.shape[-2:]), plan)
+    except ValueError as exc:
+        raise ValueError(f"start_image: {exc}") from None
+
+
+def decoder_space(file) -> LatentSpace | None:
+    """The latent space a Load Video Decoder output decodes: its ``latent_space`` where it has one, else its decoder
+    class's (``kind``, a class of :mod:`cascade_core.video`); None when neither tells."""
+    space = getattr(file, "latent_space", None)
+    if space is not None:
+        return space
+    from cascade_core.video import taew, vae, vae22
+
+    kind = str(getattr(file, "kind", ""))
+    cls = next((getattr(m, kind) for m in (vae22, taew, vae) if kind and hasattr(m, kind)), None)
+    return getattr(cls, "latent_space", None)
+
+
+def decoder_spaces(session, files):
+    """The sampler's decoder inputs (``files``: :class:`nodes.decoders.Decoders`) checked against the run's latent
+    space (:meth:`cascade_core.session.RunSession.check_decoder`: one line naming both); ``files`` returned."""
+    for what, file in (("decoder", files.output), ("preview_decoder", files.preview)):
+        space = None if file is None else decoder_space(file)
+        if space is not None:
+            session.check_decoder(space, f"{what}: {file.name}")
+    return files
+
+
+def prefix_latents(prefix, width: int, height: int, latent_space: LatentSpace = WAN21_LATENTS,
+                   patch=(1, 2, 2)) -> torch.Tensor:
+    """The raw latents [1, C, T, height/s, width/s] of the sampler's ``prefix`` LATENT (a sampler's
+    output: ``{"samples": ...}``; C, s: the model's ``latent_space``'s channels and spatial factor, Wan2.1
+    16 and 8, Wan2.2 48 and 16). Raises ValueError for anything else: another layout or latent space, a batch of
     several videos, no frames, frames of another size than the node's width x height, or values that
     are not real floating point (complex, integer)."""
     samples = prefix.get("samples") if isinstance(prefix, dict) else None
-    if not torch.is_tensor(samples) or samples.dim() != 5 or samples.shape[1] != LATENT_CHANNELS \
+    c, s = latent_space.channels, latent_space.spatial
+    if not torch.is_tensor(samples) or samples.dim() != 5 or samples.shape[1] != c \
             or samples.shape[2] < 1:
         got = list(samples.shape) if torch.is_tensor(samples) else type(samples if samples is not None
                                                                          else prefix).__name__
-        raise ValueError(f"prefix: expected a video LATENT [1, {LATENT_CHANNELS}, T, H/8, W/8] with T >= 1 (a "
-                         f"Block Cascade Sampler's LATENT), got {got}")
+        raise ValueError(f"prefix: expected a video LATENT [1, {c}, T, H/{s}, W/{s}] with T >= 1 (a "
+                         f"Block Cascade Sampler's LATENT"
+                         f"{'' if latent_space == WAN21_LATENTS else ' of ' + latent_space.words()}), got {got}")
     if not samples.is_floating_point():
         raise ValueError(f"prefix: expected a LATENT of real floating-point values (a Block Cascade Sampler's "
                          f"LATENT), got {samples.dtype}")
     if samples.shape[0] != 1:
         raise ValueError(f"prefix: the LATENT holds {samples.shape[0]} videos; a continuation takes one (batch 1)")
-    h, w = latent_size(int(width), int(height))
+    h, w = latent_size(int(width), int(height), patch, latent_space)
     if tuple(samples.shape[3:]) != (h, w):
-        raise ValueError(f"prefix: its frames are {samples.shape[4] * 8} x {samples.shape[3] * 8}, the node's "
+        raise ValueError(f"prefix: its frames are {samples.shape[4] * s} x {samples.shape[3] * s}, the node's "
                          f"width x height {width} x {height}; set width and height to the video's size")
     return samples
 
 
 def context_allowed(context: torch.Tensor | None, cfg: CascadeConfig, width: int, height: int, what: str,
-                    dtype: torch.dtype | None = None) -> None:
+                    dtype: torch.dtype | None = None, latent_space: LatentSpace = WAN21_LATENTS,
+                    patch=(1, 2, 2)) -> None:
     """The engine's rules for a context prefix (:func:`cascade_core.sampling.plan.check_prefix`, ``dtype``: the
-    model's), before any model work: on the normalised latents [1, 16, T, h, w] of a continuation
+    model's, ``latent_space`` its latents'), before any model work: on the normalised latents [1, C, T, h, w] of
+    a continuation
     (every frame of the given video, context or not: the outputs hold them all), or, for a start
     image not encoded yet (``context`` None), the config's rules only
     (:func:`cascade_core.sampling.plan.check_prefix_config`). Raises ValueError naming the input ``what``."""
-    h, w = latent_size(int(width), int(height))
+    h, w = latent_size(int(width), int(height), patch, latent_space)
     try:
         if context is None:
             check_prefix_config(cfg)
         else:
-            check_prefix(context, cfg, h, w, dtype)
+            check_prefix(context, cfg, h, w, dtype, latent_space)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None

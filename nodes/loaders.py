@@ -13,6 +13,7 @@ from cascade_core.model.fp8 import DROP_SUFFIXES, MARKER, SCALE_SUFFIXES, WEIGHT
 from cascade_core.sampling.families import guess_family
 from cascade_core.weights.safe_io import CheckpointError, read_tensor_file
 
+from .experts import load_pair
 from .sockets import CATEGORY, EMBEDS_FOLDER, EngineModelType, register_folders
 from .values import CoreModel, FileModel
 
@@ -30,9 +31,11 @@ class BlockCascadeModelLoader(io.ComfyNode):
             display_name="Load Causal Video Model",
             category=CATEGORY,
             description="Loads a block-causal Wan2.1 T2V DiT (Self-Forcing, CausVid, LongLive, Causal Forcing; "
-                        "1.3B or 14B) from models/diffusion_models (or models/unet): Self-Forcing .pt, ComfyUI or "
-                        "diffusers .safetensors, fp8 (kept fp8), ComfyUI-GGUF .gguf (kept quantised). Pickles are "
-                        "read with weights_only.",
+                        "1.3B or 14B) or Wan2.2 TI2V-5B DiT (LongLive 2.0) from models/diffusion_models (or "
+                        "models/unet): Self-Forcing .pt, ComfyUI or diffusers .safetensors, fp8 (kept fp8), "
+                        "ComfyUI-GGUF .gguf (kept quantised). Pickles are read with weights_only. A file in the "
+                        "transformer/ or transformer_2/ of a two-expert diffusers folder loads both experts (causal "
+                        "Wan2.2 A14B).",
             inputs=[
                 io.Combo.Input("model_name", options=folder_paths.get_filename_list("diffusion_models")),
                 io.Combo.Input("dtype", options=list(DTYPES), default="bf16",
@@ -62,6 +65,9 @@ class BlockCascadeModelLoader(io.ComfyNode):
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         lora_path = None if lora in (None, "", "none") else folder_paths.get_full_path_or_raise("loras", lora)
+        pair = load_pair(path, None, DTYPES[dtype], weight_dtype, lora=lora_path)
+        if pair is not None:  # causal Wan2.2 A14B: a file of a two-expert folder (transformer/, transformer_2/)
+            return io.NodeOutput(pair)
         sd, info = load_dit(path, dtype=DTYPES[dtype], ema=ema, lora=lora_path, lora_scale=lora_strength,
                             weight_dtype=weight_dtype)  # names and shapes checked
         model = WanModel.from_state_dict(sd, num_heads=info.num_heads, fast_fp8=info.fast_fp8)
@@ -88,7 +94,8 @@ class BlockCascadeFromModel(io.ComfyNode):
             category=CATEGORY,
             description="Uses a core MODEL (e.g. from Load Diffusion Model, after LoRA nodes) as the causal "
                         "video model. ComfyUI loads and patches it first; its weights are shared, not copied.",
-            inputs=[io.Model.Input("model", tooltip="A Wan2.1 T2V diffusion model (block-causal checkpoint).")],
+            inputs=[io.Model.Input("model", tooltip="A Wan2.1 T2V diffusion model, or a Wan2.2 TI2V-5B one (LongLive "
+                                                    "2.0), of a block-causal checkpoint.")],
             outputs=[EngineModelType.Output(display_name="model")],
         )
 
@@ -106,16 +113,26 @@ class BlockCascadeFromModel(io.ComfyNode):
         try:
             cfg = WanConfig.from_state_dict(module.state_dict())
         except (KeyError, ValueError, IndexError) as exc:
-            raise ValueError(f"MODEL: {kind} is not a Wan2.1 T2V DiT (missing {exc})") from None
+            raise ValueError(f"MODEL: {kind} is not a Wan2.1 T2V DiT nor Wan2.2's TI2V-5B (missing {exc})") from None
         extra = sorted(keys - expected_keys(cfg))
         missing = sorted(expected_keys(cfg) - keys)
-        if cfg.in_dim != 16 or extra or missing:
-            found = (f"input channels {cfg.in_dim}" if cfg.in_dim != 16 else
+        space = _latent_space(cfg)  # 16 latent channels in and out: Wan2.1's; 48: Wan2.2's (TI2V-5B, LongLive 2.0)
+        if space is None or extra or missing:
+            found = (f"input channels {cfg.in_dim}, output channels {cfg.out_dim}" if space is None else
                      f"unexpected parameters {', '.join(extra[:3])}" if extra else
                      f"missing parameters {', '.join(missing[:3])}")
-            raise ValueError(f"MODEL: {kind} is not a Wan2.1 text-to-video DiT ({found}; image-to-video, "
-                             f"VACE, Fun and Wan2.2 models are not supported)")
+            raise ValueError(f"MODEL: {kind} is not a Wan2.1 text-to-video DiT nor Wan2.2's TI2V-5B ({found}; "
+                             f"image-to-video, VACE and Fun models are not supported)")
+        log.info("Block Cascade: MODEL %s works in %s", kind, space.words())
         return io.NodeOutput(CoreModel(model, label=kind))
+
+
+def _latent_space(cfg: WanConfig):
+    """The DiT's latent space (:attr:`WanConfig.latent_space`), None where it has none of the known ones."""
+    try:
+        return cfg.latent_space
+    except ValueError:
+        return None
 
 
 class BlockCascadeEmbedsLoader(io.ComfyNode):

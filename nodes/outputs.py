@@ -17,7 +17,7 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from cascade_core.video.latents import normalized_to_raw
+from cascade_core.common.latent_space import WAN21_LATENTS, LatentSpace
 
 from . import recording, stream
 
@@ -69,9 +69,16 @@ class Progress:
             mm.interrupt_current_processing(True)
 
 
+def latent_space(run) -> LatentSpace:
+    """The run's latent space (its plan's: the model's; Wan2.1's for a run without a session), whose raw latents
+    LATENT holds (core ComfyUI's layout of that VAE: [1, 16, T, H/8, W/8] Wan2.1, [1, 48, T, H/16, W/16] Wan2.2)."""
+    plan = getattr(getattr(run, "session", None), "plan", None)
+    return getattr(plan, "latent_space", WAN21_LATENTS)
+
+
 def finished(run, result, reporter, before, context) -> io.NodeOutput:
-    """LATENT (raw, the given latents first) and IMAGE of a run that ended without an error; an endless run's
-    last window and the recording of the whole stream."""
+    """LATENT (raw latents of the run's space, the given latents first) and IMAGE of a run that ended without an
+    error; an endless run's last window and the recording of the whole stream."""
     endless = run.endless
     # Cancel ended the stream (its normal end), or came as a known-length run's last block was final (the whole
     # video is made): either way the outputs go on through the graph
@@ -80,7 +87,7 @@ def finished(run, result, reporter, before, context) -> io.NodeOutput:
         consume_interrupt()
     stopped = endless and cancelled
     _stopped_runs[0] += stopped
-    raw = normalized_to_raw(result.latents.float()).cpu()
+    raw = latent_space(run).to_raw(result.latents.float()).cpu()
     if before is not None and not endless:  # the given latents themselves, not a round trip
         raw = torch.cat([before.cpu(), raw], 2)
     reporter.finish()  # frames still being decoded
@@ -99,7 +106,7 @@ def finished(run, result, reporter, before, context) -> io.NodeOutput:
 
 
 def stopped(run, final_latents: list[torch.Tensor], reporter, before) -> io.NodeOutput | None:
-    """A run of known length stopped by Cancel: the blocks already final (``final_latents``, normalised [1, 16, f,
+    """A run of known length stopped by Cancel: the blocks already final (``final_latents``, normalised [1, C, f,
     h, w] each, in block order) are decoded, their frames saved as an MP4 in ComfyUI's output folder, the widget
     told, the interrupt consumed; LATENT (the given latents first) and IMAGE of what was made, with the MP4 as the
     node's UI output. None when no block was final yet (nothing to hand on: the prompt stays interrupted)."""
@@ -112,7 +119,7 @@ def stopped(run, final_latents: list[torch.Tensor], reporter, before) -> io.Node
     images = reporter.images()
     video = save_frames(images)
     reporter.done(stopped=True, video=video.file())
-    raw = normalized_to_raw(torch.cat(final_latents, 2).float()).cpu()
+    raw = latent_space(run).to_raw(torch.cat(final_latents, 2).float()).cpu()
     if before is not None:
         raw = torch.cat([before.cpu(), raw], 2)
     consume_interrupt()

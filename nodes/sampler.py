@@ -14,17 +14,16 @@ from cascade_core.common.constants import GIB
 from cascade_core.common.messages import first_line
 from cascade_core.model import attention as attention_backends
 from cascade_core.model.compiling import resolve_compile, use_disk_cache
-from cascade_core.sampling.context import START_IMAGE, context_notes, context_of, prefix_config
+from cascade_core.sampling.context import CONTINUATION, START_IMAGE, context_notes, context_of, prefix_config
 from cascade_core.sampling.families import get_family
 from cascade_core.sampling.loop import Interrupted
 from cascade_core.sampling.memory import blocks_to_swap, cheaper_settings, placement_words
 from cascade_core.sampling.plan import SteeringRefused
 from cascade_core.sampling.recompute import first_reencoding_block, why_a_vae
 from cascade_core.session import RunSession
-from cascade_core.video.latents import raw_to_normalized
 
 from . import checks, decoders, devices, outputs, recording, steer, stream
-from .core_vae import context_reencoder, encode_start_image, vae_bytes, vae_weights
+from .core_vae import context_reencoder, start_image_inputs, vae_bytes, vae_decoder, vae_weights
 from .sockets import CATEGORY, ConfigType, DecoderType, EngineModelType, ScheduleType
 
 log = logging.getLogger("block_cascade")
@@ -90,7 +89,8 @@ class BlockCascadeSampler(io.ComfyNode):
                                               "or a schedule."),
                 ScheduleType.Input("schedule", optional=True, tooltip="Prompts switching at blocks."),
                 io.Vae.Input("vae", optional=True,
-                             tooltip="Wan2.1 VAE: frames are decoded block by block as they finish (decoder, "
+                             tooltip="The model's VAE (Wan2.1; Wan2.2 for a Wan2.2 model such as LongLive 2.0): "
+                                     "frames are decoded block by block as they finish (decoder, "
                                      "when connected, decodes them instead). Without either (or a "
                                      "preview_decoder) the IMAGE output and the live view are a cheap latent-RGB "
                                      "preview (upscaled), not decoded video. Needed with start_image (it encodes the "
@@ -99,7 +99,8 @@ class BlockCascadeSampler(io.ComfyNode):
                 io.Image.Input("start_image", optional=True,
                                tooltip="Image to video: the image (the batch's first) scaled to cover width x "
                                        "height and centre-cropped, encoded by the vae, is the video's first "
-                                       "latent frame; the generated blocks follow it. Not with prefix."),
+                                       "latent frame; the generated blocks follow it (LongLive 2.0: it is block 0's "
+                                       "first latent frame, held in every step). Not with prefix."),
                 io.Latent.Input("prefix", optional=True,
                                 tooltip="Continue a video: a Block Cascade Sampler's LATENT of the same width "
                                         "and height. Its last context_frames latent frames are the context; "
@@ -124,7 +125,8 @@ class BlockCascadeSampler(io.ComfyNode):
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT",
-                                 tooltip="Raw Wan2.1 latents [1, 16, T, H/8, W/8] (core VAEDecode takes them): "
+                                 tooltip="Raw latents of the model's VAE (core VAEDecode takes them; Wan2.1 [1, 16, "
+                                         "T, H/8, W/8], Wan2.2 [1, 48, T, H/16, W/16]): "
                                          "the start image's frame or the whole prefix first, then the new "
                                          "frames. Endless: the last window's frames (a prefix to continue)."),
                 io.Image.Output(display_name="IMAGE",
@@ -190,7 +192,10 @@ def check(model, config, width, height, blocks, positive, schedule, vae, start_i
     guess = getattr(model, "family", None)
     cfg, family, assumed = config.config_for(guess[0] if guess else None,
                                              schedule.switch_mode if schedule is not None else "auto")
-    checks.video_size(width, height)
+    if family == "streamdiffusionv2":  # video-to-video: it needs a video in
+        raise ValueError("family streamdiffusionv2 restyles a video: use the Block Cascade Video-to-Video node")
+    space = model.cfg.latent_space  # the model's latents' channels and size (Wan2.1: 16, 8 px; Wan2.2: 48, 16 px)
+    checks.video_size(width, height, space, model.cfg.patch_size)
     checks.blocks(blocks)
     run_devices = devices.check(config.devices)
     why = attention_backends.refusal(config.attention_backend, run_devices[0], model.dtype)
@@ -202,30 +207,32 @@ def check(model, config, width, height, blocks, positive, schedule, vae, start_i
         raise ValueError("no prompt: connect positive (one prompt) or schedule (Prompt Schedule)")
     entries = [(0, checks.conditioning_embeds(positive, "positive"))] if positive is not None else list(schedule.entries)
     prompts = checks.schedule(entries, blocks, model.cfg.text_dim, schedule.blends if schedule is not None else ())
-    kind = checks.context_kind(start_image, prefix, vae, width, height, context_frames)
+    kind = checks.context_kind(start_image, prefix, vae, width, height, context_frames, cfg)  # LongLive 2.0: held
     before = given = context = None  # raw latents before block 0, the same normalised, the engine's prefix
-    notes, described = [], ""
-    if kind is not None:
+    notes, described = [], checks.HELD_WORDS if kind == checks.HELD_IMAGE else ""
+    if kind in (START_IMAGE, CONTINUATION):
         cfg, notes = prefix_config(cfg, kind)
     if kind == START_IMAGE:
         checks.context_allowed(None, cfg, width, height, "start_image")
         described = "start image (1 latent frame)"
-    elif kind is not None:
-        before = checks.prefix_latents(prefix, width, height).float()
-        given = raw_to_normalized(before)
+    elif kind == CONTINUATION:
+        before = checks.prefix_latents(prefix, width, height, space, model.cfg.patch_size).float()
+        given = space.to_normalized(before)  # raw_to_normalized for Wan2.1 latents
         # every frame (the outputs hold them), as the model's dtype will hold them
-        checks.context_allowed(given, cfg, width, height, "prefix", model.dtype)
+        checks.context_allowed(given, cfg, width, height, "prefix", model.dtype, space, model.cfg.patch_size)
         context = context_of(given, cfg, context_frames)
         described = f"the last {context.shape[2]} of the prefix's {before.shape[2]} latent frames"
         notes += context_notes(context_frames, context.shape[2])
     steer.check(clip)
     try:  # the run's one plan: every rule of its settings, once
         session = RunSession(cfg, blocks=blocks, width=width, height=height, devices=run_devices,
-                             prefix_frames=0 if kind is None else 1 if context is None else context.shape[2],
+                             prefix_frames=1 if kind == START_IMAGE else 0 if context is None else context.shape[2],
                              switches=len(prompts.entries) - 1, steered=clip is not None,
-                             patch=model.cfg.patch_size, keep_pool=True)
+                             patch=model.cfg.patch_size, keep_pool=True, latent_space=space)
     except SteeringRefused as exc:
         raise ValueError(f"clip: {exc}; or disconnect clip") from None
+    model.check_run(cfg, session.pooled)  # a two-expert model (Wan2.2 A14B): what it does not run
+    checks.held_image(kind, session)  # LongLive 2.0's start image: the engine's rules, one device
     reencodes = why_a_vae(blocks, cfg.frames_per_block, cfg.kv_recompute)
     if reencodes and vae is None:
         fewer = f", or use at most {first_reencoding_block(cfg.frames_per_block, cfg.kv_recompute)} blocks"
@@ -237,8 +244,9 @@ def check(model, config, width, height, blocks, positive, schedule, vae, start_i
     settings_text = effective_settings(family, cfg, guess[1] if assumed else None,
                                        [s for s, _ in prompts.entries[1:]], described, tuple(notes))
     settings_text += "; compiled" if compiled else "; not compiled"
-    files = decoders.check(decoder, preview_decoder, vae)  # which decoder makes IMAGE, which the live view
-    vae_sd = vae_weights(vae)  # checked; kept where its Wan decoder decodes
+    # which decoder makes IMAGE, which the live view; each of the model's latent space (one line naming both)
+    files = checks.decoder_spaces(session, decoders.check(decoder, preview_decoder, vae))
+    vae_sd = vae_weights(vae, space)  # checked (the model's space); kept where its Wan decoder decodes
     return Checked(cfg, session, run_devices, prompts, kind, before, given, context,
                    vae_sd if files.vae_decodes(reencodes) else None, reencodes,
                    settings_text, config.attention_backend, compiled, getattr(config, "swap_blocks", -1),
@@ -246,16 +254,15 @@ def check(model, config, width, height, blocks, positive, schedule, vae, start_i
 
 
 def make_room(run: Checked, model) -> None:
-    """ComfyUI asked to free what the run needs, then where the weights sit: resident, or as few blocks as fit
-    streamed from host memory (``run.swapped``: the config's swap_blocks, or the memory estimate's choice);
-    refused in one line, naming the cheapest setting that would fit, where even every block swapped cannot
-    (the worker pool checks each GPU itself: its own share, its own weights). ``run.need``: the run's bytes
-    besides the weights; the settings line gets where the weights sit."""
+    """ComfyUI asked to free what the run needs, then where the weights sit: resident, or as few blocks (of each
+    expert of a pair: two KV pools counted) as fit streamed from host memory (``run.swapped``: swap_blocks, or the
+    estimate's choice); refused in one line naming the cheapest setting that fits where even every block swapped
+    cannot (a worker pool checks each GPU itself). ``run.need``: bytes besides the weights; the settings line too."""
     files = run.decoder_files  # every decoder's weights in the one estimate (a re-encoder's second decode too)
     vae = vae_bytes(run.vae_sd, bool(run.reencodes) and files.output is None) + files.bytes(run.devices[0])
     texts = run.prompts.text_sets(run.session.plan.schedule.max_in_flight)  # text K/V sets, blends' included
-    need, what = run.session.memory(model.cfg, model.dtype, texts, vae)
-    device, weights, forced = run.devices[0], model.weight_bytes(), run.swap_blocks
+    device, weights, forced, experts = run.devices[0], model.weight_bytes(), run.swap_blocks, model.experts
+    need, what = run.session.memory(model.cfg, model.dtype, texts, vae, experts)  # experts 2: a Wan2.2 A14B pair
     if run.session.pooled:
         if forced > 0:
             raise ValueError("swap_blocks: block swap runs on one device; set it to -1 or 0 with several devices")
@@ -268,16 +275,16 @@ def make_room(run: Checked, model) -> None:
     devices.make_room(device, need + (0 if model.resident_on(device) else weights))
     resident = model.resident_on(device)  # after making room: ComfyUI may have unloaded them
     free = devices.free_bytes(device) + (weights if resident else 0) if device.type == "cuda" else None
-    swapped = blocks_to_swap(free, need, weights, model.block_bytes(), model.cfg.num_layers, forced)
+    swapped = blocks_to_swap(free, need, weights, model.block_bytes(), model.cfg.num_layers, forced, experts)
     if swapped is None:
-        cheaper = cheaper_settings(run.session.plan, model.cfg, model.dtype, texts, vae, free,
-                                   weights, model.block_bytes(), model.weight_dtype().startswith(("fp8", "gguf")))
+        cheaper = cheaper_settings(run.session.plan, model.cfg, model.dtype, texts, vae, free, weights,
+                                   model.block_bytes(), model.weight_dtype().startswith(("fp8", "gguf")), experts)
         raise ValueError(f"not enough GPU memory on {device}: the run needs about {need / GIB:.2f} GiB ({what}) "
                          f"besides the weights ({weights / GIB:.2f} GiB), and {free / GIB:.2f} GiB are free even with "
                          f"every block swapped to CPU memory; " + (f"{cheaper} would fit" if cheaper else
                                                                    "use fewer blocks, a smaller size or another device"))
     run.need, run.swapped = need, swapped
-    run.settings_text += "; " + placement_words(swapped, model.cfg.num_layers, model.weight_dtype()) + (
+    run.settings_text += "; " + placement_words(swapped, model.cfg.num_layers, model.weight_dtype(), experts) + (
         " (chosen: the model does not fit)" if swapped and forced < 0 else "")
 
 
@@ -293,21 +300,15 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
     ended_well = False
     final_latents = []  # a run of known length: its final blocks' latents, handed on if Cancel stops it
     try:
-        if run.kind == START_IMAGE:  # before the DiT is loaded: ComfyUI may unload the VAE for it afterwards
-            before = encode_start_image(vae, start_image, plan.width, plan.height)
-            given = context = raw_to_normalized(before)
+        if run.kind in (START_IMAGE, checks.HELD_IMAGE):  # before the DiT: ComfyUI may unload the VAE for it then
+            before, given, context, extra = start_image_inputs(vae, start_image, run.kind == checks.HELD_IMAGE, plan)
         # several devices: the weights stay on the CPU here; the pool holds the GPU copies
         wan = (model.acquire_for_pool() if session.pooled else model.acquire_swapped(device, run.swapped)
                if run.swapped else model.acquire(device, run.need))
         compiling = compile_layers(wan, run)
         decode_on = session.decode_device(device)  # several devices: the last one's
-        if run.vae_sd is not None:
-            from cascade_core.video.vae import WanVAEDecoder
-
-            decoder = WanVAEDecoder.from_state_dict(run.vae_sd[0], dtype=run.vae_sd[1], device=decode_on, source="vae")
-            decoder.time_cache = run.time_cache  # the video's and the re-encoded frame's decoder (shared)
-        else:
-            decoder = stream.preview_decoder()
+        decoder = (vae_decoder(run.vae_sd, plan.latent_space, decode_on, run.time_cache) if run.vae_sd is not None
+                   else stream.preview_decoder(plan.latent_space))  # the video's and a re-encoded frame's (shared)
         if run.reencodes:
             extra["context_image"] = context_reencoder(vae, decoder)
         decoder, preview = decoders.for_run(run.decoder_files, decoder, decode_on, run.time_cache)  # IMAGE's, live view's

@@ -2,8 +2,8 @@
 
 Event contract (JSON only, sent to the client that queued the prompt; META is {node, run, blocks,
 frames_total, fps, width, height, stages, parallel, clean_pass, steerable (a CLIP is connected),
-compiling (the layers are compiled first: until the first block is done), settings}, repeated so that a
-page reloaded mid-run joins):
+compiling (the layers are compiled first: until the first block is done), settings, live_input? (the live
+video input a video-to-video run reads: "webcam" or "mjpeg")}, repeated so that a page reloaded mid-run joins):
   block_cascade.start  {META}
   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed, first_block_s?}
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade_core.sampling.loop import BlockEvent
-from cascade_core.video.frames import FramesEvent, FrameStream, FrameStreams, video_frames
+from cascade_core.video.frames import FramesEvent, FrameStream, FrameStreams, LatentRGBDecoder, video_frames
 
 from . import mjpeg
 
@@ -95,16 +95,27 @@ def resize_frames(frames: torch.Tensor, width: int, height: int) -> torch.Tensor
     return x.permute(0, 2, 3, 1)
 
 
-def preview_decoder():
-    """The no-VAE preview: ComfyUI's own Wan2.1 latent-to-RGB table (that of its sampler previews)."""
-    from cascade_core.video.frames import LatentRGBDecoder
-
+def preview_decoder(latent_space=None):
+    """The no-VAE preview: ComfyUI's own latent-to-RGB table of the run's latent space (that of its sampler
+    previews: ``comfy.latent_formats.Wan21``, ``Wan22`` for Wan2.2 latents; None: Wan2.1), read at run time; a plain
+    projection outside ComfyUI. Frames of the video's size: Wan2.2's 16 pixels a latent pixel too."""
+    wan22 = latent_space is not None and latent_space.spatial == 16
+    cls = _LatentRGB16 if wan22 else LatentRGBDecoder
     try:
-        from comfy.latent_formats import Wan21
-        fmt = Wan21()
-        return LatentRGBDecoder(fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
+        import comfy.latent_formats as formats
+        fmt = (formats.Wan22 if wan22 else formats.Wan21)()
+        return cls(fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
     except Exception:  # noqa: BLE001 - only outside ComfyUI or if its format moved
-        return LatentRGBDecoder()
+        return cls()
+
+
+class _LatentRGB16(LatentRGBDecoder):
+    """LatentRGBDecoder's frames (8x the latents) upscaled 2x more: Wan2.2's 16 pixels a latent pixel."""
+
+    def rgb(self, z: torch.Tensor, first_block: bool) -> torch.Tensor:
+        frames = super().rgb(z, first_block)[0].transpose(0, 1)  # [F, 3, 8h, 8w]
+        wide = F.interpolate(frames, scale_factor=2, mode="bilinear", align_corners=False)
+        return wide.transpose(0, 1).unsqueeze(0)
 
 
 class Reporter:
@@ -115,15 +126,18 @@ class Reporter:
                  progress=None, clock: Callable[[], float] = time.perf_counter,
                  settings: str = "", clean_pass: bool = True,
                  keep_frames: int | None = None, recording=None, steerable: bool = False, compiling: bool = False,
-                 scheduled: tuple[int, ...] = (), preview=None):
+                 scheduled: tuple[int, ...] = (), preview=None, live_input: str | None = None, run: str | None = None):
         """``keep_frames``: the most (latest) frames :meth:`images` holds (None: all); ``recording``: a
         :class:`cascade_core.video.frames.VideoWriter` that every block's frames are written to as they come
         (closed by :meth:`done`); ``steerable``: a CLIP is connected (META's ``steerable``); ``compiling``: the
         run compiles the model's layers first (META's ``compiling``, until its first block is done); ``scheduled``:
         the blocks where the prompt schedule switches (each told as a ``switch`` when that block enters); ``preview``:
         a second decoder whose frames are the live view (frames events, MJPEG feed) while ``decoder``'s are the
-        output (:meth:`images`, the recording); None: ``decoder``'s frames are both."""
-        self.node, self.run = str(node), uuid.uuid4().hex[:12]
+        output (:meth:`images`, the recording); None: ``decoder``'s frames are both; ``live_input``: the live
+        video input the run reads (META's ``live_input``, e.g. "webcam": the widget offers its webcam button);
+        ``run``: the run's id when the caller made it first (else a new one)."""
+        self.node, self.run = str(node), run or uuid.uuid4().hex[:12]
+        self.live_input = live_input
         self.clean_pass = clean_pass  # a block's last stage is its clean pass (not with a KV recompute)
         self.blocks, self.latent_frames, self.stages, self.parallel = blocks, latent_frames, stages, parallel
         self.settings = settings
@@ -164,7 +178,7 @@ class Reporter:
                 "frames_total": video_frames(self.latent_frames), "fps": FPS, "width": self.preview_w,
                 "height": self.preview_h, "stages": self.stages, "parallel": self.parallel,
                 "clean_pass": self.clean_pass, "steerable": self.steerable, "compiling": self.compiling,
-                "settings": self.settings}
+                "settings": self.settings, **({"live_input": self.live_input} if self.live_input else {})}
 
     def start(self) -> None:
         self.start_time = self.clock()
@@ -186,7 +200,7 @@ class Reporter:
                              "done_blocks": int(ev.done_blocks), "elapsed": self.elapsed()})
 
     def show_context(self, latents: torch.Tensor) -> None:
-        """Queue the frames of the normalised latents [1, 16, F, h, w] that come before block 0 in the
+        """Queue the frames of the normalised latents [1, C, F, h, w] that come before block 0 in the
         outputs (a start image, the whole video continued): decoded first, sent as block -1. Call it
         once, after :meth:`start` and before the run's first block; ``latent_frames`` counts them."""
         self.decoding.push(BlockEvent(CONTEXT_BLOCK, latents, -1, 0.0))

@@ -108,6 +108,11 @@ class EngineModel:
     label: str = "model"
     cfg: WanConfig
     family: tuple[str, str] | None = None  # (family, why) read off the file names; None: not said
+    experts: int = 1  # 2: a Wan2.2 A14B pair (nodes.experts.PairModel), counted so by the memory estimate
+
+    def check_run(self, cfg, several_devices: bool) -> None:
+        """ValueError (one line) for sampling settings this model does not run, before any GPU work (none for one
+        DiT; a pair's: :meth:`nodes.experts.PairModel.check_run`)."""
 
     @property
     def dtype(self) -> torch.dtype:

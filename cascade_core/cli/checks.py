@@ -14,12 +14,14 @@ import tempfile
 import torch
 
 from ..common.constants import GIB
+from ..common.latent_space import WAN21_LATENTS, LatentSpace
 from ..model import attention
 from ..sampling.blend import check_blend_blocks
 from ..sampling.config import CascadeConfig
 from ..sampling.families import DEFAULT_FAMILY, family_config, guess_family
 from ..sampling.memory import available_bytes, blocks_to_swap, cheaper_settings
 from ..sampling.recompute import first_reencoding_block, why_a_vae
+from ..weights.expert_files import expert_folders
 
 SEED_MAX = 2 ** 64 - 1  # torch generators take unsigned 64-bit seeds
 TRAINED_LATENT_FRAMES = 21  # what the released 1.3B block-causal checkpoints were trained on (81 frames)
@@ -105,10 +107,37 @@ def check_input(flag: str, path: str | None) -> None:
         raise UsageError(f"{flag} {path}: no such file or folder")
 
 
-def check_latents(flag: str, path: str, latents: torch.Tensor) -> None:
-    """Refuse a tensor that is not latents [1, 16, T, H/8, W/8] with T >= 1 (as --latents-out writes them)."""
-    if latents.dim() != 5 or latents.shape[:2] != (1, 16) or latents.shape[2] < 1:
-        raise UsageError(f"{flag} {path}: expected latents [1, 16, T, H/8, W/8], got {list(latents.shape)}")
+def check_latents(flag: str, path: str, latents: torch.Tensor, latent_space: LatentSpace = WAN21_LATENTS) -> None:
+    """Refuse a tensor that is not latents [1, C, T, H/s, W/s] with T >= 1 (as --latents-out writes them; C, s: the
+    ``latent_space``'s channels and spatial factor, Wan2.1's 16 and 8 by default)."""
+    c, s = latent_space.channels, latent_space.spatial
+    if latents.dim() != 5 or latents.shape[:2] != (1, c) or latents.shape[2] < 1:
+        raise UsageError(f"{flag} {path}: expected latents [1, {c}, T, H/{s}, W/{s}], got {list(latents.shape)}")
+
+
+def model_latent_space(args) -> LatentSpace:
+    """The latent space of the run's DiT, told before it is loaded: the --checkpoint's, from its names and shapes
+    (:func:`weights.probe.stored_latent_space`), else the built-in model's (Wan2.1). A file it cannot tell is
+    planned as Wan2.1; loading it then names what is wrong."""
+    from ..weights.probe import stored_latent_space
+
+    return (stored_latent_space(args.checkpoint) if args.checkpoint else None) or WAN21_LATENTS
+
+
+def check_decoder_spaces(args, session) -> None:
+    """The one refusal of a decoder of another latent space than the model's, at the entry: --vae and
+    --preview-vae, each told by its names and shapes (:func:`weights.probe.stored_decoder_space`: headers only,
+    no weight read), against the plan's space (:meth:`session.RunSession.check_decoder`). UsageError naming both;
+    a file it cannot tell is left to the decoder's loading, which names what it is."""
+    from ..weights.probe import stored_decoder_space
+
+    for flag, path in (("--vae", args.vae), ("--preview-vae", getattr(args, "preview_vae", None))):
+        space = stored_decoder_space(path) if path and os.path.exists(path) else None
+        if space is not None:
+            try:
+                session.check_decoder(space, f"{flag} {os.path.basename(os.path.normpath(path))}")
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
 
 
 def input_bytes(path: str) -> int:
@@ -146,6 +175,8 @@ def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
     name, assumed = args.family, None
     if name is None:
         guess = guess_family(args.checkpoint or "", args.lora)
+        if args.checkpoint and expert_folders(args.checkpoint) is not None:  # a pair: its family, whatever the name
+            guess = ("causal-wan2.2-a14b", f"{args.checkpoint} holds two experts, transformer/ and transformer_2/")
         name = guess[0] if guess else DEFAULT_FAMILY
         assumed = guess[1] if guess else None
     first_steps = None if args.first_block_steps == "none" else args.first_block_steps
@@ -229,25 +260,27 @@ def length_warnings(cfg: CascadeConfig, blocks: int, context_frames: int = 0) ->
 
 
 def place_weights(args, device: torch.device, plan, model_cfg, dtype: torch.dtype, prompts: int, vae_bytes: int,
-                  need: int, what: str, weights: int, block: int, stored_small: bool) -> int:
+                  need: int, what: str, weights: int, block: int, stored_small: bool, experts: int = 1) -> int:
     """Blocks of the DiT streamed from host memory (--swap-blocks, or as few as fit what ``device`` has
     available now: :func:`sampling.memory.blocks_to_swap`); UsageError naming the cheapest setting that would
     fit where even every block swapped does not (``need``: the run's bytes besides the weights, ``what`` their
-    parts; ``weights``/``block``: the DiT's bytes and its largest block's; ``stored_small``: they are fp8 or GGUF)."""
+    parts; ``weights``/``block``: the DiT's bytes and its largest block's; ``stored_small``: they are fp8 or GGUF;
+    ``experts``: 2 for a Wan2.2 A14B pair, the count then per expert: :func:`sampling.memory.blocks_to_swap`)."""
     layers = model_cfg.num_layers
     if not -1 <= args.swap_blocks <= layers:
         raise UsageError(f"--swap-blocks: the model has {layers} transformer blocks; give 0..{layers}, or -1 (as "
                          f"few as fit), got {args.swap_blocks}")
     free = available_bytes(device)
     if device.type == "cuda":
-        swapped = blocks_to_swap(free, need, weights, block, layers, args.swap_blocks)
+        swapped = blocks_to_swap(free, need, weights, block, layers, args.swap_blocks, experts)
     else:  # host memory is the device's: streaming blocks from it saves nothing (done only when asked)
         swapped = max(args.swap_blocks, 0) if free is None or need + weights <= free else None
         if swapped:
             print(f"note: --swap-blocks on {device}: the weights already live in host memory; swapping saves "
                   f"nothing there (it adds two staging blocks)", file=sys.stderr)
     if swapped is None:
-        cheaper = cheaper_settings(plan, model_cfg, dtype, prompts, vae_bytes, free, weights, block, stored_small)
+        cheaper = cheaper_settings(plan, model_cfg, dtype, prompts, vae_bytes, free, weights, block, stored_small,
+                                   experts)
         flag = {"weight_dtype fp8_e4m3fn": "--weight-dtype fp8_e4m3fn", "kv_dtype fp8": "--kv-dtype fp8"}.get(
             cheaper, "--window 12 --sink 3" if cheaper else "")
         raise UsageError(f"the run needs about {need / GIB:.2f} GiB on {device} ({what}) besides the weights "

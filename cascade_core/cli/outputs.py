@@ -8,6 +8,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from ..common.latent_space import WAN21_LATENTS
 from ..model import attention
 from ..model.fp8 import tensor_bytes, weight_dtype_of
 from ..sampling.config import CascadeConfig
@@ -43,10 +44,11 @@ def vae_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def open_video(vae: str, video_out: str | None, frames_dir: str | None, device: torch.device,
-               dtype: torch.dtype, decoder=None) -> tuple[VideoWriter, FrameStream]:
+               dtype: torch.dtype, decoder=None, latent_space=WAN21_LATENTS) -> tuple[VideoWriter, FrameStream]:
     """The decoder of ``vae`` (:func:`vae_dtype`; or ``decoder``, that file's already loaded) streaming
-    into an MP4 (``video_out``; none when only ``frames_dir`` is given) and/or PNGs in ``frames_dir``."""
-    decoder = decoder or load_decoder(vae, vae_dtype(device, dtype), device)
+    into an MP4 (``video_out``; none when only ``frames_dir`` is given) and/or PNGs in ``frames_dir``;
+    ``latent_space``: the run's (a decoder of another is refused naming both)."""
+    decoder = decoder or load_decoder(vae, vae_dtype(device, dtype), device, latent_space=latent_space)
     writer = VideoWriter(video_out, frames_dir=frames_dir)
     return writer, FrameStream(decoder, on_frames=writer.write, keep=False)
 

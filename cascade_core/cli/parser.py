@@ -65,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m cascade_core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     g = sub.add_parser("generate", help="generate latent video", formatter_class=Formatter,
-                       description="Generate latents [1, 16, T, H/8, W/8] (optionally decoded into a video).")
+                       description="Generate latents [1, C, T, H/s, W/s] (optionally decoded into a video; C, s: "
+                                   "the model's latent space, 16 and 8 for Wan2.1, 48 and 16 for Wan2.2).")
     g.add_argument("--checkpoint", help="Wan2.1 T2V DiT weights: .safetensors (ComfyUI, diffusers, fp8), a "
                                         "ComfyUI-GGUF .gguf, a training .pt (read with weights_only) or a "
-                                        "diffusers/Wan folder")
+                                        "diffusers/Wan folder; a Wan2.2 A14B diffusers folder with transformer/ "
+                                        "(high-noise) and transformer_2/ (low-noise) runs the two experts")
     g.add_argument("--ema", choices=EMA_MODES, default="auto",
                    help="EMA weights of a training checkpoint (auto: when present and no --lora)")
     g.add_argument("--lora", help="LoRA merged into --checkpoint at load (LongLive, peft, kohya, ComfyUI or diffusers keys)")
@@ -154,16 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8", action="store_true", help="the same as --weight-dtype fp8_e4m3fn_fast")
     g.add_argument("--swap-blocks", type=int, default=-1, metavar="N",
                    help="keep the last N transformer blocks' weights in CPU memory, streamed to the GPU as the "
-                        "forward reaches them (-1, the default: as few as fit the GPU's free memory; 0: none)")
+                        "forward reaches them (-1, the default: as few as fit the GPU's free memory; 0: none); two "
+                        "experts: N of each expert's, all of them keeping the idle expert off the GPU")
     g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help="torch.compile the layers (auto: on CUDA where Triton is installed); the first run of a "
                         "video size pays the compilation (torch keeps it on disk for later processes)")
-    g.add_argument("--noise", help=".safetensors with the initial noise [1, 16, T, H/8, W/8] (the generated frames)")
+    g.add_argument("--noise", help=".safetensors with the initial noise [1, C, T, H/s, W/s] (the generated frames; C, "
+                                   "s: the model's latents, 16 and 8 for Wan2.1, 48 and 16 for Wan2.2: LongLive 2.0)")
     before = g.add_mutually_exclusive_group()
     before.add_argument("--image", metavar="FILE",
                         help="start image (PNG, JPEG; needs --vae): scaled to cover --width x --height keeping its "
                              "aspect ratio, then centre-cropped, and encoded into one latent frame before block 0; "
-                             "the outputs hold that frame, then the --blocks generated blocks")
+                             "the outputs hold that frame, then the --blocks generated blocks (LongLive 2.0, "
+                             "--family longlive-2: the frame is block 0's frame 0, held in every step)")
     before.add_argument("--continue", dest="continue_from", metavar="FILE",
                         help="continue a video: latents that --latents-out wrote (.safetensors; the outputs hold "
                              "every given latent frame, then the new ones, so runs chain) or a video file such as "
@@ -173,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-frames", type=int, default=0,
                    help="latent frames of --continue that are the context (0: the --window, or every frame "
                         "without one)")
-    g.add_argument("--latents-out", help="write the latents [1, 16, T, H/8, W/8] to this .safetensors")
-    g.add_argument("--vae", help="Wan2.1 VAE (file, or diffusers vae/ folder), LightVAE (lightvaew2_1) or a tiny "
-                                 "decoder (taew2_1, LightTAE lighttaew2_1): decode each block as it finishes, on its "
-                                 "own CUDA stream; the complete "
-                                 "Wan2.1 VAE's encoder encodes --image and a --continue video")
+    g.add_argument("--latents-out", help="write the latents [1, C, T, H/s, W/s] to this .safetensors (the model's "
+                                         "latent space: see the description)")
+    g.add_argument("--vae", help="a decoder of the model's latents: Wan2.1 VAE (file, or diffusers vae/ folder), "
+                                 "LightVAE (lightvaew2_1) or a tiny decoder (taew2_1, LightTAE lighttaew2_1); for a "
+                                 "Wan2.2 model (LongLive 2.0) the Wan2.2 VAE or taew2_2: decode each block as it "
+                                 "finishes, on its own CUDA stream; the complete VAE's encoder encodes --image and a "
+                                 "--continue video")
     g.add_argument("--decode-device", default="auto",
                    help="where --vae and --preview-vae decode: auto (the run's device; with several --devices the "
                         "last of them) or a device such as cuda:2 (a GPU of its own) or cpu")
@@ -192,9 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     d = sub.add_parser("decode", help="decode latents into a video", formatter_class=Formatter,
                        description="Decode latents that generate --latents-out wrote into an MP4 and/or PNGs.")
-    d.add_argument("--latents", required=True, help=".safetensors holding latents [1, 16, T, H/8, W/8]")
+    d.add_argument("--latents", required=True, help=".safetensors holding latents [1, C, T, H/s, W/s] of --vae's "
+                                                    "latent space (Wan2.1: 16 and 8, Wan2.2: 48 and 16)")
     d.add_argument("--vae", required=True, help="Wan2.1 VAE (file, or diffusers vae/ folder), LightVAE "
-                                                "(lightvaew2_1) or a tiny decoder (taew2_1, LightTAE)")
+                                                "(lightvaew2_1) or a tiny decoder (taew2_1, LightTAE); the Wan2.2 "
+                                                "VAE or taew2_2 for Wan2.2 latents")
     d.add_argument("--video-out", help="MP4 to write (default: out/video.mp4 unless --frames-dir)")
     d.add_argument("--frames-dir", help="write each frame as a PNG into this folder (alone: no MP4)")
     d.add_argument("--frames-per-pass", type=positive_int, default=3,

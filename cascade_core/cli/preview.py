@@ -139,14 +139,15 @@ class Decoding(FrameStreams):
 
 
 def open_decoding(args, video: FrameStream, device: torch.device, dtype: torch.dtype,
-                  time_cache: str | None = None) -> Decoding:
+                  time_cache: str | None = None, latent_space=None) -> Decoding:
     """The run's :class:`Decoding`: ``video`` (the --vae decoder's stream) and, with --preview-vae, that decoder
     (in the video decoder's dtype, :func:`cli.outputs.vae_dtype`; a Wan decoder under the family's ``time_cache``
-    rule) streaming into the live MP4 :func:`preview_path`."""
+    rule) streaming into the live MP4 :func:`preview_path`; ``latent_space``: the run's (None: Wan2.1's)."""
     if not args.preview_vae:
         return Decoding(video)
     writer = VideoWriter(preview_path(args), live=True)
-    decoder = load_decoder(args.preview_vae, vae_dtype(device, dtype), device)
+    decoder = load_decoder(args.preview_vae, vae_dtype(device, dtype), device,
+                           **({} if latent_space is None else {"latent_space": latent_space}))
     if time_cache is not None and hasattr(decoder, "time_cache"):
         decoder.time_cache = time_cache
     return Decoding(video, FrameStream(decoder, on_frames=writer.write, keep=False), writer)

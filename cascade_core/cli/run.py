@@ -24,9 +24,8 @@ from ..common.constants import DTYPES
 from ..common.stop import StopRequest
 from ..model import attention
 from ..model.compiling import resolve_compile
-from ..model.dit import WanConfig, WanModel
-from ..sampling.blend import blend_text_sets
-from ..sampling.config import CascadeConfig, PromptSchedule
+from ..model.dit import WanModel
+from ..sampling.config import CascadeConfig, PromptSchedule, is_scene_cut
 from ..sampling.context import context_notes
 from ..sampling.families import describe, get_family
 from ..sampling.loop import BlockEvent, Interrupted, Result
@@ -38,11 +37,12 @@ from . import checks as cli_checks
 from . import prefix as cli_prefix
 from .checks import UsageError
 from .inputs import (
-    BUILTIN,
     build_model,
+    check_pair,
     check_text_arguments,
     decode_device_choice,
     load_weights,
+    place_weights,
     prompt_embeddings,
     resolve_device,
     several_devices,
@@ -97,6 +97,7 @@ class Loaded:
     noise: torch.Tensor | None
     prefix: torch.Tensor | None
     head: torch.Tensor | None
+    image_latent: torch.Tensor | None = None  # LongLive 2.0's start image: block 0's frame 0 (cli.prefix)
 
     @property
     def lead(self) -> torch.Tensor | None:
@@ -128,14 +129,16 @@ def check(args) -> Checked:
         session = RunSession(cfg, blocks=args.blocks, width=args.width, height=args.height,
                              devices=[device] if devices is None else devices,
                              ranks=int(os.environ.get("WORLD_SIZE", 2)) if devices == TORCHRUN else None,
-                             switches=len(switches))
+                             switches=len(switches), latent_space=cli_checks.model_latent_space(args))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     check_text_arguments(args, sum(not is_file for _, _, is_file, _ in switches))
     cli_checks.check_settings(args, cfg)
+    check_pair(args, cfg, session)  # a two-expert (Wan2.2 A14B) folder: what it does not run
     check_outputs(args)
     check_preview(args)
-    prefix_in = cli_prefix.read_prefix(args, cfg)
+    cli_checks.check_decoder_spaces(args, session)  # a decoder of another latent space than the model's
+    prefix_in = cli_prefix.read_prefix(args, cfg, session.plan)
     if prefix_in is not None:  # its frames are known once its file is read
         session.plan = session.plan.with_prefix(prefix_in.frames)
     lines = cli_checks.length_warnings(cfg, args.blocks, 0 if prefix_in is None else prefix_in.frames)
@@ -146,40 +149,21 @@ def check(args) -> Checked:
                    decode_device=decode_on)
 
 
-def weight_bytes(model_cfg: WanConfig, weights, dtype: torch.dtype) -> tuple[int, int]:
-    """Bytes of the DiT's weights and of its largest block's: those read (``weights``), else the built-in model's
-    in ``dtype``."""
-    if weights is None:
-        with torch.device("meta"):
-            weights = (WanModel(model_cfg).to(dtype).state_dict(), None)
-    sd = weights[0]
-    size = lambda keys: sum(sd[k].numel() * sd[k].element_size() for k in keys)  # noqa: E731
-    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    return size(sd), max(size([k for k in sd if k.startswith(f"blocks.{i}.")]) for i in range(layers))
-
-
 def load(args, run: Checked) -> Loaded:
     """Files read and checked, the memory refused where it cannot fit (one device; the worker pool checks each
     GPU for its own share), the prefix encoded before the DiT is built, the prompts embedded, the model built
     (fp8, compiled as asked)."""
     session, device, dtype, plan = run.session, run.device, run.dtype, run.session.plan
-    weights = load_weights(args, dtype)  # checked (and kept on the CPU) before the text encoder runs
+    weights = load_weights(args, dtype, pairs=True)  # checked (and kept on the CPU) before the text encoder runs
     if not session.pooled and session.devices != TORCHRUN:
-        model_cfg = BUILTIN if weights is None else WanConfig.from_state_dict(weights[0], weights[1].num_heads)
         # the decoders' weights, where they share the DiT's device (--decode-device elsewhere: only a KV recompute's
         # re-encoder stays here, whose Wan decoder the video then shares); both decoders in the one estimate
         here = run.decode_device == device
         vae_bytes = cli_checks.input_bytes(args.vae) if args.vae and (here or plan.cfg.kv_recompute) else 0
-        vae_bytes += preview_bytes(args) if here else 0
-        texts = 1 + len(run.switches) + blend_text_sets([n for *_, n in run.switches], plan.schedule.max_in_flight)
-        need, what = session.memory(model_cfg, dtype, texts, vae_bytes)
-        total, block = weight_bytes(model_cfg, weights, dtype)
-        stored_small = args.weight_dtype != "default" or (weights is not None and weights[1].weight_dtype != "default")
-        run.swapped = cli_checks.place_weights(args, device, session.plan, model_cfg, dtype, texts,
-                                               vae_bytes, need, what, total, block, stored_small)
+        run.swapped = place_weights(args, run, weights, vae_bytes + (preview_bytes(args) if here else 0))
     prefix_in = run.prefix_in
-    prefix = None if prefix_in is None else cli_prefix.prefix_latents(
-        prefix_in, plan.cfg, args.context_frames, args.vae, device, vae_dtype(device, dtype))
+    prefix, image = cli_prefix.prefix_and_image(prefix_in, plan, args.context_frames, args.vae, device,
+                                                vae_dtype(device, dtype))
     texts = ([args.prompt] if args.prompt is not None else []) + [v for _, v, file, _ in run.switches if not file]
     encoded = prompt_embeddings(args, texts, device) if texts else []
     embeds = encoded.pop(0) if args.prompt is not None else None
@@ -205,8 +189,9 @@ def load(args, run: Checked) -> Loaded:
     entries = [(0, embeds)] + [(b, single_tensor(v, "a [L, 4096] prompt embedding") if is_file else encoded.pop(0))
                                for b, v, is_file, _ in run.switches]
     head = None if prefix_in is None else prefix_in.head  # given latents before the context, output as they are
-    prompts = PromptSchedule(entries, {b: n for b, *_, n in run.switches if n})
-    return Loaded(model, label, prompts, prompt_label, noise, prefix, head)
+    prompts = PromptSchedule(entries, {b: n for b, *_, n in run.switches if n},  # LongLive 2.0's cuts: by the text
+                             {b for b, v, is_file, _ in run.switches if not is_file and is_scene_cut(v)})
+    return Loaded(model, label, prompts, prompt_label, noise, prefix, head, image)
 
 
 def print_notes(args, run: Checked, loaded: Loaded) -> None:
@@ -250,7 +235,7 @@ def make_video(args, run: Checked, loaded: Loaded, context_image, writer, frames
                                      noise=loaded.noise, on_block=on_block,
                                      on_tick=None if frames is None else frames.poll, should_stop=stop,
                                      prefix=loaded.prefix, include_prefix=True,
-                                     **({} if context_image is None else {"context_image": context_image}))
+                                     **cli_prefix.given(context_image=context_image, image_latent=loaded.image_latent))
             if frames is not None:
                 frames.finish()
         except Interrupted:
@@ -304,10 +289,10 @@ def outputs(args, run: Checked, loaded: Loaded, result: Result, writer, seconds:
         out["prompt"] = loaded.prompt_label
     prefix_in = run.prefix_in
     if prefix_in is not None:
-        written = loaded.prefix.shape[2]  # the context's frames (an endless run's latents may have left them behind)
+        written = 0 if prefix_in.held else loaded.prefix.shape[2]  # the context's (an endless run's may be gone)
         given = written + (0 if prefix_in.head is None else prefix_in.head.shape[2])
         out.update(prefix_source=prefix_in.source, prefix_file=prefix_in.path, prefix_frames=written,
-                   given_frames=given)
+                   given_frames=given, **({"image_latent": "block 0's frame 0"} if prefix_in.held else {}))
     return out
 
 
@@ -348,11 +333,12 @@ def run_generate(args) -> dict | None:
         if args.vae:
             shared = context_image is not None and run.decode_device == run.device  # the file read once
             writer, frames = open_video(args.vae, video_path(args), args.frames_dir, run.decode_device, run.dtype,
-                                        context_image.decoder if shared else None)
+                                        context_image.decoder if shared else None, run.session.plan.latent_space)
             if hasattr(frames.stream.decoder, "time_cache"):  # the Wan decoder (taew2_1 has no such rule)
                 frames.stream.decoder.time_cache = time_cache
         if frames is not None:  # with --preview-vae a second decoder beside it, into its live MP4
-            frames = open_decoding(args, frames, run.decode_device, run.dtype, time_cache)
+            frames = open_decoding(args, frames, run.decode_device, run.dtype, time_cache,
+                                   run.session.plan.latent_space)
         start = time.perf_counter()
         result, startup = make_video(args, run, loaded, context_image, writer, frames)
         seconds = time.perf_counter() - start - startup
@@ -360,17 +346,15 @@ def run_generate(args) -> dict | None:
 
 
 def run_decode(args) -> dict:
-    """``decode``: latents [1, 16, T, H/8, W/8] (DiT space, as ``generate --latents-out`` writes them)
-    through the streaming decoder into an MP4 and/or PNGs; the summary dict."""
+    """``decode``: latents [1, C, T, H/s, W/s] (DiT space, as ``generate --latents-out`` writes them; C, s: --vae's
+    latent space's) through the streaming decoder into an MP4 and/or PNGs; the summary dict."""
     video_out = args.video_out or (None if args.frames_dir else DEFAULT_VIDEO)
     cli_checks.check_output_file("--video-out", video_out)
     cli_checks.check_output_folder("--frames-dir", args.frames_dir)
     device = resolve_device(args.device)
-    latents = single_tensor(args.latents, "latents [1, 16, T, H/8, W/8]")
-    cli_checks.check_latents("--latents", args.latents, latents)
-    cli_checks.check_input("--vae", args.vae)
+    latents, space = cli_prefix.latents_to_decode(args)  # in --vae's latent space
     start = time.perf_counter()
-    writer, frames = open_video(args.vae, video_out, args.frames_dir, device, torch.float32)
+    writer, frames = open_video(args.vae, video_out, args.frames_dir, device, torch.float32, None, space)
     passes = range(0, latents.shape[2], args.frames_per_pass)
     progress = BlockProgress(len(passes), not args.quiet, unit="pass")
     with StopRequest() as stop:

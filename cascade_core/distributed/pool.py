@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..common.constants import GIB, LATENT_CHANNELS
+from ..common.constants import GIB
 from ..model.dit import WanModel
 from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.loop import BlockEvent, Interrupted, Result, TickEvent
@@ -142,11 +142,13 @@ class WorkerPool(WorkerProcesses):
                  on_tick: Callable[[TickEvent], None] | None = None,
                  on_block: Callable[[BlockEvent], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, prefix: torch.Tensor | None = None,
-                 include_prefix: bool = True, block_offset: int = 0, plan: RunPlan | None = None) -> Result:
+                 include_prefix: bool = True, block_offset: int = 0, plan: RunPlan | None = None,
+                 image_latent: torch.Tensor | None = None) -> Result:
         """Like :func:`sampling.loop.generate`, spread over the pool's devices (see the module docstring);
-        ``plan``: the caller's plan of the run for this pool's devices (:func:`sampling.plan.plan_run`)."""
+        ``plan``: the caller's plan of the run for this pool's devices (:func:`sampling.plan.plan_run`);
+        ``image_latent``: LongLive 2.0's image latent, as generate takes it (every rank gets it)."""
         run, job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise, self.world_size,
-                                      prefix, include_prefix, block_offset, plan)
+                                      prefix, include_prefix, block_offset, plan, image_latent)
         with self._lock:
             if self._closed:
                 raise RuntimeError("this WorkerPool was closed")
@@ -172,15 +174,17 @@ class WorkerPool(WorkerProcesses):
 
     def _run(self, model, job, tensors, on_tick, on_block, should_stop) -> Result:
         wire = {"embeds": [_to_wire(e) for e in tensors["embeds"]],
-                **{k: None if tensors[k] is None else _to_wire(tensors[k]) for k in ("noise", "prefix")}}
+                **{k: None if tensors[k] is None else _to_wire(tensors[k])
+                   for k in ("noise", "prefix", "image_latent")}}
         self._stop_flag.value = int(self._closed)  # a close() from another thread stops it at once
         self._busy = True
         job = {**job, "threads": self.threads or torch.get_num_threads()}
         for w in self._workers:
             w.cmd.send(("run", job, wire if w.rank == 0 else None))
         grid = dataclasses.replace(CascadeConfig(**job["cfg"]).grid, offset=job["prefix"])
-        h, w_ = latent_size(job["width"], job["height"], model.cfg.patch_size)
-        out = torch.empty((1, LATENT_CHANNELS, grid.total(job["blocks"]), h, w_), dtype=model.dtype,
+        space = model.cfg.latent_space  # the result's channels and size: the model's latent space
+        h, w_ = latent_size(job["width"], job["height"], model.cfg.patch_size, space)
+        out = torch.empty((1, space.channels, grid.total(job["blocks"]), h, w_), dtype=model.dtype,
                           device=model.device)
         if job["prefix"]:
             out[:, :, :job["prefix"]] = tensors["prefix"].to(model.device, model.dtype)

@@ -9,7 +9,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..common.constants import LATENT_CHANNELS
 from ..model import attention
 from ..model.dit import WanConfig, WanModel
 from ..sampling.config import CascadeConfig, PromptSchedule
@@ -58,8 +57,9 @@ class _Rank:
         self.model = model.compile_layers(spec["compile"])
 
     def run(self, job: dict, tensors: dict | None, *, on_tick=None, on_block=None, should_stop=None) -> Result:
-        """One video; ``tensors`` (prompt embeddings, optional noise and context prefix) and the
-        callbacks on rank 0 only. Every rank gets the prefix and writes its K/V itself."""
+        """One video; ``tensors`` (prompt embeddings, optional noise, context prefix and image latent) and the
+        callbacks on rank 0 only. Every rank gets the prefix and writes its K/V itself, and the image latent;
+        the prompt schedule's blends and scene cuts come with the job."""
         model, device = self.model, self.device
         attention.set_backend(job["backend"])
         embeds = []
@@ -69,8 +69,9 @@ class _Rank:
             dist.broadcast(e, src=0)
             embeds.append(e)
         cfg = CascadeConfig(**job["cfg"])
-        h, w = latent_size(job["width"], job["height"], model.cfg.patch_size)
-        shape = (1, LATENT_CHANNELS, cfg.grid.total(job["blocks"]), h, w)
+        space = model.cfg.latent_space  # the buffers' channels and size: the model's latent space
+        h, w = latent_size(job["width"], job["height"], model.cfg.patch_size, space)
+        shape = (1, space.channels, cfg.grid.total(job["blocks"]), h, w)
         if self.rank != 0:
             noise = torch.empty(shape, dtype=model.dtype, device=device)
         elif job["noise"]:
@@ -81,17 +82,23 @@ class _Rank:
         prefix = None
         if job.get("prefix"):
             prefix = tensors["prefix"].to(device, model.dtype) if self.rank == 0 else \
-                torch.empty((1, LATENT_CHANNELS, job["prefix"], h, w), dtype=model.dtype, device=device)
+                torch.empty((1, space.channels, job["prefix"], h, w), dtype=model.dtype, device=device)
             dist.broadcast(prefix, src=0)
-        part = RankPartition(self.rank, self.world, self.ctrl, (1, LATENT_CHANNELS, cfg.frames_per_block, h, w), model.dtype,
-                             device)
+        image = None  # LongLive 2.0's image latent, block 0's frame 0 on every rank
+        if job.get("image_latent"):
+            image = tensors["image_latent"].to(device, model.dtype) if self.rank == 0 else \
+                torch.empty((1, space.channels, 1, h, w), dtype=model.dtype, device=device)
+            dist.broadcast(image, src=0)
+        part = RankPartition(self.rank, self.world, self.ctrl, (1, space.channels, cfg.frames_per_block, h, w),
+                             model.dtype, device)
         try:
-            prompts = PromptSchedule(list(zip(job["starts"], embeds)), job.get("blend_blocks", {}))
+            prompts = PromptSchedule(list(zip(job["starts"], embeds)), job.get("blend_blocks", {}),
+                                     set(job.get("scene_cuts", ())))
             result = run_loop(model, prompts, cfg, blocks=job["blocks"],
                               width=job["width"], height=job["height"], seed=job["seed"], noise=noise,
                               on_tick=on_tick, on_block=on_block, should_stop=should_stop, partition=part,
                               prefix=prefix, include_prefix=job.get("include_prefix", True),
-                              block_offset=job.get("block_offset", 0))
+                              block_offset=job.get("block_offset", 0), image_latent=image)
         except Interrupted as exc:
             exc.tick = part.stopped_at
             raise
@@ -152,11 +159,13 @@ def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, 
                         blocks: int = 0, width: int = 0, height: int = 0, seed: int = 0,
                         noise: torch.Tensor | None = None, on_tick=None, on_block=None, should_stop=None,
                         device: torch.device | None = None, prefix: torch.Tensor | None = None,
-                        include_prefix: bool = True, block_offset: int = 0, plan=None) -> Result | None:
+                        include_prefix: bool = True, block_offset: int = 0, plan=None,
+                        image_latent: torch.Tensor | None = None) -> Result | None:
     """Every rank of the initialised default process group calls this; rank 0 passes the model,
     prompts, config and run arguments (the others' are ignored: the weights, prompt embeddings and
     noise come from rank 0) and gets the Result, the others get None; ``plan``: rank 0's plan of the run
-    (:func:`sampling.plan.plan_run`, made at the caller's entry; else made here). ``device``: this rank's device
+    (:func:`sampling.plan.plan_run`, made at the caller's entry; else made here); ``image_latent``: as
+    :func:`sampling.loop.generate` takes it (rank 0's, broadcast). ``device``: this rank's device
     (default: cuda:LOCAL_RANK or the CPU). The weights are broadcast on every call; the caller's model
     is never moved or changed (rank 0 runs it in place only when it already lies on ``device``).
 
@@ -173,7 +182,8 @@ def generate_collective(model: WanModel | None, prompts: PromptSchedule | None, 
                 if model is None or prompts is None or cfg is None:
                     raise ValueError("rank 0 needs the model, the prompts and the config")
                 _, job, tensors = _make_job(model, prompts, cfg, blocks, width, height, seed, noise,
-                                            dist.get_world_size(), prefix, include_prefix, block_offset, plan)
+                                            dist.get_world_size(), prefix, include_prefix, block_offset, plan,
+                                            image_latent)
             except Exception as exc:
                 dist.broadcast_object_list([("refused", str(exc))], src=0, group=ctrl)
                 raise

@@ -8,9 +8,11 @@ import torch
 
 from ..model import attention
 from ..model.dit import WanModel
+from ..model.experts import ExpertPair
 from ..model.fp8 import Fp8Linear
 from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.plan import RunPlan, check_inputs, plan_run, prefix_frames_of
+from ..sampling.ticks import check_image_latent
 
 CHUNK_BYTES = 256 << 20  # weights travel in chunks of about this size
 ALIGN = 64
@@ -81,21 +83,30 @@ def _fingerprint(model: WanModel) -> tuple:
 def _make_job(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, blocks: int, width: int,
               height: int, seed: int, noise: torch.Tensor | None, devices: int,
               prefix: torch.Tensor | None = None, include_prefix: bool = True,
-              block_offset: int = 0, plan: RunPlan | None = None) -> tuple[RunPlan, dict, dict]:
+              block_offset: int = 0, plan: RunPlan | None = None,
+              image_latent: torch.Tensor | None = None) -> tuple[RunPlan, dict, dict]:
     """Plan and check a run as :func:`sampling.loop.generate` does, for ``devices`` devices (``plan``: the
     caller's, made at its entry); (its plan, the job for every rank, tensors for rank 0).
-    ``job["prefix"]``: the context prefix's frames (0: none)."""
+    ``job["prefix"]``: the context prefix's frames (0: none); ``job["scene_cuts"]``: the schedule's scene cuts
+    (LongLive 2.0), sorted; ``job["image_latent"]``: whether block 0 holds an image latent (LongLive 2.0's
+    image-to-video, ``tensors["image_latent"]`` [1, C, 1, h, w]). ValueError for a two-expert model (one device)."""
+    if isinstance(model, ExpertPair):
+        model.check_run(cfg, several_processes=True)
     run = plan or plan_run(cfg, blocks=blocks, width=width, height=height, patch=model.cfg.patch_size,
-                           prefix_frames=prefix_frames_of(prefix), switches=len(prompts.entries) - 1, devices=devices)
-    if not run.fits(cfg, blocks, width, height, model.cfg.patch_size) or run.devices != devices:
+                           prefix_frames=prefix_frames_of(prefix), switches=len(prompts.entries) - 1, devices=devices,
+                           latent_space=model.cfg.latent_space)
+    if not run.fits(cfg, blocks, width, height, model.cfg.patch_size, model.cfg.latent_space) \
+            or run.devices != devices:
         raise ValueError("the plan given to the pool is the plan of another run (its settings, size or devices)")
     check_inputs(run, prompts, model.cfg.text_dim, noise=noise, prefix=prefix, block_offset=block_offset,
                  dtype=model.dtype)
+    check_image_latent(image_latent, run)
     embeds = [e.detach() for _, e in prompts.entries]
     job = {"cfg": dataclasses.asdict(cfg), "blocks": blocks, "width": width, "height": height, "seed": seed,
            "starts": [s for s, _ in prompts.entries], "blend_blocks": dict(prompts.blend_blocks),
+           "scene_cuts": sorted(prompts.scene_cuts), "image_latent": image_latent is not None,
            "embeds": [(tuple(e.shape), _dtype_name(e.dtype)) for e in embeds],
            "noise": noise is not None, "prefix": run.grid.offset, "include_prefix": include_prefix,
            "block_offset": block_offset,
            "backend": attention.get_backend()}
-    return run, job, {"embeds": embeds, "noise": noise, "prefix": prefix}
+    return run, job, {"embeds": embeds, "noise": noise, "prefix": prefix, "image_latent": image_latent}

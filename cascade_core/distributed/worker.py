@@ -147,7 +147,8 @@ def _worker_main(rank: int, devices: list[str], port: int, cmd, events, lifeline
                 torch.set_num_threads(job["threads"])
                 if tensors is not None:
                     tensors = {"embeds": [_from_wire(e) for e in tensors["embeds"]],
-                               **{k: None if tensors[k] is None else _from_wire(tensors[k]) for k in ("noise", "prefix")}}
+                               **{k: None if tensors.get(k) is None else _from_wire(tensors[k])
+                                  for k in ("noise", "prefix", "image_latent")}}
                 callbacks = {}
                 if rank == 0:
                     callbacks = dict(on_tick=outbox.tick, on_block=outbox.block,

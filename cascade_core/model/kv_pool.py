@@ -40,6 +40,9 @@ drops them as it drops any frame.
 A KV recompute (Krea Realtime, :mod:`sampling.recompute`) rewrites, before a block, the K/V of the context
 frames it will see with a forward that attends those frames only (:meth:`KVPool.context_attention`);
 with slot positions and a window of the context and the block, they sit at positions 0.. again.
+A pinned block (``pinned`` frames, LongLive 2.0's multi-shot sink: :meth:`KVPool.pin`) is a copy of a scene cut's
+first frames kept after the slots; a block whose recent run has passed them sees the sink, them, and the rest of
+its recent run (it gives up as many of its oldest frames).
 With ``keep_external`` the pool also holds, per in-flight block and layer, the attention output and
 log-sum-exp of its queries over the keys outside the block (FlashBlock reuse).
 Attention over the pool (the segments of a forward, FlashBlock, several processes): :mod:`model.pool_attention`.
@@ -139,12 +142,14 @@ class KVPool:
     sink's weight a (0 = off); both need ``shift_keys`` (k [tokens, heads, hd], delta frames) -> k
     re-rotated by delta (:meth:`~cascade_core.model.dit.WanModel.shift_frames`). Raises ValueError otherwise.
     ``kv_dtype``: "default" stores K/V in ``dtype``; "fp8" as fp8 e4m3 with a scale per token and head
-    (:class:`model.kv_store.KVStore`; about half the memory, reads widened per attention call)."""
+    (:class:`model.kv_store.KVStore`; about half the memory, reads widened per attention call).
+    ``pinned``: frames of room for a pinned block (:meth:`pin`; 0: none)."""
 
     def __init__(self, layout: PoolLayout, layers: int, heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, keep_external: bool = False,
                  slot_positions: bool = False, sink_ema: float = 0.0,
-                 shift_keys: Callable[[torch.Tensor, int], torch.Tensor] | None = None, kv_dtype: str = "default"):
+                 shift_keys: Callable[[torch.Tensor, int], torch.Tensor] | None = None, kv_dtype: str = "default",
+                 pinned: int = 0):
         if (slot_positions or sink_ema) and shift_keys is None:
             raise ValueError("slot positions and an EMA sink re-rotate keys: pass shift_keys")
         self.layout = layout
@@ -153,7 +158,9 @@ class KVPool:
             raise ValueError("a rolling window re-positions the sink's keys: pass shift_keys")
         # a rolling window also keeps, per in-flight block, the sink's keys re-positioned ("anchors")
         anchors = layout.sink * layout.max_in_flight if layout.rolling else 0
-        tokens = (layout.capacity_frames + anchors) * layout.tokens_per_frame
+        tokens = (layout.capacity_frames + anchors + pinned) * layout.tokens_per_frame
+        self.pin_room, self.pin_at = pinned, tokens - pinned * layout.tokens_per_frame  # frames, first token
+        self.pinned: tuple[int, int] | None = None  # frames [lo, hi) copied there (pin)
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.dtype = dtype
@@ -258,7 +265,7 @@ class KVPool:
         reads, anchors = [], {}  # anchors: re-positioning (frames) -> first token of its copy of the sink
         sink_span = (0, lay.sink * lay.tokens_per_frame)
         for b, hi, c in zip(blocks, hi_frames, clean):
-            spans = [self.token_range(lo, top) for lo, top in lay.visible_frames(grid.end(b), hi, c)]
+            spans = self._spans(lay.visible_frames(grid.end(b), hi, c))
             shift = lay.anchor_shift(grid.end(b), hi, c)
             if shift:  # the sink's keys, re-positioned, in an anchor region after the pool's slots
                 at = anchors.setdefault(shift, (lay.capacity_frames + lay.sink * len(anchors)) * lay.tokens_per_frame)
@@ -268,6 +275,29 @@ class KVPool:
         slots = [b % lay.max_in_flight for b in blocks]
         return PoolAttention(self, writes, reads, modes, slots, local, exchange,
                              anchors=[(at, shift) for shift, at in anchors.items()])
+
+    def pin(self, lo: int, hi: int) -> None:
+        """LongLive 2.0's multi-shot sink: the K/V of the held frames [lo, hi) (a scene cut's first frames, after
+        its clean pass) copied to the pinned room, replacing what was pinned before. From then on a block whose
+        recent run starts at or after ``hi`` sees the sink, these frames, and its recent run less its oldest
+        hi - lo frames, in that order: the reference's pinned chunk, kept beside its global sink once the rolling
+        cache would drop it (NVlabs/LongLive@7860ad9 ``wan_5b/modules/causal_model.py:499-534, 548-600``,
+        ``pipeline/causal_diffusion_inference.py:659-664, 1017-1033``). RuntimeError beyond the room."""
+        if hi - lo > self.pin_room:
+            raise RuntimeError(f"the pool has room for {self.pin_room} pinned frames, not {hi - lo}")
+        a, b = self.token_range(lo, hi)
+        self.k.move(self.pin_at, a, b - a)
+        self.v.move(self.pin_at, a, b - a)
+        self.pinned = (lo, hi)
+
+    def _spans(self, frames: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Token spans of visible frame ranges ([sink, recent run] or one run), the pinned frames (:meth:`pin`)
+        put after the sink where the recent run has passed them."""
+        if self.pinned is None or len(frames) != 2 or self.pinned[1] > frames[1][0]:
+            return [self.token_range(lo, top) for lo, top in frames]
+        n = self.pinned[1] - self.pinned[0]
+        return [self.token_range(*frames[0]), (self.pin_at, self.pin_at + n * self.layout.tokens_per_frame),
+                self.token_range(frames[1][0] + n, frames[1][1])]
 
     def clean_attention(self, lo: int, hi: int) -> "PoolAttention":
         """Context of a clean forward over frames [lo, hi) as one finished block (a context prefix's

@@ -1,4 +1,6 @@
-"""The Wan2.1 DiT's configuration, read off its weights' shapes (:meth:`WanConfig.from_state_dict`)."""
+"""The Wan DiT's configuration, read off its weights' shapes (:meth:`WanConfig.from_state_dict`): Wan2.1 T2V
+(1.3B, 14B: 16 latent channels) and Wan2.2 TI2V-5B (dim 3072, ffn 14336, 24 heads x 128, 30 layers, 48 latent
+channels in and out: Wan-Video/Wan2.2 ``wan/configs/wan_ti2v_5B.py``), one architecture with these numbers."""
 from __future__ import annotations
 
 import math
@@ -7,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from ..common.constants import LATENT_CHANNELS, TEXT_TOKENS
+from ..common.latent_space import LatentSpace, latent_space_of
 
-HEAD_DIM = 128  # every released Wan2.1 model (1.3B: 1536/12, 14B: 5120/40)
+HEAD_DIM = 128  # every released Wan model (1.3B: 1536/12, 14B: 5120/40, Wan2.2 5B: 3072/24)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,16 @@ class WanConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def latent_space(self) -> LatentSpace:
+        """The VAE latent space this DiT works in, told by its channels: 16 in and out -> Wan2.1's, 48 -> Wan2.2's
+        (:func:`common.latent_space.latent_space_of`). Raises ValueError naming the channels for any other count,
+        or for output channels that differ from the input's (an image-to-video or control DiT's)."""
+        if self.out_dim != self.in_dim:
+            raise ValueError(f"the model takes {self.in_dim} latent channels and makes {self.out_dim}; a text-to-video "
+                             f"DiT makes the channels it takes")
+        return latent_space_of(self.in_dim)
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], num_heads: int | None = None) -> "WanConfig":

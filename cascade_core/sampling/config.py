@@ -17,6 +17,7 @@ from ..model.kv_pool import check_window
 from ..model.kv_store import KV_DTYPES
 from .blend import blend_text_sets, check_blend_blocks
 from .schedule import CascadeSchedule, FlowSchedule
+from .unipc import UniPCSchedule
 
 ATTENTION_MODES = ("causal", "bidirectional")
 FLASHBLOCK_MODES = ("off", "exact", "reuse")
@@ -27,6 +28,16 @@ SWITCH_MODES = ("none", "recache")
 # Keys' RoPE frame positions: "absolute" (the frame index) or "slots" (the KV pool slot: Reward Forcing's
 # positions relative to the keys attended, [sink | recent frames] at 0..F-1, the block at the last ones)
 ROPE_POSITIONS = ("absolute", "slots")
+# How a block moves from one step to the next: "renoise" (x0, then fresh noise to the next level: the Wan2.1
+# families) or "unipc" (a UniPC solver per block, no random draw: LongLive 2.0; :mod:`sampling.unipc`)
+SOLVERS = ("renoise", "unipc")
+# A prompt that starts with this text starts a new shot (LongLive 2.0, NVlabs/LongLive@7860ad9 utils/dataset.py:22)
+SCENE_CUT_PREFIX = "The scene transitions. "
+
+
+def is_scene_cut(text: str) -> bool:
+    """Whether a prompt text starts a new shot in LongLive 2.0 (it starts with :data:`SCENE_CUT_PREFIX`)."""
+    return isinstance(text, str) and text.startswith(SCENE_CUT_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,13 @@ class CascadeConfig:
     ``kv_recompute``: K >= 2 context frames from which the KV cache is rebuilt before every block, with
     no clean passes (Krea Realtime: 3; 0 = off; the rules: :mod:`sampling.recompute`); one block in flight,
     no window, sink, other RoPE positions, independent first frame or re-cache of its own.
+    ``solver``: the step rule (:data:`SOLVERS`); with "unipc" ``steps`` are the solver's timesteps for its step
+    count at ``shift`` (:func:`sampling.unipc.unipc_levels`: 999, 937, 833, 624 for 4 steps at shift 5), ``warp``
+    off and no first-block steps. ``multi_shot_sink``: a scene cut's block is pinned beside the sink once the
+    window has passed it (LongLive 2.0; needs a window, sink = frames per block, window - sink a whole number of
+    blocks, one block size, absolute RoPE, no EMA sink, rolling window, KV recompute or re-cache);
+    ``shot_rope_offset``: frames added to the RoPE positions per scene cut (LongLive 2.0: 8). Scene cuts come
+    from the prompt schedule (:attr:`PromptSchedule.scene_cuts`).
     :meth:`validate` raises ValueError naming the allowed range."""
 
     steps: tuple[int, ...] = (1000, 750, 500, 250)
@@ -77,6 +95,9 @@ class CascadeConfig:
     # the KV cache's storage: "default" (the model's dtype) or "fp8" (e4m3, a scale per token and head:
     # about half the memory, an approximation; :mod:`model.kv_store`)
     kv_dtype: str = "default"
+    solver: str = "renoise"
+    multi_shot_sink: bool = False
+    shot_rope_offset: int = 0
 
     @property
     def attended_window(self) -> int | None:
@@ -89,8 +110,10 @@ class CascadeConfig:
         """Which latent frames each block holds."""
         return BlockGrid(self.frames_per_block, 1 if self.independent_first_frame else self.frames_per_block)
 
-    def flows(self) -> tuple[FlowSchedule, FlowSchedule]:
+    def flows(self) -> tuple[FlowSchedule | UniPCSchedule, FlowSchedule | UniPCSchedule]:
         """(block 0's noise levels, every later block's); raises ValueError for a bad step list."""
+        if self.solver == "unipc":
+            return (flow := self._unipc_flow()), flow
         flow = FlowSchedule(self.steps, self.shift, self.warp)
         first = flow if self.first_block_steps is None else FlowSchedule(self.first_block_steps, self.shift, self.warp)
         return first, flow
@@ -124,6 +147,47 @@ class CascadeConfig:
         if why:
             raise ValueError(f"a KV re-cache at a prompt switch (switch mode recache) {why}; or use switch mode none")
 
+    def _unipc_flow(self) -> UniPCSchedule:
+        """The UniPC solver of ``len(steps)`` steps at ``shift``; ValueError unless ``steps`` are its timesteps,
+        warp is off and there are no first-block steps."""
+        flow = UniPCSchedule(len(self.steps), self.shift)
+        if tuple(self.steps) != flow.steps:
+            raise ValueError(f"the unipc solver's timesteps follow from its step count and shift: {len(self.steps)} "
+                             f"steps at shift {self.shift:g} are {','.join(map(str, flow.steps))}, got "
+                             f"{','.join(map(str, self.steps))}")
+        if self.warp or self.first_block_steps is not None:
+            raise ValueError("the unipc solver takes its timesteps from its step count and shift: "
+                             + ("warp must be off" if self.warp else "block 0 has no step list of its own"))
+        return flow
+
+    def _check_shots(self) -> None:
+        """The multi-shot settings (see the class docstring); ValueError."""
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if type(self.shot_rope_offset) is not int or self.shot_rope_offset < 0:
+            raise ValueError(f"the RoPE offset per scene cut must be an int >= 0 (frames), got "
+                             f"{self.shot_rope_offset!r}")
+        if self.shot_rope_offset and (self.rope_positions != "absolute" or self.switch_mode == "recache"
+                                      or self.kv_recompute):
+            raise ValueError("a RoPE offset per scene cut needs absolute RoPE positions, no re-cache at prompt "
+                             "switches and no KV recompute (their forwards rewrite frames of several shots at once)")
+        if not self.multi_shot_sink:
+            return
+        n = self.frames_per_block
+        if (self.window is None or self.sink != n or (self.window - self.sink) % n
+                or self.window < self.sink + 2 * n):
+            raise ValueError(f"a multi-shot sink (LongLive 2.0's) pins a scene cut's block beside a sink of one block: "
+                             f"it needs sink = frames per block ({n}) and a window of whole blocks holding the sink "
+                             f"and two more (>= {3 * n}), got window "
+                             f"{'unlimited' if self.window is None else self.window}, sink {self.sink}")
+        clash = [name for name, on in (
+            ("an independent first frame", self.independent_first_frame), ("a rolling window", self.rolling_window),
+            (f"RoPE positions {self.rope_positions}", self.rope_positions != "absolute"),
+            ("an EMA sink", self.sink_ema), ("a KV recompute", self.kv_recompute),
+            ("switch mode recache", self.switch_mode == "recache")) if on]
+        if clash:
+            raise ValueError(f"a multi-shot sink cannot be combined with {', '.join(clash)}")
+
     def _check_kv_recompute(self) -> None:
         if type(self.kv_recompute) is not int or self.kv_recompute < 0 or self.kv_recompute == 1:
             raise ValueError(f"kv_recompute must be 0 (off) or the context frames the KV cache is rebuilt from, >= 2 "
@@ -137,7 +201,8 @@ class CascadeConfig:
             (f"RoPE positions {self.rope_positions}", self.rope_positions != "absolute"),
             ("an EMA sink", self.sink_ema), ("a rolling window", self.rolling_window),
             ("an independent first frame", self.independent_first_frame),
-            ("switch mode recache", self.switch_mode == "recache")) if on]
+            ("switch mode recache", self.switch_mode == "recache"), ("the unipc solver", self.solver == "unipc"),
+            ("a multi-shot sink", self.multi_shot_sink)) if on]
         if clash:
             raise ValueError(f"a KV cache recomputed every block (kv_recompute {self.kv_recompute}, as Krea Realtime "
                              f"samples) runs one block at a time and attends only its {self.kv_recompute} context "
@@ -160,6 +225,7 @@ class CascadeConfig:
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"in-flight attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         self._check_kv_recompute()  # first: a window or sink is refused with it, not explained apart
+        self._check_shots()
         if self.attention == "bidirectional" and self.parallel == 1:
             raise ValueError("bidirectional in-flight attention needs parallel 2 or more (at P1 no other block is "
                              "in flight to see)")
@@ -213,13 +279,19 @@ class PromptSchedule:
     """(start block, prompt embeddings [L, text_dim]) entries; the first must start at block 0.
     ``blend_blocks``: {start block of a switch: N}, the blocks over which that switch blends the old and
     the new embeddings (absent or 0: a hard switch; the rule: :mod:`sampling.blend`).
+    ``scene_cuts``: start blocks of switches that start a new shot (LongLive 2.0: the caller that has the text
+    sets it where the text starts with :data:`SCENE_CUT_PREFIX`, :func:`is_scene_cut`); the switch's first block
+    is the cut. LongLive 2.0 reads a cut off each block's prompt text, and its prompt builders prefix only a
+    shot's first block (``utils/dataset.py:262, 358, 999``): that shot is a cut switch at s and a plain one
+    at s + 1; a prefixed text held by several blocks is one cut here.
 
     :meth:`validate` raises ValueError for an empty schedule, starts that do not increase, a switch
-    beyond the video (``blocks`` 0: an endless one, which has none), embeddings of the wrong width, or a
-    blend that is no int in 0..MAX_BLEND_BLOCKS, is at block 0 or at no switch."""
+    beyond the video (``blocks`` 0: an endless one, which has none), embeddings of the wrong width, a
+    blend that is no int in 0..MAX_BLEND_BLOCKS, is at block 0 or at no switch, or a scene cut at no switch."""
 
     entries: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     blend_blocks: dict[int, int] = field(default_factory=dict)
+    scene_cuts: set[int] = field(default_factory=set)
 
     @classmethod
     def single(cls, embeds: torch.Tensor) -> "PromptSchedule":
@@ -243,6 +315,11 @@ class PromptSchedule:
             if n and s not in starts[1:]:
                 raise ValueError(f"blend_blocks given for block {s}, which " + (
                     "takes the first prompt: it has nothing to blend from" if s == 0 else
+                    f"holds no prompt switch (switches at {starts[1:]})"))
+        for s in sorted(self.scene_cuts):
+            if s not in starts[1:]:
+                raise ValueError(f"a scene cut at block {s}, which " + (
+                    "takes the first prompt (a cut starts a new shot after another)" if s == 0 else
                     f"holds no prompt switch (switches at {starts[1:]})"))
 
     def text_sets(self, in_flight: int) -> int:

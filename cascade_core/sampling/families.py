@@ -26,6 +26,14 @@ class Family:
 
 
 _FOUR_STEPS = (1000, 750, 500, 250)
+# LongLive 2.0: UniPC over sampling_steps 4 at shift 5 (its timesteps, sampling.unipc.unipc_levels), blocks of 8,
+# window 32 (local_attn_size) holding a sink of 8, clean pass at t = 0, absolute RoPE, multi-shot sink and a RoPE
+# offset of 8 frames per scene cut
+_LONGLIVE2 = {"solver": "unipc", "steps": (999, 937, 833, 624), "warp": False, "shift": 5.0, "frames_per_block": 8,
+              "window": 32, "sink": 8, "multi_shot_sink": True, "shot_rope_offset": 8}
+_LONGLIVE2_SOURCE = ("NVlabs/LongLive@7860ad9 configs/inference.yaml:2-6,24-33; pipeline/causal_diffusion_inference.py:"
+                     "71,107,366-705,892-899,974-1033; wan_5b/utils/fm_solvers_unipc.py:109-213,352-741; "
+                     "wan_5b/modules/causal_model.py:477-600,673-724")
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("self-forcing", "Self-Forcing (chunk-wise, 4 warped steps at shift 5)", {},
            "guandeh17/Self-Forcing configs/self_forcing_dmd.yaml, pipeline/causal_inference.py"),
@@ -70,6 +78,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "krea-ai/realtime-video@acf4b7b release_server.py:328-330,396,416-418,559-560,563-633,637-708; "
            "v2v.py:133-136; its decoder (output and re-encoded frame): release_server.py:190-225,719-721, "
            "demo_utils/vae_block3.py:46-63", time_cache="krea"),
+    Family("longlive-2", "LongLive 2.0 (Wan2.2-TI2V-5B: blocks of 8 latent frames, a UniPC solver per block over 4 "
+                         "steps at shift 5, window 32 with sink 8, a multi-shot sink and RoPE offset at scene cuts)",
+           _LONGLIVE2, _LONGLIVE2_SOURCE),
+    Family("longlive-2-2step", "LongLive 2.0's 2-step checkpoint (as longlive-2, UniPC over 2 steps: 999, 833)",
+           {**_LONGLIVE2, "steps": (999, 833)}, _LONGLIVE2_SOURCE + "; README.md:224-225 (the 2Step checkpoint, run "
+                                                                  "with inference.sampling_steps 2)"),
+    # two experts (model.experts.ExpertPair: the boundary timestep, a KV pool each, the x-at-boundary step rule)
+    Family("causal-wan2.2-a14b", "FastVideo's causal Wan2.2-A14B (high- and low-noise experts switched at t 875: 8 "
+                                 "warped steps at shift 12, block 0 one latent frame, then blocks of 3)",
+           {"steps": (1000, 850, 700, 550, 350, 275, 200, 125), "shift": 12.0, "frames_per_block": 3,
+            "independent_first_frame": True},
+           "hao-ai-lab/FastVideo@2f3d40740 fastvideo/configs/pipelines/wan.py:315-325, "
+           "pipelines/stages/causal_denoising.py:79-353 (docs/references/causal_wan22_a14b.md)"),
 )}
 DEFAULT_FAMILY = "self-forcing"
 
@@ -115,7 +136,8 @@ def describe(cfg: CascadeConfig) -> dict:
             "context_noise": cfg.context_noise, "window": cfg.window, "sink": cfg.sink,
             "parallel": cfg.parallel, "attention": cfg.attention, "flashblock": cfg.flashblock,
             "switch_mode": cfg.switch_mode, "rope_positions": cfg.rope_positions, "sink_ema": cfg.sink_ema,
-            "rolling_window": cfg.rolling_window, "kv_recompute": cfg.kv_recompute}
+            "rolling_window": cfg.rolling_window, "kv_recompute": cfg.kv_recompute, "solver": cfg.solver,
+            "multi_shot_sink": cfg.multi_shot_sink, "shot_rope_offset": cfg.shot_rope_offset}
 
 
 # File-name words of released checkpoints and what they say (first match wins; longest names first)
@@ -132,6 +154,9 @@ _NAME_RULES = (
     (r"causal[-_]?forcing.*long[-_]?video|long[-_]?video.*causal[-_]?forcing", "causal-forcing-longvideo"),
     (r"reward[-_]?forcing", "reward-forcing"),
     (r"krea(?:[-_]?real[-_]?time)?(?:[-_]?video)?(?:[-_]?14b)?", "krea-realtime"),
+    (r"long[-_]?live[-_]?v?2(?:\.0)?", "longlive-2"),
+    (r"causal[-_]?wan[-_]?2[._]?2|sf[-_]?wan[-_]?2[._]?2", "causal-wan2.2-a14b"),
+    (r"long[-_]?live[-_]?v?2(?:\.0)?(?:[-_]?5b)?(?:[-_]?nvfp4)?[-_]?(?:s2|2[-_]?step)", "longlive-2-2step"),
 )
 
 

@@ -3,8 +3,9 @@
 
 Guarantees:
 - At parallelism 1 the order of work is the reference's: each block runs its S denoising steps
-  (re-noised with fresh Gaussian noise between steps), then one clean pass at ``context_noise`` that
-  writes its clean K/V, then the next block starts.
+  (re-noised with fresh Gaussian noise between steps; with ``cfg.solver`` "unipc", LongLive 2.0's, moved by
+  a UniPC solver of its own that draws nothing: :mod:`sampling.unipc`), then one clean pass at
+  ``context_noise`` that writes its clean K/V, then the next block starts.
 - At parallelism P, :class:`CascadeSchedule` decides which (block, stage) pairs share a tick; all
   pairs of a tick run in ONE model forward (one segment per block), except that a block 0 of its own
   size (an independent first frame) takes a forward of its own, before the others of its tick.
@@ -54,6 +55,7 @@ import torch
 
 from ..common.transfer import to_device
 from ..model.dit import WanModel
+from ..model.experts import ExpertPair
 from ..model.kv_pool import KVPool
 from .config import CascadeConfig, PromptSchedule
 from .latent_window import LatentWindow
@@ -62,7 +64,7 @@ from .plan import RunPlan, check_inputs, plan_run, prefix_frames_of
 from .recompute import ContextImage, why_a_vae
 from .schedule import Tick
 from .steer import LivePrompts, Steer, SwitchEvent
-from .ticks import Interrupted, Partition, TickPhases, prefix_pass
+from .ticks import Interrupted, Partition, TickPhases, check_image_latent, prefix_pass
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,8 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
              partition: Partition | None = None, prefix: torch.Tensor | None = None,
              include_prefix: bool = True, block_offset: int = 0,
              context_image: ContextImage | None = None, steer: Steer | None = None,
-             on_switch: Callable[[SwitchEvent], None] | None = None, plan: RunPlan | None = None) -> Result:
+             on_switch: Callable[[SwitchEvent], None] | None = None, plan: RunPlan | None = None,
+             image_latent: torch.Tensor | None = None) -> Result:
     """Generate ``blocks`` blocks of latent video (0: endless, until ``should_stop``); see the module
     docstring for the guarantees.
 
@@ -154,19 +157,28 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
 
     ``plan``: the run's plan where the caller made it at its entry (:func:`sampling.plan.plan_run`, its rules
     checked there); without it the run is planned here. ValueError for a plan of another run.
+
+    ``image_latent``: a clean latent frame [1, C, 1, h, w] held as block 0's frame 0 at timestep 0 in every
+    forward (LongLive 2.0's image-to-video; :mod:`sampling.ticks`, ValueError: :func:`ticks.check_image_latent`).
+    The prompt schedule's ``scene_cuts`` move the RoPE positions and pin blocks as the config says
+    (``shot_rope_offset``, ``multi_shot_sink``).
     """
     if steer is not None and partition is not None and type(partition) is not Partition:
         raise ValueError("steering a running video (steer) runs on one device for now: give one device")
     part = partition or Partition()
     run = plan or plan_run(cfg, blocks=blocks, width=width, height=height, patch=model.cfg.patch_size,
                            prefix_frames=prefix_frames_of(prefix), switches=len(prompts.entries) - 1,
-                           steered=steer is not None)
-    if not run.fits(cfg, blocks, width, height, model.cfg.patch_size) or (steer is not None and not run.steered) \
+                           steered=steer is not None, latent_space=model.cfg.latent_space)
+    if not run.fits(cfg, blocks, width, height, model.cfg.patch_size, model.cfg.latent_space) \
+            or (steer is not None and not run.steered) \
             or (partition is None and run.devices != 1):
         raise ValueError("the plan given to generate is the plan of another run (its settings, size, steering or "
                          "devices)")
     check_inputs(run, prompts, model.cfg.text_dim, noise=noise, prefix=prefix, block_offset=block_offset,
                  dtype=model.dtype)
+    check_image_latent(image_latent, run)
+    if isinstance(model, ExpertPair):  # two experts (Wan2.2 A14B): one KV pool each, one process
+        model.check_run(cfg, type(part) is not Partition)
     schedule, grid, shape, lead = run.schedule, run.grid, run.shape, run.grid.offset
     if context_image is None and (why := why_a_vae(blocks, grid.frames, cfg.kv_recompute)):
         raise ValueError(f"{why}: it needs the VAE (context_image)")
@@ -186,15 +198,18 @@ def generate(model: WanModel, prompts: PromptSchedule, cfg: CascadeConfig, *, bl
 
     start = time.perf_counter()
     with torch.inference_mode():
-        pool = KVPool(run.layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
+        new_kv = model.kv_pool if isinstance(model, ExpertPair) else KVPool  # an expert pair: a pool per expert
+        pool = new_kv(run.layout, model.cfg.num_layers, model.cfg.num_heads, model.cfg.head_dim, dtype, device,
                       keep_external=cfg.flashblock == "reuse",
                       slot_positions=cfg.rope_positions == "slots" or bool(cfg.kv_recompute),
-                      sink_ema=cfg.sink_ema, shift_keys=model.shift_frames, kv_dtype=cfg.kv_dtype)
+                      sink_ema=cfg.sink_ema, shift_keys=model.shift_frames, kv_dtype=cfg.kv_dtype,
+                      pinned=cfg.sink if cfg.multi_shot_sink and prompts.scene_cuts else 0)
         live = LivePrompts(model, prompts, schedule, cfg.switch_mode == "recache", steer, on_switch)
         out = LatentWindow(shape[2], shape[1], h, w, dtype, device)
         if lead:  # every process writes the prefix's K/V itself (each keeps a whole KV pool)
             out.write(0, to_device(prefix, device).to(dtype))
-        phases = TickPhases(model, run, pool, live, out, part, noise_of, seed, block_offset, context_image)
+        phases = TickPhases(model, run, pool, live, out, part, noise_of, seed, block_offset, context_image,
+                            prompts.scene_cuts, image_latent)
         done, first_block, ticks_run = 0, None, 0
         wants_stop = lambda: should_stop is not None and should_stop()  # noqa: E731
         live.poll(0)  # a switch before tick 0 replaces the first prompt, which the prefix passes take too

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ..common.constants import LATENT_CHANNELS, PIXELS_PER_LATENT
+from ..common.latent_space import WAN21_LATENTS, LatentSpace
 from ..model.grid import BlockGrid
 from ..model.kv_pool import PoolLayout
 from .config import CascadeConfig, PromptSchedule
@@ -27,21 +27,20 @@ class SteeringRefused(ValueError):
     """A run that cannot take prompt switches while it goes on (``plan_run(..., steered=True)``)."""
 
 
-def latent_size(width: int, height: int, patch: Sequence[int] = (1, 2, 2)) -> tuple[int, int]:
-    """Latent (h, w) of a video size; width and height must be multiples of 8*patch (16 for Wan)."""
-    mult = PIXELS_PER_LATENT * max(patch[1], patch[2])
-    for name, v in (("width", width), ("height", height)):
-        if v < mult or v % mult:
-            raise ValueError(f"{name} must be a positive multiple of {mult}, got {v}")
-    return height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT
+def latent_size(width: int, height: int, patch: Sequence[int] = (1, 2, 2),
+                latent_space: LatentSpace = WAN21_LATENTS) -> tuple[int, int]:
+    """Latent (h, w) of a video size in ``latent_space`` (pixels / its spatial factor); width and height must be
+    multiples of spatial x patch (16 px for Wan2.1, 32 px for Wan2.2). Raises ValueError naming the multiple."""
+    return latent_space.latent_size(width, height, patch)
 
 
 @dataclass(frozen=True)
 class RunPlan:
     """A checked run: block sizes (``grid.offset``: the context prefix's frames), noise levels, tick
-    plan and the shape [1, 16, F + T, h, w] of the latents, prefix included; an endless run's
-    (``schedule.endless``) holds only its last frames, [1, 16, held, h, w]
-    (:func:`sampling.latent_window.held_frames`)."""
+    plan and the shape [1, C, F + T, h, w] of the latents, prefix included; an endless run's
+    (``schedule.endless``) holds only its last frames, [1, C, held, h, w]
+    (:func:`sampling.latent_window.held_frames`). C, h, w: the model's ``latent_space``'s channels and the
+    video's size over its spatial factor (Wan2.1: 16 channels, 8 px a latent pixel; Wan2.2: 48, 16 px)."""
 
     cfg: CascadeConfig
     grid: BlockGrid
@@ -54,35 +53,39 @@ class RunPlan:
     switches: int  # prompt switches of the schedule it was planned for
     devices: int
     steered: bool
+    latent_space: LatentSpace = WAN21_LATENTS  # the model's (``WanConfig.latent_space``)
 
     @property
     def width(self) -> int:
         """The video's width in pixels."""
-        return self.shape[-1] * PIXELS_PER_LATENT
+        return self.shape[-1] * self.latent_space.spatial
 
     @property
     def height(self) -> int:
         """The video's height in pixels."""
-        return self.shape[-2] * PIXELS_PER_LATENT
+        return self.shape[-2] * self.latent_space.spatial
 
     def with_prefix(self, frames: int) -> RunPlan:
         """This plan with a context prefix of ``frames`` latent frames before block 0, for a frontend that
         learns their count from a file after planning (where a prefix is defined is checked with the prefix
         itself: :func:`check_prefix`)."""
         return _derive(self.cfg, self.first_flow, self.flow, self.schedule, *self.shape[-2:], self.patch, frames,
-                       self.switches, self.devices, self.steered)
+                       self.switches, self.devices, self.steered, self.latent_space)
 
-    def fits(self, cfg: CascadeConfig, blocks: int, width: int, height: int, patch: Sequence[int]) -> bool:
-        """Whether this plan is the plan of a run with these arguments."""
+    def fits(self, cfg: CascadeConfig, blocks: int, width: int, height: int, patch: Sequence[int],
+             latent_space: LatentSpace | None = None) -> bool:
+        """Whether this plan is the plan of a run with these arguments (``latent_space``: the model's; None: not
+        compared)."""
         return (self.cfg == cfg and self.schedule.blocks == blocks and tuple(patch) == self.patch
-                and (self.width, self.height) == (width, height))
+                and (self.width, self.height) == (width, height)
+                and (latent_space is None or latent_space == self.latent_space))
 
     def flow_of(self, block: int) -> FlowSchedule:
         return self.first_flow if block == 0 else self.flow
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
-        """The initial noise's shape [1, 16, T, h, w]: the generated frames only (a finite run)."""
+        """The initial noise's shape [1, C, T, h, w]: the generated frames only (a finite run)."""
         return (*self.shape[:2], self.shape[2] - self.grid.offset, *self.shape[3:])
 
 
@@ -99,8 +102,9 @@ def check_prefix_config(cfg: CascadeConfig) -> None:
 
 
 def check_prefix(prefix: torch.Tensor | None, cfg: CascadeConfig, h: int, w: int,
-                 dtype: torch.dtype | None = None) -> int:
-    """The frames F of a context prefix of clean latents [1, 16, F, h, w] (0 without one).
+                 dtype: torch.dtype | None = None, latent_space: LatentSpace = WAN21_LATENTS) -> int:
+    """The frames F of a context prefix of clean latents [1, C, F, h, w] (0 without one; C: ``latent_space``'s
+    channels).
 
     Raises ValueError for anything but a real floating-point tensor of that shape with F >= 1, for NaN
     or infinite values (also once cast to the run's ``dtype``, when given), and where a prefix is not
@@ -109,8 +113,9 @@ def check_prefix(prefix: torch.Tensor | None, cfg: CascadeConfig, h: int, w: int
         return 0
     check_prefix_config(cfg)
     shape = list(prefix.shape) if isinstance(prefix, torch.Tensor) else None
-    if shape is None or len(shape) != 5 or shape[:2] != [1, LATENT_CHANNELS] or shape[3:] != [h, w] or shape[2] < 1:
-        raise ValueError(f"the prefix must be clean latents [1, {LATENT_CHANNELS}, F, {h}, {w}] with F >= 1 frames, "
+    c = latent_space.channels
+    if shape is None or len(shape) != 5 or shape[:2] != [1, c] or shape[3:] != [h, w] or shape[2] < 1:
+        raise ValueError(f"the prefix must be clean latents [1, {c}, F, {h}, {w}] with F >= 1 frames, "
                          f"got {shape if shape is not None else type(prefix).__name__}")
     if not prefix.is_floating_point():
         raise ValueError(f"the prefix must be real floating-point latents, got {str(prefix.dtype).removeprefix('torch.')}")
@@ -123,11 +128,14 @@ def check_prefix(prefix: torch.Tensor | None, cfg: CascadeConfig, h: int, w: int
 
 
 def plan_run(cfg: CascadeConfig, *, blocks: int, width: int, height: int, patch: Sequence[int] = (1, 2, 2),
-             prefix_frames: int = 0, switches: int = 0, devices: int = 1, steered: bool = False) -> RunPlan:
+             prefix_frames: int = 0, switches: int = 0, devices: int = 1, steered: bool = False,
+             latent_space: LatentSpace = WAN21_LATENTS) -> RunPlan:
     """The one plan of a run, its settings checked: every rule once, before any model work and before any
     tensor exists (frontends call it where a run enters; :func:`sampling.loop.generate` takes the plan).
 
-    ``blocks`` 0: endless; ``width``/``height`` in pixels (multiples of 8 x the model's ``patch``);
+    ``blocks`` 0: endless; ``width``/``height`` in pixels (multiples of the ``latent_space``'s spatial factor x
+    the model's ``patch``: 16 for Wan2.1, 32 for Wan2.2); ``latent_space``: the model's
+    (``WanConfig.latent_space``), which gives the latents their channels and size;
     ``prefix_frames``: latent frames of a context prefix before block 0; ``switches``: prompt switches of
     the schedule; ``devices``: devices the run is spread over; ``steered``: switches may arrive while it runs
     (checked as a run with switches; :class:`SteeringRefused` where it cannot be). Raises ValueError naming the rule (the config's
@@ -146,14 +154,16 @@ def plan_run(cfg: CascadeConfig, *, blocks: int, width: int, height: int, patch:
             cfg.check_run(switches=1, devices=devices)
         except ValueError as exc:
             raise SteeringRefused(f"{why}: {exc}") from None
-    h, w = latent_size(width, height, patch)
+    h, w = latent_size(width, height, patch, latent_space)
     if prefix_frames:
         check_prefix_config(cfg)
-    return _derive(cfg, first, flow, schedule, h, w, tuple(patch), prefix_frames, switches, devices, steered)
+    return _derive(cfg, first, flow, schedule, h, w, tuple(patch), prefix_frames, switches, devices, steered,
+                   latent_space)
 
 
 def _derive(cfg: CascadeConfig, first: FlowSchedule, flow: FlowSchedule, schedule: CascadeSchedule, h: int, w: int,
-            patch: tuple[int, ...], prefix_frames: int, switches: int, devices: int, steered: bool) -> RunPlan:
+            patch: tuple[int, ...], prefix_frames: int, switches: int, devices: int, steered: bool,
+            latent_space: LatentSpace) -> RunPlan:
     """The plan's derived parts: the block grid after the prefix, the latents held, the KV pool's layout."""
     grid = BlockGrid(cfg.grid.frames, cfg.grid.first, prefix_frames)
     held = held_frames(cfg, None if schedule.endless else grid.total(schedule.blocks), grid.offset)
@@ -161,8 +171,8 @@ def _derive(cfg: CascadeConfig, first: FlowSchedule, flow: FlowSchedule, schedul
                         total_frames=None if schedule.endless else held, window=cfg.attended_window, sink=cfg.sink,
                         max_in_flight=schedule.max_in_flight, first_block_frames=grid.first,
                         rolling=cfg.rolling_window, prefix_frames=grid.offset)
-    return RunPlan(cfg, grid, first, flow, schedule, (1, LATENT_CHANNELS, held, h, w), layout, patch, switches,
-                   devices, steered)
+    return RunPlan(cfg, grid, first, flow, schedule, (1, latent_space.channels, held, h, w), layout, patch, switches,
+                   devices, steered, latent_space)
 
 
 def check_inputs(run: RunPlan, prompts: PromptSchedule, text_dim: int | None, *, noise: torch.Tensor | None = None,
@@ -177,7 +187,7 @@ def check_inputs(run: RunPlan, prompts: PromptSchedule, text_dim: int | None, *,
         raise ValueError(f"the prompt schedule holds {len(prompts.entries) - 1} switches; the run was planned with "
                          f"{run.switches}")
     h, w = run.shape[-2:]
-    frames = check_prefix(prefix, run.cfg, h, w, dtype)
+    frames = check_prefix(prefix, run.cfg, h, w, dtype, run.latent_space)
     if frames != run.grid.offset:
         raise ValueError(f"the prefix holds {frames} latent frames; the run was planned with {run.grid.offset}")
     if noise is not None and run.schedule.endless:
@@ -190,6 +200,6 @@ def check_inputs(run: RunPlan, prompts: PromptSchedule, text_dim: int | None, *,
 
 
 def prefix_frames_of(prefix) -> int:
-    """Latent frames of a context prefix [1, 16, F, h, w] for its plan (0 for None or anything of another
+    """Latent frames of a context prefix [1, C, F, h, w] for its plan (0 for None or anything of another
     form: :func:`check_inputs` names what is wrong with it)."""
     return prefix.shape[2] if isinstance(prefix, torch.Tensor) and prefix.dim() == 5 else 0

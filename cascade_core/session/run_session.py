@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import distributed
+from ..common.latent_space import WAN21_LATENTS, LatentSpace, check_decoder_space
 from ..model.dit import WanModel
 from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.loop import Result, generate
@@ -30,13 +31,15 @@ class RunSession:
     """One run: ``cfg`` for ``blocks`` blocks (0: endless) of ``width`` x ``height`` pixels on ``devices`` (one
     device, two or more, or :data:`TORCHRUN` with ``ranks`` processes), ``prefix_frames`` latent frames of a
     context prefix before block 0, ``switches`` prompt switches scheduled, ``steered``: switches may arrive
-    while it runs, ``patch``: the model's patch. Raises ValueError naming the rule a setting breaks.
+    while it runs, ``patch``: the model's patch, ``latent_space``: its latents' (``WanConfig.latent_space``).
+    Raises ValueError naming the rule a setting breaks.
     ``keep_pool``: several devices run on the process's lasting pool (:func:`distributed.get_pool`), which
     outlives the session; otherwise the session starts a pool of its own and stops it on close."""
 
     def __init__(self, cfg: CascadeConfig, *, blocks: int, width: int, height: int,
                  devices: Sequence[torch.device] | str, ranks: int | None = None, prefix_frames: int = 0,
-                 switches: int = 0, steered: bool = False, patch: Sequence[int] = (1, 2, 2), keep_pool: bool = False):
+                 switches: int = 0, steered: bool = False, patch: Sequence[int] = (1, 2, 2), keep_pool: bool = False,
+                 latent_space: LatentSpace = WAN21_LATENTS):
         if isinstance(devices, str) and (devices != TORCHRUN or not isinstance(ranks, int) or ranks < 1):
             raise ValueError(f"devices: a list of devices, or {TORCHRUN!r} with its number of ranks; got {devices!r}")
         self.devices = devices
@@ -44,18 +47,25 @@ class RunSession:
         self.keep_pool = keep_pool
         self.plan: RunPlan = plan_run(cfg, blocks=blocks, width=width, height=height, patch=patch,
                                       prefix_frames=prefix_frames, switches=switches, devices=self.ranks,
-                                      steered=steered)
+                                      steered=steered, latent_space=latent_space)
         self.pool: distributed.WorkerPool | None = None
+
+    def check_decoder(self, decoder_space: LatentSpace, what: str) -> None:
+        """The one check of a decoder (or VAE) against the run's model: ValueError naming both (``what``: the decoder
+        as the frontend names it, e.g. "--vae wan_2.1_vae.safetensors") when it decodes another latent space than
+        the plan's (:func:`common.latent_space.check_decoder_space`)."""
+        check_decoder_space(self.plan.latent_space, decoder_space, what)
 
     @property
     def pooled(self) -> bool:
         """Whether the run goes to worker processes (two or more local devices)."""
         return self.devices != TORCHRUN and self.ranks > 1
 
-    def memory(self, model_cfg, dtype: torch.dtype, prompts: int, vae_bytes: int) -> tuple[int, str]:
+    def memory(self, model_cfg, dtype: torch.dtype, prompts: int, vae_bytes: int, experts: int = 1) -> tuple[int, str]:
         """(bytes, what they are made of) the run needs on one device besides the DiT weights (one rank's share
-        on a pool); ``prompts``: entries of the prompt schedule, ``vae_bytes``: the decoders' weights there."""
-        return estimate_run_bytes(self.plan, model_cfg, dtype, prompts, vae_bytes, ranks=self.ranks)
+        on a pool); ``prompts``: entries of the prompt schedule, ``vae_bytes``: the decoders' weights there,
+        ``experts``: the model's (2: a Wan2.2 A14B pair, a KV pool each)."""
+        return estimate_run_bytes(self.plan, model_cfg, dtype, prompts, vae_bytes, ranks=self.ranks, experts=experts)
 
     def decode_device(self, device: torch.device, choice: torch.device | None = None) -> torch.device:
         """Where the frontend decodes finished blocks (the output's and the preview's decoders): ``choice`` (a device

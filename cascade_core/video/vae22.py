@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..common.latent_space import WAN22_LATENTS  # defined there (sampling plans with it), re-exported
 from .decode_stream import CausalState, LatentVideoDecoder
-from .latents import LatentSpace
 from .vae import (
     AttentionBlock,
     CausalConv3d,
@@ -50,19 +50,6 @@ from .vae import (
     wan_vae_weights,
 )
 
-# Wan2.2 wan/modules/vae2_2.py:904-957 (mean) and 958-1011 (std); the same 48 values are diffusers'
-# latents_mean / latents_std in Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json.
-WAN22_LATENTS = LatentSpace(
-    "Wan2.2", 48,
-    mean=(-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
-          0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
-          -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
-          -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667),
-    std=(0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
-         0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
-         0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
-         0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744),
-    temporal=4, spatial=16)  # vae_stride (4, 16, 16): Wan2.2 wan/configs/wan_ti2v_5B.py
 PATCH = 2  # the head's output is unpatchified 2 x 2 (vae2_2.py:837; diffusers patch_size=2)
 RESIDUAL_BLOCKS = 3  # per up level (num_res_blocks + 1, vae2_2.py:659); the upsample, if any, is index 3
 

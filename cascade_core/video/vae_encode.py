@@ -10,6 +10,13 @@ Guarantees:
   :class:`CheckpointError` naming the file (a decoder-only file: the encoder half is missing).
 - :func:`encode` returns normalised (DiT-space) latents: the latent distribution's mode (its mean),
   then :func:`video.latents.raw_to_normalized`. Video frame 0 gives latent frame 0, every 4 later frames one more.
+- The Wan2.2 VAE (48 channels, 16 x 16 pixels a latent pixel; ``Wan2.2_VAE.pth``, ComfyUI's
+  ``wan2.2_vae.safetensors``, the diffusers ``Wan2.2-TI2V-5B-Diffusers/vae``) is read by the same
+  :func:`load_encoder`, which tells the space by the quant convolution's channels (:func:`stored_encoder_space`):
+  diffusers' ``AutoencoderKLWan`` in the Wan2.2 configuration (:data:`WAN22_VAE_CONFIG`), its encoder half only
+  (the decoder half is :mod:`video.vae22`'s); original names mapped by :func:`weights.vae_names.wan22_encoder_name`.
+  :func:`encode` normalises with the space of the model it is given (:func:`encoder_latent_space`): Wan2.2's mean and
+  std (:data:`common.latent_space.WAN22_LATENTS`) for it.
 - Images and video frames are scaled to cover width x height keeping their aspect ratio, then
   centre-cropped (Pillow's ``ImageOps.fit``; core ComfyUI's ``common_upscale(..., "center")`` rule);
   RGB, alpha dropped; pixels on the [-1, 1] scale. 16-bit and 32-bit images are scaled to 8 bits,
@@ -24,7 +31,8 @@ import warnings
 import numpy as np
 import torch
 
-from ..common.constants import FRAMES_PER_LATENT, PIXELS_PER_LATENT
+from ..common.constants import FRAMES_PER_LATENT, LATENT_CHANNELS
+from ..common.latent_space import WAN22_LATENTS, LatentSpace, check_decoder_space, latent_space_of
 from ..common.messages import first_line
 from ..weights.safe_io import CheckpointError, read_weights
 from ..weights.vae_names import (
@@ -36,8 +44,9 @@ from ..weights.vae_names import (
     ENCODER_PARTS,
     check_weight_names,
     component_weights,
+    decoder_kind,
+    wan22_encoder_name,
 )
-from .latents import raw_to_normalized
 from .vae import WanVAEDecoder
 
 ORIGINAL_DECODER_PARTS = ("decoder.", "conv2.")
@@ -65,23 +74,31 @@ def _complete_weights(sd, source: str) -> dict[str, torch.Tensor]:
 
 
 def load_encoder(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", latent_space: LatentSpace | None = None):
     """diffusers' ``AutoencoderKLWan`` (eval, no gradients, ``dtype`` on ``device``) with the weights of
-    the complete Wan2.1 VAE in ``path`` (a file or a diffusers folder, see :func:`weights.safe_io.read_weights`);
-    see :func:`encoder_from_state_dict`."""
+    the complete Wan2.1 VAE, or the Wan2.2 VAE's encoder half, in ``path`` (a file or a diffusers folder, see
+    :func:`weights.safe_io.read_weights`); see :func:`encoder_from_state_dict`."""
     path = os.fspath(path)
-    return encoder_from_state_dict(read_weights(path)[0], dtype=dtype, device=device, source=path)
+    return encoder_from_state_dict(read_weights(path)[0], dtype=dtype, device=device, source=path,
+                                   latent_space=latent_space)
 
 
 def encoder_from_state_dict(sd, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                            source: str = "state dict"):
+                            source: str = "state dict", latent_space: LatentSpace | None = None):
     """diffusers' ``AutoencoderKLWan`` (eval, no gradients, ``dtype`` on ``device``) with the weights of
     the complete Wan2.1 VAE in ``sd`` (any layout :func:`load_encoder` reads), its base width read from
-    them; the weights are copied. Raises :class:`CheckpointError` naming ``source`` when ``sd`` is not a
+    them; the weights are copied. A Wan2.2 VAE (48 channels, :func:`stored_encoder_space`) gives its encoder
+    (:func:`wan22_encoder_from_state_dict`). ``latent_space``: the run's, when given (a VAE of another space
+    is refused naming both, ValueError). Raises :class:`CheckpointError` naming ``source`` when ``sd`` is not a
     16-channel Wan2.1 VAE (what it looks like instead, or the missing/unexpected keys) or lacks the
     encoder half."""
     from diffusers import AutoencoderKLWan
 
+    space = stored_encoder_space(sd, source)
+    if latent_space is not None and space is not None:
+        check_decoder_space(latent_space, space, source)
+    if space is WAN22_LATENTS:
+        return wan22_encoder_from_state_dict(sd, dtype=dtype, device=device, source=source)
     dim = WanVAEDecoder.from_state_dict(sd, device="meta", source=source).dim  # a Wan2.1 VAE, or why not
     weights = _complete_weights(sd, source)
     with torch.device("meta"):
@@ -92,18 +109,93 @@ def encoder_from_state_dict(sd, *, dtype: torch.dtype = torch.float32, device: t
 
 
 def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Frames [1, 3, T, H, W] on the [-1, 1] scale, T = 1 + 4k, H and W multiples of 8 -> normalised
-    latents [1, 16, 1 + (T - 1) // 4, H/8, W/8] float32 on ``vae``'s device (a :func:`load_encoder`
-    model). Raises ValueError for another shape."""
-    shape = list(pixels.shape)
-    if len(shape) != 5 or shape[:2] != [1, 3] or shape[3] % PIXELS_PER_LATENT or shape[4] % PIXELS_PER_LATENT:
-        raise ValueError(f"pixels must be [1, 3, T, H, W] with H and W multiples of {PIXELS_PER_LATENT}, got {shape}")
+    """Frames [1, 3, T, H, W] on the [-1, 1] scale, T = 1 + 4k, H and W multiples of s -> normalised
+    latents [1, C, 1 + (T - 1) // 4, H/s, W/s] float32 on ``vae``'s device (a :func:`load_encoder`
+    model; C, s: its space's, :func:`encoder_latent_space`: Wan2.1 16 and 8, Wan2.2 48 and 16). Raises ValueError
+    for another shape."""
+    space = encoder_latent_space(vae)
+    shape, s = list(pixels.shape), space.spatial
+    if len(shape) != 5 or shape[:2] != [1, 3] or shape[3] % s or shape[4] % s:
+        raise ValueError(f"pixels must be [1, 3, T, H, W] with H and W multiples of {s}, got {shape}")
     if shape[2] < 1 or (shape[2] - 1) % FRAMES_PER_LATENT:
         raise ValueError(f"the VAE encodes 1 + 4k frames (1, 5, 9, ...), got {shape[2]}")
     param = next(vae.parameters())
     with torch.inference_mode():
         raw = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
-    return raw_to_normalized(raw.float())
+    return space.to_normalized(raw.float())  # Wan2.1: video.latents.raw_to_normalized
+
+
+# ---- the Wan2.2 VAE's encoder --------------------------------------------------------------------------------
+
+# diffusers' AutoencoderKLWan configuration of the Wan2.2 VAE (Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json;
+# diffusers scripts/convert_wan_to_diffusers.py ``vae22_diffusers_config``): 48 latent channels, the encoder's input
+# the 3 colours patchified 2 x 2 (12 channels, Wan2.2 wan/modules/vae2_2.py:280-297, 525), residual down levels,
+# temporal downsampling in levels 1 and 2; ``base_dim`` (160 released) is read from the weights.
+WAN22_VAE_CONFIG = dict(z_dim=WAN22_LATENTS.channels, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                        scale_factor_spatial=WAN22_LATENTS.spatial, scale_factor_temporal=WAN22_LATENTS.temporal,
+                        temperal_downsample=[False, True, True], latents_mean=list(WAN22_LATENTS.mean),
+                        latents_std=list(WAN22_LATENTS.std))
+_QUANT = {ENCODER_ANCHOR: "conv1.weight", DIFFUSERS_ENCODER_ANCHOR: "quant_conv.weight"}  # [2C, 2C, 1, 1, 1]
+
+
+def stored_encoder_space(sd, source: str = "state dict") -> LatentSpace | None:
+    """The latent space of the VAE whose encoder half is in ``sd`` (either layout, any common prefix), told by its
+    quant convolution ([2C, 2C, 1, 1, 1]: C = 16 Wan2.1, 48 Wan2.2); None when ``sd`` holds no encoder half or one of
+    another channel count (the Wan2.1 loader then says what is wrong). Raises :class:`CheckpointError` naming
+    ``source`` for the Wan2.2 VAE's decoder half alone (the encoder that encodes images is missing)."""
+    for anchor, parts in ((ENCODER_ANCHOR, ENCODER_PARTS), (DIFFUSERS_ENCODER_ANCHOR, DIFFUSERS_ENCODER_PARTS)):
+        weights = component_weights(sd, anchor, parts, source)
+        quant = None if weights is None else weights.get(_QUANT[anchor])
+        if quant is not None and quant.dim() == 5:
+            try:
+                return latent_space_of(quant.shape[0] // 2, source)
+            except ValueError:
+                return None
+    if decoder_kind(sd, source) == "wan2.2_vae":
+        raise CheckpointError(source, "holds only the decoder half of the Wan2.2 VAE; the encoder half (encoder.*) "
+                                      "that encodes images and videos is missing: use the complete VAE "
+                                      "(Wan2.2_VAE.pth, wan2.2_vae.safetensors or the diffusers vae/ folder)")
+    return None
+
+
+def _wan22_encoder_weights(sd, source: str) -> dict[str, torch.Tensor]:
+    """The Wan2.2 VAE's encoder half and quant convolution in ``sd`` under diffusers' names (prefix removed)."""
+    original = component_weights(sd, ENCODER_ANCHOR, ENCODER_PARTS, source)
+    if original is not None:
+        return {wan22_encoder_name(k): v for k, v in original.items()}
+    weights = component_weights(sd, DIFFUSERS_ENCODER_ANCHOR, DIFFUSERS_ENCODER_PARTS, source)
+    if weights is None:
+        raise CheckpointError(source, "holds no encoder half of the Wan2.2 VAE (encoder.*)")
+    return weights
+
+
+def wan22_encoder_from_state_dict(sd, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                                  source: str = "state dict"):
+    """diffusers' ``AutoencoderKLWan`` in the Wan2.2 configuration (:data:`WAN22_VAE_CONFIG`; eval, no gradients,
+    ``dtype`` on ``device``) with the encoder half of the Wan2.2 VAE in ``sd`` (original or diffusers names, any
+    common prefix), its base width read from ``encoder.conv1`` ([dim, 12, 3, 3, 3]), loaded strictly; the weights are
+    copied. The decoder half is left out (``decoder`` and ``post_quant_conv`` are None: :mod:`video.vae22` decodes),
+    which saves its 555M parameters at the released widths. Raises :class:`CheckpointError` naming ``source`` for
+    missing, unexpected or mis-shaped encoder keys."""
+    from diffusers import AutoencoderKLWan
+
+    weights = _wan22_encoder_weights(sd, source)
+    first = weights.get(DIFFUSERS_ENCODER_ANCHOR)
+    if first is None or first.dim() != 5:
+        raise CheckpointError(source, f"the Wan2.2 VAE's first encoder convolution ({ENCODER_ANCHOR}) is missing or "
+                                      f"not 5-D")
+    with torch.device("meta"):
+        model = AutoencoderKLWan(base_dim=first.shape[0], **WAN22_VAE_CONFIG)
+    model.decoder = model.post_quant_conv = None  # the encoder half only
+    check_weight_names(model.state_dict(), weights, source, "Wan2.2 VAE encoder")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in weights.items()}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def encoder_latent_space(vae) -> LatentSpace:
+    """The latent space a :func:`load_encoder` model encodes into, by its ``config.z_dim`` (diffusers' latent
+    channels: 16 Wan2.1, 48 Wan2.2; 16 when it has none). Raises ValueError for another count."""
+    return latent_space_of(int(getattr(getattr(vae, "config", None), "z_dim", LATENT_CHANNELS)), "the VAE encoder")
 
 
 def _eight_bit(image):

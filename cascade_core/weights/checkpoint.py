@@ -1,10 +1,11 @@
-"""One loader for Wan2.1 text-to-video DiT weights, whatever layout they were saved in.
+"""One loader for Wan text-to-video DiT weights (Wan2.1 T2V 1.3B / 14B, Wan2.2 TI2V-5B), whatever layout they
+were saved in.
 
 :func:`load_dit` returns a state dict with the canonical parameter names of :class:`model.dit.WanModel`
 (the original Wan / ComfyUI names) in the requested dtype, and a :class:`CheckpointInfo` saying
 what was found. This module reads the file, chooses the weights inside it (EMA or base, the
 container trail), dequantises them and merges a LoRA; the names of each layout and the checks that
-the weights are a Wan2.1 T2V DiT are :mod:`weights.dit_names`'s.
+the weights are a Wan T2V DiT are :mod:`weights.dit_names`'s.
 
 Guarantees:
 - Files are read only through :mod:`weights.safe_io`: safetensors memory-mapped, ``.pt`` through
@@ -21,8 +22,14 @@ Guarantees:
   dequantised as ``weight.float() * scale`` and then cast.
 - A LoRA (``lora=``) is merged at load by :func:`weights.lora.merge_lora` (every key style it reads is
   listed there).
+- Wan2.2 TI2V-5B (dim 3072, ffn 14336, 30 layers, 48 latent channels in and out: Wan-Video/Wan2.2
+  ``wan/configs/wan_ti2v_5B.py``) in the same layouts: the original ``Wan2.2-TI2V-5B`` files, ComfyUI's repack,
+  the diffusers folder, and LongLive 2.0's ``.pt`` (``{"generator": {"model.<Wan2.2 key>": ...}}``, NVlabs/LongLive
+  ``scripts/merge_lora_generator.py``) or the same tensors as ``.safetensors``; its peft LoRA (rank 128, alpha 128,
+  every Linear of a block: ``utils/lora_utils.py:19-66``) merges as any other. :attr:`CheckpointInfo.assumed` says
+  what the loader took it for (the latent space, told by the channels; the head count, not stored).
 - Every failure is a :class:`weights.safe_io.CheckpointError` that names the file and says what is wrong:
-  what the file looks like when it is not a Wan2.1 T2V DiT, which keys are missing or unexpected
+  what the file looks like when it is not a Wan T2V DiT, which keys are missing or unexpected
   (the first few), which tensor has an inconsistent shape, which LoRA keys match no layer.
 """
 from __future__ import annotations
@@ -49,6 +56,7 @@ from .dit_names import (
     unwrap_names,
     wan_variant,
 )
+from .expert_files import expert_folders, expert_half
 from .lora import merge_lora
 from .safe_io import SAFETENSORS_EXT, CheckpointError, read_weights
 
@@ -82,6 +90,12 @@ class CheckpointInfo:
     ignored_tensors: int = 0  # tensors outside the DiT (VAE, text encoder of a bundled file)
     weight_dtype: str = "default"  # storage of the blocks' Linear weights: "fp8_e4m3fn", ... ("default": dtype)
     fast_fp8: bool = False  # their products run as fp8 where the GPU can
+    assumed: str | None = None  # what the loader took the file for where the file does not say (a Wan2.2 DiT)
+
+    @property
+    def latent_space(self):
+        """The :class:`common.latent_space.LatentSpace` the DiT works in (``WanConfig.latent_space``)."""
+        return self.config.latent_space
 
     @property
     def dim(self) -> int:
@@ -101,8 +115,10 @@ class CheckpointInfo:
 
     @property
     def model_name(self) -> str:
-        known = {(1536, 30, 8960): "Wan2.1 T2V 1.3B", (5120, 40, 13824): "Wan2.1 T2V 14B"}
-        return known.get((self.dim, self.num_layers, self.ffn_dim), "Wan2.1-style T2V DiT")
+        known = {(1536, 30, 8960, 16): "Wan2.1 T2V 1.3B", (5120, 40, 13824, 16): "Wan2.1 T2V 14B",
+                 (3072, 30, 14336, 48): "Wan2.2 TI2V 5B"}
+        style = "Wan2.2-style TI2V DiT" if self.config.in_dim == 48 else "Wan2.1-style T2V DiT"
+        return known.get((self.dim, self.num_layers, self.ffn_dim, self.config.in_dim), style)
 
     def describe(self) -> str:
         """One line: model, shape, size, source, EMA and LoRA."""
@@ -119,6 +135,8 @@ class CheckpointInfo:
                          + (f", {self.lora_note}" if self.lora_note else ""))
         if self.ignored_tensors:
             parts.append(f"{self.ignored_tensors} non-DiT tensors ignored")
+        if self.assumed:
+            parts.append(f"assumed {self.assumed}")
         return f"{os.path.basename(self.path)}: " + "; ".join(parts)
 
 
@@ -214,9 +232,9 @@ def shapes_of(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---- the loader ----------------------------------------------------------------------------------
 
 def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto", lora: str | None = None,
-             lora_scale: float = 1.0, num_heads: int | None = None,
-             weight_dtype: str = "default") -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    """Load Wan2.1 T2V DiT weights -> (canonical state dict in ``dtype``, :class:`CheckpointInfo`).
+             lora_scale: float = 1.0, num_heads: int | None = None, weight_dtype: str = "default",
+             as_expert: bool = False) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Load Wan2.1 T2V or Wan2.2 TI2V-5B DiT weights -> (canonical state dict in ``dtype``, :class:`CheckpointInfo`).
 
     ``weight_dtype`` (:data:`model.fp8.WEIGHT_DTYPES`): "default" keeps block Linear weights stored fp8 as
     they are (values and scales, ``<layer>.weight_scale`` [out, 1]); an fp8 choice stores them so; every
@@ -228,10 +246,13 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     ``ema``: "auto" takes EMA weights when the file has them, except with a LoRA, which is merged
     into the base (non-EMA) weights it was trained on (as LongLive does); "ema" / "base" insist.
     ``num_heads``: not stored in the weights; by default the folder's config.json says, else
-    dim // 128 (every released Wan2.1 model).
-    Tensors are named as in Wan (``patch_embedding.weight`` [dim, 16, 1, 2, 2], ...), on the CPU.
+    dim // 128 (every released Wan model).
+    Tensors are named as in Wan (``patch_embedding.weight`` [dim, 16, 1, 2, 2]; [3072, 48, 1, 2, 2] for the Wan2.2
+    TI2V-5B, whose ``info.assumed`` says so), on the CPU.
     Raises CheckpointError (naming the file and what was found) for a missing, corrupt or foreign
-    file, or a pickle that would run code; ValueError for a bad ``ema`` or ``dtype``.
+    file, or a pickle that would run code; ValueError for a bad ``ema`` or ``dtype``. A two-expert (Wan2.2 A14B)
+    folder or one of its halves is refused (:func:`weights.expert_files.expert_half`; :func:`load_expert_pair`
+    reads them, ``as_expert``).
     """
     path = os.fspath(path)
     if ema not in EMA_MODES:
@@ -242,6 +263,8 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     if not math.isfinite(lora_scale):
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale}")
+    if not as_expert and (why := expert_half(path)):  # a two-expert (Wan2.2 A14B) folder or one of its halves
+        raise CheckpointError(path, why)
     raw, kind, folder_cfg = read_weights(path)
     tensors, trail, ema_used, ema_available = _select(raw, path, ema, prefer_base=lora is not None)
     del raw
@@ -254,7 +277,7 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     diffusers = is_diffusers_layout(sd)
     variant = wan_variant(sd)
     if variant:
-        raise CheckpointError(path, f"not a Wan2.1 text-to-video DiT: it is {variant}")
+        raise CheckpointError(path, f"not a Wan2.1 T2V or Wan2.2 TI2V-5B DiT: it is {variant}")
 
     # kept as stored where asked; widened for a LoRA merge or a diffusers renaming, stored as asked after it
     stored = next((v.dtype for k, v in sd.items() if v.dtype in FP8_DTYPES and k.endswith(".weight")), None)
@@ -270,6 +293,7 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     params = shapes_of(sd)
     cfg = read_config(params, path, heads)
     check_keys_and_shapes(params, cfg, path)
+    assumed = assumed_words(cfg, heads is not None, path)
 
     lora_name, merged = None, None
     if lora is not None:
@@ -284,18 +308,53 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     if any(k.endswith(TYPE_SUFFIX) for k in sd):
         stored_as = "gguf"
 
-    label = _format_label(path, kind, trail, prefix, diffusers, quant)
+    label = _format_label(path, kind, trail, prefix, diffusers, quant, "LongLive 2.0" if assumed else "self-forcing")
     info = CheckpointInfo(
         path=path, source_format=label, source_dtypes=source_dtypes, dtype=str(dtype).removeprefix("torch."),
         parameters=sum(v.numel() for v in shapes_of(sd).values()), bytes=sum(v.numel() * v.element_size() for v in sd.values()),
         config=cfg, ema_used=ema_used, ema_available=ema_available, quantization=quant,
         lora=lora_name, lora_scale=float(lora_scale) if lora is not None else 0.0,
         lora_layers=merged.layers if merged else 0, lora_note=merged.note if merged else None,
-        ignored_tensors=ignored, weight_dtype=stored_as, fast_fp8=fast)
+        ignored_tensors=ignored, weight_dtype=stored_as, fast_fp8=fast, assumed=assumed)
     return sd, info
 
 
-def _format_label(path: str, kind: str, trail: list[str], prefix: str, diffusers: bool, quant: str | None) -> str:
+def load_expert_pair(path: str, *, dtype: torch.dtype = torch.bfloat16, num_heads: int | None = None,
+                     weight_dtype: str = "default"):
+    """A two-expert (Wan2.2 A14B) diffusers pipeline folder (:mod:`weights.expert_files`) -> (high-noise expert's
+    (state dict, :class:`CheckpointInfo`), low-noise expert's, boundary timestep, note), each half read by
+    :func:`load_dit` from its own folder; the note says where the boundary came from. Raises CheckpointError
+    naming the folder when ``path`` is not such a folder, a half is missing or the halves differ in shape."""
+    folders = expert_folders(path)
+    if folders is None:
+        raise CheckpointError(os.fspath(path), "not a two-expert folder (transformer/ and transformer_2/ with "
+                                               "model_index.json, as diffusers' Wan2.2 A14B)")
+    high, low = (load_dit(p, dtype=dtype, num_heads=num_heads, weight_dtype=weight_dtype, as_expert=True)
+                 for p in (folders.high, folders.low))
+    if high[1].config != low[1].config:
+        raise CheckpointError(os.fspath(path), f"its experts differ in shape ({high[1].model_name} dim "
+                                               f"{high[1].dim}, {low[1].model_name} dim {low[1].dim})")
+    source = "model_index.json" if folders.boundary_given else "assumed: FastVideo's causal Wan2.2-A14B config"
+    return high, low, folders.boundary, f"boundary timestep {folders.boundary} ({source})"
+
+
+def assumed_words(cfg: WanConfig, heads_given: bool, path: str) -> str | None:
+    """What the loader assumes of a Wan2.2 DiT the file does not say (None for a Wan2.1 one, whose description
+    is as it always was): its latent space, told by the channels, and the head count where no config gave it.
+    Raises CheckpointError naming ``path`` for channels of no latent space the engine knows."""
+    try:
+        space = cfg.latent_space
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc)) from None
+    if space.channels == 16:
+        return None
+    heads = "" if heads_given else f", {cfg.num_heads} heads of {cfg.head_dim} (dim / 128: not stored in the weights)"
+    return (f"Wan2.2 TI2V-5B architecture ({cfg.in_dim} latent channels in and out: {space.words()}, decoded by the "
+            f"{space.name} VAE{heads})")
+
+
+def _format_label(path: str, kind: str, trail: list[str], prefix: str, diffusers: bool, quant: str | None,
+                  trainer: str = "self-forcing") -> str:
     lower = path.lower()
     if lower.endswith(".gguf"):
         label = "ComfyUI-GGUF file"
@@ -307,7 +366,7 @@ def _format_label(path: str, kind: str, trail: list[str], prefix: str, diffusers
         label = "comfyui safetensors" if "diffusion_model." in prefix else \
             "safetensors" + (f" (prefix {prefix})" if prefix else "")
     elif trail and trail[0] in ("generator", "generator_ema"):
-        label = f"self-forcing .pt ({'/'.join(trail)})"
+        label = f"{trainer} .pt ({'/'.join(trail)})"  # a training checkpoint's generator (LongLive 2.0: Wan2.2)
     else:
         label = ".pt" + (f" ({'/'.join(trail)})" if trail else " state dict")
     return label + (f", {quant}" if quant else "")

@@ -1,5 +1,7 @@
-"""The Wan2.1 T2V DiT's weight names in every layout :func:`weights.checkpoint.load_dit` reads, and the
-checks that a state dict is one.
+"""The Wan text-to-video DiT's weight names in every layout :func:`weights.checkpoint.load_dit` reads, and the
+checks that a state dict is one: Wan2.1 T2V (1.3B, 14B) and Wan2.2 TI2V-5B, which keeps Wan2.1's names
+(Wan-Video/Wan2.2 ``wan/modules/model.py``; diffusers' ``WanTransformer3DModel`` names both alike), its
+patch embedding and head taking and making 48 latent channels instead of 16.
 
 - :func:`diffusers_name`: the diffusers ``WanTransformer3DModel`` name of each canonical (original
   Wan / ComfyUI) name; :func:`from_diffusers` renames a whole diffusers state dict with it.
@@ -115,7 +117,7 @@ def dit_prefix(sd: Mapping[str, torch.Tensor], path: str) -> str:
         looks = looks_like(list(sd))
         what = f"it looks like {looks}" if looks else \
             f"none of its {len(sd)} tensors has Wan DiT names (first: {first_keys(list(sd)[:SHOW], len(sd))})"
-        raise CheckpointError(path, f"not a Wan2.1 T2V DiT: {what}")
+        raise CheckpointError(path, f"not a Wan2.1 T2V or Wan2.2 TI2V-5B DiT: {what}")
     if len(prefixes) > 1:
         raise CheckpointError(path, f"holds several DiTs (prefixes {', '.join(repr(p) for p in prefixes)}); "
                                     "extract one")
@@ -128,7 +130,8 @@ def is_diffusers_layout(sd: Mapping[str, torch.Tensor]) -> bool:
 
 
 def wan_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """Why a Wan-family DiT is not a Wan2.1 text-to-video one (None: it is)."""
+    """Why a Wan-family DiT is not a text-to-video one the engine runs (None: it is a Wan2.1 T2V DiT, 16 latent
+    channels in and out, or a Wan2.2 TI2V-5B, 48 in and out; canonical or diffusers names, prefix removed)."""
     keys = list(sd)
 
     def has(*parts: str) -> bool:
@@ -152,10 +155,15 @@ def wan_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
         if in_dim == 36:
             return ("an image-to-video DiT (36 input channels: Wan2.2 I2V-A14B or a Wan Fun InP model); "
                     "text-to-video takes 16")
-        if in_dim == 48:
-            return "a Wan2.2 TI2V-5B DiT (48 latent channels, for the Wan2.2 VAE); Wan2.1 T2V takes 16"
-        if in_dim != 16:
-            return f"a Wan-family DiT with {in_dim} input channels (a control/inpainting variant?); T2V takes 16"
+        if in_dim not in (16, 48):
+            return (f"a Wan-family DiT with {in_dim} input channels (a control/inpainting variant?); T2V takes 16 "
+                    "(Wan2.1) or 48 (Wan2.2 TI2V-5B)")
+        head = sd.get("head.head.weight", sd.get("proj_out.weight"))  # [patch volume x out channels, dim]
+        out = head.shape[0] // math.prod(w.shape[2:]) if head is not None and head.dim() == 2 else in_dim
+        if out != in_dim:
+            name = "Wan2.2 TI2V-5B's" if in_dim == 48 else "Wan2.1's"
+            return (f"a Wan-family DiT taking {in_dim} latent channels ({name}) but making {out}: a text-to-video "
+                    "DiT makes the channels it takes")
     return None
 
 
@@ -165,7 +173,7 @@ def from_diffusers(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Te
     """Rename diffusers keys to Wan keys (exact lookups; anything unknown is reported).
 
     Raises CheckpointError naming ``path`` for a transformer that lacks a layer its shape is read
-    from, or for keys no Wan2.1 T2V parameter has."""
+    from, or for keys no Wan T2V parameter has."""
     try:
         layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
         w = sd["patch_embedding.weight"]
@@ -181,7 +189,7 @@ def from_diffusers(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Te
     theirs_to_ours = {diffusers_name(k): k for k in canonical_names(cfg)}
     unknown = [k for k in sd if k not in theirs_to_ours]
     if unknown:
-        raise CheckpointError(path, f"unexpected keys for a diffusers Wan2.1 T2V transformer: {first_keys(unknown)}")
+        raise CheckpointError(path, f"unexpected keys for a diffusers Wan T2V transformer: {first_keys(unknown)}")
     return {theirs_to_ours[k]: v for k, v in sd.items()}
 
 
@@ -220,7 +228,7 @@ def check_keys_and_shapes(sd: dict[str, torch.Tensor], cfg: WanConfig, path: str
             parts.append(f"missing keys: {first_keys(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {first_keys(unexpected)}")
-        raise CheckpointError(path, "; ".join(parts) + f" (a Wan2.1 T2V DiT of width {cfg.dim}, "
+        raise CheckpointError(path, "; ".join(parts) + f" (a Wan T2V DiT of width {cfg.dim}, "
                                                        f"{cfg.num_layers} layers)")
     for k, shape in expected.items():
         if sd[k].shape != shape:

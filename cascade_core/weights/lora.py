@@ -1,4 +1,6 @@
-"""LoRA files merged into canonical Wan2.1 T2V weights (:func:`merge_lora`, called by ``load_dit``).
+"""LoRA files merged into canonical Wan T2V weights (:func:`merge_lora`, called by ``load_dit``): Wan2.1 T2V and
+Wan2.2 TI2V-5B alike (LongLive 2.0's peft LoRA, rank 128 and alpha 128 on every Linear of each block, in its
+``generator_lora`` container or bare: NVlabs/LongLive ``utils/lora_utils.py:19-66``, ``utils/inference_utils.py``).
 
 What a layer's delta is, before the strength ``lora_scale``:
 - a low-rank pair: ``alpha / rank * B @ A``;
@@ -262,7 +264,8 @@ def merge_lora(sd: dict[str, torch.Tensor], lora_path: str, scale: float = 1.0,
         looks = "" if any(k.endswith(tuple(s for s, _ in _LORA_PARTS)) for k in tensors) else \
             " (this does not look like a LoRA file)"
         layers = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        raise CheckpointError(lora_path, f"{len(unknown)} LoRA keys match no layer of this Wan2.1 DiT ({layers} "
+        base = "Wan2.2 TI2V-5B" if sd["patch_embedding.weight"].shape[1] == 48 else "Wan2.1"
+        raise CheckpointError(lora_path, f"{len(unknown)} LoRA keys match no layer of this {base} DiT ({layers} "
                                          f"layers, width {sd['patch_embedding.weight'].shape[0]}): "
                                          f"{first_keys(unknown)}{looks}")
     for layer, parts in groups.items():

@@ -75,6 +75,53 @@ def from_diffusers(weights: dict[str, torch.Tensor], residual_up: bool = False) 
     return {original_name(k, residual_up): v for k, v in weights.items()}
 
 
+# ---- the Wan2.2 VAE's encoder half: original names -> diffusers' ---------------------------------------------
+# Why a map of our own: diffusers' single-file converter (``convert_wan_vae_to_diffusers``,
+# loaders/single_file_utils.py of diffusers 0.42) knows Wan2.1's flat encoder list only. Wan2.2 nests each down level
+# (``Down_ResidualBlock``, Wan2.2 ``wan/modules/vae2_2.py:415-453``: ``encoder.downsamples.i.downsamples.j``, j < 2
+# residual blocks, j = 2 the Resample) where diffusers' ``WanResidualDownBlock`` has ``down_blocks.i.resnets.j`` and
+# ``down_blocks.i.downsampler``; the rest is renamed as for Wan2.1 (diffusers' scripts/convert_wan_to_diffusers.py,
+# ``convert_vae_22``, renames the released file the same way):
+#     conv1 -> quant_conv; encoder.conv1 / head.0 / head.2 -> encoder.conv_in / norm_out / conv_out
+#     encoder.middle.0, 1, 2 -> encoder.mid_block.resnets.0, attentions.0, resnets.1
+#     encoder.downsamples.i.downsamples.j (residual, shortcut) -> encoder.down_blocks.i.resnets.j
+#     encoder.downsamples.i.downsamples.j (resample, time_conv) -> encoder.down_blocks.i.downsampler
+#     inside a residual block: residual.0, 2, 3, 6, shortcut -> norm1, conv1, norm2, conv2, conv_shortcut
+_ENCODER_TOP = {"conv1": "quant_conv", "encoder.conv1": "encoder.conv_in", "encoder.head.0": "encoder.norm_out",
+                "encoder.head.2": "encoder.conv_out"}
+_ENCODER_MIDDLE_KEY = re.compile(r"encoder\.middle\.([012])\.(.+)")
+_DOWN_KEY = re.compile(r"encoder\.downsamples\.(\d+)\.downsamples\.(\d+)\.(.+)")
+_RESAMPLE = ("resample.", "time_conv.")  # a down level's Resample (vae2_2.py:71-140)
+
+
+def _inside_diffusers(rest: str) -> str:
+    for diffusers, original in _RESIDUAL.items():
+        if rest.startswith(original + "."):
+            return diffusers + rest[len(original):]
+    return rest  # an attention block's norm, to_qkv, proj: the same names
+
+
+def wan22_encoder_name(name: str) -> str:
+    """diffusers' name (``AutoencoderKLWan`` with ``is_residual``) of a parameter of the Wan2.2 VAE's encoder half
+    (``encoder.*`` and the quant convolution ``conv1.*``) under its original name (``Wan2.2_VAE.pth``, ComfyUI's
+    ``wan2.2_vae.safetensors``); see the table above. Any other name comes back as it is (the loader then reports it
+    as unexpected)."""
+    layer, _, leaf = name.rpartition(".")
+    if layer in _ENCODER_TOP:
+        return f"{_ENCODER_TOP[layer]}.{leaf}"
+    m = _ENCODER_MIDDLE_KEY.fullmatch(name)
+    if m:
+        within = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}[m.group(1)]
+        return f"encoder.mid_block.{within}.{_inside_diffusers(m.group(2))}"
+    m = _DOWN_KEY.fullmatch(name)
+    if m:
+        level, index, rest = m.groups()
+        if rest.startswith(_RESAMPLE):
+            return f"encoder.down_blocks.{level}.downsampler.{rest}"
+        return f"encoder.down_blocks.{level}.resnets.{index}.{_inside_diffusers(rest)}"
+    return name
+
+
 # ---- finding and checking a VAE's weights in a state dict -----------------------------------
 
 def _few(names: list[str], n: int = 4) -> str:

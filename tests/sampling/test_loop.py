@@ -25,12 +25,13 @@ TOKENS_PER_FRAME = (H // 8 // 2) * (W // 8 // 2)
 
 
 def plain_sequential_loop(model, embeds, blocks, fpb, seed, steps=(1000, 750, 500, 250), shift=5.0,
-                          context_noise=0.0):
+                          context_noise=0.0, channels=16, spatial=8, width=W, height=H):
     """The reference algorithm with a naive growing cache (torch.cat), written independently; its noise
-    is drawn by the documented rule (tests/oracles.py), not by the engine's helpers."""
+    is drawn by the documented rule (tests/oracles.py), not by the engine's helpers. ``channels``/``spatial``:
+    the latent space's (Wan2.1: 16 and 8; Wan2.2: 48 and 16), for a ``width`` x ``height`` video."""
     ts, sigmas = noise_levels(steps, shift)
     text = model.encode_prompt(embeds)
-    committed = [[] for _ in range(TINY.num_layers)]  # per layer: list of (k, v) of clean blocks
+    committed = [[] for _ in range(model.cfg.num_layers)]  # per layer: list of (k, v) of clean blocks
 
     class Growing:
         def __init__(self):
@@ -43,7 +44,7 @@ def plain_sequential_loop(model, embeds, blocks, fpb, seed, steps=(1000, 750, 50
             tr = lambda z: z.unsqueeze(0).transpose(1, 2)
             return F.scaled_dot_product_attention(tr(q[0]), tr(ks), tr(vs)).transpose(1, 2)
 
-    noise = starting_noise(seed, (1, 16, blocks * fpb, H // 8, W // 8))
+    noise = starting_noise(seed, (1, channels, blocks * fpb, height // spatial, width // spatial))
     out = []
     for b in range(blocks):
         x = noise[:, :, b * fpb:(b + 1) * fpb]
@@ -54,7 +55,7 @@ def plain_sequential_loop(model, embeds, blocks, fpb, seed, steps=(1000, 750, 50
                 x = renoised(x0, sigmas[j + 1], noise_after_step(seed, b, j, x0.shape))
         ctx = Growing()
         model(x0, torch.full((1, fpb), float(context_noise)), [b * fpb], [text], ctx)
-        for layer in range(TINY.num_layers):
+        for layer in range(model.cfg.num_layers):
             committed[layer].append(ctx.last[layer])
         out.append(x0)
     return torch.cat(out, 2)
