@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import live_input  # noqa: F401  (adds POST /block_cascade/webcam/{node} to ComfyUI's server)
 from .config import BlockCascadeConfig, BlockCascadePromptSchedule
 from .decoders import BlockCascadeDecoderLoader
 from .loaders import BlockCascadeEmbedsLoader, BlockCascadeFromModel, BlockCascadeModelLoader
 from .sampler import BlockCascadeSampler
 from .sockets import register_folders
+from .v2v import BlockCascadeVideoToVideo
 
 NODES: list[type[io.ComfyNode]] = [
     BlockCascadeModelLoader,
@@ -21,6 +23,7 @@ NODES: list[type[io.ComfyNode]] = [
     BlockCascadeEmbedsLoader,
     BlockCascadeDecoderLoader,
     BlockCascadeSampler,
+    BlockCascadeVideoToVideo,
 ]
 
 

@@ -1,16 +1,16 @@
-// Block Cascade: a live player widget on every BlockCascadeSampler node.
+// Block Cascade: a live player widget on every BlockCascadeSampler and BlockCascadeVideoToVideo node.
 // Streamed frames come over the websocket as block_cascade.* events (see player_core.js).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { COMFY_EVENTS, EVENTS, Hub } from "./player_core.js";
 import { createPlayerView } from "./player_view.js";
 
-const NODE_TYPE = "BlockCascadeSampler";
+const NODE_TYPES = new Set(["BlockCascadeSampler", "BlockCascadeVideoToVideo"]); // the nodes that stream frames
 const views = new Set();
 
 function samplerNode(id) {
   const node = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
-  return node && node.comfyClass === NODE_TYPE ? node : null;
+  return node && NODE_TYPES.has(node.comfyClass) ? node : null;
 }
 
 // one Hub for the page; a node's stream is looked up by its current id at each frame, so a node
@@ -60,7 +60,7 @@ app.registerExtension({
       });
     }
     // ComfyUI's own events: what a sampler waits for, and outputs answered from the cache
-    const samplers = () => (app.graph?.nodes ?? []).filter((n) => n.comfyClass === NODE_TYPE).map((n) => String(n.id));
+    const samplers = () => (app.graph?.nodes ?? []).filter((n) => NODE_TYPES.has(n.comfyClass)).map((n) => String(n.id));
     const title = (id) => {
       const n = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
       return n ? `“${n.title || n.type}”` : `node ${id}`;
@@ -72,7 +72,7 @@ app.registerExtension({
     }
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== NODE_TYPE) return;
+    if (!NODE_TYPES.has(nodeData?.name)) return;
     const created = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = created?.apply(this, arguments);

@@ -4,6 +4,8 @@
 // width, height, stages, parallel, clean_pass, steerable (a CLIP is connected), compiling (the layers are
 // being compiled for this video size: the first frames come after it), settings, repeated in
 // state and frames so a page reloaded mid-run joins):
+// META may carry live_input: the live video input a Video-to-Video run reads ("webcam": the widget offers its
+// webcam button; "mjpeg").
 //   block_cascade.start  {META}
 //   block_cascade.state  {META, tick, ticks, pairs: [[block, stage], ...], done_blocks, elapsed}
 //   block_cascade.frames {META, block, first_frame, frames: [base64 JPEG, ...], elapsed}
@@ -60,6 +62,7 @@ export class Stream {
     this.parallel = num(start.parallel, 1);
     this.settings = typeof start.settings === "string" ? start.settings : ""; // the run's effective sampling settings
     this.compiling = start.compiling === true; // compiling its layers first (until the first block is done)
+    this.liveInput = typeof start.live_input === "string" ? start.live_input : ""; // "webcam": it reads the camera
     this.frames = new Map(); // frame index -> base64 JPEG, the last FRAMES_KEPT indices at most
     this.last = -1; // the highest frame index received
     this.oldest = -1; // the lowest frame index kept (-1: none)

@@ -2,6 +2,7 @@
 // switches, the steer box and the switches list). No ComfyUI imports: the node widget (block_cascade.js) and the test harness
 // (tests/web/fixtures) both build it from here.
 import { describe } from "./player_describe.js";
+import { createWebcamButton } from "./webcam.js";
 
 const CSS = `
 .bc-player { display: flex; flex-direction: column; gap: 4px; font: 12px sans-serif; color: #ccc; width: 100%; height: 100%; box-sizing: border-box; overflow: hidden; }
@@ -154,6 +155,8 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
   const blockInput = el(doc, "input", "bc-steer-block", steerRow);
   const blendInput = el(doc, "input", "bc-steer-blend", steerRow);
   const steerError = el(doc, "div", "bc-steer-error", steerBox);
+  const webcam = post ? createWebcamButton(doc, { post }) : null; // the camera as the run's video input (webcam.js)
+  if (webcam) steerBox.insertBefore(webcam.element, steerError);
   steerInput.type = "text";
   steerInput.placeholder = "steer: type a prompt, Enter";
   blockInput.type = "number";
@@ -246,6 +249,7 @@ export function createPlayerView(doc, getStream, { onDraw = null, prefetch = 4, 
   function update(now) {
     const s = getStream();
     if (s !== stream) reset(s);
+    if (webcam) webcam.update(s);
     if (s) {
       s.tick(now);
       if (s.shown >= 0 && s.shown !== drawn) draw(s.shown);

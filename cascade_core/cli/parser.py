@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "video size pays the compilation (torch keeps it on disk for later processes)")
     g.add_argument("--noise", help=".safetensors with the initial noise [1, C, T, H/s, W/s] (the generated frames; C, "
                                    "s: the model's latents, 16 and 8 for Wan2.1, 48 and 16 for Wan2.2: LongLive 2.0)")
+    g.add_argument("--video-in", metavar="FILE",
+                   help="video-to-video as StreamDiffusionV2 does it (--family streamdiffusionv2): a video file "
+                        "(encoded with --vae, resized to --width x --height) or raw latents [1, 16, T, H/8, W/8] in a "
+                        ".safetensors; the length is the input's ((frames - 1) // 4 chunks; --blocks is not used)")
+    g.add_argument("--noise-scale", type=float,
+                   help="with --video-in: the first chunk's share of noise, 0..1 (StreamDiffusionV2's sequential "
+                        "script: 0.7; later chunks adapt to the motion)")
     before = g.add_mutually_exclusive_group()
     before.add_argument("--image", metavar="FILE",
                         help="start image (PNG, JPEG; needs --vae): scaled to cover --width x --height keeping its "

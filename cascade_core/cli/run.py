@@ -35,6 +35,7 @@ from ..video.reencode import ContextReencoder
 from ..weights.safe_io import save_safetensors
 from . import checks as cli_checks
 from . import prefix as cli_prefix
+from . import video_in as cli_video_in
 from .checks import UsageError
 from .inputs import (
     build_model,
@@ -312,6 +313,13 @@ def run_generate(args) -> dict | None:
     """``generate``: every check first, then the run; the summary dict (None on torchrun ranks > 0).
 
     Raises UsageError/ValueError/CheckpointError (exit 2), WorkerError (exit 1), Stopped (exit 130)."""
+    if cli_video_in.wanted(args):  # video-to-video (StreamDiffusionV2): a run of its own
+        try:
+            return cli_video_in.run_video_to_video(args)
+        except cli_video_in.StoppedInput as exc:
+            raise Stopped(str(exc)) from None
+    if args.noise_scale is not None:
+        raise UsageError("--noise-scale is the first chunk's share of noise of a video input: it needs --video-in")
     run = check(args)
     attention.set_backend(args.attention_backend)
     torchrun = run.session.devices == TORCHRUN

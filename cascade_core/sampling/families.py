@@ -78,6 +78,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "krea-ai/realtime-video@acf4b7b release_server.py:328-330,396,416-418,559-560,563-633,637-708; "
            "v2v.py:133-136; its decoder (output and re-encoded frame): release_server.py:190-225,719-721, "
            "demo_utils/vae_block3.py:46-63", time_cache="krea"),
+    Family("streamdiffusionv2", "StreamDiffusionV2 video-to-video (needs a video in: the CLI's --video-in; raw "
+                                "VAE latents noised by a motion-adaptive scale, chunks of 1 latent frame after a first "
+                                "of 2, 2 raw steps 700, 500 at shift 8, no clean pass, its own 6-frame KV cache with "
+                                "an adaptive sink of 3: sampling.v2v)",
+           {"steps": (700, 500), "warp": False, "shift": 8.0, "frames_per_block": 1},
+           "chenfengxu714/StreamDiffusionV2@c5a0f20 streamv2v/inference_wo_batch.py:82,256-354,383-428; "
+           "streamv2v/inference.py:51-57; streamv2v/inference_common.py:30-58,83-89; configs/wan_causal_dmd_v2v.yaml:"
+           "14-21,53-57; models/wan/causal_stream_inference.py:72-107,124-200,298-348; models/wan/causal_model.py:"
+           "251-384; models/wan/wan_wrapper.py:134-141,163-198; models/wan/flow_match.py:19-73"),
     Family("longlive-2", "LongLive 2.0 (Wan2.2-TI2V-5B: blocks of 8 latent frames, a UniPC solver per block over 4 "
                          "steps at shift 5, window 32 with sink 8, a multi-shot sink and RoPE offset at scene cuts)",
            _LONGLIVE2, _LONGLIVE2_SOURCE),

@@ -21,6 +21,8 @@ Guarantees:
   centre-cropped (Pillow's ``ImageOps.fit``; core ComfyUI's ``common_upscale(..., "center")`` rule);
   RGB, alpha dropped; pixels on the [-1, 1] scale. 16-bit and 32-bit images are scaled to 8 bits,
   not clipped (:func:`load_image`).
+- :class:`StreamEncoder` encodes a video chunk by chunk as it arrives (video-to-video), each chunk as one
+  whole-video encode would, giving the raw mean (no normalisation).
 """
 from __future__ import annotations
 
@@ -196,6 +198,36 @@ def encoder_latent_space(vae) -> LatentSpace:
     """The latent space a :func:`load_encoder` model encodes into, by its ``config.z_dim`` (diffusers' latent
     channels: 16 Wan2.1, 48 Wan2.2; 16 when it has none). Raises ValueError for another count."""
     return latent_space_of(int(getattr(getattr(vae, "config", None), "z_dim", LATENT_CHANNELS)), "the VAE encoder")
+
+
+class StreamEncoder:
+    """The Wan2.1 VAE encoder (a :func:`load_encoder` / :func:`encoder_from_state_dict` model, diffusers'
+    ``AutoencoderKLWan``) fed chunk by chunk: the first call takes 5 frames (encoded as frame 0, then 1..4),
+    later calls 4 at a time (more: each 4 in turn), the causal convolutions' feature cache kept between calls,
+    so the chunks encode exactly as one whole-video encode would. Pixels [1, 3, n, H, W] on the [-1, 1] scale
+    (any dtype and device: moved to the encoder's) -> the raw latent mean [1, 16, 2 or n/4, H/8, W/8] float32,
+    no latent normalisation (StreamDiffusionV2's ``stream_encode(..., scale=None)``,
+    chenfengxu714/StreamDiffusionV2 wan_base/modules/vae.py:546-583; its video-to-video feeds that to the DiT).
+    A new StreamEncoder starts a new stream (the cache is cleared at its first call)."""
+
+    def __init__(self, vae):
+        self.vae, self.started = vae, False
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        param = next(vae.parameters())
+        x = pixels.to(param.device, param.dtype)
+        with torch.inference_mode():
+            if not self.started:
+                vae.clear_cache()
+                parts, self.started = [x[:, :, :1], x[:, :, 1:]], True
+            else:
+                parts = [x[:, :, i:i + FRAMES_PER_LATENT] for i in range(0, x.shape[2], FRAMES_PER_LATENT)]
+            out = []
+            for part in parts:
+                vae._enc_conv_idx = [0]
+                out.append(vae.encoder(part, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
+            return vae.quant_conv(torch.cat(out, 2)).chunk(2, dim=1)[0].float()
 
 
 def _eight_bit(image):

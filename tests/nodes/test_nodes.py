@@ -124,7 +124,7 @@ def fast_state_events(monkeypatch):
 def test_schemas_build_and_register_through_the_v3_entry_point():
     assert set(NODES) == {"BlockCascadeModelLoader", "BlockCascadeFromModel", "BlockCascadeConfig",
                           "BlockCascadePromptSchedule", "BlockCascadeEmbedsLoader", "BlockCascadeDecoderLoader",
-                          "BlockCascadeSampler"}
+                          "BlockCascadeSampler", "BlockCascadeVideoToVideo"}
     assert not hasattr(PACK, "NODE_CLASS_MAPPINGS") and PACK.WEB_DIRECTORY == "./web"
     for cls in NODES.values():
         s = cls.GET_SCHEMA()

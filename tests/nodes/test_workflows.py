@@ -43,6 +43,8 @@ CORE = {
                   "optional": set(), "outputs": []},
     # its image_upload option gives the frontend an "upload" widget, kept in the UI file, not in the API
     "LoadImage": {"sockets": {}, "widgets": ["image", "upload"], "optional": set(), "outputs": ["IMAGE", "MASK"]},
+    # comfy_extras/nodes_video.py (0.3.64 and 0.27): its upload option (video) gives an "upload" widget too
+    "LoadVideo": {"sockets": {}, "widgets": ["file", "upload"], "optional": set(), "outputs": ["VIDEO"]},
 }
 CLIP_TYPES_064 = {"stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
                   "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"}
@@ -263,10 +265,19 @@ def test_each_workflow_is_what_it_claims():
     names = {k: n["inputs"]["decoder_name"] for k, n in light.items() if n["class_type"] == "BlockCascadeDecoderLoader"}
     assert names[smp["decoder"][0]] == "lightvaew2_1.pth" and names[smp["preview_decoder"][0]] == "lighttaew2_1.pth"
     assert "vae" not in smp and "VAELoader" not in {n["class_type"] for n in light.values()}  # nothing to encode
+    _, v2v = load("file_to_video.json")
+    (node,) = _by_type(v2v, "BlockCascadeVideoToVideo")
+    (video_id,) = [k for k, n in v2v.items() if n["class_type"] == "LoadVideo"]
+    assert node["video"] == [video_id, 0] and node["live"] == "none" and "image" not in node
+    _, cam = load("webcam_to_video.json")
+    (node,) = _by_type(cam, "BlockCascadeVideoToVideo")
+    (clip_id,) = [k for k, n in cam.items() if n["class_type"] == "CLIPLoader"]
+    assert node["live"] == "webcam" and "video" not in node and "image" not in node and node["clip"] == [clip_id, 0]
     for name in NAMES:
         _, api = load(name)
         types = {n["class_type"] for n in api.values()}
-        assert {"CLIPLoader", "CLIPTextEncode", "CreateVideo", "SaveVideo", "BlockCascadeSampler"} <= types
+        assert {"CLIPLoader", "CLIPTextEncode", "CreateVideo", "SaveVideo"} <= types
+        assert types & {"BlockCascadeSampler", "BlockCascadeVideoToVideo"}, name
         assert types & {"VAELoader", "BlockCascadeDecoderLoader"}, name  # something decodes the video
         (cv,) = _by_type(api, "CreateVideo")
         assert cv["fps"] == 16.0

@@ -491,3 +491,17 @@ test("a run that compiles first says so until its first block, then streams", ()
   hub.handle("block_cascade.frames", { ...START, block: 0, first_frame: 0, frames: ["AAAA"], elapsed: 1 });
   assert.match(describe(s).status, /^Streaming/);
 });
+
+test("a run's live input comes from its events (a page reloaded mid-run learns it from the next one)", () => {
+  const hub = new Hub();
+  hub.handle("block_cascade.start", { ...START, live_input: "webcam" });
+  assert.equal(hub.get("7").liveInput, "webcam");
+  hub.handle("block_cascade.start", { ...START, run: "r2" }); // a sampler run: no live input
+  assert.equal(hub.get("7").liveInput, "");
+  const joined = new Hub();
+  joined.handle("block_cascade.state", { ...START, run: "r3", live_input: "webcam", tick: 4, ticks: 0, pairs: [[2, 0]],
+    done_blocks: 2 });
+  assert.equal(joined.get("7").liveInput, "webcam");
+  joined.handle("block_cascade.start", { ...START, run: "r4", live_input: 5 }); // not a string: none
+  assert.equal(joined.get("7").liveInput, "");
+});
