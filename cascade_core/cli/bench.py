@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         model = model.with_weight_dtype("fp8_e4m3fn_fast")
     model.compile_layers(a.compile)
     emit(figure="env", torch=torch.__version__, device=str(device),
-         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", size=size)
+         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", size=size, family=a.family,
+         steps=list(steps))
 
     for backend, flashblock, kv_dtype in itertools.product(*(x.split(",") for x in (a.backend, a.flashblock,
                                                                                 a.kv_dtype))):
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
             for r, (res, seconds) in enumerate(timed_runs(model, embeds, cfg, a, device, tag)):
                 lat = res.latents.float()
                 frames = video_frames(lat.shape[2])
-                emit(figure="cascade_dit", **tag, attention=a.attention, run=r, ticks=res.ticks,
+                emit(figure="cascade_dit", **tag, attention=cfg.attention, run=r, ticks=res.ticks,
                      seconds=round(seconds, 4), frames=frames, fps=round(frames / seconds, 2),
                      first_block_s=round(res.first_block_seconds, 4),
                      peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

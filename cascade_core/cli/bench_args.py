@@ -6,10 +6,12 @@ import sys
 
 import torch
 
+from ..common.constants import LATENT_CHANNELS
 from ..common.messages import first_line
 from ..distributed.devices import parse_devices
 from ..model.dit import WanConfig
 from ..sampling.config import ATTENTION_MODES, FLASHBLOCK_MODES, SWITCH_MODES, CascadeConfig
+from ..sampling.families import FAMILIES, family_config
 from ..sampling.plan import latent_size
 from .checks import UsageError, check_backend
 from .inputs import resolve_device
@@ -20,7 +22,12 @@ SIZES = {
     "1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "tiny": WanConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2),
+    # Wan2.2-TI2V-5B (LongLive 2.0's base: Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py), 48 latent channels
+    "5B": WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
+    "tiny-5b": WanConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2, in_dim=48, out_dim=48),
 }
+TINY_SIZES = ("tiny", "tiny-5b")  # the shapes the CPU runs
+SIZE_FAMILY = {"5B": "longlive-2", "tiny-5b": "longlive-2"}  # a size's family when --family is not given
 
 
 def parse_arguments(argv: list[str] | None, description: str):
@@ -31,10 +38,14 @@ def parse_arguments(argv: list[str] | None, description: str):
     ap.add_argument("--blocks", type=int, default=7)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--steps", default="1000,750,500,250")
-    ap.add_argument("--attention", choices=ATTENTION_MODES, default="causal")
+    ap.add_argument("--family", choices=FAMILIES, help="sample with a checkpoint family's settings (default: none, "
+                                                       "the options below; longlive-2 for --size 5B); explicit "
+                                                       "--steps, --attention, --window and --sink override it")
+    ap.add_argument("--steps", help="timesteps (default: the family's, else 1000,750,500,250)")
+    ap.add_argument("--attention", choices=ATTENTION_MODES, help="in-flight attention (default: the family's, "
+                                                                  "else causal)")
     ap.add_argument("--window", type=int)
-    ap.add_argument("--sink", type=int, default=0)
+    ap.add_argument("--sink", type=int, help="default: the family's, else 0")
     ap.add_argument("--backend", default="auto", help="attention backends to compare, e.g. auto,cudnn,flash")
     ap.add_argument("--flashblock", default="off", help=f"modes to compare, of {FLASHBLOCK_MODES}")
     ap.add_argument("--fold-clean", action="store_true", help="fold clean passes into the next block's tick (P1)")
@@ -92,8 +103,17 @@ def checked_arguments(a, device: torch.device):
     """(size, dtype, steps, levels) of the command line, each setting checked before any work: every
     configuration asked for (the engine's own checks), every attention backend, the decoders."""
     size = a.size or ("1.3B" if device.type == "cuda" else "tiny")
-    if device.type == "cpu" and size != "tiny":
-        raise UsageError("the real shapes need a GPU; use --size tiny on the CPU")
+    if device.type == "cpu" and size not in TINY_SIZES:
+        raise UsageError(f"the real shapes need a GPU; use --size {' or '.join(TINY_SIZES)} on the CPU")
+    a.family = a.family or SIZE_FAMILY.get(size)
+    if a.family is None:  # the options' own defaults
+        a.steps = a.steps or "1000,750,500,250"
+        a.attention = a.attention or "causal"
+        a.sink = 0 if a.sink is None else a.sink
+    elif a.steps is None:
+        a.steps = ",".join(str(t) for t in family_config(a.family).steps)
+    if a.vae and SIZES[size].in_dim != LATENT_CHANNELS:
+        raise UsageError(f"--vae times the Wan2.1 decoders; --size {size} makes Wan2.2 latents (not timed here)")
     if not set(a.decoder.split(",")) <= set(BENCH_DECODERS):
         raise UsageError(f"--decoder {a.decoder}: choose from {', '.join(BENCH_DECODERS)} (comma-separated)")
     if a.decoder != "wan" and not a.vae:
@@ -108,7 +128,7 @@ def checked_arguments(a, device: torch.device):
         if value < 0:
             raise UsageError(f"{flag} must be 0 (off) or more, got {value}")
     try:
-        latent_size(a.width, a.height)
+        latent_size(a.width, a.height, SIZES[size].patch_size, SIZES[size].latent_space)
     except ValueError as exc:
         raise UsageError(first_line(exc)) from None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -136,6 +156,10 @@ def checked_arguments(a, device: torch.device):
 
 
 def run_config(a, steps: tuple[int, ...], parallel: int = 1, flashblock: str = "off", **extra) -> CascadeConfig:
-    """The command line's sampling settings (step list, in-flight attention, window, sink) at one level."""
+    """The command line's sampling settings (step list, in-flight attention, window, sink) at one level; with
+    ``--family`` its settings under the ones given (:func:`sampling.families.family_config`)."""
+    if getattr(a, "family", None):
+        return family_config(a.family, steps=steps, parallel=parallel, attention=a.attention, window=a.window,
+                             sink=a.sink, flashblock=flashblock, **extra)
     return CascadeConfig(steps=steps, parallel=parallel, attention=a.attention, window=a.window, sink=a.sink,
                          flashblock=flashblock, **extra)
