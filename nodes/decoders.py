@@ -1,5 +1,5 @@
-"""Decoders from files core ComfyUI cannot load or not as a video decoder (LightVAE; LightTAE and taew2_1, which
-newer cores load as preview VAEs; the Wan2.1 VAE too), and the
+"""Decoders from files core ComfyUI cannot load or not as a video decoder (LightVAE; LightTAE, taew2_1 and taew2_2,
+which newer cores load as preview VAEs; the Wan2.1 and Wan2.2 VAEs too), and the
 sampler's rules for which decoder writes its output and which feeds its live view.
 
 The loader node checks a file (its tensor names and shapes, nothing copied) and hands on a :class:`DecoderFile`;
@@ -26,6 +26,7 @@ import torch
 from comfy_api.latest import io
 
 from cascade_core.common.constants import DTYPES
+from cascade_core.common.latent_space import LatentSpace
 
 from .sockets import CATEGORY, DecoderType
 
@@ -55,12 +56,15 @@ def decoder_path(name: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class DecoderFile:
     """A decoder file the loader checked: its path, its name (the widget's), what it holds (the decoder's class),
-    the dtype asked for ("auto" or a name of DTYPES) and the number of its weights (for the memory estimate)."""
+    the dtype asked for ("auto" or a name of DTYPES), the number of its weights (for the memory estimate) and the
+    latents it decodes (``latent_space``: Wan2.1's or Wan2.2's, which the sampler checks against the model's,
+    :func:`nodes.checks.decoder_spaces`)."""
     path: str
     name: str
     kind: str
     dtype: str
     weights: int
+    latent_space: LatentSpace | None = None
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype it runs in on ``device``: the one asked for; auto: ComfyUI's VAE precision there (its
@@ -78,10 +82,11 @@ class DecoderFile:
         return self.weights * torch.empty((), dtype=self.torch_dtype(device)).element_size()
 
     def build(self, device: torch.device):
-        """The decoder on ``device`` (the file read again: weights copied there, no other copy kept)."""
+        """The decoder on ``device`` (the file read again: weights copied there, no other copy kept; the sampler
+        checked its latent space against the model's already)."""
         from cascade_core.video.frames import load_decoder
 
-        return load_decoder(self.path, self.torch_dtype(device), device)
+        return load_decoder(self.path, self.torch_dtype(device), device, latent_space=None)
 
 
 class BlockCascadeDecoderLoader(io.ComfyNode):
@@ -91,10 +96,11 @@ class BlockCascadeDecoderLoader(io.ComfyNode):
             node_id="BlockCascadeDecoderLoader",
             display_name="Load Video Decoder (Block Cascade)",
             category=CATEGORY,
-            description="A Wan2.1 latent decoder for the Block Cascade Sampler's decoder and preview_decoder "
+            description="A Wan latent decoder for the Block Cascade Sampler's decoder and preview_decoder "
                         "inputs, from models/vae or models/vae_approx: lightx2v's LightVAE (lightvaew2_1) and "
-                        "LightTAE (lighttaew2_1), madebyollin's taew2_1, or the "
-                        "Wan2.1 VAE. Streamed block by block with its causal cache on its own CUDA stream.",
+                        "LightTAE (lighttaew2_1, lighttaew2_2), madebyollin's taew2_1 and taew2_2, the "
+                        "Wan2.1 VAE or the Wan2.2 VAE (its latent space must be the model's). Streamed block by "
+                        "block with its causal cache on its own CUDA stream.",
             inputs=[
                 io.Combo.Input("decoder_name", options=decoder_files(),
                                tooltip="The decoder file (models/vae, then models/vae_approx). Its tensor names and "
@@ -112,9 +118,12 @@ class BlockCascadeDecoderLoader(io.ComfyNode):
         from cascade_core.video.frames import load_decoder
 
         path = decoder_path(decoder_name)
-        checked = load_decoder(path, torch.float32, "meta")  # names and shapes checked, nothing allocated
+        # names and shapes checked, nothing allocated; a decoder of either latent space (the sampler checks it against
+        # the model's: checks.decoder_spaces)
+        checked = load_decoder(path, torch.float32, "meta", latent_space=None)
         weights = sum(t.numel() for t in checked.state_dict().values() if t.is_floating_point())
-        return io.NodeOutput(DecoderFile(path, decoder_name, type(checked).__name__, dtype, weights))
+        return io.NodeOutput(DecoderFile(path, decoder_name, type(checked).__name__, dtype, weights,
+                                         checked.latent_space))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -248,3 +248,90 @@ def test_the_familys_decoder_rule_reaches_a_wan_decoder_on_either_input():
     core = WanVAEDecoder(dim=8)
     output, preview = decoders.for_run(decoders.Decoders(preview=wan), core, torch.device("cpu"), "krea")
     assert output is core and core.time_cache == "wan" and preview.time_cache == "krea"
+
+
+# Wan2.2 decoders (the Wan2.2 VAE, taew2_2) through the loader, with a Wan2.2-TI2V-5B model (48 latent channels)
+WAN22 = "bc_wan2.2_vae.safetensors"  # in models/vae: the Wan2.2 VAE's decoder under its original names
+TAEW22 = "bc_taew2_2.safetensors"  # in models/vae_approx
+W22, H22 = 64, 32  # latents 2 x 4 (16 pixels a latent pixel); one block of LongLive 2.0's 8 latent frames
+
+
+@pytest.fixture(scope="module")
+def wan22_files():
+    """Tiny Wan2.2 decoder files of the real layouts in the two folders; removed at the module's end."""
+    from cascade_core.video.taew import TinyWan22Decoder
+    from cascade_core.video.vae22 import Wan22VAEDecoder
+    from cascade_core.weights.safe_io import save_safetensors
+
+    torch.manual_seed(1)
+    paths = (os.path.join(MODELS, "vae", WAN22), os.path.join(MODELS, "vae_approx", TAEW22))
+    save_safetensors(Wan22VAEDecoder(dim=8).state_dict(), paths[0])
+    save_safetensors(TinyWan22Decoder(widths=(8, 8, 8, 8)).state_dict(), paths[1])
+    yield paths
+    for path in paths:
+        os.remove(path)
+
+
+@pytest.fixture(scope="module")
+def model_5b():
+    """A tiny Wan2.2-TI2V-5B-shaped DiT (48 channels in and out) loaded as LongLive 2.0 (family from its name)."""
+    from cascade_core.model.dit import WanConfig, WanModel
+    from cascade_core.weights.safe_io import save_safetensors
+
+    cfg = WanConfig(dim=64, ffn_dim=128, num_heads=1, num_layers=2, in_dim=48, out_dim=48, text_dim=4096)
+    path = os.path.join(MODELS, "diffusion_models", "longlive2_bc_decoders.safetensors")
+    save_safetensors(WanModel.random(cfg, seed=0).state_dict(), path)
+    try:
+        (m,) = run("BlockCascadeModelLoader", model_name=os.path.basename(path), dtype="fp32", ema="auto")
+    finally:
+        os.remove(path)
+    return m
+
+
+def auto_config():
+    """The family's own settings (LongLive 2.0's UniPC steps, window and sink)."""
+    (settings,) = run("BlockCascadeConfig", parallel=1, attention="causal", window=-1, sink=-1, steps="auto",
+                      shift=0.0, devices="auto", attention_backend="auto", flashblock=False)
+    return settings
+
+
+def sample_5b(engine_model, **inputs):
+    settings = auto_config()
+    prompt = [[torch.randn(1, 6, 4096, generator=torch.Generator().manual_seed(3)), {}]]
+    with Recorder():
+        latent, images = run("BlockCascadeSampler", model=engine_model, config=settings, width=W22, height=H22,
+                             blocks=1, seed=4, positive=prompt, **inputs)
+    return latent["samples"], images
+
+
+def test_wan22_decoders_are_loaded_and_decode_a_wan22_models_output(wan22_files, model_5b, seen, one_thread):
+    from cascade_core.common.latent_space import WAN21_LATENTS, WAN22_LATENTS
+
+    wan22, taew22 = loaded(WAN22, "fp32"), loaded(TAEW22)
+    assert (wan22.kind, taew22.kind) == ("Wan22VAEDecoder", "TinyWan22Decoder")
+    assert wan22.latent_space is WAN22_LATENTS and taew22.latent_space is WAN22_LATENTS
+    assert loaded(TAEW).latent_space is WAN21_LATENTS
+    assert model_5b.family[0] == "longlive-2"
+    _, images = sample_5b(model_5b, decoder=wan22, preview_decoder=taew22)
+    assert [b for b, _ in seen["output"]] == [b for b, _ in seen["view"]] == [0]
+    z = seen["latents"]
+    out = load_decoder(wan22_files[0], torch.float32, "cpu", latent_space=None).stream(None)
+    ref = torch.cat([out.decode(b) for b in z], 2)  # the Wan2.2 VAE's own decode, written out here
+    assert ref.shape == (1, 3, 1 + 4 * 7, H22, W22)
+    assert torch.equal(images, ((ref[0].permute(1, 2, 3, 0) + 1) * 0.5).clamp(0, 1))
+    view = load_decoder(wan22_files[1], torch.float32, "cpu", latent_space=None).stream(None)
+    assert torch.equal(torch.cat([f for _, f in seen["view"]], 2), torch.cat([view.decode(b) for b in z], 2))
+
+
+def test_a_decoder_of_the_other_latent_space_is_refused_in_one_line_naming_both(wan22_files, model_5b, model,
+                                                                               no_engine):
+    for engine_model, file, w, h, message in (
+            (model_5b, loaded(TAEW), W22, H22, rf"^decoder: {TAEW} decodes Wan2.1 latents \(16 channels, 8x "
+                                               r"smaller\) but the model makes Wan2.2 latents \(48 channels"),
+            (model, loaded(WAN22), W, H, rf"^decoder: {WAN22} decodes Wan2.2 latents \(48 channels, 16x smaller\) "
+                                         r"but the model makes Wan2.1 latents \(16 channels")):
+        with pytest.raises(ValueError, match=message) as err:
+            with Recorder():
+                run("BlockCascadeSampler", model=engine_model, config=auto_config(), width=w, height=h, blocks=1,
+                    seed=0, positive=cond(), decoder=file)
+        assert len(str(err.value).splitlines()) == 1

@@ -273,6 +273,17 @@ def test_each_workflow_is_what_it_claims():
     (node,) = _by_type(cam, "BlockCascadeVideoToVideo")
     (clip_id,) = [k for k, n in cam.items() if n["class_type"] == "CLIPLoader"]
     assert node["live"] == "webcam" and "video" not in node and "image" not in node and node["clip"] == [clip_id, 0]
+    for name, family, image in (("longlive2_text_to_video.json", "longlive-2", False),
+                                ("longlive2_image_to_video.json", "longlive-2", True),
+                                ("causal_wan22_a14b_text_to_video.json", "causal-wan2.2-a14b", False)):
+        _, wf = load(name)
+        (cfg,) = _by_type(wf, "BlockCascadeConfig")
+        (smp,) = _by_type(wf, "BlockCascadeSampler")
+        (vae,) = _by_type(wf, "VAELoader")
+        assert cfg["family"] == family and smp["vae"][0] in wf
+        assert vae["vae_name"] == ("wan2.2_vae.safetensors" if family == "longlive-2" else "wan_2.1_vae.safetensors")
+        loads = [k for k, n in wf.items() if n["class_type"] == "LoadImage"]
+        assert ("start_image" in smp) == image and (smp["start_image"] == [loads[0], 0] if image else loads == [])
     for name in NAMES:
         _, api = load(name)
         types = {n["class_type"] for n in api.values()}
@@ -280,7 +291,7 @@ def test_each_workflow_is_what_it_claims():
         assert types & {"BlockCascadeSampler", "BlockCascadeVideoToVideo"}, name
         assert types & {"VAELoader", "BlockCascadeDecoderLoader"}, name  # something decodes the video
         (cv,) = _by_type(api, "CreateVideo")
-        assert cv["fps"] == 16.0
+        assert cv["fps"] == (24.0 if name.startswith("longlive2") else 16.0), name  # Wan2.2-TI2V-5B: 24 fps
 
 
 def _file_widgets(ui: dict):
