@@ -11,7 +11,6 @@ import torch
 from comfy_api.latest import io
 
 from cascade_core.common.constants import GIB
-from cascade_core.common.messages import first_line
 from cascade_core.model import attention as attention_backends
 from cascade_core.model.compiling import resolve_compile, use_disk_cache
 from cascade_core.sampling.context import CONTINUATION, START_IMAGE, context_notes, context_of, prefix_config
@@ -355,9 +354,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)
         if reporter is not None:
-            interrupted = type(exc).__name__ == "InterruptProcessingException"
-            # one line to the client: the full message and its trace stay in ComfyUI's log
-            reporter.done(error="interrupted" if interrupted else f"{type(exc).__name__}: {first_line(exc)}")
+            reporter.failed(exc)
         raise
     finally:
         steer.unregister(live)

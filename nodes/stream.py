@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from cascade_core.common.messages import first_line
 from cascade_core.sampling.loop import BlockEvent
 from cascade_core.video.frames import FramesEvent, FrameStream, FrameStreams, LatentRGBDecoder, video_frames
 
@@ -295,6 +296,12 @@ class Reporter:
         elif stopped:
             data["stopped"] = True
         self._emit("done", data)
+
+    def failed(self, exc: BaseException) -> None:
+        """The run's last event for a run that ``exc`` ended: one line to the client ("interrupted" for ComfyUI's
+        interrupt); the full message and its trace stay in ComfyUI's log."""
+        interrupted = type(exc).__name__ == "InterruptProcessingException"
+        self.done(error="interrupted" if interrupted else f"{type(exc).__name__}: {first_line(exc)}")
 
     def _video_slot(self, shape: torch.Size) -> torch.Tensor:
         """Where the next frames [N, H, W, 3] go: in a run of known length, their place in the whole video's tensor

@@ -24,7 +24,6 @@ import uuid
 import torch
 from comfy_api.latest import io
 
-from cascade_core.common.messages import first_line
 from cascade_core.model import attention as attention_backends
 from cascade_core.sampling.loop import Interrupted
 from cascade_core.sampling.v2v import video_to_video
@@ -134,8 +133,7 @@ def restyle(run, model, seed: int, clip, node_id: str) -> io.NodeOutput:
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)
         if reporter is not None:
-            interrupted = type(exc).__name__ == "InterruptProcessingException"
-            reporter.done(error="interrupted" if interrupted else f"{type(exc).__name__}: {first_line(exc)}")
+            reporter.failed(exc)
         raise
     finally:
         steer.unregister(steering)
