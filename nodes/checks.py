@@ -208,7 +208,7 @@ def context_kind(start_image, prefix, vae, width: int, height: int, context_fram
                  cfg: CascadeConfig | None = None) -> str | None:
     """What comes before block 0 by the sampler's optional inputs: ``context.START_IMAGE`` (with
     ``start_image``, which needs ``vae`` to be encoded; :data:`HELD_IMAGE` where ``cfg`` holds the image as block 0's
-    frame 0 instead, :func:`holds_image`), ``context.CONTINUATION`` (with ``prefix``) or
+    frame 0 instead, :attr:`CascadeConfig.holds_image`), ``context.CONTINUATION`` (with ``prefix``) or
     None. Raises ValueError naming the input for both at once, ``context_frames`` without a prefix, a
     start image without a VAE, one that is not a float IMAGE [B, H, W, C >= 3] (0..1), whose first
     image (the one encoded) holds NaN or infinite values, or whose centre crop to the aspect ratio of
@@ -239,20 +239,13 @@ def context_kind(start_image, prefix, vae, width: int, height: int, context_fram
         raise ValueError(f"start_image: its centre crop to the video's aspect ratio ({width} x {height}) keeps "
                          f"{kept_w:.3g} x {kept_h:.3g} of its {w} x {h} pixels, less than 2 either way; use a "
                          f"larger image, or one closer to that aspect ratio")
-    return HELD_IMAGE if cfg is not None and holds_image(cfg) else START_IMAGE
+    return HELD_IMAGE if cfg is not None and cfg.holds_image else START_IMAGE
 
 
 # ---- Wan2.2: a start image held as block 0's frame 0, decoders of the run's latent space -------------------------
 
 HELD_IMAGE = "held image"  # a start image that is block 0's frame 0 (LongLive 2.0), not a frame before block 0
 HELD_WORDS = "start image as block 0's frame 0 (held at timestep 0)"  # the settings line's context
-
-
-def holds_image(cfg: CascadeConfig) -> bool:
-    """Whether a start image is block 0's frame 0 under ``cfg`` (LongLive 2.0: the UniPC step rule; its
-    image-to-video, :func:`cascade_core.sampling.loop.generate`'s ``image_latent``), as the command line's
-    ``cli.prefix.holds_image`` decides; otherwise it is a context prefix before block 0."""
-    return getattr(cfg, "solver", None) == "unipc"
 
 
 def held_image(kind: str | None, session) -> None:

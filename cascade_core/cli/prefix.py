@@ -3,7 +3,7 @@
 encoded by the VAE encoder of the model's latent space (:mod:`video.vae_encode`: Wan2.1's, or Wan2.2's for
 a Wan2.2 model) where they are pixels; and the latents ``decode`` reads (:func:`latents_to_decode`).
 
-LongLive 2.0 (the families whose step rule is UniPC, :func:`holds_image`) takes a start image otherwise: not
+LongLive 2.0 (the families whose step rule is UniPC, :attr:`CascadeConfig.holds_image`) takes a start image otherwise: not
 as a frame before block 0 but as block 0's frame 0, held at timestep 0 in every forward
 (:func:`sampling.loop.generate`'s ``image_latent``; LongLive 2.0's image-to-video): the outputs hold no extra
 frame, block 0 starts with the image's latent frame. One device (the worker pool does not take it).
@@ -38,7 +38,7 @@ class PrefixInput:
     """A prefix as read from its file, before encoding. ``source``: "image", "latents" or "video";
     ``pixels`` [1, 3, T, H, W] in [-1, 1] to encode (image, video) or ``context`` [1, C, K, h, w]
     (latents); ``head`` [1, C, T - K, h, w]: the given latents before the context (latents only); ``held``: an
-    image that is block 0's frame 0 (LongLive 2.0, :func:`holds_image`), not a frame before block 0."""
+    image that is block 0's frame 0 (LongLive 2.0, :attr:`CascadeConfig.holds_image`), not a frame before block 0."""
     source: str
     path: str
     pixels: torch.Tensor | None = None
@@ -52,12 +52,6 @@ class PrefixInput:
         if self.held:
             return 0
         return self.context.shape[2] if self.context is not None else 1 + (self.pixels.shape[2] - 1) // 4
-
-
-def holds_image(cfg: CascadeConfig) -> bool:
-    """Whether a start image is block 0's frame 0 under ``cfg`` (LongLive 2.0: the UniPC step rule) rather than a
-    context prefix before block 0 (the Wan2.1 families)."""
-    return cfg.solver == "unipc"
 
 
 def _space_words(args) -> str:
@@ -79,7 +73,7 @@ def prefix_settings(args, cfg: CascadeConfig) -> tuple[CascadeConfig, list[str]]
     if args.image is None and args.continue_from is None:
         return cfg, []
     flag, path = ("--image", args.image) if args.image is not None else ("--continue", args.continue_from)
-    if args.image is not None and holds_image(cfg):
+    if args.image is not None and cfg.holds_image:
         return cfg, _held_image_settings(args)
     cfg, notes = prefix_config(cfg, START_IMAGE if args.image is not None else CONTINUATION)
     try:  # the engine's own rule of where a prefix is defined, before what it needs and the file
@@ -113,13 +107,13 @@ def read_prefix(args, cfg: CascadeConfig, plan: RunPlan | None = None) -> Prefix
     """The file of ``--image``/``--continue`` read and checked (after :func:`prefix_settings`), None
     without one: an image or the last frames of a video as pixels of the run's size, or the latents'
     context and head (``plan``: the run's, whose latent space the latents must be in; Wan2.1's without one).
-    Raises UsageError for latents of another size or latent space, or a held image (:func:`holds_image`) the
+    Raises UsageError for latents of another size or latent space, or a held image (:attr:`CascadeConfig.holds_image`) the
     plan cannot hold, CheckpointError for a file that cannot be read."""
     from ..video.vae_encode import load_image, load_video
 
     space = WAN21_LATENTS if plan is None else plan.latent_space
     if args.image is not None:
-        held = holds_image(cfg)
+        held = cfg.holds_image
         if held and plan is not None:  # the engine's rules for it, on a stand-in of its shape
             try:
                 check_image_latent(torch.zeros(1, space.channels, 1, *plan.shape[-2:]), plan)
@@ -170,7 +164,7 @@ def prefix_latents(prefix: PrefixInput, cfg: CascadeConfig, asked: int, vae: str
 def prefix_and_image(prefix: PrefixInput | None, plan: RunPlan, asked: int, vae: str, device: torch.device,
                      dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(context prefix, image latent) of a run, encoded (:func:`prefix_latents`, in the plan's latent space): a held
-    image (:func:`holds_image`) is the image latent [1, C, 1, h, w] (generate's ``image_latent``), anything else the
+    image (:attr:`CascadeConfig.holds_image`) is the image latent [1, C, 1, h, w] (generate's ``image_latent``), anything else the
     prefix; (None, None) without either."""
     if prefix is None:
         return None, None

@@ -106,6 +106,12 @@ class CascadeConfig:
         return self.kv_recompute + self.frames_per_block if self.kv_recompute else self.window
 
     @property
+    def holds_image(self) -> bool:
+        """Whether a start image is block 0's frame 0, held at timestep 0 (LongLive 2.0, the UniPC step rule:
+        ``generate``'s ``image_latent``) rather than a context prefix before block 0 (the Wan2.1 families)."""
+        return self.solver == "unipc"
+
+    @property
     def grid(self) -> BlockGrid:
         """Which latent frames each block holds."""
         return BlockGrid(self.frames_per_block, 1 if self.independent_first_frame else self.frames_per_block)
