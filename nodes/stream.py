@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from cascade_core.common.latent_space import WAN21_LATENTS, WAN22_LATENTS
 from cascade_core.common.messages import first_line
 from cascade_core.sampling.loop import BlockEvent
 from cascade_core.video.frames import FramesEvent, FrameStream, FrameStreams, LatentRGBDecoder, video_frames
@@ -100,23 +101,14 @@ def preview_decoder(latent_space=None):
     """The no-VAE preview: ComfyUI's own latent-to-RGB table of the run's latent space (that of its sampler
     previews: ``comfy.latent_formats.Wan21``, ``Wan22`` for Wan2.2 latents; None: Wan2.1), read at run time; a plain
     projection outside ComfyUI. Frames of the video's size: Wan2.2's 16 pixels a latent pixel too."""
-    wan22 = latent_space is not None and latent_space.spatial == 16
-    cls = _LatentRGB16 if wan22 else LatentRGBDecoder
+    space = latent_space or WAN21_LATENTS
     try:
         import comfy.latent_formats as formats
-        fmt = (formats.Wan22 if wan22 else formats.Wan21)()
-        return cls(fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
+        fmt = (formats.Wan22 if space == WAN22_LATENTS else formats.Wan21)()
+        return LatentRGBDecoder(fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None),
+                                spatial=space.spatial)
     except Exception:  # noqa: BLE001 - only outside ComfyUI or if its format moved
-        return cls()
-
-
-class _LatentRGB16(LatentRGBDecoder):
-    """LatentRGBDecoder's frames (8x the latents) upscaled 2x more: Wan2.2's 16 pixels a latent pixel."""
-
-    def rgb(self, z: torch.Tensor, first_block: bool) -> torch.Tensor:
-        frames = super().rgb(z, first_block)[0].transpose(0, 1)  # [F, 3, 8h, 8w]
-        wide = F.interpolate(frames, scale_factor=2, mode="bilinear", align_corners=False)
-        return wide.transpose(0, 1).unsqueeze(0)
+        return LatentRGBDecoder(spatial=space.spatial)
 
 
 class Reporter:

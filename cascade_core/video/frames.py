@@ -227,16 +227,18 @@ def load_decoder(path: str, dtype: torch.dtype, device: torch.device | str, kind
 
 
 class LatentRGBDecoder:
-    """A decoder-shaped cheap preview: a linear map of the 16 latent channels to RGB, upscaled 8x.
+    """A decoder-shaped cheap preview: a linear map of the latent channels to RGB, upscaled ``spatial`` times (the
+    latent space's pixels a latent pixel: 8 for Wan2.1, 16 for Wan2.2).
 
-    ``factors`` [16, 3] and ``bias`` [3] map normalised (DiT-space) latents to RGB in [-1, 1]
+    ``factors`` [C, 3] and ``bias`` [3] map normalised (DiT-space) latents to RGB in [-1, 1]
     (ComfyUI's latent formats carry such tables for their sampler previews, in that space), computed where the
     latents are (on a GPU a few small kernels, then a copy to the host). Same streaming interface and frame counts as
     the real decoders (first latent frame -> 1 frame, later ones -> 4 by repetition), so FrameStream
     takes it unchanged; without factors it shows the channel mean in grey.
     """
 
-    def __init__(self, factors=None, bias=None, device: torch.device | str = "cpu"):
+    def __init__(self, factors=None, bias=None, device: torch.device | str = "cpu", spatial: int = 8):
+        self.spatial = spatial
         self.factors = None if factors is None else torch.as_tensor(factors, dtype=torch.float32)
         self.bias = None if bias is None else torch.as_tensor(bias, dtype=torch.float32)
         self.device = torch.device(device)
@@ -246,14 +248,15 @@ class LatentRGBDecoder:
         return LatentRGBDecoder._Stream(self)
 
     def rgb(self, z: torch.Tensor, first_block: bool) -> torch.Tensor:
-        """Normalised latents [1, 16, T, h, w] -> frames [1, 3, F, 8h, 8w] in [-1, 1], computed where ``z`` is."""
-        z = z[0].float()  # [16, T, h, w]
+        """Normalised latents [1, C, T, h, w] -> frames [1, 3, F, s h, s w] in [-1, 1] (s: ``spatial``), computed
+        where ``z`` is."""
+        z = z[0].float()  # [C, T, h, w]
         if self.factors is not None and self.factors.shape[0] == z.shape[0]:
             rgb = torch.einsum("cthw,cr->trhw", z, self.factors.to(z.device))
             rgb = rgb if self.bias is None else rgb + self.bias.to(z.device).view(1, 3, 1, 1)
         else:
             rgb = z.mean(0, keepdim=True).transpose(0, 1).expand(-1, 3, -1, -1) * 0.5
-        rgb = torch.nn.functional.interpolate(rgb, scale_factor=8, mode="bilinear", align_corners=False)
+        rgb = torch.nn.functional.interpolate(rgb, scale_factor=self.spatial, mode="bilinear", align_corners=False)
         repeats = torch.full((rgb.shape[0],), 4, dtype=torch.long, device=rgb.device)
         repeats[0] = 1 if first_block else 4
         count = rgb.shape[0] * 4 - (3 if first_block else 0)  # given: no wait for the GPU to count them
