@@ -63,6 +63,12 @@ def prompt():
 
 
 @pytest.fixture(scope="module")
+def experts():
+    """A tiny two-expert model (the high- and the low-noise expert of causal Wan2.2-A14B): two random TINY DiTs."""
+    return WanModel.random(TINY, seed=0), WanModel.random(TINY, seed=1)
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One CPU thread for a module: the thread count changes the rounding of larger matrix products
     (comparisons with one-thread worker processes need the same), and small convolutions run no

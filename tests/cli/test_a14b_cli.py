@@ -11,7 +11,6 @@ from conftest import TINY
 from test_experts import write_pipeline
 
 from cascade_core.cli.command import main
-from cascade_core.model.dit import WanModel
 from cascade_core.model.experts import ExpertPair
 from cascade_core.sampling.families import family_config
 from cascade_core.sampling.loop import PromptSchedule, generate
@@ -24,11 +23,6 @@ SMALL = ["--width", str(W), "--height", str(H), "--quiet", "--dtype", "fp32"]
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread):
     """Tiny forwards: one thread is faster on a busy machine."""
-
-
-@pytest.fixture(scope="module")
-def experts():
-    return WanModel.random(TINY, seed=0), WanModel.random(TINY, seed=1)
 
 
 @pytest.fixture(scope="module")

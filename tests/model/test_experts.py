@@ -27,11 +27,6 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def experts():
-    return WanModel.random(TINY, seed=0), WanModel.random(TINY, seed=1)
-
-
-@pytest.fixture(scope="module")
 def embeds():
     return torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from conftest import TINY
 from oracles import noise_after_step, noise_levels, raw_noise_levels, renoised, starting_noise, x0_from_velocity
 
-from cascade_core.model.dit import WanModel
 from cascade_core.model.experts import ExpertPair
 from cascade_core.sampling.families import family_config, guess_family
 from cascade_core.sampling.loop import PromptSchedule, generate
@@ -23,16 +22,6 @@ SHIFT, BOUNDARY = 12.0, 875
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread):
     """Tiny forwards: one thread is faster on a busy machine."""
-
-
-@pytest.fixture(scope="module")
-def experts():
-    return WanModel.random(TINY, seed=0), WanModel.random(TINY, seed=1)
-
-
-@pytest.fixture(scope="module")
-def prompt():
-    return torch.randn(5, TINY.text_dim, generator=torch.Generator().manual_seed(3))
 
 
 def family(**given):
