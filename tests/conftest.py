@@ -26,6 +26,7 @@ sys.path[len(sys.path):] = [f for f in FOLDERS if f not in sys.path]
 from cascade_core.model.dit import WanConfig, WanModel  # noqa: E402
 
 TINY = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32)
+TINY_5B = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, in_dim=48, out_dim=48)  # Wan2.2 latents
 
 
 def tiny_models():

@@ -4,14 +4,14 @@ the image latent of image-to-video reach every rank, so the pool gives the singl
 at P1, to fp32 rounding at P3 (test_distributed.py's TOL and its reasons)."""
 import pytest
 import torch
+from conftest import TINY_5B as TINY48
 
 from cascade_core.distributed import WorkerPool
-from cascade_core.model.dit import WanConfig, WanModel
+from cascade_core.model.dit import WanModel
 from cascade_core.sampling.config import PromptSchedule
 from cascade_core.sampling.families import family_config
 from cascade_core.sampling.loop import generate
 
-TINY48 = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, in_dim=48, out_dim=48)
 W, H, BLOCKS, FRAMES = 64, 32, 6, 8  # Wan2.2 latents 2 x 4; six blocks of 8 roll the 32-frame window
 TOL = 1e-4
 

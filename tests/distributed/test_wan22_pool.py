@@ -4,13 +4,13 @@ single process's latents bit for bit, a prefix included; P2 agrees to fp32 round
 its reasons)."""
 import pytest
 import torch
+from conftest import TINY_5B
 from oracles import starting_noise
 
 from cascade_core.distributed import WorkerPool
-from cascade_core.model.dit import WanConfig, WanModel
+from cascade_core.model.dit import WanModel
 from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
 
-TINY_5B = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_dim=48, out_dim=48, text_dim=32)
 W, H = 64, 32  # Wan2.2 latents 4 x 2
 TOL = 1e-4
 

@@ -5,6 +5,7 @@ space's shape); P > 1 runs through the same generate, with the plan's 48-channel
 rules are the Wan2.2 latent space's."""
 import pytest
 import torch
+from conftest import TINY_5B
 from oracles import starting_noise
 from test_loop import plain_sequential_loop
 
@@ -14,7 +15,6 @@ from cascade_core.sampling.loop import CascadeConfig, PromptSchedule, generate
 from cascade_core.sampling.memory import estimate_run_bytes
 from cascade_core.sampling.plan import plan_run
 
-TINY_5B = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_dim=48, out_dim=48, text_dim=32)
 W, H = 128, 64  # pixels -> Wan2.2 latents 8 x 4 -> patches 4 x 2 = 8 tokens a frame
 FPB = 2
 

@@ -26,9 +26,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_5B as TINY48
 from test_unipc import ReferenceUniPC
 
-from cascade_core.model.dit import WanConfig, WanModel
+from cascade_core.model.dit import WanModel
 from cascade_core.sampling.config import SCENE_CUT_PREFIX, CascadeConfig, PromptSchedule, is_scene_cut
 from cascade_core.sampling.families import family_config
 from cascade_core.sampling.loop import generate
@@ -37,7 +38,6 @@ W, H = 64, 32  # Wan2.2 latents 2 x 4 (16 px a latent pixel) -> 1 x 2 = 2 tokens
 FRAMES, SLOTS, SINK, SHOT = 8, 32, 8, 8
 TPF = (H // 32) * (W // 32)
 TOLERANCE = 1e-5  # float32: the oracle's solver rounds apart from the engine's, the pool merges spans by log-sum-exp
-TINY48 = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, in_dim=48, out_dim=48)
 
 
 @pytest.fixture(scope="module")

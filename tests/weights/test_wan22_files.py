@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_models
+from conftest import TINY_5B, tiny_models
 
 from cascade_core.cli.command import main
 from cascade_core.common.latent_space import WAN21_LATENTS, WAN22_LATENTS
@@ -21,7 +21,6 @@ from cascade_core.weights.dit_names import diffusers_name
 from cascade_core.weights.probe import stored_decoder_space, stored_latent_space
 from cascade_core.weights.safe_io import CheckpointError, read_tensor_file, save_safetensors
 
-TINY_5B = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_dim=48, out_dim=48, text_dim=32)
 SMALL = ["--width", "64", "--height", "32", "--blocks", "2", "--steps", "1000,500", "--quiet", "--dtype", "fp32",
          "--device", "cpu", "--compile", "off"]
 # LongLive 2.0's LoRA: every nn.Linear inside each attention block (NVlabs/LongLive utils/lora_utils.py:19-66)
