@@ -85,6 +85,19 @@ def parse_arguments(argv: list[str] | None, description: str):
     return a, device, size, dtype, steps, levels
 
 
+def steps_and_levels(steps: str, parallel: str, beyond_steps: int) -> tuple[tuple[int, ...], list[int]]:
+    """``--steps`` and ``--parallel`` read: (the step list, the parallelism levels to time); ``--parallel all`` is
+    1 .. steps + ``beyond_steps`` (a block's forwards: its steps, plus its clean pass where it has one). UsageError
+    for anything but comma-separated integers."""
+    try:
+        step_list = tuple(int(t) for t in steps.split(","))
+        if parallel == "all":
+            return step_list, list(range(1, len(step_list) + beyond_steps + 1))
+        return step_list, [int(p) for p in parallel.split(",")]
+    except ValueError:
+        raise UsageError(f"--steps {steps} --parallel {parallel}: comma-separated integers (or --parallel all)") from None
+
+
 def checked_device(a) -> torch.device:
     """--device (one device that this machine has) and --devices (the pool's list), by the one parser
     of device names; the endless runs are single-device, as the engine's own check says."""
@@ -134,12 +147,7 @@ def checked_arguments(a, device: torch.device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for backend in a.backend.split(","):
         check_backend(backend, device, dtype, flag="--backend")
-    try:
-        steps = tuple(int(t) for t in a.steps.split(","))
-        levels = list(range(1, len(steps) + 2)) if a.parallel == "all" else [int(p) for p in a.parallel.split(",")]
-    except ValueError:
-        raise UsageError(f"--steps {a.steps} --parallel {a.parallel}: comma-separated integers "
-                         f"(or --parallel all)") from None
+    steps, levels = steps_and_levels(a.steps, a.parallel, beyond_steps=1)
     for p in levels:
         for flashblock in a.flashblock.split(","):
             try:

@@ -37,13 +37,14 @@ from ..common.messages import first_line
 from ..model import attention
 from ..model.dit import WanModel
 from ..sampling.config import PromptSchedule
+from ..sampling.plan import latent_size
 from ..sampling.v2v import video_to_video
 from ..sampling.v2v_config import V2VConfig, taken_chunks, video_chunks
 from ..video.frames import FrameStream
 from ..video.vae import WanVAEDecoder
 from ..video.vae_encode import StreamEncoder
 from .bench import emit
-from .bench_args import SIZES
+from .bench_args import SIZES, steps_and_levels
 from .checks import UsageError, check_backend
 from .inputs import resolve_device
 from .parser import OneLineParser
@@ -205,16 +206,13 @@ def parse_arguments(argv: list[str] | None):
         for flag, value, least in (("--chunks", a.chunks, 2), ("--runs", a.runs, 1), ("--vae-dim", a.vae_dim, 1)):
             if value is not None and value < least:
                 raise UsageError(f"{flag} must be at least {least}, got {value}")
-        if a.width % 16 or a.height % 16 or a.width < 16 or a.height < 16:
-            raise UsageError(f"--width and --height must be positive multiples of 16, got {a.width}x{a.height}")
+        try:
+            latent_size(a.width, a.height, SIZES[size].patch_size, SIZES[size].latent_space)
+        except ValueError as exc:
+            raise UsageError(first_line(exc)) from None
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         check_backend(a.backend, device, dtype, flag="--backend")
-        try:
-            steps = tuple(int(t) for t in a.steps.split(","))
-            levels = list(range(1, len(steps) + 1)) if a.parallel == "all" else [int(p) for p in a.parallel.split(",")]
-        except ValueError:
-            raise UsageError(f"--steps {a.steps} --parallel {a.parallel}: comma-separated integers "
-                             f"(or --parallel all)") from None
+        steps, levels = steps_and_levels(a.steps, a.parallel, beyond_steps=0)  # no clean pass
         try:
             for p in levels:
                 V2VConfig(steps=steps, parallel=p).validate()

@@ -84,7 +84,7 @@ def test_bad_arguments_are_refused_in_one_line_before_any_work(capsys, monkeypat
                           (["--parallel", "1,x"], "comma-separated integers"),
                           (["--chunks", "1"], "--chunks must be at least 2"),
                           (["--runs", "0"], "--runs must be at least 1"),
-                          (["--width", "40"], "positive multiples of 16"),
+                          (["--width", "40"], "width must be a positive multiple of 16"),
                           (["--backend", "cudnn"], "--backend: attention backend cudnn is not available"),
                           (["--bogus"], "unrecognized arguments: --bogus")):
         with pytest.raises(SystemExit) as stop:
