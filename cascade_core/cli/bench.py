@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from ..common.constants import TEXT_TOKENS
+from ..common.constants import LATENT_CHANNELS, TEXT_TOKENS
 from ..model import attention
 from ..model.attention_libraries import LIBRARY_KERNELS
 from ..model.dit import WanModel
@@ -23,8 +23,9 @@ from ..sampling.config import CascadeConfig, PromptSchedule
 from ..sampling.loop import generate
 from ..sampling.schedule import CascadeSchedule
 from ..video.frames import FrameStream, video_frames
-from ..video.taew import LightTAEDecoder, TinyWanDecoder
+from ..video.taew import LightTAE22Decoder, LightTAEDecoder, TinyWan22Decoder, TinyWanDecoder
 from ..video.vae import WanVAEDecoder
+from ..video.vae22 import Wan22VAEDecoder
 from .bench_args import SIZES, parse_arguments, run_config
 
 
@@ -74,14 +75,18 @@ def timed_runs(model, embeds, cfg, a, device, tag):
         yield res, time.perf_counter() - t0
 
 
-def bench_decoder(kind: str, device: torch.device):
+def bench_decoder(kind: str, device: torch.device, wan22: bool = False):
     """A decoder with random weights (one of :data:`BENCH_DECODERS`): the Wan VAE's (``wan``), LightVAE's
-    (``lightvae``, the Wan decoder at base width 24), taew2_1's (``taew``) or LightTAE's (``lighttae``); the
-    released widths on a GPU (fp16), tiny ones elsewhere (float32)."""
+    (``lightvae``, the Wan decoder at base width 24), taew2_1's (``taew``) or LightTAE's (``lighttae``); with
+    ``wan22`` (a model of Wan2.2 latents) the Wan2.2 VAE's, taew2_2's or lighttaew2_2's (no Wan2.2 LightVAE);
+    the released widths on a GPU (fp16), tiny ones elsewhere (float32)."""
     gpu = device.type == "cuda"
     if kind in ("taew", "lighttae"):
-        tiny = TinyWanDecoder if kind == "taew" else LightTAEDecoder
+        tiny = {(False, "taew"): TinyWanDecoder, (False, "lighttae"): LightTAEDecoder,
+                (True, "taew"): TinyWan22Decoder, (True, "lighttae"): LightTAE22Decoder}[wan22, kind]
         decoder = tiny() if gpu else tiny((8, 8, 8, 8))
+    elif wan22:
+        decoder = Wan22VAEDecoder(dim=256 if gpu else 8)
     else:
         decoder = WanVAEDecoder(dim=(96 if kind == "wan" else 24) if gpu else 8)
     return decoder.to(device, torch.float16 if gpu else torch.float32).eval()
@@ -91,11 +96,11 @@ def end_to_end(model, embeds, levels, a, device, size, steps, kind: str) -> None
     """Streaming decoder ``kind`` alone, then DiT + decode, with the time from the run's start to its first
     frames handed out: the decode on its own CUDA stream beside the next blocks' DiT work (``overlap``), and
     each block decoded while the DiT waits (what overlapping buys on one GPU, where both are compute-bound)."""
-    decoder = bench_decoder(kind, device)
+    decoder = bench_decoder(kind, device, wan22=model.cfg.latent_space.channels != LATENT_CHANNELS)
     generate_run = runner(a)  # with --devices: the DiT on the pool's devices, the decoder on --device
     lat = generate_run(model, PromptSchedule.single(embeds), run_config(a, steps, levels[0]), blocks=a.blocks,
                        width=a.width, height=a.height, seed=0).latents.to(device)
-    fpb = CascadeConfig().frames_per_block
+    fpb = run_config(a, steps, levels[0]).frames_per_block
     for per_pass in (1, None):  # one latent frame per decoder pass, or a whole block
         for r in range(a.runs + 1):  # the first is the warm-up
             sync(device)

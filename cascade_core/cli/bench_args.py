@@ -61,7 +61,8 @@ def parse_arguments(argv: list[str] | None, description: str):
     ap.add_argument("--decoder", default="wan",
                     help="with --vae: decoders to time, of wan (the Wan2.1 VAE's), lightvae (LightVAE: the Wan "
                          "decoder pruned to base width 24), taew (the taew2_1 preview decoder) and lighttae "
-                         "(LightTAE), e.g. wan,lightvae,taew,lighttae")
+                         "(LightTAE), e.g. wan,lightvae,taew,lighttae; with a Wan2.2 --size: wan, taew and lighttae "
+                         "are the Wan2.2 VAE, taew2_2 and lighttaew2_2")
     ap.add_argument("--switch-every", type=int, default=0, metavar="N",
                     help="also time every tick of runs whose prompt switches every N blocks")
     ap.add_argument("--switch-mode", default="none", help="switch modes of --switch-every and --steer-runs runs: "
@@ -125,8 +126,9 @@ def checked_arguments(a, device: torch.device):
         a.sink = 0 if a.sink is None else a.sink
     elif a.steps is None:
         a.steps = ",".join(str(t) for t in family_config(a.family).steps)
-    if a.vae and SIZES[size].in_dim != LATENT_CHANNELS:
-        raise UsageError(f"--vae times the Wan2.1 decoders; --size {size} makes Wan2.2 latents (not timed here)")
+    if a.vae and SIZES[size].in_dim != LATENT_CHANNELS and "lightvae" in a.decoder.split(","):
+        raise UsageError(f"--decoder lightvae is Wan2.1's LightVAE; --size {size} makes Wan2.2 latents (wan, taew "
+                         "and lighttae time the Wan2.2 VAE, taew2_2 and lighttaew2_2)")
     if not set(a.decoder.split(",")) <= set(BENCH_DECODERS):
         raise UsageError(f"--decoder {a.decoder}: choose from {', '.join(BENCH_DECODERS)} (comma-separated)")
     if a.decoder != "wan" and not a.vae:

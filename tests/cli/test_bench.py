@@ -63,6 +63,26 @@ def test_end_to_end_rows_per_decoder_count_the_videos_frames_and_the_first_frame
     assert {r["decoder"] for r in out if r["figure"] == "vae_stream"} == {"wan", "lighttae"}
 
 
+def test_a_wan22_size_times_the_wan22_decoders_on_blocks_of_its_familys_length(capsys, one_thread, monkeypatch):
+    """--size tiny-5b (LongLive 2.0's shapes, 48 latent channels) with --vae: the Wan2.2 VAE and taew2_2 decode its
+    blocks of 8 latent frames (2 blocks: 1 + 4 * 15 = 61 frames); Wan2.1's LightVAE is refused in one line."""
+    built = []
+    for name in ("Wan22VAEDecoder", "TinyWan22Decoder", "WanVAEDecoder", "TinyWanDecoder"):
+        cls = getattr(bench, name)
+        monkeypatch.setattr(bench, name, lambda *a, _cls=cls, _name=name, **k: built.append(_name) or _cls(*a, **k))
+    bench.main(["--size", "tiny-5b", "--width", "64", "--height", "32", "--blocks", "2", "--runs", "1",
+                "--parallel", "1", "--vae", "--decoder", "wan,taew"])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert built == ["Wan22VAEDecoder", "TinyWan22Decoder"]
+    ends = [r for r in out if r["figure"] == "end_to_end"]
+    assert len(ends) == 8 and all(r["frames"] == 61 for r in ends)
+    assert {r["latent_frames"] for r in out if r["figure"] == "vae_stream"} == {16}
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--size", "tiny-5b", "--vae", "--decoder", "wan,lightvae"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "--decoder lightvae is Wan2.1's LightVAE" in err[0], err
+
+
 def test_bad_backends_and_a_decoder_without_vae_are_refused_before_any_work(capsys, monkeypatch):
     """Every --backend is checked first (cudnn on the CPU would fail only after the earlier backends'
     runs); one line on stderr, exit 2, no model built."""
