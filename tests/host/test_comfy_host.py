@@ -383,13 +383,15 @@ def preview_frames(host, images: list) -> list:
                        dtype=np.float32) / 255 for im in images]
 
 
-def shipped_with_tiny_models(host, name: str, blocks: int, model_name: str) -> dict:
+def shipped_with_tiny_models(host, name: str, blocks: int, model_name: str | None) -> dict:
     """A shipped API workflow run on this machine's tiny files: the DiT copied under the released-looking
-    ``model_name`` (the loader reads the family off it), prompt texts as tiny embeddings, 32 x 32."""
+    ``model_name`` (the loader reads the family off it; None: the workflow's own name kept, for a file the
+    caller placed there), prompt texts as tiny embeddings, 32 x 32."""
     with open(os.path.join(ROOT, "workflows", "api", name)) as f:
         wf = json.load(f)
     folder = os.path.join(host.base, "models", "diffusion_models")
-    shutil.copyfile(os.path.join(folder, DIT), os.path.join(folder, model_name))
+    if model_name is not None:
+        shutil.copyfile(os.path.join(folder, DIT), os.path.join(folder, model_name))
     texts = 0
     for node in wf.values():
         ins, ct = node["inputs"], node["class_type"]
@@ -397,7 +399,7 @@ def shipped_with_tiny_models(host, name: str, blocks: int, model_name: str) -> d
             node.update(class_type="BlockCascadeEmbedsLoader", inputs={"embeds": EMBEDS[texts % 2]})
             texts += 1
         elif ct == "BlockCascadeModelLoader":
-            ins.update(model_name=model_name, dtype="fp32", lora="none")
+            ins.update(model_name=model_name or ins["model_name"], dtype="fp32", lora="none")
         elif ct == "VAELoader":
             ins["vae_name"] = VAE
         elif ct == "BlockCascadeSampler":
