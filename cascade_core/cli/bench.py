@@ -104,13 +104,16 @@ def end_to_end(model, embeds, levels, a, device, size, steps, kind: str) -> None
     for per_pass in (1, None):  # one latent frame per decoder pass, or a whole block
         for r in range(a.runs + 1):  # the first is the warm-up
             sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             stream = decoder.stream(per_pass)
             for b in range(a.blocks):
                 stream.decode(lat[:, :, b * fpb:(b + 1) * fpb])
             stream.synchronize()
             emit(figure="vae_stream", size=size, decoder=kind, frames_per_pass=per_pass or fpb, run=r - 1,
-                 seconds=round(time.perf_counter() - t0, 4), latent_frames=lat.shape[2])
+                 seconds=round(time.perf_counter() - t0, 4), latent_frames=lat.shape[2],
+                 peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
     for p, overlap in itertools.product(levels, (True, False)):  # decode beside the DiT, or after each block
         cfg = run_config(a, steps, p, a.flashblock.split(",")[-1], fold_clean=a.fold_clean)
         for r in range(a.runs + 1):

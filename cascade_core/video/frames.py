@@ -55,10 +55,12 @@ class FrameStream:
 
     def __init__(self, decoder, on_frames: Callable[[FramesEvent], None] | None = None, keep: bool = True,
                  frames_per_pass: int | None = None, should_stop: Callable[[], bool] | None = None):
-        # a whole block per decoder pass: faster than one latent frame per pass on an H100 at 832x480
-        # (bench --vae times both), for a few GB more activation memory. With ``should_stop`` on the
-        # CPU, where a decode holds the caller, one latent frame per pass, and a stop is looked for
-        # between passes (raising cascade_core.sampling.loop.Interrupted).
+        # by default the decoder's pass (``decoder.pass_frames``), else a whole block per pass: faster than one
+        # latent frame per pass on an H100 at 832x480 (bench --vae times both), for a few GB more activation
+        # memory. With ``should_stop`` on the CPU, where a decode holds the caller, one latent frame per pass, and
+        # a stop is looked for between passes (raising cascade_core.sampling.loop.Interrupted).
+        if frames_per_pass is None:
+            frames_per_pass = decoder.pass_frames
         if should_stop is not None and frames_per_pass is None and torch.device(decoder.device).type == "cpu":
             frames_per_pass = 1
         self.stream = decoder.stream(frames_per_pass, should_stop)
@@ -236,6 +238,8 @@ class LatentRGBDecoder:
     the real decoders (first latent frame -> 1 frame, later ones -> 4 by repetition), so FrameStream
     takes it unchanged; without factors it shows the channel mean in grey.
     """
+
+    pass_frames = None  # FrameStream's pass: a whole block (see LatentVideoDecoder)
 
     def __init__(self, factors=None, bias=None, device: torch.device | str = "cpu", spatial: int = 8):
         self.spatial = spatial

@@ -120,6 +120,9 @@ class Wan22VAEDecoder(LatentVideoDecoder):
     Normalised latents [B, 48, T, h, w] -> frames [B, 3, F, 16h, 16w] (see the module)."""
 
     latent_space = WAN22_LATENTS
+    # one latent frame a pass: a whole block of LongLive 2.0 (8 latent frames, 29-32 frames at 704 x 1280) a pass
+    # peaked 21 GiB higher on an H100 and was not faster (BENCHMARKS.md, issue 29 section)
+    pass_frames = 1
 
     def __init__(self, dim: int = 256):
         super().__init__()

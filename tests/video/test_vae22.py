@@ -129,6 +129,21 @@ def test_streamed_decode_equals_diffusers(ours, expected, sizes, per_pass):
     torch.testing.assert_close(frames, expected, atol=1e-5, rtol=0)
 
 
+def test_frame_streams_decode_the_wan22_vae_one_latent_frame_a_pass(ours, expected):
+    """FrameStream's default pass is the decoder's: one latent frame for the Wan2.2 VAE (a whole LongLive 2.0 block
+    a pass peaked 21 GiB higher at 704 x 1280), a whole block for the Wan2.1 VAE; the frames are the same either way."""
+    from cascade_core.sampling.loop import BlockEvent
+    from cascade_core.video.frames import FrameStream
+
+    stream = FrameStream(ours)
+    assert stream.stream.frames_per_pass == 1
+    assert FrameStream(WanVAEDecoder(dim=8)).stream.frames_per_pass is None
+    z = latents(5)
+    for i, (a, b) in enumerate(((0, 2), (2, 5))):
+        stream.push(BlockEvent(i, z[:, :, a:b], 0, 0.0))
+    torch.testing.assert_close(stream.finish(), expected, atol=1e-5, rtol=0)
+
+
 def test_both_layouts_load_the_same_decoder(ours, files):
     theirs_layout = load_decoder(files["diffusers"], torch.float32, "cpu", latent_space=None)
     assert type(theirs_layout) is Wan22VAEDecoder
