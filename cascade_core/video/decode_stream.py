@@ -107,7 +107,8 @@ class StreamingDecode:
     At most ``frames_per_pass`` latent frames go through the network at once (None: a whole block),
     which bounds the activation memory and does not change the result.
 
-    On CUDA the work runs on this object's own CUDA stream:
+    On CUDA the work runs on this object's own CUDA stream, of high priority (the GPU's block scheduler picks its
+    kernels before those of normal-priority streams, such as the DiT's):
     - it starts after everything queued on the current stream of ``z``'s device (of the decoder's
       device for latents in host memory) when ``decode_async`` is called, so ``z`` may still be
       being computed there; ``z`` may be freed right away, but must not be written to until
@@ -131,7 +132,9 @@ class StreamingDecode:
         self.latent_frames = 0  # decoded so far in this video
         self._shape: tuple[int, int, int] | None = None  # (B, h, w) of this video
         device = decoder.device
-        self._cuda = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # high priority: a block's decode runs ahead of the DiT kernels queued after it (the next block's), so its
+        # frames come out a decode's time after its latents, not after the GPU has shared out the next block's work
+        self._cuda = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Frames of the next block (see :meth:`decode_async`), ready on the caller's current stream."""
@@ -220,6 +223,7 @@ class LatentVideoDecoder(nn.Module):
     """
 
     latent_space: LatentSpace = WAN21_LATENTS  # the latents it decodes (channels, normalisation, compression)
+    pass_frames: int | None = None  # latent frames a pass of FrameStream's decodes (None: a whole block)
 
     @property
     def device(self) -> torch.device:

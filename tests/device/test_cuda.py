@@ -239,6 +239,13 @@ def test_vae_uploads_host_latents_without_stalling_the_host():
     assert frames.shape == plain.shape == (1, 3, 9, 64, 128) and (frames - plain).abs().max() < 0.05
 
 
+def test_the_decode_stream_runs_ahead_of_the_dit():
+    """The decoder's CUDA stream has a higher priority than the default stream the DiT runs on (a lower number),
+    so a block's frames are not held back by the next block's queued DiT kernels."""
+    stream = _tiny_vae_on_cuda().stream(None)
+    assert stream._cuda.priority < torch.cuda.current_stream().priority
+
+
 @pytest.mark.parametrize("kind,dtype,tol", [("wan", torch.float32, 1e-4), ("krea", torch.float32, 1e-4),
                                              ("wan", torch.float16, 2e-2), ("lighttae", torch.float16, 2e-2)])
 def test_decoders_on_the_gpu_stream_the_frames_of_the_cpu(kind, dtype, tol):
