@@ -63,7 +63,8 @@ class BlockCascadeConfig(io.ComfyNode):
                                          "it at its later steps."),
                 io.Combo.Input("family", options=FAMILY_CHOICES, default="auto", optional=True,
                                tooltip="Checkpoint family whose reference settings fill every input left to it "
-                                       "(auto: the family the model's file name says, else self-forcing). "
+                                       "(auto: the family the model's file name says, else longlive-2 for a Wan2.2 5B model, "
+                                       "self-forcing for another). "
                                        + FAMILY_TIP),
                 io.Int.Input("frames_per_block", default=0, min=0, max=64, optional=True,
                              tooltip="Latent frames per block: 3 chunk-wise (Self-Forcing, CausVid, LongLive), "

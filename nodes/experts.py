@@ -13,7 +13,7 @@ import torch
 from cascade_core.model.dit import WanModel
 from cascade_core.model.experts import DEFAULT_BOUNDARY, ExpertPair
 from cascade_core.weights.checkpoint import load_dit, load_expert_pair
-from cascade_core.weights.expert_files import EXPERT_FOLDERS, expert_folders
+from cascade_core.weights.expert_files import pair_folder_of
 
 from .values import FileModel, state_dict_bytes
 
@@ -54,15 +54,6 @@ class PairModel(FileModel):
         c = self.cfg
         return (f"{self.label}: two Wan DiT experts (high- and low-noise, boundary timestep {self.model.boundary}), "
                 f"width {c.dim}, {c.num_layers} layers, {c.num_heads} heads each")
-
-
-def pair_folder_of(path: str) -> str | None:
-    """The two-expert folder that the file ``path`` lies in (in its transformer/ or transformer_2/), else None."""
-    parent = os.path.dirname(os.path.abspath(path))
-    root = os.path.dirname(parent)
-    if os.path.basename(parent) in EXPERT_FOLDERS and expert_folders(root) is not None:
-        return root
-    return None
 
 
 def load_pair(path: str, low_path: str | None, dtype: torch.dtype, weight_dtype: str = "default",

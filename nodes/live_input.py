@@ -4,10 +4,11 @@ Contract:
   POST /block_cascade/webcam/{node}?run=RUN   body: one JPEG or PNG image (the widget's canvas, toBlob)
     200 {"taken": true, "width": W, "height": H, "dropped": D}: the frame went into the run's webcam source
         (resized to W x H, the run's size: post at that size; D frames were dropped so far, unseen, because
-        they came faster than the run takes them; see :mod:`cascade_core.video.sources` for the latency bound);
-    400 {"error": one line}: an empty body, no JPEG/PNG image, or one over 4K (sources.MAX_PIXELS pixels);
-    409 {"error": one line}: node ``node`` is not running, its run reads no webcam, or ``run`` is given and
-        names another run than the one going on (a page still sending for an earlier run);
+        they came faster than the run takes them; see :mod:`cascade_core.video.live_sources` for the latency bound);
+    400 {"error": one line}: an empty body, no JPEG/PNG image, or one over 4K (live_sources.MAX_PIXELS pixels);
+    409 {"error": one line}: node ``node`` is not running (its run has ended, even while this frame was being
+        decoded: the frame went nowhere), its run reads no webcam, or ``run`` is given and names another run
+        than the one going on (a page still sending for an earlier run);
     413 {"error": one line}: a body over MAX_BODY bytes;
     429 {"error": one line}: MAX_DECODING frames of the node are being decoded already (post one at a time).
 
@@ -15,8 +16,8 @@ The registry (:func:`register`, :func:`unregister`, or :func:`run_source` for bo
 :class:`Receiving` per sampler node while it runs, as :mod:`nodes.steer` holds its steered prompts: the
 server's thread pushes the posted frames into the run's :class:`PushedSource`, the sampler's thread takes
 them chunk by chunk. The route is added to ComfyUI's server when this module is imported inside it
-(:func:`register_route`). Bounded: a body (MAX_BODY), a frame's pixels (sources.MAX_PIXELS), decodes at once per node
-(MAX_DECODING) and the frames held (the source's buffer: newest kept, older dropped).
+(:func:`register_route`). Bounded: a body (MAX_BODY), a frame's pixels (live_sources.MAX_PIXELS), decodes at once
+per node (MAX_DECODING) and the frames held (the source's buffer: newest kept, older dropped).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import asyncio
 import contextlib
 import threading
 
-from cascade_core.video.sources import LIVE_CAPACITY, WEBCAM, PushedSource, open_source
+from cascade_core.video.live_sources import LIVE_CAPACITY, WEBCAM, PushedSource
+from cascade_core.video.sources import open_source
 
 from . import routes
 
@@ -78,25 +80,32 @@ def run_source(node, run, given, width: int, height: int, capacity: int = LIVE_C
         source.close()
 
 
+def _not_running(node) -> tuple[int, dict]:
+    return 409, {"error": f"node {node} is not running"}
+
+
 def submit(node, run, raw: bytes) -> tuple[int, dict]:
     """Check a posted frame and push it into the running node's webcam source: (HTTP status, JSON answer)
     as the module docstring lists them (the body's size is the handler's check)."""
     with _lock:
         entry = _running.get(str(node))
         if entry is None:
-            return 409, {"error": f"node {node} is not running"}
+            return _not_running(node)
         if run is not None and str(run) != entry.run:
             return 409, {"error": f"node {node} is running another run ({entry.run}), not {run}; start the webcam "
                                   f"again for this run"}
         if entry.source is None:
             return 409, {"error": f"node {node} reads no webcam: its run takes its video from another input"}
+        if entry.source.buffer.ended:
+            return _not_running(node)
         if entry.decoding >= MAX_DECODING:
             return 429, {"error": f"{MAX_DECODING} frames of node {node} are being decoded; post one at a time"}
         entry.decoding += 1
     try:
         if not raw:
             return 400, {"error": "the body must be one JPEG or PNG image (the frame), got an empty body"}
-        entry.source.push_image(raw)
+        if not entry.source.push_image(raw):  # the run ended while it was decoded
+            return _not_running(node)
     except ValueError as exc:
         return 400, {"error": str(exc).splitlines()[0]}
     finally:

@@ -6,6 +6,7 @@ A run ends in one of three ways, and each hands on what it made:
   were written to as they streamed (:mod:`nodes.recording`);
 - a run of known length stopped by Cancel: the latents and frames of the blocks already final (decoded before
   it ends), and an MP4 of those frames written into ComfyUI's output folder then.
+Every MP4 plays at the frame rate of the run's latent space (:attr:`LatentSpace.fps`: Wan2.1 16, Wan2.2 24).
 In both stopped cases ComfyUI's interrupt is consumed, so the prompt ends as a finished one does and the nodes
 after the sampler run on what was made; the widget is told ``stopped`` with the MP4's name.
 """
@@ -117,7 +118,7 @@ def stopped(run, final_latents: list[torch.Tensor], reporter, before) -> io.Node
         reporter.done(stopped=True)
         return None
     images = reporter.images()
-    video = save_frames(images)
+    video = save_frames(images, latent_space(run).fps)
     reporter.done(stopped=True, video=video.file())
     raw = latent_space(run).to_raw(torch.cat(final_latents, 2).float()).cpu()
     if before is not None:
@@ -126,9 +127,10 @@ def stopped(run, final_latents: list[torch.Tensor], reporter, before) -> io.Node
     return io.NodeOutput({"samples": raw}, images, ui=video.ui())
 
 
-def save_frames(images: torch.Tensor) -> recording.Recording:
-    """Frames [F, H, W, 3] in 0..1 written to a finalised MP4 at the next free name in ComfyUI's output folder."""
-    video = recording.Recording(stream.FPS)
+def save_frames(images: torch.Tensor, fps: int = stream.FPS) -> recording.Recording:
+    """Frames [F, H, W, 3] in 0..1 written to a finalised MP4 at the next free name in ComfyUI's output folder,
+    playing at ``fps`` (the run's latent space's, :attr:`LatentSpace.fps`; default Wan2.1's 16)."""
+    video = recording.Recording(fps)
     try:
         for at in range(0, images.shape[0], SAVE_CHUNK):
             video.write_pixels((images[at:at + SAVE_CHUNK] * 255).round().to(torch.uint8), at)  # [n, H, W, 3]

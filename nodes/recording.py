@@ -18,7 +18,8 @@ UI_KEY = "block_cascade_video"  # the node's UI output naming the MP4 (see the m
 
 
 class Recording(VideoWriter):
-    """An MP4 at the next free ``PREFIX`` name in ComfyUI's output folder (the folder made if needed)."""
+    """An MP4 at the next free ``PREFIX`` name in ComfyUI's output folder (the folder made if needed), playing at
+    ``fps`` frames per second (the run's latent space's, :attr:`LatentSpace.fps`)."""
 
     def __init__(self, fps: int):
         import folder_paths

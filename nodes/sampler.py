@@ -14,7 +14,7 @@ from cascade_core.common.constants import GIB
 from cascade_core.model import attention as attention_backends
 from cascade_core.model.compiling import resolve_compile, use_disk_cache
 from cascade_core.sampling.context import CONTINUATION, START_IMAGE, context_notes, context_of, prefix_config
-from cascade_core.sampling.families import get_family
+from cascade_core.sampling.families import DEFAULT_FAMILY, check_family_model, default_family, get_family, model_words
 from cascade_core.sampling.loop import Interrupted
 from cascade_core.sampling.memory import blocks_to_swap, cheaper_settings, placement_words
 from cascade_core.sampling.plan import SteeringRefused
@@ -188,9 +188,12 @@ class Checked:
 def check(model, config, width, height, blocks, positive, schedule, vae, start_image, prefix, context_frames,
           clip, decoder=None, preview_decoder=None) -> Checked:
     """Every check of a sampler run (ValueError naming the input at fault), before anything touches a GPU."""
-    guess = getattr(model, "family", None)
+    guess = getattr(model, "family", None)  # (family, why) read off its files, else a Wan2.2 5B DiT's own
+    if guess is None and default_family(model.cfg.in_dim) != DEFAULT_FAMILY:
+        guess = (default_family(model.cfg.in_dim), f"{model.label} is {model_words(model.cfg.in_dim)}")
     cfg, family, assumed = config.config_for(guess[0] if guess else None,
                                              schedule.switch_mode if schedule is not None else "auto")
+    check_family_model(family, model.cfg.in_dim, model.experts, model.label)  # the CLI's one rule
     if family == "streamdiffusionv2":  # video-to-video: it needs a video in
         raise ValueError("family streamdiffusionv2 restyles a video: use the Block Cascade Video-to-Video node")
     space = model.cfg.latent_space  # the model's latents' channels and size (Wan2.1: 16, 8 px; Wan2.2: 48, 16 px)
@@ -320,7 +323,7 @@ def sample(run: Checked, model, vae, start_image, seed: int, clip, node_id: str)
                                    progress=progress,
                                    settings=run.settings_text, clean_pass=clean_pass,
                                    keep_frames=4 * cfg.attended_window if endless else None,  # 4 a latent frame
-                                   recording=recording.Recording(stream.FPS) if endless else None,
+                                   recording=recording.Recording(plan.latent_space.fps) if endless else None,
                                    steerable=clip is not None, compiling=compiling,
                                    scheduled=tuple(b for b, _ in run.prompts.entries if b > 0), preview=preview)
         log.info("Block Cascade: %s", run.settings_text)

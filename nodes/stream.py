@@ -50,7 +50,7 @@ from . import mjpeg
 
 log = logging.getLogger("block_cascade")
 
-FPS = 16
+FPS = WAN21_LATENTS.fps  # a Wan2.1 run's; a run's own is its decoder's latent space's (:func:`fps_of`)
 PREVIEW_MAX = 320
 JPEG_QUALITY = 80
 STATE_INTERVAL = 0.1
@@ -106,9 +106,15 @@ def preview_decoder(latent_space=None):
         import comfy.latent_formats as formats
         fmt = (formats.Wan22 if space == WAN22_LATENTS else formats.Wan21)()
         return LatentRGBDecoder(fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None),
-                                spatial=space.spatial)
+                                latent_space=space)
     except Exception:  # noqa: BLE001 - only outside ComfyUI or if its format moved
-        return LatentRGBDecoder(spatial=space.spatial)
+        return LatentRGBDecoder(latent_space=space)
+
+
+def fps_of(decoder) -> int:
+    """Frames per second of the video ``decoder`` makes: its latent space's (:attr:`LatentSpace.fps`, Wan2.1 16,
+    Wan2.2 24; the space of the run's model, which the sampler checks a decoder against)."""
+    return decoder.latent_space.fps
 
 
 class Reporter:
@@ -128,8 +134,10 @@ class Reporter:
         a second decoder whose frames are the live view (frames events, MJPEG feed) while ``decoder``'s are the
         output (:meth:`images`, the recording); None: ``decoder``'s frames are both; ``live_input``: the live
         video input the run reads (META's ``live_input``, e.g. "webcam": the widget offers its webcam button);
-        ``run``: the run's id when the caller made it first (else a new one)."""
+        ``run``: the run's id when the caller made it first (else a new one). The video's frame rate (META's ``fps``,
+        the MJPEG feed's pace, the recording's) is ``decoder``'s latent space's (:func:`fps_of`)."""
         self.node, self.run = str(node), run or uuid.uuid4().hex[:12]
+        self.fps = fps_of(decoder)
         self.live_input = live_input
         self.clean_pass = clean_pass  # a block's last stage is its clean pass (not with a KV recompute)
         self.blocks, self.latent_frames, self.stages, self.parallel = blocks, latent_frames, stages, parallel
@@ -168,14 +176,14 @@ class Reporter:
         """What a client needs to show this run; every event carries it, so a page reloaded during a
         run picks the stream up at its next event."""
         return {"node": self.node, "run": self.run, "blocks": self.blocks,
-                "frames_total": video_frames(self.latent_frames), "fps": FPS, "width": self.preview_w,
+                "frames_total": video_frames(self.latent_frames), "fps": self.fps, "width": self.preview_w,
                 "height": self.preview_h, "stages": self.stages, "parallel": self.parallel,
                 "clean_pass": self.clean_pass, "steerable": self.steerable, "compiling": self.compiling,
                 "settings": self.settings, **({"live_input": self.live_input} if self.live_input else {})}
 
     def start(self) -> None:
         self.start_time = self.clock()
-        self.feed = mjpeg.open_feed(self.node, FPS)
+        self.feed = mjpeg.open_feed(self.node, self.fps)
         self._emit("start", self.meta())
 
     def on_tick(self, ev) -> None:

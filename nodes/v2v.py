@@ -5,14 +5,16 @@ the chunks finish. Every check here (:func:`check`), before any model work; the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import uuid
 
 import torch
 from comfy_api.latest import io
 
 from cascade_core.common.constants import LATENT_CHANNELS
-from cascade_core.sampling.v2v_config import SDV2_STEPS, V2VConfig, chunk_count, sdv2_steps
-from cascade_core.video.sources import WEBCAM, check_image_batch
+from cascade_core.sampling.v2v_config import NOISE_SCALE_MIN, SDV2_STEPS, V2VConfig, chunk_count, sdv2_steps
+from cascade_core.video.live_sources import WEBCAM
+from cascade_core.video.sources import check_image_batch
 
 from . import checks, devices, steer, v2v_run
 from .core_vae import vae_weights
@@ -23,6 +25,9 @@ DISPLAY_NAME = "Block Cascade Video-to-Video"
 LIVE_CHOICES = ("none", WEBCAM, "mjpeg")
 MAX_CHUNKS = 1_000_000  # max_chunks' bound (a chunk is 4 frames: about 69 hours at 16 fps)
 FIRST_CHUNK_FRAMES = 5  # video frames of chunk 0 (StreamDiffusionV2's first chunk; 4 a chunk after it)
+NOISE_SCALE_STEP = 0.01
+# the widget's lowest: the settings' own lowest (V2VConfig.validate checks it) rounded up to the widget's step
+NOISE_SCALE_LOWEST = math.ceil(round(NOISE_SCALE_MIN / NOISE_SCALE_STEP, 6)) * NOISE_SCALE_STEP
 
 
 class BlockCascadeVideoToVideo(io.ComfyNode):
@@ -49,9 +54,10 @@ class BlockCascadeVideoToVideo(io.ComfyNode):
                 io.Int.Input("steps", default=2, min=1, max=len(SDV2_STEPS),
                              tooltip="Denoising steps: the first N of 700, 500, 400, 200 (StreamDiffusionV2: 2 for "
                                      "1.3B, 1 for 14B). A later chunk starts at its own motion-adapted timestep."),
-                io.Float.Input("noise_scale", default=0.7, min=0.01, max=1.0, step=0.01,
+                io.Float.Input("noise_scale", default=0.7, min=NOISE_SCALE_LOWEST, max=1.0, step=NOISE_SCALE_STEP,
                                tooltip="How much of the first chunk is noise (more: further from the input); later "
-                                       "chunks adapt it to the motion."),
+                                       "chunks adapt it to the motion, down to 0.1 below it (so at least "
+                                       f"{NOISE_SCALE_LOWEST:g}: a later chunk starts at timestep 1000 s - 100)."),
                 io.Int.Input("parallel", default=1, min=1, max=len(SDV2_STEPS),
                              tooltip="Chunks denoised at once (Block Cascading), 1..steps: 1 is StreamDiffusionV2's "
                                      "own order, and so is 2 at 2 steps."),

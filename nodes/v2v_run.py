@@ -6,7 +6,9 @@ sampler's :class:`nodes.stream.Reporter` (start, state, frames, done; steering a
 How a run ends, and what it hands on (IMAGE: the restyled frames, 5 for chunk 0 and 4 a chunk after it; LATENT:
 their raw Wan2.1 latents, ``normalized_to_raw`` of the engine's output, which StreamDiffusionV2 decodes as
 normalised latents, wan_wrapper.py:143-151):
-- the input ended (or max_chunks were made): every chunk;
+- the input ended (or max_chunks were made): every chunk; so too when a live input broke off (a lost
+  connection, no data in time) after its first chunk came in: the chunks made are kept, the reason logged in one
+  line (before that, the run fails with it);
 - Cancel: the chunks already final (their frames decoded first), the interrupt consumed so the nodes after it
   run; nothing final yet: the prompt ends as interrupted;
 - a live input (webcam, MJPEG) runs until Cancel (or max_chunks): its frames are recorded to an MP4 in
@@ -24,12 +26,13 @@ import uuid
 import torch
 from comfy_api.latest import io
 
+from cascade_core.common.messages import first_line
 from cascade_core.model import attention as attention_backends
 from cascade_core.sampling.loop import Interrupted
 from cascade_core.sampling.v2v import video_to_video
 from cascade_core.sampling.v2v_config import taken_chunks
+from cascade_core.video.frame_source import InputBrokeOff, to_pixels
 from cascade_core.video.latents import normalized_to_raw
-from cascade_core.video.sources import to_pixels
 
 from . import devices, live_input, outputs, recording, steer, stream
 
@@ -62,10 +65,20 @@ def run_bytes(model_cfg, dtype: torch.dtype, width: int, height: int, parallel: 
 
 def _chunks(source, encoder, dtype: torch.dtype):
     """The engine's chunks from ``source``'s frames (to_pixels in the run's dtype, encoded chunk by chunk); Cancel
-    while frames are awaited ends the run as a stop (Interrupted), not as the end of the input."""
+    while frames are awaited ends the run as a stop (Interrupted), not as the end of the input. A live input that
+    broke off (:class:`InputBrokeOff`) ends the input once a chunk came in (logged), else it goes through."""
+    came = [0]  # chunks taken from the source
 
     def take(n: int):
-        frames = source.take(n, should_stop=outputs.interrupted)
+        try:
+            frames = source.take(n, should_stop=outputs.interrupted)
+        except InputBrokeOff as exc:
+            if not came[0]:
+                raise
+            log.warning("Block Cascade: the input ended after %d chunks: %s", came[0], first_line(exc))
+            return None
+        if frames is not None:
+            came[0] += 1
         if frames is None and outputs.interrupted():
             raise Interrupted("stopped while waiting for input frames")
         return None if frames is None else to_pixels(frames, dtype)
@@ -100,7 +113,7 @@ def restyle(run, model, seed: int, clip, node_id: str) -> io.NodeOutput:
                 node_id, run.chunks or 0, 0 if run.chunks is None else run.chunks + 1, len(cfg.steps), cfg.parallel,
                 run.width, run.height, decoder, progress=progress, settings=run.settings_text, clean_pass=False,
                 keep_frames=4 * KEEP_CHUNKS + 1 if live else None,
-                recording=recording.Recording(stream.FPS) if live else None, steerable=clip is not None,
+                recording=recording.Recording(stream.fps_of(decoder)) if live else None, steerable=clip is not None,
                 scheduled=tuple(b for b, _ in run.prompts.entries if b > 0), live_input=run.live, run=run_id)
             log.info("Block Cascade: %s", run.settings_text)
             steering = steer.Running(node_id, run.chunks or 0, clip, model.cfg.text_dim, reporter.switch)

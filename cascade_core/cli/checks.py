@@ -16,14 +16,23 @@ import torch
 from ..common.constants import GIB
 from ..common.latent_space import WAN21_LATENTS, LatentSpace
 from ..model import attention
+from ..model.wan_config import WanConfig
 from ..sampling.blend import check_blend_blocks
 from ..sampling.config import CascadeConfig
-from ..sampling.families import DEFAULT_FAMILY, family_config, guess_family
+from ..sampling.families import (
+    DEFAULT_FAMILY,
+    check_family_model,
+    default_family,
+    family_config,
+    guess_family,
+    model_words,
+)
 from ..sampling.memory import available_bytes, blocks_to_swap, cheaper_settings
 from ..sampling.recompute import first_reencoding_block, why_a_vae
 from ..weights.expert_files import expert_folders
 
 SEED_MAX = 2 ** 64 - 1  # torch generators take unsigned 64-bit seeds
+BUILTIN = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2)  # the untrained demo model (no --checkpoint)
 TRAINED_LATENT_FRAMES = 21  # what the released 1.3B block-causal checkpoints were trained on (81 frames)
 
 
@@ -168,22 +177,53 @@ def check_weight_dtype(args, device: torch.device) -> None:
               f"product instead (one byte a block weight, rounded to fp8)", file=sys.stderr)
 
 
-def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
+def model_kind(args) -> tuple[int, int, str] | None:
+    """(latent channels, experts, words naming it) of the run's DiT, told before it is loaded: the built-in
+    model's (16, 1), a two-expert folder's (its experts' channels, 2), else the --checkpoint's by its names and
+    shapes (:func:`weights.probe.stored_latent_space`); None where the file cannot tell (loading it names what it
+    is)."""
+    from ..weights.probe import stored_latent_space
+
+    if not args.checkpoint:
+        return BUILTIN.in_dim, 1, "the built-in untrained model"
+    name = os.path.basename(os.path.normpath(args.checkpoint))
+    folders = expert_folders(args.checkpoint)
+    if folders is not None:
+        space = stored_latent_space(folders.high)
+        return (WAN21_LATENTS if space is None else space).channels, 2, name
+    space = stored_latent_space(args.checkpoint) if os.path.exists(args.checkpoint) else None
+    return None if space is None else (space.channels, 1, name)
+
+
+def sampling_config(args, runs: str | None = None, own_parallel: bool = False
+                    ) -> tuple[CascadeConfig, str, str | None]:
     """(config, family name, why it was assumed or None) of a ``generate`` run: the --family's
-    reference settings (or the family the --checkpoint/--lora path names; else self-forcing), with every
-    explicit option over them. Raises UsageError for settings out of range."""
+    reference settings (or the family the --checkpoint/--lora path names; a two-expert folder's; else
+    longlive-2 for a 48-channel DiT, self-forcing otherwise), with every explicit option over them. Raises
+    UsageError for settings out of range and, the one check of it, for a family the model is not made for
+    (:func:`sampling.families.check_family_model` on :func:`model_kind`; ``runs``: how that message starts).
+    ``own_parallel``: --parallel is left out (the family's stays), the run checking it by its own rule (video-to-
+    video: :func:`sampling.v2v_config.v2v_config`)."""
     name, assumed = args.family, None
+    kind = model_kind(args)
     if name is None:
         guess = guess_family(args.checkpoint or "", args.lora)
-        if args.checkpoint and expert_folders(args.checkpoint) is not None:  # a pair: its family, whatever the name
+        if kind is not None and kind[1] == 2:  # a pair: its family, whatever the name
             guess = ("causal-wan2.2-a14b", f"{args.checkpoint} holds two experts, transformer/ and transformer_2/")
+        elif guess is None and kind is not None and default_family(kind[0]) != DEFAULT_FAMILY:
+            guess = (default_family(kind[0]), f"{kind[2]} is {model_words(kind[0])}")
         name = guess[0] if guess else DEFAULT_FAMILY
         assumed = guess[1] if guess else None
+    if kind is not None:
+        try:
+            check_family_model(name, *kind, why=f"assumed: {assumed}" if assumed else None, runs=runs)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     first_steps = None if args.first_block_steps == "none" else args.first_block_steps
     explicit = {"steps": args.steps, "first_block_steps": first_steps, "shift": args.shift,
                 "warp": None if args.warp is None else args.warp == "on", "frames_per_block": args.frames_per_block,
                 "independent_first_frame": args.independent_first_frame, "context_noise": args.context_noise,
-                "parallel": args.parallel, "attention": args.attention, "window": args.window or None,
+                "parallel": None if own_parallel else args.parallel, "attention": args.attention, "window": args.window or None,
                 "sink": args.sink, "flashblock": args.flashblock, "fold_clean": args.fold_clean,
                 "switch_mode": args.switch_mode, "kv_recompute": args.kv_recompute, "kv_dtype": args.kv_dtype}
     try:
@@ -193,8 +233,9 @@ def sampling_config(args) -> tuple[CascadeConfig, str, str | None]:
         if args.first_block_steps == "none":  # block 0 takes the step list, whatever the family says
             cfg = dataclasses.replace(cfg, first_block_steps=None)
         cfg.validate(unlimited_window="0")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    except ValueError as exc:  # an assumed family's settings: the message says whose they are
+        raise UsageError(f"{exc} (family {name} assumed: {assumed}; --family sets another)" if assumed
+                         else str(exc)) from None
     return cfg, name, assumed
 
 

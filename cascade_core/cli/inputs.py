@@ -5,6 +5,7 @@ refusal of options that do not fit together."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import torch
@@ -16,12 +17,11 @@ from ..model.experts import ExpertPair, check_pair_run
 from ..sampling.blend import blend_text_sets
 from ..sampling.memory import placement_words
 from ..weights.checkpoint import load_dit, load_expert_pair
-from ..weights.expert_files import expert_folders
+from ..weights.expert_files import EXPERT_FOLDERS, expert_folders, pair_folder_of
+from ..weights.probe import shard_words
 from ..weights.safe_io import CheckpointError, read_tensor_file
 from . import checks as cli_checks
-from .checks import UsageError
-
-BUILTIN = WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2)  # untrained demo model
+from .checks import BUILTIN, UsageError
 
 
 def single_tensor(path: str, what: str) -> torch.Tensor:
@@ -86,6 +86,27 @@ class PairWeights:
 
     def state_dicts(self) -> list[dict]:
         return [self.high[0], self.low[0]]
+
+
+def resolve_checkpoint(args) -> list[str]:
+    """--checkpoint as the run reads it, settled before anything else looks at it: a file inside a two-expert
+    folder's transformer/ or transformer_2/, or that folder (:func:`weights.expert_files.pair_folder_of`, the
+    loader node's rule) becomes the two-expert folder, read as the pair; the ``note:`` line saying so (none otherwise). UsageError (one line)
+    for one shard of a sharded single model (:func:`weights.probe.shard_words`: its folder is to be given)."""
+    path = args.checkpoint
+    if not path or not os.path.exists(path):
+        return []
+    folder = pair_folder_of(path)
+    if folder is not None:
+        args.checkpoint = folder
+        expert = os.path.abspath(path) if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        half = "high-noise" if os.path.basename(expert) == EXPERT_FOLDERS[0] else "low-noise"
+        what = "the folder" if os.path.isdir(path) else "a file"
+        return [f"note: --checkpoint {path} is {what} of the {half} expert of a two-expert (Wan2.2 A14B) model: "
+                f"both experts are read from its folder, {folder}"]
+    if why := shard_words(path):
+        raise UsageError(f"--checkpoint {path} {why}")
+    return []
 
 
 def check_pair(args, cfg, session) -> None:

@@ -47,9 +47,10 @@ def open_video(vae: str, video_out: str | None, frames_dir: str | None, device: 
                dtype: torch.dtype, decoder=None, latent_space=WAN21_LATENTS) -> tuple[VideoWriter, FrameStream]:
     """The decoder of ``vae`` (:func:`vae_dtype`; or ``decoder``, that file's already loaded) streaming
     into an MP4 (``video_out``; none when only ``frames_dir`` is given) and/or PNGs in ``frames_dir``;
-    ``latent_space``: the run's (a decoder of another is refused naming both)."""
+    ``latent_space``: the run's (a decoder of another is refused naming both), whose frame rate the MP4 plays at
+    (:attr:`LatentSpace.fps`: Wan2.1 16, Wan2.2 24)."""
     decoder = decoder or load_decoder(vae, vae_dtype(device, dtype), device, latent_space=latent_space)
-    writer = VideoWriter(video_out, frames_dir=frames_dir)
+    writer = VideoWriter(video_out, fps=latent_space.fps, frames_dir=frames_dir)
     return writer, FrameStream(decoder, on_frames=writer.write, keep=False)
 
 

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ..common.latent_space import WAN21_LATENTS
 from ..video.frames import FrameStream, FrameStreams, VideoWriter, load_decoder
 from ..weights.safe_io import CheckpointError
 from . import checks as cli_checks
@@ -35,10 +36,11 @@ def preview_path(args) -> str | None:
 
 
 def check_decoder(flag: str, path: str) -> None:
-    """Refuse a file or folder that holds no decoder :func:`video.frames.load_decoder` reads (UsageError naming
-    ``flag``, the file and what it holds). Its tensor names and shapes are checked, no weight is copied."""
+    """Refuse a file or folder that holds no decoder :func:`video.frames.load_decoder` reads, of any latent space
+    (UsageError naming ``flag``, the file and what it holds; one of another space than the model's is refused when
+    the run opens it, :func:`open_decoding`). Its tensor names and shapes are checked, no weight is copied."""
     try:
-        load_decoder(path, torch.float32, "meta")
+        load_decoder(path, torch.float32, "meta", latent_space=None)
     except CheckpointError as exc:
         raise UsageError(f"{flag} {exc}") from None
 
@@ -142,10 +144,11 @@ def open_decoding(args, video: FrameStream, device: torch.device, dtype: torch.d
                   time_cache: str | None = None, latent_space=None) -> Decoding:
     """The run's :class:`Decoding`: ``video`` (the --vae decoder's stream) and, with --preview-vae, that decoder
     (in the video decoder's dtype, :func:`cli.outputs.vae_dtype`; a Wan decoder under the family's ``time_cache``
-    rule) streaming into the live MP4 :func:`preview_path`; ``latent_space``: the run's (None: Wan2.1's)."""
+    rule) streaming into the live MP4 :func:`preview_path` at the space's frame rate; ``latent_space``: the run's
+    (None: Wan2.1's)."""
     if not args.preview_vae:
         return Decoding(video)
-    writer = VideoWriter(preview_path(args), live=True)
+    writer = VideoWriter(preview_path(args), fps=(latent_space or WAN21_LATENTS).fps, live=True)
     decoder = load_decoder(args.preview_vae, vae_dtype(device, dtype), device,
                            **({} if latent_space is None else {"latent_space": latent_space}))
     if time_cache is not None and hasattr(decoder, "time_cache"):

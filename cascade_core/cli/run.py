@@ -45,6 +45,7 @@ from .inputs import (
     load_weights,
     place_weights,
     prompt_embeddings,
+    resolve_checkpoint,
     resolve_device,
     several_devices,
     single_tensor,
@@ -112,6 +113,7 @@ def check(args) -> Checked:
     """Every check of ``generate`` before model work (UsageError, one line); the run's session and plan."""
     devices = several_devices(args)
     dtype = DTYPES[args.dtype]
+    checkpoint_notes = resolve_checkpoint(args)  # a file of a pair's expert: the pair's folder
     cfg, family, assumed = cli_checks.sampling_config(args)
     if args.blocks < 0:
         raise UsageError(f"--blocks must be >= 1 (0: endless, until Ctrl-C), got {args.blocks}")
@@ -142,7 +144,8 @@ def check(args) -> Checked:
     prefix_in = cli_prefix.read_prefix(args, cfg, session.plan)
     if prefix_in is not None:  # its frames are known once its file is read
         session.plan = session.plan.with_prefix(prefix_in.frames)
-    lines = cli_checks.length_warnings(cfg, args.blocks, 0 if prefix_in is None else prefix_in.frames)
+    lines = checkpoint_notes + cli_checks.length_warnings(cfg, args.blocks,
+                                                         0 if prefix_in is None else prefix_in.frames)
     cli_checks.check_backend(args.attention_backend, device, dtype)
     cli_checks.check_weight_dtype(args, device)
     decode_on = session.decode_device(device, decode_device_choice(args))

@@ -2,9 +2,9 @@
 line (the engine: :mod:`sampling.v2v`).
 
 The input is a video file (:class:`video.sources.FileSource`: PyAV, every frame resized to --width x --height by
-:func:`video.sources.fit_frames`, StreamDiffusionV2's rule; then :func:`video.sources.to_pixels` in the run's dtype),
-encoded chunk by chunk with --vae's Wan2.1 encoder (:class:`video.vae_encode.StreamEncoder`: the raw mean, no latent
-normalisation), or raw latents
+:func:`video.frame_source.fit_frames`, StreamDiffusionV2's rule; then :func:`video.frame_source.to_pixels` in the
+run's dtype), encoded chunk by chunk with --vae's Wan2.1 encoder (:class:`video.vae_encode.StreamEncoder`: the raw
+mean, no latent normalisation), or raw latents
 [1, 16, T, H/8, W/8] in a .safetensors (its size is the run's; with no pixels the motion measure is 0: a still
 input's noise scales). The length comes from the input: (frames - 1) // 4 chunks, the trailing frames dropped
 (--blocks is not used). The outputs (--latents-out, the decoded video) hold the restyled latents
@@ -24,20 +24,32 @@ from ..common.constants import DTYPES
 from ..common.stop import StopRequest
 from ..model import attention
 from ..model.compiling import resolve_compile
+from ..model.dit import WanConfig
 from ..sampling.config import PromptSchedule
 from ..sampling.ticks import Interrupted
 from ..sampling.v2v import video_to_video
 from ..sampling.v2v_config import V2VConfig, chunk_count, sdv2_steps, taken_chunks, v2v_config, video_chunks
-from ..video.sources import FileSource, count_frames, to_pixels
+from ..video.frame_source import to_pixels
+from ..video.sources import FileSource, count_frames
 from ..weights.safe_io import save_safetensors
 from . import checks as cli_checks
 from .checks import UsageError
-from .inputs import build_model, check_text_arguments, load_weights, prompt_embeddings, resolve_device, single_tensor
+from .inputs import (
+    build_model,
+    check_text_arguments,
+    load_weights,
+    prompt_embeddings,
+    resolve_checkpoint,
+    resolve_device,
+    single_tensor,
+)
 from .outputs import BlockProgress, check_outputs, kept, open_video, vae_dtype, video_path
 
 FAMILY = "streamdiffusionv2"
+RUNS_ON = "--video-in runs StreamDiffusionV2's video-to-video on"  # the refusal of another model: "... on a Wan2.1 DiT"
 WAN_14B_DIM = 5120
 LATENTS_EXT = ".safetensors"
+PATCH = WanConfig.patch_size  # (t, h, w) of every Wan DiT the engine runs
 # options of text-to-video that StreamDiffusionV2's video-to-video has no place for: (flag, attribute, default)
 NOT_HERE = (("--devices", "devices", None), ("--image", "image", None), ("--continue", "continue_from", None),
             ("--context-frames", "context_frames", 0), ("--preview-vae", "preview_vae", None),
@@ -91,8 +103,11 @@ def check(args) -> Checked:
                          f"{', '.join(given)}")
     if args.width % 16 or args.height % 16 or args.width < 16 or args.height < 16:
         raise UsageError(f"--width and --height must be positive multiples of 16, got {args.width}x{args.height}")
-    cascade, _, _ = cli_checks.sampling_config(args)
-    settings = {"noise_scale": args.noise_scale} if args.noise_scale is not None else {}
+    notes += resolve_checkpoint(args)  # a file of a pair's expert: the pair (refused below), a shard: its folder
+    # a model of another kind than SDv2's is refused there; --parallel is the video-to-video rule's (v2v_config)
+    cascade, _, _ = cli_checks.sampling_config(args, runs=RUNS_ON, own_parallel=True)
+    given = {"noise_scale": args.noise_scale, "parallel": args.parallel}
+    settings = {k: v for k, v in given.items() if v is not None}
     try:
         cfg = v2v_config(cascade, **settings)
     except ValueError as exc:
@@ -101,9 +116,11 @@ def check(args) -> Checked:
     latents = None
     if args.video_in.lower().endswith(LATENTS_EXT):
         latents = single_tensor(args.video_in, "raw latents [1, 16, T, H/8, W/8]")
-        if latents.dim() != 5 or latents.shape[:2] != (1, 16) or latents.shape[2] < 2:
-            raise UsageError(f"--video-in {args.video_in}: expected raw latents [1, 16, T, H/8, W/8] with T >= 2, got "
-                             f"{list(latents.shape)}")
+        ph, pw = PATCH[1:]  # a Wan2.1 DiT's patch: the latents' height and width are whole patches, at least one
+        if latents.dim() != 5 or latents.shape[:2] != (1, 16) or latents.shape[2] < 2 \
+                or latents.shape[3] < ph or latents.shape[4] < pw or latents.shape[3] % ph or latents.shape[4] % pw:
+            raise UsageError(f"--video-in {args.video_in}: expected raw latents [1, 16, T, H/8, W/8] with T >= 2 and "
+                             f"H/8, W/8 positive multiples of the DiT's patch {ph}x{pw}, got {list(latents.shape)}")
         args.height, args.width = 8 * latents.shape[3], 8 * latents.shape[4]  # the input's size is the run's
         chunks = latents.shape[2] - 1
     else:

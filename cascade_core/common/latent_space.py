@@ -13,7 +13,11 @@ Sources: Wan2.1 ``wan/modules/vae.py`` (mean/std of the 16 channels, ``vae_strid
 ``wan/configs/shared_config.py``); Wan2.2 (Wan-Video/Wan2.2@42bf4cf) ``wan/modules/vae2_2.py:904-1011``
 (mean and std of the 48 channels; diffusers' ``latents_mean`` / ``latents_std`` of
 Wan-AI/Wan2.2-TI2V-5B-Diffusers ``vae/config.json`` hold the same values) and ``wan/configs/wan_ti2v_5B.py``
-(``vae_stride`` (4, 16, 16)).
+(``vae_stride`` (4, 16, 16)). ``fps``, the frame rate the space's models' videos play at: 16, Wan2.1
+``wan/configs/shared_config.py`` ``sample_fps`` (every Wan2.1 model; also the causal Wan2.2-A14B, whose experts
+work in Wan2.1 latents: FastVideo's preset for it writes 16 fps, docs/references/causal_wan22_a14b.md); 24, Wan2.2
+``wan/configs/wan_ti2v_5B.py`` ``sample_fps`` (TI2V-5B, the Wan2.2 VAE's model; LongLive 2.0's ``utils/config.py``
+fixes the same 24).
 """
 from __future__ import annotations
 
@@ -35,7 +39,9 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 class LatentSpace:
     """What a VAE's latents are: ``channels`` per latent pixel, normalised latents z = (raw - mean) / std per
     channel, a latent frame per ``temporal`` video frames after the video's first (which has one latent frame of
-    its own), a latent pixel per ``spatial`` x ``spatial`` video pixels. ``name`` ("Wan2.1") is for messages."""
+    its own), a latent pixel per ``spatial`` x ``spatial`` video pixels; ``fps``: frames per second the videos of
+    this space's models play at (every MP4, recording and stream of a run is written at it). ``name`` ("Wan2.1") is
+    for messages."""
 
     name: str
     channels: int
@@ -43,6 +49,7 @@ class LatentSpace:
     std: tuple[float, ...]
     temporal: int = FRAMES_PER_LATENT
     spatial: int = PIXELS_PER_LATENT
+    fps: int = 16
 
     def words(self) -> str:
         """"Wan2.1 latents (16 channels, 8x smaller)": the space in messages."""
@@ -87,7 +94,7 @@ def _per_channel(values: tuple[float, ...], z: torch.Tensor) -> torch.Tensor:
     return to_device(torch.tensor(values, dtype=torch.float32), z.device).view(1, -1, 1, 1, 1)
 
 
-WAN21_LATENTS = LatentSpace("Wan2.1", LATENT_CHANNELS, LATENT_MEAN, LATENT_STD)
+WAN21_LATENTS = LatentSpace("Wan2.1", LATENT_CHANNELS, LATENT_MEAN, LATENT_STD, fps=16)  # sample_fps: shared_config.py
 # Wan2.2 wan/modules/vae2_2.py:904-957 (mean) and 958-1011 (std); the same 48 values are diffusers'
 # latents_mean / latents_std in Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json.
 WAN22_LATENTS = LatentSpace(
@@ -100,7 +107,7 @@ WAN22_LATENTS = LatentSpace(
          0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
          0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
          0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744),
-    temporal=4, spatial=16)  # vae_stride (4, 16, 16): Wan2.2 wan/configs/wan_ti2v_5B.py
+    temporal=4, spatial=16, fps=24)  # vae_stride (4, 16, 16), sample_fps 24: Wan2.2 wan/configs/wan_ti2v_5B.py
 LATENT_SPACES = (WAN21_LATENTS, WAN22_LATENTS)
 
 

@@ -23,6 +23,8 @@ class Family:
     source: str = ""  # reference file and lines the settings come from
     # the Wan2.1 decoder's window rule where the family's own code decodes (video.vae.Upsample: "wan" or "krea")
     time_cache: str = "wan"
+    latent_channels: int = 16  # of the DiT its checkpoints are: 16 (Wan2.1 latents) or 48 (Wan2.2 TI2V-5B)
+    experts: int = 1  # 2: its checkpoints are two-expert pairs (Wan2.2 A14B: model.experts.ExpertPair)
 
 
 _FOUR_STEPS = (1000, 750, 500, 250)
@@ -89,19 +91,55 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "251-384; models/wan/wan_wrapper.py:134-141,163-198; models/wan/flow_match.py:19-73"),
     Family("longlive-2", "LongLive 2.0 (Wan2.2-TI2V-5B: blocks of 8 latent frames, a UniPC solver per block over 4 "
                          "steps at shift 5, window 32 with sink 8, a multi-shot sink and RoPE offset at scene cuts)",
-           _LONGLIVE2, _LONGLIVE2_SOURCE),
+           _LONGLIVE2, _LONGLIVE2_SOURCE, latent_channels=48),
     Family("longlive-2-2step", "LongLive 2.0's 2-step checkpoint (as longlive-2, UniPC over 2 steps: 999, 833)",
            {**_LONGLIVE2, "steps": (999, 833)}, _LONGLIVE2_SOURCE + "; README.md:224-225 (the 2Step checkpoint, run "
-                                                                  "with inference.sampling_steps 2)"),
+                                                                  "with inference.sampling_steps 2)",
+           latent_channels=48),
     # two experts (model.experts.ExpertPair: the boundary timestep, a KV pool each, the x-at-boundary step rule)
     Family("causal-wan2.2-a14b", "FastVideo's causal Wan2.2-A14B (high- and low-noise experts switched at t 875: 8 "
                                  "warped steps at shift 12, block 0 one latent frame, then blocks of 3)",
            {"steps": (1000, 850, 700, 550, 350, 275, 200, 125), "shift": 12.0, "frames_per_block": 3,
             "independent_first_frame": True},
            "hao-ai-lab/FastVideo@2f3d40740 fastvideo/configs/pipelines/wan.py:315-325, "
-           "pipelines/stages/causal_denoising.py:79-353 (docs/references/causal_wan22_a14b.md)"),
+           "pipelines/stages/causal_denoising.py:79-353 (docs/references/causal_wan22_a14b.md)", experts=2),
 )}
 DEFAULT_FAMILY = "self-forcing"
+DEFAULT_WAN22_FAMILY = "longlive-2"  # a 48-channel (Wan2.2 TI2V-5B) DiT whose family nothing names
+
+
+def default_family(latent_channels: int) -> str:
+    """The family assumed for a DiT of ``latent_channels`` whose family nothing names: :data:`DEFAULT_WAN22_FAMILY`
+    for 48 (Wan2.2), else :data:`DEFAULT_FAMILY`."""
+    return DEFAULT_WAN22_FAMILY if latent_channels == FAMILIES[DEFAULT_WAN22_FAMILY].latent_channels \
+        else DEFAULT_FAMILY
+
+
+def model_words(latent_channels: int, experts: int = 1) -> str:
+    """"a Wan2.1 DiT (16 latent channels)": a DiT (or a pair of experts) in messages."""
+    if experts == 2:
+        return f"a two-expert Wan2.2 A14B model ({latent_channels} latent channels)"
+    name = {16: "Wan2.1", 48: "Wan2.2 TI2V-5B"}.get(latent_channels, "Wan")
+    return f"a {name} DiT ({latent_channels} latent channels)"
+
+
+def check_family_model(name: str, latent_channels: int, experts: int, model: str, why: str | None = None,
+                       runs: str | None = None) -> None:
+    """The one refusal of a family on a model its checkpoints are not: ValueError (one line) when the DiT's
+    ``latent_channels`` differ from the family's (a Wan2.2 family on a Wan2.1 DiT, or the reverse) or its
+    ``experts`` do (a two-expert pair's family on one DiT, or the reverse). ``model`` names the model
+    ("x.safetensors", "the built-in untrained model"); ``why``: why the family was assumed (said beside its name);
+    ``runs``: how the message starts instead of "family NAME samples", e.g. "--video-in runs StreamDiffusionV2's
+    video-to-video on" (then no other family is named as the fix)."""
+    family = get_family(name)
+    if family.latent_channels == latent_channels and family.experts == experts:
+        return
+    fits = [f.name for f in FAMILIES.values() if f.latent_channels == latent_channels and f.experts == experts
+            and f.name != "streamdiffusionv2"]  # (video-to-video: not a text-to-video family)
+    hint = f": use the family {' or '.join(fits[:2])}" if fits and runs is None else ""
+    start = runs or f"family {name}{f' ({why})' if why else ''} samples"
+    raise ValueError(f"{start} {model_words(family.latent_channels, family.experts)}; {model} is "
+                     f"{model_words(latent_channels, experts)}{hint}")
 
 
 def get_family(name: str) -> Family:

@@ -101,10 +101,11 @@ class _Chunks:
         frames, video = (2, 5) if b == 0 else (1, 4)
         ph, pw = mc.patch_size[1:]
         if z.dim() != 5 or z.shape[0] != 1 or z.shape[1] != mc.in_dim or z.shape[2] != frames \
-                or z.shape[3] % ph or z.shape[4] % pw or (b and tuple(z.shape[3:]) != self.shape[3:]):
+                or z.shape[3] < ph or z.shape[4] < pw or z.shape[3] % ph or z.shape[4] % pw \
+                or (b and tuple(z.shape[3:]) != self.shape[3:]):
             size = "" if b == 0 else f" of chunk 0's size {list(self.shape[3:])}"
-            raise ValueError(f"chunk {b}: latents must be [1, {mc.in_dim}, {frames}, h, w]{size} (h, w multiples of "
-                             f"the patch {ph}x{pw}), got {list(z.shape)}")
+            raise ValueError(f"chunk {b}: latents must be [1, {mc.in_dim}, {frames}, h, w]{size} (h, w positive "
+                             f"multiples of the patch {ph}x{pw}), got {list(z.shape)}")
         if b and (pixels is None) != (self.last_pixel is None):
             raise ValueError(f"chunk {b}: pixels must be given for every chunk or for none (the motion measure "
                              f"compares each chunk with the one before)")

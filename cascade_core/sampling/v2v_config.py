@@ -20,6 +20,8 @@ from .schedule import TRAIN_STEPS
 SDV2_STEPS = (700, 500, 400, 200)
 MOTION_NORM = 0.2  # pixel RMS difference that counts as full motion (inference.py:54)
 STEP_BELOW_NOISE = 100  # a later chunk's first timestep lies this far below its noise scale's (inference.py:56)
+NOISE_SCALE_MIN = 0.201  # the smallest s_0 (in thousandths) whose later first timesteps stay above 0
+_SETTLE_CHUNKS = 64  # chunks of full motion after which s_k no longer moves in float64 (0.1^k shrinks it)
 
 
 def sdv2_steps(count: int) -> tuple[int, ...]:
@@ -39,7 +41,8 @@ class V2VConfig:
     (:mod:`model.sdv2_cache`; -1: no adaptive sink); ``refresh_frames``: the RoPE position at which it restarts
     at ``cache_frames`` - 1; ``parallel``: chunks in flight, 1..len(steps) (:mod:`sampling.v2v`). The defaults are
     SDv2's 1.3B run (configs/wan_causal_dmd_v2v.yaml:53-57, inference_wo_batch.py:82,383,387; shift 8 in
-    models/wan/wan_wrapper.py:163-166). :meth:`validate` raises ValueError naming the allowed range."""
+    models/wan/wan_wrapper.py:163-166). :meth:`validate` raises ValueError naming the allowed range; the noise
+    scale's is :data:`NOISE_SCALE_MIN`..1 (:func:`noise_scale_reaches_a_timestep`)."""
 
     steps: tuple[int, ...] = SDV2_STEPS[:2]
     shift: float = 8.0
@@ -58,8 +61,12 @@ class V2VConfig:
                              f"700,500; 700,500,400,200 in full), got {list(steps)}")
         if not 0 < self.shift < float("inf"):
             raise ValueError(f"shift must be a positive finite number, got {self.shift}")
-        if not 0 < self.noise_scale <= 1:
-            raise ValueError(f"the noise scale (chunk 0's share of noise) must lie in (0, 1], got {self.noise_scale}")
+        if not noise_scale_reaches_a_timestep(self.noise_scale):
+            why = (f": below {NOISE_SCALE_MIN:g} a later chunk's first timestep int(1000 s) - {STEP_BELOW_NOISE} "
+                   f"falls to 0 or below at full motion (s falls toward noise_scale - 0.1)"
+                   if self.noise_scale < NOISE_SCALE_MIN else "")
+            raise ValueError(f"the noise scale (noise_scale, chunk 0's share of noise) must lie in "
+                             f"{NOISE_SCALE_MIN:g}..1, got {self.noise_scale}{why}")
         check_cache(self.cache_frames, self.sink, self.adapt_sink_threshold)
         if type(self.refresh_frames) is not int or self.refresh_frames < self.cache_frames:
             raise ValueError(f"the RoPE refresh must come at or after the cache's {self.cache_frames} frames, got "
@@ -143,7 +150,7 @@ def pixel_chunks(frames: Iterable[torch.Tensor], encode: Callable[[torch.Tensor]
 def taken_chunks(take: Callable[[int], torch.Tensor | None], encode: Callable[[torch.Tensor], torch.Tensor]
                  ) -> Iterator[VideoChunk]:
     """A source that hands out n frames at a time -> chunks: ``take(n)`` gives pixels [1, 3, n, H, W] on the
-    [-1, 1] scale (waiting for them; a live source's newest-frames buffer, :mod:`video.sources`' ``take`` with
+    [-1, 1] scale (waiting for them; a live source's newest-frames buffer, :mod:`video.live_sources`' ``take`` with
     its ``to_pixels``), or None at the end; 5 frames for chunk 0, then 4, each encoded by ``encode`` as in
     :func:`pixel_chunks`. Asked for only when the run pulls the next chunk."""
     need = 5
@@ -170,6 +177,29 @@ def first_timestep(scale: float) -> int:
     """A later chunk's first timestep, int(1000 s) - 100, written over the step list's first
     (inference.py:56, causal_stream_inference.py:312); chunk 0 starts at the list's first whatever s is."""
     return int(1000 * scale) - STEP_BELOW_NOISE
+
+
+def lowest_noise_scale(first: float) -> float:
+    """The lowest noise scale s_k the adaptive rule reaches from s_0 = ``first``: :func:`next_noise_scale` grows
+    with s_{k-1} and falls with d, so the lowest comes from full motion (d = 1) at every chunk, where s_k falls
+    toward its fixed point s_0 - 0.1 (s_k - (s_0 - 0.1) = 0.1^(k+1)). Computed with the rule itself, in the loop's
+    floats, over enough chunks for it to settle."""
+    lowest = scale = first
+    for _ in range(_SETTLE_CHUNKS):
+        scale = next_noise_scale(first, scale, 1.0)
+        lowest = min(lowest, scale)
+    return lowest
+
+
+def noise_scale_reaches_a_timestep(first: float) -> bool:
+    """Whether s_0 = ``first`` is a usable noise scale: in (0, 1] and every later chunk's first timestep
+    (:func:`first_timestep` of the adaptive s_k) stays a timestep, above 0, even at the lowest s_k
+    (:func:`lowest_noise_scale`). The reference checks neither: from s_0 < 0.201 its loop tells the model a
+    timestep of 0 or below (inference.py:55-56, causal_stream_inference.py:312), so those are refused; the
+    smallest s_0 kept, :data:`NOISE_SCALE_MIN`, is 0.201 whatever the steps (chunk 0 always starts at the
+    list's first). A first timestep below the list's second is the reference's own doing (e.g. s_0 = 0.7 at
+    steps 700, 500 reaches 500 at full motion) and is kept, as it is."""
+    return 0 < first <= 1 and first_timestep(lowest_noise_scale(first)) > 0
 
 
 def rope_position(chunk: int, cache_frames: int, refresh: int) -> int:

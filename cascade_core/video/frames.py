@@ -32,7 +32,7 @@ import torch
 
 from ..common.transfer import to_host_async
 from ..sampling.loop import BlockEvent
-from .latents import WAN21_LATENTS
+from .latents import WAN21_LATENTS, LatentSpace
 
 log = logging.getLogger("block_cascade")
 
@@ -229,8 +229,8 @@ def load_decoder(path: str, dtype: torch.dtype, device: torch.device | str, kind
 
 
 class LatentRGBDecoder:
-    """A decoder-shaped cheap preview: a linear map of the latent channels to RGB, upscaled ``spatial`` times (the
-    latent space's pixels a latent pixel: 8 for Wan2.1, 16 for Wan2.2).
+    """A decoder-shaped cheap preview of ``latent_space``'s latents: a linear map of the latent channels to RGB,
+    upscaled ``spatial`` times (the latent space's pixels a latent pixel: 8 for Wan2.1, 16 for Wan2.2).
 
     ``factors`` [C, 3] and ``bias`` [3] map normalised (DiT-space) latents to RGB in [-1, 1]
     (ComfyUI's latent formats carry such tables for their sampler previews, in that space), computed where the
@@ -241,8 +241,10 @@ class LatentRGBDecoder:
 
     pass_frames = None  # FrameStream's pass: a whole block (see LatentVideoDecoder)
 
-    def __init__(self, factors=None, bias=None, device: torch.device | str = "cpu", spatial: int = 8):
-        self.spatial = spatial
+    def __init__(self, factors=None, bias=None, device: torch.device | str = "cpu",
+                 latent_space: LatentSpace = WAN21_LATENTS):
+        self.latent_space = latent_space  # the latents it previews (their video's frame rate)
+        self.spatial = latent_space.spatial
         self.factors = None if factors is None else torch.as_tensor(factors, dtype=torch.float32)
         self.bias = None if bias is None else torch.as_tensor(bias, dtype=torch.float32)
         self.device = torch.device(device)

@@ -1,5 +1,5 @@
 """Reading an HTTP MJPEG stream's body (``multipart/x-mixed-replace``) part by part, for
-:class:`video.sources.MjpegSource`: the boundary from the Content-Type, then each part's bytes. Bounded: a part
+:class:`video.live_sources.MjpegSource`: the boundary from the Content-Type, then each part's bytes. Bounded: a part
 (MAX_PART bytes) and a header line (MAX_LINE bytes).
 """
 from __future__ import annotations
@@ -23,9 +23,17 @@ def mjpeg_boundary(content_type: str) -> bytes | None:
     return None
 
 
-def _is_boundary(line: bytes, boundary: bytes) -> bool:
-    mark = line.strip()
-    return mark.startswith(b"--") and mark.lstrip(b"-").rstrip(b"-") == boundary
+def delimiter(line: bytes, boundary: bytes) -> str | None:
+    """What a body line is (RFC 2046 5.1.1): "open" for a delimiter (``--`` + boundary), "close" for the close
+    delimiter (the same followed by ``--``), None for any other line. Trailing whitespace is ignored; so are any
+    dashes past the first two before the boundary (``boundary`` has its leading dashes dropped, as
+    :func:`mjpeg_boundary` gives it, and servers differ on repeating them). A boundary may end in dashes itself:
+    for "frame-" the delimiter is ``--frame-`` and the close ``--frame---``."""
+    mark = line.rstrip()
+    if not mark.startswith(b"--"):
+        return None
+    body = mark.lstrip(b"-")
+    return "open" if body == boundary else "close" if body == boundary + b"--" else None
 
 
 def iter_parts(r: BinaryIO, boundary: bytes, stop: Callable[[], bool] = lambda: False) -> Iterator[bytes]:
@@ -37,9 +45,10 @@ def iter_parts(r: BinaryIO, boundary: bytes, stop: Callable[[], bool] = lambda: 
     while not stop():
         if not at_part:  # skip to the next boundary line
             line = r.readline(MAX_PART)
-            if not line or line.strip().endswith(boundary + b"--"):
+            kind = delimiter(line, boundary)
+            if not line or kind == "close":
                 return  # the end of the stream
-            at_part = _is_boundary(line, boundary)
+            at_part = kind == "open"
             continue
         headers = {}
         while (line := r.readline(MAX_LINE)).strip():
@@ -53,11 +62,14 @@ def iter_parts(r: BinaryIO, boundary: bytes, stop: Callable[[], bool] = lambda: 
                 raise ValueError(f"a part of {length} bytes is over {MAX_PART}")
             data, at_part = r.read(int(length)), False
         else:
-            lines, size = [], 0
-            while (line := r.readline(MAX_PART)) and not _is_boundary(line, boundary):
+            lines, size, kind = [], 0, None
+            while (line := r.readline(MAX_PART)) and not (kind := delimiter(line, boundary)):
                 lines.append(line)
                 size += len(line)
                 if size > MAX_PART:
                     raise ValueError(f"a part is over {MAX_PART} bytes")
-            data, at_part = b"".join(lines).removesuffix(b"\n").removesuffix(b"\r"), bool(line)
+            data, at_part = b"".join(lines).removesuffix(b"\n").removesuffix(b"\r"), kind == "open"
+            if not line or kind == "close":
+                yield data
+                return  # the part ran to the end of the stream
         yield data

@@ -230,7 +230,7 @@ class StreamEncoder:
             return vae.quant_conv(torch.cat(out, 2)).chunk(2, dim=1)[0].float()
 
 
-def _eight_bit(image):
+def eight_bit(image):
     """A Pillow image with integer ("I;16*", "I": 0..65535) or float ("F": 0..1) grey levels -> mode "L"
     on the 0..255 scale (rounded, clipped); any other image unchanged."""
     from PIL import Image
@@ -246,11 +246,11 @@ def _eight_bit(image):
 
 
 def _fitted(image, width: int, height: int) -> np.ndarray:
-    """A Pillow image -> uint8 [height, width, 3]: RGB (alpha dropped; see :func:`_eight_bit`), covering
+    """A Pillow image -> uint8 [height, width, 3]: RGB (alpha dropped; see :func:`eight_bit`), covering
     the size, centre-cropped."""
     from PIL import Image, ImageOps
 
-    rgb = _eight_bit(image).convert("RGB")
+    rgb = eight_bit(image).convert("RGB")
     return np.asarray(ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5)))
 
 

@@ -58,6 +58,7 @@ from .dit_names import (
 )
 from .expert_files import expert_folders, expert_half
 from .lora import merge_lora
+from .probe import shard_words
 from .safe_io import SAFETENSORS_EXT, CheckpointError, read_weights
 
 EMA_MODES = ("auto", "ema", "base")
@@ -252,7 +253,8 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     Raises CheckpointError (naming the file and what was found) for a missing, corrupt or foreign
     file, or a pickle that would run code; ValueError for a bad ``ema`` or ``dtype``. A two-expert (Wan2.2 A14B)
     folder or one of its halves is refused (:func:`weights.expert_files.expert_half`; :func:`load_expert_pair`
-    reads them, ``as_expert``).
+    reads them, ``as_expert``), as is one shard of a sharded model (:func:`weights.probe.shard_words`: its folder
+    loads whole).
     """
     path = os.fspath(path)
     if ema not in EMA_MODES:
@@ -264,6 +266,8 @@ def load_dit(path: str, *, dtype: torch.dtype = torch.bfloat16, ema: str = "auto
     if not math.isfinite(lora_scale):
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale}")
     if not as_expert and (why := expert_half(path)):  # a two-expert (Wan2.2 A14B) folder or one of its halves
+        raise CheckpointError(path, why)
+    if why := shard_words(path):  # one shard of several: its folder loads whole
         raise CheckpointError(path, why)
     raw, kind, folder_cfg = read_weights(path)
     tensors, trail, ema_used, ema_available = _select(raw, path, ema, prefer_base=lora is not None)

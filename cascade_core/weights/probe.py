@@ -24,6 +24,21 @@ from .vae_names import decoder_kind
 
 # the patch embedding's weight [dim, latent channels, pt, ph, pw], whatever the prefix or wrapper names
 _PATCH = re.compile(r"(^|\.)patch_embedding\.weight$")
+# one shard of a sharded safetensors model (diffusers, Wan: diffusion_pytorch_model-00001-of-00002.safetensors)
+_SHARD = re.compile(r"-(\d+)-of-(\d+)\.safetensors$", re.IGNORECASE)
+
+
+def shard_words(path: str) -> str | None:
+    """Why the file ``path`` is no whole DiT because it is one shard of several (its name ``...-0000i-of-0000n
+    .safetensors`` with n > 1), naming the folder to give instead (a folder of shards loads whole); None otherwise.
+    Only the name is read."""
+    path = os.fspath(path)
+    found = _SHARD.search(os.path.basename(path))
+    if found is None or int(found.group(2)) < 2 or os.path.isdir(path):
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    return (f"is shard {int(found.group(1))} of {int(found.group(2))} of a sharded model: give the folder that "
+            f"holds them all, {folder}")
 
 
 def stored_latent_space(path: str) -> LatentSpace | None:

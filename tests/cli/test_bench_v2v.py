@@ -106,7 +106,8 @@ def test_the_5b_size_samples_with_longlive_2s_settings_unless_told_otherwise():
 
 
 def test_the_5b_size_refuses_the_wan21_decoders_and_sizes_off_its_grid(capsys):
-    for args, message in ((["--vae"], "--vae times the Wan2.1 decoders"), (["--width", "48"], "multiple of 32")):
+    for args, message in ((["--vae", "--decoder", "lightvae"], "--decoder lightvae is Wan2.1's LightVAE"),
+                          (["--width", "48"], "multiple of 32")):
         with pytest.raises(SystemExit) as stop:
             bench.main(["--size", "tiny-5b", *args])
         err = capsys.readouterr().err.strip().splitlines()

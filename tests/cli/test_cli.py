@@ -387,3 +387,45 @@ def test_continuing_fp8_latents_runs(tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     assert main(["generate", *SMALL, "--continue", str(tmp_path / "g.safetensors"), "--latents-out", str(out)]) == 0
     assert read_tensor_file(str(out))["latents"].shape[2] == 3 + 6
+
+
+@pytest.mark.parametrize("space,fps", [("Wan2.1", 16), ("Wan2.2", 24)])
+def test_mp4s_play_at_the_frame_rate_of_the_models_latent_space(tmp_path, capsys, space, fps):
+    """Wan2.1 models' videos are 16 fps, Wan2.2-TI2V-5B's (LongLive 2.0's) 24: the video, the live preview and
+    ``decode``'s MP4 all play at the rate of the run's latent space (the tiny files of make_tiny_models)."""
+    import av
+
+    tiny = tiny_models()
+    dit, vae, preview = (str(tmp_path / f"{n}.safetensors") for n in ("dit", "vae", "preview"))
+    if space == "Wan2.1":
+        save_safetensors(tiny.tiny_dit_state_dict(), dit)
+        weights, family = tiny.vae_state_dict("tiny"), []
+    else:
+        save_safetensors(tiny.tiny_dit_state_dict(cfg=tiny.TINY_WAN22_DIT), dit)
+        weights, family = tiny.wan22_vae_state_dict(), ["--family", "longlive-2", "--blocks", "1"]
+    for path in (vae, preview):  # the same decoder twice: --preview-vae needs another file than --vae
+        save_safetensors(weights, path)
+    video, latents = str(tmp_path / "video.mp4"), str(tmp_path / "latents.safetensors")
+    assert main(["generate", *SMALL, *family, "--compile", "off", "--checkpoint", dit, "--vae", vae,
+                 "--preview-vae", preview, "--video-out", video, "--latents-out", latents]) == 0
+    assert space in _summary(capsys)["model"]
+    assert main(["decode", "--latents", latents, "--vae", vae, "--video-out", str(tmp_path / "decoded.mp4"),
+                 "--quiet"]) == 0
+    for name in ("video.mp4", "video.preview.mp4", "decoded.mp4"):
+        with av.open(str(tmp_path / name)) as container:
+            assert container.streams.video[0].average_rate == fps, name
+
+
+def test_help_describes_the_command_in_whole_sentences(capsys):
+    """The top-level --help line is complete (not a docstring cut mid-sentence) and names every kind of run; the
+    size options tell Wan2.2's 32-pixel rule."""
+    from cascade_core.cli.parser import build_parser
+
+    parser = build_parser()
+    for words in ("text-to-video", "image-to-video (--image)", "video-to-video (--video-in)", "Wan2.2"):
+        assert words in parser.description, words
+    shown = "".join(parser.format_help().split())  # wrapped at any space or hyphen
+    assert parser.description.endswith(".") and "".join(parser.description.split()) in shown
+    generate = parser._subparsers._group_actions[0].choices["generate"]
+    helps = {a.dest: a.help for a in generate._actions}
+    assert "32 for a Wan2.2 model" in helps["width"] and "32 for a Wan2.2 model" in helps["height"]

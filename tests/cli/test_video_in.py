@@ -4,12 +4,14 @@ refusals. The oracle: the engine run on what the test reads and encodes itself (
 the resize rule of torchvision's uint8 resize written here). The streaming encoder's own test:
 tests/video/test_stream_encoder.py."""
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_models
+from conftest import TINY, TINY_5B, tiny_models
+from test_experts import write_pipeline
 from test_vae_encode import diffusers_vae, write_mp4
 
 from cascade_core.cli.command import main
@@ -86,6 +88,15 @@ def test_a_video_file_is_resized_encoded_chunk_by_chunk_and_restyled(tmp_path, c
     (["--video-in", "LAT", "--window", "12"], "it takes no --window"),
     (["--video-in", "LAT", "--kv-dtype", "fp8"], "it takes no --kv-dtype"),
     (["--video-in", "LAT", "--parallel", "3"], "parallelism must lie in 1..2"),
+    (["--video-in", "LAT", "--parallel", "4"], "parallelism must lie in 1..2 (the steps: chunks in flight)"),
+    (["--video-in", "ZERO"], "H/8, W/8 positive multiples of the DiT's patch 2x2, got [1, 16, 3, 4, 0]"),
+    (["--video-in", "LAT", "--checkpoint", "DIT5B"], "--video-in runs StreamDiffusionV2's video-to-video on a "
+                                                     "Wan2.1 DiT (16 latent channels); dit5b.safetensors is a "
+                                                     "Wan2.2 TI2V-5B DiT (48 latent channels)"),
+    (["--video-in", "LAT", "--checkpoint", "PAIR"], "--video-in runs StreamDiffusionV2's video-to-video on a "
+                                                    "Wan2.1 DiT (16 latent channels); pair is a two-expert Wan2.2 "
+                                                    "A14B model"),
+    (["--video-in", "LAT", "--checkpoint", "PAIR_FILE"], "; pair is a two-expert Wan2.2 A14B model"),
     (["--video-in", "LAT", "--noise-scale", "1.5"], "noise scale"),
     (["--video-in", "LAT", "--warp", "on"], "it takes no --warp"),
     (["--video-in", "BAD"], "expected raw latents [1, 16, T, H/8, W/8] with T >= 2"),
@@ -95,8 +106,17 @@ def test_a_video_file_is_resized_encoded_chunk_by_chunk_and_restyled(tmp_path, c
 def test_what_video_to_video_cannot_take_is_refused_in_one_line(tmp_path, capsys, extra, message):
     save_safetensors({"latents": torch.zeros(1, 16, 3, 4, 8)}, str(tmp_path / "lat.safetensors"))
     save_safetensors({"latents": torch.zeros(1, 16, 1, 4, 8)}, str(tmp_path / "bad.safetensors"))
+    save_safetensors({"latents": torch.zeros(1, 16, 3, 4, 0)}, str(tmp_path / "zero.safetensors"))
     (tmp_path / "v.mp4").write_bytes(b"")
-    paths = {"LAT": tmp_path / "lat.safetensors", "BAD": tmp_path / "bad.safetensors", "VIDEO": tmp_path / "v.mp4"}
+    paths = {"LAT": tmp_path / "lat.safetensors", "BAD": tmp_path / "bad.safetensors", "VIDEO": tmp_path / "v.mp4",
+             "ZERO": tmp_path / "zero.safetensors"}
+    if "DIT5B" in extra:
+        paths["DIT5B"] = tmp_path / "dit5b.safetensors"
+        save_safetensors(WanModel.random(TINY_5B, seed=0).state_dict(), str(paths["DIT5B"]))
+    if "PAIR" in extra or "PAIR_FILE" in extra:
+        paths["PAIR"] = write_pipeline(str(tmp_path / "pair"), (WanModel.random(TINY, seed=0),
+                                                                WanModel.random(TINY, seed=1)), {"boundary_ratio": 0.9})
+        paths["PAIR_FILE"] = os.path.join(paths["PAIR"], "transformer", "diffusion_pytorch_model.safetensors")
     assert main(["generate", *[str(paths.get(a, a)) for a in extra], *CPU]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

@@ -5,7 +5,8 @@ What this proves: a JPEG or PNG posted while a webcam run is registered lands in
 (decoded, resized to the run's size, which the answer tells) and nowhere else; frames for a node that is not
 running, for another run of the node, or for a run reading another input get a one-line 409; an empty body,
 no image or a GIF gets 400, a body over the bound 413 (announced or not), more than MAX_DECODING frames
-decoded at once 429; frames beyond the buffer are dropped and counted; ``run_source`` registers a run only
+decoded at once 429; a frame that comes as the run ends (its source closed before or while the frame is
+decoded) gets the 409 of a node that is not running, never a 200 for a frame that went nowhere; frames beyond the buffer are dropped and counted; ``run_source`` registers a run only
 while its block runs (also when it raises), refuses a bad input before registering, and closes the source;
 the route is added to the server once, and the pack adds it when it is loaded.
 """
@@ -24,7 +25,8 @@ import torch
 from PIL import Image
 from test_nodes import PKG, server_routes  # noqa: F401
 
-from cascade_core.video.sources import PushedSource, fit_frames
+from cascade_core.video.frame_source import fit_frames
+from cascade_core.video.live_sources import PushedSource
 
 live = sys.modules[f"{PKG}.nodes.live_input"]
 W, H = 48, 32
@@ -119,7 +121,7 @@ def test_more_than_max_decoding_frames_at_once_get_429():
         def slow(data):
             entered.release()
             release.wait(10)
-            real(data)
+            return real(data)
 
         source.push_image = slow
         answers = []
@@ -136,6 +138,30 @@ def test_more_than_max_decoding_frames_at_once_get_429():
             t.join(10)
         assert [a[0] for a in answers] == [200] * live.MAX_DECODING
         assert live.submit("5", "r1", jpg)[0] == 200  # the count came back down
+
+
+def test_a_frame_posted_as_the_run_ends_is_answered_as_for_a_node_not_running():
+    """run_source leaves by unregistering, then closing the source; a frame in between, or one being decoded
+    when the source is closed, is not taken: the answer says so (the webcam then stops posting)."""
+    jpg = image_bytes(frame(7))
+    source = PushedSource(W, H)
+    entry = live.Receiving("5", "r1", source)
+    live.register(entry)
+    try:
+        source.close()  # the run has ended, not yet unregistered
+        assert live.submit("5", "r1", jpg) == (409, {"error": "node 5 is not running"})
+        source = entry.source = PushedSource(W, H)
+        real = source.push_image
+
+        def closed_while_decoding(data):
+            source.close()
+            return real(data)
+
+        source.push_image = closed_while_decoding
+        assert live.submit("5", "r1", jpg) == (409, {"error": "node 5 is not running"})
+        assert source.buffer.pushed == 0 and entry.decoding == 0
+    finally:
+        live.unregister(entry)
 
 
 def test_run_source_registers_only_while_its_block_runs():

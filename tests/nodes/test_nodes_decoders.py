@@ -315,8 +315,8 @@ def test_wan22_decoders_are_loaded_and_decode_a_wan22_models_output(wan22_files,
     _, images = sample_5b(model_5b, decoder=wan22, preview_decoder=taew22)
     assert [b for b, _ in seen["output"]] == [b for b, _ in seen["view"]] == [0]
     z = seen["latents"]
-    out = load_decoder(wan22_files[0], torch.float32, "cpu", latent_space=None).stream(None)
-    ref = torch.cat([out.decode(b) for b in z], 2)  # the Wan2.2 VAE's own decode, written out here
+    out = load_decoder(wan22_files[0], torch.float32, "cpu", latent_space=None).stream(1)
+    ref = torch.cat([out.decode(b) for b in z], 2)  # the Wan2.2 VAE's own decode (a latent frame a pass, as streams do)
     assert ref.shape == (1, 3, 1 + 4 * 7, H22, W22)
     assert torch.equal(images, ((ref[0].permute(1, 2, 3, 0) + 1) * 0.5).clamp(0, 1))
     view = load_decoder(wan22_files[1], torch.float32, "cpu", latent_space=None).stream(None)

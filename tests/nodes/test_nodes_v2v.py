@@ -31,8 +31,9 @@ from test_vae_encode import diffusers_vae
 from cascade_core.sampling.config import PromptSchedule
 from cascade_core.sampling.v2v import video_to_video
 from cascade_core.sampling.v2v_config import V2VConfig, video_chunks
+from cascade_core.video.frame_source import fit_frames
 from cascade_core.video.latents import normalized_to_raw
-from cascade_core.video.sources import decode_image, fit_frames
+from cascade_core.video.live_sources import decode_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 live_input = sys.modules[f"{PKG}.nodes.live_input"]

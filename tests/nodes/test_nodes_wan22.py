@@ -227,3 +227,23 @@ def tiny_decoder() -> str:
     path = os.path.join(MODELS, "vae", "taew2_1_bc_test.pth")
     torch.save({k: torch.zeros(v.shape, dtype=torch.float16) for k, v in names.items()}, path)
     return path
+
+
+def test_the_family_must_fit_the_model_and_a_nameless_5b_is_longlive2(model, prompt):
+    """A Wan2.1 family set on the 5B DiT is refused in one line naming both (the CLI's rule,
+    sampling.families.check_family_model); a 5B DiT whose file name says no family samples as longlive-2."""
+    with pytest.raises(ValueError) as err:
+        sampler(model, prompt, settings(family="self-forcing"))
+    message = str(err.value)
+    assert "family self-forcing samples a Wan2.1 DiT (16 latent channels)" in message and "48 latent" in message
+    assert "\n" not in message
+    path = os.path.join(MODELS, "diffusion_models", "plain_tiny_5b.safetensors")
+    save_safetensors(model.model.state_dict(), path)
+    try:
+        (nameless,) = run("BlockCascadeModelLoader", model_name=os.path.basename(path), dtype="fp32", ema="auto")
+    finally:
+        os.remove(path)
+    assert nameless.family is None
+    _, _, rec = sampler(nameless, prompt, settings())
+    (start,) = [d for e, d in rec.events("start")]
+    assert start["settings"].startswith("longlive-2"), start["settings"]

@@ -246,6 +246,8 @@ def test_stopping_ends_an_endless_input_normally_and_interrupts_a_finite_one(mod
 @pytest.mark.parametrize("chunk, message", [
     (VideoChunk(torch.zeros(1, 16, 1, 4, 8)), "chunk 0: latents must be [1, 16, 2, h, w]"),
     (VideoChunk(torch.zeros(1, 16, 2, 3, 8)), "multiples of the patch"),
+    (VideoChunk(torch.zeros(1, 16, 2, 4, 0)), "positive multiples of the patch 2x2"),  # no conv3d traceback
+    (VideoChunk(torch.zeros(1, 16, 2, 0, 8)), "positive multiples of the patch 2x2"),
     (VideoChunk(torch.zeros(1, 16, 2, 4, 8), torch.zeros(1, 3, 4, 32, 64)), "pixels must be [1, 3, 5, H, W]"),
 ])
 def test_a_bad_chunk_is_refused_in_one_line_before_any_forward(model, prompt, chunk, message):

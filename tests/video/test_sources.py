@@ -1,4 +1,5 @@
-"""The sources of a video-to-video run's pixel frames (cascade_core/video/sources.py), on CPU, nothing downloaded.
+"""The sources of a video-to-video run's pixel frames (cascade_core/video/frame_source.py, live_sources.py and
+sources.py), on CPU, nothing downloaded.
 
 What this proves: a video file written here with PyAV (lossless PNG frames) is read back frame for frame, 5 then
 4 at a time, the frames left over at the end dropped; an IMAGE batch gives its frames rounded to uint8 and a
@@ -7,7 +8,10 @@ http.server gives each JPEG part as Pillow decodes it (parts with and without Co
 keeps the newest frames, drops the oldest, and holds the same bytes after 10,000 pushed frames as after 100
 (its own count and tracemalloc); a consumer slower than the input never gets a frame older than the buffer's
 capacity; resizing is the antialiased bilinear filter written out in the test (the aspect ratio not kept);
-every bad input (missing or undecodable file, wrong IMAGE shapes, non-MJPEG URL, broken parts) is one line.
+every bad input (missing or undecodable file, wrong IMAGE shapes, non-MJPEG URL, a stream that breaks off) is one
+line, with no object's address in it; an MJPEG part that is no image is skipped and counted, and 30 of them in a
+row end the stream as its end does (one line logged); 16-bit grey PNG frames are scaled to 8 bits as the CLI's
+image loader scales them; a frame pushed after the end is not taken, and the push says so.
 """
 from __future__ import annotations
 
@@ -26,19 +30,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cascade_core.video import sources
-from cascade_core.video.sources import (
-    FileSource,
-    ImageBatchSource,
-    MjpegSource,
-    NewestFrames,
-    PushedSource,
-    count_frames,
-    fit_frames,
-    open_source,
-    to_pixels,
-    video_source,
-)
+from cascade_core.video import live_sources
+from cascade_core.video import multipart as multipart_mod
+from cascade_core.video.frame_source import InputBrokeOff, fit_frames, to_pixels
+from cascade_core.video.live_sources import MjpegSource, NewestFrames, PushedSource, decode_image
+from cascade_core.video.sources import FileSource, ImageBatchSource, count_frames, open_source, video_source
 
 H, W = 32, 48
 
@@ -395,10 +391,12 @@ def test_an_mjpeg_stream_gives_each_jpeg_part_as_pillow_decodes_it():
             src.close()
 
 
-def test_an_mjpeg_url_that_is_no_stream_or_breaks_off_is_one_line():
+def test_an_mjpeg_url_that_is_no_stream_or_breaks_off_is_one_line(monkeypatch):
     good = jpeg(random_frames(1, seed=8)[0])
+    monkeypatch.setattr(multipart_mod, "MAX_PART", len(good) + 10)
     routes = {"/page": (200, "text/html", b"<html></html>"),
-              "/broken": (200, "multipart/x-mixed-replace; boundary=frame", multipart([good, b"not a jpeg at all"]))}
+              "/broken": (200, "multipart/x-mixed-replace; boundary=frame", multipart([good, b"x" * (len(good) + 20),
+                                                                                       good]))}
     with Served(routes) as srv:
         with pytest.raises(ValueError) as e:
             open_source(srv.url("/page"), W, H)
@@ -408,9 +406,9 @@ def test_an_mjpeg_url_that_is_no_stream_or_breaks_off_is_one_line():
         one_line(e, "/missing", "could not open it", "404")
         src = MjpegSource(srv.url("/broken"), W, H)
         assert src.take(1, timeout=10) is not None
-        with pytest.raises(RuntimeError) as e:
+        with pytest.raises(InputBrokeOff) as e:
             src.take(1, timeout=10)
-        one_line(e, "MJPEG stream", "/broken", "not a readable JPEG or PNG image")
+        one_line(e, "MJPEG stream", "/broken", f"over {len(good) + 10}")
         port = srv.server.server_address[1]
     with pytest.raises(ValueError) as e:
         open_source(f"http://127.0.0.1:{port}/gone", W, H)  # the server is down
@@ -418,6 +416,63 @@ def test_an_mjpeg_url_that_is_no_stream_or_breaks_off_is_one_line():
     with pytest.raises(ValueError) as e:
         MjpegSource("ftp://example.invalid/x", W, H)
     one_line(e, "starts with http://")
+
+
+def test_mjpeg_parts_that_are_no_image_are_skipped_and_30_in_a_row_end_the_stream(caplog):
+    """One bad part (not an image, a GIF) costs that part, not the run: the frames around it are taken in order
+    and it is counted; MAX_BAD_PARTS in a row end the stream as a closed one does (take: None, no error), with one
+    line logged; the frames after them are not read."""
+    frames = random_frames(14, seed=10)
+    good = [jpeg(f) for f in frames]
+    gif = io.BytesIO()
+    Image.fromarray(frames[0]).save(gif, format="GIF")
+    bad = [b"\xff\xd8garbage", gif.getvalue(), b"not an image at all"]
+    assert live_sources.MAX_BAD_PARTS == 30
+    parts = (good[:5] + [bad[0]] + good[5:7] + [bad[i % 3] for i in range(29)] + good[7:9]
+             + [bad[i % 3] for i in range(30)] + good[9:])
+    routes = {"/bad.mjpg": (200, "multipart/x-mixed-replace; boundary=frame", multipart(parts))}
+    with caplog.at_level("WARNING", logger="block_cascade"), Served(routes) as srv:
+        src = MjpegSource(srv.url("/bad.mjpg"), W, H, capacity=16)
+        got = src.take(9, timeout=10)
+        assert src.take(1, timeout=10) is None  # ended, not broken off
+        src.close()
+    expect = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in good[:9]])
+    assert np.array_equal(got.numpy(), expect)
+    assert src.bad_parts == 60 and src.buffer.pushed == 9 and src.buffer.error is None
+    ended = [r.getMessage() for r in caplog.records if "ended" in r.getMessage()]
+    assert ended == [f"Block Cascade: MJPEG stream {srv.url('/bad.mjpg')} ended: its last 30 parts were no image"]
+    assert all("\n" not in r.getMessage() and " at 0x" not in r.getMessage() for r in caplog.records)
+
+
+def test_a_16_bit_grey_png_frame_is_scaled_to_8_bits_as_the_cli_reads_it(tmp_path):
+    from cascade_core.video.vae_encode import load_image
+
+    levels = np.array([[0, 257, 32768, 65535], [1000, 20000, 40000, 60000]], dtype=np.uint16)
+    png = io.BytesIO()
+    Image.fromarray(levels).save(png, format="PNG")
+    assert Image.open(io.BytesIO(png.getvalue())).mode.startswith("I;16")
+    got = decode_image(png.getvalue(), "webcam")
+    expect = np.round(levels / 257.0).astype(np.uint8)
+    assert np.array_equal(got, np.repeat(expect[..., None], 3, -1))
+    (tmp_path / "g.png").write_bytes(png.getvalue())
+    cli = ((load_image(str(tmp_path / "g.png"), 4, 2)[0, :, 0] + 1) * 127.5).round().permute(1, 2, 0)
+    assert np.array_equal(got, cli.to(torch.uint8).numpy())
+
+
+def test_an_unreadable_frame_is_one_line_without_an_objects_address():
+    for data in (b"\xff\xd8garbage", b"\x00" * 100, jpeg(random_frames(1, seed=11)[0])[:200]):
+        with pytest.raises(ValueError) as e:
+            decode_image(data, "webcam")
+        one_line(e, "webcam: not a readable JPEG or PNG image")
+        assert " at 0x" not in str(e.value) and "object" not in str(e.value), str(e.value)
+
+
+def test_a_frame_pushed_after_the_end_is_not_taken_and_the_push_says_so():
+    src = PushedSource(W, H)
+    frame = jpeg(random_frames(1, seed=12)[0])
+    assert src.push_image(frame) is True and src.push(random_frames(1, seed=13)[0]) is True
+    src.close()
+    assert src.push_image(frame) is False and src.buffer.pushed == 2
 
 
 def test_close_ends_a_live_mjpeg_reader():
@@ -454,4 +509,4 @@ def test_close_ends_a_live_mjpeg_reader():
 
 
 def test_the_latency_bound_is_stated():
-    assert "capacity x the input's frame interval" in sources.__doc__ and sources.LIVE_CAPACITY == 8
+    assert "capacity x the input's frame interval" in live_sources.__doc__ and live_sources.LIVE_CAPACITY == 8

@@ -357,7 +357,8 @@ def test_wrong_files_say_what_they_are(name, ref, tmp_path, capsys):
     with pytest.raises(CheckpointError) as e:
         load_dit(path)
     assert str(e.value).startswith(f"{name}.safetensors: ") and message in str(e.value), e.value
-    assert main(["generate", *SMALL, "--checkpoint", path]) == 2
+    no_steps = [a for a in SMALL if a not in ("--steps", "1000,500")]  # a 48-channel file runs as longlive-2 (UniPC)
+    assert main(["generate", *no_steps, "--checkpoint", path]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err == f"error: {e.value}", err
 

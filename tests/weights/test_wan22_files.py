@@ -21,8 +21,10 @@ from cascade_core.weights.dit_names import diffusers_name
 from cascade_core.weights.probe import stored_decoder_space, stored_latent_space
 from cascade_core.weights.safe_io import CheckpointError, read_tensor_file, save_safetensors
 
-SMALL = ["--width", "64", "--height", "32", "--blocks", "2", "--steps", "1000,500", "--quiet", "--dtype", "fp32",
+# a 48-channel DiT without --family runs as longlive-2 (UniPC: its timesteps follow from the count, 2 -> 999,833)
+SMALL = ["--width", "64", "--height", "32", "--blocks", "2", "--steps", "999,833", "--quiet", "--dtype", "fp32",
          "--device", "cpu", "--compile", "off"]
+LL2_SMALL = ["--frames-per-block", "3", "--window", "9", "--sink", "3"]  # longlive-2's multi-shot sink at 3 frames
 # LongLive 2.0's LoRA: every nn.Linear inside each attention block (NVlabs/LongLive utils/lora_utils.py:19-66)
 LORA_LAYERS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
@@ -228,7 +230,7 @@ def test_cli_refuses_the_other_spaces_vae_in_one_line_naming_both(ref, tmp_path,
 def test_cli_runs_the_5b_architecture_with_its_vae(ref, tmp_path, capsys):
     dit22 = write("longlive .pt", ref, tmp_path / "model_bf16.pt")
     out = str(tmp_path / "lat.safetensors")
-    assert main(["generate", *SMALL, "--checkpoint", dit22, "--latents-out", out, "--vae",
+    assert main(["generate", *SMALL, *LL2_SMALL, "--checkpoint", dit22, "--latents-out", out, "--vae",
                  wan22_vae(tmp_path / "wan2.2_vae.safetensors"), "--video-out", str(tmp_path / "v.mp4")]) == 0, \
         capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
