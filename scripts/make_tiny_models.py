@@ -1,6 +1,7 @@
 """Write tiny test models into a ComfyUI models folder (random weights, for tests only).
 
-    python scripts/make_tiny_models.py MODELS_DIR [--vae tiny|full|none]
+    python scripts/make_tiny_models.py MODELS_DIR [--vae tiny|full|light|none]
+        [--tiny-decoder none|taew2_1|lighttaew2_1] [--wan22]
 
 Writes
   MODELS_DIR/diffusion_models/block_cascade_tiny_dit.safetensors
@@ -19,6 +20,13 @@ Writes
   MODELS_DIR/vae_approx/block_cascade_tiny_{taew2_1,lighttaew2_1}.safetensors (--tiny-decoder, off by default)
       a complete TAEHV-layout tiny decoder (encoder and decoder, the key names of taew2_1 / lighttaew2_1),
       random, narrow; stored as released: taew2_1 in fp16, lighttaew2_1 in fp32.
+With --wan22 also (Wan2.2 latents: 48 channels, 16 x 16 pixels a latent pixel, 24 fps)
+  MODELS_DIR/diffusion_models/block_cascade_tiny_wan22_dit.safetensors
+      a DiT of Wan2.2-TI2V-5B's layout (LongLive 2.0's: 48 latent channels in and out, canonical names),
+      otherwise the tiny Wan2.1 DiT's widths (family longlive-2 assumed for it; or --family longlive-2-2step);
+  MODELS_DIR/vae/block_cascade_tiny_wan22_vae.safetensors
+      a complete Wan2.2 VAE (encoder and decoder, the diffusers layout of Wan2.2-TI2V-5B-Diffusers/vae in one
+      file), random, base width 8: the decoder of --vae and Load Video Decoder, the encoder of --image.
 Prints one JSON line with the files written.
 """
 from __future__ import annotations
@@ -39,16 +47,35 @@ from cascade_core.model.dit import WanConfig, WanModel  # noqa: E402
 from cascade_core.weights.safe_io import save_safetensors  # noqa: E402
 
 TINY_DIT = WanConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=4096)
+TINY_WAN22_DIT = WanConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=4096, in_dim=48, out_dim=48)
 DIT_NAME = "block_cascade_tiny_dit.safetensors"
+WAN22_DIT_NAME = "block_cascade_tiny_wan22_dit.safetensors"
+WAN22_VAE_NAME = "block_cascade_tiny_wan22_vae.safetensors"
+WAN22_VAE_WIDTH = 8  # the encoder's and the decoder's base width (160 and 256 when released)
 EMBEDS_NAMES = ("block_cascade_tiny_a.safetensors", "block_cascade_tiny_b.safetensors")
 VAE_NAME = "block_cascade_tiny_vae.safetensors"
 TINY_DECODER_NAME = "block_cascade_tiny_{kind}.safetensors"  # kind: taew2_1 or lighttaew2_1
 EMBED_TOKENS = 16
 
 
-def tiny_dit_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    model = WanModel.random(TINY_DIT, seed=seed)
+def tiny_dit_state_dict(seed: int = 0, cfg: WanConfig = TINY_DIT) -> dict[str, torch.Tensor]:
+    """A random DiT of ``cfg`` (default the tiny Wan2.1 one; :data:`TINY_WAN22_DIT` the Wan2.2 one), canonical
+    names, every tensor contiguous."""
+    model = WanModel.random(cfg, seed=seed)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def wan22_vae_state_dict(seed: int = 0, width: int = WAN22_VAE_WIDTH) -> dict[str, torch.Tensor]:
+    """A random complete Wan2.2 VAE (encoder and decoder) of base width ``width``, fp32, in the diffusers layout
+    (``AutoencoderKLWan`` in the pack's Wan2.2 configuration, :data:`cascade_core.video.vae_encode.WAN22_VAE_CONFIG`):
+    what :func:`cascade_core.video.frames.load_decoder` decodes with and the image encoder reads."""
+    from diffusers import AutoencoderKLWan
+
+    from cascade_core.video.vae_encode import WAN22_VAE_CONFIG
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=width, decoder_base_dim=width, **WAN22_VAE_CONFIG)
+    return {k: v.float().contiguous() for k, v in vae.state_dict().items()}
 
 
 def tiny_embeds(seed: int, tokens: int = EMBED_TOKENS, width: int = 4096) -> torch.Tensor:
@@ -159,7 +186,9 @@ def tiny_decoder_state_dict(kind: str = "lighttaew2_1", width: str = "tiny", see
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
-def write(models_dir: str, vae_width: str = "tiny", tiny_decoder: str = "none") -> dict[str, str]:
+def write(models_dir: str, vae_width: str = "tiny", tiny_decoder: str = "none", wan22: bool = False
+          ) -> dict[str, str]:
+    """Write the files of the module docstring under ``models_dir``; {what: path} of each file written."""
     written = {}
     dit = os.path.join(models_dir, "diffusion_models", DIT_NAME)
     save_safetensors(tiny_dit_state_dict(), dit)
@@ -176,6 +205,13 @@ def write(models_dir: str, vae_width: str = "tiny", tiny_decoder: str = "none") 
         path = os.path.join(models_dir, "vae_approx", TINY_DECODER_NAME.format(kind=tiny_decoder))
         save_safetensors(tiny_decoder_state_dict(tiny_decoder), path)
         written["tiny_decoder"] = path
+    if wan22:
+        path = os.path.join(models_dir, "diffusion_models", WAN22_DIT_NAME)
+        save_safetensors(tiny_dit_state_dict(cfg=TINY_WAN22_DIT), path)
+        written["wan22_dit"] = path
+        path = os.path.join(models_dir, "vae", WAN22_VAE_NAME)
+        save_safetensors(wan22_vae_state_dict(), path)
+        written["wan22_vae"] = path
     return written
 
 
@@ -187,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                         "random weights, about 250 MB), light (LightVAE's widths, about 32 MB) or none")
     p.add_argument("--tiny-decoder", choices=("none", "taew2_1", "lighttaew2_1"), default="none",
                    help="also write a narrow random tiny decoder of that kind into vae_approx/")
+    p.add_argument("--wan22", action="store_true",
+                   help="also write a tiny Wan2.2 DiT (48 latent channels, LongLive 2.0's layout) and a tiny "
+                        "complete Wan2.2 VAE")
     args = p.parse_args(argv)
-    print(json.dumps(write(args.models_dir, args.vae, args.tiny_decoder)))
+    print(json.dumps(write(args.models_dir, args.vae, args.tiny_decoder, args.wan22)))
     return 0
 
 

@@ -1,10 +1,10 @@
-"""``python -m cascade_core generate|decode``: block-causal text-to-video latents from the command line,
-and latents into a video.
+"""``python -m cascade_core generate|decode``: text-, image- and video-to-video with block-causal Wan2.1 and Wan2.2
+models from the command line, and latents into a video (:data:`DESCRIPTION` is what ``--help`` says).
 
 Without ``--checkpoint`` a small built-in model with random weights runs (labelled untrained in the
-summary), so the command works on any machine. ``--checkpoint`` reads any Wan2.1 T2V DiT layout
-(:mod:`weights.checkpoint`), ``--lora`` merges a LoRA into it, ``--prompt`` embeds a text with a local umt5-xxl
-encoder (:mod:`weights.text`). ``decode`` turns latents that ``generate --latents-out`` wrote into an MP4
+summary), so the command works on any machine. ``--checkpoint`` reads any Wan2.1 T2V DiT layout, LongLive 2.0's
+Wan2.2-TI2V-5B DiT and a causal Wan2.2-A14B two-expert folder (:mod:`weights.checkpoint`), ``--lora`` merges a
+LoRA into it, ``--prompt`` embeds a text with a local umt5-xxl encoder (:mod:`weights.text`). ``decode`` turns latents that ``generate --latents-out`` wrote into an MP4
 and/or PNGs. Bad arguments print one line and exit with code 2 (checked before any model work, see
 :mod:`cli.checks`); Ctrl-C stops with one line and exit code 130 (:mod:`cli.run`). Progress goes to
 stderr, one JSON summary line to stdout.
@@ -22,6 +22,10 @@ from ..sampling.config import ATTENTION_MODES, FLASHBLOCK_MODES, SWITCH_MODES
 from ..sampling.families import FAMILIES
 from ..weights.checkpoint import EMA_MODES
 from .checks import UsageError, seed_value
+
+DESCRIPTION = ("Block-causal video generation from the command line: text-to-video, image-to-video (--image) and "
+               "video-to-video (--video-in) with Wan2.1 and Wan2.2 models (generate), and latents into a video "
+               "(decode).")
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -62,7 +66,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m cascade_core", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m cascade_core", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     g = sub.add_parser("generate", help="generate latent video", formatter_class=Formatter,
                        description="Generate latents [1, C, T, H/s, W/s] (optionally decoded into a video; C, s: "
@@ -83,14 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                                           "text_encoder/ folder of sharded model*.safetensors)")
     g.add_argument("--tokenizer", help="local umt5-xxl tokenizer folder (optional when the encoder file "
                                        "carries its tokenizer, as ComfyUI's do)")
-    g.add_argument("--width", type=int, default=832, help="video width in pixels, a multiple of 16")
-    g.add_argument("--height", type=int, default=480, help="video height in pixels, a multiple of 16")
+    g.add_argument("--width", type=int, default=832, help="video width in pixels, a multiple of 16 (32 for a Wan2.2 "
+                                                          "model: LongLive 2.0, 16 pixels a latent pixel)")
+    g.add_argument("--height", type=int, default=480, help="video height in pixels, a multiple of 16 (32 for a "
+                                                           "Wan2.2 model)")
     g.add_argument("--blocks", type=int, default=7,
                    help="latent blocks (7 x 3 latent frames = 81 video frames); 0 = endless, until Ctrl-C (needs a "
                         "window; the MP4 is written as it goes and finalised at the end)")
     g.add_argument("--family", choices=FAMILIES,
                    help="checkpoint family: fills every sampling setting below from its reference inference "
-                        "code (default: read off the --checkpoint/--lora path where it says, else self-forcing); "
+                        "code (default: read off the --checkpoint/--lora path where it says, else longlive-2 for a "
+                        "Wan2.2 TI2V-5B DiT, causal-wan2.2-a14b for a two-expert folder, self-forcing otherwise); "
                         "explicit settings override it")
     g.add_argument("--frames-per-block", type=int,
                    help="latent frames per block (3: chunk-wise checkpoints, 1: frame-wise; family default)")
@@ -165,11 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "s: the model's latents, 16 and 8 for Wan2.1, 48 and 16 for Wan2.2: LongLive 2.0)")
     g.add_argument("--video-in", metavar="FILE",
                    help="video-to-video as StreamDiffusionV2 does it (--family streamdiffusionv2): a video file "
-                        "(encoded with --vae, resized to --width x --height) or raw latents [1, 16, T, H/8, W/8] in a "
-                        ".safetensors; the length is the input's ((frames - 1) // 4 chunks; --blocks is not used)")
+                        "(encoded with --vae, resized to --width x --height, the aspect ratio not kept) or raw latents "
+                        "[1, 16, T, H/8, W/8] in a .safetensors (their size is the video's); the length is the "
+                        "input's ((frames - 1) // 4 chunks; --blocks is not used)")
     g.add_argument("--noise-scale", type=float,
-                   help="with --video-in: the first chunk's share of noise, 0..1 (StreamDiffusionV2's sequential "
-                        "script: 0.7; later chunks adapt to the motion)")
+                   help="with --video-in: the first chunk's share of noise, 0.201..1 (StreamDiffusionV2's sequential "
+                        "script: 0.7; later chunks adapt to the motion; below 0.201 their first timestep can fall "
+                        "to 0)")
     before = g.add_mutually_exclusive_group()
     before.add_argument("--image", metavar="FILE",
                         help="start image (PNG, JPEG; needs --vae): scaled to cover --width x --height keeping its "
