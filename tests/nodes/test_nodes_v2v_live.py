@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from test_nodes import PKG, Recorder, mm, run, tiny
+from test_nodes import PKG, Recorder, mm, run
 from test_nodes_v2v import (  # noqa: F401 - fixtures (used by name)
     NODE,
     CoreVAE,
@@ -31,25 +31,15 @@ from test_nodes_v2v import (  # noqa: F401 - fixtures (used by name)
     jpeg,
     live_input,
     nothing_runs,
+    prompt,
     restyle,
+    tiny_model,
 )
 
 from cascade_core.sampling.v2v_config import NOISE_SCALE_MIN
 from cascade_core.video.live_sources import decode_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    (m,) = run("BlockCascadeModelLoader", model_name=tiny.DIT_NAME, dtype="fp32", ema="auto")
-    return m
-
-
-@pytest.fixture(scope="module")
-def prompt():
-    (p,) = run("BlockCascadeEmbedsLoader", embeds=tiny.EMBEDS_NAMES[0])
-    return p
 
 
 def shots(n, seed):
