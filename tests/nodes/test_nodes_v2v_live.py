@@ -61,7 +61,17 @@ class Watchdog:
         self.timer.cancel()
 
 
-def test_an_mjpeg_part_that_is_no_image_is_skipped_and_the_run_ends_with_the_stream(tiny_model, prompt, caplog):
+def test_an_mjpeg_part_that_is_no_image_is_skipped_and_the_run_ends_with_the_stream(tiny_model, prompt, caplog,
+                                                                                    monkeypatch):
+    # a source that holds every part: none is dropped however slowly this machine runs the model (the oracle knows
+    # them all); dropping the oldest is the sources' own tests' subject
+    opened, run_source = [], live_input.run_source
+
+    def holding_every_part(*args):
+        opened.append(args[2])
+        return run_source(*args, capacity=64)
+
+    monkeypatch.setattr(live_input, "run_source", holding_every_part)
     posted = shots(9, 7)
     parts = posted[:5] + [b"\xff\xd8garbage"] + posted[5:]
     started = threading.Event()
@@ -74,7 +84,7 @@ def test_an_mjpeg_part_that_is_no_image_is_skipped_and_the_run_ends_with_the_str
             self.send_response(200)
             self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=fr")
             self.end_headers()
-            started.wait(30)  # the frames come once the run reads them (none dropped: the oracle knows them all)
+            started.wait(30)  # the frames come once the run has started
             for data in parts:
                 self.wfile.write(b"--fr\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data)
                                  + data + b"\r\n")
@@ -97,6 +107,7 @@ def test_an_mjpeg_part_that_is_no_image_is_skipped_and_the_run_ends_with_the_str
     finally:
         server.shutdown()
         server.server_close()
+    assert len(opened) == 1 and opened[0].startswith("http://127.0.0.1:")
     seen = torch.from_numpy(np.stack([decode_image(p, "t") for p in posted]))
     torch.testing.assert_close(raw, engine(tiny_model, prompt, seen, None), atol=1e-4, rtol=0)
     assert out.shape == (9, H, W, 3)
