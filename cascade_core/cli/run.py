@@ -29,6 +29,7 @@ from ..sampling.config import CascadeConfig, PromptSchedule, is_scene_cut
 from ..sampling.context import context_notes
 from ..sampling.families import describe, get_family
 from ..sampling.loop import BlockEvent, Interrupted, Result
+from ..sampling.plan import check_noise
 from ..sampling.recompute import why_a_vae
 from ..session.run_session import TORCHRUN, RunSession
 from ..video.reencode import ContextReencoder
@@ -86,6 +87,7 @@ class Checked:
     prefix_notes: list[str]
     swapped: int = 0  # blocks streamed from host memory (:func:`load`)
     decode_device: torch.device | None = None  # where the decoders run (RunSession.decode_device)
+    noise: torch.Tensor | None = None  # --noise as read and checked against the plan (None: drawn by the run)
 
 
 @dataclasses.dataclass
@@ -144,13 +146,18 @@ def check(args) -> Checked:
     prefix_in = cli_prefix.read_prefix(args, cfg, session.plan)
     if prefix_in is not None:  # its frames are known once its file is read
         session.plan = session.plan.with_prefix(prefix_in.frames)
+    noise = single_tensor(args.noise, "the initial noise") if args.noise else None  # small: read before the model
+    try:
+        check_noise(session.plan, noise)
+    except ValueError as exc:
+        raise UsageError(f"--noise {args.noise}: {exc}") from None
     lines = checkpoint_notes + cli_checks.length_warnings(cfg, args.blocks,
                                                          0 if prefix_in is None else prefix_in.frames)
     cli_checks.check_backend(args.attention_backend, device, dtype)
     cli_checks.check_weight_dtype(args, device)
     decode_on = session.decode_device(device, decode_device_choice(args))
     return Checked(cfg, family, assumed, session, device, where, dtype, switches, prefix_in, lines, prefix_notes,
-                   decode_device=decode_on)
+                   decode_device=decode_on, noise=noise)
 
 
 def load(args, run: Checked) -> Loaded:
@@ -189,7 +196,7 @@ def load(args, run: Checked) -> Loaded:
         embeds = single_tensor(args.embeds, "a [L, 4096] prompt embedding")
     elif embeds is None:
         embeds = torch.randn(16, model.cfg.text_dim, generator=torch.Generator().manual_seed(args.seed))
-    noise = single_tensor(args.noise, "the initial noise") if args.noise else None
+    noise = run.noise
     entries = [(0, embeds)] + [(b, single_tensor(v, "a [L, 4096] prompt embedding") if is_file else encoded.pop(0))
                                for b, v, is_file, _ in run.switches]
     head = None if prefix_in is None else prefix_in.head  # given latents before the context, output as they are

@@ -190,12 +190,21 @@ def check_inputs(run: RunPlan, prompts: PromptSchedule, text_dim: int | None, *,
     frames = check_prefix(prefix, run.cfg, h, w, dtype, run.latent_space)
     if frames != run.grid.offset:
         raise ValueError(f"the prefix holds {frames} latent frames; the run was planned with {run.grid.offset}")
-    if noise is not None and run.schedule.endless:
+    check_noise(run, noise)
+
+
+def check_noise(run: RunPlan, noise: torch.Tensor | None) -> None:
+    """The initial noise against its plan (None: drawn by the run): a video of known length, of the plan's
+    :attr:`RunPlan.noise_shape` ([1, C, T, H/s, W/s] of its latent space), finite. Raises ValueError. The CLI
+    asks it as soon as the plan is made, before any weight is read; :func:`check_inputs` again at the run."""
+    if noise is None:
+        return
+    if run.schedule.endless:
         raise ValueError("an endless video draws each block's initial noise as it enters (noise.block_noise): "
                          "give no initial noise, or a length in blocks")
-    if noise is not None and tuple(noise.shape) != run.noise_shape:
+    if tuple(noise.shape) != run.noise_shape:
         raise ValueError(f"the initial noise must be {list(run.noise_shape)}, got {list(noise.shape)}")
-    if noise is not None and not bool(torch.isfinite(noise).all()):
+    if not bool(torch.isfinite(noise).all()):
         raise ValueError("the initial noise holds NaN or infinite values")
 
 

@@ -230,9 +230,23 @@ def test_non_finite_noise_is_refused_in_one_line(tmp_path, capsys):
     noise = torch.randn(1, 16, 6, 4, 8)
     noise[0, 3, 2, 1, 1] = float("nan")
     save_safetensors({"noise": noise}, str(tmp_path / "noise.safetensors"))
-    assert main(["generate", *SMALL, "--noise", str(tmp_path / "noise.safetensors")]) == 2
+    path = str(tmp_path / "noise.safetensors")
+    assert main(["generate", *SMALL, "--noise", path]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == ["error: the initial noise holds NaN or infinite values"], err
+    assert err.splitlines() == [f"error: --noise {path}: the initial noise holds NaN or infinite values"], err
+
+
+def test_noise_of_another_shape_is_refused_before_the_checkpoint_is_read(tmp_path, capsys, monkeypatch):
+    """The initial noise is checked against the run's plan as soon as the plan is made: a wrong shape costs no
+    weight read (the checkpoint's loader is never called)."""
+    from cascade_core.weights.safe_io import save_safetensors
+
+    monkeypatch.setattr(cli_run, "load_weights", lambda *a, **k: pytest.fail("the weights were read"))
+    path = str(tmp_path / "noise.safetensors")
+    save_safetensors({"noise": torch.randn(1, 16, 5, 4, 8)}, path)
+    assert main(["generate", *SMALL, "--noise", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --noise {path}: the initial noise must be [1, 16, 6, 4, 8]"), err
 
 
 def test_bad_start_images_and_continuations_give_one_line_before_the_model(tmp_path, capsys, no_model_work):
