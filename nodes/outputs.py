@@ -20,7 +20,7 @@ from comfy_api.latest import io
 
 from cascade_core.common.latent_space import WAN21_LATENTS, LatentSpace
 
-from . import recording, stream
+from . import recording
 
 log = logging.getLogger("block_cascade")
 
@@ -127,9 +127,9 @@ def stopped(run, final_latents: list[torch.Tensor], reporter, before) -> io.Node
     return io.NodeOutput({"samples": raw}, images, ui=video.ui())
 
 
-def save_frames(images: torch.Tensor, fps: int = stream.FPS) -> recording.Recording:
+def save_frames(images: torch.Tensor, fps: int) -> recording.Recording:
     """Frames [F, H, W, 3] in 0..1 written to a finalised MP4 at the next free name in ComfyUI's output folder,
-    playing at ``fps`` (the run's latent space's, :attr:`LatentSpace.fps`; default Wan2.1's 16)."""
+    playing at ``fps`` (the run's latent space's, :attr:`LatentSpace.fps`)."""
     video = recording.Recording(fps)
     try:
         for at in range(0, images.shape[0], SAVE_CHUNK):

@@ -50,7 +50,6 @@ from . import mjpeg
 
 log = logging.getLogger("block_cascade")
 
-FPS = WAN21_LATENTS.fps  # a Wan2.1 run's; a run's own is its decoder's latent space's (:func:`fps_of`)
 PREVIEW_MAX = 320
 JPEG_QUALITY = 80
 STATE_INTERVAL = 0.1

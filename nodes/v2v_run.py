@@ -178,7 +178,7 @@ def _outputs(kept, with_first: bool, reporter, stopped: bool) -> io.NodeOutput |
     if reporter.recording is not None:  # a live run: its recording (closed and named by done)
         ui = reporter.recording
     elif stopped:
-        saved = outputs.save_frames(images)
+        saved = outputs.save_frames(images, reporter.fps)
         ui = saved
     reporter.done(stopped=stopped, video=None if saved is None else saved.file())
     return io.NodeOutput(images, {"samples": raw}, ui=ui.ui() if ui is not None and ui.count else None)

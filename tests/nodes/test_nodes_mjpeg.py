@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import sys
 import time
 import types
@@ -20,6 +21,7 @@ import torch
 from oracles import mjpeg_parts
 from test_nodes import PKG, H, Recorder, W, config, model, prompts, run, server_routes, stream_mod  # noqa: F401
 
+from cascade_core.common.latent_space import WAN21_LATENTS
 from cascade_core.sampling.loop import BlockEvent
 from cascade_core.video.frames import LatentRGBDecoder
 
@@ -86,14 +88,14 @@ def test_a_feed_keeps_nothing_without_subscribers_and_a_slow_reader_keeps_the_ne
     assert feed.subscribers() == 0 and mjpeg_mod.running_feed("31") is None
 
 
-def reporter_run(node: str, blocks: int):
-    """A Reporter of ``blocks`` blocks (3 latent frames each) and a function that runs it to done,
-    returning the base64 JPEGs of its frames events."""
+def reporter_run(node: str, blocks: int, fps: int):
+    """A Reporter of ``blocks`` blocks (3 latent frames each) whose video plays at ``fps`` (its decoder's latent
+    space's rate) and a function that runs it to done, returning the base64 JPEGs of its frames events."""
     g = torch.Generator().manual_seed(7)
     factors = torch.randn(16, 3, generator=g) * 0.05
     sent = []
-    r = stream_mod.Reporter(node, blocks, 3 * blocks, 5, 1, 64, 32, LatentRGBDecoder(factors, torch.zeros(3)),
-                            send=lambda e, d: sent.append((e, d)))
+    decoder = LatentRGBDecoder(factors, torch.zeros(3), latent_space=dataclasses.replace(WAN21_LATENTS, fps=fps))
+    r = stream_mod.Reporter(node, blocks, 3 * blocks, 5, 1, 64, 32, decoder, send=lambda e, d: sent.append((e, d)))
     z = torch.randn(1, 16, 3 * blocks, 2, 4, generator=g)
 
     def go():
@@ -106,7 +108,6 @@ def reporter_run(node: str, blocks: int):
 
 
 def test_the_stream_sends_the_widgets_jpegs_as_parts_at_the_fps_until_the_run_ends(web, monkeypatch):
-    monkeypatch.setattr(stream_mod, "FPS", 50)  # the feed's pace: 20 ms a frame
     real_sleep, waits = asyncio.sleep, []
 
     async def late_sleep(delay, *a):  # every other pacing wait wakes 10 ms late, as on a busy machine
@@ -118,7 +119,7 @@ def test_the_stream_sends_the_widgets_jpegs_as_parts_at_the_fps_until_the_run_en
     monkeypatch.setattr(asyncio, "sleep", late_sleep)
 
     async def main():
-        r, go = reporter_run("32", 2)
+        r, go = reporter_run("32", 2, fps=50)  # the feed's pace: 20 ms a frame
         r.start()
         handler = asyncio.create_task(mjpeg_mod.handle(request("32")))
         while mjpeg_mod.running_feed("32").subscribers() == 0:
